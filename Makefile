@@ -1,0 +1,37 @@
+# Two commands that work on a fresh machine with Python >= 3.10 and pip:
+#   make run   sets up .venv and runs the main job
+#   make test  sets up .venv and runs lint + the whole test suite
+# Every install goes through constraints.txt, which pins torch==2.13.0 (the CPU wheel; no CUDA download).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m vermeil.tour
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python bench/attention.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

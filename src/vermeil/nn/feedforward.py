@@ -1,0 +1,184 @@
+"""Feed-forward layers: the plain MLP and the gated (GLU) family, with Llama's hidden-size rule.
+
+Axis legend: B batch, T length, D model dim, F hidden (feed-forward) dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation={name!r} must be one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _check_dims(**dims: int) -> None:
+    for name, value in dims.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def _check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+
+
+def llama_hidden_dim(
+    dim: int,
+    multiple_of: int = 256,
+    ffn_dim_multiplier: float | None = None,
+    hidden_dim: int | None = None,
+) -> int:
+    """Meta Llama's SwiGLU hidden size.
+
+    `h = hidden_dim or 4 * dim`, then `h = int(2 * h / 3)` (so the gated MLP costs what a 4x MLP does),
+    then `h = int(ffn_dim_multiplier * h)` when given, then rounded up to a multiple of `multiple_of`.
+    Llama 3 8B: `llama_hidden_dim(4096, 1024, 1.3) == 14336`.
+    """
+    _check_dims(dim=dim, multiple_of=multiple_of)
+    if ffn_dim_multiplier is not None and ffn_dim_multiplier <= 0:
+        raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier!r} must be > 0")
+    h = 4 * dim if hidden_dim is None else hidden_dim
+    h = int(2 * h / 3)
+    if ffn_dim_multiplier is not None:
+        h = int(ffn_dim_multiplier * h)
+    return multiple_of * math.ceil(h / multiple_of)
+
+
+class FeedForward(nn.Module):
+    """Two-layer MLP: `fc2(dropout(act(fc1(x))))`.
+
+    Args:
+        dim: D, input and output width.
+        hidden_dim: F.
+        activation: "gelu", "gelu_tanh" (Flux, GPT-2), "relu" or "silu".
+        bias: biases on both linears.
+        dropout: applied to the hidden activations in training.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        activation: Activation = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dims(dim=dim, hidden_dim=hidden_dim)
+        _check_dropout(dropout)
+        self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
+        self.act = _activation(activation)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class GLU(nn.Module):
+    """Gated MLP (Shazeer, 2020): `w2(dropout(act(w1(x)) * w3(x)))`.
+
+    Meta's names and order: `w1` is the gate, `w3` the up projection, `w2` the down projection
+    (transformers calls them `gate_proj`, `up_proj`, `down_proj`).
+
+    Args:
+        dim: D.
+        hidden_dim: F; see `llama_hidden_dim` for Llama's rule.
+        activation: "silu" (SwiGLU), "gelu" (GeGLU), "gelu_tanh" or "relu" (ReGLU).
+        bias: biases on the three linears (Llama: none).
+        dropout: applied to the gated hidden activations in training.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        activation: Activation = "silu",
+        bias: bool = False,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dims(dim=dim, hidden_dim=hidden_dim)
+        _check_dropout(dropout)
+        self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
+        self.act = _activation(activation)
+        factory = {"device": device, "dtype": dtype}
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        for linear in (self.w1, self.w3, self.w2):
+            linear.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
+        return self.w2(self.dropout(self.act(self.w1(x)) * self.w3(x)))
+
+
+class SwiGLU(GLU):
+    """GLU with SiLU gating (PaLM, Llama): `w2(silu(w1 x) * w3 x)`."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        bias: bool = False,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, hidden_dim, activation="silu", bias=bias, dropout=dropout, device=device, dtype=dtype)
+
+
+class GeGLU(GLU):
+    """GLU with GELU gating (Shazeer, 2020): `w2(gelu(w1 x) * w3 x)`."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        bias: bool = False,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, hidden_dim, activation="gelu", bias=bias, dropout=dropout, device=device, dtype=dtype)

@@ -1,0 +1,208 @@
+"""Normalisation layers: RMSNorm, LayerNorm (bias optional) and QKNorm.
+
+Statistics are computed in float32 and the result is cast back to the input dtype before the learned gain is
+applied, as in gpt-fast and transformers' `LlamaRMSNorm`; this is what makes bf16 checkpoints reproduce.
+
+Axis legend: B batch, T length, D model dim, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QKNormKind = Literal["rms", "l2"]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64, so gradcheck sees the exact function)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Root-mean-square normalisation over the last axis.
+
+    Args:
+        x: (..., D), any float dtype.
+        weight: (D,) gain, or None for a weightless norm (Llama 4's qk "L2Norm").
+        eps: added to the mean square inside the square root.
+
+    Returns:
+        (..., D) in x.dtype: `(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight`.
+    """
+    x32 = _upcast(x)
+    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if weight is None else out * weight
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def _check_last_dim(x: Tensor, dim: int, module: str) -> None:
+    if x.shape[-1] != dim:
+        raise ValueError(f"{module}: input of shape {tuple(x.shape)} must have last dim={dim}")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019) with a learned gain `weight`, statistics in float32.
+
+    Matches transformers' `LlamaRMSNorm` and Meta's Llama `RMSNorm` (key `weight`).
+
+    Args:
+        dim: D, the normalised (last) axis.
+        eps: added to the mean square.
+        elementwise_affine: learn a gain `weight` (initialised to ones); False gives a weightless norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        *,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("dim", dim)
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if elementwise_affine else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D)."""
+        _check_last_dim(x, self.dim, "RMSNorm")
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PaLM, Flux and the Zeta block use none, or no affine at all).
+
+    Args:
+        dim: D, the normalised (last) axis.
+        eps: added to the variance.
+        bias: learn a bias (keys `weight`, `bias`); False keeps only the gain.
+        elementwise_affine: learn a gain at all; False gives Flux's parameter-free LayerNorm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-5,
+        *,
+        bias: bool = True,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("dim", dim)
+        self.dim, self.eps = dim, eps
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine and bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D)."""
+        _check_last_dim(x, self.dim, "LayerNorm")
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        affine = self.weight is not None
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={affine}, bias={self.bias is not None}"
+
+
+class _HeadNorm(nn.Module):
+    """One half of QKNorm: normalises the head axis and multiplies by a learned `scale` (BFL's key name)."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        kind: QKNormKind,
+        learnable: bool,
+        eps: float,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.head_dim, self.kind, self.eps = head_dim, kind, eps
+        self.scale = nn.Parameter(torch.empty(head_dim, device=device, dtype=dtype)) if learnable else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.scale is not None:
+            nn.init.ones_(self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rms":
+            return rms_norm(x, self.scale, self.eps)
+        out = F.normalize(_upcast(x), dim=-1, eps=self.eps).to(x.dtype)
+        return out if self.scale is None else out * self.scale
+
+
+class QKNorm(nn.Module):
+    """Normalisation of queries and keys over the head axis.
+
+    Three variants in use:
+        - `kind="rms"`, learnable: RMSNorm with a learned `scale` (Flux; applied before RoPE there).
+        - `kind="rms"`, `learnable=False`: the weightless norm that Llama 4 calls `L2Norm`
+          (`x * rsqrt(mean(x^2) + eps)`; applied after RoPE, on RoPE layers only).
+        - `kind="l2"`: `F.normalize(x)` times a learned `scale` (the Zeta/PaLM block's `qk_rmsnorm`,
+          used with a fixed attention scale instead of `Dh^-0.5`).
+
+    Args:
+        head_dim: Dh.
+        kind: "rms" or "l2".
+        learnable: learn `query_norm.scale` and `key_norm.scale`, each (Dh,), initialised to ones.
+        eps: numerical guard.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        kind: QKNormKind = "rms",
+        *,
+        learnable: bool = True,
+        eps: float = 1e-6,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("head_dim", head_dim)
+        if kind not in ("rms", "l2"):
+            raise ValueError(f"kind={kind!r} must be 'rms' or 'l2'")
+        self.head_dim, self.kind = head_dim, kind
+        self.query_norm = _HeadNorm(head_dim, kind, learnable, eps, device, dtype)
+        self.key_norm = _HeadNorm(head_dim, kind, learnable, eps, device, dtype)
+
+    def reset_parameters(self) -> None:
+        self.query_norm.reset_parameters()
+        self.key_norm.reset_parameters()
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """q: (B, H, T, Dh), k: (B, Hkv, S, Dh) -> the same shapes, normalised over Dh."""
+        _check_last_dim(q, self.head_dim, "QKNorm")
+        _check_last_dim(k, self.head_dim, "QKNorm")
+        return self.query_norm(q), self.key_norm(k)
+
+    def extra_repr(self) -> str:
+        return f"{self.head_dim}, kind={self.kind!r}, learnable={self.query_norm.scale is not None}"

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+from vermeil.generation import generate, logits_to_probs, sample
+
+
+class Bigram(nn.Module):
+    """Next token depends on the current token only; records the positions it is called with."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, vocab))
+        self.calls: list[tuple[int, list[int]]] = []
+        self.cache_len: int | None = None
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        self.cache_len = max_seq_len
+
+    def reset_cache(self) -> None:
+        self.cache_len = None
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        assert self.cache_len is not None, "generate must set up the cache first"
+        self.calls.append((tokens.shape[1], input_pos.tolist()))
+        return self.table[tokens]
+
+
+def test_greedy_follows_the_argmax_chain_and_positions():
+    model = Bigram()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = generate(model, prompt, 5, temperature=0)
+    assert out.shape == (2, 8)
+    assert torch.equal(out[:, :3], prompt)
+    for t in range(3, 8):
+        assert torch.equal(out[:, t], model.table[out[:, t - 1]].argmax(-1))
+    assert model.calls[0] == (3, [0, 1, 2])
+    assert [c[1] for c in model.calls[1:]] == [[3], [4], [5], [6]]
+    assert model.cache_len is None  # reset afterwards
+
+
+def test_stop_tokens_pad_finished_rows_and_end_early():
+    model = Bigram(5)
+    with torch.no_grad():
+        model.table.zero_()
+        model.table[1, 4] = 10  # 1 -> 4 (stop)
+        model.table[2, 3] = 10  # 2 -> 3 -> 3 ...
+        model.table[3, 3] = 10
+    out = generate(model, torch.tensor([[1], [2]]), 6, temperature=0, stop_tokens=[4], pad_token=0)
+    assert out.tolist() == [[1, 4, 0, 0, 0, 0, 0], [2, 3, 3, 3, 3, 3, 3]]
+    both_stop = generate(model, torch.tensor([[1], [1]]), 6, temperature=0, stop_tokens=[4])
+    assert both_stop.tolist() == [[1, 4], [1, 4]]
+
+
+def test_top_k_and_top_p_truncate():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert_close(logits_to_probs(logits, top_k=2)[0, 2:], torch.zeros(2))
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    kept = logits_to_probs(logits, top_p=0.8)[0]
+    assert (kept > 0).tolist() == [True, True, False, False]
+    assert_close(kept[:2], probs[:2] / probs[:2].sum())
+    assert (logits_to_probs(logits, top_p=0.1)[0] > 0).tolist() == [True, False, False, False]
+
+
+def test_sampling_draws_from_the_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0]).log_softmax(-1).expand(20000, 3)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits, temperature=1.0, generator=gen)
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    assert_close(freq, torch.tensor([0.0, 1.0, 2.0]).softmax(-1), atol=0.015, rtol=0)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = Bigram()
+    a = generate(model, torch.tensor([[1]]), 8, generator=torch.Generator().manual_seed(3))
+    b = generate(model, torch.tensor([[1]]), 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_bad_arguments():
+    model = Bigram()
+    with pytest.raises(ValueError, match="temperature=-1 must be >= 0"):
+        generate(model, torch.tensor([[1]]), 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p=0 must be in"):
+        generate(model, torch.tensor([[1]]), 2, top_p=0)
+    with pytest.raises(ValueError, match=r"prompt must have shape \(batch, seq\)"):
+        generate(model, torch.tensor([1, 2]), 2)
+    with pytest.raises(ValueError, match="max_seq_len=3 must be >= prompt length"):
+        generate(model, torch.tensor([[1, 2]]), 2, max_seq_len=3)
