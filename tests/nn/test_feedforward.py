@@ -22,7 +22,11 @@ def test_swiglu_matches_transformers_llama_mlp():
     ref = LlamaMLP(config)
     ours = SwiGLU(24, 37)
     ours.load_state_dict(
-        {"w1.weight": ref.gate_proj.weight, "w3.weight": ref.up_proj.weight, "w2.weight": ref.down_proj.weight}
+        {
+            "w1.weight": ref.gate_proj.weight,
+            "w3.weight": ref.up_proj.weight,
+            "w2.weight": ref.down_proj.weight,
+        }
     )
     x = torch.randn(2, 7, 24)
     assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-6)

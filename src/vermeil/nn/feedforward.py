@@ -165,7 +165,9 @@ class SwiGLU(GLU):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(dim, hidden_dim, activation="silu", bias=bias, dropout=dropout, device=device, dtype=dtype)
+        super().__init__(
+            dim, hidden_dim, activation="silu", bias=bias, dropout=dropout, device=device, dtype=dtype
+        )
 
 
 class GeGLU(GLU):
@@ -181,4 +183,6 @@ class GeGLU(GLU):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(dim, hidden_dim, activation="gelu", bias=bias, dropout=dropout, device=device, dtype=dtype)
+        super().__init__(
+            dim, hidden_dim, activation="gelu", bias=bias, dropout=dropout, device=device, dtype=dtype
+        )

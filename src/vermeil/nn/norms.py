@@ -71,7 +71,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         _check_positive("dim", dim)
         self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if elementwise_affine else None
+        self.weight = (
+            nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if elementwise_affine else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
