@@ -27,17 +27,55 @@ class Bigram(nn.Module):
         return self.table[tokens]
 
 
+class RunningSum(nn.Module):
+    """A stateful model with a real cache: the next token is a function of the sum of all tokens so far."""
+
+    def __init__(self, vocab: int = 13) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.bias = nn.Parameter(torch.randn(vocab) * 0.1)
+        self.state: Tensor | None = None
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        self.state = torch.zeros(batch_size, dtype=torch.long)
+
+    def reset_cache(self) -> None:
+        self.state = None
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        offset = 0 if self.state is None else self.state[:, None]
+        sums = tokens.cumsum(1) + offset
+        if self.state is not None:
+            self.state = sums[:, -1]
+        return torch.nn.functional.one_hot((sums * 7 + 3) % self.vocab, self.vocab).float() * 5 + self.bias
+
+
 def test_greedy_follows_the_argmax_chain_and_positions():
     model = Bigram()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    out = generate(model, prompt, 5, temperature=0)
-    assert out.shape == (2, 8)
-    assert torch.equal(out[:, :3], prompt)
+    out = generate(model, prompt, 5)
+    assert out.shape == (2, 5)
+    full = torch.cat([prompt, out], 1)
     for t in range(3, 8):
-        assert torch.equal(out[:, t], model.table[out[:, t - 1]].argmax(-1))
+        assert torch.equal(full[:, t], model.table[full[:, t - 1]].argmax(-1))
     assert model.calls[0] == (3, [0, 1, 2])
     assert [c[1] for c in model.calls[1:]] == [[3], [4], [5], [6]]
     assert model.cache_len is None  # reset afterwards
+
+
+def test_ragged_prompts_equal_each_prompt_alone():
+    model = RunningSum()
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
+    together = generate(model, prompts, 6)
+    assert together.shape == (3, 6)
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, torch.tensor([prompt]), 6)
+        assert torch.equal(together[row], alone[0]), (row, together[row], alone[0])
+    # and the cached decode equals recomputing the whole sequence without a cache
+    seq = torch.tensor([prompts[1]])
+    for _ in range(6):
+        seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(seq[0, 1:], together[1])
 
 
 def test_stop_tokens_pad_finished_rows_and_end_early():
@@ -47,10 +85,10 @@ def test_stop_tokens_pad_finished_rows_and_end_early():
         model.table[1, 4] = 10  # 1 -> 4 (stop)
         model.table[2, 3] = 10  # 2 -> 3 -> 3 ...
         model.table[3, 3] = 10
-    out = generate(model, torch.tensor([[1], [2]]), 6, temperature=0, stop_tokens=[4], pad_token=0)
-    assert out.tolist() == [[1, 4, 0, 0, 0, 0, 0], [2, 3, 3, 3, 3, 3, 3]]
-    both_stop = generate(model, torch.tensor([[1], [1]]), 6, temperature=0, stop_tokens=[4])
-    assert both_stop.tolist() == [[1, 4], [1, 4]]
+    out = generate(model, torch.tensor([[1], [2]]), 6, stop_tokens=[4], pad_token=0)
+    assert out.tolist() == [[4, 0, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3]]
+    both_stop = generate(model, torch.tensor([[1], [1]]), 6, stop_tokens=[4])
+    assert both_stop.tolist() == [[4], [4]]
 
 
 def test_top_k_and_top_p_truncate():
@@ -73,9 +111,11 @@ def test_sampling_draws_from_the_distribution():
 
 def test_sampling_is_reproducible_with_a_generator():
     model = Bigram()
-    a = generate(model, torch.tensor([[1]]), 8, generator=torch.Generator().manual_seed(3))
-    b = generate(model, torch.tensor([[1]]), 8, generator=torch.Generator().manual_seed(3))
+    a = generate(model, torch.tensor([[1]]), 8, temperature=1.0, seed=3)
+    b = generate(model, torch.tensor([[1]]), 8, temperature=1.0, seed=3)
+    c = generate(model, torch.tensor([[1]]), 8, temperature=1.0, seed=4)
     assert torch.equal(a, b)
+    assert not torch.equal(a, c)
 
 
 def test_bad_arguments():
@@ -84,7 +124,9 @@ def test_bad_arguments():
         generate(model, torch.tensor([[1]]), 2, temperature=-1)
     with pytest.raises(ValueError, match="top_p=0 must be in"):
         generate(model, torch.tensor([[1]]), 2, top_p=0)
-    with pytest.raises(ValueError, match=r"prompt must have shape \(batch, seq\)"):
+    with pytest.raises(ValueError, match=r"prompt_tokens must have shape \(batch, seq\)"):
         generate(model, torch.tensor([1, 2]), 2)
-    with pytest.raises(ValueError, match="max_seq_len=3 must be >= prompt length"):
+    with pytest.raises(ValueError, match="non-empty token lists"):
+        generate(model, [[1], []], 2)
+    with pytest.raises(ValueError, match="max_seq_len=3 must be >= longest prompt"):
         generate(model, torch.tensor([[1, 2]]), 2, max_seq_len=3)

@@ -87,71 +87,111 @@ def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor) -> Tens
     return _logits_of(model(token, input_pos=input_pos))[:, -1]
 
 
+def _as_padded_prompts(
+    prompt_tokens: Tensor | Sequence[Sequence[int]], pad_token: int
+) -> tuple[Tensor, Tensor]:
+    """A (B, T) tensor or a list of token lists -> padded prompts (B, T_max) and lengths (B,)."""
+    if isinstance(prompt_tokens, Tensor):
+        if prompt_tokens.dim() != 2 or prompt_tokens.shape[1] == 0:
+            raise ValueError(
+                f"prompt_tokens must have shape (batch, seq) with seq >= 1, got {tuple(prompt_tokens.shape)}"
+            )
+        batch, length = prompt_tokens.shape
+        return prompt_tokens.long(), torch.full(
+            (batch,), length, dtype=torch.long, device=prompt_tokens.device
+        )
+    prompts = [list(p) for p in prompt_tokens]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompt_tokens must be a non-empty list of non-empty token lists")
+    longest = max(len(p) for p in prompts)
+    padded = torch.tensor([p + [pad_token] * (longest - len(p)) for p in prompts], dtype=torch.long)
+    return padded, torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    prompt: Tensor,
+    prompt_tokens: Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
+    temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    *,
     pad_token: int = 0,
-    generator: torch.Generator | None = None,
     max_seq_len: int | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
-    """Generate up to `max_new_tokens` tokens after `prompt` for every row of the batch.
+    """Generate up to `max_new_tokens` tokens after each prompt.
+
+    Prompts of different lengths share one static cache and one position per step, with no padding inside
+    the model: the common prefix is prefilled at once, then each row is fed its own prompt tokens until
+    they run out and its sampled tokens after that (teacher forcing). So every row sees exactly what it
+    would see alone, for attention, Mamba and hybrid models alike.
 
     Args:
         model: a model with `setup_cache`, `reset_cache` and `forward(tokens, input_pos=...)`.
-        prompt: (B, T) long; all rows share the prompt length.
-        max_new_tokens: N, the number of tokens to generate at most.
-        temperature: 0 is greedy decoding; otherwise logits are divided by it before sampling.
+        prompt_tokens: (B, T) long, or a list of B token lists of any lengths.
+        max_new_tokens: N, the number of tokens to generate per row at most.
+        temperature: 0 (the default) is greedy decoding; otherwise logits are divided by it.
         top_k, top_p: optional truncation of the distribution (see `logits_to_probs`).
         stop_tokens: a row stops after emitting one of these; its later slots hold `pad_token`.
-        generator: for reproducible sampling.
-        max_seq_len: cache length; defaults to T + N.
-        callback: called as `callback(step, tokens)` with the (B,) tokens of each step.
+        seed: seeds the sampling generator, for reproducible sampling.
+        pad_token: fills slots after a row stopped (and pads ragged prompts internally).
+        max_seq_len: cache length; defaults to the longest prompt + N.
+        callback: called as `callback(position, tokens)` with the (B,) tokens fed at each decode step.
 
     Returns:
-        (B, T + n) long: the prompt followed by the n <= N generated tokens (n < N when every row stopped).
+        (B, n) long, the new tokens of each row (the stop token included), n <= N: n < N only when every
+        row stopped early.
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must have shape (batch, seq) with seq >= 1, got {tuple(prompt.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     _check_sampling(temperature, top_k, top_p)
-    batch, prompt_len = prompt.shape
-    total = prompt_len + max_new_tokens
+    prompts, lengths = _as_padded_prompts(prompt_tokens, pad_token)
+    device = next((p.device for p in model.parameters()), prompts.device)
+    prompts, lengths = prompts.to(device), lengths.to(device)
+    batch, longest = prompts.shape
+    shortest = int(lengths.min())
+    total = longest + max_new_tokens
     max_seq_len = total if max_seq_len is None else max_seq_len
     if max_seq_len < total:
-        raise ValueError(f"max_seq_len={max_seq_len} must be >= prompt length + max_new_tokens = {total}")
-    device = prompt.device
+        raise ValueError(f"max_seq_len={max_seq_len} must be >= longest prompt + max_new_tokens = {total}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
 
+    new_tokens = torch.full((batch, max_new_tokens), pad_token, dtype=torch.long, device=device)
+    counts = torch.zeros(batch, dtype=torch.long, device=device)  # tokens generated per row
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
     model.setup_cache(batch, max_seq_len, device=device)
     try:
-        logits = prefill(model, prompt, torch.arange(prompt_len, device=device))
-        out = [prompt]
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)
-            token = torch.where(done, torch.full_like(token, pad_token), token)
-            out.append(token[:, None])
-            if callback is not None:
-                callback(step, token)
+        logits = prefill(model, prompts[:, :shortest], torch.arange(shortest, device=device))
+        for pos in range(shortest, total):
+            sampled = sample(logits, temperature, top_k, top_p, generator)
+            in_prompt = pos < lengths
+            forced = prompts[:, min(pos, longest - 1)]
+            token = torch.where(in_prompt, forced, sampled)
+            # Rows past their prompt record what they sampled, until they have N tokens or stopped.
+            record = ~in_prompt & ~done & (counts < max_new_tokens)
+            slot = counts.clamp(max=max_new_tokens - 1)[:, None]
+            kept = new_tokens.gather(1, slot)[:, 0]
+            new_tokens.scatter_(1, slot, torch.where(record, sampled, kept)[:, None])
+            counts = counts + record.long()
             if stops.numel():
-                done = done | torch.isin(token, stops)
-                if bool(done.all()):
-                    break
-            if step + 1 < max_new_tokens:
-                pos = torch.tensor([prompt_len + step], device=device)
-                logits = decode_one_token(model, token[:, None], pos)
+                done = done | (record & torch.isin(sampled, stops))
+            finished = done | (counts >= max_new_tokens)
+            if pos == total - 1 or bool(finished.all()):
+                break
+            token = torch.where(finished, torch.full_like(token, pad_token), token)
+            if callback is not None:
+                callback(pos, token)
+            logits = decode_one_token(model, token[:, None], torch.tensor([pos], device=device))
     finally:
         model.reset_cache()
         model.train(was_training)
-    return torch.cat(out, dim=1)
+    return new_tokens[:, : int(counts.max())]
