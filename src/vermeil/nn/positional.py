@@ -1,0 +1,472 @@
+"""Positional encodings: RoPE (half-split and interleaved pairing, llama3 scaling, xPos), Flux's N-D RoPE
+and the sinusoidal timestep embedding.
+
+Math lives in the functions at the top (`rope_inv_freq`, `apply_scaling`, `rope_cos_sin`, `apply_rotary`,
+`xpos_scale`, `timestep_embedding`); the modules (`RotaryEmbedding`, `EmbedND`) own cached tables and call
+them.
+
+Pairing conventions (the most common silent bug, see shared/REFERENCES.md §b.10):
+    "half":        channel i is rotated with channel i + Dh/2 (HF `rotate_half`, PaLM, zeta, mamba_ssm MHA).
+    "interleaved": channel 2i is rotated with channel 2i + 1 (Meta complex `view_as_complex`, Flux, torchtune,
+                   x-transformers 2.x). Both give the same attention scores once the q/k projection rows are
+                   permuted as `convert_llama_weights_to_hf.py:permute` does.
+"""
+
+# Shapes: B batch, T query length, S key length, D model dim, H heads, Hkv kv heads, Dh head dim,
+# L Flux sequence length (txt + img tokens), A number of position axes (Flux `axes_dim`).
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "RopePairing",
+    "RopeScaling",
+    "rope_inv_freq",
+    "apply_scaling",
+    "rope_cos_sin",
+    "apply_rotary",
+    "xpos_scale",
+    "timestep_embedding",
+    "RotaryEmbedding",
+    "EmbedND",
+]
+
+RopePairing = Literal["half", "interleaved"]
+_PAIRINGS: tuple[str, ...] = get_args(RopePairing)
+
+
+def _check_pairing(pairing: str) -> None:
+    if pairing not in _PAIRINGS:
+        raise ValueError(f"pairing={pairing!r} must be one of {_PAIRINGS}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3 RoPE frequency scaling (Llama 3.1: the defaults; Llama 4 Scout: factor=16, high_freq_factor=1).
+
+    Frequencies whose wavelength is shorter than `original_max_seq_len / high_freq_factor` are kept, those
+    longer than `original_max_seq_len / low_freq_factor` are divided by `factor`, and the band between is
+    interpolated. Read the constants from the checkpoint's own config (REFERENCES.md §b.2: the public HF
+    converter can silently write the 3.1 constants for Scout).
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"factor={self.factor} must be > 0")
+        if not self.low_freq_factor > 0:
+            raise ValueError(f"low_freq_factor={self.low_freq_factor} must be > 0")
+        if not self.low_freq_factor <= self.high_freq_factor:
+            raise ValueError(
+                f"low_freq_factor={self.low_freq_factor} must be <= high_freq_factor={self.high_freq_factor}"
+            )
+        if not self.original_max_seq_len > 0:
+            raise ValueError(f"original_max_seq_len={self.original_max_seq_len} must be > 0")
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: RopeScaling | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Inverse frequencies `theta ** (-2i / Dh)`, i = 0 .. Dh/2 - 1, optionally llama3-scaled.
+
+    Returns: (Dh/2,) float32. Same arithmetic as HF `compute_default_rope_parameters` and Meta
+    `precompute_freqs_cis` (float32 exponent, then `1 / theta**e`).
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be a positive even number")
+    if not theta > 0:
+        raise ValueError(f"theta={theta} must be > 0")
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    if scaling is not None:
+        inv_freq = apply_scaling(inv_freq, scaling)
+    return inv_freq
+
+
+def apply_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
+    """llama3 frequency scaling (Meta `apply_scaling`, HF `_compute_llama3_parameters`), vectorised.
+
+    inv_freq: (Dh/2,) -> (Dh/2,), same dtype. When `high_freq_factor == low_freq_factor` (Llama 4 Scout) the
+    smoothing band is empty and Meta's formula would divide by zero; we define the band's smoothing weight
+    as 0 there (its limit at the band edge, i.e. `f / factor`), so no inf/NaN is ever produced.
+    """
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_seq_len
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # wavelen < high_freq_wavelen: keep; wavelen > low_freq_wavelen: divide by factor.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    # Medium band: interpolate. The Python-level guard keeps the denominator finite (Scout: high == low).
+    if high > low:
+        smooth = (old_len / wavelen - low) / (high - low)
+    else:
+        smooth = torch.zeros_like(inv_freq)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotation angles `pos * inv_freq` as (cos, sin).
+
+    positions: (T,) or (B, T), integer or floating (cast to float32, as HF); inv_freq: (Dh/2,).
+    Returns: cos, sin, each float32 (T, Dh/2) or (B, T, Dh/2).
+    """
+    freqs = positions[..., None].to(torch.float32) * inv_freq.to(device=positions.device, dtype=torch.float32)
+    return freqs.cos(), freqs.sin()
+
+
+def _broadcast_table(t: Tensor, name: str, x: Tensor, last: int) -> Tensor:
+    """Give a (T, n), (B, T, n) or (B|1, H|1, T, n) table a head axis to broadcast with x (B, H, T, Dh)."""
+    if t.shape[-1] != last:
+        raise ValueError(f"{name}.shape[-1]={t.shape[-1]} must equal {last} for x of last dim {x.shape[-1]}")
+    match t.ndim:
+        case 2 | 4:
+            return t
+        case 3:
+            return t.unsqueeze(-3)  # (B, T, n) -> (B, 1, T, n)
+        case _:
+            raise ValueError(
+                f"{name}.ndim={t.ndim} must be 2 (T, n), 3 (B, T, n) or 4 (B|1, H|1, T, n); "
+                f"shape {tuple(t.shape)}"
+            )
+
+
+def apply_rotary(
+    x: Tensor, cos: Tensor, sin: Tensor, pairing: RopePairing = "half", *, scale: Tensor | None = None
+) -> Tensor:
+    """Rotate channel pairs of x by the angles whose cos/sin are given.
+
+    Args:
+        x: (B, H, T, Dh) (any leading dims work with 2-D tables).
+        cos, sin: (T, Dh/2) shared by the batch; (B, T, Dh/2) per batch row (a head axis is inserted here);
+            or (B|1, H|1, T, Dh/2) used as given (e.g. `EmbedND` output).
+        pairing: "half" pairs (i, i + Dh/2) (HF `rotate_half`); "interleaved" pairs (2i, 2i + 1)
+            (Meta complex / Flux / torchtune).
+        scale: optional xPos factor (same leading-shape rules, last dim Dh), multiplied after the rotation
+            as PaLM does.
+
+    Returns: (B, H, T, Dh) in x.dtype; the arithmetic is float32 (float64 when x is float64).
+    """
+    _check_pairing(pairing)
+    dh = x.shape[-1]
+    if dh % 2:
+        raise ValueError(f"x.shape[-1]={dh} must be even for rotary embedding")
+    cos = _broadcast_table(cos, "cos", x, dh // 2)
+    sin = _broadcast_table(sin, "sin", x, dh // 2)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    cos, sin = cos.to(compute), sin.to(compute)
+    if pairing == "half":
+        x1, x2 = xf[..., : dh // 2], xf[..., dh // 2 :]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        xp = xf.unflatten(-1, (dh // 2, 2))  # (..., Dh/2, 2): adjacent (real, imag) pairs
+        x1, x2 = xp[..., 0], xp[..., 1]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    if scale is not None:
+        out = out * _broadcast_table(scale, "scale", x, dh).to(compute)
+    return out.to(x.dtype)
+
+
+def xpos_scale(
+    positions: Tensor,
+    head_dim: int,
+    scale_base: float = 512.0,
+    pairing: RopePairing = "half",
+    *,
+    center: float = 0.0,
+) -> Tensor:
+    """xPos (Sun et al. 2022, arXiv:2212.10554) per-channel scale for q; k uses its reciprocal `scale ** -1`.
+
+    `base = (arange(0, Dh, 2) + 0.4 Dh) / (1.4 Dh)` and `scale = base ** ((pos - center) / scale_base)`, as
+    PaLM-rlhf-pytorch / zeta. In `q_i . k_j` the factors multiply to `base ** ((i - j) / scale_base)`, so the
+    score depends only on i - j and `center` cancels; it only moves where the factors are near 1 (overflow).
+
+    positions: (T,) or (B, T). Returns: (T, Dh) or (B, T, Dh) float32, expanded to Dh consistently with
+    `pairing` ("half": `cat(base, base)` as PaLM; "interleaved": each value repeated for its adjacent pair).
+    """
+    _check_pairing(pairing)
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be a positive even number")
+    if not scale_base > 0:
+        raise ValueError(f"scale_base={scale_base} must be > 0")
+    base = (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) + 0.4 * head_dim) / (
+        1.4 * head_dim
+    )
+    power = (positions.to(torch.float32) - center) / scale_base
+    scale = base ** power[..., None]  # (..., T, Dh/2)
+    if pairing == "half":
+        return torch.cat((scale, scale), dim=-1)
+    return scale.repeat_interleave(2, dim=-1)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal timestep embedding exactly as BFL flux `timestep_embedding` (cos first).
+
+    t: (B,) timesteps (Flux passes t in [0, 1]; multiplied by `time_factor`). Returns: (B, dim), float32, or
+    t's dtype when t is floating (as BFL); an odd dim gets a zero last column. Equals diffusers
+    `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)` applied to `t * time_factor`.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"t.ndim={t.ndim} must be 1 (one timestep per batch row); shape {tuple(t.shape)}")
+    if dim <= 0:
+        raise ValueError(f"dim={dim} must be > 0")
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t[:, None].float() * freqs[None]  # (B, dim/2)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    if torch.is_floating_point(t):
+        embedding = embedding.to(t)
+    return embedding
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864) with llama3 scaling and optional xPos.
+
+    `pairing="half"` matches transformers `LlamaRotaryEmbedding` + `apply_rotary_pos_emb`; `"interleaved"`
+    matches Meta's complex reference (`torch.polar` + `view_as_complex`); tests/nn/test_positional.py checks
+    both.
+    cos/sin tables (float32) are non-persistent buffers `cos_cached`/`sin_cached` of `max_seq_len` rows
+    (nothing lands in the state dict). They grow on demand in eager mode; under `torch.compile` no
+    data-dependent check is made, so explicit positions must lie inside the table (size `max_seq_len` for
+    the longest sequence you will compile for).
+
+    xPos (`use_xpos=True`, PaLM/zeta): q is multiplied by `xpos_scale(pos)` and k by its reciprocal after the
+    rotation. With `input_pos=None` the centre is `T // 2` as PaLM (exact parity with PaLM/zeta); with
+    explicit `input_pos` the centre is 0, so cached keys keep their scale while decoding. Scores depend only
+    on i - j, so both choices give identical scores up to rounding, but not when mixed: with a KV cache, pass
+    `input_pos` for the prefill too, or the cached keys (centre T//2) and the decode queries (centre 0) disagree.
+    The factors grow like `0.29 ** (-|pos - centre| / scale_base)` and stay finite in float32 for
+    |pos - centre| up to about 70 * scale_base.
+
+    Args:
+        head_dim: Dh, must be even.
+        theta: RoPE base.
+        pairing: "half" or "interleaved" (see module docstring).
+        max_seq_len: initial number of table rows.
+        scaling: llama3 frequency scaling, or None.
+        use_xpos: apply xPos length extrapolation scaling.
+        scale_base: xPos scale base (PaLM: 512).
+        device: where the tables live (`torch.device("meta")` works; then `to_empty` + `reset_parameters`).
+    """
+
+    inv_freq: Tensor
+    cos_cached: Tensor
+    sin_cached: Tensor
+
+    def __init__(
+        self,
+        head_dim: int,
+        *,
+        theta: float = 10000.0,
+        pairing: RopePairing = "half",
+        max_seq_len: int = 2048,
+        scaling: RopeScaling | None = None,
+        use_xpos: bool = False,
+        scale_base: float = 512.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be a positive even integer")
+        if not theta > 0:
+            raise ValueError(f"theta={theta} must be > 0")
+        _check_pairing(pairing)
+        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise ValueError(f"max_seq_len={max_seq_len} must be a positive integer")
+        if scaling is not None and not isinstance(scaling, RopeScaling):
+            raise TypeError(f"scaling={scaling!r} must be a RopeScaling or None")
+        if not scale_base > 0:
+            raise ValueError(f"scale_base={scale_base} must be > 0")
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        self.pairing = pairing
+        self.scaling = scaling
+        self.use_xpos = use_xpos
+        self.scale_base = float(scale_base)
+        inv_freq = rope_inv_freq(head_dim, theta, scaling, device=device)
+        cos, sin = rope_cos_sin(torch.arange(max_seq_len, device=device), inv_freq)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dh/2,)
+        self.register_buffer("cos_cached", cos, persistent=False)  # (rows, Dh/2)
+        self.register_buffer("sin_cached", sin, persistent=False)  # (rows, Dh/2)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Current number of table rows (grows on demand)."""
+        return self.cos_cached.shape[0]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recompute the buffers (float32) on their device (after meta construction + `to_empty`)."""
+        device = self.inv_freq.device
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device=device)
+        cos, sin = rope_cos_sin(torch.arange(self.max_seq_len, device=device), inv_freq)
+        # Assigning to a registered buffer name keeps it a (non-persistent) buffer.
+        self.inv_freq, self.cos_cached, self.sin_cached = inv_freq, cos, sin
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
+        # `model.to(torch.bfloat16)` casts every floating buffer; a bf16 angle table loses ~3 digits at
+        # position ~100 (HF recomputes from float32 for the same reason). Rebuild the tables in float32.
+        super()._apply(fn, recurse)
+        if self.cos_cached.dtype != torch.float32 and not self.cos_cached.is_meta:
+            self.reset_parameters()
+        return self
+
+    @torch.no_grad()
+    def _grow(self, rows: int) -> None:
+        """Rebuild the tables with at least `rows` rows (doubling, so growth is amortised)."""
+        rows = max(rows, 2 * self.max_seq_len)
+        cos, sin = rope_cos_sin(torch.arange(rows, device=self.inv_freq.device), self.inv_freq)
+        self.cos_cached, self.sin_cached = cos, sin  # stays a non-persistent buffer
+
+    def _check_positions(self, positions: Tensor) -> None:
+        """Eager only: positions must be >= 0; grow the tables to cover the largest one (one host sync)."""
+        if positions.numel() == 0:
+            return
+        lo, hi = torch.stack(torch.aminmax(positions)).tolist()
+        if lo < 0:
+            raise ValueError(f"positions must be >= 0, got min {lo}")
+        if hi >= self.max_seq_len:
+            self._grow(hi + 1)
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Table lookup. positions: (T,) or (B, T); integer (table) or floating (computed directly).
+
+        Returns: cos, sin, each float32 (T, Dh/2) or (B, T, Dh/2).
+        """
+        if positions.dtype in (torch.bool, torch.complex64, torch.complex128) or positions.ndim not in (1, 2):
+            raise ValueError(
+                f"positions must be a (T,) or (B, T) integer or floating tensor, got dtype {positions.dtype} "
+                f"and shape {tuple(positions.shape)}"
+            )
+        if positions.is_floating_point():
+            return rope_cos_sin(positions, self.inv_freq)
+        if not torch.compiler.is_compiling():
+            self._check_positions(positions)
+        return self.cos_cached[positions], self.sin_cached[positions]
+
+    def forward(self, q: Tensor, k: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Rotate q and k.
+
+        Args:
+            q: (B, H, T, Dh).
+            k: (B, Hkv, T, Dh) (same positions as q; cross-attention never uses rotary).
+            input_pos: None (positions 0..T-1), (T,) or (B, T) integer positions (KV-cache offsets).
+
+        Returns: (q, k) with the same shapes and dtypes.
+        """
+        for name, t in (("q", q), ("k", k)):
+            if t.ndim != 4:
+                raise ValueError(f"{name}.ndim={t.ndim} must be 4 (B, H, T, Dh); shape {tuple(t.shape)}")
+            if t.shape[-1] != self.head_dim:
+                raise ValueError(f"{name}.shape[-1]={t.shape[-1]} must equal head_dim={self.head_dim}")
+        if q.shape[-2] != k.shape[-2] or q.shape[0] != k.shape[0]:
+            raise ValueError(
+                f"q (B, H, T, Dh)={tuple(q.shape)} and k (B, Hkv, T, Dh)={tuple(k.shape)} must share B and T"
+            )
+        seq_len = q.shape[-2]
+        if input_pos is None:
+            if seq_len > self.max_seq_len:  # static shape: a guard under compile, not a data-dependent branch
+                if torch.compiler.is_compiling():
+                    cos, sin = rope_cos_sin(torch.arange(seq_len, device=q.device), self.inv_freq)
+                else:
+                    self._grow(seq_len)
+                    cos, sin = self.cos_cached[:seq_len], self.sin_cached[:seq_len]
+            else:
+                cos, sin = self.cos_cached[:seq_len], self.sin_cached[:seq_len]  # (T, Dh/2)
+        else:
+            if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != seq_len:
+                raise ValueError(
+                    f"input_pos.shape={tuple(input_pos.shape)} must be (T,) or (B, T) with T={seq_len}"
+                )
+            if input_pos.ndim == 2 and input_pos.shape[0] != q.shape[0]:
+                raise ValueError(
+                    f"input_pos.shape[0]={input_pos.shape[0]} must equal the batch size {q.shape[0]}"
+                )
+            cos, sin = self.cos_sin(input_pos)  # (T, Dh/2) or (B, T, Dh/2)
+        if not self.use_xpos:
+            return apply_rotary(q, cos, sin, self.pairing), apply_rotary(k, cos, sin, self.pairing)
+        if input_pos is None:
+            # PaLM's centre for a full sequence, so a PaLM/zeta comparison is exact.
+            positions, center = torch.arange(seq_len, device=q.device), float(seq_len // 2)
+        else:
+            positions, center = input_pos, 0.0
+        scale = xpos_scale(positions, self.head_dim, self.scale_base, self.pairing, center=center)
+        q = apply_rotary(q, cos, sin, self.pairing, scale=scale)
+        k = apply_rotary(k, cos, sin, self.pairing, scale=scale**-1)
+        return q, k
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, theta={self.theta}, pairing={self.pairing!r}, "
+            f"max_seq_len={self.max_seq_len}, scaling={self.scaling}, use_xpos={self.use_xpos}"
+        )
+
+
+class EmbedND(nn.Module):
+    """Flux's N-axis RoPE (BFL `EmbedND`, diffusers `FluxPosEmbed`): one RoPE per position axis, concatenated.
+
+    Axis a uses `axes_dim[a]` channels of the head dim with frequencies `theta ** (-2i / axes_dim[a])`; the
+    angle math runs in float64 as BFL `rope()` does, then is cast to float32. Pairing is interleaved: feed the
+    output to `apply_rotary(x, cos, sin, "interleaved")`.
+
+    Args:
+        dim: head dim Dh; must equal sum(axes_dim) (flux-dev: 128 = 16 + 56 + 56).
+        theta: RoPE base (Flux: 10000).
+        axes_dim: channels per axis, each even.
+    """
+
+    def __init__(self, dim: int, theta: float, axes_dim: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        axes_dim = [int(a) for a in axes_dim]
+        if not axes_dim or any(a <= 0 or a % 2 for a in axes_dim):
+            raise ValueError(f"axes_dim={axes_dim} must be a non-empty list of positive even integers")
+        if sum(axes_dim) != dim:
+            raise ValueError(f"sum(axes_dim)={sum(axes_dim)} (axes_dim={axes_dim}) must equal dim={dim}")
+        if not theta > 0:
+            raise ValueError(f"theta={theta} must be > 0")
+        self.dim = dim
+        self.theta = theta
+        self.axes_dim = axes_dim
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """ids: (B, L, A) positions (int or float) -> (cos, sin), each float32 (B, 1, L, Dh/2)."""
+        if ids.ndim != 3 or ids.shape[-1] != len(self.axes_dim):
+            raise ValueError(
+                f"ids.shape={tuple(ids.shape)} must be (B, L, n_axes) with "
+                f"n_axes=len(axes_dim)={len(self.axes_dim)}"
+            )
+        pos = ids.to(torch.float64)
+        angles = []
+        for axis, axis_dim in enumerate(self.axes_dim):
+            scale = torch.arange(0, axis_dim, 2, dtype=torch.float64, device=ids.device) / axis_dim
+            omega = 1.0 / (self.theta**scale)  # (axis_dim/2,)
+            angles.append(pos[..., axis, None] * omega)  # (B, L, axis_dim/2)
+        angle = torch.cat(angles, dim=-1)  # (B, L, Dh/2), axis blocks in order
+        cos, sin = angle.cos().float(), angle.sin().float()
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, L, Dh/2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, theta={self.theta}, axes_dim={self.axes_dim}"
