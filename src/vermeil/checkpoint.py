@@ -1,0 +1,365 @@
+"""Weights and training state on disk: safetensors for weights, `torch.save` for plain state, every write atomic.
+
+Every file is written to a temporary file in the destination folder, flushed and fsync'ed, then moved over the
+destination with `os.replace`, so a crash mid-write (Ctrl-C, an exception, a full disk, SIGKILL) leaves the previous
+file intact. `torch.save` itself truncates and rewrites in place, which is why it goes through `atomic_write` here.
+`load_torch` always passes `weights_only=True` explicitly: an environment variable
+(`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`) can otherwise turn the safe default off.
+
+Tied weights (an embedding shared with the output head) are stored once; the other names are recorded as aliases
+in the file's metadata and restored on load. safetensors is an optional extra (`pip install vermeil[train]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LoadResult",
+    "atomic_path",
+    "atomic_write",
+    "clean_temp_files",
+    "load_torch",
+    "load_weights",
+    "read_metadata",
+    "read_weights",
+    "save_torch",
+    "save_weights",
+]
+
+# Metadata key holding {alias: stored name} for tensors that shared storage with another one at save time.
+ALIASES_KEY = "vermeil.aliases"
+_MAX_NAMES = 25  # keys listed in an error message before "... and N more"
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError(
+            "saving and loading weights needs safetensors: pip install vermeil[train] (or pip install safetensors)"
+        ) from e
+    return safetensors
+
+
+# --------------------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _new_file_mode() -> int:
+    # mkstemp creates 0o600 files; give the result the mode a plain open() would have (0o666 minus the umask).
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable across power loss; not possible on every OS (Windows), hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary path in the folder of `path`; on success it is fsync'ed and moved onto `path`.
+
+    For writers that take a file name (e.g. `safetensors.torch.save_file`). On any exception (including
+    KeyboardInterrupt) the temporary file is removed and `path` is left as it was. Missing parent folders are
+    created; an existing file keeps its permission bits.
+    """
+    target = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else _new_file_mode()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+# The names `atomic_path` gives its temporary files: ".{name}.{8 random characters from mkstemp}.tmp".
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def clean_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files left in `directory` by writes that were killed (SIGKILL, power loss).
+
+    A killed process cannot clean up after itself; call this when a run starts or resumes. Only files named like
+    `atomic_path`'s temporary files are removed. Returns the removed paths.
+    """
+    removed: list[Path] = []
+    folder = Path(directory)
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and _TEMP_NAME.match(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "wb", *, encoding: str = "utf-8"
+) -> Iterator[IO[Any]]:
+    """Open a file for writing so that it appears at `path` complete or not at all.
+
+    Args:
+        path: destination; its folder is created if missing.
+        mode: "wb" (bytes) or "w" (text, with `encoding`).
+
+    Example:
+        >>> with atomic_write("run/config.yaml", "w") as f:
+        ...     f.write(text)
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode={mode!r} must be 'w' (text) or 'wb' (bytes)")
+    with atomic_path(path) as tmp:
+        kwargs = {"encoding": encoding} if mode == "w" else {}
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# plain state (optimizer, scheduler, RNG, step)
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    """`torch.save` of plain state (dicts, lists, tensors, numbers, strings), written atomically.
+
+    Keep dataclasses and other custom classes out (store `to_dict(config)`): `load_torch` refuses them.
+    """
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_torch(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
+    """`torch.load` with `weights_only=True` always: tensors and plain containers only, never arbitrary pickles.
+
+    Raises:
+        pickle.UnpicklingError: the file holds something else (a custom class, a pickle payload).
+    """
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# weights (safetensors)
+
+
+def _view_key(t: Tensor) -> tuple[Any, ...]:
+    # Two state-dict entries are the same tensor (tied) when they are the same view of the same storage.
+    if t.numel() == 0:  # empty tensors may all report data_ptr 0: never treat them as tied
+        return ("empty", id(t))
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def _state_dict(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(module_or_state_dict, nn.Module):
+        state = module_or_state_dict.state_dict()
+    elif isinstance(module_or_state_dict, Mapping):
+        state = dict(module_or_state_dict)
+    else:
+        raise TypeError(f"expected an nn.Module or a state dict, got {type(module_or_state_dict).__name__}")
+    for name, t in state.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state dict keys must be str, got {name!r}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"state dict entry {name!r} must be a Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(f"state dict entry {name!r} is on the meta device: it has no data to save")
+    return state
+
+
+def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Store each tied tensor once; returns (tensors to write, {alias: stored name})."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    kept: dict[str, Tensor] = {}
+    for name, t in state.items():
+        key = _view_key(t)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+            kept[name] = t.detach()
+    # Distinct views of one storage (e.g. slices of a fused weight) cannot be stored as views: copy them apart.
+    storages: dict[tuple[Any, int], int] = {}
+    for t in kept.values():
+        sk = (t.device, t.untyped_storage().data_ptr())
+        storages[sk] = storages.get(sk, 0) + 1
+    out = {}
+    for name, t in kept.items():
+        shared = t.numel() > 0 and storages[(t.device, t.untyped_storage().data_ptr())] > 1
+        out[name] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+    return out, aliases
+
+
+def save_weights(
+    module_or_state_dict: nn.Module | Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Save weights to a safetensors file, atomically.
+
+    Args:
+        module_or_state_dict: a module (its `state_dict()`, persistent buffers included) or a dict of tensors.
+        path: destination file (`model.safetensors`); its folder is created if missing.
+        metadata: extra `str -> str` entries stored in the file header (e.g. {"step": "100"}).
+
+    Tied tensors are written once and their other names recorded under the metadata key "vermeil.aliases".
+    """
+    st = _safetensors()
+    tensors, aliases = _dedupe(_state_dict(module_or_state_dict))
+    meta: dict[str, str] = {"format": "pt"}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"metadata must map str to str, got {k!r}: {v!r} ({type(v).__name__}); use str(value)"
+            )
+        if k == ALIASES_KEY:
+            raise ValueError(f"metadata key {ALIASES_KEY!r} is reserved for tied-weight aliases")
+        meta[k] = v
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    with atomic_path(path) as tmp:
+        st.torch.save_file(tensors, tmp, metadata=meta)
+
+
+def _read(path: str | os.PathLike[str], device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    st = _safetensors()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no weights file at {os.fspath(path)}")
+    with st.safe_open(os.fspath(path), framework="pt", device=device) as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+    aliases: dict[str, str] = json.loads(meta.pop(ALIASES_KEY, "{}"))
+    # Files from `safetensors.torch.save_model` record a removed tied name as metadata {removed: kept}.
+    for k, v in list(meta.items()):
+        if k not in tensors and v in tensors and k != "format":
+            aliases.setdefault(k, v)
+    for alias, name in aliases.items():
+        if name in tensors:
+            tensors[alias] = tensors[name]
+    return tensors, meta
+
+
+def read_weights(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Tensor]:
+    """All tensors of a safetensors file as a dict, tied names restored (they share memory)."""
+    return _read(path, device)[0]
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata of a safetensors file (without the alias table Vermeil adds for tied weights)."""
+    st = _safetensors()
+    with st.safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+    meta.pop(ALIASES_KEY, None)
+    return meta
+
+
+class LoadResult(NamedTuple):
+    """Keys that did not match when loading weights (both empty after a successful strict load)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _names(keys: list[str]) -> str:
+    shown = keys[:_MAX_NAMES]
+    more = f" ... and {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else ""
+    return f"{shown}{more}"
+
+
+def load_weights(
+    module: nn.Module, path: str | os.PathLike[str], strict: bool = True, *, assign: bool = False
+) -> LoadResult:
+    """Load a safetensors file into `module`.
+
+    Args:
+        module: the model; its tied parameters may be stored under one name only (the other name is not "missing").
+        path: a file written by `save_weights` (or by `safetensors.torch.save_file` / `save_model`).
+        strict: raise when keys do not match; otherwise load the matching ones and report the others.
+        assign: passed to `load_state_dict` (True to load into a model built on the meta device; re-tie after).
+
+    Returns:
+        LoadResult(missing_keys, unexpected_keys), sorted.
+
+    Raises:
+        ValueError: strict and some keys are missing or unexpected; the message lists them by name.
+        RuntimeError: a shape mismatch (PyTorch's message, unchanged).
+    """
+    tensors, _ = _read(path, "cpu")
+    own = module.state_dict()
+    # A name of the model missing from the file is fine when the model ties it to a name the file holds.
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in own.items():
+        if t.device.type != "meta":
+            groups.setdefault(_view_key(t), []).append(name)
+    tied_to = {n: names for names in groups.values() if len(names) > 1 for n in names}
+    missing = sorted(n for n in own if n not in tensors and not any(m in tensors for m in tied_to.get(n, ())))
+    unexpected = sorted(n for n in tensors if n not in own)
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys (in the model, not in the file): {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys (in the file, not in the model): {_names(unexpected)}")
+        raise ValueError(
+            f"weights in {os.fspath(path)} do not match {type(module).__name__}: " + "; ".join(parts)
+        )
+    state = {}
+    for n in own:
+        if n in tensors:
+            state[n] = tensors[n]
+        else:
+            source = next((m for m in tied_to.get(n, ()) if m in tensors), None)
+            if source is not None:
+                state[n] = tensors[source]
+    module.load_state_dict(state, strict=False, assign=assign)
+    return LoadResult(missing, unexpected)

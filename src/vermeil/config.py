@@ -1,0 +1,471 @@
+"""YAML <-> dataclasses: a strict converter, YAML 1.2 floats, dotted overrides and atomic saves.
+
+Configs are plain dataclasses (validated in `__post_init__`); YAML maps one to one onto them. `from_dict` checks
+every key and value against the dataclass type hints and fails with the full dotted key, the value and the rule:
+
+    >>> from_dict(ModelArgs, {"n_head": 8})
+    ConfigError: unknown config key 'n_head' (did you mean 'n_heads'?); allowed: ['dim', 'n_heads', ...]
+
+Nothing is coerced silently: `dim: '512'` (a string) is rejected, an int is accepted where a float is expected,
+and `norm: no` (YAML 1.1 reads `yes/no/on/off` as booleans) is rejected for a string or Literal field.
+PyYAML is an optional extra (`pip install vermeil[train]`), imported only by the functions that read or write YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import enum
+import functools
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "ConfigTypeError",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "load_yaml",
+    "merge_preset",
+    "parse_yaml_value",
+    "pick_preset",
+    "save_yaml",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key, the value and the rule."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value has the wrong type (also a `TypeError`)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dataclass <- dict
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return tp.__name__
+    return repr(tp).replace("typing.", "")
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of the init fields of a dataclass (handles `from __future__ import annotations`)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as e:  # a forward reference that cannot be resolved from the class's module
+        raise TypeError(f"cannot resolve the type hints of config class {cls.__qualname__}: {e}") from e
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Build the dataclass `cls` from a plain dict, strictly.
+
+    Args:
+        cls: a dataclass; nested dataclass fields are built from nested dicts.
+        data: the mapping (e.g. the result of `load_yaml`); keys must be the init fields of `cls`.
+        path: dotted prefix of `data` in the whole config ("model"), used in error messages.
+
+    Raises:
+        ConfigError: an unknown key (with the nearest valid name and the allowed keys), a missing required key,
+            a value outside a Literal, or a `ValueError` from `cls.__post_init__` (prefixed with `path`).
+        ConfigTypeError: a value of the wrong type, e.g. `model.dim='512' must be int, got str`.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if not isinstance(data, Mapping):
+        where = path or "the config"
+        raise ConfigTypeError(
+            f"{where} must be a mapping of keys to values for {cls.__name__}, got {type(data).__name__}: {data!r}"
+        )
+    types_ = _field_types(cls)
+    allowed = list(types_)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        where = f" in {path}" if path else ""
+        if len(unknown) == 1:
+            key = unknown[0]
+            head = f"unknown config key {key!r}{where}{_did_you_mean(str(key), allowed)}"
+        else:
+            parts = ", ".join(f"{k!r}{_did_you_mean(str(k), allowed)}" for k in unknown)
+            head = f"unknown config keys{where}: {parts}"
+        raise ConfigError(f"{head}; allowed: {allowed}")
+
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = _join(path, f.name)
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], types_[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {key!r} ({cls.__name__}.{f.name})")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigTypeError(f"{path}: {e}" if path else str(e)) from e
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+
+
+def _bool_hint(value: Any) -> str:
+    # YAML 1.1 turns yes/no/on/off/y/n into booleans: say so where a string was expected.
+    if isinstance(value, bool):
+        return " (YAML reads yes/no/on/off/true/false as booleans: quote the word to get a string)"
+    return ""
+
+
+def _wrong_type(key: str, value: Any, expected: str) -> ConfigTypeError:
+    hint = _bool_hint(value) if expected in ("str",) else ""
+    if isinstance(value, str) and expected in ("int", "float"):
+        hint = " (a quoted number is a string in YAML: write it without quotes)"
+    return ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}{hint}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the type hint `tp` and return it in its config form (nested dataclasses built)."""
+    if tp is Any or tp is object:
+        return value
+    origin = get_origin(tp)
+    args = get_args(tp)
+
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        return _convert_union(value, args, key)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        hint = _bool_hint(value) if any(isinstance(a, str) for a in args) else ""
+        raise ConfigError(f"{key}={value!r} must be one of {list(args)}{hint}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _wrong_type(key, value, "null")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong_type(key, value, "bool (true or false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _wrong_type(key, value, "int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _wrong_type(key, value, "float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong_type(key, value, "str")
+    if tp in (list, tuple, dict):
+        tp, origin, args = tp, tp, ()
+    if origin in (list, Sequence) or tp is Sequence:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, value, f"a list ({_type_name(tp)})")
+        item = args[0] if args else Any
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, value, f"a list ({_type_name(tp)})")
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}={list(value)!r} must have {len(args)} items ({_type_name(tp)})")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Mapping) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise _wrong_type(key, value, f"a mapping ({_type_name(tp)})")
+        kt, vt = args if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            _convert(k, kt, f"{key} key {k!r}")
+            out[k] = _convert(v, vt, _join(key, k))
+        return out
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value or value == member.name or value is member:
+                return member
+        raise ConfigError(f"{key}={value!r} must be one of {[m.value for m in tp]}")
+    if tp is Path or (isinstance(tp, type) and issubclass(tp, os.PathLike)):
+        if isinstance(value, (str, os.PathLike)):
+            return tp(value)
+        raise _wrong_type(key, value, "a path (str)")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _wrong_type(key, value, _type_name(tp))
+    raise TypeError(f"{key}: unsupported type hint {tp!r} in a config dataclass")
+
+
+def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigTypeError(
+            f"{key}=None is not allowed (must be {' | '.join(_type_name(a) for a in args)})"
+        )
+    arms = [a for a in args if a is not type(None)]
+    if len(arms) == 1:  # Optional[X]: X's own error is the clearest one
+        return _convert(value, arms[0], key)
+    # Exact type matches first, so that `int | float` keeps an int and `bool | int` keeps a bool.
+    for arm in arms:
+        if arm in (bool, int, float, str) and type(value) is arm:
+            return value
+    errors = []
+    for arm in arms:
+        try:
+            return _convert(value, arm, key)
+        except (ConfigError, TypeError) as e:
+            errors.append(str(e))
+    expected = " | ".join(_type_name(a) for a in args)
+    raise ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict <- dataclass
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The plain-dict form of a config dataclass (init fields only; tuples become lists), for YAML and JSON."""
+    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        raise TypeError(f"to_dict needs a dataclass instance, got {type(obj).__name__}")
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML
+
+# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: `1e-3`, `3.0e4` (no dot or no exponent sign).
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_INSTALL_HINT = "pip install vermeil[train]"
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as e:
+        raise ImportError(
+            f"reading and writing YAML configs needs PyYAML: {_INSTALL_HINT} (or pip install pyyaml)"
+        ) from e
+    return yaml
+
+
+@functools.lru_cache(maxsize=1)
+def _loader() -> type:
+    """A SafeLoader subclass: YAML 1.2 exponent floats, and duplicate keys rejected instead of silently replaced."""
+    yaml = _yaml()
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                        )
+                    seen.add(key_node.value)
+            return super().construct_mapping(node, deep=deep)
+
+    # add_implicit_resolver copies the resolver table onto the subclass: yaml.SafeLoader itself is unchanged.
+    StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+    return StrictLoader
+
+
+@functools.lru_cache(maxsize=1)
+def _dumper() -> type:
+    """A SafeDumper subclass that knows the same floats, so it quotes a string such as '1e3' when writing it."""
+    yaml = _yaml()
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+    return Dumper
+
+
+def _yaml_error(source: str, e: Exception) -> ConfigError:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    detail = f"{context}, {problem}" if context else problem
+    return ConfigError(f"malformed YAML in {source}{where}: {detail}")
+
+
+def parse_yaml_value(text: str) -> Any:
+    """Parse one YAML scalar or flow value (`1e-3` -> 0.001, `[1, 2]`, `null`, `rms`) with the config loader."""
+    yaml = _yaml()
+    try:
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise _yaml_error(repr(text), e) from e
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into a plain dict (`yaml.safe_load` semantics plus YAML 1.2 floats).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: malformed YAML (one line with the position), duplicate keys, or a top level that is not a mapping.
+    """
+    yaml = _yaml()
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise _yaml_error(os.fspath(path), e) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{os.fspath(path)}: the top level of a config must be a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> T:
+    """`from_dict(cls, apply_overrides(load_yaml(path), overrides))`: a config file plus command-line overrides."""
+    return from_dict(cls, apply_overrides(load_yaml(path), overrides))
+
+
+def save_yaml(obj_or_dict: Any, path: str | os.PathLike[str]) -> None:
+    """Write a config dataclass (through `to_dict`) or a plain dict to YAML, atomically, keys in field order."""
+    from vermeil.checkpoint import atomic_write
+
+    yaml = _yaml()
+    if dataclasses.is_dataclass(obj_or_dict) and not isinstance(obj_or_dict, type):
+        data = to_dict(obj_or_dict)
+    elif isinstance(obj_or_dict, Mapping):
+        data = _plain(obj_or_dict)
+    else:
+        raise TypeError(f"save_yaml needs a dataclass instance or a dict, got {type(obj_or_dict).__name__}")
+    text = yaml.dump(data, Dumper=_dumper(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# overrides and presets
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to a config dict; returns a new dict (the input is not modified).
+
+    Values are parsed as YAML with the config loader (`train.lr=1e-3` -> 0.001, `model.norm=rms`,
+    `model.layers=[0, 2]`, `model.moe=null`). Missing intermediate mappings are created, so that an override
+    naming an unknown key reaches `from_dict`, which rejects it with its dotted name.
+
+    Raises:
+        ConfigError: an override without `=`, with an empty key part, or going through a value that is not a mapping.
+    """
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'key=value' strings, got one str")
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(
+                f"malformed override {item!r}: expected key=value with a dotted key, e.g. train.lr=1e-3"
+            )
+        dotted, text = item.split("=", 1)
+        dotted = dotted.strip()
+        parts = dotted.split(".")
+        if not dotted or any(not p for p in parts):
+            raise ConfigError(f"malformed override {item!r}: the key {dotted!r} has an empty part")
+        value = parse_yaml_value(text)
+        node: dict[str, Any] = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"override {item!r}: {prefix}={child!r} is not a mapping, so it has no key {parts[i + 1]!r}"
+                )
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def pick_preset(presets: Mapping[str, T], name: str, *, what: str = "preset") -> T:
+    """Look a preset up by exact name; returns a copy, so callers cannot change the shared preset.
+
+    Raises:
+        ConfigError: an unknown name, with the nearest name and the list of available ones.
+    """
+    if not isinstance(name, str) or name not in presets:
+        names = sorted(presets)
+        hint = _did_you_mean(name, names) if isinstance(name, str) else ""
+        raise ConfigError(f"unknown {what} {name!r}{hint}; available: {names}")
+    return copy.deepcopy(presets[name])
+
+
+def merge_preset(data: Mapping[str, Any], presets: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    """Resolve a `preset: name` key: the preset's fields (dataclass or dict) with the other keys of `data` on top.
+
+    `{"preset": "debug", "n_layers": 4}` -> the "debug" preset with `n_layers=4`; nested dicts merge key by key.
+    Without a `preset` key, `data` is returned as a new dict unchanged.
+    """
+    out = dict(data)
+    if "preset" not in out:
+        return out
+    name = out.pop("preset")
+    base = pick_preset(presets, name, what=f"preset for {path}" if path else "preset")
+    if dataclasses.is_dataclass(base) and not isinstance(base, type):
+        base = to_dict(base)
+    elif not isinstance(base, Mapping):
+        raise TypeError(f"preset {name!r} must be a dataclass instance or a dict, got {type(base).__name__}")
+    return _deep_merge(_plain(base), out)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
+    return out
