@@ -1,0 +1,332 @@
+"""Training targets, time sampling and losses for DDPM-style diffusion and rectified flow.
+
+DDPM: `add_noise` and `velocity` are diffusers DDPMScheduler `add_noise` / `get_velocity`; the prediction types
+are diffusers' ("epsilon", "sample" = "x0", "v_prediction"). Rectified flow: x_t = (1 - t) x_0 + t * noise with
+velocity target noise - x_0 (BFL Flux, SD3, diffusers `scale_noise`). Time sampling: uniform, logit-normal and
+mode densities as diffusers `compute_density_for_timestep_sampling` (SD3, Esser et al. 2024, section 3.1), then
+the same resolution-dependent `time_shift` as Flux inference. tests/diffusion/test_losses.py checks each.
+
+`model_fn(x, t, **cond) -> prediction` everywhere: the same callable the samplers take.
+"""
+
+# Shapes: B batch, then any data axes (*); a typical sequence is x: (B, L, C) with L tokens of C channels.
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from vermeil.diffusion.schedules import get_lin_function, time_shift
+
+PredictionType = Literal["epsilon", "sample", "x0", "v_prediction"]
+TimeSampling = Literal["uniform", "logit_normal", "mode"]
+ModelFn = Callable[..., Tensor]
+
+__all__ = [
+    "ModelFn",
+    "PredictionType",
+    "TimeSampling",
+    "add_noise",
+    "ddpm_target",
+    "diffusion_loss",
+    "flow_interpolate",
+    "flow_matching_loss",
+    "flow_target",
+    "masked_mse",
+    "prediction_to_x0_eps",
+    "sample_flow_timesteps",
+    "velocity",
+]
+
+
+def _per_sample(coef: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against `like` (B, *)."""
+    return coef.reshape(coef.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _check_batch(name: str, t: Tensor, x: Tensor) -> None:
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "sample", "x0", "v_prediction"):
+        raise ValueError(
+            f"prediction_type={prediction_type!r} must be 'epsilon', 'sample', 'x0' or 'v_prediction'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDPM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sqrt_coefs(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    # Cast the table to the data dtype before indexing, as diffusers does, so results agree bit for bit.
+    ab = alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)]
+    return _per_sample(ab**0.5, like), _per_sample((1 - ab) ** 0.5, like)
+
+
+def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Forward process q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (diffusers add_noise).
+
+    x0, noise: (B, *); t: (B,) integer steps; alphas_cumprod: (N,) -> (B, *).
+    """
+    _check_batch("t", t, x0)
+    a, s = _sqrt_coefs(alphas_cumprod, t, x0)
+    return a * x0 + s * noise
+
+
+def velocity(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """v target sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022; diffusers get_velocity).
+
+    x0, noise: (B, *); t: (B,) integer steps -> (B, *).
+    """
+    _check_batch("t", t, x0)
+    a, s = _sqrt_coefs(alphas_cumprod, t, x0)
+    return a * noise - s * x0
+
+
+def ddpm_target(
+    x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: PredictionType = "epsilon"
+) -> Tensor:
+    """What a DDPM model regresses on: noise ("epsilon"), x_0 ("sample"/"x0") or v ("v_prediction")."""
+    _check_prediction_type(prediction_type)
+    match prediction_type:
+        case "epsilon":
+            return noise
+        case "sample" | "x0":
+            return x0
+        case _:
+            return velocity(x0, noise, t, alphas_cumprod)
+
+
+def prediction_to_x0_eps(
+    x_t: Tensor, output: Tensor, alpha_prod: Tensor | float, prediction_type: PredictionType = "epsilon"
+) -> tuple[Tensor, Tensor]:
+    """Convert a model output at alpha_bar = `alpha_prod` into (predicted x_0, predicted noise).
+
+    The formulas of diffusers DDIMScheduler.step (DDIM eq. 12). x_t, output: (B, *); alpha_prod: a scalar
+    tensor or a tensor broadcastable to x_t.
+    """
+    _check_prediction_type(prediction_type)
+    beta_prod = 1 - alpha_prod
+    match prediction_type:
+        case "epsilon":
+            x0 = (x_t - beta_prod**0.5 * output) / alpha_prod**0.5
+            eps = output
+        case "sample" | "x0":
+            x0 = output
+            eps = (x_t - alpha_prod**0.5 * x0) / beta_prod**0.5
+        case _:
+            x0 = alpha_prod**0.5 * x_t - beta_prod**0.5 * output
+            eps = alpha_prod**0.5 * output + beta_prod**0.5 * x_t
+    return x0, eps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rectified flow
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flow_interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x_0 + t * noise (t = 1 is pure noise). x0, noise: (B, *); t: (B,) floats -> (B, *)."""
+    _check_batch("t", t, x0)
+    tt = _per_sample(t.to(x0.dtype), x0)
+    return (1 - tt) * x0 + tt * noise
+
+
+def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """Velocity target d x_t / d t = noise - x_0 (samplers integrate it from t = 1 down to t = 0)."""
+    return noise - x0
+
+
+def sample_flow_timesteps(
+    batch: int,
+    kind: TimeSampling = "uniform",
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    seq_len: int | None = None,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+    shift: bool = True,
+    mu: float | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Training times t in (0, 1) for rectified flow, optionally shifted as Flux inference shifts its grid.
+
+    Draws u as diffusers `compute_density_for_timestep_sampling` (same generator calls, so the same numbers):
+    "uniform" U(0, 1); "logit_normal" sigmoid(N(logit_mean, logit_std^2)); "mode" the SD3 mode density
+    1 - u - mode_scale (cos^2(pi u / 2) - 1 + u). Then, when `seq_len` is given and `shift` is True,
+    t = time_shift(mu, 1, u) with mu = get_lin_function(256, base_shift, 4096, max_shift)(seq_len), the mu
+    `get_schedule` uses at inference. An explicit `mu` (e.g. log(3.0) for SD3's static shift 3) overrides it.
+
+    Returns:
+        (B,) tensor of `dtype` on `device`.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} must be an int >= 1")
+    gen_device = generator.device if generator is not None else device
+    match kind:
+        case "uniform":
+            u = torch.rand(batch, device=gen_device, generator=generator)
+        case "logit_normal":
+            if logit_std <= 0:
+                raise ValueError(f"logit_std={logit_std} must be > 0")
+            u = torch.normal(
+                mean=logit_mean, std=logit_std, size=(batch,), device=gen_device, generator=generator
+            )
+            u = torch.sigmoid(u)
+        case "mode":
+            u = torch.rand(batch, device=gen_device, generator=generator)
+            u = 1 - u - mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+        case _:
+            raise ValueError(f"kind={kind!r} must be 'uniform', 'logit_normal' or 'mode'")
+    if mu is not None and seq_len is not None:
+        raise ValueError(f"give mu={mu} or seq_len={seq_len}, not both")
+    if mu is None and seq_len is not None and shift:
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        mu = get_lin_function(y1=base_shift, y2=max_shift)(seq_len)
+    if mu is not None:
+        u = time_shift(mu, 1.0, u)
+    return u.to(device=device if device is not None else u.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over the valid elements, as a float32 scalar.
+
+    pred, target: (B, *); mask: None or a boolean/0-1 tensor whose shape is a prefix of pred's, e.g. (B, L) for
+    (B, L, C) token data (True = real token, False = padding). Padded positions contribute nothing and the mean
+    is over real elements only, so the loss does not depend on how much padding a batch has.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} must equal target shape {tuple(target.shape)}")
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.mean()
+    if mask.dim() > err.dim() or tuple(mask.shape) != tuple(err.shape[: mask.dim()]):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must be a prefix of the data shape {tuple(err.shape)}"
+        )
+    m = mask.to(err.dtype).reshape(*mask.shape, *([1] * (err.dim() - mask.dim())))
+    per_element = err.numel() // max(mask.numel(), 1)  # elements per mask entry (e.g. C channels)
+    # clamp: an all-padding batch gives 0 rather than NaN.
+    return (err * m).sum() / (m.sum() * per_element).clamp(min=1)
+
+
+def diffusion_loss(
+    model_fn: ModelFn,
+    x0: Tensor,
+    alphas_cumprod: Tensor,
+    *,
+    prediction_type: PredictionType = "epsilon",
+    noise: Tensor | None = None,
+    t: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DDPM training loss: MSE between model_fn(x_t, t, **cond) and the target of `prediction_type`.
+
+    Args:
+        x0: (B, *) clean data.
+        alphas_cumprod: (N,) from `alphas_cumprod(ddpm_betas(...))`.
+        noise: (B, *) or None to draw standard normal noise.
+        t: (B,) integer steps or None to draw them uniformly from 0..N-1.
+        cond: extra keyword arguments for model_fn.
+        mask: optional prefix-shaped validity mask (see `masked_mse`).
+
+    Returns:
+        float32 scalar.
+    """
+    b = x0.shape[0]
+    gen_device = generator.device if generator is not None else x0.device
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    if t is None:
+        n = alphas_cumprod.shape[0]
+        t = torch.randint(0, n, (b,), generator=generator, device=gen_device).to(x0.device)
+    x_t = add_noise(x0, noise, t, alphas_cumprod)
+    target = ddpm_target(x0, noise, t, alphas_cumprod, prediction_type)
+    pred = model_fn(x_t, t, **(cond or {}))
+    return masked_mse(pred, target, mask)
+
+
+def flow_matching_loss(
+    model_fn: ModelFn,
+    x0: Tensor,
+    *,
+    noise: Tensor | None = None,
+    t: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    guidance: Tensor | float | None = None,
+    mask: Tensor | None = None,
+    kind: TimeSampling = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    seq_len: int | None = None,
+    shift: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Rectified-flow loss: MSE between model_fn(x_t, t, **cond) and noise - x_0.
+
+    Args:
+        x0: (B, *) clean data (for Flux, the packed token sequence (B, L, C)).
+        noise: (B, *) or None to draw standard normal noise.
+        t: (B,) floats in [0, 1] or None to draw them with `sample_flow_timesteps(kind, ..., seq_len, shift)`.
+        cond: extra keyword arguments for model_fn.
+        guidance: passed as `guidance=` (a (B,) tensor) when not None, for guidance-distilled models.
+        mask: optional prefix-shaped validity mask, e.g. (B, L) for padded tokens (see `masked_mse`).
+
+    Returns:
+        float32 scalar.
+    """
+    b = x0.shape[0]
+    gen_device = generator.device if generator is not None else x0.device
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    if t is None:
+        t = sample_flow_timesteps(
+            b,
+            kind,
+            logit_mean=logit_mean,
+            logit_std=logit_std,
+            mode_scale=mode_scale,
+            seq_len=seq_len,
+            shift=shift,
+            generator=generator,
+            device=x0.device,
+            dtype=x0.dtype,
+        )
+    x_t = flow_interpolate(x0, noise, t)
+    kwargs = dict(cond or {})
+    if guidance is not None:
+        kwargs["guidance"] = _as_batch_vector(guidance, x0)
+    pred = model_fn(x_t, t.to(x0.dtype), **kwargs)
+    return masked_mse(pred, flow_target(x0, noise), mask)
+
+
+def _as_batch_vector(value: Tensor | float, like: Tensor) -> Tensor:
+    """A float or a 0-d/(B,) tensor as a (B,) tensor in like's dtype and device (BFL's `guidance_vec`)."""
+    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if v.dim() == 0:
+        return v.expand(like.shape[0])
+    if v.dim() != 1 or v.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"guidance must be a float or a (B,) = ({like.shape[0]},) tensor, got {tuple(v.shape)}"
+        )
+    return v

@@ -1,0 +1,262 @@
+"""Noise schedules as functions returning tensors: DDPM betas, signal-to-noise helpers, flow-matching time grids.
+
+DDPM schedules match `diffusers` DDPMScheduler (`linear`, `scaled_linear`, `squaredcos_cap_v2`, `sigmoid`) and
+flow-matching grids match Black Forest Labs' flux `sampling.py` (`get_schedule`, `time_shift`,
+`get_lin_function`); tests/diffusion/test_schedules.py checks both against the references.
+
+Conventions: DDPM time is an integer index 0..N-1 into `alphas_cumprod` (0 = least noise). Flow-matching time
+t is a float in [0, 1] with x_t = (1 - t) x_0 + t * noise (t = 1 is pure noise), as BFL and diffusers.
+"""
+
+# Shapes: N number of training steps, K number of sampling steps.
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+BetaKind = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+
+__all__ = [
+    "BetaKind",
+    "TimestepSpacing",
+    "alphas_cumprod",
+    "ddpm_betas",
+    "ddpm_timesteps",
+    "get_lin_function",
+    "get_schedule",
+    "log_snr",
+    "min_snr_weight",
+    "rescale_zero_terminal_snr",
+    "sigmas_from_alphas_cumprod",
+    "snr",
+    "time_shift",
+]
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDPM family
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ddpm_betas(
+    num_steps: int,
+    kind: BetaKind = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    *,
+    max_beta: float = 0.999,
+) -> Tensor:
+    """DDPM noise schedule beta_1..beta_N as float32, exactly as diffusers DDPMScheduler builds it.
+
+    Args:
+        num_steps: N, the number of training timesteps (diffusers `num_train_timesteps`).
+        kind: "linear" (Ho et al. 2020), "scaled_linear" (latent diffusion: linear in sqrt(beta)),
+            "cosine" (Nichol & Dhariwal 2021; diffusers "squaredcos_cap_v2", ignores beta_start/beta_end),
+            "sigmoid" (GeoDiff).
+        beta_start: first beta (linear, scaled_linear, sigmoid).
+        beta_end: last beta (linear, scaled_linear, sigmoid).
+        max_beta: cap of the cosine schedule's betas (diffusers 0.999).
+
+    Returns:
+        (N,) float32 betas.
+    """
+    _check_positive_int("num_steps", num_steps)
+    match kind:
+        case "linear":
+            return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
+        case "scaled_linear":
+            return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float32) ** 2
+        case "cosine":
+            if not 0.0 < max_beta <= 1.0:
+                raise ValueError(f"max_beta={max_beta} must be in (0, 1]")
+
+            def alpha_bar(t: float) -> float:
+                # The 0.008 offset keeps beta_1 from being vanishingly small (improved DDPM, eq. 17).
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            # Python floats (float64) per step, then float32: the same arithmetic as diffusers.
+            betas = [
+                min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+                for i in range(num_steps)
+            ]
+            return torch.tensor(betas, dtype=torch.float32)
+        case "sigmoid":
+            return torch.sigmoid(torch.linspace(-6, 6, num_steps)) * (beta_end - beta_start) + beta_start
+        case _:
+            raise ValueError(f"kind={kind!r} must be 'linear', 'scaled_linear', 'cosine' or 'sigmoid'")
+
+
+def alphas_cumprod(betas: Tensor) -> Tensor:
+    """Cumulative product of (1 - beta): alpha_bar_t, the signal variance at step t.
+
+    betas: (N,) -> (N,) in betas' dtype.
+    """
+    if betas.dim() != 1:
+        raise ValueError(f"betas must be 1-D (N,), got shape {tuple(betas.shape)}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Rescale betas so the last step has zero SNR (Lin et al. 2023, Algorithm 1; diffusers' function).
+
+    betas: (N,) -> (N,).
+    """
+    if betas.dim() != 1 or betas.shape[0] < 2:
+        raise ValueError(f"betas must be 1-D with at least 2 steps, got shape {tuple(betas.shape)}")
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    # Shift so the last step is 0, then scale so the first keeps its value.
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def snr(alphas_cumprod: Tensor) -> Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar). (N,) -> (N,) (any shape works elementwise)."""
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def log_snr(alphas_cumprod: Tensor) -> Tensor:
+    """log SNR = log(alpha_bar) - log(1 - alpha_bar), computed without forming the ratio. Elementwise."""
+    return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """Variance-exploding noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) = SNR^-1/2 (k-diffusion)."""
+    return ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def min_snr_weight(
+    snr: Tensor,
+    gamma: float = 5.0,
+    prediction_type: Literal["epsilon", "sample", "x0", "v_prediction"] = "epsilon",
+) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for the MSE on the given prediction type.
+
+    epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1); sample/x0: min(snr, gamma).
+    snr: (B,) -> (B,).
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma={gamma} must be > 0")
+    clipped = torch.clamp(snr, max=gamma)
+    match prediction_type:
+        case "epsilon":
+            return clipped / snr
+        case "v_prediction":
+            return clipped / (snr + 1)
+        case "sample" | "x0":
+            return clipped
+        case _:
+            raise ValueError(
+                f"prediction_type={prediction_type!r} must be 'epsilon', 'sample', 'x0' or 'v_prediction'"
+            )
+
+
+def ddpm_timesteps(
+    num_inference_steps: int,
+    num_train_steps: int = 1000,
+    spacing: TimestepSpacing = "leading",
+    *,
+    steps_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Descending integer timesteps for DDPM/DDIM sampling, as diffusers `set_timesteps` spaces them.
+
+    Args:
+        num_inference_steps: K, the number of sampling steps (1 <= K <= num_train_steps).
+        num_train_steps: N, the length of `alphas_cumprod`.
+        spacing: "leading" (arange(K) * (N // K) + steps_offset), "trailing" (ending at N - 1) or "linspace"
+            (Lin et al. 2023, Table 2).
+        steps_offset: added to "leading" timesteps (Stable Diffusion uses 1).
+
+    Returns:
+        (K,) int64, descending.
+    """
+    _check_positive_int("num_inference_steps", num_inference_steps)
+    _check_positive_int("num_train_steps", num_train_steps)
+    if num_inference_steps > num_train_steps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} must be <= num_train_steps={num_train_steps}"
+        )
+    k, n = num_inference_steps, num_train_steps
+    match spacing:
+        case "leading":
+            ts = torch.arange(k, dtype=torch.int64) * (n // k) + steps_offset
+            ts = ts.flip(0)
+        case "trailing":
+            # float64 arange then round, as numpy does in diffusers.
+            ts = torch.round(torch.arange(n, 0, -n / k, dtype=torch.float64)).to(torch.int64) - 1
+        case "linspace":
+            ts = torch.linspace(0, n - 1, k, dtype=torch.float64).round().flip(0).to(torch.int64)
+        case _:
+            raise ValueError(f"spacing={spacing!r} must be 'leading', 'trailing' or 'linspace'")
+    return ts.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow matching (rectified flow), BFL flux sampling.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
+    """BFL's time shift e^mu / (e^mu + (1/t - 1)^sigma); moves a grid on [0, 1] towards t = 1 (more noise).
+
+    With sigma = 1 it equals the static SD3 shift s t / (1 + (s - 1) t) for s = e^mu. t = 0 and t = 1 are fixed
+    points (1/0 = inf gives 0). t: any shape -> same shape.
+    """
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def get_lin_function(
+    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
+) -> Callable[[float], float]:
+    """The line through (x1, y1) and (x2, y2): maps a token count to Flux's shift mu (BFL)."""
+    if x1 == x2:
+        raise ValueError(f"x1={x1} must differ from x2={x2}")
+    m = (y2 - y1) / (x2 - x1)
+    b = y1 - m * x1
+    return lambda x: m * x + b
+
+
+def get_schedule(
+    num_steps: int,
+    seq_len: int,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+    shift: bool = True,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Flux sampling grid: linspace(1, 0, K + 1), shifted by mu = lin(seq_len) when `shift` (BFL get_schedule).
+
+    Args:
+        num_steps: K, the number of sampling steps.
+        seq_len: number of data tokens (the image sequence length in Flux); sets mu by the line through
+            (256, base_shift) and (4096, max_shift).
+        shift: False for schnell-style unshifted grids.
+
+    Returns:
+        (K + 1,) float32, descending from 1 to 0 (BFL returns the same values as a list).
+    """
+    _check_positive_int("num_steps", num_steps)
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    timesteps = torch.linspace(1, 0, num_steps + 1, device=device)  # extra step for zero
+    if shift:
+        mu = get_lin_function(y1=base_shift, y2=max_shift)(seq_len)
+        timesteps = time_shift(mu, 1.0, timesteps)
+    return timesteps

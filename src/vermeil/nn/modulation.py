@@ -1,0 +1,168 @@
+"""Conditioning blocks for diffusion transformers: MLP embedder, adaLN modulation, adaptive LayerNorm.
+
+Names and math follow Black Forest Labs' flux `modules/layers.py` (`MLPEmbedder`, `ModulationOut`, `Modulation`,
+and the final layer's `adaLN_modulation`), so Flux checkpoints load by key. `MLPEmbedder` equals diffusers
+`TimestepEmbedding(in_dim, hidden_dim)` with `linear_1 -> in_layer`, `linear_2 -> out_layer`.
+Modulation chunks are (shift, scale, gate), applied as (1 + scale) * norm(x) + shift and x + gate * f(.).
+tests/nn/test_modulation.py checks all of this against a transcription of BFL and against diffusers.
+"""
+
+# Shapes: B batch, T sequence length, D model dim, Din input dim of an embedder, Dc conditioning vector dim.
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["AdaLayerNorm", "MLPEmbedder", "Modulation", "ModulationOut", "modulate"]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """(1 + scale) * x + shift (adaLN, DiT / Flux). x: (B, T, D); shift, scale: (B, 1, D) or broadcastable."""
+    return (1 + scale) * x + shift
+
+
+def _check_dim(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int >= 1")
+
+
+class MLPEmbedder(nn.Module):
+    """Two-layer SiLU MLP: out_layer(silu(in_layer(x))) (BFL; Flux `time_in`, `vector_in`, `guidance_in`).
+
+    Args:
+        in_dim: Din (256 for Flux's sinusoidal timestep features).
+        hidden_dim: D, the output width.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dim("in_dim", in_dim)
+        _check_dim("hidden_dim", hidden_dim)
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True, device=device, dtype=dtype)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, as BFL (Flux trains from it)."""
+        self.in_layer.reset_parameters()
+        self.out_layer.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., Din) -> (..., D)."""
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+@dataclass
+class ModulationOut:
+    """One adaLN modulation: shift, scale and gate, each (B, 1, D) (BFL field order)."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+
+class Modulation(nn.Module):
+    """adaLN modulation from a conditioning vector: lin(silu(vec)) split into (shift, scale, gate) x 1 or 2.
+
+    BFL `Modulation`: Flux double blocks use `double=True` (one set for attention, one for the MLP), single
+    blocks `double=False`.
+
+    Args:
+        dim: D, the width of both vec and the modulated stream.
+        double: produce two ModulationOut (6 D outputs) instead of one (3 D).
+        zero_init: zero `lin` so every block starts as the identity (DiT's adaLN-Zero); False is BFL's default.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        double: bool,
+        *,
+        zero_init: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dim("dim", dim)
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.zero_init = zero_init
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True, device=device, dtype=dtype)
+        if zero_init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.zero_init:
+            nn.init.zeros_(self.lin.weight)
+            nn.init.zeros_(self.lin.bias)
+        else:
+            self.lin.reset_parameters()
+
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        """vec: (B, D) -> (ModulationOut, ModulationOut or None), fields (B, 1, D)."""
+        if vec.dim() != 2:
+            raise ValueError(f"vec must be (B, D), got shape {tuple(vec.shape)}")
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)  # multiplier x (B, 1, D)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+
+
+class AdaLayerNorm(nn.Module):
+    """Affine-free LayerNorm modulated by a conditioning vector: (1 + scale) * LN(x) + shift.
+
+    This is Flux's `LastLayer` normalisation: `adaLN_modulation = Sequential(SiLU, Linear(Dc, 2 D))`, chunked
+    (shift, scale) in that order (diffusers' `AdaLayerNormContinuous` stores the halves swapped).
+
+    Args:
+        dim: D, the normalised width.
+        cond_dim: Dc, the conditioning vector width (default D).
+        eps: LayerNorm epsilon (1e-6 as Flux).
+        zero_init: zero the modulation so the block starts as plain LN (DiT's adaLN-Zero).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int | None = None,
+        *,
+        eps: float = 1e-6,
+        zero_init: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dim("dim", dim)
+        cond_dim = dim if cond_dim is None else cond_dim
+        _check_dim("cond_dim", cond_dim)
+        self.dim, self.zero_init = dim, zero_init
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(cond_dim, 2 * dim, bias=True, device=device, dtype=dtype)
+        )
+        if zero_init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        lin = self.adaLN_modulation[1]
+        if self.zero_init:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        else:
+            lin.reset_parameters()
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        """x: (B, T, D), vec: (B, Dc) -> (B, T, D)."""
+        if vec.dim() != 2:
+            raise ValueError(f"vec must be (B, Dc), got shape {tuple(vec.shape)}")
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # 2 x (B, D)
+        return modulate(self.norm(x), shift[:, None, :], scale[:, None, :])
