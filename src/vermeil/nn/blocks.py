@@ -1,0 +1,534 @@
+"""Transformer blocks: the pre-norm `TransformerBlock` (Llama layout, optional cross-attention) and PaLM's
+`ParallelTransformerBlock` (the Zeta `TransformerBlock` API of seed 002, made to work).
+
+Axis legend: B batch, T query length, S key (context) length, D model dim, Dc context dim, H heads,
+Hkv kv heads, Dh head dim, F feed-forward hidden dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vermeil.nn.attention import Attention, attention
+from vermeil.nn.feedforward import FeedForward, GeGLU, SwiGLU, llama_hidden_dim
+from vermeil.nn.norms import LayerNorm, RMSNorm
+from vermeil.nn.positional import apply_rotary, rope_cos_sin, rope_inv_freq, xpos_scale
+
+__all__ = ["ParallelTransformerBlock", "TransformerBlock", "ValueFirstSwiGLU"]
+
+FeedForwardKind = Literal["swiglu", "geglu", "mlp"]
+NormKind = Literal["rms", "layer"]
+FinetuneModules = Sequence[Callable[[Tensor], Tensor] | None]
+
+# Rows of the rotary/xPos tables built at construction; they grow on demand (eager) beyond this.
+_INITIAL_TABLE_ROWS = 256
+
+
+def _check_int(name: str, value: object, *, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
+class ValueFirstSwiGLU(nn.Module):
+    """PaLM's parameter-free SwiGLU: `x, gate = x.chunk(2, -1); silu(gate) * x` (value half first).
+
+    x: (..., 2F) -> (..., F). Meta/HF order is the opposite (gate first); see REFERENCES.md §b.10.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return F.silu(gate) * x
+
+
+class ParallelTransformerBlock(nn.Module):
+    """PaLM's parallel attention + feed-forward block, with exactly the Zeta `TransformerBlock` API (seed 002).
+
+    The published zetascale block (zeta 2.8.8, `zeta/structs/transformer_block.py`, a copy of
+    PaLM-rlhf-pytorch's `ParallelTransformerBlock`) cannot even be constructed: it passes `use_flash_attn` to
+    a full `Attention` module (TypeError), calls its xPos helper with the arguments in the wrong order and
+    drops `qk_scale` (shared/REFERENCES.md §b.8). This is the first working, tested implementation of that
+    API; tests/nn/test_blocks.py checks it against an independent transcription of PaLM's block.
+
+    Computation (PaLM semantics):
+        h = norm(x)                                   LayerNorm with a gain, no bias
+        q, k, v, ff = fused_attn_ff_proj(h)           one bias-free projection, split (H*Dh, Dh, Dh, 2*ff_mult*D)
+        q, k, v += lora_q(h), lora_k(h), lora_v(h)    when `finetune_modules` are given
+        k, v: one head shared by all query heads      multi-query attention (Shazeer, 2019)
+        qk_rmsnorm: q, k = l2norm(q) * q_scale, l2norm(k) * k_scale, attention scale `qk_scale`
+                    (otherwise Dh^-0.5)
+        half-split rotary (theta 10000); xPos (q * s, k / s) only when `causal and use_xpos`
+        attn = attn_out(o) (+ lora_o(o)), o the merged heads
+        ff = ff_out(ff) = Linear(Dropout(silu(gate) * value))     value half first
+        return x + attn + ff   (residual=True, the default)   or   attn + ff   (residual=False, PaLM's contract)
+
+    PaLM checkpoint keys map as: `norm.gamma` -> `norm.weight` (PaLM's `norm.beta` is a zero buffer: drop it);
+    `fused_attn_ff_proj.weight`, `attn_out.weight`, `ff_out.2.weight`, `q_scale`, `k_scale` unchanged;
+    `rotary_emb.inv_freq`/`rotary_emb.scale` are recomputed here (drop them); LoRA weights under
+    `finetune_modules.<0..3>`.
+
+    Rotary/xPos cos, sin and scale tables and the causal mask are float32 / bool non-persistent buffers, grown
+    on demand in eager mode; under `torch.compile` a longer input computes its tables without caching them.
+    The xPos power is centred at the table's middle row as in PaLM; the centre cancels in q . k, so scores
+    depend only on i - j. Keep the tables float32 (cast the block with `.to(dtype)` before the first
+    forward, or call `reset_parameters()` after, if you cast it to a low-precision dtype).
+
+    Args:
+        dim: D.
+        dim_head: Dh (even).
+        causal: causal self-attention.
+        heads: H query heads (keys and values have one head).
+        qk_rmsnorm: l2-normalise q and k with learned `q_scale`/`k_scale` (Dh,) and use `qk_scale`.
+        qk_scale: the attention scale when `qk_rmsnorm` (PaLM: 8).
+        ff_mult: feed-forward hidden size F = ff_mult * D.
+        attn_dropout: dropout on the attention weights (training only).
+        ff_dropout: dropout on the SwiGLU output (training only).
+        use_xpos: xPos length-extrapolation scaling (only applied when causal, as PaLM).
+        xpos_scale_base: xPos scale base.
+        flash_attn: restrict attention to the fused SDPA kernels (`attention(..., backend="flash")`); an
+            input none can serve raises an error saying why (e.g. attention dropout on CPU).
+        finetune_modules: default (lora_q, lora_k, lora_v, lora_o), any of them None, registered as
+            submodules `finetune_modules.<i>`: lora_q maps D -> H*Dh, lora_k/lora_v D -> Dh, lora_o H*Dh -> D.
+        residual: return `x + attn + ff` (True) or PaLM's `attn + ff` (False).
+    """
+
+    pos_cos: Tensor
+    pos_sin: Tensor
+    pos_scale: Tensor
+    causal_mask: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        causal: bool = True,
+        heads: int = 8,
+        qk_rmsnorm: bool = False,
+        qk_scale: float = 8,
+        ff_mult: int = 4,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        use_xpos: bool = True,
+        xpos_scale_base: float = 512,
+        flash_attn: bool = False,
+        *,
+        finetune_modules: FinetuneModules | None = None,
+        residual: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("dim", dim)
+        _check_int("dim_head", dim_head)
+        if dim_head % 2:
+            raise ValueError(f"dim_head={dim_head} must be even (rotary pairs channels)")
+        _check_int("heads", heads)
+        if not isinstance(ff_mult, (int, float)) or ff_mult <= 0 or (ff_mult * dim) != int(ff_mult * dim):
+            raise ValueError(f"ff_mult={ff_mult!r} must be > 0 with ff_mult * dim={dim} an integer")
+        if not isinstance(qk_scale, (int, float)) or qk_scale <= 0:
+            raise ValueError(f"qk_scale={qk_scale!r} must be > 0")
+        if not isinstance(xpos_scale_base, (int, float)) or xpos_scale_base <= 0:
+            raise ValueError(f"xpos_scale_base={xpos_scale_base!r} must be > 0")
+        _check_prob("attn_dropout", attn_dropout)
+        _check_prob("ff_dropout", ff_dropout)
+        factory = {"device": device, "dtype": dtype}
+
+        self.dim, self.dim_head, self.heads = dim, dim_head, heads
+        self.causal, self.qk_rmsnorm, self.residual, self.flash_attn = (
+            causal,
+            qk_rmsnorm,
+            residual,
+            flash_attn,
+        )
+        self.use_xpos = use_xpos and causal  # PaLM: xPos only for causal attention
+        self.xpos_scale_base = float(xpos_scale_base)
+        self.scale = float(qk_scale) if qk_rmsnorm else dim_head**-0.5
+        self.attn_dropout = float(attn_dropout)
+        ff_inner = int(ff_mult * dim)
+        self.fused_dims = (heads * dim_head, dim_head, dim_head, 2 * ff_inner)
+
+        self.norm = LayerNorm(dim, bias=False, **factory)
+        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False, **factory)
+        self.attn_out = nn.Linear(heads * dim_head, dim, bias=False, **factory)
+        self.ff_out = nn.Sequential(
+            ValueFirstSwiGLU(), nn.Dropout(ff_dropout), nn.Linear(ff_inner, dim, bias=False, **factory)
+        )
+        if qk_rmsnorm:
+            self.q_scale = nn.Parameter(torch.empty(dim_head, **factory))
+            self.k_scale = nn.Parameter(torch.empty(dim_head, **factory))
+        else:
+            self.q_scale = self.k_scale = None
+
+        if finetune_modules is None:
+            self.finetune_modules = None
+        else:
+            mods = self._check_finetune(finetune_modules)
+            for i, m in enumerate(mods):
+                if m is not None and not isinstance(m, nn.Module):
+                    raise ValueError(
+                        f"finetune_modules[{i}]={m!r} must be an nn.Module or None when given to the "
+                        "constructor (plain callables may be passed to forward)"
+                    )
+            # Keys "0".."3" as PaLM's `finetune_modules.<scope>.<layer>.<0..3>`; None entries are skipped.
+            self.finetune_modules = nn.ModuleDict({str(i): m for i, m in enumerate(mods) if m is not None})
+
+        rows = _INITIAL_TABLE_ROWS
+        cos, sin, scale = self._tables(rows, device)
+        self.register_buffer("pos_cos", cos, persistent=False)  # (rows, Dh/2) float32
+        self.register_buffer("pos_sin", sin, persistent=False)  # (rows, Dh/2) float32
+        self.register_buffer("pos_scale", scale, persistent=False)  # (rows, Dh) float32 xPos scale for q
+        self.register_buffer("causal_mask", self._causal(0, device), persistent=False)  # (rows, rows) bool
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------- parameters
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init for the projections, ones for the gains; rebuilds the tables in place."""
+        self.norm.reset_parameters()
+        self.fused_attn_ff_proj.reset_parameters()
+        self.attn_out.reset_parameters()
+        self.ff_out[2].reset_parameters()
+        if self.q_scale is not None:
+            nn.init.ones_(self.q_scale)
+            nn.init.ones_(self.k_scale)
+        with torch.no_grad():
+            cos, sin, scale = self._tables(self.pos_cos.shape[0], self.pos_cos.device)
+            self.pos_cos.copy_(cos)
+            self.pos_sin.copy_(sin)
+            self.pos_scale.copy_(scale)
+            self.causal_mask.copy_(self._causal(self.causal_mask.shape[0], self.causal_mask.device))
+
+    @staticmethod
+    def _check_finetune(mods: FinetuneModules) -> tuple:
+        if isinstance(mods, (str, bytes)) or not isinstance(mods, Sequence) or len(mods) != 4:
+            raise ValueError(
+                f"finetune_modules={mods!r} must be a sequence of 4 (lora_q, lora_k, lora_v, lora_o), "
+                "each a module, callable or None"
+            )
+        for i, m in enumerate(mods):
+            if m is not None and not callable(m):
+                raise ValueError(f"finetune_modules[{i}]={m!r} must be callable or None")
+        return tuple(mods)
+
+    # --------------------------------------------------------------------------------------------- tables
+
+    def _tables(self, rows: int, device: torch.device | str | None) -> tuple[Tensor, Tensor, Tensor]:
+        """cos, sin (rows, Dh/2) and the xPos q-scale (rows, Dh) (ones without xPos), all float32."""
+        positions = torch.arange(rows, device=device)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.dim_head, 10000.0, device=device))
+        if self.use_xpos:
+            # PaLM centres the power at rows // 2; the centre cancels in q . k (scores depend on i - j).
+            scale = xpos_scale(
+                positions, self.dim_head, self.xpos_scale_base, "half", center=float(rows // 2)
+            )
+        else:
+            scale = torch.ones(rows, self.dim_head, device=device)
+        return cos, sin, scale
+
+    @staticmethod
+    def _causal(rows: int, device: torch.device | str | None) -> Tensor:
+        return torch.ones(rows, rows, dtype=torch.bool, device=device).tril()  # True = may attend
+
+    def _rotary(self, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        if n > self.pos_cos.shape[0]:  # static shape check, not a data-dependent branch
+            if torch.compiler.is_compiling():
+                return self._tables(n, device)  # no module mutation inside a compiled graph
+            # Rebuilt at exactly n rows, as PaLM does (its xPos centre is then n // 2, as PaLM's).
+            self.pos_cos, self.pos_sin, self.pos_scale = self._tables(n, device)
+        return self.pos_cos[:n], self.pos_sin[:n], self.pos_scale[:n]
+
+    def _causal_table(self, n: int, device: torch.device) -> Tensor:
+        if n > self.causal_mask.shape[0]:
+            if torch.compiler.is_compiling():
+                return self._causal(n, device)
+            self.causal_mask = self._causal(n, device)
+        return self.causal_mask[:n, :n]
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q: (B, H, T, Dh), k/v: (B, 1, T, Dh), mask: (B, T) keep-mask or None -> (B, H, T, Dh)."""
+        causal = self.causal
+        if mask is not None:
+            # One boolean mask: SDPA rejects attn_mask together with is_causal (PaLM's flash path did both).
+            mask = mask[:, None, None, :]  # (B, 1, 1, S)
+            if causal:
+                mask = mask & self._causal_table(q.shape[-2], q.device)  # (B, 1, T, S)
+                causal = False
+        return attention(
+            q,
+            k,
+            v,
+            mask,
+            causal=causal,  # without a padding mask: SDPA's is_causal, no mask tensor at all
+            scale=self.scale,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend="flash" if self.flash_attn else "sdpa",
+        )
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, finetune_modules: FinetuneModules | None = None
+    ) -> Tensor:
+        """Parallel attention + feed-forward.
+
+        Args:
+            x: (B, T, D).
+            mask: (B, T) bool key-padding mask, True = keep (PaLM's convention), or None.
+            finetune_modules: (lora_q, lora_k, lora_v, lora_o) for this call (entries may be None);
+                overrides the ones given at construction.
+
+        Returns:
+            (B, T, D): `x + attn + ff`, or `attn + ff` when `residual=False`.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, D) with D=dim={self.dim}")
+        b, n, _ = x.shape
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, n)):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} and dtype {mask.dtype} must be a bool (B, T)=({b}, {n}) "
+                "key-padding mask (True = keep)"
+            )
+        if finetune_modules is not None:
+            lora_q, lora_k, lora_v, lora_o = self._check_finetune(finetune_modules)
+        elif self.finetune_modules is not None:
+            mods = self.finetune_modules
+            lora_q, lora_k, lora_v, lora_o = (mods[i] if i in mods else None for i in "0123")  # noqa: SIM401
+        else:
+            lora_q = lora_k = lora_v = lora_o = None
+
+        h = self.norm(x)
+        q, k, v, ff = self.fused_attn_ff_proj(h).split(self.fused_dims, dim=-1)
+        if lora_q is not None:
+            q = q + lora_q(h)
+        if lora_k is not None:
+            k = k + lora_k(h)
+        if lora_v is not None:
+            v = v + lora_v(h)
+
+        q = q.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, T, Dh): one shared key/value head
+        if self.q_scale is not None:
+            q = F.normalize(q, dim=-1) * self.q_scale
+            k = F.normalize(k, dim=-1) * self.k_scale
+
+        cos, sin, scale = self._rotary(n, x.device)
+        if self.use_xpos:
+            q = apply_rotary(q, cos, sin, "half", scale=scale)
+            k = apply_rotary(k, cos, sin, "half", scale=scale.reciprocal())
+        else:
+            q, k = apply_rotary(q, cos, sin, "half"), apply_rotary(k, cos, sin, "half")
+
+        out = self._attend(q, k, v, mask)  # (B, H, T, Dh)
+        out = out.transpose(1, 2).flatten(2)  # (B, T, H*Dh), heads merged
+        attn = self.attn_out(out)
+        if lora_o is not None:
+            attn = attn + lora_o(out)
+        y = attn + self.ff_out(ff)
+        return x + y if self.residual else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, dim_head={self.dim_head}, heads={self.heads}, causal={self.causal}, "
+            f"qk_rmsnorm={self.qk_rmsnorm}, use_xpos={self.use_xpos}, flash_attn={self.flash_attn}, "
+            f"residual={self.residual}"
+        )
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block (Meta Llama layout), with an optional cross-attention sub-layer.
+
+        h = x + dropout(attention(attention_norm(x)))                         self-attention
+        h = h + dropout(cross_attention(cross_attention_norm(h), context))    when cross_attention=True
+        y = h + dropout(feed_forward(ffn_norm(h)))
+
+    Submodule names are Meta's (`attention_norm`, `attention.wq/wk/wv/wo`, `ffn_norm`,
+    `feed_forward.w1/w3/w2`); transformers' Llama names map one to one (REFERENCES.md §b.3):
+    `input_layernorm` -> `attention_norm`, `self_attn.{q,k,v,o}_proj` -> `attention.{wq,wk,wv,wo}`,
+    `post_attention_layernorm` -> `ffn_norm`, `mlp.{gate,up,down}_proj` -> `feed_forward.{w1,w3,w2}`
+    (half-split rotary there, so no q/k permutation). tests/nn/test_blocks.py checks a Llama-configured block
+    against transformers' `LlamaDecoderLayer` (GQA, llama3 rope scaling).
+
+    Args:
+        dim: D.
+        heads: H.
+        kv_heads: Hkv (GQA when < H); None means H.
+        head_dim: Dh; None means D / H.
+        hidden_dim: F. None means Llama's rule `llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)` for
+            the gated kinds and 4 * D for "mlp"; an int is used as given.
+        multiple_of, ffn_dim_multiplier: Llama's hidden-size rule (used only when hidden_dim is None).
+        feed_forward: "swiglu" (Llama), "geglu" or "mlp" (GELU MLP, `fc1`/`fc2`).
+        norm: "rms" (`RMSNorm`) or "layer" (`LayerNorm`, with a bias when `bias`).
+        norm_eps: epsilon of every norm.
+        causal: causal self-attention.
+        rotary: an injected `RotaryEmbedding` for the self-attention (None: no positions inside the block).
+        qk_norm: None, "rms" or "l2" (`QKNorm` in both attentions).
+        cross_attention: add the cross-attention sub-layer (encoder-decoder use).
+        context_dim: Dc, width of `context`; None means D.
+        dropout: residual dropout on each sub-layer's output (training only).
+        bias: biases on every linear (and on LayerNorm).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        hidden_dim: int | None = None,
+        multiple_of: int = 256,
+        ffn_dim_multiplier: float | None = None,
+        feed_forward: FeedForwardKind = "swiglu",
+        norm: NormKind = "rms",
+        norm_eps: float = 1e-6,
+        causal: bool = True,
+        rotary: nn.Module | None = None,
+        qk_norm: Literal["rms", "l2"] | None = None,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("dim", dim)
+        _check_prob("dropout", dropout)
+        if hidden_dim is not None:
+            _check_int("hidden_dim", hidden_dim)
+        if context_dim is not None and not cross_attention:
+            raise ValueError(f"context_dim={context_dim} needs cross_attention=True")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.causal, self.has_cross_attention = dim, causal, cross_attention
+
+        def make_norm() -> nn.Module:
+            match norm:
+                case "rms":
+                    return RMSNorm(dim, norm_eps, **factory)
+                case "layer":
+                    return LayerNorm(dim, norm_eps, bias=bias, **factory)
+                case _:
+                    raise ValueError(f"norm={norm!r} must be 'rms' or 'layer'")
+
+        self.attention_norm = make_norm()
+        self.attention = Attention(
+            dim,
+            heads,
+            kv_heads,
+            head_dim,
+            causal=causal,
+            qk_norm=qk_norm,
+            bias=bias,
+            rotary=rotary,
+            **factory,
+        )
+        if cross_attention:
+            self.cross_attention_norm = make_norm()
+            self.cross_attention = Attention(
+                dim,
+                heads,
+                kv_heads,
+                head_dim,
+                context_dim=dim if context_dim is None else context_dim,
+                qk_norm=qk_norm,
+                bias=bias,
+                **factory,
+            )
+        else:
+            self.cross_attention_norm = self.cross_attention = None
+        self.ffn_norm = make_norm()
+        match feed_forward:
+            case "swiglu" | "geglu":
+                if hidden_dim is None:
+                    hidden_dim = llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+                glu = SwiGLU if feed_forward == "swiglu" else GeGLU
+                self.feed_forward = glu(dim, hidden_dim, bias=bias, **factory)
+            case "mlp":
+                hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
+                self.feed_forward = FeedForward(dim, hidden_dim, activation="gelu", bias=bias, **factory)
+            case _:
+                raise ValueError(f"feed_forward={feed_forward!r} must be 'swiglu', 'geglu' or 'mlp'")
+        self.hidden_dim = hidden_dim
+        self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        """Each submodule's own `reset_parameters` (ones for norms, nn.Linear's default for projections),
+        and the injected rotary's tables."""
+        for module in (
+            self.attention_norm,
+            self.attention,
+            self.cross_attention_norm,
+            self.cross_attention,
+            self.ffn_norm,
+            self.feed_forward,
+        ):
+            if module is not None:
+                module.reset_parameters()
+        rotary = self.attention.rotary
+        if rotary is not None and hasattr(rotary, "reset_parameters"):
+            rotary.reset_parameters()  # injected tables (garbage after meta construction + to_empty)
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate the self-attention's static KV cache; afterwards every forward needs `input_pos`."""
+        self.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
+
+    def reset_cache(self) -> None:
+        """Zero the self-attention's KV cache (a new sequence)."""
+        self.attention.reset_cache()
+
+    def delete_cache(self) -> None:
+        """Drop the KV cache (back to plain forwards)."""
+        self.attention.delete_cache()
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """Apply the block.
+
+        Args:
+            x: (B, T, D).
+            context: (B, S, Dc) for the cross-attention sub-layer (required exactly when it exists).
+            mask: self-attention mask, True = may attend: (B, T) key padding (B, S_max with a cache) or
+                (B|1, 1|H, T, S) (see `Attention.forward`).
+            context_mask: (B, S) context padding (True = keep) or (B|1, 1|H, T, S), for the cross-attention.
+            input_pos: (T,) or (B, T) positions for rotary and the KV cache (see `Attention.forward`).
+
+        Returns:
+            (B, T, D).
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, D) with D=dim={self.dim}")
+        h = x + self.dropout(self.attention(self.attention_norm(x), mask=mask, input_pos=input_pos))
+        if self.cross_attention is not None:
+            if context is None:
+                raise ValueError("context is required: this block has cross_attention=True")
+            h = h + self.dropout(
+                self.cross_attention(self.cross_attention_norm(h), context, mask=context_mask)
+            )
+        elif context is not None or context_mask is not None:
+            raise ValueError("context/context_mask given to a block built with cross_attention=False")
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden_dim={self.hidden_dim}, cross_attention={self.has_cross_attention}"

@@ -1,0 +1,317 @@
+"""Low-rank adaptation (LoRA, Hu et al., 2021, arXiv:2106.09685).
+
+`LoRALinear` is a frozen linear plus a trainable low-rank update, `y = W x + b + (alpha / r) B A dropout(x)`,
+with torchtune's key names (`weight`, `bias`, `lora_a.weight`, `lora_b.weight`) so adapter checkpoints line up.
+`LoRA` is the update alone (no base weight), for places that add an adapter to an existing projection, such
+as the `finetune_modules` of `ParallelTransformerBlock` (PaLM-rlhf-pytorch's `LoRA`).
+
+Axis legend: B batch, T length, I input features, O output features, R rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TargetModules = str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def _check_lora_args(in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float) -> None:
+    for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ValueError(f"alpha={alpha!r} must be a number")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+
+
+class _LowRank(nn.Module):
+    """Shared parts of `LoRA` and `LoRALinear`: `lora_a` (R x I), `lora_b` (O x R), dropout and scale."""
+
+    def _init_low_rank(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        _check_lora_args(in_dim, out_dim, rank, alpha, dropout)
+        self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, float(alpha)
+        self.scale = float(alpha) / rank
+        self.dropout = nn.Dropout(dropout)
+        self.lora_a = nn.Linear(in_dim, rank, bias=False, device=device, dtype=dtype)
+        self.lora_b = nn.Linear(rank, out_dim, bias=False, device=device, dtype=dtype)
+
+    def _reset_low_rank(self) -> None:
+        # torchtune's init: A as nn.Linear's default (kaiming uniform, a=sqrt(5)), B zero, so a fresh
+        # adapter is an exact no-op and training starts from the base model.
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The low-rank update: x (..., I) -> (alpha / R) B A dropout(x), (..., O)."""
+        return self.lora_b(self.lora_a(self.dropout(x))) * self.scale
+
+    def delta_weight(self) -> Tensor:
+        """The update as a dense matrix, (O, I): (alpha / R) B @ A."""
+        return (self.lora_b.weight @ self.lora_a.weight) * self.scale
+
+
+class LoRA(_LowRank):
+    """The low-rank update alone: `forward(x) = (alpha / rank) * lora_b(lora_a(dropout(x)))`.
+
+    Use it where an adapter is added to an existing projection, e.g. the four `finetune_modules` of
+    `ParallelTransformerBlock` (PaLM-rlhf-pytorch's `LoRA`, whose default `alpha` is the rank).
+
+    Args:
+        in_dim: I.
+        out_dim: O.
+        rank: R.
+        alpha: scale numerator; None means `rank` (scale 1, as PaLM-rlhf-pytorch).
+        dropout: on the adapter input, in training.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_low_rank(in_dim, out_dim, rank, rank if alpha is None else alpha, dropout, device, dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self._reset_low_rank()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., I) -> (..., O)."""
+        return self.delta(x)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRALinear(_LowRank):
+    """A frozen linear layer plus a trainable low-rank update (torchtune's `LoRALinear` layout).
+
+    `forward(x) = x W^T + b + (alpha / rank) * lora_b(lora_a(dropout(x)))`. The base `weight` and `bias` are
+    frozen (`requires_grad=False`); only `lora_a.weight` and `lora_b.weight` train. `merge()` folds the
+    update into `weight` for inference (the forward then skips the adapter, so nothing is counted twice);
+    `unmerge()` subtracts it again, restoring the base weight up to float rounding.
+
+    Args:
+        in_dim: I.
+        out_dim: O.
+        rank: R.
+        alpha: the update is scaled by alpha / rank.
+        dropout: on the adapter input, in training (a merged layer has no adapter dropout).
+        bias: a frozen bias on the base layer.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_low_rank(in_dim, out_dim, rank, alpha, dropout, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_dim, **factory), requires_grad=False) if bias else None
+        self.merged = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Base weight and bias as `nn.Linear`'s default init; A kaiming-uniform; B zero."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_dim)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._reset_low_rank()
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+        """Wrap an existing `nn.Linear`, keeping (sharing, not copying) its weight and bias, now frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        lora = cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            alpha,
+            dropout,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        lora.weight = linear.weight
+        lora.weight.requires_grad_(False)
+        if linear.bias is not None:
+            lora.bias = linear.bias
+            lora.bias.requires_grad_(False)
+        return lora
+
+    @torch.no_grad()
+    def merge(self) -> LoRALinear:
+        """Fold the update into `weight` (in place); a no-op when already merged."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> LoRALinear:
+        """Subtract the update from `weight` again (in place); a no-op when not merged."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., I) -> (..., O)."""
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"LoRALinear: input of shape {tuple(x.shape)} must have last dim={self.in_dim}")
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:  # the update already lives in `weight`
+            return out
+        return out + self.delta(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}, "
+            f"bias={self.bias is not None}, merged={self.merged}"
+        )
+
+
+def _matcher(target_modules: TargetModules) -> tuple[Callable[[str, nn.Module], bool], str]:
+    if callable(target_modules):
+        return target_modules, repr(target_modules)
+    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"target_modules={target_modules!r} must be non-empty names or a callable")
+
+    def match(name: str, module: nn.Module) -> bool:
+        return any(name == p or name.endswith("." + p) for p in patterns)
+
+    return match, repr(patterns)
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: TargetModules,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Replace the `nn.Linear` submodules whose qualified name matches by `LoRALinear` (in place).
+
+    Args:
+        model: any module; it is modified in place and returned.
+        target_modules: a name or names matched as a suffix of the qualified name on a dot boundary
+            (`"wq"` matches `layers.0.attention.wq`; `"attention.wq"` works too), or a callable
+            `(qualified_name, module) -> bool`.
+        rank, alpha, dropout: as `LoRALinear`.
+
+    Returns:
+        model.
+
+    Raises:
+        ValueError: when no `nn.Linear` matched (the message names the patterns).
+    """
+    match, described = _matcher(target_modules)
+    _check_lora_args(1, 1, rank, alpha, dropout)
+    # Never wrap an adapter's own lora_a/lora_b, nor a wrapper (exact type nn.Linear only).
+    inside = {
+        f"{p}.{sub}" if p else sub
+        for p, m in model.named_modules()
+        if isinstance(m, _LowRank)
+        for sub in ("lora_a", "lora_b")
+    }
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name and type(module) is nn.Linear and name not in inside and match(name, module)
+    ]
+    if not targets:
+        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        raise ValueError(
+            f"target_modules={described} matched no nn.Linear in {type(model).__name__}; "
+            f"its linears are {linears[:20]}"
+        )
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every `LoRALinear` in `model` (in place) and return it."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Unmerge every `LoRALinear` in `model` (in place) and return it."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+    return model
+
+
+def _adapter_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, _LowRank):
+            for sub in ("lora_a", "lora_b"):
+                for pname, _ in getattr(module, sub).named_parameters():
+                    names.add(".".join(p for p in (prefix, sub, pname) if p))
+    return names
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
+    """Freeze every parameter except the `lora_a`/`lora_b` weights of `LoRA` and `LoRALinear` modules.
+
+    Any other module is frozen, including plain `nn.Linear` modules used as `finetune_modules`.
+
+    Returns:
+        The qualified names of the parameters left trainable.
+    """
+    adapters = _adapter_param_names(model)
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in adapters)
+        if name in adapters:
+            trainable.append(name)
+    return trainable
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights only (`...lora_a.weight`, `...lora_b.weight`), keyed as in `model.state_dict()`."""
+    adapters = _adapter_param_names(model)
+    return {k: v for k, v in model.state_dict().items() if k in adapters}
