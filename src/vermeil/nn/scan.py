@@ -1,0 +1,460 @@
+"""Selective scan (Mamba-1's S6 recurrence): the reference loop, a fast chunked scan, and the one-token step.
+
+The recurrence, per batch b, channel d and state index n (Gu & Dao, 2023, arXiv:2312.00752, Algorithm 2):
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t        (A exact, B by Euler, as mamba_ssm)
+    y_t = <C_t, h_t> + D * u_t,  then  y_t * silu(z_t)
+
+`selective_scan_ref` is that loop, written step by step in float32: the definition, with the semantics of
+`mamba_ssm.ops.selective_scan_interface.selective_scan_ref` (tests/nn/test_scan.py transcribes it and checks).
+`selective_scan` is the path to run for training and prefill; `selective_step` is one recurrent step for decoding.
+
+Why this algorithm for `selective_scan` (measured on a 2-core CPU; bench/scan.py prints the table):
+
+- The log-space form `h_t = exp(cum_t) * (h_0 + sum_s exp(-cum_s) x_s)` needs `exp(-cum_s)`, which overflows
+  float32 as soon as `|A| * sum(delta)` inside a chunk passes ~88: already at initialisation (dt 0.1,
+  A = -16, 64 steps gives 102) and routinely for trained models. Not exact, so not used.
+- The safe masked form `exp(cum_t - cum_s)` (s <= t, Mamba-2 SSD's segsum) is fine for Mamba-2, whose A is
+  one scalar per head, but Mamba-1's A is per (d, n): it needs a (B, D, K, K, N) tensor per chunk, K times
+  the exponentials of the loop, and exp dominates the cost on CPU.
+- Blelloch/Hillis-Steele trees (mambapy's pscan) are exact but make log2(L) strided passes over a full
+  (B, L, D, N) tensor; they lose to the loop on this CPU and use gigabytes.
+
+So the scan here is a blocked, two-level ("strided") scan with the loop's own arithmetic, every exponent
+`delta * A <= 0`: the sequence is cut into chunks of `chunk_size` positions processed one after another (the
+state is carried between them). Inside a chunk the positions form a grid of G sub-chunks of length k
+(k ~ sqrt(chunk_size)): one Python step advances all G sub-chunks by one position at once, so a chunk costs
+about 2k + G small Python steps on (B, G, N, D) tensors instead of chunk_size steps on (B, D, N) ones:
+(1) scan each sub-chunk from a zero state to get its local final state, (2) pass the true state across the G
+sub-chunks (decay of a sub-chunk = exp(A * sum(delta)), exact), (3) rescan from the true starts, producing
+all states of the chunk, then contract with C by one batched matmul. A custom autograd Function saves only
+the inputs and the sub-chunk start states (1/k of the state volume) and recomputes the chunk in backward,
+where the adjoint runs the same three steps in reverse. Working memory is a few (chunk, B, N, D) tensors,
+independent of L; nothing of size (B, D, L, N) ever exists. The state is laid out (N, D) inside so every
+reduction runs over a non-innermost axis (vectorised along D), and exp(x) is computed as exp2(x * log2 e),
+which torch's CPU kernels evaluate about 4x faster (the error stays within float32 rounding of x).
+
+Axis legend: B batch, D channels (Mamba's d_inner), L length, N state size, k/G sub-chunk length/count,
+X = k*B*G flattened positions of a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_step"]
+
+# Elements of one (chunk, B, N, D) working tensor when chunk_size is chosen automatically: 2**20 floats is
+# 4 MiB; forward holds two such tensors and backward three (measured best: bench/scan.py, chunk 32-64).
+_AUTO_BLOCK_ELEMENTS = 1 << 20
+_LOG2_E = math.log2(math.e)
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (so gradcheck sees the exact function), else float32."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _check_shapes(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+) -> None:
+    """Static shape checks (compile friendly): raise ValueError naming the argument and the rule."""
+    if u.dim() != 3:
+        raise ValueError(f"u.shape={tuple(u.shape)} must be (B, D, L)")
+    bsz, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A.shape={tuple(A.shape)} must be (D, N) with D={dim} from u")
+    n = A.shape[1]
+    expected = {
+        "delta": (delta, (bsz, dim, length)),
+        "B": (B, (bsz, n, length)),
+        "C": (C, (bsz, n, length)),
+        "D": (D, (dim,)),
+        "z": (z, (bsz, dim, length)),
+        "delta_bias": (delta_bias, (dim,)),
+        "initial_state": (initial_state, (bsz, dim, n)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}.shape={tuple(t.shape)} must be {shape} (u is (B, D, L), A is (D, N))")
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    """delta (+ bias[:, None]), then softplus if asked: mamba_ssm's order."""
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(delta.dtype)[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """y + D * u, times silu(z), cast to the input dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype)
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan as a plain sequential loop over time in float32: the definition.
+
+    Same semantics as mamba_ssm's `selective_scan_ref` (real A, time-varying B and C), plus an initial state.
+    The discretised tensors are formed one step at a time, so memory stays O(B * D * N) besides the output.
+
+    Args:
+        u: (B, D, L) input.
+        delta: (B, D, L) step sizes (before `delta_bias` and softplus).
+        A: (D, N) state matrix (diagonal, usually negative: `-exp(A_log)`).
+        B: (B, N, L) input projection; C: (B, N, L) output projection.
+        D: (D,) skip connection, optional.
+        z: (B, D, L) gate, optional: the output is multiplied by silu(z).
+        delta_bias: (D,) added to delta before the softplus, optional.
+        delta_softplus: apply softplus to delta (after the bias).
+        initial_state: (B, D, N) state before the first step; zeros if None.
+        return_final_state: also return the state after the last step.
+
+    Returns:
+        y: (B, D, L) in u.dtype, and the final state (B, D, N) in float32 (float64 for float64 inputs) if
+        `return_final_state`.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype_in = u.dtype
+    cdt = _compute_dtype(u, delta, A, B, C, initial_state)
+    u, A, B, C = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
+    delta = _prepare_delta(delta.to(cdt), delta_bias, delta_softplus)
+    bsz, dim, length = u.shape
+    if initial_state is None:
+        x = u.new_zeros(bsz, dim, A.shape[1])
+    else:
+        x = initial_state.to(cdt)
+    ys = []
+    for t in range(length):
+        delta_t = delta[:, :, t]  # (B, D)
+        delta_a = torch.exp(delta_t[:, :, None] * A)  # (B, D, N)
+        delta_b_u = (delta_t * u[:, :, t])[:, :, None] * B[:, None, :, t]  # (B, D, N)
+        x = delta_a * x + delta_b_u
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, t]))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros(bsz, dim, 0)  # (B, D, L)
+    out = _finish(y, u, D, z, dtype_in)
+    return (out, x) if return_final_state else out
+
+
+def selective_step(
+    state: Tensor,
+    u_t: Tensor,
+    delta_t: Tensor,
+    A: Tensor,
+    B_t: Tensor,
+    C_t: Tensor,
+    D: Tensor | None = None,
+    z_t: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One step of the recurrence (decoding): O(1) in the sequence length, functional (no in-place update).
+
+    Equals one iteration of `selective_scan_ref` (and mamba_ssm's `Mamba.step` without the fused kernel).
+
+    Args:
+        state: (B, D, N) state before the step.
+        u_t, delta_t: (B, D) input and step size of this token (delta before bias and softplus).
+        A: (D, N); B_t, C_t: (B, N); D: (D,) optional; z_t: (B, D) optional gate; delta_bias: (D,) optional.
+        delta_softplus: apply softplus to delta (after the bias).
+
+    Returns:
+        y_t: (B, D) in u_t.dtype, and the new state (B, D, N) in state.dtype.
+    """
+    cdt = _compute_dtype(state, u_t, delta_t, A, B_t, C_t)
+    u = u_t.to(cdt)
+    delta = delta_t.to(cdt)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cdt)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    delta_a = torch.exp(delta[:, :, None] * A.to(cdt))  # (B, D, N)
+    delta_b_u = (delta * u)[:, :, None] * B_t.to(cdt)[:, None, :]  # (B, D, N)
+    new_state = delta_a * state.to(cdt) + delta_b_u
+    y = torch.einsum("bdn,bn->bd", new_state, C_t.to(cdt))  # (B, D)
+    if D is not None:
+        y = y + u * D.to(cdt)
+    if z_t is not None:
+        y = y * F.silu(z_t.to(cdt))
+    return y.to(u_t.dtype), new_state.to(state.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast path.
+
+
+def _auto_chunk_size(bsz: int, dim: int, n: int, length: int) -> int:
+    """Positions per chunk so that one (chunk, B, N, D) tensor holds about _AUTO_BLOCK_ELEMENTS elements."""
+    target = max(16, _AUTO_BLOCK_ELEMENTS // max(1, bsz * dim * n))
+    chunk = 1 << int(math.log2(target))  # a power of two, at least 16
+    return max(1, min(chunk, 1024, length))
+
+
+def _sub_chunk(chunk: int) -> int:
+    """Sub-chunk length k ~ sqrt(chunk), a power of two (divides power-of-two chunks: no padding).
+
+    A chunk then costs about 2k + chunk/k Python steps.
+    """
+    return 1 << max(0, round(math.log2(chunk) / 2))
+
+
+def _grid(x: Tensor, p0: int, n: int, groups: int, k: int) -> Tensor:
+    """(B, X, L) -> (k, B, G, X) for positions p0..p0+n, zero-padded to G*k (position p0 + g*k + j)."""
+    xs = x[:, :, p0 : p0 + n]
+    if groups * k != n:
+        xs = F.pad(xs, (0, groups * k - n))  # zero delta: identity steps, state passes unchanged
+    return xs.unflatten(-1, (groups, k)).permute(3, 0, 2, 1).contiguous()
+
+
+def _ungrid(xg: Tensor, n: int) -> Tensor:
+    """(k, B, G, X) -> (B, X, n), dropping padding."""
+    return xg.permute(1, 3, 2, 0).flatten(2)[:, :, :n]
+
+
+def _chunks(length: int, chunk: int, sub: int) -> list[tuple[int, int, int, int]]:
+    """(start, length, k, G) of every chunk; the last one may be shorter and uses a smaller grid."""
+    out = []
+    for p0 in range(0, length, chunk):
+        n = min(chunk, length - p0)
+        k = min(sub, n)
+        out.append((p0, n, k, -(-n // k)))
+    return out
+
+
+def _workspace(like: Tensor, chunks: list, bsz: int, n_state: int, dim: int, count: int) -> list[Tensor]:
+    """`count` flat buffers big enough for the largest chunk's (k, B, G, N, D) tensor."""
+    numel = max((k * groups for _, _, k, groups in chunks), default=0) * bsz * n_state * dim
+    return [like.new_empty(numel) for _ in range(count)]
+
+
+def _view(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A contiguous view of the first prod(shape) elements of a flat buffer."""
+    return buf[: math.prod(shape)].view(shape)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Core scan y_t = <C_t, h_t>, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, with hand-written backward.
+
+    Inputs are already in the compute dtype, delta already biased and softplus'ed, and the state uses the
+    internal (B, N, D) layout; A_t is A transposed to (N, D).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A_t: Tensor,
+        B: Tensor,
+        C: Tensor,
+        h0: Tensor,
+        chunk: int,
+        sub: int,
+    ) -> tuple[Tensor, Tensor]:
+        bsz, dim, length = u.shape
+        n_state = A_t.shape[0]
+        A2_t = A_t * _LOG2_E  # exp(x A) = exp2(x A log2 e): exp2 is ~4x faster than exp here (Sleef, AVX-512)
+        y = u.new_empty(bsz, dim, length)
+        carry = h0  # (B, N, D): the state before the current chunk
+        starts_all = []
+        chunks = _chunks(length, chunk, sub)
+        # two workspaces reused by every chunk instead of fresh multi-MiB allocations per chunk
+        work = _workspace(u, chunks, bsz, n_state, dim, 2)
+        for p0, n, k, groups in chunks:
+            d = _grid(delta, p0, n, groups, k)  # (k, B, G, D)
+            du = d * _grid(u, p0, n, groups, k)  # (k, B, G, D)
+            b = _grid(B, p0, n, groups, k)  # (k, B, G, N)
+            c = _grid(C, p0, n, groups, k)  # (k, B, G, N)
+            shape = (k, bsz, groups, n_state, dim)
+            # exp(delta_t A): (k, B, G, N, D), all exponents <= 0 for A <= 0
+            dA = torch.exp2_(torch.mul(d.unsqueeze(-2), A2_t, out=_view(work[0], shape)))
+            # delta*u*B: (k, B, G, N, D), becomes the states below
+            h = torch.mul(du.unsqueeze(-2), b.unsqueeze(-1), out=_view(work[1], shape))
+            starts = u.new_empty(bsz, groups, n_state, dim)  # (B, G, N, D): true state before each sub-chunk
+            if groups == 1:
+                starts[:, 0] = carry
+            else:
+                # (1) local final states of the G sub-chunks from a zero start, all advanced together
+                local = h[0]
+                for j in range(1, k):
+                    local = torch.addcmul(h[j], dA[j], local)
+                # (2) true starts: a sub-chunk's total decay is exp(A * sum(delta)) (exponent <= 0)
+                decay = torch.exp2_(d.sum(0).unsqueeze(-2) * A2_t)  # (B, G, N, D)
+                for g in range(groups):
+                    starts[:, g] = carry
+                    carry = torch.addcmul(local[:, g], decay[:, g], carry)
+            # (3) rescan from the true starts; h[j] becomes the state after position j
+            prev = starts
+            for j in range(k):
+                h[j].addcmul_(dA[j], prev)
+                prev = h[j]
+            if groups == 1:
+                carry = h[k - 1, :, 0].clone()
+            yg = torch.matmul(c.unsqueeze(-2), h).squeeze(-2)  # (k, B, G, D) = <C_t, h_t>
+            y[:, :, p0 : p0 + n] = _ungrid(yg, n)
+            starts_all.append(starts)
+        if length == 0:
+            carry = h0.clone()
+        ctx.save_for_backward(u, delta, A_t, B, C, *starts_all)
+        ctx.chunk, ctx.sub = chunk, sub
+        return y, carry
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor | None, grad_final: Tensor | None):  # type: ignore[override]
+        u, delta, A_t, B, C, *starts_all = ctx.saved_tensors
+        bsz, dim, length = u.shape
+        n_state = A_t.shape[0]
+        A2_t = A_t * _LOG2_E
+        grad_u = torch.empty_like(u)
+        grad_delta = torch.empty_like(delta)
+        grad_B = torch.empty_like(B)
+        grad_C = torch.empty_like(C)
+        grad_A_t = torch.zeros_like(A_t)
+        if grad_y is None:
+            grad_y = torch.zeros_like(u)
+        # adjoint flowing into the state after the current chunk's last position (from later positions)
+        adj = grad_final if grad_final is not None else u.new_zeros(bsz, n_state, dim)
+        chunks = _chunks(length, ctx.chunk, ctx.sub)
+        work = _workspace(u, chunks, bsz, n_state, dim, 3)
+        for (p0, n, k, groups), starts in zip(reversed(chunks), reversed(starts_all)):
+            shape = (k, bsz, groups, n_state, dim)
+            d = _grid(delta, p0, n, groups, k)  # (k, B, G, D)
+            uu = _grid(u, p0, n, groups, k)
+            du = d * uu
+            b = _grid(B, p0, n, groups, k)  # (k, B, G, N)
+            c = _grid(C, p0, n, groups, k)
+            gy = _grid(grad_y, p0, n, groups, k)  # (k, B, G, D), zero on padding
+            dA = torch.exp2_(torch.mul(d.unsqueeze(-2), A2_t, out=_view(work[0], shape)))  # (k, B, G, N, D)
+            h = torch.mul(du.unsqueeze(-2), b.unsqueeze(-1), out=_view(work[1], shape))
+            prev = starts
+            for j in range(k):  # recompute the states of the chunk
+                h[j].addcmul_(dA[j], prev)
+                prev = h[j]
+            gC = (h * gy.unsqueeze(-2)).sum(-1)  # (k, B, G, N): sum_d gy_t h_t
+            gy_e = gy.unsqueeze(-2)  # (k, B, G, 1, D)
+            c_e = c.unsqueeze(-1)  # (k, B, G, N, 1)
+            ends = u.new_empty(bsz, groups, n_state, dim)  # adjoint into each sub-chunk's last state
+            if groups == 1:
+                ends[:, 0] = adj
+            else:
+                # local adjoint leaving each sub-chunk through its first step, from a zero end
+                msg = dA[k - 1] * (gy_e[k - 1] * c_e[k - 1])
+                for j in range(k - 2, -1, -1):
+                    msg = dA[j] * torch.addcmul(msg, gy_e[j], c_e[j])
+                decay = torch.exp2_(d.sum(0).unsqueeze(-2) * A2_t)  # (B, G, N, D)
+                for g in range(groups - 1, -1, -1):
+                    ends[:, g] = adj
+                    adj = torch.addcmul(msg[:, g], decay[:, g], adj)
+            # full reverse pass: g_t = gy_t C_t + a_{t+1} g_{t+1}; dA[j] becomes a_t * g_t in place
+            g_all = _view(work[2], shape)
+            msg = ends
+            for j in range(k - 1, -1, -1):
+                torch.addcmul(msg, gy_e[j], c_e[j], out=g_all[j])
+                dA[j].mul_(g_all[j])
+                msg = dA[j]
+            if groups == 1:
+                adj = dA[0, :, 0].clone()
+            s = torch.matmul(b.unsqueeze(-2), g_all).squeeze(-2)  # (k, B, G, D): sum_n g_t B_t
+            gB = (g_all * du.unsqueeze(-2)).sum(-1)  # (k, B, G, N): sum_d g_t delta_t u_t
+            # a_t * g_t * h_{t-1}: the gradient through exp(delta_t A)
+            dA[1:].mul_(h[:-1])
+            dA[0].mul_(starts)
+            grad_A_t += torch.mul(dA, d.unsqueeze(-2), out=g_all).flatten(0, 2).sum(0)
+            gd = uu * s + dA.mul_(A_t).sum(-2)
+            grad_u[:, :, p0 : p0 + n] = _ungrid(d * s, n)
+            grad_delta[:, :, p0 : p0 + n] = _ungrid(gd, n)
+            grad_B[:, :, p0 : p0 + n] = _ungrid(gB, n)
+            grad_C[:, :, p0 : p0 + n] = _ungrid(gC, n)
+        return grad_u, grad_delta, grad_A_t, grad_B, grad_C, adj, None, None
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan, fast: blocked two-level scan with a hand-written, recomputing backward.
+
+    Same arguments and results as `selective_scan_ref` (equal to it up to float rounding, in outputs and in
+    gradients), differentiable in every tensor including `initial_state`, and through the returned final
+    state, so a long sequence can be trained in pieces (truncated backpropagation through time) or a prefill
+    handed to `selective_step`. See the module docstring for the algorithm and why it was chosen.
+
+    Args:
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state: as
+            `selective_scan_ref` (u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,);
+            initial_state: (B, D, N)).
+        chunk_size: positions processed together (memory knob: the working set is a few
+            (chunk_size, B, N, D) tensors). None picks the power of two giving ~2**20 elements, in [16, 1024].
+
+    Returns:
+        y: (B, D, L) in u.dtype, and the final state (B, D, N) in float32 (float64 for float64 inputs) if
+        `return_final_state`.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive integer or None")
+    dtype_in = u.dtype
+    cdt = _compute_dtype(u, delta, A, B, C, initial_state)
+    bsz, dim, length = u.shape
+    n_state = A.shape[1]
+    u_c = u.to(cdt)
+    delta_c = _prepare_delta(delta.to(cdt), delta_bias, delta_softplus)
+    if initial_state is None:
+        h0 = u_c.new_zeros(bsz, n_state, dim)
+    else:
+        h0 = initial_state.to(cdt).transpose(1, 2).contiguous()  # (B, N, D): the internal layout
+    chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
+    y, final = _SelectiveScanFn.apply(
+        u_c.contiguous(),
+        delta_c.contiguous(),
+        A.to(cdt).t().contiguous(),
+        B.to(cdt).contiguous(),
+        C.to(cdt).contiguous(),
+        h0,
+        chunk,
+        _sub_chunk(chunk),
+    )
+    out = _finish(y, u_c, D, z, dtype_in)
+    return (out, final.transpose(1, 2)) if return_final_state else out

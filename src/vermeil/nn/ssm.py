@@ -1,0 +1,321 @@
+"""The Mamba (S6) mixer block with state-spaces parameter names and initialisation, and its decoding cache.
+
+`MambaBlock` is state-spaces `mamba_ssm.modules.mamba_simple.Mamba` (Gu & Dao, 2023, arXiv:2312.00752):
+the same submodules and parameters (`in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj`), so a mamba_ssm,
+transformers (`MambaMixer`) or mambapy (`MambaBlock`) state dict loads by name; the same initialisation
+(S4D-real A, inverse-softplus dt bias). The scan is `vermeil.nn.scan.selective_scan` (training and prefill)
+and `selective_step` (one token); tests/nn/test_ssm.py checks parity with mambapy and cached decoding.
+
+Axis legend: B batch, L (or T) length, D d_model, E d_inner = expand * d_model, N d_state, R dt_rank,
+K d_conv.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vermeil.nn.cache import SSMState
+from vermeil.nn.scan import selective_scan, selective_step
+
+__all__ = ["MambaBlock", "MambaState"]
+
+# The block's decoding state (conv_state (B, E, K), ssm_state (B, E, N)) is cache.SSMState; the alias keeps
+# the name this module's callers know.
+MambaState = SSMState
+
+
+def _f32(t: Tensor) -> Tensor:
+    """At least float32: the SSM parameters are used in float32 (float64 stays, for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return value
+
+
+class MambaBlock(nn.Module):
+    """Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
+
+    Args:
+        d_model: D, input and output width.
+        d_state: N, state size per channel.
+        d_conv: K, width of the causal depthwise convolution.
+        expand: E = expand * d_model inner channels (int(expand * d_model), as state-spaces).
+        dt_rank: R, rank of the dt projection; "auto" is ceil(d_model / 16).
+        dt_min, dt_max: range of the initial step size dt (log-uniform).
+        dt_init: "random" (dt_proj.weight ~ U(+-R^-0.5 * dt_scale)) or "constant".
+        dt_scale: scale of the dt_proj.weight init.
+        dt_init_floor: initial dt is clamped from below at this value.
+        conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
+        layer_idx: index of the block in its model (informational, as state-spaces).
+        device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
+
+    Raises:
+        ValueError: on a bad argument, naming it and its value.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        layer_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _positive_int("d_model", d_model)
+        _positive_int("d_state", d_state)
+        _positive_int("d_conv", d_conv)
+        if isinstance(expand, bool) or not isinstance(expand, (int, float)) or int(expand * d_model) <= 0:
+            raise ValueError(f"expand={expand!r} must be a positive number with int(expand * d_model) >= 1")
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        elif isinstance(dt_rank, str):
+            raise ValueError(f"dt_rank={dt_rank!r} must be 'auto' or a positive int")
+        _positive_int("dt_rank", dt_rank)
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min={dt_min!r} and dt_max={dt_max!r} must satisfy 0 < dt_min <= dt_max")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init={dt_init!r} must be 'random' or 'constant'")
+        if dt_init_floor < 0:
+            raise ValueError(f"dt_init_floor={dt_init_floor!r} must be >= 0")
+        if dt_scale <= 0:
+            raise ValueError(f"dt_scale={dt_scale!r} must be > 0")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = dt_rank
+        self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
+        self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)  # [x, z]: x first
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            d_conv,
+            groups=self.d_inner,
+            padding=d_conv - 1,
+            bias=conv_bias,
+            **factory,
+        )
+        self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False, **factory)  # [dt, B, C]
+        self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True, **factory)
+        # A and D stay float32 whatever dtype is (mamba_ssm README "Precision"; mamba #6, #72)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        # state-spaces marks, read by its optimizer setup and init code; see also no_weight_decay()
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+        self.cache: SSMState | None = None
+        self.reset_parameters()
+
+    @staticmethod
+    def no_weight_decay() -> set[str]:
+        """Names (relative to this block) of parameters that must not get weight decay: A_log and D."""
+        return {"A_log", "D"}
+
+    def reset_parameters(self) -> None:
+        """state-spaces init: default Linear/Conv1d init, dt_proj as below, A_log = log(1..N), D = 1."""
+        self.in_proj.reset_parameters()
+        self.conv1d.reset_parameters()
+        self.x_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        with torch.no_grad():
+            std = self.dt_rank**-0.5 * self.dt_scale
+            if self.dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+            # dt log-uniform in [dt_min, dt_max], floored; the bias is its inverse softplus so that
+            # softplus(dt_proj.bias) == dt at init (dt + log(-expm1(-dt)), pytorch#72759)
+            bias = self.dt_proj.bias
+            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+            u = torch.rand(self.d_inner, device=bias.device, dtype=torch.float32)
+            dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
+            bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            # S4D-real: A = -(1, 2, ..., N) for every channel, stored as its log
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(a).expand(self.d_inner, -1))
+            self.D.fill_(1.0)
+
+    # -- cache ------------------------------------------------------------------------------------------
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate the decoding state: conv_state (B, E, K) in dtype, ssm_state (B, E, N) in float32.
+
+        max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
+        dtype and device default to those of in_proj.weight.
+        """
+        _positive_int("batch_size", batch_size)
+        if max_seq_len is not None:
+            _positive_int("max_seq_len", max_seq_len)
+        self.cache = SSMState(
+            batch_size,
+            self.d_inner,
+            self.d_conv,
+            self.d_state,
+            dtype=dtype or self.in_proj.weight.dtype,
+            ssm_dtype=torch.float32,
+            device=device or self.in_proj.weight.device,
+        )
+
+    def reset_cache(self) -> None:
+        """Zero the states in place (start a new sequence); a no-op without a cache."""
+        if self.cache is not None:
+            self.cache.reset()
+
+    def delete_cache(self) -> None:
+        """Drop the cache, returning to plain (training) forwards."""
+        self.cache = None
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def _dt_bc(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., E) -> dt (..., E) without its bias (added inside the softplus), B and C (..., N)."""
+        dt, b, c = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), b, c
+
+    def _mix(
+        self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm)."""
+        bsz, length, _ = x.shape
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
+        xs, z = xs.transpose(1, 2), z.transpose(1, 2)  # (B, E, L)
+        if conv_state is None:
+            conv_state = xs.new_zeros(bsz, self.d_inner, self.d_conv)
+        # the conv sees the previous K-1 inputs, then x: exactly conv1d(x)[..., :L] from a zero state
+        hist = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)  # (B, E, K + L)
+        new_conv = hist[:, :, -self.d_conv :] if want_state else None  # pre-conv inputs, as state-spaces
+        xs = F.silu(F.conv1d(hist[:, :, 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+        dt, b, c = self._dt_bc(xs.transpose(1, 2))  # (B, L, E), (B, L, N), (B, L, N)
+        A = -torch.exp(_f32(self.A_log))  # (E, N)
+        result = selective_scan(
+            xs,
+            dt.transpose(1, 2),
+            A,
+            b.transpose(1, 2),
+            c.transpose(1, 2),
+            D=_f32(self.D),
+            z=z,
+            delta_bias=_f32(self.dt_proj.bias),
+            delta_softplus=True,
+            initial_state=ssm_state,
+            return_final_state=want_state,
+        )
+        y, new_ssm = result if want_state else (result, None)
+        return self.out_proj(y.transpose(1, 2)), new_conv, new_ssm
+
+    def _step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One token, state-spaces `Mamba.step` semantics. x: (B, 1, D). Returns (out, conv, ssm)."""
+        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
+        # roll the conv window left and write the new pre-conv input in the last slot
+        conv_state = torch.cat([conv_state[:, :, 1:], xs.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+        xs = (conv_state.to(xs.dtype) * self.conv1d.weight[:, 0]).sum(-1)  # (B, E)
+        if self.conv1d.bias is not None:
+            xs = xs + self.conv1d.bias
+        xs = F.silu(xs)
+        dt, b, c = self._dt_bc(xs)
+        A = -torch.exp(_f32(self.A_log))
+        y, ssm_state = selective_step(
+            ssm_state,
+            xs,
+            dt,
+            A,
+            b,
+            c,
+            D=_f32(self.D),
+            z_t=z,
+            delta_bias=_f32(self.dt_proj.bias),
+            delta_softplus=True,
+        )
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        input_pos: Tensor | None = None,
+        initial_state: tuple[Tensor, Tensor] | None = None,
+        return_final_state: bool = False,
+    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Mix a sequence; with a cache and `input_pos`, continue (or start) a cached sequence.
+
+        Without `input_pos` the cache is not touched: a plain forward from `initial_state` (zeros if None).
+        With a cache (`setup_cache`) and `input_pos` (T,) or (B, T), the states are read from and written back
+        to the cache. The block continues from the cached state unless the first position is 0, where it
+        starts from zeros (decided by tensor arithmetic, no `.item()`). The path is chosen by the static
+        length T: T == 1 runs the recurrent step (O(1) per token, compile friendly); T > 1 runs the scan
+        from the cached state and stores the final one (prefill, or chunked prefill).
+
+        Args:
+            x: (B, T, D).
+            input_pos: positions of the T tokens; requires `setup_cache` first.
+            initial_state: (conv_state (B, E, K), ssm_state (B, E, N)) before x, differentiable (truncated
+                BPTT: pass the final state of the previous piece). conv_state holds the last K pre-conv
+                inputs, oldest first. Not allowed together with input_pos.
+            return_final_state: also return (conv_state, ssm_state) after x.
+
+        Returns:
+            (B, T, D), and the final (conv_state, ssm_state) if `return_final_state`.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x.shape={tuple(x.shape)} must be (B, T, d_model={self.d_model})")
+        if input_pos is None:
+            conv_state, ssm_state = initial_state if initial_state is not None else (None, None)
+            out, conv, ssm = self._mix(x, conv_state, ssm_state, return_final_state)
+            return (out, (conv, ssm)) if return_final_state else out  # type: ignore[return-value]
+
+        if self.cache is None:
+            raise ValueError("input_pos was given but no cache is set up: call setup_cache(batch_size) first")
+        if initial_state is not None:
+            raise ValueError("initial_state and input_pos are exclusive: the cache holds the state")
+        bsz, length, _ = x.shape
+        if bsz > self.cache.batch_size:
+            raise ValueError(f"batch size {bsz} exceeds the cache's batch_size={self.cache.batch_size}")
+        if input_pos.shape[-1] != length:
+            raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
+        cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
+        # zero the carried state where the sequence starts at position 0 (no host sync)
+        first = input_pos.reshape(-1, length)[:, :1]  # (1, 1) or (B, 1)
+        keep = (first > 0).unsqueeze(-1)  # (1|B, 1, 1)
+        conv_state = torch.where(keep, cache_conv, torch.zeros_like(cache_conv))
+        ssm_state = torch.where(keep, cache_ssm, torch.zeros_like(cache_ssm))
+        if length == 1:
+            out, conv, ssm = self._step(x, conv_state, ssm_state)
+        else:
+            out, conv, ssm = self._mix(x, conv_state, ssm_state, True)
+        cache_conv.copy_(conv.detach())
+        cache_ssm.copy_(ssm.detach())
+        return (out, (conv, ssm)) if return_final_state else out
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+            f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}"
+        )

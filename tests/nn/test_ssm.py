@@ -1,0 +1,250 @@
+"""Tests for vermeil.nn.ssm.MambaBlock: mambapy parity, cached decoding, init, construction, compile.
+
+Axis legend: B batch, T length, D d_model, E d_inner, N d_state, K d_conv.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.testing import assert_close
+
+from vermeil.nn.ssm import MambaBlock, MambaState
+
+D_MODEL, T = 37, 7
+
+
+def make_block(**kwargs) -> MambaBlock:
+    block = MambaBlock(D_MODEL, d_state=5, d_conv=4, expand=2, **kwargs)
+    with torch.no_grad():  # move D and A off their init so every term is exercised
+        block.D.uniform_(-1.0, 1.0)
+        block.A_log.add_(0.1 * torch.randn_like(block.A_log))
+    return block
+
+
+def mambapy_twin(block: MambaBlock):
+    mamba = pytest.importorskip("mambapy.mamba")
+    config = mamba.MambaConfig(
+        d_model=block.d_model,
+        n_layers=1,
+        dt_rank=block.dt_rank,
+        d_state=block.d_state,
+        expand_factor=block.expand,
+        d_conv=block.d_conv,
+        bias=block.in_proj.bias is not None,
+        conv_bias=block.conv1d.bias is not None,
+        pscan=True,
+    )
+    twin = mamba.MambaBlock(config)
+    twin.load_state_dict(block.state_dict())  # same parameter names: in_proj, conv1d, x_proj, dt_proj, ...
+    return twin
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_mambapy_forward_and_gradients(bias):
+    block = make_block(bias=bias)
+    twin = mambapy_twin(block)
+    x = torch.randn(2, T, D_MODEL)
+    ours, theirs = block(x), twin(x)
+    assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(ours)
+    (ours * gy).sum().backward()
+    (theirs * gy).sum().backward()
+    twin_params = dict(twin.named_parameters())
+    for name, p in block.named_parameters():
+        assert_close(p.grad, twin_params[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_matches_mambapy_step():
+    block = make_block()
+    twin = mambapy_twin(block)
+    x = torch.randn(2, T, D_MODEL)
+    block.setup_cache(batch_size=2)
+    cache = (None, torch.zeros(2, block.d_inner, block.d_conv - 1))  # mambapy: (h, last K-1 inputs)
+    with torch.no_grad():
+        for t in range(T):
+            ours = block(x[:, t : t + 1], input_pos=torch.tensor([t]))
+            theirs, cache = twin.step(x[:, t], cache)
+            assert_close(ours[:, 0], theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward():
+    block = make_block()
+    x = torch.randn(3, T, D_MODEL)
+    with torch.no_grad():
+        full = block(x)
+        block.setup_cache(batch_size=3, max_seq_len=T)
+        steps = torch.cat([block(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(T)], dim=1)
+    assert_close(steps, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", [2, 3, 5])
+def test_prefill_then_steps_equals_full_forward(prompt):
+    block = make_block()
+    x = torch.randn(2, T, D_MODEL)
+    with torch.no_grad():
+        full = block(x)
+        block.setup_cache(batch_size=2)
+        outs = [block(x[:, :prompt], input_pos=torch.arange(prompt))]
+        outs += [block(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(prompt, T)]
+    assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_and_restart_at_position_zero():
+    block = make_block()
+    x = torch.randn(2, T, D_MODEL)
+    other = torch.randn(2, T, D_MODEL)
+    with torch.no_grad():
+        full = block(x)
+        block.setup_cache(batch_size=2)
+        block(other, input_pos=torch.arange(T))  # a previous sequence left state in the cache
+        # a new sequence from position 0, without reset_cache, in two multi-token pieces then one step
+        a = block(x[:, :3], input_pos=torch.arange(3))
+        b = block(x[:, 3:6], input_pos=torch.arange(3, 6))
+        c = block(x[:, 6:], input_pos=torch.tensor([6]))
+        # a one-token prompt at position 0 also starts from zeros
+        one = block(x[:, :1], input_pos=torch.tensor([0]))
+    assert_close(torch.cat([a, b, c], dim=1), full, rtol=1e-5, atol=1e-5)
+    assert_close(one, full[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_reset_cache_zeroes_the_state():
+    block = make_block()
+    block.setup_cache(batch_size=2)
+    with torch.no_grad():
+        block(torch.randn(2, 3, D_MODEL), input_pos=torch.arange(3))
+    assert block.cache.ssm_state.abs().sum() > 0 and block.cache.conv_state.abs().sum() > 0
+    block.reset_cache()
+    assert block.cache.ssm_state.abs().sum() == 0 and block.cache.conv_state.abs().sum() == 0
+    assert isinstance(block.cache, MambaState)
+    assert block.cache.ssm_state.dtype == torch.float32
+    assert block.cache.conv_state.shape == (2, block.d_inner, block.d_conv)
+    assert block.cache.ssm_state.shape == (2, block.d_inner, block.d_state)
+
+
+def test_state_handoff_equals_whole_sequence_with_gradients():
+    """Truncated BPTT at block level: forward [0, 4) then [4, 7) from the returned state == one forward."""
+    block = make_block()
+    x = torch.randn(2, T, D_MODEL, requires_grad=True)
+    gy = torch.randn(2, T, D_MODEL)
+    full = block(x)
+    grads_full = torch.autograd.grad((full * gy).sum(), [x, *block.parameters()])
+    first, state = block(x[:, :4], return_final_state=True)
+    second = block(x[:, 4:], initial_state=state)
+    split = torch.cat([first, second], dim=1)
+    grads_split = torch.autograd.grad((split * gy).sum(), [x, *block.parameters()])
+    assert_close(split, full, rtol=1e-5, atol=1e-5)
+    for g_split, g_full in zip(grads_split, grads_full):
+        assert_close(g_split, g_full, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    block = MambaBlock(6, d_state=3, d_conv=3, expand=1.5, dtype=torch.float64)
+    with torch.no_grad():
+        block.A_log.copy_(block.A_log.double())
+    block = block.double()
+    names = [n for n, _ in block.named_parameters()]
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    assert all(p.dtype == torch.float64 for p in params)
+
+    def fn(x, *ps):
+        return functional_call(block, dict(zip(names, ps)), (x,))
+
+    # fast mode (random projections of the Jacobian) keeps this under a few seconds; the scan itself has
+    # full-Jacobian gradchecks in test_scan.py
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("dt_init", ["random", "constant"])
+def test_init_invariants(dt_init):
+    block = MambaBlock(D_MODEL, d_state=7, dt_min=0.01, dt_max=0.2, dt_init=dt_init, dt_scale=0.5)
+    dt = F.softplus(block.dt_proj.bias)
+    assert dt.min() >= 0.01 * (1 - 1e-5) and dt.max() <= 0.2 * (1 + 1e-5)
+    assert dt.std() > 0  # log-uniform draws, not a constant
+    assert_close(-torch.exp(block.A_log), -torch.arange(1.0, 8.0).expand(block.d_inner, 7))
+    assert torch.equal(block.D, torch.ones(block.d_inner))
+    bound = block.dt_rank**-0.5 * 0.5
+    assert block.dt_proj.weight.abs().max() <= bound + 1e-7
+    if dt_init == "constant":
+        assert torch.all(block.dt_proj.weight == bound)
+    assert block.dt_rank == math.ceil(D_MODEL / 16)
+    assert block.A_log.dtype == torch.float32 and block.D.dtype == torch.float32
+
+
+def test_init_floor_applies():
+    block = MambaBlock(16, dt_min=1e-6, dt_max=2e-6, dt_init_floor=1e-3)
+    assert_close(F.softplus(block.dt_proj.bias), torch.full((32,), 1e-3), rtol=1e-4, atol=0)
+
+
+def test_no_weight_decay_names():
+    block = MambaBlock(16)
+    names = block.no_weight_decay()
+    assert names == {"A_log", "D"}
+    params = dict(block.named_parameters())
+    assert all(getattr(params[n], "_no_weight_decay", False) for n in names)
+    assert block.dt_proj.bias._no_reinit
+
+
+def test_meta_device_construction():
+    block = MambaBlock(D_MODEL, device="meta")
+    assert all(p.is_meta for p in block.parameters())
+    block.to_empty(device="cpu")
+    block.reset_parameters()
+    assert_close(-torch.exp(block.A_log), -torch.arange(1.0, 17.0).expand(block.d_inner, 16))
+    assert torch.isfinite(block(torch.randn(1, 3, D_MODEL))).all()
+
+
+def test_low_precision_parameters_keep_ssm_parameters_float32():
+    block = MambaBlock(16, dtype=torch.bfloat16)
+    assert block.in_proj.weight.dtype == torch.bfloat16
+    assert block.A_log.dtype == torch.float32 and block.D.dtype == torch.float32
+    y = block(torch.randn(2, 5, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"d_model": 0}, "d_model=0"),
+        ({"d_state": -1}, "d_state=-1"),
+        ({"d_conv": 0}, "d_conv=0"),
+        ({"expand": 0}, "expand=0"),
+        ({"dt_rank": "big"}, "dt_rank='big'"),
+        ({"dt_rank": 0}, "dt_rank=0"),
+        ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min=0.2"),
+        ({"dt_init": "xavier"}, "dt_init='xavier'"),
+        ({"dt_init_floor": -1.0}, "dt_init_floor=-1.0"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(kwargs, match):
+    args = {"d_model": 16, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        MambaBlock(**args)
+
+
+def test_bad_forward_usage_raises():
+    block = MambaBlock(16)
+    with pytest.raises(ValueError, match="setup_cache"):
+        block(torch.randn(1, 1, 16), input_pos=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"x\.shape="):
+        block(torch.randn(1, 3, 15))
+    block.setup_cache(batch_size=1)
+    with pytest.raises(ValueError, match="batch size 2"):
+        block(torch.randn(2, 1, 16), input_pos=torch.tensor([0]))
+
+
+def test_compiled_decode_step_matches_eager():
+    block = make_block()
+    x = torch.randn(2, T, D_MODEL)
+    with torch.no_grad():
+        full = block(x)
+        block.setup_cache(batch_size=2)
+        block(x[:, :3], input_pos=torch.arange(3))
+        step = torch.compile(block, fullgraph=True, backend="eager")
+        outs = [step(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(3, T)]
+    assert_close(torch.cat(outs, dim=1), full[:, 3:], rtol=1e-5, atol=1e-5)
