@@ -1,0 +1,659 @@
+"""Scaled dot-product attention: one function with three backends, and one `Attention` module.
+
+`attention(q, k, v, mask, causal=...)` is the single entry point:
+    - "sdpa": `F.scaled_dot_product_attention`, which on CPU runs a fused flash kernel for every input we
+      produce (causal or not, boolean masks, GQA through `enable_gqa`): memory O(T x Dh), never T x S.
+      Causal is passed as `is_causal` whenever T == S, also beside a padding or local mask where the CPU
+      kernel takes both (probed once), because only then does it skip the blocks above the diagonal.
+    - "math": the definition, materialising the (T, S) scores; the reference the tests compare against.
+    - "flash": SDPA restricted to the fused kernels with `sdpa_kernel`; when none can serve the inputs it
+      raises an error naming what is not served instead of torch's "No available kernel".
+
+Causality is by position, bottom-right aligned when T < S (query i sits at position S - T + i, as in
+cached decoding and in the masks of `vermeil.nn.masks`). SDPA's `is_causal` is top-left aligned, so it is
+used only when T == S (x-transformers #187 is this bug).
+
+Axis legend: B batch, T query length, S key length, D model dim, Dc context dim, H heads,
+Hkv kv heads, G = H / Hkv query heads per kv head, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vermeil.nn.cache import KVCache
+from vermeil.nn.masks import attention_mask, padding_mask
+from vermeil.nn.norms import QKNorm
+
+__all__ = [
+    "Attention",
+    "AttentionBackend",
+    "CrossAttention",
+    "FlashAttention",
+    "SelfAttention",
+    "attention",
+]
+
+AttentionBackend = Literal["sdpa", "math", "flash"]
+_BACKENDS = ("sdpa", "math", "flash")
+
+# `enable_gqa` arrived in torch 2.5; pyproject allows 2.4, which gets the expand fallback below. The
+# docstring of the builtin carries its signature, so this is a feature check, not a version parse.
+_HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+# The fused kernels; "flash" allows only these (cuDNN only where this torch has it).
+_FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] + (
+    [SDPBackend.CUDNN_ATTENTION] if hasattr(SDPBackend, "CUDNN_ATTENTION") else []
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The function
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "q, k, v must be 4-D (B, H, T, Dh), (B, Hkv, S, Dh), (B, Hkv, S, Dh), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"k of shape {tuple(k.shape)} must match q of shape {tuple(q.shape)} in batch and head_dim"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads={q.shape[1]} must be divisible by k heads={k.shape[1]}")
+
+
+def _check_mask(mask: Tensor, b: int, h: int, t: int, s: int) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool Tensor (True = may attend), got {got}")
+    if mask.ndim != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (b, h, t, s))):
+        raise ValueError(
+            f"mask must have a shape broadcastable to (B={b}, H={h}, T={t}, S={s}) with 4 dims, each 1 or "
+            f"the full size, got {tuple(mask.shape)}"
+        )
+
+
+def _bottom_right_causal(t: int, s: int, device: torch.device) -> Tensor:
+    """(T, S) bool: query i (at position S - T + i) sees keys 0 .. S - T + i."""
+    return torch.arange(s, device=device) <= torch.arange(s - t, s, device=device)[:, None]
+
+
+@functools.cache
+def _cpu_flash_combines_mask_and_causal() -> bool:
+    """Whether this torch's fused CPU kernel applies `attn_mask` and `is_causal` together, exactly.
+
+    SDPA documents the two as exclusive (the math kernel raises), but the CPU flash kernel of torch 2.13 takes
+    both. That matters: with `is_causal` it skips the blocks above the diagonal, so a causal call with a padding
+    or local mask runs twice as fast as with the causal part folded into the mask (bench/attention.py). This
+    probe, run once on tiny tensors, checks the result against the folded mask; any error or mismatch
+    means the folded mask is used.
+    """
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 5, 4, generator=g) for _ in range(3))
+        mask = torch.rand(1, 1, 5, 5, generator=g) > 0.3
+        mask[..., 0] = True  # every query keeps a key
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+        folded = mask & torch.ones(5, 5, dtype=torch.bool).tril()
+        return torch.allclose(got, _math_attention(q, k, v, folded, 0.5, 0.0), atol=1e-5)
+    except RuntimeError:
+        return False
+
+
+def _fused_cpu_causal_with_mask(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Whether SDPA will run its CPU flash kernel on these inputs with a mask and is_causal=True together.
+
+    The conditions are those torch checks before choosing the kernel (sdp_utils_cpp): no dropout, strides of
+    1 on the last axis, flash allowed by the caller's `sdpa_kernel` context. Not under torch.compile, whose
+    SDPA lowering follows the documented contract.
+    """
+    return (
+        q.device.type == "cpu"
+        and dropout_p == 0.0
+        and not torch.compiler.is_compiling()
+        and torch.backends.cuda.flash_sdp_enabled()  # the flag sdpa_kernel sets; the CPU kernel obeys it too
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+        and _cpu_flash_combines_mask_and_causal()
+    )
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, S, Dh) -> (B, Hkv * G, S, Dh), kv head j serving query heads j*G .. j*G + G - 1."""
+    if groups == 1:
+        return x
+    b, hkv, s, dh = x.shape
+    return x[:, :, None].expand(b, hkv, groups, s, dh).reshape(b, hkv * groups, s, dh)
+
+
+def _math_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float
+) -> Tensor:
+    """The definition: softmax(q k^T * scale, masked) v, materialising the (B, H, T, S) scores.
+
+    A query whose keys are all masked gets a zero output, as SDPA gives in torch >= 2.5.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # (B, H, S, Dh): clarity over memory here
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if mask is not None:
+        # finfo.min rather than -inf: a fully masked row stays finite (uniform), then is zeroed below.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, T, Dh)
+
+
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float
+) -> Tensor:
+    if q.shape[1] != k.shape[1]:
+        # GQA without repeating K/V: on CPU (torch 2.13) the fused flash kernel takes enable_gqa with and
+        # without a mask, at the memory of MHA (bench/attention.py measures it). On CUDA torch documents
+        # enable_gqa for the flash and math kernels only; flash takes no mask, so a masked GQA call would
+        # land on the math kernel (T x S scores). There we expand K/V instead, which keeps the
+        # memory-efficient kernel (not verified on a GPU here).
+        if _HAS_ENABLE_GQA and (mask is None or q.device.type == "cpu"):
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=True,
+            )
+        groups = q.shape[1] // k.shape[1]
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+
+
+def _describe(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, dropout_p: float) -> str:
+    m = "none" if mask is None else f"bool {tuple(mask.shape)}"
+    return (
+        f"q {tuple(q.shape)}, k {tuple(k.shape)}, dtype={q.dtype}, device={q.device.type}, mask={m}, "
+        f"is_causal={is_causal}, dropout_p={dropout_p}"
+    )
+
+
+def _flash(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float
+) -> Tensor:
+    if dropout_p > 0.0 and q.device.type == "cpu":
+        raise ValueError(
+            f"backend='flash' cannot serve dropout_p={dropout_p} on cpu: the fused CPU kernel has no dropout "
+            "(use backend='sdpa', or dropout=0 / eval mode)"
+        )
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace warnings.catch_warnings; the kernel restriction itself compiles.
+        with sdpa_kernel(_FUSED_BACKENDS):
+            return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel(_FUSED_BACKENDS):
+                return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
+        except RuntimeError as err:
+            if "No available kernel" not in str(err):
+                raise
+            reasons = "; ".join(
+                str(w.message).split(" (Triggered internally")[0]
+                for w in caught
+                if "not used because" not in str(w.message)
+            )
+            raise RuntimeError(
+                f"backend='flash': no fused SDPA kernel can serve {_describe(q, k, mask, is_causal, dropout_p)}. "
+                f"torch says: {reasons or 'no reason given'}. Use backend='sdpa' to allow the math kernel."
+            ) from None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: AttentionBackend = "sdpa",
+) -> Tensor:
+    """Scaled dot-product attention with grouped kv heads, boolean masks and bottom-right causality.
+
+    Args:
+        q: (B, H, T, Dh) queries.
+        k: (B, Hkv, S, Dh) keys, H divisible by Hkv (GQA/MQA served without repeating K/V where the kernel can).
+        v: (B, Hkv, S, Dh) values.
+        mask: bool, True = may attend, broadcastable to (B, H, T, S) with 4 dims, e.g. (B, 1, 1, S) padding or
+            (1, 1, T, S) local masks from `vermeil.nn.masks`. A query with no visible key outputs zeros.
+        causal: query i attends keys up to position S - T + i (bottom-right); needs T <= S.
+        scale: multiplies the scores; None means Dh ** -0.5.
+        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        backend: "sdpa", "math" or "flash" (see the module docstring).
+
+    Returns:
+        (B, H, T, Dh) in q.dtype.
+
+    Raises:
+        ValueError: bad shapes or backend; `backend="flash"` with inputs no fused kernel takes (RuntimeError
+            when torch itself finds no fused kernel).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
+    _check_qkv(q, k, v)
+    b, h, t, dh = q.shape
+    s = k.shape[2]
+    if mask is not None:
+        _check_mask(mask, b, h, t, s)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    scale = dh**-0.5 if scale is None else scale
+    is_causal = False
+    if causal:
+        if t > s:
+            raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
+        if mask is None and t == s:
+            is_causal = True  # the fastest form: no mask tensor at all
+        elif t == s and backend != "math" and _fused_cpu_causal_with_mask(q, k, v, dropout_p):
+            is_causal = True  # and the mask as given: the kernel skips the blocks above the diagonal
+        else:
+            causal_ts = _bottom_right_causal(t, s, q.device)  # (T, S)
+            mask = causal_ts if mask is None else mask & causal_ts
+            mask = mask.view(1, 1, t, s) if mask.ndim == 2 else mask
+    match backend:
+        case "sdpa":
+            return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
+        case "math":
+            if is_causal:
+                mask = _bottom_right_causal(t, s, q.device).view(1, 1, t, s)
+            return _math_attention(q, k, v, mask, scale, dropout_p)
+        case _:  # "flash", checked above
+            return _flash(q, k, v, mask, is_causal, scale, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The module
+
+
+class Attention(nn.Module):
+    """Multi-head attention for self- and cross-attention: MHA, GQA (kv_heads < heads) and MQA (kv_heads=1).
+
+    Projections carry Meta's names `wq`, `wk`, `wv`, `wo`. Keys/values come from `x` (self-attention) or from
+    `context` (cross-attention, when `context_dim` is set). Order inside: project, optional QKNorm and
+    rotary (in the order `qk_norm_after_rope` chooses), optional KV-cache write, attention, merge heads, `wo`.
+
+    Args:
+        dim: D, width of x and of the output.
+        heads: H query heads.
+        kv_heads: Hkv key/value heads, dividing H; None means H (MHA).
+        head_dim: Dh; None means D / H (which must then divide).
+        context_dim: Dc, width of `context`; setting it makes this a cross-attention module.
+        causal: causal by position (bottom-right when T < S). Required for a KV cache.
+        qk_norm: None, "rms" (Flux; learnable scale) or "l2" (PaLM/Zeta): `QKNorm` over Dh, stored as
+            `qk_norm` with submodules `query_norm`/`key_norm`.
+        qk_norm_after_rope: False normalises then rotates (Flux); True rotates then normalises (Llama 4).
+        bias: bias on wq, wk, wv.
+        out_bias: bias on wo; None means `bias` (Flux uses bias=False, out_bias=True).
+        dropout: dropout on the attention probabilities, in training mode only (on CPU, SDPA serves dropout
+            with its math kernel only, so a training step with dropout materialises the T x S scores).
+        rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only.
+        window: sliding-window size (attend to the last `window` positions, itself included), or None.
+        chunk: chunked local attention block size (Llama 4), or None.
+        scale: attention scale; None means Dh ** -0.5 (the PaLM block with l2 qk norm uses a fixed one).
+        backend: "sdpa" (default), "math" (reference) or "flash" (fused kernels only).
+
+    Initialisation: `reset_parameters()` gives every projection `nn.Linear`'s default (Kaiming-uniform weights
+    with a=sqrt(5), biases uniform in +-1/sqrt(fan_in)) and QKNorm scales of one; a model-level scheme belongs
+    to the model's own init, not here.
+    """
+
+    kv_cache: KVCache | None
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        context_dim: int | None = None,
+        causal: bool = False,
+        qk_norm: Literal["rms", "l2"] | None = None,
+        qk_norm_after_rope: bool = False,
+        bias: bool = False,
+        out_bias: bool | None = None,
+        dropout: float = 0.0,
+        rotary: nn.Module | None = None,
+        window: int | None = None,
+        chunk: int | None = None,
+        scale: float | None = None,
+        backend: AttentionBackend = "sdpa",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads)):
+            _check_positive(name, value)
+        kv_heads = heads if kv_heads is None else kv_heads
+        _check_positive("kv_heads", kv_heads)
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+            head_dim = dim // heads
+        _check_positive("head_dim", head_dim)
+        if heads % kv_heads:
+            raise ValueError(f"heads={heads} must be divisible by kv_heads={kv_heads}")
+        if context_dim is not None:
+            _check_positive("context_dim", context_dim)
+            if rotary is not None:
+                raise ValueError(
+                    "rotary must be None for cross-attention (context_dim is set): positions of "
+                    "queries and context keys are unrelated"
+                )
+        rotary_dim = getattr(rotary, "head_dim", head_dim)
+        if rotary_dim != head_dim:
+            raise ValueError(f"rotary.head_dim={rotary_dim} must equal head_dim={head_dim}")
+        if qk_norm not in (None, "rms", "l2"):
+            raise ValueError(f"qk_norm={qk_norm!r} must be None, 'rms' or 'l2'")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        for name, value in (("window", window), ("chunk", chunk)):
+            if value is not None:
+                _check_positive(name, value)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
+
+        self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
+        self.context_dim = context_dim
+        self.causal, self.window, self.chunk = causal, window, chunk
+        self.dropout, self.backend = dropout, backend
+        self.scale = scale
+        self.qk_norm_after_rope = qk_norm_after_rope
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        kv_in = dim if context_dim is None else context_dim
+        self.wq = nn.Linear(dim, heads * head_dim, bias=bias, **factory)
+        self.wk = nn.Linear(kv_in, kv_heads * head_dim, bias=bias, **factory)
+        self.wv = nn.Linear(kv_in, kv_heads * head_dim, bias=bias, **factory)
+        self.wo = nn.Linear(heads * head_dim, dim, bias=bias if out_bias is None else out_bias, **factory)
+        self.qk_norm = QKNorm(head_dim, qk_norm, **factory) if qk_norm is not None else None
+        self.rotary = rotary
+        self.kv_cache = None
+
+    def reset_parameters(self) -> None:
+        """Re-initialise projections (nn.Linear default) and QKNorm scales (ones); see the class docstring."""
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            lin.reset_parameters()
+        if self.qk_norm is not None:
+            self.qk_norm.reset_parameters()
+
+    # -- cache ------------------------------------------------------------------------------------------
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate a static `KVCache` (B, Hkv, S_max, Dh); afterwards every forward needs `input_pos`.
+
+        dtype and device default to those of `wk.weight`.
+        """
+        if not self.causal:
+            raise ValueError("a KV cache needs causal=True (decoding attends to earlier positions only)")
+        if self.context_dim is not None:
+            raise ValueError("a KV cache is for self-attention; this module has context_dim set")
+        self.kv_cache = KVCache(
+            batch_size,
+            max_seq_len,
+            self.kv_heads,
+            self.head_dim,
+            dtype=dtype or self.wk.weight.dtype,
+            device=device or self.wk.weight.device,
+        )
+
+    def reset_cache(self) -> None:
+        """Zero the cache buffers in place (start a new sequence); a no-op without a cache."""
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
+
+    def delete_cache(self) -> None:
+        """Drop the cache, returning to plain (training) forwards."""
+        self.kv_cache = None
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def _check_inputs(self, x: Tensor, context: Tensor | None, input_pos: Tensor | None) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}")
+        if x.dtype != self.wq.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x.dtype={x.dtype} does not match the module's dtype {self.wq.weight.dtype}")
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("context given to a self-attention module (context_dim=None)")
+        else:
+            if context is None:
+                raise ValueError(f"context of shape (batch, seq, context_dim={self.context_dim}) is required")
+            if context.ndim != 3 or context.shape[-1] != self.context_dim or context.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"context must have shape (batch={x.shape[0]}, seq, context_dim={self.context_dim}), "
+                    f"got {tuple(context.shape)}"
+                )
+        if input_pos is not None:
+            if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != x.shape[1]:
+                raise ValueError(
+                    f"input_pos must have shape (T={x.shape[1]},) or (B, T), got {tuple(input_pos.shape)}"
+                )
+            if self.kv_cache is not None and x.shape[1] > self.kv_cache.max_seq_len:
+                raise ValueError(
+                    f"input_pos of {x.shape[1]} positions exceeds max_seq_len={self.kv_cache.max_seq_len}"
+                )
+        elif self.kv_cache is not None:
+            raise ValueError("input_pos is required once setup_cache() was called (or call delete_cache())")
+
+    def _user_mask(self, mask: Tensor | None, b: int, t: int, s: int) -> Tensor | None:
+        """(B, S) key padding -> (B, 1, 1, S); 4-D masks checked and passed through."""
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool Tensor (True = may attend), got {got}")
+        if mask.ndim == 2:
+            if mask.shape != (b, s):
+                raise ValueError(
+                    f"mask must have shape (B={b}, S={s}) for key padding, got {tuple(mask.shape)}"
+                )
+            return padding_mask(mask)
+        if mask.ndim != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (b, self.heads, t, s))):
+            raise ValueError(
+                f"mask must have shape (B={b}, S={s}) or (B|1, 1|H={self.heads}, T={t}, S={s}), "
+                f"got {tuple(mask.shape)}"
+            )
+        return mask
+
+    def _mask(
+        self, mask: Tensor | None, cache_pos: Tensor | None, b: int, t: int, s_in: int
+    ) -> tuple[Tensor | None, bool]:
+        """The boolean mask for `attention`, and the `causal` flag to pass with it.
+
+        Positions decide every structural rule. With a cache, queries sit at `cache_pos` and keys at
+        0..S_max-1, so slots after the newest position (unwritten or stale) are masked out. Without one,
+        keys sit at 0..S-1 and queries at the last T of them (bottom-right when T < S).
+        """
+        device = self.wq.weight.device
+        if cache_pos is not None and self.kv_cache is not None:
+            if cache_pos.ndim != 1:
+                raise ValueError(
+                    f"input_pos must have shape (T={t},) with a KV cache, got {tuple(cache_pos.shape)}"
+                )
+            s = self.kv_cache.max_seq_len
+            q_pos, kv_pos = cache_pos, torch.arange(s, device=device)
+            structural = True
+        else:
+            s = s_in
+            structural = self.window is not None or self.chunk is not None
+            if structural:
+                q_pos, kv_pos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
+        user = self._user_mask(mask, b, t, s)
+        if not structural:
+            # None or the user's mask; causality is left to `attention`: SDPA's is_causal (no mask tensor at
+            # all) when T == S and there is no mask, else a bottom-right (T, S) bool mask built there.
+            return user, self.causal
+        full = attention_mask(q_pos, kv_pos, causal=self.causal, window=self.window, chunk=self.chunk)
+        full = full if user is None else full & user
+        # Without a cache, pass causal too although the mask is causal already: `attention` then lets the
+        # CPU kernel skip the blocks above the diagonal (twice as fast) where it can.
+        return full, self.causal and cache_pos is None
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from x to x (or to context).
+
+        Args:
+            x: (B, T, D).
+            context: (B, S, Dc) for cross-attention, else None.
+            mask: bool, True = may attend: (B, S) key padding, or (B|1, 1|H, T, S). With a cache, S is the
+                cache length S_max.
+            input_pos: (T,) or (B, T) integer positions. Without a cache they only feed `rotary`; masks
+                follow index order (query i at S - T + i). With a cache, (T,) positions where the new
+                keys/values are written; attention then spans the whole cache under a position mask.
+
+        Returns:
+            (B, T, D).
+        """
+        self._check_inputs(x, context, input_pos)
+        b, t, _ = x.shape
+        src = x if context is None else context
+        s_in = src.shape[1]
+        cache = self.kv_cache if input_pos is not None else None
+        # The mask first, before the projections: its transient buffers never coexist with q, k, v.
+        full, causal = self._mask(mask, input_pos if cache is not None else None, b, t, s_in)
+
+        # Head counts are read from the projections (-1), not self.heads: under tensor parallelism each rank
+        # holds a shard of the heads and the same code runs on its local ones.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(src).view(b, s_in, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        v = self.wv(src).view(b, s_in, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        if self.qk_norm is not None and not self.qk_norm_after_rope:
+            q, k = self.qk_norm(q, k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, input_pos)
+        if self.qk_norm is not None and self.qk_norm_after_rope:
+            q, k = self.qk_norm(q, k)
+        if cache is not None and input_pos is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, Hkv, S_max, Dh)
+
+        out = attention(
+            q,
+            k,
+            v,
+            full,
+            causal=causal,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+        )  # (B, H, T, Dh)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"dim={self.dim}",
+            f"heads={self.heads}",
+            f"kv_heads={self.kv_heads}",
+            f"head_dim={self.head_dim}",
+        ]
+        if self.context_dim is not None:
+            parts.append(f"context_dim={self.context_dim}")
+        parts += [f"causal={self.causal}", f"backend={self.backend!r}"]
+        if self.window is not None:
+            parts.append(f"window={self.window}")
+        if self.chunk is not None:
+            parts.append(f"chunk={self.chunk}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        return ", ".join(parts)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+class SelfAttention(Attention):
+    """`Attention` without context: the same arguments except `context_dim` (seed 000's name)."""
+
+    def __init__(
+        self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, **kwargs: Any
+    ) -> None:
+        if "context_dim" in kwargs:
+            raise TypeError("SelfAttention takes no context_dim; use CrossAttention")
+        super().__init__(dim, heads, kv_heads, head_dim, **kwargs)
+
+
+class CrossAttention(Attention):
+    """Attention from x (B, T, D) to a context (B, S, Dc): never causal, no rotary, `context` required.
+
+    Args:
+        dim: D.
+        context_dim: Dc.
+        heads: H.
+        kv_heads, head_dim, qk_norm, qk_norm_after_rope, bias, out_bias, dropout, scale, backend, device,
+            dtype: as in `Attention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for banned in ("causal", "rotary", "window", "chunk", "context_dim"):
+            if banned in kwargs:
+                raise TypeError(f"CrossAttention takes no {banned}")
+        super().__init__(dim, heads, kv_heads, head_dim, context_dim=context_dim, **kwargs)
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, context: Tensor, *, mask: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, D), context: (B, S, Dc), mask: (B, S) context padding or (B|1, 1|H, T, S) -> (B, T, D)."""
+        return super().forward(x, context, mask=mask)
+
+
+class FlashAttention(Attention):
+    """`Attention` restricted to the fused SDPA kernels (backend="flash"): a clear error where none fits."""
+
+    def __init__(
+        self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, **kwargs: Any
+    ) -> None:
+        if "backend" in kwargs:
+            raise TypeError("FlashAttention fixes backend='flash'")
+        super().__init__(dim, heads, kv_heads, head_dim, backend="flash", **kwargs)

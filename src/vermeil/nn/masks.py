@@ -1,0 +1,174 @@
+"""Boolean attention masks built from positions (True = may attend), one vocabulary for every block.
+
+Every mask is a function of the query positions `q_pos` and the key positions `kv_pos`, never of the
+tensor layout, so the same rule serves a full forward, a prefill and a decode step on a static cache. In
+particular causality compares positions, which makes it bottom-right aligned when T < S (the query at
+index i sits at position S - T + i), the alignment that SDPA's `is_causal` (top-left) gets wrong for
+cached decoding (x-transformers #187).
+
+Axis legend: B batch, T query length, S key length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "attention_mask",
+    "causal_mask",
+    "chunked_mask",
+    "padding_mask",
+    "sliding_window_mask",
+]
+
+
+def _check_positions(name: str, pos: Tensor) -> None:
+    if not isinstance(pos, Tensor):
+        raise TypeError(f"{name} must be a Tensor of integer positions, got {type(pos).__name__}")
+    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer positions, got dtype={pos.dtype}")
+    if pos.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape (T,) or (B, T), got {tuple(pos.shape)}")
+
+
+def _check_size(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int or None")
+
+
+def _pairs(q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Broadcast positions to a query axis and a key axis: q (B|1, T, 1), k (B|1, 1, S)."""
+    _check_positions("q_pos", q_pos)
+    _check_positions("kv_pos", kv_pos)
+    q = q_pos if q_pos.ndim == 2 else q_pos.unsqueeze(0)  # (B|1, T)
+    k = kv_pos if kv_pos.ndim == 2 else kv_pos.unsqueeze(0)  # (B|1, S)
+    if q.shape[0] != k.shape[0] and 1 not in (q.shape[0], k.shape[0]):
+        raise ValueError(
+            f"q_pos of shape {tuple(q_pos.shape)} and kv_pos of shape {tuple(kv_pos.shape)} must share the "
+            "batch size (or have none)"
+        )
+    return q.unsqueeze(-1), k.unsqueeze(-2)
+
+
+def causal_mask(q_pos: Tensor, kv_pos: Tensor) -> Tensor:
+    """A query attends to keys at the same or earlier positions.
+
+    Args:
+        q_pos: (T,) or (B, T) integer positions of the queries.
+        kv_pos: (S,) or (B, S) integer positions of the keys.
+
+    Returns:
+        (B|1, T, S) bool, `kv_pos <= q_pos`.
+    """
+    q, k = _pairs(q_pos, kv_pos)
+    return k <= q
+
+
+def sliding_window_mask(q_pos: Tensor, kv_pos: Tensor, window: int, *, causal: bool = True) -> Tensor:
+    """Local attention over the last `window` positions, the query's own position included (Mistral).
+
+    Args:
+        q_pos: (T,) or (B, T) integer positions.
+        kv_pos: (S,) or (B, S) integer positions.
+        window: W >= 1; causal: `0 <= q - k < W`; not causal: `|q - k| < W` (a symmetric band).
+
+    Returns:
+        (B|1, T, S) bool.
+    """
+    _check_size("window", window)
+    q, k = _pairs(q_pos, kv_pos)
+    # Comparisons of the broadcast (T, 1) and (1, S) positions yield bool (T, S) directly; an int64
+    # difference q - k would cost 8 bytes per pair (128 MiB at T = S = 4096).
+    lower = k > q - window
+    return lower & (k <= q) if causal else lower & (k < q + window)
+
+
+def chunked_mask(q_pos: Tensor, kv_pos: Tensor, chunk: int, *, causal: bool = True) -> Tensor:
+    """Chunked local attention (Llama 4): attend only inside the same block of `chunk` positions.
+
+    Args:
+        q_pos: (T,) or (B, T) non-negative integer positions.
+        kv_pos: (S,) or (B, S) non-negative integer positions.
+        chunk: C >= 1; causal: `q // C == k // C and k <= q`; not causal: `q // C == k // C`.
+
+    Returns:
+        (B|1, T, S) bool.
+    """
+    _check_size("chunk", chunk)
+    q, k = _pairs(q_pos, kv_pos)
+    same = torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
+    return same & (k <= q) if causal else same
+
+
+def padding_mask(key_padding_mask: Tensor) -> Tensor:
+    """Key padding as a broadcast mask: it costs B x S booleans, not B x T x S.
+
+    Args:
+        key_padding_mask: (B, S) bool, True for real tokens, False for padding.
+
+    Returns:
+        (B, 1, 1, S) bool view.
+    """
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        got = (
+            key_padding_mask.dtype
+            if isinstance(key_padding_mask, Tensor)
+            else type(key_padding_mask).__name__
+        )
+        raise TypeError(f"key_padding_mask must be a bool Tensor (True = real token), got {got}")
+    if key_padding_mask.ndim != 2:
+        raise ValueError(f"key_padding_mask must have shape (B, S), got {tuple(key_padding_mask.shape)}")
+    return key_padding_mask[:, None, None, :]
+
+
+def attention_mask(
+    q_pos: Tensor,
+    kv_pos: Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    chunk: int | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """The conjunction of the requested rules, as one mask ready for `attention`.
+
+    Args:
+        q_pos: (T,) or (B, T) integer query positions.
+        kv_pos: (S,) or (B, S) integer key positions.
+        causal: keys at positions <= the query's (bottom-right aligned when T < S by construction).
+        window: sliding window size W (see `sliding_window_mask`), or None.
+        chunk: chunk size C (see `chunked_mask`), or None.
+        key_padding_mask: (B, S) bool, True = real token, or None.
+
+    Returns:
+        (B|1, 1, T, S) bool, True where a query may attend a key (all True if no rule is given).
+    """
+    _check_size("window", window)
+    _check_size("chunk", chunk)
+    q, k = _pairs(q_pos, kv_pos)
+    if window is not None:  # already causal when causal=True
+        mask = sliding_window_mask(q_pos, kv_pos, window, causal=causal)
+        if chunk is not None:
+            mask = mask & chunked_mask(q_pos, kv_pos, chunk, causal=False)
+    elif chunk is not None:  # already causal when causal=True
+        mask = chunked_mask(q_pos, kv_pos, chunk, causal=causal)
+    elif causal:
+        mask = k <= q
+    else:
+        mask = (q == q) & (k == k)  # all True (B|1, T, S)
+    mask = mask.unsqueeze(1)  # (B|1, 1, T, S)
+    if key_padding_mask is not None:
+        pad = padding_mask(key_padding_mask)
+        if pad.shape[-1] != mask.shape[-1]:
+            raise ValueError(
+                f"key_padding_mask must have shape (B, S={mask.shape[-1]}), got {tuple(key_padding_mask.shape)}"
+            )
+        if mask.shape[0] not in (1, pad.shape[0]):
+            raise ValueError(
+                f"key_padding_mask batch={pad.shape[0]} does not match the positions' batch={mask.shape[0]}"
+            )
+        mask = mask & pad
+    return mask

@@ -1,0 +1,138 @@
+"""A short tour of Vermeil's blocks: build each one, run it forward and backward, print what it did.
+
+Run with `python -m vermeil.tour` (or `make run`). Everything is random and small; it takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _show(name: str, module: nn.Module | None, run: Callable[[], Tensor], note: str = "") -> None:
+    """Run `run()` (a forward), backpropagate its sum of squares, and print a one-line summary."""
+    start = time.perf_counter()
+    out = run()
+    out.float().pow(2).mean().backward()
+    ms = (time.perf_counter() - start) * 1e3
+    grads = 0 if module is None else sum(p.grad is not None for p in module.parameters())
+    total = 0 if module is None else sum(1 for _ in module.parameters())
+    params = f"{_params(module):>9,}" if module is not None else " " * 9
+    print(
+        f"  {name:<28} params {params}  out {str(tuple(out.shape)):<16} grads {grads}/{total}  {ms:7.1f} ms  {note}"
+    )
+
+
+def main() -> None:
+    from vermeil.diffusion.losses import flow_matching_loss
+    from vermeil.diffusion.samplers import sample_euler
+    from vermeil.diffusion.schedules import get_schedule
+    from vermeil.nn import (
+        Attention,
+        CrossAttention,
+        EmbedND,
+        LayerNorm,
+        MambaBlock,
+        Modulation,
+        MoE,
+        ParallelTransformerBlock,
+        QKNorm,
+        RMSNorm,
+        RotaryEmbedding,
+        SwiGLU,
+        TransformerBlock,
+        apply_lora,
+        mark_only_lora_as_trainable,
+        selective_scan,
+    )
+
+    torch.manual_seed(0)
+    B, T, D, H = 2, 64, 128, 4
+    x = torch.randn(B, T, D, requires_grad=True)
+    context = torch.randn(B, 17, 96)
+    print(f"Vermeil tour: batch {B}, length {T}, width {D}, {H} heads, torch {torch.__version__}\n")
+
+    print("norms and positions")
+    norm = RMSNorm(D)
+    _show("RMSNorm", norm, lambda: norm(x))
+    ln = LayerNorm(D, bias=False)
+    _show("LayerNorm(bias=False)", ln, lambda: ln(x))
+    qk = QKNorm(32, "rms")
+    q = torch.randn(B, H, T, 32, requires_grad=True)
+    _show("QKNorm('rms')", qk, lambda: torch.cat(qk(q, q), 1))
+    rope = RotaryEmbedding(32, pairing="half", use_xpos=True)
+    _show("RotaryEmbedding(xPos)", None, lambda: rope(q, q)[0], "half-split pairing, xPos scaling")
+    embed = EmbedND(32, 10_000, [8, 12, 12])
+    ids = torch.randint(0, 16, (B, T, 3))
+    _show("EmbedND(3 axes)", None, lambda: embed(ids)[0].requires_grad_(), "Flux's axial RoPE tables")
+
+    print("\nattention")
+    attn = Attention(D, H, kv_heads=2, causal=True, rotary=RotaryEmbedding(D // H))
+    _show("Attention(GQA, causal)", attn, lambda: attn(x), "2 kv heads for 4 query heads")
+    cross = CrossAttention(D, 96, H)
+    _show("CrossAttention", cross, lambda: cross(x, context), "keys and values from a 96-wide context")
+    attn.eval()
+    with torch.no_grad():
+        full = attn(x)
+        attn.setup_cache(B, T)
+        steps = torch.cat([attn(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(T)], 1)
+        attn.reset_cache()
+        attn.delete_cache()
+    diff = (steps - full).abs().max().item()
+    print(f"  {'KV-cache decoding':<28} {T} single-token steps equal the full forward: max diff {diff:.1e}")
+
+    print("\nfeed-forward, blocks, LoRA, MoE")
+    ff = SwiGLU(D, 344)
+    _show("SwiGLU", ff, lambda: ff(x))
+    block = TransformerBlock(D, H, kv_heads=2, rotary=RotaryEmbedding(D // H))
+    _show("TransformerBlock (Llama)", block, lambda: block(x))
+    parallel = ParallelTransformerBlock(D, dim_head=32, heads=H)
+    _show("ParallelTransformerBlock", parallel, lambda: parallel(x), "the Zeta/PaLM API of seed 002")
+    lora_block = TransformerBlock(D, H, rotary=RotaryEmbedding(D // H))
+    apply_lora(lora_block, ["wq", "wv"], rank=8, alpha=16)
+    trainable = mark_only_lora_as_trainable(lora_block)
+    _show(
+        "TransformerBlock + LoRA",
+        lora_block,
+        lambda: lora_block(x),
+        f"{len(trainable)} adapter tensors trainable",
+    )
+    moe = MoE(D, 256, num_experts=4, top_k=2)
+    _show("MoE(4 experts, top-2)", moe, lambda: moe(x).out, "tokens sorted by expert, grouped matmuls")
+
+    print("\nstate-space")
+    mamba = MambaBlock(D)
+    _show("MambaBlock", mamba, lambda: mamba(x), "chunked selective scan")
+    u = torch.randn(B, 64, T, requires_grad=True)
+    delta = torch.rand(B, 64, T)
+    A = -torch.rand(64, 16)
+    Bm, Cm = torch.randn(B, 16, T), torch.randn(B, 16, T)
+    _show("selective_scan", None, lambda: selective_scan(u, delta, A, Bm, Cm), "no loop over time steps")
+
+    print("\nconditioning and flow matching")
+    mod = Modulation(D, double=False)
+    vec = torch.randn(B, D)
+    _show("Modulation (adaLN)", mod, lambda: mod(vec)[0].shift, "shift, scale, gate from a vector")
+    velocity = nn.Linear(D, D)
+    data = torch.randn(B, T, D)
+    _show(
+        "flow_matching_loss",
+        velocity,
+        lambda: flow_matching_loss(lambda z, t, **_: velocity(z), data, kind="logit_normal", seq_len=T),
+        "rectified flow, logit-normal t, Flux's shift",
+    )
+    timesteps = get_schedule(8, T)
+    sample = sample_euler(lambda z, t, **_: velocity(z), torch.randn(B, T, D), timesteps)
+    print(f"  {'sample_euler (8 steps)':<28} out {tuple(sample.shape)} along Flux's shifted schedule")
+    print("\nDone: every block ran forward and backward.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Tests for vermeil.nn.cache: static KV cache writes and the SSM state container."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from vermeil.nn.cache import KVCache, SSMState
+
+B, HKV, S_MAX, DH = 3, 2, 11, 5
+
+
+def test_update_writes_at_positions_and_leaves_the_rest() -> None:
+    torch.manual_seed(0)
+    cache = KVCache(B, S_MAX, HKV, DH, dtype=torch.float32)
+    k, v = torch.randn(B, HKV, 3, DH), torch.randn(B, HKV, 3, DH)
+    k_all, v_all = cache.update(torch.tensor([4, 5, 6]), k, v)
+    assert k_all.shape == v_all.shape == (B, HKV, S_MAX, DH)
+    torch.testing.assert_close(k_all[:, :, 4:7], k, rtol=0, atol=0)
+    torch.testing.assert_close(v_all[:, :, 4:7], v, rtol=0, atol=0)
+    untouched = torch.ones(S_MAX, dtype=torch.bool)
+    untouched[4:7] = False
+    assert not k_all[:, :, untouched].any() and not v_all[:, :, untouched].any()
+    # The returned tensors are the buffers: a later write is visible through them.
+    cache.update(torch.tensor([0]), k[:, :, :1], v[:, :, :1])
+    torch.testing.assert_close(k_all[:, :, 0], k[:, :, 0], rtol=0, atol=0)
+
+
+def test_smaller_batch_uses_leading_rows_and_casts_dtype() -> None:
+    cache = KVCache(B, S_MAX, HKV, DH, dtype=torch.float64)
+    k = torch.randn(2, HKV, 1, DH)
+    k_all, _ = cache.update(torch.tensor([2]), k, k)
+    assert k_all.shape[0] == 2 and k_all.dtype == torch.float64
+    torch.testing.assert_close(cache.k_cache[:2, :, 2], k[:, :, 0].double())
+    assert not cache.k_cache[2].any()
+
+
+def test_reset_and_buffers_are_not_checkpointed() -> None:
+    cache = KVCache(B, S_MAX, HKV, DH)
+    cache.update(torch.tensor([0]), torch.ones(B, HKV, 1, DH), torch.ones(B, HKV, 1, DH))
+    buf = cache.k_cache
+    cache.reset()
+    assert cache.k_cache is buf and not buf.any() and not cache.v_cache.any()
+    assert cache.state_dict() == {}
+    assert {name for name, _ in cache.named_buffers()} == {"k_cache", "v_cache"}
+
+
+def test_update_errors() -> None:
+    cache = KVCache(B, S_MAX, HKV, DH)
+    k = torch.randn(B, HKV, 2, DH)
+    with pytest.raises(ValueError, match=r"k must have shape \(B<=3, kv_heads=2, T, head_dim=5\)"):
+        cache.update(torch.arange(2), torch.randn(B, 3, 2, DH), torch.randn(B, 3, 2, DH))
+    with pytest.raises(ValueError, match=r"v must have the shape of k"):
+        cache.update(torch.arange(2), k, k[:, :, :1])
+    with pytest.raises(ValueError, match=r"input_pos must have shape \(T=2,\)"):
+        cache.update(torch.arange(3), k, k)
+    with pytest.raises(ValueError, match=r"input_pos up to 11 exceeds max_seq_len=11"):
+        cache.update(torch.tensor([10, 11]), k, k)
+    with pytest.raises(ValueError, match=r"exceeds max_seq_len=11"):
+        big = torch.randn(B, HKV, 12, DH)
+        cache.update(torch.arange(12), big, big)
+    with pytest.raises(ValueError, match=r"max_seq_len=0 must be a positive int"):
+        KVCache(1, 0, 1, 1)
+
+
+def test_update_compiles_to_one_graph_across_positions() -> None:
+    cache = KVCache(1, S_MAX, HKV, DH)
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k_all, _ = cache.update(pos, k, k)
+        return k_all.sum(2)
+
+    for p in range(4):
+        k = torch.full((1, HKV, 1, DH), float(p + 1))
+        step(torch.tensor([p]), k)
+    assert counter.frame_count == 1  # a Python-int slice would recompile at the second position
+    torch.testing.assert_close(cache.k_cache[0, 0, :4, 0], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+
+def test_ssm_state() -> None:
+    state = SSMState(2, 7, 4, 3, dtype=torch.bfloat16, ssm_dtype=torch.float32)
+    assert state.conv_state.shape == (2, 7, 4) and state.conv_state.dtype == torch.bfloat16
+    assert state.ssm_state.shape == (2, 7, 3) and state.ssm_state.dtype == torch.float32
+    state.conv_state.fill_(1.0)
+    state.ssm_state.fill_(2.0)
+    state.reset()
+    assert not state.conv_state.any() and not state.ssm_state.any()
+    assert state.state_dict() == {}
+    assert SSMState(1, 2, 3, 4, dtype=torch.float64).ssm_state.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"d_state=0 must be a positive int"):
+        SSMState(1, 2, 3, 0)
+    assert SSMState(1, 2, 3, 4, device="meta").conv_state.is_meta
