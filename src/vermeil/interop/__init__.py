@@ -1,0 +1,57 @@
+"""Bridges to the checkpoints of other libraries: `from_transformers`, `to_transformers`, `from_diffusers`.
+
+Each foreign layout lives in its own module as a key map plus the few tensor transforms it needs (RoPE
+row permutation, fused/split projections, swapped modulation halves). Those modules are imported only when
+called, so `import vermeil.interop` needs neither transformers nor diffusers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from torch import nn
+
+# transformers class name -> (module in vermeil.interop, converter to Vermeil, converter back)
+_TRANSFORMERS = {
+    "LlamaForCausalLM": ("transformers_llama", "from_transformers_llama", "to_transformers_llama"),
+    "Llama4ForCausalLM": ("transformers_llama", "from_transformers_llama", "to_transformers_llama"),
+    "MambaForCausalLM": ("transformers_mamba", "from_transformers_mamba", "to_transformers_mamba"),
+}
+# Vermeil class name -> the transformers conversion that takes it back
+_TO_TRANSFORMERS = {
+    "LLM": ("transformers_llama", "to_transformers_llama"),
+    "MambaLM": ("transformers_mamba", "to_transformers_mamba"),
+}
+
+
+def _converter(module: str, name: str) -> Any:
+    return getattr(import_module(f"vermeil.interop.{module}"), name)
+
+
+def from_transformers(hf_model: nn.Module) -> nn.Module:
+    """Convert a transformers model (LlamaForCausalLM, Llama4ForCausalLM, MambaForCausalLM) into Vermeil's."""
+    cls = type(hf_model).__name__
+    if cls not in _TRANSFORMERS:
+        raise ValueError(f"from_transformers: {cls} is not supported; supported: {sorted(_TRANSFORMERS)}")
+    module, forward, _ = _TRANSFORMERS[cls]
+    return _converter(module, forward)(hf_model)
+
+
+def to_transformers(model: nn.Module) -> Any:
+    """Convert a Vermeil model (LLM, MambaLM) back into the matching transformers model."""
+    cls = type(model).__name__
+    if cls not in _TO_TRANSFORMERS:
+        raise ValueError(f"to_transformers: {cls} is not supported; supported: {sorted(_TO_TRANSFORMERS)}")
+    return _converter(*_TO_TRANSFORMERS[cls])(model)
+
+
+def from_diffusers(transformer: nn.Module) -> nn.Module:
+    """Convert a diffusers FluxTransformer2DModel into a Vermeil `Flux` with BFL's module names."""
+    cls = type(transformer).__name__
+    if cls != "FluxTransformer2DModel":
+        raise ValueError(f"from_diffusers: {cls} is not supported; supported: ['FluxTransformer2DModel']")
+    return _converter("diffusers_flux", "from_diffusers")(transformer)
+
+
+__all__ = ["from_diffusers", "from_transformers", "to_transformers"]

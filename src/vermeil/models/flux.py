@@ -1,0 +1,709 @@
+"""Flux (Black Forest Labs, 2024): a rectified-flow transformer over two token sequences, data and condition.
+
+Module and parameter names are BFL's (`src/flux/model.py`, `modules/layers.py`), so a BFL state dict loads with
+`load_state_dict` as it is; `vermeil.interop.diffusers_flux` converts diffusers' `FluxTransformer2DModel`.
+In BFL's words the two sequences are `img` and `txt`; here they are `data` (the sequence being generated) and
+`cond` (the condition sequence), which may come from different data spaces (seed 004).
+
+What this file adds to BFL:
+    - `cond_mask`: padded condition tokens take no part in attention as keys (BFL and diffusers let T5 padding
+      attend; flux #507/#511, diffusers #10194). Padded queries still produce finite, ignored outputs.
+    - per-sample ids `(B, L, n_axes)` (or one shared row `(1, L, n_axes)`), checked with clear errors.
+    - QKNorm and RoPE fused (`norm_rope`): one reduction and three vectorised passes forward, a closed-form
+      backward; the rotation is a complex multiply over adjacent pairs (BFL's 2x2-matrix broadcast has an
+      inner loop of length 2 and costs about 100x more on CPU). Speed: bench/flux.py against diffusers.
+    - blocks take BFL's `pe` (B, 1, L, Dh/2, 2, 2) or the same rotations as complex numbers (what Flux passes).
+
+Order of operations (as BFL): QKNorm (RMS, eps 1e-6, learned `scale`) before RoPE; q/k cast to v's dtype;
+sequence order is condition then data (`txt` then `img`); modulation chunks are (shift, scale, gate).
+tests/models/test_flux.py checks the blocks against an inline transcription of BFL, and
+tests/interop/test_diffusers_flux.py the whole model against diffusers.
+"""
+
+# Shapes: B batch, L = Lc + Ld joint length, Lc condition (BFL txt) tokens, Ld data (BFL img) tokens,
+# D hidden size, H heads, Dh head dim, M MLP width, A number of position axes, Cin/Cout data channels,
+# Cc condition channels, V pooled vector width (BFL vec_in_dim).
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vermeil.nn.attention import attention
+from vermeil.nn.modulation import MLPEmbedder, Modulation, ModulationOut
+from vermeil.nn.norms import QKNorm
+from vermeil.nn.positional import EmbedND, timestep_embedding
+
+__all__ = [
+    "PRESETS",
+    "DoubleStreamBlock",
+    "Flux",
+    "FluxParams",
+    "FluxSelfAttention",
+    "LastLayer",
+    "SingleStreamBlock",
+    "build_flux",
+    "norm_rope",
+    "qkv_heads",
+    "rope_freqs",
+    "rope_matrix",
+]
+
+_EPS = 1e-6  # BFL: LayerNorm and QKNorm epsilon
+_TIME_DIM = 256  # BFL: width of the sinusoidal timestep / guidance features
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class FluxParams:
+    """BFL `FluxParams`, validated at construction.
+
+    Args:
+        in_channels: Cin, data channels per token (flux-dev: 64 = 16 latent channels x 2 x 2 patch).
+        out_channels: Cout, predicted channels per data token.
+        vec_in_dim: V, width of the pooled conditioning vector `y` (CLIP-L: 768).
+        context_in_dim: Cc, condition channels per token (T5-XXL: 4096).
+        hidden_size: D.
+        mlp_ratio: M = int(D * mlp_ratio).
+        num_heads: H; D must be divisible by H.
+        depth: number of double-stream blocks.
+        depth_single_blocks: number of single-stream blocks.
+        axes_dim: RoPE channels per position axis; must sum to Dh = D / H, each even.
+        theta: RoPE base.
+        qkv_bias: bias on the double blocks' qkv projections (the single blocks always have one, as BFL).
+        guidance_embed: embed a guidance scale (guidance-distilled flux-dev); forward then needs `guidance`.
+    """
+
+    in_channels: int
+    out_channels: int
+    vec_in_dim: int
+    context_in_dim: int
+    hidden_size: int
+    mlp_ratio: float
+    num_heads: int
+    depth: int
+    depth_single_blocks: int
+    axes_dim: list[int]
+    theta: int
+    qkv_bias: bool
+    guidance_embed: bool
+
+    def __post_init__(self) -> None:
+        self.axes_dim = list(self.axes_dim)
+        for name in (
+            "in_channels",
+            "out_channels",
+            "vec_in_dim",
+            "context_in_dim",
+            "hidden_size",
+            "num_heads",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        for name in ("depth", "depth_single_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an int >= 0")
+        if not self.mlp_ratio > 0 or int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(
+                f"mlp_ratio={self.mlp_ratio} must give an MLP width int(hidden_size * mlp_ratio) >= 1"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if any(isinstance(a, bool) or not isinstance(a, int) or a <= 0 or a % 2 for a in self.axes_dim):
+            raise ValueError(f"axes_dim={self.axes_dim} must be a non-empty list of positive even ints")
+        if not self.axes_dim or sum(self.axes_dim) != head_dim:
+            raise ValueError(
+                f"sum(axes_dim)={sum(self.axes_dim)} (axes_dim={self.axes_dim}) must equal the head dim "
+                f"hidden_size // num_heads = {self.hidden_size} // {self.num_heads} = {head_dim}"
+            )
+        if not self.theta > 0:
+            raise ValueError(f"theta={self.theta} must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Math
+
+
+def rope_matrix(cos: Tensor, sin: Tensor) -> Tensor:
+    """BFL's RoPE table from `EmbedND`'s (cos, sin): 2x2 rotations [[cos, -sin], [sin, cos]] per channel pair.
+
+    cos, sin: (B, 1, L, Dh/2) -> pe: (B, 1, L, Dh/2, 2, 2), exactly the `pe` of BFL `EmbedND` (interleaved
+    pairing: pair p rotates channels (2p, 2p + 1)).
+    """
+    return torch.stack((cos, -sin, sin, cos), dim=-1).unflatten(-1, (2, 2))
+
+
+def rope_freqs(cos: Tensor, sin: Tensor) -> Tensor:
+    """The same rotations as complex numbers cos + i sin: (B, 1, L, Dh/2) complex (Flux's fast `pe`)."""
+    return torch.complex(cos, sin)
+
+
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+class _NormRope(torch.autograd.Function):
+    """rms_norm(x) * scale, then the interleaved rotation as a complex product over adjacent channel pairs.
+
+    The rotation of pairs (x_2p, x_2p+1) by angle a is (x_2p + i x_2p+1) * e^{ia}: one vectorised complex
+    multiply, where BFL's 2x2-matrix broadcast runs an inner loop of length 2 (about 100 times slower on CPU).
+    A Function so that the backward is the closed form (multiply by e^{-ia}, the RMSNorm gradient, one reduction
+    for the scale) instead of autograd's graph of small ops.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, freqs: Tensor, scale: Tensor, eps: float) -> Tensor:
+        # x: (B, L, H, Dh); freqs: (B|1, L, 1, Dh/2) complex; scale: (S, Dh), S = 1 or L
+        compute = torch.promote_types(x.dtype, torch.float32)
+        freqs = freqs.to(_complex_dtype(compute))
+        dh = x.shape[-1]
+        # r = rsqrt(mean(x^2) + eps): one fused reduction, in float32 or wider
+        r = (
+            torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=compute)
+            .square_()
+            .div_(dh)
+            .add_(eps)
+            .rsqrt_()
+        )
+        u = torch.mul(x, scale.to(compute)[:, None, :]).mul_(r)  # (B, L, H, Dh) normalised, scaled
+        y = torch.view_as_real(torch.view_as_complex(u.unflatten(-1, (dh // 2, 2))) * freqs).flatten(-2)
+        ctx.save_for_backward(x, freqs, scale, r)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        x, freqs, scale, r = ctx.saved_tensors
+        compute, dh = r.dtype, x.shape[-1]
+        g = gy.to(compute).contiguous().unflatten(-1, (dh // 2, 2))
+        gu = torch.view_as_real(torch.view_as_complex(g) * freqs.conj()).flatten(-2)  # dL/d(scale * n)
+        t = gu * x  # (B, L, H, Dh)
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            gs = (t * r).sum(dim=(0, 2))  # (L, Dh): sum over batch and heads of gu * n
+            grad_scale = (gs if scale.shape[0] != 1 else gs.sum(0, keepdim=True)).to(scale.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, None, grad_scale, None
+        s = scale.to(compute)[:, None, :]  # (S, 1, Dh)
+        gn = gu.mul_(s)  # dL/dn
+        # RMSNorm backward: dL/dx = r gn - x r^3 mean(gn * x)
+        coef = t.mul_(s).sum(-1, keepdim=True).mul_(r.pow(3)).div_(-dh)  # (B, L, H, 1)
+        gx = gn.mul_(r).addcmul_(x, coef)
+        return gx.to(x.dtype), None, grad_scale, None
+
+
+def norm_rope(x: Tensor, freqs: Tensor, scale: Tensor, *, eps: float = _EPS) -> Tensor:
+    """Flux's QKNorm (RMS, learned scale) then RoPE, fused: `apply_rope(rms_norm(x) * scale)` in BFL terms.
+
+    Args:
+        x: (B, L, H, Dh) queries or keys (any strides with a contiguous last axis, e.g. a view of a fused qkv).
+        freqs: (B|1, L, 1, Dh/2) complex rotations (`rope_freqs(cos, sin)[:, 0, :, None]`).
+        scale: (Dh,) shared by all tokens, or (L, Dh) per token (the double blocks' two streams).
+        eps: RMSNorm epsilon (BFL 1e-6).
+
+    Returns:
+        (B, L, H, Dh) contiguous, in x's dtype; statistics and rotation in at least float32.
+    """
+    return _NormRope.apply(x, freqs, scale.reshape(-1, x.shape[-1]), eps)
+
+
+def qkv_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L, 3 H Dh) in BFL's `(K H Dh)` layout -> q, k, v views, each (B, L, H, Dh).
+
+    `unbind` rather than indexing: its backward stacks the three gradients in one pass, where three selects
+    would each zero-fill a full-size gradient.
+    """
+    b, seq, width = qkv.shape
+    return qkv.view(b, seq, 3, heads, width // (3 * heads)).unbind(2)
+
+
+def _rotations(pe: Tensor) -> Tensor:
+    """Block `pe` -> (B|1, L, 1, Dh/2) complex rotations for `norm_rope`.
+
+    pe: BFL's (B|1, 1, L, Dh/2, 2, 2) rotation matrices (`rope_matrix`), or the same as complex numbers
+    (B|1, 1, L, Dh/2) (`rope_freqs`, what `Flux` passes).
+    """
+    if not pe.is_complex():
+        pe = torch.complex(pe[..., 0, 0], pe[..., 1, 0])  # cos, sin
+    return pe[:, 0, :, None]
+
+
+def _modulate(x: Tensor, mod: ModulationOut) -> Tensor:
+    """(1 + scale) * x + shift in one pass. x: (B, L, D); mod fields (B, 1, D)."""
+    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA on (B, L, H, Dh) tensors -> (B, L, H * Dh) (the fused CPU kernel writes (B, L, H, Dh): no copy)."""
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2).flatten(2)
+
+
+def _per_token(txt_norm: nn.Module, img_norm: nn.Module, l_txt: int, l_img: int) -> Tensor:
+    """(Lc + Ld, Dh): the txt norm's scale on the first Lc rows, the img norm's on the rest."""
+    return torch.cat((txt_norm.scale.expand(l_txt, -1), img_norm.scale.expand(l_img, -1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class FluxSelfAttention(nn.Module):
+    """BFL `SelfAttention`: fused `qkv` Linear in `(K H Dh)` layout, RMS `QKNorm` (`norm`), RoPE, `proj`.
+
+    The double blocks use its parameters directly (their attention is joint over two streams); `forward` is
+    the standalone single-stream form.
+
+    Args:
+        dim: D.
+        num_heads: H, dividing D.
+        qkv_bias: bias on `qkv` (`proj` always has one, as BFL).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        factory = {"device": device, "dtype": dtype}
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
+        self.norm = QKNorm(dim // num_heads, "rms", eps=_EPS, **factory)
+        self.proj = nn.Linear(dim, dim, **factory)
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.norm.reset_parameters()
+        self.proj.reset_parameters()
+
+    def forward(self, x: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D), pe: (B|1, 1, L, Dh/2, 2, 2) or complex (B|1, 1, L, Dh/2), mask: (B, 1, 1, L) bool keys or None -> (B, L, D)."""
+        q, k, v = qkv_heads(self.qkv(x), self.num_heads)
+        rot = _rotations(pe)
+        q = norm_rope(q, rot, self.norm.query_norm.scale)
+        k = norm_rope(k, rot, self.norm.key_norm.scale)
+        return self.proj(_attend(q, k, v, mask))
+
+
+def _mlp(hidden_size: int, mlp_hidden_dim: int, factory: dict[str, Any]) -> nn.Sequential:
+    # BFL names: img_mlp.0 / img_mlp.2
+    return nn.Sequential(
+        nn.Linear(hidden_size, mlp_hidden_dim, bias=True, **factory),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(mlp_hidden_dim, hidden_size, bias=True, **factory),
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """BFL `DoubleStreamBlock` (MM-DiT): separate weights per stream, one joint attention over txt then img.
+
+    Args:
+        hidden_size: D.
+        num_heads: H.
+        mlp_ratio: M = int(D * mlp_ratio).
+        qkv_bias: bias on both streams' `qkv`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
+        self.img_mod = Modulation(hidden_size, double=True, **factory)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
+        self.img_attn = FluxSelfAttention(hidden_size, num_heads, qkv_bias, **factory)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
+        self.img_mlp = _mlp(hidden_size, mlp_hidden_dim, factory)
+        self.txt_mod = Modulation(hidden_size, double=True, **factory)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
+        self.txt_attn = FluxSelfAttention(hidden_size, num_heads, qkv_bias, **factory)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
+        self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim, factory)
+
+    def reset_parameters(self) -> None:
+        for module in (self.img_mod, self.img_attn, self.txt_mod, self.txt_attn):
+            module.reset_parameters()
+        for mlp in (self.img_mlp, self.txt_mlp):
+            mlp[0].reset_parameters()
+            mlp[2].reset_parameters()
+
+    def forward(
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """img: (B, Ld, D), txt: (B, Lc, D), vec: (B, D), pe: (B|1, 1, Lc + Ld, Dh/2, 2, 2) or complex,
+        mask: (B, 1, 1, Lc + Ld) bool (True = key may be attended) or None -> (img, txt), same shapes."""
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        l_txt, l_img = txt.shape[1], img.shape[1]
+        img_qkv = self.img_attn.qkv(_modulate(self.img_norm1(img), img_mod1))  # (B, Ld, 3D)
+        txt_qkv = self.txt_attn.qkv(_modulate(self.txt_norm1(txt), txt_mod1))  # (B, Lc, 3D)
+        tq, tk, tv = qkv_heads(txt_qkv, self.num_heads)  # (B, Lc, H, Dh) views
+        iq, ik, iv = qkv_heads(img_qkv, self.num_heads)  # (B, Ld, H, Dh) views
+        rot = _rotations(pe)
+        # One joint sequence, txt first; each stream keeps its own QKNorm scale: (L, Dh) per-token tables.
+        q = norm_rope(
+            torch.cat((tq, iq), dim=1),
+            rot,
+            _per_token(self.txt_attn.norm.query_norm, self.img_attn.norm.query_norm, l_txt, l_img),
+        )
+        k = norm_rope(
+            torch.cat((tk, ik), dim=1),
+            rot,
+            _per_token(self.txt_attn.norm.key_norm, self.img_attn.norm.key_norm, l_txt, l_img),
+        )
+        attn = _attend(q, k, torch.cat((tv, iv), dim=1), mask)  # (B, L, D)
+        txt_attn, img_attn = attn.split((l_txt, l_img), dim=1)  # split: its backward is one cat
+
+        img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_mod2.gate, self.img_mlp(_modulate(self.img_norm2(img), img_mod2)))
+        txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(_modulate(self.txt_norm2(txt), txt_mod2)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """BFL `SingleStreamBlock` (parallel attention and MLP, ViT-22B style) on the joint sequence.
+
+    `linear1` = [q | k | v | mlp-in] (3 D + M outputs), `linear2` maps cat(attention, gelu(mlp)) (D + M) to D.
+
+    Args:
+        hidden_size: D.
+        num_heads: H.
+        mlp_ratio: M = int(D * mlp_ratio).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_dim = hidden_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim, **factory)
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size, **factory)
+        self.norm = QKNorm(hidden_size // num_heads, "rms", eps=_EPS, **factory)
+        self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden_size, double=False, **factory)
+
+    def reset_parameters(self) -> None:
+        for module in (self.linear1, self.linear2, self.norm, self.modulation):
+            module.reset_parameters()
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D), vec: (B, D), pe: (B|1, 1, L, Dh/2, 2, 2) or complex (B|1, 1, L, Dh/2), mask: (B, 1, 1, L) bool or None -> (B, L, D)."""
+        mod, _ = self.modulation(vec)
+        h = self.linear1(_modulate(self.pre_norm(x), mod))  # (B, L, 3D + M)
+        qkv, mlp = h.split((3 * self.hidden_size, self.mlp_hidden_dim), dim=-1)
+        q, k, v = qkv_heads(qkv, self.num_heads)  # (B, L, H, Dh) views
+        rot = _rotations(pe)
+        q = norm_rope(q, rot, self.norm.query_norm.scale)
+        k = norm_rope(k, rot, self.norm.key_norm.scale)
+        out = self.linear2(torch.cat((_attend(q, k, v, mask), self.mlp_act(mlp)), dim=2))
+        return torch.addcmul(x, mod.gate, out)
+
+
+class LastLayer(nn.Module):
+    """BFL `LastLayer`: adaLN (shift, scale) from vec, then a Linear to the output channels.
+
+    Args:
+        hidden_size: D.
+        patch_size: BFL packs p x p patches into tokens (1 for sequence data).
+        out_channels: Cout per patch element.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        patch_size: int,
+        out_channels: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True, **factory)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True, **factory)
+        )
+
+    def reset_parameters(self) -> None:
+        self.linear.reset_parameters()
+        self.adaLN_modulation[1].reset_parameters()
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        """x: (B, L, D), vec: (B, D) -> (B, L, p * p * Cout)."""
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
+        return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class Flux(nn.Module):
+    """BFL `Flux`: flow-matching transformer carrying a data sequence, conditioned on a condition sequence.
+
+    Args:
+        params: a validated `FluxParams` (or a preset from `PRESETS`).
+
+    Example:
+        >>> model = Flux(PRESETS["debug"])
+        >>> out = model(data, data_ids, cond, cond_ids, timesteps, y)  # (B, Ld, Cout)
+    """
+
+    def __init__(
+        self,
+        params: FluxParams,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(params, FluxParams):
+            raise TypeError(f"params must be a FluxParams, got {type(params).__name__}")
+        factory = {"device": device, "dtype": dtype}
+        self.params = params
+        self.in_channels = params.in_channels
+        self.out_channels = params.out_channels
+        self.hidden_size = params.hidden_size
+        self.num_heads = params.num_heads
+        self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=params.axes_dim)
+        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True, **factory)
+        self.time_in = MLPEmbedder(_TIME_DIM, params.hidden_size, **factory)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size, **factory)
+        self.guidance_in = (
+            MLPEmbedder(_TIME_DIM, params.hidden_size, **factory) if params.guidance_embed else nn.Identity()
+        )
+        self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size, **factory)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(
+                params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias, **factory
+            )
+            for _ in range(params.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, **factory)
+            for _ in range(params.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels, **factory)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init everywhere (BFL trains from it); QKNorm scales to ones."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def _check_inputs(
+        self,
+        data: Tensor,
+        data_ids: Tensor,
+        cond: Tensor,
+        cond_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None,
+        cond_mask: Tensor | None,
+    ) -> None:
+        p = self.params
+        n_axes = len(p.axes_dim)
+        if data.ndim != 3 or data.shape[-1] != p.in_channels:
+            raise ValueError(f"data must be (B, Ld, in_channels={p.in_channels}), got {tuple(data.shape)}")
+        b, l_data = data.shape[:2]
+        if cond.ndim != 3 or cond.shape[0] != b or cond.shape[-1] != p.context_in_dim:
+            raise ValueError(
+                f"cond must be (B={b}, Lc, context_in_dim={p.context_in_dim}), got {tuple(cond.shape)}"
+            )
+        l_cond = cond.shape[1]
+        for name, ids, length in (("data_ids", data_ids, l_data), ("cond_ids", cond_ids, l_cond)):
+            if (
+                ids.ndim != 3
+                or ids.shape[0] not in (1, b)
+                or ids.shape[1] != length
+                or ids.shape[2] != n_axes
+            ):
+                raise ValueError(
+                    f"{name} must be (B={b} or 1, {length}, n_axes=len(axes_dim)={n_axes}), got {tuple(ids.shape)}"
+                )
+        if data_ids.shape[0] != cond_ids.shape[0]:
+            raise ValueError(
+                f"data_ids and cond_ids must have the same batch size, got {data_ids.shape[0]} and {cond_ids.shape[0]}"
+            )
+        if timesteps.ndim != 1 or timesteps.shape[0] != b:
+            raise ValueError(f"timesteps must be (B,) = ({b},), got {tuple(timesteps.shape)}")
+        if y.ndim != 2 or y.shape[0] != b or y.shape[1] != p.vec_in_dim:
+            raise ValueError(f"y must be (B={b}, vec_in_dim={p.vec_in_dim}), got {tuple(y.shape)}")
+        if p.guidance_embed:
+            if guidance is None:
+                raise ValueError(
+                    "guidance must be given (a (B,) tensor) for a model with guidance_embed=True"
+                )
+            if guidance.ndim != 1 or guidance.shape[0] != b:
+                raise ValueError(f"guidance must be (B,) = ({b},), got {tuple(guidance.shape)}")
+        elif guidance is not None:
+            raise ValueError("guidance was given but params.guidance_embed=False; pass guidance=None")
+        if cond_mask is not None and (cond_mask.dtype != torch.bool or tuple(cond_mask.shape) != (b, l_cond)):
+            raise ValueError(
+                f"cond_mask must be a bool (B, Lc) = ({b}, {l_cond}) tensor (True = real token), got "
+                f"{cond_mask.dtype} {tuple(cond_mask.shape)}"
+            )
+
+    def forward(
+        self,
+        data: Tensor,
+        data_ids: Tensor,
+        cond: Tensor,
+        cond_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the flow velocity of the data tokens (BFL `Flux.forward(img, img_ids, txt, txt_ids, ...)`).
+
+        Args:
+            data: (B, Ld, Cin) noisy data tokens (BFL img).
+            data_ids: (B, Ld, A) position ids per token (or (1, Ld, A) shared by the batch).
+            cond: (B, Lc, Cc) condition tokens (BFL txt).
+            cond_ids: (B, Lc, A) (or (1, Lc, A)).
+            timesteps: (B,) flow times in [0, 1] (multiplied by 1000 inside the embedding, as BFL).
+            y: (B, V) pooled conditioning vector.
+            guidance: (B,) guidance scales; required iff `params.guidance_embed`.
+            cond_mask: (B, Lc) bool, True = real condition token; False tokens are never attended to.
+
+        Returns:
+            (B, Ld, Cout).
+        """
+        self._check_inputs(data, data_ids, cond, cond_ids, timesteps, y, guidance, cond_mask)
+        img = self.img_in(data)
+        vec = self.time_in(timestep_embedding(timesteps, _TIME_DIM).to(img.dtype))
+        if self.params.guidance_embed:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, _TIME_DIM).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        txt = self.txt_in(cond)
+        l_txt = txt.shape[1]
+
+        cos, sin = self.pe_embedder(torch.cat((cond_ids, data_ids), dim=1))  # (B, 1, L, Dh/2), txt first
+        pe = rope_freqs(cos, sin)  # (B, 1, L, Dh/2) complex
+        mask = None
+        if cond_mask is not None:
+            keep_data = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
+            mask = torch.cat((cond_mask, keep_data), dim=1)[:, None, None, :]  # (B, 1, 1, L)
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe, mask)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe, mask)
+        return self.final_layer(x.split((l_txt, img.shape[1]), dim=1)[1], vec)
+
+    def extra_repr(self) -> str:
+        return f"params={self.params}"
+
+
+def build_flux(preset: str, **overrides: Any) -> Flux:
+    """Flux from a preset name with field overrides, e.g. `build_flux("debug", depth=2, device="meta")`."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} must be one of {sorted(PRESETS)}")
+    factory = {k: overrides.pop(k) for k in ("device", "dtype") if k in overrides}
+    params = FluxParams(**{**asdict(PRESETS[preset]), **overrides})
+    return Flux(params, **factory)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets
+
+PRESETS: dict[str, FluxParams] = {
+    # Tiny odd-ish model for tests and the cross-domain job: Dh = 16 = 4 + 6 + 6.
+    "debug": FluxParams(
+        in_channels=2,
+        out_channels=2,
+        vec_in_dim=4,
+        context_in_dim=4,
+        hidden_size=48,
+        mlp_ratio=4.0,
+        num_heads=3,
+        depth=1,
+        depth_single_blocks=2,
+        axes_dim=[4, 6, 6],
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=False,
+    ),
+    # BFL util.py configs (build them on the meta device to inspect shapes without 12B parameters).
+    "flux-dev": FluxParams(
+        in_channels=64,
+        out_channels=64,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=3072,
+        mlp_ratio=4.0,
+        num_heads=24,
+        depth=19,
+        depth_single_blocks=38,
+        axes_dim=[16, 56, 56],
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=True,
+    ),
+    "flux-schnell": FluxParams(
+        in_channels=64,
+        out_channels=64,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=3072,
+        mlp_ratio=4.0,
+        num_heads=24,
+        depth=19,
+        depth_single_blocks=38,
+        axes_dim=[16, 56, 56],
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=False,
+    ),
+}
