@@ -1,7 +1,13 @@
-"""Shared test settings: a fixed seed for every test and a deterministic, single-threaded-friendly setup."""
+"""Shared test settings: a fixed seed for every test, and one intra-op thread.
+
+The suite runs tiny, odd-sized tensors, where OpenMP's thread wake-ups cost more than the arithmetic; on a
+shared or small machine two threads make such tests many times slower and no more exact.
+"""
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
