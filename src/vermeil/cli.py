@@ -1,0 +1,421 @@
+"""The `vermeil` command (also `python -m vermeil`): train, generate, sample, info, compare, convert.
+
+Thin by design: each subcommand parses its flags, builds a config with `vermeil.recipes` and calls library
+functions. Errors a user can cause (a missing file, malformed YAML, a bad override or config value, a run
+folder without a checkpoint) print one line, `vermeil <command>: error: ...`, on stderr and exit with status 2;
+`--debug` shows the traceback instead.
+
+    vermeil train configs/hybrid-lm.yaml train.steps=500          # -> runs/hybrid-lm
+    vermeil train --resume runs/hybrid-lm                          # continue it, exactly
+    vermeil generate runs/hybrid-lm --prompt "def main("
+    vermeil info configs/llm-tiny.yaml --context 4096
+    vermeil compare runs/mqar-transformer runs/mqar-mamba runs/mqar-hybrid
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A user-facing error of a subcommand: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _split_config_and_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    # `vermeil train --resume RUN key=value`: argparse puts the first override in the CONFIG slot.
+    if config is not None and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
+def _run_config_of(run_dir: Path, overrides: Sequence[str] = ()) -> Any:
+    """The resolved config of a run folder: its config.yaml, else the copy inside its newest checkpoint."""
+    from vermeil.checkpoint import load_torch
+    from vermeil.config import apply_overrides, load_yaml
+    from vermeil.recipes import run_config_from_dict
+    from vermeil.train import latest_checkpoint
+
+    if not run_dir.is_dir():
+        raise CommandError(f"run folder {os.fspath(run_dir)} does not exist")
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        data = load_yaml(path)
+    else:
+        folder = latest_checkpoint(run_dir)
+        data = load_torch(folder / "state.pt")["config"]
+    return run_config_from_dict(apply_overrides(data, overrides))
+
+
+def _load_trained(run_dir: Path) -> tuple[Any, Any, Path]:
+    """(run config, model with the newest checkpoint's weights in eval mode, checkpoint folder)."""
+    from vermeil.recipes import build_model
+    from vermeil.train import latest_checkpoint, load_model_weights
+
+    latest_checkpoint(run_dir)  # a clear error before building anything
+    run = _run_config_of(run_dir)
+    model = build_model(run)
+    folder = load_model_weights(model, run_dir)
+    return run, model.eval(), folder
+
+
+def _human(n: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {prefix}{unit}".rstrip()
+        n /= 1000
+    return f"{n:.3g} E{unit}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.4g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vermeil.recipes import build_run, load_run_config
+    from vermeil.train import Trainer, latest_checkpoint, list_checkpoints
+
+    config, overrides = _split_config_and_overrides(args.config, args.overrides)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        latest_checkpoint(run_dir)  # the folder must hold a checkpoint
+        if args.out is not None and Path(args.out) != run_dir:
+            raise CommandError("--out cannot be combined with --resume (a run resumes in its own folder)")
+        run = load_run_config(config, overrides) if config is not None else _run_config_of(run_dir, overrides)
+    else:
+        if config is None:
+            raise CommandError("a CONFIG file is required (or --resume RUN_DIR)")
+        run = load_run_config(config, overrides)
+        run_dir = Path(args.out or run.train.out_dir or Path("runs") / (run.name or Path(config).stem))
+        if list_checkpoints(run_dir) and not args.overwrite:
+            raise CommandError(
+                f"{os.fspath(run_dir)} already holds a run: continue it with `vermeil train --resume {run_dir}`, "
+                "or pass --out NEW_DIR, or --overwrite to start over there"
+            )
+        if args.overwrite:
+            _clear_run(run_dir)
+    run.train.out_dir = os.fspath(run_dir)
+    built = build_run(run)
+    n_params = sum(p.numel() for p in built.model.parameters())
+    print(
+        f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
+        f"{run.data.task}, {run.train.steps} steps -> {os.fspath(run_dir)}",
+        file=sys.stderr,
+    )
+    trainer = Trainer(
+        built.model,
+        built.train_batches,
+        built.loss_fn,
+        run.train,
+        eval_fn=built.eval_fn,
+        run_config=run.to_dict(),
+        out_dir=run_dir,
+        hooks=built.hooks,
+    )
+    if args.resume is not None:
+        folder = trainer.load_checkpoint(run_dir)
+        print(f"resumed from {os.fspath(folder)} (step {trainer.step})", file=sys.stderr)
+    result = trainer.fit()
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in result.final_eval.items())
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; resume with: vermeil train --resume {os.fspath(run_dir)}")
+        return EXIT_INTERRUPTED
+    print(
+        f"done: step {result.step}"
+        + (f", {summary}" if summary else "")
+        + f"; run folder {os.fspath(run_dir)}"
+    )
+    if run.data.task == "text":
+        print(f'next: vermeil generate {os.fspath(run_dir)} --prompt "def "', file=sys.stderr)
+    return 0
+
+
+def _clear_run(run_dir: Path) -> None:
+    import shutil
+
+    from vermeil.train.trainer import CHECKPOINTS_DIR
+
+    for name in (CHECKPOINTS_DIR,):
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+    for name in ("metrics.jsonl", "loss.png", "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from vermeil.data import ByteTokenizer
+    from vermeil.generation import generate
+    from vermeil.recipes import model_vocab_size
+
+    if not args.prompt:
+        raise CommandError("--prompt must not be empty")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    run, model, _ = _load_trained(Path(args.run_dir))
+    if run.data.task != "text":
+        raise CommandError(
+            f"{args.run_dir} was trained on data.task={run.data.task!r}; generate needs a text run (data.task=text)"
+        )
+    tokenizer = ByteTokenizer()
+    prompt = tokenizer.encode(args.prompt)
+    new = generate(
+        model,
+        [prompt],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_tokens=(tokenizer.eos_id,) if model_vocab_size(run) > tokenizer.eos_id else (),
+        seed=args.seed,
+    )
+    print(args.prompt + tokenizer.decode(new[0]))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from vermeil.recipes import sample_run
+
+    run, model, _ = _load_trained(Path(args.run_dir))
+    if run.family != "flux":
+        raise CommandError(f"{args.run_dir} is a {run.family!r} run; sample needs a flux run (use generate)")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
+    sample_run(run, model, out, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    print(f"wrote {os.fspath(out)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vermeil.recipes import describe_model, load_run_config
+
+    run = load_run_config(args.config, args.overrides)
+    info = describe_model(run, args.context, batch_size=args.batch_size)
+    ctx = info["context"]
+    lines = [
+        f"family      {info['family']} ({info['model']})",
+        f"parameters  {info['parameters']:,} (embeddings {info['embedding_parameters']:,})",
+        f"FLOPs/token {_human(info['forward_flops_per_token'], 'FLOP')} forward at context {ctx}, "
+        f"about {_human(info['train_flops_per_token'], 'FLOP')} to train",
+    ]
+    cache = info["cache_bytes"]
+    if cache is not None:
+        lines.append(f"cache       {_bytes(cache)} for batch {args.batch_size} x context {ctx} (float32)")
+    else:
+        lines.append("cache       none (this model does not decode step by step)")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vermeil.recipes import describe_model
+    from vermeil.train import read_metrics
+
+    rows = []
+    for run_dir in map(Path, args.run_dirs):
+        run = _run_config_of(run_dir)
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        if not metrics:
+            raise CommandError(f"{os.fspath(run_dir)} has no metrics.jsonl rows: train it first")
+        val = [r for r in metrics if r.get("split") == "val"]
+        last = val[-1] if val else {}
+        best_acc = max(
+            (r["val_accuracy"] for r in val if isinstance(r.get("val_accuracy"), float)), default=None
+        )
+        train_rows = [r for r in metrics if r.get("split") == "train"]
+        rows.append(
+            {
+                "run": os.fspath(run_dir),
+                "family": run.family,
+                "task": run.data.task,
+                "params": describe_model(run)["parameters"],
+                "step": (train_rows[-1]["step"] if train_rows else 0),
+                "val_accuracy": last.get("val_accuracy"),
+                "best_accuracy": best_acc,
+                "val_loss": last.get("val_loss"),
+                "time_s": train_rows[-1].get("elapsed_s") if train_rows else None,
+            }
+        )
+    headers = [
+        "run",
+        "family",
+        "task",
+        "params",
+        "step",
+        "val_accuracy",
+        "best_accuracy",
+        "val_loss",
+        "time_s",
+    ]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    table = [headers] + [[cell(r[h]) for h in headers] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    for row in table:
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Vermeil run <-> transformers folder (LLM as Llama, MambaLM as Mamba)."""
+    if args.to == "transformers":
+        from vermeil.interop import to_transformers
+
+        _, model, _ = _load_trained(Path(args.source))
+        hf = to_transformers(model)
+        hf.save_pretrained(args.dest, safe_serialization=True)
+        print(f"wrote {args.dest} ({type(hf).__name__})")
+        return 0
+    raise CommandError(f"--to {args.to!r} is not supported (supported: transformers)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_debug(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    # SUPPRESS on the subcommands: `vermeil --debug train ...` must not be reset by the subparser's default.
+    p.add_argument("--debug", action="store_true", default=default, help="show the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `vermeil` command (one subparser per subcommand)."""
+    parser = argparse.ArgumentParser(
+        prog="vermeil",
+        description="Train, sample and inspect Vermeil models from YAML run configs.",
+    )
+    _add_debug(parser, default=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model from a run config", description=cmd_train.__doc__)
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="run config YAML (optional with --resume)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
+    )
+    p.add_argument("--out", metavar="DIR", help="run folder (default: train.out_dir or runs/<config name>)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over in a run folder that already holds a run"
+    )
+    _add_debug(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a trained language-model run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling: keep the top tokens up to mass P"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sample", help="sample a trained flow (flux) run into a PNG")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a flux run folder written by `vermeil train`")
+    p.add_argument(
+        "--steps", type=int, default=None, help="Euler steps (default: data.sample_steps of the run)"
+    )
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--out", metavar="PNG", default=None, help="output image (default RUN_DIR/samples.png)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="parameters, FLOPs per token and cache memory of a run config's model")
+    p.add_argument("config", metavar="CONFIG", help="run config YAML")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=8"
+    )
+    p.add_argument("--context", type=int, default=None, help="context length (default train.seq_len)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the cache estimate (default 1)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("compare", help="print the final accuracies and losses of several runs side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `vermeil train`")
+    _add_debug(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("convert", help="export a trained LLM or Mamba run to a transformers folder")
+    p.add_argument("source", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
+    p.add_argument("dest", metavar="OUT_DIR", help="folder to write (transformers save_pretrained layout)")
+    p.add_argument("--to", choices=["transformers"], default="transformers", help="target layout")
+    _add_debug(p)
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename and not e.args[1:]:
+        text = str(e)
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.strerror}: {e.filename}"
+    return " ".join(text.split())  # one line, whatever the message held
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `vermeil` command with `argv` (default `sys.argv[1:]`); returns the exit status."""
+    parser = build_parser()
+    # Overrides may follow options (`train CONFIG --out DIR key=value`), which plain parse_args refuses.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"vermeil {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            raise
+        from vermeil.config import ConfigError
+
+        known = (CommandError, ConfigError, FileNotFoundError, ValueError, TypeError, ImportError, OSError)
+        prefix = "error" if isinstance(e, known) else f"internal error ({type(e).__name__})"
+        hint = "" if isinstance(e, known) else " (rerun with --debug for the traceback)"
+        print(f"vermeil {args.command}: {prefix}: {_one_line(e)}{hint}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

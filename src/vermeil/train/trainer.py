@@ -1,0 +1,799 @@
+"""The training loop: an explicit loop with hooks, checkpoints that resume exactly, and clean Ctrl-C.
+
+One step is `grad_accum` micro-batches of forward + backward, gradient clipping, an AdamW step and a scheduler
+step (warm-up then cosine). Around it: evaluation every `eval_every` steps, metrics appended to `metrics.jsonl`,
+a tqdm progress bar (loss, tokens/s, ETA; silent when stdout is not a terminal), checkpoints every `save_every`
+steps, a loss-curve PNG at the end.
+
+A run folder holds:
+    config.yaml                         the resolved run config (what `vermeil train --resume` rebuilds from)
+    metrics.jsonl                       one JSON row per log step and per evaluation
+    loss.png                            the loss curve (when matplotlib is installed)
+    checkpoints/step_000100/            model.safetensors (weights) and state.pt (optimizer, scheduler, RNG
+                                        states, data sampler state, step, config as a dict)
+    checkpoints/latest                  the name of the newest complete checkpoint folder
+
+Every file is written atomically (`vermeil.checkpoint`) and `latest` moves only after a checkpoint folder is
+complete, so a run killed at any moment (SIGKILL included) leaves the previous checkpoint loadable.
+
+Resuming restores weights, optimizer and scheduler state, the torch and Python RNG states and the data sampler's
+state, so the resumed loss curve continues exactly the curve of the same run left uninterrupted (the loss of
+step s is the same float whether or not the run stopped before s; tests/train/test_trainer.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vermeil.checkpoint import (
+    atomic_write,
+    clean_temp_files,
+    load_torch,
+    load_weights,
+    save_torch,
+    save_weights,
+)
+from vermeil.train.metrics import LN2, MetricsLogger, plot_loss_curve, read_metrics, truncate_metrics
+from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler, cosine_with_warmup
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "Hook",
+    "LossFn",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "causal_lm_loss",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model_weights",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+_LATEST = "latest"
+_WEIGHTS = "model.safetensors"
+_STATE = "state.pt"
+
+# A loss function takes the model and one batch and returns the loss to minimise, or (loss, metrics) where
+# metrics are scalar tensors logged by name (e.g. {"ce": ..., "aux_loss": ...}).
+LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Mapping[str, Tensor]]"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the `train:` section of a run config).
+
+    Args:
+        steps: optimizer updates in the whole run (the schedule's length; resuming continues up to it).
+        lr: peak learning rate; min_lr_ratio: the cosine ends at `lr * min_lr_ratio`; warmup: linear warm-up steps.
+        weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, A_log, D: `train.optim`).
+        no_decay_embeddings: keep embedding tables out of the weight decay.
+        fused_adamw: the fused AdamW kernel; None uses it where torch has one (CPU included).
+        grad_clip: clip the global gradient norm to this; None or 0 disables clipping.
+        grad_accum: micro-batches per update (the effective batch is `batch_size * grad_accum`).
+        batch_size, seq_len: the shape of one micro-batch (the recipes' data builders read them).
+        eval_every: evaluate every N steps (0: only at the end); eval_batches: batches per evaluation.
+        log_every: a `metrics.jsonl` row (and a progress-bar update) every N steps.
+        save_every: a checkpoint every N steps (0: only at the end and on Ctrl-C); keep_checkpoints: how many
+            checkpoint folders stay on disk.
+        bf16: autocast the forward to bfloat16 (CPU or GPU); weights and optimizer stay float32.
+        seed: seeds the model init, the data order and dropout.
+        device: where to train ("cpu", "cuda", ...).
+        out_dir: the run folder (None: the CLI picks `runs/<config name>`; the Python API then keeps nothing on
+            disk).
+        progress: show the tqdm bar; None shows it only when stdout is a terminal (tqdm's `disable=None`).
+        plot: write `loss.png` at the end (needs matplotlib).
+        threads: torch intra-op threads (None: leave torch's default).
+    """
+
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    no_decay_embeddings: bool = True
+    fused_adamw: bool | None = None
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    batch_size: int = 16
+    seq_len: int = 256
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    bf16: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str | None = None
+    progress: bool | None = None
+    plot: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "grad_accum",
+            "batch_size",
+            "seq_len",
+            "eval_batches",
+            "log_every",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        for name in ("warmup", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an int >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)!r} must be two numbers in [0, 1)")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (or null to disable)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads!r} must be >= 1 (or null)")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r} is not a torch device: {e}") from None
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit` returns: the last completed step, whether Ctrl-C stopped it, the last checkpoint and
+    evaluation, and every metrics row of the run (resumed runs included)."""
+
+    step: int
+    interrupted: bool
+    checkpoint: Path | None
+    final_eval: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Hook:
+    """Override any of these to watch or steer training; `trainer.request_stop()` ends the run after the step."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first step (after a resume has restored the state)."""
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: Tensor) -> None:
+        """After update `step` (1-based: `trainer.step`), with its loss as a detached 0-dim tensor."""
+
+    def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After a train row was written."""
+
+    def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After an evaluation row was written."""
+
+    def on_save(self, trainer: Trainer, path: Path) -> None:
+        """After a checkpoint folder was completed."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """At the end of `fit`, interrupted or not."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss heads
+
+
+def _logits_and_aux(output: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(output, Tensor):
+        return output, None
+    return output.logits, getattr(output, "aux_loss", None)
+
+
+def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Next-token cross-entropy (ignore_index -100), plus the MoE auxiliary loss when the model returns one.
+
+    Args:
+        batch: (inputs (B, T), targets (B, T)); targets hold -100 where nothing is scored.
+
+    Returns:
+        (loss, {"ce": cross-entropy, "aux_loss": MoE auxiliary loss (when present)}). A model's output may be
+        logits (B, T, V) or an object with `.logits` and optionally `.aux_loss` (the LLM's TransformerOutput).
+    """
+    inputs, targets = batch
+    logits, aux = _logits_and_aux(model(inputs))
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    if aux is None:
+        return ce, {"ce": ce}
+    return ce + aux, {"ce": ce, "aux_loss": aux}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint folders
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a checkpoint folder named `step_000100`."""
+    name = Path(path).name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        raise ValueError(f"{os.fspath(path)} is not a checkpoint folder (expected a name like step_000100)")
+    return int(name[5:])
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / _WEIGHTS).is_file() and (folder / _STATE).is_file()
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted((p for p in found if _complete(p)), key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
+    """The newest complete checkpoint folder of a run (or `run_dir` itself when it is a checkpoint folder).
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no complete checkpoint.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {os.fspath(run)} does not exist")
+    if _complete(run):
+        return run
+    pointer = run / CHECKPOINTS_DIR / _LATEST
+    if pointer.is_file():
+        folder = run / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
+        if _complete(folder):
+            return folder
+    found = list_checkpoints(run)
+    if not found:
+        raise FileNotFoundError(
+            f"{os.fspath(run)} holds no checkpoint (no {CHECKPOINTS_DIR}/step_*/{_STATE})"
+        )
+    return found[-1]
+
+
+def load_model_weights(model: nn.Module, run_dir: str | os.PathLike[str]) -> Path:
+    """Load the newest checkpoint's weights of a run into `model` (strict); returns the checkpoint folder."""
+    folder = latest_checkpoint(run_dir)
+    load_weights(model, folder / _WEIGHTS)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _count_tokens(batch: Any) -> int:
+    """Positions in a batch: B * T of its first tensor ((B, T) ids or (B, T, C) features)."""
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, Mapping) and first:
+        first = next(iter(first.values()))
+    if not isinstance(first, Tensor) or first.ndim == 0:
+        return 0
+    return first.shape[0] * (first.shape[1] if first.ndim > 1 else 1)
+
+
+def _split_loss(out: Any) -> tuple[Tensor, Mapping[str, Tensor]]:
+    if isinstance(out, Tensor):
+        return out, {}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor):
+        return out[0], out[1] or {}
+    raise TypeError(f"a loss function must return a tensor or (loss, metrics), got {type(out).__name__}")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda" and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    # random.setstate needs tuples all the way down; a saved state may come back with lists.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+class _NoBar:
+    """Stand-in for tqdm when it is not installed or the bar is off."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
+    if enabled is False:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    # disable=None: a bar on a terminal, nothing when stdout is a pipe or a file (logs stay clean).
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=None if enabled is None else False,
+        unit="step",
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+
+
+def _echo(message: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:
+        print(message, file=sys.stderr)
+
+
+def _format_row(row: Mapping[str, Any]) -> str:
+    parts = []
+    for k, v in row.items():
+        if k in ("split",):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    """Train `model` on `train_batches` with `loss_fn`, evaluating with `eval_fn`, checkpointing into a folder.
+
+    Args:
+        model: the module to train (moved to `config.device`).
+        train_batches: an endless iterator of batches; when it has `state_dict()`/`load_state_dict()`
+            (e.g. `vermeil.data.WindowSampler`) its position is saved with each checkpoint, which resume needs
+            to be exact.
+        loss_fn: `loss_fn(model, batch) -> loss` or `(loss, {name: scalar})`; default `causal_lm_loss`.
+        config: the `TrainConfig`.
+        eval_fn: `eval_fn(model) -> {name: float}`, run in eval mode under `no_grad`, in a forked RNG (so that
+            evaluating never changes the training randomness).
+        hooks: `Hook` instances, called in order.
+        run_config: the resolved run config as a plain dict, saved as `config.yaml` and inside every checkpoint
+            (default: `{"train": <config>}`).
+        out_dir: the run folder (default `config.out_dir`); None keeps nothing on disk.
+
+    Example:
+        >>> trainer = Trainer(model, WindowSampler(data, 8, 64), causal_lm_loss, TrainConfig(steps=100))
+        >>> result = trainer.fit()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_batches: Iterator[Any],
+        loss_fn: LossFn | None = None,
+        config: TrainConfig | None = None,
+        *,
+        eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        hooks: Sequence[Hook] = (),
+        run_config: Mapping[str, Any] | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        from vermeil.config import to_dict
+
+        self.config = config = config if config is not None else TrainConfig()
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.train_batches = train_batches
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
+        self.eval_fn = eval_fn
+        self.hooks = list(hooks)
+        self.run_config = dict(run_config) if run_config is not None else {"train": to_dict(config)}
+        out = out_dir if out_dir is not None else config.out_dir
+        self.out_dir = Path(out) if out is not None else None
+        self.optimizer = build_optimizer(
+            self.model,
+            config.lr,
+            config.weight_decay,
+            config.betas,
+            eps=config.eps,
+            fused=config.fused_adamw,
+            no_decay_embeddings=config.no_decay_embeddings,
+        )
+        self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
+        self.step = 0  # completed updates
+        self.tokens = 0  # positions trained on so far
+        self.elapsed = 0.0  # training seconds so far (across resumes), evaluation and saving excluded
+        self.history: list[dict[str, Any]] = []
+        self.last_checkpoint: Path | None = None
+        self._stop = False
+        self._phase = "idle"  # "step" (forward/backward), "update" (optimizer), "done": where a Ctrl-C landed
+        self._logger = MetricsLogger(self.out_dir / "metrics.jsonl") if self.out_dir is not None else None
+        self._autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if config.bf16
+            else contextlib.nullcontext
+        )
+        self._window = _Window(self.device)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    # -- control ---------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and return from `fit` (what Ctrl-C does)."""
+        self._stop = True
+
+    def _call(self, name: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, name)(self, *args)
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights, as plain containers (loadable with `weights_only=True`)."""
+        data_state = None
+        if callable(getattr(self.train_batches, "state_dict", None)):
+            data_state = self.train_batches.state_dict()
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(self.device),
+            "data": data_state,
+            "window": self._window.state_dict(),
+            "config": self.run_config,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step_N/` (weights, then state), then point `latest` at it, then prune old ones."""
+        if self.out_dir is None:
+            raise ValueError("this Trainer has no out_dir: set TrainConfig.out_dir or pass out_dir= to save")
+        root = self.out_dir / CHECKPOINTS_DIR
+        folder = root / _checkpoint_name(self.step)
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_temp_files(folder)  # left by a run killed while writing this step before
+        save_weights(self.model, folder / _WEIGHTS, metadata={"step": str(self.step)})
+        save_torch(self.state_dict(), folder / _STATE)  # last: its presence marks the folder complete
+        with atomic_write(root / _LATEST, "w") as f:
+            f.write(folder.name + "\n")
+        self.last_checkpoint = folder
+        keep = {p for p in list_checkpoints(self.out_dir)[-self.config.keep_checkpoints :]} | {folder}
+        for old in root.iterdir():  # older checkpoints, and folders a killed run left incomplete
+            if old.is_dir() and old.name.startswith("step_") and old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        self._call("on_save", folder)
+        return folder
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        """Restore weights and the whole training state from a run folder (its newest checkpoint) or a
+        checkpoint folder. Returns the checkpoint folder used."""
+        cfg = self.config
+        folder = latest_checkpoint(path)
+        clean_temp_files(folder)
+        clean_temp_files(folder.parent)
+        load_weights(self.model, folder / _WEIGHTS)
+        state = load_torch(folder / _STATE)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The config's schedule wins over the saved one (a resumed run may be given more steps).
+        for fn in self.scheduler.lr_lambdas:
+            if isinstance(fn, WarmupCosine):
+                fn.warmup, fn.total, fn.min_ratio = cfg.warmup, cfg.steps, cfg.min_lr_ratio
+        _set_rng_state(state["rng"])
+        if state.get("data") is not None:
+            if not callable(getattr(self.train_batches, "load_state_dict", None)):
+                raise ValueError(
+                    f"checkpoint {os.fspath(folder)} has a data-sampler state, but train_batches "
+                    f"({type(self.train_batches).__name__}) has no load_state_dict"
+                )
+            self.train_batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.tokens = int(state.get("tokens", 0))
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        if state.get("window") is not None:
+            self._window.load_state_dict(state["window"])
+        self.last_checkpoint = folder
+        if self.out_dir is not None:
+            metrics = self.out_dir / "metrics.jsonl"
+            truncate_metrics(metrics, self.step)  # rows logged after this checkpoint are replayed
+            self.history = read_metrics(metrics)
+        return folder
+
+    resume = load_checkpoint
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Run `eval_fn` (eval mode, no grad, forked RNG, autocast as in training); {} without an eval_fn."""
+        if self.eval_fn is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+                out = self.eval_fn(self.model)
+        finally:
+            self.model.train(was_training)
+        return {k: float(v) for k, v in out.items()}
+
+    def _eval_and_log(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            row = {"step": self.step, "split": "val", **metrics}
+            self._write(row)
+            self._call("on_eval", row)
+            _echo(f"step {self.step}: " + _format_row({k: v for k, v in row.items() if k != "step"}))
+        return metrics
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if self._logger is not None:
+            self._logger.log(row)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _train_step(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None, int]:
+        """One update: grad_accum micro-batches, clip, AdamW, scheduler. Returns (loss, metrics, grad norm,
+        tokens)."""
+        cfg = self.config
+        total = torch.zeros((), device=self.device)
+        sums: dict[str, Tensor] = {}
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            batch = next(self.train_batches)
+            tokens += _count_tokens(batch)
+            if self.device.type != "cpu":
+                batch = _to_device(batch, self.device)
+            with self._autocast():
+                loss, metrics = _split_loss(self.loss_fn(self.model, batch))
+            (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+            total += loss.detach()
+            for k, v in metrics.items():
+                v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                sums[k] = sums[k] + v if k in sums else v
+        grad_norm = None
+        if cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+        self._phase = "update"  # from here on a Ctrl-C cannot be rolled back to the step's start
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.grad_accum > 1:
+            total = total / cfg.grad_accum
+            sums = {k: v / cfg.grad_accum for k, v in sums.items()}
+        return total, sums, grad_norm, tokens
+
+    def _snapshot(self) -> tuple[Any, Any] | None:
+        # Start-of-step data and RNG state, to roll a step back when Ctrl-C lands in its forward or backward.
+        if not callable(getattr(self.train_batches, "state_dict", None)):
+            return None
+        return self.train_batches.state_dict(), _rng_state(self.device)
+
+    def _rollback(self, snapshot: tuple[Any, Any] | None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if snapshot is not None:
+            self.train_batches.load_state_dict(snapshot[0])
+            _set_rng_state(snapshot[1])
+
+    @contextlib.contextmanager
+    def _sigint_to_stop(self) -> Iterator[None]:
+        """First Ctrl-C (or SIGTERM): finish the step, save, stop. Second Ctrl-C: the usual KeyboardInterrupt.
+
+        Installed only in the main thread and only over the default handlers (never over someone else's).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        mine = [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+            _echo(f"{name}: saving a checkpoint after this step (Ctrl-C again to abort at once)")
+
+        for sig in mine:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig in mine:
+                signal.signal(sig, defaults[sig])
+
+    def fit(self) -> TrainResult:
+        """Train from `self.step` up to `config.steps`; returns a `TrainResult`.
+
+        Ctrl-C (or `request_stop()`, or a KeyboardInterrupt raised inside a step or a hook) saves a checkpoint of
+        the last completed step and returns with `interrupted=True`; resuming from it continues the same curve.
+        """
+        cfg = self.config
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(self.out_dir)
+            if self.step == 0:  # a fresh start: rows left by an earlier attempt in this folder are stale
+                truncate_metrics(self.out_dir / "metrics.jsonl", 0)
+            from vermeil.config import save_yaml
+
+            save_yaml(self.run_config, self.out_dir / "config.yaml")
+        self.model.train()
+        self._stop = False
+        interrupted = False
+        final_eval: dict[str, float] = {}
+        self._call("on_train_start")
+        bar = _progress_bar(cfg.steps, self.step, cfg.progress)
+        try:
+            with self._sigint_to_stop():
+                while self.step < cfg.steps:
+                    if self._stop:
+                        interrupted = True
+                        break
+                    self._phase = "step"
+                    snapshot = self._snapshot()
+                    start = time.perf_counter()
+                    try:
+                        loss, metrics, grad_norm, tokens = self._train_step()
+                    except KeyboardInterrupt:
+                        if self._phase == "update":
+                            raise  # the optimizer was mid-update: the weights are not at a step boundary
+                        self._rollback(snapshot)
+                        interrupted = True
+                        break
+                    self._phase = "done"
+                    dt = time.perf_counter() - start
+                    self.step += 1
+                    self.tokens += tokens
+                    self.elapsed += dt
+                    self._window.add(loss, metrics, tokens, dt)
+                    bar.update(1)
+                    try:
+                        # Bookkeeping first, hooks last: a hook that stops the run finds this step logged.
+                        last = self.step == cfg.steps
+                        if self.step % cfg.log_every == 0 or last:
+                            row = self._train_row(grad_norm)
+                            self._write(row)
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                            self._call("on_log", row)
+                        if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                            final_eval = self._eval_and_log()
+                        if self.out_dir is not None and (
+                            (cfg.save_every and self.step % cfg.save_every == 0) or last
+                        ):
+                            self.save_checkpoint()
+                        self._call("on_step_end", self.step, loss)
+                    except KeyboardInterrupt:
+                        interrupted = True
+                        break
+        finally:
+            bar.close()
+        if interrupted and self.out_dir is not None and self.step > 0:
+            if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
+                self.save_checkpoint()
+            _echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
+        if self.out_dir is not None and cfg.plot:
+            plotted = plot_loss_curve(self.history, self.out_dir / "loss.png")
+            if not plotted and not interrupted:
+                _echo("loss.png not written (pip install matplotlib to get the loss curve)")
+        result = TrainResult(self.step, interrupted, self.last_checkpoint, final_eval, list(self.history))
+        self._call("on_train_end", result)
+        return result
+
+    def _train_row(self, grad_norm: Tensor | None) -> dict[str, Any]:
+        """The row of the steps since the last log step (means over them); empties the window."""
+        w = self._window
+        # The only host syncs of the loop: once per log step.
+        row: dict[str, Any] = {"step": self.step, "split": "train", "loss": float(w.loss) / w.steps}
+        for k, v in w.metrics.items():
+            row[k] = float(v) / w.steps
+        if "ce" in row and math.isfinite(row["ce"]):
+            row["bpt"] = row["ce"] / LN2  # bits per token (= bits per byte for a byte tokenizer)
+        cfg = self.config  # the learning rate the last update used (the scheduler already points at the next)
+        row["lr"] = cfg.lr * cosine_with_warmup(self.step - 1, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        row["tokens_per_s"] = w.tokens / w.seconds if w.seconds > 0 else 0.0
+        row["tokens"] = self.tokens
+        row["elapsed_s"] = round(self.elapsed, 3)
+        w.clear()
+        return row
+
+
+class _Window:
+    """Sums of the steps since the last log row; saved in checkpoints, so a resumed run logs the same rows."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.clear()
+
+    def clear(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.metrics: dict[str, Tensor] = {}
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, loss: Tensor, metrics: Mapping[str, Tensor], tokens: int, seconds: float) -> None:
+        self.loss = self.loss + loss
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.detach().cpu(),
+            "metrics": {k: v.detach().cpu() for k, v in self.metrics.items()},
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loss = state["loss"].to(self.device)
+        self.metrics = {k: v.to(self.device) for k, v in state["metrics"].items()}
+        self.steps, self.tokens, self.seconds = (
+            int(state["steps"]),
+            int(state["tokens"]),
+            float(state["seconds"]),
+        )
