@@ -1,0 +1,341 @@
+"""transformers `LlamaForCausalLM` / `Llama4ForCausalLM` (text) <-> Vermeil `LLM` (Meta's names).
+
+Key maps (shared/REFERENCES.md §b.1, §b.3), per layer N (`model.layers.N.` -> `layers.N.`):
+
+    transformers                                  Vermeil (Meta)                     transform
+    model.embed_tokens.weight                     tok_embeddings.weight
+    self_attn.q_proj.weight / k_proj.weight       attention.wq.weight / wk.weight    Llama 1-3: RoPE row permutation
+    self_attn.v_proj.weight / o_proj.weight       attention.wv.weight / wo.weight
+    input_layernorm / post_attention_layernorm    attention_norm / ffn_norm
+    mlp.{gate,up,down}_proj (Llama)               feed_forward.w1 / w3 / w2
+    feed_forward.{gate,up,down}_proj (L4 dense)   feed_forward.w1 / w3 / w2
+    feed_forward.router.weight (E, D)             feed_forward.router.router_DE      transpose
+    feed_forward.experts.gate_up_proj (E, D, 2F)  feed_forward.experts.w1 | w3       split the last axis, gate first
+    feed_forward.experts.down_proj (E, F, D)      feed_forward.experts.w2
+    feed_forward.shared_expert.{gate,up,down}_proj  feed_forward.shared_expert.w1 / w3 / w2
+    model.norm.weight / lm_head.weight            norm.weight / output.weight
+
+RoPE pairing: transformers' Llama 1-3 rotates channel i with i + Dh/2 (`rotate_half`), Meta and Vermeil rotate
+2i with 2i + 1. Meta's checkpoints were converted to transformers with `permute` (q/k rows of each head
+reordered: evens first, then odds), so going back un-permutes (torchtitan `_reverse_permute`); attention scores
+are then identical. transformers' Llama 4 keeps the interleaved (complex) RoPE: no permutation.
+
+Layer rules: transformers' `no_rope_layers[i] == 1` means the layer USES RoPE (despite the name); its
+`layer_types` are "chunked_attention" on RoPE layers and "full_attention" on NoPE layers, which is Vermeil's
+(and Meta's) rule; any other combination is refused. `moe_layers` is carried over as a list.
+
+Where transformers' Llama 4 and Meta's reference differ (Vermeil follows the former, which is the consistent
+one): Meta's one-token decode ignores the chunk rule (its masks are built only when seqlen > 1); transformers
+applies it at every step with a chunk-bounded cache, as Vermeil does. transformers' temperature tuning counts
+positions from the cache length (`past_seen_tokens`), Meta and Vermeil from the token positions: the same for
+unpadded prompts. transformers' chunk boundaries shift with left padding; Vermeil's generate never pads.
+
+Shapes: D model dim, E experts, F expert hidden dim, H heads, Hkv kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vermeil.models.llm import LLM, ModelArgs, MoEArgs
+
+__all__ = [
+    "from_transformers_llama",
+    "permute_half_to_interleaved",
+    "permute_interleaved_to_half",
+    "to_transformers_llama",
+    "to_transformers_llama_state_dict",
+    "transformers_llama_config",
+]
+
+
+def permute_interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
+    """Meta -> transformers q/k rows (`convert_llama_weights_to_hf.py:permute`): (H*Dh, D) -> (H*Dh, D)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
+    """transformers -> Meta q/k rows (the inverse; torchtitan `_reverse_permute`): (H*Dh, D) -> (H*Dh, D)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _kind(hf_model: nn.Module) -> str:
+    name = type(hf_model).__name__
+    if name == "LlamaForCausalLM":
+        return "llama"
+    if name == "Llama4ForCausalLM":
+        return "llama4"
+    raise ValueError(f"from_transformers_llama: expected LlamaForCausalLM or Llama4ForCausalLM, got {name}")
+
+
+def _rope_args(config: Any) -> dict[str, Any]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)  # transformers 4.x
+    if isinstance(legacy, dict):
+        params = {**legacy, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if rope_type == "llama3":
+        out.update(
+            use_scaled_rope=True,
+            rope_scaling_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_seq_len=int(params["original_max_position_embeddings"]),
+        )
+    elif rope_type != "default":
+        raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
+    return out
+
+
+def _model_args(config: Any, kind: str) -> ModelArgs:
+    common: dict[str, Any] = dict(
+        dim=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        norm_eps=config.rms_norm_eps,
+        max_seq_len=config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        **_rope_args(config),
+    )
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("attention_bias / mlp_bias are not supported (Llama has none)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (SwiGLU uses silu)")
+    if kind == "llama":
+        return ModelArgs(hidden_dim=config.intermediate_size, **common)
+    n = config.num_hidden_layers
+    use_rope = [bool(x) for x in config.no_rope_layers[:n]]
+    chunk = config.attention_chunk_size
+    expected = ["chunked_attention" if r and chunk is not None else "full_attention" for r in use_rope]
+    types = list(config.layer_types[:n]) if getattr(config, "layer_types", None) else expected
+    if chunk is None:
+        types = ["full_attention" if t == "chunked_attention" else t for t in types]
+    if types != expected:
+        raise ValueError(
+            f"layer_types={types} is not Llama 4's rule (chunked on RoPE layers, full on NoPE layers: {expected})"
+        )
+    moe_layers = list(config.moe_layers)
+    return ModelArgs(
+        hidden_dim=config.intermediate_size_mlp,
+        use_qk_norm=bool(config.use_qk_norm),
+        nope_layers=[i for i, r in enumerate(use_rope) if not r],
+        attention_chunk_size=chunk,
+        attn_temperature_tuning=bool(config.attn_temperature_tuning),
+        floor_scale=float(config.floor_scale),
+        attn_scale=float(config.attn_scale),
+        moe_args=MoEArgs(
+            num_experts=config.num_local_experts,
+            top_k=config.num_experts_per_tok,
+            hidden_dim=config.intermediate_size,
+        )
+        if moe_layers
+        else None,
+        moe_layers=moe_layers or None,
+        **common,
+    )
+
+
+def _to_vermeil_state_dict(hf_sd: dict[str, Tensor], args: ModelArgs, kind: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {
+        "tok_embeddings.weight": hf_sd["model.embed_tokens.weight"],
+        "norm.weight": hf_sd["model.norm.weight"],
+        "output.weight": hf_sd.get("lm_head.weight", hf_sd["model.embed_tokens.weight"]),
+    }
+    for i in range(args.n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        wq, wk = hf_sd[src + "self_attn.q_proj.weight"], hf_sd[src + "self_attn.k_proj.weight"]
+        if kind == "llama":
+            wq = permute_half_to_interleaved(wq, args.n_heads)
+            wk = permute_half_to_interleaved(wk, args.n_kv_heads)  # type: ignore[arg-type]
+        out[dst + "attention.wq.weight"] = wq
+        out[dst + "attention.wk.weight"] = wk
+        out[dst + "attention.wv.weight"] = hf_sd[src + "self_attn.v_proj.weight"]
+        out[dst + "attention.wo.weight"] = hf_sd[src + "self_attn.o_proj.weight"]
+        out[dst + "attention_norm.weight"] = hf_sd[src + "input_layernorm.weight"]
+        out[dst + "ffn_norm.weight"] = hf_sd[src + "post_attention_layernorm.weight"]
+        ff_src = src + ("mlp." if kind == "llama" else "feed_forward.")
+        if args.is_moe_layer(i):
+            gate_up = hf_sd[ff_src + "experts.gate_up_proj"]  # (E, D, 2F), gate first
+            w1, w3 = gate_up.chunk(2, dim=-1)
+            out[dst + "feed_forward.experts.w1"] = w1
+            out[dst + "feed_forward.experts.w3"] = w3
+            out[dst + "feed_forward.experts.w2"] = hf_sd[ff_src + "experts.down_proj"]
+            out[dst + "feed_forward.router.router_DE"] = hf_sd[ff_src + "router.weight"].T
+            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                out[dst + f"feed_forward.shared_expert.{ours}.weight"] = hf_sd[
+                    ff_src + f"shared_expert.{hf_name}.weight"
+                ]
+        else:
+            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                out[dst + f"feed_forward.{ours}.weight"] = hf_sd[ff_src + f"{hf_name}.weight"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def from_transformers_llama(hf_model: nn.Module) -> LLM:
+    """Convert a transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` into an `LLM` (same dtype, CPU
+    or the model's device), loading every weight strictly.
+
+    Raises:
+        ValueError: another class, or a config Vermeil cannot express (biases, other RoPE types, layer types
+            outside Llama 4's rule).
+    """
+    kind = _kind(hf_model)
+    args = _model_args(hf_model.config, kind)
+    hf_sd = hf_model.state_dict()
+    ref = hf_sd["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = LLM(args, dtype=ref.dtype)
+    state = _to_vermeil_state_dict(hf_sd, args, kind)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # Non-persistent buffers (RoPE tables) were built on meta: rebuild them on the weights' device.
+    model.rope = type(model.rope)(
+        args.head_dim,  # type: ignore[arg-type]
+        theta=args.rope_theta,
+        pairing="interleaved",
+        max_seq_len=min(args.max_seq_len, 8192),
+        scaling=args.rope_scaling(),
+        device=ref.device,
+    )
+    return model.train(hf_model.training)
+
+
+def _target(model: LLM) -> str:
+    a = model.args
+    llama4 = (
+        a.moe_args is not None
+        or a.use_qk_norm
+        or a.attention_chunk_size is not None
+        or any(layer.is_nope_layer for layer in model.layers)
+    )
+    return "llama4" if llama4 else "llama"
+
+
+def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
+    """The transformers config (`LlamaConfig` or `Llama4TextConfig`) describing `model`.
+
+    target: "llama", "llama4" or None (llama4 when the model uses MoE, NoPE, chunking or qk norm).
+    """
+    import transformers
+
+    a = model.args
+    target = target or _target(model)
+    if target == "llama" and _target(model) == "llama4":
+        raise ValueError("target='llama' cannot express MoE, NoPE layers, chunked attention or qk norm")
+    if a.vision_args is not None:
+        raise ValueError("vision weights have no transformers counterpart here (text models only)")
+    if a.moe_args is not None and (a.moe_args.score_func != "sigmoid" or not a.moe_args.shared_expert):
+        raise ValueError("transformers' Llama 4 MoE needs score_func='sigmoid' and a shared expert")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
+    if a.use_scaled_rope:
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": a.rope_theta,
+            "factor": a.rope_scaling_factor,
+            "low_freq_factor": a.rope_low_freq_factor,
+            "high_freq_factor": a.rope_high_freq_factor,
+            "original_max_position_embeddings": a.rope_original_max_seq_len,
+        }
+    common: dict[str, Any] = dict(
+        vocab_size=a.vocab_size,
+        hidden_size=a.dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        head_dim=a.head_dim,
+        rms_norm_eps=a.norm_eps,
+        max_position_embeddings=a.max_seq_len,
+        tie_word_embeddings=a.tie_word_embeddings,
+        rope_parameters=rope,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if target == "llama":
+        return transformers.LlamaConfig(intermediate_size=a.dense_hidden_dim(), **common)
+    moe_layers = [i for i in range(a.n_layers) if a.is_moe_layer(i)]
+    moe = a.moe_args
+    return transformers.Llama4TextConfig(
+        intermediate_size=a.expert_hidden_dim() if moe is not None else a.dense_hidden_dim(),
+        intermediate_size_mlp=a.dense_hidden_dim(),
+        num_local_experts=moe.num_experts if moe is not None else 1,
+        num_experts_per_tok=moe.top_k if moe is not None else 1,
+        moe_layers=moe_layers,
+        use_qk_norm=a.use_qk_norm,
+        no_rope_layers=[int(not a.is_nope_layer(i)) for i in range(a.n_layers)],
+        attention_chunk_size=a.attention_chunk_size,
+        attn_temperature_tuning=a.attn_temperature_tuning,
+        floor_scale=int(a.floor_scale) if float(a.floor_scale).is_integer() else a.floor_scale,
+        attn_scale=a.attn_scale,
+        **common,
+    )
+
+
+def to_transformers_llama_state_dict(model: LLM, target: str | None = None) -> dict[str, Tensor]:
+    """`model`'s weights under transformers' names (Llama: q/k rows permuted to the half-split layout)."""
+    a = model.args
+    target = target or _target(model)
+    sd = model.state_dict()
+    out: dict[str, Tensor] = {
+        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
+    for i in range(a.n_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        wq, wk = sd[src + "attention.wq.weight"], sd[src + "attention.wk.weight"]
+        if target == "llama":
+            wq = permute_interleaved_to_half(wq, a.n_heads)
+            wk = permute_interleaved_to_half(wk, a.n_kv_heads)  # type: ignore[arg-type]
+        out[dst + "self_attn.q_proj.weight"] = wq
+        out[dst + "self_attn.k_proj.weight"] = wk
+        out[dst + "self_attn.v_proj.weight"] = sd[src + "attention.wv.weight"]
+        out[dst + "self_attn.o_proj.weight"] = sd[src + "attention.wo.weight"]
+        out[dst + "input_layernorm.weight"] = sd[src + "attention_norm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
+        ff = dst + ("mlp." if target == "llama" else "feed_forward.")
+        if a.is_moe_layer(i):
+            out[ff + "experts.gate_up_proj"] = torch.cat(
+                [sd[src + "feed_forward.experts.w1"], sd[src + "feed_forward.experts.w3"]], dim=-1
+            )
+            out[ff + "experts.down_proj"] = sd[src + "feed_forward.experts.w2"]
+            out[ff + "router.weight"] = sd[src + "feed_forward.router.router_DE"].T
+            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                out[ff + f"shared_expert.{hf_name}.weight"] = sd[
+                    src + f"feed_forward.shared_expert.{ours}.weight"
+                ]
+        else:
+            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                out[ff + f"{hf_name}.weight"] = sd[src + f"feed_forward.{ours}.weight"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def to_transformers_llama(model: LLM, target: str | None = None) -> nn.Module:
+    """Build the transformers model (`LlamaForCausalLM` or `Llama4ForCausalLM`) holding `model`'s weights.
+
+    target: "llama", "llama4" or None (chosen from the architecture, see `transformers_llama_config`).
+    """
+    import transformers
+
+    target = target or _target(model)
+    config = transformers_llama_config(model, target)
+    cls = transformers.LlamaForCausalLM if target == "llama" else transformers.Llama4ForCausalLM
+    ref = model.tok_embeddings.weight
+    hf = cls(config).to(dtype=ref.dtype, device=ref.device)
+    state = to_transformers_llama_state_dict(model, target)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"to_transformers_llama: missing keys {missing}, unexpected keys {unexpected}")
+    return hf.train(model.training)

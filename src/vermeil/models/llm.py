@@ -1,0 +1,1058 @@
+"""A Llama-4-style decoder LLM: GQA, RoPE (interleaved, llama3 scaling), NoPE layers with temperature tuning,
+chunked local attention with a chunk-bounded cache, weightless qk norm, MoE layers, optional vision input.
+
+Module and parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq/wk/wv/wo`, `attention_norm`,
+`ffn_norm`, `feed_forward.w1/w3/w2` or the MoE's `router.router_DE`, `experts.w1/w3/w2`, `shared_expert.*`,
+`norm`, `output`, `vision_embeddings.*`, `vision_projection`), so the reference's state dicts load as they are,
+and its raw-shard keys (fused `wqkv`, `mlp.fc1_weight`, `moe_w_in_eD_F`, ...) load through load hooks
+(shared/REFERENCES.md §b.1). Other layouts (transformers) go through `vermeil.interop`.
+
+Where this differs from Meta's reference (`llama_models/llama4/model.py`), on purpose:
+    - it trains (Meta's forward is `@torch.inference_mode()` and its MoE detaches the expert input) and runs on
+      the CPU (Meta allocates caches with `.cuda()` and needs fairscale);
+    - chunked layers apply the chunk rule at every decode step (Meta builds masks only when `seqlen > 1`, so its
+      one-token decode attends to the whole cache across chunk boundaries, REFERENCES §b.1) and keep a cache of
+      `attention_chunk_size` slots (a ring buffer), not `max_seq_len`; transformers does the same
+      (`DynamicSlidingWindowLayer` + `chunked_overlay`), and tests/interop checks token parity with it;
+    - `head_dim` is honoured in the attention too (Meta's `Attention` uses `dim // n_heads` whatever `head_dim`
+      says);
+    - positions are tensors (`input_pos`), gpt-fast style, instead of an int `start_pos`.
+
+Shapes: B batch, T query length, S key length, D model dim, H heads, Hkv kv heads, Dh head dim, V vocabulary,
+C chunk size (ring-cache slots), E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vermeil.models.vision import VisionArgs, VisionEmbeddings
+from vermeil.nn.attention import attention
+from vermeil.nn.cache import KVCache
+from vermeil.nn.feedforward import SwiGLU, llama_hidden_dim
+from vermeil.nn.masks import attention_mask
+from vermeil.nn.moe import MoE, moe_hidden_dim
+from vermeil.nn.norms import RMSNorm, rms_norm
+from vermeil.nn.positional import RopeScaling, RotaryEmbedding, apply_rotary
+
+__all__ = [
+    "LLM",
+    "PRESETS",
+    "Attention",
+    "ChunkKVCache",
+    "MaskedEmbedding",
+    "ModelArgs",
+    "MoEArgs",
+    "TransformerBlock",
+    "TransformerInput",
+    "TransformerOutput",
+    "VisionArgs",
+    "build",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _check_pos_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+@dataclass
+class MoEArgs:
+    """Mixture-of-Experts settings (Meta's `MoEArgs` names, plus Vermeil's explicit choices).
+
+    Args:
+        num_experts: E routed experts.
+        top_k: experts per token (Llama 4: 1).
+        capacity_factor, auto_scale_F: Meta's expert hidden-size rule (see `vermeil.nn.moe.moe_hidden_dim`).
+        interleave_moe_layer_step: layer i is an MoE layer when `(i + 1) % step == 0` (1: every layer).
+        shared_expert: add the dense shared expert (Llama 4: yes).
+        score_func: "sigmoid" (Llama 4) or "softmax" (Mixtral-style routing, renormalised, output-weighted).
+        hidden_dim: explicit expert hidden size (transformers' `intermediate_size`); None applies Meta's rule.
+        aux_loss_coef, z_loss_coef: weights of the load-balancing and router z losses in `aux_loss` (0: off).
+        backend: MoE dispatch ("grouped", "padded", "loop", "dense"), see `vermeil.nn.moe.MoE`.
+    """
+
+    num_experts: int = 16
+    top_k: int = 1
+    capacity_factor: float = 1.0
+    auto_scale_F: bool = True  # noqa: N815 (Meta's name)
+    interleave_moe_layer_step: int = 1
+    shared_expert: bool = True
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    hidden_dim: int | None = None
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    backend: Literal["grouped", "padded", "loop", "dense"] = "grouped"
+
+    def __post_init__(self) -> None:
+        _check_pos_int("num_experts", self.num_experts)
+        _check_pos_int("top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        _check_pos_int("interleave_moe_layer_step", self.interleave_moe_layer_step)
+        if self.hidden_dim is not None:
+            _check_pos_int("hidden_dim", self.hidden_dim)
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func={self.score_func!r} must be 'sigmoid' or 'softmax'")
+        if self.backend not in ("grouped", "padded", "loop", "dense"):
+            raise ValueError(f"backend={self.backend!r} must be 'grouped', 'padded', 'loop' or 'dense'")
+        if self.capacity_factor < 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0")
+
+
+@dataclass
+class ModelArgs:
+    """Configuration of `LLM`, with Meta's field names (`llama_models/llama4/args.py`).
+
+    Vermeil additions (all optional): `head_dim` honoured everywhere, `hidden_dim` (explicit dense FFN width,
+    transformers' `intermediate_size[_mlp]`), `nope_layers` / `moe_layers` (explicit layer lists, as
+    transformers' `no_rope_layers` / `moe_layers`), `rope_low_freq_factor` / `rope_original_max_seq_len`
+    (Llama 3.x scaling constants), `tie_word_embeddings`, `attention_backend`. `max_seq_len` sizes the initial
+    RoPE table (it grows on demand) and `max_batch_size` is kept for Meta's configs: caches are sized by
+    `LLM.setup_cache(batch_size, max_seq_len)`.
+
+    Layer rules (REFERENCES §b.1): layer i is NoPE when `(i + 1) % nope_layer_interval == 0`; NoPE layers attend
+    globally (with temperature tuning when `attn_temperature_tuning`), RoPE layers use chunked local attention
+    when `attention_chunk_size` is set and the weightless qk norm when `use_qk_norm`; layer i is MoE when
+    `moe_args` is set and `(i + 1) % moe_args.interleave_moe_layer_step == 0`.
+    """
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    ffn_exp: float | None = None
+    hidden_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_original_max_seq_len: int = 8192
+    max_seq_len: int = 2048
+    max_batch_size: int = 32
+    use_qk_norm: bool = False
+    nope_layer_interval: int | None = None
+    nope_layers: list[int] | None = None
+    attention_chunk_size: int | None = None
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    moe_args: MoEArgs | None = None
+    moe_layers: list[int] | None = None
+    vision_args: VisionArgs | None = None
+    tie_word_embeddings: bool = False
+    attention_backend: Literal["sdpa", "math", "flash"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "vocab_size",
+            "multiple_of",
+            "max_seq_len",
+            "max_batch_size",
+        ):
+            _check_pos_int(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check_pos_int("n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(
+                    f"dim={self.dim} must be divisible by n_heads={self.n_heads} (or set head_dim explicitly)"
+                )
+            self.head_dim = self.dim // self.n_heads
+        _check_pos_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates channel pairs)")
+        if self.hidden_dim is not None:
+            _check_pos_int("hidden_dim", self.hidden_dim)
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ValueError(f"ffn_dim_multiplier={self.ffn_dim_multiplier} must be > 0")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if self.use_scaled_rope:
+            # Meta's default (llama-models PR #322): only Llama 4 Scout uses scaled RoPE, with 16 / 1.
+            if self.rope_scaling_factor is None:
+                self.rope_scaling_factor = 16.0
+            if self.rope_high_freq_factor is None:
+                self.rope_high_freq_factor = 1.0
+            self.rope_scaling()  # validates the constants (RopeScaling.__post_init__)
+        if self.nope_layer_interval is not None:
+            _check_pos_int("nope_layer_interval", self.nope_layer_interval)
+        for name in ("nope_layers", "moe_layers"):
+            layers = getattr(self, name)
+            if layers is not None:
+                bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+                if bad:
+                    raise ValueError(
+                        f"{name}={layers} must hold layer indices in [0, n_layers={self.n_layers})"
+                    )
+                setattr(self, name, sorted(set(layers)))
+        if self.moe_layers is not None and self.moe_args is None:
+            raise ValueError(f"moe_layers={self.moe_layers} needs moe_args")
+        if self.attention_chunk_size is not None:
+            _check_pos_int("attention_chunk_size", self.attention_chunk_size)
+        if not self.floor_scale > 0:
+            raise ValueError(f"floor_scale={self.floor_scale} must be > 0")
+        if isinstance(self.moe_args, dict):
+            self.moe_args = MoEArgs(**self.moe_args)
+        if isinstance(self.vision_args, dict):
+            self.vision_args = VisionArgs(**self.vision_args)
+        if self.moe_args is not None and self.moe_args.hidden_dim is None and self.ffn_exp is None:
+            raise ValueError(
+                "moe_args needs ffn_exp (Meta's expert width rule int(ffn_exp * dim)) or moe_args.hidden_dim"
+            )
+        if self.attention_backend not in ("sdpa", "math", "flash"):
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} must be 'sdpa', 'math' or 'flash'"
+            )
+
+    # -- derived ---------------------------------------------------------------------------------------------
+
+    def rope_scaling(self) -> RopeScaling | None:
+        """The llama3 frequency scaling, or None when `use_scaled_rope` is off."""
+        if not self.use_scaled_rope:
+            return None
+        return RopeScaling(
+            factor=float(self.rope_scaling_factor),  # type: ignore[arg-type]
+            low_freq_factor=float(self.rope_low_freq_factor),
+            high_freq_factor=float(self.rope_high_freq_factor),  # type: ignore[arg-type]
+            original_max_seq_len=self.rope_original_max_seq_len,
+        )
+
+    def is_nope_layer(self, layer_id: int) -> bool:
+        """NoPE layer (no RoPE, global attention, temperature tuning): Meta's `(i + 1) % interval == 0`."""
+        if self.nope_layers is not None:
+            return layer_id in self.nope_layers
+        return self.nope_layer_interval is not None and (layer_id + 1) % self.nope_layer_interval == 0
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """MoE feed-forward: Meta's `(i + 1) % interleave_moe_layer_step == 0`."""
+        if self.moe_args is None:
+            return False
+        if self.moe_layers is not None:
+            return layer_id in self.moe_layers
+        return (layer_id + 1) % self.moe_args.interleave_moe_layer_step == 0
+
+    def dense_hidden_dim(self) -> int:
+        """Dense SwiGLU width: `hidden_dim`, else Meta's `llama_hidden_dim(dim, multiple_of, multiplier)`."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        return llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def expert_hidden_dim(self) -> int:
+        """Expert SwiGLU width: `moe_args.hidden_dim`, else Meta's MoE rule."""
+        assert self.moe_args is not None  # internal: only called for MoE layers
+        if self.moe_args.hidden_dim is not None:
+            return self.moe_args.hidden_dim
+        return moe_hidden_dim(
+            self.dim,
+            ffn_exp=float(self.ffn_exp),  # type: ignore[arg-type]
+            multiple_of=self.multiple_of,
+            ffn_dim_multiplier=self.ffn_dim_multiplier,
+            auto_scale_F=self.moe_args.auto_scale_F,
+            capacity_factor=self.moe_args.capacity_factor,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs and outputs (Meta's datatypes)
+
+
+@dataclass
+class MaskedEmbedding:
+    """Image features to merge into the token embeddings.
+
+    embedding: (B, T, Dv) vision features already placed at their token positions (`VisionEmbeddings` output,
+        Dv = `vision_args.output_dim`); mask: (B, T) or (B, T, 1) bool, True at image-token positions.
+    """
+
+    embedding: Tensor
+    mask: Tensor
+
+
+@dataclass
+class TransformerInput:
+    """Meta's input bundle. tokens: (B, T). tokens_position: the start position, an int shared by the batch or a
+    (B,) tensor of per-row starts (per-row starts need no cache). image_embedding: optional `MaskedEmbedding`."""
+
+    tokens: Tensor
+    tokens_position: int | Tensor = 0
+    image_embedding: MaskedEmbedding | None = None
+
+
+@dataclass
+class TransformerOutput:
+    """logits: (B, T, V) float32; aux_loss: scalar sum of the MoE layers' auxiliary losses (0 without MoE)."""
+
+    logits: Tensor
+    aux_loss: Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches
+
+
+class ChunkKVCache(nn.Module):
+    """KV cache of a chunked-attention layer: a ring buffer of `slots` positions (slot = position % slots).
+
+    A query at position p only ever sees keys in its own chunk `[C * (p // C), p]`, at most C positions, so
+    C slots suffice; `kv_pos` records which position each slot holds (-1: empty) and the chunk rule is applied
+    to those positions, so stale slots from an earlier chunk are never attended.
+
+    Buffers (non-persistent): k_cache, v_cache (B, Hkv, slots, Dh); kv_pos (slots,) int64.
+    """
+
+    k_cache: Tensor
+    v_cache: Tensor
+    kv_pos: Tensor
+
+    def __init__(
+        self,
+        batch_size: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.slots = batch_size, slots
+        shape = (batch_size, kv_heads, slots, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "kv_pos", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=False
+        )
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.kv_pos.fill_(-1)
+
+    def write(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write the last `min(T, slots)` of k/v (B, Hkv, T, Dh) at `input_pos` (T,) (consecutive positions)."""
+        n = min(k.shape[2], self.slots)
+        pos = input_pos[-n:]
+        slot = pos % self.slots
+        b = k.shape[0]
+        self.k_cache[:b].index_copy_(2, slot, k[:, :, -n:].to(self.k_cache.dtype))
+        self.v_cache[:b].index_copy_(2, slot, v[:, :, -n:].to(self.v_cache.dtype))
+        self.kv_pos.index_copy_(0, slot, pos)
+
+    def extra_repr(self) -> str:
+        return f"batch_size={self.batch_size}, slots={self.slots}, dtype={self.k_cache.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def _block_causal(q: Tensor, k: Tensor, v: Tensor, chunk: int, scale: float, backend: Any) -> Tensor:
+    """Chunked causal attention for positions 0..T-1 as block-diagonal causal attention: the sequence is cut
+    into T/C independent chunks (zero-padded at the end; padded keys sit after every real query of their chunk,
+    so causality hides them) and each runs through SDPA's is_causal kernel. O(T*C) instead of a T x T mask.
+
+    q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
+    """
+    b, h, t, dh = q.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+
+    def split(x: Tensor) -> Tensor:  # (B, h, n*C, Dh) -> (B*n, h, C, Dh)
+        return x.unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
+
+    out = attention(split(q), split(k), split(v), causal=True, scale=scale, backend=backend)
+    return out.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3)[:, :, :t]
+
+
+class Attention(nn.Module):
+    """Llama 4 attention: GQA projections `wq/wk/wv/wo`, RoPE or NoPE, weightless qk norm after RoPE, temperature
+    tuning on NoPE layers, global or chunked causal attention, a static cache (full, or a chunk ring buffer).
+
+    Built from `vermeil.nn` functions rather than `vermeil.nn.attention.Attention`, which has no temperature
+    tuning, no weightless (post-RoPE, RoPE-layers-only) qk norm and no chunk-bounded cache.
+
+    Args:
+        dim: D. n_heads: H. n_kv_heads: Hkv. head_dim: Dh.
+        use_rope: rotate q/k (interleaved pairs, Meta's complex layout); False makes a NoPE layer.
+        use_qk_norm: `rms_norm(x, eps=norm_eps)` without weight on q and k, after RoPE.
+        chunk_size: chunked local attention block C, or None for global causal attention.
+        temperature_tuning: scale q by `log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1`.
+    """
+
+    kv_cache: KVCache | ChunkKVCache | None
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        use_rope: bool = True,
+        use_qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+        chunk_size: int | None = None,
+        temperature_tuning: bool = False,
+        floor_scale: float = 8192.0,
+        attn_scale: float = 0.1,
+        backend: Literal["sdpa", "math", "flash"] = "sdpa",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
+        self.use_rope, self.use_qk_norm, self.norm_eps = use_rope, use_qk_norm, norm_eps
+        self.chunk_size = chunk_size
+        self.temperature_tuning, self.floor_scale, self.attn_scale = (
+            temperature_tuning,
+            floor_scale,
+            attn_scale,
+        )
+        self.backend = backend
+        self.scale = head_dim**-0.5
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False, **factory)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False, **factory)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False, **factory)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False, **factory)
+        self.kv_cache = None
+        self._register_load_state_dict_pre_hook(self._load_hook)
+
+    def reset_parameters(self) -> None:
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            lin.reset_parameters()
+
+    def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # Meta raw shards fuse q, k, v row-wise: [H*Dh; Hkv*Dh; Hkv*Dh] (Meta `Attention.load_hook`).
+        if prefix + "wqkv.weight" in state_dict:
+            wqkv = state_dict.pop(prefix + "wqkv.weight")
+            d, r = divmod(wqkv.shape[0], self.n_heads + 2 * self.n_kv_heads)
+            if r:
+                raise ValueError(
+                    f"{prefix}wqkv.weight has {wqkv.shape[0]} rows, not a multiple of "
+                    f"n_heads + 2 * n_kv_heads = {self.n_heads + 2 * self.n_kv_heads}"
+                )
+            wq, wk, wv = wqkv.split([d * self.n_heads, d * self.n_kv_heads, d * self.n_kv_heads], dim=0)
+            state_dict[prefix + "wq.weight"] = wq
+            state_dict[prefix + "wk.weight"] = wk
+            state_dict[prefix + "wv.weight"] = wv
+
+    # -- cache -----------------------------------------------------------------------------------------------
+
+    def setup_cache(
+        self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        factory: dict[str, Any] = {"dtype": dtype, "device": device}
+        if self.chunk_size is not None:
+            slots = min(self.chunk_size, max_seq_len)
+            self.kv_cache = ChunkKVCache(batch_size, slots, self.n_kv_heads, self.head_dim, **factory)
+        else:
+            self.kv_cache = KVCache(batch_size, max_seq_len, self.n_kv_heads, self.head_dim, **factory)
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
+
+    def delete_cache(self) -> None:
+        self.kv_cache = None
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        positions: Tensor | None,
+        global_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend.
+
+        Args:
+            x: (B, T, D).
+            rope: (cos, sin), each (T, Dh/2) or (B, T, Dh/2) float32, for these positions.
+            positions: (T,) or (B, T) integer positions; None means 0..T-1 (training: fast fused kernels).
+                With a cache, (T,) consecutive positions.
+            global_mask: with a full cache, the (1, 1, T, S_max) causal position mask shared by the layers.
+
+        Returns:
+            (B, T, D).
+        """
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.use_rope:
+            assert rope is not None  # internal: the LLM passes tables to RoPE layers
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin, "interleaved"), apply_rotary(k, cos, sin, "interleaved")
+        if self.use_qk_norm:  # Llama 4: weightless RMS norm, after RoPE, RoPE layers only
+            q, k = rms_norm(q, None, self.norm_eps), rms_norm(k, None, self.norm_eps)
+        if self.temperature_tuning:  # arXiv:2501.19399, NoPE layers only; exactly 1 below floor_scale - 1
+            pos = positions if positions is not None else torch.arange(t, device=x.device)
+            pos_f = pos.to(torch.float32)
+            scales = torch.log(torch.floor((pos_f + 1.0) / self.floor_scale) + 1.0) * self.attn_scale + 1.0
+            scales = scales.view(-1, 1, t, 1) if scales.ndim == 2 else scales.view(1, 1, t, 1)
+            q = (q.to(torch.promote_types(q.dtype, torch.float32)) * scales).to(q.dtype)
+
+        cache = self.kv_cache if positions is not None else None  # input_pos=None: plain forward
+        if cache is None:
+            out = self._attend_no_cache(q, k, v, positions)
+        elif isinstance(cache, KVCache):
+            assert positions is not None and global_mask is not None  # internal: the LLM checks input_pos
+            k_all, v_all = cache.update(positions, k, v)  # (B, Hkv, S_max, Dh)
+            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)  # no-op unless the cache has its own dtype
+            out = attention(q, k_all, v_all, global_mask, scale=self.scale, backend=self.backend)
+        else:
+            assert positions is not None
+            out = self._attend_ring(cache, q, k, v, positions)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend_no_cache(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None) -> Tensor:
+        t = q.shape[2]
+        if positions is None:
+            if self.chunk_size is None or t <= self.chunk_size:
+                return attention(q, k, v, causal=True, scale=self.scale, backend=self.backend)
+            return _block_causal(q, k, v, self.chunk_size, self.scale, self.backend)
+        mask = attention_mask(positions, positions, causal=True, chunk=self.chunk_size)  # (B|1, 1, T, T)
+        return attention(q, k, v, mask, scale=self.scale, backend=self.backend)
+
+    def _attend_ring(self, cache: ChunkKVCache, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        b, t = q.shape[0], q.shape[2]
+        if t == 1:
+            # One new token: the slot it overwrites held position p - C (an earlier chunk), so write first.
+            cache.write(positions, k, v)
+            k_all, v_all, kv_pos = cache.k_cache[:b], cache.v_cache[:b], cache.kv_pos
+        else:
+            # Several: earlier new tokens may need keys the later ones would overwrite; attend over the old
+            # ring plus the new keys, then keep the last C.
+            k_all = torch.cat([cache.k_cache[:b], k.to(cache.k_cache.dtype)], dim=2)
+            v_all = torch.cat([cache.v_cache[:b], v.to(cache.v_cache.dtype)], dim=2)
+            kv_pos = torch.cat([cache.kv_pos, positions])
+        mask = attention_mask(positions, kv_pos, causal=True, chunk=self.chunk_size)  # (1, 1, T, S)
+        mask = mask & (kv_pos >= 0)  # empty slots
+        out = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask, scale=self.scale, backend=self.backend)
+        if t > 1:
+            cache.write(positions, k, v)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+            f"use_rope={self.use_rope}, use_qk_norm={self.use_qk_norm}, chunk_size={self.chunk_size}, "
+            f"temperature_tuning={self.temperature_tuning}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks and model
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: `h = x + attention(attention_norm(x))`, `out = h + feed_forward(ffn_norm(h))`.
+
+    `feed_forward` is a `SwiGLU` (`w1/w3/w2`) or, on MoE layers, a `vermeil.nn.moe.MoE`.
+    """
+
+    def __init__(
+        self,
+        layer_id: int,
+        args: ModelArgs,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.layer_id = layer_id
+        self.is_nope_layer = args.is_nope_layer(layer_id)
+        self.is_moe_layer = args.is_moe_layer(layer_id)
+        use_rope = not self.is_nope_layer
+        self.attention = Attention(
+            args.dim,
+            args.n_heads,
+            args.n_kv_heads,  # type: ignore[arg-type]
+            args.head_dim,  # type: ignore[arg-type]
+            use_rope=use_rope,
+            use_qk_norm=args.use_qk_norm and use_rope,
+            norm_eps=args.norm_eps,
+            chunk_size=args.attention_chunk_size if use_rope else None,
+            temperature_tuning=args.attn_temperature_tuning and not use_rope,
+            floor_scale=args.floor_scale,
+            attn_scale=args.attn_scale,
+            backend=args.attention_backend,
+            **factory,
+        )
+        self.feed_forward: nn.Module
+        if self.is_moe_layer:
+            moe = args.moe_args
+            assert moe is not None
+            self.feed_forward = MoE(
+                args.dim,
+                args.expert_hidden_dim(),
+                moe.num_experts,
+                moe.top_k,
+                score_func=moe.score_func,
+                shared_expert=moe.shared_expert,
+                prescale_input=moe.score_func == "sigmoid",
+                renormalize=moe.score_func == "softmax",
+                aux_loss_coef=moe.aux_loss_coef,
+                z_loss_coef=moe.z_loss_coef,
+                backend=moe.backend,
+                **factory,
+            )
+        else:
+            self.feed_forward = SwiGLU(args.dim, args.dense_hidden_dim(), **factory)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, **factory)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, **factory)
+        self._register_load_state_dict_pre_hook(self._load_hook)
+
+    def reset_parameters(self) -> None:
+        """Each submodule's own default (the model-level scheme is `LLM.init_weights`)."""
+        for module in (self.attention, self.feed_forward, self.attention_norm, self.ffn_norm):
+            module.reset_parameters()
+
+    def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # Meta `TransformerBlock.load_hook` + `FeedForward.load_hook` (the dense FFN is our SwiGLU, so its raw
+        # fused `fc1_weight` = [w1 (gate); w3 (up)] is split here).
+        renames = {
+            "attention.wqkv.layer_norm_weight": "attention_norm.weight",
+            "feed_forward.mlp.layer_norm_weight": "ffn_norm.weight",
+            "feed_forward.norm.weight": "ffn_norm.weight",
+            "feed_forward.mlp.fc2_weight": "feed_forward.w2.weight",
+        }
+        for old, new in renames.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        if prefix + "feed_forward.mlp.fc1_weight" in state_dict:
+            w1, w3 = state_dict.pop(prefix + "feed_forward.mlp.fc1_weight").chunk(2, dim=0)
+            state_dict[prefix + "feed_forward.w1.weight"] = w1
+            state_dict[prefix + "feed_forward.w3.weight"] = w3
+        for k in ("feed_forward.experts.mlp", "feed_forward.mlp_shared", "attention.wo", "attention.wqkv"):
+            state_dict.pop(prefix + k + "._extra_state", None)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        positions: Tensor | None,
+        global_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, D) -> ((B, T, D), the MoE aux loss or None)."""
+        h = x + self.attention(self.attention_norm(x), rope, positions, global_mask)
+        if self.is_moe_layer:
+            moe_out = self.feed_forward(self.ffn_norm(h))
+            return h + moe_out.out, moe_out.aux_loss
+        return h + self.feed_forward(self.ffn_norm(h)), None
+
+
+class LLM(nn.Module):
+    """Llama-4-style decoder (Meta's `Transformer`): embeddings, blocks, final RMSNorm, output head.
+
+    Args:
+        args: the `ModelArgs`.
+        device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty` and
+            `init_weights`).
+
+    Call `forward(tokens, input_pos=None, image_embedding=None)` (or with a `TransformerInput`); for decoding
+    call `setup_cache(batch_size, max_seq_len)` first, then pass `input_pos` (T,) to read and write the cache
+    (without `input_pos` a forward ignores the cache, so a model keeps training after `generate`).
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(args, ModelArgs):
+            raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+        self.args = args
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, **factory)
+        self.layers = nn.ModuleList(TransformerBlock(i, args, **factory) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, **factory)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, **factory)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(
+            args.head_dim,  # type: ignore[arg-type]
+            theta=args.rope_theta,
+            pairing="interleaved",
+            max_seq_len=min(args.max_seq_len, 8192),  # grows on demand; Scout's 256k rows would be 128 MB
+            scaling=args.rope_scaling(),
+            device=device,
+        )
+        self.has_rope_layer = any(not layer.is_nope_layer for layer in self.layers)
+        if args.vision_args is not None:
+            self.vision_embeddings = VisionEmbeddings(args.vision_args, **factory)
+            self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False, **factory)
+        else:
+            self.vision_embeddings = None
+            self.vision_projection = None
+        self.cache_max_seq_len: int | None = None
+        self._register_load_state_dict_pre_hook(self._load_hook)
+        self.init_weights()
+
+    # -- weights ---------------------------------------------------------------------------------------------
+
+    def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        state_dict.pop(prefix + "rope.freqs", None)  # Meta's precomputed table: derived, not a weight
+        # A tied model may be given a checkpoint with only one of the two names.
+        if self.args.tie_word_embeddings:
+            emb, out = prefix + "tok_embeddings.weight", prefix + "output.weight"
+            if emb in state_dict and out not in state_dict:
+                state_dict[out] = state_dict[emb]
+            elif out in state_dict and emb not in state_dict:
+                state_dict[emb] = state_dict[out]
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = 0.02) -> None:
+        """Initialise every weight (torchtitan's Llama scheme).
+
+        Projections: truncated normal std `init_std` (±3 std); the residual outputs (`wo`, `w2`, expert `w2`)
+        use `init_std / sqrt(2 * (layer_id + 1))`, so the residual stream grows slowly with depth. Embeddings:
+        normal std 1 (RMSNorm follows), or `dim ** -0.5` when tied to the output. Output head: truncated normal
+        std `dim ** -0.5`. Norm weights: ones. Vision: the blocks' own `reset_parameters`.
+        """
+        dim = self.args.dim
+
+        def trunc(w: Tensor, std: float) -> None:
+            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+        if self.args.tie_word_embeddings:
+            nn.init.normal_(self.tok_embeddings.weight, std=dim**-0.5)
+        else:
+            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+            trunc(self.output.weight, dim**-0.5)
+        for layer in self.layers:
+            depth_std = init_std / math.sqrt(2 * (layer.layer_id + 1))
+            att = layer.attention
+            for lin in (att.wq, att.wk, att.wv):
+                trunc(lin.weight, init_std)
+            trunc(att.wo.weight, depth_std)
+            ff = layer.feed_forward
+            if isinstance(ff, MoE):
+                trunc(ff.router.router_DE, init_std)
+                trunc(ff.experts.w1, init_std)
+                trunc(ff.experts.w3, init_std)
+                trunc(ff.experts.w2, depth_std)
+                shared = ff.shared_expert
+            else:
+                shared = ff
+            if shared is not None:
+                trunc(shared.w1.weight, init_std)
+                trunc(shared.w3.weight, init_std)
+                trunc(shared.w2.weight, depth_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.rope.inv_freq.device.type != "meta":
+            self.rope.reset_parameters()
+        if self.vision_embeddings is not None:
+            self.vision_embeddings.reset_parameters()
+            trunc(self.vision_projection.weight, init_std)  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        """Same as `init_weights()` (the model's scheme)."""
+        self.init_weights()
+
+    # -- cache -----------------------------------------------------------------------------------------------
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate static caches: (B, Hkv, max_seq_len, Dh) on global layers, a ring of
+        `min(attention_chunk_size, max_seq_len)` slots on chunked layers. Afterwards pass `input_pos`.
+
+        dtype and device default to those of the parameters.
+        """
+        _check_pos_int("batch_size", batch_size)
+        _check_pos_int("max_seq_len", max_seq_len)
+        weight = self.tok_embeddings.weight
+        dtype = dtype or weight.dtype
+        device = torch.device(device) if device is not None else weight.device
+        for layer in self.layers:
+            layer.attention.setup_cache(batch_size, max_seq_len, dtype, device)
+        self.cache_max_seq_len = max_seq_len
+        self.rope.cos_sin(torch.tensor([max_seq_len - 1], device=device))  # grow the table once, up front
+
+    def reset_cache(self) -> None:
+        """Empty every cache in place (a new sequence)."""
+        for layer in self.layers:
+            layer.attention.reset_cache()
+
+    def delete_cache(self) -> None:
+        """Drop the caches (back to plain training forwards)."""
+        for layer in self.layers:
+            layer.attention.delete_cache()
+        self.cache_max_seq_len = None
+
+    # -- vision ----------------------------------------------------------------------------------------------
+
+    def embed_images(self, images: Tensor, image_mask: Tensor) -> MaskedEmbedding:
+        """Encode images and place their tokens where `image_mask` (B, T) is True.
+
+        images: (N, C, H, W), N images in the order their tokens appear (row by row). Returns a
+        `MaskedEmbedding` to pass as `image_embedding`.
+        """
+        if self.vision_embeddings is None:
+            raise ValueError("this model has no vision encoder (ModelArgs.vision_args is None)")
+        return MaskedEmbedding(self.vision_embeddings(images, image_mask), image_mask)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {shape}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dtype.is_complex:
+            raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens must hold at least one position (seq >= 1)")
+        # Value check in eager mode only (it reads the data: a graph break under compile, a sync on GPU).
+        if not torch.compiler.is_compiling() and tokens.numel():
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+            if lo < 0 or hi >= self.args.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, vocab_size={self.args.vocab_size})"
+                )
+
+    def _positions(self, tokens: Tensor, input_pos: Tensor | int | None) -> Tensor | None:
+        b, t = tokens.shape
+        cached = self.cache_max_seq_len is not None
+        if isinstance(input_pos, int):
+            input_pos = torch.arange(input_pos, input_pos + t, device=tokens.device)
+        if input_pos is None:
+            return None  # a plain forward over 0..T-1: the cache (if any) is neither read nor written
+        if input_pos.dtype.is_floating_point or input_pos.dtype == torch.bool:
+            raise TypeError(f"input_pos must hold integer positions, got dtype={input_pos.dtype}")
+        if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != t:
+            raise ValueError(f"input_pos must have shape (T={t},) or (B, T), got {tuple(input_pos.shape)}")
+        if input_pos.ndim == 2 and input_pos.shape[0] not in (1, b):
+            raise ValueError(f"input_pos of shape {tuple(input_pos.shape)} must have batch 1 or {b}")
+        if cached:
+            limit = self.cache_max_seq_len
+            if input_pos.ndim != 1:
+                raise ValueError(
+                    f"with a cache, input_pos must have shape (T={t},) (one position per step for the whole "
+                    f"batch), got {tuple(input_pos.shape)}"
+                )
+            if t > limit:  # type: ignore[operator]
+                raise ValueError(f"prompt of {t} tokens is longer than the cache (max_seq_len={limit})")
+            if not torch.compiler.is_compiling():
+                lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
+                if lo < 0 or hi >= limit:  # type: ignore[operator]
+                    raise ValueError(
+                        f"input_pos spans [{lo}, {hi}], outside the cache's positions [0, max_seq_len={limit})"
+                    )
+            if tokens.shape[0] > self.layers[0].attention.kv_cache.batch_size:  # type: ignore[union-attr]
+                raise ValueError(
+                    f"batch of {b} rows exceeds the cache's batch_size="
+                    f"{self.layers[0].attention.kv_cache.batch_size}"  # type: ignore[union-attr]
+                )
+        return input_pos
+
+    def forward(
+        self,
+        tokens: Tensor | TransformerInput,
+        input_pos: Tensor | int | None = None,
+        image_embedding: MaskedEmbedding | None = None,
+    ) -> TransformerOutput:
+        """Logits for every position.
+
+        Args:
+            tokens: (B, T) token ids, or a `TransformerInput` (then the other arguments must be None).
+            input_pos: None (positions 0..T-1, a plain forward that neither reads nor writes a cache), an int
+                start position, (T,) positions (with a cache: where the new keys are written, consecutive), or
+                (B, T) per-row positions (no cache).
+            image_embedding: `MaskedEmbedding` with (B, T, Dv) features and a (B, T) bool mask: those positions
+                take `vision_projection(features)` instead of the token embedding.
+
+        Returns:
+            TransformerOutput(logits (B, T, V) float32, aux_loss scalar).
+        """
+        if isinstance(tokens, TransformerInput):
+            if input_pos is not None or image_embedding is not None:
+                raise ValueError(
+                    "pass either a TransformerInput or tokens/input_pos/image_embedding, not both"
+                )
+            tin = tokens
+            tokens, image_embedding = tin.tokens, tin.image_embedding
+            start = tin.tokens_position
+            if isinstance(start, Tensor) and start.ndim == 1:
+                if start.shape[0] != tokens.shape[0]:
+                    raise ValueError(
+                        f"tokens_position of shape {tuple(start.shape)} must hold one start per row "
+                        f"(batch={tokens.shape[0]})"
+                    )
+                input_pos = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+            elif isinstance(start, Tensor):
+                input_pos = int(start)
+            else:
+                input_pos = start
+        self._check_tokens(tokens)
+        positions = self._positions(tokens, input_pos)
+        b, t = tokens.shape
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        if image_embedding is not None:
+            h = self._merge_image(h, image_embedding)
+
+        rope = None
+        if self.has_rope_layer:
+            rope = self.rope.cos_sin(positions if positions is not None else torch.arange(t, device=h.device))
+        global_mask = None
+        if self.cache_max_seq_len is not None and positions is not None:
+            kv_pos = torch.arange(self.cache_max_seq_len, device=h.device)
+            global_mask = attention_mask(positions, kv_pos, causal=True)  # (1, 1, T, S_max)
+        aux_loss = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, layer_aux = layer(h, rope, positions, global_mask)
+            if layer_aux is not None:
+                aux_loss = aux_loss + layer_aux
+        logits = self.output(self.norm(h)).float()
+        return TransformerOutput(logits, aux_loss)
+
+    def _merge_image(self, h: Tensor, image_embedding: MaskedEmbedding) -> Tensor:
+        if self.vision_projection is None:
+            raise ValueError("image_embedding given, but this model has no vision_args")
+        emb, mask = image_embedding.embedding, image_embedding.mask
+        if mask.dtype != torch.bool:
+            raise TypeError(f"image_embedding.mask must be bool, got {mask.dtype}")
+        if mask.ndim == 3 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.shape != h.shape[:2]:
+            raise ValueError(
+                f"image_embedding.mask must have shape (B, T)={tuple(h.shape[:2])}, got {tuple(mask.shape)}"
+            )
+        dv = self.vision_projection.in_features
+        if emb.shape != (*h.shape[:2], dv):
+            raise ValueError(
+                f"image_embedding.embedding must have shape (B, T, Dv)={(*h.shape[:2], dv)}, got {tuple(emb.shape)}"
+            )
+        h_image = self.vision_projection(emb.to(self.vision_projection.weight.dtype)).to(h.dtype)
+        return torch.where(mask[..., None], h_image, h)  # Meta: h * ~mask + h_image * mask
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (shared tensors once); optionally without the token embedding table."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        if exclude_embeddings and not self.args.tie_word_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+
+def build(
+    preset: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> LLM:
+    """`LLM(ModelArgs(**PRESETS[preset], **overrides))`; unknown presets raise with the valid names."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
+    return LLM(ModelArgs(**{**PRESETS[preset], **overrides}), device=device, dtype=dtype)
+
+
+# Published shapes (Meta's params.json / transformers configs); "debug" is tiny and odd-sized for tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(
+        dim=48,
+        n_layers=4,
+        n_heads=6,
+        n_kv_heads=2,
+        vocab_size=101,
+        multiple_of=16,
+        hidden_dim=74,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_seq_len=64,
+        use_qk_norm=True,
+        nope_layer_interval=4,
+        attention_chunk_size=5,
+        attn_temperature_tuning=True,
+        floor_scale=3.0,
+        moe_args=dict(num_experts=4, top_k=2, interleave_moe_layer_step=2, hidden_dim=40),
+    ),
+    # Llama 3.2 1B (params.json / HF config): tied embeddings, llama3 scaling factor 32.
+    "llama3.2-1b": dict(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        use_scaled_rope=True,
+        rope_scaling_factor=32.0,
+        rope_high_freq_factor=4.0,
+        max_seq_len=131072,
+        tie_word_embeddings=True,
+    ),
+    # Llama 4 Scout 17B-16E, text part (Meta params.json): 48 layers, 16 experts top-1 + shared expert on every
+    # layer, NoPE every 4th layer, chunk 8192, qk norm, scaled RoPE 16 / 1 (Meta's default for Scout).
+    "llama4-scout-text": dict(
+        dim=5120,
+        n_layers=48,
+        n_heads=40,
+        n_kv_heads=8,
+        head_dim=128,
+        vocab_size=202048,
+        multiple_of=2048,
+        ffn_dim_multiplier=1.2,
+        ffn_exp=4.0,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        use_scaled_rope=True,
+        max_seq_len=262144,
+        use_qk_norm=True,
+        nope_layer_interval=4,
+        attention_chunk_size=8192,
+        attn_temperature_tuning=True,
+        floor_scale=8192.0,
+        attn_scale=0.1,
+        moe_args=dict(
+            num_experts=16, top_k=1, capacity_factor=1.0, auto_scale_F=True, interleave_moe_layer_step=1
+        ),
+    ),
+}

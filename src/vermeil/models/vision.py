@@ -1,0 +1,265 @@
+"""Vision input for the LLM: images -> patches -> a small ViT built from `vermeil.nn` blocks -> pixel shuffle ->
+MLP adapter, placed at the token positions an image-token mask marks (Meta's `VisionEmbeddings`).
+
+Layout after Meta's `llama_models/llama4/vision/{embedding,encoder}.py`: `vision_encoder.conv1._linear` (patch
+projection as a linear over unfolded patches), `class_embedding` (appended after the patches and dropped at the
+end), `positional_embedding_vlm`, `ln_pre`, `transformer.resblocks.N`, `ln_post`, then
+`vision_adapter.mlp.c_fc/c_proj` (GELU after both, as Meta). Simplifications, said plainly: the encoder blocks are
+`vermeil.nn.blocks.TransformerBlock`s (LayerNorm, GELU MLP, learned absolute positions instead of Meta's 2-D
+RoPE inside the encoder), so Meta's vision weights do not load; the text side does.
+
+Shapes: N images (tiles), C channels, H x W pixels, P patches per image (Gh x Gw grid), Dvit encoder width,
+Dv output width, B batch, T tokens, Ti tokens per image after pixel shuffle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vermeil.nn.blocks import TransformerBlock
+from vermeil.nn.norms import LayerNorm
+
+__all__ = ["PixelShuffleMLP", "VisionArgs", "VisionEmbeddings", "VisionEncoder", "pixel_shuffle"]
+
+
+def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+@dataclass
+class VisionArgs:
+    """Vision encoder settings (Meta's `VisionArgs` names).
+
+    Args:
+        image_size: pixels, an int (square) or (height, width).
+        patch_size: pixels per patch side, an int or (height, width).
+        dim: Dvit, encoder width. n_layers, n_heads: encoder depth and heads. mlp_ratio: encoder MLP width / dim.
+        output_dim: Dv, the adapter's output width (the LLM's `vision_projection` maps it to the model dim).
+        pixel_shuffle_ratio: r; the patch grid shrinks by r per side and channels grow by 1 / r^2 (Llama 4: 0.5).
+        in_channels: C. norm_eps: LayerNorm epsilon.
+    """
+
+    image_size: int | tuple[int, int] = 336
+    patch_size: int | tuple[int, int] = 14
+    dim: int = 1408
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_ratio: float = 4.0
+    output_dim: int = 4096
+    pixel_shuffle_ratio: float = 0.5
+    in_channels: int = 3
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        for name, value in (("image_size", ih), ("image_size", iw), ("patch_size", ph), ("patch_size", pw)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if ih % ph or iw % pw:
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}"
+            )
+        gh, gw = ih // ph, iw // pw
+        if gh != gw:
+            raise ValueError(f"the patch grid must be square for pixel shuffle, got {gh} x {gw}")
+        r = self.pixel_shuffle_ratio
+        if not 0 < r <= 1 or abs(gh * r - round(gh * r)) > 1e-9 or abs(1 / r**2 - round(1 / r**2)) > 1e-9:
+            raise ValueError(
+                f"pixel_shuffle_ratio={r} must be in (0, 1] with grid side {gh} * r and 1 / r^2 integers"
+            )
+        for name in ("dim", "n_layers", "n_heads", "output_dim", "in_channels"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side before the pixel shuffle."""
+        return _pair(self.image_size)[0] // _pair(self.patch_size)[0]
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Ti: LLM tokens one image becomes (grid * r)^2."""
+        side = round(self.grid * self.pixel_shuffle_ratio)
+        return side * side
+
+
+def pixel_shuffle(x: Tensor, ratio: float) -> Tensor:
+    """Meta's `pixel_shuffle_op` on a token grid: (N, P, Dvit) -> (N, P * r^2, Dvit / r^2), P a square number."""
+    n, p, c = x.shape
+    side = math.isqrt(p)
+    x = x.view(n, side, side, c)  # (N, w, h, c) in Meta's naming
+    x = x.view(n, side, round(side * ratio), round(c / ratio))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, round(side * ratio), round(side * ratio), round(c / (ratio * ratio)))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x.view(n, -1, x.shape[-1])
+
+
+class _Conv2dPatch(nn.Module):
+    """Non-overlapping patch projection as unfold + linear (Meta's `ColumnParallelConv2dPatch`, key `_linear`)."""
+
+    def __init__(self, in_channels: int, dim: int, patch: tuple[int, int], **factory: Any) -> None:
+        super().__init__()
+        self.patch = patch
+        self._linear = nn.Linear(in_channels * patch[0] * patch[1], dim, bias=False, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, C, H, W) -> (N, P, Dvit)."""
+        patches = F.unfold(x, kernel_size=self.patch, stride=self.patch)  # (N, C*ph*pw, P)
+        return self._linear(patches.transpose(1, 2))
+
+
+class _Resblocks(nn.Module):
+    def __init__(self, args: VisionArgs, **factory: Any) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            TransformerBlock(
+                args.dim,
+                args.n_heads,
+                hidden_dim=int(args.mlp_ratio * args.dim),
+                feed_forward="mlp",
+                norm="layer",
+                norm_eps=args.norm_eps,
+                causal=False,
+                bias=True,
+                **factory,
+            )
+            for _ in range(args.n_layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class VisionEncoder(nn.Module):
+    """A ViT: patch projection, class token appended, learned positions, pre-norm blocks, final LayerNorm.
+
+    forward: images (N, C, H, W) -> (N, P + 1, Dvit), the class token last.
+    """
+
+    def __init__(self, args: VisionArgs, **factory: Any) -> None:
+        super().__init__()
+        self.args = args
+        self.image_size, self.patch_size = _pair(args.image_size), _pair(args.patch_size)
+        p = args.grid * args.grid
+        self.conv1 = _Conv2dPatch(args.in_channels, args.dim, self.patch_size, **factory)
+        self.class_embedding = nn.Parameter(torch.empty(args.dim, **factory))
+        self.positional_embedding_vlm = nn.Parameter(torch.empty(p + 1, args.dim, **factory))
+        self.ln_pre = LayerNorm(args.dim, args.norm_eps, **factory)
+        self.transformer = _Resblocks(args, **factory)
+        self.ln_post = LayerNorm(args.dim, args.norm_eps, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.args.dim**-0.5  # Meta: `scale = dim ** -0.5` for both embeddings
+        nn.init.normal_(self.class_embedding, std=scale)
+        nn.init.normal_(self.positional_embedding_vlm, std=scale)
+        self.conv1._linear.reset_parameters()
+        self.ln_pre.reset_parameters()
+        self.ln_post.reset_parameters()
+        for block in self.transformer.resblocks:
+            block.reset_parameters()
+
+    def check_images(self, images: Tensor) -> None:
+        c, (h, w) = self.args.in_channels, self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (c, h, w):
+            raise ValueError(f"images must have shape (N, C={c}, H={h}, W={w}), got {tuple(images.shape)}")
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.check_images(images)
+        x = self.conv1(images.to(self.conv1._linear.weight.dtype))  # (N, P, Dvit)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([x, cls], dim=1) + self.positional_embedding_vlm  # (N, P + 1, Dvit)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x)
+
+
+class _SimpleMLP(nn.Module):
+    """Meta's `SimpleMLP`: GELU after `c_fc` and again after `c_proj`."""
+
+    def __init__(self, dim: int, hidden_dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden_dim, bias=False, **factory)
+        self.c_proj = nn.Linear(hidden_dim, hidden_dim, bias=False, **factory)
+
+    def reset_parameters(self) -> None:
+        self.c_fc.reset_parameters()
+        self.c_proj.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class PixelShuffleMLP(nn.Module):
+    """Pixel shuffle then the two-layer GELU MLP: (N, P, Dvit) -> (N, Ti, Dv)."""
+
+    def __init__(self, ratio: float, input_dim: int, output_dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.mlp = _SimpleMLP(round(input_dim / ratio**2), output_dim, **factory)
+
+    def reset_parameters(self) -> None:
+        self.mlp.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(pixel_shuffle(x, self.ratio))
+
+
+class VisionEmbeddings(nn.Module):
+    """Images to LLM-ready features placed at image-token positions.
+
+    forward(images (N, C, H, W), image_mask (B, T) bool) -> (B, T, Dv): zeros except at the True positions of
+    the mask, which take the images' tokens in order (image 0's Ti tokens first, row by row through the batch).
+    The number of True entries must be exactly N * Ti.
+    """
+
+    def __init__(
+        self, args: VisionArgs, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.args = args
+        self.vision_encoder = VisionEncoder(args, **factory)
+        self.vision_adapter = PixelShuffleMLP(args.pixel_shuffle_ratio, args.dim, args.output_dim, **factory)
+        self.output_dim = args.output_dim
+
+    def reset_parameters(self) -> None:
+        self.vision_encoder.reset_parameters()
+        self.vision_adapter.reset_parameters()
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) -> (N, Ti, Dv) projected image tokens."""
+        emb = self.vision_encoder(images)[:, :-1]  # drop the class token: (N, P, Dvit)
+        return self.vision_adapter(emb)
+
+    def forward(self, images: Tensor, image_mask: Tensor) -> Tensor:
+        if not isinstance(image_mask, Tensor) or image_mask.dtype != torch.bool or image_mask.ndim != 2:
+            got = (
+                (tuple(image_mask.shape), image_mask.dtype) if isinstance(image_mask, Tensor) else image_mask
+            )
+            raise ValueError(f"image_mask must be a (B, T) bool tensor, got {got}")
+        self.vision_encoder.check_images(images)
+        n_tokens = images.shape[0] * self.args.tokens_per_image
+        marked = int(image_mask.sum())  # eager check: the merge below needs the exact count
+        if marked != n_tokens:
+            raise ValueError(
+                f"image_mask marks {marked} image-token positions, but {images.shape[0]} image(s) give "
+                f"{n_tokens} tokens ({self.args.tokens_per_image} per image)"
+            )
+        tokens = self.encode(images).reshape(-1, self.output_dim)  # (N * Ti, Dv)
+        b, t = image_mask.shape
+        out = tokens.new_zeros(b, t, self.output_dim)
+        return out.masked_scatter(image_mask[..., None], tokens)
