@@ -4,6 +4,7 @@ The contract a model must meet (the LLM, MambaLM and HybridModel all do):
     model.setup_cache(batch_size, max_seq_len, dtype=None, device=None)
     model(tokens, input_pos=positions) -> logits (B, T, V)  (or an object with a `.logits` field)
     model.reset_cache()
+    model.delete_cache()   (optional: when present, generate frees the cache with it afterwards)
 
 Prefill runs the whole prompt in one forward; decoding then feeds one token per step at its position,
 so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast).
@@ -192,6 +193,7 @@ def generate(
                 callback(pos, token)
             logits = decode_one_token(model, token[:, None], torch.tensor([pos], device=device))
     finally:
-        model.reset_cache()
+        # Free the cache when the model can (plain forwards work again afterwards), else clear it.
+        getattr(model, "delete_cache", model.reset_cache)()
         model.train(was_training)
     return new_tokens[:, : int(counts.max())]
