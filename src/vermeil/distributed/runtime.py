@@ -1,0 +1,147 @@
+"""Process-group lifecycle: start from torchrun's environment, rank helpers, and a clean shutdown.
+
+Axis legend: none (no tensors here); "rank" is this process's index in the default group, "world" its size.
+
+CPU runs use gloo, CUDA runs nccl (chosen automatically). One process without `WORLD_SIZE` in the environment
+is a plain single-process run: every helper here then answers as rank 0 of a world of 1 and does nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from typing import ParamSpec, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "rank_zero_only",
+    "shutdown",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def is_distributed() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank in the default group (0 without one)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a single-process run."""
+    return get_rank() == 0
+
+
+def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
+    """Decorator: run `fn` on rank 0 only (other ranks get None). For logging, progress bars, file writes.
+
+    Never put a collective inside `fn`: the other ranks would wait for it forever.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        return fn(*args, **kwargs) if is_main_process() else None
+
+    return wrapper
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def init_distributed(
+    backend: str | None = None,
+    *,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout: timedelta | None = None,
+) -> tuple[int, int, torch.device]:
+    """Join (or create) the default process group from torchrun's environment.
+
+    Without `WORLD_SIZE` in the environment and without explicit `world_size`, this is a single-process run:
+    nothing is initialised and the result is `(0, 1, device)`. Calling it again once a group exists returns
+    the existing group's rank and size.
+
+    Args:
+        backend: "gloo", "nccl", ...; None picks nccl when CUDA is available, else gloo.
+        init_method: e.g. "file:///path/store" (tests); None means torchrun's `env://`.
+        rank, world_size: explicit values (with `init_method`); None reads `RANK` / `WORLD_SIZE`.
+        timeout: collective timeout; None keeps torch's default.
+
+    Returns:
+        (rank, world_size, device): the device is `cuda:LOCAL_RANK` (made current) under CUDA, else cpu.
+    """
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    local_rank = _env_int("LOCAL_RANK")
+    world = world_size if world_size is not None else _env_int("WORLD_SIZE")
+    if rank is None:
+        rank = _env_int("RANK")
+    if local_rank is None:
+        local_rank = rank or 0
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size(), device
+    if world is None:
+        return 0, 1, device
+    if world < 1:
+        raise ValueError(f"world_size={world} must be >= 1")
+    if rank is None:
+        raise ValueError(f"rank is required with world_size={world} (set RANK or pass rank=)")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world})")
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(device)
+    kwargs: dict = {"backend": backend, "rank": rank, "world_size": world}
+    kwargs["init_method"] = init_method if init_method is not None else "env://"
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    if cuda and backend == "nccl":
+        kwargs["device_id"] = device  # binds the communicator to this GPU (eager init, no guessing)
+    dist.init_process_group(**kwargs)
+    return rank, world, device
+
+
+def shutdown(*, exit_code: int | None = None) -> None:
+    """Leave the process group cleanly: barrier, then `destroy_process_group` (no-op without a group).
+
+    With gloo, a process that ends while gloo's worker threads still hold tensors can abort at interpreter
+    teardown ("terminate called without an active exception", pytorch/pytorch#190489) even though all its
+    work succeeded. Passing `exit_code` also flushes stdout/stderr and leaves at once with `os._exit`, skipping
+    that teardown: use it at the very end of a torchrun script or a spawned worker.
+    """
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+    if exit_code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
