@@ -505,9 +505,10 @@ class Attention(nn.Module):
             (B, T, D).
         """
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        # -1: local heads, so a tensor-parallel shard of the projections runs the same code.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         if self.use_rope:
             assert rope is not None  # internal: the LLM passes tables to RoPE layers
             cos, sin = rope
@@ -532,7 +533,7 @@ class Attention(nn.Module):
         else:
             assert positions is not None
             out = self._attend_ring(cache, q, k, v, positions)
-        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def _attend_no_cache(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None) -> Tensor:
         t = q.shape[2]
