@@ -1,0 +1,156 @@
+"""transformers `MambaForCausalLM` <-> Vermeil `MambaLM` (state-spaces layout), both ways.
+
+transformers keeps state-spaces' key names except one: the embedding is `backbone.embeddings` (its
+`MambaModel.load_hook` renames mamba_ssm's `backbone.embedding` on load). Everything under `mixer.` (`in_proj`,
+`conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`, `out_proj`), `norm`, `norm_f` and `lm_head` is identical, so the map
+below is one rename plus a strict check that every key is accounted for (missing and unexpected keys are named).
+
+Config names, transformers -> MambaConfig: hidden_size -> d_model, num_hidden_layers -> n_layer, state_size ->
+d_state, conv_kernel -> d_conv, expand, time_step_rank -> dt_rank, layer_norm_epsilon -> norm_epsilon,
+use_conv_bias -> conv_bias, use_bias -> bias, tie_word_embeddings -> tie_embeddings, time_step_min/max/floor/scale
+-> dt_min/max/init_floor/scale, residual_in_fp32, rescale_prenorm_residual. transformers does not pad the
+vocabulary, so the converted model has pad_vocab_size_multiple=1; going back, the padded rows become real rows.
+
+transformers is imported inside `to_transformers_mamba` only; `from_transformers_mamba` reads the model it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vermeil.models.mamba import MambaConfig, MambaLM
+
+__all__ = ["from_transformers_mamba", "hf_to_vermeil_key", "to_transformers_mamba", "vermeil_to_hf_key"]
+
+_HF_EMBED, _VM_EMBED = "backbone.embeddings.", "backbone.embedding."
+
+
+def hf_to_vermeil_key(key: str) -> str:
+    """transformers key -> Vermeil (state-spaces) key."""
+    return _VM_EMBED + key[len(_HF_EMBED) :] if key.startswith(_HF_EMBED) else key
+
+
+def vermeil_to_hf_key(key: str) -> str:
+    """Vermeil (state-spaces) key -> transformers key."""
+    return _HF_EMBED + key[len(_VM_EMBED) :] if key.startswith(_VM_EMBED) else key
+
+
+def _config_from_hf(hf_config: Any) -> MambaConfig:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported: MambaBlock uses silu (state-spaces' Mamba)")
+    expand = hf_config.expand
+    inner = getattr(hf_config, "intermediate_size", expand * hf_config.hidden_size)
+    if inner != expand * hf_config.hidden_size:
+        raise ValueError(
+            f"intermediate_size={inner} must equal expand * hidden_size = {expand * hf_config.hidden_size}"
+        )
+    return MambaConfig(
+        d_model=hf_config.hidden_size,
+        n_layer=hf_config.num_hidden_layers,
+        d_state=hf_config.state_size,
+        d_conv=hf_config.conv_kernel,
+        expand=expand,
+        dt_rank=int(hf_config.time_step_rank),
+        vocab_size=hf_config.vocab_size,
+        pad_vocab_size_multiple=1,
+        rms_norm=True,
+        norm_epsilon=float(hf_config.layer_norm_epsilon),
+        residual_in_fp32=bool(hf_config.residual_in_fp32),
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+        conv_bias=bool(hf_config.use_conv_bias),
+        bias=bool(hf_config.use_bias),
+        dt_min=float(hf_config.time_step_min),
+        dt_max=float(hf_config.time_step_max),
+        dt_init_floor=float(hf_config.time_step_floor),
+        dt_scale=float(hf_config.time_step_scale),
+        rescale_prenorm_residual=bool(getattr(hf_config, "rescale_prenorm_residual", False)),
+    )
+
+
+def _load_strict(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
+    expected = set(model.state_dict())
+    given = set(state_dict)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
+    for key, value in model.state_dict().items():
+        if value.shape != state_dict[key].shape:
+            raise ValueError(
+                f"{what}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(value.shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
+    """Convert a transformers `MambaForCausalLM` into a `MambaLM` with the same weights, dtype and device.
+
+    The result's logits equal transformers' (tests/interop/test_transformers_mamba.py checks to 1e-4, and
+    greedy generation token for token).
+
+    Raises:
+        ValueError: an unsupported config (activation other than silu) or keys that do not map.
+    """
+    config = _config_from_hf(hf_model.config)
+    weight = hf_model.lm_head.weight
+    state = {hf_to_vermeil_key(k): v for k, v in hf_model.state_dict().items()}
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("backbone.embedding.weight"))  # type: ignore[arg-type]
+    model = MambaLM(config, device="meta", dtype=weight.dtype)
+    model.to_empty(device=weight.device)
+    if config.tie_embeddings:  # to_empty keeps the shared Parameter, but re-tie to be explicit
+        model.lm_head.weight = model.backbone.embedding.weight
+    with torch.no_grad():
+        _load_strict(model, state, "from_transformers_mamba")
+    return model.train(hf_model.training)
+
+
+def to_transformers_mamba(model: MambaLM) -> nn.Module:
+    """Convert a `MambaLM` into a transformers `MambaForCausalLM` with the same weights.
+
+    transformers has no vocabulary padding: its `vocab_size` becomes the padded row count, and its logits
+    include the padding rows (Vermeil cuts them off).
+
+    Raises:
+        ValueError: a config transformers cannot express (LayerNorm instead of RMSNorm).
+    """
+    try:
+        from transformers import MambaConfig as HFMambaConfig
+        from transformers import MambaForCausalLM
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("to_transformers_mamba needs transformers: pip install transformers") from e
+    cfg = model.config
+    if not cfg.rms_norm:
+        raise ValueError(
+            "rms_norm=False (LayerNorm) cannot be expressed by transformers' Mamba (RMSNorm only)"
+        )
+    mixer = model.backbone.layers[0].mixer
+    weight = model.lm_head.weight
+    hf_config = HFMambaConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.d_model,
+        state_size=cfg.d_state,
+        num_hidden_layers=cfg.n_layer,
+        layer_norm_epsilon=cfg.norm_epsilon,
+        expand=cfg.expand,
+        conv_kernel=cfg.d_conv,
+        use_bias=cfg.bias,
+        use_conv_bias=cfg.conv_bias,
+        hidden_act="silu",
+        residual_in_fp32=cfg.residual_in_fp32,
+        time_step_rank=int(mixer.dt_proj.in_features),
+        time_step_scale=cfg.dt_scale,
+        time_step_min=cfg.dt_min,
+        time_step_max=cfg.dt_max,
+        time_step_floor=cfg.dt_init_floor,
+        rescale_prenorm_residual=cfg.rescale_prenorm_residual,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf_model = MambaForCausalLM(hf_config).to(device=weight.device, dtype=weight.dtype)
+    state = {vermeil_to_hf_key(k): v for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        _load_strict(hf_model, state, "to_transformers_mamba")
+    return hf_model.train(model.training)

@@ -1,0 +1,471 @@
+"""MambaLM: the Mamba-1 language model of state-spaces/mamba (`MambaLMHeadModel`), on Vermeil's `MambaBlock`.
+
+Module names are state-spaces' (`backbone.embedding`, `backbone.layers.N.norm`, `backbone.layers.N.mixer.*`,
+`backbone.norm_f`, `lm_head`), so `mamba_ssm` checkpoints load natively; transformers' layout (which renames
+`embedding` to `embeddings`) goes through `vermeil.interop.transformers_mamba`.
+
+Residual blocks follow mamba_ssm's `Block`: "Add -> Norm -> Mixer", returning `(hidden, residual)`; the
+residual stream is kept apart (in float32 when `residual_in_fp32`) and the final norm adds the last mixer output
+back. This equals transformers' `h = h + mixer(norm(h))` exactly; keeping the sum outside the block is what lets
+mamba_ssm fuse "add + norm" into one kernel.
+
+Decoding: `setup_cache(batch_size, max_seq_len)` gives every mixer a conv + SSM state; `forward(tokens,
+input_pos=...)` then prefills (T > 1, the chunked scan, storing the final states) or steps (T = 1, the O(1)
+recurrence); `reset_cache()` starts a new sequence. `vermeil.generation.generate` drives exactly this.
+
+Also here: `optimizer_groups(model, weight_decay)`, the AdamW parameter-group rule shared with `HybridModel`
+(no decay on norms, biases, `A_log`, `D` and anything marked `_no_weight_decay`), kept in the model layer so
+models never import training code.
+
+Axis legend: B batch, T sequence length, D d_model, E d_inner = expand * D, N d_state, V (padded) vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vermeil.nn.norms import LayerNorm, RMSNorm
+from vermeil.nn.ssm import MambaBlock
+
+__all__ = ["PRESETS", "MambaConfig", "MambaLM", "MambaResidualBlock", "build", "optimizer_groups"]
+
+
+def _check_pos_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+@dataclass
+class MambaConfig:
+    """Shape and init of a Mamba-1 LM; names and defaults of mamba_ssm's `MambaConfig` plus its `ssm_cfg`.
+
+    Args:
+        d_model: D, the residual width.
+        n_layer: number of residual blocks.
+        d_state: N, the SSM state size per channel.
+        d_conv: width of the causal depthwise convolution.
+        expand: E = expand * D inner channels.
+        dt_rank: rank of the dt projection; None means ceil(D / 16) (mamba_ssm's "auto").
+        vocab_size: tokens the model reads and predicts.
+        pad_vocab_size_multiple: embedding and head rows are padded up to a multiple of this (mamba_ssm pads
+            50277 to 50280); the extra rows are never predicted: logits are cut back to `vocab_size`.
+        rms_norm: RMSNorm (True) or LayerNorm (False) in the blocks and at the end.
+        norm_epsilon: eps of those norms.
+        residual_in_fp32: keep the residual stream in float32 whatever the parameter dtype.
+        tie_embeddings: the LM head shares the embedding matrix.
+        conv_bias, bias: bias on conv1d; bias on in_proj/out_proj.
+        dt_min, dt_max, dt_init_floor, dt_scale: dt initialisation (log-uniform in [dt_min, dt_max]).
+        initializer_range: std of the embedding's normal init.
+        rescale_prenorm_residual: re-init out_proj (Kaiming-uniform) divided by sqrt(n_residuals * n_layer).
+        n_residuals_per_layer: residual additions per block for that rescaling (1 for Mamba-1).
+    """
+
+    d_model: int = 768
+    n_layer: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None
+    vocab_size: int = 50277
+    pad_vocab_size_multiple: int = 8
+    rms_norm: bool = True
+    norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    conv_bias: bool = True
+    bias: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_scale: float = 1.0
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    n_residuals_per_layer: int = 1
+
+    def __post_init__(self) -> None:
+        for name in (
+            "d_model",
+            "n_layer",
+            "d_state",
+            "d_conv",
+            "expand",
+            "vocab_size",
+            "pad_vocab_size_multiple",
+            "n_residuals_per_layer",
+        ):
+            _check_pos_int(name, getattr(self, name))
+        if self.dt_rank is not None:
+            _check_pos_int("dt_rank", self.dt_rank)
+        for name in ("norm_epsilon", "dt_min", "dt_max", "dt_init_floor", "dt_scale", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min} must be <= dt_max={self.dt_max}")
+
+    @property
+    def d_inner(self) -> int:
+        """E = expand * d_model."""
+        return self.expand * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to pad_vocab_size_multiple."""
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    def block_kwargs(self) -> dict[str, Any]:
+        """The `MambaBlock` arguments (state-spaces names) this config fixes."""
+        return dict(
+            d_state=self.d_state,
+            d_conv=self.d_conv,
+            expand=self.expand,
+            dt_rank="auto" if self.dt_rank is None else self.dt_rank,
+            dt_min=self.dt_min,
+            dt_max=self.dt_max,
+            dt_scale=self.dt_scale,
+            dt_init_floor=self.dt_init_floor,
+            conv_bias=self.conv_bias,
+            bias=self.bias,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer groups (shared with HybridModel)
+
+
+def _no_decay(name: str, param: nn.Parameter, embedding_names: set[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        param.ndim < 2  # norm weights, biases, D, dt biases: scale/offset parameters
+        or leaf in ("A_log", "D", "dt_bias")  # mamba_ssm marks these `_no_weight_decay`
+        or getattr(param, "_no_weight_decay", False)
+        or name in embedding_names
+    )
+
+
+def optimizer_groups(
+    model: nn.Module, weight_decay: float, *, decay_embeddings: bool = True
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: `[{"params": decayed, "weight_decay": wd}, {"params": rest, "weight_decay": 0}]`.
+
+    No weight decay on parameters with fewer than two dimensions (norm weights, biases, `D`, dt biases), on
+    `A_log` and `D` by name (mamba_ssm's `_no_weight_decay` marks, honoured as attributes too), and on
+    embedding tables when `decay_embeddings=False`. Frozen parameters are left out; a tied tensor appears once.
+
+    Args:
+        model: any module.
+        weight_decay: the decay of the first group (>= 0).
+        decay_embeddings: whether `nn.Embedding` weights are decayed.
+
+    Returns:
+        Two groups, for `torch.optim.AdamW(groups, lr=...)`; each also has a "param_names" list, which torch's
+        optimizers keep (named parameter groups).
+    """
+    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
+    embedding_names: set[str] = set()
+    if not decay_embeddings:
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, nn.Embedding):
+                embedding_names.add(f"{mod_name}.weight" if mod_name else "weight")
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters():  # shared (tied) tensors are yielded once
+        if not param.requires_grad:
+            continue
+        (no_decay if _no_decay(name, param, embedding_names) else decay).append((name, param))
+    return [
+        {
+            "params": [p for _, p in decay],
+            "param_names": [n for n, _ in decay],
+            "weight_decay": float(weight_decay),
+        },
+        {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _norm(cfg: MambaConfig, factory: dict[str, Any]) -> nn.Module:
+    if cfg.rms_norm:
+        return RMSNorm(cfg.d_model, eps=cfg.norm_epsilon, **factory)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_epsilon, **factory)
+
+
+class MambaResidualBlock(nn.Module):
+    """mamba_ssm's `Block`: residual = hidden + residual; hidden = mixer(norm(residual)).
+
+    Submodules `norm` and `mixer` (a `MambaBlock`).
+    """
+
+    def __init__(
+        self,
+        cfg: MambaConfig,
+        layer_idx: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.norm = _norm(cfg, factory)
+        self.mixer = MambaBlock(cfg.d_model, **cfg.block_kwargs(), layer_idx=layer_idx, **factory)
+
+    def forward(
+        self, hidden: Tensor, residual: Tensor | None, input_pos: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """hidden, residual: (B, T, D) (residual None in the first block) -> (hidden, residual)."""
+        residual = hidden if residual is None else hidden + residual
+        hidden = self.norm(residual.to(self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return self.mixer(hidden, input_pos=input_pos), residual
+
+
+class MambaBackbone(nn.Module):
+    """mamba_ssm's `MixerModel`: `embedding`, `layers`, `norm_f`."""
+
+    def __init__(
+        self, cfg: MambaConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, **factory)
+        self.layers = nn.ModuleList(MambaResidualBlock(cfg, i, **factory) for i in range(cfg.n_layer))
+        self.norm_f = _norm(cfg, factory)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """tokens: (B, T) -> final normalised hidden states (B, T, D)."""
+        hidden, residual = self.embedding(tokens), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, input_pos)
+        residual = hidden + residual if residual is not None else hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+class MambaLM(nn.Module):
+    """Mamba-1 language model (Gu & Dao, 2023, arXiv:2312.00752): mamba_ssm's `MambaLMHeadModel`.
+
+    Args:
+        config: the `MambaConfig`.
+        device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty()`
+            and `init_weights()`).
+
+    `forward(tokens, input_pos=None) -> logits (B, T, vocab_size)` in float32. Without `input_pos` (or without
+    a cache) a forward neither reads nor writes a cache, so a model keeps training after `generate`.
+    """
+
+    def __init__(
+        self,
+        config: MambaConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"config must be a MambaConfig, got {type(config).__name__}")
+        self.config = config
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.backbone = MambaBackbone(config, **factory)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self.cache_max_seq_len: int | None = None
+        self.cache_batch_size: int | None = None
+        self._register_load_state_dict_pre_hook(self._load_hook)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # -- weights -----------------------------------------------------------------------------------------
+
+    def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # A tied model may be given a checkpoint holding only one of the two names (mamba_ssm saves both).
+        if self.config.tie_embeddings:
+            emb, head = prefix + "backbone.embedding.weight", prefix + "lm_head.weight"
+            if emb in state_dict and head not in state_dict:
+                state_dict[head] = state_dict[emb]
+            elif head in state_dict and emb not in state_dict:
+                state_dict[emb] = state_dict[head]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """mamba_ssm's `_init_weights`: each mixer's own init (S4D-real A, dt bias by inverse softplus), Linear
+        biases zeroed except the dt bias, embedding normal(0, initializer_range), and with
+        `rescale_prenorm_residual` out_proj re-drawn Kaiming-uniform then divided by sqrt(n_residuals * n_layer)
+        (GPT-2's scaled init for residual outputs). Norm weights: ones."""
+        cfg = self.config
+        if cfg.tie_embeddings:  # `to_empty()` after meta construction unties shared parameters: tie again
+            self.lm_head.weight = self.backbone.embedding.weight
+        for layer in self.backbone.layers:
+            layer.norm.reset_parameters()
+            mixer = layer.mixer
+            mixer.reset_parameters()
+            for lin in (mixer.in_proj, mixer.out_proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            if cfg.rescale_prenorm_residual:
+                nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+                mixer.out_proj.weight /= math.sqrt(cfg.n_residuals_per_layer * cfg.n_layer)
+        self.backbone.norm_f.reset_parameters()
+        nn.init.normal_(self.backbone.embedding.weight, std=cfg.initializer_range)
+        if not cfg.tie_embeddings:
+            self.lm_head.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Same as `init_weights()` (the model's scheme)."""
+        self.init_weights()
+
+    def optimizer_groups(self, weight_decay: float, *, decay_embeddings: bool = True) -> list[dict[str, Any]]:
+        """AdamW parameter groups (see `optimizer_groups`): no decay on norms, biases, `A_log`, `D`."""
+        return optimizer_groups(self, weight_decay, decay_embeddings=decay_embeddings)
+
+    def num_params(self) -> int:
+        """Parameter count, a tied tensor once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # -- cache -------------------------------------------------------------------------------------------
+
+    def _mixers(self) -> Iterable[nn.Module]:
+        return (layer.mixer for layer in self.backbone.layers)
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate a conv + SSM state per layer (O(1) in the sequence length); then pass `input_pos`.
+
+        `max_seq_len` is accepted for the shared cache contract; a Mamba state does not depend on it, but
+        positions beyond it are rejected so that all models behave alike. dtype/device default to the
+        parameters'.
+        """
+        _check_pos_int("batch_size", batch_size)
+        if max_seq_len is not None:
+            _check_pos_int("max_seq_len", max_seq_len)
+        weight = self.backbone.embedding.weight
+        dtype = dtype or weight.dtype
+        device = torch.device(device) if device is not None else weight.device
+        for mixer in self._mixers():
+            mixer.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
+        self.cache_max_seq_len = max_seq_len
+        self.cache_batch_size = batch_size
+
+    def reset_cache(self) -> None:
+        """Zero every state in place (a new sequence)."""
+        for mixer in self._mixers():
+            mixer.reset_cache()
+
+    def delete_cache(self) -> None:
+        """Drop the states (back to plain training forwards)."""
+        for mixer in self._mixers():
+            mixer.delete_cache()
+        self.cache_max_seq_len = None
+        self.cache_batch_size = None
+
+    # -- forward -----------------------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens: Tensor, input_pos: Tensor | None) -> None:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {shape}")
+        if tokens.dtype.is_floating_point or tokens.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens must hold at least one position (seq >= 1)")
+        # Value checks read the data: eager mode only (a graph break under compile, a sync on GPU).
+        if not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, vocab_size={self.config.vocab_size})"
+                )
+        if input_pos is not None:
+            _check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Logits of every position.
+
+        Args:
+            tokens: (B, T) token ids.
+            input_pos: None (a plain forward over the whole sequence, no cache read or written), or (T,)
+                consecutive positions with a cache: a chunk starting at 0 starts a new sequence (prefill, states
+                stored), a later chunk continues it (T = 1: the O(1) recurrent step).
+
+        Returns:
+            (B, T, vocab_size) float32 logits (padding rows of the head cut off).
+        """
+        self._check_tokens(tokens, input_pos)
+        if self.cache_max_seq_len is None and self.cache_batch_size is None:
+            input_pos = None  # no cache: positions carry nothing for a recurrence
+        hidden = self.backbone(tokens, input_pos)
+        logits = self.lm_head(hidden)  # (B, T, V_padded)
+        return logits[..., : self.config.vocab_size].float()
+
+
+def _check_input_pos(
+    tokens: Tensor, input_pos: Tensor, max_seq_len: int | None, batch_size: int | None
+) -> None:
+    """Static checks of (T,) positions against the tokens and the cache (shared with HybridModel)."""
+    b, t = tokens.shape
+    if not isinstance(input_pos, Tensor):
+        raise TypeError(f"input_pos must be a (T,) integer tensor, got {type(input_pos).__name__}")
+    if input_pos.dtype.is_floating_point or input_pos.dtype == torch.bool:
+        raise TypeError(f"input_pos must hold integer positions, got dtype={input_pos.dtype}")
+    if input_pos.shape != (t,):
+        raise ValueError(f"input_pos must have shape (T={t},), got {tuple(input_pos.shape)}")
+    if batch_size is not None and b > batch_size:
+        raise ValueError(f"batch of {b} rows exceeds the cache's batch_size={batch_size}")
+    if max_seq_len is not None and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
+        if lo < 0 or hi >= max_seq_len:
+            raise ValueError(
+                f"input_pos spans [{lo}, {hi}], outside the cache's positions [0, max_seq_len={max_seq_len})"
+            )
+
+
+def build(
+    preset: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> MambaLM:
+    """`MambaLM(MambaConfig(**PRESETS[preset], **overrides))`; an unknown preset raises with the valid names."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
+    return MambaLM(MambaConfig(**{**PRESETS[preset], **overrides}), device=device, dtype=dtype)
+
+
+def config_from_preset(preset: str, **overrides: Any) -> MambaConfig:
+    """The `MambaConfig` of a preset, with overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
+    return dataclasses.replace(MambaConfig(**PRESETS[preset]), **overrides)
+
+
+# Published shapes (state-spaces/mamba-*'s config.json); "debug" is tiny and odd-sized for tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(
+        d_model=37, n_layer=3, d_state=5, d_conv=4, expand=2, vocab_size=101, pad_vocab_size_multiple=8
+    ),
+    "mamba-130m": dict(d_model=768, n_layer=24, vocab_size=50277, pad_vocab_size_multiple=8),
+    "mamba-370m": dict(d_model=1024, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=8),
+    "mamba-790m": dict(d_model=1536, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=8),
+    "mamba-1.4b": dict(d_model=2048, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=8),
+    "mamba-2.8b": dict(d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=8),
+}
