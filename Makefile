@@ -1,5 +1,5 @@
 # Two commands that work on a fresh machine with Python >= 3.10 and pip:
-#   make run   sets up .venv and runs the main job
+#   make run   sets up .venv and runs the main job (train the hybrid LM, then sample from it)
 #   make test  sets up .venv and runs lint + the whole test suite
 # Every install goes through constraints.txt, which pins torch==2.13.0 (the CPU wheel; no CUDA download).
 
@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: train the VIO hybrid LM on the standard library's source, then sample from the run.
 run: $(STAMP)
-	$(BIN)/python -m vermeil.tour
+	$(BIN)/vermeil train configs/hybrid-lm.yaml --out runs/hybrid-lm --overwrite
+	$(BIN)/vermeil generate runs/hybrid-lm --prompt "def " --max-new-tokens 300
 
 tour: $(STAMP)
 	$(BIN)/python -m vermeil.tour
