@@ -505,9 +505,10 @@ def test_forward_errors() -> None:
         m(x, mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"a KV cache needs causal=True"):
         Attention(16, 4).setup_cache(1, 8)
+    plain = m(x)
     m.setup_cache(2, 4)
-    with pytest.raises(ValueError, match=r"input_pos is required once setup_cache\(\) was called"):
-        m(x)
+    assert torch.equal(m(x), plain)  # no input_pos: a plain forward, the cache is neither read nor written
+    assert not m.kv_cache.k_cache.any()
     with pytest.raises(ValueError, match=r"input_pos of 5 positions exceeds max_seq_len=4"):
         m(torch.randn(2, 5, 16), input_pos=torch.arange(5))
     with pytest.raises(ValueError, match=r"input_pos up to 5 exceeds max_seq_len=4"):

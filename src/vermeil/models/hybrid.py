@@ -384,14 +384,7 @@ class HybridLayer(nn.Module):
 
     def _attend(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
         attn: Attention = self.attention  # type: ignore[assignment]  # kinds "A" and "P" have one
-        if input_pos is None and attn.kv_cache is not None:
-            # A plain forward after setup_cache (training after generate): run without the cache.
-            cache, attn.kv_cache = attn.kv_cache, None
-            try:
-                return attn(x)
-            finally:
-                attn.kv_cache = cache
-        return attn(x, input_pos=input_pos)
+        return attn(x, input_pos=input_pos)  # without input_pos the cache is left alone
 
     def forward(self, h: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """h: (B, T, D) -> (B, T, D)."""

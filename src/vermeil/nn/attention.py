@@ -415,7 +415,10 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate a static `KVCache` (B, Hkv, S_max, Dh); afterwards every forward needs `input_pos`.
+        """Allocate a static `KVCache` (B, Hkv, S_max, Dh), used by every forward given `input_pos`.
+
+        A forward without `input_pos` is a plain forward that neither reads nor writes the cache, as in
+        the models (LLM, MambaLM, HybridModel), so training can go on while a cache is allocated.
 
         dtype and device default to those of `wk.weight`.
         """
@@ -468,8 +471,6 @@ class Attention(nn.Module):
                 raise ValueError(
                     f"input_pos of {x.shape[1]} positions exceeds max_seq_len={self.kv_cache.max_seq_len}"
                 )
-        elif self.kv_cache is not None:
-            raise ValueError("input_pos is required once setup_cache() was called (or call delete_cache())")
 
     def _user_mask(self, mask: Tensor | None, b: int, t: int, s: int) -> Tensor | None:
         """(B, S) key padding -> (B, 1, 1, S); 4-D masks checked and passed through."""

@@ -484,7 +484,7 @@ class TransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate the self-attention's static KV cache; afterwards every forward needs `input_pos`."""
+        """Allocate the self-attention's static KV cache, used by forwards given `input_pos`."""
         self.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
 
     def reset_cache(self) -> None:
