@@ -91,6 +91,9 @@ def test_meta_construction_then_init(name):
     model = BUILDERS[name](device="meta")
     assert all(p.is_meta for p in model.parameters())
     model = model.to_empty(device="cpu")
+    with torch.no_grad():  # to_empty leaves whatever was in memory: make anything left uninitialised loud
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan"))
     model.init_weights()
     out = logits(model.eval(), torch.randint(0, VOCAB, (1, 5)))
     assert out.shape == (1, 5, out.shape[-1]) and torch.isfinite(out).all()

@@ -525,11 +525,11 @@ class HybridModel(nn.Module):
         nn.init.normal_(self.embedding.weight, std=cfg.initializer_range)
         if not cfg.tie_embeddings:
             self.lm_head.reset_parameters()
+        if self.rope is not None:
+            self.rope.reset_parameters()  # its tables are garbage after meta construction + to_empty
 
     def reset_parameters(self) -> None:
-        """Same as `init_weights()`; also rebuilds the rotary table (after meta construction and `to_empty`)."""
-        if self.rope is not None:
-            self.rope.reset_parameters()
+        """Same as `init_weights()` (which also rebuilds the rotary tables)."""
         self.init_weights()
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
