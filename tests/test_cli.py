@@ -51,6 +51,7 @@ def _write(path: Path, data: dict) -> Path:
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what came before (e.g. save_pretrained's progress bar)
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
@@ -249,3 +250,278 @@ def test_sample_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = _run(capsys, "sample", str(tmp_path / "run"), "--guidance", "3")
     assert code == 2 and "guidance" in _one_error_line(err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert --from transformers / diffusers: a save_pretrained folder -> a run folder generate / sample can use
+
+
+def _logits(output: object) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
+
+
+def _randomize(model: torch.nn.Module, scale: float = 0.3, skip: tuple[str, ...] = ()) -> None:
+    """Spread the weights so that logits vary (a default init gives near-constant outputs that hide bugs)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(skip):
+                p.add_(scale * torch.randn_like(p))
+
+
+def _tiny_llama(transformers, vocab_size: int = 259, **extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,  # 259: the byte tokenizer's 256 bytes + BOS/EOS/PAD, so `generate` can stop on EOS
+        hidden_size=40,
+        intermediate_size=44,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **extra,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    _randomize(model)
+    return model
+
+
+def _check_converted_run(run_dir: Path, reference: torch.nn.Module, family: str, vocab: int) -> None:
+    from vermeil.cli import _load_trained
+    from vermeil.recipes import load_run_config
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["family"] == family and saved["data"]["task"] == "text"
+    assert load_run_config(run_dir / "config.yaml").model.vocab_size == vocab  # it validates as a run config
+    assert latest_checkpoint(run_dir).name == "step_000000"
+    run, ours, _ = _load_trained(run_dir)  # built from config.yaml, weights from the checkpoint, as generate
+    assert run.family == family
+    tokens = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(tokens).logits.float()
+        got = _logits(ours(tokens))
+    assert expected.std() > 0.3  # the weights make a difference
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_from_transformers_llama(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = _tiny_llama(transformers, rope_theta=500.0)
+    hf.save_pretrained(tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    code, out, _ = _run(
+        capsys, "convert", "--from", "transformers", str(tmp_path / "hf"), "--out", str(run_dir)
+    )
+    assert code == 0 and "llm run from LlamaForCausalLM" in out
+    _check_converted_run(run_dir, hf, "llm", 259)
+    code, out, _ = _run(capsys, "generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8")
+    assert code == 0 and out.startswith("def ") and len(out.rstrip("\n")) > len("def ")
+    # and back: the exported folder gives transformers' logits again
+    code, out, _ = _run(
+        capsys, "convert", "--to", "transformers", str(run_dir), "--out", str(tmp_path / "back")
+    )
+    assert code == 0 and "LlamaForCausalLM" in out
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    tokens = torch.randint(0, 259, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_from_transformers_llama4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Llama 4 text: MoE on layer 1, NoPE on layer 1, chunked attention on layer 0, qk norm, temperature tuning."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=259,
+        hidden_size=48,
+        intermediate_size=24,  # expert width
+        intermediate_size_mlp=40,  # dense width
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        interleave_moe_layer_step=2,
+        no_rope_layer_interval=2,
+        attention_chunk_size=4,
+        use_qk_norm=True,
+        attn_temperature_tuning=True,
+        floor_scale=3,
+        attn_scale=0.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    hf = transformers.Llama4ForCausalLM(cfg).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    code, out, _ = _run(
+        capsys, "convert", "--from", "transformers", str(tmp_path / "hf"), "--out", str(run_dir)
+    )
+    assert code == 0 and "llm run from Llama4ForCausalLM" in out
+    _check_converted_run(run_dir, hf, "llm", 259)
+    code, out, _ = _run(capsys, "generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8")
+    assert code == 0 and out.startswith("def ") and len(out.rstrip("\n")) > len("def ")
+
+
+def test_converted_run_resumes_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The converted run is a real step-0 checkpoint: `train --resume` fine-tunes it."""
+    transformers = pytest.importorskip("transformers")
+    _tiny_llama(transformers).save_pretrained(tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    assert main(["convert", "--from", "transformers", str(tmp_path / "hf"), "--out", str(run_dir)]) == 0
+    capsys.readouterr()
+    overrides = ["train.steps=2", "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1"]
+    code, out, err = _run(capsys, "train", "--resume", str(run_dir), *overrides, "data.max_bytes=20000")
+    assert code == 0 and "done: step 2" in out, err
+    assert latest_checkpoint(run_dir).name == "step_000002"
+
+
+def test_convert_from_transformers_mamba(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("vermeil.interop.transformers_mamba")
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(
+        vocab_size=263,
+        hidden_size=37,
+        state_size=5,
+        num_hidden_layers=2,
+        conv_kernel=4,
+        expand=2,
+        time_step_rank=7,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    hf = transformers.MambaForCausalLM(cfg).eval()
+    _randomize(hf, skip=("A_log", "D"))
+    hf.save_pretrained(tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    code, out, _ = _run(
+        capsys, "convert", "--from", "transformers", str(tmp_path / "hf"), "--out", str(run_dir)
+    )
+    assert code == 0 and "mamba run from MambaForCausalLM" in out
+    _check_converted_run(run_dir, hf, "mamba", 263)
+    code, out, _ = _run(capsys, "generate", str(run_dir), "--prompt", "x = ", "--max-new-tokens", "6")
+    assert code == 0 and out.startswith("x = ") and len(out.rstrip("\n")) > len("x = ")
+
+
+def test_convert_from_diffusers_flux(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from vermeil.cli import _load_trained
+
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=5,
+        out_channels=3,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=24,  # = sum(axes_dims_rope)
+        num_attention_heads=2,
+        joint_attention_dim=7,
+        pooled_projection_dim=6,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 10, 10),
+    ).eval()
+    with torch.no_grad():
+        for p in flux.parameters():
+            p.normal_(0.0, 0.2)
+    flux.save_pretrained(tmp_path / "flux")
+    run_dir = tmp_path / "run"
+    code, out, _ = _run(
+        capsys, "convert", "--from", "diffusers", str(tmp_path / "flux"), "--out", str(run_dir)
+    )
+    assert code == 0 and "flux run from FluxTransformer2DModel" in out
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["family"] == "flux" and saved["model"]["in_channels"] == 5
+    run, ours, _ = _load_trained(run_dir)
+    assert run.model.out_channels == 3 and run.model.context_in_dim == 7 and run.model.vec_in_dim == 6
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 5, generator=g)
+    ctx = torch.randn(2, 4, 7, generator=g)
+    y = torch.randn(2, 6, generator=g)
+    t = torch.rand(2, generator=g)
+    img_ids = torch.randint(0, 16, (9, 3), generator=g).float()
+    txt_ids = torch.randint(0, 16, (4, 3), generator=g).float()
+    with torch.no_grad():
+        expected = flux(
+            hidden_states=x,
+            encoder_hidden_states=ctx,
+            pooled_projections=y,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
+        got = ours(x, img_ids[None], ctx, txt_ids[None], t, y)
+    assert expected.std() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and back: without --to, a flux run goes to diffusers
+    code, out, _ = _run(capsys, "convert", str(run_dir), "--out", str(tmp_path / "back"))
+    assert code == 0 and "FluxTransformer2DModel" in out
+    back = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    with torch.no_grad():
+        again = back(
+            hidden_states=x,
+            encoder_hidden_states=ctx,
+            pooled_projections=y,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+    code, _, err = _run(capsys, "convert", "--to", "transformers", str(run_dir), "--out", str(tmp_path / "h"))
+    assert code == 2 and "needs a llm or mamba run" in _one_error_line(err)
+
+
+def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    transformers = pytest.importorskip("transformers")
+    x = str(tmp_path / "x")
+    code, _, err = _run(capsys, "convert", "--from", "transformers", str(tmp_path / "absent"), "--out", x)
+    assert code == 2 and "absent does not exist" in _one_error_line(err)
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, "convert", "--from", "transformers", str(tmp_path / "empty"), "--out", x)
+    assert code == 2 and "has no config.json" in _one_error_line(err)
+    # an unsupported class is named, before anything is loaded
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(
+        '{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}'
+    )
+    code, _, err = _run(capsys, "convert", "--from", "transformers", str(tmp_path / "gpt2"), "--out", x)
+    line = _one_error_line(err)
+    assert code == 2 and "GPT2LMHeadModel" in line and "LlamaForCausalLM" in line
+    code, _, err = _run(capsys, "convert", "--from", "diffusers", str(tmp_path / "gpt2"), "--out", x)
+    assert code == 2 and "supported diffusers classes" in _one_error_line(err)
+    assert not (tmp_path / "x").exists()
+    # an existing output needs --overwrite; no output at all is an error
+    hf = _tiny_llama(transformers)
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep")
+    argv = ["convert", "--from", "transformers", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "--overwrite" in _one_error_line(err)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    code, _, _ = _run(capsys, *argv, "--overwrite")
+    assert code == 0 and latest_checkpoint(tmp_path / "run").name == "step_000000"
+    code, _, err = _run(
+        capsys, "convert", "--to", "transformers", str(tmp_path / "run"), "--out", str(tmp_path / "hf")
+    )
+    assert code == 2 and "--overwrite" in _one_error_line(err)
+    code, _, err = _run(capsys, "convert", "--from", "transformers", str(tmp_path / "hf"))
+    assert code == 2 and "--out" in _one_error_line(err)
+    # a vocabulary smaller than the byte tokenizer's cannot make a text run
+    _tiny_llama(transformers, vocab_size=100).save_pretrained(tmp_path / "small")
+    code, _, err = _run(
+        capsys, "convert", "--from", "transformers", str(tmp_path / "small"), "--out", str(tmp_path / "r2")
+    )
+    assert code == 2 and "vocab_size=100" in _one_error_line(err)

@@ -10,14 +10,18 @@ folder without a checkpoint) print one line, `vermeil <command>: error: ...`, on
     vermeil generate runs/hybrid-lm --prompt "def main("
     vermeil info configs/llm-tiny.yaml --context 4096
     vermeil compare runs/mqar-transformer runs/mqar-mamba runs/mqar-hybrid
+    vermeil convert --to transformers runs/llm-tiny --out hf/llm-tiny    # LLM / Mamba run -> save_pretrained
+    vermeil convert --from transformers hf/llama --out runs/llama        # Llama / Llama 4 / Mamba -> a run
+    vermeil convert --from diffusers hf/flux-transformer --out runs/flux # FluxTransformer2DModel -> a run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,17 +287,189 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    """Vermeil run <-> transformers folder (LLM as Llama, MambaLM as Mamba)."""
-    if args.to == "transformers":
-        from vermeil.interop import to_transformers
+# transformers class (config.json "architectures") -> run family; diffusers class (config.json "_class_name")
+_FROM_TRANSFORMERS = {"LlamaForCausalLM": "llm", "Llama4ForCausalLM": "llm", "MambaForCausalLM": "mamba"}
+_FROM_DIFFUSERS = {"FluxTransformer2DModel": "flux"}
 
-        _, model, _ = _load_trained(Path(args.source))
-        hf = to_transformers(model)
-        hf.save_pretrained(args.dest, safe_serialization=True)
-        print(f"wrote {args.dest} ({type(hf).__name__})")
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds files, unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {os.fspath(out)} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CommandError(
+            f"{os.fspath(out)} already exists and is not empty (pass --overwrite to write there)"
+        )
+
+
+def _folder_class(src: Path, key: str, library: str) -> str:
+    """The class a save_pretrained folder names in its config.json (`architectures[0]` or `_class_name`)."""
+    import json
+
+    if not src.is_dir():
+        raise CommandError(f"{library} folder {os.fspath(src)} does not exist")
+    config = src / "config.json"
+    if not config.is_file():
+        raise CommandError(f"{os.fspath(src)} has no config.json: not a {library} save_pretrained folder")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CommandError(f"{os.fspath(config)} is not valid JSON: {e}") from None
+    value = data.get(key) if isinstance(data, dict) else None
+    name = value[0] if isinstance(value, list) and value else value
+    return name if isinstance(name, str) else "<none>"
+
+
+def _import_optional(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        raise CommandError(f"this conversion needs {name}: pip install {name}") from None
+
+
+@contextlib.contextmanager
+def _quiet(library: Any) -> Iterator[None]:
+    """Silence a transformers/diffusers library's progress bars and warnings while loading (restored after), so
+    that the command prints its own lines only and an error stays one line."""
+    log = getattr(getattr(library, "utils", None), "logging", None)
+    if log is None or not hasattr(log, "disable_progress_bar"):
+        yield
+        return
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+
+
+def _load_foreign(kind: str, src: Path) -> tuple[str, Any, Any]:
+    """(run family, the foreign model in eval mode, its Vermeil conversion) for a transformers/diffusers folder.
+
+    Loads offline (`local_files_only=True`): nothing is downloaded.
+    """
+    if kind == "transformers":
+        from vermeil.interop import from_transformers
+
+        cls_name = _folder_class(src, "architectures", "transformers")
+        if cls_name not in _FROM_TRANSFORMERS:
+            raise CommandError(
+                f"{os.fspath(src)} holds a {cls_name}; supported transformers classes: {sorted(_FROM_TRANSFORMERS)}"
+            )
+        transformers = _import_optional("transformers")
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            raise CommandError(f"this transformers ({transformers.__version__}) has no {cls_name}")
+        with _quiet(transformers):
+            foreign = cls.from_pretrained(src, local_files_only=True).eval()
+        return _FROM_TRANSFORMERS[cls_name], foreign, from_transformers(foreign).eval()
+    from vermeil.interop import from_diffusers
+
+    cls_name = _folder_class(src, "_class_name", "diffusers")
+    if cls_name not in _FROM_DIFFUSERS:
+        raise CommandError(
+            f"{os.fspath(src)} holds a {cls_name}; supported diffusers classes: {sorted(_FROM_DIFFUSERS)}"
+        )
+    diffusers = _import_optional("diffusers")
+    with _quiet(diffusers):
+        foreign = getattr(diffusers, cls_name).from_pretrained(src, local_files_only=True).eval()
+    return _FROM_DIFFUSERS[cls_name], foreign, from_diffusers(foreign).eval()
+
+
+def _model_config(family: str, model: Any) -> Any:
+    """The config dataclass a converted model was built from (`LLM.args`, `MambaLM.config`, `Flux.params`)."""
+    attr = {"llm": "args", "mamba": "config", "flux": "params"}[family]
+    return getattr(model, attr)
+
+
+def foreign_run_config(family: str, model: Any, name: str | None = None) -> Any:
+    """The resolved `RunConfig` of a converted model, validated by a round trip through `run_config_from_dict`.
+
+    Language models get `data.task=text` (byte tokens: what `vermeil generate` feeds them); flux gets
+    `data.task=flow` (job "points" for a model with 2 channels everywhere, else "curves"); its channels stay the
+    model's, so `vermeil sample` only works for a model of the flow job's shape.
+    """
+    from vermeil.recipes import FlowData, RunConfig, TextData, run_config_from_dict
+    from vermeil.train import TrainConfig
+
+    data: Any = TextData()
+    if family == "flux":
+        p = _model_config(family, model)
+        io = (p.context_in_dim, p.vec_in_dim, p.in_channels, p.out_channels)
+        # the flow job whose channels fit the model, so `vermeil sample` runs; any other model keeps "curves"
+        data = FlowData(job="points") if io == (2, 2, 2, 2) else FlowData()
+    run = RunConfig(family, _model_config(family, model), data, TrainConfig(), name)
+    return run_config_from_dict(run.to_dict())
+
+
+def write_run(run: Any, model: Any, run_dir: Path) -> Path:
+    """Write `model` as step 0 of a run folder, as the trainer writes it (config.yaml, checkpoints/step_000000/
+    model.safetensors and state.pt, checkpoints/latest), so that `generate`, `sample` and `train --resume`
+    (fine-tuning) read it. Returns the checkpoint folder."""
+    from vermeil.config import save_yaml
+    from vermeil.train import Trainer
+
+    run.train.out_dir = os.fspath(run_dir)
+    trainer = Trainer(model, iter(()), config=run.train, run_config=run.to_dict(), out_dir=run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(trainer.run_config, run_dir / "config.yaml")
+    return trainer.save_checkpoint()
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert between Vermeil runs and transformers / diffusers save_pretrained folders.
+
+    `--to transformers RUN_DIR --out DIR` exports an LLM or Mamba run, `--to diffusers` a flux run (without
+    --to, the run's family picks); `--from transformers DIR --out RUN_DIR` (LlamaForCausalLM, Llama4ForCausalLM,
+    MambaForCausalLM) and `--from diffusers DIR --out RUN_DIR` (FluxTransformer2DModel) write a run folder that
+    `vermeil generate` / `sample` / `train --resume` use.
+    """
+    if args.dest is not None and args.out is not None and args.dest != args.out:
+        raise CommandError(f"two outputs given: {args.dest} and --out {args.out}")
+    dest = args.out or args.dest
+    if dest is None:
+        raise CommandError("an output folder is required: --out DIR")
+    out, src = Path(dest), Path(args.source)
+    if args.from_ is None:  # Vermeil run -> transformers or diffusers
+        if not src.is_dir():
+            raise CommandError(f"run folder {os.fspath(src)} does not exist")
+        _check_output(out, args.overwrite)
+        run, model, _ = _load_trained(src)
+        target = args.to or ("diffusers" if run.family == "flux" else "transformers")
+        families = ("llm", "mamba") if target == "transformers" else ("flux",)
+        if run.family not in families:
+            raise CommandError(
+                f"{os.fspath(src)} is a {run.family!r} run; --to {target} needs a {' or '.join(families)} run"
+            )
+        library = _import_optional(target)
+        with _quiet(library):
+            if target == "transformers":
+                from vermeil.interop import to_transformers
+
+                foreign = to_transformers(model)
+            else:
+                from vermeil.interop.diffusers_flux import to_diffusers
+
+                foreign = to_diffusers(model)
+            foreign.save_pretrained(out, safe_serialization=True)
+        print(f"wrote {os.fspath(out)} ({type(foreign).__name__})")
         return 0
-    raise CommandError(f"--to {args.to!r} is not supported (supported: transformers)")
+    if src.resolve() == out.resolve():
+        raise CommandError("--out must differ from the source folder")
+    _check_output(out, args.overwrite)
+    family, foreign, model = _load_foreign(args.from_, src)
+    run = foreign_run_config(family, model, name=out.name or None)
+    if args.overwrite:
+        _clear_run(out)
+    folder = write_run(run, model, out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {os.fspath(out)} ({family} run from {type(foreign).__name__}, {n_params:,} parameters)")
+    hint = "generate {} --prompt TEXT" if family != "flux" else "sample {}"
+    print(f"checkpoint {os.fspath(folder)}; next: vermeil {hint.format(os.fspath(out))}", file=sys.stderr)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,10 +545,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("convert", help="export a trained LLM or Mamba run to a transformers folder")
-    p.add_argument("source", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
-    p.add_argument("dest", metavar="OUT_DIR", help="folder to write (transformers save_pretrained layout)")
-    p.add_argument("--to", choices=["transformers"], default="transformers", help="target layout")
+    p = sub.add_parser(
+        "convert",
+        help="convert a run to a transformers folder, or a transformers/diffusers folder to a run",
+        description=cmd_convert.__doc__,
+    )
+    p.add_argument(
+        "source", metavar="SOURCE", help="a run folder (--to), or a save_pretrained folder (--from)"
+    )
+    p.add_argument("dest", nargs="?", default=None, metavar="OUT_DIR", help="output folder (or --out)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder")
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument(
+        "--to",
+        choices=["transformers", "diffusers"],
+        default=None,
+        help="export a run: llm/mamba to transformers, flux to diffusers (default: by the run's family)",
+    )
+    direction.add_argument(
+        "--from",
+        dest="from_",
+        choices=["transformers", "diffusers"],
+        default=None,
+        help="import a save_pretrained folder into a run folder",
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into an output folder that holds files")
     _add_debug(p)
     p.set_defaults(func=cmd_convert)
     return parser
