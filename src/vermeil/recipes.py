@@ -6,6 +6,7 @@ A run config has three sections, each mapped one to one onto a dataclass by the 
     model: {family: hybrid, preset: vio-small, dim: 192}    # the family's config dataclass (+ an optional preset)
     data:  {task: text, max_bytes: 4000000}                  # TextData | MQARData | SelectiveCopyingData | FlowData
     train: {steps: 2000, lr: 2.0e-3, batch_size: 16}         # vermeil.train.TrainConfig
+    distributed: {strategy: fsdp2}                           # optional: vermeil.train.DistributedConfig
 
 Families: `llm` (`ModelArgs` -> `LLM`), `mamba` (`MambaConfig` -> `MambaLM`), `hybrid` (`HybridConfig` ->
 `HybridModel`), `flux` (`FluxParams` -> `Flux`, trained by `vermeil.models.flow_job`). Language models train on
@@ -33,7 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset, to_dict
-from vermeil.train.trainer import Hook, TrainConfig, Trainer, TrainResult, causal_lm_loss
+from vermeil.train.trainer import (
+    DistributedConfig,
+    Hook,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    causal_lm_loss,
+)
 
 __all__ = [
     "FAMILIES",
@@ -228,17 +236,20 @@ class _Sections:
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    distributed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RunConfig:
-    """A resolved run: `family` + its model config, the data config, the `TrainConfig`, an optional name."""
+    """A resolved run: `family` + its model config, the data config, the `TrainConfig`, an optional name, and
+    how to split the run over the processes of `torchrun` (`DistributedConfig`; ignored in one process)."""
 
     family: str
     model: Any
     data: Any
     train: TrainConfig
     name: str | None = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The plain form saved as `config.yaml`: loading it again gives the same run (presets resolved)."""
@@ -248,6 +259,8 @@ class RunConfig:
         out["model"] = {"family": self.family, **_model_dict(self.model)}
         out["data"] = to_dict(self.data)
         out["train"] = to_dict(self.train)
+        if self.distributed != DistributedConfig():  # the default section is left out (older files unchanged)
+            out["distributed"] = to_dict(self.distributed)
         return out
 
 
@@ -307,7 +320,8 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     if family_name == "flux":
         merged = _flux_io(merged, model_raw, data_cfg)
     model_cfg = from_dict(config_cls, merged, path="model")
-    run = RunConfig(family_name, model_cfg, data_cfg, train_cfg, sections.name)
+    dist_cfg = from_dict(DistributedConfig, sections.distributed, path="distributed")
+    run = RunConfig(family_name, model_cfg, data_cfg, train_cfg, sections.name, dist_cfg)
     _check_fit(run)
     return run
 
@@ -755,10 +769,18 @@ class _SamplesAtEnd(Hook):
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         if trainer.out_dir is None or result.interrupted or not trainer.config.plot:
             return
-        try:
-            distance = sample_run(self.run, trainer.model, trainer.out_dir / "samples.png")
-        except ImportError:
-            return  # no matplotlib: the loss curve step already said so
+        import tempfile
+
+        main = getattr(trainer, "is_main", True)
+        # Under a distributed strategy every rank samples (the forward may hold collectives); rank 0 writes.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = trainer.out_dir / "samples.png" if main else Path(tmp) / "samples.png"
+            try:
+                distance = sample_run(self.run, trainer.model, out)
+            except ImportError:
+                return  # no matplotlib: the loss curve step already said so
+        if not main:
+            return
         print(
             f"samples.png: distance {distance:.4f} (vermeil sample {trainer.out_dir} draws more)",
             file=sys.stderr,

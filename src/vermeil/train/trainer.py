@@ -16,6 +16,16 @@ A run folder holds:
 Every file is written atomically (`vermeil.checkpoint`) and `latest` moves only after a checkpoint folder is
 complete, so a run killed at any moment (SIGKILL included) leaves the previous checkpoint loadable.
 
+Under `torchrun` with a run config's `distributed.strategy` ("ddp", "fsdp2", "tp", "fsdp2+tp"; see
+`DistributedConfig`), the trainer joins the process group, applies `vermeil.distributed.parallelize` before
+building the optimizer, gives each data-parallel rank its slice of every global batch (`train.batch_size` stays
+the global micro-batch, so a run on N ranks trains on the same data as one process), averages the logged loss
+and metrics over the ranks, and lets rank 0 alone draw the bar and write metrics, plots and `config.yaml`. A
+checkpoint folder then holds `dcp/` (`vermeil.distributed.checkpoint`: every rank writes its shards of the
+model and optimizer), `state.pt` (the rest, from rank 0) and `model.safetensors` (the full weights exported by
+rank 0, so `vermeil generate` works on the run). At the end of `fit` the trainer leaves the process group it
+joined (barrier, `destroy_process_group`). In one process (no `WORLD_SIZE`) the section is ignored.
+
 Resuming restores weights, optimizer and scheduler state, the torch and Python RNG states and the data sampler's
 state, so the resumed loss curve continues exactly the curve of the same run left uninterrupted (the loss of
 step s is the same float whether or not the run stopped before s; tests/train/test_trainer.py checks it).
@@ -35,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +64,7 @@ from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler, 
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "DistributedConfig",
     "Hook",
     "LossFn",
     "TrainConfig",
@@ -70,6 +81,7 @@ CHECKPOINTS_DIR = "checkpoints"
 _LATEST = "latest"
 _WEIGHTS = "model.safetensors"
 _STATE = "state.pt"
+_DCP = "dcp"
 
 # A loss function takes the model and one batch and returns the loss to minimise, or (loss, metrics) where
 # metrics are scalar tensors logged by name (e.g. {"ce": ..., "aux_loss": ...}).
@@ -167,6 +179,41 @@ class TrainConfig:
             torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"device={self.device!r} is not a torch device: {e}") from None
+
+
+@dataclass
+class DistributedConfig:
+    """How a run is split over the processes of `torchrun` (the `distributed:` section of a run config).
+
+    Ignored (a plain single-process run) when the process was not started by torchrun (no `WORLD_SIZE`).
+
+    Args:
+        strategy: "none", "ddp", "fsdp2", "tp" or "fsdp2+tp" (`vermeil.distributed.parallelize`).
+        tp_size: tensor-parallel degree; None means all ranks for "tp" (required for "fsdp2+tp").
+        param_dtype, reduce_dtype: FSDP2 mixed precision ("bf16", "fp32", ...; None keeps the parameters'
+            dtype), used by "fsdp2" and "fsdp2+tp" only.
+    """
+
+    strategy: Literal["none", "ddp", "fsdp2", "tp", "fsdp2+tp"] = "none"
+    tp_size: int | None = None
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        strategies = ("none", "ddp", "fsdp2", "tp", "fsdp2+tp")
+        if self.strategy not in strategies:
+            raise ValueError(f"strategy={self.strategy!r} must be one of {strategies}")
+        if self.tp_size is not None and (
+            not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1
+        ):
+            raise ValueError(f"tp_size={self.tp_size!r} must be an int >= 1 (or null)")
+        if self.strategy == "fsdp2+tp" and self.tp_size is None:
+            raise ValueError("strategy='fsdp2+tp' needs tp_size")
+        dtypes = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in dtypes:
+                raise ValueError(f"{name}={value!r} must be one of {dtypes} (or null)")
 
 
 @dataclass
@@ -395,6 +442,99 @@ def _format_row(row: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
+class _ShardedBatches:
+    """This data-parallel rank's slice (along dim 0) of every global batch of an endless batch iterator.
+
+    Every rank draws the same global batch (same sampler, same seed) and keeps rows
+    `[dp_rank * B / dp_size, (dp_rank + 1) * B / dp_size)`: deterministic, the sampler state is the same on every
+    rank (one saved copy resumes them all), and N ranks train on exactly the data of one process.
+    `state_dict`/`load_state_dict` (and any other attribute) are the wrapped iterator's.
+    """
+
+    def __init__(self, batches: Iterator[Any], dp_rank: int, dp_size: int) -> None:
+        self.batches, self.dp_rank, self.dp_size = batches, dp_rank, dp_size
+
+    def __iter__(self) -> _ShardedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        return self._slice(next(self.batches))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["batches"], name)
+
+    def _slice(self, batch: Any) -> Any:
+        if isinstance(batch, Tensor):
+            if batch.ndim == 0:
+                return batch
+            n = batch.shape[0]
+            if n % self.dp_size:
+                raise ValueError(
+                    f"a global batch of {n} rows must be divisible by the data-parallel size {self.dp_size}"
+                )
+            k = n // self.dp_size
+            return batch[self.dp_rank * k : (self.dp_rank + 1) * k]
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._slice(b) for b in batch)
+        if isinstance(batch, Mapping):
+            return {k: self._slice(v) for k, v in batch.items()}
+        return batch
+
+
+def _clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
+    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both).
+
+    The norm of each group of gradients sharing a mesh and placements is computed as a DTensor and made full
+    (one collective per group); the groups' norms combine into the global 2-norm, a plain 0-dim tensor.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[Any, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    for group in groups.values():  # one group at a time: a foreach op cannot mix DTensors and plain tensors
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def _split_dtensor_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Split each param group into its plain-tensor and DTensor parameters (same settings), before any step.
+
+    Under tensor parallelism only some parameters are DTensors; AdamW's fused and foreach kernels run once per
+    group and cannot mix the two kinds in one call.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        plain = [p for p in group["params"] if not _is_dtensor(p)]
+        sharded = [p for p in group["params"] if _is_dtensor(p)]
+        groups.extend({**group, "params": ps} for ps in (plain, sharded) if ps)
+    optimizer.param_groups = groups
+
+
+def _distributed_config(
+    distributed: DistributedConfig | Mapping[str, Any] | None, run_config: Mapping[str, Any]
+) -> DistributedConfig:
+    if distributed is None:
+        distributed = run_config.get("distributed") or {}
+    if isinstance(distributed, DistributedConfig):
+        return distributed
+    if isinstance(distributed, Mapping):
+        from vermeil.config import from_dict
+
+        return from_dict(DistributedConfig, dict(distributed), path="distributed")
+    raise TypeError(
+        f"distributed must be a DistributedConfig, a mapping or None, got {type(distributed).__name__}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Trainer
 
@@ -415,6 +555,8 @@ class Trainer:
         run_config: the resolved run config as a plain dict, saved as `config.yaml` and inside every checkpoint
             (default: `{"train": <config>}`).
         out_dir: the run folder (default `config.out_dir`); None keeps nothing on disk.
+        distributed: how to split the run under torchrun (default: the `distributed` entry of `run_config`,
+            else none); ignored in a single process (no `WORLD_SIZE` in the environment).
 
     Example:
         >>> trainer = Trainer(model, WindowSampler(data, 8, 64), causal_lm_loss, TrainConfig(steps=100))
@@ -432,6 +574,7 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         run_config: Mapping[str, Any] | None = None,
         out_dir: str | os.PathLike[str] | None = None,
+        distributed: DistributedConfig | Mapping[str, Any] | None = None,
     ) -> None:
         from vermeil.config import to_dict
 
@@ -440,13 +583,49 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        self.run_config = dict(run_config) if run_config is not None else {"train": to_dict(config)}
+        self.distributed = _distributed_config(distributed, self.run_config)
         self.device = torch.device(config.device)
+        # Data-parallel layout (rank 0 of 1 in a single process) and whether this trainer joined the group.
+        self.rank, self.world_size, self.dp_rank, self.dp_size = 0, 1, 0, 1
+        self._owns_group = False
+        strategy = self.distributed.strategy
+        if strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _group_exists():
+            # Every rank would train the whole model on its own and write the same run folder.
+            raise ValueError(
+                f"distributed.strategy='none' under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): set "
+                "distributed.strategy=ddp, fsdp2, tp or fsdp2+tp, or run a single process"
+            )
+        if strategy != "none" and ("WORLD_SIZE" in os.environ or _group_exists()):
+            from vermeil.distributed import init_distributed
+
+            existed = _group_exists()
+            self.rank, self.world_size, device = init_distributed()
+            self._owns_group = not existed and _group_exists()
+            if self.device.type == "cuda":
+                self.device = device  # cuda:LOCAL_RANK
+        self.is_main = self.rank == 0
         self.model = model.to(self.device)
+        if self.world_size > 1:
+            from vermeil.distributed import mixed_precision_policy, parallelize
+
+            d = self.distributed
+            mp = None
+            if d.param_dtype is not None or d.reduce_dtype is not None:
+                mp = mixed_precision_policy(d.param_dtype, d.reduce_dtype)
+            par = parallelize(self.model, strategy, tp_size=d.tp_size, device=self.device, mp_policy=mp)
+            self.model, self.dp_rank, self.dp_size = par.model, par.dp_rank, par.dp_size
+            if config.batch_size % self.dp_size:
+                raise ValueError(
+                    f"train.batch_size={config.batch_size} (the global batch) must be divisible by the "
+                    f"data-parallel size {self.dp_size}"
+                )
+            if self.dp_size > 1:
+                train_batches = _ShardedBatches(train_batches, self.dp_rank, self.dp_size)
         self.train_batches = train_batches
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
-        self.run_config = dict(run_config) if run_config is not None else {"train": to_dict(config)}
         out = out_dir if out_dir is not None else config.out_dir
         self.out_dir = Path(out) if out is not None else None
         self.optimizer = build_optimizer(
@@ -458,6 +637,8 @@ class Trainer:
             fused=config.fused_adamw,
             no_decay_embeddings=config.no_decay_embeddings,
         )
+        if self.world_size > 1:
+            _split_dtensor_groups(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
         self.step = 0  # completed updates
         self.tokens = 0  # positions trained on so far
@@ -466,7 +647,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._stop = False
         self._phase = "idle"  # "step" (forward/backward), "update" (optimizer), "done": where a Ctrl-C landed
-        self._logger = MetricsLogger(self.out_dir / "metrics.jsonl") if self.out_dir is not None else None
+        self._logger = (
+            MetricsLogger(self.out_dir / "metrics.jsonl")
+            if self.out_dir is not None and self.is_main
+            else None
+        )
         self._autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
             if config.bf16
@@ -474,12 +659,25 @@ class Trainer:
         )
         self._window = _Window(self.device)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._dtensor_params = any(_is_dtensor(p) for p in self._params)
 
     # -- control ---------------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from `fit` (what Ctrl-C does)."""
         self._stop = True
+
+    def _stop_requested(self) -> bool:
+        """`self._stop`; across ranks, True when any rank asked (torchrun forwards Ctrl-C to every rank, but
+        they may see it at different steps: all must stop at the same step to save one checkpoint together)."""
+        if self.world_size == 1:
+            return self._stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop = bool(flag.item())
+        return self._stop
 
     def _call(self, name: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -496,7 +694,8 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "elapsed_s": self.elapsed,
-            "optimizer": self.optimizer.state_dict(),
+            # Under a distributed strategy the optimizer state is sharded: it lives in the checkpoint's dcp/.
+            "optimizer": self.optimizer.state_dict() if self.world_size == 1 else None,
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(self.device),
             "data": data_state,
@@ -510,30 +709,68 @@ class Trainer:
             raise ValueError("this Trainer has no out_dir: set TrainConfig.out_dir or pass out_dir= to save")
         root = self.out_dir / CHECKPOINTS_DIR
         folder = root / _checkpoint_name(self.step)
-        folder.mkdir(parents=True, exist_ok=True)
-        clean_temp_files(folder)  # left by a run killed while writing this step before
-        save_weights(self.model, folder / _WEIGHTS, metadata={"step": str(self.step)})
-        save_torch(self.state_dict(), folder / _STATE)  # last: its presence marks the folder complete
-        with atomic_write(root / _LATEST, "w") as f:
-            f.write(folder.name + "\n")
+        if self.world_size > 1:
+            self._save_distributed(folder)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(folder)  # left by a run killed while writing this step before
+            save_weights(self.model, folder / _WEIGHTS, metadata={"step": str(self.step)})
+            save_torch(self.state_dict(), folder / _STATE)  # last: its presence marks the folder complete
+        if self.is_main:
+            with atomic_write(root / _LATEST, "w") as f:
+                f.write(folder.name + "\n")
+            keep = {p for p in list_checkpoints(self.out_dir)[-self.config.keep_checkpoints :]} | {folder}
+            for old in root.iterdir():  # older checkpoints, and folders a killed run left incomplete
+                if old.is_dir() and old.name.startswith("step_") and old not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.world_size > 1:
+            _barrier()  # no rank moves on (or reads `latest`) before the folder is complete
         self.last_checkpoint = folder
-        keep = {p for p in list_checkpoints(self.out_dir)[-self.config.keep_checkpoints :]} | {folder}
-        for old in root.iterdir():  # older checkpoints, and folders a killed run left incomplete
-            if old.is_dir() and old.name.startswith("step_") and old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
         self._call("on_save", folder)
         return folder
+
+    def _save_distributed(self, folder: Path) -> None:
+        """Every rank writes its shards into `folder/dcp` (a collective); rank 0 then exports the full weights
+        to `model.safetensors` and writes `state.pt` (last: its presence marks the folder complete)."""
+        from vermeil.distributed.checkpoint import export_weights
+        from vermeil.distributed.checkpoint import save_checkpoint as dcp_save
+
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(folder)
+            (folder / _STATE).unlink(missing_ok=True)  # the folder is incomplete until state.pt is back
+        _barrier()
+        dcp_save(folder / _DCP, self.model, self.optimizer)
+        state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
+        if self.is_main:
+            # dcp.save returns on the coordinator (rank 0) after every rank's shards and the metadata are written.
+            export_weights(folder / _DCP, folder / _WEIGHTS, metadata={"step": str(self.step)})
+            save_torch(state, folder / _STATE)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Restore weights and the whole training state from a run folder (its newest checkpoint) or a
         checkpoint folder. Returns the checkpoint folder used."""
         cfg = self.config
         folder = latest_checkpoint(path)
-        clean_temp_files(folder)
-        clean_temp_files(folder.parent)
-        load_weights(self.model, folder / _WEIGHTS)
+        if self.is_main:
+            clean_temp_files(folder)
+            clean_temp_files(folder.parent)
+        if self.world_size > 1:
+            _barrier()
         state = load_torch(folder / _STATE)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.world_size > 1 or state.get("optimizer") is None:
+            # A checkpoint of a distributed run (any layout, any number of ranks): DCP reshards on load.
+            from vermeil.distributed.checkpoint import load_checkpoint as dcp_load
+
+            if not (folder / _DCP).is_dir():
+                raise ValueError(
+                    f"checkpoint {os.fspath(folder)} has no {_DCP}/ folder: a distributed run resumes only from "
+                    "a checkpoint written by a distributed run"
+                )
+            dcp_load(folder / _DCP, self.model, self.optimizer)
+        else:
+            load_weights(self.model, folder / _WEIGHTS)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The config's schedule wins over the saved one (a resumed run may be given more steps).
         for fn in self.scheduler.lr_lambdas:
@@ -555,7 +792,10 @@ class Trainer:
         self.last_checkpoint = folder
         if self.out_dir is not None:
             metrics = self.out_dir / "metrics.jsonl"
-            truncate_metrics(metrics, self.step)  # rows logged after this checkpoint are replayed
+            if self.is_main:
+                truncate_metrics(metrics, self.step)  # rows logged after this checkpoint are replayed
+            if self.world_size > 1:
+                _barrier()
             self.history = read_metrics(metrics)
         return folder
 
@@ -583,7 +823,8 @@ class Trainer:
             row = {"step": self.step, "split": "val", **metrics}
             self._write(row)
             self._call("on_eval", row)
-            _echo(f"step {self.step}: " + _format_row({k: v for k, v in row.items() if k != "step"}))
+            if self.is_main:
+                _echo(f"step {self.step}: " + _format_row({k: v for k, v in row.items() if k != "step"}))
         return metrics
 
     def _write(self, row: dict[str, Any]) -> None:
@@ -614,7 +855,10 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         grad_norm = None
         if cfg.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+            if self._dtensor_params:
+                grad_norm = _clip_grad_norm(self._params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
         self._phase = "update"  # from here on a Ctrl-C cannot be rolled back to the step's start
         self.optimizer.step()
         self.scheduler.step()
@@ -622,7 +866,7 @@ class Trainer:
         if cfg.grad_accum > 1:
             total = total / cfg.grad_accum
             sums = {k: v / cfg.grad_accum for k, v in sums.items()}
-        return total, sums, grad_norm, tokens
+        return total, sums, grad_norm, tokens * self.dp_size  # the global batch's positions (equal slices)
 
     def _snapshot(self) -> tuple[Any, Any] | None:
         # Start-of-step data and RNG state, to roll a step back when Ctrl-C lands in its forward or backward.
@@ -669,7 +913,7 @@ class Trainer:
         the last completed step and returns with `interrupted=True`; resuming from it continues the same curve.
         """
         cfg = self.config
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             clean_temp_files(self.out_dir)
             if self.step == 0:  # a fresh start: rows left by an earlier attempt in this folder are stale
@@ -682,11 +926,11 @@ class Trainer:
         interrupted = False
         final_eval: dict[str, float] = {}
         self._call("on_train_start")
-        bar = _progress_bar(cfg.steps, self.step, cfg.progress)
+        bar = _progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
         try:
             with self._sigint_to_stop():
                 while self.step < cfg.steps:
-                    if self._stop:
+                    if self._stop_requested():
                         interrupted = True
                         break
                     self._phase = "step"
@@ -730,21 +974,35 @@ class Trainer:
         if interrupted and self.out_dir is not None and self.step > 0:
             if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
                 self.save_checkpoint()
-            _echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
-        if self.out_dir is not None and cfg.plot:
+            if self.is_main:
+                _echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
+        if self.out_dir is not None and cfg.plot and self.is_main:
             plotted = plot_loss_curve(self.history, self.out_dir / "loss.png")
             if not plotted and not interrupted:
                 _echo("loss.png not written (pip install matplotlib to get the loss curve)")
         result = TrainResult(self.step, interrupted, self.last_checkpoint, final_eval, list(self.history))
         self._call("on_train_end", result)
+        if self._owns_group:
+            from vermeil.distributed import shutdown
+
+            shutdown()  # barrier, destroy_process_group: the group this trainer joined ends with its run
+            self._owns_group = False
         return result
 
     def _train_row(self, grad_norm: Tensor | None) -> dict[str, Any]:
         """The row of the steps since the last log step (means over them); empties the window."""
         w = self._window
+        loss, metrics = w.loss, dict(w.metrics)
+        if self.world_size > 1:  # the mean over the ranks (each holds the mean over its slice)
+            import torch.distributed as dist
+
+            flat = torch.stack([loss.float(), *(v.float() for v in metrics.values())])
+            dist.all_reduce(flat)
+            flat = flat / self.world_size
+            loss, metrics = flat[0], dict(zip(metrics, flat[1:]))
         # The only host syncs of the loop: once per log step.
-        row: dict[str, Any] = {"step": self.step, "split": "train", "loss": float(w.loss) / w.steps}
-        for k, v in w.metrics.items():
+        row: dict[str, Any] = {"step": self.step, "split": "train", "loss": float(loss) / w.steps}
+        for k, v in metrics.items():
             row[k] = float(v) / w.steps
         if "ce" in row and math.isfinite(row["ce"]):
             row["bpt"] = row["ce"] / LN2  # bits per token (= bits per byte for a byte tokenizer)
@@ -757,6 +1015,24 @@ class Trainer:
         row["elapsed_s"] = round(self.elapsed, 3)
         w.clear()
         return row
+
+
+def _group_exists() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 class _Window:
