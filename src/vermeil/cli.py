@@ -101,6 +101,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vermeil.train import Trainer, latest_checkpoint, list_checkpoints
 
     config, overrides = _split_config_and_overrides(args.config, args.overrides)
+    # Under torchrun every rank runs this command; only rank 0 touches the folder and talks. (The process
+    # group does not exist yet: torchrun's RANK variable says who is who.)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    say = print if main_rank else (lambda *a, **k: None)
     if args.resume is not None:
         run_dir = Path(args.resume)
         latest_checkpoint(run_dir)  # the folder must hold a checkpoint
@@ -117,12 +121,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{os.fspath(run_dir)} already holds a run: continue it with `vermeil train --resume {run_dir}`, "
                 "or pass --out NEW_DIR, or --overwrite to start over there"
             )
-        if args.overwrite:
+        if args.overwrite and main_rank:
             _clear_run(run_dir)
     run.train.out_dir = os.fspath(run_dir)
     built = build_run(run)
     n_params = sum(p.numel() for p in built.model.parameters())
-    print(
+    say(
         f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
         f"{run.data.task}, {run.train.steps} steps -> {os.fspath(run_dir)}",
         file=sys.stderr,
@@ -139,19 +143,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.resume is not None:
         folder = trainer.load_checkpoint(run_dir)
-        print(f"resumed from {os.fspath(folder)} (step {trainer.step})", file=sys.stderr)
+        say(f"resumed from {os.fspath(folder)} (step {trainer.step})", file=sys.stderr)
     result = trainer.fit()
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.final_eval.items())
     if result.interrupted:
-        print(f"interrupted at step {result.step}; resume with: vermeil train --resume {os.fspath(run_dir)}")
+        say(f"interrupted at step {result.step}; resume with: vermeil train --resume {os.fspath(run_dir)}")
         return EXIT_INTERRUPTED
-    print(
+    say(
         f"done: step {result.step}"
         + (f", {summary}" if summary else "")
         + f"; run folder {os.fspath(run_dir)}"
     )
     if run.data.task == "text":
-        print(f'next: vermeil generate {os.fspath(run_dir)} --prompt "def "', file=sys.stderr)
+        say(f'next: vermeil generate {os.fspath(run_dir)} --prompt "def "', file=sys.stderr)
     return 0
 
 

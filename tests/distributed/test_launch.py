@@ -49,6 +49,8 @@ def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr  # the gloo teardown abort
+    assert proc.stderr.count("vermeil train:") == 1, proc.stderr  # rank 0 alone talks
+    assert proc.stdout.count("done: step") <= 1, proc.stdout
     return proc
 
 
