@@ -31,10 +31,13 @@ Usage: python bench/attention.py [--quick] [--threads N]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +66,23 @@ class Case:
     chunk: int | None = None
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C++ writes to fd 2 (the profiler's USDT start/stop lines) so the table stays readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_mib(fn: Callable[[], object]) -> float:
     """Peak of memory allocated during fn() beyond what was live before, from the profiler's allocator events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
