@@ -225,7 +225,7 @@ def test_convert_to_transformers_matches_logits(tmp_path: Path, capsys: pytest.C
 
 
 def test_sample_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("vermeil.models.flow_job")
+    pytest.importorskip("vermeil.diffusion.flow_job")
     pytest.importorskip("matplotlib")
     cfg = _write(
         tmp_path / "flux.yaml",

@@ -91,7 +91,7 @@ def _available(family: str) -> bool:
     if importlib.util.find_spec(module) is None:
         return False
     if family == "flux":
-        return importlib.util.find_spec("vermeil.models.flow_job") is not None
+        return importlib.util.find_spec("vermeil.diffusion.flow_job") is not None
     return True
 
 

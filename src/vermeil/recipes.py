@@ -9,7 +9,7 @@ A run config has three sections, each mapped one to one onto a dataclass by the 
     distributed: {strategy: fsdp2}                           # optional: vermeil.train.DistributedConfig
 
 Families: `llm` (`ModelArgs` -> `LLM`), `mamba` (`MambaConfig` -> `MambaLM`), `hybrid` (`HybridConfig` ->
-`HybridModel`), `flux` (`FluxParams` -> `Flux`, trained by `vermeil.models.flow_job`). Language models train on
+`HybridModel`), `flux` (`FluxParams` -> `Flux`, trained by `vermeil.diffusion.flow_job`). Language models train on
 text (bytes of local files, by default the Python standard library) or on the synthetic long-range tasks (MQAR,
 selective copying) with their accuracy. When the model section does not name `vocab_size`, it is set to the data's
 vocabulary; when it names one too small for the data, that is an error.
@@ -166,7 +166,7 @@ class SelectiveCopyingData:
 
 @dataclass
 class FlowData:
-    """The cross-domain flow job of seed 004 (`vermeil.models.flow_job`): a condition sequence in one space,
+    """The cross-domain flow job of seed 004 (`vermeil.diffusion.flow_job`): a condition sequence in one space,
     a target sequence in another, learned by a small Flux with rectified flow.
 
     Args:
@@ -328,7 +328,7 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
 
 def _flux_base(user: Mapping[str, Any], data: FlowData) -> dict[str, Any]:
     """Without a preset, a flux model starts from `flow_job_params` (its axes_dim fits the head size given)."""
-    from vermeil.models.flow_job import flow_job_params
+    from vermeil.diffusion.flow_job import flow_job_params
 
     shape = {k: user[k] for k in ("hidden_size", "num_heads", "depth", "depth_single_blocks") if k in user}
     try:
@@ -411,9 +411,9 @@ def build_model(run: RunConfig, *, device: torch.device | str | None = None) -> 
     model = model_cls(run.model, **kwargs)
     if run.family == "flux":
         # flow_job's init: a zero velocity at first (adaLN-Zero style output), steadier early training.
-        from vermeil.models.flow_job import _zero_init_output
+        from vermeil.diffusion.flow_job import zero_init_output
 
-        _zero_init_output(model)
+        zero_init_output(model)
     return model
 
 
@@ -698,7 +698,7 @@ class FlowSampler:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
-        from vermeil.models.flow_job import make_batch
+        from vermeil.diffusion.flow_job import make_batch
 
         d = self.data
         return make_batch(d.job, self.batch_size, d.length, self.generator, **d.job_kwargs())
@@ -715,10 +715,10 @@ def flow_loss(
 ) -> Tensor:
     """Rectified-flow loss of a Flux on (cond, data); noise and times come from the global RNG (checkpointed)."""
     from vermeil.diffusion import flow_matching_loss
-    from vermeil.models.flow_job import _model_fn
+    from vermeil.diffusion.flow_job import flux_model_fn
 
     cond, data = batch
-    return flow_matching_loss(_model_fn(model, cond), data, kind=time_sampling)
+    return flow_matching_loss(flux_model_fn(model, cond), data, kind=time_sampling)
 
 
 def sample_run(
@@ -736,7 +736,7 @@ def sample_run(
     Returns the distance to the true targets (see `FlowData`). Raises ValueError for guidance on a model
     without a guidance embedding.
     """
-    from vermeil.models.flow_job import plot_flow_job, sample_flow_job
+    from vermeil.diffusion.flow_job import plot_flow_job, sample_flow_job
 
     if not isinstance(run.data, FlowData):
         raise ValueError(f"sampling needs a flow run (data.task=flow), got data.task={run.data.task!r}")
@@ -788,7 +788,7 @@ class _SamplesAtEnd(Hook):
 
 
 def _flow_run(run: RunConfig, model: nn.Module) -> Run:
-    from vermeil.models.flow_job import sample_flow_job
+    from vermeil.diffusion.flow_job import sample_flow_job
 
     data, train = run.data, run.train
     sampler = FlowSampler(data, train.batch_size, train.seed)
@@ -806,10 +806,10 @@ def _flow_run(run: RunConfig, model: nn.Module) -> Run:
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         from vermeil.diffusion import flow_matching_loss
-        from vermeil.models.flow_job import _model_fn
+        from vermeil.diffusion.flow_job import flux_model_fn
 
         losses = [
-            float(flow_matching_loss(_model_fn(m, c), x, noise=n, t=t))
+            float(flow_matching_loss(flux_model_fn(m, c), x, noise=n, t=t))
             for (c, x), n, t in zip(val, val_noise, val_t)
         ]
         sample = sample_flow_job(

@@ -14,7 +14,7 @@ generated and true target point clouds.
 
 Functions, no state: `train_flow_job(steps, seed, ...) -> FlowJobResult`, `sample_flow_job(result, ...) ->
 FlowJobSample`, `plot_flow_job(sample, path)` (matplotlib, an optional extra, imported inside).
-tests/models/test_flow_job.py trains a fast variant and checks the loss and distance fall.
+tests/diffusion/test_flow_job.py trains a fast variant and checks the loss and distance fall.
 """
 
 # Shapes: B batch, L points per sequence, Cc condition channels (2), C target channels (3 or 2), A = 3 id axes.
@@ -32,7 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vermeil.diffusion import flow_matching_loss, get_schedule, sample_euler, sample_heun
+from vermeil.diffusion.losses import flow_matching_loss
+from vermeil.diffusion.samplers import sample_euler, sample_heun
+from vermeil.diffusion.schedules import get_schedule
 from vermeil.models.flux import Flux, FluxParams
 
 __all__ = [
@@ -40,11 +42,13 @@ __all__ = [
     "FlowJobSample",
     "curve_pairs",
     "flow_job_params",
+    "flux_model_fn",
     "make_batch",
     "plot_flow_job",
     "sample_flow_job",
     "sliced_wasserstein",
     "train_flow_job",
+    "zero_init_output",
 ]
 
 Task = Literal["curves", "points"]
@@ -152,7 +156,7 @@ def flow_job_params(
     )
 
 
-def _model_fn(model: Flux, cond: Tensor) -> Callable[..., Tensor]:
+def flux_model_fn(model: Flux, cond: Tensor) -> Callable[..., Tensor]:
     """model_fn(x, t) for the samplers and the loss: the condition, its ids and y fixed."""
     b, length = cond.shape[:2]
     cond_ids, y = _ids(b, length, 0), cond.mean(dim=1)
@@ -163,7 +167,7 @@ def _model_fn(model: Flux, cond: Tensor) -> Callable[..., Tensor]:
     return fn
 
 
-def _zero_init_output(model: Flux) -> None:
+def zero_init_output(model: Flux) -> None:
     """Start as a zero velocity (adaLN-Zero style output layer): steadier early training than BFL's default."""
     torch.nn.init.zeros_(model.final_layer.linear.weight)
     torch.nn.init.zeros_(model.final_layer.linear.bias)
@@ -280,7 +284,7 @@ def _train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = Flux(params)
-    _zero_init_output(model)
+    zero_init_output(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
@@ -295,7 +299,7 @@ def _train(
     model.train()
     for step in range(steps):
         cond, data = make_batch(task, batch_size, length, gen, **(data_kwargs or {}))
-        loss = flow_matching_loss(_model_fn(model, cond), data, kind=time_sampling, generator=gen)
+        loss = flow_matching_loss(flux_model_fn(model, cond), data, kind=time_sampling, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -361,7 +365,7 @@ def sample_flow_job(
     was_training = model.training
     model.eval()
     with _threads(threads):
-        generated = run(_model_fn(model, cond), noise, timesteps)
+        generated = run(flux_model_fn(model, cond), noise, timesteps)
     model.train(was_training)
     if task == "curves":
         distance = (generated - target).norm(dim=-1).mean().item()

@@ -1,4 +1,4 @@
-"""Tests for vermeil.models.flow_job: the cross-domain job (circle -> 3-D trefoil sequences) trains with rectified flow;
+"""Tests for vermeil.diffusion.flow_job: the cross-domain job (circle -> 3-D trefoil sequences) trains with rectified flow;
 a fast variant in the default suite, the full run under `-m slow`."""
 
 # Shapes: B batch, L points per sequence.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vermeil.models.flow_job import (
+from vermeil.diffusion.flow_job import (
     FlowJobSample,
     curve_pairs,
     flow_job_params,
