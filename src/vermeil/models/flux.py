@@ -26,7 +26,7 @@ tests/interop/test_diffusers_flux.py the whole model against diffusers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -691,19 +691,6 @@ PRESETS: dict[str, FluxParams] = {
         qkv_bias=True,
         guidance_embed=True,
     ),
-    "flux-schnell": FluxParams(
-        in_channels=64,
-        out_channels=64,
-        vec_in_dim=768,
-        context_in_dim=4096,
-        hidden_size=3072,
-        mlp_ratio=4.0,
-        num_heads=24,
-        depth=19,
-        depth_single_blocks=38,
-        axes_dim=[16, 56, 56],
-        theta=10_000,
-        qkv_bias=True,
-        guidance_embed=False,
-    ),
 }
+# schnell is dev without the guidance embedding (it is timestep-distilled, not guidance-distilled).
+PRESETS["flux-schnell"] = replace(PRESETS["flux-dev"], guidance_embed=False)

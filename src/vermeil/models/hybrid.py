@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset
+from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.mamba import _check_input_pos, _check_pos_int, optimizer_groups
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
@@ -485,11 +486,7 @@ class HybridModel(nn.Module):
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         if self.config.tie_embeddings:
-            emb, head = prefix + "embedding.weight", prefix + "lm_head.weight"
-            if emb in state_dict and head not in state_dict:
-                state_dict[head] = state_dict[emb]
-            elif head in state_dict and emb not in state_dict:
-                state_dict[emb] = state_dict[head]
+            fill_tied_keys(state_dict, prefix + "embedding.weight", prefix + "lm_head.weight")
 
     @torch.no_grad()
     def init_weights(self) -> None:

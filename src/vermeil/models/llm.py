@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
 from vermeil.nn.attention import attention
 from vermeil.nn.cache import KVCache
@@ -727,13 +728,8 @@ class LLM(nn.Module):
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         state_dict.pop(prefix + "rope.freqs", None)  # Meta's precomputed table: derived, not a weight
-        # A tied model may be given a checkpoint with only one of the two names.
         if self.args.tie_word_embeddings:
-            emb, out = prefix + "tok_embeddings.weight", prefix + "output.weight"
-            if emb in state_dict and out not in state_dict:
-                state_dict[out] = state_dict[emb]
-            elif out in state_dict and emb not in state_dict:
-                state_dict[emb] = state_dict[out]
+            fill_tied_keys(state_dict, prefix + "tok_embeddings.weight", prefix + "output.weight")
 
     @torch.no_grad()
     def init_weights(self, init_std: float = 0.02) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vermeil.models._state_dict import fill_tied_keys
 from vermeil.nn.norms import LayerNorm, RMSNorm
 from vermeil.nn.ssm import MambaBlock
 
@@ -291,13 +292,8 @@ class MambaLM(nn.Module):
     # -- weights -----------------------------------------------------------------------------------------
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-        # A tied model may be given a checkpoint holding only one of the two names (mamba_ssm saves both).
-        if self.config.tie_embeddings:
-            emb, head = prefix + "backbone.embedding.weight", prefix + "lm_head.weight"
-            if emb in state_dict and head not in state_dict:
-                state_dict[head] = state_dict[emb]
-            elif head in state_dict and emb not in state_dict:
-                state_dict[emb] = state_dict[head]
+        if self.config.tie_embeddings:  # mamba_ssm saves both names; other checkpoints may hold one
+            fill_tied_keys(state_dict, prefix + "backbone.embedding.weight", prefix + "lm_head.weight")
 
     @torch.no_grad()
     def init_weights(self) -> None:
