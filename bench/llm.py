@@ -12,6 +12,8 @@ Config (issue 3, Speed): dim 512, 8 layers, 8 heads, 4 kv heads, SwiGLU hidden 1
                (t(128 new) - t(1 new)) / 127, i.e. without the prefill; transformers' `generate(do_sample=False)`
                against `vermeil.generation.generate`. Floor: bytes of the non-embedding weights / copy bandwidth
                (STREAM copy of 256 MiB: (read + write bytes) / time), what one token must stream at least.
+               "vermeil compiled": `generate(compile=True)` (the decode step under torch.compile with
+               `vermeil.generation.decode_backend`; compilation happens in the untimed warm-up run)
     decode bf16 the same with bfloat16 weights (both libraries)
 
 Timing: medians over `reps` runs after a warm-up, implementations interleaved run by run so that a change of
@@ -248,15 +250,26 @@ def main() -> None:
         ours_d, theirs_d = vermeil_model(dtype).eval(), hf_model(dtype).eval()
         one = torch.randint(0, VOCAB, (1, 128))
 
-        def v(n: int) -> Callable[[], object]:
-            return lambda: generate(ours_d, one, n)
+        def v(n: int, compile: bool = False) -> Callable[[], object]:
+            return lambda: generate(ours_d, one, n, compile=compile)
 
         def h(n: int) -> Callable[[], object]:
             return lambda: theirs_d.generate(one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         reps = 2 if opts.quick else 3
-        t = median_times({"vermeil 128": v(128), "vermeil 1": v(1), "hf 128": h(128), "hf 1": h(1)}, reps)
+        t = median_times(
+            {
+                "vermeil 128": v(128),
+                "vermeil 1": v(1),
+                "compiled 128": v(128, compile=True),
+                "compiled 1": v(1, compile=True),
+                "hf 128": h(128),
+                "hf 1": h(1),
+            },
+            reps,
+        )
         ms_ours = (t["vermeil 128"] - t["vermeil 1"]) / 127 * 1e3
+        ms_compiled = (t["compiled 128"] - t["compiled 1"]) / 127 * 1e3
         ms_hf = (t["hf 128"] - t["hf 1"]) / 127 * 1e3
         weight_bytes = sum(
             p.numel() * p.element_size() for n, p in ours_d.named_parameters() if "tok_embeddings" not in n
@@ -268,6 +281,14 @@ def main() -> None:
                 f"decode {label} vermeil",
                 f"{ms_ours:8.2f} ms/token",
                 f"{ms_hf / ms_ours:5.2f}x transformers{vs_fp32}",
+            )
+        )
+        vs_fp32_c = "" if hf_fp32_ms is None else f", {hf_fp32_ms / ms_compiled:5.2f}x transformers fp32"
+        add(
+            (
+                f"decode {label} vermeil compiled",
+                f"{ms_compiled:8.2f} ms/token",
+                f"{ms_hf / ms_compiled:5.2f}x transformers{vs_fp32_c}, {floor / ms_compiled:5.1%} of floor",
             )
         )
         add((f"decode {label} transformers", f"{ms_hf:8.2f} ms/token", ""))

@@ -25,7 +25,8 @@ Peak memory: the process's peak resident set size during the case (VmHWM after r
 weights (Linux only; "n/a" elsewhere).
 
 Decoding: MambaLM (vocab 1024, weights converted from a transformers MambaForCausalLM) after prompts of 64 and
-4096 tokens (B=2): prefill, then `--new-tokens` greedy steps timed (ms per step, and tokens/s = B / step time);
+4096 tokens (B=2): prefill, then `--new-tokens` greedy steps timed (ms per step, and tokens/s = B / step time),
+"vermeil" eager and "compiled" through `vermeil.generation.compiled_decode_one_token()` (generate(compile=True));
 transformers: `generate(do_sample=False)`, the median time between consecutive new tokens (a streamer that
 timestamps each token it receives).
 
@@ -48,6 +49,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from vermeil.generation import compiled_decode_one_token, decode_one_token, prefill
 from vermeil.interop.transformers_mamba import from_transformers_mamba
 from vermeil.models.mamba import MambaConfig, MambaLM
 
@@ -254,20 +256,20 @@ def bench_decoding(
     hf_prefill_s = None
     for p in prompts:
         prompt = torch.randint(0, 1024, (BATCH, p), generator=torch.Generator().manual_seed(p))
-        # Vermeil: prefill, then timed greedy steps
-        with torch.no_grad():
-            model.setup_cache(BATCH, p + new_tokens + 1)
-            logits = model(prompt, input_pos=torch.arange(p))[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            for i in range(3):  # warm-up steps (not timed)
-                token = model(token, input_pos=torch.tensor([p + i]))[:, -1].argmax(-1, keepdim=True)
-            steps = []
-            for i in range(new_tokens - 3):
-                t0 = time.perf_counter()
-                token = model(token, input_pos=torch.tensor([p + 3 + i]))[:, -1].argmax(-1, keepdim=True)
-                steps.append(time.perf_counter() - t0)
-            model.reset_cache()
-        rows.append(("vermeil", p, statistics.median(steps)))
+        # Vermeil: prefill, then timed greedy steps, eager and compiled (generate(compile=True)'s step)
+        for impl, step in (("vermeil", decode_one_token), ("compiled", compiled_decode_one_token())):
+            with torch.no_grad():
+                model.setup_cache(BATCH, p + new_tokens + 1)
+                token = prefill(model, prompt, torch.arange(p)).argmax(-1, keepdim=True)
+                for i in range(3):  # warm-up steps (not timed; the first compiled one compiles)
+                    token = step(model, token, torch.tensor([p + i])).argmax(-1, keepdim=True)
+                steps = []
+                for i in range(new_tokens - 3):
+                    t0 = time.perf_counter()
+                    token = step(model, token, torch.tensor([p + 3 + i])).argmax(-1, keepdim=True)
+                    steps.append(time.perf_counter() - t0)
+                model.delete_cache()
+            rows.append((impl, p, statistics.median(steps)))
         # transformers: its own generate loop; a streamer timestamps every token it hands out
         predicted = (hf_prefill_s or 0.0) * p / prompts[0] + new_tokens * 0.05
         if hf_prefill_s is not None and predicted > max_case_s:
@@ -382,13 +384,14 @@ def main() -> None:
             print(f"{impl:8s} {p:6d} {'-':>8s} {'-':>9s}  skipped")
         else:
             print(f"{impl:8s} {p:6d} {s * 1e3:8.2f} {BATCH / s:9.0f}")
-    v0, v1 = by.get(("vermeil", prompts[0])), by.get(("vermeil", prompts[-1]))
-    if v0 and v1:
-        print(f"vermeil step time after {prompts[-1]} vs after {prompts[0]} tokens: {v1 / v0:.2f}x")
-    for p in prompts:
-        h, v = by.get(("hf", p)), by.get(("vermeil", p))
-        if h and v:
-            print(f"after {p} tokens: vermeil is {h / v:.1f}x faster per step than transformers' generate")
+    for impl in ("vermeil", "compiled"):
+        v0, v1 = by.get((impl, prompts[0])), by.get((impl, prompts[-1]))
+        if v0 and v1:
+            print(f"{impl} step time after {prompts[-1]} vs after {prompts[0]} tokens: {v1 / v0:.2f}x")
+        for p in prompts:
+            h, v = by.get(("hf", p)), by.get((impl, p))
+            if h and v:
+                print(f"after {p} tokens: {impl} is {h / v:.1f}x faster per step than transformers' generate")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ The contract a model must meet (the LLM, MambaLM and HybridModel all do):
     model.delete_cache()   (optional: when present, generate frees the cache with it afterwards)
 
 Prefill runs the whole prompt in one forward; decoding then feeds one token per step at its position,
-so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast).
+so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast). `generate(compile=True)`
+compiles the decode step with `decode_backend`: Inductor, with the step's matrix-vector products lowered to
+vectorised reductions (on the CPU, MKL's float32 GEMV streams weights at well under half the memory bandwidth
+that a reduction over the contiguous rows of `nn.Linear.weight` reaches, and a decode step is nothing but
+GEMVs; see `bench/llm.py`).
 
 Axis legend: B batch, T prompt length, N new tokens, V vocabulary.
 """
@@ -15,9 +19,14 @@ Axis legend: B batch, T prompt length, N new tokens, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# Matrix products with at most this many rows are lowered to reductions by `decode_backend` (a decode step
+# has B rows; prefill and training never go through that backend).
+_GEMV_MAX_ROWS = 8
 
 
 def _logits_of(output: object) -> Tensor:
@@ -88,6 +97,53 @@ def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor) -> Tens
     return _logits_of(model(token, input_pos=input_pos))[:, -1]
 
 
+def _mm_as_reduction(a: Tensor, b: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """aten.mm (M, K) @ (K, N) for small M on the CPU as a broadcast multiply and a sum over K.
+
+    Inductor fuses it into one vectorised loop per output that reads `b` once; with `b` the transposed view
+    of a `(N, K)` Linear weight, every output is a dot product over one contiguous weight row. Accumulates in
+    float32 (bf16 inputs round once at the end, as a GEMM would).
+    """
+    if a.device.type != "cpu" or out_dtype is not None or a.shape[0] > _GEMV_MAX_ROWS:
+        return NotImplemented
+    return (a.unsqueeze(-1) * b.unsqueeze(0)).sum(1, dtype=torch.float32).to(a.dtype)
+
+
+def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
+    """A `torch.compile` backend for decode steps: Inductor plus `_mm_as_reduction` for aten.mm.
+
+    Falls back to plain Inductor when its internal entry points (`compile_fx`, `select_decomp_table`)
+    move in a future torch.
+    """
+    try:
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+    except ImportError:  # pragma: no cover - depends on the torch version
+        from torch._inductor import compile as compile_fx
+
+        return compile_fx(graph, example_inputs)
+    decompositions = {**select_decomp_table(), torch.ops.aten.mm.default: _mm_as_reduction}
+    return compile_fx(graph, example_inputs, decompositions=decompositions)
+
+
+_compiled_decode: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
+
+
+def compiled_decode_one_token() -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False, backend=decode_backend)`.
+
+    One compiled function per process: the first call for a model (or batch size, or dtype) compiles,
+    later steps and later `generate` calls reuse the graph (the position is a tensor, so it never
+    recompiles as decoding advances).
+    """
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(
+            decode_one_token, fullgraph=True, dynamic=False, backend=decode_backend
+        )
+    return _compiled_decode
+
+
 def _as_padded_prompts(
     prompt_tokens: Tensor | Sequence[Sequence[int]], pad_token: int
 ) -> tuple[Tensor, Tensor]:
@@ -123,6 +179,7 @@ def generate(
     pad_token: int = 0,
     max_seq_len: int | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -142,6 +199,9 @@ def generate(
         pad_token: fills slots after a row stopped (and pads ragged prompts internally).
         max_seq_len: cache length; defaults to the longest prompt + N.
         callback: called as `callback(position, tokens)` with the (B,) tokens fed at each decode step.
+        compile: run the decode steps through `compiled_decode_one_token()` (the first call per model and
+            batch size pays the compilation, about 10 s on a CPU; float32 logits then differ from eager in
+            the last bits, from the order of summation).
 
     Returns:
         (B, n) long, the new tokens of each row (the stop token included), n <= N: n < N only when every
@@ -170,6 +230,7 @@ def generate(
     was_training = model.training
     model.eval()
     model.setup_cache(batch, max_seq_len, device=device)
+    decode = compiled_decode_one_token() if compile else decode_one_token
     try:
         logits = prefill(model, prompts[:, :shortest], torch.arange(shortest, device=device))
         for pos in range(shortest, total):
@@ -191,7 +252,7 @@ def generate(
             token = torch.where(finished, torch.full_like(token, pad_token), token)
             if callback is not None:
                 callback(pos, token)
-            logits = decode_one_token(model, token[:, None], torch.tensor([pos], device=device))
+            logits = decode(model, token[:, None], torch.tensor([pos], device=device))
     finally:
         # Free the cache when the model can (plain forwards work again afterwards), else clear it.
         getattr(model, "delete_cache", model.reset_cache)()
