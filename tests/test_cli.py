@@ -167,6 +167,10 @@ def test_generate_prints_text(trained_run: Path, capsys: pytest.CaptureFixture[s
     assert out.startswith("def ") and len(out.rstrip("\n")) > len("def ")
     code, again, _ = _run(capsys, "generate", str(trained_run), "--prompt", "def ", "--max-new-tokens", "12")
     assert again == out  # seeded sampling
+    code, compiled, _ = _run(
+        capsys, "generate", str(trained_run), "--prompt", "def ", "--max-new-tokens", "12", "--compile"
+    )
+    assert code == 0 and compiled.startswith("def ")
 
 
 def test_existing_run_needs_resume(

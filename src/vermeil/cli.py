@@ -196,6 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         stop_tokens=(tokenizer.eos_id,) if model_vocab_size(run) > tokenizer.eos_id else (),
         seed=args.seed,
+        compile=args.compile,
     )
     print(args.prompt + tokenizer.decode(new[0]))
     return 0
@@ -520,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=float, default=None, help="nucleus sampling: keep the top tokens up to mass P"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (torch.compile; pays off for long outputs)",
+    )
     _add_debug(p)
     p.set_defaults(func=cmd_generate)
 
