@@ -327,6 +327,19 @@ def test_table_growth_equals_fresh_larger_table(use_xpos: bool) -> None:
         assert_close(a, b, rtol=0, atol=0)
     assert small.max_seq_len >= 41
     assert "cos_cached" not in small.state_dict() and "inv_freq" not in small.state_dict()
+    # reserve() grows ahead of time (what accelerators rely on: they never read positions back)
+    small.reserve(200)
+    assert small.max_seq_len >= 200
+    assert_close(small.cos_cached[:64], big.cos_cached, rtol=0, atol=0)
+
+
+def test_attention_setup_cache_reserves_the_rotary_table() -> None:
+    from vermeil.nn import Attention
+
+    rope = RotaryEmbedding(DH, max_seq_len=8)
+    attn = Attention(4 * DH, heads=4, rotary=rope, causal=True)
+    attn.setup_cache(batch_size=1, max_seq_len=100)
+    assert rope.max_seq_len >= 100
 
 
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])

@@ -434,6 +434,8 @@ class Attention(nn.Module):
             dtype=dtype or self.wk.weight.dtype,
             device=device or self.wk.weight.device,
         )
+        if self.rotary is not None and hasattr(self.rotary, "reserve"):
+            self.rotary.reserve(max_seq_len)  # decode lookups then never grow the tables (no device sync)
 
     def reset_cache(self) -> None:
         """Zero the cache buffers in place (start a new sequence); a no-op without a cache."""

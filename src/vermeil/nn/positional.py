@@ -249,9 +249,10 @@ class RotaryEmbedding(nn.Module):
     matches Meta's complex reference (`torch.polar` + `view_as_complex`); tests/nn/test_positional.py checks
     both.
     cos/sin tables (float32) are non-persistent buffers `cos_cached`/`sin_cached` of `max_seq_len` rows
-    (nothing lands in the state dict). They grow on demand in eager mode; under `torch.compile` no
-    data-dependent check is made, so explicit positions must lie inside the table (size `max_seq_len` for
-    the longest sequence you will compile for).
+    (nothing lands in the state dict). With explicit positions on the CPU they grow on demand in eager mode
+    (a cheap host read of min/max). On an accelerator, and under `torch.compile`, no data-dependent check is
+    made (it would cost a device sync per layer per step): explicit positions must lie inside the table, which
+    `reserve(rows)` sizes; `Attention.setup_cache` reserves its `max_seq_len`.
 
     xPos (`use_xpos=True`, PaLM/zeta): q is multiplied by `xpos_scale(pos)` and k by its reciprocal after the
     rotation. With `input_pos=None` the centre is `T // 2` as PaLM (exact parity with PaLM/zeta); with
@@ -341,6 +342,11 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(rows, device=self.inv_freq.device), self.inv_freq)
         self.cos_cached, self.sin_cached = cos, sin  # stays a non-persistent buffer
 
+    def reserve(self, rows: int) -> None:
+        """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them."""
+        if rows > self.max_seq_len:
+            self._grow(rows)
+
     def _check_positions(self, positions: Tensor) -> None:
         """Eager only: positions must be >= 0; grow the tables to cover the largest one (one host sync)."""
         if positions.numel() == 0:
@@ -363,7 +369,7 @@ class RotaryEmbedding(nn.Module):
             )
         if positions.is_floating_point():
             return rope_cos_sin(positions, self.inv_freq)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and positions.device.type == "cpu":
             self._check_positions(positions)
         return self.cos_cached[positions], self.sin_cached[positions]
 
