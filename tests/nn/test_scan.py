@@ -150,6 +150,27 @@ def test_scan_matches_ref_float32(length, chunk_size, options):
         )
 
 
+@pytest.mark.parametrize(("length", "chunk_size"), [(7, 4), (37, 5), (64, None)])
+def test_time_major_inputs_equal_channel_major(length, chunk_size):
+    """Models hand the scan transposed views of (B, L, X) tensors; it reads them without a copy."""
+    inputs = make_inputs(dim=6, n=3, length=length)
+    time_major = {
+        k: v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "B", "C", "z") else v
+        for k, v in inputs.items()
+    }
+    assert not time_major["u"].is_contiguous()
+    options = OPTION_SETS[1]
+    y, s, g = outputs_and_grads(selective_scan, inputs, options, chunk_size=chunk_size)
+    y_t, s_t, g_t = outputs_and_grads(selective_scan, time_major, options, chunk_size=chunk_size)
+    assert y_t.transpose(1, 2).is_contiguous()  # the output keeps u's layout
+    assert_close(y_t, y, rtol=1e-6, atol=1e-6)
+    assert_close(s_t, s, rtol=1e-6, atol=1e-6)
+    for name in g:
+        assert_close(
+            g_t[name], g[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}"
+        )
+
+
 @pytest.mark.parametrize("chunk_size", [4, 5, 7, None])
 def test_gradcheck_float64(chunk_size):
     inputs = make_inputs(bsz=2, dim=3, n=2, length=7, dtype=torch.float64)

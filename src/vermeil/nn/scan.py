@@ -257,6 +257,17 @@ def _workspace(like: Tensor, chunks: list, bsz: int, n_state: int, dim: int, cou
     return [like.new_empty(numel) for _ in range(count)]
 
 
+def _dense(x: Tensor) -> Tensor:
+    """x as is when it is (B, X, L)-contiguous or the transpose of a (B, L, X)-contiguous tensor, else a copy.
+
+    The scan reads positions in chunks (`_grid`) and works with either layout without a full copy up front;
+    models whose projections produce (B, L, X) pass `t.transpose(1, 2)` and save two transposing copies.
+    """
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    return x.contiguous()
+
+
 def _view(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
     """A contiguous view of the first prod(shape) elements of a flat buffer."""
     return buf[: math.prod(shape)].view(shape)
@@ -284,7 +295,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         bsz, dim, length = u.shape
         n_state = A_t.shape[0]
         A2_t = A_t * _LOG2_E  # exp(x A) = exp2(x A log2 e): exp2 is ~4x faster than exp here (Sleef, AVX-512)
-        y = u.new_empty(bsz, dim, length)
+        y = torch.empty_like(u)  # u's layout: (B, L, D)-major input gives (B, L, D)-major output
         carry = h0  # (B, N, D): the state before the current chunk
         starts_all = []
         chunks = _chunks(length, chunk, sub)
@@ -425,6 +436,8 @@ def selective_scan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state: as
             `selective_scan_ref` (u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,);
             initial_state: (B, D, N)).
+            Each of u, delta, B, C may also be the transpose of a (B, L, X)-contiguous tensor, as models
+            produce them: read without a copy, and y then has u's layout.
         chunk_size: positions processed together (memory knob: the working set is a few
             (chunk_size, B, N, D) tensors). None picks the power of two giving ~2**20 elements, in [16, 1024].
 
@@ -447,11 +460,11 @@ def selective_scan(
         h0 = initial_state.to(cdt).transpose(1, 2).contiguous()  # (B, N, D): the internal layout
     chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
     y, final = _SelectiveScanFn.apply(
-        u_c.contiguous(),
-        delta_c.contiguous(),
+        _dense(u_c),
+        _dense(delta_c),
         A.to(cdt).t().contiguous(),
-        B.to(cdt).contiguous(),
-        C.to(cdt).contiguous(),
+        _dense(B.to(cdt)),
+        _dense(C.to(cdt)),
         h0,
         chunk,
         _sub_chunk(chunk),
