@@ -236,9 +236,18 @@ def _grid(x: Tensor, p0: int, n: int, groups: int, k: int) -> Tensor:
     return xs.unflatten(-1, (groups, k)).permute(3, 0, 2, 1).contiguous()
 
 
-def _ungrid(xg: Tensor, n: int) -> Tensor:
-    """(k, B, G, X) -> (B, X, n), dropping padding."""
-    return xg.permute(1, 3, 2, 0).flatten(2)[:, :, :n]
+def _ungrid_into(out: Tensor, xg: Tensor, p0: int, n: int) -> None:
+    """Write (k, B, G, X) back into out[:, :, p0:p0+n] (out: (B, X, L)), dropping padding.
+
+    One strided copy per part, whatever out's layout: flattening (G, k) first would copy twice.
+    """
+    k = xg.shape[0]
+    src = xg.permute(1, 3, 2, 0)  # (B, X, G, k)
+    full = n // k  # sub-chunks without padding
+    if full:
+        out[:, :, p0 : p0 + full * k].unflatten(-1, (full, k)).copy_(src[:, :, :full])
+    if n > full * k:
+        out[:, :, p0 + full * k : p0 + n].copy_(src[:, :, full, : n - full * k])
 
 
 def _chunks(length: int, chunk: int, sub: int) -> list[tuple[int, int, int, int]]:
@@ -332,7 +341,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             if groups == 1:
                 carry = h[k - 1, :, 0].clone()
             yg = torch.matmul(c.unsqueeze(-2), h).squeeze(-2)  # (k, B, G, D) = <C_t, h_t>
-            y[:, :, p0 : p0 + n] = _ungrid(yg, n)
+            _ungrid_into(y, yg, p0, n)
             starts_all.append(starts)
         if length == 0:
             carry = h0.clone()
@@ -403,10 +412,10 @@ class _SelectiveScanFn(torch.autograd.Function):
             dA[0].mul_(starts)
             grad_A_t += torch.mul(dA, d.unsqueeze(-2), out=g_all).flatten(0, 2).sum(0)
             gd = uu * s + dA.mul_(A_t).sum(-2)
-            grad_u[:, :, p0 : p0 + n] = _ungrid(d * s, n)
-            grad_delta[:, :, p0 : p0 + n] = _ungrid(gd, n)
-            grad_B[:, :, p0 : p0 + n] = _ungrid(gB, n)
-            grad_C[:, :, p0 : p0 + n] = _ungrid(gC, n)
+            _ungrid_into(grad_u, d * s, p0, n)
+            _ungrid_into(grad_delta, gd, p0, n)
+            _ungrid_into(grad_B, gB, p0, n)
+            _ungrid_into(grad_C, gC, p0, n)
         return grad_u, grad_delta, grad_A_t, grad_B, grad_C, adj, None, None
 
 
