@@ -33,6 +33,22 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.conv1d(hist.mT, weight, bias, groups=E).mT` for time-major inputs: K shifted multiply-adds.
+
+    hist: (B, K - 1 + L, E), the K - 1 inputs before the sequence then the sequence; weight: (E, 1, K);
+    bias: (E,) or None. Returns (B, L, E). Working in (B, L, E) saves the two transposing copies (and their
+    backward twins) that a channels-first conv1d needs around it.
+    """
+    k = weight.shape[-1]
+    length = hist.shape[1] - k + 1
+    taps = weight[:, 0].t()  # (K, E)
+    out = hist[:, :length] * taps[0]
+    for j in range(1, k):
+        out = torch.addcmul(out, hist[:, j : j + length], taps[j])
+    return out if bias is None else out + bias
+
+
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive int")
@@ -206,16 +222,13 @@ class MambaBlock(nn.Module):
         """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm)."""
         bsz, length, _ = x.shape
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
-        xs, z = xs.transpose(1, 2), z.transpose(1, 2)  # (B, E, L)
         if conv_state is None:
             conv_state = xs.new_zeros(bsz, self.d_inner, self.d_conv)
-        # the conv sees the previous K-1 inputs, then x: exactly conv1d(x)[..., :L] from a zero state
-        hist = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)  # (B, E, K + L)
-        new_conv = hist[:, :, -self.d_conv :] if want_state else None  # pre-conv inputs, as state-spaces
-        xs = F.conv1d(hist[:, :, 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        # One transposing copy to (B, L, E): x_proj reads it as is, and the scan, given (B, L, E)-major
-        # inputs, returns a (B, L, E)-major y that out_proj reads as is (bench/mamba.py: ~10 % of a step).
-        xs = F.silu(xs.transpose(1, 2).contiguous())  # (B, L, E)
+        # Everything stays (B, L, E) (no transposing copies): the scan reads transposed views, and its y
+        # comes back (B, L, E)-major for out_proj. The conv sees the previous K inputs' last K-1, then x.
+        hist = torch.cat([conv_state.to(xs.dtype).transpose(1, 2), xs], dim=1)  # (B, K + L, E)
+        new_conv = hist[:, -self.d_conv :].transpose(1, 2) if want_state else None  # (B, E, K) pre-conv
+        xs = F.silu(_causal_depthwise_conv(hist[:, 1:], self.conv1d.weight, self.conv1d.bias))  # (B, L, E)
         dt, b, c = self._dt_bc(xs)  # (B, L, E), (B, L, N), (B, L, N)
         A = -torch.exp(_f32(self.A_log))  # (E, N)
         result = selective_scan(
@@ -225,7 +238,7 @@ class MambaBlock(nn.Module):
             b.transpose(1, 2),
             c.transpose(1, 2),
             D=_f32(self.D),
-            z=z,
+            z=z.transpose(1, 2),
             delta_bias=_f32(self.dt_proj.bias),
             delta_softplus=True,
             initial_state=ssm_state,
