@@ -99,12 +99,24 @@ def single_process_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return _rows(out)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "ddp", "tp"])
+# Sequence and loss parallelism on the tiny LLM: tied embeddings, an MoE layer, GQA, chunked attention.
+SP_LP = ("distributed.sequence_parallel=true", "distributed.loss_parallel=true")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [("fsdp2", ()), ("ddp", ()), ("tp", ()), ("tp", SP_LP)],
+    ids=["fsdp2", "ddp", "tp", "tp-sequence-loss-parallel"],
+)
 def test_torchrun_train_end_to_end(
-    strategy: str, tmp_path: Path, single_process_rows: list[dict], capsys: pytest.CaptureFixture[str]
+    strategy: str,
+    extra: tuple[str, ...],
+    tmp_path: Path,
+    single_process_rows: list[dict],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     run_dir = tmp_path / "run"
-    _torchrun(run_dir, *_train_args(strategy, run_dir))
+    _torchrun(run_dir, *_train_args(strategy, run_dir, *extra))
 
     # Checkpoints: DCP shards of both ranks, the exported full weights, the trainer state, `latest`.
     last = run_dir / "checkpoints" / f"step_{STEPS:06d}"
@@ -161,6 +173,13 @@ def test_distributed_section_is_checked_and_round_trips() -> None:
         load_run_config(CONFIG, ["distributed.strategy=fsdp2+tp"])
     with pytest.raises(ConfigError, match="param_dtype"):
         load_run_config(CONFIG, ["distributed.strategy=fsdp2", "distributed.param_dtype=int8"])
+    run = load_run_config(CONFIG, ["distributed.strategy=tp", *SP_LP])
+    assert run.distributed == DistributedConfig("tp", sequence_parallel=True, loss_parallel=True)
+    assert run_config_from_dict(run.to_dict()).distributed == run.distributed
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        load_run_config(CONFIG, ["distributed.strategy=fsdp2", "distributed.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="loss_parallel"):
+        load_run_config(CONFIG, ["distributed.strategy=tp", "distributed.loss_parallel=maybe"])
 
 
 def test_strategy_none_under_torchrun_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

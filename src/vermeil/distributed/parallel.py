@@ -1,22 +1,17 @@
 """Data and tensor parallelism on public torch APIs: DDP, FSDP2 (`fully_shard`) and DTensor TP plans.
 
-Axis legend: B batch, T length, D model dim, H heads, Hkv kv heads, Dh head dim, F feed-forward hidden dim,
-tp the tensor-parallel degree.
+Axis legend: B batch, T length, D model dim, tp the tensor-parallel degree.
 
-Tensor parallelism is applied from outside the model by module name (Megatron layout): in every
-`vermeil.nn.Attention`, `wq`/`wk`/`wv` are column-parallel and `wo` row-parallel; in every `GLU`
-(SwiGLU/GeGLU) `w1`/`w3` are column-parallel and `w2` row-parallel; in every `FeedForward` `fc1` is
-column-parallel and `fc2` row-parallel. Each such module takes a replicated input and returns a replicated
-output (one all-reduce after the row-parallel projection), so everything else (embeddings, norms, heads,
-Mamba blocks) stays replicated and unchanged. Attention reads its head counts from the projections
-(`view(b, t, -1, Dh)`), so each rank attends over its H/tp query heads and Hkv/tp kv heads; the contiguous
-column shards keep GQA's grouping (query head i uses kv head i // (H/Hkv)) on every rank.
+`apply_ddp` and `apply_fsdp2` wrap or shard a model from the outside; `parallelize(model, strategy)` applies a
+config's `distributed.strategy` ("none", "ddp", "fsdp2", "tp", "fsdp2+tp") and says how to split the data.
 
-Not covered: `ParallelTransformerBlock` (one fused projection), `MambaBlock` and `vermeil.models.llm`'s own
-`Attention` (it reshapes with the global head count) stay replicated, which is correct but not split. An
-`Attention` KV cache (`setup_cache`) holds the global Hkv heads, so TP decoding is not supported (the plan
-raises a ValueError while a cache is set up); a per-head (B, H, T, S) mask would need slicing to the local
-heads (key-padding and (B, 1, T, S) masks work as they are).
+Tensor parallelism lives in `vermeil.distributed.tensor_parallel` (re-exported here): Megatron plans by module
+name for `vermeil.nn` attention / feed-forward / MoE blocks, the LLM (GQA, MoE experts split on their hidden
+dim), the hybrid and Flux (fused qkv and [q; k; v; mlp] projections split block by block with strided
+shards), optional sequence parallelism (LLM, hybrid) and loss parallelism on the LM head; its module
+docstring lists what is split and what stays replicated (Mamba blocks, `ParallelTransformerBlock`, Flux's
+modulations and embedders) and what is refused (indivisible head counts, vocabularies or fused layouts, KV
+caches, sequence-parallel Flux).
 """
 
 from __future__ import annotations
@@ -28,17 +23,14 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
 from torch.nn.parallel import DistributedDataParallel
 
-from vermeil.nn.attention import Attention
-from vermeil.nn.feedforward import GLU, FeedForward
+from vermeil.distributed.tensor_parallel import (
+    _FusedColwiseParallel,
+    _FusedRowwiseParallel,
+    apply_tensor_parallel,
+    tensor_parallel_plan,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_NAMES",
@@ -178,97 +170,6 @@ def apply_fsdp2(
     return model  # type: ignore[return-value]
 
 
-# ----------------------------------------------------------------------------------------- tensor parallel
-
-
-def _check_divisible(module_name: str, what: str, value: int, tp_size: int, why: str) -> None:
-    if value % tp_size:
-        raise ValueError(
-            f"{what}={value} of module {module_name!r} must be divisible by the tensor-parallel degree "
-            f"tp_size={tp_size} ({why})"
-        )
-
-
-def tensor_parallel_plan(model: nn.Module, tp_size: int) -> dict[str, ParallelStyle]:
-    """The Megatron TP plan for every `vermeil.nn` attention and feed-forward module inside `model`.
-
-    Checks every constraint here, before any collective: query heads and kv heads must be divisible by
-    `tp_size` (each rank holds whole heads; K/V replication is not implemented), and so must the
-    feed-forward hidden size.
-
-    Args:
-        model: any module tree containing `Attention`, `GLU` or `FeedForward` modules (e.g. `TransformerBlock`s).
-        tp_size: tensor-parallel degree (>= 1).
-
-    Returns:
-        {qualified module name: ParallelStyle} for `parallelize_module` (learnable QK-norm scales get a
-        `SequenceParallel` over the head axis so their gradients sum over the ranks' heads).
-    """
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ValueError(f"tp_size={tp_size!r} must be an int >= 1")
-    plan: dict[str, ParallelStyle] = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        label = name or "<root>"
-        if isinstance(module, Attention):
-            why = "each rank attends over whole local heads"
-            _check_divisible(label, "heads", module.heads, tp_size, why)
-            _check_divisible(label, "kv_heads", module.kv_heads, tp_size, why)
-            if tp_size > 1 and getattr(module, "kv_cache", None) is not None:
-                # The cache holds all Hkv heads while each rank would write only its Hkv / tp.
-                raise ValueError(
-                    f"module {label!r} has a KV cache: tensor-parallel decoding is not supported "
-                    "(call delete_cache() before parallelizing)"
-                )
-            for proj in ("wq", "wk", "wv"):
-                plan[prefix + proj] = ColwiseParallel()
-            plan[prefix + "wo"] = RowwiseParallel()
-            if module.qk_norm is not None:
-                for half in ("query_norm", "key_norm"):
-                    if getattr(module.qk_norm, half).scale is not None:
-                        # q/k are (B, H/tp, T, Dh) local: dim 1 is the sharded head axis. The replicated
-                        # scale's gradient is then a partial sum that DTensor all-reduces.
-                        plan[f"{prefix}qk_norm.{half}"] = SequenceParallel(
-                            sequence_dim=1, use_local_output=True
-                        )
-        elif isinstance(module, GLU):
-            _check_divisible(label, "hidden_dim", module.w1.out_features, tp_size, "w1/w3 are split by rows")
-            plan[prefix + "w1"] = ColwiseParallel()
-            plan[prefix + "w3"] = ColwiseParallel()
-            plan[prefix + "w2"] = RowwiseParallel()
-        elif isinstance(module, FeedForward):
-            _check_divisible(label, "hidden_dim", module.fc1.out_features, tp_size, "fc1 is split by rows")
-            plan[prefix + "fc1"] = ColwiseParallel()
-            plan[prefix + "fc2"] = RowwiseParallel()
-    return plan
-
-
-def apply_tensor_parallel(
-    model: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle] | None = None
-) -> nn.Module:
-    """Apply tensor parallelism in place with `parallelize_module`.
-
-    Args:
-        model: the full (unsharded) model, identical on every rank of `mesh` (same seed or same weights).
-        mesh: a 1-D mesh of the TP ranks, or a multi-dim mesh with a dim named "tp".
-        plan: None builds `tensor_parallel_plan(model, tp)` (which validates head counts first).
-
-    Returns:
-        The same model; its attention/feed-forward weights are DTensors (`Shard(0)` column-parallel,
-        `Shard(1)` row-parallel), all inputs and outputs of the model stay plain replicated tensors.
-    """
-    if mesh.ndim > 1:
-        names = mesh.mesh_dim_names or ()
-        if "tp" not in names:
-            raise ValueError(f"mesh has {mesh.ndim} dims {names}; name the tensor-parallel one 'tp'")
-        mesh = mesh["tp"]
-    if plan is None:
-        plan = tensor_parallel_plan(model, mesh.size())
-    if plan:
-        parallelize_module(model, mesh, plan)
-    return model
-
-
 # ------------------------------------------------------------------------------------------ one entry point
 
 STRATEGIES = ("none", "ddp", "fsdp2", "tp", "fsdp2+tp")
@@ -282,6 +183,8 @@ class Parallelized:
     dp_rank, dp_size: this rank's data-parallel index and the number of data-parallel groups; ranks with the
         same dp_rank (the TP ranks of one group) must see the same batch.
     tp_size: tensor-parallel degree (1 without TP). mesh: the device mesh (None for "none" and "ddp").
+    loss_parallel: the model returns vocab-sharded DTensor logits in training mode: compute the loss and run
+        its backward under `torch.distributed.tensor.parallel.loss_parallel()`.
     """
 
     model: nn.Module
@@ -289,6 +192,7 @@ class Parallelized:
     dp_size: int
     tp_size: int
     mesh: DeviceMesh | None
+    loss_parallel: bool = False
 
 
 def parallelize(
@@ -299,6 +203,8 @@ def parallelize(
     device: torch.device | None = None,
     mp_policy: MixedPrecisionPolicy | None = None,
     block_types_or_names: Iterable[type | str] | None = None,
+    sequence_parallel: bool = False,
+    loss_parallel: bool = False,
 ) -> Parallelized:
     """Apply a named strategy (a config's `distributed.strategy`) after `init_distributed()`.
 
@@ -313,6 +219,8 @@ def parallelize(
         tp_size: TP degree; None means all ranks for "tp" (required for "fsdp2+tp").
         device: the rank's device (from `init_distributed`); None uses the model's.
         mp_policy, block_types_or_names: for FSDP2 (see `apply_fsdp2`).
+        sequence_parallel, loss_parallel: for "tp" and "fsdp2+tp" (see `tensor_parallel_plan`); other strategies
+            refuse them, a single process ignores them.
     """
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -322,6 +230,11 @@ def parallelize(
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
     device = device if device is not None else next(model.parameters()).device
     world, rank = get_world_size(), get_rank()
+    for flag, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}={value!r} must be a bool")
+        if value and strategy not in ("tp", "fsdp2+tp"):
+            raise ValueError(f"{flag}=True needs strategy 'tp' or 'fsdp2+tp', got strategy={strategy!r}")
     if strategy == "none" or not is_distributed():
         return Parallelized(model, 0, 1, 1, None)
     if strategy == "ddp":
@@ -336,13 +249,27 @@ def parallelize(
         tp_size = world
     if not isinstance(tp_size, int) or tp_size < 1 or world % tp_size:
         raise ValueError(f"tp_size={tp_size!r} must be a positive divisor of world_size={world}")
-    plan = tensor_parallel_plan(model, tp_size)  # validates head counts before any collective
+    # Validates every size before any collective.
+    plan = tensor_parallel_plan(
+        model, tp_size, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel
+    )
     if strategy == "tp":
         if tp_size != world:
             raise ValueError(f"strategy='tp' uses all ranks: tp_size={tp_size} must equal world_size={world}")
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
-        return Parallelized(apply_tensor_parallel(model, mesh, plan), 0, 1, tp_size, mesh)
+        tp_model = apply_tensor_parallel(model, mesh, plan)
+        return Parallelized(tp_model, 0, 1, tp_size, mesh, loss_parallel)
+    fused = sorted(
+        n for n, s in plan.items() if isinstance(s, (_FusedColwiseParallel, _FusedRowwiseParallel))
+    )
+    if fused:
+        # FSDP2 would shard the block-by-block (strided) TP shards again: a 2-D layout that the checkpoint code
+        # cannot convert for DCP (`vermeil.distributed.checkpoint` handles strided shards on 1-D meshes), untested.
+        raise ValueError(
+            f"strategy='fsdp2+tp' does not support fused projections split block by block ({fused[0]!r}, ...: "
+            "Flux); use strategy 'tp' or 'fsdp2'"
+        )
     mesh = init_device_mesh(device.type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
     apply_tensor_parallel(model, mesh["tp"], plan)
     fsdp = apply_fsdp2(model, block_types_or_names, mp_policy, mesh=mesh["dp"])
-    return Parallelized(fsdp, mesh.get_local_rank("dp"), world // tp_size, tp_size, mesh)
+    return Parallelized(fsdp, mesh.get_local_rank("dp"), world // tp_size, tp_size, mesh, loss_parallel)

@@ -224,14 +224,37 @@ def norm_rope(x: Tensor, freqs: Tensor, scale: Tensor, *, eps: float = _EPS) -> 
     return _NormRope.apply(x, freqs, scale.reshape(-1, x.shape[-1]), eps)
 
 
-def qkv_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_heads(
+    qkv: Tensor, heads: int | None = None, *, head_dim: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(B, L, 3 H Dh) in BFL's `(K H Dh)` layout -> q, k, v views, each (B, L, H, Dh).
 
+    Give `heads` or `head_dim`. The blocks give `head_dim`, so that under tensor parallelism, where a rank's
+    qkv holds [q; k; v] of its own H/tp heads (`vermeil.distributed`), the same code views its local heads.
     `unbind` rather than indexing: its backward stacks the three gradients in one pass, where three selects
     would each zero-fill a full-size gradient.
     """
     b, seq, width = qkv.shape
-    return qkv.view(b, seq, 3, heads, width // (3 * heads)).unbind(2)
+    if head_dim is None:
+        if heads is None:
+            raise ValueError("qkv_heads needs heads or head_dim")
+        head_dim = width // (3 * heads)
+    return qkv.view(b, seq, 3, -1, head_dim).unbind(2)
+
+
+def _qk_scale(norm: nn.Module) -> Tensor:
+    """The learned `scale` (Dh,) of a QKNorm half, as a plain tensor.
+
+    Under tensor parallelism (`vermeil.distributed`) it is a replicated DTensor while q/k hold this rank's heads
+    only, so the gradient it gets here is a partial sum over heads: `grad_placements=(Partial(),)` says so, and
+    DTensor sums it over the ranks. A plain parameter is returned as it is.
+    """
+    scale = norm.scale
+    if hasattr(scale, "to_local"):  # a DTensor
+        from torch.distributed.tensor import Partial
+
+        return scale.to_local(grad_placements=(Partial(),))
+    return scale
 
 
 def _rotations(pe: Tensor) -> Tensor:
@@ -257,7 +280,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 def _per_token(txt_norm: nn.Module, img_norm: nn.Module, l_txt: int, l_img: int) -> Tensor:
     """(Lc + Ld, Dh): the txt norm's scale on the first Lc rows, the img norm's on the rest."""
-    return torch.cat((txt_norm.scale.expand(l_txt, -1), img_norm.scale.expand(l_img, -1)))
+    return torch.cat((_qk_scale(txt_norm).expand(l_txt, -1), _qk_scale(img_norm).expand(l_img, -1)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,6 +312,7 @@ class FluxSelfAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         factory = {"device": device, "dtype": dtype}
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.norm = QKNorm(dim // num_heads, "rms", eps=_EPS, **factory)
@@ -301,10 +325,10 @@ class FluxSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, L, D), pe: (B|1, 1, L, Dh/2, 2, 2) or complex (B|1, 1, L, Dh/2), mask: (B, 1, 1, L) bool keys or None -> (B, L, D)."""
-        q, k, v = qkv_heads(self.qkv(x), self.num_heads)
+        q, k, v = qkv_heads(self.qkv(x), head_dim=self.head_dim)
         rot = _rotations(pe)
-        q = norm_rope(q, rot, self.norm.query_norm.scale)
-        k = norm_rope(k, rot, self.norm.key_norm.scale)
+        q = norm_rope(q, rot, _qk_scale(self.norm.query_norm))
+        k = norm_rope(k, rot, _qk_scale(self.norm.key_norm))
         return self.proj(_attend(q, k, v, mask))
 
 
@@ -370,8 +394,8 @@ class DoubleStreamBlock(nn.Module):
         l_txt, l_img = txt.shape[1], img.shape[1]
         img_qkv = self.img_attn.qkv(_modulate(self.img_norm1(img), img_mod1))  # (B, Ld, 3D)
         txt_qkv = self.txt_attn.qkv(_modulate(self.txt_norm1(txt), txt_mod1))  # (B, Lc, 3D)
-        tq, tk, tv = qkv_heads(txt_qkv, self.num_heads)  # (B, Lc, H, Dh) views
-        iq, ik, iv = qkv_heads(img_qkv, self.num_heads)  # (B, Ld, H, Dh) views
+        tq, tk, tv = qkv_heads(txt_qkv, head_dim=self.txt_attn.head_dim)  # (B, Lc, H, Dh) views
+        iq, ik, iv = qkv_heads(img_qkv, head_dim=self.img_attn.head_dim)  # (B, Ld, H, Dh) views
         rot = _rotations(pe)
         # One joint sequence, txt first; each stream keeps its own QKNorm scale: (L, Dh) per-token tables.
         q = norm_rope(
@@ -437,11 +461,14 @@ class SingleStreamBlock(nn.Module):
         """x: (B, L, D), vec: (B, D), pe: (B|1, 1, L, Dh/2, 2, 2) or complex (B|1, 1, L, Dh/2), mask: (B, 1, 1, L) bool or None -> (B, L, D)."""
         mod, _ = self.modulation(vec)
         h = self.linear1(_modulate(self.pre_norm(x), mod))  # (B, L, 3D + M)
-        qkv, mlp = h.split((3 * self.hidden_size, self.mlp_hidden_dim), dim=-1)
-        q, k, v = qkv_heads(qkv, self.num_heads)  # (B, L, H, Dh) views
+        # Sizes from the width: under tensor parallelism h is this rank's (3D + M) / tp ([q; k; v; mlp] pieces).
+        width = h.shape[-1]
+        d = width * self.hidden_size // (3 * self.hidden_size + self.mlp_hidden_dim)  # D, or D / tp
+        qkv, mlp = h.split((3 * d, width - 3 * d), dim=-1)
+        q, k, v = qkv_heads(qkv, head_dim=self.hidden_size // self.num_heads)  # (B, L, H, Dh) views
         rot = _rotations(pe)
-        q = norm_rope(q, rot, self.norm.query_norm.scale)
-        k = norm_rope(k, rot, self.norm.key_norm.scale)
+        q = norm_rope(q, rot, _qk_scale(self.norm.query_norm))
+        k = norm_rope(k, rot, _qk_scale(self.norm.key_norm))
         out = self.linear2(torch.cat((_attend(q, k, v, mask), self.mlp_act(mlp)), dim=2))
         return torch.addcmul(x, mod.gate, out)
 

@@ -437,9 +437,12 @@ class Experts(nn.Module):
         Returns:
             (S, D), in the compute dtype (x's, or autocast's).
         """
-        if grouped and grouped_mm_supported(x_SD, self.w1, self.w3, self.w2):
-            return grouped_swiglu(x_SD, self.w1, self.w3, self.w2, offs_E)
-        return padded_swiglu(x_SD, self.w1, self.w3, self.w2, expert_S, counts_E, offs_E)
+        # Under tensor parallelism (vermeil.distributed) the weights are DTensors sharded on F: each rank runs
+        # its F/tp slice of every expert on plain local tensors, and the caller sums the partial outputs.
+        w1, w3, w2 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
+        if grouped and grouped_mm_supported(x_SD, w1, w3, w2):
+            return grouped_swiglu(x_SD, w1, w3, w2, offs_E)
+        return padded_swiglu(x_SD, w1, w3, w2, expert_S, counts_E, offs_E)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}"

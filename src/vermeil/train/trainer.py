@@ -23,8 +23,10 @@ the global micro-batch, so a run on N ranks trains on the same data as one proce
 and metrics over the ranks, and lets rank 0 alone draw the bar and write metrics, plots and `config.yaml`. A
 checkpoint folder then holds `dcp/` (`vermeil.distributed.checkpoint`: every rank writes its shards of the
 model and optimizer), `state.pt` (the rest, from rank 0) and `model.safetensors` (the full weights exported by
-rank 0, so `vermeil generate` works on the run). At the end of `fit` the trainer leaves the process group it
-joined (barrier, `destroy_process_group`). In one process (no `WORLD_SIZE`) the section is ignored.
+rank 0, so `vermeil generate` works on the run). With `distributed.loss_parallel` the model returns
+vocab-sharded logits in training mode, and each micro-batch's loss and backward run under `loss_parallel()`. At
+the end of `fit` the trainer leaves the process group it joined (barrier, `destroy_process_group`). In one
+process (no `WORLD_SIZE`) the section is ignored.
 
 Resuming restores weights, optimizer and scheduler state, the torch and Python RNG states and the data sampler's
 state, so the resumed loss curve continues exactly the curve of the same run left uninterrupted (the loss of
@@ -192,12 +194,18 @@ class DistributedConfig:
         tp_size: tensor-parallel degree; None means all ranks for "tp" (required for "fsdp2+tp").
         param_dtype, reduce_dtype: FSDP2 mixed precision ("bf16", "fp32", ...; None keeps the parameters'
             dtype), used by "fsdp2" and "fsdp2+tp" only.
+        sequence_parallel: with "tp"/"fsdp2+tp", shard the residual stream and the norms over the sequence
+            (LLM and hybrid; `vermeil.distributed.tensor_parallel`).
+        loss_parallel: with "tp"/"fsdp2+tp", vocab-sharded logits and a cross-entropy under
+            `torch.distributed.tensor.parallel.loss_parallel()` (never gathers the full logits in training).
     """
 
     strategy: Literal["none", "ddp", "fsdp2", "tp", "fsdp2+tp"] = "none"
     tp_size: int | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None
+    sequence_parallel: bool = False
+    loss_parallel: bool = False
 
     def __post_init__(self) -> None:
         strategies = ("none", "ddp", "fsdp2", "tp", "fsdp2+tp")
@@ -214,6 +222,14 @@ class DistributedConfig:
             value = getattr(self, name)
             if value is not None and value not in dtypes:
                 raise ValueError(f"{name}={value!r} must be one of {dtypes} (or null)")
+        for name in ("sequence_parallel", "loss_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be a bool (true or false)")
+            if value and self.strategy not in ("tp", "fsdp2+tp"):
+                raise ValueError(
+                    f"{name}=true needs strategy 'tp' or 'fsdp2+tp', got strategy={self.strategy!r}"
+                )
 
 
 @dataclass
@@ -273,6 +289,9 @@ def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tens
     inputs, targets = batch
     logits, aux = _logits_and_aux(model(inputs))
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    # Vocab-sharded logits (loss parallelism) give a replicated DTensor: plain before it meets the plain aux
+    # loss, whose backward would otherwise receive a DTensor gradient.
+    ce = _plain(ce)
     if aux is None:
         return ce, {"ce": ce}
     return ce + aux, {"ce": ce, "aux_loss": aux}
@@ -606,6 +625,9 @@ class Trainer:
                 self.device = device  # cuda:LOCAL_RANK
         self.is_main = self.rank == 0
         self.model = model.to(self.device)
+        # Around each micro-batch's loss and backward: loss_parallel() under a loss-parallel TP plan.
+        self._loss_parallel = False
+        self._loss_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if self.world_size > 1:
             from vermeil.distributed import mixed_precision_policy, parallelize
 
@@ -613,8 +635,20 @@ class Trainer:
             mp = None
             if d.param_dtype is not None or d.reduce_dtype is not None:
                 mp = mixed_precision_policy(d.param_dtype, d.reduce_dtype)
-            par = parallelize(self.model, strategy, tp_size=d.tp_size, device=self.device, mp_policy=mp)
+            par = parallelize(
+                self.model,
+                strategy,
+                tp_size=d.tp_size,
+                device=self.device,
+                mp_policy=mp,
+                sequence_parallel=d.sequence_parallel,
+                loss_parallel=d.loss_parallel,
+            )
             self.model, self.dp_rank, self.dp_size = par.model, par.dp_rank, par.dp_size
+            if par.loss_parallel:
+                from torch.distributed.tensor.parallel import loss_parallel
+
+                self._loss_parallel, self._loss_context = True, loss_parallel
             if config.batch_size % self.dp_size:
                 raise ValueError(
                     f"train.batch_size={config.batch_size} (the global batch) must be divisible by the "
@@ -846,9 +880,12 @@ class Trainer:
             tokens += _count_tokens(batch)
             if self.device.type != "cpu":
                 batch = _to_device(batch, self.device)
-            with self._autocast():
-                loss, metrics = _split_loss(self.loss_fn(self.model, batch))
-            (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+            with self._loss_context():  # the backward of a vocab-parallel cross-entropy needs it too
+                with self._autocast():
+                    loss, metrics = _split_loss(self.loss_fn(self.model, batch))
+                if self._loss_parallel:  # the loss is a replicated DTensor: the loop keeps plain tensors
+                    loss, metrics = _plain(loss), {k: _plain(v) for k, v in metrics.items()}
+                (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
             total += loss.detach()
             for k, v in metrics.items():
                 v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
@@ -1027,6 +1064,11 @@ def _barrier() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+
+
+def _plain(value: Any) -> Any:
+    """A replicated DTensor (a loss-parallel cross-entropy) as a plain tensor, differentiably; else unchanged."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value  # no import: DTensors only
 
 
 def _is_dtensor(t: Tensor) -> bool:

@@ -1,0 +1,608 @@
+"""Tensor parallelism (Megatron layout) as DTensor plans applied from outside the model, by module name.
+
+Axis legend: B batch, T length, D model dim, H heads, Hkv kv heads, Dh head dim, F feed-forward hidden dim,
+E experts, M Flux MLP width, V vocabulary, tp the tensor-parallel degree.
+
+`tensor_parallel_plan(model, tp_size, sequence_parallel=False, loss_parallel=False)` returns
+{module name: ParallelStyle} for `parallelize_module`; `apply_tensor_parallel` applies it (and keeps tied
+embeddings tied). Every constraint is checked there, before any collective. What is split, by module type:
+
+- Attention (`vermeil.nn.Attention`, `vermeil.models.llm.Attention`): `wq`/`wk`/`wv` column-parallel, `wo`
+  row-parallel; one all-reduce after `wo`. Both attentions view with `view(b, t, -1, Dh)`, so each rank runs
+  its H/tp query and Hkv/tp kv heads, and contiguous column shards keep GQA's grouping (query head i uses kv
+  head i // (H/Hkv)) on every rank. H and Hkv must be divisible by tp (K/V are not replicated). Learnable
+  qk-norm scales are replicated DTensors whose gradients sum over the ranks' heads. Llama 4's temperature
+  tuning, weightless qk norm and chunked attention act per head and need nothing.
+- Feed-forward: SwiGLU/GeGLU `w1`/`w3` column-, `w2` row-parallel; MLP `fc1` column-, `fc2` row-parallel.
+- MoE (`vermeil.nn.moe.MoE`): the shared expert is a SwiGLU (above). The routed experts' hidden dim F is split
+  too (`w1`/`w3` (E, D, F) and `w2` (E, F, D) sharded on F; `_ExpertTensorParallel`): every rank routes all
+  tokens with the replicated router, runs every expert on its F/tp slice, and the partial outputs are summed
+  (one all-reduce), so routing, capacity and token order are those of one process. The "loop" and "dense"
+  backends index the stacked weights per expert inside `MoE`; their routed experts stay replicated
+  (correct, not split).
+- Flux: projections that fuse several blocks are split block by block with
+  `_StridedShard(dim, split_factor=k)`, whose local shard is the concatenation of the rank's piece of each of
+  the k equal blocks: the double blocks' `qkv` ([q; k; v], k = 3) gives each rank [q; k; v] of its own heads,
+  the single blocks' `linear1` ([q; k; v; mlp], k = 3 + M/D) its heads plus an M/tp slice of the MLP, and
+  `linear2` (input [attention; mlp], k = 1 + M/D) takes exactly that local concatenation. `proj` and the MLPs'
+  second Linear are row-parallel, `img_mlp.0`/`txt_mlp.0` column-parallel; the QK-norm scales are replicated
+  DTensors (flux.py reads them with partial gradients). M must be a multiple of D. Modulations, embedders and
+  the final layer stay replicated. `full_tensor()` of a strided shard is the original layout, and
+  `vermeil.distributed.checkpoint` writes strided shards as plain row/column shards (DCP cannot describe
+  interleaved shards), so checkpoints are in BFL's layout and load anywhere.
+
+Sequence parallel (`sequence_parallel=True`; `vermeil.models.llm.LLM` and `vermeil.models.hybrid.HybridModel`,
+torchtitan's layout): the residual stream between blocks is sequence-sharded (B, T/tp, D). The embedding is
+vocab-parallel with a reduce-scatter to `Shard(1)`, norms run on the local tokens (`SequenceParallel`),
+attention and feed-forward inputs are all-gathered (`PrepareModuleInput`), row-parallel outputs
+reduce-scatter to `Shard(1)`. Modules that need the whole sequence and stay replicated (Mamba, the MoE as a
+whole) gather their input and keep their slice of the output (`_SequenceGathered`); the hybrid's merge `gate`
+and `merge_proj` run on the local tokens with replicated weights. T must be divisible by tp (checked at the
+embedding). Flux is not covered (its two streams are concatenated and split inside the blocks): the plan
+raises.
+
+Loss parallel (`loss_parallel=True`; LLM, HybridModel, MambaLM): the LM head is column-parallel with
+vocab-sharded output (`Shard(-1)`), and in training mode the model returns (B, T, V) logits as a DTensor
+sharded over V: compute the cross-entropy (and its backward) under
+`torch.distributed.tensor.parallel.loss_parallel()`, as `vermeil.train.Trainer` does. In eval mode the head
+returns full logits, so evaluation and sampling code runs unchanged. V must be divisible by tp. A tied
+embedding is made vocab-parallel too (same row shards as the head), and `apply_tensor_parallel` ties the two
+DTensors again.
+
+Not covered: `ParallelTransformerBlock` (one fused projection) and `MambaBlock` stay replicated, which is
+correct but not split. Attention KV caches hold all Hkv heads, so TP decoding is not supported (the plan raises
+while a cache is set up); a per-head (B, H, T, S) mask would need slicing to the local heads (key-padding and
+(B, 1, T, S) masks work as they are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from vermeil.nn.attention import Attention
+from vermeil.nn.feedforward import GLU, FeedForward
+from vermeil.nn.moe import Experts, MoE
+
+__all__ = ["apply_tensor_parallel", "tensor_parallel_plan"]
+
+
+# ------------------------------------------------------------------------------------------- parallel styles
+
+
+class _FusedColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a Linear whose output stacks `chunks` equal blocks (Flux's [q; k; v], [q; k; v; mlp]).
+
+    Each block is split over the ranks on its own (`_StridedShard(0, split_factor=chunks)` on weight and bias),
+    so a rank's output is the concatenation of its piece of every block: [q_r; k_r; v_r], the q, k and v of its
+    own heads. A plain `ColwiseParallel` would give rank 0 all of q.
+    """
+
+    def __init__(self, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = _StridedShard(0, split_factor=self.chunks)
+            dist = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
+            module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _prepare_output_fn(
+        output_layouts: Any, use_local_output: bool, mod: nn.Module, outputs: DTensor, device_mesh: DeviceMesh
+    ) -> Tensor:
+        # DTensor propagates the weight's strided placement to the last axis: the local part is already the
+        # rank's [q_r; k_r; v_r] (a redistribute to Shard(-1) would reorder it).
+        (placement,) = outputs.placements
+        if not isinstance(placement, _StridedShard):  # internal: sharding propagation changed
+            raise RuntimeError(
+                f"fused column-parallel output has placement {placement}, expected _StridedShard"
+            )
+        return outputs.to_local()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(chunks={self.chunks})"
+
+
+class _FusedRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a Linear whose input concatenates `chunks` equal blocks (Flux's `linear2` on
+    [attention; mlp]): the weight's input axis is split block by block (`_StridedShard(1, split_factor=chunks)`),
+    matching the local concatenation a `_FusedColwiseParallel` produced upstream. The output is summed over the
+    ranks (one all-reduce), the bias added once."""
+
+    def __init__(self, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        weight = module.weight
+        placement = _StridedShard(1, split_factor=self.chunks)
+        dist = distribute_tensor(weight, device_mesh, [placement], src_data_rank=self.src_data_rank)
+        module.register_parameter("weight", nn.Parameter(dist, requires_grad=weight.requires_grad))
+        if module.bias is not None:
+            bias = module.bias
+            dist = distribute_tensor(bias, device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
+            module.register_parameter("bias", nn.Parameter(dist, requires_grad=bias.requires_grad))
+
+    def _strided_input(self, mod: nn.Module, inputs: tuple[Any, ...], device_mesh: DeviceMesh) -> DTensor:
+        x = inputs[0]  # (..., K/tp) local: the rank's piece of each block, concatenated
+        placement = _StridedShard(x.ndim - 1, split_factor=self.chunks)
+        return DTensor.from_local(x, device_mesh, (placement,), run_check=False)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise NotImplementedError(
+                f"{type(self).__name__} supports nn.Linear only, got {type(module).__name__}"
+            )
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition_linear_fn,
+            self._strided_input,
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(chunks={self.chunks})"
+
+
+class _ReplicateParameters(ParallelStyle):
+    """Make a module's parameters replicated DTensors and leave its forward alone.
+
+    For Flux's QK-norm scales, which the blocks read directly (the QKNorm module is never called): the blocks
+    take their local value with a partial gradient (q/k hold this rank's heads only), which DTensor sums.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh)
+
+
+class _ExpertTensorParallel(ParallelStyle):
+    """Split the hidden dim F of stacked SwiGLU experts (`vermeil.nn.moe.Experts`) over the ranks.
+
+    w1/w3 (E, D, F) become `Shard(2)`, w2 (E, F, D) `Shard(1)`: expert e's SwiGLU on rank r is
+    `silu(x @ w1[e][:, Fr]) * (x @ w3[e][:, Fr]) @ w2[e][Fr]`, a partial sum of the expert's output. Every rank
+    holds all routed rows (S, D) (the router upstream is replicated), so the input's gradient from one slice is
+    partial too. `Experts.forward` runs its kernels on the local shards (`to_local()`); the hooks here make the
+    input's gradient and the output sums over the ranks.
+    """
+
+    _WEIGHTS = (("w1", 2), ("w3", 2), ("w2", 1))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, Experts):
+            raise NotImplementedError(
+                f"{type(self).__name__} supports Experts only, got {type(module).__name__}"
+            )
+        for pname, dim in self._WEIGHTS:
+            param = module._parameters[pname]
+            dist = distribute_tensor(param, device_mesh, [Shard(dim)], src_data_rank=self.src_data_rank)
+            module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+        module.register_forward_pre_hook(partial(self._partial_input_grad, device_mesh))
+        module.register_forward_hook(partial(self._sum_outputs, device_mesh))
+        return module
+
+    @staticmethod
+    def _partial_input_grad(mesh: DeviceMesh, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x_SD, *rest = args
+        # The backward of this pair all-reduces x's gradient (Partial -> Replicate); forward is a no-op.
+        x_SD = DTensor.from_local(x_SD, mesh, (Replicate(),), run_check=False).to_local(
+            grad_placements=(Partial(),)
+        )
+        return (x_SD, *rest)
+
+    @staticmethod
+    def _sum_outputs(mesh: DeviceMesh, module: nn.Module, args: tuple[Any, ...], y_SD: Tensor) -> Tensor:
+        partial_sum = DTensor.from_local(y_SD, mesh, (Partial(),), run_check=False)
+        return partial_sum.redistribute(placements=(Replicate(),)).to_local()
+
+
+class _SequenceGathered(ParallelStyle):
+    """Sequence parallel around a module that needs the whole sequence and stays replicated (Mamba, an MoE).
+
+    Its first input, sequence-sharded (B, T/tp, D) (a local tensor or a `Shard(1)` DTensor), is all-gathered to
+    (B, T, D); its output (or the `output_field` of a dataclass output, e.g. `MoEOutput.out`) is cut back to this
+    rank's T/tp positions (backward: the all-gather of the gradient's slices). Other inputs pass unchanged.
+    """
+
+    def __init__(self, output_field: str | None = None) -> None:
+        super().__init__()
+        self.output_field = output_field
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.register_forward_pre_hook(partial(self._gather, device_mesh))
+        module.register_forward_hook(partial(self._scatter, device_mesh, self.output_field))
+        return module
+
+    @staticmethod
+    def _gather(mesh: DeviceMesh, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x, *rest = args
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (Shard(1),), run_check=False)
+        return (x.redistribute(placements=(Replicate(),)).to_local(), *rest)
+
+    @staticmethod
+    def _scatter(
+        mesh: DeviceMesh, field: str | None, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> Any:
+        full = output if field is None else getattr(output, field)
+        local = DTensor.from_local(full, mesh, (Replicate(),), run_check=False)
+        local = local.redistribute(placements=(Shard(1),)).to_local()
+        return local if field is None else dataclasses.replace(output, **{field: local})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(output_field={self.output_field!r})"
+
+
+class _SequenceShardedEmbedding(RowwiseParallel):
+    """Vocab-parallel embedding (rows `Shard(0)`) whose output is reduce-scattered to the sequence shard
+    `Shard(1)`; checks first that T is divisible by tp (the sequence shards must be equal)."""
+
+    def __init__(self) -> None:
+        super().__init__(input_layouts=Replicate(), output_layouts=Shard(1))
+
+    @staticmethod
+    def _prepare_input_fn(
+        input_layouts: Any,
+        desired_input_layouts: Any,
+        mod: nn.Module,
+        inputs: tuple[Any, ...],
+        device_mesh: DeviceMesh,
+    ) -> Any:
+        tokens, tp = inputs[0], device_mesh.size()
+        if tokens.ndim < 2 or tokens.shape[1] % tp:
+            raise ValueError(
+                f"sequence_parallel=True needs tokens (B, T) with T divisible by tp_size={tp}, "
+                f"got shape {tuple(tokens.shape)}"
+            )
+        return RowwiseParallel._prepare_input_fn(
+            input_layouts, desired_input_layouts, mod, inputs, device_mesh
+        )
+
+
+class _VocabParallelHead(ColwiseParallel):
+    """The LM head for loss parallelism: rows (the vocabulary) `Shard(0)`; in training mode it returns the
+    (B, T, V) logits as a DTensor sharded over V, for a cross-entropy under `loss_parallel()`; in eval mode it
+    all-gathers them into a plain tensor, so evaluation and sampling code runs unchanged."""
+
+    def __init__(self, *, input_layouts: Any = None) -> None:
+        super().__init__(input_layouts=input_layouts, output_layouts=Shard(-1), use_local_output=False)
+
+    @staticmethod
+    def _prepare_output_fn(
+        output_layouts: Any, use_local_output: bool, mod: nn.Module, outputs: DTensor, device_mesh: DeviceMesh
+    ) -> Tensor:
+        if mod.training:
+            return outputs
+        return outputs.redistribute(placements=(Replicate(),)).to_local()
+
+
+# ---------------------------------------------------------------------------------------------------- plans
+
+
+def _check_divisible(module_name: str, what: str, value: int, tp_size: int, why: str) -> None:
+    if value % tp_size:
+        raise ValueError(
+            f"{what}={value} of module {module_name!r} must be divisible by the tensor-parallel degree "
+            f"tp_size={tp_size} ({why})"
+        )
+
+
+def _reject_cache(module_name: str, module: nn.Module, tp_size: int) -> None:
+    if tp_size > 1 and getattr(module, "kv_cache", None) is not None:
+        # The cache holds all Hkv heads while each rank would write only its Hkv / tp.
+        raise ValueError(
+            f"module {module_name!r} has a KV cache: tensor-parallel decoding is not supported "
+            "(call delete_cache() before parallelizing)"
+        )
+
+
+def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelStyle]:
+    """The Megatron entries for one module (attention, feed-forward, MoE, Flux blocks), by its type."""
+    from vermeil.models.flux import DoubleStreamBlock, FluxSelfAttention, SingleStreamBlock
+    from vermeil.models.llm import Attention as LlamaAttention
+
+    p = f"{name}." if name else ""
+    label = name or "<root>"
+    heads_why = "each rank attends over whole local heads"
+    plan: dict[str, ParallelStyle] = {}
+    if isinstance(module, (Attention, LlamaAttention)):
+        if isinstance(module, Attention):
+            heads, kv_heads = ("heads", module.heads), ("kv_heads", module.kv_heads)
+        else:
+            heads, kv_heads = ("n_heads", module.n_heads), ("n_kv_heads", module.n_kv_heads)
+        _check_divisible(label, *heads, tp, heads_why)
+        _check_divisible(label, *kv_heads, tp, heads_why)
+        _reject_cache(label, module, tp)
+        for proj in ("wq", "wk", "wv"):
+            plan[p + proj] = ColwiseParallel()
+        plan[p + "wo"] = RowwiseParallel()
+        qk_norm = getattr(module, "qk_norm", None)  # vermeil.nn's learnable QKNorm (Llama 4's has no weight)
+        if isinstance(module, Attention) and qk_norm is not None:
+            for half in ("query_norm", "key_norm"):
+                if getattr(qk_norm, half).scale is not None:
+                    # q/k are (B, H/tp, T, Dh) local: dim 1 is the sharded head axis. The replicated scale's
+                    # gradient is then a partial sum that DTensor all-reduces.
+                    plan[f"{p}qk_norm.{half}"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+    elif isinstance(module, GLU):
+        _check_divisible(label, "hidden_dim", module.w1.out_features, tp, "w1/w3 are split by rows")
+        plan[p + "w1"] = ColwiseParallel()
+        plan[p + "w3"] = ColwiseParallel()
+        plan[p + "w2"] = RowwiseParallel()
+    elif isinstance(module, FeedForward):
+        _check_divisible(label, "hidden_dim", module.fc1.out_features, tp, "fc1 is split by rows")
+        plan[p + "fc1"] = ColwiseParallel()
+        plan[p + "fc2"] = RowwiseParallel()
+    elif isinstance(module, MoE):
+        # The shared expert is a GLU (its own entry); the routed experts split F with the sorted backends.
+        if module.backend in ("grouped", "padded") and isinstance(module.experts, Experts):
+            _check_divisible(label, "hidden_dim", module.hidden_dim, tp, "each expert's hidden dim is split")
+            plan[p + "experts"] = _ExpertTensorParallel()
+    elif isinstance(module, FluxSelfAttention):
+        _check_divisible(label, "num_heads", module.num_heads, tp, heads_why)
+        plan[p + "qkv"] = _FusedColwiseParallel(3)  # [q; k; v]
+        plan[p + "proj"] = RowwiseParallel()
+        plan[p + "norm"] = _ReplicateParameters()
+    elif isinstance(module, DoubleStreamBlock):
+        for stream in ("img", "txt"):
+            mlp = getattr(module, f"{stream}_mlp")
+            _check_divisible(
+                f"{p}{stream}_mlp", "mlp_hidden_dim", mlp[0].out_features, tp, "the MLP is split"
+            )
+            plan[f"{p}{stream}_mlp.0"] = ColwiseParallel()
+            plan[f"{p}{stream}_mlp.2"] = RowwiseParallel()
+    elif isinstance(module, SingleStreamBlock):
+        d, m = module.hidden_size, module.mlp_hidden_dim
+        _check_divisible(label, "num_heads", module.num_heads, tp, heads_why)
+        if m % d:
+            raise ValueError(
+                f"mlp_hidden_dim={m} of module {label!r} must be a multiple of hidden_size={d} for tensor "
+                f"parallelism (linear1 fuses [q; k; v; mlp] and is split in blocks of hidden_size)"
+            )
+        plan[p + "linear1"] = _FusedColwiseParallel(3 + m // d)  # [q; k; v; mlp] in blocks of D
+        plan[p + "linear2"] = _FusedRowwiseParallel(1 + m // d)  # input [attention; mlp] in blocks of D
+        plan[p + "norm"] = _ReplicateParameters()
+    return plan
+
+
+def _gather_input(n_args: int = 1) -> PrepareModuleInput:
+    """All-gather a module's sequence-sharded first input (B, T/tp, D) -> (B, T, D), as a plain tensor."""
+    rest = (None,) * (n_args - 1)
+    return PrepareModuleInput(
+        input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
+    )
+
+
+def _sequence_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """The sequence-parallel entries of the LLM's and the hybrid's blocks (they override the row-parallel
+    outputs of the Megatron entries: reduce-scatter to `Shard(1)` in place of all-reduce)."""
+    from vermeil.models.hybrid import HybridModel
+    from vermeil.models.llm import LLM
+
+    if not isinstance(model, (LLM, HybridModel)):
+        raise ValueError(
+            f"sequence_parallel=True supports vermeil.models.llm.LLM and vermeil.models.hybrid.HybridModel, "
+            f"got {type(model).__name__}"
+        )
+    if isinstance(model, LLM) and model.vision_projection is not None:
+        raise ValueError(
+            "sequence_parallel=True does not support an LLM with vision_args (image embeddings are merged into "
+            "the whole sequence); use sequence_parallel=False"
+        )
+    seq = Shard(1)
+    plan: dict[str, ParallelStyle] = {}
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        if isinstance(model, LLM):
+            plan[p + "attention_norm"] = SequenceParallel()
+            plan[p + "attention"] = _gather_input(4)  # (x, rope, positions, global_mask)
+            plan[p + "attention.wo"] = RowwiseParallel(output_layouts=seq)
+            plan[p + "ffn_norm"] = SequenceParallel()
+            if layer.is_moe_layer:
+                plan[p + "feed_forward"] = _SequenceGathered(
+                    "out"
+                )  # MoEOutput.out; the shared expert all-reduces
+            else:
+                plan[p + "feed_forward"] = _gather_input()
+                plan[p + "feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
+            continue
+        plan[p + "norm"] = SequenceParallel()
+        if layer.mamba is not None:
+            plan[p + "mamba"] = _SequenceGathered()
+        if layer.attention is not None:
+            plan[p + "attention"] = _gather_input()
+            plan[p + "attention.wo"] = RowwiseParallel(output_layouts=seq)
+        for merge in ("gate", "merge_proj"):
+            if getattr(layer, merge) is not None:
+                # Replicated weights on the local tokens; their gradients are partial sums DTensor all-reduces.
+                plan[p + merge] = SequenceParallel(use_local_output=True)
+        if layer.feed_forward is not None:
+            plan[p + "ffn_norm"] = SequenceParallel()
+            plan[p + "feed_forward"] = _gather_input()
+            out = "w2" if isinstance(layer.feed_forward, GLU) else "fc2"
+            plan[f"{p}feed_forward.{out}"] = RowwiseParallel(output_layouts=seq)
+    return plan
+
+
+def _lm_parts(model: nn.Module) -> tuple[str, str, str] | None:
+    """(embedding, final norm, head) module names of the language models, None for other models."""
+    from vermeil.models.hybrid import HybridModel
+    from vermeil.models.llm import LLM
+    from vermeil.models.mamba import MambaLM
+
+    if isinstance(model, LLM):
+        return "tok_embeddings", "norm", "output"
+    if isinstance(model, HybridModel):
+        return "embedding", "norm_f", "lm_head"
+    if isinstance(model, MambaLM):
+        return "backbone.embedding", "backbone.norm_f", "lm_head"
+    return None
+
+
+def _head_plan(
+    model: nn.Module, tp: int, sequence_parallel: bool, loss_parallel: bool
+) -> dict[str, ParallelStyle]:
+    """Embedding, final norm and head entries for sequence and/or loss parallelism."""
+    from vermeil.models.hybrid import HybridModel
+    from vermeil.models.mamba import MambaLM
+
+    parts = _lm_parts(model)
+    if parts is None:
+        raise ValueError(
+            f"loss_parallel=True needs a language model with a known head (LLM, HybridModel, MambaLM), "
+            f"got {type(model).__name__}"
+        )
+    emb_name, norm_name, head_name = parts
+    head, emb = model.get_submodule(head_name), model.get_submodule(emb_name)
+    _check_divisible(
+        head_name, "vocab_size", head.out_features, tp, "the head's rows, the vocabulary, are split"
+    )
+    if isinstance(model, MambaLM) and model.config.padded_vocab_size != model.config.vocab_size:
+        # MambaLM cuts the padding rows off its logits: a slice across the vocabulary shards.
+        raise ValueError(
+            f"loss_parallel=True needs MambaLM's padded_vocab_size={model.config.padded_vocab_size} to equal "
+            f"vocab_size={model.config.vocab_size} (set pad_vocab_size_multiple so that no padding is added)"
+        )
+    if loss_parallel and isinstance(model, HybridModel) and model.config.z_loss:
+        raise ValueError(
+            f"loss_parallel=True does not support the hybrid's z_loss={model.config.z_loss} (its logsumexp "
+            "term mixes vocab-sharded and plain tensors); set z_loss=0"
+        )
+    plan: dict[str, ParallelStyle] = {}
+    if sequence_parallel:
+        plan[emb_name] = _SequenceShardedEmbedding()
+        plan[norm_name] = SequenceParallel()
+        if loss_parallel:
+            plan[head_name] = _VocabParallelHead(input_layouts=Shard(1))
+        else:
+            plan[head_name] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        return plan
+    plan[head_name] = _VocabParallelHead()
+    if head.weight is emb.weight:
+        # Tied: the embedding's rows take the same Shard(0) as the head's, so one DTensor can serve both.
+        plan[emb_name] = RowwiseParallel(input_layouts=Replicate())
+    return plan
+
+
+def tensor_parallel_plan(
+    model: nn.Module, tp_size: int, *, sequence_parallel: bool = False, loss_parallel: bool = False
+) -> dict[str, ParallelStyle]:
+    """The tensor-parallel plan for `model` (see the module docstring for what is split and how).
+
+    Checks every constraint here, before any collective: head counts, feed-forward and expert hidden sizes,
+    Flux's fused layouts and (for `loss_parallel` / `sequence_parallel`) the vocabulary must be divisible by
+    `tp_size`; no KV cache may be set up.
+
+    Args:
+        model: any module tree with `vermeil.nn` attention / feed-forward / MoE modules, or a
+            `vermeil.models` LLM, HybridModel, MambaLM or Flux.
+        tp_size: tensor-parallel degree (>= 1).
+        sequence_parallel: sequence-shard the residual stream, norms included (LLM and HybridModel only).
+        loss_parallel: vocab-sharded logits for a cross-entropy under `loss_parallel()` (LLM, HybridModel,
+            MambaLM).
+
+    Returns:
+        {qualified module name: ParallelStyle} for `parallelize_module` (prefer `apply_tensor_parallel`, which
+        also keeps tied embeddings tied).
+    """
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
+        raise ValueError(f"tp_size={tp_size!r} must be an int >= 1")
+    for flag, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}={value!r} must be a bool")
+    plan: dict[str, ParallelStyle] = {}
+    for name, module in model.named_modules():
+        plan.update(_module_plan(name, module, tp_size))
+    if sequence_parallel:
+        plan.update(_sequence_parallel_plan(model))
+    if sequence_parallel or loss_parallel:
+        plan.update(_head_plan(model, tp_size, sequence_parallel, loss_parallel))
+    return plan
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Groups of (module, parameter name) that hold one Parameter object (tied embeddings)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    seen: set[tuple[int, str]] = set()
+    for module in model.modules():  # each module object once, even where it is shared
+        for pname, param in module.named_parameters(recurse=False):
+            if (id(module), pname) not in seen:
+                seen.add((id(module), pname))
+                owners.setdefault(id(param), []).append((module, pname))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _retie(group: list[tuple[nn.Module, str]]) -> None:
+    """Point every owner of a tied parameter at one DTensor again (parallelize_module distributes each
+    module's copy separately). The plan gives tied weights the same placements; anything else is an error."""
+    params = [getattr(module, pname) for module, pname in group]
+    if all(p is params[0] for p in params):
+        return
+    first = params[0]
+    for (module, pname), p in zip(group, params, strict=True):
+        same = (
+            isinstance(p, DTensor)
+            and isinstance(first, DTensor)
+            and p.placements == first.placements
+            and p.shape == first.shape
+        )
+        if not same:
+            where = [f"{type(m).__name__}.{n}" for m, n in group]
+            raise ValueError(
+                f"tied parameters {where} were sharded differently by the plan; shard them alike or untie them"
+            )
+        setattr(module, pname, first)
+
+
+def apply_tensor_parallel(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    plan: dict[str, ParallelStyle] | None = None,
+    *,
+    sequence_parallel: bool = False,
+    loss_parallel: bool = False,
+) -> nn.Module:
+    """Apply tensor parallelism in place with `parallelize_module`.
+
+    Args:
+        model: the full (unsharded) model, identical on every rank of `mesh` (same seed or same weights).
+        mesh: a 1-D mesh of the TP ranks, or a multi-dim mesh with a dim named "tp".
+        plan: None builds `tensor_parallel_plan(model, tp, sequence_parallel=..., loss_parallel=...)` (which
+            validates every size first).
+        sequence_parallel, loss_parallel: see `tensor_parallel_plan` (used only when `plan` is None).
+
+    Returns:
+        The same model; its split weights are DTensors (`Shard(0)` column-parallel, `Shard(1)` row-parallel,
+        `_StridedShard` for fused layouts). Without sequence or loss parallelism all inputs and outputs of the
+        model stay plain replicated tensors. Tied parameters stay tied.
+    """
+    if mesh.ndim > 1:
+        names = mesh.mesh_dim_names or ()
+        if "tp" not in names:
+            raise ValueError(f"mesh has {mesh.ndim} dims {names}; name the tensor-parallel one 'tp'")
+        mesh = mesh["tp"]
+    if plan is None:
+        plan = tensor_parallel_plan(
+            model, mesh.size(), sequence_parallel=sequence_parallel, loss_parallel=loss_parallel
+        )
+    if plan:
+        tied = _tied_parameters(model)
+        parallelize_module(model, mesh, plan)
+        for group in tied:
+            _retie(group)
+    return model
