@@ -6,7 +6,7 @@ Config (issue 3, Speed): dim 512, 8 layers, 8 heads, 4 kv heads, SwiGLU hidden 1
     train      one step: forward, backward, fused AdamW (`torch.optim.AdamW(fused=True)` for all), batch 4 x 512;
                tokens/s and model FLOPs utilisation (6 N + 12 L T D per token, N = non-embedding matmul weights
                incl. the output head) against the fp32 matmul peak measured here (best of a 2048^3 matmul)
-    train bf16 Vermeil under bf16 autocast, against the transformers fp32 step
+    train bf16 Vermeil under bf16 autocast, against the transformers fp32 step (MFU against the bf16 peak)
     prefill    forward of a 128-token prompt, batch 4, no grad
     decode     greedy, batch 1, 128 new tokens after a 128-token prompt: ms per new token from
                (t(128 new) - t(1 new)) / 127, i.e. without the prefill; transformers' `generate(do_sample=False)`
@@ -213,9 +213,12 @@ def main() -> None:
         steps["vermeil bf16"] = train_step_fn(ours_bf16, x, y, bf16=True)
     t = median_times(steps, reps_train)
     tokens = batch * seq
+    peak_bf16 = matmul_peak(dtype=torch.bfloat16) if bf16 else peak
+    if bf16:
+        print(f"bf16 matmul peak {peak_bf16 / 1e9:.1f} GFLOP/s (the bf16 rows' MFU is against it)")
     for k, secs in t.items():
         tps = tokens / secs
-        mfu = tps * flops_per_token / peak
+        mfu = tps * flops_per_token / (peak_bf16 if "bf16" in k else peak)  # bf16 rows: against the bf16 peak
         ratio = t["transformers"] / secs
         note = " (vs transformers fp32)" if "bf16" in k else ""
         add((f"train step {k}", f"{tps:8.0f} tok/s  MFU {mfu:5.1%}", f"{ratio:5.2f}x transformers{note}"))
