@@ -101,3 +101,20 @@ def test_accuracy_ignores_minus_100() -> None:
     assert accuracy(logits, torch.full((2, 3), IGNORE_INDEX)).isnan()
     with pytest.raises(ValueError, match="logits shape"):
         accuracy(logits, targets[:, :2])
+
+
+def test_mqar_configs_share_one_budget() -> None:
+    """configs/mqar-*.yaml compare architectures: same data and training, parameter counts within 2 %."""
+    from pathlib import Path
+
+    from vermeil.recipes import describe_model, load_run_config
+
+    paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("mqar-*.yaml"))
+    assert {p.stem for p in paths} >= {"mqar-transformer", "mqar-mamba", "mqar-hybrid"}
+    runs = [load_run_config(p) for p in paths]
+    first = runs[0].to_dict()
+    for run in runs[1:]:
+        d = run.to_dict()
+        assert d["data"] == first["data"] and d["train"] == first["train"], run.name
+    params = [describe_model(run)["parameters"] for run in runs]
+    assert max(params) <= 1.02 * min(params), dict(zip([r.name for r in runs], params))
