@@ -9,7 +9,7 @@ folder without a checkpoint) print one line, `vermeil <command>: error: ...`, on
     vermeil train --resume runs/hybrid-lm                          # continue it, exactly
     vermeil generate runs/hybrid-lm --prompt "def main("
     vermeil info configs/llm-tiny.yaml --context 4096
-    vermeil compare runs/mqar-transformer runs/mqar-mamba runs/mqar-hybrid
+    vermeil compare runs/mqar-transformer runs/mqar-attention runs/mqar-mamba runs/mqar-hybrid
     vermeil convert --to transformers runs/llm-tiny --out hf/llm-tiny    # LLM / Mamba run -> save_pretrained
     vermeil convert --from transformers hf/llama --out runs/llama        # Llama / Llama 4 / Mamba -> a run
     vermeil convert --from diffusers hf/flux-transformer --out runs/flux # FluxTransformer2DModel -> a run
