@@ -136,14 +136,18 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_decode_backend_linear_matches_eager(rows: int, dtype: torch.dtype) -> None:
     from vermeil.generation import decode_backend
 
     torch._dynamo.reset()
     weight, x = torch.randn(96, 40, dtype=dtype), torch.randn(rows, 40, dtype=dtype)
     compiled = torch.compile(nn.functional.linear, backend=decode_backend, fullgraph=True, dynamic=False)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    tol = {
+        torch.float64: dict(atol=1e-12, rtol=1e-12),
+        torch.float32: dict(atol=1e-5, rtol=1e-5),
+        torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+    }[dtype]
     assert_close(compiled(x, weight), nn.functional.linear(x, weight), **tol)
 
 

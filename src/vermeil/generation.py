@@ -102,11 +102,12 @@ def _mm_as_reduction(a: Tensor, b: Tensor, out_dtype: torch.dtype | None = None)
 
     Inductor fuses it into one vectorised loop per output that reads `b` once; with `b` the transposed view
     of a `(N, K)` Linear weight, every output is a dot product over one contiguous weight row. Accumulates in
-    float32 (bf16 inputs round once at the end, as a GEMM would).
+    at least float32 (bf16 inputs round once at the end, as a GEMM would; float64 stays float64).
     """
     if a.device.type != "cpu" or out_dtype is not None or a.shape[0] > _GEMV_MAX_ROWS:
         return NotImplemented
-    return (a.unsqueeze(-1) * b.unsqueeze(0)).sum(1, dtype=torch.float32).to(a.dtype)
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (a.unsqueeze(-1) * b.unsqueeze(0)).sum(1, dtype=acc).to(a.dtype)
 
 
 def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
