@@ -98,12 +98,22 @@ def test_meta_model_materialises() -> None:
         (dict(nope_layers=[7], n_layers=4), "nope_layers=[7] must hold layer indices"),
         (dict(attention_chunk_size=0), "attention_chunk_size=0"),
         (dict(use_scaled_rope=True, rope_scaling_factor=-1.0), "factor=-1.0 must be > 0"),
+        (dict(embedding_init_std=0.0), "embedding_init_std=0.0 must be > 0"),
     ],
 )
 def test_model_args_errors(kwargs: dict, message: str) -> None:
     base = dict(dim=48, n_layers=2, n_heads=6, vocab_size=11)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ModelArgs(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_init_std(tied: bool) -> None:
+    base = dict(dim=64, n_layers=1, n_heads=4, vocab_size=4096, tie_word_embeddings=tied)
+    default = LLM(ModelArgs(**base)).tok_embeddings.weight.std().item()
+    assert default == pytest.approx(64**-0.5 if tied else 1.0, rel=0.05)  # init_weights' rule
+    small = LLM(ModelArgs(**base, embedding_init_std=0.02)).tok_embeddings.weight.std().item()
+    assert small == pytest.approx(0.02, rel=0.05)
 
 
 def test_moe_args_errors() -> None:

@@ -118,7 +118,8 @@ class ModelArgs:
     Vermeil additions (all optional): `head_dim` honoured everywhere, `hidden_dim` (explicit dense FFN width,
     transformers' `intermediate_size[_mlp]`), `nope_layers` / `moe_layers` (explicit layer lists, as
     transformers' `no_rope_layers` / `moe_layers`), `rope_low_freq_factor` / `rope_original_max_seq_len`
-    (Llama 3.x scaling constants), `tie_word_embeddings`, `attention_backend`. `max_seq_len` sizes the initial
+    (Llama 3.x scaling constants), `tie_word_embeddings`, `embedding_init_std` (None: `init_weights`' rule),
+    `attention_backend`. `max_seq_len` sizes the initial
     RoPE table (it grows on demand) and `max_batch_size` is kept for Meta's configs: caches are sized by
     `LLM.setup_cache(batch_size, max_seq_len)`.
 
@@ -158,6 +159,7 @@ class ModelArgs:
     moe_layers: list[int] | None = None
     vision_args: VisionArgs | None = None
     tie_word_embeddings: bool = False
+    embedding_init_std: float | None = None
     attention_backend: Literal["sdpa", "math", "flash"] = "sdpa"
 
     def __post_init__(self) -> None:
@@ -191,6 +193,8 @@ class ModelArgs:
             raise ValueError(f"ffn_dim_multiplier={self.ffn_dim_multiplier} must be > 0")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
+        if self.embedding_init_std is not None and not self.embedding_init_std > 0:
+            raise ValueError(f"embedding_init_std={self.embedding_init_std} must be > 0 (or None)")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
         if self.use_scaled_rope:
@@ -737,18 +741,21 @@ class LLM(nn.Module):
 
         Projections: truncated normal std `init_std` (±3 std); the residual outputs (`wo`, `w2`, expert `w2`)
         use `init_std / sqrt(2 * (layer_id + 1))`, so the residual stream grows slowly with depth. Embeddings:
-        normal std 1 (RMSNorm follows), or `dim ** -0.5` when tied to the output. Output head: truncated normal
-        std `dim ** -0.5`. Norm weights: ones. Vision: the blocks' own `reset_parameters`.
+        normal std `args.embedding_init_std` when set, else 1 (RMSNorm follows), or `dim ** -0.5` when tied to
+        the output (small models may need less: at dim 64 a tied std of 0.125 keeps a 2-layer Transformer off
+        MQAR's induction circuit, 0.02 finds it; README, MQAR). Output head: truncated normal std
+        `dim ** -0.5`. Norm weights: ones. Vision: the blocks' own `reset_parameters`.
         """
         dim = self.args.dim
 
         def trunc(w: Tensor, std: float) -> None:
             nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
+        emb_std = self.args.embedding_init_std
         if self.args.tie_word_embeddings:
-            nn.init.normal_(self.tok_embeddings.weight, std=dim**-0.5)
+            nn.init.normal_(self.tok_embeddings.weight, std=emb_std or dim**-0.5)
         else:
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+            nn.init.normal_(self.tok_embeddings.weight, std=emb_std or 1.0)
             trunc(self.output.weight, dim**-0.5)
         for layer in self.layers:
             depth_std = init_std / math.sqrt(2 * (layer.layer_id + 1))
