@@ -12,6 +12,7 @@ Config (issue 3, Speed): dim 512, 8 layers, 8 heads, 4 kv heads, SwiGLU hidden 1
                (t(128 new) - t(1 new)) / 127, i.e. without the prefill; transformers' `generate(do_sample=False)`
                against `vermeil.generation.generate`. Floor: bytes of the non-embedding weights / copy bandwidth
                (STREAM copy of 256 MiB: (read + write bytes) / time), what one token must stream at least.
+               A GEMV only reads, so a fast one can pass this floor ("% of floor" above 100).
                "vermeil compiled": `generate(compile=True)` (the decode step under torch.compile with
                `vermeil.generation.decode_backend`; compilation happens in the untimed warm-up run)
     decode bf16 the same with bfloat16 weights (both libraries)

@@ -18,6 +18,7 @@ Axis legend: B batch, T prompt length, N new tokens, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,9 +128,7 @@ def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) ->
     return compile_fx(graph, example_inputs, decompositions=decompositions)
 
 
-_compiled_decode: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
-
-
+@functools.cache
 def compiled_decode_one_token() -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
     """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False, backend=decode_backend)`.
 
@@ -137,12 +136,7 @@ def compiled_decode_one_token() -> Callable[[nn.Module, Tensor, Tensor], Tensor]
     later steps and later `generate` calls reuse the graph (the position is a tensor, so it never
     recompiles as decoding advances).
     """
-    global _compiled_decode
-    if _compiled_decode is None:
-        _compiled_decode = torch.compile(
-            decode_one_token, fullgraph=True, dynamic=False, backend=decode_backend
-        )
-    return _compiled_decode
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=decode_backend)
 
 
 def _as_padded_prompts(

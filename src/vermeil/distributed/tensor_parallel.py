@@ -414,9 +414,8 @@ def _sequence_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
             plan[p + "attention.wo"] = RowwiseParallel(output_layouts=seq)
             plan[p + "ffn_norm"] = SequenceParallel()
             if layer.is_moe_layer:
-                plan[p + "feed_forward"] = _SequenceGathered(
-                    "out"
-                )  # MoEOutput.out; the shared expert all-reduces
+                # gathers the sequence, cuts MoEOutput.out back to the local shard; the shared expert all-reduces
+                plan[p + "feed_forward"] = _SequenceGathered("out")
             else:
                 plan[p + "feed_forward"] = _gather_input()
                 plan[p + "feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
