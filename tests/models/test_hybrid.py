@@ -94,6 +94,7 @@ def test_layer_kinds_follow_routing() -> None:
         (dict(loss_head="focal"), "loss_head='focal' must be one of"),
         (dict(dim=0), "dim=0"),
         (dict(z_loss=-1.0), "z_loss=-1.0"),
+        (dict(compile_scan="yes"), "compile_scan='yes' must be true or false"),
     ],
 )
 def test_config_errors_name_the_value(kwargs: dict, match: str) -> None:
@@ -231,6 +232,18 @@ def test_prefill_then_steps_equals_full_forward(case: dict) -> None:
     assert_close(model(x[:, :3], input_pos=torch.arange(3)), full[:, :3], **TOL)  # position 0: a new sequence
     model.reset_cache()
     assert_close(model(x[:, :1], input_pos=torch.arange(1)), full[:, :1], **TOL)
+
+
+def test_compile_scan_equals_eager() -> None:
+    case = dict(routing="parallel", merge="gate")
+    eager, compiled = tiny(**case), tiny(**case, compile_scan=True)
+    x = tokens(t=13)
+    full = eager(x)
+    assert_close(compiled(x), full, **TOL)
+    compiled.setup_cache(batch_size=2, max_seq_len=16)
+    outs = [compiled(x[:, :9], input_pos=torch.arange(9))]
+    outs += [compiled(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(9, 13)]
+    assert_close(torch.cat(outs, 1), full, **TOL)
 
 
 @pytest.mark.parametrize("routing", ["sequential", "parallel"])

@@ -58,6 +58,7 @@ def tokens(b: int = 2, t: int = 7, vocab: int = 101, seed: int = 1) -> torch.Ten
         (dict(d_state=2.5), "d_state=2.5"),
         (dict(dt_rank=0), "dt_rank=0"),
         (dict(norm_epsilon=0.0), "norm_epsilon=0.0"),
+        (dict(compile_scan=1), "compile_scan=1 must be true or false"),
         (dict(dt_min=0.5, dt_max=0.1), "dt_min=0.5 must be <= dt_max=0.1"),
     ],
 )
@@ -179,6 +180,18 @@ def test_prefill_then_steps_equals_full_forward(prompt: int) -> None:
     assert_close(model(x[:, :prompt], input_pos=torch.arange(prompt)), full[:, :prompt], **TOL)
     model.reset_cache()
     assert_close(model(x[:, :prompt], input_pos=torch.arange(prompt)), full[:, :prompt], **TOL)
+
+
+def test_compile_scan_equals_eager_forward_and_cached_prefill() -> None:
+    eager, compiled = tiny(), tiny(compile_scan=True)
+    assert all(layer.mixer.compile_scan for layer in compiled.backbone.layers)
+    x = tokens(t=19)
+    full = eager(x)
+    assert_close(compiled(x), full, **TOL)
+    compiled.setup_cache(batch_size=2, max_seq_len=24)
+    outs = [compiled(x[:, :10], input_pos=torch.arange(10))]  # prefill through the compiled scan
+    outs += [compiled(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(10, 19)]
+    assert_close(torch.cat(outs, 1), full, **TOL)
 
 
 def test_untied_head_cache_and_plain_forward_after_cache() -> None:

@@ -128,13 +128,18 @@ def test_ref_matches_mamba_ssm_transcription():
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize(
-    ("length", "chunk_size"), [(1, None), (7, 4), (16, 16), (17, 16), (37, 5), (1000, 64)]
+    ("length", "chunk_size", "compile"),
+    [
+        *[(n, c, False) for n, c in [(1, None), (7, 4), (16, 16), (17, 16), (37, 5), (1000, 64)]],
+        # the compiled path (torch.compile'd chunks of 8, or of chunk_size): few shapes, since each compiles
+        *[(n, c, True) for n, c in [(1, None), (8, None), (37, None), (37, 5)]],
+    ],
 )
-def test_scan_matches_ref_float32(length, chunk_size, options):
+def test_scan_matches_ref_float32(length, chunk_size, compile, options):
     dim, n = (6, 4) if length == 1000 else (5, 3)
     inputs = make_inputs(dim=dim, n=n, length=length)
     y_ref, s_ref, g_ref = outputs_and_grads(selective_scan_ref, inputs, options)
-    y, s, g = outputs_and_grads(selective_scan, inputs, options, chunk_size=chunk_size)
+    y, s, g = outputs_and_grads(selective_scan, inputs, options, chunk_size=chunk_size, compile=compile)
     assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
     assert g.keys() == g_ref.keys()
@@ -171,9 +176,12 @@ def test_time_major_inputs_equal_channel_major(length, chunk_size):
         )
 
 
-@pytest.mark.parametrize("chunk_size", [4, 5, 7, None])
-def test_gradcheck_float64(chunk_size):
-    inputs = make_inputs(bsz=2, dim=3, n=2, length=7, dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("chunk_size", "compile", "length"),
+    [(4, False, 7), (5, False, 7), (7, False, 7), (None, False, 7), (None, True, 11)],  # compiled: 8 + 3
+)
+def test_gradcheck_float64(chunk_size, compile, length):
+    inputs = make_inputs(bsz=2, dim=3, n=2, length=length, dtype=torch.float64)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
     leaves = [inputs[k].requires_grad_() for k in names]
 
@@ -191,9 +199,22 @@ def test_gradcheck_float64(chunk_size):
             initial_state=initial_state,
             return_final_state=True,
             chunk_size=chunk_size,
+            compile=compile,
         )
 
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_compiled_scan_large_decays_and_layouts():
+    """exp(delta * A) far below float32's range of exp(-x) stays exact; time-major inputs give the same."""
+    inputs = make_inputs(dim=6, n=4, length=37, delta_shift=4.0)
+    inputs["A"] = inputs["A"] * 16
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    y = selective_scan(*args, delta_softplus=True, compile=True)
+    assert torch.isfinite(y).all()
+    assert_close(y, selective_scan_ref(*args, delta_softplus=True), rtol=1e-5, atol=1e-5)
+    time_major = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 3 else t for t in args]
+    assert_close(selective_scan(*time_major, delta_softplus=True, compile=True), y, rtol=1e-6, atol=1e-6)
 
 
 def test_step_loop_matches_scan():

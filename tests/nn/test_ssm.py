@@ -160,6 +160,43 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_depthwise_conv_equals_conv1d(bias):
+    """The time-major K-tap conv (custom backward) is F.conv1d over channels-first inputs, values and grads."""
+    from vermeil.nn.ssm import _causal_depthwise_conv
+
+    hist = torch.randn(2, 3 + 6, 5, dtype=torch.float64, requires_grad=True)  # K - 1 = 3 history rows, L = 6
+    weight = torch.randn(5, 1, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = F.conv1d(hist.mT, weight, b, groups=5).mT
+    assert_close(_causal_depthwise_conv(hist, weight, b), ref)
+    inputs = (hist, weight, b) if bias else (hist, weight)
+    assert torch.autograd.gradcheck(
+        lambda h, w, *bb: _causal_depthwise_conv(h, w, bb[0] if bb else None), inputs
+    )
+
+
+def test_compile_scan_equals_eager():
+    """compile_scan=True (torch.compile'd chunk kernels) gives the eager block's outputs, states and gradients."""
+    torch.manual_seed(0)
+    block = MambaBlock(D_MODEL, d_state=5, d_conv=4, expand=2)
+    x = torch.randn(2, 19, D_MODEL, requires_grad=True)  # 2 chunks of 8 and a padded one
+    params = [x, *block.parameters()]
+    results = []
+    for compile_scan in (False, True):
+        block.compile_scan = compile_scan
+        out, (conv, ssm) = block(x, return_final_state=True)
+        grads = torch.autograd.grad(out.square().sum() + ssm.sum(), params)
+        results.append((out, conv, ssm, grads))
+    (out, conv, ssm, grads), (out_c, conv_c, ssm_c, grads_c) = results
+    assert_close(out_c, out, rtol=1e-5, atol=1e-5)
+    assert_close(conv_c, conv)
+    assert_close(ssm_c, ssm, rtol=1e-5, atol=1e-5)
+    for (name, _), g, g_c in zip([("x", x), *block.named_parameters()], grads, grads_c):
+        scale = g.abs().max().clamp_min(1.0)
+        assert_close(g_c / scale, g / scale, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
 @pytest.mark.parametrize("dt_init", ["random", "constant"])
 def test_init_invariants(dt_init):
     block = MambaBlock(D_MODEL, d_state=7, dt_min=0.01, dt_max=0.2, dt_init=dt_init, dt_scale=0.5)

@@ -131,6 +131,8 @@ class HybridConfig:
         ssm_out_multiplier, attn_out_multiplier, attn_in_multiplier: Falcon-H1's branch multipliers (parallel
             layers only).
         d_state, d_conv, expand, dt_rank: the Mamba branch (state-spaces names; dt_rank None = ceil(D / 16)).
+        compile_scan: the Mamba branches run their scan through torch.compile'd chunk kernels
+            (`MambaBlock`'s `compile_scan`): faster training and prefill on the CPU after a first compile.
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
         qk_norm: None, "rms" or "l2" normalisation of queries and keys.
@@ -160,6 +162,7 @@ class HybridConfig:
     d_conv: int = 4
     expand: int = 2
     dt_rank: int | None = None
+    compile_scan: bool = False
     heads: int = 4
     kv_heads: int | None = None
     head_dim: int | None = None
@@ -219,6 +222,8 @@ class HybridConfig:
                 raise ValueError(f"{name}={value!r} must be a finite number")
         if self.z_loss < 0:
             raise ValueError(f"z_loss={self.z_loss} must be >= 0")
+        if not isinstance(self.compile_scan, bool):
+            raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
         if self.loss_head not in LOSS_HEADS:
             raise ValueError(
                 f"loss_head={self.loss_head!r} must be one of {sorted(LOSS_HEADS)} (register_loss_head)"
@@ -339,6 +344,7 @@ class HybridLayer(nn.Module):
                 d_conv=cfg.d_conv,
                 expand=cfg.expand,
                 dt_rank="auto" if cfg.dt_rank is None else cfg.dt_rank,
+                compile_scan=cfg.compile_scan,
                 **factory,
             )
         if kind in ("A", "P"):

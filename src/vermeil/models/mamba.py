@@ -66,6 +66,8 @@ class MambaConfig:
         initializer_range: std of the embedding's normal init.
         rescale_prenorm_residual: re-init out_proj (Kaiming-uniform) divided by sqrt(n_residuals * n_layer).
         n_residuals_per_layer: residual additions per block for that rescaling (1 for Mamba-1).
+        compile_scan: the blocks run their scan through torch.compile'd chunk kernels (`MambaBlock`'s
+            `compile_scan`): faster training and prefill on the CPU after a first call that compiles.
     """
 
     d_model: int = 768
@@ -89,6 +91,7 @@ class MambaConfig:
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
     n_residuals_per_layer: int = 1
+    compile_scan: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +113,8 @@ class MambaConfig:
                 raise ValueError(f"{name}={value!r} must be a positive number")
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min={self.dt_min} must be <= dt_max={self.dt_max}")
+        if not isinstance(self.compile_scan, bool):
+            raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
 
     @property
     def d_inner(self) -> int:
@@ -135,6 +140,7 @@ class MambaConfig:
             dt_init_floor=self.dt_init_floor,
             conv_bias=self.conv_bias,
             bias=self.bias,
+            compile_scan=self.compile_scan,
         )
 
 

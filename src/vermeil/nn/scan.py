@@ -34,12 +34,18 @@ independent of L; nothing of size (B, D, L, N) ever exists. The state is laid ou
 reduction runs over a non-innermost axis (vectorised along D), and exp(x) is computed as exp2(x * log2 e),
 which torch's CPU kernels evaluate about 4x faster (the error stays within float32 rounding of x).
 
+`selective_scan(..., compile=True)` runs the same recurrence, exactly as the loop writes it, over chunks of 8
+positions, each chunk one call of a torch.compile'd function (`_chunk_forward`, `_chunk_backward`): Inductor
+fuses the chunk's unrolled steps into one vectorised C++ loop that keeps the state in registers, instead of
+the ~15 passes over memory that the eager chunk makes. No exp(-x) anywhere, so it is exact in the same way.
+
 Axis legend: B batch, D channels (Mamba's d_inner), L length, N state size, k/G sub-chunk length/count,
 X = k*B*G flattened positions of a chunk.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -320,26 +326,25 @@ class _SelectiveScanFn(torch.autograd.Function):
             dA = torch.exp2_(torch.mul(d.unsqueeze(-2), A2_t, out=_view(work[0], shape)))
             # delta*u*B: (k, B, G, N, D), becomes the states below
             h = torch.mul(du.unsqueeze(-2), b.unsqueeze(-1), out=_view(work[1], shape))
-            starts = u.new_empty(bsz, groups, n_state, dim)  # (B, G, N, D): true state before each sub-chunk
-            if groups == 1:
-                starts[:, 0] = carry
-            else:
+            # (B, G + 1, N, D): true state before each sub-chunk, then after the chunk; written in place
+            starts_ext = u.new_empty(bsz, groups + 1, n_state, dim)
+            starts_ext[:, 0] = carry
+            starts = starts_ext[:, :groups]
+            if groups > 1:
                 # (1) local final states of the G sub-chunks from a zero start, all advanced together
                 local = h[0]
                 for j in range(1, k):
                     local = torch.addcmul(h[j], dA[j], local)
                 # (2) true starts: a sub-chunk's total decay is exp(A * sum(delta)) (exponent <= 0)
                 decay = torch.exp2_(d.sum(0).unsqueeze(-2) * A2_t)  # (B, G, N, D)
-                for g in range(groups):
-                    starts[:, g] = carry
-                    carry = torch.addcmul(local[:, g], decay[:, g], carry)
+                for g in range(groups - 1):
+                    torch.addcmul(local[:, g], decay[:, g], starts_ext[:, g], out=starts_ext[:, g + 1])
             # (3) rescan from the true starts; h[j] becomes the state after position j
             prev = starts
             for j in range(k):
                 h[j].addcmul_(dA[j], prev)
                 prev = h[j]
-            if groups == 1:
-                carry = h[k - 1, :, 0].clone()
+            carry = h[k - 1, :, groups - 1].clone()  # the chunk's final state (the padded tail keeps it)
             yg = torch.matmul(c.unsqueeze(-2), h).squeeze(-2)  # (k, B, G, D) = <C_t, h_t>
             _ungrid_into(y, yg, p0, n)
             starts_all.append(starts)
@@ -385,17 +390,15 @@ class _SelectiveScanFn(torch.autograd.Function):
             gy_e = gy.unsqueeze(-2)  # (k, B, G, 1, D)
             c_e = c.unsqueeze(-1)  # (k, B, G, N, 1)
             ends = u.new_empty(bsz, groups, n_state, dim)  # adjoint into each sub-chunk's last state
-            if groups == 1:
-                ends[:, 0] = adj
-            else:
+            ends[:, groups - 1] = adj
+            if groups > 1:
                 # local adjoint leaving each sub-chunk through its first step, from a zero end
                 msg = dA[k - 1] * (gy_e[k - 1] * c_e[k - 1])
                 for j in range(k - 2, -1, -1):
                     msg = dA[j] * torch.addcmul(msg, gy_e[j], c_e[j])
                 decay = torch.exp2_(d.sum(0).unsqueeze(-2) * A2_t)  # (B, G, N, D)
-                for g in range(groups - 1, -1, -1):
-                    ends[:, g] = adj
-                    adj = torch.addcmul(msg[:, g], decay[:, g], adj)
+                for g in range(groups - 1, 0, -1):
+                    torch.addcmul(msg[:, g], decay[:, g], ends[:, g], out=ends[:, g - 1])
             # full reverse pass: g_t = gy_t C_t + a_{t+1} g_{t+1}; dA[j] becomes a_t * g_t in place
             g_all = _view(work[2], shape)
             msg = ends
@@ -403,8 +406,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 torch.addcmul(msg, gy_e[j], c_e[j], out=g_all[j])
                 dA[j].mul_(g_all[j])
                 msg = dA[j]
-            if groups == 1:
-                adj = dA[0, :, 0].clone()
+            adj = dA[0, :, 0].clone()  # the adjoint leaving the chunk through its first step
             s = torch.matmul(b.unsqueeze(-2), g_all).squeeze(-2)  # (k, B, G, D): sum_n g_t B_t
             gB = (g_all * du.unsqueeze(-2)).sum(-1)  # (k, B, G, N): sum_d g_t delta_t u_t
             # a_t * g_t * h_{t-1}: the gradient through exp(delta_t A)
@@ -417,6 +419,135 @@ class _SelectiveScanFn(torch.autograd.Function):
             _ungrid_into(grad_B, gB, p0, n)
             _ungrid_into(grad_C, gC, p0, n)
         return grad_u, grad_delta, grad_A_t, grad_B, grad_C, adj, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compiled path: each chunk's recurrence unrolled over its K positions, fused by torch.compile.
+#
+# Written as plain tensor ops on (B, K, X) chunks (X innermost and contiguous, so the generated C++ loops
+# vectorise along D), these two functions are slow in eager mode; under Inductor the K steps of pointwise
+# updates become one loop over (B, N, D) with the state kept in registers, where the eager path above makes
+# ~15 passes over a (k, B, G, N, D) tensor per chunk. Measured (bench/scan.py, 2 threads, B=2, D=1024, N=16,
+# L=1024): fwd+bwd about 3x faster than the eager path. K = 8 balances per-call overhead against the size of
+# the unrolled graph (compile time).
+_COMPILED_CHUNK = 8
+
+
+def _chunk_forward(
+    u: Tensor, d: Tensor, b: Tensor, c: Tensor, A2_t: Tensor, h: Tensor
+) -> tuple[Tensor, Tensor]:
+    """K steps from state h. u, d: (B, K, D); b, c: (B, K, N); A2_t: (N, D) = A^T log2(e); h: (B, N, D).
+
+    Returns y (B, K, D) and the state after the K steps.
+    """
+    ys = []
+    for t in range(u.shape[1]):
+        d_t = d[:, t].unsqueeze(1)  # (B, 1, D)
+        h = torch.exp2(d_t * A2_t) * h + (d_t * u[:, t].unsqueeze(1)) * b[:, t].unsqueeze(-1)
+        ys.append((h * c[:, t].unsqueeze(-1)).sum(1))
+    return torch.stack(ys, 1), h
+
+
+def _chunk_backward(
+    u: Tensor, d: Tensor, b: Tensor, c: Tensor, A_t: Tensor, h: Tensor, gy: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Adjoint of `_chunk_forward`, recomputing the chunk's states from its start state h.
+
+    gy: (B, K, D) gradient of y; g: (B, N, D) adjoint of the state after the chunk. Returns the gradients of
+    u, d (B, K, D), b, c (B, K, N), A_t (N, D), and the adjoint of the state before the chunk.
+    """
+    a = torch.exp2(d.unsqueeze(2) * (A_t * _LOG2_E))  # (B, K, N, D)
+    du = d * u  # (B, K, D)
+    x = du.unsqueeze(2) * b.unsqueeze(-1)  # (B, K, N, D)
+    hs = [h]
+    for t in range(u.shape[1]):
+        hs.append(a[:, t] * hs[-1] + x[:, t])
+    states = torch.stack(hs, 1)  # (B, K + 1, N, D): the state before each step, then after the last
+    from_y = gy.unsqueeze(2) * c.unsqueeze(-1)  # (B, K, N, D): what y_t sends to h_t
+    gs = []
+    for t in range(u.shape[1] - 1, -1, -1):
+        g = g + from_y[:, t]  # adjoint of h_t
+        gs.append(g)
+        g = g * a[:, t]  # adjoint of h_{t-1}
+    gh = torch.stack(gs[::-1], 1)  # (B, K, N, D)
+    s = (gh * b.unsqueeze(-1)).sum(2)  # (B, K, D): sum_n g_t B_t
+    q = gh * a * states[:, :-1]  # (B, K, N, D): a_t g_t h_{t-1}, the gradient through exp(delta_t A)
+    grad_d = u * s + (q * A_t).sum(2)
+    grad_b = (gh * du.unsqueeze(2)).sum(-1)
+    grad_c = (gy.unsqueeze(2) * states[:, 1:]).sum(-1)
+    grad_A_t = (q * d.unsqueeze(2)).sum((0, 1))
+    return d * s, grad_d, grad_b, grad_c, grad_A_t, g
+
+
+@functools.cache
+def _compiled_chunk_fns() -> tuple:
+    """The two chunk functions under torch.compile, built once per process (Inductor caches kernels on disk)."""
+    return torch.compile(_chunk_forward, fullgraph=True), torch.compile(_chunk_backward, fullgraph=True)
+
+
+def _chunk_of(x: Tensor, p0: int, chunk: int) -> Tensor:
+    """x[:, p0 : p0 + chunk] of a (B, L, X) tensor as a fresh contiguous tensor, zero-padded to `chunk` rows.
+
+    Every chunk then looks the same to torch.compile (shape, strides, no storage offset, no autograd
+    history): one compiled graph serves all chunks and all lengths. Zero delta makes padded steps the
+    identity (exp(0) = 1, no input), and zero gy sends nothing back.
+    """
+    part = x[:, p0 : p0 + chunk].detach()
+    if part.shape[1] < chunk:
+        return F.pad(part, (0, 0, 0, chunk - part.shape[1]))
+    return part.clone(memory_format=torch.contiguous_format)
+
+
+class _CompiledScanFn(torch.autograd.Function):
+    """The scan over (B, L, X)-contiguous inputs, chunk by chunk through the compiled chunk functions.
+
+    Saves the inputs and the state before each chunk ((B, N, D) per K positions) and recomputes the chunk
+    in backward, like `_SelectiveScanFn`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int
+    ) -> tuple[Tensor, Tensor]:
+        forward_fn, _ = _compiled_chunk_fns()
+        A2_t = A_t * _LOG2_E
+        length = u.shape[1]
+        y = torch.empty_like(u)  # (B, L, D)
+        h = h0.detach()  # detached inputs: requires_grad is part of what torch.compile guards on
+        starts = []
+        for p0 in range(0, length, chunk):
+            n = min(chunk, length - p0)
+            starts.append(h)
+            yc, h = forward_fn(*(_chunk_of(t, p0, chunk) for t in (u, delta, B, C)), A2_t, h)
+            y[:, p0 : p0 + n] = yc[:, :n]
+        ctx.save_for_backward(u, delta, A_t, B, C, *starts)
+        ctx.chunk = chunk
+        return y, h.clone() if length == 0 else h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor | None, grad_final: Tensor | None):  # type: ignore[override]
+        u, delta, A_t, B, C, *starts = ctx.saved_tensors
+        _, backward_fn = _compiled_chunk_fns()
+        chunk, length = ctx.chunk, u.shape[1]
+        A_t = A_t.detach()
+        grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
+        adj = grad_final.contiguous() if grad_final is not None else u.new_zeros(u.shape[0], *A_t.shape)
+        grads = [torch.empty_like(t) for t in (u, delta, B, C)]
+        grad_A_t = torch.zeros_like(A_t)
+        for p0, h in zip(reversed(range(0, length, chunk)), reversed(starts)):
+            n = min(chunk, length - p0)
+            *parts, g_A, adj = backward_fn(
+                *(_chunk_of(t, p0, chunk) for t in (u, delta, B, C)),
+                A_t,
+                h,
+                _chunk_of(grad_y, p0, chunk),
+                adj,
+            )
+            for grad, part in zip(grads, parts):
+                grad[:, p0 : p0 + n] = part[:, :n]
+            grad_A_t += g_A
+        return grads[0], grads[1], grad_A_t, grads[2], grads[3], adj, None
 
 
 def selective_scan(
@@ -433,6 +564,7 @@ def selective_scan(
     return_final_state: bool = False,
     *,
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective scan, fast: blocked two-level scan with a hand-written, recomputing backward.
 
@@ -448,7 +580,11 @@ def selective_scan(
             Each of u, delta, B, C may also be the transpose of a (B, L, X)-contiguous tensor, as models
             produce them: read without a copy, and y then has u's layout.
         chunk_size: positions processed together (memory knob: the working set is a few
-            (chunk_size, B, N, D) tensors). None picks the power of two giving ~2**20 elements, in [16, 1024].
+            (chunk_size, B, N, D) tensors). None picks the power of two giving ~2**20 elements, in [16, 1024]
+            (8 with `compile`).
+        compile: run each chunk's recurrence as one kernel generated by torch.compile (Inductor; needs a C++
+            compiler on the CPU): about 3x faster forward+backward than the eager chunked scan. The first call
+            per dtype and chunk size compiles (seconds; Inductor caches the kernels on disk).
 
     Returns:
         y: (B, D, L) in u.dtype, and the final state (B, D, N) in float32 (float64 for float64 inputs) if
@@ -467,6 +603,17 @@ def selective_scan(
         h0 = u_c.new_zeros(bsz, n_state, dim)
     else:
         h0 = initial_state.to(cdt).transpose(1, 2).contiguous()  # (B, N, D): the internal layout
+    if compile:
+        # (B, L, X)-contiguous: a free transpose for the projections' outputs that MambaBlock passes
+        y, final = _CompiledScanFn.apply(
+            *(t.transpose(1, 2).contiguous() for t in (u_c, delta_c)),
+            A.to(cdt).t().contiguous(),
+            *(t.to(cdt).transpose(1, 2).contiguous() for t in (B, C)),
+            h0,
+            chunk_size if chunk_size is not None else _COMPILED_CHUNK,
+        )
+        out = _finish(y.transpose(1, 2), u_c, D, z, dtype_in)
+        return (out, final.transpose(1, 2)) if return_final_state else out
     chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
     y, final = _SelectiveScanFn.apply(
         _dense(u_c),

@@ -33,6 +33,42 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """out[:, t] = sum_j hist[:, t + j] * taps[j] (+ bias), with a backward that writes each gradient once.
+
+    Autograd through K slices of `hist` would zero-fill and add K full (B, K - 1 + L, E) gradients; here the
+    input gradient is one buffer filled by K shifted multiply-adds.
+    """
+
+    @staticmethod
+    def forward(ctx, hist: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        k = taps.shape[0]
+        length = hist.shape[1] - k + 1
+        out = hist[:, :length] * taps[0]
+        for j in range(1, k):
+            out.addcmul_(hist[:, j : j + length], taps[j])
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(hist, taps)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        hist, taps = ctx.saved_tensors
+        k = taps.shape[0]
+        length = grad.shape[1]
+        grad_hist = torch.empty_like(hist)
+        grad_hist[:, : k - 1].zero_()
+        torch.mul(grad, taps[k - 1], out=grad_hist[:, k - 1 :])
+        for j in range(k - 1):
+            grad_hist[:, j : j + length].addcmul_(grad, taps[j])
+        grad_taps = torch.stack([(grad * hist[:, j : j + length]).sum((0, 1)) for j in range(k)])
+        grad_bias = grad.sum((0, 1)) if ctx.has_bias else None
+        return grad_hist, grad_taps, grad_bias
+
+
 def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.conv1d(hist.mT, weight, bias, groups=E).mT` for time-major inputs: K shifted multiply-adds.
 
@@ -40,13 +76,9 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
     bias: (E,) or None. Returns (B, L, E). Working in (B, L, E) saves the two transposing copies (and their
     backward twins) that a channels-first conv1d needs around it.
     """
-    k = weight.shape[-1]
-    length = hist.shape[1] - k + 1
-    taps = weight[:, 0].t()  # (K, E)
-    out = hist[:, :length] * taps[0]
-    for j in range(1, k):
-        out = torch.addcmul(out, hist[:, j : j + length], taps[j])
-    return out if bias is None else out + bias
+    dtype = torch.promote_types(hist.dtype, weight.dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return _CausalDepthwiseConv.apply(hist.to(dtype), weight[:, 0].t().to(dtype), bias)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -70,6 +102,9 @@ class MambaBlock(nn.Module):
         dt_init_floor: initial dt is clamped from below at this value.
         conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
         layer_idx: index of the block in its model (informational, as state-spaces).
+        compile_scan: run the whole-sequence scan through torch.compile'd chunk kernels
+            (`selective_scan(..., compile=True)`): ~3x faster training and prefill on the CPU, after a first
+            call that compiles. A plain attribute: set it on a built model as well.
         device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
 
     Raises:
@@ -91,6 +126,7 @@ class MambaBlock(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         layer_idx: int | None = None,
+        compile_scan: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -115,6 +151,7 @@ class MambaBlock(nn.Module):
             raise ValueError(f"dt_scale={dt_scale!r} must be > 0")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.compile_scan = bool(compile_scan)
         self.d_inner = int(expand * d_model)
         self.dt_rank = dt_rank
         self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
@@ -243,6 +280,7 @@ class MambaBlock(nn.Module):
             delta_softplus=True,
             initial_state=ssm_state,
             return_final_state=want_state,
+            compile=self.compile_scan,
         )
         y, new_ssm = result if want_state else (result, None)
         return self.out_proj(y.transpose(1, 2)), new_conv, new_ssm
