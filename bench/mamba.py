@@ -6,6 +6,8 @@ batch 2, float32, `--threads` threads (2). Everything runs in ONE process on the
 `layers.N.mixer.*` are state-spaces' too); a parity check at L=64 runs first.
 
     vermeil   vermeil.models.mamba: the residual blocks of MambaLM (MambaBlock + RMSNorm, chunked scan)
+    compiled  the same blocks and weights with `compile_scan=True` (the scan's chunks run as torch.compile'd
+              kernels; compiled in an untimed warm-up)
     mambapy   mambapy.mamba.Mamba (parallel Blelloch pscan, pads L to a power of two)
     hf        transformers MambaModel (inputs_embeds), its CPU path: a sequential loop over time steps
 
@@ -39,6 +41,7 @@ Run it alone: other processes on the machine change every number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -153,7 +156,18 @@ def build_stacks(want_mambapy: bool, want_hf: bool) -> dict[str, Callable[[Tenso
             hidden, residual = layer(hidden, residual)
         return norm_f(hidden + residual)
 
-    stacks: dict[str, Callable[[Tensor], Tensor]] = {"vermeil": vermeil}
+    # the same weights with compile_scan=True: the scan through torch.compile'd chunk kernels
+    lm_c = MambaLM(dataclasses.replace(cfg, compile_scan=True))
+    lm_c.load_state_dict(lm.state_dict())
+    layers_c = lm_c.backbone.layers
+
+    def compiled(x: Tensor) -> Tensor:
+        hidden, residual = x, None
+        for layer in layers_c:
+            hidden, residual = layer(hidden, residual)
+        return norm_f(hidden + residual)
+
+    stacks: dict[str, Callable[[Tensor], Tensor]] = {"vermeil": vermeil, "compiled": compiled}
     if want_mambapy:
         try:
             from mambapy.mamba import Mamba as MPMamba
@@ -319,9 +333,12 @@ def main() -> None:
     check_parity(stacks)
 
     # (impl, L, mode) in order; per impl, the previous case predicts the next one
-    plan = [("vermeil", L, "fwd+bwd") for L in sorted({*hf_fb, *lengths})] + [
-        ("vermeil", L, "fwd") for L in hf_f
+    plan = [
+        *[(impl, L, "fwd+bwd") for impl in ("vermeil", "compiled") for L in sorted({*hf_fb, *lengths})],
+        *[(impl, L, "fwd") for impl in ("vermeil", "compiled") for L in hf_f],
     ]
+    # compile the scan kernels (forward and backward) before anything is timed
+    fwd_bwd(stacks["compiled"], torch.randn(BATCH, 64, D_MODEL))()
     plan += [("mambapy", L, "fwd+bwd") for L in lengths]
     plan += [("hf", L, "fwd+bwd") for L in hf_fb] + [("hf", L, "fwd") for L in hf_f]
     results: dict[tuple[str, int, str], tuple[float | None, float | None, str]] = {}
@@ -373,6 +390,11 @@ def main() -> None:
         "(vs vermeil: the implementation's time over Vermeil's at the same L and mode; x floor: time over the"
     )
     print(" projections' matmul floor at the measured peak)")
+    print("speed-up of vermeil compiled (compile_scan=True) over each other implementation:")
+    for (impl, length, mode), (t, _, _) in results.items():
+        mine = results.get(("compiled", length, mode), (None, None, ""))[0]
+        if impl != "compiled" and t is not None and mine:
+            print(f"  {impl:8s} L={length:5d} {mode:8s} {t / mine:6.1f}x")
 
     print()
     rows = bench_decoding(prompts, new_tokens, args.max_case_s)

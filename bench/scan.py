@@ -1,4 +1,5 @@
-"""Selective-scan speed and memory: Vermeil's chunked `selective_scan` vs the plain sequential loop
+"""Selective-scan speed and memory: Vermeil's chunked `selective_scan` (eager, and `compile=True`: each chunk
+a torch.compile'd kernel, compiled before the measurement) vs the plain sequential loop
 (`selective_scan_ref`) vs mambapy's parallel scan (Blelloch `pscan`, the anchor; skipped with a message if
 mambapy is missing).
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from vermeil.nn.scan import selective_scan, selective_scan_ref
 
-VARIANTS = ("vermeil", "loop", "mambapy")
+VARIANTS = ("vermeil", "compiled", "loop", "mambapy")
 
 
 def _rss_bytes() -> int:
@@ -60,6 +61,17 @@ def _worker(variant: str, length: int, mode: str, args: argparse.Namespace) -> d
 
         def fn():
             return selective_scan(*leaves[:5], D=leaves[5], delta_softplus=True, chunk_size=args.chunk_size)
+
+    elif variant == "compiled":
+
+        def fn():
+            return selective_scan(*leaves[:5], D=leaves[5], delta_softplus=True, compile=True)
+
+        # compile before the memory baseline: the chunk kernels' shapes do not depend on L
+        short = [t.detach()[..., :8].requires_grad_(t.requires_grad) if t.dim() == 3 else t for t in leaves]
+        y = selective_scan(*short[:5], D=short[5], delta_softplus=True, compile=True)
+        if mode == "fwd+bwd":
+            y.sum().backward()
 
     elif variant == "loop":
 
