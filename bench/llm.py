@@ -21,7 +21,7 @@ Timing: medians over `reps` runs after a warm-up, implementations interleaved ru
 load hits them all alike (the machine is shared: read the ratios, not the absolute numbers).
 
     moe        (--moe) an MoE LLM (8 experts x 1536, top-2, every layer) against the dense LLM of equal active
-               FLOPs (SwiGLU 3072): training-step time ratio
+               FLOPs (SwiGLU 3072): training-step time ratio (median of 9 interleaved steps each, 3 with --quick)
 
 Usage: python bench/llm.py [--quick] [--threads N] [--no-bf16] [--moe]
 """
@@ -230,7 +230,9 @@ def main() -> None:
     # ---- MoE training step against the dense model with equal active FLOPs ----
     if opts.moe:
         moe, dense = moe_pair()
-        t = median_times({"moe": train_step_fn(moe, x, y), "dense": train_step_fn(dense, x, y)}, reps_train)
+        # a ratio of two ~5 s steps that drift apart by +-8% from one run to the next here: more repetitions
+        reps_moe = 3 if opts.quick else 9
+        t = median_times({"moe": train_step_fn(moe, x, y), "dense": train_step_fn(dense, x, y)}, reps_moe)
         add(
             (
                 "train step MoE 8x1536 top-2",
