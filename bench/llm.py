@@ -262,7 +262,7 @@ def main() -> None:
         def h(n: int) -> Callable[[], object]:
             return lambda: theirs_d.generate(one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-        reps = 2 if opts.quick else 3
+        reps = 2 if opts.quick else 5
         t = median_times(
             {
                 "vermeil 128": v(128),
