@@ -23,7 +23,10 @@ load hits them all alike (the machine is shared: read the ratios, not the absolu
     moe        (--moe) an MoE LLM (8 experts x 1536, top-2, every layer) against the dense LLM of equal active
                FLOPs (SwiGLU 3072): training-step time ratio (median of 9 interleaved steps each, 3 with --quick)
 
-Usage: python bench/llm.py [--quick] [--threads N] [--no-bf16] [--moe]
+    --keep-freed-memory  glibc keeps freed blocks for reuse (`vermeil.train.keep_freed_memory`), for every
+               implementation alike: big tensors are no longer page-faulted in again at every step
+
+Usage: python bench/llm.py [--quick] [--threads N] [--no-bf16] [--moe] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -180,7 +183,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     parser.add_argument("--moe", action="store_true", help="add the MoE vs dense training-step rows")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="vermeil.train.keep_freed_memory() first (process-wide: every implementation gets it; "
+        "what `vermeil train` does)",
+    )
     opts = parser.parse_args()
+    if opts.keep_freed_memory:
+        from vermeil.train import keep_freed_memory
+
+        print(f"glibc malloc keeps freed memory (process-wide): {keep_freed_memory()}")
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     reps_train = 2 if opts.quick else 5

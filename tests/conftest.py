@@ -13,3 +13,14 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _default_malloc():
+    """`vermeil train` makes glibc keep freed memory for the rest of its process (vermeil.train.allocator);
+    the CLI tests call it in this process, which must stay as it is: the real call is tested in a subprocess."""
+    import vermeil.train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vermeil.train, "keep_freed_memory", lambda: False)
+        yield

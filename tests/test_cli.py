@@ -137,6 +137,18 @@ def test_info_prints_params_flops_cache(capsys: pytest.CaptureFixture[str]) -> N
     assert "parameters" in out and "FLOPs/token" in out and "context 512" in out and "cache" in out
 
 
+def test_train_keeps_freed_memory_unless_asked_not_to(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vermeil.train
+
+    calls: list[bool] = []
+    monkeypatch.setattr(vermeil.train, "keep_freed_memory", lambda: calls.append(True) or True)
+    missing = str(tmp_path / "nope.yaml")  # fails after the allocator choice, before any work
+    assert _run(capsys, "train", missing)[0] == 2 and calls == [True]
+    assert _run(capsys, "train", missing, "--default-malloc")[0] == 2 and calls == [True]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("vermeil.models.hybrid")

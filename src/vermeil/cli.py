@@ -98,8 +98,10 @@ def _bytes(n: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vermeil.recipes import build_run, load_run_config
-    from vermeil.train import Trainer, latest_checkpoint, list_checkpoints
+    from vermeil.train import Trainer, keep_freed_memory, latest_checkpoint, list_checkpoints
 
+    if not args.default_malloc:
+        keep_freed_memory()  # big tensors are not page-faulted in again every step (vermeil.train.allocator)
     config, overrides = _split_config_and_overrides(args.config, args.overrides)
     # Under torchrun every rank runs this command; only rank 0 touches the folder and talks. (The process
     # group does not exist yet: torchrun's RANK variable says who is who.)
@@ -505,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run folder (default: train.out_dir or runs/<config name>)")
     p.add_argument(
         "--overwrite", action="store_true", help="start over in a run folder that already holds a run"
+    )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default freed memory is kept for the next step: faster, but "
+        "the process's memory stays at its peak)",
     )
     _add_debug(p)
     p.set_defaults(func=cmd_train)

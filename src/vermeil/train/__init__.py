@@ -4,6 +4,7 @@ Imports torch and the rest of Vermeil only; tqdm, PyYAML, safetensors (the `trai
 `plot` extra) are imported where they are used.
 """
 
+from vermeil.train.allocator import keep_freed_memory
 from vermeil.train.metrics import (
     MetricsLogger,
     bits_per_byte,
@@ -40,6 +41,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "causal_lm_loss",
+    "keep_freed_memory",
     "cosine_with_warmup",
     "latest_checkpoint",
     "list_checkpoints",
