@@ -104,7 +104,8 @@ class MambaBlock(nn.Module):
         layer_idx: index of the block in its model (informational, as state-spaces).
         compile_scan: run the whole-sequence scan through torch.compile'd chunk kernels
             (`selective_scan(..., compile=True)`): a 4-layer stack (d_model 512) trains 1.2-1.4x faster on
-            a 2-core CPU (bench/mamba.py), after a first call that compiles. A plain attribute: set it on a built model as well.
+            a 2-core CPU (bench/mamba.py), after a first call that compiles. A plain attribute: it can be set
+            on a built model too.
         device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
 
     Raises:
