@@ -24,7 +24,9 @@ case's time over that floor.
 
 Peak memory: the process's peak resident set size during the case (VmHWM after resetting it through
 /proc/self/clear_refs) minus the resident set size just before: memory the case allocated beyond inputs and
-weights (Linux only; "n/a" elsewhere).
+weights (Linux only; "n/a" elsewhere). Memory an earlier case freed may still be held by the process (glibc
+keeps part of it), so a case that needs less than an earlier one reads low ("compiled" after "vermeil" at the
+same L reads near 0): compare the first case at each length, or run bench/scan.py, which uses one process per case.
 
 Decoding: MambaLM (vocab 1024, weights converted from a transformers MambaForCausalLM) after prompts of 64 and
 4096 tokens (B=2): prefill, then `--new-tokens` greedy steps timed (ms per step, and tokens/s = B / step time),
