@@ -171,3 +171,106 @@ def test_compiled_decoding_returns_the_eager_tokens(name: str) -> None:
     assert torch.equal(generate(model, prompts, 12, compile=True), eager)
     # the cache is rebuilt by the next call; the compiled step keeps working on the new buffers
     assert torch.equal(generate(model, prompts, 12, compile=True), eager)
+
+
+# ---- the static-buffer decode loop (generate's CUDA-graph path, everything but the capture) ----
+
+
+def _ragged_prompts() -> list[list[int]]:
+    return [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15]]
+
+
+def _static(model: nn.Module, prompts, n: int, **kw) -> Tensor:
+    """generate's loop through StaticDecodeStep without a capture, reading "all stopped" every 3 steps."""
+    from vermeil.generation import _generate
+
+    return _generate(model, prompts, n, static=True, capture=False, stop_check_every=3, **kw)
+
+
+@pytest.mark.parametrize("name", ["llm", "mamba", "hybrid"])
+def test_static_decode_loop_returns_the_eager_tokens(name: str) -> None:
+    torch.manual_seed(0)
+    model = _decode_models()[name]
+    prompts = _ragged_prompts()
+    eager = generate(model, prompts, 12, cuda_graph=False)
+    assert torch.equal(_static(model, prompts, 12), eager)
+    # stop tokens: each row stops at a token it generates; rows that stop first run on as padding until
+    # the loop's next read of "all stopped"
+    stops = [int(eager[0, 3]), int(eager[1, 5])]
+    eager_stop = generate(model, prompts, 12, stop_tokens=stops, cuda_graph=False)
+    assert torch.isin(eager_stop[0], torch.tensor(stops)).any()
+    assert torch.equal(_static(model, prompts, 12, stop_tokens=stops), eager_stop)
+
+
+def test_static_decode_loop_samples_as_eager() -> None:
+    torch.manual_seed(0)
+    model = _decode_models()["mamba"]
+    prompts = _ragged_prompts()
+    for kw in (dict(temperature=0.8), dict(temperature=1.0, top_k=5), dict(temperature=1.2, top_p=0.9)):
+        eager = generate(model, prompts, 10, seed=7, cuda_graph=False, **kw)
+        assert torch.equal(_static(model, prompts, 10, seed=7, **kw), eager), kw
+
+
+def test_static_decode_step_reuses_its_buffers() -> None:
+    from vermeil.generation import StaticDecodeStep, decode_one_token
+
+    torch.manual_seed(0)
+    model = _decode_models()["mamba"].eval()
+    model.setup_cache(2, 8)
+    step = StaticDecodeStep(model, 2, torch.device("cpu"))
+    token_ptr, pos_ptr = step.token.data_ptr(), step.input_pos.data_ptr()
+    prompt = torch.tensor([[3, 4], [5, 6]])
+    model(prompt, input_pos=torch.arange(2))
+    ours = [step(torch.tensor([7, 8]), 2), step(torch.tensor([9, 1]), 3)]
+    assert (step.token.data_ptr(), step.input_pos.data_ptr()) == (token_ptr, pos_ptr)
+    assert step.input_pos.tolist() == [3] and step.token.tolist() == [[9], [1]]
+    model.reset_cache()
+    model(prompt, input_pos=torch.arange(2))
+    ref = [
+        decode_one_token(model, torch.tensor([[7], [8]]), torch.tensor([2])),
+        decode_one_token(model, torch.tensor([[9], [1]]), torch.tensor([3])),
+    ]
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    model.delete_cache()
+
+
+def test_cuda_graph_needs_cuda() -> None:
+    from vermeil.generation import StaticDecodeStep
+
+    model = _decode_models()["mamba"]
+    if next(model.parameters()).is_cuda:  # pragma: no cover - the test models are built on the CPU
+        pytest.skip("model on CUDA")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        generate(model, [[1, 2]], 3, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph='yes' must be True, False or None"):
+        generate(model, [[1, 2]], 3, cuda_graph="yes")
+    with pytest.raises(ValueError, match="capture=True needs a CUDA device"):
+        StaticDecodeStep(model, 1, torch.device("cpu"), capture=True)
+    # None means off on the CPU: the eager reference runs
+    assert generate(model, [[1, 2]], 3).shape == (1, 3)
+
+
+def test_traced_reads_as_compiling_and_restores() -> None:
+    from vermeil.generation import _traced
+
+    assert not torch.compiler.is_compiling()
+    with _traced():
+        assert torch.compiler.is_compiling()
+    assert not torch.compiler.is_compiling()
+    with pytest.raises(RuntimeError, match="boom"), _traced():
+        raise RuntimeError("boom")
+    assert not torch.compiler.is_compiling()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["llm", "mamba", "hybrid"])
+def test_cuda_graph_decoding_returns_the_eager_tokens(name: str) -> None:  # pragma: no cover - CUDA only
+    torch.manual_seed(0)
+    model = _decode_models()[name].cuda()
+    prompts = _ragged_prompts()
+    eager = generate(model, prompts, 12, cuda_graph=False)
+    assert torch.equal(generate(model, prompts, 12, cuda_graph=True), eager)
+    stops = [int(eager[0, 3]), int(eager[1, 5])]
+    eager_stop = generate(model, prompts, 12, stop_tokens=stops, cuda_graph=False)
+    assert torch.equal(generate(model, prompts, 12, stop_tokens=stops), eager_stop)

@@ -7,19 +7,23 @@ The contract a model must meet (the LLM, MambaLM and HybridModel all do):
     model.delete_cache()   (optional: when present, generate frees the cache with it afterwards)
 
 Prefill runs the whole prompt in one forward; decoding then feeds one token per step at its position,
-so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast). `generate(compile=True)`
-compiles the decode step with `decode_backend`: Inductor, with the step's matrix-vector products lowered to
-vectorised reductions (on the CPU, MKL's float32 GEMV streams weights at well under half the memory bandwidth
-that a reduction over the contiguous rows of `nn.Linear.weight` reaches, and a decode step is nothing but
-GEMVs; see `bench/llm.py`).
+so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast). On the CPU,
+`generate(compile=True)` compiles the decode step with `decode_backend`: Inductor, with the step's
+matrix-vector products lowered to vectorised reductions (MKL's float32 GEMV streams weights at well under
+half the memory bandwidth that a reduction over the contiguous rows of `nn.Linear.weight` reaches, and a
+decode step is nothing but GEMVs; see `bench/llm.py`). On CUDA a decode step is launch-bound instead:
+`generate` captures it once as a CUDA graph over static input buffers (`StaticDecodeStep`, gpt-fast's
+recipe with an explicit `torch.cuda.CUDAGraph`) and replays it per token, with sampling and stop bookkeeping
+on the device and no host read per token; `compile=True` there uses Inductor's default backend.
 
 Axis legend: B batch, T prompt length, N new tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -129,14 +133,112 @@ def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) ->
 
 
 @functools.cache
-def compiled_decode_one_token() -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False, backend=decode_backend)`.
+def compiled_decode_one_token(device_type: str = "cpu") -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False)`, one per device type.
 
-    One compiled function per process: the first call for a model (or batch size, or dtype) compiles,
-    later steps and later `generate` calls reuse the graph (the position is a tensor, so it never
-    recompiles as decoding advances).
+    On the CPU the backend is `decode_backend` (matrix-vector products lowered to reductions, which suits the
+    CPU only); on an accelerator it is Inductor's default, whose GEMVs go to cuBLAS. One compiled function
+    per process and device type: the first call for a model (or batch size, or dtype) compiles, later steps
+    and later `generate` calls reuse the graph (the position is a tensor, so it never recompiles as decoding
+    advances).
     """
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=decode_backend)
+    backend: str | Callable[..., Any] = decode_backend if device_type == "cpu" else "inductor"
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=backend)
+
+
+@contextlib.contextmanager
+def _traced() -> Iterator[None]:
+    """Run eager code as a trace: `torch.compiler.is_compiling()` reads True inside.
+
+    The models guard their eager-only value checks (token ids inside the vocabulary, positions inside the
+    cache, which read tensors back to the host) with `torch.compiler.is_compiling()`. A CUDA graph capture is
+    a trace as well, and a host read inside it is illegal, so the capture sets the flag that torch.compile
+    and torch.export set while they trace (`torch.compiler._is_compiling_flag`, a module global since torch
+    2.3). The warm-up step before the capture runs those checks once.
+    """
+    compiler = torch.compiler
+    if not hasattr(compiler, "_is_compiling_flag"):  # pragma: no cover - depends on the torch version
+        yield
+        return
+    old = compiler._is_compiling_flag
+    compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        compiler._is_compiling_flag = old
+
+
+class StaticDecodeStep:
+    """`decode_one_token` over static input buffers, optionally captured once as a CUDA graph and replayed.
+
+    The (B, 1) token and (1,) position buffers live on the model's device and are written in place before
+    every step, so each step runs on the same tensors, as do the model's static caches (allocated by
+    `setup_cache`, written in place by the forward). That makes the step capturable: with `capture=True`
+    the constructor runs `warmup_steps` eager steps on a side stream (cuBLAS handles, Inductor compilation)
+    and records one step as a `torch.cuda.CUDAGraph`; a call is then two small copies and one replay, with
+    no host synchronisation, and returns a clone of the graph's logits (the next replay overwrites them).
+
+    Without `capture` (the CPU, or `cuda_graph=False`), a call runs the same step eagerly on the same
+    buffers: everything but the replay, so the loop around it is tested where graphs do not exist.
+
+    Construct it after `model.setup_cache(...)`. The warm-up and the capture write the cache (at position
+    0), so call `model.reset_cache()` before the prefill; `generate` does.
+
+    Args:
+        model: a model meeting the cache contract, its cache set up for `batch_size` rows.
+        batch_size: B.
+        device: the model's device.
+        compile: run `compiled_decode_one_token(device.type)` instead of the eager step.
+        capture: record the step as a CUDA graph (needs a CUDA device).
+        warmup_steps: eager steps before the capture.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        device: torch.device,
+        *,
+        compile: bool = False,
+        capture: bool = False,
+        warmup_steps: int = 2,
+    ) -> None:
+        device = torch.device(device)
+        if capture and device.type != "cuda":
+            raise ValueError(f"capture=True needs a CUDA device (CUDA graphs), got device={device}")
+        self.model = model
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self._compiled = compile
+        self._fn = compiled_decode_one_token(device.type) if compile else decode_one_token
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._logits: Tensor | None = None  # the graph's output buffer (B, V)
+        if capture:
+            self._capture(warmup_steps)
+
+    def _capture(self, warmup_steps: int) -> None:
+        # Warm up on a side stream, as torch.cuda.graphs' docs ask (lazy initialisation stays out of the graph).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup_steps, 1)):
+                self._fn(self.model, self.token, self.input_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # A compiled step has no host reads left; an eager one skips its eager-only checks while traced.
+        trace = contextlib.nullcontext() if self._compiled else _traced()
+        with trace, torch.cuda.graph(graph):
+            self._logits = self._fn(self.model, self.token, self.input_pos)
+        self.graph = graph
+
+    def __call__(self, token: Tensor, pos: int) -> Tensor:
+        """Run one step: token (B,) at position `pos` -> logits (B, V) (a fresh tensor)."""
+        self.token.copy_(token.view(-1, 1))
+        self.input_pos.fill_(pos)  # a kernel with the value as its argument: no host-to-device copy
+        if self.graph is None:
+            return self._fn(self.model, self.token, self.input_pos)
+        self.graph.replay()
+        return self._logits.clone()  # type: ignore[union-attr]
 
 
 def _as_padded_prompts(
@@ -160,6 +262,42 @@ def _as_padded_prompts(
     return padded, torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
 
+def _model_device(model: nn.Module, prompts: object) -> torch.device:
+    """The device of the model's parameters (of the prompts, or the CPU, for a model without any)."""
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        return param.device
+    return prompts.device if isinstance(prompts, Tensor) else torch.device("cpu")
+
+
+def _eager_step(model: nn.Module, device: torch.device, compile: bool) -> Callable[[Tensor, int], Tensor]:
+    """The reference decode step: fresh (B, 1) token and (1,) position tensors every call."""
+    step = compiled_decode_one_token(device.type) if compile else decode_one_token
+
+    def decode(token: Tensor, pos: int) -> Tensor:
+        return step(model, token[:, None], torch.tensor([pos], device=device))
+
+    return decode
+
+
+# Steps between the loop's checks of whether every row has stopped: each check reads a flag back to the host,
+# a synchronisation on an accelerator. Rows that stop in between run on as padding and record nothing.
+_STOP_CHECK_EVERY = 8
+
+
+def _resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
+    if cuda_graph is None:
+        return device.type == "cuda"
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph={cuda_graph!r} must be True, False or None")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on "
+            f"{device}; use cuda_graph=None or False"
+        )
+    return cuda_graph
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -175,6 +313,7 @@ def generate(
     max_seq_len: int | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
     compile: bool = False,
+    cuda_graph: bool | None = None,
 ) -> Tensor:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -182,6 +321,11 @@ def generate(
     the model: the common prefix is prefilled at once, then each row is fed its own prompt tokens until
     they run out and its sampled tokens after that (teacher forcing). So every row sees exactly what it
     would see alone, for attention, Mamba and hybrid models alike.
+
+    On CUDA the decode step is captured once as a CUDA graph over static buffers and replayed per token
+    (`StaticDecodeStep`), and the loop around it never reads the device back per token: sampling, teacher
+    forcing and stop bookkeeping stay on the device, and whether every row has stopped is read every
+    8 steps. Greedy tokens equal the eager path's (the graph replays the same kernels).
 
     Args:
         model: a model with `setup_cache`, `reset_cache` and `forward(tokens, input_pos=...)`.
@@ -194,19 +338,67 @@ def generate(
         pad_token: fills slots after a row stopped (and pads ragged prompts internally).
         max_seq_len: cache length; defaults to the longest prompt + N.
         callback: called as `callback(position, tokens)` with the (B,) tokens fed at each decode step.
-        compile: run the decode steps through `compiled_decode_one_token()` (the first call per model and
-            batch size pays the compilation, about 10 s on a CPU; float32 logits then differ from eager in
-            the last bits, from the order of summation).
+        compile: run the decode steps through `compiled_decode_one_token(device type)`: on the CPU with
+            `decode_backend` (the first call per model and batch size pays the compilation, about 10 s;
+            float32 logits then differ from eager in the last bits, from the order of summation), on CUDA
+            with Inductor's default backend (and captured as a graph when `cuda_graph` is on).
+        cuda_graph: capture the decode step as a CUDA graph and replay it per token. None (the default)
+            means on when the model's parameters are on a CUDA device; True elsewhere raises. False keeps
+            the eager step (the reference), which reads the device back once per token.
 
     Returns:
         (B, n) long, the new tokens of each row (the stop token included), n <= N: n < N only when every
         row stopped early.
     """
+    graph = _resolve_cuda_graph(cuda_graph, _model_device(model, prompt_tokens))
+    return _generate(
+        model,
+        prompt_tokens,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_tokens,
+        seed,
+        pad_token=pad_token,
+        max_seq_len=max_seq_len,
+        callback=callback,
+        compile=compile,
+        static=graph,
+        capture=graph,
+        stop_check_every=_STOP_CHECK_EVERY if graph else 1,
+    )
+
+
+@torch.no_grad()
+def _generate(
+    model: nn.Module,
+    prompt_tokens: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    *,
+    pad_token: int = 0,
+    max_seq_len: int | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+    compile: bool = False,
+    static: bool,
+    capture: bool,
+    stop_check_every: int,
+) -> Tensor:
+    """`generate`'s loop. `static`: decode through a `StaticDecodeStep` (captured as a CUDA graph when
+    `capture`), else the reference eager step with fresh inputs; `stop_check_every`: steps between host
+    reads of "every row has stopped" (1 reads every step)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every={stop_check_every} must be >= 1")
     _check_sampling(temperature, top_k, top_p)
     prompts, lengths = _as_padded_prompts(prompt_tokens, pad_token)
-    device = next((p.device for p in model.parameters()), prompts.device)
+    device = _model_device(model, prompts)
     prompts, lengths = prompts.to(device), lengths.to(device)
     batch, longest = prompts.shape
     shortest = int(lengths.min())
@@ -225,10 +417,17 @@ def generate(
     was_training = model.training
     model.eval()
     model.setup_cache(batch, max_seq_len, device=device)
-    decode = compiled_decode_one_token() if compile else decode_one_token
     try:
+        if static:
+            decode: Callable[[Tensor, int], Tensor] = StaticDecodeStep(
+                model, batch, device, compile=compile, capture=capture
+            )
+            if capture:
+                model.reset_cache()  # the warm-up and capture steps wrote the cache
+        else:
+            decode = _eager_step(model, device, compile)
         logits = prefill(model, prompts[:, :shortest], torch.arange(shortest, device=device))
-        for pos in range(shortest, total):
+        for i, pos in enumerate(range(shortest, total)):
             sampled = sample(logits, temperature, top_k, top_p, generator)
             in_prompt = pos < lengths
             forced = prompts[:, min(pos, longest - 1)]
@@ -242,12 +441,15 @@ def generate(
             if stops.numel():
                 done = done | (record & torch.isin(sampled, stops))
             finished = done | (counts >= max_new_tokens)
-            if pos == total - 1 or bool(finished.all()):
+            if pos == total - 1:
+                break
+            # Without stop tokens only the last position finishes every row: no read back needed.
+            if stops.numel() and (i + 1) % stop_check_every == 0 and bool(finished.all()):
                 break
             token = torch.where(finished, torch.full_like(token, pad_token), token)
             if callback is not None:
                 callback(pos, token)
-            logits = decode(model, token[:, None], torch.tensor([pos], device=device))
+            logits = decode(token, pos)
     finally:
         # Free the cache when the model can (plain forwards work again afterwards), else clear it.
         getattr(model, "delete_cache", model.reset_cache)()
