@@ -21,9 +21,12 @@ from vermeil.nn.attention import (
     SelfAttention,
     _cpu_flash_combines_mask_and_causal,
     attention,
+    chunked_causal_attention,
 )
+from vermeil.nn.cache import KVCache, RingKVCache
 from vermeil.nn.masks import attention_mask
-from vermeil.nn.positional import RotaryEmbedding
+from vermeil.nn.norms import QKNorm
+from vermeil.nn.positional import RopeTables, RotaryEmbedding, apply_rotary, temperature_scale
 
 F32 = {"atol": 1e-5, "rtol": 1e-5}
 F64 = {"atol": 1e-10, "rtol": 1e-10}
@@ -517,6 +520,150 @@ def test_forward_errors() -> None:
         m(x, input_pos=torch.arange(4))
     m.delete_cache()
     assert m(x).shape == (2, 3, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local attention with a ring cache, tables passed in, qk norm order, the position-dependent q scale
+
+
+@pytest.mark.parametrize("local", [{"chunk": 3}, {"window": 3}, {"window": 4, "chunk": 3}])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_ring_cache_decode_equals_full_forward(local: dict, backend: str) -> None:
+    m = make(causal=True, rotary=rotary(), qk_norm="rms", backend=backend, **local).double()
+    x = torch.randn(2, 11, 40, dtype=torch.float64)
+    full = m(x)
+    m.setup_cache(batch_size=3, max_seq_len=16)
+    assert isinstance(m.kv_cache, RingKVCache) and m.kv_cache.k_cache.shape[2] == 3  # min(window, chunk)
+    for split in (1, 2, 5, 8):  # prefills shorter and longer than the ring, then one token at a time
+        m.reset_cache()
+        pre = m(x[:, :split], input_pos=torch.arange(split))
+        rest = [m(x[:, i : i + 1], input_pos=torch.tensor([i])) for i in range(split, 11)]
+        torch.testing.assert_close(torch.cat([pre, *rest], 1), full, **F64)
+    m.reset_cache()  # multi-token steps after a prefill
+    steps = [m(x[:, a:b], input_pos=torch.arange(a, b)) for a, b in ((0, 4), (4, 6), (6, 11))]
+    torch.testing.assert_close(torch.cat(steps, 1), full, **F64)
+
+
+def test_ring_cache_with_padding_mask_over_positions() -> None:
+    m = make(causal=True, window=3).double()
+    x = torch.randn(2, 7, 40, dtype=torch.float64)
+    kpm = torch.ones(2, 7, dtype=torch.bool)
+    kpm[1, 4] = False
+    full = m(x, mask=kpm)
+    m.setup_cache(2, 9)
+    cache_kpm = torch.ones(2, 9, dtype=torch.bool)
+    cache_kpm[:, :7] = kpm  # indexed by position, whatever slot the ring keeps it in
+    steps = [m(x[:, i : i + 1], input_pos=torch.tensor([i]), mask=cache_kpm) for i in range(7)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, **F64)
+
+
+def test_global_attention_keeps_the_full_cache() -> None:
+    m = make(causal=True)
+    m.setup_cache(1, 9)
+    assert isinstance(m.kv_cache, KVCache) and m.kv_cache.k_cache.shape[2] == 9
+
+
+def test_chunked_blocks_equal_the_chunk_mask_with_gradients() -> None:
+    q, k, v = (t.requires_grad_(True) for t in qkv(t=11, s=11, dtype=torch.float64))
+    pos = torch.arange(11)
+    for chunk in (1, 3, 4, 11, 20):
+        got = chunked_causal_attention(q, k, v, chunk)
+        want = attention(q, k, v, attention_mask(pos, pos, chunk=chunk), backend="math")
+        torch.testing.assert_close(got, want, **F64)
+        g = torch.randn_like(got)
+        torch.testing.assert_close(
+            torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g), **F64
+        )
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_tables_passed_in_equal_the_injected_rotary(pairing: str) -> None:
+    injected = make(causal=True, rotary=RotaryEmbedding(10, pairing=pairing), qk_norm="rms", window=4)
+    tabled = make(causal=True, qk_norm="rms", window=4)
+    tabled.load_state_dict(injected.state_dict())
+    rope = RotaryEmbedding(10, pairing=pairing)  # the model-level producer of the tables
+    x = torch.randn(2, 9, 40)
+    torch.testing.assert_close(tabled(x, rope=rope.tables(torch.arange(9))), injected(x), rtol=0, atol=0)
+    pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(
+        tabled(x, input_pos=pos, rope=rope.tables(pos)), injected(x, input_pos=pos), rtol=0, atol=0
+    )
+    injected.setup_cache(2, 9)
+    tabled.setup_cache(2, 9)
+    for i in range(9):
+        p = torch.tensor([i])
+        a = tabled(x[:, i : i + 1], input_pos=p, rope=rope.tables(p))
+        torch.testing.assert_close(a, injected(x[:, i : i + 1], input_pos=p), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rope tables given to a module that has an injected rotary"):
+        injected(x, rope=rope.tables(torch.arange(9)))
+
+
+@pytest.mark.parametrize("after", [False, True])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_qk_norm_before_or_after_rope(after: bool, learnable: bool) -> None:
+    torch.manual_seed(0)
+    norm = QKNorm(10, "rms", learnable=learnable, eps=1e-5).double()
+    if learnable:
+        with torch.no_grad():
+            norm.query_norm.scale.uniform_(0.5, 1.5)
+            norm.key_norm.scale.uniform_(0.5, 1.5)
+    m = make(causal=True, qk_norm=norm, qk_norm_after_rope=after, dtype=torch.float64)
+    assert sorted(n for n, _ in m.named_parameters() if "qk_norm" in n) == (
+        ["qk_norm.key_norm.scale", "qk_norm.query_norm.scale"] if learnable else []
+    )
+    x = torch.randn(2, 7, 40, dtype=torch.float64)
+    rope = RotaryEmbedding(10, pairing="interleaved").tables(torch.arange(7))
+    q = m.wq(x).view(2, 7, 4, 10).transpose(1, 2)
+    k = m.wk(x).view(2, 7, 2, 10).transpose(1, 2)
+
+    def rot(t: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(t, rope.cos, rope.sin, "interleaved")
+
+    q, k = (rot(norm.query_norm(q)), rot(norm.key_norm(k))) if not after else (rot(q), rot(k))
+    if after:
+        q, k = norm.query_norm(q), norm.key_norm(k)
+    want = m.wo(
+        attention(q, k, m.wv(x).view(2, 7, 2, 10).transpose(1, 2), causal=True).transpose(1, 2).flatten(2)
+    )
+    torch.testing.assert_close(m(x, rope=rope), want, **F64)
+    other = make(causal=True, qk_norm=norm, qk_norm_after_rope=not after, dtype=torch.float64)
+    other.load_state_dict(m.state_dict())
+    if learnable:  # a per-channel scale does not commute with the rotation: the order matters
+        assert not torch.allclose(other(x, rope=rope), m(x, rope=rope))
+
+
+def test_temperature_scale_values() -> None:
+    pos = torch.tensor([0, 1, 2, 6, 7, 8, 15, 1000])
+    got = temperature_scale(pos, floor_scale=4.0, attn_scale=0.1)
+    want = torch.tensor(
+        [1 + 0.1 * torch.log(torch.tensor(float((p + 1) // 4 + 1))).item() for p in pos.tolist()]
+    )
+    torch.testing.assert_close(got, want)
+    assert got.dtype == torch.float32 and (got[:3] == 1).all()  # exactly 1 below floor_scale - 1
+    assert temperature_scale(pos[None].expand(2, -1)).shape == (2, 8)
+    with pytest.raises(ValueError, match=r"floor_scale=0.0 must be > 0"):
+        temperature_scale(pos, floor_scale=0.0)
+
+
+def test_q_scale_multiplies_the_queries() -> None:
+    m = make(causal=True, dtype=torch.float64)
+    x = torch.randn(2, 7, 40, dtype=torch.float64)
+    scale = temperature_scale(torch.arange(7) + 20, floor_scale=4.0, attn_scale=0.3).double()
+    q = m.wq(x).view(2, 7, 4, 10).transpose(1, 2) * scale[:, None]
+    k, v = (w(x).view(2, 7, 2, 10).transpose(1, 2) for w in (m.wk, m.wv))
+    want = m.wo(attention(q, k, v, causal=True).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(m(x, q_scale=scale), want, **F64)
+    # and through the cache: decoding with per-step scales equals the full forward
+    m.setup_cache(2, 7)
+    steps = [m(x[:, i : i + 1], input_pos=torch.tensor([i]), q_scale=scale[i : i + 1]) for i in range(7)]
+    torch.testing.assert_close(torch.cat(steps, 1), want, **F64)
+
+
+def test_rope_tables_are_a_namedtuple_with_pairing() -> None:
+    tables = RotaryEmbedding(6, pairing="interleaved").tables(torch.arange(4))
+    assert isinstance(tables, RopeTables) and tables.pairing == "interleaved" and tables.cos.shape == (4, 3)
+    with pytest.raises(ValueError, match="carries no xPos"):
+        RotaryEmbedding(6, use_xpos=True).tables(torch.arange(4))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from vermeil.nn.cache import KVCache, SSMState
+from vermeil.nn.cache import KVCache, RingKVCache, SSMState
 
 B, HKV, S_MAX, DH = 3, 2, 11, 5
 
@@ -93,3 +93,53 @@ def test_ssm_state() -> None:
     with pytest.raises(ValueError, match=r"d_state=0 must be a positive int"):
         SSMState(1, 2, 3, 0)
     assert SSMState(1, 2, 3, 4, device="meta").conv_state.is_meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RingKVCache
+
+
+def test_ring_returns_the_positions_it_holds() -> None:
+    torch.manual_seed(0)
+    ring = RingKVCache(2, 4, HKV, DH, max_seq_len=10, dtype=torch.float64)
+    k = torch.randn(2, HKV, 10, DH, dtype=torch.float64)
+    v = torch.randn(2, HKV, 10, DH, dtype=torch.float64)
+    # Prefill of 3: the old (empty) ring then the new keys; afterwards the ring holds 0, 1, 2 in slots 0..2.
+    k_all, v_all, pos = ring.update_with_positions(torch.arange(3), k[:, :, :3], v[:, :, :3])
+    assert pos.tolist() == [-1, -1, -1, -1, 0, 1, 2]
+    torch.testing.assert_close(k_all[:, :, 4:], k[:, :, :3], rtol=0, atol=0)
+    assert ring.kv_pos.tolist() == [0, 1, 2, -1]
+    # One token at a time: written first, slot = position % 4; the returned views are the buffers.
+    for p in range(3, 7):
+        k_all, v_all, pos = ring.update_with_positions(
+            torch.tensor([p]), k[:, :, p : p + 1], v[:, :, p : p + 1]
+        )
+        assert k_all.data_ptr() == ring.k_cache.data_ptr()
+    assert pos.tolist() == [4, 5, 6, 3]
+    for slot, p in enumerate(pos.tolist()):
+        torch.testing.assert_close(k_all[:, :, slot], k[:, :, p], rtol=0, atol=0)
+        torch.testing.assert_close(v_all[:, :, slot], v[:, :, p], rtol=0, atol=0)
+    # A prefill longer than the ring keeps its last 4 positions.
+    ring.reset()
+    assert ring.kv_pos.tolist() == [-1] * 4 and not ring.k_cache.any()
+    _, _, pos = ring.update_with_positions(torch.arange(7), k[:, :, :7], v[:, :, :7])
+    assert pos.tolist() == [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5, 6]
+    assert sorted(ring.kv_pos.tolist()) == [3, 4, 5, 6]
+    assert ring.state_dict() == {}
+
+
+def test_ring_update_errors() -> None:
+    ring = RingKVCache(B, 3, HKV, DH, max_seq_len=6)
+    with pytest.raises(ValueError, match=r"input_pos up to 6 exceeds max_seq_len=6"):
+        ring.update(torch.tensor([6]), torch.zeros(B, HKV, 1, DH), torch.zeros(B, HKV, 1, DH))
+    with pytest.raises(ValueError, match=r"k must have shape"):
+        ring.update(torch.tensor([0]), torch.zeros(B + 1, HKV, 1, DH), torch.zeros(B + 1, HKV, 1, DH))
+    with pytest.raises(ValueError, match=r"slots=0 must be a positive int"):
+        RingKVCache(B, 0, HKV, DH)
+
+
+def test_full_cache_positions_are_every_slot() -> None:
+    cache = KVCache(B, S_MAX, HKV, DH)
+    k = torch.ones(B, HKV, 2, DH)
+    k_all, _, pos = cache.update_with_positions(torch.tensor([3, 4]), k, k)
+    assert pos.tolist() == list(range(S_MAX)) and k_all.shape[2] == S_MAX

@@ -7,8 +7,8 @@ E experts, M Flux MLP width, V vocabulary, tp the tensor-parallel degree.
 {module name: ParallelStyle} for `parallelize_module`; `apply_tensor_parallel` applies it (and keeps tied
 embeddings tied). Every constraint is checked there, before any collective. What is split, by module type:
 
-- Attention (`vermeil.nn.Attention`, `vermeil.models.llm.Attention`): `wq`/`wk`/`wv` column-parallel, `wo`
-  row-parallel; one all-reduce after `wo`. Both attentions view with `view(b, t, -1, Dh)`, so each rank runs
+- Attention (`vermeil.nn.Attention`, which the LLM's attention is too): `wq`/`wk`/`wv` column-parallel, `wo`
+  row-parallel; one all-reduce after `wo`. The attention views with `view(b, t, -1, Dh)`, so each rank runs
   its H/tp query and Hkv/tp kv heads, and contiguous column shards keep GQA's grouping (query head i uses kv
   head i // (H/Hkv)) on every rank. H and Hkv must be divisible by tp (K/V are not replicated). Learnable
   qk-norm scales are replicated DTensors whose gradients sum over the ranks' heads. Llama 4's temperature
@@ -315,30 +315,25 @@ def _reject_cache(module_name: str, module: nn.Module, tp_size: int) -> None:
 def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelStyle]:
     """The Megatron entries for one module (attention, feed-forward, MoE, Flux blocks), by its type."""
     from vermeil.models.flux import DoubleStreamBlock, FluxSelfAttention, SingleStreamBlock
-    from vermeil.models.llm import Attention as LlamaAttention
 
     p = f"{name}." if name else ""
     label = name or "<root>"
     heads_why = "each rank attends over whole local heads"
     plan: dict[str, ParallelStyle] = {}
-    if isinstance(module, (Attention, LlamaAttention)):
-        if isinstance(module, Attention):
-            heads, kv_heads = ("heads", module.heads), ("kv_heads", module.kv_heads)
-        else:
-            heads, kv_heads = ("n_heads", module.n_heads), ("n_kv_heads", module.n_kv_heads)
-        _check_divisible(label, *heads, tp, heads_why)
-        _check_divisible(label, *kv_heads, tp, heads_why)
+    if isinstance(module, Attention):  # every attention of the house (the LLM's maps Meta's names onto it)
+        heads_name, kv_heads_name = module.head_names  # as the user's config spells them
+        _check_divisible(label, heads_name, module.heads, tp, heads_why)
+        _check_divisible(label, kv_heads_name, module.kv_heads, tp, heads_why)
         _reject_cache(label, module, tp)
         for proj in ("wq", "wk", "wv"):
             plan[p + proj] = ColwiseParallel()
         plan[p + "wo"] = RowwiseParallel()
-        qk_norm = getattr(module, "qk_norm", None)  # vermeil.nn's learnable QKNorm (Llama 4's has no weight)
-        if isinstance(module, Attention) and qk_norm is not None:
-            for half in ("query_norm", "key_norm"):
-                if getattr(qk_norm, half).scale is not None:
-                    # q/k are (B, H/tp, T, Dh) local: dim 1 is the sharded head axis. The replicated scale's
-                    # gradient is then a partial sum that DTensor all-reduces.
-                    plan[f"{p}qk_norm.{half}"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+        for half in ("query_norm", "key_norm"):
+            norm = getattr(module.qk_norm, half, None)
+            if getattr(norm, "scale", None) is not None:  # a learnable QKNorm (Llama 4's has no weight)
+                # q/k are (B, H/tp, T, Dh) local: dim 1 is the sharded head axis. The replicated scale's
+                # gradient is then a partial sum that DTensor all-reduces.
+                plan[f"{p}qk_norm.{half}"] = SequenceParallel(sequence_dim=1, use_local_output=True)
     elif isinstance(module, GLU):
         _check_divisible(label, "hidden_dim", module.w1.out_features, tp, "w1/w3 are split by rows")
         plan[p + "w1"] = ColwiseParallel()
@@ -410,7 +405,7 @@ def _sequence_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
         p = f"layers.{i}."
         if isinstance(model, LLM):
             plan[p + "attention_norm"] = SequenceParallel()
-            plan[p + "attention"] = _gather_input(4)  # (x, rope, positions, global_mask)
+            plan[p + "attention"] = _gather_input(3)  # (x, rope, positions)
             plan[p + "attention.wo"] = RowwiseParallel(output_layouts=seq)
             plan[p + "ffn_norm"] = SequenceParallel()
             if layer.is_moe_layer:

@@ -5,14 +5,15 @@ Module and parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq/
 `ffn_norm`, `feed_forward.w1/w3/w2` or the MoE's `router.router_DE`, `experts.w1/w3/w2`, `shared_expert.*`,
 `norm`, `output`, `vision_embeddings.*`, `vision_projection`), so the reference's state dicts load as they are,
 and its raw-shard keys (fused `wqkv`, `mlp.fc1_weight`, `moe_w_in_eD_F`, ...) load through load hooks
-(shared/REFERENCES.md §b.1). Other layouts (transformers) go through `vermeil.interop`.
+(Meta's `load_hook`s in `llama_models/llama4/model.py`, `ffn.py`, `moe.py`). Other layouts (transformers) go
+through `vermeil.interop`. Attention is `vermeil.nn.Attention` under Meta's argument names.
 
 Where this differs from Meta's reference (`llama_models/llama4/model.py`), on purpose:
     - it trains (Meta's forward is `@torch.inference_mode()` and its MoE detaches the expert input) and runs on
       the CPU (Meta allocates caches with `.cuda()` and needs fairscale);
     - chunked layers apply the chunk rule at every decode step (Meta builds masks only when `seqlen > 1`, so its
-      one-token decode attends to the whole cache across chunk boundaries, REFERENCES §b.1) and keep a cache of
-      `attention_chunk_size` slots (a ring buffer), not `max_seq_len`; transformers does the same
+      one-token decode attends to the whole cache across chunk boundaries) and keep a cache of
+      `attention_chunk_size` slots (`vermeil.nn.cache.RingKVCache`), not `max_seq_len`; transformers does the same
       (`DynamicSlidingWindowLayer` + `chunked_overlay`), and tests/interop checks token parity with it;
     - `head_dim` is honoured in the attention too (Meta's `Attention` uses `dim // n_heads` whatever `head_dim`
       says);
@@ -29,24 +30,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
-from vermeil.nn.attention import attention
-from vermeil.nn.cache import KVCache
+from vermeil.nn.attention import Attention as NNAttention
 from vermeil.nn.feedforward import SwiGLU, llama_hidden_dim
-from vermeil.nn.masks import attention_mask
 from vermeil.nn.moe import MoE, moe_hidden_dim
-from vermeil.nn.norms import RMSNorm, rms_norm
-from vermeil.nn.positional import RopeScaling, RotaryEmbedding, apply_rotary
+from vermeil.nn.norms import QKNorm, RMSNorm
+from vermeil.nn.positional import RopeScaling, RopeTables, RotaryEmbedding, temperature_scale
 
 __all__ = [
     "LLM",
     "PRESETS",
     "Attention",
-    "ChunkKVCache",
     "MaskedEmbedding",
     "ModelArgs",
     "MoEArgs",
@@ -123,7 +120,7 @@ class ModelArgs:
     RoPE table (it grows on demand) and `max_batch_size` is kept for Meta's configs: caches are sized by
     `LLM.setup_cache(batch_size, max_seq_len)`.
 
-    Layer rules (REFERENCES §b.1): layer i is NoPE when `(i + 1) % nope_layer_interval == 0`; NoPE layers attend
+    Layer rules (Meta's `llama_models/llama4/model.py`): layer i is NoPE when `(i + 1) % nope_layer_interval == 0`; NoPE layers attend
     globally (with temperature tuning when `attn_temperature_tuning`), RoPE layers use chunked local attention
     when `attention_chunk_size` is set and the weightless qk norm when `use_qk_norm`; layer i is MoE when
     `moe_args` is set and `(i + 1) % moe_args.interleave_moe_layer_step == 0`.
@@ -317,101 +314,26 @@ class TransformerOutput:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Caches
-
-
-class ChunkKVCache(nn.Module):
-    """KV cache of a chunked-attention layer: a ring buffer of `slots` positions (slot = position % slots).
-
-    A query at position p only ever sees keys in its own chunk `[C * (p // C), p]`, at most C positions, so
-    C slots suffice; `kv_pos` records which position each slot holds (-1: empty) and the chunk rule is applied
-    to those positions, so stale slots from an earlier chunk are never attended.
-
-    Buffers (non-persistent): k_cache, v_cache (B, Hkv, slots, Dh); kv_pos (slots,) int64.
-    """
-
-    k_cache: Tensor
-    v_cache: Tensor
-    kv_pos: Tensor
-
-    def __init__(
-        self,
-        batch_size: int,
-        slots: int,
-        kv_heads: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.batch_size, self.slots = batch_size, slots
-        shape = (batch_size, kv_heads, slots, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer(
-            "kv_pos", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=False
-        )
-
-    def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
-        self.kv_pos.fill_(-1)
-
-    def write(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write the last `min(T, slots)` of k/v (B, Hkv, T, Dh) at `input_pos` (T,) (consecutive positions)."""
-        n = min(k.shape[2], self.slots)
-        pos = input_pos[-n:]
-        slot = pos % self.slots
-        b = k.shape[0]
-        self.k_cache[:b].index_copy_(2, slot, k[:, :, -n:].to(self.k_cache.dtype))
-        self.v_cache[:b].index_copy_(2, slot, v[:, :, -n:].to(self.v_cache.dtype))
-        self.kv_pos.index_copy_(0, slot, pos)
-
-    def extra_repr(self) -> str:
-        return f"batch_size={self.batch_size}, slots={self.slots}, dtype={self.k_cache.dtype}"
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Attention
 
 
-def _block_causal(q: Tensor, k: Tensor, v: Tensor, chunk: int, scale: float, backend: Any) -> Tensor:
-    """Chunked causal attention for positions 0..T-1 as block-diagonal causal attention: the sequence is cut
-    into T/C independent chunks (zero-padded at the end; padded keys sit after every real query of their chunk,
-    so causality hides them) and each runs through SDPA's is_causal kernel. O(T*C) instead of a T x T mask.
+class Attention(NNAttention):
+    """Llama 4 attention: `vermeil.nn.Attention` configured with Meta's names, loading Meta's fused `wqkv`.
 
-    q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
-    """
-    b, h, t, dh = q.shape
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-
-    def split(x: Tensor) -> Tensor:  # (B, h, n*C, Dh) -> (B*n, h, C, Dh)
-        return x.unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
-
-    out = attention(split(q), split(k), split(v), causal=True, scale=scale, backend=backend)
-    return out.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3)[:, :, :t]
-
-
-class Attention(nn.Module):
-    """Llama 4 attention: GQA projections `wq/wk/wv/wo`, RoPE or NoPE, weightless qk norm after RoPE, temperature
-    tuning on NoPE layers, global or chunked causal attention, a static cache (full, or a chunk ring buffer).
-
-    Built from `vermeil.nn` functions rather than `vermeil.nn.attention.Attention`, which has no temperature
-    tuning, no weightless (post-RoPE, RoPE-layers-only) qk norm and no chunk-bounded cache.
+    GQA projections `wq/wk/wv/wo` without bias; RoPE layers rotate q/k by the model's tables (interleaved
+    pairs, Meta's complex layout), then apply the weightless qk norm (`use_qk_norm`) and chunked attention
+    (a `RingKVCache` of `chunk_size` slots when decoding); NoPE layers attend globally with temperature tuning.
+    Everything is computed by `vermeil.nn.Attention`; this class only maps the arguments.
 
     Args:
         dim: D. n_heads: H. n_kv_heads: Hkv. head_dim: Dh.
-        use_rope: rotate q/k (interleaved pairs, Meta's complex layout); False makes a NoPE layer.
+        use_rope: rotate q/k by the tables passed to `forward`; False makes a NoPE layer.
         use_qk_norm: `rms_norm(x, eps=norm_eps)` without weight on q and k, after RoPE.
         chunk_size: chunked local attention block C, or None for global causal attention.
-        temperature_tuning: scale q by `log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1`.
+        temperature_tuning: scale q by `temperature_scale(pos, floor_scale, attn_scale)`.
     """
 
-    kv_cache: KVCache | ChunkKVCache | None
+    head_names = ("n_heads", "n_kv_heads")
 
     def __init__(
         self,
@@ -431,147 +353,59 @@ class Attention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
-        self.use_rope, self.use_qk_norm, self.norm_eps = use_rope, use_qk_norm, norm_eps
-        self.chunk_size = chunk_size
-        self.temperature_tuning, self.floor_scale, self.attn_scale = (
-            temperature_tuning,
-            floor_scale,
-            attn_scale,
+        qk_norm = QKNorm(head_dim, "rms", learnable=False, eps=norm_eps) if use_qk_norm else None
+        super().__init__(
+            dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            causal=True,
+            qk_norm=qk_norm,
+            qk_norm_after_rope=True,
+            chunk=chunk_size,
+            backend=backend,
+            device=device,
+            dtype=dtype,
         )
-        self.backend = backend
-        self.scale = head_dim**-0.5
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False, **factory)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False, **factory)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False, **factory)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False, **factory)
-        self.kv_cache = None
+        self.use_rope, self.use_qk_norm, self.temperature_tuning = use_rope, use_qk_norm, temperature_tuning
+        self.floor_scale, self.attn_scale = floor_scale, attn_scale
         self._register_load_state_dict_pre_hook(self._load_hook)
 
-    def reset_parameters(self) -> None:
-        for lin in (self.wq, self.wk, self.wv, self.wo):
-            lin.reset_parameters()
+    @property
+    def chunk_size(self) -> int | None:
+        """Meta's name for `chunk`."""
+        return self.chunk
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # Meta raw shards fuse q, k, v row-wise: [H*Dh; Hkv*Dh; Hkv*Dh] (Meta `Attention.load_hook`).
         if prefix + "wqkv.weight" in state_dict:
             wqkv = state_dict.pop(prefix + "wqkv.weight")
-            d, r = divmod(wqkv.shape[0], self.n_heads + 2 * self.n_kv_heads)
+            d, r = divmod(wqkv.shape[0], self.heads + 2 * self.kv_heads)
             if r:
                 raise ValueError(
                     f"{prefix}wqkv.weight has {wqkv.shape[0]} rows, not a multiple of "
-                    f"n_heads + 2 * n_kv_heads = {self.n_heads + 2 * self.n_kv_heads}"
+                    f"n_heads + 2 * n_kv_heads = {self.heads + 2 * self.kv_heads}"
                 )
-            wq, wk, wv = wqkv.split([d * self.n_heads, d * self.n_kv_heads, d * self.n_kv_heads], dim=0)
+            wq, wk, wv = wqkv.split([d * self.heads, d * self.kv_heads, d * self.kv_heads], dim=0)
             state_dict[prefix + "wq.weight"] = wq
             state_dict[prefix + "wk.weight"] = wk
             state_dict[prefix + "wv.weight"] = wv
 
-    # -- cache -----------------------------------------------------------------------------------------------
-
-    def setup_cache(
-        self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        factory: dict[str, Any] = {"dtype": dtype, "device": device}
-        if self.chunk_size is not None:
-            slots = min(self.chunk_size, max_seq_len)
-            self.kv_cache = ChunkKVCache(batch_size, slots, self.n_kv_heads, self.head_dim, **factory)
-        else:
-            self.kv_cache = KVCache(batch_size, max_seq_len, self.n_kv_heads, self.head_dim, **factory)
-
-    def reset_cache(self) -> None:
-        if self.kv_cache is not None:
-            self.kv_cache.reset()
-
-    def delete_cache(self) -> None:
-        self.kv_cache = None
-
-    # -- forward ---------------------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor] | None,
-        positions: Tensor | None,
-        global_mask: Tensor | None = None,
+    def forward(  # type: ignore[override]
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor | None
     ) -> Tensor:
-        """Attend.
-
-        Args:
-            x: (B, T, D).
-            rope: (cos, sin), each (T, Dh/2) or (B, T, Dh/2) float32, for these positions.
-            positions: (T,) or (B, T) integer positions; None means 0..T-1 (training: fast fused kernels).
-                With a cache, (T,) consecutive positions.
-            global_mask: with a full cache, the (1, 1, T, S_max) causal position mask shared by the layers.
-
-        Returns:
-            (B, T, D).
-        """
-        b, t, _ = x.shape
-        # -1: local heads, so a tensor-parallel shard of the projections runs the same code.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        if self.use_rope:
-            assert rope is not None  # internal: the LLM passes tables to RoPE layers
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin, "interleaved"), apply_rotary(k, cos, sin, "interleaved")
-        if self.use_qk_norm:  # Llama 4: weightless RMS norm, after RoPE, RoPE layers only
-            q, k = rms_norm(q, None, self.norm_eps), rms_norm(k, None, self.norm_eps)
-        if self.temperature_tuning:  # arXiv:2501.19399, NoPE layers only; exactly 1 below floor_scale - 1
-            pos = positions if positions is not None else torch.arange(t, device=x.device)
-            pos_f = pos.to(torch.float32)
-            scales = torch.log(torch.floor((pos_f + 1.0) / self.floor_scale) + 1.0) * self.attn_scale + 1.0
-            scales = scales.view(-1, 1, t, 1) if scales.ndim == 2 else scales.view(1, 1, t, 1)
-            q = (q.to(torch.promote_types(q.dtype, torch.float32)) * scales).to(q.dtype)
-
-        cache = self.kv_cache if positions is not None else None  # input_pos=None: plain forward
-        if cache is None:
-            out = self._attend_no_cache(q, k, v, positions)
-        elif isinstance(cache, KVCache):
-            assert positions is not None and global_mask is not None  # internal: the LLM checks input_pos
-            k_all, v_all = cache.update(positions, k, v)  # (B, Hkv, S_max, Dh)
-            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)  # no-op unless the cache has its own dtype
-            out = attention(q, k_all, v_all, global_mask, scale=self.scale, backend=self.backend)
-        else:
-            assert positions is not None
-            out = self._attend_ring(cache, q, k, v, positions)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
-
-    def _attend_no_cache(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None) -> Tensor:
-        t = q.shape[2]
-        if positions is None:
-            if self.chunk_size is None or t <= self.chunk_size:
-                return attention(q, k, v, causal=True, scale=self.scale, backend=self.backend)
-            return _block_causal(q, k, v, self.chunk_size, self.scale, self.backend)
-        mask = attention_mask(positions, positions, causal=True, chunk=self.chunk_size)  # (B|1, 1, T, T)
-        return attention(q, k, v, mask, scale=self.scale, backend=self.backend)
-
-    def _attend_ring(self, cache: ChunkKVCache, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        b, t = q.shape[0], q.shape[2]
-        if t == 1:
-            # One new token: the slot it overwrites held position p - C (an earlier chunk), so write first.
-            cache.write(positions, k, v)
-            k_all, v_all, kv_pos = cache.k_cache[:b], cache.v_cache[:b], cache.kv_pos
-        else:
-            # Several: earlier new tokens may need keys the later ones would overwrite; attend over the old
-            # ring plus the new keys, then keep the last C.
-            k_all = torch.cat([cache.k_cache[:b], k.to(cache.k_cache.dtype)], dim=2)
-            v_all = torch.cat([cache.v_cache[:b], v.to(cache.v_cache.dtype)], dim=2)
-            kv_pos = torch.cat([cache.kv_pos, positions])
-        mask = attention_mask(positions, kv_pos, causal=True, chunk=self.chunk_size)  # (1, 1, T, S)
-        mask = mask & (kv_pos >= 0)  # empty slots
-        out = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask, scale=self.scale, backend=self.backend)
-        if t > 1:
-            cache.write(positions, k, v)
-        return out
+        """x: (B, T, D); rope: (cos, sin), each (T, Dh/2) or (B, T, Dh/2) float32, for these positions (RoPE
+        layers); positions: (T,) or (B, T), None meaning 0..T-1 without reading a cache -> (B, T, D)."""
+        tables = RopeTables(*rope, "interleaved") if self.use_rope and rope is not None else None
+        q_scale = None
+        if self.temperature_tuning:  # arXiv:2501.19399, NoPE layers only
+            pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
+            q_scale = temperature_scale(pos, self.floor_scale, self.attn_scale)
+        return super().forward(x, input_pos=positions, rope=tables, q_scale=q_scale)
 
     def extra_repr(self) -> str:
         return (
-            f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
-            f"use_rope={self.use_rope}, use_qk_norm={self.use_qk_norm}, chunk_size={self.chunk_size}, "
+            f"{super().extra_repr()}, use_rope={self.use_rope}, use_qk_norm={self.use_qk_norm}, "
             f"temperature_tuning={self.temperature_tuning}"
         )
 
@@ -664,14 +498,10 @@ class TransformerBlock(nn.Module):
             state_dict.pop(prefix + k + "._extra_state", None)
 
     def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor] | None,
-        positions: Tensor | None,
-        global_mask: Tensor | None = None,
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, D) -> ((B, T, D), the MoE aux loss or None)."""
-        h = x + self.attention(self.attention_norm(x), rope, positions, global_mask)
+        h = x + self.attention(self.attention_norm(x), rope, positions)
         if self.is_moe_layer:
             moe_out = self.feed_forward(self.ffn_norm(h))
             return h + moe_out.out, moe_out.aux_loss
@@ -938,13 +768,9 @@ class LLM(nn.Module):
         rope = None
         if self.has_rope_layer:
             rope = self.rope.cos_sin(positions if positions is not None else torch.arange(t, device=h.device))
-        global_mask = None
-        if self.cache_max_seq_len is not None and positions is not None:
-            kv_pos = torch.arange(self.cache_max_seq_len, device=h.device)
-            global_mask = attention_mask(positions, kv_pos, causal=True)  # (1, 1, T, S_max)
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            h, layer_aux = layer(h, rope, positions, global_mask)
+            h, layer_aux = layer(h, rope, positions)
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
         logits = self.output(self.norm(h)).float()

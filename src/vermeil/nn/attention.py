@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vermeil.nn.cache import KVCache
+from vermeil.nn.cache import KVCache, RingKVCache
 from vermeil.nn.masks import attention_mask, padding_mask
 from vermeil.nn.norms import QKNorm
+from vermeil.nn.positional import RopeTables, rotate_qk
 
 __all__ = [
     "Attention",
@@ -39,6 +40,7 @@ __all__ = [
     "FlashAttention",
     "SelfAttention",
     "attention",
+    "chunked_causal_attention",
 ]
 
 AttentionBackend = Literal["sdpa", "math", "flash"]
@@ -291,6 +293,40 @@ def attention(
             return _flash(q, k, v, mask, is_causal, scale, dropout_p)
 
 
+def chunked_causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    chunk: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: AttentionBackend = "sdpa",
+) -> Tensor:
+    """Chunked causal attention (Llama 4) over positions 0..T-1 as T/C independent causal blocks.
+
+    The sequence is cut into chunks of C (zero-padded at the end: padded keys sit after every real query of
+    their chunk, so causality hides them) and each chunk runs through `attention(..., causal=True)`, i.e.
+    SDPA's is_causal kernel: O(T x C) work and no (T, T) mask, where the masked form costs T x T.
+    `attention(q, k, v, attention_mask(pos, pos, chunk=C))` is the reference it equals.
+
+    q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
+    """
+    b, _, t, _ = q.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+
+    def split(x: Tensor) -> Tensor:  # (B, h, n*C, Dh) -> (B*n, h, C, Dh)
+        return x.unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
+
+    out = attention(
+        split(q), split(k), split(v), causal=True, scale=scale, dropout_p=dropout_p, backend=backend
+    )
+    return out.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3)[:, :, :t]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The module
 
@@ -298,9 +334,22 @@ def attention(
 class Attention(nn.Module):
     """Multi-head attention for self- and cross-attention: MHA, GQA (kv_heads < heads) and MQA (kv_heads=1).
 
+    The one attention module of the house: the blocks, the vision encoder, the LLM (Llama 4: RoPE or NoPE
+    layers, chunked attention, weightless qk norm after RoPE, temperature tuning) and the hybrid use it.
     Projections carry Meta's names `wq`, `wk`, `wv`, `wo`. Keys/values come from `x` (self-attention) or from
-    `context` (cross-attention, when `context_dim` is set). Order inside: project, optional QKNorm and
-    rotary (in the order `qk_norm_after_rope` chooses), optional KV-cache write, attention, merge heads, `wo`.
+    `context` (cross-attention, when `context_dim` is set). Order inside: project; qk norm and RoPE in the
+    order `qk_norm_after_rope` chooses; the position-dependent q scale (`q_scale`); the cache write;
+    attention; merge heads; `wo`.
+
+    Positions enter three ways, all optional: RoPE tables passed to `forward` (`rope=`, computed once per
+    model forward by `RotaryEmbedding.tables`), an injected `rotary` module that rotates q and k itself (with
+    xPos if it has it), or none (NoPE). Masks: causal, `window` (sliding), `chunk` (Llama 4) and a padding or
+    custom `mask` in `forward`, all from `vermeil.nn.masks`, applied by position. Caches (`setup_cache`): a
+    full `KVCache`, or a `RingKVCache` of min(window, chunk) slots when the attention is local.
+
+    Fast paths, each equal to the masked definition (tests/nn/test_attention.py): SDPA's `is_causal` with no
+    mask tensor for plain causal attention; `is_causal` beside the mask where the CPU kernel takes both;
+    chunked causal attention as independent causal blocks (`chunked_causal_attention`) when there is no mask.
 
     Args:
         dim: D, width of x and of the output.
@@ -309,14 +358,16 @@ class Attention(nn.Module):
         head_dim: Dh; None means D / H (which must then divide).
         context_dim: Dc, width of `context`; setting it makes this a cross-attention module.
         causal: causal by position (bottom-right when T < S). Required for a KV cache.
-        qk_norm: None, "rms" (Flux; learnable scale) or "l2" (PaLM/Zeta): `QKNorm` over Dh, stored as
-            `qk_norm` with submodules `query_norm`/`key_norm`.
+        qk_norm: None, "rms" (Flux; learnable scale), "l2" (PaLM/Zeta), or a module called as
+            `qk_norm(q, k) -> (q, k)`, e.g. `QKNorm(Dh, "rms", learnable=False)` (Llama 4's weightless norm).
+            Stored as `qk_norm` (a `QKNorm` has submodules `query_norm`/`key_norm`).
         qk_norm_after_rope: False normalises then rotates (Flux); True rotates then normalises (Llama 4).
         bias: bias on wq, wk, wv.
         out_bias: bias on wo; None means `bias` (Flux uses bias=False, out_bias=True).
         dropout: dropout on the attention probabilities, in training mode only (on CPU, SDPA serves dropout
             with its math kernel only, so a training step with dropout materialises the T x S scores).
-        rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only.
+        rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only. Leave
+            it None to pass tables to `forward` instead.
         window: sliding-window size (attend to the last `window` positions, itself included), or None.
         chunk: chunked local attention block size (Llama 4), or None.
         scale: attention scale; None means Dh ** -0.5 (the PaLM block with l2 qk norm uses a fixed one).
@@ -327,7 +378,8 @@ class Attention(nn.Module):
     to the model's own init, not here.
     """
 
-    kv_cache: KVCache | None
+    kv_cache: KVCache | RingKVCache | None
+    head_names: tuple[str, str] = ("heads", "kv_heads")  # the arguments' names, for errors raised elsewhere
 
     def __init__(
         self,
@@ -338,7 +390,7 @@ class Attention(nn.Module):
         *,
         context_dim: int | None = None,
         causal: bool = False,
-        qk_norm: Literal["rms", "l2"] | None = None,
+        qk_norm: Literal["rms", "l2"] | nn.Module | None = None,
         qk_norm_after_rope: bool = False,
         bias: bool = False,
         out_bias: bool | None = None,
@@ -373,8 +425,8 @@ class Attention(nn.Module):
         rotary_dim = getattr(rotary, "head_dim", head_dim)
         if rotary_dim != head_dim:
             raise ValueError(f"rotary.head_dim={rotary_dim} must equal head_dim={head_dim}")
-        if qk_norm not in (None, "rms", "l2"):
-            raise ValueError(f"qk_norm={qk_norm!r} must be None, 'rms' or 'l2'")
+        if qk_norm not in (None, "rms", "l2") and not isinstance(qk_norm, nn.Module):
+            raise ValueError(f"qk_norm={qk_norm!r} must be None, 'rms' or 'l2' (or a module)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         for name, value in (("window", window), ("chunk", chunk)):
@@ -395,7 +447,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(kv_in, kv_heads * head_dim, bias=bias, **factory)
         self.wv = nn.Linear(kv_in, kv_heads * head_dim, bias=bias, **factory)
         self.wo = nn.Linear(heads * head_dim, dim, bias=bias if out_bias is None else out_bias, **factory)
-        self.qk_norm = QKNorm(head_dim, qk_norm, **factory) if qk_norm is not None else None
+        if isinstance(qk_norm, str):
+            qk_norm = QKNorm(head_dim, qk_norm, **factory)
+        self.qk_norm = qk_norm
         self.rotary = rotary
         self.kv_cache = None
 
@@ -403,7 +457,7 @@ class Attention(nn.Module):
         """Re-initialise projections (nn.Linear default) and QKNorm scales (ones); see the class docstring."""
         for lin in (self.wq, self.wk, self.wv, self.wo):
             lin.reset_parameters()
-        if self.qk_norm is not None:
+        if self.qk_norm is not None and hasattr(self.qk_norm, "reset_parameters"):
             self.qk_norm.reset_parameters()
 
     # -- cache ------------------------------------------------------------------------------------------
@@ -415,30 +469,34 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate a static `KVCache` (B, Hkv, S_max, Dh), used by every forward given `input_pos`.
+        """Allocate a static cache, used by every forward given `input_pos`.
 
-        A forward without `input_pos` is a plain forward that neither reads nor writes the cache, as in
-        the models (LLM, MambaLM, HybridModel), so training can go on while a cache is allocated.
-
-        dtype and device default to those of `wk.weight`.
+        A full `KVCache` (B, Hkv, max_seq_len, Dh), or with `window` and/or `chunk` a `RingKVCache` of
+        min(window, chunk, max_seq_len) slots: a local query never sees further back. A forward without
+        `input_pos` is a plain forward that neither reads nor writes the cache, as in the models, so training
+        can go on while a cache is allocated. dtype and device default to those of `wk.weight`.
         """
         if not self.causal:
             raise ValueError("a KV cache needs causal=True (decoding attends to earlier positions only)")
         if self.context_dim is not None:
             raise ValueError("a KV cache is for self-attention; this module has context_dim set")
-        self.kv_cache = KVCache(
-            batch_size,
-            max_seq_len,
-            self.kv_heads,
-            self.head_dim,
-            dtype=dtype or self.wk.weight.dtype,
-            device=device or self.wk.weight.device,
-        )
+        factory: dict[str, Any] = {
+            "dtype": dtype or self.wk.weight.dtype,
+            "device": device or self.wk.weight.device,
+        }
+        local = [n for n in (self.window, self.chunk) if n is not None]
+        if local:
+            slots = min(*local, max_seq_len)
+            self.kv_cache = RingKVCache(
+                batch_size, slots, self.kv_heads, self.head_dim, max_seq_len=max_seq_len, **factory
+            )
+        else:
+            self.kv_cache = KVCache(batch_size, max_seq_len, self.kv_heads, self.head_dim, **factory)
         if self.rotary is not None and hasattr(self.rotary, "reserve"):
             self.rotary.reserve(max_seq_len)  # decode lookups then never grow the tables (no device sync)
 
     def reset_cache(self) -> None:
-        """Zero the cache buffers in place (start a new sequence); a no-op without a cache."""
+        """Empty the cache in place (start a new sequence); a no-op without a cache."""
         if self.kv_cache is not None:
             self.kv_cache.reset()
 
@@ -448,7 +506,9 @@ class Attention(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------
 
-    def _check_inputs(self, x: Tensor, context: Tensor | None, input_pos: Tensor | None) -> None:
+    def _check_inputs(
+        self, x: Tensor, context: Tensor | None, input_pos: Tensor | None, rope: RopeTables | None
+    ) -> None:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}")
         if x.dtype != self.wq.weight.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -464,6 +524,11 @@ class Attention(nn.Module):
                     f"context must have shape (batch={x.shape[0]}, seq, context_dim={self.context_dim}), "
                     f"got {tuple(context.shape)}"
                 )
+        if rope is not None and (self.rotary is not None or self.context_dim is not None):
+            raise ValueError(
+                "rope tables given to a module that has an injected rotary or is cross-attention; "
+                "pass tables only to self-attention built with rotary=None"
+            )
         if input_pos is not None:
             if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != x.shape[1]:
                 raise ValueError(
@@ -495,38 +560,38 @@ class Attention(nn.Module):
         return mask
 
     def _mask(
-        self, mask: Tensor | None, cache_pos: Tensor | None, b: int, t: int, s_in: int
+        self, mask: Tensor | None, input_pos: Tensor | None, b: int, t: int, s: int
     ) -> tuple[Tensor | None, bool]:
-        """The boolean mask for `attention`, and the `causal` flag to pass with it.
+        """Without a cache: the boolean mask for `attention`, and the `causal` flag to pass with it.
 
-        Positions decide every structural rule. With a cache, queries sit at `cache_pos` and keys at
-        0..S_max-1, so slots after the newest position (unwritten or stale) are masked out. Without one,
-        keys sit at 0..S-1 and queries at the last T of them (bottom-right when T < S).
+        Keys sit at 0..S-1 and queries at the last T of them (bottom-right when T < S), or, for
+        self-attention given `input_pos`, at those positions.
         """
-        device = self.wq.weight.device
-        if cache_pos is not None and self.kv_cache is not None:
-            if cache_pos.ndim != 1:
-                raise ValueError(
-                    f"input_pos must have shape (T={t},) with a KV cache, got {tuple(cache_pos.shape)}"
-                )
-            s = self.kv_cache.max_seq_len
-            q_pos, kv_pos = cache_pos, torch.arange(s, device=device)
-            structural = True
-        else:
-            s = s_in
-            structural = self.window is not None or self.chunk is not None
-            if structural:
-                q_pos, kv_pos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
         user = self._user_mask(mask, b, t, s)
-        if not structural:
+        if self.window is None and self.chunk is None:
             # None or the user's mask; causality is left to `attention`: SDPA's is_causal (no mask tensor at
             # all) when T == S and there is no mask, else a bottom-right (T, S) bool mask built there.
             return user, self.causal
+        device = self.wq.weight.device
+        if input_pos is not None and self.context_dim is None:
+            q_pos = kv_pos = input_pos  # the chunk rule depends on where the sequence starts
+        else:
+            q_pos, kv_pos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
         full = attention_mask(q_pos, kv_pos, causal=self.causal, window=self.window, chunk=self.chunk)
         full = full if user is None else full & user
-        # Without a cache, pass causal too although the mask is causal already: `attention` then lets the
-        # CPU kernel skip the blocks above the diagonal (twice as fast) where it can.
-        return full, self.causal and cache_pos is None
+        # Pass causal too although the mask is causal already: `attention` then lets the CPU kernel skip the
+        # blocks above the diagonal (twice as fast) where it can. Positions given may not be increasing.
+        return full, self.causal and input_pos is None
+
+    def _cache_mask(self, mask: Tensor | None, input_pos: Tensor, kv_pos: Tensor, b: int, t: int) -> Tensor:
+        """With a cache: queries at `input_pos`, keys at the positions the cache holds (`kv_pos`, -1 empty)."""
+        assert self.kv_cache is not None  # internal: called on the cache path only
+        user = self._user_mask(mask, b, t, self.kv_cache.max_seq_len)  # the user's mask is over positions
+        if user is not None and isinstance(self.kv_cache, RingKVCache):
+            user = user.index_select(-1, kv_pos.clamp(min=0))  # position -> slot order
+        full = attention_mask(input_pos, kv_pos, causal=True, window=self.window, chunk=self.chunk)
+        full = full & (kv_pos >= 0)  # empty ring slots
+        return full if user is None else full & user
 
     def forward(
         self,
@@ -535,6 +600,8 @@ class Attention(nn.Module):
         *,
         mask: Tensor | None = None,
         input_pos: Tensor | None = None,
+        rope: RopeTables | None = None,
+        q_scale: Tensor | None = None,
     ) -> Tensor:
         """Attend from x to x (or to context).
 
@@ -542,21 +609,38 @@ class Attention(nn.Module):
             x: (B, T, D).
             context: (B, S, Dc) for cross-attention, else None.
             mask: bool, True = may attend: (B, S) key padding, or (B|1, 1|H, T, S). With a cache, S is the
-                cache length S_max.
-            input_pos: (T,) or (B, T) integer positions. Without a cache they only feed `rotary`; masks
-                follow index order (query i at S - T + i). With a cache, (T,) positions where the new
-                keys/values are written; attention then spans the whole cache under a position mask.
+                cache length S_max (positions, whatever the cache's layout).
+            input_pos: (T,) or (B, T) integer positions. Without a cache they feed `rotary` and the local
+                (window, chunk) masks; causality follows index order (query i at S - T + i). With a cache,
+                (T,) consecutive positions where the new keys/values are written; attention then spans the
+                cache under a position mask.
+            rope: `RopeTables` for these T positions (e.g. `RotaryEmbedding.tables(input_pos)`), or None.
+            q_scale: (T,) or (B, T) factor on the queries by position, e.g. `temperature_scale(input_pos)`
+                (Llama 4 NoPE layers), or None.
 
         Returns:
             (B, T, D).
         """
-        self._check_inputs(x, context, input_pos)
+        self._check_inputs(x, context, input_pos, rope)
         b, t, _ = x.shape
         src = x if context is None else context
         s_in = src.shape[1]
         cache = self.kv_cache if input_pos is not None else None
-        # The mask first, before the projections: its transient buffers never coexist with q, k, v.
-        full, causal = self._mask(mask, input_pos if cache is not None else None, b, t, s_in)
+        # Llama 4's chunked layers in training: independent causal blocks, no (T, T) mask (static checks only).
+        blocks = (
+            cache is None
+            and self.chunk is not None
+            and self.window is None
+            and self.causal
+            and mask is None
+            and input_pos is None
+            and t == s_in
+            and t > self.chunk
+        )
+        full, causal = None, self.causal
+        if cache is None and not blocks:
+            # The mask first, before the projections: its transient buffers never coexist with q, k, v.
+            full, causal = self._mask(mask, input_pos, b, t, s_in)
 
         # Head counts are read from the projections (-1), not self.heads: under tensor parallelism each rank
         # holds a shard of the heads and the same code runs on its local ones.
@@ -567,21 +651,29 @@ class Attention(nn.Module):
             q, k = self.qk_norm(q, k)
         if self.rotary is not None:
             q, k = self.rotary(q, k, input_pos)
+        elif rope is not None:
+            q, k = rotate_qk(q, k, rope)
         if self.qk_norm is not None and self.qk_norm_after_rope:
             q, k = self.qk_norm(q, k)
-        if cache is not None and input_pos is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, Hkv, S_max, Dh)
+        if q_scale is not None:
+            scales = q_scale.view(-1, 1, t, 1)  # (B|1, 1, T, 1)
+            q = (q.to(torch.promote_types(q.dtype, torch.float32)) * scales).to(q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
 
-        out = attention(
-            q,
-            k,
-            v,
-            full,
-            causal=causal,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
-        )  # (B, H, T, Dh)
+        if cache is not None:
+            assert input_pos is not None  # internal: a cache is used only with positions
+            k, v, kv_pos = cache.update_with_positions(input_pos, k, v)  # (B, Hkv, S_cache, Dh), (S_cache,)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
+            full, causal = self._cache_mask(mask, input_pos, kv_pos, b, t), False
+        if blocks:
+            assert self.chunk is not None  # internal: `blocks` implies a chunk
+            out = chunked_causal_attention(
+                q, k, v, self.chunk, scale=self.scale, dropout_p=dropout_p, backend=self.backend
+            )
+        else:
+            out = attention(
+                q, k, v, full, causal=causal, scale=self.scale, dropout_p=dropout_p, backend=self.backend
+            )  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
     def extra_repr(self) -> str:
@@ -598,6 +690,8 @@ class Attention(nn.Module):
             parts.append(f"window={self.window}")
         if self.chunk is not None:
             parts.append(f"chunk={self.chunk}")
+        if self.qk_norm is not None:
+            parts.append(f"qk_norm_after_rope={self.qk_norm_after_rope}")
         if self.dropout:
             parts.append(f"dropout={self.dropout}")
         return ", ".join(parts)

@@ -2,9 +2,15 @@
 
 `KVCache` follows gpt-fast: buffers of the full `max_seq_len` are allocated once and written with
 `index_copy_` at a position *tensor*; under `torch.compile(fullgraph=True)` a decode step is one graph that
-never recompiles as the position advances (a Python-int slice recompiles at the second position; see
-shared/ECOSYSTEM.md §2). Attention then runs over the whole static buffer with a position mask, so slots
-not yet written are never attended. `SSMState` is the recurrent-state counterpart for a Mamba block.
+never recompiles as the position advances (a Python-int slice recompiles at the second position).
+Attention then runs over the whole static buffer with a position mask, so slots not yet written are never
+attended. `RingKVCache` is the bounded form for local attention (a sliding window or Llama 4's chunks): a ring
+of as many slots as a query can see, which records the position each slot holds. `SSMState` is the
+recurrent-state counterpart for a Mamba block.
+
+Both KV caches answer `update_with_positions(input_pos, k, v) -> (k_all, v_all, kv_pos)`: the keys and values
+to attend over and the position of each, so one attention module serves either cache through the same
+position masks.
 
 Buffers are non-persistent: a cache is run-time state, never part of a checkpoint.
 
@@ -17,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KVCache", "SSMState"]
+__all__ = ["KVCache", "RingKVCache", "SSMState"]
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -87,42 +93,161 @@ class KVCache(nn.Module):
             ValueError: on shapes that do not fit the cache (static shape checks only), or, outside
                 `torch.compile`, a position >= max_seq_len on a CPU `input_pos`.
         """
-        expected = (self.kv_heads, self.head_dim)
-        if k.ndim != 4 or (k.shape[1], k.shape[3]) != expected or k.shape[0] > self.batch_size:
-            raise ValueError(
-                f"k must have shape (B<={self.batch_size}, kv_heads={self.kv_heads}, T, "
-                f"head_dim={self.head_dim}), got {tuple(k.shape)}"
-            )
-        if v.shape != k.shape:
-            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-        if input_pos.ndim != 1 or input_pos.shape[0] != k.shape[2]:
-            raise ValueError(
-                f"input_pos must have shape (T={k.shape[2]},) to match k, got {tuple(input_pos.shape)} "
-                "(per-row positions (B, T) cannot be written into a shared static cache)"
-            )
-        if input_pos.shape[0] > self.max_seq_len:
-            raise ValueError(
-                f"input_pos holds {input_pos.shape[0]} positions, which exceeds max_seq_len={self.max_seq_len}"
-            )
-        # Value check only in eager mode and on CPU: it reads the tensor, which would be a graph break under
-        # compile and a device sync on an accelerator (there, index_copy_ raises its own error).
-        if not torch.compiler.is_compiling() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
-            last = int(input_pos.max())
-            if last >= self.max_seq_len or int(input_pos.min()) < 0:
-                raise ValueError(
-                    f"input_pos up to {last} exceeds max_seq_len={self.max_seq_len} (positions must lie in "
-                    f"[0, {self.max_seq_len}))"
-                )
+        _check_update(self, input_pos, k, v)
         b = k.shape[0]
         k_all, v_all = self.k_cache[:b], self.v_cache[:b]  # views: the writes land in the buffers
         k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
         v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
         return k_all, v_all
 
+    def update_with_positions(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`update`, plus the position of every slot: `kv_pos` (S_max,) = 0 .. S_max - 1."""
+        k_all, v_all = self.update(input_pos, k, v)
+        return k_all, v_all, torch.arange(self.max_seq_len, device=k_all.device)
+
     def extra_repr(self) -> str:
         return (
             f"batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, kv_heads={self.kv_heads}, "
             f"head_dim={self.head_dim}, dtype={self.k_cache.dtype}"
+        )
+
+
+def _check_update(cache: KVCache | RingKVCache, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
+    """Static shape checks shared by both KV caches, and the eager CPU-only value check of `input_pos`."""
+    expected = (cache.kv_heads, cache.head_dim)
+    if k.ndim != 4 or (k.shape[1], k.shape[3]) != expected or k.shape[0] > cache.batch_size:
+        raise ValueError(
+            f"k must have shape (B<={cache.batch_size}, kv_heads={cache.kv_heads}, T, "
+            f"head_dim={cache.head_dim}), got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if input_pos.ndim != 1 or input_pos.shape[0] != k.shape[2]:
+        raise ValueError(
+            f"input_pos must have shape (T={k.shape[2]},) to match k, got {tuple(input_pos.shape)} "
+            "(per-row positions (B, T) cannot be written into a shared static cache)"
+        )
+    if input_pos.shape[0] > cache.max_seq_len:
+        raise ValueError(
+            f"input_pos holds {input_pos.shape[0]} positions, which exceeds max_seq_len={cache.max_seq_len}"
+        )
+    # Value check only in eager mode and on CPU: it reads the tensor, which would be a graph break under
+    # compile and a device sync on an accelerator.
+    if not torch.compiler.is_compiling() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
+        last = int(input_pos.max())
+        if last >= cache.max_seq_len or int(input_pos.min()) < 0:
+            raise ValueError(
+                f"input_pos up to {last} exceeds max_seq_len={cache.max_seq_len} (positions must lie in "
+                f"[0, {cache.max_seq_len}))"
+            )
+
+
+class RingKVCache(nn.Module):
+    """A KV cache of `slots` positions for local attention: position p lives in slot p % slots.
+
+    A query at position p under a sliding window W sees keys p - W + 1 .. p, and under Llama 4's chunked
+    attention of block C at most the C keys of its own chunk; `slots = W` (or C, or min(W, C) with both)
+    therefore holds everything any query needs, whatever `max_seq_len` is. `kv_pos` records the position each
+    slot holds (-1: empty), and `update_with_positions` returns it, so the caller applies its mask rule to
+    real positions and stale slots of an earlier window or chunk are never attended. transformers does the
+    same for Llama 4 (`DynamicSlidingWindowLayer`) and Mistral (`SlidingWindowCache`).
+
+    Args:
+        batch_size: largest batch the cache serves (a smaller batch uses the leading rows).
+        slots: number of positions held (the window or chunk size, at most `max_seq_len`).
+        kv_heads: Hkv.
+        head_dim: Dh.
+        max_seq_len: the positions the cache serves, 0 .. max_seq_len - 1 (checked in eager mode on CPU);
+            None means `slots`.
+        dtype: buffer dtype (keys and values are cast to it on write).
+        device: buffer device.
+
+    Attributes:
+        k_cache, v_cache: (B, Hkv, slots, Dh) buffers, zero-initialised, non-persistent.
+        kv_pos: (slots,) int64 position held by each slot, -1 when empty, non-persistent.
+    """
+
+    k_cache: Tensor
+    v_cache: Tensor
+    kv_pos: Tensor
+
+    def __init__(
+        self,
+        batch_size: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        max_seq_len = slots if max_seq_len is None else max_seq_len
+        for name, value in (
+            ("batch_size", batch_size),
+            ("slots", slots),
+            ("kv_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("max_seq_len", max_seq_len),
+        ):
+            _check_positive(name, value)
+        self.batch_size, self.slots, self.max_seq_len = batch_size, slots, max_seq_len
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        shape = (batch_size, kv_heads, slots, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        empty = torch.full((slots,), -1, dtype=torch.long, device=device)
+        self.register_buffer("kv_pos", empty, persistent=False)
+
+    def reset(self) -> None:
+        """Empty the ring in place (compiled graphs that captured the buffers stay valid)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.kv_pos.fill_(-1)
+
+    def _write(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write the last min(T, slots) new positions (consecutive ones: no two land in one slot)."""
+        n = min(k.shape[2], self.slots)  # static shapes: no data-dependent branch
+        pos = input_pos[-n:]
+        slot = pos % self.slots
+        b = k.shape[0]
+        self.k_cache[:b].index_copy_(2, slot, k[:, :, -n:].to(self.k_cache.dtype))
+        self.v_cache[:b].index_copy_(2, slot, v[:, :, -n:].to(self.v_cache.dtype))
+        self.kv_pos.index_copy_(0, slot, pos)
+
+    def update_with_positions(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write new keys/values and return what the new queries may attend over, with its positions.
+
+        Args:
+            input_pos: (T,) consecutive integer positions of the new tokens.
+            k: (B, Hkv, T, Dh) new keys, B <= batch_size.
+            v: (B, Hkv, T, Dh) new values.
+
+        Returns:
+            (k_all, v_all, kv_pos): for one new token (T = 1), the ring after the write (the slot it
+            overwrites held position p - slots, which no query at p sees): (B, Hkv, slots, Dh) views of the
+            buffers and `kv_pos` (slots,). For several, the ring *before* the write followed by the new keys
+            (B, Hkv, slots + T, Dh) and their positions (slots + T,): an early new token may need a key a later
+            one overwrites. Empty slots have position -1; mask them out (`kv_pos >= 0`).
+        """
+        _check_update(self, input_pos, k, v)
+        b = k.shape[0]
+        if k.shape[2] == 1:
+            self._write(input_pos, k, v)
+            return self.k_cache[:b], self.v_cache[:b], self.kv_pos
+        k_all = torch.cat([self.k_cache[:b], k.to(self.k_cache.dtype)], dim=2)
+        v_all = torch.cat([self.v_cache[:b], v.to(self.v_cache.dtype)], dim=2)
+        kv_pos = torch.cat([self.kv_pos, input_pos])
+        self._write(input_pos, k, v)  # after the copies above: they keep the old ring
+        return k_all, v_all, kv_pos
+
+    update = update_with_positions
+
+    def extra_repr(self) -> str:
+        return (
+            f"batch_size={self.batch_size}, slots={self.slots}, max_seq_len={self.max_seq_len}, "
+            f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, dtype={self.k_cache.dtype}"
         )
 
 

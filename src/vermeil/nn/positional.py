@@ -1,11 +1,13 @@
-"""Positional encodings: RoPE (half-split and interleaved pairing, llama3 scaling, xPos), Flux's N-D RoPE
-and the sinusoidal timestep embedding.
+"""Positional encodings: RoPE (half-split and interleaved pairing, llama3 scaling, xPos), Llama 4's attention
+temperature tuning, Flux's N-D RoPE and the sinusoidal timestep embedding.
 
 Math lives in the functions at the top (`rope_inv_freq`, `apply_scaling`, `rope_cos_sin`, `apply_rotary`,
-`xpos_scale`, `timestep_embedding`); the modules (`RotaryEmbedding`, `EmbedND`) own cached tables and call
-them.
+`xpos_scale`, `temperature_scale`, `timestep_embedding`); the modules (`RotaryEmbedding`, `EmbedND`) own cached
+tables and call them. A model computes its `RopeTables` once per forward (`RotaryEmbedding.tables`) and hands
+them to every attention layer, as gpt-fast and torchtitan pass `freqs_cis`.
 
-Pairing conventions (the most common silent bug, see shared/REFERENCES.md §b.10):
+Pairing conventions (the most common silent bug: a checkpoint converted with the wrong one loads without error
+and gives wrong scores):
     "half":        channel i is rotated with channel i + Dh/2 (HF `rotate_half`, PaLM, zeta, mamba_ssm MHA).
     "interleaved": channel 2i is rotated with channel 2i + 1 (Meta complex `view_as_complex`, Flux, torchtune,
                    x-transformers 2.x). Both give the same attention scores once the q/k projection rows are
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +30,14 @@ from torch import Tensor, nn
 __all__ = [
     "RopePairing",
     "RopeScaling",
+    "RopeTables",
     "rope_inv_freq",
     "apply_scaling",
     "rope_cos_sin",
     "apply_rotary",
     "xpos_scale",
+    "temperature_scale",
+    "rotate_qk",
     "timestep_embedding",
     "RotaryEmbedding",
     "EmbedND",
@@ -53,8 +58,8 @@ class RopeScaling:
 
     Frequencies whose wavelength is shorter than `original_max_seq_len / high_freq_factor` are kept, those
     longer than `original_max_seq_len / low_freq_factor` are divided by `factor`, and the band between is
-    interpolated. Read the constants from the checkpoint's own config (REFERENCES.md §b.2: the public HF
-    converter can silently write the 3.1 constants for Scout).
+    interpolated. Read the constants from the checkpoint's own config (the public transformers converter,
+    `convert_llama_weights_to_hf.py`, can silently write the Llama 3.1 constants for Scout).
     """
 
     factor: float = 8.0
@@ -217,6 +222,40 @@ def xpos_scale(
     return scale.repeat_interleave(2, dim=-1)
 
 
+def temperature_scale(positions: Tensor, floor_scale: float = 8192.0, attn_scale: float = 0.1) -> Tensor:
+    """Llama 4's attention temperature tuning (arXiv:2501.19399): a per-position factor for the queries.
+
+    `log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1`, as Meta's `llama_models/llama4/model.py`
+    (`Attention.forward`, NoPE layers) and transformers' `Llama4TextAttention`; exactly 1 for positions below
+    `floor_scale - 1`, so it only acts on long contexts.
+
+    positions: (T,) or (B, T) integer positions. Returns: float32 of the same shape.
+    """
+    if not floor_scale > 0:
+        raise ValueError(f"floor_scale={floor_scale} must be > 0")
+    pos = positions.to(torch.float32)
+    return torch.log(torch.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
+
+
+class RopeTables(NamedTuple):
+    """RoPE angles for one forward, computed once by the model and shared by its attention layers.
+
+    cos, sin: (T, Dh/2) shared by the batch or (B, T, Dh/2) per row, float32; pairing: "half" or
+    "interleaved" (see the module docstring).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    pairing: RopePairing = "half"
+
+
+def rotate_qk(q: Tensor, k: Tensor, rope: RopeTables) -> tuple[Tensor, Tensor]:
+    """Rotate q (B, H, T, Dh) and k (B, Hkv, T, Dh) by the same tables; returns the same shapes and dtypes."""
+    return apply_rotary(q, rope.cos, rope.sin, rope.pairing), apply_rotary(
+        k, rope.cos, rope.sin, rope.pairing
+    )
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal timestep embedding exactly as BFL flux `timestep_embedding` (cos first).
 
@@ -372,6 +411,16 @@ class RotaryEmbedding(nn.Module):
         if not torch.compiler.is_compiling() and positions.device.type == "cpu":
             self._check_positions(positions)
         return self.cos_cached[positions], self.sin_cached[positions]
+
+    def tables(self, positions: Tensor) -> RopeTables:
+        """`RopeTables` for these positions, to compute once per forward and pass to every attention layer.
+
+        positions: (T,) or (B, T). xPos is not carried by tables: a `use_xpos` embedding rotates q and k
+        itself (inject it as `Attention(rotary=...)`).
+        """
+        if self.use_xpos:
+            raise ValueError("tables() carries no xPos scale; inject a use_xpos RotaryEmbedding as rotary=")
+        return RopeTables(*self.cos_sin(positions), self.pairing)
 
     def forward(self, q: Tensor, k: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Rotate q and k.
