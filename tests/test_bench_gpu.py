@@ -1,0 +1,57 @@
+"""Smoke test of bench/gpu.py: `--tiny` runs end to end on the CPU and writes its JSON (no time is asserted)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # the Triton rows run in Triton's interpreter on CPU tensors
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| group | row | time | figures |" in proc.stdout  # the table is printed last
+    report = json.loads(out.read_text())
+    assert report["tiny"] is True and report["torch"] == torch.__version__
+    assert report["checks"] and all(c["ok"] for c in report["checks"]), report["checks"]
+    rows = report["rows"]
+    assert {r["group"] for r in rows} >= {"ceiling", "stack", "scan", "decode", "anchors"}
+    for row in rows:
+        assert row["status"] == "ok" or row["status"].startswith("skipped: "), row
+        assert "error" not in row["status"], row  # a row may be skipped for a reason, never crash
+        if row["status"] == "ok" and row["ms"] is not None:
+            assert row["ms"] > 0, row
+    ran = {r["group"] for r in rows if r["status"] == "ok"}
+    assert {"ceiling", "stack", "scan", "decode"} <= ran
+    # decoding is checked token for token on every cached model
+    names = " ".join(c["name"] for c in report["checks"])
+    for model in ("LLM", "MambaLM", "HybridModel"):
+        assert f"{model}: " in names
+
+
+def test_gpu_bench_rejects_an_unknown_group() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--only", "stack,nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown group(s) ['nope']" in proc.stderr
