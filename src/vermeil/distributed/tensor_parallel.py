@@ -25,8 +25,9 @@ embeddings tied). Every constraint is checked there, before any collective. What
   the k equal blocks: the double blocks' `qkv` ([q; k; v], k = 3) gives each rank [q; k; v] of its own heads,
   the single blocks' `linear1` ([q; k; v; mlp], k = 3 + M/D) its heads plus an M/tp slice of the MLP, and
   `linear2` (input [attention; mlp], k = 1 + M/D) takes exactly that local concatenation. `proj` and the MLPs'
-  second Linear are row-parallel, `img_mlp.0`/`txt_mlp.0` column-parallel; the QK-norm scales are replicated
-  DTensors (flux.py reads them with partial gradients). M must be a multiple of D. Modulations, embedders and
+  second Linear are row-parallel, `img_mlp.0`/`txt_mlp.0` column-parallel; the QK-norm scales stay plain,
+  replicated tensors whose gradients (partial sums over the local heads) are all-reduced by a hook, so
+  flux.py needs no DTensor. M must be a multiple of D. Modulations, embedders and
   the final layer stay replicated. `full_tensor()` of a strided shard is the original layout, and
   `vermeil.distributed.checkpoint` writes strided shards as plain row/column shards (DCP cannot describe
   interleaved shards), so checkpoints are in BFL's layout and load anywhere.
@@ -161,15 +162,26 @@ class _FusedRowwiseParallel(RowwiseParallel):
         return f"{type(self).__name__}(chunks={self.chunks})"
 
 
-class _ReplicateParameters(ParallelStyle):
-    """Make a module's parameters replicated DTensors and leave its forward alone.
+class _HeadPartialGradients(ParallelStyle):
+    """Keep a module's parameters plain and replicated; sum their gradients over the ranks.
 
-    For Flux's QK-norm scales, which the blocks read directly (the QKNorm module is never called): the blocks
-    take their local value with a partial gradient (q/k hold this rank's heads only), which DTensor sums.
+    For Flux's QK-norm scales, which the blocks read directly (the QKNorm module is never called): each rank's
+    q/k hold its own heads, so the gradient a rank computes for a scale shared by all heads is a partial sum.
+    A hook on each parameter all-reduces it before it is accumulated; the value itself stays identical on
+    every rank (the model is identical on every rank before parallelizing), so the model's code needs no
+    DTensor.
     """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh)
+        for param in module.parameters():
+            if param.requires_grad:
+                param.register_hook(partial(self._sum_over_ranks, device_mesh))
+        return module
+
+    @staticmethod
+    def _sum_over_ranks(mesh: DeviceMesh, grad: Tensor) -> Tensor:
+        partial_sum = DTensor.from_local(grad, mesh, (Partial(),), run_check=False)
+        return partial_sum.redistribute(placements=(Replicate(),)).to_local()
 
 
 class _ExpertTensorParallel(ParallelStyle):
@@ -352,7 +364,7 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
         _check_divisible(label, "num_heads", module.num_heads, tp, heads_why)
         plan[p + "qkv"] = _FusedColwiseParallel(3)  # [q; k; v]
         plan[p + "proj"] = RowwiseParallel()
-        plan[p + "norm"] = _ReplicateParameters()
+        plan[p + "norm"] = _HeadPartialGradients()
     elif isinstance(module, DoubleStreamBlock):
         for stream in ("img", "txt"):
             mlp = getattr(module, f"{stream}_mlp")
@@ -371,7 +383,7 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
             )
         plan[p + "linear1"] = _FusedColwiseParallel(3 + m // d)  # [q; k; v; mlp] in blocks of D
         plan[p + "linear2"] = _FusedRowwiseParallel(1 + m // d)  # input [attention; mlp] in blocks of D
-        plan[p + "norm"] = _ReplicateParameters()
+        plan[p + "norm"] = _HeadPartialGradients()
     return plan
 
 

@@ -3,7 +3,7 @@
 Module and parameter names are BFL's (`src/flux/model.py`, `modules/layers.py`), so a BFL state dict loads with
 `load_state_dict` as it is; `vermeil.interop.diffusers_flux` converts diffusers' `FluxTransformer2DModel`.
 In BFL's words the two sequences are `img` and `txt`; here they are `data` (the sequence being generated) and
-`cond` (the condition sequence), which may come from different data spaces (seed 004).
+`cond` (the condition sequence), which may come from different data spaces (sequences, images, point sets).
 
 What this file adds to BFL:
     - `cond_mask`: padded condition tokens take no part in attention as keys (BFL and diffusers let T5 padding
@@ -242,21 +242,6 @@ def qkv_heads(
     return qkv.view(b, seq, 3, -1, head_dim).unbind(2)
 
 
-def _qk_scale(norm: nn.Module) -> Tensor:
-    """The learned `scale` (Dh,) of a QKNorm half, as a plain tensor.
-
-    Under tensor parallelism (`vermeil.distributed`) it is a replicated DTensor while q/k hold this rank's heads
-    only, so the gradient it gets here is a partial sum over heads: `grad_placements=(Partial(),)` says so, and
-    DTensor sums it over the ranks. A plain parameter is returned as it is.
-    """
-    scale = norm.scale
-    if hasattr(scale, "to_local"):  # a DTensor
-        from torch.distributed.tensor import Partial
-
-        return scale.to_local(grad_placements=(Partial(),))
-    return scale
-
-
 def _rotations(pe: Tensor) -> Tensor:
     """Block `pe` -> (B|1, L, 1, Dh/2) complex rotations for `norm_rope`.
 
@@ -273,14 +258,23 @@ def _modulate(x: Tensor, mod: ModulationOut) -> Tensor:
     return torch.addcmul(mod.shift, x, 1 + mod.scale)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """SDPA on (B, L, H, Dh) tensors -> (B, L, H * Dh) (the fused CPU kernel writes (B, L, H, Dh): no copy)."""
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, pe: Tensor, q_scale: Tensor, k_scale: Tensor, mask: Tensor | None
+) -> Tensor:
+    """The blocks' attention: QKNorm + RoPE (`norm_rope`), then `vermeil.nn.attention.attention`.
+
+    q, k, v: (B, L, H, Dh) (views of a fused projection); pe: see `_rotations`; q_scale, k_scale: (Dh,) or
+    (L, Dh) QKNorm scales; mask: (B, 1, 1, L) bool keys or None. Returns (B, L, H * Dh) (the fused CPU kernel
+    writes (B, L, H, Dh): no copy).
+    """
+    rot = _rotations(pe)
+    q, k = norm_rope(q, rot, q_scale), norm_rope(k, rot, k_scale)
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2).flatten(2)
 
 
-def _per_token(txt_norm: nn.Module, img_norm: nn.Module, l_txt: int, l_img: int) -> Tensor:
-    """(Lc + Ld, Dh): the txt norm's scale on the first Lc rows, the img norm's on the rest."""
-    return torch.cat((_qk_scale(txt_norm).expand(l_txt, -1), _qk_scale(img_norm).expand(l_img, -1)))
+def _per_token(txt_scale: Tensor, img_scale: Tensor, l_txt: int, l_img: int) -> Tensor:
+    """(Lc + Ld, Dh): the txt norm's scale (Dh,) on the first Lc rows, the img norm's on the rest."""
+    return torch.cat((txt_scale.expand(l_txt, -1), img_scale.expand(l_img, -1)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,10 +282,9 @@ def _per_token(txt_norm: nn.Module, img_norm: nn.Module, l_txt: int, l_img: int)
 
 
 class FluxSelfAttention(nn.Module):
-    """BFL `SelfAttention`: fused `qkv` Linear in `(K H Dh)` layout, RMS `QKNorm` (`norm`), RoPE, `proj`.
-
-    The double blocks use its parameters directly (their attention is joint over two streams); `forward` is
-    the standalone single-stream form.
+    """The parameters of BFL's `SelfAttention`, under its names: fused `qkv` Linear in `(K H Dh)` layout, RMS
+    `QKNorm` (`norm`, learned scales) and `proj`. The double blocks run one joint attention over both streams
+    with them (`_attend`), so this module has no forward of its own.
 
     Args:
         dim: D.
@@ -322,14 +315,6 @@ class FluxSelfAttention(nn.Module):
         self.qkv.reset_parameters()
         self.norm.reset_parameters()
         self.proj.reset_parameters()
-
-    def forward(self, x: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B, L, D), pe: (B|1, 1, L, Dh/2, 2, 2) or complex (B|1, 1, L, Dh/2), mask: (B, 1, 1, L) bool keys or None -> (B, L, D)."""
-        q, k, v = qkv_heads(self.qkv(x), head_dim=self.head_dim)
-        rot = _rotations(pe)
-        q = norm_rope(q, rot, _qk_scale(self.norm.query_norm))
-        k = norm_rope(k, rot, _qk_scale(self.norm.key_norm))
-        return self.proj(_attend(q, k, v, mask))
 
 
 def _mlp(hidden_size: int, mlp_hidden_dim: int, factory: dict[str, Any]) -> nn.Sequential:
@@ -396,19 +381,17 @@ class DoubleStreamBlock(nn.Module):
         txt_qkv = self.txt_attn.qkv(_modulate(self.txt_norm1(txt), txt_mod1))  # (B, Lc, 3D)
         tq, tk, tv = qkv_heads(txt_qkv, head_dim=self.txt_attn.head_dim)  # (B, Lc, H, Dh) views
         iq, ik, iv = qkv_heads(img_qkv, head_dim=self.img_attn.head_dim)  # (B, Ld, H, Dh) views
-        rot = _rotations(pe)
         # One joint sequence, txt first; each stream keeps its own QKNorm scale: (L, Dh) per-token tables.
-        q = norm_rope(
+        txt_norm, img_norm = self.txt_attn.norm, self.img_attn.norm
+        attn = _attend(
             torch.cat((tq, iq), dim=1),
-            rot,
-            _per_token(self.txt_attn.norm.query_norm, self.img_attn.norm.query_norm, l_txt, l_img),
-        )
-        k = norm_rope(
             torch.cat((tk, ik), dim=1),
-            rot,
-            _per_token(self.txt_attn.norm.key_norm, self.img_attn.norm.key_norm, l_txt, l_img),
-        )
-        attn = _attend(q, k, torch.cat((tv, iv), dim=1), mask)  # (B, L, D)
+            torch.cat((tv, iv), dim=1),
+            pe,
+            _per_token(txt_norm.query_norm.scale, img_norm.query_norm.scale, l_txt, l_img),
+            _per_token(txt_norm.key_norm.scale, img_norm.key_norm.scale, l_txt, l_img),
+            mask,
+        )  # (B, L, D)
         txt_attn, img_attn = attn.split((l_txt, l_img), dim=1)  # split: its backward is one cat
 
         img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
@@ -466,10 +449,8 @@ class SingleStreamBlock(nn.Module):
         d = width * self.hidden_size // (3 * self.hidden_size + self.mlp_hidden_dim)  # D, or D / tp
         qkv, mlp = h.split((3 * d, width - 3 * d), dim=-1)
         q, k, v = qkv_heads(qkv, head_dim=self.hidden_size // self.num_heads)  # (B, L, H, Dh) views
-        rot = _rotations(pe)
-        q = norm_rope(q, rot, _qk_scale(self.norm.query_norm))
-        k = norm_rope(k, rot, _qk_scale(self.norm.key_norm))
-        out = self.linear2(torch.cat((_attend(q, k, v, mask), self.mlp_act(mlp)), dim=2))
+        attn = _attend(q, k, v, pe, self.norm.query_norm.scale, self.norm.key_norm.scale, mask)  # (B, L, D)
+        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
         return torch.addcmul(x, mod.gate, out)
 
 

@@ -396,7 +396,7 @@ class Attention(NNAttention):
     ) -> Tensor:
         """x: (B, T, D); rope: (cos, sin), each (T, Dh/2) or (B, T, Dh/2) float32, for these positions (RoPE
         layers); positions: (T,) or (B, T), None meaning 0..T-1 without reading a cache -> (B, T, D)."""
-        tables = RopeTables(*rope, "interleaved") if self.use_rope and rope is not None else None
+        tables = RopeTables(rope[0], rope[1], "interleaved") if self.use_rope and rope is not None else None
         q_scale = None
         if self.temperature_tuning:  # arXiv:2501.19399, NoPE layers only
             pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
@@ -765,9 +765,7 @@ class LLM(nn.Module):
         if image_embedding is not None:
             h = self._merge_image(h, image_embedding)
 
-        rope = None
-        if self.has_rope_layer:
-            rope = self.rope.cos_sin(positions if positions is not None else torch.arange(t, device=h.device))
+        rope = self.rope.tables(positions, seq_len=t) if self.has_rope_layer else None  # once per forward
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             h, layer_aux = layer(h, rope, positions)

@@ -412,15 +412,32 @@ class RotaryEmbedding(nn.Module):
             self._check_positions(positions)
         return self.cos_cached[positions], self.sin_cached[positions]
 
-    def tables(self, positions: Tensor) -> RopeTables:
-        """`RopeTables` for these positions, to compute once per forward and pass to every attention layer.
+    def _first_rows(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, Dh/2) of positions 0..T-1: a slice of the tables, grown (eager) if T exceeds them."""
+        if seq_len > self.max_seq_len:  # static shape: a guard under compile, not a data-dependent branch
+            if torch.compiler.is_compiling():
+                return rope_cos_sin(torch.arange(seq_len, device=device), self.inv_freq)
+            self._grow(seq_len)
+        return self.cos_cached[:seq_len], self.sin_cached[:seq_len]
 
-        positions: (T,) or (B, T). xPos is not carried by tables: a `use_xpos` embedding rotates q and k
-        itself (inject it as `Attention(rotary=...)`).
+    def tables(self, positions: Tensor | None = None, *, seq_len: int | None = None) -> RopeTables:
+        """`RopeTables` to compute once per model forward and pass to every attention layer.
+
+        Args:
+            positions: (T,) or (B, T) integer positions, or None for 0 .. seq_len - 1 (a table slice: no
+                lookup, no host read).
+            seq_len: T, used when positions is None.
+
+        xPos is not carried by tables: a `use_xpos` embedding rotates q and k itself (inject it as
+        `Attention(rotary=...)`).
         """
         if self.use_xpos:
             raise ValueError("tables() carries no xPos scale; inject a use_xpos RotaryEmbedding as rotary=")
-        return RopeTables(*self.cos_sin(positions), self.pairing)
+        if positions is not None:
+            return RopeTables(*self.cos_sin(positions), self.pairing)
+        if seq_len is None:
+            raise ValueError("tables() needs positions or seq_len")
+        return RopeTables(*self._first_rows(seq_len, self.inv_freq.device), self.pairing)
 
     def forward(self, q: Tensor, k: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Rotate q and k.
@@ -443,14 +460,7 @@ class RotaryEmbedding(nn.Module):
             )
         seq_len = q.shape[-2]
         if input_pos is None:
-            if seq_len > self.max_seq_len:  # static shape: a guard under compile, not a data-dependent branch
-                if torch.compiler.is_compiling():
-                    cos, sin = rope_cos_sin(torch.arange(seq_len, device=q.device), self.inv_freq)
-                else:
-                    self._grow(seq_len)
-                    cos, sin = self.cos_cached[:seq_len], self.sin_cached[:seq_len]
-            else:
-                cos, sin = self.cos_cached[:seq_len], self.sin_cached[:seq_len]  # (T, Dh/2)
+            cos, sin = self._first_rows(seq_len, q.device)  # (T, Dh/2)
         else:
             if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != seq_len:
                 raise ValueError(
