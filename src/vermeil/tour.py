@@ -94,7 +94,7 @@ def main() -> None:
     block = TransformerBlock(D, H, kv_heads=2, rotary=RotaryEmbedding(D // H))
     _show("TransformerBlock (Llama)", block, lambda: block(x))
     parallel = ParallelTransformerBlock(D, dim_head=32, heads=H)
-    _show("ParallelTransformerBlock", parallel, lambda: parallel(x), "the Zeta/PaLM API of seed 002")
+    _show("ParallelTransformerBlock", parallel, lambda: parallel(x), "the Zeta/PaLM block API")
     lora_block = TransformerBlock(D, H, rotary=RotaryEmbedding(D // H))
     apply_lora(lora_block, ["wq", "wv"], rank=8, alpha=16)
     trainable = mark_only_lora_as_trainable(lora_block)

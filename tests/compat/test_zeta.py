@@ -1,4 +1,4 @@
-"""Tests for vermeil/compat/zeta.py: seed 002's `TransformerBlock` examples run unchanged through vermeil."""
+"""Tests for vermeil/compat/zeta.py: zeta's `TransformerBlock` usage examples run unchanged through vermeil."""
 
 from __future__ import annotations
 
@@ -113,10 +113,19 @@ def test_stacked_with_caller_residual() -> None:
     """PaLM's model adds the residual itself: `x = block(x) + x` keeps working."""
     torch.manual_seed(0)
     blocks = nn.ModuleList(TransformerBlock(dim=64, dim_head=16, heads=4) for _ in range(2))
-    x = torch.randn(B, T, 64)
+    x0 = torch.randn(B, T, 64)
+    x = x0
     for block in blocks:
         x = block(x) + x
     assert torch.isfinite(x).all()
+    # the same stack as vermeil.nn blocks that add the residual themselves
+    y = x0
+    for block in blocks:
+        nn_block = ParallelTransformerBlock(dim=64, dim_head=16, heads=4)
+        nn_block.load_state_dict(block.state_dict())
+        y = nn_block(y)
+    assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(x, x0, atol=1e-2)  # the blocks did change the stream
 
 
 def test_convert_palm_state_dict() -> None:

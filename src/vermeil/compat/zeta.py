@@ -1,11 +1,12 @@
-"""Zeta compatibility: `TransformerBlock` with the exact API of zeta's block (seed 002), working.
+"""Zeta compatibility: `TransformerBlock` with the exact API of zeta's block, working.
 
     from vermeil.compat.zeta import TransformerBlock
     block = TransformerBlock(dim=512, heads=8)
     output = block(input_data)          # (B, T, 512) -> (B, T, 512): attn + ff, no residual (see below)
 
 zetascale's own `zeta.structs.transformer_block.TransformerBlock` (2.8.8) cannot be constructed
-(shared/REFERENCES.md §b.8); this is `vermeil.nn.blocks.ParallelTransformerBlock` under zeta's name.
+(it passes `use_flash_attn` to a full `Attention`, swaps its xPos helper's arguments and drops `qk_scale`);
+this is `vermeil.nn.blocks.ParallelTransformerBlock` under zeta's name.
 
 Axis legend: B batch, T length, D model dim.
 """
@@ -23,16 +24,16 @@ __all__ = ["TransformerBlock", "convert_palm_state_dict"]
 
 
 class TransformerBlock(ParallelTransformerBlock):
-    """Zeta's `TransformerBlock`: PaLM's parallel attention + SwiGLU block with the seed 002 signature.
+    """Zeta's `TransformerBlock`: PaLM's parallel attention + SwiGLU block with zeta's signature.
 
     Same arguments and computation as `vermeil.nn.blocks.ParallelTransformerBlock`, with one different
     default: `residual=False`. zeta's block is a line-for-line copy of PaLM-rlhf-pytorch's
     `ParallelTransformerBlock`, which returns `attn + ff` and leaves the residual to a `Residual` wrapper in
     the model; code written against zeta therefore adds `x` itself (`x = block(x) + x`), and returning the
-    residual here would count `x` twice. The seed's "output = transformer_block(input_data)" is this
+    residual here would count `x` twice. The usage "output = transformer_block(input_data)" is this
     contract. Pass `residual=True` to get `x + attn + ff` (the default of the vermeil.nn block).
 
-    `finetune_modules=(lora_q, lora_k, lora_v, lora_o)` may be given to the constructor (as the seed's
+    `finetune_modules=(lora_q, lora_k, lora_v, lora_o)` may be given to the constructor (as a
     fine-tuning example does; they are registered as submodules) or to `forward`. Shapes: lora_q D -> H*Dh,
     lora_k and lora_v D -> Dh (one shared key/value head), lora_o H*Dh -> D; e.g.
     `vermeil.nn.lora.LoRA(512, 8 * 64)` or a bias-free `nn.Linear`.

@@ -703,7 +703,7 @@ def _check_positive(name: str, value: int) -> None:
 
 
 class SelfAttention(Attention):
-    """`Attention` without context: the same arguments except `context_dim` (seed 000's name)."""
+    """`Attention` without context: the same arguments except `context_dim` (the name torchtune and x-transformers use)."""
 
     def __init__(
         self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, **kwargs: Any

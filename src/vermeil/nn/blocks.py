@@ -1,5 +1,5 @@
 """Transformer blocks: the pre-norm `TransformerBlock` (Llama layout, optional cross-attention) and PaLM's
-`ParallelTransformerBlock` (the Zeta `TransformerBlock` API of seed 002, made to work).
+`ParallelTransformerBlock` (the API of zetascale's `TransformerBlock`, made to work).
 
 Axis legend: B batch, T query length, S key (context) length, D model dim, Dc context dim, H heads,
 Hkv kv heads, Dh head dim, F feed-forward hidden dim.
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vermeil.nn.attention import Attention, attention
 from vermeil.nn.feedforward import FeedForward, GeGLU, SwiGLU, llama_hidden_dim
+from vermeil.nn.masks import padding_mask
 from vermeil.nn.norms import LayerNorm, RMSNorm
 from vermeil.nn.positional import apply_rotary, rope_cos_sin, rope_inv_freq, xpos_scale
 
@@ -42,7 +43,7 @@ def _check_prob(name: str, value: float) -> None:
 class ValueFirstSwiGLU(nn.Module):
     """PaLM's parameter-free SwiGLU: `x, gate = x.chunk(2, -1); silu(gate) * x` (value half first).
 
-    x: (..., 2F) -> (..., F). Meta/HF order is the opposite (gate first); see REFERENCES.md §b.10.
+    x: (..., 2F) -> (..., F). Meta/HF order is the opposite (gate first): PaLM-rlhf-pytorch `SwiGLU` vs transformers `LlamaMLP`.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,12 +52,12 @@ class ValueFirstSwiGLU(nn.Module):
 
 
 class ParallelTransformerBlock(nn.Module):
-    """PaLM's parallel attention + feed-forward block, with exactly the Zeta `TransformerBlock` API (seed 002).
+    """PaLM's parallel attention + feed-forward block, with exactly zetascale's `TransformerBlock` API.
 
     The published zetascale block (zeta 2.8.8, `zeta/structs/transformer_block.py`, a copy of
     PaLM-rlhf-pytorch's `ParallelTransformerBlock`) cannot even be constructed: it passes `use_flash_attn` to
     a full `Attention` module (TypeError), calls its xPos helper with the arguments in the wrong order and
-    drops `qk_scale` (shared/REFERENCES.md §b.8). This is the first working, tested implementation of that
+    drops `qk_scale`. This is the first working, tested implementation of that
     API; tests/nn/test_blocks.py checks it against an independent transcription of PaLM's block.
 
     Computation (PaLM semantics):
@@ -76,8 +77,8 @@ class ParallelTransformerBlock(nn.Module):
     `rotary_emb.inv_freq`/`rotary_emb.scale` are recomputed here (drop them); LoRA weights under
     `finetune_modules.<0..3>`.
 
-    Rotary/xPos cos, sin and scale tables and the causal mask are float32 / bool non-persistent buffers, grown
-    on demand in eager mode; under `torch.compile` a longer input computes its tables without caching them.
+    Rotary/xPos cos, sin and scale tables are float32 non-persistent buffers (from `vermeil.nn.positional`'s
+    functions), grown on demand in eager mode; under `torch.compile` a longer input computes its tables without caching them.
     The xPos power is centred at the table's middle row as in PaLM; the centre cancels in q . k, so scores
     depend only on i - j. Keep the tables float32 (cast the block with `.to(dtype)` before the first
     forward, or call `reset_parameters()` after, if you cast it to a low-precision dtype).
@@ -104,7 +105,6 @@ class ParallelTransformerBlock(nn.Module):
     pos_cos: Tensor
     pos_sin: Tensor
     pos_scale: Tensor
-    causal_mask: Tensor
 
     def __init__(
         self,
@@ -186,7 +186,6 @@ class ParallelTransformerBlock(nn.Module):
         self.register_buffer("pos_cos", cos, persistent=False)  # (rows, Dh/2) float32
         self.register_buffer("pos_sin", sin, persistent=False)  # (rows, Dh/2) float32
         self.register_buffer("pos_scale", scale, persistent=False)  # (rows, Dh) float32 xPos scale for q
-        self.register_buffer("causal_mask", self._causal(0, device), persistent=False)  # (rows, rows) bool
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- parameters
@@ -205,7 +204,6 @@ class ParallelTransformerBlock(nn.Module):
             self.pos_cos.copy_(cos)
             self.pos_sin.copy_(sin)
             self.pos_scale.copy_(scale)
-            self.causal_mask.copy_(self._causal(self.causal_mask.shape[0], self.causal_mask.device))
 
     @staticmethod
     def _check_finetune(mods: FinetuneModules) -> tuple:
@@ -234,10 +232,6 @@ class ParallelTransformerBlock(nn.Module):
             scale = torch.ones(rows, self.dim_head, device=device)
         return cos, sin, scale
 
-    @staticmethod
-    def _causal(rows: int, device: torch.device | str | None) -> Tensor:
-        return torch.ones(rows, rows, dtype=torch.bool, device=device).tril()  # True = may attend
-
     def _rotary(self, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if n > self.pos_cos.shape[0]:  # static shape check, not a data-dependent branch
             if torch.compiler.is_compiling():
@@ -246,30 +240,17 @@ class ParallelTransformerBlock(nn.Module):
             self.pos_cos, self.pos_sin, self.pos_scale = self._tables(n, device)
         return self.pos_cos[:n], self.pos_sin[:n], self.pos_scale[:n]
 
-    def _causal_table(self, n: int, device: torch.device) -> Tensor:
-        if n > self.causal_mask.shape[0]:
-            if torch.compiler.is_compiling():
-                return self._causal(n, device)
-            self.causal_mask = self._causal(n, device)
-        return self.causal_mask[:n, :n]
-
     # -------------------------------------------------------------------------------------------- forward
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q: (B, H, T, Dh), k/v: (B, 1, T, Dh), mask: (B, T) keep-mask or None -> (B, H, T, Dh)."""
-        causal = self.causal
-        if mask is not None:
-            # One boolean mask: SDPA rejects attn_mask together with is_causal (PaLM's flash path did both).
-            mask = mask[:, None, None, :]  # (B, 1, 1, S)
-            if causal:
-                mask = mask & self._causal_table(q.shape[-2], q.device)  # (B, 1, T, S)
-                causal = False
+        # `attention` combines the padding mask with causality itself (SDPA's is_causal where it can).
         return attention(
             q,
             k,
             v,
-            mask,
-            causal=causal,  # without a padding mask: SDPA's is_causal, no mask tensor at all
+            None if mask is None else padding_mask(mask),  # (B, 1, 1, S)
+            causal=self.causal,
             scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
             backend="flash" if self.flash_attn else "sdpa",
@@ -351,7 +332,7 @@ class TransformerBlock(nn.Module):
         y = h + dropout(feed_forward(ffn_norm(h)))
 
     Submodule names are Meta's (`attention_norm`, `attention.wq/wk/wv/wo`, `ffn_norm`,
-    `feed_forward.w1/w3/w2`); transformers' Llama names map one to one (REFERENCES.md §b.3):
+    `feed_forward.w1/w3/w2`); transformers' Llama names map one to one (transformers `convert_llama_weights_to_hf.py`):
     `input_layernorm` -> `attention_norm`, `self_attn.{q,k,v,o}_proj` -> `attention.{wq,wk,wv,wo}`,
     `post_attention_layernorm` -> `ffn_norm`, `mlp.{gate,up,down}_proj` -> `feed_forward.{w1,w3,w2}`
     (half-split rotary there, so no q/k permutation). tests/nn/test_blocks.py checks a Llama-configured block
