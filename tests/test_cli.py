@@ -211,7 +211,7 @@ def test_compare_prints_runs_side_by_side(trained_run: Path, capsys: pytest.Capt
 
 def test_convert_to_transformers_matches_logits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     transformers = pytest.importorskip("transformers")
-    from vermeil.cli import _load_trained
+    from vermeil.recipes import load_trained
 
     cfg = _write(
         tmp_path / "llama.yaml",
@@ -234,14 +234,14 @@ def test_convert_to_transformers_matches_logits(tmp_path: Path, capsys: pytest.C
     code, out, _ = _run(capsys, "convert", str(tmp_path / "run"), str(tmp_path / "hf"))
     assert code == 0 and "LlamaForCausalLM" in out
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    _, ours, _ = _load_trained(tmp_path / "run")
+    _, ours, _ = load_trained(tmp_path / "run")
     tokens = torch.randint(0, 256, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits.float(), ours(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_sample_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("vermeil.diffusion.flow_job")
+    pytest.importorskip("vermeil.recipes.flow")
     pytest.importorskip("matplotlib")
     cfg = _write(
         tmp_path / "flux.yaml",
@@ -306,14 +306,13 @@ def _tiny_llama(transformers, vocab_size: int = 259, **extra: object) -> torch.n
 
 
 def _check_converted_run(run_dir: Path, reference: torch.nn.Module, family: str, vocab: int) -> None:
-    from vermeil.cli import _load_trained
-    from vermeil.recipes import load_run_config
+    from vermeil.recipes import load_run_config, load_trained
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["family"] == family and saved["data"]["task"] == "text"
     assert load_run_config(run_dir / "config.yaml").model.vocab_size == vocab  # it validates as a run config
     assert latest_checkpoint(run_dir).name == "step_000000"
-    run, ours, _ = _load_trained(run_dir)  # built from config.yaml, weights from the checkpoint, as generate
+    run, ours, _ = load_trained(run_dir)  # built from config.yaml, weights from the checkpoint, as generate
     assert run.family == family
     tokens = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -431,7 +430,7 @@ def test_convert_from_transformers_mamba(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_convert_from_diffusers_flux(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     diffusers = pytest.importorskip("diffusers")
-    from vermeil.cli import _load_trained
+    from vermeil.recipes import load_trained
 
     torch.manual_seed(0)
     flux = diffusers.FluxTransformer2DModel(
@@ -458,7 +457,7 @@ def test_convert_from_diffusers_flux(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0 and "flux run from FluxTransformer2DModel" in out
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["family"] == "flux" and saved["model"]["in_channels"] == 5
-    run, ours, _ = _load_trained(run_dir)
+    run, ours, _ = load_trained(run_dir)
     assert run.model.out_channels == 3 and run.model.context_in_dim == 7 and run.model.vec_in_dim == 6
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 9, 5, generator=g)

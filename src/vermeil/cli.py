@@ -18,10 +18,9 @@ folder without a checkpoint) print one line, `vermeil <command>: error: ...`, on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,36 +45,6 @@ def _split_config_and_overrides(config: str | None, overrides: Sequence[str]) ->
     return config, list(overrides)
 
 
-def _run_config_of(run_dir: Path, overrides: Sequence[str] = ()) -> Any:
-    """The resolved config of a run folder: its config.yaml, else the copy inside its newest checkpoint."""
-    from vermeil.checkpoint import load_torch
-    from vermeil.config import apply_overrides, load_yaml
-    from vermeil.recipes import run_config_from_dict
-    from vermeil.train import latest_checkpoint
-
-    if not run_dir.is_dir():
-        raise CommandError(f"run folder {os.fspath(run_dir)} does not exist")
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        data = load_yaml(path)
-    else:
-        folder = latest_checkpoint(run_dir)
-        data = load_torch(folder / "state.pt")["config"]
-    return run_config_from_dict(apply_overrides(data, overrides))
-
-
-def _load_trained(run_dir: Path) -> tuple[Any, Any, Path]:
-    """(run config, model with the newest checkpoint's weights in eval mode, checkpoint folder)."""
-    from vermeil.recipes import build_model
-    from vermeil.train import latest_checkpoint, load_model_weights
-
-    latest_checkpoint(run_dir)  # a clear error before building anything
-    run = _run_config_of(run_dir)
-    model = build_model(run)
-    folder = load_model_weights(model, run_dir)
-    return run, model.eval(), folder
-
-
 def _human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1000:
@@ -97,8 +66,9 @@ def _bytes(n: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vermeil.recipes import build_run, load_run_config
-    from vermeil.train import Trainer, keep_freed_memory, latest_checkpoint, list_checkpoints
+    from vermeil.recipes import build_run, load_run_config, read_run_dir_config
+    from vermeil.runs import clear_run, latest_checkpoint, list_checkpoints
+    from vermeil.train import Trainer, keep_freed_memory
 
     if not args.default_malloc:
         keep_freed_memory()  # big tensors are not page-faulted in again every step (vermeil.train.allocator)
@@ -112,7 +82,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         latest_checkpoint(run_dir)  # the folder must hold a checkpoint
         if args.out is not None and Path(args.out) != run_dir:
             raise CommandError("--out cannot be combined with --resume (a run resumes in its own folder)")
-        run = load_run_config(config, overrides) if config is not None else _run_config_of(run_dir, overrides)
+        run = (
+            load_run_config(config, overrides)
+            if config is not None
+            else read_run_dir_config(run_dir, overrides)
+        )
     else:
         if config is None:
             raise CommandError("a CONFIG file is required (or --resume RUN_DIR)")
@@ -124,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "or pass --out NEW_DIR, or --overwrite to start over there"
             )
         if args.overwrite and main_rank:
-            _clear_run(run_dir)
+            clear_run(run_dir)
     run.train.out_dir = os.fspath(run_dir)
     built = build_run(run)
     n_params = sum(p.numel() for p in built.model.parameters())
@@ -161,28 +135,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clear_run(run_dir: Path) -> None:
-    import shutil
-
-    from vermeil.train.trainer import CHECKPOINTS_DIR
-
-    for name in (CHECKPOINTS_DIR,):
-        if (run_dir / name).is_dir():
-            shutil.rmtree(run_dir / name)
-    for name in ("metrics.jsonl", "loss.png", "config.yaml"):
-        (run_dir / name).unlink(missing_ok=True)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from vermeil.data import ByteTokenizer
     from vermeil.generation import generate
-    from vermeil.recipes import model_vocab_size
+    from vermeil.recipes import load_trained, model_vocab_size
 
     if not args.prompt:
         raise CommandError("--prompt must not be empty")
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    run, model, _ = _load_trained(Path(args.run_dir))
+    run, model, _ = load_trained(Path(args.run_dir))
     if run.data.task != "text":
         raise CommandError(
             f"{args.run_dir} was trained on data.task={run.data.task!r}; generate needs a text run (data.task=text)"
@@ -205,9 +167,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from vermeil.recipes import sample_run
+    from vermeil.recipes import load_trained, sample_run
 
-    run, model, _ = _load_trained(Path(args.run_dir))
+    run, model, _ = load_trained(Path(args.run_dir))
     if run.family != "flux":
         raise CommandError(f"{args.run_dir} is a {run.family!r} run; sample needs a flux run (use generate)")
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
@@ -238,12 +200,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vermeil.recipes import describe_model
+    from vermeil.recipes import describe_model, read_run_dir_config
     from vermeil.train import read_metrics
 
     rows = []
     for run_dir in map(Path, args.run_dirs):
-        run = _run_config_of(run_dir)
+        run = read_run_dir_config(run_dir)
         metrics = read_metrics(run_dir / "metrics.jsonl")
         if not metrics:
             raise CommandError(f"{os.fspath(run_dir)} has no metrics.jsonl rows: train it first")
@@ -294,11 +256,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# transformers class (config.json "architectures") -> run family; diffusers class (config.json "_class_name")
-_FROM_TRANSFORMERS = {"LlamaForCausalLM": "llm", "Llama4ForCausalLM": "llm", "MambaForCausalLM": "mamba"}
-_FROM_DIFFUSERS = {"FluxTransformer2DModel": "flux"}
-
-
 def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse to write into a folder that already holds files, unless --overwrite."""
     if out.exists() and not out.is_dir():
@@ -307,123 +264,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise CommandError(
             f"{os.fspath(out)} already exists and is not empty (pass --overwrite to write there)"
         )
-
-
-def _folder_class(src: Path, key: str, library: str) -> str:
-    """The class a save_pretrained folder names in its config.json (`architectures[0]` or `_class_name`)."""
-    import json
-
-    if not src.is_dir():
-        raise CommandError(f"{library} folder {os.fspath(src)} does not exist")
-    config = src / "config.json"
-    if not config.is_file():
-        raise CommandError(f"{os.fspath(src)} has no config.json: not a {library} save_pretrained folder")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CommandError(f"{os.fspath(config)} is not valid JSON: {e}") from None
-    value = data.get(key) if isinstance(data, dict) else None
-    name = value[0] if isinstance(value, list) and value else value
-    return name if isinstance(name, str) else "<none>"
-
-
-def _import_optional(name: str) -> Any:
-    try:
-        return __import__(name)
-    except ImportError:
-        raise CommandError(f"this conversion needs {name}: pip install {name}") from None
-
-
-@contextlib.contextmanager
-def _quiet(library: Any) -> Iterator[None]:
-    """Silence a transformers/diffusers library's progress bars and warnings while loading (restored after), so
-    that the command prints its own lines only and an error stays one line."""
-    log = getattr(getattr(library, "utils", None), "logging", None)
-    if log is None or not hasattr(log, "disable_progress_bar"):
-        yield
-        return
-    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
-    log.disable_progress_bar()
-    log.set_verbosity_error()
-    try:
-        yield
-    finally:
-        log.set_verbosity(verbosity)
-        if bars:
-            log.enable_progress_bar()
-
-
-def _load_foreign(kind: str, src: Path) -> tuple[str, Any, Any]:
-    """(run family, the foreign model in eval mode, its Vermeil conversion) for a transformers/diffusers folder.
-
-    Loads offline (`local_files_only=True`): nothing is downloaded.
-    """
-    if kind == "transformers":
-        from vermeil.interop import from_transformers
-
-        cls_name = _folder_class(src, "architectures", "transformers")
-        if cls_name not in _FROM_TRANSFORMERS:
-            raise CommandError(
-                f"{os.fspath(src)} holds a {cls_name}; supported transformers classes: {sorted(_FROM_TRANSFORMERS)}"
-            )
-        transformers = _import_optional("transformers")
-        cls = getattr(transformers, cls_name, None)
-        if cls is None:
-            raise CommandError(f"this transformers ({transformers.__version__}) has no {cls_name}")
-        with _quiet(transformers):
-            foreign = cls.from_pretrained(src, local_files_only=True).eval()
-        return _FROM_TRANSFORMERS[cls_name], foreign, from_transformers(foreign).eval()
-    from vermeil.interop import from_diffusers
-
-    cls_name = _folder_class(src, "_class_name", "diffusers")
-    if cls_name not in _FROM_DIFFUSERS:
-        raise CommandError(
-            f"{os.fspath(src)} holds a {cls_name}; supported diffusers classes: {sorted(_FROM_DIFFUSERS)}"
-        )
-    diffusers = _import_optional("diffusers")
-    with _quiet(diffusers):
-        foreign = getattr(diffusers, cls_name).from_pretrained(src, local_files_only=True).eval()
-    return _FROM_DIFFUSERS[cls_name], foreign, from_diffusers(foreign).eval()
-
-
-def _model_config(family: str, model: Any) -> Any:
-    """The config dataclass a converted model was built from (`LLM.args`, `MambaLM.config`, `Flux.params`)."""
-    attr = {"llm": "args", "mamba": "config", "flux": "params"}[family]
-    return getattr(model, attr)
-
-
-def foreign_run_config(family: str, model: Any, name: str | None = None) -> Any:
-    """The resolved `RunConfig` of a converted model, validated by a round trip through `run_config_from_dict`.
-
-    Language models get `data.task=text` (byte tokens: what `vermeil generate` feeds them); flux gets
-    `data.task=flow` (job "points" for a model with 2 channels everywhere, else "curves"); its channels stay the
-    model's, so `vermeil sample` only works for a model of the flow job's shape.
-    """
-    from vermeil.recipes import FlowData, RunConfig, TextData, run_config_from_dict
-    from vermeil.train import TrainConfig
-
-    data: Any = TextData()
-    if family == "flux":
-        p = _model_config(family, model)
-        io = (p.context_in_dim, p.vec_in_dim, p.in_channels, p.out_channels)
-        # the flow job whose channels fit the model, so `vermeil sample` runs; any other model keeps "curves"
-        data = FlowData(job="points") if io == (2, 2, 2, 2) else FlowData()
-    run = RunConfig(family, _model_config(family, model), data, TrainConfig(), name)
-    return run_config_from_dict(run.to_dict())
-
-
-def write_run(run: Any, model: Any, run_dir: Path) -> Path:
-    """Write `model` as step 0 of a run folder, as the trainer writes it (config.yaml, checkpoints/step_000000/
-    model.safetensors and state.pt, checkpoints/latest), so that `generate`, `sample` and `train --resume`
-    (fine-tuning) read it. Returns the checkpoint folder."""
-    from vermeil.config import save_yaml
-    from vermeil.train import Trainer
-
-    run.train.out_dir = os.fspath(run_dir)
-    trainer = Trainer(model, iter(()), config=run.train, run_config=run.to_dict(), out_dir=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(trainer.run_config, run_dir / "config.yaml")
-    return trainer.save_checkpoint()
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -439,20 +279,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dest = args.out or args.dest
     if dest is None:
         raise CommandError("an output folder is required: --out DIR")
+    from vermeil.recipes import foreign_run_config, load_foreign, load_trained
+    from vermeil.recipes.convert import import_optional, quiet
+    from vermeil.runs import clear_run, write_run
+
     out, src = Path(dest), Path(args.source)
     if args.from_ is None:  # Vermeil run -> transformers or diffusers
         if not src.is_dir():
             raise CommandError(f"run folder {os.fspath(src)} does not exist")
         _check_output(out, args.overwrite)
-        run, model, _ = _load_trained(src)
+        run, model, _ = load_trained(src)
         target = args.to or ("diffusers" if run.family == "flux" else "transformers")
         families = ("llm", "mamba") if target == "transformers" else ("flux",)
         if run.family not in families:
             raise CommandError(
                 f"{os.fspath(src)} is a {run.family!r} run; --to {target} needs a {' or '.join(families)} run"
             )
-        library = _import_optional(target)
-        with _quiet(library):
+        library = import_optional(target)
+        with quiet(library):
             if target == "transformers":
                 from vermeil.interop import to_transformers
 
@@ -467,11 +311,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if src.resolve() == out.resolve():
         raise CommandError("--out must differ from the source folder")
     _check_output(out, args.overwrite)
-    family, foreign, model = _load_foreign(args.from_, src)
+    family, foreign, model = load_foreign(args.from_, src)
     run = foreign_run_config(family, model, name=out.name or None)
+    run.train.out_dir = os.fspath(out)
     if args.overwrite:
-        _clear_run(out)
-    folder = write_run(run, model, out)
+        clear_run(out)
+    folder = write_run(run.to_dict(), model, out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {os.fspath(out)} ({family} run from {type(foreign).__name__}, {n_params:,} parameters)")
     hint = "generate {} --prompt TEXT" if family != "flux" else "sample {}"

@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "apply_overrides",
+    "did_you_mean",
     "from_dict",
     "load_config",
     "load_yaml",
@@ -67,8 +68,11 @@ def _type_name(tp: Any) -> str:
     return repr(tp).replace("typing.", "")
 
 
-def _did_you_mean(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+def did_you_mean(name: object, choices: Sequence[str], *, cutoff: float = 0.6) -> str:
+    """` (did you mean 'heads'?)` for the choice closest to `name` (difflib ratio >= cutoff), else ""."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -109,9 +113,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         where = f" in {path}" if path else ""
         if len(unknown) == 1:
             key = unknown[0]
-            head = f"unknown config key {key!r}{where}{_did_you_mean(str(key), allowed)}"
+            head = f"unknown config key {key!r}{where}{did_you_mean(str(key), allowed)}"
         else:
-            parts = ", ".join(f"{k!r}{_did_you_mean(str(k), allowed)}" for k in unknown)
+            parts = ", ".join(f"{k!r}{did_you_mean(str(k), allowed)}" for k in unknown)
             head = f"unknown config keys{where}: {parts}"
         raise ConfigError(f"{head}; allowed: {allowed}")
 
@@ -441,7 +445,7 @@ def pick_preset(presets: Mapping[str, T], name: str, *, what: str = "preset") ->
     """
     if not isinstance(name, str) or name not in presets:
         names = sorted(presets)
-        hint = _did_you_mean(name, names) if isinstance(name, str) else ""
+        hint = did_you_mean(name, names)
         raise ConfigError(f"unknown {what} {name!r}{hint}; available: {names}")
     return copy.deepcopy(presets[name])
 

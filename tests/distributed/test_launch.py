@@ -21,9 +21,9 @@ import pytest
 
 from vermeil.cli import main as vermeil_main
 from vermeil.config import ConfigError
+from vermeil.distributed.config import DistributedConfig
 from vermeil.recipes import build_run, load_run_config, run_config_from_dict
 from vermeil.train import Trainer
-from vermeil.train.trainer import DistributedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "llm-tiny.yaml"

@@ -35,6 +35,7 @@ from vermeil.models.flux import Flux, FluxParams
 from vermeil.models.hybrid import HybridConfig, HybridModel
 from vermeil.models.llm import LLM, ModelArgs, MoEArgs
 from vermeil.models.mamba import MambaConfig, MambaLM
+from vermeil.train.losses import head_loss, loss_head
 from vermeil.train.trainer import DistributedConfig
 
 WORLD = 2
@@ -149,7 +150,7 @@ def _full(t: Tensor) -> Tensor:
 def _lm_loss(model: nn.Module, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, logits): the hybrid's own loss head, else cross-entropy (+ the LLM's MoE aux loss)."""
     if isinstance(model, HybridModel):
-        return model.loss(tokens, targets), model(tokens)
+        return head_loss(model, loss_head(model.config), tokens, targets), model(tokens)
     out = model(tokens)
     logits, aux = (out, 0.0) if isinstance(out, Tensor) else (out.logits, out.aux_loss)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())

@@ -1,6 +1,7 @@
 """Tests for vermeil/models/hybrid.py: the VIO hybrid. Config and YAML errors, layer kinds per routing, the merge
 formulas, cache (prefill + steps) == full forward for both routings and every merge, the seed's YAML files
-(build, train, save, load, generate), optimizer groups, loss heads, presets on meta.
+(build, train, save, load, generate), weight-decay groups of the model's parameters, presets on meta. The loss
+heads the config names are tested in tests/train/test_losses.py.
 
 Shapes: B batch, T length, V vocabulary, D model dim.
 """
@@ -21,15 +22,8 @@ from vermeil.checkpoint import load_weights, save_weights
 from vermeil.config import ConfigError
 from vermeil.generation import generate
 from vermeil.models import hybrid as hybrid_module
-from vermeil.models.hybrid import (
-    LOSS_HEADS,
-    PRESETS,
-    CrossEntropyLoss,
-    HybridConfig,
-    HybridModel,
-    build,
-    register_loss_head,
-)
+from vermeil.models.hybrid import PRESETS, HybridConfig, HybridModel, build
+from vermeil.train import head_loss, loss_head, param_groups
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -91,7 +85,7 @@ def test_layer_kinds_follow_routing() -> None:
         (dict(heads=4, kv_heads=3), "heads=4 must be divisible by kv_heads=3"),
         (dict(dim=30, heads=4), "dim=30 must be divisible by heads=4"),
         (dict(dim=36, heads=4), "head_dim=9 must be even with rotary=True"),
-        (dict(loss_head="focal"), "loss_head='focal' must be one of"),
+        (dict(loss_head=""), "loss_head='' must be a loss head's name"),
         (dict(dim=0), "dim=0"),
         (dict(z_loss=-1.0), "z_loss=-1.0"),
         (dict(compile_scan="yes"), "compile_scan='yes' must be true or false"),
@@ -276,12 +270,13 @@ def test_cache_input_checks() -> None:
 def test_yaml_model_trains_saves_loads_generates(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = HybridModel.from_yaml(CONFIGS / name).train()
-    groups = model.optimizer_groups(weight_decay=0.1)
+    groups = param_groups(model, weight_decay=0.1)
     opt = torch.optim.AdamW(groups, lr=3e-3)  # the groups go in as they are (param_names included)
+    head = loss_head(model.config)  # the config's loss head (cross_entropy)
     batch = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     losses = []
     for _ in range(4):
-        loss = model.loss(batch)  # next-token loss on the fixed batch
+        loss = head_loss(model, head, batch)  # next-token loss on the fixed batch
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -301,12 +296,12 @@ def test_yaml_model_trains_saves_loads_generates(name: str, tmp_path: Path) -> N
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hooks: optimizer groups and loss heads
+# Weight decay: the model's parameters under training's one rule
 
 
 def test_optimizer_groups() -> None:
     model = tiny(routing="parallel", merge="gate", feed_forward="mlp")
-    decay, no_decay = model.optimizer_groups(0.1)
+    decay, no_decay = param_groups(model, 0.1, no_decay_embeddings=False)
     d, nd = set(decay["param_names"]), set(no_decay["param_names"])
     assert {
         "layers.1.mamba.A_log",
@@ -324,52 +319,8 @@ def test_optimizer_groups() -> None:
     assert {"layers.0.mamba.in_proj.weight", "embedding.weight"} <= d
     assert not d & nd and len(d) + len(nd) == len(list(model.parameters()))
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
-    no_emb = tiny(decay_embeddings=False).optimizer_groups(0.1)
+    no_emb = param_groups(tiny(), 0.1, no_decay_embeddings=True)
     assert "embedding.weight" in no_emb[1]["param_names"]
-
-
-def test_cross_entropy_head_ignore_index_and_z_loss() -> None:
-    logits = torch.randn(2, 5, 11)
-    targets = torch.randint(0, 11, (2, 5))
-    targets[0, 1] = -100
-    ce = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
-    assert_close(CrossEntropyLoss()(logits, targets), ce)
-    keep = targets.reshape(-1) != -100
-    z = torch.logsumexp(logits.reshape(-1, 11), -1)[keep].square().mean()
-    assert_close(CrossEntropyLoss(z_loss=1e-2)(logits, targets), ce + 1e-2 * z)
-
-
-def test_loss_head_is_pluggable() -> None:
-    x = tokens()
-    model = tiny()
-    targets = torch.roll(x, -1, 1)
-    expected = F.cross_entropy(model(x).reshape(-1, 101), targets.reshape(-1))
-    assert_close(model.loss(x, targets), expected)
-    assert_close(model.loss(x), F.cross_entropy(model(x)[:, :-1].reshape(-1, 101), x[:, 1:].reshape(-1)))
-
-    calls = []
-
-    def mean_logit(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        calls.append(targets.shape)
-        return logits.mean()
-
-    custom = tiny(loss_head="cross_entropy")
-    custom.loss_head = mean_logit
-    assert_close(custom.loss(x, targets), custom(x).mean())
-    passed = HybridModel(HybridConfig(**PRESETS["debug"]), loss_head=mean_logit)
-    assert_close(passed.loss(x, targets), passed(x).mean())
-    assert calls == [(2, 7), (2, 7)]
-
-    register_loss_head("mean_logit_test", lambda cfg: mean_logit)
-    try:
-        by_name = build("debug", loss_head="mean_logit_test")
-        assert_close(by_name.loss(x, targets), by_name(x).mean())
-    finally:
-        LOSS_HEADS.pop("mean_logit_test")
-    with pytest.raises(ValueError, match=r"targets.shape=\(2, 6\) must equal tokens.shape=\(2, 7\)"):
-        model.loss(x, targets[:, :6])
-    with pytest.raises(TypeError, match="loss_head must be callable"):
-        HybridModel(HybridConfig(**PRESETS["debug"]), loss_head="cross_entropy")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("routing", ["sequential", "parallel"])

@@ -16,7 +16,8 @@ from torch.testing import assert_close
 
 from vermeil.checkpoint import load_weights, save_weights
 from vermeil.generation import generate
-from vermeil.models.mamba import PRESETS, MambaConfig, MambaLM, build, optimizer_groups
+from vermeil.models.mamba import PRESETS, MambaConfig, MambaLM, build
+from vermeil.train.optim import param_groups
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -240,8 +241,12 @@ def test_save_load_roundtrip(tmp_path, tie: bool) -> None:
 
 
 def test_optimizer_groups_no_decay_on_norms_biases_a_log_d() -> None:
-    model = tiny()
-    decay, no_decay = model.optimizer_groups(0.1)
+    model = tiny()  # training's one rule on the model's parameters (A_log and D carry mamba_ssm's marks)
+    assert (
+        model.backbone.layers[0].mixer.A_log._no_weight_decay
+        and model.backbone.layers[0].mixer.D._no_weight_decay
+    )
+    decay, no_decay = param_groups(model, 0.1, no_decay_embeddings=False)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     nd = set(no_decay["param_names"])
     for i in range(3):
@@ -253,12 +258,12 @@ def test_optimizer_groups_no_decay_on_norms_biases_a_log_d() -> None:
     assert "backbone.embedding.weight" in decay["param_names"]
     n_params = len(list(model.parameters()))
     assert len(decay["params"]) + len(no_decay["params"]) == n_params  # the tied head counted once
-    _, no_decay2 = optimizer_groups(model, 0.1, decay_embeddings=False)
+    _, no_decay2 = param_groups(model, 0.1, no_decay_embeddings=True)
     assert "backbone.embedding.weight" in no_decay2["param_names"]
     opt = torch.optim.AdamW([decay, no_decay], lr=1e-3)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     with pytest.raises(ValueError, match="weight_decay=-1"):
-        model.optimizer_groups(-1)
+        param_groups(model, -1)
 
 
 def test_gradients_reach_every_parameter() -> None:

@@ -19,9 +19,9 @@ from vermeil.recipes import (
     load_run_config,
     run_config_from_dict,
 )
-from vermeil.train import Trainer
+from vermeil.train import Trainer, causal_lm_loss, head_loss, loss_head
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # Tiny overrides per shipped config: same families and tasks, sizes that train in a second.
 COMMON = [
@@ -91,7 +91,7 @@ def _available(family: str) -> bool:
     if importlib.util.find_spec(module) is None:
         return False
     if family == "flux":
-        return importlib.util.find_spec("vermeil.diffusion.flow_job") is not None
+        return importlib.util.find_spec("vermeil.recipes.flow") is not None
     return True
 
 
@@ -219,7 +219,7 @@ def test_eval_metrics_of_text_and_mqar() -> None:
     assert 0.0 <= out["val_accuracy"] <= 1.0 and math.isfinite(out["val_loss"])
 
 
-def test_hybrid_uses_its_loss_hook() -> None:
+def test_hybrid_trains_on_its_configs_loss_head() -> None:
     if not _available("hybrid"):
         pytest.skip("no hybrid model yet")
     run = run_config_from_dict(
@@ -228,4 +228,8 @@ def test_hybrid_uses_its_loss_hook() -> None:
     built = build_run(run)
     batch = next(built.train_batches)
     loss, _ = built.loss_fn(built.model, batch)
-    torch.testing.assert_close(loss, built.model.loss(*batch))
+    head = loss_head(run.model)  # the config's loss_head: cross_entropy
+    torch.testing.assert_close(loss, head_loss(built.model, head, *batch))
+    torch.testing.assert_close(loss, causal_lm_loss(built.model, batch)[0])  # z_loss 0: plain cross-entropy
+    with pytest.raises(ConfigError, match=r"model.loss_head='focal' must be one of \['cross_entropy'\]"):
+        run_config_from_dict({"model": {"family": "hybrid", "preset": "debug", "loss_head": "focal"}})

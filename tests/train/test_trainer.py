@@ -287,10 +287,29 @@ def test_moe_aux_loss_is_added() -> None:
     torch.testing.assert_close(loss, ce + model.lm(x).square().mean() * 0.5)
 
 
-def test_bf16_autocast_trains(tmp_path: Path) -> None:
-    result = _trainer(None, steps=4, bf16=True, eval_every=0).fit()
-    losses = [r["loss"] for r in result.history if r["split"] == "train"]
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+def test_bf16_autocast_tracks_float32(tmp_path: Path) -> None:
+    """bf16=True runs the forward in bfloat16 (the logits come out bf16), and its loss curve stays within 0.02 of
+    the float32 run's at every one of 20 steps (measured: 1e-3; weights and AdamW stay float32), and falls."""
+
+    def run(bf16: bool) -> tuple[list[float], set[torch.dtype]]:
+        dtypes: set[torch.dtype] = set()
+
+        def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            inputs, targets = batch
+            logits = model(inputs)
+            dtypes.add(logits.dtype)
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+        result = _trainer(None, loss_fn=loss_fn, steps=20, lr=2e-2, warmup=3, eval_every=0, bf16=bf16).fit()
+        return [r["loss"] for r in result.history if r["split"] == "train"], dtypes
+
+    low, low_dtypes = run(bf16=True)
+    full, full_dtypes = run(bf16=False)
+    assert low_dtypes == {torch.bfloat16} and full_dtypes == {torch.float32}
+    assert len(low) == len(full) == 20
+    diffs = [abs(a - b) for a, b in zip(low, full)]
+    assert max(diffs) < 0.02, diffs
+    assert sum(low[-3:]) / 3 < sum(low[:3]) / 3 - 0.3, low
 
 
 def test_train_config_is_strict() -> None:

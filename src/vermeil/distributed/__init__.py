@@ -7,49 +7,53 @@ on CUDA) and is a no-op in a single process; `shutdown()` leaves cleanly. `apply
 `vermeil.nn` blocks, the LLM (MoE experts included), the hybrid and Flux, with optional sequence parallelism and
 loss parallelism on the LM head (`vermeil.distributed.tensor_parallel`). `apply_expert_parallel` shards the
 experts of every `MoE` over the ranks (tokens exchanged with an autograd all-to-all). Distributed checkpoints
-(`torch.distributed.checkpoint`) are in `vermeil.distributed.checkpoint`.
+(`torch.distributed.checkpoint`) are in `vermeil.distributed.checkpoint`; the `distributed:` section of a run
+config is `DistributedConfig` (`vermeil.distributed.config`), and what the trainer needs per step is in
+`vermeil.distributed.training`.
+
+Names are imported on first use: reading a run config does not load torch.distributed's FSDP and DTensor
+modules.
 """
 
-from vermeil.distributed.expert import ExpertParallelExperts, apply_expert_parallel, average_gradients
-from vermeil.distributed.parallel import (
-    DEFAULT_BLOCK_NAMES,
-    STRATEGIES,
-    Parallelized,
-    apply_ddp,
-    apply_fsdp2,
-    apply_tensor_parallel,
-    mixed_precision_policy,
-    parallelize,
-    tensor_parallel_plan,
-)
-from vermeil.distributed.runtime import (
-    get_rank,
-    get_world_size,
-    init_distributed,
-    is_distributed,
-    is_main_process,
-    rank_zero_only,
-    shutdown,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_BLOCK_NAMES",
-    "STRATEGIES",
-    "ExpertParallelExperts",
-    "Parallelized",
-    "apply_ddp",
-    "apply_expert_parallel",
-    "apply_fsdp2",
-    "apply_tensor_parallel",
-    "average_gradients",
-    "get_rank",
-    "get_world_size",
-    "init_distributed",
-    "is_distributed",
-    "is_main_process",
-    "mixed_precision_policy",
-    "parallelize",
-    "rank_zero_only",
-    "shutdown",
-    "tensor_parallel_plan",
-]
+from importlib import import_module
+from typing import Any
+
+# name -> the module that defines it
+_NAMES = {
+    "DistributedConfig": "config",
+    "ExpertParallelExperts": "expert",
+    "apply_expert_parallel": "expert",
+    "average_gradients": "expert",
+    "DEFAULT_BLOCK_NAMES": "parallel",
+    "STRATEGIES": "parallel",
+    "Parallelized": "parallel",
+    "apply_ddp": "parallel",
+    "apply_fsdp2": "parallel",
+    "apply_tensor_parallel": "parallel",
+    "mixed_precision_policy": "parallel",
+    "parallelize": "parallel",
+    "tensor_parallel_plan": "parallel",
+    "get_rank": "runtime",
+    "get_world_size": "runtime",
+    "init_distributed": "runtime",
+    "is_distributed": "runtime",
+    "is_main_process": "runtime",
+    "rank_zero_only": "runtime",
+    "shutdown": "runtime",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module 'vermeil.distributed' has no attribute {name!r}")
+    value = getattr(import_module(f"vermeil.distributed.{_NAMES[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES))

@@ -18,10 +18,10 @@ One cache API: `setup_cache(batch_size, max_seq_len)` gives each attention layer
 Mamba layer a conv + SSM state; `forward(tokens, input_pos=...)` reads and writes them; `reset_cache()` clears
 them. `vermeil.generation.generate` works unchanged.
 
-Hooks of seed 001 (Phase 4): a pluggable loss head (`model.loss(tokens, targets)`; by config name from
-`LOSS_HEADS`, or any callable passed in) and `model.optimizer_groups(weight_decay)` (AdamW groups; no decay on
-norms, biases, `A_log`, `D`); no training code is imported. Configs come from YAML through `vermeil.config`
-(`HybridModel.from_yaml(path)`): unknown keys and bad values are named.
+The model returns logits and holds no loss: the config's `loss_head`, `ignore_index` and `z_loss` name the loss
+that training builds (`vermeil.train.losses`), and weight decay is training's rule (`vermeil.train.optim`).
+Configs come from YAML through `vermeil.config` (`HybridModel.from_yaml(path)`): unknown keys and bad values are
+named.
 
 Axis legend: B batch, T sequence length, D model dim, V vocabulary, H heads, Dh head dim.
 """
@@ -30,35 +30,23 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.mamba import _check_input_pos, _check_pos_int, optimizer_groups
+from vermeil.models.checks import check_input_pos, check_positive_int
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
 from vermeil.nn.norms import RMSNorm
 from vermeil.nn.positional import RotaryEmbedding
 from vermeil.nn.ssm import MambaBlock
 
-__all__ = [
-    "LOSS_HEADS",
-    "PRESETS",
-    "CrossEntropyLoss",
-    "HybridConfig",
-    "HybridLayer",
-    "HybridModel",
-    "LossHead",
-    "register_loss_head",
-]
-
-LossHead = Callable[[Tensor, Tensor], Tensor]  # (logits (B, T, V), targets (B, T)) -> scalar loss
+__all__ = ["PRESETS", "HybridConfig", "HybridLayer", "HybridModel", "build"]
 
 _LETTERS = {"M": "Mamba", "A": "attention"}
 _ROUTINGS = ("sequential", "parallel")
@@ -67,58 +55,12 @@ _FEED_FORWARDS = ("none", "swiglu", "mlp")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loss heads
-
-
-class CrossEntropyLoss:
-    """Token cross-entropy in float32 with `ignore_index`, plus an optional z-loss (PaLM, arXiv:2204.02311).
-
-    loss = mean over kept tokens of [CE + z_loss * logsumexp(logits)^2]; the z term keeps the softmax
-    normaliser near 1 (stabilises large-vocabulary training).
-    """
-
-    def __init__(self, ignore_index: int = -100, z_loss: float = 0.0) -> None:
-        if z_loss < 0:
-            raise ValueError(f"z_loss={z_loss} must be >= 0")
-        self.ignore_index, self.z_loss = ignore_index, z_loss
-
-    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """logits: (B, T, V), targets: (B, T) -> scalar."""
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-        tgt = targets.reshape(-1)
-        loss = F.cross_entropy(flat, tgt, ignore_index=self.ignore_index)
-        if self.z_loss:
-            keep = (tgt != self.ignore_index).to(flat.dtype)
-            z = torch.logsumexp(flat, dim=-1)
-            loss = loss + self.z_loss * (z.square() * keep).sum() / keep.sum().clamp(min=1)
-        return loss
-
-    def __repr__(self) -> str:
-        return f"CrossEntropyLoss(ignore_index={self.ignore_index}, z_loss={self.z_loss})"
-
-
-# Loss heads selectable by name in the config: name -> factory(config) -> LossHead.
-LOSS_HEADS: dict[str, Callable[[HybridConfig], LossHead]] = {
-    "cross_entropy": lambda cfg: CrossEntropyLoss(cfg.ignore_index, cfg.z_loss),
-}
-
-
-def register_loss_head(name: str, factory: Callable[[HybridConfig], LossHead]) -> None:
-    """Make `loss_head: <name>` valid in configs; `factory(config)` returns the callable loss head."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"loss head name={name!r} must be a non-empty str")
-    if not callable(factory):
-        raise TypeError(f"factory for loss head {name!r} must be callable, got {type(factory).__name__}")
-    LOSS_HEADS[name] = factory
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
 class HybridConfig:
-    """The VIO hybrid: widths, the layer pattern, routing and merge, branch settings, and training hooks.
+    """The VIO hybrid: widths, the layer pattern, routing and merge, branch settings, and the loss training uses.
 
     Args:
         dim: D, the residual width.
@@ -144,9 +86,8 @@ class HybridConfig:
         tie_embeddings: the LM head shares the embedding matrix.
         max_seq_len: initial rotary table length (grows on demand).
         initializer_range: std of the embedding init.
-        loss_head: a name in `LOSS_HEADS` ("cross_entropy").
-        ignore_index, z_loss: settings of the cross-entropy head.
-        decay_embeddings: weight decay on the embedding table in `optimizer_groups`.
+        loss_head: the loss training builds, by name (`vermeil.train.losses.LOSS_HEADS`: "cross_entropy").
+        ignore_index, z_loss: settings of the cross-entropy head (z_loss: PaLM's logsumexp^2 term).
     """
 
     dim: int = 256
@@ -179,7 +120,6 @@ class HybridConfig:
     loss_head: str = "cross_entropy"
     ignore_index: int = -100
     z_loss: float = 0.0
-    decay_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -192,10 +132,10 @@ class HybridConfig:
             "multiple_of",
             "max_seq_len",
         ):
-            _check_pos_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("n_layers", "dt_rank", "kv_heads", "head_dim", "hidden_dim"):
             if getattr(self, name) is not None:
-                _check_pos_int(name, getattr(self, name))
+                check_positive_int(name, getattr(self, name))
         self._check_pattern()
         for name, value, allowed in (
             ("routing", self.routing, _ROUTINGS),
@@ -224,10 +164,8 @@ class HybridConfig:
             raise ValueError(f"z_loss={self.z_loss} must be >= 0")
         if not isinstance(self.compile_scan, bool):
             raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
-        if self.loss_head not in LOSS_HEADS:
-            raise ValueError(
-                f"loss_head={self.loss_head!r} must be one of {sorted(LOSS_HEADS)} (register_loss_head)"
-            )
+        if not isinstance(self.loss_head, str) or not self.loss_head:
+            raise ValueError(f"loss_head={self.loss_head!r} must be a loss head's name (a non-empty str)")
 
     def _check_pattern(self) -> None:
         p = self.pattern
@@ -426,30 +364,22 @@ class HybridModel(nn.Module):
 
     Args:
         config: the `HybridConfig`.
-        loss_head: a callable `(logits (B, T, V), targets (B, T)) -> loss`; None takes `config.loss_head` from
-            `LOSS_HEADS`.
         device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty()` and
             `init_weights()`).
 
-    `forward(tokens, input_pos=None) -> logits (B, T, V)` float32; `loss(tokens, targets)`;
-    `optimizer_groups(weight_decay)`; the cache API of `vermeil.generation`.
+    `forward(tokens, input_pos=None) -> logits (B, T, V)` float32; the cache API of `vermeil.generation`.
     """
 
     def __init__(
         self,
         config: HybridConfig,
         *,
-        loss_head: LossHead | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
-        if loss_head is not None and not callable(loss_head):
-            raise TypeError(
-                f"loss_head must be callable (logits, targets) -> loss, got {type(loss_head).__name__}"
-            )
         self.config = config
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kinds = config.layer_kinds
@@ -468,7 +398,6 @@ class HybridModel(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False, **factory)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
-        self.loss_head = loss_head if loss_head is not None else LOSS_HEADS[config.loss_head](config)
         self.cache_max_seq_len: int | None = None
         self.cache_batch_size: int | None = None
         self._register_load_state_dict_pre_hook(self._load_hook)
@@ -481,12 +410,11 @@ class HybridModel(nn.Module):
         path: str | os.PathLike[str],
         overrides: Sequence[str] = (),
         *,
-        loss_head: LossHead | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> HybridModel:
         """`HybridModel(HybridConfig.from_yaml(path, overrides))`."""
-        return cls(HybridConfig.from_yaml(path, overrides), loss_head=loss_head, device=device, dtype=dtype)
+        return cls(HybridConfig.from_yaml(path, overrides), device=device, dtype=dtype)
 
     # -- weights -----------------------------------------------------------------------------------------
 
@@ -535,11 +463,6 @@ class HybridModel(nn.Module):
         """Same as `init_weights()` (which also rebuilds the rotary tables)."""
         self.init_weights()
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups: decay on matrices; none on norms, biases, `A_log`, `D` (and on the embedding
-        when `config.decay_embeddings` is False). See `vermeil.models.mamba.optimizer_groups`."""
-        return optimizer_groups(self, weight_decay, decay_embeddings=self.config.decay_embeddings)
-
     def num_params(self) -> int:
         """Parameter count, a tied tensor once."""
         return sum(p.numel() for p in self.parameters())
@@ -555,8 +478,8 @@ class HybridModel(nn.Module):
     ) -> None:
         """Allocate a static KV cache (B, Hkv, max_seq_len, Dh) per attention layer and a conv + SSM state per
         Mamba layer; then pass `input_pos`. dtype/device default to the parameters'."""
-        _check_pos_int("batch_size", batch_size)
-        _check_pos_int("max_seq_len", max_seq_len)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_seq_len", max_seq_len)
         weight = self.embedding.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
@@ -615,52 +538,24 @@ class HybridModel(nn.Module):
             if self.cache_max_seq_len is None:
                 input_pos = None  # no cache: rotary positions 0..T-1 are the plain forward's anyway
             else:
-                _check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
+                check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
         h = self.embedding(tokens)  # (B, T, D)
         for layer in self.layers:
             h = layer(h, input_pos)
         return self.lm_head(self.norm_f(h)).float()
 
-    def loss(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
-        """The loss head on this model's logits.
-
-        Args:
-            tokens: (B, T) inputs.
-            targets: (B, T), the token expected after each input position (`ignore_index` skips one); None
-                means next-token prediction on `tokens` itself (logits[:, :-1] against tokens[:, 1:]).
-
-        Returns:
-            The scalar loss of the loss head.
-        """
-        logits = self(tokens)
-        if targets is None:
-            return self.loss_head(logits[:, :-1], tokens[:, 1:])
-        if targets.shape != tokens.shape:
-            raise ValueError(
-                f"targets.shape={tuple(targets.shape)} must equal tokens.shape={tuple(tokens.shape)}"
-            )
-        return self.loss_head(logits, targets)
-
 
 def build(
     preset: str,
     *,
-    loss_head: LossHead | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> HybridModel:
-    """`HybridModel(HybridConfig(**PRESETS[preset], **overrides))`; an unknown preset raises with the names.
-
-    `loss_head` is a callable, or a name in `LOSS_HEADS` (then it is the config's `loss_head`).
-    """
+    """`HybridModel(HybridConfig(**PRESETS[preset], **overrides))`; an unknown preset raises with the names."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
-    if isinstance(loss_head, str):  # a config name, not a callable
-        overrides["loss_head"], loss_head = loss_head, None
-    return HybridModel(
-        HybridConfig(**{**PRESETS[preset], **overrides}), loss_head=loss_head, device=device, dtype=dtype
-    )
+    return HybridModel(HybridConfig(**{**PRESETS[preset], **overrides}), device=device, dtype=dtype)
 
 
 # "debug" is tiny and odd-sized for tests; "vio-small" is the seed's hybrid at the size of configs/hybrid_*.yaml.

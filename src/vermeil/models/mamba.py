@@ -13,9 +13,8 @@ Decoding: `setup_cache(batch_size, max_seq_len)` gives every mixer a conv + SSM 
 input_pos=...)` then prefills (T > 1, the chunked scan, storing the final states) or steps (T = 1, the O(1)
 recurrence); `reset_cache()` starts a new sequence. `vermeil.generation.generate` drives exactly this.
 
-Also here: `optimizer_groups(model, weight_decay)`, the AdamW parameter-group rule shared with `HybridModel`
-(no decay on norms, biases, `A_log`, `D` and anything marked `_no_weight_decay`), kept in the model layer so
-models never import training code.
+Weight decay is training's business (`vermeil.train.optim.param_groups`); the blocks mark `A_log` and `D`
+`_no_weight_decay`, as mamba_ssm does.
 
 Axis legend: B batch, T sequence length, D d_model, E d_inner = expand * D, N d_state, V (padded) vocabulary.
 """
@@ -32,15 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.models._state_dict import fill_tied_keys
+from vermeil.models.checks import check_input_pos, check_positive_int
 from vermeil.nn.norms import LayerNorm, RMSNorm
 from vermeil.nn.ssm import MambaBlock
 
-__all__ = ["PRESETS", "MambaConfig", "MambaLM", "MambaResidualBlock", "build", "optimizer_groups"]
-
-
-def _check_pos_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+__all__ = ["PRESETS", "MambaConfig", "MambaLM", "MambaResidualBlock", "build"]
 
 
 @dataclass
@@ -104,9 +99,9 @@ class MambaConfig:
             "pad_vocab_size_multiple",
             "n_residuals_per_layer",
         ):
-            _check_pos_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.dt_rank is not None:
-            _check_pos_int("dt_rank", self.dt_rank)
+            check_positive_int("dt_rank", self.dt_rank)
         for name in ("norm_epsilon", "dt_min", "dt_max", "dt_init_floor", "dt_scale", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -142,61 +137,6 @@ class MambaConfig:
             bias=self.bias,
             compile_scan=self.compile_scan,
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer groups (shared with HybridModel)
-
-
-def _no_decay(name: str, param: nn.Parameter, embedding_names: set[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return (
-        param.ndim < 2  # norm weights, biases, D, dt biases: scale/offset parameters
-        or leaf in ("A_log", "D", "dt_bias")  # mamba_ssm marks these `_no_weight_decay`
-        or getattr(param, "_no_weight_decay", False)
-        or name in embedding_names
-    )
-
-
-def optimizer_groups(
-    model: nn.Module, weight_decay: float, *, decay_embeddings: bool = True
-) -> list[dict[str, Any]]:
-    """AdamW parameter groups: `[{"params": decayed, "weight_decay": wd}, {"params": rest, "weight_decay": 0}]`.
-
-    No weight decay on parameters with fewer than two dimensions (norm weights, biases, `D`, dt biases), on
-    `A_log` and `D` by name (mamba_ssm's `_no_weight_decay` marks, honoured as attributes too), and on
-    embedding tables when `decay_embeddings=False`. Frozen parameters are left out; a tied tensor appears once.
-
-    Args:
-        model: any module.
-        weight_decay: the decay of the first group (>= 0).
-        decay_embeddings: whether `nn.Embedding` weights are decayed.
-
-    Returns:
-        Two groups, for `torch.optim.AdamW(groups, lr=...)`; each also has a "param_names" list, which torch's
-        optimizers keep (named parameter groups).
-    """
-    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
-    embedding_names: set[str] = set()
-    if not decay_embeddings:
-        for mod_name, mod in model.named_modules():
-            if isinstance(mod, nn.Embedding):
-                embedding_names.add(f"{mod_name}.weight" if mod_name else "weight")
-    decay: list[tuple[str, nn.Parameter]] = []
-    no_decay: list[tuple[str, nn.Parameter]] = []
-    for name, param in model.named_parameters():  # shared (tied) tensors are yielded once
-        if not param.requires_grad:
-            continue
-        (no_decay if _no_decay(name, param, embedding_names) else decay).append((name, param))
-    return [
-        {
-            "params": [p for _, p in decay],
-            "param_names": [n for n, _ in decay],
-            "weight_decay": float(weight_decay),
-        },
-        {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay], "weight_decay": 0.0},
-    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,10 +269,6 @@ class MambaLM(nn.Module):
         """Same as `init_weights()` (the model's scheme)."""
         self.init_weights()
 
-    def optimizer_groups(self, weight_decay: float, *, decay_embeddings: bool = True) -> list[dict[str, Any]]:
-        """AdamW parameter groups (see `optimizer_groups`): no decay on norms, biases, `A_log`, `D`."""
-        return optimizer_groups(self, weight_decay, decay_embeddings=decay_embeddings)
-
     def num_params(self) -> int:
         """Parameter count, a tied tensor once."""
         return sum(p.numel() for p in self.parameters())
@@ -355,9 +291,9 @@ class MambaLM(nn.Module):
         positions beyond it are rejected so that all models behave alike. dtype/device default to the
         parameters'.
         """
-        _check_pos_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if max_seq_len is not None:
-            _check_pos_int("max_seq_len", max_seq_len)
+            check_positive_int("max_seq_len", max_seq_len)
         weight = self.backbone.embedding.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
@@ -397,7 +333,7 @@ class MambaLM(nn.Module):
                     f"token id {bad} is outside the vocabulary [0, vocab_size={self.config.vocab_size})"
                 )
         if input_pos is not None:
-            _check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
+            check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Logits of every position.
@@ -417,27 +353,6 @@ class MambaLM(nn.Module):
         hidden = self.backbone(tokens, input_pos)
         logits = self.lm_head(hidden)  # (B, T, V_padded)
         return logits[..., : self.config.vocab_size].float()
-
-
-def _check_input_pos(
-    tokens: Tensor, input_pos: Tensor, max_seq_len: int | None, batch_size: int | None
-) -> None:
-    """Static checks of (T,) positions against the tokens and the cache (shared with HybridModel)."""
-    b, t = tokens.shape
-    if not isinstance(input_pos, Tensor):
-        raise TypeError(f"input_pos must be a (T,) integer tensor, got {type(input_pos).__name__}")
-    if input_pos.dtype.is_floating_point or input_pos.dtype == torch.bool:
-        raise TypeError(f"input_pos must hold integer positions, got dtype={input_pos.dtype}")
-    if input_pos.shape != (t,):
-        raise ValueError(f"input_pos must have shape (T={t},), got {tuple(input_pos.shape)}")
-    if batch_size is not None and b > batch_size:
-        raise ValueError(f"batch of {b} rows exceeds the cache's batch_size={batch_size}")
-    if max_seq_len is not None and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
-        if lo < 0 or hi >= max_seq_len:
-            raise ValueError(
-                f"input_pos spans [{lo}, {hi}], outside the cache's positions [0, max_seq_len={max_seq_len})"
-            )
 
 
 def build(

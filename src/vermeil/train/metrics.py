@@ -1,4 +1,5 @@
-"""Training metrics on disk: JSON lines appended as the run goes, and a loss-curve PNG at the end.
+"""Training metrics: on disk (JSON lines appended as the run goes, a loss-curve PNG at the end) and on screen
+(the window of steps between two log rows, the tqdm progress bar, one-line messages).
 
 `metrics.jsonl` holds one JSON object per line (`{"step": 10, "split": "train", "loss": 2.31, ...}`): any tool
 reads it, a crashed run keeps every line written before the crash, and a resumed run first drops the lines past
@@ -11,11 +12,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "bits_per_byte", "plot_loss_curve", "read_metrics", "truncate_metrics"]
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MetricsLogger",
+    "MetricsWindow",
+    "bits_per_byte",
+    "echo",
+    "format_row",
+    "plot_loss_curve",
+    "progress_bar",
+    "read_metrics",
+    "truncate_metrics",
+]
 
 LN2 = math.log(2.0)
 
@@ -144,3 +159,99 @@ def plot_loss_curve(
     finally:
         plt.close(fig)
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On screen and between log rows
+
+
+class MetricsWindow:
+    """Sums of the steps since the last log row; saved in checkpoints, so a resumed run logs the same rows."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.clear()
+
+    def clear(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.metrics: dict[str, Tensor] = {}
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, loss: Tensor, metrics: Mapping[str, Tensor], tokens: int, seconds: float) -> None:
+        self.loss = self.loss + loss
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.detach().cpu(),
+            "metrics": {k: v.detach().cpu() for k, v in self.metrics.items()},
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loss = state["loss"].to(self.device)
+        self.metrics = {k: v.to(self.device) for k, v in state["metrics"].items()}
+        self.steps, self.tokens, self.seconds = (
+            int(state["steps"]),
+            int(state["tokens"]),
+            float(state["seconds"]),
+        )
+
+
+class _NoBar:
+    """Stand-in for tqdm when it is not installed or the bar is off."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
+    """A tqdm bar of `total` steps from `initial` (a stand-in without tqdm or when `enabled` is False)."""
+    if enabled is False:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    # disable=None: a bar on a terminal, nothing when stdout is a pipe or a file (logs stay clean).
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=None if enabled is None else False,
+        unit="step",
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+
+
+def echo(message: str) -> None:
+    """Print a line on stderr without breaking the progress bar."""
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:
+        print(message, file=sys.stderr)
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    """`loss 2.31 | lr 0.001`: a metrics row in one line."""
+    parts = []
+    for k, v in row.items():
+        if k in ("split",):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)

@@ -3,12 +3,14 @@
 Weight decay shrinks matrices towards zero; on scale and offset parameters (norm weights, biases), on the SSM's
 `A_log` and `D`, and (by default) on embedding tables it only fights the model, so those go in a group with
 `weight_decay=0` (nanoGPT `configure_optimizers`, mamba_ssm's `_no_weight_decay` marks, torchtitan).
-A model may decide for itself through an `optimizer_groups(weight_decay)` hook (MambaLM, HybridModel do).
+This is the one weight-decay rule of the house: models only mark parameters (`MambaBlock` marks `A_log` and
+`D` with `_no_weight_decay = True`, as mamba_ssm does); the embedding tables follow the training knob
+`no_decay_embeddings`. A model of one's own may still decide alone through an `optimizer_groups(weight_decay)`
+method (no Vermeil model has one).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -40,19 +42,8 @@ def _check_weight_decay(weight_decay: float) -> None:
         raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
 
 
-def _model_hook_groups(
-    model: nn.Module, weight_decay: float, no_decay_embeddings: bool
-) -> list[dict[str, Any]]:
-    hook = model.optimizer_groups
-    try:
-        accepts = "decay_embeddings" in inspect.signature(hook).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    if accepts:
-        groups = hook(weight_decay, decay_embeddings=not no_decay_embeddings)
-    else:
-        groups = hook(weight_decay)
-    groups = [dict(g) for g in groups]
+def _model_hook_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    groups = [dict(g) for g in model.optimizer_groups(weight_decay)]
     for g in groups:
         if "params" not in g:
             raise ValueError(
@@ -69,8 +60,10 @@ def param_groups(
 
     Not decayed: parameters with fewer than two dimensions (biases, norm weights), every parameter of a norm
     module, `nn.Embedding` weights when `no_decay_embeddings`, parameters named `A_log`, `D` or `dt_bias`,
-    parameters carrying `_no_weight_decay = True`, and names returned by a model's `no_weight_decay()`.
-    When the model has its own `optimizer_groups(weight_decay)` hook, its groups are used instead.
+    parameters carrying `_no_weight_decay = True`, and names returned by a model's `no_weight_decay()`. The
+    names are matched as well as the marks because wrapping a model (FSDP2, tensor parallelism, `to_empty`)
+    makes new parameter objects, which do not keep the marks. When the model has its own
+    `optimizer_groups(weight_decay)` method, its groups are used instead.
 
     Frozen parameters are left out; a tied tensor appears once (under its first name). Each group also holds a
     "param_names" list (torch.optim keeps it in `param_groups`, handy for inspection).
@@ -82,7 +75,7 @@ def param_groups(
     """
     _check_weight_decay(weight_decay)
     if callable(getattr(model, "optimizer_groups", None)):
-        return _model_hook_groups(model, float(weight_decay), no_decay_embeddings)
+        return _model_hook_groups(model, float(weight_decay))
 
     named: set[str] = set()
     if callable(getattr(model, "no_weight_decay", None)):

@@ -39,197 +39,46 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.checkpoint import (
-    atomic_write,
-    clean_temp_files,
-    load_torch,
-    load_weights,
-    save_torch,
-    save_weights,
+from vermeil.checkpoint import clean_temp_files, load_torch, load_weights, save_torch, save_weights
+from vermeil.distributed.config import DistributedConfig
+from vermeil.runs import (
+    CHECKPOINTS_DIR,
+    DCP,
+    STATE,
+    WEIGHTS,
+    checkpoint_name,
+    checkpoint_step,
+    latest_checkpoint,
+    point_latest,
+    prune_checkpoints,
 )
-from vermeil.train.metrics import LN2, MetricsLogger, plot_loss_curve, read_metrics, truncate_metrics
+from vermeil.train.config import TrainConfig
+from vermeil.train.losses import LossFn, causal_lm_loss, plain
+from vermeil.train.metrics import (
+    LN2,
+    MetricsLogger,
+    MetricsWindow,
+    echo,
+    format_row,
+    plot_loss_curve,
+    progress_bar,
+    read_metrics,
+    truncate_metrics,
+)
 from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler, cosine_with_warmup
 
-__all__ = [
-    "CHECKPOINTS_DIR",
-    "DistributedConfig",
-    "Hook",
-    "LossFn",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "causal_lm_loss",
-    "checkpoint_step",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_model_weights",
-]
-
-CHECKPOINTS_DIR = "checkpoints"
-_LATEST = "latest"
-_WEIGHTS = "model.safetensors"
-_STATE = "state.pt"
-_DCP = "dcp"
-
-# A loss function takes the model and one batch and returns the loss to minimise, or (loss, metrics) where
-# metrics are scalar tensors logged by name (e.g. {"ce": ..., "aux_loss": ...}).
-LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Mapping[str, Tensor]]"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (the `train:` section of a run config).
-
-    Args:
-        steps: optimizer updates in the whole run (the schedule's length; resuming continues up to it).
-        lr: peak learning rate; min_lr_ratio: the cosine ends at `lr * min_lr_ratio`; warmup: linear warm-up steps.
-        weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, A_log, D: `train.optim`).
-        no_decay_embeddings: keep embedding tables out of the weight decay.
-        fused_adamw: the fused AdamW kernel; None uses it where torch has one (CPU included).
-        grad_clip: clip the global gradient norm to this; None or 0 disables clipping.
-        grad_accum: micro-batches per update (the effective batch is `batch_size * grad_accum`).
-        batch_size, seq_len: the shape of one micro-batch (the recipes' data builders read them).
-        eval_every: evaluate every N steps (0: only at the end); eval_batches: batches per evaluation.
-        log_every: a `metrics.jsonl` row (and a progress-bar update) every N steps.
-        save_every: a checkpoint every N steps (0: only at the end and on Ctrl-C); keep_checkpoints: how many
-            checkpoint folders stay on disk.
-        bf16: autocast the forward to bfloat16 (CPU or GPU); weights and optimizer stay float32.
-        seed: seeds the model init, the data order and dropout.
-        device: where to train ("cpu", "cuda", ...).
-        out_dir: the run folder (None: the CLI picks `runs/<config name>`; the Python API then keeps nothing on
-            disk).
-        progress: show the tqdm bar; None shows it only when stdout is a terminal (tqdm's `disable=None`).
-        plot: write `loss.png` at the end (needs matplotlib).
-        threads: torch intra-op threads (None: leave torch's default).
-    """
-
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    no_decay_embeddings: bool = True
-    fused_adamw: bool | None = None
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
-    batch_size: int = 16
-    seq_len: int = 256
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    bf16: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    out_dir: str | None = None
-    progress: bool | None = None
-    plot: bool = True
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "grad_accum",
-            "batch_size",
-            "seq_len",
-            "eval_batches",
-            "log_every",
-            "keep_checkpoints",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        for name in ("warmup", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an int >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas={list(self.betas)!r} must be two numbers in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (or null to disable)")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads={self.threads!r} must be >= 1 (or null)")
-        try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device={self.device!r} is not a torch device: {e}") from None
-
-
-@dataclass
-class DistributedConfig:
-    """How a run is split over the processes of `torchrun` (the `distributed:` section of a run config).
-
-    Ignored (a plain single-process run) when the process was not started by torchrun (no `WORLD_SIZE`).
-
-    Args:
-        strategy: "none", "ddp", "fsdp2", "tp" or "fsdp2+tp" (`vermeil.distributed.parallelize`).
-        tp_size: tensor-parallel degree; None means all ranks for "tp" (required for "fsdp2+tp").
-        param_dtype, reduce_dtype: FSDP2 mixed precision ("bf16", "fp32", ...; None keeps the parameters'
-            dtype), used by "fsdp2" and "fsdp2+tp" only.
-        sequence_parallel: with "tp"/"fsdp2+tp", shard the residual stream and the norms over the sequence
-            (LLM and hybrid; `vermeil.distributed.tensor_parallel`).
-        loss_parallel: with "tp"/"fsdp2+tp", vocab-sharded logits and a cross-entropy under
-            `torch.distributed.tensor.parallel.loss_parallel()` (never gathers the full logits in training).
-    """
-
-    strategy: Literal["none", "ddp", "fsdp2", "tp", "fsdp2+tp"] = "none"
-    tp_size: int | None = None
-    param_dtype: str | None = None
-    reduce_dtype: str | None = None
-    sequence_parallel: bool = False
-    loss_parallel: bool = False
-
-    def __post_init__(self) -> None:
-        strategies = ("none", "ddp", "fsdp2", "tp", "fsdp2+tp")
-        if self.strategy not in strategies:
-            raise ValueError(f"strategy={self.strategy!r} must be one of {strategies}")
-        if self.tp_size is not None and (
-            not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1
-        ):
-            raise ValueError(f"tp_size={self.tp_size!r} must be an int >= 1 (or null)")
-        if self.strategy == "fsdp2+tp" and self.tp_size is None:
-            raise ValueError("strategy='fsdp2+tp' needs tp_size")
-        dtypes = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-        for name in ("param_dtype", "reduce_dtype"):
-            value = getattr(self, name)
-            if value is not None and value not in dtypes:
-                raise ValueError(f"{name}={value!r} must be one of {dtypes} (or null)")
-        for name in ("sequence_parallel", "loss_parallel"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} must be a bool (true or false)")
-            if value and self.strategy not in ("tp", "fsdp2+tp"):
-                raise ValueError(
-                    f"{name}=true needs strategy 'tp' or 'fsdp2+tp', got strategy={self.strategy!r}"
-                )
+__all__ = ["Hook", "TrainResult", "Trainer"]
 
 
 @dataclass
@@ -264,97 +113,6 @@ class Hook:
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         """At the end of `fit`, interrupted or not."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loss heads
-
-
-def _logits_and_aux(output: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(output, Tensor):
-        return output, None
-    return output.logits, getattr(output, "aux_loss", None)
-
-
-def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Next-token cross-entropy (ignore_index -100), plus the MoE auxiliary loss when the model returns one.
-
-    Args:
-        batch: (inputs (B, T), targets (B, T)); targets hold -100 where nothing is scored.
-
-    Returns:
-        (loss, {"ce": cross-entropy, "aux_loss": MoE auxiliary loss (when present)}). A model's output may be
-        logits (B, T, V) or an object with `.logits` and optionally `.aux_loss` (the LLM's TransformerOutput).
-    """
-    inputs, targets = batch
-    logits, aux = _logits_and_aux(model(inputs))
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    # Vocab-sharded logits (loss parallelism) give a replicated DTensor: plain before it meets the plain aux
-    # loss, whose backward would otherwise receive a DTensor gradient.
-    ce = _plain(ce)
-    if aux is None:
-        return ce, {"ce": ce}
-    return ce + aux, {"ce": ce, "aux_loss": aux}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint folders
-
-
-def _checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def checkpoint_step(path: str | os.PathLike[str]) -> int:
-    """The step of a checkpoint folder named `step_000100`."""
-    name = Path(path).name
-    if not name.startswith("step_") or not name[5:].isdigit():
-        raise ValueError(f"{os.fspath(path)} is not a checkpoint folder (expected a name like step_000100)")
-    return int(name[5:])
-
-
-def _complete(folder: Path) -> bool:
-    return (folder / _WEIGHTS).is_file() and (folder / _STATE).is_file()
-
-
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted((p for p in found if _complete(p)), key=checkpoint_step)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
-    """The newest complete checkpoint folder of a run (or `run_dir` itself when it is a checkpoint folder).
-
-    Raises:
-        FileNotFoundError: the folder does not exist or holds no complete checkpoint.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder {os.fspath(run)} does not exist")
-    if _complete(run):
-        return run
-    pointer = run / CHECKPOINTS_DIR / _LATEST
-    if pointer.is_file():
-        folder = run / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
-        if _complete(folder):
-            return folder
-    found = list_checkpoints(run)
-    if not found:
-        raise FileNotFoundError(
-            f"{os.fspath(run)} holds no checkpoint (no {CHECKPOINTS_DIR}/step_*/{_STATE})"
-        )
-    return found[-1]
-
-
-def load_model_weights(model: nn.Module, run_dir: str | os.PathLike[str]) -> Path:
-    """Load the newest checkpoint's weights of a run into `model` (strict); returns the checkpoint folder."""
-    folder = latest_checkpoint(run_dir)
-    load_weights(model, folder / _WEIGHTS)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,132 +168,6 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_as_tuple(v) for v in value)
     return value
-
-
-class _NoBar:
-    """Stand-in for tqdm when it is not installed or the bar is off."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
-    if enabled is False:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    # disable=None: a bar on a terminal, nothing when stdout is a pipe or a file (logs stay clean).
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=None if enabled is None else False,
-        unit="step",
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
-
-
-def _echo(message: str) -> None:
-    try:
-        from tqdm.auto import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    except ImportError:
-        print(message, file=sys.stderr)
-
-
-def _format_row(row: Mapping[str, Any]) -> str:
-    parts = []
-    for k, v in row.items():
-        if k in ("split",):
-            continue
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    return " | ".join(parts)
-
-
-class _ShardedBatches:
-    """This data-parallel rank's slice (along dim 0) of every global batch of an endless batch iterator.
-
-    Every rank draws the same global batch (same sampler, same seed) and keeps rows
-    `[dp_rank * B / dp_size, (dp_rank + 1) * B / dp_size)`: deterministic, the sampler state is the same on every
-    rank (one saved copy resumes them all), and N ranks train on exactly the data of one process.
-    `state_dict`/`load_state_dict` (and any other attribute) are the wrapped iterator's.
-    """
-
-    def __init__(self, batches: Iterator[Any], dp_rank: int, dp_size: int) -> None:
-        self.batches, self.dp_rank, self.dp_size = batches, dp_rank, dp_size
-
-    def __iter__(self) -> _ShardedBatches:
-        return self
-
-    def __next__(self) -> Any:
-        return self._slice(next(self.batches))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["batches"], name)
-
-    def _slice(self, batch: Any) -> Any:
-        if isinstance(batch, Tensor):
-            if batch.ndim == 0:
-                return batch
-            n = batch.shape[0]
-            if n % self.dp_size:
-                raise ValueError(
-                    f"a global batch of {n} rows must be divisible by the data-parallel size {self.dp_size}"
-                )
-            k = n // self.dp_size
-            return batch[self.dp_rank * k : (self.dp_rank + 1) * k]
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._slice(b) for b in batch)
-        if isinstance(batch, Mapping):
-            return {k: self._slice(v) for k, v in batch.items()}
-        return batch
-
-
-def _clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
-    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both).
-
-    The norm of each group of gradients sharing a mesh and placements is computed as a DTensor and made full
-    (one collective per group); the groups' norms combine into the global 2-norm, a plain 0-dim tensor.
-    """
-    from torch.distributed.tensor import DTensor
-
-    groups: dict[Any, list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            g = p.grad
-            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
-            groups.setdefault(key, []).append(p)
-    norms = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    for group in groups.values():  # one group at a time: a foreach op cannot mix DTensors and plain tensors
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
-
-
-def _split_dtensor_groups(optimizer: torch.optim.Optimizer) -> None:
-    """Split each param group into its plain-tensor and DTensor parameters (same settings), before any step.
-
-    Under tensor parallelism only some parameters are DTensors; AdamW's fused and foreach kernels run once per
-    group and cannot mix the two kinds in one call.
-    """
-    groups = []
-    for group in optimizer.param_groups:
-        plain = [p for p in group["params"] if not _is_dtensor(p)]
-        sharded = [p for p in group["params"] if _is_dtensor(p)]
-        groups.extend({**group, "params": ps} for ps in (plain, sharded) if ps)
-    optimizer.param_groups = groups
 
 
 def _distributed_config(
@@ -655,7 +287,9 @@ class Trainer:
                     f"data-parallel size {self.dp_size}"
                 )
             if self.dp_size > 1:
-                train_batches = _ShardedBatches(train_batches, self.dp_rank, self.dp_size)
+                from vermeil.distributed.training import ShardedBatches
+
+                train_batches = ShardedBatches(train_batches, self.dp_rank, self.dp_size)
         self.train_batches = train_batches
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
         self.eval_fn = eval_fn
@@ -672,7 +306,9 @@ class Trainer:
             no_decay_embeddings=config.no_decay_embeddings,
         )
         if self.world_size > 1:
-            _split_dtensor_groups(self.optimizer)
+            from vermeil.distributed.training import split_dtensor_groups
+
+            split_dtensor_groups(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
         self.step = 0  # completed updates
         self.tokens = 0  # positions trained on so far
@@ -691,9 +327,9 @@ class Trainer:
             if config.bf16
             else contextlib.nullcontext
         )
-        self._window = _Window(self.device)
+        self._window = MetricsWindow(self.device)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._dtensor_params = any(_is_dtensor(p) for p in self._params)
+        self._dtensor_params = _any_dtensor(self._params)
 
     # -- control ---------------------------------------------------------------------------------------------
 
@@ -741,22 +377,17 @@ class Trainer:
         """Write `checkpoints/step_N/` (weights, then state), then point `latest` at it, then prune old ones."""
         if self.out_dir is None:
             raise ValueError("this Trainer has no out_dir: set TrainConfig.out_dir or pass out_dir= to save")
-        root = self.out_dir / CHECKPOINTS_DIR
-        folder = root / _checkpoint_name(self.step)
+        folder = self.out_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
         if self.world_size > 1:
             self._save_distributed(folder)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
-            save_weights(self.model, folder / _WEIGHTS, metadata={"step": str(self.step)})
-            save_torch(self.state_dict(), folder / _STATE)  # last: its presence marks the folder complete
+            save_weights(self.model, folder / WEIGHTS, metadata={"step": str(self.step)})
+            save_torch(self.state_dict(), folder / STATE)  # last: its presence marks the folder complete
         if self.is_main:
-            with atomic_write(root / _LATEST, "w") as f:
-                f.write(folder.name + "\n")
-            keep = {p for p in list_checkpoints(self.out_dir)[-self.config.keep_checkpoints :]} | {folder}
-            for old in root.iterdir():  # older checkpoints, and folders a killed run left incomplete
-                if old.is_dir() and old.name.startswith("step_") and old not in keep:
-                    shutil.rmtree(old, ignore_errors=True)
+            point_latest(self.out_dir, folder)
+            prune_checkpoints(self.out_dir, self.config.keep_checkpoints, folder)
         if self.world_size > 1:
             _barrier()  # no rank moves on (or reads `latest`) before the folder is complete
         self.last_checkpoint = folder
@@ -772,14 +403,14 @@ class Trainer:
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)
-            (folder / _STATE).unlink(missing_ok=True)  # the folder is incomplete until state.pt is back
+            (folder / STATE).unlink(missing_ok=True)  # the folder is incomplete until state.pt is back
         _barrier()
-        dcp_save(folder / _DCP, self.model, self.optimizer)
+        dcp_save(folder / DCP, self.model, self.optimizer)
         state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
         if self.is_main:
             # dcp.save returns on the coordinator (rank 0) after every rank's shards and the metadata are written.
-            export_weights(folder / _DCP, folder / _WEIGHTS, metadata={"step": str(self.step)})
-            save_torch(state, folder / _STATE)
+            export_weights(folder / DCP, folder / WEIGHTS, metadata={"step": str(self.step)})
+            save_torch(state, folder / STATE)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Restore weights and the whole training state from a run folder (its newest checkpoint) or a
@@ -791,19 +422,25 @@ class Trainer:
             clean_temp_files(folder.parent)
         if self.world_size > 1:
             _barrier()
-        state = load_torch(folder / _STATE)
+        state = load_torch(folder / STATE)
+        if "optimizer" not in state and self.world_size == 1:
+            # Weights without a training state (`vermeil.runs.write_run`: a converted model): fine-tuning
+            # starts here with a fresh optimizer, schedule and data stream.
+            load_weights(self.model, folder / WEIGHTS)
+            self.step, self.last_checkpoint = int(state["step"]), folder
+            return folder
         if self.world_size > 1 or state.get("optimizer") is None:
             # A checkpoint of a distributed run (any layout, any number of ranks): DCP reshards on load.
             from vermeil.distributed.checkpoint import load_checkpoint as dcp_load
 
-            if not (folder / _DCP).is_dir():
+            if not (folder / DCP).is_dir():
                 raise ValueError(
-                    f"checkpoint {os.fspath(folder)} has no {_DCP}/ folder: a distributed run resumes only from "
+                    f"checkpoint {os.fspath(folder)} has no {DCP}/ folder: a distributed run resumes only from "
                     "a checkpoint written by a distributed run"
                 )
-            dcp_load(folder / _DCP, self.model, self.optimizer)
+            dcp_load(folder / DCP, self.model, self.optimizer)
         else:
-            load_weights(self.model, folder / _WEIGHTS)
+            load_weights(self.model, folder / WEIGHTS)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The config's schedule wins over the saved one (a resumed run may be given more steps).
@@ -858,7 +495,7 @@ class Trainer:
             self._write(row)
             self._call("on_eval", row)
             if self.is_main:
-                _echo(f"step {self.step}: " + _format_row({k: v for k, v in row.items() if k != "step"}))
+                echo(f"step {self.step}: " + format_row({k: v for k, v in row.items() if k != "step"}))
         return metrics
 
     def _write(self, row: dict[str, Any]) -> None:
@@ -884,7 +521,7 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = _split_loss(self.loss_fn(self.model, batch))
                 if self._loss_parallel:  # the loss is a replicated DTensor: the loop keeps plain tensors
-                    loss, metrics = _plain(loss), {k: _plain(v) for k, v in metrics.items()}
+                    loss, metrics = plain(loss), {k: plain(v) for k, v in metrics.items()}
                 (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
             total += loss.detach()
             for k, v in metrics.items():
@@ -893,7 +530,9 @@ class Trainer:
         grad_norm = None
         if cfg.grad_clip:
             if self._dtensor_params:
-                grad_norm = _clip_grad_norm(self._params, cfg.grad_clip)
+                from vermeil.distributed.training import clip_grad_norm
+
+                grad_norm = clip_grad_norm(self._params, cfg.grad_clip)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
         self._phase = "update"  # from here on a Ctrl-C cannot be rolled back to the step's start
@@ -933,7 +572,7 @@ class Trainer:
             self._stop = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
             name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-            _echo(f"{name}: saving a checkpoint after this step (Ctrl-C again to abort at once)")
+            echo(f"{name}: saving a checkpoint after this step (Ctrl-C again to abort at once)")
 
         for sig in mine:
             signal.signal(sig, handler)
@@ -963,7 +602,7 @@ class Trainer:
         interrupted = False
         final_eval: dict[str, float] = {}
         self._call("on_train_start")
-        bar = _progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
+        bar = progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
         try:
             with self._sigint_to_stop():
                 while self.step < cfg.steps:
@@ -1012,11 +651,11 @@ class Trainer:
             if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
                 self.save_checkpoint()
             if self.is_main:
-                _echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
+                echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
         if self.out_dir is not None and cfg.plot and self.is_main:
             plotted = plot_loss_curve(self.history, self.out_dir / "loss.png")
             if not plotted and not interrupted:
-                _echo("loss.png not written (pip install matplotlib to get the loss curve)")
+                echo("loss.png not written (pip install matplotlib to get the loss curve)")
         result = TrainResult(self.step, interrupted, self.last_checkpoint, final_eval, list(self.history))
         self._call("on_train_end", result)
         if self._owns_group:
@@ -1066,52 +705,7 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def _plain(value: Any) -> Any:
-    """A replicated DTensor (a loss-parallel cross-entropy) as a plain tensor, differentiably; else unchanged."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value  # no import: DTensors only
+def _any_dtensor(params: Sequence[Tensor]) -> bool:
+    from vermeil.distributed.training import is_dtensor
 
-
-def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-class _Window:
-    """Sums of the steps since the last log row; saved in checkpoints, so a resumed run logs the same rows."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.clear()
-
-    def clear(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.metrics: dict[str, Tensor] = {}
-        self.steps = self.tokens = 0
-        self.seconds = 0.0
-
-    def add(self, loss: Tensor, metrics: Mapping[str, Tensor], tokens: int, seconds: float) -> None:
-        self.loss = self.loss + loss
-        for k, v in metrics.items():
-            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
-        self.steps += 1
-        self.tokens += tokens
-        self.seconds += seconds
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss.detach().cpu(),
-            "metrics": {k: v.detach().cpu() for k, v in self.metrics.items()},
-            "steps": self.steps,
-            "tokens": self.tokens,
-            "seconds": self.seconds,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.loss = state["loss"].to(self.device)
-        self.metrics = {k: v.to(self.device) for k, v in state["metrics"].items()}
-        self.steps, self.tokens, self.seconds = (
-            int(state["steps"]),
-            int(state["tokens"]),
-            float(state["seconds"]),
-        )
+    return any(is_dtensor(p) for p in params)

@@ -1,0 +1,99 @@
+"""What a training loop needs under a distributed strategy: each data-parallel rank's slice of the batches,
+gradient clipping over DTensors on several meshes, and optimizer groups split by tensor kind.
+
+`vermeil.train.Trainer` calls these when a run spans several processes; in one process none is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ShardedBatches", "clip_grad_norm", "is_dtensor", "split_dtensor_groups"]
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether `t` is a `torch.distributed.tensor.DTensor` (imported here only: plain runs never load it)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class ShardedBatches:
+    """This data-parallel rank's slice (along dim 0) of every global batch of an endless batch iterator.
+
+    Every rank draws the same global batch (same sampler, same seed) and keeps rows
+    `[dp_rank * B / dp_size, (dp_rank + 1) * B / dp_size)`: deterministic, the sampler state is the same on every
+    rank (one saved copy resumes them all), and N ranks train on exactly the data of one process.
+    `state_dict`/`load_state_dict` (and any other attribute) are the wrapped iterator's.
+    """
+
+    def __init__(self, batches: Iterator[Any], dp_rank: int, dp_size: int) -> None:
+        self.batches, self.dp_rank, self.dp_size = batches, dp_rank, dp_size
+
+    def __iter__(self) -> ShardedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        return self._slice(next(self.batches))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["batches"], name)
+
+    def _slice(self, batch: Any) -> Any:
+        if isinstance(batch, Tensor):
+            if batch.ndim == 0:
+                return batch
+            n = batch.shape[0]
+            if n % self.dp_size:
+                raise ValueError(
+                    f"a global batch of {n} rows must be divisible by the data-parallel size {self.dp_size}"
+                )
+            k = n // self.dp_size
+            return batch[self.dp_rank * k : (self.dp_rank + 1) * k]
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._slice(b) for b in batch)
+        if isinstance(batch, Mapping):
+            return {k: self._slice(v) for k, v in batch.items()}
+        return batch
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
+    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both).
+
+    The norm of each group of gradients sharing a mesh and placements is computed as a DTensor and made full
+    (one collective per group); the groups' norms combine into the global 2-norm, a plain 0-dim tensor.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[Any, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    for group in groups.values():  # one group at a time: a foreach op cannot mix DTensors and plain tensors
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def split_dtensor_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Split each param group into its plain-tensor and DTensor parameters (same settings), before any step.
+
+    Under tensor parallelism only some parameters are DTensors; AdamW's fused and foreach kernels run once per
+    group and cannot mix the two kinds in one call.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        plain = [p for p in group["params"] if not is_dtensor(p)]
+        sharded = [p for p in group["params"] if is_dtensor(p)]
+        groups.extend({**group, "params": ps} for ps in (plain, sharded) if ps)
+    optimizer.param_groups = groups

@@ -1,0 +1,48 @@
+"""From a run config to what training and sampling need: the model (`build_model`), its data, loss and
+evaluation (`build_run`), and a trained model read back from its run folder (`load_trained`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vermeil.recipes.config import FAMILIES, RunConfig, read_run_dir_config
+from vermeil.recipes.tasks import Run
+
+__all__ = ["build_model", "build_run", "load_trained"]
+
+
+def build_model(run: RunConfig, *, device: torch.device | str | None = None) -> nn.Module:
+    """The model a run config names, initialised with `torch.manual_seed(run.train.seed)` (then the task's own
+    initialisation, e.g. the flow task's zero output layer)."""
+    _, model_cls, _ = FAMILIES[run.family].load()
+    torch.manual_seed(run.train.seed)
+    kwargs = {"device": device} if device is not None else {}
+    model = model_cls(run.model, **kwargs)
+    run.data.init_model(model)
+    return model
+
+
+def build_run(run: RunConfig, *, model: nn.Module | None = None) -> Run:
+    """Model, data, loss and evaluation of a run config (the model seeded by `train.seed`)."""
+    if model is None:
+        model = build_model(run)
+    return run.data.build(run, model)
+
+
+def load_trained(run_dir: str | os.PathLike[str]) -> tuple[RunConfig, nn.Module, Path]:
+    """(run config, model with the newest checkpoint's weights in eval mode, checkpoint folder) of a run folder.
+
+    Raises:
+        FileNotFoundError: no such folder, or no complete checkpoint in it.
+    """
+    from vermeil.runs import latest_checkpoint, load_model_weights
+
+    latest_checkpoint(run_dir)  # a clear error before building anything
+    run = read_run_dir_config(run_dir)
+    model = build_model(run)
+    folder = load_model_weights(model, run_dir)
+    return run, model.eval(), folder

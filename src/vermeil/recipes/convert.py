@@ -1,0 +1,136 @@
+"""Runs from other libraries' folders: load a transformers or diffusers `save_pretrained` folder, convert it with
+`vermeil.interop`, and describe it as a run (`foreign_run_config`) that `vermeil.runs.write_run` writes as step 0.
+
+Loads offline (`local_files_only=True`): nothing is downloaded. transformers and diffusers are imported only here,
+when a conversion asks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from vermeil.recipes.config import RunConfig, model_config, run_config_from_dict
+from vermeil.recipes.flow import FlowData
+from vermeil.recipes.text import TextData
+from vermeil.train.config import TrainConfig
+
+__all__ = [
+    "FROM_DIFFUSERS",
+    "FROM_TRANSFORMERS",
+    "foreign_run_config",
+    "import_optional",
+    "load_foreign",
+    "quiet",
+]
+
+# transformers class (config.json "architectures") -> run family; diffusers class (config.json "_class_name")
+FROM_TRANSFORMERS = {"LlamaForCausalLM": "llm", "Llama4ForCausalLM": "llm", "MambaForCausalLM": "mamba"}
+FROM_DIFFUSERS = {"FluxTransformer2DModel": "flux"}
+
+
+def _folder_class(src: Path, key: str, library: str) -> str:
+    """The class a save_pretrained folder names in its config.json (`architectures[0]` or `_class_name`)."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{library} folder {os.fspath(src)} does not exist")
+    config = src / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{os.fspath(src)} has no config.json: not a {library} save_pretrained folder"
+        )
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{os.fspath(config)} is not valid JSON: {e}") from None
+    value = data.get(key) if isinstance(data, dict) else None
+    name = value[0] if isinstance(value, list) and value else value
+    return name if isinstance(name, str) else "<none>"
+
+
+def import_optional(name: str) -> Any:
+    """Import an optional library, or raise ImportError saying how to install it."""
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ImportError(f"this conversion needs {name}: pip install {name}") from None
+
+
+@contextlib.contextmanager
+def quiet(library: Any) -> Iterator[None]:
+    """Silence a transformers/diffusers library's progress bars and warnings while loading (restored after), so
+    that a command prints its own lines only and an error stays one line."""
+    log = getattr(getattr(library, "utils", None), "logging", None)
+    if log is None or not hasattr(log, "disable_progress_bar"):
+        yield
+        return
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+
+
+def load_foreign(
+    kind: Literal["transformers", "diffusers"], src: str | os.PathLike[str]
+) -> tuple[str, Any, nn.Module]:
+    """(run family, the foreign model in eval mode, its Vermeil conversion in eval mode) of a save_pretrained
+    folder of `kind`.
+
+    Raises:
+        FileNotFoundError: no such folder or no config.json. ValueError: a class no family converts.
+        ImportError: the library is not installed.
+    """
+    src = Path(src)
+    if kind == "transformers":
+        from vermeil.interop import from_transformers
+
+        cls_name = _folder_class(src, "architectures", "transformers")
+        if cls_name not in FROM_TRANSFORMERS:
+            raise ValueError(
+                f"{os.fspath(src)} holds a {cls_name}; supported transformers classes: {sorted(FROM_TRANSFORMERS)}"
+            )
+        transformers = import_optional("transformers")
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            raise ImportError(f"this transformers ({transformers.__version__}) has no {cls_name}")
+        with quiet(transformers):
+            foreign = cls.from_pretrained(src, local_files_only=True).eval()
+        return FROM_TRANSFORMERS[cls_name], foreign, from_transformers(foreign).eval()
+    from vermeil.interop import from_diffusers
+
+    cls_name = _folder_class(src, "_class_name", "diffusers")
+    if cls_name not in FROM_DIFFUSERS:
+        raise ValueError(
+            f"{os.fspath(src)} holds a {cls_name}; supported diffusers classes: {sorted(FROM_DIFFUSERS)}"
+        )
+    diffusers = import_optional("diffusers")
+    with quiet(diffusers):
+        foreign = getattr(diffusers, cls_name).from_pretrained(src, local_files_only=True).eval()
+    return FROM_DIFFUSERS[cls_name], foreign, from_diffusers(foreign).eval()
+
+
+def foreign_run_config(family: str, model: nn.Module, name: str | None = None) -> RunConfig:
+    """The resolved `RunConfig` of a converted model, validated by a round trip through `run_config_from_dict`.
+
+    Language models get `data.task=text` (byte tokens: what `vermeil generate` feeds them); flux gets
+    `data.task=flow` (job "points" for a model with 2 channels everywhere, else "curves"); its channels stay the
+    model's, so `vermeil sample` only works for a model of the flow job's shape.
+    """
+    config = model_config(family, model)
+    data: Any = TextData()
+    if family == "flux":
+        io = (config.context_in_dim, config.vec_in_dim, config.in_channels, config.out_channels)
+        # the flow job whose channels fit the model, so `vermeil sample` runs; any other model keeps "curves"
+        data = FlowData(job="points") if io == (2, 2, 2, 2) else FlowData()
+    run = RunConfig(family, config, data, TrainConfig(), name)
+    return run_config_from_dict(run.to_dict())

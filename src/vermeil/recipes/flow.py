@@ -1,0 +1,626 @@
+"""The flow task: a small Flux carries a condition sequence in one space to a target sequence in another,
+trained with rectified flow (`vermeil.diffusion`) through `vermeil.train.Trainer`, in a few minutes on 2 CPU cores.
+
+Job "curves" (default, paired): each sample draws a phase phi, a scale a and a centre c; L parameters
+t_i = phi + 2 pi i / L index both sequences. The condition is L points of a noisy 2-D circle,
+c + a (cos t_i, sin t_i); the target is the matching L points of a 3-D trefoil knot of the same phase and scale,
+a (sin t_i + 2 sin 2t_i, cos t_i - 2 cos 2t_i, -sin 3t_i) / 3 (another shape in another dimension). Point i of the
+target is a deterministic function of the whole condition sequence (phi and a must be read from all points, the
+centre ignored), so the distance is the mean Euclidean error per point between generated and true targets.
+
+Job "points" (unpaired): `vermeil.data.points.paired_sequences` (two independent 2-D shapes, each sorted by
+angle); the target given the condition is random there, so the distance is the sliced Wasserstein-1 distance
+between the generated and true target point clouds.
+
+Two ways in: a run config with `data: {task: flow}` (`FlowData`; `vermeil train`, `vermeil sample`), or the
+functions `train_flow_job(steps, seed, ...) -> FlowJobResult`, `sample_flow_job(result, ...) -> FlowJobSample`
+and `plot_flow_job(sample, path)` (matplotlib, an optional extra, imported inside). Both train with the same
+`Trainer`, AdamW and warm-up + cosine schedule (`vermeil.train.optim`). tests/recipes/test_flow.py trains a fast
+variant and checks that the loss and the distance fall.
+"""
+
+# Shapes: B batch, L points per sequence, Cc condition channels (2), C target channels (3 or 2), A = 3 id axes.
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vermeil.config import ConfigError, to_dict
+from vermeil.diffusion.losses import flow_matching_loss
+from vermeil.diffusion.samplers import sample_euler, sample_heun
+from vermeil.diffusion.schedules import get_schedule
+from vermeil.recipes.tasks import Run, TaskData, TaskSampler
+from vermeil.train.config import TrainConfig
+from vermeil.train.trainer import Hook, Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from vermeil.models.flux import Flux, FluxParams
+    from vermeil.recipes.config import Family, RunConfig
+
+__all__ = [
+    "FlowData",
+    "FlowJobResult",
+    "FlowJobSample",
+    "curve_pairs",
+    "flow_job_params",
+    "flow_loss",
+    "flow_sampler",
+    "flux_model_fn",
+    "make_batch",
+    "plot_flow_job",
+    "sample_flow_job",
+    "sample_run",
+    "sliced_wasserstein",
+    "train_flow_job",
+    "zero_init_output",
+]
+
+Job = Literal["curves", "points"]
+
+# Evaluation seeds sit far from the training stream's: `train.seed + offset`.
+EVAL_SEED_OFFSET = 1_000_003
+SAMPLE_SEED_OFFSET = 2_000_003
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def curve_pairs(
+    batch: int, length: int, generator: torch.Generator | None = None, *, noise: float = 0.02
+) -> tuple[Tensor, Tensor]:
+    """Paired sequences: a noisy 2-D circle (condition) and the matching 3-D trefoil points (target).
+
+    Returns:
+        cond: (B, L, 2); data: (B, L, 3); float32. Point i of both sits at parameter phi + 2 pi i / L.
+    """
+    if batch < 1 or length < 1:
+        raise ValueError(f"batch={batch} and length={length} must be >= 1")
+    phi = torch.rand(batch, 1, generator=generator) * 2 * math.pi
+    scale = 0.6 + 0.8 * torch.rand(batch, 1, generator=generator)  # a in [0.6, 1.4]
+    centre = 0.5 * torch.randn(batch, 1, 2, generator=generator)
+    t = phi + 2 * math.pi * torch.arange(length) / length  # (B, L)
+    circle = torch.stack((t.cos(), t.sin()), dim=-1) * scale[..., None] + centre
+    cond = circle + noise * torch.randn(batch, length, 2, generator=generator)
+    knot = torch.stack(
+        ((t.sin() + 2 * (2 * t).sin()) / 3, (t.cos() - 2 * (2 * t).cos()) / 3, -(3 * t).sin()), dim=-1
+    )
+    return cond, knot * scale[..., None]
+
+
+def make_batch(
+    task: Job, batch: int, length: int, generator: torch.Generator | None = None, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """(cond (B, L, Cc), data (B, L, C)) for `task`; kwargs go to the generator (source/target for "points")."""
+    match task:
+        case "curves":
+            return curve_pairs(batch, length, generator, **kwargs)
+        case "points":
+            from vermeil.data.points import paired_sequences
+
+            return paired_sequences(batch, length, generator, **kwargs)
+        case _:
+            raise ValueError(f"task={task!r} must be 'curves' or 'points'")
+
+
+def _channels(task: Job) -> tuple[int, int]:
+    return (2, 3) if task == "curves" else (2, 2)
+
+
+def _ids(batch: int, length: int, stream: int) -> Tensor:
+    """(1, L, 3) ids: axis 0 the stream (0 condition, 1 data), axis 1 the sequence index, axis 2 unused (0).
+
+    Point i of both streams shares axis 1, so RoPE sees them at relative position 0 on that axis.
+    """
+    ids = torch.zeros(1, length, 3)
+    ids[..., 0] = stream
+    ids[..., 1] = torch.arange(length)
+    return ids
+
+
+def sliced_wasserstein(
+    x: Tensor, y: Tensor, projections: int = 128, generator: torch.Generator | None = None
+) -> Tensor:
+    """Sliced Wasserstein-1 distance between point clouds x (N, C) and y (N, C) (same N): mean over random
+    directions of the mean |sorted(x.u) - sorted(y.u)|."""
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must both be (N, C)")
+    u = torch.randn(x.shape[1], projections, generator=generator, dtype=x.dtype)
+    u = u / u.norm(dim=0, keepdim=True)
+    return ((x @ u).sort(dim=0).values - (y @ u).sort(dim=0).values).abs().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def flow_job_params(
+    task: Job = "curves",
+    *,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    depth: int = 2,
+    depth_single_blocks: int = 2,
+) -> FluxParams:
+    """A small Flux for the job: Dh = hidden_size / num_heads split over 3 id axes."""
+    from vermeil.models.flux import FluxParams
+
+    cond_ch, data_ch = _channels(task)
+    head_dim = hidden_size // num_heads
+    axes = [2 * (head_dim // 6), 2 * (head_dim // 6)]
+    axes = [head_dim - sum(axes), *axes]
+    return FluxParams(
+        in_channels=data_ch,
+        out_channels=data_ch,
+        vec_in_dim=cond_ch,  # y = mean of the condition points
+        context_in_dim=cond_ch,
+        hidden_size=hidden_size,
+        mlp_ratio=4.0,
+        num_heads=num_heads,
+        depth=depth,
+        depth_single_blocks=depth_single_blocks,
+        axes_dim=axes,
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=False,
+    )
+
+
+def flux_model_fn(model: Flux, cond: Tensor) -> Callable[..., Tensor]:
+    """model_fn(x, t) for the samplers and the loss: the condition, its ids and y fixed."""
+    b, length = cond.shape[:2]
+    cond_ids, y = _ids(b, length, 0), cond.mean(dim=1)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        return model(x, _ids(b, x.shape[1], 1), cond, cond_ids, t, y)
+
+    return fn
+
+
+def zero_init_output(model: Flux) -> None:
+    """Start as a zero velocity (adaLN-Zero style output layer): steadier early training than BFL's default."""
+    torch.nn.init.zeros_(model.final_layer.linear.weight)
+    torch.nn.init.zeros_(model.final_layer.linear.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run config's task
+
+
+@dataclass
+class FlowData(TaskData):
+    """The flow task of a run config: a condition sequence in one space, a target sequence in another, learned by
+    a small Flux with rectified flow.
+
+    Args:
+        job: "curves" (a noisy 2-D circle -> the matching points of a 3-D trefoil; paired, so the distance is the
+            mean per-point error) or "points" (two 2-D shapes from `vermeil.data.DISTRIBUTIONS`, each sorted by
+            angle; the distance is sliced Wasserstein-1).
+        length: L points per sequence (condition and target alike).
+        source, target: the shapes of the "points" job.
+        noise: the condition noise of the "curves" job.
+        time_sampling: flow times during training: "logit_normal" (SD3) or "uniform".
+        sample_steps: Euler steps when evaluating and in `vermeil sample`.
+        eval_samples: sequences generated per evaluation.
+    """
+
+    task: Literal["flow"] = "flow"
+    job: Literal["curves", "points"] = "curves"
+    length: int = 16
+    source: str = "moons"
+    target: str = "rings"
+    noise: float = 0.02
+    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    sample_steps: int = 32
+    eval_samples: int = 256
+
+    def __post_init__(self) -> None:
+        from vermeil.data import DISTRIBUTIONS
+
+        for name in ("source", "target"):
+            value = getattr(self, name)
+            if value not in DISTRIBUTIONS:
+                raise ValueError(f"{name}={value!r} must be one of {sorted(DISTRIBUTIONS)}")
+        for name in ("length", "sample_steps", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.noise < 0:
+            raise ValueError(f"noise={self.noise!r} must be >= 0")
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        """(condition channels, target channels)."""
+        return _channels(self.job)
+
+    @property
+    def vocab_size(self) -> int:
+        return 0  # points, not tokens
+
+    def job_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of `make_batch` for this job."""
+        return (
+            {"noise": self.noise} if self.job == "curves" else {"source": self.source, "target": self.target}
+        )
+
+    def complete_model(
+        self, family: Family, user: Mapping[str, Any], presets: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Without a preset the model starts from `flow_job_params` (its axes_dim fits the head size given); the
+        job fixes the channels the config leaves out: condition points in (and their mean as y), target points
+        in and out."""
+        if "preset" in user:
+            merged = super().complete_model(family, user, presets)
+        else:
+            shape = {
+                k: user[k] for k in ("hidden_size", "num_heads", "depth", "depth_single_blocks") if k in user
+            }
+            try:
+                base = to_dict(flow_job_params(self.job, **shape))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"model: {e}") from None
+            merged = {**base, **user}
+        cond_ch, data_ch = self.channels
+        io = {
+            "in_channels": data_ch,
+            "out_channels": data_ch,
+            "context_in_dim": cond_ch,
+            "vec_in_dim": cond_ch,
+        }
+        return {**merged, **{k: v for k, v in io.items() if k not in user}}
+
+    def check_fit(self, run: RunConfig) -> None:
+        pass  # the channels were fitted in complete_model; any Flux shape trains
+
+    def init_model(self, model: nn.Module) -> None:
+        zero_init_output(model)  # type: ignore[arg-type]
+
+    def build(self, run: RunConfig, model: nn.Module) -> Run:
+        """Seeded (cond, data) batches, the rectified-flow loss; evaluation: the loss on fixed batches with fixed
+        noise and times, and the distance of generated samples; `samples.png` at the end of a run."""
+        train = run.train
+        sampler = flow_sampler(self, train.batch_size, train.seed)
+        eval_gen = torch.Generator().manual_seed(train.seed + EVAL_SEED_OFFSET)
+        val = [
+            next(flow_sampler(self, train.batch_size, train.seed + EVAL_SEED_OFFSET + i))
+            for i in range(train.eval_batches)
+        ]
+        val_noise = [torch.randn(v[1].shape, generator=eval_gen) for v in val]
+        val_t = [torch.rand(v[1].shape[0], generator=eval_gen) for v in val]
+
+        def loss_fn(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+            return flow_loss(m, batch, time_sampling=self.time_sampling)
+
+        def eval_fn(m: nn.Module) -> dict[str, float]:
+            losses = [
+                float(flow_matching_loss(flux_model_fn(m, c), x, noise=n, t=t))  # type: ignore[arg-type]
+                for (c, x), n, t in zip(val, val_noise, val_t)
+            ]
+            sample = sample_flow_job(
+                m,  # type: ignore[arg-type]
+                self.eval_samples,
+                seed=train.seed + SAMPLE_SEED_OFFSET,
+                sample_steps=self.sample_steps,
+                task=self.job,
+                length=self.length,
+                data_kwargs=self.job_kwargs(),
+            )
+            return {"val_loss": sum(losses) / len(losses), "val_distance": sample.distance}
+
+        return Run(run, model, sampler, loss_fn, eval_fn, hooks=[_SamplesAtEnd(run)])
+
+
+def flow_sampler(data: FlowData, batch_size: int, seed: int) -> TaskSampler:
+    """An endless, seeded stream of (cond (B, L, Cc), data (B, L, C)) batches of a flow config; resumable."""
+    return TaskSampler(
+        partial(make_batch, data.job), batch_size, seed, length=data.length, **data.job_kwargs()
+    )
+
+
+def flow_loss(
+    model: nn.Module, batch: tuple[Tensor, Tensor], *, time_sampling: str = "logit_normal"
+) -> Tensor:
+    """Rectified-flow loss of a Flux on (cond, data); noise and times come from the global RNG (checkpointed)."""
+    cond, data = batch
+    return flow_matching_loss(flux_model_fn(model, cond), data, kind=time_sampling)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train and sample
+
+
+@dataclass
+class FlowJobResult:
+    """A trained job: the model (eval mode), its params, the loss per step and the settings used."""
+
+    model: Flux
+    params: FluxParams
+    losses: list[float]
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class FlowJobSample:
+    """Generated sequences and the distance to the true targets.
+
+    cond: (B, L, Cc); target: (B, L, C) true; generated: (B, L, C); distance: mean per-point Euclidean error
+    ("curves") or sliced Wasserstein-1 of the point clouds ("points").
+    """
+
+    cond: Tensor
+    target: Tensor
+    generated: Tensor
+    distance: float
+    task: str = "curves"
+
+
+def train_flow_job(
+    steps: int = 1500,
+    seed: int = 0,
+    *,
+    task: Job = "curves",
+    length: int = 16,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    warmup: int = 50,
+    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal",
+    params: FluxParams | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+    log_every: int = 0,
+    log: Callable[[str], None] = print,
+    threads: int | None = None,
+) -> FlowJobResult:
+    """Train a small Flux with the rectified-flow loss (x_t = (1 - t) x_0 + t noise, target noise - x_0), through
+    `vermeil.train.Trainer`.
+
+    Args:
+        steps: optimiser steps (AdamW without weight decay, linear warm-up then cosine decay to 10%, gradients
+            clipped at 1).
+        seed: fixes the weights, the data stream and the noise.
+        task: "curves" (paired circle -> 3-D trefoil) or "points" (`vermeil.data.points.paired_sequences`).
+        length: L points per sequence.
+        time_sampling: "logit_normal" (SD3) or "uniform" flow times.
+        params: a FluxParams (default `flow_job_params(task)`).
+        data_kwargs: extra arguments of the data generator (e.g. source/target shapes for "points").
+        log_every: print the mean loss every this many steps (0: silent).
+        threads: torch intra-op threads while training (restored afterwards); None leaves the setting alone.
+            A model this small runs fastest on 1 thread, and far faster on a loaded machine.
+
+    Returns:
+        FlowJobResult with the model in eval mode.
+    """
+    from vermeil.models.flux import Flux
+
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    params = params or flow_job_params(task)
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        betas=(0.9, 0.999),  # AdamW's defaults: this small model needs no LLM-style beta2
+        grad_clip=1.0,
+        batch_size=batch_size,
+        seq_len=length,
+        eval_every=0,
+        log_every=log_every or steps,
+        save_every=0,
+        seed=seed,
+        progress=False,
+        plot=False,
+    )
+    with _threads(threads):
+        torch.manual_seed(seed)  # the weights, then the flow noise and times of every step
+        model = Flux(params)
+        zero_init_output(model)
+        batches = TaskSampler(
+            partial(make_batch, task), batch_size, seed, length=length, **(data_kwargs or {})
+        )
+        record = _RecordLosses(log_every, log)
+
+        def loss_fn(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+            return flow_loss(m, batch, time_sampling=time_sampling)
+
+        start = time.perf_counter()
+        Trainer(model, batches, loss_fn, config, hooks=[record]).fit()
+        seconds = time.perf_counter() - start
+    model.eval()
+    settings = dict(
+        steps=steps,
+        seed=seed,
+        task=task,
+        length=length,
+        batch_size=batch_size,
+        lr=lr,
+        time_sampling=time_sampling,
+        data_kwargs=dict(data_kwargs or {}),
+    )
+    return FlowJobResult(model, params, record.losses, settings, seconds)
+
+
+class _RecordLosses(Hook):
+    """Keep every step's loss (a float: one host sync per step, as any loss curve needs) and print the mean
+    every `log_every` steps."""
+
+    def __init__(self, log_every: int, log: Callable[[str], None]) -> None:
+        self.log_every, self.log, self.losses = log_every, log, []
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: Tensor) -> None:
+        self.losses.append(float(loss))
+        if self.log_every and step % self.log_every == 0:
+            recent = self.losses[-self.log_every :]
+            lr = trainer.scheduler.get_last_lr()[0]
+            self.log(f"step {step}/{trainer.config.steps}  loss {sum(recent) / len(recent):.4f}  lr {lr:.2e}")
+
+
+@contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def sample_flow_job(
+    result: FlowJobResult | Flux,
+    num_samples: int = 256,
+    *,
+    seed: int = 1234,
+    sample_steps: int = 32,
+    sampler: Literal["euler", "heun"] = "euler",
+    task: Job | None = None,
+    length: int | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> FlowJobSample:
+    """Generate target sequences for fresh conditions and measure the distance to the true targets.
+
+    Args:
+        result: a FlowJobResult (its task, length and data settings are reused) or a bare Flux (then give task
+            and length, default "curves" and 16; an untrained model gives the baseline distance).
+        num_samples: B sequences to generate.
+        seed: the evaluation data and noise (distinct from the training stream by default).
+        sample_steps: K flow steps on the unshifted grid linspace(1, 0, K + 1).
+        sampler: "euler" or "heun".
+        threads: torch intra-op threads while sampling (restored afterwards); None leaves the setting alone.
+
+    Returns:
+        FlowJobSample (distance as a float).
+    """
+    model = result.model if isinstance(result, FlowJobResult) else result
+    config = result.config if isinstance(result, FlowJobResult) else {}
+    task = task or config.get("task", "curves")
+    length = length or config.get("length", 16)
+    data_kwargs = data_kwargs if data_kwargs is not None else config.get("data_kwargs", {})
+    gen = torch.Generator().manual_seed(seed)
+    cond, target = make_batch(task, num_samples, length, gen, **data_kwargs)
+    noise = torch.randn(target.shape, generator=gen)
+    timesteps = get_schedule(sample_steps, length, shift=False)
+    run = {"euler": sample_euler, "heun": sample_heun}[sampler]
+    was_training = model.training
+    model.eval()
+    with _threads(threads):
+        generated = run(flux_model_fn(model, cond), noise, timesteps)
+    model.train(was_training)
+    if task == "curves":
+        distance = (generated - target).norm(dim=-1).mean().item()
+    else:
+        sw_gen = torch.Generator().manual_seed(seed + 1)
+        distance = sliced_wasserstein(
+            generated.reshape(-1, target.shape[-1]), target.reshape(-1, target.shape[-1]), generator=sw_gen
+        ).item()
+    return FlowJobSample(cond, target, generated, distance, task)
+
+
+def plot_flow_job(sample: FlowJobSample, path: str | Path, *, rows: int = 3) -> Path:
+    """Write a PNG: per row, the condition, the true target and the generated target (first `rows` samples).
+
+    3-D targets are drawn as their first two coordinates coloured by the third. Needs matplotlib (extra "plot").
+    """
+    import matplotlib  # an optional extra: imported only here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = min(rows, sample.cond.shape[0])
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    for r in range(rows):
+        for c, (title, pts) in enumerate(
+            (("condition", sample.cond[r]), ("target", sample.target[r]), ("generated", sample.generated[r]))
+        ):
+            ax = axes[r][c]
+            pts = pts.detach().cpu()
+            colour = pts[:, 2] if pts.shape[1] > 2 else torch.arange(pts.shape[0])
+            ax.plot(pts[:, 0], pts[:, 1], color="0.8", lw=0.8, zorder=0)  # the sequence order
+            ax.scatter(pts[:, 0], pts[:, 1], c=colour, cmap="viridis", s=14)
+            ax.set_aspect("equal")
+            ax.set_title(title if r == 0 else "")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{sample.task}: distance {sample.distance:.3f}")
+    path = Path(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def sample_run(
+    run: RunConfig,
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    num_samples: int | None = None,
+) -> float:
+    """Generate target sequences for fresh conditions with a trained flux run, plot them into a PNG.
+
+    Returns the distance to the true targets (see `FlowData`). Raises ValueError for guidance on a model
+    without a guidance embedding.
+    """
+    if not isinstance(run.data, FlowData):
+        raise ValueError(f"sampling needs a flow run (data.task=flow), got data.task={run.data.task!r}")
+    if guidance is not None:
+        raise ValueError(
+            f"guidance={guidance} needs a guidance-distilled model (model.guidance_embed=true); "
+            "the flow job trains without one"
+        )
+    d = run.data
+    sample = sample_flow_job(
+        model,  # type: ignore[arg-type]
+        num_samples or d.eval_samples,
+        seed=seed,
+        sample_steps=steps or d.sample_steps,
+        task=d.job,
+        length=d.length,
+        data_kwargs=d.job_kwargs(),
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plot_flow_job(sample, path)
+    return sample.distance
+
+
+class _SamplesAtEnd(Hook):
+    """Write `samples.png` into the run folder when a flow run finishes (not when it was interrupted)."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if trainer.out_dir is None or result.interrupted or not trainer.config.plot:
+            return
+        import tempfile
+
+        main = getattr(trainer, "is_main", True)
+        # Under a distributed strategy every rank samples (the forward may hold collectives); rank 0 writes.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = trainer.out_dir / "samples.png" if main else Path(tmp) / "samples.png"
+            try:
+                distance = sample_run(self.run, trainer.model, out)
+            except ImportError:
+                return  # no matplotlib: the loss curve step already said so
+        if not main:
+            return
+        print(
+            f"samples.png: distance {distance:.4f} (vermeil sample {trainer.out_dir} draws more)",
+            file=sys.stderr,
+        )

@@ -1,0 +1,125 @@
+"""What every task of a recipe shares: the `TaskData` base of the `data:` configs, the built `Run`, the seeded
+batch stream `TaskSampler`, and the token-level evaluation.
+
+A task (`recipes/text.py`, `recipes/synthetic.py`, `recipes/flow.py`) is a data config dataclass deriving from
+`TaskData`: it completes the model section it trains (`complete_model`), checks that the run fits it
+(`check_fit`), and builds the batches, loss and evaluation of a run (`build`).
+
+Axis legend: B batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vermeil.config import merge_preset
+from vermeil.train.trainer import Hook
+
+if TYPE_CHECKING:
+    from vermeil.recipes.config import Family, RunConfig
+
+__all__ = ["Run", "TaskData", "TaskSampler", "eval_token_batches"]
+
+
+@dataclass
+class Run:
+    """What a recipe builds: the model, an endless batch iterator, the loss and evaluation functions."""
+
+    config: RunConfig
+    model: nn.Module
+    train_batches: Iterator[Any]
+    loss_fn: Callable[[nn.Module, Any], Any]
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None
+    tokenizer: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    hooks: list[Hook] = field(default_factory=list)
+
+
+class TaskData:
+    """Base of the data configs: the defaults are those of a token task (a language model with a vocabulary)."""
+
+    task: str
+
+    def complete_model(
+        self, family: Family, user: Mapping[str, Any], presets: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The model section with its preset merged in; a token model's vocabulary defaults to the data's."""
+        merged = merge_preset(user, presets, path="model")
+        if family.vocab_key is not None and family.vocab_key not in user:
+            merged[family.vocab_key] = self.vocab_size  # the data decides, unless the config says otherwise
+        return merged
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def check_fit(self, run: RunConfig) -> None:
+        """Cross-section rules (ConfigError naming the keys); a token task needs the data's vocabulary."""
+        from vermeil.config import ConfigError
+        from vermeil.recipes.config import model_vocab_size
+
+        vocab = model_vocab_size(run)
+        if vocab < self.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={vocab} must be >= the data vocabulary {self.vocab_size} (data.task={self.task})"
+            )
+
+    def init_model(self, model: nn.Module) -> None:
+        """A task's own initialisation of a freshly built model (none by default)."""
+
+    def build(self, run: RunConfig, model: nn.Module) -> Run:
+        raise NotImplementedError
+
+
+class TaskSampler:
+    """An endless, seeded stream of batches `make(batch_size, generator=g, **kwargs)`, resumable through
+    `state_dict` (the generator's state is the whole position of the stream)."""
+
+    def __init__(self, make: Callable[..., Any], batch_size: int, seed: int, **kwargs: Any):
+        self.make = make
+        self.batch_size = batch_size
+        self.kwargs = kwargs
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> TaskSampler:
+        return self
+
+    def __next__(self) -> Any:
+        return self.make(self.batch_size, generator=self.generator, **self.kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _logits(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
+
+
+def eval_token_batches(
+    model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], device: torch.device
+) -> tuple[float, float]:
+    """(mean cross-entropy over scored positions, accuracy over scored positions)."""
+    total_loss = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = _logits(model(inputs)).float()
+        flat, tgt = logits.flatten(0, 1), targets.flatten()
+        total_loss += F.cross_entropy(flat, tgt, ignore_index=-100, reduction="sum").double().cpu()
+        scored = tgt != -100
+        correct += ((flat.argmax(-1) == tgt) & scored).sum().double().cpu()
+        count += int(scored.sum())
+    if count == 0:
+        return math.nan, math.nan
+    return float(total_loss) / count, float(correct) / count

@@ -1,0 +1,98 @@
+"""The `train:` section of a run config: `TrainConfig`, the settings of one training run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the `train:` section of a run config).
+
+    Args:
+        steps: optimizer updates in the whole run (the schedule's length; resuming continues up to it).
+        lr: peak learning rate; min_lr_ratio: the cosine ends at `lr * min_lr_ratio`; warmup: linear warm-up steps.
+        weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, A_log, D: `train.optim`).
+        no_decay_embeddings: keep embedding tables out of the weight decay.
+        fused_adamw: the fused AdamW kernel; None uses it where torch has one (CPU included).
+        grad_clip: clip the global gradient norm to this; None or 0 disables clipping.
+        grad_accum: micro-batches per update (the effective batch is `batch_size * grad_accum`).
+        batch_size, seq_len: the shape of one micro-batch (the recipes' data builders read them).
+        eval_every: evaluate every N steps (0: only at the end); eval_batches: batches per evaluation.
+        log_every: a `metrics.jsonl` row (and a progress-bar update) every N steps.
+        save_every: a checkpoint every N steps (0: only at the end and on Ctrl-C); keep_checkpoints: how many
+            checkpoint folders stay on disk.
+        bf16: autocast the forward to bfloat16 (CPU or GPU); weights and optimizer stay float32.
+        seed: seeds the model init, the data order and dropout.
+        device: where to train ("cpu", "cuda", ...).
+        out_dir: the run folder (None: the CLI picks `runs/<config name>`; the Python API then keeps nothing on
+            disk).
+        progress: show the tqdm bar; None shows it only when stdout is a terminal (tqdm's `disable=None`).
+        plot: write `loss.png` at the end (needs matplotlib).
+        threads: torch intra-op threads (None: leave torch's default).
+    """
+
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    no_decay_embeddings: bool = True
+    fused_adamw: bool | None = None
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    batch_size: int = 16
+    seq_len: int = 256
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    bf16: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str | None = None
+    progress: bool | None = None
+    plot: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "grad_accum",
+            "batch_size",
+            "seq_len",
+            "eval_batches",
+            "log_every",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        for name in ("warmup", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an int >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)!r} must be two numbers in [0, 1)")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (or null to disable)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads!r} must be >= 1 (or null)")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r} is not a torch device: {e}") from None
