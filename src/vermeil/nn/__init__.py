@@ -5,9 +5,16 @@ One topic per file: `norms`, `positional`, `masks`, `attention`, `cache`, `feedf
 parameters and call them.
 """
 
-from vermeil.nn.attention import Attention, CrossAttention, FlashAttention, SelfAttention, attention
+from vermeil.nn.attention import (
+    Attention,
+    CrossAttention,
+    FlashAttention,
+    SelfAttention,
+    attention,
+    chunked_causal_attention,
+)
 from vermeil.nn.blocks import ParallelTransformerBlock, TransformerBlock
-from vermeil.nn.cache import KVCache, SSMState
+from vermeil.nn.cache import KVCache, RingKVCache, SSMState
 from vermeil.nn.feedforward import GLU, FeedForward, GeGLU, SwiGLU, llama_hidden_dim
 from vermeil.nn.lora import (
     LoRA,
@@ -25,11 +32,14 @@ from vermeil.nn.norms import LayerNorm, QKNorm, RMSNorm, rms_norm
 from vermeil.nn.positional import (
     EmbedND,
     RopeScaling,
+    RopeTables,
     RotaryEmbedding,
     apply_rotary,
     apply_scaling,
     rope_cos_sin,
     rope_inv_freq,
+    rotate_qk,
+    temperature_scale,
     timestep_embedding,
     xpos_scale,
 )
@@ -57,7 +67,9 @@ __all__ = [
     "ParallelTransformerBlock",
     "QKNorm",
     "RMSNorm",
+    "RingKVCache",
     "RopeScaling",
+    "RopeTables",
     "RotaryEmbedding",
     "Router",
     "SSMState",
@@ -70,6 +82,7 @@ __all__ = [
     "attention",
     "attention_mask",
     "causal_mask",
+    "chunked_causal_attention",
     "chunked_mask",
     "llama_hidden_dim",
     "lora_state_dict",
@@ -80,10 +93,12 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",
+    "rotate_qk",
     "selective_scan",
     "selective_scan_ref",
     "selective_step",
     "sliding_window_mask",
+    "temperature_scale",
     "timestep_embedding",
     "unmerge_lora",
     "xpos_scale",

@@ -587,8 +587,10 @@ class Attention(nn.Module):
         """With a cache: queries at `input_pos`, keys at the positions the cache holds (`kv_pos`, -1 empty)."""
         assert self.kv_cache is not None  # internal: called on the cache path only
         user = self._user_mask(mask, b, t, self.kv_cache.max_seq_len)  # the user's mask is over positions
-        if user is not None and isinstance(self.kv_cache, RingKVCache):
-            user = user.index_select(-1, kv_pos.clamp(min=0))  # position -> slot order
+        if user is not None:
+            user = user.index_select(
+                -1, kv_pos.clamp(min=0)
+            )  # position -> slot order (a ring's is not 0..S-1)
         full = attention_mask(input_pos, kv_pos, causal=True, window=self.window, chunk=self.chunk)
         full = full & (kv_pos >= 0)  # empty ring slots
         return full if user is None else full & user
