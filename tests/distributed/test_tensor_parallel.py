@@ -425,6 +425,32 @@ def test_plan_errors_name_the_module_value_and_rule(
         tensor_parallel_plan(build(), 2, **kwargs)
 
 
+def test_plan_has_one_attention_entry_for_every_attention() -> None:
+    # vermeil.nn.Attention and anything built on it (the LLM's Meta-named attention, a user's subclass) get
+    # the same entries, with a learnable qk norm's scales as partial-gradient replicas.
+    from vermeil.nn.attention import Attention
+    from vermeil.nn.norms import QKNorm
+
+    class MyAttention(Attention):
+        pass
+
+    for module in (
+        Attention(32, 4, 2, qk_norm="rms", window=3),
+        MyAttention(32, 4, 2, chunk=5),
+        _llm().layers[0].attention,
+        Attention(32, 4, 2, qk_norm=QKNorm(8, learnable=False)),
+    ):
+        plan = _styles(tensor_parallel_plan(module, 2))
+        assert {k: v for k, v in plan.items() if k in ("wq", "wk", "wv", "wo")} == {
+            "wq": "ColwiseParallel",
+            "wk": "ColwiseParallel",
+            "wv": "ColwiseParallel",
+            "wo": "RowwiseParallel",
+        }
+        learnable = getattr(getattr(module.qk_norm, "query_norm", None), "scale", None) is not None
+        assert ("qk_norm.query_norm" in plan) == learnable
+
+
 def test_plan_rejects_llm_kv_cache() -> None:
     model = _llm()
     model.setup_cache(1, 8)

@@ -185,6 +185,20 @@ def test_chunk_cache_is_bounded() -> None:
     assert [c.k_cache.shape[2] for c in caches] == [5, 5, 5, 40]
 
 
+def test_chunked_layers_share_the_ring_cache_of_vermeil_nn() -> None:
+    # One attention implementation: the LLM's layers are vermeil.nn.Attention, chunked ones decode through the
+    # same RingKVCache a sliding-window layer uses, global ones through the full KVCache.
+    from vermeil.nn.attention import Attention as NNAttention
+    from vermeil.nn.cache import KVCache, RingKVCache
+
+    m = tiny()
+    assert all(isinstance(layer.attention, NNAttention) for layer in m.layers)
+    m.setup_cache(2, 40)
+    caches = [layer.attention.kv_cache for layer in m.layers]
+    assert [type(c) for c in caches] == [RingKVCache, RingKVCache, RingKVCache, KVCache]
+    assert [c.max_seq_len for c in caches] == [40] * 4
+
+
 def test_generate_ragged_batch_matches_single_rows() -> None:
     m = tiny()
     prompts = [tokens(1, n, seed=n)[0].tolist() for n in (3, 8, 6)]
