@@ -216,10 +216,17 @@ def _backend_kw(backend: str) -> dict[str, str]:
     return {} if backend == "chunked" and scan_backend_missing() else {"backend": backend}
 
 
+def _config_has_backend() -> bool:
+    return "scan_backend" in {f.name for f in dataclasses.fields(MambaConfig)}
+
+
 def config_backend_missing() -> str | None:
-    if "scan_backend" not in {f.name for f in dataclasses.fields(MambaConfig)}:
-        return "MambaConfig has no scan_backend field in this checkout"
-    return None
+    """Why a MambaLM cannot pick its scan backend here (MambaConfig's field, or MambaBlock's attribute)."""
+    from vermeil.nn.ssm import MambaBlock
+
+    if _config_has_backend() or "scan_backend" in inspect.signature(MambaBlock.__init__).parameters:
+        return None
+    return "neither MambaConfig nor MambaBlock takes scan_backend in this checkout"
 
 
 def triton_missing(ctx: Ctx) -> str | None:
@@ -415,7 +422,7 @@ def row_check_decode(ctx: Ctx) -> None:
 
 def _mamba_cfg(ctx: Ctx, backend: str | None, vocab: int, n_layer: int | None = None) -> MambaConfig:
     s = ctx.shapes
-    kw: dict[str, Any] = {} if backend is None or config_backend_missing() else {"scan_backend": backend}
+    kw: dict[str, Any] = {"scan_backend": backend} if backend is not None and _config_has_backend() else {}
     return MambaConfig(
         d_model=s.d_model,
         n_layer=n_layer or s.n_layer,
@@ -429,8 +436,14 @@ def _mamba_cfg(ctx: Ctx, backend: str | None, vocab: int, n_layer: int | None = 
 def _mamba_lm(
     ctx: Ctx, backend: str | None, vocab: int, n_layer: int | None = None, dtype: torch.dtype | None = None
 ) -> MambaLM:
+    """A MambaLM of the bench's config; `backend` (None: the default) set through MambaConfig's scan_backend,
+    or on each MambaBlock (a plain attribute) where the config has no such field yet."""
     torch.manual_seed(0)
-    return MambaLM(_mamba_cfg(ctx, backend, vocab, n_layer), device=ctx.device, dtype=dtype)
+    lm = MambaLM(_mamba_cfg(ctx, backend, vocab, n_layer), device=ctx.device, dtype=dtype)
+    if backend is not None and not _config_has_backend():
+        for layer in lm.backbone.layers:
+            layer.mixer.scan_backend = backend
+    return lm
 
 
 def _stack_fn(lm: MambaLM) -> Callable[[Tensor], Tensor]:
@@ -493,9 +506,11 @@ def row_stack(ctx: Ctx) -> None:
             lm = _mamba_lm(ctx, backend, vocab=256)
             step = _fwd_bwd(ctx, _stack_fn(lm), x)
             ms = _median(ctx.time_ms(step, min_reps=20, max_s=6.0))
-            ctx.reset_peak()
-            step()
-            peak = ctx.peak_gb()
+            peak = None
+            if ctx.cuda:  # one more call, for its peak memory
+                ctx.reset_peak()
+                step()
+                peak = ctx.peak_gb()
             times[backend] = ms
             ctx.add(
                 "stack",
@@ -503,7 +518,7 @@ def row_stack(ctx: Ctx) -> None:
                 ms,
                 x_floor=ms / floor if floor else None,
                 peak_gb=peak,
-                vs_triton=ms / times["triton"] if backend != "triton" and "triton" in times else None,
+                x_triton=ms / times["triton"] if backend != "triton" and "triton" in times else None,
             )
             for p in lm.parameters():
                 p.grad = None

@@ -274,3 +274,8 @@ def test_cuda_graph_decoding_returns_the_eager_tokens(name: str) -> None:  # pra
     stops = [int(eager[0, 3]), int(eager[1, 5])]
     eager_stop = generate(model, prompts, 12, stop_tokens=stops, cuda_graph=False)
     assert torch.equal(generate(model, prompts, 12, stop_tokens=stops), eager_stop)
+    # sampling runs outside the graph on the replayed logits: the same draws from the same seed
+    kw = dict(temperature=0.8, top_k=20, top_p=0.95, seed=3)
+    assert torch.equal(
+        generate(model, prompts, 12, **kw), generate(model, prompts, 12, cuda_graph=False, **kw)
+    )
