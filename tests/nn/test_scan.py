@@ -386,3 +386,38 @@ def test_bad_chunk_size_raises():
     inputs = make_inputs()
     with pytest.raises(ValueError, match="chunk_size=0"):
         selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], chunk_size=0)
+
+
+def test_backend_keyword():
+    """ "ref" is the loop itself, "chunked" (and "auto" on CPU tensors) the chunked scan; others are rejected."""
+    inputs = make_inputs(length=9)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    kw = {k: inputs[k] for k in ("D", "z", "delta_bias")}
+    ref = selective_scan_ref(*args, **kw, delta_softplus=True)
+    assert torch.equal(selective_scan(*args, **kw, delta_softplus=True, backend="ref"), ref)
+    chunked = selective_scan(*args, **kw, delta_softplus=True, backend="chunked")
+    assert torch.equal(selective_scan(*args, **kw, delta_softplus=True), chunked)  # auto on the CPU
+    assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"backend='cuda' must be one of \('auto', 'triton', 'chunked', 'ref'\)"
+    ):
+        selective_scan(*args, backend="cuda")
+    with pytest.raises(ValueError, match="compile and chunk_size apply to backend='chunked' only"):
+        selective_scan(*args, backend="ref", chunk_size=4)
+
+
+def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
+    """Where triton is missing, backend='triton' names the package and the extra that installs it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
+    inputs = make_inputs()
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(
+        RuntimeError, match=r"triton package is not installed \(pip install 'vermeil\[gpu\]'\)"
+    ):
+        selective_scan(*args, backend="triton")
+    assert_close(selective_scan(*args), selective_scan_ref(*args), rtol=1e-5, atol=1e-5)  # auto still runs

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vermeil.nn.ssm import MambaBlock, MambaState
 
@@ -285,3 +286,73 @@ def test_compiled_decode_step_matches_eager():
         step = torch.compile(block, fullgraph=True, backend="eager")
         outs = [step(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(3, T)]
     assert_close(torch.cat(outs, dim=1), full[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_scan_backend_is_validated_and_applied():
+    with pytest.raises(
+        ValueError, match=r"scan_backend='cuda' must be one of \('auto', 'triton', 'chunked', 'ref'\)"
+    ):
+        MambaBlock(16, scan_backend="cuda")
+    block = make_block(scan_backend="ref")
+    x = torch.randn(2, T, D_MODEL)
+    out_ref = block(x)
+    block.scan_backend = "chunked"
+    assert_close(block(x), out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_scan_backend_equals_chunked(monkeypatch):
+    """scan_backend="triton" (Triton's interpreter on the CPU) gives the chunked block's outputs, final states
+    and gradients; the block hands the kernels (B, L, X)-major views, which they read in place."""
+    pytest.importorskip("triton", reason="triton is not installed: pip install -e '.[test]'")
+    if not torch.cuda.is_available():
+        from test_scan_triton import _vectorised_generic_scan  # the interpreter's scan, vectorised
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.ScanOps, "generic_scan", _vectorised_generic_scan)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    block = make_block().to(device)
+    x = torch.randn(2, 19, D_MODEL, device=device, requires_grad=True)
+    ssm0 = torch.randn(2, block.d_inner, block.d_state, device=device, requires_grad=True)
+    conv0 = torch.randn(2, block.d_inner, block.d_conv, device=device)
+    params = [x, ssm0, *block.parameters()]
+    results = []
+    for backend in ("chunked", "triton"):
+        block.scan_backend = backend
+        out, (conv, ssm) = block(x, initial_state=(conv0, ssm0), return_final_state=True)
+        grads = torch.autograd.grad(out.square().sum() + ssm.sum(), params)
+        results.append((out, conv, ssm, grads))
+    (out, conv, ssm, grads), (out_t, conv_t, ssm_t, grads_t) = results
+    assert_close(out_t, out, rtol=1e-5, atol=1e-5)
+    assert_close(conv_t, conv)
+    assert_close(ssm_t, ssm, rtol=1e-5, atol=1e-5)
+    names = ["x", "ssm0", *(n for n, _ in block.named_parameters())]
+    for name, g, g_t in zip(names, grads, grads_t):
+        scale = g.abs().max().clamp_min(1.0)
+        assert_close(g_t / scale, g / scale, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records ops that copy a tensor's value to the host (.item(), bool(t), nonzero): each is a CUDA sync."""
+
+    SYNCING = ("_local_scalar_dense", "is_nonzero", "nonzero", "equal")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(name in str(func) for name in self.SYNCING):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_has_no_host_syncs():
+    """A cached one-token step reads no tensor value on the host, so a CUDA graph can capture it."""
+    block = make_block()
+    block.setup_cache(batch_size=2)
+    with torch.no_grad():
+        block(torch.randn(2, 3, D_MODEL), input_pos=torch.arange(3))
+        with _HostSyncs() as mode:
+            block(torch.randn(2, 1, D_MODEL), input_pos=torch.tensor([3]))
+            block(torch.randn(2, 1, D_MODEL), input_pos=torch.tensor([0]))  # restart: decided on the device
+    assert mode.seen == []

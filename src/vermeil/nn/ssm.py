@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
-from vermeil.nn.scan import selective_scan, selective_step
+from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
 
 __all__ = ["MambaBlock", "MambaState"]
 
@@ -106,6 +106,9 @@ class MambaBlock(nn.Module):
             (`selective_scan(..., compile=True)`): a 4-layer stack (d_model 512) trains 1.2-1.4x faster on
             a 2-core CPU (bench/mamba.py), after a first call that compiles. A plain attribute: it can be set
             on a built model too.
+        scan_backend: `selective_scan`'s backend, one of `vermeil.nn.scan.BACKENDS`: "auto" (Triton kernels
+            on CUDA when triton imports, the chunked scan elsewhere), "triton", "chunked" or "ref". A plain
+            attribute too (validated at construction).
         device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
 
     Raises:
@@ -128,6 +131,7 @@ class MambaBlock(nn.Module):
         bias: bool = False,
         layer_idx: int | None = None,
         compile_scan: bool = False,
+        scan_backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -150,9 +154,12 @@ class MambaBlock(nn.Module):
             raise ValueError(f"dt_init_floor={dt_init_floor!r} must be >= 0")
         if dt_scale <= 0:
             raise ValueError(f"dt_scale={dt_scale!r} must be > 0")
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend={scan_backend!r} must be one of {BACKENDS}")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.compile_scan = bool(compile_scan)
+        self.scan_backend = scan_backend
         self.d_inner = int(expand * d_model)
         self.dt_rank = dt_rank
         self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
@@ -282,6 +289,7 @@ class MambaBlock(nn.Module):
             initial_state=ssm_state,
             return_final_state=want_state,
             compile=self.compile_scan,
+            backend=self.scan_backend,
         )
         y, new_ssm = result if want_state else (result, None)
         return self.out_proj(y.transpose(1, 2)), new_conv, new_ssm

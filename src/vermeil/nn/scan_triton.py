@@ -1,0 +1,506 @@
+"""Triton kernels for the selective scan (Mamba-1's S6 recurrence) and their autograd Function.
+
+Same arguments and results as `vermeil.nn.scan.selective_scan_ref` (read it for the recurrence), computed in
+float32 whatever the input dtype (float32, bfloat16, float16); y comes back in u.dtype, the final state in
+float32. `vermeil.nn.scan.selective_scan(..., backend="auto"|"triton")` calls `selective_scan_triton`; this
+module imports without triton (then only `scan_bytes` and the constants are usable).
+
+Design (forward, `_scan_fwd_kernel`):
+
+- Grid (B, cdiv(D, BLOCK_D)): one program per batch row and block of BLOCK_D channels. Its state is a
+  [BLOCK_D, N_pad] float32 tile kept in registers for the whole sequence (N_pad = N rounded up to a power
+  of two, the padding masked to A = 0, B = C = 0 so it stays zero).
+- The sequence is walked in chunks of CHUNK positions. A chunk loads u, delta, z as [BLOCK_D, CHUNK] tiles
+  and B, C as [N_pad, CHUNK] tiles through their strides (so the transposed views of (B, L, X)-contiguous
+  tensors that MambaBlock passes are read in place, coalesced along D), fuses delta_bias and softplus,
+  forms a = exp2(delta * A * log2 e) and x = delta * u * B as [BLOCK_D, N_pad, CHUNK] tiles, and scans them
+  along time with `tl.associative_scan` and the combine (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (mamba_ssm's
+  `SSMScanOp`). The carry from the previous chunk is folded in afterwards (h_t = A_cum_t h_carry + x_cum_t),
+  y_t = <C_t, h_t> is a reduction over N, and D*u and y*silu(z) are fused before the one store of y.
+  The associative scan, not a per-position loop, because Triton cannot index a register tile by a runtime
+  position: a sequential loop would reload u, delta, B, C one position at a time (a load latency per step
+  on a dependency chain of L steps), where the chunked scan issues CHUNK positions' loads at once and
+  spends log2(CHUNK) combine levels of register arithmetic on them.
+- Written to HBM: y, the final state, and (only when a gradient will be needed) the float32 state at the
+  start of each chunk, (B, D, n_chunks, N) with n_chunks = cdiv(L, CHUNK). Nothing of shape (B, D, L, N).
+
+Design (backward, `_scan_bwd_kernel`): same grid and tiles; chunks in reverse order. Each chunk recomputes its
+states from the saved chunk-start state (one forward associative scan), then runs the adjoint
+G_t = gy_t C_t + a_{t+1} G_{t+1} as a `reverse=True` associative scan with the same combine; a_{t+1} comes
+from a second load of delta shifted by one position (an L1/L2 hit), and the adjoint arriving from the next
+chunk (or the gradient of the returned final state) is folded in like the forward carry. The gradient
+through exp(delta A) needs a_t h_{t-1}, which is h_t - x_t: no shifted state is needed. Outputs:
+du, ddelta (through softplus and bias), dz written per position; dA, dD, d(delta_bias) accumulated in
+registers over the program's positions and written as per-batch-row partials (B, D, N) and (B, D), summed by
+torch afterwards (deterministic, tiny); dB and dC, which sum over all channels, are added with float32
+`tl.atomic_add` into (B, N, L) buffers, as mamba_ssm does, because per-block partials would cost
+cdiv(D, BLOCK_D) times their size in HBM traffic (the order of the atomic adds makes dB, dC
+nondeterministic in the last bits); d(initial_state) = a_0 G_0 is written once.
+
+HBM bytes per call (`scan_bytes` computes them; e the input element size, e.g. 2 for bfloat16): forward
+reads u, delta, z and writes y, 4e per (b, d, l), reads B and C, 2e per (b, n, l), and writes
+4 * N / CHUNK bytes of chunk states per (b, d, l) plus the final state. Backward reads u, delta, z, dy and
+writes du, ddelta, dz, 7e per (b, d, l), reads B, C (2e per (b, n, l)) and adds dB, dC (8 per (b, n, l)),
+and reads the chunk states back. B and C are read by every channel block; only their first read is counted
+(the rest hit L2), as are the shifted delta re-reads.
+
+Sources: state-spaces/mamba `csrc/selective_scan/selective_scan_fwd_kernel.cuh` and
+`selective_scan_bwd_kernel.cuh` (chunk-boundary states, recomputation in backward, the scan operator,
+atomics for dB/dC), `csrc/selective_scan/reverse_scan.cuh` (the reverse adjoint scan);
+srush/annotated-mamba `final.py` and sustcsonglin/mamba-triton `triton_sequential_scan.py` (a program per
+(batch, channel block) with the state in registers, `tl.associative_scan` over time chunks).
+
+Block sizes are named constants, sized for Hopper (H100/H200) and adjustable per call: a [BLOCK_D, N_pad,
+CHUNK] tile of 16 x 16 x 32 float32 is 64 registers per thread per live tile at 4 warps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # optional: `pip install "vermeil[gpu]"`
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by installs without triton
+    triton = None
+    tl = None
+
+__all__ = ["BLOCK_D", "CHUNK", "NUM_WARPS", "TILE_ELEMENTS", "scan_bytes", "selective_scan_triton"]
+
+# Channels per program and positions per chunk. BLOCK_D shrinks as N grows so that one [BLOCK_D, N_pad, CHUNK]
+# tile stays near TILE_ELEMENTS floats (register budget); these are the values for N = 16.
+BLOCK_D = 16
+CHUNK = 32
+TILE_ELEMENTS = BLOCK_D * 16 * CHUNK
+MIN_BLOCK_D, MAX_BLOCK_D = 4, 64
+NUM_WARPS = 4
+BWD_NUM_WARPS = 8  # the backward keeps about twice as many tiles alive
+_LOG2_E = math.log2(math.e)
+
+# Set at import: the @triton.jit decorators below read TRITON_INTERPRET when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _n_pad(n_state: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n_state)))
+
+
+def block_d_for(n_state: int, chunk: int = CHUNK) -> int:
+    """Channels per program for state size N: a power of two in [MIN_BLOCK_D, MAX_BLOCK_D]."""
+    per = TILE_ELEMENTS // (_n_pad(n_state) * chunk)
+    return max(MIN_BLOCK_D, min(MAX_BLOCK_D, 1 << max(0, int(math.log2(max(1, per))))))
+
+
+def scan_bytes(batch: int, dim: int, length: int, n_state: int, dtype: torch.dtype, *, backward: bool) -> int:
+    """HBM bytes one forward (or one backward) call of the Triton scan moves, for a bandwidth report.
+
+    Counts each tensor once (B, C and the shifted delta are re-read by other programs from L2), with z, D
+    and delta_bias present (as in Mamba) and B, C in `dtype`. The module docstring lists the terms.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    n_chunks = -(-length // CHUNK)
+    bdl, bnl, bdn = batch * dim * length, batch * n_state * length, batch * dim * n_state
+    small = dim * n_state * 4 + 2 * dim * 4  # A, D, delta_bias
+    if not backward:
+        return 4 * e * bdl + 2 * e * bnl + 4 * bdn * n_chunks + 2 * 4 * bdn + small
+    # u, delta, z, dy read; du, ddelta, dz written; B, C read; dB, dC float32 (atomics, written back once);
+    # chunk states read; d(initial_state), dA partials written, d(final state) read; dD, dbias partials
+    return (
+        7 * e * bdl
+        + 2 * e * bnl
+        + 2 * 4 * bnl
+        + 4 * bdn * n_chunks
+        + 3 * 4 * bdn
+        + 2 * 4 * batch * dim
+        + small
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _combine(a1, b1, a2, b2):
+        """(a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2."""
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _softplus(v):
+        """log(1 + exp(v)) without overflow, with log1p's accuracy for large negative v (Goldberg's trick)."""
+        e = tl.exp(-tl.abs(v))
+        one_e = 1.0 + e
+        log1p = tl.where(one_e == 1.0, e, tl.log(one_e) * e / (one_e - 1.0))
+        return tl.maximum(v, 0.0) + log1p
+
+    @triton.jit
+    def _sigmoid(v):
+        return 1.0 / (1.0 + tl.exp(-v))
+
+    @triton.jit
+    def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """delta (+ bias), softplus'ed if asked; zero where masked (an identity step). Returns (delta, pre)."""
+        pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            pre = pre + bias[:, None]
+        dt = pre
+        if SOFTPLUS:
+            dt = _softplus(pre)
+        return tl.where(mask, dt, 0.0), pre
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+        y_ptr, hlast_ptr, hchunk_ptr,
+        dim, length, n_state, n_chunks,
+        s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+        s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
+        s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CHUNKS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        pid_b = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_t = tl.arange(0, CHUNK)
+        mask_d = offs_d < dim
+        mask_dn = mask_d[:, None] & (offs_n < n_state)[None, :]
+        A2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0)
+        A2 = A2.to(tl.float32) * 1.4426950408889634  # exp(x A) = exp2(x A log2 e)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_D:
+            d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        # states are (B, D, N) contiguous float32, chunk states (B, D, n_chunks, N)
+        state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
+        chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
+        if HAS_H0:
+            h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        for c in range(0, n_chunks):
+            if SAVE_CHUNKS:
+                tl.store(hchunk_ptr + chunk_offs + c * n_state, h, mask=mask_dn)
+            t = c * CHUNK + offs_t
+            mask_t = t < length
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            mask_nt = (offs_n < n_state)[:, None] & mask_t[None, :]
+            u = tl.load(
+                u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=mask_dt, other=0.0
+            )
+            u = u.to(tl.float32)  # right after the load: the interpreter gets bf16 arithmetic wrong
+            dt_offs = pid_b * s_db + offs_d[:, None] * s_dd + t[None, :] * s_dl
+            dt, _ = _load_delta(delta_ptr, dt_offs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+            b = tl.load(
+                B_ptr + pid_b * s_bb + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mask_nt, other=0.0
+            )
+            cc = tl.load(
+                C_ptr + pid_b * s_cb + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mask_nt, other=0.0
+            )
+            b = b.to(tl.float32)
+            cc = cc.to(tl.float32)
+            a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
+            x = (dt * u)[:, None, :] * b[None, :, :]
+            a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+            hs = a_cum * h[:, :, None] + x_cum  # the state after each position of the chunk
+            y = tl.sum(hs * cc[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
+            h = tl.sum(
+                tl.where(offs_t[None, None, :] == CHUNK - 1, hs, 0.0), axis=2
+            )  # padded steps: identity
+            if HAS_D:
+                y += d_skip[:, None] * u
+            if HAS_Z:
+                z = tl.load(
+                    z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=mask_dt, other=0.0
+                )
+                z = z.to(tl.float32)
+                y = y * z * _sigmoid(z)
+            y_offs = pid_b * s_yb + offs_d[:, None] * s_yd + t[None, :] * s_yl
+            tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask_dt)
+        tl.store(hlast_ptr + state_offs, h, mask=mask_dn)
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hchunk_ptr, dy_ptr, dlast_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+        dim, length, n_state, n_chunks,
+        s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+        s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
+        s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+        s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+        SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        pid_b = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_t = tl.arange(0, CHUNK)
+        mask_d = offs_d < dim
+        mask_n = offs_n < n_state
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0)
+        A = A.to(tl.float32)
+        A2 = A * 1.4426950408889634
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
+        chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
+        # g: adjoint of the state after the chunk being processed, entering through its last step
+        if HAS_DLAST:
+            g = tl.load(dlast_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+        else:
+            g = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            t = c * CHUNK + offs_t
+            mask_t = t < length
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            mask_nt = mask_n[:, None] & mask_t[None, :]
+            u = tl.load(
+                u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=mask_dt, other=0.0
+            )
+            u = u.to(tl.float32)
+            dt_offs = pid_b * s_db + offs_d[:, None] * s_dd + t[None, :] * s_dl
+            dt, pre = _load_delta(delta_ptr, dt_offs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+            # a_{t+1}: the decay that carries G_{t+1} back to h_t; 1 past the last position
+            mask_dt1 = mask_d[:, None] & (t + 1 < length)[None, :]
+            dt1, _ = _load_delta(delta_ptr, dt_offs + s_dl, mask_dt1, bias, HAS_BIAS, SOFTPLUS)
+            a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
+            b = tl.load(
+                B_ptr + pid_b * s_bb + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mask_nt, other=0.0
+            )
+            cc = tl.load(
+                C_ptr + pid_b * s_cb + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mask_nt, other=0.0
+            )
+            b = b.to(tl.float32)
+            cc = cc.to(tl.float32)
+            dy = tl.load(
+                dy_ptr + pid_b * s_gb + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=mask_dt, other=0.0
+            )
+            dy = dy.to(tl.float32)
+            # recompute the chunk's states from its saved start
+            h = tl.load(hchunk_ptr + chunk_offs + c * n_state, mask=mask_dn, other=0.0)
+            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            du_b = dt * u
+            x = du_b[:, None, :] * b[None, :, :]
+            a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+            hs = a_cum * h[:, :, None] + x_cum
+            gy = dy  # gradient of y before gating: (y_ssm + D u) * silu(z)
+            if HAS_Z:
+                z = tl.load(
+                    z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=mask_dt, other=0.0
+                )
+                z = z.to(tl.float32)
+                sig = _sigmoid(z)
+                y = tl.sum(hs * cc[None, :, :], axis=1) + d_skip[:, None] * u
+                dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+                dz_offs = pid_b * s_dzb + offs_d[:, None] * s_dzd + t[None, :] * s_dzl
+                tl.store(dz_ptr + dz_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
+                gy = dy * z * sig
+            gy = tl.where(mask_dt, gy, 0.0)
+            # adjoint: G_t = gy_t C_t + a_{t+1} G_{t+1}, scanned backwards from the carry g
+            a1_cum, g_loc = tl.associative_scan(
+                (a1, gy[:, None, :] * cc[None, :, :]), axis=2, combine_fn=_combine, reverse=True
+            )
+            G = tl.where(mask_t[None, None, :], a1_cum * g[:, :, None] + g_loc, 0.0)
+            g = tl.sum(
+                tl.where(offs_t[None, None, :] == 0, G, 0.0), axis=2
+            )  # G at the chunk's first position
+            q = G * (hs - x)  # G_t a_t h_{t-1}: the gradient through exp(delta_t A)
+            s = tl.sum(G * b[None, :, :], axis=1)  # (BLOCK_D, CHUNK): sum_n G_t B_t
+            du = dt * s + d_skip[:, None] * gy
+            ddt = u * s + tl.sum(q * A[:, :, None], axis=1)
+            if SOFTPLUS:
+                ddt = ddt * _sigmoid(pre)
+            ddt = tl.where(mask_dt, ddt, 0.0)
+            dA_acc += tl.sum(q * dt[:, None, :], axis=2)
+            dD_acc += tl.sum(gy * u, axis=1)
+            dbias_acc += tl.sum(ddt, axis=1)
+            du_offs = pid_b * s_dub + offs_d[:, None] * s_dud + t[None, :] * s_dul
+            tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=mask_dt)
+            dd_offs = pid_b * s_ddb + offs_d[:, None] * s_ddd + t[None, :] * s_ddl
+            tl.store(ddelta_ptr + dd_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
+            # dB, dC sum over every channel: float32 atomics into (B, N, L) buffers
+            bc_offs = pid_b * n_state * length + offs_n[:, None] * length + t[None, :]
+            tl.atomic_add(dB_ptr + bc_offs, tl.sum(G * du_b[:, None, :], axis=0), mask=mask_nt)
+            tl.atomic_add(dC_ptr + bc_offs, tl.sum(hs * gy[:, None, :], axis=0), mask=mask_nt)
+        # d(initial state) = a_0 G_0 (g is G_0 now; with L == 0 it is the final state's gradient)
+        dt0, _ = _load_delta(
+            delta_ptr,
+            pid_b * s_db + offs_d[:, None] * s_dd,
+            mask_d[:, None] & (offs_d[:, None] * 0 < length),
+            bias,
+            HAS_BIAS,
+            SOFTPLUS,
+        )
+        tl.store(dh0_ptr + state_offs, tl.exp2(dt0 * A2) * g, mask=mask_dn)
+        tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
+
+
+def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty (B, X, L) tensor laid out like x: time-major (D innermost) when x is, else (B, X, L)-contiguous."""
+    bsz, dim, length = x.shape
+    dtype = dtype or x.dtype
+    if x.stride(1) == 1 and x.stride(2) != 1:
+        return torch.empty(bsz, length, dim, dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty(bsz, dim, length, dtype=dtype, device=x.device)
+
+
+class SelectiveScanTritonFn(torch.autograd.Function):
+    """The whole selective scan (bias, softplus, D, z included) as one forward and one backward kernel."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        z: Tensor | None,
+        delta_bias: Tensor | None,
+        initial_state: Tensor | None,
+        delta_softplus: bool,
+        block_d: int,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        bsz, dim, length = u.shape
+        n_state = A.shape[1]
+        n_chunks = -(-length // chunk)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        save = any(t is not None and t.requires_grad for t in inputs)
+        y = _empty_like_layout(u)
+        h_last = u.new_empty(bsz, dim, n_state, dtype=torch.float32)
+        h_chunks = u.new_empty(bsz, dim, n_chunks if save else 0, n_state, dtype=torch.float32)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        zz = z if z is not None else u
+        grid = (bsz, triton.cdiv(dim, block_d))
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
+            h0 if h0 is not None else h_last, y, h_last, h_chunks,
+            dim, length, n_state, n_chunks,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
+            SOFTPLUS=bool(delta_softplus), SAVE_CHUNKS=save,
+            BLOCK_D=block_d, BLOCK_N=_n_pad(n_state), CHUNK=chunk, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h_chunks)
+            ctx.softplus, ctx.block_d, ctx.chunk = bool(delta_softplus), block_d, chunk
+            ctx.state_dtype = initial_state.dtype if initial_state is not None else None
+        return y, h_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor | None, dlast: Tensor | None):  # type: ignore[override]
+        u, delta, A, B, C, D, z, delta_bias, h_chunks = ctx.saved_tensors
+        bsz, dim, length = u.shape
+        n_state = A.shape[1]
+        if dy is None:
+            dy = torch.zeros_like(u)
+        dlast = dlast.float().contiguous() if dlast is not None else None
+        du, ddelta = _empty_like_layout(u), _empty_like_layout(delta)
+        dz = _empty_like_layout(z) if z is not None else du
+        f32 = {"dtype": torch.float32, "device": u.device}
+        dA = torch.empty(bsz, dim, n_state, **f32)
+        dB = torch.zeros(bsz, n_state, length, **f32)
+        dC = torch.zeros(bsz, n_state, length, **f32)
+        dD = torch.empty(bsz, dim, **f32)
+        dbias = torch.empty(bsz, dim, **f32)
+        dh0 = torch.empty(bsz, dim, n_state, **f32)
+        zz = z if z is not None else u
+        grid = (bsz, triton.cdiv(dim, ctx.block_d))
+        _scan_bwd_kernel[grid](
+            u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
+            h_chunks, dy, dlast if dlast is not None else dh0,
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
+            dim, length, n_state, h_chunks.shape[2],
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *dy.stride(),
+            *du.stride(), *ddelta.stride(), *dz.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
+            SOFTPLUS=ctx.softplus,
+            BLOCK_D=ctx.block_d, BLOCK_N=_n_pad(n_state), CHUNK=ctx.chunk, num_warps=BWD_NUM_WARPS,
+        )  # fmt: skip
+        need = ctx.needs_input_grad
+        return (
+            du if need[0] else None,
+            ddelta if need[1] else None,
+            dA.sum(0).to(A.dtype) if need[2] else None,
+            dB.to(B.dtype) if need[3] else None,
+            dC.to(C.dtype) if need[4] else None,
+            dD.sum(0).to(D.dtype) if need[5] else None,
+            dz if need[6] else None,
+            dbias.sum(0).to(delta_bias.dtype) if need[7] else None,
+            dh0.to(ctx.state_dtype) if need[8] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton scan cannot run on tensors of `device` in this process, or None if it can."""
+    if triton is None:
+        return "the triton package is not installed (pip install 'vermeil[gpu]')"
+    if device.type == "cuda":
+        return (
+            None if not INTERPRETED else "TRITON_INTERPRET=1 is set, which runs kernels on CPU tensors only"
+        )
+    if device.type == "cpu":
+        if INTERPRETED:
+            return None
+        return (
+            "tensors are on the CPU, where Triton runs only in its interpreter: set TRITON_INTERPRET=1 before "
+            "vermeil.nn.scan_triton is imported (tests do), or use backend='chunked'"
+        )
+    return f"Triton kernels run on CUDA tensors, got device {device}"
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    *,
+    block_d: int | None = None,
+    chunk: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan by the Triton kernels: arguments and results of `selective_scan_ref`.
+
+    Shapes are checked by the caller (`vermeil.nn.scan.selective_scan`). block_d (channels per program)
+    and chunk (positions per associative scan) must be powers of two; None picks `block_d_for(N)` and CHUNK.
+    """
+    reason = unavailable_reason(u.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    chunk = CHUNK if chunk is None else chunk
+    block_d = block_d_for(A.shape[1], chunk) if block_d is None else block_d
+    for name, value in (("block_d", block_d), ("chunk", chunk)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a power of two")
+    y, last = SelectiveScanTritonFn.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, chunk
+    )
+    return (y, last) if return_final_state else y

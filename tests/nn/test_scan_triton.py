@@ -1,0 +1,309 @@
+"""Tests for vermeil.nn.scan_triton: the Triton selective scan against the reference loop.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton
+is imported). The interpreter costs about half a millisecond per program instance and per tile operation, so
+the shapes are small and the option grid is covered at one short length, the lengths at two option sets.
+Small block sizes (block_d=4, chunk=4 or 8) make even short sequences cross channel blocks and chunks.
+
+The interpreter runs a `tl.associative_scan` with a user combine one element at a time (a Python call per
+element of the whole tile: minutes for these shapes); `vectorised_interpreter_scan` runs the same combine in
+the same order along the scan axis, vectorised over the other axes (bitwise equal:
+`test_vectorised_interpreter_scan_is_exact`), and every other test uses it.
+
+Tolerances: float32 outputs and gradients at rtol = atol = 1e-5, gradients divided by their largest
+magnitude (dA and dB/dC sum over many terms, accumulated in another order than the loop); bfloat16/float16
+inputs at the rounding of their output dtype.
+
+Axis legend: B batch, D channels, L length, N state size.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+pytest.importorskip("triton", reason="triton is not installed: pip install -e '.[test]' (or '.[gpu]')")
+
+from vermeil.nn import scan_triton  # noqa: E402
+from vermeil.nn.scan import selective_scan, selective_scan_ref  # noqa: E402
+from vermeil.nn.scan_triton import scan_bytes, selective_scan_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+OPTION_NAMES = ("use_d", "use_z", "use_bias", "softplus", "use_state")
+ALL_ON = dict.fromkeys(OPTION_NAMES, True)
+ALL_OFF = dict.fromkeys(OPTION_NAMES, False)
+
+
+def _vectorised_generic_scan(self, inputs):
+    """Triton interpreter's `ScanOps.generic_scan`, one combine call per position along the axis."""
+    data = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in inputs]
+    outs = [np.empty_like(d) for d in data]
+    acc = None
+    for k in range(data[0].shape[0]):
+        cur = tuple(self.to_tensor(np.ascontiguousarray(d[k]), arg.dtype) for d, arg in zip(data, inputs))
+        if acc is None:
+            acc = cur
+        else:
+            ret = self.combine_fn.fn(*acc, *cur)
+            acc = ret if isinstance(ret, tuple) else (ret,)
+        for out, a in zip(outs, acc):
+            out[k] = a.handle.data
+    return [
+        self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, self.axis)), a.dtype)
+        for o, a in zip(outs, inputs)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def vectorised_interpreter_scan(monkeypatch):
+    """Replace the interpreter's element-by-element scan (not used on CUDA, where kernels are compiled)."""
+    if DEVICE == "cpu":
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.ScanOps, "generic_scan", _vectorised_generic_scan)
+
+
+def make_inputs(bsz=2, dim=5, n=4, length=7, dtype=torch.float32):
+    """Random scan inputs in the state-spaces layout; A = -exp(A_log) as Mamba parameterises it."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    return {
+        "u": randn(bsz, dim, length),
+        "delta": F.softplus(randn(bsz, dim, length)),  # positive, as after Mamba's softplus
+        "A": -torch.exp(randn(dim, n)).float(),  # A, D, delta_bias, the state: float32 as in Mamba
+        "B": randn(bsz, n, length),
+        "C": randn(bsz, n, length),
+        "D": randn(dim).float(),
+        "z": randn(bsz, dim, length),
+        "delta_bias": torch.rand(dim, generator=g).to(DEVICE),
+        "initial_state": randn(bsz, dim, n).float(),
+    }
+
+
+def run(fn, inputs, options, *, grad_y=True, grad_state=True, **extra):
+    """y, the final state and every input gradient, for a random cotangent on y and the final state."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y, final = fn(
+        leaves["u"],
+        leaves["delta"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        D=leaves["D"] if options["use_d"] else None,
+        z=leaves["z"] if options["use_z"] else None,
+        delta_bias=leaves["delta_bias"] if options["use_bias"] else None,
+        delta_softplus=options["softplus"],
+        initial_state=leaves["initial_state"] if options["use_state"] else None,
+        return_final_state=True,
+        **extra,
+    )
+    gen = torch.Generator().manual_seed(1)
+    loss = y.new_zeros((), dtype=torch.float32)
+    if grad_y:
+        loss = loss + (y.float() * torch.randn(y.shape, generator=gen).to(DEVICE)).sum()
+    if grad_state:
+        loss = loss + (final * torch.randn(final.shape, generator=gen).to(DEVICE)).sum()
+    loss.backward()
+    grads = {k: leaves[k].grad for k in GRAD_NAMES if leaves[k].grad is not None}
+    return y.detach(), final.detach(), grads
+
+
+def assert_matches_ref(inputs, options, *, rtol=1e-5, atol=1e-5, grad_y=True, grad_state=True, **kernel):
+    """The Triton scan (block sizes in `kernel`) equals selective_scan_ref in y, final state and gradients."""
+    y_ref, s_ref, g_ref = run(selective_scan_ref, inputs, options, grad_y=grad_y, grad_state=grad_state)
+    y, s, g = run(selective_scan_triton, inputs, options, grad_y=grad_y, grad_state=grad_state, **kernel)
+    assert y.dtype == inputs["u"].dtype and s.dtype == torch.float32
+    assert y.stride() == inputs["u"].stride()  # y takes u's layout
+    assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol)
+    assert_close(s, s_ref, rtol=rtol, atol=atol)
+    for name in g.keys() - g_ref.keys():  # inputs that cannot reach the loss: the reference has no grad
+        assert not g[name].any(), name
+    assert g_ref.keys() <= g.keys()
+    for name in g_ref:
+        assert g[name].dtype == g_ref[name].dtype, name
+        scale = g_ref[name].float().abs().max().clamp_min(1.0)
+        assert_close(
+            g[name].float() / scale,
+            g_ref[name].float() / scale,
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, name=name: f"grad of {name}: {m}",
+        )
+
+
+@pytest.mark.parametrize(
+    "options", [dict(zip(OPTION_NAMES, flags)) for flags in itertools.product((False, True), repeat=5)]
+)
+def test_every_option_combination(options):
+    """All 32 combinations of D, z, delta_bias, softplus and initial_state, at L = 7 across 2 chunks and
+    2 channel blocks, with gradients through y and through the returned final state."""
+    assert_matches_ref(make_inputs(dim=5, n=4, length=7), options, block_d=4, chunk=4)
+
+
+@pytest.mark.parametrize("options", [ALL_ON, ALL_OFF], ids=["all_on", "all_off"])
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("length", [1, 7, 64, 130])
+def test_lengths_and_state_sizes(length, n, options):
+    """Odd D; default block sizes (chunk 32: L = 64 fills two chunks exactly, L = 130 pads the fifth)."""
+    assert_matches_ref(make_inputs(dim=7, n=n, length=length), options)
+
+
+def test_small_blocks_long_sequence():
+    """Many chunks and channel blocks, with a state size that is not a power of two (padded to 8)."""
+    assert_matches_ref(make_inputs(dim=9, n=5, length=130), ALL_ON, block_d=8, chunk=16)
+
+
+@pytest.mark.parametrize(("grad_y", "grad_state"), [(True, False), (False, True)])
+def test_gradient_through_one_output_only(grad_y, grad_state):
+    """A backward that receives no gradient for y (or for the final state) treats it as zero."""
+    assert_matches_ref(make_inputs(), ALL_ON, grad_y=grad_y, grad_state=grad_state, block_d=4, chunk=4)
+
+
+def test_empty_sequence_passes_the_state_through():
+    inputs = make_inputs(length=0)
+    y, s = selective_scan_triton(
+        inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"],
+        initial_state=inputs["initial_state"], return_final_state=True,
+    )  # fmt: skip
+    assert y.shape == (2, 5, 0)
+    assert_close(s, inputs["initial_state"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    """bf16/fp16 u, delta, B, C, z: float32 state and arithmetic, y and gradients in the input dtype.
+
+    The reference sees the same rounded inputs, so what differs is the rounding of y and of the gradients
+    to the input dtype (a few ulps: 2**-8 relative for bfloat16).
+    """
+    inputs = make_inputs(dim=7, n=4, length=37, dtype=dtype)
+    assert_matches_ref(inputs, ALL_ON, rtol=2e-2, atol=2e-2, block_d=4, chunk=8)
+
+
+def test_split_sequence_equals_whole():
+    """Scan of [a; b] == scan of b started from the state after a, in outputs and in every gradient."""
+    inputs = make_inputs(dim=5, n=4, length=23)
+    opts = dict(delta_softplus=True, block_d=4, chunk=4)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    seq = ("u", "delta", "B", "C", "z")
+    kw = {"D": leaves["D"], "delta_bias": leaves["delta_bias"]}
+
+    def piece(lo, hi, state):
+        part = {k: leaves[k][:, :, lo:hi] for k in seq}
+        return selective_scan_triton(
+            part["u"], part["delta"], leaves["A"], part["B"], part["C"], z=part["z"], **kw,
+            initial_state=state, return_final_state=True, **opts,
+        )  # fmt: skip
+
+    y_whole, s_whole = piece(0, 23, leaves["initial_state"])
+    grads_whole = torch.autograd.grad(y_whole.square().sum() + s_whole.sum(), list(leaves.values()))
+    y_a, s_a = piece(0, 10, leaves["initial_state"])
+    y_b, s_b = piece(10, 23, s_a)
+    y_split = torch.cat([y_a, y_b], dim=2)
+    grads_split = torch.autograd.grad(y_split.square().sum() + s_b.sum(), list(leaves.values()))
+    assert_close(y_split, y_whole, rtol=1e-5, atol=1e-5)
+    assert_close(s_b, s_whole, rtol=1e-5, atol=1e-5)
+    for name, g_split, g_whole in zip(leaves, grads_split, grads_whole):
+        scale = g_whole.abs().max().clamp_min(1.0)
+        assert_close(
+            g_split / scale, g_whole / scale, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_strided_inputs_read_in_place():
+    """Transposes of (B, L, X)-contiguous tensors (as MambaBlock passes them) and a non-dense slice for z
+    give the results of contiguous inputs; y and the gradients of time-major inputs come back time-major."""
+    inputs = make_inputs(dim=6, n=4, length=19)
+    strided = dict(inputs)
+    for k in ("u", "delta", "B", "C"):
+        strided[k] = inputs[k].transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.cat([inputs["z"].transpose(1, 2), torch.zeros_like(inputs["z"]).transpose(1, 2)], dim=-1)
+    strided["z"] = wide[..., :6].transpose(1, 2)  # (B, D, L) view of every other block of columns
+    assert strided["u"].stride(1) == 1 and not strided["z"].is_contiguous()
+    y, s, g = run(selective_scan_triton, inputs, ALL_ON, block_d=4, chunk=8)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in strided.items()}
+    y_s, s_s = selective_scan_triton(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+        delta_bias=leaves["delta_bias"], delta_softplus=True, initial_state=leaves["initial_state"],
+        return_final_state=True, block_d=4, chunk=8,
+    )  # fmt: skip
+    assert y_s.stride(1) == 1  # time-major like u
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(y_s.shape, generator=gen).to(DEVICE)
+    gs = torch.randn(s_s.shape, generator=gen).to(DEVICE)
+    ((y_s * gy).sum() + (s_s * gs).sum()).backward()
+    assert_close(y_s, y, rtol=1e-6, atol=1e-6)
+    assert_close(s_s, s, rtol=1e-6, atol=1e-6)
+    assert leaves["u"].grad.stride(1) == 1
+    for name in g:
+        assert_close(leaves[name].grad, g[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_selective_scan_dispatches_to_triton():
+    """backend='triton' on selective_scan runs these kernels and equals the chunked scan."""
+    inputs = make_inputs(dim=5, n=4, length=9)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    kw = dict(D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True)
+    y_t, s_t = selective_scan(
+        *args, **kw, initial_state=inputs["initial_state"], return_final_state=True, backend="triton"
+    )
+    y_c, s_c = selective_scan(
+        *args, **kw, initial_state=inputs["initial_state"], return_final_state=True, backend="chunked"
+    )
+    assert_close(y_t, y_c, rtol=1e-5, atol=1e-5)
+    assert_close(s_t, s_c, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_errors_name_the_reason(monkeypatch):
+    inputs = make_inputs()
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(ValueError, match="float64"):
+        selective_scan(*[a.double() for a in args], backend="triton")
+    with pytest.raises(ValueError, match="compile and chunk_size apply to backend='chunked' only"):
+        selective_scan(*args, backend="triton", compile=True)
+    with pytest.raises(ValueError, match="block_d=3 must be a power of two"):
+        selective_scan_triton(*args, block_d=3)
+    if DEVICE == "cpu":
+        # kernels defined without the interpreter cannot take CPU tensors: the error says what to set
+        monkeypatch.setattr(scan_triton, "INTERPRETED", False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            selective_scan(*args, backend="triton")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            selective_scan_triton(*args)
+    monkeypatch.setattr(scan_triton, "triton", None)
+    with pytest.raises(RuntimeError, match="triton package is not installed"):
+        selective_scan_triton(*args)
+
+
+def test_scan_bytes_counts_every_stream():
+    """Forward: 4 (b, d, l) streams and 2 (b, n, l) ones in bf16, plus float32 chunk states; backward more."""
+    b, d, n, length = 4, 2048, 16, 2048
+    fwd = scan_bytes(b, d, length, n, torch.bfloat16, backward=False)
+    bwd = scan_bytes(b, d, length, n, torch.bfloat16, backward=True)
+    streams = 4 * 2 * b * d * length + 2 * 2 * b * n * length
+    chunk_states = 4 * b * d * n * (length // scan_triton.CHUNK)
+    assert streams + chunk_states < fwd < streams + chunk_states + 4 * b * d * n * 3 + 4 * d * (n + 2)
+    assert bwd > fwd
+    assert scan_bytes(b, d, length, n, torch.float32, backward=False) > fwd
+
+
+def test_vectorised_interpreter_scan_is_exact(monkeypatch):
+    """The vectorised scan these tests use gives the interpreter's own element-by-element results, bitwise."""
+    from triton.runtime import interpreter
+
+    monkeypatch.undo()  # the interpreter's own scan (the autouse fixture patched it)
+    inputs = make_inputs(dim=5, n=4, length=7)
+    slow = run(selective_scan_triton, inputs, ALL_ON, block_d=4, chunk=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.ScanOps, "generic_scan", _vectorised_generic_scan)
+        fast = run(selective_scan_triton, inputs, ALL_ON, block_d=4, chunk=4)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
