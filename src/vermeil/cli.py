@@ -170,7 +170,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from vermeil.recipes import load_trained, sample_run
 
     run, model, _ = load_trained(Path(args.run_dir))
-    if run.family != "flux":
+    if run.data.task != "flow":
         raise CommandError(f"{args.run_dir} is a {run.family!r} run; sample needs a flux run (use generate)")
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
     sample_run(run, model, out, steps=args.steps, guidance=args.guidance, seed=args.seed)
@@ -280,7 +280,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if dest is None:
         raise CommandError("an output folder is required: --out DIR")
     from vermeil.recipes import foreign_run_config, load_foreign, load_trained
-    from vermeil.recipes.convert import import_optional, quiet
+    from vermeil.recipes.convert import export_model
     from vermeil.runs import clear_run, write_run
 
     out, src = Path(dest), Path(args.source)
@@ -289,23 +289,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CommandError(f"run folder {os.fspath(src)} does not exist")
         _check_output(out, args.overwrite)
         run, model, _ = load_trained(src)
-        target = args.to or ("diffusers" if run.family == "flux" else "transformers")
-        families = ("llm", "mamba") if target == "transformers" else ("flux",)
-        if run.family not in families:
-            raise CommandError(
-                f"{os.fspath(src)} is a {run.family!r} run; --to {target} needs a {' or '.join(families)} run"
-            )
-        library = import_optional(target)
-        with quiet(library):
-            if target == "transformers":
-                from vermeil.interop import to_transformers
-
-                foreign = to_transformers(model)
-            else:
-                from vermeil.interop.diffusers_flux import to_diffusers
-
-                foreign = to_diffusers(model)
-            foreign.save_pretrained(out, safe_serialization=True)
+        foreign = export_model(run.family, model, out, args.to)
         print(f"wrote {os.fspath(out)} ({type(foreign).__name__})")
         return 0
     if src.resolve() == out.resolve():
@@ -319,7 +303,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     folder = write_run(run.to_dict(), model, out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {os.fspath(out)} ({family} run from {type(foreign).__name__}, {n_params:,} parameters)")
-    hint = "generate {} --prompt TEXT" if family != "flux" else "sample {}"
+    hint = "generate {} --prompt TEXT" if run.data.task == "text" else "sample {}"
     print(f"checkpoint {os.fspath(folder)}; next: vermeil {hint.format(os.fspath(out))}", file=sys.stderr)
     return 0
 

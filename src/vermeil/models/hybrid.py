@@ -20,8 +20,8 @@ them. `vermeil.generation.generate` works unchanged.
 
 The model returns logits and holds no loss: the config's `loss_head`, `ignore_index` and `z_loss` name the loss
 that training builds (`vermeil.train.losses`), and weight decay is training's rule (`vermeil.train.optim`).
-Configs come from YAML through `vermeil.config` (`HybridModel.from_yaml(path)`): unknown keys and bad values are
-named.
+Configs come from YAML through `vermeil.config` (`HybridModel.from_yaml(path)`), the leaf module of strict
+dataclass <-> YAML conversion that every layer may use: unknown keys and bad values are named.
 
 Axis legend: B batch, T sequence length, D model dim, V vocabulary, H heads, Dh head dim.
 """

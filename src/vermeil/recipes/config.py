@@ -56,6 +56,7 @@ class Family:
     config_attr: str  # the model attribute holding its config dataclass (`LLM.args`, `Flux.params`, ...)
     vocab_key: str | None  # the config field holding the vocabulary size (None: not a token model)
     tasks: tuple[str, ...]  # the data tasks it trains on; the first is the default
+    export_to: str | None  # the library `vermeil convert --to` writes it for (None: no foreign layout)
 
     def load(self) -> tuple[type, type, Mapping[str, Any]]:
         mod = import_module(self.module)
@@ -63,12 +64,16 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llm": Family("vermeil.models.llm", "ModelArgs", "LLM", "args", "vocab_size", _TOKEN_TASKS),
-    "mamba": Family("vermeil.models.mamba", "MambaConfig", "MambaLM", "config", "vocab_size", _TOKEN_TASKS),
-    "hybrid": Family(
-        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "config", "vocab_size", _TOKEN_TASKS
+    "llm": Family(
+        "vermeil.models.llm", "ModelArgs", "LLM", "args", "vocab_size", _TOKEN_TASKS, "transformers"
     ),
-    "flux": Family("vermeil.models.flux", "FluxParams", "Flux", "params", None, ("flow",)),
+    "mamba": Family(
+        "vermeil.models.mamba", "MambaConfig", "MambaLM", "config", "vocab_size", _TOKEN_TASKS, "transformers"
+    ),
+    "hybrid": Family(
+        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "config", "vocab_size", _TOKEN_TASKS, None
+    ),
+    "flux": Family("vermeil.models.flux", "FluxParams", "Flux", "params", None, ("flow",), "diffusers"),
 }
 
 TASKS: dict[str, type[TaskData]] = {

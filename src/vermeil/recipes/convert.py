@@ -1,5 +1,6 @@
-"""Runs from other libraries' folders: load a transformers or diffusers `save_pretrained` folder, convert it with
-`vermeil.interop`, and describe it as a run (`foreign_run_config`) that `vermeil.runs.write_run` writes as step 0.
+"""Runs to and from other libraries' folders: load a transformers or diffusers `save_pretrained` folder, convert it
+with `vermeil.interop`, and describe it as a run (`foreign_run_config`) that `vermeil.runs.write_run` writes as
+step 0; or write a trained run's model as such a folder (`export_model`).
 
 Loads offline (`local_files_only=True`): nothing is downloaded. transformers and diffusers are imported only here,
 when a conversion asks for them.
@@ -16,9 +17,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from vermeil.recipes.config import RunConfig, model_config, run_config_from_dict
-from vermeil.recipes.flow import FlowData
-from vermeil.recipes.text import TextData
+from vermeil.recipes.config import FAMILIES, TASKS, RunConfig, model_config, run_config_from_dict
 from vermeil.train.config import TrainConfig
 
 __all__ = [
@@ -127,10 +126,38 @@ def foreign_run_config(family: str, model: nn.Module, name: str | None = None) -
     model's, so `vermeil sample` only works for a model of the flow job's shape.
     """
     config = model_config(family, model)
-    data: Any = TextData()
-    if family == "flux":
-        io = (config.context_in_dim, config.vec_in_dim, config.in_channels, config.out_channels)
-        # the flow job whose channels fit the model, so `vermeil sample` runs; any other model keeps "curves"
-        data = FlowData(job="points") if io == (2, 2, 2, 2) else FlowData()
+    data = TASKS[FAMILIES[family].tasks[0]].for_model(config)
     run = RunConfig(family, config, data, TrainConfig(), name)
     return run_config_from_dict(run.to_dict())
+
+
+def export_model(
+    family: str,
+    model: nn.Module,
+    out: str | os.PathLike[str],
+    target: Literal["transformers", "diffusers"] | None = None,
+) -> Any:
+    """Write a model of `family` as a `save_pretrained` folder of `target` (default: the family's library); returns
+    the foreign model.
+
+    Raises:
+        ValueError: a family that has no layout in `target`. ImportError: the library is not installed.
+    """
+    target = target or FAMILIES[family].export_to or "transformers"  # no layout: refused just below
+    families = [name for name, fam in FAMILIES.items() if fam.export_to == target]
+    if family not in families:
+        raise ValueError(
+            f"a {family!r} model cannot be exported to {target}; --to {target} needs a {' or '.join(families)} run"
+        )
+    library = import_optional(target)
+    with quiet(library):
+        if target == "transformers":
+            from vermeil.interop import to_transformers
+
+            foreign = to_transformers(model)
+        else:
+            from vermeil.interop.diffusers_flux import to_diffusers
+
+            foreign = to_diffusers(model)
+        foreign.save_pretrained(out, safe_serialization=True)
+    return foreign

@@ -280,6 +280,14 @@ class FlowData(TaskData):
         }
         return {**merged, **{k: v for k, v in io.items() if k not in user}}
 
+    @classmethod
+    def for_model(cls, model_config: Any) -> FlowData:
+        """The job whose channels fit a converted Flux, so `vermeil sample` runs: "points" for 2 channels
+        everywhere; any other model keeps "curves"."""
+        p = model_config
+        io = (p.context_in_dim, p.vec_in_dim, p.in_channels, p.out_channels)
+        return cls(job="points") if io == (2, 2, 2, 2) else cls()
+
     def check_fit(self, run: RunConfig) -> None:
         pass  # the channels were fitted in complete_model; any Flux shape trains
 

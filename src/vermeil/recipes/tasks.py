@@ -71,6 +71,11 @@ class TaskData:
                 f"model.vocab_size={vocab} must be >= the data vocabulary {self.vocab_size} (data.task={self.task})"
             )
 
+    @classmethod
+    def for_model(cls, model_config: Any) -> TaskData:
+        """The task's default config for a model that came without one (a converted checkpoint)."""
+        return cls()
+
     def init_model(self, model: nn.Module) -> None:
         """A task's own initialisation of a freshly built model (none by default)."""
 
