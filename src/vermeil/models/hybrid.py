@@ -44,6 +44,7 @@ from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
 from vermeil.nn.norms import RMSNorm
 from vermeil.nn.positional import RotaryEmbedding
+from vermeil.nn.scan import BACKENDS
 from vermeil.nn.ssm import MambaBlock
 
 __all__ = ["PRESETS", "HybridConfig", "HybridLayer", "HybridModel", "build"]
@@ -75,6 +76,8 @@ class HybridConfig:
         d_state, d_conv, expand, dt_rank: the Mamba branch (state-spaces names; dt_rank None = ceil(D / 16)).
         compile_scan: the Mamba branches run their scan through torch.compile'd chunk kernels
             (`MambaBlock`'s `compile_scan`): faster training and prefill on the CPU after a first compile.
+        scan_backend: `selective_scan`'s backend in every Mamba block (`MambaBlock`'s `scan_backend`): "auto"
+            (Triton kernels on CUDA when triton imports, else the chunked scan), "triton", "chunked" or "ref".
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
         qk_norm: None, "rms" or "l2" normalisation of queries and keys.
@@ -104,6 +107,7 @@ class HybridConfig:
     expand: int = 2
     dt_rank: int | None = None
     compile_scan: bool = False
+    scan_backend: str = "auto"
     heads: int = 4
     kv_heads: int | None = None
     head_dim: int | None = None
@@ -164,6 +168,8 @@ class HybridConfig:
             raise ValueError(f"z_loss={self.z_loss} must be >= 0")
         if not isinstance(self.compile_scan, bool):
             raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
+        if self.scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend={self.scan_backend!r} must be one of {BACKENDS}")
         if not isinstance(self.loss_head, str) or not self.loss_head:
             raise ValueError(f"loss_head={self.loss_head!r} must be a loss head's name (a non-empty str)")
 
@@ -283,6 +289,7 @@ class HybridLayer(nn.Module):
                 expand=cfg.expand,
                 dt_rank="auto" if cfg.dt_rank is None else cfg.dt_rank,
                 compile_scan=cfg.compile_scan,
+                scan_backend=cfg.scan_backend,
                 **factory,
             )
         if kind in ("A", "P"):

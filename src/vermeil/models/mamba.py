@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.checks import check_input_pos, check_positive_int
 from vermeil.nn.norms import LayerNorm, RMSNorm
+from vermeil.nn.scan import BACKENDS
 from vermeil.nn.ssm import MambaBlock
 
 __all__ = ["PRESETS", "MambaConfig", "MambaLM", "MambaResidualBlock", "build"]
@@ -63,6 +64,8 @@ class MambaConfig:
         n_residuals_per_layer: residual additions per block for that rescaling (1 for Mamba-1).
         compile_scan: the blocks run their scan through torch.compile'd chunk kernels (`MambaBlock`'s
             `compile_scan`): faster training and prefill on the CPU after a first call that compiles.
+        scan_backend: `selective_scan`'s backend in every Mamba block (`MambaBlock`'s `scan_backend`): "auto"
+            (Triton kernels on CUDA when triton imports, else the chunked scan), "triton", "chunked" or "ref".
     """
 
     d_model: int = 768
@@ -87,6 +90,7 @@ class MambaConfig:
     rescale_prenorm_residual: bool = True
     n_residuals_per_layer: int = 1
     compile_scan: bool = False
+    scan_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +114,8 @@ class MambaConfig:
             raise ValueError(f"dt_min={self.dt_min} must be <= dt_max={self.dt_max}")
         if not isinstance(self.compile_scan, bool):
             raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
+        if self.scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend={self.scan_backend!r} must be one of {BACKENDS}")
 
     @property
     def d_inner(self) -> int:
@@ -136,6 +142,7 @@ class MambaConfig:
             conv_bias=self.conv_bias,
             bias=self.bias,
             compile_scan=self.compile_scan,
+            scan_backend=self.scan_backend,
         )
 
 
