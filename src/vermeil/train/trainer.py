@@ -5,16 +5,10 @@ step (warm-up then cosine). Around it: evaluation every `eval_every` steps, metr
 a tqdm progress bar (loss, tokens/s, ETA; silent when stdout is not a terminal), checkpoints every `save_every`
 steps, a loss-curve PNG at the end.
 
-A run folder holds:
-    config.yaml                         the resolved run config (what `vermeil train --resume` rebuilds from)
-    metrics.jsonl                       one JSON row per log step and per evaluation
-    loss.png                            the loss curve (when matplotlib is installed)
-    checkpoints/step_000100/            model.safetensors (weights) and state.pt (optimizer, scheduler, RNG
-                                        states, data sampler state, step, config as a dict)
-    checkpoints/latest                  the name of the newest complete checkpoint folder
-
-Every file is written atomically (`vermeil.checkpoint`) and `latest` moves only after a checkpoint folder is
-complete, so a run killed at any moment (SIGKILL included) leaves the previous checkpoint loadable.
+The run folder (`vermeil.runs`: config.yaml, metrics.jsonl, loss.png, checkpoints/step_N/ with model.safetensors
+and state.pt, checkpoints/latest) is written atomically, and `latest` moves only after a checkpoint folder is
+complete, so a run killed at any moment (SIGKILL included) leaves the previous checkpoint loadable. state.pt holds
+the optimizer, scheduler, RNG and data-sampler states, the step and the config as a dict.
 
 Under `torchrun` with a run config's `distributed.strategy` ("ddp", "fsdp2", "tp", "fsdp2+tp"; see
 `DistributedConfig`), the trainer joins the process group, applies `vermeil.distributed.parallelize` before
@@ -54,6 +48,7 @@ from vermeil.checkpoint import clean_temp_files, load_torch, load_weights, save_
 from vermeil.distributed.config import DistributedConfig
 from vermeil.runs import (
     CHECKPOINTS_DIR,
+    CONFIG,
     DCP,
     STATE,
     WEIGHTS,
@@ -596,7 +591,7 @@ class Trainer:
                 truncate_metrics(self.out_dir / "metrics.jsonl", 0)
             from vermeil.config import save_yaml
 
-            save_yaml(self.run_config, self.out_dir / "config.yaml")
+            save_yaml(self.run_config, self.out_dir / CONFIG)
         self.model.train()
         self._stop = False
         interrupted = False
