@@ -654,6 +654,8 @@ def _ms_per_token(ctx: Ctx, model: torch.nn.Module, context: int, **kw: Any) -> 
         else:
             stamps.append(time.perf_counter())
 
+    # one cache length for both calls: a compiled step is specialised to the cache's shape
+    kw = dict(kw, max_seq_len=context + s.new_tokens + 2)
     generate(model, prompt, 2, **kw)  # warm-up: kernels, cuBLAS handles, compilation, the prefill path
     generate(model, prompt, s.new_tokens + 2, callback=clock, **kw)
     ctx.sync()

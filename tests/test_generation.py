@@ -279,3 +279,19 @@ def test_cuda_graph_decoding_returns_the_eager_tokens(name: str) -> None:  # pra
     assert torch.equal(
         generate(model, prompts, 12, **kw), generate(model, prompts, 12, cuda_graph=False, **kw)
     )
+
+
+def test_compile_rounds_the_default_cache_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled step is specialised to the cache shape: calls with other prompt lengths share a rounded one."""
+    import vermeil.generation as gen
+
+    monkeypatch.setattr(gen, "compiled_decode_one_token", lambda device_type="cpu": gen.decode_one_token)
+    model = Bigram()
+    lengths: list[int] = []
+    setup = model.setup_cache
+    model.setup_cache = lambda b, n, **kw: (lengths.append(n), setup(b, n, **kw))  # type: ignore[method-assign]
+    plain = generate(model, [[1, 2, 3]], 5)
+    assert torch.equal(generate(model, [[1, 2, 3]], 5, compile=True), plain)
+    generate(model, [[1, 2, 3, 4, 5, 6]], 5, compile=True)
+    generate(model, [[1, 2, 3]], 5, compile=True, max_seq_len=20)
+    assert lengths == [8, 256, 256, 20]

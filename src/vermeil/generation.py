@@ -280,6 +280,9 @@ def _eager_step(model: nn.Module, device: torch.device, compile: bool) -> Callab
     return decode
 
 
+# With compile=True the default cache length is a multiple of this (see _generate).
+_COMPILED_CACHE_MULTIPLE = 256
+
 # Steps between the loop's checks of whether every row has stopped: each check reads a flag back to the host,
 # a synchronisation on an accelerator. Rows that stop in between run on as padding and record nothing.
 _STOP_CHECK_EVERY = 8
@@ -336,12 +339,15 @@ def generate(
         stop_tokens: a row stops after emitting one of these; its later slots hold `pad_token`.
         seed: seeds the sampling generator, for reproducible sampling.
         pad_token: fills slots after a row stopped (and pads ragged prompts internally).
-        max_seq_len: cache length; defaults to the longest prompt + N.
+        max_seq_len: cache length; defaults to the longest prompt + N (rounded up with `compile`).
         callback: called as `callback(position, tokens)` with the (B,) tokens fed at each decode step.
         compile: run the decode steps through `compiled_decode_one_token(device type)`: on the CPU with
             `decode_backend` (the first call per model and batch size pays the compilation, about 10 s;
             float32 logits then differ from eager in the last bits, from the order of summation), on CUDA
-            with Inductor's default backend (and captured as a graph when `cuda_graph` is on).
+            with Inductor's default backend (and captured as a graph when `cuda_graph` is on). The
+            compiled step is specialised to the cache's shape: the default `max_seq_len` is then rounded up
+            to a multiple of 256, so that calls with other prompt lengths reuse it (pass one `max_seq_len`
+            to all calls to compile once; torch gives up after 8 shapes per process).
         cuda_graph: capture the decode step as a CUDA graph and replay it per token. None (the default)
             means on when the model's parameters are on a CUDA device; True elsewhere raises. False keeps
             the eager step (the reference), which reads the device back once per token.
@@ -403,7 +409,10 @@ def _generate(
     batch, longest = prompts.shape
     shortest = int(lengths.min())
     total = longest + max_new_tokens
-    max_seq_len = total if max_seq_len is None else max_seq_len
+    if max_seq_len is None:
+        # A compiled step is specialised to the cache's shape: round the length up so that calls with other
+        # prompt lengths reuse it (torch stops recompiling a function after 8 shapes per process).
+        max_seq_len = -(-total // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE if compile else total
     if max_seq_len < total:
         raise ValueError(f"max_seq_len={max_seq_len} must be >= longest prompt + max_new_tokens = {total}")
     generator = None
