@@ -140,15 +140,66 @@ if triton is not None:
         return 1.0 / (1.0 + tl.exp(-v))
 
     @triton.jit
-    def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    def _load_tile(ptr, s_b, s_row, s_t, pid_b, rows, t, mask):
+        """A [rows, CHUNK] tile of a (B, X, L) tensor at batch pid_b, positions t, in float32.
+
+        Cast right after the load: bf16 arithmetic is wrong in Triton's interpreter (casts are right).
+        """
+        offs = pid_b * s_b + rows[:, None] * s_row + t[None, :] * s_t
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store_tile(ptr, s_b, s_row, s_t, pid_b, rows, t, value, mask):
+        offs = pid_b * s_b + rows[:, None] * s_row + t[None, :] * s_t
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_delta(
+        ptr, s_b, s_d, s_l, pid_b, offs_d, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
+    ):
         """delta (+ bias), softplus'ed if asked; zero where masked (an identity step). Returns (delta, pre)."""
-        pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        pre = _load_tile(ptr, s_b, s_d, s_l, pid_b, offs_d, t, mask)
         if HAS_BIAS:
             pre = pre + bias[:, None]
         dt = pre
         if SOFTPLUS:
             dt = _softplus(pre)
         return tl.where(mask, dt, 0.0), pre
+
+    @triton.jit
+    def _chunk_states(dt, u, b, A2, h):
+        """States after each position of a chunk from the state h before it: ([BLOCK_D, BLOCK_N, CHUNK], x).
+
+        dt, u: [BLOCK_D, CHUNK]; b: [BLOCK_N, CHUNK]; A2 = A log2(e): [BLOCK_D, BLOCK_N]; h: [BLOCK_D, BLOCK_N].
+        Also returns x = dt u B, the input term of each step.
+        """
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * b[None, :, :]
+        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+        return a_cum * h[:, :, None] + x_cum, x
+
+    @triton.jit
+    def _at(tile, offs_t, position):
+        """tile[:, :, position] of a [BLOCK_D, BLOCK_N, CHUNK] tile (registers cannot be indexed directly)."""
+        return tl.sum(tl.where(offs_t[None, None, :] == position, tile, 0.0), axis=2)
+
+    @triton.jit
+    def _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, dim, n_state, HAS_BIAS: tl.constexpr,
+                       HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """This program's channels and states (offsets, masks) and its A, delta_bias and D (zeros if absent)."""
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < dim
+        mask_n = offs_n < n_state
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        return offs_d, offs_n, mask_d, mask_n, mask_dn, A.to(tl.float32), bias, d_skip
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -163,18 +214,11 @@ if triton is not None:
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         pid_b = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip = _program_tiles(
+            A_ptr, s_ad, s_an, bias_ptr, D_ptr, dim, n_state, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N
+        )
+        A2 = A * 1.4426950408889634  # exp(x A) = exp2(x A log2 e)
         offs_t = tl.arange(0, CHUNK)
-        mask_d = offs_d < dim
-        mask_dn = mask_d[:, None] & (offs_n < n_state)[None, :]
-        A2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0)
-        A2 = A2.to(tl.float32) * 1.4426950408889634  # exp(x A) = exp2(x A log2 e)
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_D:
-            d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         # states are (B, D, N) contiguous float32, chunk states (B, D, n_chunks, N)
         state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
         chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
@@ -188,39 +232,22 @@ if triton is not None:
             t = c * CHUNK + offs_t
             mask_t = t < length
             mask_dt = mask_d[:, None] & mask_t[None, :]
-            mask_nt = (offs_n < n_state)[:, None] & mask_t[None, :]
-            u = tl.load(
-                u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=mask_dt, other=0.0
+            mask_nt = mask_n[:, None] & mask_t[None, :]
+            u = _load_tile(u_ptr, s_ub, s_ud, s_ul, pid_b, offs_d, t, mask_dt)
+            dt, _ = _load_delta(
+                delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, t, mask_dt, bias, HAS_BIAS, SOFTPLUS
             )
-            u = u.to(tl.float32)  # right after the load: the interpreter gets bf16 arithmetic wrong
-            dt_offs = pid_b * s_db + offs_d[:, None] * s_dd + t[None, :] * s_dl
-            dt, _ = _load_delta(delta_ptr, dt_offs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
-            b = tl.load(
-                B_ptr + pid_b * s_bb + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mask_nt, other=0.0
-            )
-            cc = tl.load(
-                C_ptr + pid_b * s_cb + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mask_nt, other=0.0
-            )
-            b = b.to(tl.float32)
-            cc = cc.to(tl.float32)
-            a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
-            x = (dt * u)[:, None, :] * b[None, :, :]
-            a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
-            hs = a_cum * h[:, :, None] + x_cum  # the state after each position of the chunk
+            b = _load_tile(B_ptr, s_bb, s_bn, s_bl, pid_b, offs_n, t, mask_nt)
+            cc = _load_tile(C_ptr, s_cb, s_cn, s_cl, pid_b, offs_n, t, mask_nt)
+            hs, _ = _chunk_states(dt, u, b, A2, h)
             y = tl.sum(hs * cc[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
-            h = tl.sum(
-                tl.where(offs_t[None, None, :] == CHUNK - 1, hs, 0.0), axis=2
-            )  # padded steps: identity
+            h = _at(hs, offs_t, CHUNK - 1)  # padded positions are identity steps
             if HAS_D:
                 y += d_skip[:, None] * u
             if HAS_Z:
-                z = tl.load(
-                    z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=mask_dt, other=0.0
-                )
-                z = z.to(tl.float32)
+                z = _load_tile(z_ptr, s_zb, s_zd, s_zl, pid_b, offs_d, t, mask_dt)
                 y = y * z * _sigmoid(z)
-            y_offs = pid_b * s_yb + offs_d[:, None] * s_yd + t[None, :] * s_yl
-            tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask_dt)
+            _store_tile(y_ptr, s_yb, s_yd, s_yl, pid_b, offs_d, t, y, mask_dt)
         tl.store(hlast_ptr + state_offs, h, mask=mask_dn)
 
     @triton.jit
@@ -237,21 +264,11 @@ if triton is not None:
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         pid_b = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_t = tl.arange(0, CHUNK)
-        mask_d = offs_d < dim
-        mask_n = offs_n < n_state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0)
-        A = A.to(tl.float32)
+        offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip = _program_tiles(
+            A_ptr, s_ad, s_an, bias_ptr, D_ptr, dim, n_state, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N
+        )
         A2 = A * 1.4426950408889634
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        offs_t = tl.arange(0, CHUNK)
         state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
         chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
         # g: adjoint of the state after the chunk being processed, entering through its last step
@@ -268,46 +285,38 @@ if triton is not None:
             mask_t = t < length
             mask_dt = mask_d[:, None] & mask_t[None, :]
             mask_nt = mask_n[:, None] & mask_t[None, :]
-            u = tl.load(
-                u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=mask_dt, other=0.0
+            u = _load_tile(u_ptr, s_ub, s_ud, s_ul, pid_b, offs_d, t, mask_dt)
+            dt, pre = _load_delta(
+                delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, t, mask_dt, bias, HAS_BIAS, SOFTPLUS
             )
-            u = u.to(tl.float32)
-            dt_offs = pid_b * s_db + offs_d[:, None] * s_dd + t[None, :] * s_dl
-            dt, pre = _load_delta(delta_ptr, dt_offs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
             # a_{t+1}: the decay that carries G_{t+1} back to h_t; 1 past the last position
             mask_dt1 = mask_d[:, None] & (t + 1 < length)[None, :]
-            dt1, _ = _load_delta(delta_ptr, dt_offs + s_dl, mask_dt1, bias, HAS_BIAS, SOFTPLUS)
+            dt1, _ = _load_delta(
+                delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, t + 1, mask_dt1, bias, HAS_BIAS, SOFTPLUS
+            )
             a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
-            b = tl.load(
-                B_ptr + pid_b * s_bb + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mask_nt, other=0.0
-            )
-            cc = tl.load(
-                C_ptr + pid_b * s_cb + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mask_nt, other=0.0
-            )
-            b = b.to(tl.float32)
-            cc = cc.to(tl.float32)
-            dy = tl.load(
-                dy_ptr + pid_b * s_gb + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=mask_dt, other=0.0
-            )
-            dy = dy.to(tl.float32)
+            b = _load_tile(B_ptr, s_bb, s_bn, s_bl, pid_b, offs_n, t, mask_nt)
+            cc = _load_tile(C_ptr, s_cb, s_cn, s_cl, pid_b, offs_n, t, mask_nt)
+            dy = _load_tile(dy_ptr, s_gb, s_gd, s_gl, pid_b, offs_d, t, mask_dt)
             # recompute the chunk's states from its saved start
             h = tl.load(hchunk_ptr + chunk_offs + c * n_state, mask=mask_dn, other=0.0)
-            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-            du_b = dt * u
-            x = du_b[:, None, :] * b[None, :, :]
-            a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
-            hs = a_cum * h[:, :, None] + x_cum
+            hs, x = _chunk_states(dt, u, b, A2, h)
             gy = dy  # gradient of y before gating: (y_ssm + D u) * silu(z)
             if HAS_Z:
-                z = tl.load(
-                    z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=mask_dt, other=0.0
-                )
-                z = z.to(tl.float32)
+                z = _load_tile(z_ptr, s_zb, s_zd, s_zl, pid_b, offs_d, t, mask_dt)
                 sig = _sigmoid(z)
                 y = tl.sum(hs * cc[None, :, :], axis=1) + d_skip[:, None] * u
-                dz = dy * y * sig * (1.0 + z * (1.0 - sig))
-                dz_offs = pid_b * s_dzb + offs_d[:, None] * s_dzd + t[None, :] * s_dzl
-                tl.store(dz_ptr + dz_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
+                _store_tile(
+                    dz_ptr,
+                    s_dzb,
+                    s_dzd,
+                    s_dzl,
+                    pid_b,
+                    offs_d,
+                    t,
+                    dy * y * sig * (1.0 + z * (1.0 - sig)),
+                    mask_dt,
+                )
                 gy = dy * z * sig
             gy = tl.where(mask_dt, gy, 0.0)
             # adjoint: G_t = gy_t C_t + a_{t+1} G_{t+1}, scanned backwards from the carry g
@@ -315,12 +324,9 @@ if triton is not None:
                 (a1, gy[:, None, :] * cc[None, :, :]), axis=2, combine_fn=_combine, reverse=True
             )
             G = tl.where(mask_t[None, None, :], a1_cum * g[:, :, None] + g_loc, 0.0)
-            g = tl.sum(
-                tl.where(offs_t[None, None, :] == 0, G, 0.0), axis=2
-            )  # G at the chunk's first position
+            g = _at(G, offs_t, 0)  # G at the chunk's first position: the carry into the previous chunk
             q = G * (hs - x)  # G_t a_t h_{t-1}: the gradient through exp(delta_t A)
             s = tl.sum(G * b[None, :, :], axis=1)  # (BLOCK_D, CHUNK): sum_n G_t B_t
-            du = dt * s + d_skip[:, None] * gy
             ddt = u * s + tl.sum(q * A[:, :, None], axis=1)
             if SOFTPLUS:
                 ddt = ddt * _sigmoid(pre)
@@ -328,24 +334,19 @@ if triton is not None:
             dA_acc += tl.sum(q * dt[:, None, :], axis=2)
             dD_acc += tl.sum(gy * u, axis=1)
             dbias_acc += tl.sum(ddt, axis=1)
-            du_offs = pid_b * s_dub + offs_d[:, None] * s_dud + t[None, :] * s_dul
-            tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=mask_dt)
-            dd_offs = pid_b * s_ddb + offs_d[:, None] * s_ddd + t[None, :] * s_ddl
-            tl.store(ddelta_ptr + dd_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
+            _store_tile(du_ptr, s_dub, s_dud, s_dul, pid_b, offs_d, t, dt * s + d_skip[:, None] * gy, mask_dt)
+            _store_tile(ddelta_ptr, s_ddb, s_ddd, s_ddl, pid_b, offs_d, t, ddt, mask_dt)
             # dB, dC sum over every channel: float32 atomics into (B, N, L) buffers
             bc_offs = pid_b * n_state * length + offs_n[:, None] * length + t[None, :]
-            tl.atomic_add(dB_ptr + bc_offs, tl.sum(G * du_b[:, None, :], axis=0), mask=mask_nt)
+            tl.atomic_add(dB_ptr + bc_offs, tl.sum(G * (dt * u)[:, None, :], axis=0), mask=mask_nt)
             tl.atomic_add(dC_ptr + bc_offs, tl.sum(hs * gy[:, None, :], axis=0), mask=mask_nt)
         # d(initial state) = a_0 G_0 (g is G_0 now; with L == 0 it is the final state's gradient)
+        mask_0 = mask_d[:, None] & ((offs_t < 1) & (offs_t < length))[None, :]
         dt0, _ = _load_delta(
-            delta_ptr,
-            pid_b * s_db + offs_d[:, None] * s_dd,
-            mask_d[:, None] & (offs_d[:, None] * 0 < length),
-            bias,
-            HAS_BIAS,
-            SOFTPLUS,
+            delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, offs_t, mask_0, bias, HAS_BIAS, SOFTPLUS
         )
-        tl.store(dh0_ptr + state_offs, tl.exp2(dt0 * A2) * g, mask=mask_dn)
+        dt0 = tl.sum(dt0, axis=1)  # delta at position 0 (zero elsewhere, and 0 for L == 0: a_0 = 1)
+        tl.store(dh0_ptr + state_offs, tl.exp2(dt0[:, None] * A2) * g, mask=mask_dn)
         tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
         tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
         tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
@@ -386,7 +387,8 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         save = any(t is not None and t.requires_grad for t in inputs)
         y = _empty_like_layout(u)
         h_last = u.new_empty(bsz, dim, n_state, dtype=torch.float32)
-        h_chunks = u.new_empty(bsz, dim, n_chunks if save else 0, n_state, dtype=torch.float32)
+        # without a backward to come, the kernel saves nothing (it still needs a real pointer: h_last)
+        h_chunks = u.new_empty(bsz, dim, n_chunks, n_state, dtype=torch.float32) if save else h_last
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         zz = z if z is not None else u
         grid = (bsz, triton.cdiv(dim, block_d))
@@ -500,6 +502,11 @@ def selective_scan_triton(
     for name, value in (("block_d", block_d), ("chunk", chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value} must be a power of two")
+    if u.numel() == 0:  # nothing to scan (and no zero-size buffers for the kernels): the loop is exact
+        from vermeil.nn.scan import selective_scan_ref
+
+        args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+        return selective_scan_ref(*args)
     y, last = SelectiveScanTritonFn.apply(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, chunk
     )

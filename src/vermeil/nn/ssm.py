@@ -33,6 +33,10 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+# On CUDA the causal depthwise conv runs as cuDNN's `F.conv1d` (see _causal_depthwise_conv).
+_CUDNN_CONV_ON_CUDA = True
+
+
 class _CausalDepthwiseConv(torch.autograd.Function):
     """out[:, t] = sum_j hist[:, t + j] * taps[j] (+ bias), with a backward that writes each gradient once.
 
@@ -78,6 +82,11 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
     """
     dtype = torch.promote_types(hist.dtype, weight.dtype)
     bias = None if bias is None else bias.to(dtype)
+    if hist.is_cuda and _CUDNN_CONV_ON_CUDA:
+        # cuDNN's depthwise kernel; its (B, E, L) output is handed on as a (B, L, E) view
+        return F.conv1d(
+            hist.to(dtype).transpose(1, 2), weight.to(dtype), bias, groups=weight.shape[0]
+        ).transpose(1, 2)
     return _CausalDepthwiseConv.apply(hist.to(dtype), weight[:, 0].t().to(dtype), bias)
 
 
