@@ -32,7 +32,8 @@ Rows (issue "Mamba at GPU speed"), bf16 autocast, d_model 1024, 8 layers, d_stat
            achieved GB/s against the measured copy bandwidth and the 4.8 TB/s datasheet figure.
   decode   batch 1, greedy, after 64 and after 4096 prompt tokens, MambaLM (the stack's config, vocabulary
            32000) and a HybridModel of the same width (pattern MMMAMMMA, no feed-forward), bf16 weights:
-           eager step vs the CUDA-graph step of `generate`, ms per token = the median interval between
+           `generate`'s eager step, its CUDA-graph step, and the graph of the step compiled by Inductor
+           (`compile=True`; compiled in an untimed warm-up), ms per token = the median interval between
            consecutive decode steps over 32 tokens (CUDA events recorded from `generate`'s callback: the whole
            loop, sampling and bookkeeping included).
 
@@ -89,9 +90,36 @@ class Shapes:
 
 
 FULL = Shapes(
-    1024, 8, 16, 2, 4, 2048, (4, 2048, 16, 2048), 32000, (64, 4096), 32, 8192, 1 << 30, (2, 67, 16, 300)
+    d_model=1024,
+    n_layer=8,
+    d_state=16,
+    expand=2,
+    batch=4,
+    length=2048,
+    scan=(4, 2048, 16, 2048),
+    vocab=32000,
+    contexts=(64, 4096),
+    new_tokens=32,
+    matmul=8192,
+    copy_bytes=1 << 30,
+    check_scan=(2, 67, 16, 300),
 )
-TINY = Shapes(16, 2, 4, 2, 1, 16, (1, 8, 4, 16), 128, (8, 24), 6, 256, 1 << 22, (1, 5, 4, 20))
+# Small enough for Triton's interpreter (seconds per scan call) on a shared 2-core CPU.
+TINY = dataclasses.replace(
+    FULL,
+    d_model=16,
+    n_layer=2,
+    d_state=4,
+    batch=1,
+    length=16,
+    scan=(1, 8, 4, 16),
+    vocab=128,
+    contexts=(8, 24),
+    new_tokens=6,
+    matmul=256,
+    copy_bytes=1 << 22,
+    check_scan=(1, 5, 4, 20),
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
