@@ -138,9 +138,9 @@ def compiled_decode_one_token(device_type: str = "cpu") -> Callable[[nn.Module, 
 
     On the CPU the backend is `decode_backend` (matrix-vector products lowered to reductions, which suits the
     CPU only); on an accelerator it is Inductor's default, whose GEMVs go to cuBLAS. One compiled function
-    per process and device type: the first call for a model (or batch size, or dtype) compiles, later steps
-    and later `generate` calls reuse the graph (the position is a tensor, so it never recompiles as decoding
-    advances).
+    per process and device type: the first call for a model (or batch size, dtype, cache length) compiles,
+    later steps and later `generate` calls reuse the graph (the position is a tensor, so it never recompiles
+    as decoding advances).
     """
     backend: str | Callable[..., Any] = decode_backend if device_type == "cpu" else "inductor"
     return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=backend)
