@@ -29,7 +29,8 @@ states from the saved chunk-start state (one forward associative scan), then run
 G_t = gy_t C_t + a_{t+1} G_{t+1} as a `reverse=True` associative scan with the same combine; a_{t+1} comes
 from a second load of delta shifted by one position (an L1/L2 hit), and the adjoint arriving from the next
 chunk (or the gradient of the returned final state) is folded in like the forward carry. The gradient
-through exp(delta A) needs a_t h_{t-1}, which is h_t - x_t: no shifted state is needed. Outputs:
+through exp(delta A) needs a_t h_{t-1}, which is h_t - x_t: no shifted state is needed (its rounding error
+is float32 eps * |x_t|, absolute, below the other terms of that gradient). Outputs:
 du, ddelta (through softplus and bias), dz written per position; dA, dD, d(delta_bias) accumulated in
 registers over the program's positions and written as per-batch-row partials (B, D, N) and (B, D), summed by
 torch afterwards (deterministic, tiny); dB and dC, which sum over all channels, are added with float32
@@ -51,7 +52,15 @@ srush/annotated-mamba `final.py` and sustcsonglin/mamba-triton `triton_sequentia
 (batch, channel block) with the state in registers, `tl.associative_scan` over time chunks).
 
 Block sizes are named constants, sized for Hopper (H100/H200) and adjustable per call: a [BLOCK_D, N_pad,
-CHUNK] tile of 16 x 16 x 32 float32 is 64 registers per thread per live tile at 4 warps.
+CHUNK] tile of 16 x 16 x 32 float32 is 64 registers per thread per live tile at 4 warps (the backward, with
+about twice the live tiles, uses 8). They are reasoned, not tuned: the kernels were checked against
+`selective_scan_ref` in Triton's interpreter only, and the choice of an associative scan over a per-position
+loop above is argued, not measured. `selective_scan_triton(..., block_d=, chunk=)` and NUM_WARPS /
+BWD_NUM_WARPS are the knobs to sweep on a GPU.
+
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (that is how the tests run them); the interpreter
+evaluates `tl.associative_scan` with a user combine one element at a time in Python, so keep interpreted
+shapes tiny (tests/nn/test_scan_triton.py swaps in a vectorised equivalent).
 """
 
 from __future__ import annotations

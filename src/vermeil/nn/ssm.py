@@ -78,7 +78,8 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
 
     hist: (B, K - 1 + L, E), the K - 1 inputs before the sequence then the sequence; weight: (E, 1, K);
     bias: (E,) or None. Returns (B, L, E). Working in (B, L, E) saves the two transposing copies (and their
-    backward twins) that a channels-first conv1d needs around it.
+    backward twins) that a channels-first conv1d needs around it. On CUDA it is cuDNN's conv1d instead
+    (`_CUDNN_CONV_ON_CUDA`): the two have not been timed against each other on a GPU yet.
     """
     dtype = torch.promote_types(hist.dtype, weight.dtype)
     bias = None if bias is None else bias.to(dtype)
