@@ -233,3 +233,24 @@ def test_hybrid_trains_on_its_configs_loss_head() -> None:
     torch.testing.assert_close(loss, causal_lm_loss(built.model, batch)[0])  # z_loss 0: plain cross-entropy
     with pytest.raises(ConfigError, match=r"model.loss_head='focal' must be one of \['cross_entropy'\]"):
         run_config_from_dict({"model": {"family": "hybrid", "preset": "debug", "loss_head": "focal"}})
+
+
+def test_generate_and_convert_load_no_trainer() -> None:
+    # `vermeil generate` / `convert` read run configs and folders through vermeil.recipes and vermeil.runs: the
+    # training loop, its optimizer and metrics stay unloaded (only the train section's dataclass and the losses).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vermeil.cli, vermeil.recipes, vermeil.runs, vermeil.generation, vermeil.data; "
+        "print(sorted(m for m in sys.modules if m.startswith('vermeil.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "vermeil.recipes.build" in out, out
+    for heavy in (
+        "vermeil.train.trainer",
+        "vermeil.train.optim",
+        "vermeil.train.metrics",
+        "vermeil.distributed.parallel",
+    ):
+        assert heavy not in out, (heavy, out)

@@ -17,43 +17,33 @@ modules.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from vermeil._lazy import lazy_names
 
 # name -> the module that defines it
 _NAMES = {
-    "DistributedConfig": "config",
-    "ExpertParallelExperts": "expert",
-    "apply_expert_parallel": "expert",
-    "average_gradients": "expert",
-    "DEFAULT_BLOCK_NAMES": "parallel",
-    "STRATEGIES": "parallel",
-    "Parallelized": "parallel",
-    "apply_ddp": "parallel",
-    "apply_fsdp2": "parallel",
-    "apply_tensor_parallel": "parallel",
-    "mixed_precision_policy": "parallel",
-    "parallelize": "parallel",
-    "tensor_parallel_plan": "parallel",
-    "get_rank": "runtime",
-    "get_world_size": "runtime",
-    "init_distributed": "runtime",
-    "is_distributed": "runtime",
-    "is_main_process": "runtime",
-    "rank_zero_only": "runtime",
-    "shutdown": "runtime",
+    "DistributedConfig": "vermeil.distributed.config",
+    "ExpertParallelExperts": "vermeil.distributed.expert",
+    "apply_expert_parallel": "vermeil.distributed.expert",
+    "average_gradients": "vermeil.distributed.expert",
+    "DEFAULT_BLOCK_NAMES": "vermeil.distributed.parallel",
+    "STRATEGIES": "vermeil.distributed.parallel",
+    "Parallelized": "vermeil.distributed.parallel",
+    "apply_ddp": "vermeil.distributed.parallel",
+    "apply_fsdp2": "vermeil.distributed.parallel",
+    "apply_tensor_parallel": "vermeil.distributed.parallel",
+    "mixed_precision_policy": "vermeil.distributed.parallel",
+    "parallelize": "vermeil.distributed.parallel",
+    "tensor_parallel_plan": "vermeil.distributed.parallel",
+    "get_rank": "vermeil.distributed.runtime",
+    "get_world_size": "vermeil.distributed.runtime",
+    "init_distributed": "vermeil.distributed.runtime",
+    "is_distributed": "vermeil.distributed.runtime",
+    "is_main_process": "vermeil.distributed.runtime",
+    "rank_zero_only": "vermeil.distributed.runtime",
+    "shutdown": "vermeil.distributed.runtime",
 }
 
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module 'vermeil.distributed' has no attribute {name!r}")
-    value = getattr(import_module(f"vermeil.distributed.{_NAMES[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, _NAMES)

@@ -43,11 +43,12 @@ from vermeil.diffusion.samplers import sample_euler, sample_heun
 from vermeil.diffusion.schedules import get_schedule
 from vermeil.recipes.tasks import Run, TaskData, TaskSampler
 from vermeil.train.config import TrainConfig
-from vermeil.train.trainer import Hook, Trainer, TrainResult
+from vermeil.train.hooks import Hook, TrainResult
 
 if TYPE_CHECKING:
     from vermeil.models.flux import Flux, FluxParams
     from vermeil.recipes.config import Family, RunConfig
+    from vermeil.train.trainer import Trainer
 
 __all__ = [
     "FlowData",
@@ -410,6 +411,7 @@ def train_flow_job(
         FlowJobResult with the model in eval mode.
     """
     from vermeil.models.flux import Flux
+    from vermeil.train.trainer import Trainer
 
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")

@@ -11,7 +11,6 @@ from torch import nn
 
 from vermeil.config import ConfigError
 from vermeil.recipes.tasks import Run, TaskData, TaskSampler, eval_token_batches
-from vermeil.train.losses import lm_loss_fn
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,6 +42,8 @@ class _SyntheticTask(TaskData):
         def eval_fn(m: nn.Module) -> dict[str, float]:
             loss, acc = eval_token_batches(m, val_batches, device)
             return {"val_loss": loss, "val_accuracy": acc}
+
+        from vermeil.train.losses import lm_loss_fn
 
         return Run(run, model, sampler, lm_loss_fn(run.model), eval_fn)
 

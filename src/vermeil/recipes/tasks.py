@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import merge_preset
-from vermeil.train.trainer import Hook
+from vermeil.train.hooks import Hook
 
 if TYPE_CHECKING:
     from vermeil.recipes.config import Family, RunConfig

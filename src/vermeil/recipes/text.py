@@ -11,7 +11,6 @@ from torch import nn
 
 from vermeil.config import ConfigError
 from vermeil.recipes.tasks import Run, TaskData, eval_token_batches
-from vermeil.train.losses import lm_loss_fn
 
 if TYPE_CHECKING:
     from vermeil.recipes.config import RunConfig
@@ -74,4 +73,6 @@ class TextData(TaskData):
             return {"val_loss": loss, "val_bpb": loss / math.log(2.0)}
 
         extras = {"corpus_fingerprint": corpus.fingerprint, "train_bytes": corpus.train.numel()}
+        from vermeil.train.losses import lm_loss_fn
+
         return Run(run, model, sampler, lm_loss_fn(run.model), eval_fn, ByteTokenizer(), extras)

@@ -1,67 +1,51 @@
 """Training: the `Trainer` loop with hooks, its config, losses and loss heads, AdamW groups and the warm-up +
 cosine schedule, metrics on disk and on screen.
 
-    trainer.py   Trainer, Hook, TrainResult          config.py    TrainConfig (the `train:` section)
+    trainer.py   Trainer                             config.py    TrainConfig (the `train:` section)
+    hooks.py     Hook, TrainResult                   allocator.py keep_freed_memory
     losses.py    causal_lm_loss, loss heads, z-loss  optim.py     weight-decay groups, AdamW, the schedule
-    metrics.py   metrics.jsonl, loss.png, progress   allocator.py keep_freed_memory
+    metrics.py   metrics.jsonl, loss.png, progress
 
 The run folder a trainer writes is `vermeil.runs` (its reading functions are re-exported here). Imports torch
 and the rest of Vermeil only; tqdm, PyYAML, safetensors (the `train` extra) and matplotlib (the `plot` extra)
-are imported where they are used.
+are imported where they are used. Names load on first use: reading a run config (`vermeil.train.config`) does
+not load the trainer.
 """
 
-from vermeil.runs import latest_checkpoint, list_checkpoints, load_model_weights
-from vermeil.train.allocator import keep_freed_memory
-from vermeil.train.config import TrainConfig
-from vermeil.train.losses import (
-    LOSS_HEADS,
-    CrossEntropyLoss,
-    causal_lm_loss,
-    head_loss,
-    lm_loss_fn,
-    loss_head,
-    register_loss_head,
-)
-from vermeil.train.metrics import (
-    MetricsLogger,
-    bits_per_byte,
-    plot_loss_curve,
-    read_metrics,
-    truncate_metrics,
-)
-from vermeil.train.optim import (
-    WarmupCosine,
-    build_optimizer,
-    build_scheduler,
-    cosine_with_warmup,
-    param_groups,
-)
-from vermeil.train.trainer import Hook, Trainer, TrainResult
+from __future__ import annotations
 
-__all__ = [
-    "LOSS_HEADS",
-    "CrossEntropyLoss",
-    "Hook",
-    "MetricsLogger",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "WarmupCosine",
-    "bits_per_byte",
-    "build_optimizer",
-    "build_scheduler",
-    "causal_lm_loss",
-    "cosine_with_warmup",
-    "head_loss",
-    "keep_freed_memory",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "lm_loss_fn",
-    "load_model_weights",
-    "loss_head",
-    "param_groups",
-    "plot_loss_curve",
-    "read_metrics",
-    "register_loss_head",
-    "truncate_metrics",
-]
+from vermeil._lazy import lazy_names
+
+# name -> the module that defines it
+_NAMES = {
+    "latest_checkpoint": "vermeil.runs",
+    "list_checkpoints": "vermeil.runs",
+    "load_model_weights": "vermeil.runs",
+    "keep_freed_memory": "vermeil.train.allocator",
+    "TrainConfig": "vermeil.train.config",
+    "Hook": "vermeil.train.hooks",
+    "TrainResult": "vermeil.train.hooks",
+    "LOSS_HEADS": "vermeil.train.losses",
+    "CrossEntropyLoss": "vermeil.train.losses",
+    "causal_lm_loss": "vermeil.train.losses",
+    "head_loss": "vermeil.train.losses",
+    "lm_loss_fn": "vermeil.train.losses",
+    "loss_head": "vermeil.train.losses",
+    "register_loss_head": "vermeil.train.losses",
+    "MetricsLogger": "vermeil.train.metrics",
+    "bits_per_byte": "vermeil.train.metrics",
+    "plot_loss_curve": "vermeil.train.metrics",
+    "read_metrics": "vermeil.train.metrics",
+    "truncate_metrics": "vermeil.train.metrics",
+    "WarmupCosine": "vermeil.train.optim",
+    "build_optimizer": "vermeil.train.optim",
+    "build_scheduler": "vermeil.train.optim",
+    "cosine_with_warmup": "vermeil.train.optim",
+    "param_groups": "vermeil.train.optim",
+    "Trainer": "vermeil.train.trainer",
+}
+
+__all__ = sorted(_NAMES)
+
+
+__getattr__, __dir__ = lazy_names(__name__, _NAMES)

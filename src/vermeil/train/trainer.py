@@ -37,7 +37,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from vermeil.runs import (
     prune_checkpoints,
 )
 from vermeil.train.config import TrainConfig
+from vermeil.train.hooks import Hook, TrainResult
 from vermeil.train.losses import LossFn, causal_lm_loss, plain
 from vermeil.train.metrics import (
     LN2,
@@ -74,40 +74,6 @@ from vermeil.train.metrics import (
 from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler, cosine_with_warmup
 
 __all__ = ["Hook", "TrainResult", "Trainer"]
-
-
-@dataclass
-class TrainResult:
-    """What `Trainer.fit` returns: the last completed step, whether Ctrl-C stopped it, the last checkpoint and
-    evaluation, and every metrics row of the run (resumed runs included)."""
-
-    step: int
-    interrupted: bool
-    checkpoint: Path | None
-    final_eval: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Hook:
-    """Override any of these to watch or steer training; `trainer.request_stop()` ends the run after the step."""
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        """Before the first step (after a resume has restored the state)."""
-
-    def on_step_end(self, trainer: Trainer, step: int, loss: Tensor) -> None:
-        """After update `step` (1-based: `trainer.step`), with its loss as a detached 0-dim tensor."""
-
-    def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        """After a train row was written."""
-
-    def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        """After an evaluation row was written."""
-
-    def on_save(self, trainer: Trainer, path: Path) -> None:
-        """After a checkpoint folder was completed."""
-
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
-        """At the end of `fit`, interrupted or not."""
 
 
 # ----------------------------------------------------------------------------------------------------------
