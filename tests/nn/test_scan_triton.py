@@ -316,3 +316,41 @@ def test_large_decays_stay_exact():
     inputs["delta"] = inputs["delta"] + 4.0
     inputs["A"] = inputs["A"] * 8.0
     assert_matches_ref(inputs, ALL_ON, block_d=4, chunk=8)
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vermeil.nn import scan_triton as st
+
+assert not st.INTERPRETED
+ptrs = {"A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "hlast_ptr", "hchunk_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
+        "dC_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr"}  # float32; the other pointers are bfloat16
+for kernel, warps, flags in [
+    (st._scan_fwd_kernel, st.NUM_WARPS, {"HAS_H0": True, "SAVE_CHUNKS": True}),
+    (st._scan_bwd_kernel, st.BWD_NUM_WARPS, {"HAS_DLAST": True}),
+]:
+    constexprs = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=st.BLOCK_D, BLOCK_N=16,
+                      CHUNK=st.CHUNK, **flags)
+    signature = {name: ("*fp32" if name in ptrs else "*bf16") if name.endswith("_ptr") else "i32"
+                 for name in kernel.arg_names if name not in constexprs}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps})
+    assert compiled.asm["cubin"], kernel
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter accepts code that the compiler may not: compile both kernels (defaults, every option
+    on, bfloat16 inputs) to an sm_90 cubin with Triton's own toolchain, which needs no GPU (~15 s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

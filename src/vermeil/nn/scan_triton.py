@@ -51,12 +51,22 @@ atomics for dB/dC), `csrc/selective_scan/reverse_scan.cuh` (the reverse adjoint 
 srush/annotated-mamba `final.py` and sustcsonglin/mamba-triton `triton_sequential_scan.py` (a program per
 (batch, channel block) with the state in registers, `tl.associative_scan` over time chunks).
 
-Block sizes are named constants, sized for Hopper (H100/H200) and adjustable per call: a [BLOCK_D, N_pad,
-CHUNK] tile of 16 x 16 x 32 float32 is 64 registers per thread per live tile at 4 warps (the backward, with
-about twice the live tiles, uses 8). They are reasoned, not tuned: the kernels were checked against
-`selective_scan_ref` in Triton's interpreter only, and the choice of an associative scan over a per-position
-loop above is argued, not measured. `selective_scan_triton(..., block_d=, chunk=)` and NUM_WARPS /
-BWD_NUM_WARPS are the knobs to sweep on a GPU.
+Block sizes are named constants, adjustable per call. They were chosen without a GPU, from ptxas's register
+report for sm_90 (Triton 3.9 compiling for an H100/H200 target on a CPU machine; N = 16, all options on,
+registers per thread / spilled bytes):
+
+    BLOCK_D x CHUNK, warps    forward      backward
+    16 x 32, 4 / 8            255 / 16     255 / 164
+    16 x 16, 4 / 8            184 / 0      246 / 0
+     8 x 32, 8 / 8            105 / 0      237 / 0   <- the defaults
+     8 x 16, 4 / 4             96 / 0      222 / 0
+    32 x 16, 8 / 8            180 / 0      255 / 632
+
+8 x 32 spills nothing, and CHUNK 32 halves the chunk-state traffic of CHUNK 16 (4 N / CHUNK bytes per
+(b, d, l), written forward and read backward). What they cost in time is not measured: the kernels were
+checked against `selective_scan_ref` in Triton's interpreter only, and the choice of an associative scan
+over a per-position loop above is argued, not timed. `selective_scan_triton(..., block_d=, chunk=)` and
+NUM_WARPS / BWD_NUM_WARPS are the knobs to sweep on a GPU.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (that is how the tests run them); the interpreter
 evaluates `tl.associative_scan` with a user combine one element at a time in Python, so keep interpreted
@@ -80,14 +90,14 @@ except ImportError:  # pragma: no cover - exercised by installs without triton
 
 __all__ = ["BLOCK_D", "CHUNK", "NUM_WARPS", "TILE_ELEMENTS", "scan_bytes", "selective_scan_triton"]
 
-# Channels per program and positions per chunk. BLOCK_D shrinks as N grows so that one [BLOCK_D, N_pad, CHUNK]
-# tile stays near TILE_ELEMENTS floats (register budget); these are the values for N = 16.
-BLOCK_D = 16
+# Channels per program and positions per chunk (module docstring: why). BLOCK_D shrinks as N grows so that one
+# [BLOCK_D, N_pad, CHUNK] tile stays near TILE_ELEMENTS floats (register budget); these are the values for N = 16.
+BLOCK_D = 8
 CHUNK = 32
 TILE_ELEMENTS = BLOCK_D * 16 * CHUNK
 MIN_BLOCK_D, MAX_BLOCK_D = 4, 64
-NUM_WARPS = 4
-BWD_NUM_WARPS = 8  # the backward keeps about twice as many tiles alive
+NUM_WARPS = 8
+BWD_NUM_WARPS = 8
 _LOG2_E = math.log2(math.e)
 
 # Set at import: the @triton.jit decorators below read TRITON_INTERPRET when this module is imported.
