@@ -117,8 +117,9 @@ class MambaBlock(nn.Module):
             a 2-core CPU (bench/mamba.py), after a first call that compiles. A plain attribute: it can be set
             on a built model too.
         scan_backend: `selective_scan`'s backend, one of `vermeil.nn.scan.BACKENDS`: "auto" (Triton kernels
-            on CUDA when triton imports, the chunked scan elsewhere), "triton", "chunked" or "ref". A plain
-            attribute too (validated at construction).
+            on CUDA when triton imports, the chunked scan elsewhere; `compile_scan` applies only where the
+            chunked scan runs), "triton", "chunked" or "ref". A plain attribute too (validated at
+            construction).
         device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
 
     Raises:
