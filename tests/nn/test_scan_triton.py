@@ -20,6 +20,7 @@ Axis legend: B batch, D channels, L length, N state size.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -354,3 +355,23 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_saves_only_inputs_and_chunk_states():
+    """What the forward keeps for the backward: the inputs and the (B, D, n_chunks, N) chunk-start states,
+    nothing of size (B, D, L, N)."""
+    inputs = make_inputs(dim=5, n=4, length=64)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan_triton(
+            leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+            delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], chunk=16,
+        )  # fmt: skip
+    assert (2, 5, 4, 4) in shapes  # 64 / 16 chunk-start states
+    assert max(math.prod(s) for s in shapes) == 2 * 5 * 64  # the largest: u, delta, z
