@@ -45,6 +45,7 @@ def _linear_like_params(model: nn.Module) -> tuple[int, int]:
 
 def _attention_layers(run: RunConfig) -> list[tuple[int, int | None]]:
     """(query width H * Dh, attended window or None for global) per attention layer."""
+    # FAMILY SWITCH: a model-side description (its attention layout), to move next to each model.
     m = run.model
     if run.family == "llm":
         out = []
@@ -122,6 +123,7 @@ def _analytic_cache_bytes(run: RunConfig, batch_size: int, context: int) -> int 
     """float32 cache bytes by formula, for models whose `setup_cache` reads data (so cannot run on meta):
     2 * B * Hkv * S * Dh per attention layer (S capped by a chunked layer's window), B * E * (K + N) per Mamba
     layer (conv and SSM states)."""
+    # FAMILY SWITCH: a model-side description (its cache layout), to move next to each model.
     m, b, f32 = run.model, batch_size, 4
     if run.family == "llm":  # chunked layers keep a ring of min(chunk, context) slots
         total = 0
