@@ -9,6 +9,10 @@
     - "flash": SDPA restricted to the fused kernels with `sdpa_kernel`; when none can serve the inputs it
       raises an error naming what is not served instead of torch's "No available kernel".
 
+`chunked_causal_attention` runs Llama 4's chunked attention as independent causal blocks, and `Attention` is
+the module every model uses (the LLM, the hybrid, the vision encoder, the Transformer blocks); Flux's and
+PaLM's blocks keep their fused checkpoint layouts and call `attention` directly.
+
 Causality is by position, bottom-right aligned when T < S (query i sits at position S - T + i, as in
 cached decoding and in the masks of `vermeil.nn.masks`). SDPA's `is_causal` is top-left aligned, so it is
 used only when T == S (x-transformers #187 is this bug).
