@@ -106,9 +106,9 @@ def test_ring_returns_the_positions_it_holds() -> None:
     v = torch.randn(2, HKV, 10, DH, dtype=torch.float64)
     # Prefill of 3: the old (empty) ring then the new keys; afterwards the ring holds 0, 1, 2 in slots 0..2.
     k_all, v_all, pos = ring.update_with_positions(torch.arange(3), k[:, :, :3], v[:, :, :3])
-    assert pos.tolist() == [-1, -1, -1, -1, 0, 1, 2]
+    assert pos.tolist() == [10, 10, 10, 10, 0, 1, 2]  # empty slots hold max_seq_len: in every query's future
     torch.testing.assert_close(k_all[:, :, 4:], k[:, :, :3], rtol=0, atol=0)
-    assert ring.kv_pos.tolist() == [0, 1, 2, -1]
+    assert ring.kv_pos.tolist() == [0, 1, 2, 10]
     # One token at a time: written first, slot = position % 4; the returned views are the buffers.
     for p in range(3, 7):
         k_all, v_all, pos = ring.update_with_positions(
@@ -121,9 +121,9 @@ def test_ring_returns_the_positions_it_holds() -> None:
         torch.testing.assert_close(v_all[:, :, slot], v[:, :, p], rtol=0, atol=0)
     # A prefill longer than the ring keeps its last 4 positions.
     ring.reset()
-    assert ring.kv_pos.tolist() == [-1] * 4 and not ring.k_cache.any()
+    assert ring.kv_pos.tolist() == [10] * 4 and not ring.k_cache.any()
     _, _, pos = ring.update_with_positions(torch.arange(7), k[:, :, :7], v[:, :, :7])
-    assert pos.tolist() == [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5, 6]
+    assert pos.tolist() == [10, 10, 10, 10, 0, 1, 2, 3, 4, 5, 6]
     assert sorted(ring.kv_pos.tolist()) == [3, 4, 5, 6]
     assert ring.state_dict() == {}
 

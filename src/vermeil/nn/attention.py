@@ -588,16 +588,15 @@ class Attention(nn.Module):
         return full, self.causal and input_pos is None
 
     def _cache_mask(self, mask: Tensor | None, input_pos: Tensor, kv_pos: Tensor, b: int, t: int) -> Tensor:
-        """With a cache: queries at `input_pos`, keys at the positions the cache holds (`kv_pos`, -1 empty)."""
+        """With a cache: queries at `input_pos`, keys at the positions the cache holds (`kv_pos`; an empty slot
+        holds `max_seq_len`, in every query's future, so the causal rule hides it)."""
         assert self.kv_cache is not None  # internal: called on the cache path only
-        user = self._user_mask(mask, b, t, self.kv_cache.max_seq_len)  # the user's mask is over positions
-        if user is not None:
-            user = user.index_select(
-                -1, kv_pos.clamp(min=0)
-            )  # position -> slot order (a ring's is not 0..S-1)
+        s_max = self.kv_cache.max_seq_len
+        user = self._user_mask(mask, b, t, s_max)  # the user's mask is over positions
         full = attention_mask(input_pos, kv_pos, causal=True, window=self.window, chunk=self.chunk)
-        full = full & (kv_pos >= 0)  # empty ring slots
-        return full if user is None else full & user
+        if user is None:
+            return full
+        return full & user.index_select(-1, kv_pos.clamp(max=s_max - 1))  # position -> slot order
 
     def forward(
         self,

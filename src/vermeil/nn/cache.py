@@ -72,6 +72,7 @@ class KVCache(nn.Module):
         shape = (batch_size, kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._positions = torch.arange(max_seq_len, device=device)  # slot i holds position i (not state)
 
     def reset(self) -> None:
         """Zero both buffers (in place, so compiled graphs that captured them stay valid)."""
@@ -103,7 +104,9 @@ class KVCache(nn.Module):
     def update_with_positions(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`update`, plus the position of every slot: `kv_pos` (S_max,) = 0 .. S_max - 1."""
         k_all, v_all = self.update(input_pos, k, v)
-        return k_all, v_all, torch.arange(self.max_seq_len, device=k_all.device)
+        if self._positions.device != k_all.device:  # the module was moved after construction
+            self._positions = self._positions.to(k_all.device)
+        return k_all, v_all, self._positions
 
     def extra_repr(self) -> str:
         return (
@@ -134,8 +137,8 @@ def _check_update(cache: KVCache | RingKVCache, input_pos: Tensor, k: Tensor, v:
     # Value check only in eager mode and on CPU: it reads the tensor, which would be a graph break under
     # compile and a device sync on an accelerator.
     if not torch.compiler.is_compiling() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
-        last = int(input_pos.max())
-        if last >= cache.max_seq_len or int(input_pos.min()) < 0:
+        first, last = torch.stack(torch.aminmax(input_pos)).tolist()  # one read for both ends
+        if last >= cache.max_seq_len or first < 0:
             raise ValueError(
                 f"input_pos up to {last} exceeds max_seq_len={cache.max_seq_len} (positions must lie in "
                 f"[0, {cache.max_seq_len}))"
@@ -148,9 +151,10 @@ class RingKVCache(nn.Module):
     A query at position p under a sliding window W sees keys p - W + 1 .. p, and under Llama 4's chunked
     attention of block C at most the C keys of its own chunk; `slots = W` (or C, or min(W, C) with both)
     therefore holds everything any query needs, whatever `max_seq_len` is. `kv_pos` records the position each
-    slot holds (-1: empty), and `update_with_positions` returns it, so the caller applies its mask rule to
+    slot holds, and `update_with_positions` returns it, so the caller applies its mask rule to
     real positions and stale slots of an earlier window or chunk are never attended. transformers does the
-    same for Llama 4 (`DynamicSlidingWindowLayer`) and Mistral (`SlidingWindowCache`).
+    same for Llama 4 (`DynamicSlidingWindowLayer`) and Mistral (`SlidingWindowCache`). An empty slot holds
+    position `max_seq_len`, past every position the cache serves, so the causal rule alone never attends it.
 
     Args:
         batch_size: largest batch the cache serves (a smaller batch uses the leading rows).
@@ -164,7 +168,7 @@ class RingKVCache(nn.Module):
 
     Attributes:
         k_cache, v_cache: (B, Hkv, slots, Dh) buffers, zero-initialised, non-persistent.
-        kv_pos: (slots,) int64 position held by each slot, -1 when empty, non-persistent.
+        kv_pos: (slots,) int64 position held by each slot, `max_seq_len` when empty, non-persistent.
     """
 
     k_cache: Tensor
@@ -197,14 +201,14 @@ class RingKVCache(nn.Module):
         shape = (batch_size, kv_heads, slots, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        empty = torch.full((slots,), -1, dtype=torch.long, device=device)
+        empty = torch.full((slots,), max_seq_len, dtype=torch.long, device=device)
         self.register_buffer("kv_pos", empty, persistent=False)
 
     def reset(self) -> None:
         """Empty the ring in place (compiled graphs that captured the buffers stay valid)."""
         self.k_cache.zero_()
         self.v_cache.zero_()
-        self.kv_pos.fill_(-1)
+        self.kv_pos.fill_(self.max_seq_len)
 
     def _write(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Write the last min(T, slots) new positions (consecutive ones: no two land in one slot)."""
@@ -229,7 +233,7 @@ class RingKVCache(nn.Module):
             overwrites held position p - slots, which no query at p sees): (B, Hkv, slots, Dh) views of the
             buffers and `kv_pos` (slots,). For several, the ring *before* the write followed by the new keys
             (B, Hkv, slots + T, Dh) and their positions (slots + T,): an early new token may need a key a later
-            one overwrites. Empty slots have position -1; mask them out (`kv_pos >= 0`).
+            one overwrites. Empty slots have position `max_seq_len`, which a causal mask hides.
         """
         _check_update(self, input_pos, k, v)
         b = k.shape[0]
