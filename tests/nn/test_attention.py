@@ -657,6 +657,8 @@ def test_q_scale_multiplies_the_queries() -> None:
     m.setup_cache(2, 7)
     steps = [m(x[:, i : i + 1], input_pos=torch.tensor([i]), q_scale=scale[i : i + 1]) for i in range(7)]
     torch.testing.assert_close(torch.cat(steps, 1), want, **F64)
+    with pytest.raises(ValueError, match=r"q_scale must have shape \(T=7,\) or \(B, T\), got \(6,\)"):
+        make(causal=True)(x.float(), q_scale=scale[:6].float())
 
 
 def test_rope_tables_are_a_namedtuple_with_pairing() -> None:

@@ -511,7 +511,12 @@ class Attention(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------
 
     def _check_inputs(
-        self, x: Tensor, context: Tensor | None, input_pos: Tensor | None, rope: RopeTables | None
+        self,
+        x: Tensor,
+        context: Tensor | None,
+        input_pos: Tensor | None,
+        rope: RopeTables | None,
+        q_scale: Tensor | None,
     ) -> None:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}")
@@ -532,6 +537,10 @@ class Attention(nn.Module):
             raise ValueError(
                 "rope tables given to a module that has an injected rotary or is cross-attention; "
                 "pass tables only to self-attention built with rotary=None"
+            )
+        if q_scale is not None and (q_scale.ndim not in (1, 2) or q_scale.shape[-1] != x.shape[1]):
+            raise ValueError(
+                f"q_scale must have shape (T={x.shape[1]},) or (B, T), got {tuple(q_scale.shape)}"
             )
         if input_pos is not None:
             if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != x.shape[1]:
@@ -616,7 +625,7 @@ class Attention(nn.Module):
             mask: bool, True = may attend: (B, S) key padding, or (B|1, 1|H, T, S). With a cache, S is the
                 cache length S_max (positions, whatever the cache's layout).
             input_pos: (T,) or (B, T) integer positions. Without a cache they feed `rotary` and the local
-                (window, chunk) masks; causality follows index order (query i at S - T + i). With a cache,
+                (window, chunk) masks; plain causality follows index order (query i at S - T + i). With a cache,
                 (T,) consecutive positions where the new keys/values are written; attention then spans the
                 cache under a position mask.
             rope: `RopeTables` for these T positions (e.g. `RotaryEmbedding.tables(input_pos)`), or None.
@@ -626,7 +635,7 @@ class Attention(nn.Module):
         Returns:
             (B, T, D).
         """
-        self._check_inputs(x, context, input_pos, rope)
+        self._check_inputs(x, context, input_pos, rope, q_scale)
         b, t, _ = x.shape
         src = x if context is None else context
         s_in = src.shape[1]
