@@ -208,6 +208,8 @@ CASES = [
     dict(routing="parallel", merge="concat"),
     dict(routing="sequential", rotary=False, feed_forward="none", pattern="AMMA"),  # Jamba: no positions
     dict(routing="parallel", merge="gate", feed_forward="mlp", qk_norm="rms", kv_heads=1),
+    dict(routing="sequential", window=3),  # sliding-window attention: ring caches
+    dict(routing="parallel", merge="sum", window=4, qk_norm="rms"),
 ]
 
 
@@ -226,6 +228,19 @@ def test_prefill_then_steps_equals_full_forward(case: dict) -> None:
     assert_close(model(x[:, :3], input_pos=torch.arange(3)), full[:, :3], **TOL)  # position 0: a new sequence
     model.reset_cache()
     assert_close(model(x[:, :1], input_pos=torch.arange(1)), full[:, :1], **TOL)
+
+
+def test_sliding_window_attention_decodes_through_a_bounded_ring() -> None:
+    from vermeil.nn.cache import RingKVCache
+
+    model = tiny(routing="sequential", window=3)
+    model.setup_cache(batch_size=2, max_seq_len=12)
+    rings = [layer.attention.kv_cache for layer in model.layers if layer.attention is not None]
+    assert rings and all(isinstance(c, RingKVCache) and c.k_cache.shape[2] == 3 for c in rings)
+    model.delete_cache()
+    x = tokens(t=9)
+    glob = tiny(routing="sequential")
+    assert not torch.allclose(model(x), glob(x), atol=1e-4)  # the window changes the attention layers
 
 
 def test_compile_scan_equals_eager() -> None:

@@ -81,6 +81,8 @@ class HybridConfig:
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
         qk_norm: None, "rms" or "l2" normalisation of queries and keys.
+        window: sliding-window attention over the last `window` positions (Samba), None for global; its
+            decoding cache is a `RingKVCache` of `window` slots, the one Llama 4's chunked layers use.
         feed_forward: "none", "swiglu" or "mlp" (GELU) after each mixer.
         hidden_dim: feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to multiple_of) and
             4D for mlp.
@@ -114,6 +116,7 @@ class HybridConfig:
     rotary: bool = True
     rope_theta: float = 10000.0
     qk_norm: Literal["rms", "l2"] | None = None
+    window: int | None = None
     feed_forward: Literal["none", "swiglu", "mlp"] = "swiglu"
     hidden_dim: int | None = None
     multiple_of: int = 16
@@ -137,7 +140,7 @@ class HybridConfig:
             "max_seq_len",
         ):
             check_positive_int(name, getattr(self, name))
-        for name in ("n_layers", "dt_rank", "kv_heads", "head_dim", "hidden_dim"):
+        for name in ("n_layers", "dt_rank", "kv_heads", "head_dim", "hidden_dim", "window"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         self._check_pattern()
@@ -300,6 +303,7 @@ class HybridLayer(nn.Module):
                 cfg.head_dim,
                 causal=True,
                 qk_norm=cfg.qk_norm,
+                window=cfg.window,
                 rotary=rotary,
                 **factory,
             )
@@ -483,8 +487,9 @@ class HybridModel(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate a static KV cache (B, Hkv, max_seq_len, Dh) per attention layer and a conv + SSM state per
-        Mamba layer; then pass `input_pos`. dtype/device default to the parameters'."""
+        """Allocate a static KV cache (B, Hkv, max_seq_len, Dh) per attention layer (a `RingKVCache` of `window`
+        slots with a sliding window) and a conv + SSM state per Mamba layer; then pass `input_pos`.
+        dtype/device default to the parameters'."""
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_seq_len", max_seq_len)
         weight = self.embedding.weight
