@@ -1,0 +1,335 @@
+"""Mamba-2's state space duality (SSD) scan: the reference recurrence, the fast chunked form, one decode step.
+
+The recurrence, per batch b, head h (scalar A_h), head channel p and state index n (Dao & Gu, 2024,
+arXiv:2405.21060, "Transformers are SSMs"; state-spaces/mamba `mamba_ssm/modules/ssd_minimal.py`):
+
+    s_t = exp(dt_t * A_h) * s_{t-1} + dt_t * x_t (outer) B_t       s: (P, N) per head
+    y_t = s_t C_t + D_h * x_t,   then optionally  y_t * silu(z_t)
+
+with dt_t = softplus(dt_raw + dt_bias) (optional), clamped to `dt_limit` in the scan. Heads share B and C in
+G groups: head h reads group h // (H / G) (`repeat_interleave` semantics, as mamba_ssm and transformers; tiling
+the groups instead is a different model).
+
+- `ssd_scan_ref` is that loop, one position at a time: the definition, for tests.
+- `ssd_scan` is the chunked matmul form (the "SSD" algorithm of the paper's section 6 and `ssd_minimal_discrete`):
+  the sequence is cut into chunks of Q positions; inside a chunk the output is an attention-like product
+  `(C B^T * exp(segsum(dt A))) @ (dt x)` (a Q x Q causal "mask" of decays); each chunk's own final state is
+  one matmul `B^T @ (decay * dt x)`; the states entering the chunks follow by passing the state across the
+  chunk boundaries, and their contribution to the outputs is one matmul `C @ state_in` per chunk. Every
+  exponent is <= 0 (decays from a later position back to an earlier one), so nothing overflows.
+- `ssd_step` is one position of the recurrence, for decoding.
+
+The inter-chunk pass loops over the chunks (L / Q small steps on (B, H, P, N) states) instead of the segsum
+form `exp(segsum(chunk decays)) @ states` used by transformers' torch path: the segsum form costs O((L/Q)^2)
+and, written as a difference of cumulative sums over the whole sequence, loses float32 precision once the
+summed decay is large (its exact masked-cumsum variant is another (L/Q)^2 tensor). The loop is the
+recurrence itself and measured no slower at L/Q = 64 chunks on a 2-core CPU (bench/mamba2.py).
+
+Precision: states and all accumulation are float32 whatever the input dtype (float64 stays float64, so
+gradcheck sees the exact function); outputs are cast back to x's dtype, the final state is float32 (float64).
+
+Axis legend: B batch, L length, H heads, P head dim, G groups, N state size, Q chunk length, c chunk count
+(ceil(L / Q)), hg = H / G heads per group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ssd_scan", "ssd_scan_ref", "ssd_step"]
+
+_LOG2_E = math.log2(math.e)
+_NO_LIMIT = (0.0, float("inf"))
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (so gradcheck sees the exact function), else float32."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _exp(x: Tensor) -> Tensor:
+    """exp(x) as exp2(x * log2 e): torch's CPU exp2 kernel is several times faster than exp for float32."""
+    return torch.exp2(x * _LOG2_E) if x.dtype == torch.float32 else torch.exp(x)
+
+
+def _check(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    initial_state: Tensor | None,
+    *,
+    step: bool,
+) -> tuple[int, int]:
+    """Static shape checks (compile friendly). Returns (G, N); raises ValueError naming argument and rule."""
+    lead = "(B, H, P)" if step else "(B, L, H, P)"
+    if x.dim() != (3 if step else 4):
+        raise ValueError(f"x.shape={tuple(x.shape)} must be {lead}")
+    *bl, heads, p = x.shape
+    bl = tuple(bl)
+    if B.dim() != len(bl) + 2:
+        raise ValueError(f"B.shape={tuple(B.shape)} must be {bl + ('G', 'N')} (x is {lead})")
+    groups, n = B.shape[-2:]
+    if groups == 0 or heads % groups != 0:
+        raise ValueError(
+            f"B.shape={tuple(B.shape)} has G={groups} groups, which must divide the H={heads} heads of x "
+            "(head h reads group h // (H / G))"
+        )
+    expected = {
+        "dt": (dt, bl + (heads,)),
+        "A": (A, (heads,)),
+        "B": (B, bl + (groups, n)),
+        "C": (C, bl + (groups, n)),
+        "z": (z, tuple(x.shape)),
+        "dt_bias": (dt_bias, (heads,)),
+    }
+    if not step:
+        expected["initial_state"] = (initial_state, (bl[0], heads, p, n))
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name}.shape={tuple(t.shape)} must be {shape} (x is {lead} and B is (..., G, N))"
+            )
+    if D is not None and tuple(D.shape) not in ((heads,), (heads, p)):
+        raise ValueError(f"D.shape={tuple(D.shape)} must be (H,)=({heads},) or (H, P)=({heads}, {p})")
+    return groups, n
+
+
+def _check_limit(dt_limit: tuple[float, float]) -> None:
+    if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
+        raise ValueError(f"dt_limit={dt_limit!r} must be a pair (low, high) with low <= high")
+
+
+def _prepare_dt(
+    dt: Tensor,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float] | None,
+    cdt: torch.dtype,
+) -> Tensor:
+    """dt (+ dt_bias), softplus if asked, clamped to dt_limit: mamba_ssm's and transformers' order."""
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit is not None and tuple(dt_limit) != _NO_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """y + D * x (D per head, or per head channel), then times silu(z). x, y: (..., H, P)."""
+    if D is not None:
+        d = D.to(y.dtype)
+        y = y + x * (d[:, None] if d.dim() == 1 else d)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def ssd_scan_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = _NO_LIMIT,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The SSD recurrence one position at a time (the definition; O(L) Python steps, for tests).
+
+    Args:
+        x: (B, L, H, P) inputs. dt: (B, L, H) step sizes (before bias and softplus). A: (H,), negative.
+        B, C: (B, L, G, N), G dividing H. D: (H,) or (H, P) skip, optional. z: (B, L, H, P) gate, optional.
+        dt_bias: (H,), added to dt before the softplus. dt_softplus: apply softplus to dt.
+        dt_limit: (low, high) clamp of dt after the softplus.
+        initial_state: (B, H, P, N) state before x; zeros if None.
+        return_final_state: also return the state after the last position.
+
+    Returns:
+        y (B, L, H, P) in x.dtype, and the final state (B, H, P, N) in float32 (float64 for float64
+        inputs) if `return_final_state`.
+    """
+    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False)
+    _check_limit(dt_limit)
+    bsz, length, heads, p = x.shape
+    cdt = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
+    xf, a = x.to(cdt), A.to(cdt)
+    rep = heads // groups
+    bh = B.to(cdt).repeat_interleave(rep, dim=2)  # (B, L, H, N): head h reads group h // rep
+    ch = C.to(cdt).repeat_interleave(rep, dim=2)
+    state = xf.new_zeros(bsz, heads, p, n) if initial_state is None else initial_state.to(cdt)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * a)[:, :, None, None]  # (B, H, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * xf[:, t])[..., None] * bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, ch[:, t]))
+    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(bsz, 0, heads, p)
+    y = _skip_and_gate(y, xf, D, z).to(x.dtype)
+    return (y, state) if return_final_state else y
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 64,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = _NO_LIMIT,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The chunked SSD scan (matmul form); same arguments and results as `ssd_scan_ref`, plus `chunk_size`.
+
+    Equals the recurrence for any `chunk_size` >= 1: L is padded to a multiple of Q = chunk_size with steps of
+    dt = 0 and x = 0, which neither decay nor feed the state, so the final state is that after position L.
+    Differentiable in every input, including `initial_state`, and through the returned final state (so
+    truncated backpropagation through time and chunked prefill compose). Autograd runs through plain torch
+    ops; the tensors it keeps for backward are, per call, about three (B, H, L, Q) float32 tensors (the
+    intra-chunk decay mask, C B^T broadcast to heads, their product), two (B, L, H, P) (dt x, its decayed copy),
+    two (B, c, H, P, N) (chunk states, states entering each chunk) and the inputs: O(L * (H*Q + H*P*N/Q)),
+    linear in L. Q ~ 64 balances the two terms for P = N = 64 (and measured fastest on a 2-core CPU,
+    bench/mamba2.py); mamba_ssm's CUDA kernels default to 256, which only changes speed and memory here.
+
+    Args:
+        x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state: as
+            `ssd_scan_ref`.
+        chunk_size: Q, positions per chunk.
+
+    Returns:
+        y (B, L, H, P) in x.dtype, and the final state (B, H, P, N) in float32 (float64 for float64
+        inputs) if `return_final_state`.
+    """
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False)
+    _check_limit(dt_limit)
+    bsz, length, heads, p = x.shape
+    cdt = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    hg = heads // groups
+    q = chunk_size
+    nc = max(1, -(-length // q))
+    pad = nc * q - length
+
+    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (B, L, H)
+    xf = x.to(cdt)
+    xdt = xf * dt[..., None]  # (B, L, H, P)
+    a = dt * A.to(cdt)  # (B, L, H), <= 0
+    bf, cf = B.to(cdt), C.to(cdt)
+    if pad:  # padded steps: dt = 0, so no decay and no input
+        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+        a = F.pad(a, (0, 0, 0, pad))
+        bf = F.pad(bf, (0, 0, 0, 0, 0, pad))
+        cf = F.pad(cf, (0, 0, 0, 0, 0, pad))
+    # Group-major chunked layout: (B, G, c, Q, hg, P); for G = 1 it is a view of x's own layout, and the
+    # per-group matmuls below read all hg heads of a group as one (Q, hg*P) matrix.
+    xdt = xdt.view(bsz, nc, q, groups, hg, p).permute(0, 3, 1, 2, 4, 5)
+    bc = bf.view(bsz, nc, q, groups, n).permute(0, 3, 1, 2, 4)  # (B, G, c, Q, N)
+    cc = cf.view(bsz, nc, q, groups, n).permute(0, 3, 1, 2, 4)  # (B, G, c, Q, N)
+    a_cum = a.view(bsz, nc, q, groups, hg).permute(0, 3, 1, 4, 2).cumsum(-1)  # (B, G, c, hg, Q)
+
+    # 1. Intra-chunk (diagonal blocks): y[l] = sum_{s <= l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dt_s x_s
+    cb = cc @ bc.transpose(-1, -2)  # (B, G, c, Q, Q), shared by the hg heads of a group
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, -math.inf)  # (B, G, c, hg, Q, Q)
+    scores = _exp(seg) * cb[:, :, :, None]  # (B, G, c, hg, Q, Q)
+    y_diag = scores @ xdt.transpose(3, 4)  # (B, G, c, hg, Q, P)
+
+    # 2. Each chunk's own final state (from zero): S^T[n, (hg p)] = sum_l B[l, n] exp(a_cum[-1] - a_cum[l]) xdt[l]
+    to_end = _exp(a_cum[..., -1:] - a_cum).transpose(-1, -2)  # (B, G, c, Q, hg)
+    states = bc.transpose(-1, -2) @ (xdt * to_end[..., None]).reshape(bsz, groups, nc, q, hg * p)
+    states = states.view(bsz, groups, nc, n, hg, p)  # (B, G, c, N, hg, P): the state transposed
+
+    # 3. Inter-chunk: the state entering chunk k is decay_{k-1} * state_in[k-1] + states[k-1] (the recurrence)
+    chunk_decay = _exp(a_cum[..., -1])[:, :, :, None, :, None]  # (B, G, c, 1, hg, 1)
+    if initial_state is None:
+        s = states.new_zeros(bsz, groups, n, hg, p)
+    else:  # (B, H, P, N) -> (B, G, N, hg, P)
+        s = initial_state.to(cdt).view(bsz, groups, hg, p, n).permute(0, 1, 4, 2, 3)
+    entering = []
+    # unbind once: indexing inside the loop would make each step's backward zero-fill a full-size gradient
+    for decay_k, states_k in zip(chunk_decay.unbind(2), states.unbind(2)):
+        entering.append(s)
+        s = s * decay_k + states_k
+    state_in = torch.stack(entering, dim=2).view(bsz, groups, nc, n, hg * p)  # (B, G, c, N, hg*P)
+
+    # 4. States to outputs: y[l] += exp(a_cum[l]) * C_l . state_in
+    from_start = _exp(a_cum).transpose(-1, -2)[..., None]  # (B, G, c, Q, hg, 1)
+    y_off = (cc @ state_in).view(bsz, groups, nc, q, hg, p) * from_start  # (B, G, c, Q, hg, P)
+    y = y_off + y_diag.transpose(3, 4)  # (B, G, c, Q, hg, P)
+    y = y.permute(0, 2, 3, 1, 4, 5).reshape(bsz, nc * q, heads, p)[:, :length]
+    y = _skip_and_gate(y, xf, D, z).to(x.dtype)
+    if not return_final_state:
+        return y
+    final = s.permute(0, 1, 3, 4, 2).reshape(bsz, heads, p, n)  # (B, G, N, hg, P) -> (B, H, P, N)
+    return y, final
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One position of the recurrence (decoding): O(1) in the length, functional (no in-place update).
+
+    dt is NOT clamped to a dt limit: mamba_ssm's `Mamba2.step` / `selective_state_update` and transformers'
+    `mamba2_selective_state_update` do not clamp either, and matching them token for token matters more
+    than matching the scan when a limit is set (with no limit, the step equals the scan).
+    No host sync and no data-dependent branch: CUDA-graph capturable.
+
+    Args:
+        state: (B, H, P, N) state before the step (float32 in a low-precision model).
+        x: (B, H, P). dt: (B, H) (before bias and softplus). A: (H,). B, C: (B, G, N), G dividing H.
+        D: (H,) or (H, P), optional. z: (B, H, P) gate, optional. dt_bias: (H,). dt_softplus: as `ssd_scan`.
+
+    Returns:
+        y (B, H, P) in x.dtype, and the new state (B, H, P, N) in state.dtype.
+    """
+    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, None, step=True)
+    bsz, heads, p = x.shape
+    if tuple(state.shape) != (bsz, heads, p, n):
+        raise ValueError(f"state.shape={tuple(state.shape)} must be (B, H, P, N)={(bsz, heads, p, n)}")
+    cdt = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    dt = _prepare_dt(dt, dt_bias, dt_softplus, None, cdt)  # (B, H)
+    xf = x.to(cdt)
+    rep = heads // groups
+    bh = B.to(cdt).repeat_interleave(rep, dim=1)  # (B, H, N)
+    ch = C.to(cdt).repeat_interleave(rep, dim=1)
+    decay = torch.exp(dt * A.to(cdt))[:, :, None, None]  # (B, H, 1, 1)
+    new_state = decay * state.to(cdt) + (dt[..., None] * xf)[..., None] * bh[:, :, None, :]
+    y = (new_state @ ch[..., None])[..., 0]  # (B, H, P)
+    y = _skip_and_gate(y, xf, D, z)
+    return y.to(x.dtype), new_state.to(state.dtype)
