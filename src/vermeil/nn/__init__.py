@@ -25,6 +25,7 @@ from vermeil.nn.lora import (
     merge_lora,
     unmerge_lora,
 )
+from vermeil.nn.mamba2 import Mamba2Block
 from vermeil.nn.masks import attention_mask, causal_mask, chunked_mask, padding_mask, sliding_window_mask
 from vermeil.nn.modulation import AdaLayerNorm, MLPEmbedder, Modulation, ModulationOut, modulate
 from vermeil.nn.moe import MoE, Router
@@ -44,6 +45,7 @@ from vermeil.nn.positional import (
     xpos_scale,
 )
 from vermeil.nn.scan import selective_scan, selective_scan_ref, selective_step
+from vermeil.nn.ssd import ssd_scan, ssd_scan_ref, ssd_step
 from vermeil.nn.ssm import MambaBlock
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "LoRA",
     "LoRALinear",
     "MLPEmbedder",
+    "Mamba2Block",
     "MambaBlock",
     "MoE",
     "Modulation",
@@ -98,6 +101,9 @@ __all__ = [
     "selective_scan_ref",
     "selective_step",
     "sliding_window_mask",
+    "ssd_scan",
+    "ssd_scan_ref",
+    "ssd_step",
     "temperature_scale",
     "timestep_embedding",
     "unmerge_lora",
