@@ -248,3 +248,39 @@ def test_safetensors_is_optional(tmp_path, monkeypatch) -> None:
     assert list(tmp_path.iterdir()) == []
     save_torch({"a": 1}, tmp_path / "s.pt")  # plain state needs only torch
     assert load_torch(tmp_path / "s.pt") == {"a": 1}
+
+
+def test_load_torch_errors_name_the_file_and_never_suggest_unsafe_loading(tmp_path) -> None:
+    path = tmp_path / "state.pt"
+    torch.save({"c": Custom()}, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    message = str(info.value)
+    assert str(path) in message and "weights_only" not in message and len(message.splitlines()) == 1
+    save_torch({"step": 1}, path)
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match=f"{path}.*damaged"):
+        load_torch(path)
+
+
+def test_disk_full_keeps_the_errno_and_names_the_file(tmp_path) -> None:
+    """A write past the file-size limit fails like a full disk; torch.save alone would say only
+    'enforce fail at inline_container.cc'."""
+    script = f"""
+import errno, resource, signal, torch
+from vermeil.checkpoint import save_torch, save_weights
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+for fn, name in ((save_torch, "state.pt"), (save_weights, "model.safetensors")):
+    try:
+        fn({{"w": torch.zeros(100000)}}, {str(tmp_path)!r} + "/" + name)
+    except OSError as e:
+        assert e.errno == errno.EFBIG and name in str(e) and "inline_container" not in str(e), e
+        print("ok", name)
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["ok", "state.pt", "ok", "model.safetensors"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left behind

@@ -13,8 +13,10 @@ in the file's metadata and restored on load. safetensors is an optional extra (`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LoadResult",
+    "UnsafePickleError",
     "atomic_path",
     "atomic_write",
     "clean_temp_files",
@@ -163,22 +166,77 @@ def atomic_write(
 # plain state (optimizer, scheduler, RNG, step)
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports a failed write as
+    "enforce fail at inline_container.cc ... unexpected pos", losing the errno (ENOSPC: the disk is full)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def _write_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
+    """The OSError of a failed write, naming the destination (and saying "the disk is full" for ENOSPC)."""
+    code = e.errno or errno.EIO
+    reason = "no space left on device (the disk is full)" if code == errno.ENOSPC else os.strerror(code)
+    return OSError(code, f"writing {os.fspath(path)} failed: {reason}", os.fspath(path))
+
+
 def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
     """`torch.save` of plain state (dicts, lists, tensors, numbers, strings), written atomically.
 
     Keep dataclasses and other custom classes out (store `to_dict(config)`): `load_torch` refuses them.
+
+    Raises:
+        OSError: the write failed (with its errno: ENOSPC when the disk is full), naming `path`; the previous
+            file at `path` is intact.
     """
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        w = _WriteErrors(f)
+        try:
+            torch.save(obj, w)  # type: ignore[arg-type]
+        except (OSError, RuntimeError):
+            if w.error is None:
+                raise
+            raise _write_error(w.error, path) from None
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A torch file holds a pickle of something other than tensors and plain containers: refused unread."""
 
 
 def load_torch(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
     """`torch.load` with `weights_only=True` always: tensors and plain containers only, never arbitrary pickles.
 
     Raises:
-        pickle.UnpicklingError: the file holds something else (a custom class, a pickle payload).
+        FileNotFoundError: no such file.
+        UnsafePickleError (a pickle.UnpicklingError and a ValueError): the file holds something else (a custom
+            class, a pickle payload: refused, never run); the message names the file.
+        ValueError: not a complete torch file (truncated, overwritten); the message names the file.
     """
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no state file at {os.fspath(path)}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: never, for a file from a run folder.
+        raise UnsafePickleError(
+            f"{os.fspath(path)} holds objects other than tensors and plain containers (a pickle Vermeil did "
+            "not write): refused, nothing in it was run"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{os.fspath(path)} is damaged (not a complete torch file): {first}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,16 +326,26 @@ def save_weights(
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     with atomic_path(path) as tmp:
-        st.torch.save_file(tensors, tmp, metadata=meta)
+        try:
+            st.torch.save_file(tensors, tmp, metadata=meta)
+        except st.SafetensorError as e:
+            found = re.search(r"os error (\d+)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise _write_error(OSError(code, os.strerror(code)), path) from None
 
 
 def _read(path: str | os.PathLike[str], device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     st = _safetensors()
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights file at {os.fspath(path)}")
-    with st.safe_open(os.fspath(path), framework="pt", device=device) as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+    try:
+        with st.safe_open(os.fspath(path), framework="pt", device=device) as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+    except (st.SafetensorError, OSError) as e:
+        raise ValueError(f"{os.fspath(path)} is damaged (not a complete safetensors file): {e}") from None
     aliases: dict[str, str] = json.loads(meta.pop(ALIASES_KEY, "{}"))
     # Files from `safetensors.torch.save_model` record a removed tied name as metadata {removed: kept}.
     for k, v in list(meta.items()):

@@ -6,11 +6,20 @@
     checkpoints/step_000100/            model.safetensors (weights) and state.pt (the training state: optimizer,
                                         scheduler, RNG and data-sampler states, step, the config as a dict);
                                         a distributed run adds dcp/ (`vermeil.distributed.checkpoint`)
-    checkpoints/latest                  the name of the newest complete checkpoint folder
+    checkpoints/step_000100/manifest.json  the size and sha256 of every file of the folder, and whether a
+                                        distributed run wrote it (JSON, written last)
+    checkpoints/latest                  the name of the newest complete checkpoint folder (`step_*` only)
+    .lock                               held (`fcntl.flock`) by the one trainer writing the folder
 
-A checkpoint folder is complete when it holds both `model.safetensors` and `state.pt` (written last). Files are
-written atomically (`vermeil.checkpoint`) and `latest` moves only after a folder is complete, so a run killed at
-any moment leaves the previous checkpoint loadable.
+A checkpoint folder is complete when it holds both `model.safetensors` and `state.pt`. Files are written
+atomically (`vermeil.checkpoint`) and `latest` moves only after a folder is complete, so a run killed at any
+moment leaves the previous checkpoint loadable.
+
+A run folder is untrusted input (people copy, share and download them; SECURITY.md): nothing in it is ever
+unpickled by Python's `pickle`. Weights are safetensors, state.pt is read with `torch.load(weights_only=True)`,
+config.yaml with `yaml.safe_load`. Reading a checkpoint verifies it against its manifest; a damaged one is named
+in a warning and the newest intact one is used instead. `latest` may only name a `step_*` folder beside it.
+Folders written before manifests existed load unverified.
 
 Reading a run (`latest_checkpoint`, `load_model_weights`, `read_run_config`) and writing one without training
 (`write_run`, for `vermeil convert`) need no training code: `vermeil generate` and `convert` use this module
@@ -19,9 +28,16 @@ alone; `vermeil.train.Trainer` writes its checkpoints through it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
+import re
 import shutil
-from collections.abc import Mapping
+import socket
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +56,25 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "CONFIG",
     "DCP",
+    "MANIFEST",
     "STATE",
     "WEIGHTS",
+    "DamagedCheckpointError",
+    "RunLockedError",
     "checkpoint_name",
     "checkpoint_step",
     "clear_run",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model_weights",
+    "lock_run",
     "point_latest",
     "prune_checkpoints",
+    "read_manifest",
     "read_run_config",
+    "saved_distributed",
+    "verify_checkpoint",
+    "write_manifest",
     "write_run",
 ]
 
@@ -59,7 +83,18 @@ CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 DCP = "dcp"
+MANIFEST = "manifest.json"
 _LATEST = "latest"
+_LOCK = ".lock"
+_STEP_NAME = re.compile(r"^step_[0-9]+$")
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file does not match its manifest (size or sha256), or cannot be read at all."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder's lock (another trainer is writing it)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -91,26 +126,169 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted((p for p in root.iterdir() if _is_step_folder(p) and _complete(p)), key=checkpoint_step)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
-    """The newest complete checkpoint folder of a run (or `run_dir` itself when it is a checkpoint folder).
+def _pointed(run: Path) -> Path | None:
+    """The folder `checkpoints/latest` names, when it is a `step_*` name beside it (never a path elsewhere)."""
+    pointer = run / CHECKPOINTS_DIR / _LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not _STEP_NAME.match(name):
+        warnings.warn(
+            f"{os.fspath(pointer)} names {name!r}, not a checkpoint folder beside it (step_NNNNNN): ignored",
+            stacklevel=3,
+        )
+        return None
+    return run / CHECKPOINTS_DIR / name
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> Path:
+    """The newest complete and intact checkpoint folder of a run (or `run_dir` itself when it is a checkpoint
+    folder).
+
+    With `verify` (the default) each candidate, newest first, is checked against its manifest
+    (`verify_checkpoint`); a damaged one is named in a `UserWarning` and the next older one is tried.
 
     Raises:
-        FileNotFoundError: the folder does not exist or holds no complete checkpoint.
+        FileNotFoundError: the folder does not exist, is a file, or holds no complete checkpoint.
+        DamagedCheckpointError: every checkpoint is damaged (the message names the newest one's bad file).
     """
     run = Path(run_dir)
+    if run.is_file():
+        raise FileNotFoundError(f"{os.fspath(run)} is a file, not a run folder")
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {os.fspath(run)} does not exist")
     if _complete(run):
+        if verify:
+            verify_checkpoint(run)
         return run
-    pointer = run / CHECKPOINTS_DIR / _LATEST
-    if pointer.is_file():
-        folder = run / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
-        if _complete(folder):
-            return folder
-    found = list_checkpoints(run)
-    if not found:
+    candidates = list(reversed(list_checkpoints(run)))
+    pointed = _pointed(run)
+    if pointed is not None and _complete(pointed):
+        candidates = [pointed] + [c for c in candidates if c != pointed]
+    if not candidates:
         raise FileNotFoundError(f"{os.fspath(run)} holds no checkpoint (no {CHECKPOINTS_DIR}/step_*/{STATE})")
-    return found[-1]
+    if not verify:
+        return candidates[0]
+    first_error: DamagedCheckpointError | None = None
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+        except DamagedCheckpointError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            warnings.warn(f"{first_error}; using {os.fspath(folder)} instead", stacklevel=2)
+        return folder
+    assert first_error is not None
+    raise DamagedCheckpointError(f"{first_error}; no intact checkpoint left in {os.fspath(run)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# manifests: what a checkpoint folder holds, written last
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    # The checkpoint's own files: weights, state and (distributed) dcp/; temporary files are not part of it.
+    out = [folder / WEIGHTS, folder / STATE]
+    if (folder / DCP).is_dir():
+        out += sorted(p for p in (folder / DCP).rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+    return [p for p in out if p.is_file()]
+
+
+def write_manifest(folder: str | os.PathLike[str], *, distributed: bool = False) -> dict[str, Any]:
+    """Write `manifest.json` into a complete checkpoint folder: each file's size and sha256, and whether a
+    distributed run saved it (the only record the trainer trusts before reading a `dcp/` folder)."""
+    from vermeil.checkpoint import atomic_write
+
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(folder)
+    }
+    manifest = {"format": 1, "distributed": bool(distributed), "files": files}
+    with atomic_write(folder / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    _verified.pop(os.fspath(folder), None)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a checkpoint folder, or None for a folder written before manifests existed.
+
+    Raises:
+        DamagedCheckpointError: the manifest is not the JSON `write_manifest` writes.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpointError(f"checkpoint file {os.fspath(path)} is damaged: {e}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
+        raise DamagedCheckpointError(f"checkpoint file {os.fspath(path)} is damaged: not a Vermeil manifest")
+    return manifest
+
+
+def saved_distributed(folder: str | os.PathLike[str]) -> bool:
+    """Whether the manifest of a checkpoint folder records that a distributed run wrote it (False without one)."""
+    manifest = read_manifest(folder)
+    return bool(manifest and manifest.get("distributed") is True)
+
+
+# Folders verified in this process, by path -> (size, mtime) of each file: reading a run twice hashes it once.
+_verified: dict[str, tuple[tuple[str, int, int], ...]] = {}
+
+
+def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Check every file a checkpoint's manifest lists (size, then sha256); without a manifest, that its state.pt
+    and weights are non-empty.
+
+    Raises:
+        DamagedCheckpointError: naming the first file that is missing, of the wrong size or with the wrong hash.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        for p in (folder / WEIGHTS, folder / STATE):
+            if p.stat().st_size == 0:
+                raise DamagedCheckpointError(f"checkpoint file {os.fspath(p)} is damaged: it is empty")
+        return
+    entries = sorted(manifest["files"].items())
+    stamp = []
+    for name, _ in entries:
+        p = folder / name
+        st = p.stat() if p.is_file() else None
+        stamp.append((name, st.st_size if st else -1, st.st_mtime_ns if st else -1))
+    if _verified.get(os.fspath(folder)) == tuple(stamp):
+        return
+    for (name, want), (_, size, _) in zip(entries, stamp):
+        p = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise DamagedCheckpointError(f"checkpoint file {os.fspath(folder / MANIFEST)} names {name!r}")
+        if size < 0:
+            raise DamagedCheckpointError(f"checkpoint file {os.fspath(p)} is missing")
+        if size != want["size"]:
+            raise DamagedCheckpointError(
+                f"checkpoint file {os.fspath(p)} is damaged: {size} bytes, its manifest says {want['size']}"
+            )
+        if _sha256(p) != want["sha256"]:
+            raise DamagedCheckpointError(
+                f"checkpoint file {os.fspath(p)} is damaged: its sha256 differs from its manifest's"
+            )
+    _verified[os.fspath(folder)] = tuple(stamp)
 
 
 def load_model_weights(model: nn.Module, run_dir: str | os.PathLike[str]) -> Path:
@@ -170,7 +348,8 @@ def write_run(run_config: Mapping[str, Any], model: nn.Module, run_dir: str | os
     save_yaml(dict(run_config), run / CONFIG)
     save_weights(model, folder / WEIGHTS, metadata={"step": "0"})
     # No optimizer state: a trainer resuming here starts its optimizer, schedule and data afresh.
-    save_torch({"step": 0, "config": dict(run_config)}, folder / STATE)  # last: marks the folder complete
+    save_torch({"step": 0, "config": dict(run_config)}, folder / STATE)  # marks the folder complete
+    write_manifest(folder)
     point_latest(run, folder)
     return folder
 
@@ -182,3 +361,67 @@ def clear_run(run_dir: str | os.PathLike[str]) -> None:
         shutil.rmtree(run / CHECKPOINTS_DIR)
     for name in ("metrics.jsonl", "loss.png", CONFIG):
         (run / name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one writer per run folder
+
+# Locks this process holds: resolved run folder -> [open lock file, depth] (a trainer inside the CLI's lock).
+_held: dict[str, list[Any]] = {}
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Hold the exclusive lock of a run folder (`fcntl.flock` on `RUN/.lock`, which records the holder's pid and
+    host) for the duration of the block; re-entrant within one process. Yields {"pid", "host"}.
+
+    The kernel releases a flock when its holder dies (SIGKILL included), so a lock file left by a dead process
+    is stale by construction: the next trainer takes it. Without `fcntl` (Windows) nothing is locked.
+
+    Raises:
+        RunLockedError: another process holds the folder (the message names its pid and host).
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    key = os.fspath(run.resolve())
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield me
+        finally:
+            _held[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield me
+        return
+    f = open(run / _LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole block
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLockedError(
+                f"run folder {os.fspath(run)} is in use by {holder}: wait for that trainer to finish (or stop "
+                "it), or pass --out NEW_DIR"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {me['pid']} on {me['host']}\n")
+        f.flush()
+        _held[key] = [f, 1]
+        try:
+            yield me
+        finally:
+            del _held[key]
+            with contextlib.suppress(OSError):
+                f.seek(0)
+                f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()

@@ -10,11 +10,19 @@ Tensor parallelism splits Flux's fused projections block by block (`_StridedShar
 several pieces of the tensor, which DCP (torch 2.13) cannot describe (it writes one offset per shard and
 rejects the plan as overlapping). Such tensors, model and optimizer state alike, are written and read as plain
 `Shard(dim)` tensors (one redistribute each way), so the files hold the original layout.
+
+DCP keeps its plan in `.metadata`, a Python pickle that torch's `FileSystemReader` loads with plain
+`pickle.load`: a crafted folder would run code. Here it is read by an unpickler that resolves only the classes
+a DCP plan is made of (`torch.distributed.checkpoint.metadata`, `torch.Size`, dtypes, ...) and refuses any
+other global before calling it (`read_metadata`); `load_checkpoint` reads through it, `export_weights` checks
+the file with it first. The tensor files themselves are read by torch with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +30,9 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -33,7 +43,101 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim import Optimizer
 
-__all__ = ["export_weights", "load_checkpoint", "save_checkpoint"]
+__all__ = ["export_weights", "load_checkpoint", "read_metadata", "save_checkpoint"]
+
+METADATA = ".metadata"
+
+# Every global a DCP plan pickle (torch 2.4-2.13) refers to; anything else is refused unresolved.
+_PLAN_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.planner", "LoadItemType"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "slice"),
+}
+
+
+class _PlanUnpickler(pickle.Unpickler):
+    """Resolves only the globals of a DCP plan; the error names the first other one (nothing is called)."""
+
+    def __init__(self, file: io.BufferedIOBase, path: str) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAN_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))
+        ):
+            return super().find_class(module, name)
+        raise ValueError(
+            f"{self.path} refers to {module}.{name}, which a DCP checkpoint plan never holds: refused unread "
+            "(a crafted or foreign file; see SECURITY.md)"
+        )
+
+
+def read_metadata(path: str | os.PathLike) -> Metadata:
+    """The plan (`.metadata`) of a DCP checkpoint folder, read without running anything it may hold.
+
+    Raises:
+        FileNotFoundError: no `.metadata` in the folder. ValueError: it refers to anything but DCP plan classes,
+            or is not a pickle of a `Metadata`.
+    """
+    file = os.path.join(os.fspath(path), METADATA)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{os.fspath(path)} is not a DCP checkpoint folder (no {METADATA} file)")
+    with open(file, "rb") as f:
+        try:
+            metadata = _PlanUnpickler(f, file).load()
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{file} is damaged (not a DCP checkpoint plan): {e}") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{file} holds a {type(metadata).__name__}, not a DCP checkpoint plan")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """torch's `FileSystemReader` with `read_metadata` through the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:  # per-rank metadata files: not written by `save_checkpoint`
+            raise ValueError(f"{os.fspath(self.path)}: per-rank DCP metadata is not supported")
+        metadata = read_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
+    """Run a DCP read; its `CheckpointException` (a BaseException) becomes one ValueError naming the folder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return fn()
+    except CheckpointException as e:
+        errors = [err[0] if isinstance(err, tuple) else err for err in e.failures.values()]
+        first = next((" ".join(str(err).split()) for err in errors if str(err).strip()), "")
+        raise ValueError(f"DCP checkpoint {os.fspath(path)} is damaged: {first or 'unreadable'}") from None
 
 
 def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
@@ -94,7 +198,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
     file_state = _map(state, _to_file_layout)
-    dcp.load(file_state, checkpoint_id=os.fspath(path))  # in place, into file_state's tensors
+    reader = _SafeReader(os.fspath(path))
+    # in place, into file_state's tensors
+    _check_errors(path, lambda: dcp.load(file_state, checkpoint_id=os.fspath(path), storage_reader=reader))
     state = _zip_map(file_state, state, _from_file_layout)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
@@ -113,9 +219,10 @@ def export_weights(
     """
     from vermeil.checkpoint import save_weights
 
+    read_metadata(checkpoint_dir)  # torch's converter unpickles it again: only once it is known to be a plan
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(os.fspath(checkpoint_dir), full)
+        _check_errors(checkpoint_dir, lambda: dcp_to_torch_save(os.fspath(checkpoint_dir), full))
         state = torch.load(full, map_location="cpu", weights_only=True)
     if "model" not in state:
         raise ValueError(
