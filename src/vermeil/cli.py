@@ -18,8 +18,11 @@ folder without a checkpoint) print one line, `vermeil <command>: error: ...`, on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 __all__ = ["main"]
 
 EXIT_ERROR = 2
+EXIT_NONFINITE = 1  # the run diverged (a non-finite loss or gradient): not a usage error
 EXIT_INTERRUPTED = 130
 
 
@@ -66,9 +70,16 @@ def _bytes(n: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vermeil.recipes import build_run, load_run_config, read_run_dir_config
-    from vermeil.runs import clear_run, latest_checkpoint, list_checkpoints
-    from vermeil.train import Trainer, keep_freed_memory
+    """Train a model from a run config, or continue a run (--resume).
+
+    The run folder is locked while a trainer writes it: a second `vermeil train` on the same folder (or an
+    --overwrite of it) is refused with the first one's pid and host. Checkpoints are verified on resume; a damaged
+    one is named and the newest intact one is used. A non-finite loss or gradient stops the run (exit status 1)
+    naming the step, without saving the non-finite weights (train.on_nonfinite=skip skips such steps instead).
+    """
+    from vermeil.recipes import load_run_config, read_run_dir_config
+    from vermeil.runs import latest_checkpoint, list_checkpoints, lock_run
+    from vermeil.train import keep_freed_memory
 
     if not args.default_malloc:
         keep_freed_memory()  # big tensors are not page-faulted in again every step (vermeil.train.allocator)
@@ -76,9 +87,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun every rank runs this command; only rank 0 touches the folder and talks. (The process
     # group does not exist yet: torchrun's RANK variable says who is who.)
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    say = print if main_rank else (lambda *a, **k: None)
     if args.resume is not None:
         run_dir = Path(args.resume)
+        if run_dir.is_file():
+            raise CommandError(
+                f"--resume takes a run folder; {os.fspath(run_dir)} is a file (to start a run from a config: "
+                f"vermeil train {os.fspath(run_dir)})"
+            )
         latest_checkpoint(run_dir)  # the folder must hold a checkpoint
         if args.out is not None and Path(args.out) != run_dir:
             raise CommandError("--out cannot be combined with --resume (a run resumes in its own folder)")
@@ -97,16 +112,33 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{os.fspath(run_dir)} already holds a run: continue it with `vermeil train --resume {run_dir}`, "
                 "or pass --out NEW_DIR, or --overwrite to start over there"
             )
-        if args.overwrite and main_rank:
-            clear_run(run_dir)
+    _check_device(run.train.device)
+    with contextlib.ExitStack() as stack:
+        if main_rank:
+            stack.enter_context(lock_run(run_dir))  # before --overwrite clears anything
+        return _train(args, run, run_dir, main_rank)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise CommandError(f"train.device={device!r} but {build}: use train.device=cpu")
+
+
+def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -> int:
+    from vermeil.recipes import build_run
+    from vermeil.runs import clear_run
+    from vermeil.train import Trainer
+
+    say = print if main_rank else (lambda *a, **k: None)
+    if args.resume is None and args.overwrite and main_rank:
+        clear_run(run_dir)
     run.train.out_dir = os.fspath(run_dir)
     built = build_run(run)
     n_params = sum(p.numel() for p in built.model.parameters())
-    say(
-        f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
-        f"{run.data.task}, {run.train.steps} steps -> {os.fspath(run_dir)}",
-        file=sys.stderr,
-    )
     trainer = Trainer(
         built.model,
         built.train_batches,
@@ -117,10 +149,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         out_dir=run_dir,
         hooks=built.hooks,
     )
-    if args.resume is not None:
-        folder = trainer.load_checkpoint(run_dir)
+    folder = trainer.load_checkpoint(run_dir) if args.resume is not None else None
+    # The header comes once the run is known to start: an error above stays the only line.
+    say(
+        f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
+        f"{run.data.task}, {run.train.steps} steps -> {os.fspath(run_dir)}",
+        file=sys.stderr,
+    )
+    if folder is not None:
         say(f"resumed from {os.fspath(folder)} (step {trainer.step})", file=sys.stderr)
-    result = trainer.fit()
+    from vermeil.train.trainer import NonFiniteError
+
+    try:
+        result = trainer.fit()
+    except NonFiniteError as e:
+        say(f"vermeil train: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_NONFINITE
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.final_eval.items())
     if result.interrupted:
         say(f"interrupted at step {result.step}; resume with: vermeil train --resume {os.fspath(run_dir)}")
@@ -424,11 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(e: BaseException) -> str:
     text = str(e) or type(e).__name__
-    if isinstance(e, FileNotFoundError) and e.filename and not e.args[1:]:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = f" writing {e.filename}" if e.filename and os.fspath(e.filename) not in text else ""
+        text = f"{text}{where} (free some disk space; the checkpoints written before are intact)"
+        if e.errno == errno.ENOSPC and "disk is full" not in text:
+            text = f"the disk is full: {text}"
+    elif isinstance(e, FileNotFoundError) and e.filename and not e.args[1:]:
         text = str(e)
-    if isinstance(e, OSError) and e.strerror and e.filename:
+    elif isinstance(e, OSError) and e.strerror and e.filename:
         text = f"{e.strerror}: {e.filename}"
     return " ".join(text.split())  # one line, whatever the message held
+
+
+def _one_line_warnings(command: str) -> Callable[..., None]:
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        print(f"vermeil {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,6 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     func: Callable[[argparse.Namespace], int] = args.func
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _one_line_warnings(args.command)
+        return _call(func, args)
+
+
+def _call(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -449,12 +512,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vermeil {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
         if args.debug:
             raise
         from vermeil.config import ConfigError
+        from vermeil.runs import RunLockedError
 
-        known = (CommandError, ConfigError, FileNotFoundError, ValueError, TypeError, ImportError, OSError)
+        known = (
+            CommandError,
+            ConfigError,
+            FileNotFoundError,
+            ValueError,
+            TypeError,
+            ImportError,
+            OSError,
+            RunLockedError,
+        )
         prefix = "error" if isinstance(e, known) else f"internal error ({type(e).__name__})"
         hint = "" if isinstance(e, known) else " (rerun with --debug for the traceback)"
         print(f"vermeil {args.command}: {prefix}: {_one_line(e)}{hint}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -26,7 +27,15 @@ class TrainConfig:
         log_every: a `metrics.jsonl` row (and a progress-bar update) every N steps.
         save_every: a checkpoint every N steps (0: only at the end and on Ctrl-C); keep_checkpoints: how many
             checkpoint folders stay on disk.
-        bf16: autocast the forward to bfloat16 (CPU or GPU); weights and optimizer stay float32.
+        precision: "fp32"; "bf16" autocasts the forward to bfloat16 (CPU or GPU); "fp16" autocasts it to
+            float16 with a gradient scaler (`torch.amp.GradScaler`, its state saved in every checkpoint), for
+            GPUs without bf16. Weights and optimizer state stay float32 in every case.
+        bf16: the older spelling of `precision: bf16` (True sets it).
+        on_nonfinite: what a non-finite loss or gradient norm does: "stop" (the default) ends the run with
+            `NonFiniteError` naming the step; "skip" leaves that step's update out (the weights do not move) and
+            goes on, counting `skipped_steps` in the metrics. Either way no checkpoint is written from
+            non-finite weights, so `latest` and pruning keep the last finite one.
+        max_nonfinite: with "skip", stop after this many non-finite steps in a row.
         seed: seeds the model init, the data order and dropout.
         device: where to train ("cpu", "cuda", ...).
         out_dir: the run folder (None: the CLI picks `runs/<config name>`; the Python API then keeps nothing on
@@ -54,7 +63,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     bf16: bool = False
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite: int = 10
     seed: int = 0
     device: str = "cpu"
     out_dir: str | None = None
@@ -71,6 +83,7 @@ class TrainConfig:
             "eval_batches",
             "log_every",
             "keep_checkpoints",
+            "max_nonfinite",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -90,6 +103,15 @@ class TrainConfig:
             raise ValueError(f"betas={list(self.betas)!r} must be two numbers in [0, 1)")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (or null to disable)")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={self.precision!r} must be 'fp32', 'bf16' or 'fp16'")
+        if self.bf16 and self.precision == "fp16":
+            raise ValueError("bf16=True contradicts precision='fp16': set one of them")
+        if self.bf16:
+            self.precision = "bf16"
+        self.bf16 = self.precision == "bf16"
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r} must be 'stop' or 'skip'")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be >= 1 (or null)")
         try:

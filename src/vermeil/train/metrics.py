@@ -166,7 +166,11 @@ def plot_loss_curve(
 
 
 class MetricsWindow:
-    """Sums of the steps since the last log row; saved in checkpoints, so a resumed run logs the same rows."""
+    """Sums of the steps since the last log row; saved in checkpoints, so a resumed run logs the same rows.
+
+    A step marked not `ok` (a non-finite loss or gradient, skipped by the trainer) adds nothing to the sums and
+    is counted in `skipped` instead, so the row's means are over the finite steps. All on the device.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -175,10 +179,22 @@ class MetricsWindow:
     def clear(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.metrics: dict[str, Tensor] = {}
+        self.skipped = torch.zeros((), device=self.device)
         self.steps = self.tokens = 0
         self.seconds = 0.0
 
-    def add(self, loss: Tensor, metrics: Mapping[str, Tensor], tokens: int, seconds: float) -> None:
+    def add(
+        self,
+        loss: Tensor,
+        metrics: Mapping[str, Tensor],
+        tokens: int,
+        seconds: float,
+        ok: Tensor | None = None,
+    ) -> None:
+        if ok is not None:
+            loss = torch.where(ok, loss, 0.0)
+            metrics = {k: torch.where(ok, v, 0.0) for k, v in metrics.items()}
+            self.skipped = self.skipped + (~ok).to(self.skipped.dtype)
         self.loss = self.loss + loss
         for k, v in metrics.items():
             self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
@@ -190,6 +206,7 @@ class MetricsWindow:
         return {
             "loss": self.loss.detach().cpu(),
             "metrics": {k: v.detach().cpu() for k, v in self.metrics.items()},
+            "skipped": self.skipped.detach().cpu(),
             "steps": self.steps,
             "tokens": self.tokens,
             "seconds": self.seconds,
@@ -198,6 +215,8 @@ class MetricsWindow:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.loss = state["loss"].to(self.device)
         self.metrics = {k: v.to(self.device) for k, v in state["metrics"].items()}
+        skipped = state.get("skipped")  # absent from checkpoints written before skipping existed
+        self.skipped = skipped.to(self.device) if skipped is not None else torch.zeros((), device=self.device)
         self.steps, self.tokens, self.seconds = (
             int(state["steps"]),
             int(state["tokens"]),

@@ -49,13 +49,17 @@ from vermeil.runs import (
     CHECKPOINTS_DIR,
     CONFIG,
     DCP,
+    MANIFEST,
     STATE,
     WEIGHTS,
     checkpoint_name,
     checkpoint_step,
     latest_checkpoint,
+    lock_run,
     point_latest,
     prune_checkpoints,
+    saved_distributed,
+    write_manifest,
 )
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
@@ -71,9 +75,14 @@ from vermeil.train.metrics import (
     read_metrics,
     truncate_metrics,
 )
-from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler, cosine_with_warmup
+from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler
 
-__all__ = ["Hook", "TrainResult", "Trainer"]
+__all__ = ["Hook", "NonFiniteError", "TrainResult", "Trainer"]
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient norm (`train.on_nonfinite`); one line naming the step.
+    The last checkpoint on disk is finite: a checkpoint is never written from non-finite weights."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,12 +292,23 @@ class Trainer:
             if self.out_dir is not None and self.is_main
             else None
         )
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self._autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if config.bf16
+            (lambda: torch.autocast(self.device.type, dtype=amp_dtype))
+            if amp_dtype is not None
             else contextlib.nullcontext
         )
+        # fp16 gradients underflow without loss scaling; the scaler skips the steps whose scaled gradients
+        # overflow (and lowers the scale): that is its normal work, not a non-finite event of the run.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self._window = MetricsWindow(self.device)
+        # Non-finite steps, counted on the device and read only where the loop reads anyway (log rows,
+        # checkpoints): [current streak, its first step, longest streak, its first step, first bad step, total].
+        self._nonfinite = torch.tensor([0, 0, 0, 0, -1, 0], dtype=torch.float64, device=self.device)
+        # A fused AdamW skips an update on the device when given `found_inf` (what GradScaler uses): no host read.
+        self._fused = bool(self.optimizer.defaults.get("fused"))
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of the last update, for its row
+        self._start = (0, 0.0)  # (step, elapsed) when this fit began: the ETA of the plain progress lines
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._dtensor_params = _any_dtensor(self._params)
 
@@ -331,6 +351,7 @@ class Trainer:
             "rng": _rng_state(self.device),
             "data": data_state,
             "window": self._window.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.run_config,
         }
 
@@ -338,14 +359,18 @@ class Trainer:
         """Write `checkpoints/step_N/` (weights, then state), then point `latest` at it, then prune old ones."""
         if self.out_dir is None:
             raise ValueError("this Trainer has no out_dir: set TrainConfig.out_dir or pass out_dir= to save")
+        self._check_nonfinite()
+        self._check_weights_finite()  # never a checkpoint from non-finite weights, whatever happened
         folder = self.out_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
         if self.world_size > 1:
             self._save_distributed(folder)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
+            (folder / MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
             save_weights(self.model, folder / WEIGHTS, metadata={"step": str(self.step)})
-            save_torch(self.state_dict(), folder / STATE)  # last: its presence marks the folder complete
+            save_torch(self.state_dict(), folder / STATE)  # its presence marks the folder complete
+            write_manifest(folder)  # last: sizes and hashes of what is on disk now
         if self.is_main:
             point_latest(self.out_dir, folder)
             prune_checkpoints(self.out_dir, self.config.keep_checkpoints, folder)
@@ -365,6 +390,7 @@ class Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)
             (folder / STATE).unlink(missing_ok=True)  # the folder is incomplete until state.pt is back
+            (folder / MANIFEST).unlink(missing_ok=True)
         _barrier()
         dcp_save(folder / DCP, self.model, self.optimizer)
         state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
@@ -372,15 +398,17 @@ class Trainer:
             # dcp.save returns on the coordinator (rank 0) after every rank's shards and the metadata are written.
             export_weights(folder / DCP, folder / WEIGHTS, metadata={"step": str(self.step)})
             save_torch(state, folder / STATE)
+            # The record that this folder's dcp/ is ours: the only thing that lets a later run read it.
+            write_manifest(folder, distributed=True)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Restore weights and the whole training state from a run folder (its newest checkpoint) or a
         checkpoint folder. Returns the checkpoint folder used."""
-        cfg = self.config
-        folder = latest_checkpoint(path)
+        folder = latest_checkpoint(path)  # verified against its manifest; `latest` confined to the folder
         if self.is_main:
-            clean_temp_files(folder)
-            clean_temp_files(folder.parent)
+            with lock_run(folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder):
+                clean_temp_files(folder)
+                clean_temp_files(folder.parent)
         if self.world_size > 1:
             _barrier()
         state = load_torch(folder / STATE)
@@ -390,24 +418,31 @@ class Trainer:
             load_weights(self.model, folder / WEIGHTS)
             self.step, self.last_checkpoint = int(state["step"]), folder
             return folder
-        if self.world_size > 1 or state.get("optimizer") is None:
-            # A checkpoint of a distributed run (any layout, any number of ranks): DCP reshards on load.
+        if self.world_size > 1:
+            # A checkpoint of a distributed run (any layout, any number of ranks): DCP reshards on load. Only
+            # a folder whose manifest (verified by `latest_checkpoint`) records a distributed save is read.
             from vermeil.distributed.checkpoint import load_checkpoint as dcp_load
 
-            if not (folder / DCP).is_dir():
+            if not saved_distributed(folder) or not (folder / DCP).is_dir():
                 raise ValueError(
-                    f"checkpoint {os.fspath(folder)} has no {DCP}/ folder: a distributed run resumes only from "
-                    "a checkpoint written by a distributed run"
+                    f"checkpoint {os.fspath(folder)} was not saved by a distributed run (its {MANIFEST} does "
+                    f"not record one): a distributed run resumes only from a {DCP}/ checkpoint it wrote"
                 )
             dcp_load(folder / DCP, self.model, self.optimizer)
+        elif saved_distributed(folder) or state.get("optimizer") is None:
+            # Never read a dcp/ folder in one process: its plan is a pickle (SECURITY.md).
+            raise ValueError(
+                f"checkpoint {os.fspath(folder)} holds a distributed ({DCP}/) training state: resume it under "
+                f"torchrun with its distributed strategy (a single process never reads {DCP}/ folders), or "
+                "fine-tune from its weights in a new run"
+            )
         else:
             load_weights(self.model, folder / WEIGHTS)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        # The config's schedule wins over the saved one (a resumed run may be given more steps).
-        for fn in self.scheduler.lr_lambdas:
-            if isinstance(fn, WarmupCosine):
-                fn.warmup, fn.total, fn.min_ratio = cfg.warmup, cfg.steps, cfg.min_lr_ratio
+        self._apply_config_to_optimizer()
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         if state.get("data") is not None:
             if not callable(getattr(self.train_batches, "load_state_dict", None)):
@@ -432,6 +467,23 @@ class Trainer:
         return folder
 
     resume = load_checkpoint
+
+    def _apply_config_to_optimizer(self) -> None:
+        """After a resume: the config's lr, schedule, betas, eps and weight decay win over the saved ones (a
+        resumed run may be given more steps or a new lr), and the next update's lr is recomputed from them.
+        Unchanged settings give the very same floats, so an unchanged resume stays exact."""
+        cfg = self.config
+        for fn in self.scheduler.lr_lambdas:
+            if isinstance(fn, WarmupCosine):
+                fn.warmup, fn.total, fn.min_ratio = cfg.warmup, cfg.steps, cfg.min_lr_ratio
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * fn(self.scheduler.last_epoch)
+            group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
+            if group["weight_decay"]:  # the no-decay groups stay at 0
+                group["weight_decay"] = cfg.weight_decay
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -483,11 +535,14 @@ class Trainer:
                     loss, metrics = _split_loss(self.loss_fn(self.model, batch))
                 if self._loss_parallel:  # the loss is a replicated DTensor: the loop keeps plain tensors
                     loss, metrics = plain(loss), {k: plain(v) for k, v in metrics.items()}
-                (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+                scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.detach()
             for k, v in metrics.items():
                 v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
                 sums[k] = sums[k] + v if k in sums else v
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
         grad_norm = None
         if cfg.grad_clip:
             if self._dtensor_params:
@@ -496,14 +551,96 @@ class Trainer:
                 grad_norm = clip_grad_norm(self._params, cfg.grad_clip)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+        ok = torch.isfinite(total)
+        if self.scaler is None:  # with a scaler, overflowing gradients are its business (it skips them)
+            norm = grad_norm if grad_norm is not None else self._grad_norm()
+            ok = ok & torch.isfinite(norm)
+        self._count_nonfinite(~ok)
         self._phase = "update"  # from here on a Ctrl-C cannot be rolled back to the step's start
-        self.optimizer.step()
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # a Python float: no device read
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self._fused:
+            # The fused kernel leaves weights and moments untouched (and undoes its step count) when found_inf
+            # is 1: a non-finite step is skipped on the device.
+            self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+        elif bool(ok):  # a host read per step: only without a fused AdamW (free on the CPU)
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.grad_accum > 1:
             total = total / cfg.grad_accum
             sums = {k: v / cfg.grad_accum for k, v in sums.items()}
-        return total, sums, grad_norm, tokens * self.dp_size  # the global batch's positions (equal slices)
+        return (
+            total,
+            sums,
+            grad_norm,
+            tokens * self.dp_size,
+            ok,
+        )  # the global batch's positions (equal slices)
+
+    def _grad_norm(self) -> Tensor:
+        """The global gradient 2-norm without clipping (only to check it is finite)."""
+        if self._dtensor_params:
+            from vermeil.distributed.training import clip_grad_norm
+
+            return clip_grad_norm(self._params, math.inf)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+
+    def _count_nonfinite(self, bad: Tensor) -> None:
+        """Update the device-side counters of non-finite steps (no host read)."""
+        step = float(self.step + 1)  # the update being counted
+        streak, start, worst, worst_start, first, total = self._nonfinite.unbind()
+        bad = bad.to(self._nonfinite.dtype)
+        start = torch.where((bad > 0) & (streak == 0), step, start)
+        streak = (streak + 1) * bad
+        longer = streak > worst
+        self._nonfinite = torch.stack(
+            [
+                streak,
+                start,
+                torch.where(longer, streak, worst),
+                torch.where(longer, start, worst_start),
+                torch.where((bad > 0) & (first < 0), step, first),
+                total + bad,
+            ]
+        )
+
+    def _check_nonfinite(self, counters: Sequence[float] | None = None) -> int:
+        """Raise `NonFiniteError` when `train.on_nonfinite` says the run must stop; returns the total number
+        of non-finite steps so far. Reads the counters (one host read) unless given."""
+        cfg = self.config
+        _, _, worst, worst_start, first, total = (
+            counters if counters is not None else self._nonfinite.tolist()
+        )
+        last = f"; the last checkpoint, {self.last_checkpoint}, is finite" if self.last_checkpoint else ""
+        hint = "lower train.lr, check the data, or set train.on_nonfinite=skip"
+        if cfg.on_nonfinite == "stop" and total > 0:
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at step {int(first)}: training stopped (train.on_nonfinite="
+                f"stop), that update was not applied and no checkpoint was written after it{last}; {hint}"
+            )
+        if worst >= cfg.max_nonfinite:
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm in {int(worst)} steps in a row from step {int(worst_start)}: "
+                f"training stopped (train.max_nonfinite={cfg.max_nonfinite}){last}; lower train.lr or check the data"
+            )
+        return int(total)
+
+    def _check_weights_finite(self) -> None:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            last = f"; the last checkpoint, {self.last_checkpoint}, is finite" if self.last_checkpoint else ""
+            raise NonFiniteError(
+                f"non-finite weights at step {self.step} ({bad[0]}{' and more' if bad[1:] else ''}): no "
+                f"checkpoint written{last}"
+            )
 
     def _snapshot(self) -> tuple[Any, Any] | None:
         # Start-of-step data and RNG state, to roll a step back when Ctrl-C lands in its forward or backward.
@@ -548,7 +685,16 @@ class Trainer:
 
         Ctrl-C (or `request_stop()`, or a KeyboardInterrupt raised inside a step or a hook) saves a checkpoint of
         the last completed step and returns with `interrupted=True`; resuming from it continues the same curve.
+
+        The run folder is locked for the duration (`vermeil.runs.lock_run`): a second trainer on the same folder
+        gets `RunLockedError` instead of interleaving its checkpoints and metrics with this one's.
         """
+        if self.out_dir is None or not self.is_main:
+            return self._fit()
+        with lock_run(self.out_dir):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -564,6 +710,9 @@ class Trainer:
         final_eval: dict[str, float] = {}
         self._call("on_train_start")
         bar = progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
+        # When tqdm cannot draw (stdout/stderr not a terminal: CI, nohup, | tee), a plain line per log row.
+        plain_lines = self.is_main and cfg.progress is None and not _draws(bar)
+        self._start = (self.step, self.elapsed)
         try:
             with self._sigint_to_stop():
                 while self.step < cfg.steps:
@@ -574,7 +723,7 @@ class Trainer:
                     snapshot = self._snapshot()
                     start = time.perf_counter()
                     try:
-                        loss, metrics, grad_norm, tokens = self._train_step()
+                        loss, metrics, grad_norm, tokens, ok = self._train_step()
                     except KeyboardInterrupt:
                         if self._phase == "update":
                             raise  # the optimizer was mid-update: the weights are not at a step boundary
@@ -586,7 +735,7 @@ class Trainer:
                     self.step += 1
                     self.tokens += tokens
                     self.elapsed += dt
-                    self._window.add(loss, metrics, tokens, dt)
+                    self._window.add(loss, metrics, tokens, dt, ok)
                     bar.update(1)
                     try:
                         # Bookkeeping first, hooks last: a hook that stops the run finds this step logged.
@@ -595,6 +744,8 @@ class Trainer:
                             row = self._train_row(grad_norm)
                             self._write(row)
                             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                            if plain_lines:
+                                echo(self._progress_line(row))
                             self._call("on_log", row)
                         if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                             final_eval = self._eval_and_log()
@@ -627,7 +778,8 @@ class Trainer:
         return result
 
     def _train_row(self, grad_norm: Tensor | None) -> dict[str, Any]:
-        """The row of the steps since the last log step (means over them); empties the window."""
+        """The row of the steps since the last log step (means over the finite ones); empties the window.
+        Raises `NonFiniteError` when the run must stop (the counters are read here, with the row)."""
         w = self._window
         loss, metrics = w.loss, dict(w.metrics)
         if self.world_size > 1:  # the mean over the ranks (each holds the mean over its slice)
@@ -637,21 +789,49 @@ class Trainer:
             dist.all_reduce(flat)
             flat = flat / self.world_size
             loss, metrics = flat[0], dict(zip(metrics, flat[1:]))
-        # The only host syncs of the loop: once per log step.
-        row: dict[str, Any] = {"step": self.step, "split": "train", "loss": float(loss) / w.steps}
-        for k, v in metrics.items():
-            row[k] = float(v) / w.steps
+        # The only host read of the loop: once per log step, everything at once.
+        parts = [loss.double(), *(v.double() for v in metrics.values()), w.skipped.double()]
+        if grad_norm is not None:
+            parts.append(grad_norm.detach().double())
+        values = torch.cat([torch.stack(parts), self._nonfinite.to(parts[0].device)]).tolist()
+        counters, values = values[-6:], values[:-6]
+        total_skipped = self._check_nonfinite(counters)
+        n = w.steps - int(values[len(metrics) + 1])  # the finite steps of the window
+        row: dict[str, Any] = {"step": self.step, "split": "train", "loss": values[0] / n if n else math.nan}
+        for k, v in zip(metrics, values[1:]):
+            row[k] = v / n if n else math.nan
         if "ce" in row and math.isfinite(row["ce"]):
             row["bpt"] = row["ce"] / LN2  # bits per token (= bits per byte for a byte tokenizer)
-        cfg = self.config  # the learning rate the last update used (the scheduler already points at the next)
-        row["lr"] = cfg.lr * cosine_with_warmup(self.step - 1, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        row["lr"] = self._last_lr  # what the last update used (the scheduler already points at the next)
         if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
+            row["grad_norm"] = values[-1]
+        row["skipped_steps"] = total_skipped
         row["tokens_per_s"] = w.tokens / w.seconds if w.seconds > 0 else 0.0
         row["tokens"] = self.tokens
         row["elapsed_s"] = round(self.elapsed, 3)
         w.clear()
         return row
+
+    def _progress_line(self, row: Mapping[str, Any]) -> str:
+        """`step 20/300 | loss 2.3100 | 1.2e+04 tok/s | ETA 3m12s`: the plain stand-in of the progress bar."""
+        done, seconds = self.step - self._start[0], self.elapsed - self._start[1]
+        left = (self.config.steps - self.step) * seconds / done if done > 0 else math.nan
+        eta = "?" if not math.isfinite(left) else _duration(left)
+        loss = row["loss"]
+        loss_text = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "nan"
+        return f"step {self.step}/{self.config.steps} | loss {loss_text} | {row['tokens_per_s']:.4g} tok/s | ETA {eta}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _draws(bar: Any) -> bool:
+    """Whether a progress bar is actually drawn (tqdm with disable=None turns itself off without a terminal)."""
+    return not getattr(bar, "disable", True)
 
 
 def _group_exists() -> bool:
