@@ -441,8 +441,8 @@ class Mamba2Block(nn.Module):
         # zero the carried state where the sequence starts at position 0 (no host sync)
         first = input_pos.reshape(-1, length)[:, :1]  # (1, 1) or (B, 1)
         keep = (first > 0).unsqueeze(-1)  # (1|B, 1, 1)
-        conv_state = torch.where(keep, cache_conv, torch.zeros_like(cache_conv))
-        ssm_state = torch.where(keep.unsqueeze(-1), cache_ssm, torch.zeros_like(cache_ssm))
+        conv_state = torch.where(keep, cache_conv, 0.0)
+        ssm_state = torch.where(keep.unsqueeze(-1), cache_ssm, 0.0)
         if length == 1:
             out, conv, ssm = self._step(x, conv_state, ssm_state)
         else:

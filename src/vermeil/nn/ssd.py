@@ -270,7 +270,7 @@ def ssd_scan(
     if initial_state is None:
         s = states.new_zeros(bsz, groups, n, hg, p)
     else:  # (B, H, P, N) -> (B, G, N, hg, P)
-        s = initial_state.to(cdt).view(bsz, groups, hg, p, n).permute(0, 1, 4, 2, 3)
+        s = initial_state.to(cdt).reshape(bsz, groups, hg, p, n).permute(0, 1, 4, 2, 3)
     entering = []
     # unbind once: indexing inside the loop would make each step's backward zero-fill a full-size gradient
     for decay_k, states_k in zip(chunk_decay.unbind(2), states.unbind(2)):
@@ -325,11 +325,14 @@ def ssd_step(
     cdt = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     dt = _prepare_dt(dt, dt_bias, dt_softplus, None, cdt)  # (B, H)
     xf = x.to(cdt)
-    rep = heads // groups
-    bh = B.to(cdt).repeat_interleave(rep, dim=1)  # (B, H, N)
-    ch = C.to(cdt).repeat_interleave(rep, dim=1)
-    decay = torch.exp(dt * A.to(cdt))[:, :, None, None]  # (B, H, 1, 1)
-    new_state = decay * state.to(cdt) + (dt[..., None] * xf)[..., None] * bh[:, :, None, :]
-    y = (new_state @ ch[..., None])[..., 0]  # (B, H, P)
+    hg = heads // groups
+    # heads as (G, hg): group g's B and C broadcast over its hg heads (no repeat_interleave copy)
+    decay = torch.exp(dt * A.to(cdt)).view(bsz, groups, hg, 1, 1)
+    dtx = (dt[..., None] * xf).view(bsz, groups, hg, p, 1)
+    new_state = torch.addcmul(
+        state.to(cdt).reshape(bsz, groups, hg, p, n) * decay, dtx, B.to(cdt).reshape(bsz, groups, 1, 1, n)
+    )  # (B, G, hg, P, N)
+    y = (new_state @ C.to(cdt).reshape(bsz, groups, 1, n, 1)).view(bsz, heads, p)
+    new_state = new_state.view(bsz, heads, p, n)
     y = _skip_and_gate(y, xf, D, z)
     return y.to(x.dtype), new_state.to(state.dtype)
