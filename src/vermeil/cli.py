@@ -210,8 +210,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vermeil")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree without an install
+        return "unknown"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from vermeil.recipes import load_trained, sample_run
+
+    if args.steps is not None and args.steps < 1:
+        raise CommandError(f"--steps={args.steps} must be >= 1 (omit it for the run's data.sample_steps)")
 
     run, model, _ = load_trained(Path(args.run_dir))
     if run.data.task != "flow":
@@ -368,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sample and inspect Vermeil models from YAML run configs.",
     )
     _add_debug(parser, default=False)
+    parser.add_argument("--version", action="version", version=f"vermeil {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -135,6 +135,8 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
         ConfigError: unknown keys or families, wrong types or values, data that does not fit the model; the
             message names the dotted key.
     """
+    if isinstance(data, Mapping) and "model" not in data:
+        raise ConfigError("the run config has no model section (model: {family: ...}); is the file empty?")
     sections = from_dict(_Sections, data)
     model_raw, train_raw = dict(sections.model), dict(sections.train)
     family_name = model_raw.pop("family", None)
@@ -192,6 +194,13 @@ def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ())
         FileNotFoundError: no such file. ConfigError: malformed YAML, a bad override, a bad key or value.
     """
     p = Path(path)
+    if p.is_dir():
+        hint = (
+            f"; to continue a run: vermeil train --resume {os.fspath(p)}"
+            if (p / "config.yaml").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"{os.fspath(p)} is a folder, not a config file{hint}")
     if not p.is_file():
         raise FileNotFoundError(f"config file {os.fspath(p)} does not exist")
     return run_config_from_dict(apply_overrides(load_yaml(p), overrides))

@@ -1,0 +1,49 @@
+"""Small command-line gaps a new user trips on: --version, sample --steps 0, config paths of the wrong kind,
+an empty config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vermeil.cli import main
+
+
+def _err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return code, lines[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("vermeil ")
+
+
+def test_sample_steps_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, line = _err(capsys, "sample", str(tmp_path), "--steps", "0")
+    assert code == 2 and "--steps=0 must be >= 1" in line
+
+
+def test_config_paths_of_the_wrong_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, line = _err(capsys, "train", str(tmp_path))
+    assert code == 2 and "is a folder, not a config file" in line
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("")
+    code, line = _err(capsys, "train", "--resume", str(cfg))
+    assert code == 2 and "is a file" in line and "vermeil train" in line
+    code, line = _err(capsys, "train", str(cfg), "--out", str(tmp_path / "run"))
+    assert code == 2 and "no model section" in line and "_Sections" not in line
+
+
+def test_make_run_installs_only_the_main_job_and_keeps_a_run() -> None:
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    run = text[text.index("\nrun:") :].split("\n\n")[0]
+    assert "--overwrite" not in run and "--resume" in run and "$(RUN_STAMP)" in run.splitlines()[1]
+    run_install = text[text.index("$(RUN_STAMP):") :].split("\n\n")[0]
+    assert ".[train,plot]" in run_install and "dev" not in run_install
