@@ -317,3 +317,8 @@ def test_train_nonfinite_exits_nonzero_naming_the_step(tmp_path: Path, capsys, m
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and "step 3" in lines[0] and "Traceback" not in err
     assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+
+
+def test_resume_of_a_finished_run_says_how_to_continue(run: Path, capsys) -> None:
+    code, _, err = _run(capsys, "train", "--resume", str(run))
+    assert code == 0 and "already finished at step 4" in err and "train.steps=8" in err

@@ -158,6 +158,13 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
     )
     if folder is not None:
         say(f"resumed from {os.fspath(folder)} (step {trainer.step})", file=sys.stderr)
+        if trainer.step >= run.train.steps:
+            say(
+                f"the run already finished at step {trainer.step} (train.steps={run.train.steps}): to train "
+                f"longer, vermeil train --resume {os.fspath(run_dir)} train.steps={trainer.step + run.train.steps}",
+                file=sys.stderr,
+            )
+            return 0
     from vermeil.train.trainer import NonFiniteError
 
     try:
@@ -173,6 +180,7 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
         f"done: step {result.step}"
         + (f", {summary}" if summary else "")
         + f"; run folder {os.fspath(run_dir)}"
+        + (f", loss curve {os.fspath(run_dir / 'loss.png')}" if (run_dir / "loss.png").is_file() else "")
     )
     if run.data.task == "text":
         say(f'next: vermeil generate {os.fspath(run_dir)} --prompt "def "', file=sys.stderr)
