@@ -47,3 +47,11 @@ def test_make_run_installs_only_the_main_job_and_keeps_a_run() -> None:
     assert "--overwrite" not in run and "--resume" in run and "$(RUN_STAMP)" in run.splitlines()[1]
     run_install = text[text.index("$(RUN_STAMP):") :].split("\n\n")[0]
     assert ".[train,plot]" in run_install and "dev" not in run_install
+
+
+def test_compare_headline_and_time_formats() -> None:
+    from vermeil.cli import _headline, _seconds
+
+    assert _headline({"val_loss": 1.0, "val_bpb": 1.5}) == "val_bpb 1.5000"
+    assert _headline({"val_distance": 0.25}) == "val_distance 0.2500"
+    assert [_seconds(v) for v in (3.14159, 245.0, 3725.0)] == ["3.1 s", "4m05s", "1h02m"]

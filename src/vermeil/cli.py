@@ -289,7 +289,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "val_accuracy": last.get("val_accuracy"),
                 "best_accuracy": best_acc,
                 "val_loss": last.get("val_loss"),
-                "time_s": train_rows[-1].get("elapsed_s") if train_rows else None,
+                "headline": _headline(last),
+                "time": _seconds(train_rows[-1].get("elapsed_s")) if train_rows else None,
             }
         )
     headers = [
@@ -301,7 +302,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "val_accuracy",
         "best_accuracy",
         "val_loss",
-        "time_s",
+        "headline",
+        "time",
     ]
 
     def cell(v: Any) -> str:
@@ -318,6 +320,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return 0
+
+
+# Each task's headline validation metric (the one its configs are tuned for).
+_HEADLINES = ("val_bpb", "val_accuracy", "val_distance")
+
+
+def _headline(row: dict[str, Any]) -> str | None:
+    for key in _HEADLINES:
+        if isinstance(row.get(key), (int, float)):
+            return f"{key} {row[key]:.4f}"
+    return None
+
+
+def _seconds(value: Any) -> str | None:
+    """Every time in one format: `12.3 s`, `4m05s`, `1h02m`."""
+    if not isinstance(value, (int, float)):
+        return None
+    if value < 60:
+        return f"{value:.1f} s"
+    m, sec = divmod(round(value), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{sec:02d}s"
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
