@@ -55,3 +55,30 @@ def test_compare_headline_and_time_formats() -> None:
     assert _headline({"val_loss": 1.0, "val_bpb": 1.5}) == "val_bpb 1.5000"
     assert _headline({"val_distance": 0.25}) == "val_distance 0.2500"
     assert [_seconds(v) for v in (3.14159, 245.0, 3725.0)] == ["3.1 s", "4m05s", "1h02m"]
+
+
+def test_cuda_device_on_a_cpu_only_torch_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "llm-tiny.yaml"
+    code, line = _err(capsys, "train", str(cfg), "--out", str(tmp_path / "run"), "train.device=cuda")
+    assert code == 2 and "train.device='cuda'" in line and "train.device=cpu" in line
+
+
+def test_disk_full_is_said(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import vermeil.cli as cli
+
+    def full(args):
+        raise OSError(
+            errno.ENOSPC, "writing run/state.pt failed: no space left on device (the disk is full)", "x"
+        )
+
+    monkeypatch.setattr(cli, "cmd_info", full)
+    code, line = _err(capsys, "info", "whatever.yaml")
+    assert code == 2 and "disk is full" in line and "checkpoints written before are intact" in line
