@@ -112,9 +112,15 @@ def test_mqar_configs_share_one_budget() -> None:
     paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("mqar-*.yaml"))
     assert {p.stem for p in paths} >= {"mqar-transformer", "mqar-mamba", "mqar-hybrid"}
     runs = [load_run_config(p) for p in paths]
-    first = runs[0].to_dict()
-    for run in runs[1:]:
+
+    # The embedding decay is each model's regularisation choice: it was `model.decay_embeddings` until the
+    # optimizer rule moved to training (`train.no_decay_embeddings`); the runs keep their measured settings.
+    def budget(run):
         d = run.to_dict()
-        assert d["data"] == first["data"] and d["train"] == first["train"], run.name
+        return d["data"], {k: v for k, v in d["train"].items() if k != "no_decay_embeddings"}
+
+    first = budget(runs[0])
+    for run in runs[1:]:
+        assert budget(run) == first, run.name
     params = [describe_model(run)["parameters"] for run in runs]
     assert max(params) <= 1.02 * min(params), dict(zip([r.name for r in runs], params))

@@ -141,8 +141,9 @@ def test_torchrun_train_end_to_end(
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_torchrun_resume_continues_the_curve(tmp_path: Path, single_process_rows: list[dict]) -> None:
-    """FSDP2 run stopped after 2 steps, resumed under torchrun to step 3; then the 2-rank checkpoint is resumed
-    in one process (DCP reshards the optimizer state) for one more step."""
+    """FSDP2 run stopped after 2 steps, resumed under torchrun to step 3. A single process refuses the 2-rank
+    checkpoint's training state in one line (its dcp/ plan is a pickle, read only under torchrun: SECURITY.md);
+    before that rule it resumed it here, which was the code-execution path of a crafted folder."""
     run_dir = tmp_path / "run"
     _torchrun(run_dir, *_train_args("fsdp2", run_dir, "train.steps=2"))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
@@ -153,11 +154,9 @@ def test_torchrun_resume_continues_the_curve(tmp_path: Path, single_process_rows
     run = load_run_config(run_dir / "config.yaml", [f"train.steps={STEPS + 1}"])
     built = build_run(run)
     trainer = Trainer(built.model, built.train_batches, built.loss_fn, run.train, run_config=run.to_dict())
-    trainer.load_checkpoint(run_dir)
-    assert trainer.step == STEPS
-    assert trainer.optimizer.state  # the AdamW moments came back from the DCP shards
-    trainer.fit()
-    assert trainer.step == STEPS + 1
+    with pytest.raises(ValueError, match="a single process never reads dcp/ folders"):
+        trainer.load_checkpoint(run_dir)
+    assert trainer.step == 0 and not trainer.optimizer.state  # nothing of the refused state was taken
 
 
 def test_distributed_section_is_checked_and_round_trips() -> None:

@@ -1,7 +1,7 @@
 """Tests for vermeil/models/hybrid.py: the VIO hybrid. Config and YAML errors, layer kinds per routing, the merge
 formulas, cache (prefill + steps) == full forward for both routings and every merge, the seed's YAML files
 (build, train, save, load, generate), weight-decay groups of the model's parameters, presets on meta. The loss
-heads the config names are tested in tests/train/test_losses.py.
+heads the config names are tested in tests/train/test_train_losses.py.
 
 Shapes: B batch, T length, V vocabulary, D model dim.
 """
