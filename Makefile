@@ -23,7 +23,7 @@ $(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: train the VIO hybrid LM on the standard library's source, then sample from the run.
+# The main job: train the hybrid LM on the standard library's source, then sample from the run.
 # A run already in runs/hybrid-lm (perhaps extended with train.steps=N) is continued, never overwritten.
 run: $(RUN_STAMP)
 	if [ -f runs/hybrid-lm/checkpoints/latest ]; then $(BIN)/vermeil train --resume runs/hybrid-lm; \

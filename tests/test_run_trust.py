@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -278,10 +279,10 @@ def test_second_trainer_is_refused(run: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
-    with lock_run(tmp_path), lock_run(tmp_path):
-        pass
-    with lock_run(tmp_path):
-        pass
+    with lock_run(tmp_path) as outer, lock_run(tmp_path) as inner:  # a second flock in-process would deadlock
+        assert outer == inner == {"pid": os.getpid(), "host": socket.gethostname()}
+    with lock_run(tmp_path) as again:  # released: taken again at once
+        assert again["pid"] == os.getpid()
 
 
 def test_damaged_checkpoint_error_class() -> None:

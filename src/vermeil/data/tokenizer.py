@@ -1,6 +1,6 @@
 """Byte-level tokenizer: UTF-8 bytes are the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258.
 
-Nothing to train, ship or download; lossless for any text (ECOSYSTEM §6). The cost is about 3x longer sequences
+Nothing to train, ship or download; lossless for any text. The cost is about 3x longer sequences
 than a trained BPE. Axis legend: B batch, L padded length.
 """
 

@@ -1,6 +1,6 @@
 """diffusers `FluxTransformer2DModel` <-> Vermeil `Flux` (BFL layout), by an explicit key map.
 
-The layouts differ in three ways (shared/REFERENCES.md §b.4):
+The layouts differ in three ways (black-forest-labs/flux `src/flux/model.py` vs diffusers `transformer_flux.py`):
     - diffusers splits q, k and v (`to_q/to_k/to_v`, `add_q_proj/...`); BFL fuses them into one `qkv` Linear in
       `(K H Dh)` order, and the single blocks fuse `[q | k | v | mlp-in]` into `linear1`.
     - the final adaLN stores (scale, shift) in diffusers (`norm_out.linear`) and (shift, scale) in BFL

@@ -1,6 +1,6 @@
 """transformers `LlamaForCausalLM` / `Llama4ForCausalLM` (text) <-> Vermeil `LLM` (Meta's names).
 
-Key maps (shared/REFERENCES.md §b.1, §b.3), per layer N (`model.layers.N.` -> `layers.N.`):
+Key maps (meta-llama/llama-models `llama4/model.py`; transformers `modeling_llama.py`, `modeling_llama4.py`), per layer N (`model.layers.N.` -> `layers.N.`):
 
     transformers                                  Vermeil (Meta)                     transform
     model.embed_tokens.weight                     tok_embeddings.weight

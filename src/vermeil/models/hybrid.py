@@ -1,4 +1,4 @@
-"""HybridModel (VIO, seed 001): Mamba and attention layers in one model, routed sequentially or in parallel.
+"""HybridModel: Mamba and attention layers in one model, routed sequentially or in parallel.
 
 The layer pattern says where attention is: one letter per layer, "M" a Mamba layer and "A" an attention layer
 (a string such as "MMAMMMAM" or a list of letters; `n_layers` may repeat it). `routing` says what an "A" means:
@@ -61,7 +61,7 @@ _FEED_FORWARDS = ("none", "swiglu", "mlp")
 
 @dataclass
 class HybridConfig:
-    """The VIO hybrid: widths, the layer pattern, routing and merge, branch settings, and the loss training uses.
+    """The hybrid: widths, the layer pattern, routing and merge, branch settings, and the loss training uses.
 
     Args:
         dim: D, the residual width.
@@ -371,7 +371,7 @@ class HybridLayer(nn.Module):
 
 
 class HybridModel(nn.Module):
-    """The VIO hybrid language model: `embedding`, `layers` (`HybridLayer`), `norm_f`, `lm_head`.
+    """The hybrid language model: `embedding`, `layers` (`HybridLayer`), `norm_f`, `lm_head`.
 
     Args:
         config: the `HybridConfig`.

@@ -24,20 +24,9 @@ from vermeil.nn.ssd import ssd_scan, ssd_step
 
 # The time-major causal depthwise conv of the Mamba-1 block, with its single-write backward. A private helper
 # of vermeil.nn.ssm, imported rather than copied (it fits Mamba-2's conv over [x | B | C] unchanged).
-from vermeil.nn.ssm import _causal_depthwise_conv
+from vermeil.nn.ssm import _causal_depthwise_conv, _f32, _positive_int
 
 __all__ = ["GatedRMSNorm", "Mamba2Block", "Mamba2State"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-    return value
-
-
-def _f32(t: Tensor) -> Tensor:
-    """At least float32: the SSM parameters are used in float32 (float64 stays, for gradcheck)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class GatedRMSNorm(nn.Module):

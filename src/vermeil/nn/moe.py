@@ -11,7 +11,7 @@ transformers' `MixtralSparseMoeBlock` / `Llama4TextMoe`.
 custom op (`vermeil::grouped_mm`, registered on import), because torch 2.13's own fake-tensor rule for it
 accepts bfloat16 only and would break float32 graphs (details at `_grouped_mm_op`).
 
-Checkpoint layouts (REFERENCES §b.1, §b.3):
+Checkpoint layouts (meta-llama/llama-models `llama4/moe.py`; transformers `modeling_mixtral.py`):
     Meta Llama 4: `router_DE` (D, E), `experts.w1`/`w3` (E, D, F), `experts.w2` (E, F, D) (in x out),
     `shared_expert.w1/w3/w2.weight` (Linear). These are our names, so Meta's state dicts load as they are
     (the raw-shard names `moe_w_in_eD_F`, `w_in_shared_FD`, ... are renamed by a load hook).
@@ -76,7 +76,7 @@ def moe_hidden_dim(
     auto_scale_F: bool = False,  # Meta's name
     capacity_factor: float = 1.0,
 ) -> int:
-    """Llama 4's expert hidden size (Meta `MoE.__init__`, REFERENCES §b.1).
+    """Llama 4's expert hidden size (meta-llama/llama-models `llama4/moe.py`, `MoE.__init__`).
 
     `h = int(ffn_exp * dim)`, `h = int(2 * h / 3)`, `h = int(ffn_dim_multiplier * h)` when given, then with
     `auto_scale_F` `h = int(h / (capacity_factor + 1))` (so a top-1 routed expert plus the shared expert cost
