@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from vermeil.nn.checks import check_positive_ints
+
 __all__ = ["DISTRIBUTIONS", "RING_RADII", "paired_sequences", "sample_points"]
 
 RING_RADII = (0.75, 1.5, 2.25, 3.0)
@@ -145,9 +147,7 @@ def paired_sequences(
     Returns:
         cond: (B, L, 2) source points; data: (B, L, 2) target points, both angle-sorted, `dtype` on `device`.
     """
-    for name, value in (("batch", batch), ("length", length)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
+    check_positive_ints(batch=batch, length=length)
     for role, name in (("source", source), ("target", target)):
         if name not in DISTRIBUTIONS:
             raise ValueError(f"{role}={name!r} must be one of {sorted(DISTRIBUTIONS)}")

@@ -10,15 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vermeil.nn.checks import check_positive_ints
+
 __all__ = ["IGNORE_INDEX", "accuracy", "mqar", "selective_copying"]
 
 IGNORE_INDEX = -100
-
-
-def _positive(**values: int) -> None:
-    for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive int")
 
 
 def _distinct(batch: int, n: int, k: int, generator: torch.Generator | None) -> Tensor:
@@ -55,7 +51,9 @@ def mqar(
     Returns:
         inputs: (B, L) int64; targets: (B, L) int64 with N values per row and -100 elsewhere.
     """
-    _positive(batch_size=batch_size, vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs)
+    check_positive_ints(
+        batch_size=batch_size, vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs
+    )
     if seq_len % 2 != 0:
         raise ValueError(f"seq_len={seq_len} must be even (pairs and queries take two positions each)")
     if vocab_size <= seq_len:
@@ -117,7 +115,7 @@ def selective_copying(
     Returns:
         inputs: (B, L) int64; targets: (B, L) int64, the last K columns holding the tokens to copy.
     """
-    _positive(
+    check_positive_ints(
         batch_size=batch_size, vocab_size=vocab_size, seq_len=seq_len, num_tokens_to_copy=num_tokens_to_copy
     )
     if vocab_size < 3:

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from vermeil.nn.checks import check_positive_int
+
 BetaKind = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
@@ -37,13 +39,6 @@ __all__ = [
     "snr",
     "time_shift",
 ]
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +68,7 @@ def ddpm_betas(
     Returns:
         (N,) float32 betas.
     """
-    _check_positive_int("num_steps", num_steps)
+    check_positive_int("num_steps", num_steps)
     match kind:
         case "linear":
             return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
@@ -186,8 +181,8 @@ def ddpm_timesteps(
     Returns:
         (K,) int64, descending.
     """
-    _check_positive_int("num_inference_steps", num_inference_steps)
-    _check_positive_int("num_train_steps", num_train_steps)
+    check_positive_int("num_inference_steps", num_inference_steps)
+    check_positive_int("num_train_steps", num_train_steps)
     if num_inference_steps > num_train_steps:
         raise ValueError(
             f"num_inference_steps={num_inference_steps} must be <= num_train_steps={num_train_steps}"
@@ -252,7 +247,7 @@ def get_schedule(
     Returns:
         (K + 1,) float32, descending from 1 to 0 (BFL returns the same values as a list).
     """
-    _check_positive_int("num_steps", num_steps)
+    check_positive_int("num_steps", num_steps)
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     timesteps = torch.linspace(1, 0, num_steps + 1, device=device)  # extra step for zero

@@ -5,18 +5,12 @@ Axis legend: B batch, T sequence length.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from vermeil.nn.checks import check_positive_int
+
 __all__ = ["check_input_pos", "check_positive_int"]
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise ValueError unless `value` is an int > 0 (a bool is not an int here)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 def check_input_pos(

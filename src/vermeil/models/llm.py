@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
 from vermeil.nn.attention import Attention as NNAttention
+from vermeil.nn.checks import check_positive_int
 from vermeil.nn.feedforward import SwiGLU, llama_hidden_dim
 from vermeil.nn.moe import MoE, moe_hidden_dim
 from vermeil.nn.norms import QKNorm, RMSNorm
@@ -57,11 +58,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
-
-
-def _check_pos_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 @dataclass
@@ -93,13 +89,13 @@ class MoEArgs:
     backend: Literal["grouped", "padded", "loop", "dense"] = "grouped"
 
     def __post_init__(self) -> None:
-        _check_pos_int("num_experts", self.num_experts)
-        _check_pos_int("top_k", self.top_k)
+        check_positive_int("num_experts", self.num_experts)
+        check_positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
-        _check_pos_int("interleave_moe_layer_step", self.interleave_moe_layer_step)
+        check_positive_int("interleave_moe_layer_step", self.interleave_moe_layer_step)
         if self.hidden_dim is not None:
-            _check_pos_int("hidden_dim", self.hidden_dim)
+            check_positive_int("hidden_dim", self.hidden_dim)
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func={self.score_func!r} must be 'sigmoid' or 'softmax'")
         if self.backend not in ("grouped", "padded", "loop", "dense"):
@@ -169,10 +165,10 @@ class ModelArgs:
             "max_seq_len",
             "max_batch_size",
         ):
-            _check_pos_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        _check_pos_int("n_kv_heads", self.n_kv_heads)
+        check_positive_int("n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None:
@@ -181,11 +177,11 @@ class ModelArgs:
                     f"dim={self.dim} must be divisible by n_heads={self.n_heads} (or set head_dim explicitly)"
                 )
             self.head_dim = self.dim // self.n_heads
-        _check_pos_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates channel pairs)")
         if self.hidden_dim is not None:
-            _check_pos_int("hidden_dim", self.hidden_dim)
+            check_positive_int("hidden_dim", self.hidden_dim)
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"ffn_dim_multiplier={self.ffn_dim_multiplier} must be > 0")
         if not self.norm_eps > 0:
@@ -202,7 +198,7 @@ class ModelArgs:
                 self.rope_high_freq_factor = 1.0
             self.rope_scaling()  # validates the constants (RopeScaling.__post_init__)
         if self.nope_layer_interval is not None:
-            _check_pos_int("nope_layer_interval", self.nope_layer_interval)
+            check_positive_int("nope_layer_interval", self.nope_layer_interval)
         for name in ("nope_layers", "moe_layers"):
             layers = getattr(self, name)
             if layers is not None:
@@ -215,7 +211,7 @@ class ModelArgs:
         if self.moe_layers is not None and self.moe_args is None:
             raise ValueError(f"moe_layers={self.moe_layers} needs moe_args")
         if self.attention_chunk_size is not None:
-            _check_pos_int("attention_chunk_size", self.attention_chunk_size)
+            check_positive_int("attention_chunk_size", self.attention_chunk_size)
         if not self.floor_scale > 0:
             raise ValueError(f"floor_scale={self.floor_scale} must be > 0")
         if isinstance(self.moe_args, dict):
@@ -633,8 +629,8 @@ class LLM(nn.Module):
 
         dtype and device default to those of the parameters.
         """
-        _check_pos_int("batch_size", batch_size)
-        _check_pos_int("max_seq_len", max_seq_len)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_seq_len", max_seq_len)
         weight = self.tok_embeddings.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device

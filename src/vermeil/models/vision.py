@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.blocks import TransformerBlock
+from vermeil.nn.checks import check_positive_int
 from vermeil.nn.norms import LayerNorm
 
 __all__ = ["PixelShuffleMLP", "VisionArgs", "VisionEmbeddings", "VisionEncoder", "pixel_shuffle"]
@@ -74,9 +75,7 @@ class VisionArgs:
                 f"pixel_shuffle_ratio={r} must be in (0, 1] with grid side {gh} * r and 1 / r^2 integers"
             )
         for name in ("dim", "n_layers", "n_heads", "output_dim", "in_channels"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive int")
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if not self.mlp_ratio > 0:

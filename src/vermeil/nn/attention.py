@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vermeil.nn.cache import KVCache, RingKVCache
+from vermeil.nn.checks import check_positive_int
 from vermeil.nn.masks import attention_mask, padding_mask
 from vermeil.nn.norms import QKNorm
 from vermeil.nn.positional import RopeTables, rotate_qk
@@ -409,18 +410,18 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads)):
-            _check_positive(name, value)
+            check_positive_int(name, value)
         kv_heads = heads if kv_heads is None else kv_heads
-        _check_positive("kv_heads", kv_heads)
+        check_positive_int("kv_heads", kv_heads)
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim={dim} must be divisible by heads={heads}")
             head_dim = dim // heads
-        _check_positive("head_dim", head_dim)
+        check_positive_int("head_dim", head_dim)
         if heads % kv_heads:
             raise ValueError(f"heads={heads} must be divisible by kv_heads={kv_heads}")
         if context_dim is not None:
-            _check_positive("context_dim", context_dim)
+            check_positive_int("context_dim", context_dim)
             if rotary is not None:
                 raise ValueError(
                     "rotary must be None for cross-attention (context_dim is set): positions of "
@@ -435,7 +436,7 @@ class Attention(nn.Module):
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         for name, value in (("window", window), ("chunk", chunk)):
             if value is not None:
-                _check_positive(name, value)
+                check_positive_int(name, value)
         if backend not in _BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
 
@@ -709,11 +710,6 @@ class Attention(nn.Module):
         if self.dropout:
             parts.append(f"dropout={self.dropout}")
         return ", ".join(parts)
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 class SelfAttention(Attention):

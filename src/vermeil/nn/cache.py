@@ -23,12 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vermeil.nn.checks import check_positive_int
+
 __all__ = ["KVCache", "RingKVCache", "SSMState"]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 class KVCache(nn.Module):
@@ -66,7 +63,7 @@ class KVCache(nn.Module):
             ("kv_heads", kv_heads),
             ("head_dim", head_dim),
         ):
-            _check_positive(name, value)
+            check_positive_int(name, value)
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (batch_size, kv_heads, max_seq_len, head_dim)
@@ -195,7 +192,7 @@ class RingKVCache(nn.Module):
             ("head_dim", head_dim),
             ("max_seq_len", max_seq_len),
         ):
-            _check_positive(name, value)
+            check_positive_int(name, value)
         self.batch_size, self.slots, self.max_seq_len = batch_size, slots, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (batch_size, kv_heads, slots, head_dim)
@@ -293,7 +290,7 @@ class SSMState(nn.Module):
             ("d_conv", d_conv),
             ("d_state", d_state),
         ):
-            _check_positive(name, value)
+            check_positive_int(name, value)
         self.batch_size, self.d_inner, self.d_conv, self.d_state = batch_size, d_inner, d_conv, d_state
         conv = torch.zeros(batch_size, d_inner, d_conv, dtype=dtype, device=device)
         ssm = torch.zeros(batch_size, d_inner, d_state, dtype=ssm_dtype or dtype, device=device)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.nn.checks import check_positive_ints
+
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -27,12 +29,6 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
     if name not in _ACTIVATIONS:
         raise ValueError(f"activation={name!r} must be one of {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
-
-
-def _check_dims(**dims: int) -> None:
-    for name, value in dims.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 def _check_dropout(dropout: float) -> None:
@@ -52,7 +48,7 @@ def llama_hidden_dim(
     then `h = int(ffn_dim_multiplier * h)` when given, then rounded up to a multiple of `multiple_of`.
     Llama 3 8B: `llama_hidden_dim(4096, 1024, 1.3) == 14336`.
     """
-    _check_dims(dim=dim, multiple_of=multiple_of)
+    check_positive_ints(dim=dim, multiple_of=multiple_of)
     if ffn_dim_multiplier is not None and ffn_dim_multiplier <= 0:
         raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier!r} must be > 0")
     h = 4 * dim if hidden_dim is None else hidden_dim
@@ -85,7 +81,7 @@ class FeedForward(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_dims(dim=dim, hidden_dim=hidden_dim)
+        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
         _check_dropout(dropout)
         self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
         self.act = _activation(activation)
@@ -131,7 +127,7 @@ class GLU(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_dims(dim=dim, hidden_dim=hidden_dim)
+        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
         _check_dropout(dropout)
         self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
         self.act = _activation(activation)

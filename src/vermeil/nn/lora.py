@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.nn.checks import check_positive_ints
+
 TargetModules = str | Iterable[str] | Callable[[str, nn.Module], bool]
 
 
 def _check_lora_args(in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float) -> None:
-    for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive int")
+    check_positive_ints(in_dim=in_dim, out_dim=out_dim, rank=rank)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ValueError(f"alpha={alpha!r} must be a number")
     if not 0.0 <= dropout < 1.0:

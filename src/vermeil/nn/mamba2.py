@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.norms import rms_norm
-from vermeil.nn.ssd import ssd_scan, ssd_step
-
 # The time-major causal depthwise conv of the Mamba-1 block, with its single-write backward. A private helper
 # of vermeil.nn.ssm, imported rather than copied (it fits Mamba-2's conv over [x | B | C] unchanged).
-from vermeil.nn.ssm import _causal_depthwise_conv, _f32, _positive_int
+from vermeil.nn.checks import check_positive_int
+from vermeil.nn.norms import rms_norm
+from vermeil.nn.ssd import ssd_scan, ssd_step
+from vermeil.nn.ssm import _causal_depthwise_conv, _f32
 
 __all__ = ["GatedRMSNorm", "Mamba2Block", "Mamba2State"]
 
@@ -53,8 +53,8 @@ class GatedRMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("groups", groups)
+        check_positive_int("dim", dim)
+        check_positive_int("groups", groups)
         if dim % groups:
             raise ValueError(
                 f"groups={groups} must divide dim={dim} (the norm runs over groups of dim/groups)"
@@ -107,7 +107,7 @@ class Mamba2State(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         self.batch_size = batch_size
         conv = torch.zeros(batch_size, conv_dim, d_conv, dtype=dtype, device=device)
         ssm = torch.zeros(batch_size, nheads, headdim, d_state, dtype=ssm_dtype, device=device)
@@ -185,7 +185,7 @@ class Mamba2Block(nn.Module):
             ("ngroups", ngroups),
             ("chunk_size", chunk_size),
         ):
-            _positive_int(name, value)
+            check_positive_int(name, value)
         d_inner = expand * d_model
         if d_inner % headdim:
             raise ValueError(
@@ -275,9 +275,9 @@ class Mamba2Block(nn.Module):
         max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
         dtype and device default to those of in_proj.weight.
         """
-        _positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if max_seq_len is not None:
-            _positive_int("max_seq_len", max_seq_len)
+            check_positive_int("max_seq_len", max_seq_len)
         self.cache = Mamba2State(
             batch_size,
             self.conv_dim,

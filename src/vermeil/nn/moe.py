@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.nn.checks import check_positive_ints
 from vermeil.nn.feedforward import SwiGLU
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -50,14 +51,8 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(**values: Any) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive int")
-
-
 def _check_top_k(top_k: int, num_experts: int) -> None:
-    _check_positive_int(num_experts=num_experts, top_k=top_k)
+    check_positive_ints(num_experts=num_experts, top_k=top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
 
@@ -84,7 +79,7 @@ def moe_hidden_dim(
     Llama 4 Scout: `moe_hidden_dim(5120, ffn_exp=4, multiple_of=2048, ffn_dim_multiplier=1.2,
     auto_scale_F=True) == 8192` (transformers' `intermediate_size`).
     """
-    _check_positive_int(dim=dim, multiple_of=multiple_of)
+    check_positive_ints(dim=dim, multiple_of=multiple_of)
     if ffn_exp <= 0:
         raise ValueError(f"ffn_exp={ffn_exp!r} must be > 0")
     if ffn_dim_multiplier is not None and ffn_dim_multiplier <= 0:
@@ -350,7 +345,7 @@ class Router(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int(dim=dim)
+        check_positive_ints(dim=dim)
         _check_top_k(top_k, num_experts)
         _check_score_func(score_func)
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
@@ -398,7 +393,7 @@ class Experts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts)
+        check_positive_ints(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts)
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         factory = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
@@ -515,7 +510,7 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int(dim=dim, hidden_dim=hidden_dim)
+        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
         _check_top_k(top_k, num_experts)
         _check_score_func(score_func)
         if backend not in _BACKENDS:

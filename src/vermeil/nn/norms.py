@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.nn.checks import check_positive_int
+
 QKNormKind = Literal["rms", "l2"]
 
 
@@ -36,11 +38,6 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     x32 = _upcast(x)
     out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return out if weight is None else out * weight
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 def _check_last_dim(x: Tensor, dim: int, module: str) -> None:
@@ -69,7 +66,7 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("dim", dim)
+        check_positive_int("dim", dim)
         self.dim, self.eps = dim, eps
         self.weight = (
             nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if elementwise_affine else None
@@ -110,7 +107,7 @@ class LayerNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("dim", dim)
+        check_positive_int("dim", dim)
         self.dim, self.eps = dim, eps
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine else None
@@ -189,7 +186,7 @@ class QKNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("head_dim", head_dim)
+        check_positive_int("head_dim", head_dim)
         if kind not in ("rms", "l2"):
             raise ValueError(f"kind={kind!r} must be 'rms' or 'l2'")
         self.head_dim, self.kind = head_dim, kind

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
+from vermeil.nn.checks import check_positive_int
 from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
 
 __all__ = ["MambaBlock", "MambaState"]
@@ -91,12 +92,6 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
     return _CausalDepthwiseConv.apply(hist.to(dtype), weight[:, 0].t().to(dtype), bias)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-    return value
-
-
 class MambaBlock(nn.Module):
     """Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
 
@@ -147,16 +142,16 @@ class MambaBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("d_state", d_state)
-        _positive_int("d_conv", d_conv)
+        check_positive_int("d_model", d_model)
+        check_positive_int("d_state", d_state)
+        check_positive_int("d_conv", d_conv)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)) or int(expand * d_model) <= 0:
             raise ValueError(f"expand={expand!r} must be a positive number with int(expand * d_model) >= 1")
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
         elif isinstance(dt_rank, str):
             raise ValueError(f"dt_rank={dt_rank!r} must be 'auto' or a positive int")
-        _positive_int("dt_rank", dt_rank)
+        check_positive_int("dt_rank", dt_rank)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"dt_min={dt_min!r} and dt_max={dt_max!r} must satisfy 0 < dt_min <= dt_max")
         if dt_init not in ("random", "constant"):
@@ -243,9 +238,9 @@ class MambaBlock(nn.Module):
         max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
         dtype and device default to those of in_proj.weight.
         """
-        _positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if max_seq_len is not None:
-            _positive_int("max_seq_len", max_seq_len)
+            check_positive_int("max_seq_len", max_seq_len)
         self.cache = SSMState(
             batch_size,
             self.d_inner,
