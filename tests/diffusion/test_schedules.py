@@ -163,7 +163,8 @@ def test_time_shift_equals_static_shift_and_fixed_points() -> None:
 def test_lin_function_reference_points() -> None:
     f = get_lin_function()
     assert f(256) == pytest.approx(0.5) and f(4096) == pytest.approx(1.15)
-    assert math.exp(f(4096)) == pytest.approx(3.158, abs=1e-3)  # REFERENCES b.4
+    # black-forest-labs/flux, src/flux/sampling.py: get_lin_function(y1=0.5, y2=1.15)
+    assert math.exp(f(4096)) == pytest.approx(3.158, abs=1e-3)
 
 
 # --- Bad input -------------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ B, T = 2, 7
 
 
 # ------------------------------------------------------------------------------------------------------------
-# An independent transcription of PaLM-rlhf-pytorch `palm.py` (RotaryEmbedding, apply_rotary_pos_emb, SwiGLU,
-# LayerNorm, ParallelTransformerBlock with its non-flash attention), from shared/REFERENCES.md §b.8, with
-# PaLM's parameter and buffer names. It shares no code with vermeil.
+# An independent transcription of lucidrains/PaLM-rlhf-pytorch `palm_rlhf_pytorch/palm.py` (RotaryEmbedding,
+# apply_rotary_pos_emb, SwiGLU, LayerNorm, ParallelTransformerBlock with its non-flash attention), with PaLM's
+# parameter and buffer names. It shares no code with vermeil.
 
 
 class _PalmLayerNorm(nn.Module):

@@ -170,7 +170,7 @@ def test_ada_layer_norm_matches_bfl_last_layer_and_diffusers_swapped() -> None:
 
     dif = AdaLayerNormContinuous(D, D, elementwise_affine=False, eps=1e-6)
     w, b = ours.adaLN_modulation[1].weight, ours.adaLN_modulation[1].bias
-    # diffusers' norm_out stores (scale, shift): swap the halves (REFERENCES b.4, swap_scale_shift).
+    # diffusers' norm_out stores (scale, shift): swap the halves (diffusers, scripts/convert_flux_to_diffusers.py: swap_scale_shift).
     with torch.no_grad():
         dif.linear.weight.copy_(torch.cat([w[D:], w[:D]]))
         dif.linear.bias.copy_(torch.cat([b[D:], b[:D]]))
