@@ -1,4 +1,5 @@
-"""Argument checks the language models share: positive sizes, and cache positions against tokens and the cache.
+"""Argument checks the language models share: positive sizes, the token input, and cache positions against the
+tokens and the cache. Value checks read the data back to the host, so they run only when `tracing()` is False.
 
 Axis legend: B batch, T sequence length.
 """
@@ -10,14 +11,51 @@ from torch import Tensor
 
 from vermeil.nn.checks import check_positive_int
 
-__all__ = ["check_input_pos", "check_positive_int"]
+__all__ = ["check_input_pos", "check_positive_int", "check_tokens", "tracing"]
+
+
+def tracing() -> bool:
+    """True while the current code is being traced rather than run eagerly: under `torch.compile` /
+    `torch.export` (`torch.compiler.is_compiling()`), or while a CUDA graph is being captured on the current
+    stream. Checks that read tensor values (`.tolist()`, `.item()`) skip themselves then: a read is a graph
+    break under compile and is illegal during a capture."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_tokens(tokens: object, vocab_size: int) -> None:
+    """The language models' one input check: `tokens` is a (B, T) integer tensor with B >= 1 and T >= 1, and,
+    when not `tracing()`, every id is in [0, vocab_size).
+
+    Raises:
+        TypeError: not a tensor, or not an integer dtype.
+        ValueError: not 2-D, an empty batch or sequence, or an id outside the vocabulary.
+    """
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a (batch, seq) integer tensor, got {type(tokens).__name__}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a (batch, seq) integer tensor, got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
+    b, t = tokens.shape
+    if b == 0 or t == 0:
+        raise ValueError(
+            f"tokens of shape {tuple(tokens.shape)} is empty: the batch and the sequence must each hold at least "
+            "one entry"
+        )
+    if not tracing():
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, vocab_size={vocab_size})")
 
 
 def check_input_pos(
     tokens: Tensor, input_pos: Tensor, max_seq_len: int | None, batch_size: int | None
 ) -> None:
-    """Static checks of (T,) positions against tokens (B, T) and the cache; the value range only in eager mode
-    (reading it would be a graph break under compile)."""
+    """Static checks of (T,) positions against tokens (B, T) and the cache; the value range only when not
+    `tracing()` (reading it would be a graph break under compile)."""
     b, t = tokens.shape
     if not isinstance(input_pos, Tensor):
         raise TypeError(f"input_pos must be a (T,) integer tensor, got {type(input_pos).__name__}")
@@ -27,7 +65,7 @@ def check_input_pos(
         raise ValueError(f"input_pos must have shape (T={t},), got {tuple(input_pos.shape)}")
     if batch_size is not None and b > batch_size:
         raise ValueError(f"batch of {b} rows exceeds the cache's batch_size={batch_size}")
-    if max_seq_len is not None and not torch.compiler.is_compiling():
+    if max_seq_len is not None and not tracing():
         lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
         if lo < 0 or hi >= max_seq_len:
             raise ValueError(

@@ -14,9 +14,10 @@ The layer pattern says where attention is: one letter per layer, "M" a Mamba lay
 Every layer is pre-norm: `h = h + mixer(norm(h))`, then a feed-forward `h = h + feed_forward(ffn_norm(h))` unless
 `feed_forward: none`. Attention uses rotary positions or none (Jamba's attention layers have none).
 
-One cache API: `setup_cache(batch_size, max_seq_len)` gives each attention layer a static KV cache and each
-Mamba layer a conv + SSM state; `forward(tokens, input_pos=...)` reads and writes them; `reset_cache()` clears
-them. `vermeil.generation.generate` works unchanged.
+The contract of `vermeil.models.contract`: `setup_cache(batch_size, max_seq_len)` gives each attention layer a
+static KV cache and each Mamba layer a conv + SSM state; `forward(tokens, input_pos=...)` reads and writes them;
+`reset_cache()` clears them; `attention_layers()`, `lm_parts` and `sequence_parallel_plan()` describe the model
+to `vermeil info` and tensor parallelism. `vermeil.generation.generate` works unchanged.
 
 The model returns logits and holds no loss: the config's `loss_head`, `ignore_index` and `z_loss` name the loss
 that training builds (`vermeil.train.losses`), and weight decay is training's rule (`vermeil.train.optim`).
@@ -39,7 +40,8 @@ from torch import Tensor, nn
 
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.checks import check_input_pos, check_positive_int
+from vermeil.models.checks import check_input_pos, check_positive_int, check_tokens
+from vermeil.models.contract import AttentionLayer
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
 from vermeil.nn.norms import RMSNorm
@@ -484,6 +486,7 @@ class HybridModel(nn.Module):
         self,
         batch_size: int,
         max_seq_len: int,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -521,6 +524,47 @@ class HybridModel(nn.Module):
                 layer.mamba.delete_cache()
         self.cache_max_seq_len = self.cache_batch_size = None
 
+    # -- self-description (vermeil.models.contract) ---------------------------------------------------------
+
+    lm_parts = ("embedding", "norm_f", "lm_head")  # (embedding, final norm, head) for loss/sequence parallel
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """(query width H * Dh, sliding window or None) per layer that attends ("A" and parallel layers)."""
+        cfg = self.config
+        width = cfg.heads * cfg.attention_head_dim
+        return [AttentionLayer(width, cfg.window) for kind in cfg.layer_kinds if kind != "M"]
+
+    def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+        """Raise where the hybrid cannot run tensor-parallel that way (see `vermeil.models.contract`)."""
+        if loss_parallel and self.config.z_loss:
+            raise ValueError(
+                f"loss_parallel=True does not support the hybrid's z_loss={self.config.z_loss} (its logsumexp "
+                "term mixes vocab-sharded and plain tensors); set z_loss=0"
+            )
+
+    def sequence_parallel_plan(self) -> dict[str, str]:
+        """Per submodule, its sequence-parallel style by name (`vermeil.models.contract` lists them): norms on
+        the local tokens, Mamba on the whole sequence (its scan runs along it), attention and feed-forward
+        inputs gathered with row-parallel outputs scattered back, merge weights replicated on local tokens."""
+        plan: dict[str, str] = {}
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            plan[p + "norm"] = "local"
+            if layer.mamba is not None:
+                plan[p + "mamba"] = "whole"
+            if layer.attention is not None:
+                plan[p + "attention"] = "gather"
+                plan[p + "attention.wo"] = "row_scatter"
+            for merge in ("gate", "merge_proj"):
+                if getattr(layer, merge) is not None:
+                    plan[p + merge] = "local_replicated"
+            if layer.feed_forward is not None:
+                plan[p + "ffn_norm"] = "local"
+                plan[p + "feed_forward"] = "gather"
+                out = "w2" if isinstance(layer.feed_forward, SwiGLU) else "fc2"
+                plan[f"{p}feed_forward.{out}"] = "row_scatter"
+        return plan
+
     # -- forward -----------------------------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
@@ -534,18 +578,7 @@ class HybridModel(nn.Module):
         Returns:
             (B, T, V) float32 logits.
         """
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[1] == 0:
-            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be a (batch, seq>=1) integer tensor, got {shape}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
-        if not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"token id {bad} is outside the vocabulary [0, vocab_size={self.config.vocab_size})"
-                )
+        check_tokens(tokens, self.config.vocab_size)
         if input_pos is not None:
             if self.cache_max_seq_len is None:
                 input_pos = None  # no cache: rotary positions 0..T-1 are the plain forward's anyway

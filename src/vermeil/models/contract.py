@@ -1,0 +1,100 @@
+"""The model contract, stated once: what `generate`, the trainer, `vermeil info` and tensor parallelism may
+rely on in every model of `vermeil.models`, so that none of them switches on a model's class.
+
+Every model (`LLM`, `MambaLM`, `HybridModel`, `Flux`):
+
+- `.config`: its config dataclass (`LLM.args` and `Flux.params` remain as read-only aliases).
+- `attention_layers() -> list[AttentionLayer]`: per attention layer, the query width H * Dh and the attended
+  window (None: the whole context), for the attention FLOPs `vermeil info` reports.
+
+Every language model (`LLM`, `MambaLM`, `HybridModel`; the `LanguageModel` protocol below) also has:
+
+- `forward(tokens, input_pos=None)`: tokens (B, T) integer ids with B, T >= 1, checked by
+  `vermeil.models.checks.check_tokens` (ids against the vocabulary only when not `tracing()`), input_pos None
+  (a plain forward, no cache read or written) or (T,) positions into the cache
+  (`vermeil.models.checks.check_input_pos`). The output is (B, T, V) float32 logits, or for `LLM` the seed's
+  `TransformerOutput(logits, aux_loss)`: read either with `split_output(output) -> (logits, aux_loss | None)`.
+- `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)` (dtype/device default to the parameters';
+  works on the meta device, which is how `vermeil info` measures the cache), `reset_cache()`,
+  `delete_cache()`.
+- `lm_parts`: a class attribute naming the (embedding, final norm, head) submodules, for loss and sequence
+  parallelism.
+- `check_tensor_parallel(*, sequence_parallel, loss_parallel)`: raises ValueError, naming the setting and the
+  rule, where the model cannot run that way.
+
+A model that supports sequence parallelism also has `sequence_parallel_plan() -> {module name: style}` with the
+styles below as plain strings (models import no distributed code; `vermeil.distributed.tensor_parallel` maps
+each to a torch `ParallelStyle`). The residual stream between blocks is sharded over the sequence (B, T/tp, D):
+
+- `"local"`: the module runs per token on the local shard (norms: `SequenceParallel`).
+- `"local_replicated"`: the same for a module with replicated weights whose output stays a plain tensor
+  (a merge gate: `SequenceParallel(use_local_output=True)`).
+- `"gather"` / `"gather:N"`: the first of the module's N positional inputs (default 1) is all-gathered to the
+  whole sequence (attention and feed-forward inputs: `PrepareModuleInput`).
+- `"row_scatter"`: a row-parallel output projection that reduce-scatters to the sequence shard
+  (`RowwiseParallel(output_layouts=Shard(1))`).
+- `"whole"` / `"whole:FIELD"`: a module that needs the whole sequence and stays replicated (Mamba, an MoE):
+  its input is gathered and its output (or the dataclass field FIELD of it) cut back to the local shard.
+
+Axis legend: B batch, T sequence length, V vocabulary, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["SEQUENCE_PARALLEL_STYLES", "AttentionLayer", "LanguageModel", "split_output"]
+
+SEQUENCE_PARALLEL_STYLES = ("local", "local_replicated", "gather", "row_scatter", "whole")
+"""The style names of `sequence_parallel_plan()` (before an optional ":argument")."""
+
+
+class AttentionLayer(NamedTuple):
+    """One attention layer as `vermeil info` counts it: query width H * Dh, attended window (None: global)."""
+
+    width: int
+    window: int | None
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What `vermeil.generation.generate`, the trainer and the recipes use of a language model."""
+
+    config: Any
+    lm_parts: ClassVar[tuple[str, str, str]]
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor | None = None) -> Any: ...
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None: ...
+
+    def reset_cache(self) -> None: ...
+
+    def delete_cache(self) -> None: ...
+
+    def attention_layers(self) -> list[AttentionLayer]: ...
+
+    def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None: ...
+
+
+def split_output(output: Any) -> tuple[Tensor, Tensor | None]:
+    """(logits, aux_loss or None) of a language model's output: a logits tensor, or an output with `.logits`
+    and `.aux_loss` fields (the LLM's `TransformerOutput`)."""
+    if isinstance(output, Tensor):
+        return output, None
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"a language model must return logits or an output with a .logits tensor, got {type(output).__name__}"
+        )
+    aux = getattr(output, "aux_loss", None)
+    return logits, aux if isinstance(aux, Tensor) else None
