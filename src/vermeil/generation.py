@@ -1,10 +1,11 @@
 """Token generation for any model with a static cache: greedy, temperature, top-k, top-p, stop tokens, batches.
 
-The contract a model must meet (the LLM, MambaLM and HybridModel all do):
-    model.setup_cache(batch_size, max_seq_len, dtype=None, device=None)
-    model(tokens, input_pos=positions) -> logits (B, T, V)  (or an object with a `.logits` field)
+The contract a model must meet (`vermeil.models.contract`; the LLM, MambaLM and HybridModel all do):
+    model.setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)
+    model(tokens, input_pos=positions) -> logits (B, T, V), or an output `split_output` reads (`.logits`)
     model.reset_cache()
     model.delete_cache()   (optional: when present, generate frees the cache with it afterwards)
+    model.config.vocab_size (optional: when present, stop tokens are checked against it)
 
 Prefill runs the whole prompt in one forward; decoding then feeds one token per step at its position,
 so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast). On the CPU,
@@ -21,26 +22,25 @@ Axis legend: B batch, T prompt length, N new tokens, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from vermeil.models.contract import split_output
 
 # Matrix products with at most this many rows are lowered to reductions by `decode_backend` (a decode step
 # has B rows; prefill and training never go through that backend).
 _GEMV_MAX_ROWS = 8
 
 
-def _logits_of(output: object) -> Tensor:
-    return output if isinstance(output, Tensor) else output.logits  # type: ignore[attr-defined]
-
-
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not number or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 and finite (0 means greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -93,13 +93,13 @@ def sample(
 @torch.no_grad()
 def prefill(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
     """Run the prompt tokens (B, T) at positions (T,) through the model and return last logits (B, V)."""
-    return _logits_of(model(tokens, input_pos=input_pos))[:, -1]
+    return split_output(model(tokens, input_pos=input_pos))[0][:, -1]
 
 
 @torch.no_grad()
 def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor) -> Tensor:
     """Run one token (B, 1) at position (1,) and return its logits (B, V)."""
-    return _logits_of(model(token, input_pos=input_pos))[:, -1]
+    return split_output(model(token, input_pos=input_pos))[0][:, -1]
 
 
 def _mm_as_reduction(a: Tensor, b: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -146,28 +146,6 @@ def compiled_decode_one_token(device_type: str = "cpu") -> Callable[[nn.Module, 
     return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=backend)
 
 
-@contextlib.contextmanager
-def _traced() -> Iterator[None]:
-    """Run eager code as a trace: `torch.compiler.is_compiling()` reads True inside.
-
-    The models guard their eager-only value checks (token ids inside the vocabulary, positions inside the
-    cache, which read tensors back to the host) with `torch.compiler.is_compiling()`. A CUDA graph capture is
-    a trace as well, and a host read inside it is illegal, so the capture sets the flag that torch.compile
-    and torch.export set while they trace (`torch.compiler._is_compiling_flag`, a module global since torch
-    2.3). The warm-up step before the capture runs those checks once.
-    """
-    compiler = torch.compiler
-    if not hasattr(compiler, "_is_compiling_flag"):  # pragma: no cover - depends on the torch version
-        yield
-        return
-    old = compiler._is_compiling_flag
-    compiler._is_compiling_flag = True
-    try:
-        yield
-    finally:
-        compiler._is_compiling_flag = old
-
-
 class StaticDecodeStep:
     """`decode_one_token` over static input buffers, optionally captured once as a CUDA graph and replayed.
 
@@ -209,7 +187,6 @@ class StaticDecodeStep:
         self.model = model
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
-        self._compiled = compile
         self._fn = compiled_decode_one_token(device.type) if compile else decode_one_token
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: Tensor | None = None  # the graph's output buffer (B, V)
@@ -225,9 +202,9 @@ class StaticDecodeStep:
                 self._fn(self.model, self.token, self.input_pos)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # A compiled step has no host reads left; an eager one skips its eager-only checks while traced.
-        trace = contextlib.nullcontext() if self._compiled else _traced()
-        with trace, torch.cuda.graph(graph):
+        # The models skip their value checks (host reads, illegal in a capture) while
+        # `vermeil.models.checks.tracing()` sees the capture; the warm-up steps above ran them.
+        with torch.cuda.graph(graph):
             self._logits = self._fn(self.model, self.token, self.input_pos)
         self.graph = graph
 
@@ -246,9 +223,19 @@ def _as_padded_prompts(
 ) -> tuple[Tensor, Tensor]:
     """A (B, T) tensor or a list of token lists -> padded prompts (B, T_max) and lengths (B,)."""
     if isinstance(prompt_tokens, Tensor):
-        if prompt_tokens.dim() != 2 or prompt_tokens.shape[1] == 0:
+        if prompt_tokens.dim() != 2 or prompt_tokens.shape[0] == 0 or prompt_tokens.shape[1] == 0:
             raise ValueError(
-                f"prompt_tokens must have shape (batch, seq) with seq >= 1, got {tuple(prompt_tokens.shape)}"
+                "prompt_tokens must have shape (batch, seq) with batch >= 1 and seq >= 1, got "
+                f"{tuple(prompt_tokens.shape)}"
+            )
+        if (
+            prompt_tokens.dtype.is_floating_point
+            or prompt_tokens.dtype.is_complex
+            or prompt_tokens.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"prompt_tokens must hold integer token ids, got dtype={prompt_tokens.dtype} (rounding ids "
+                "silently would generate from a different prompt)"
             )
         batch, length = prompt_tokens.shape
         return prompt_tokens.long(), torch.full(
@@ -257,9 +244,27 @@ def _as_padded_prompts(
     prompts = [list(p) for p in prompt_tokens]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_tokens must be a non-empty list of non-empty token lists")
+    for row, p in enumerate(prompts):
+        for t in p:
+            if isinstance(t, bool) or not hasattr(t, "__index__"):
+                raise TypeError(f"prompt_tokens[{row}] holds {t!r}: token ids must be ints")
     longest = max(len(p) for p in prompts)
     padded = torch.tensor([p + [pad_token] * (longest - len(p)) for p in prompts], dtype=torch.long)
     return padded, torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+
+def _check_stop_tokens(stop_tokens: Sequence[int], model: nn.Module) -> list[int]:
+    """The stop tokens as a list of ids in [0, vocab_size) (the vocabulary from `model.config` when the model
+    has one): an id the model can never emit would silently never stop a row."""
+    tokens = list(stop_tokens)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    for t in tokens:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise TypeError(f"stop_tokens holds {t!r}: stop tokens must be int token ids")
+        if t < 0 or (isinstance(vocab, int) and t >= vocab):
+            limit = f"[0, vocab_size={vocab})" if isinstance(vocab, int) else "[0, vocab_size)"
+            raise ValueError(f"stop_tokens holds {t}, outside the vocabulary {limit}")
+    return [int(t) for t in tokens]
 
 
 def _model_device(model: nn.Module, prompts: object) -> torch.device:
@@ -418,7 +423,7 @@ def _generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    stops = torch.tensor(_check_stop_tokens(stop_tokens, model), dtype=torch.long, device=device)
 
     new_tokens = torch.full((batch, max_new_tokens), pad_token, dtype=torch.long, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)  # tokens generated per row

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.models._state_dict import fill_tied_keys
+from vermeil.models.checks import check_tokens, tracing
+from vermeil.models.contract import AttentionLayer
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
 from vermeil.nn.attention import Attention as NNAttention
 from vermeil.nn.checks import check_positive_int
@@ -188,8 +190,12 @@ class ModelArgs:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
         if self.embedding_init_std is not None and not self.embedding_init_std > 0:
             raise ValueError(f"embedding_init_std={self.embedding_init_std} must be > 0 (or None)")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if not (
+            isinstance(self.rope_theta, (int, float))
+            and math.isfinite(self.rope_theta)
+            and self.rope_theta > 0
+        ):
+            raise ValueError(f"rope_theta={self.rope_theta!r} must be a finite number > 0 (RoPE's base)")
         if self.use_scaled_rope:
             # Meta's default (llama-models PR #322): only Llama 4 Scout uses scaled RoPE, with 16 / 1.
             if self.rope_scaling_factor is None:
@@ -527,7 +533,7 @@ class LLM(nn.Module):
         super().__init__()
         if not isinstance(args, ModelArgs):
             raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
-        self.args = args
+        self.config = args
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, **factory)
         self.layers = nn.ModuleList(TransformerBlock(i, args, **factory) for i in range(args.n_layers))
@@ -553,6 +559,11 @@ class LLM(nn.Module):
         self.cache_max_seq_len: int | None = None
         self._register_load_state_dict_pre_hook(self._load_hook)
         self.init_weights()
+
+    @property
+    def args(self) -> ModelArgs:
+        """The config under Meta's name (`Transformer.args`); read-only, `.config` is the contract's name."""
+        return self.config
 
     # -- weights ---------------------------------------------------------------------------------------------
 
@@ -621,6 +632,7 @@ class LLM(nn.Module):
         self,
         batch_size: int,
         max_seq_len: int,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -635,7 +647,7 @@ class LLM(nn.Module):
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
         for layer in self.layers:
-            layer.attention.setup_cache(batch_size, max_seq_len, dtype, device)
+            layer.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
         self.cache_max_seq_len = max_seq_len
         self.rope.cos_sin(torch.tensor([max_seq_len - 1], device=device))  # grow the table once, up front
 
@@ -650,6 +662,47 @@ class LLM(nn.Module):
             layer.attention.delete_cache()
         self.cache_max_seq_len = None
 
+    # -- self-description (vermeil.models.contract) -----------------------------------------------------------
+
+    lm_parts = ("tok_embeddings", "norm", "output")  # (embedding, final norm, head), Meta's names
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """(query width H * Dh, attended window) per layer: every layer attends; RoPE layers with
+        `attention_chunk_size` see at most that many positions, NoPE layers the whole context."""
+        a = self.config
+        width = a.n_heads * a.head_dim  # type: ignore[operator]
+        return [
+            AttentionLayer(width, None if a.is_nope_layer(i) else a.attention_chunk_size)
+            for i in range(a.n_layers)
+        ]
+
+    def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+        """Raise where the LLM cannot run tensor-parallel that way (see `vermeil.models.contract`)."""
+        if sequence_parallel and self.vision_projection is not None:
+            raise ValueError(
+                "sequence_parallel=True does not support an LLM with vision_args (image embeddings are merged into "
+                "the whole sequence); use sequence_parallel=False"
+            )
+
+    def sequence_parallel_plan(self) -> dict[str, str]:
+        """Per submodule, its sequence-parallel style by name (`vermeil.models.contract` lists them), torchtitan's
+        Llama layout: norms on the local tokens, attention (called with x, rope, positions) and dense
+        feed-forward inputs gathered with row-parallel outputs scattered back; an MoE layer runs on the whole
+        sequence and keeps the local part of its `MoEOutput.out`."""
+        plan: dict[str, str] = {}
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            plan[p + "attention_norm"] = "local"
+            plan[p + "attention"] = "gather:3"
+            plan[p + "attention.wo"] = "row_scatter"
+            plan[p + "ffn_norm"] = "local"
+            if layer.is_moe_layer:  # the shared expert inside all-reduces as in plain tensor parallelism
+                plan[p + "feed_forward"] = "whole:out"
+            else:
+                plan[p + "feed_forward"] = "gather"
+                plan[p + "feed_forward.w2"] = "row_scatter"
+        return plan
+
     # -- vision ----------------------------------------------------------------------------------------------
 
     def embed_images(self, images: Tensor, image_mask: Tensor) -> MaskedEmbedding:
@@ -663,23 +716,6 @@ class LLM(nn.Module):
         return MaskedEmbedding(self.vision_embeddings(images, image_mask), image_mask)
 
     # -- forward ---------------------------------------------------------------------------------------------
-
-    def _check_tokens(self, tokens: Tensor) -> None:
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
-            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {shape}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dtype.is_complex:
-            raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
-        if tokens.shape[1] == 0:
-            raise ValueError("tokens must hold at least one position (seq >= 1)")
-        # Value check in eager mode only (it reads the data: a graph break under compile, a sync on GPU).
-        if not torch.compiler.is_compiling() and tokens.numel():
-            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
-            if lo < 0 or hi >= self.args.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"token id {bad} is outside the vocabulary [0, vocab_size={self.args.vocab_size})"
-                )
 
     def _positions(self, tokens: Tensor, input_pos: Tensor | int | None) -> Tensor | None:
         b, t = tokens.shape
@@ -703,7 +739,7 @@ class LLM(nn.Module):
                 )
             if t > limit:  # type: ignore[operator]
                 raise ValueError(f"prompt of {t} tokens is longer than the cache (max_seq_len={limit})")
-            if not torch.compiler.is_compiling():
+            if not tracing():
                 lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
                 if lo < 0 or hi >= limit:  # type: ignore[operator]
                     raise ValueError(
@@ -754,7 +790,7 @@ class LLM(nn.Module):
                 input_pos = int(start)
             else:
                 input_pos = start
-        self._check_tokens(tokens)
+        check_tokens(tokens, self.config.vocab_size)
         positions = self._positions(tokens, input_pos)
         b, t = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, D)

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.checks import check_input_pos, check_positive_int
+from vermeil.models.checks import check_input_pos, check_positive_int, check_tokens
+from vermeil.models.contract import AttentionLayer
 from vermeil.nn.norms import LayerNorm, RMSNorm
 from vermeil.nn.scan import BACKENDS
 from vermeil.nn.ssm import MambaBlock
@@ -288,19 +289,19 @@ class MambaLM(nn.Module):
     def setup_cache(
         self,
         batch_size: int,
-        max_seq_len: int | None = None,
+        max_seq_len: int,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         """Allocate a conv + SSM state per layer (O(1) in the sequence length); then pass `input_pos`.
 
-        `max_seq_len` is accepted for the shared cache contract; a Mamba state does not depend on it, but
+        `max_seq_len` is the contract's (`vermeil.models.contract`); a Mamba state does not depend on it, but
         positions beyond it are rejected so that all models behave alike. dtype/device default to the
         parameters'.
         """
         check_positive_int("batch_size", batch_size)
-        if max_seq_len is not None:
-            check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("max_seq_len", max_seq_len)
         weight = self.backbone.embedding.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
@@ -321,24 +322,29 @@ class MambaLM(nn.Module):
         self.cache_max_seq_len = None
         self.cache_batch_size = None
 
+    # -- self-description (vermeil.models.contract) ---------------------------------------------------------
+
+    lm_parts = ("backbone.embedding", "backbone.norm_f", "lm_head")  # (embedding, final norm, head)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """No attention: every layer is a Mamba mixer (its scan FLOPs are counted from `A_log`)."""
+        return []
+
+    def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+        """Raise where MambaLM cannot run tensor-parallel that way (see `vermeil.models.contract`); it has no
+        `sequence_parallel_plan` (the mixers stay replicated)."""
+        cfg = self.config
+        if loss_parallel and cfg.padded_vocab_size != cfg.vocab_size:
+            # forward cuts the padding rows off its logits: a slice across the vocabulary shards.
+            raise ValueError(
+                f"loss_parallel=True needs MambaLM's padded_vocab_size={cfg.padded_vocab_size} to equal "
+                f"vocab_size={cfg.vocab_size} (set pad_vocab_size_multiple so that no padding is added)"
+            )
+
     # -- forward -----------------------------------------------------------------------------------------
 
-    def _check_tokens(self, tokens: Tensor, input_pos: Tensor | None) -> None:
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
-            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {shape}")
-        if tokens.dtype.is_floating_point or tokens.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
-        if tokens.shape[1] == 0:
-            raise ValueError("tokens must hold at least one position (seq >= 1)")
-        # Value checks read the data: eager mode only (a graph break under compile, a sync on GPU).
-        if not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"token id {bad} is outside the vocabulary [0, vocab_size={self.config.vocab_size})"
-                )
+    def _check_inputs(self, tokens: Tensor, input_pos: Tensor | None) -> None:
+        check_tokens(tokens, self.config.vocab_size)
         if input_pos is not None:
             check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
 
@@ -354,7 +360,7 @@ class MambaLM(nn.Module):
         Returns:
             (B, T, vocab_size) float32 logits (padding rows of the head cut off).
         """
-        self._check_tokens(tokens, input_pos)
+        self._check_inputs(tokens, input_pos)
         if self.cache_max_seq_len is None and self.cache_batch_size is None:
             input_pos = None  # no cache: positions carry nothing for a recurrence
         hidden = self.backbone(tokens, input_pos)
