@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vermeil.nn.masks import attention_mask, causal_mask, chunked_mask, padding_mask, sliding_window_mask
+from vermeil.nn.masks import (
+    attention_mask,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    padding_mask,
+    sliding_window_mask,
+)
 
 
 def brute(q_pos: list[int], kv_pos: list[int], rule) -> torch.Tensor:
@@ -105,3 +112,18 @@ def test_bad_positions() -> None:
         causal_mask(torch.arange(3), torch.zeros(1, 1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"must share the batch size"):
         causal_mask(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long))
+
+
+def test_document_mask_against_brute_force() -> None:
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 6, 6]])
+    got = document_mask(ids, ids)
+    assert got.shape == (2, 1, 6, 6)
+    for b in range(2):
+        row = ids[b].tolist()
+        torch.testing.assert_close(got[b, 0], brute(row, row, lambda q, k: q == k))
+    # queries at the last T positions (T < S)
+    assert torch.equal(document_mask(ids[:, 4:], ids), got[:, :, 4:])
+    with pytest.raises(TypeError, match="integer document ids"):
+        document_mask(ids.float(), ids)
+    with pytest.raises(ValueError, match="batch"):
+        document_mask(ids[:1], ids)

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one function with three backends, and one `Attention` module.
+"""Scaled dot-product attention: one function with four backends, and one `Attention` module.
 
 `attention(q, k, v, mask, causal=...)` is the single entry point:
     - "sdpa": `F.scaled_dot_product_attention`, which on CPU runs a fused flash kernel for every input we
@@ -8,6 +8,13 @@
     - "math": the definition, materialising the (T, S) scores; the reference the tests compare against.
     - "flash": SDPA restricted to the fused kernels with `sdpa_kernel`; when none can serve the inputs it
       raises an error naming what is not served instead of torch's "No available kernel".
+    - "flex": FlexAttention (`vermeil.nn.flex`): the mask becomes a block mask and only its non-empty
+      128 x 128 tiles are computed; compiled on CUDA, eager and forward-only on the CPU.
+
+`Attention` also takes backend="auto": FlexAttention on CUDA where it pays (a sliding window, or chunks with a
+padding mask, no KV cache, no dropout), SDPA everywhere else. With "flex" or "auto" the module hands its rules
+(causal, window, chunk, key padding) to FlexAttention as mask functions, whose block masks are cached per
+shape, instead of building a dense (T, S) mask.
 
 `chunked_causal_attention` runs Llama 4's chunked attention as independent causal blocks, and `Attention` is
 the module every model uses (the LLM, the hybrid, the vision encoder, the Transformer blocks); Flux's and
@@ -34,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vermeil.nn.cache import KVCache, RingKVCache
 from vermeil.nn.checks import check_positive_int
+from vermeil.nn.flex import flex_attention, flex_available
 from vermeil.nn.masks import attention_mask, padding_mask
 from vermeil.nn.norms import QKNorm
 from vermeil.nn.positional import RopeTables, rotate_qk
@@ -48,8 +56,9 @@ __all__ = [
     "chunked_causal_attention",
 ]
 
-AttentionBackend = Literal["sdpa", "math", "flash"]
-_BACKENDS = ("sdpa", "math", "flash")
+AttentionBackend = Literal["sdpa", "math", "flash", "flex", "auto"]
+_BACKENDS = ("sdpa", "math", "flash", "flex")  # attention()
+_MODULE_BACKENDS = (*_BACKENDS, "auto")  # Attention: "auto" resolves per call (see Attention._backend_for)
 
 # `enable_gqa` arrived in torch 2.5; pyproject allows 2.4, which gets the expand fallback below. The
 # docstring of the builtin carries its signature, so this is a feature check, not a version parse.
@@ -256,14 +265,14 @@ def attention(
         causal: query i attends keys up to position S - T + i (bottom-right); needs T <= S.
         scale: multiplies the scores; None means Dh ** -0.5.
         dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
-        backend: "sdpa", "math" or "flash" (see the module docstring).
+        backend: "sdpa", "math", "flash" or "flex" (see the module docstring).
 
     Returns:
         (B, H, T, Dh) in q.dtype.
 
     Raises:
         ValueError: bad shapes or backend; `backend="flash"` with inputs no fused kernel takes (RuntimeError
-            when torch itself finds no fused kernel).
+            when torch itself finds no fused kernel); `backend="flex"` with dropout.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
@@ -275,6 +284,12 @@ def attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     scale = dh**-0.5 if scale is None else scale
+    if backend == "flex":
+        if dropout_p > 0.0:
+            raise ValueError(f"backend='flex' has no dropout (dropout_p={dropout_p}); use backend='sdpa'")
+        if causal and t > s:
+            raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
+        return flex_attention(q, k, v, causal=causal, mask=mask, scale=scale)
     is_causal = False
     if causal:
         if t > s:
@@ -376,7 +391,9 @@ class Attention(nn.Module):
         window: sliding-window size (attend to the last `window` positions, itself included), or None.
         chunk: chunked local attention block size (Llama 4), or None.
         scale: attention scale; None means Dh ** -0.5 (the PaLM block with l2 qk norm uses a fixed one).
-        backend: "sdpa" (default), "math" (reference) or "flash" (fused kernels only).
+        backend: "sdpa" (default), "math" (reference), "flash" (fused kernels only), "flex" (FlexAttention
+            without a cache; a KV cache keeps SDPA) or "auto" (FlexAttention on CUDA for a sliding window or
+            chunks with padding, without a cache or dropout; SDPA otherwise).
 
     Initialisation: `reset_parameters()` gives every projection `nn.Linear`'s default (Kaiming-uniform weights
     with a=sqrt(5), biases uniform in +-1/sqrt(fan_in)) and QKNorm scales of one; a model-level scheme belongs
@@ -437,8 +454,8 @@ class Attention(nn.Module):
         for name, value in (("window", window), ("chunk", chunk)):
             if value is not None:
                 check_positive_int(name, value)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
+        if backend not in _MODULE_BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {_MODULE_BACKENDS}")
 
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.context_dim = context_dim
@@ -553,6 +570,39 @@ class Attention(nn.Module):
                     f"input_pos of {x.shape[1]} positions exceeds max_seq_len={self.kv_cache.max_seq_len}"
                 )
 
+    def _backend_for(
+        self, x: Tensor, cache: KVCache | RingKVCache | None, mask: Tensor | None, dropout_p: float
+    ) -> AttentionBackend:
+        """The backend of this call: "auto" and "flex" resolved, never "auto" (see the class docstring).
+
+        "auto" picks FlexAttention where its block sparsity pays and the fused kernel exists: on CUDA, without
+        a cache (decoding attends one query over the cache: SDPA's territory) and without dropout (FlexAttention
+        has none), for a sliding window, or chunks with a padding mask (chunks alone already run as
+        independent causal blocks on SDPA's flash kernel), at a power-of-two head dim >= 16 (the Triton
+        kernel's tiles). "flex" with a cache runs the cache path on SDPA.
+        """
+        if self.backend == "auto":
+            local = self.window is not None or (self.chunk is not None and mask is not None)
+            use_flex = (
+                local
+                and cache is None
+                and dropout_p == 0.0
+                and x.device.type == "cuda"
+                and self.head_dim >= 16
+                and self.head_dim & (self.head_dim - 1) == 0
+                and flex_available()
+            )
+            return "flex" if use_flex else "sdpa"
+        if self.backend == "flex":
+            if cache is not None:
+                return "sdpa"
+            if dropout_p > 0.0:
+                raise ValueError(
+                    f"backend='flex' has no dropout (dropout={self.dropout} in training mode); use "
+                    "backend='sdpa' or 'auto', or eval mode"
+                )
+        return self.backend
+
     def _user_mask(self, mask: Tensor | None, b: int, t: int, s: int) -> Tensor | None:
         """(B, S) key padding -> (B, 1, 1, S); 4-D masks checked and passed through."""
         if mask is None:
@@ -641,9 +691,17 @@ class Attention(nn.Module):
         src = x if context is None else context
         s_in = src.shape[1]
         cache = self.kv_cache if input_pos is not None else None
+        dropout_p = self.dropout if self.training else 0.0
+        backend = self._backend_for(x, cache, mask, dropout_p)
+        # FlexAttention takes the rules themselves (cached block masks, no (T, S) tensor) where positions are
+        # index order; given positions or a 4-D mask, it reads the dense mask built below.
+        flex_rules = backend == "flex" and input_pos is None and (mask is None or mask.ndim == 2)
+        if flex_rules and mask is not None:
+            self._user_mask(mask, b, t, s_in)  # its checks only
         # Llama 4's chunked layers in training: independent causal blocks, no (T, T) mask (static checks only).
         blocks = (
-            cache is None
+            backend != "flex"
+            and cache is None
             and self.chunk is not None
             and self.window is None
             and self.causal
@@ -653,7 +711,7 @@ class Attention(nn.Module):
             and t > self.chunk
         )
         full, causal = None, self.causal
-        if cache is None and not blocks:
+        if cache is None and not blocks and not flex_rules:
             # The mask first, before the projections: its transient buffers never coexist with q, k, v.
             full, causal = self._mask(mask, input_pos, b, t, s_in)
 
@@ -673,21 +731,31 @@ class Attention(nn.Module):
         if q_scale is not None:
             scales = q_scale.view(-1, 1, t, 1)  # (B|1, 1, T, 1)
             q = (q.to(torch.promote_types(q.dtype, torch.float32)) * scales).to(q.dtype)
-        dropout_p = self.dropout if self.training else 0.0
 
         if cache is not None:
             assert input_pos is not None  # internal: a cache is used only with positions
             k, v, kv_pos = cache.update_with_positions(input_pos, k, v)  # (B, Hkv, S_cache, Dh), (S_cache,)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
             full, causal = self._cache_mask(mask, input_pos, kv_pos, b, t), False
-        if blocks:
+        if flex_rules:
+            out = flex_attention(
+                q,
+                k,
+                v,
+                causal=self.causal,
+                window=self.window,
+                chunk=self.chunk,
+                key_padding_mask=mask,
+                scale=self.scale,
+            )
+        elif blocks:
             assert self.chunk is not None  # internal: `blocks` implies a chunk
             out = chunked_causal_attention(
-                q, k, v, self.chunk, scale=self.scale, dropout_p=dropout_p, backend=self.backend
+                q, k, v, self.chunk, scale=self.scale, dropout_p=dropout_p, backend=backend
             )
         else:
             out = attention(
-                q, k, v, full, causal=causal, scale=self.scale, dropout_p=dropout_p, backend=self.backend
+                q, k, v, full, causal=causal, scale=self.scale, dropout_p=dropout_p, backend=backend
             )  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 

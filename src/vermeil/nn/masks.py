@@ -18,6 +18,7 @@ __all__ = [
     "attention_mask",
     "causal_mask",
     "chunked_mask",
+    "document_mask",
     "padding_mask",
     "sliding_window_mask",
 ]
@@ -122,6 +123,29 @@ def padding_mask(key_padding_mask: Tensor) -> Tensor:
     if key_padding_mask.ndim != 2:
         raise ValueError(f"key_padding_mask must have shape (B, S), got {tuple(key_padding_mask.shape)}")
     return key_padding_mask[:, None, None, :]
+
+
+def document_mask(q_ids: Tensor, kv_ids: Tensor) -> Tensor:
+    """Packed sequences: a query attends only keys of its own document.
+
+    Args:
+        q_ids: (B, T) integer document id of each query.
+        kv_ids: (B, S) integer document id of each key (for self-attention the same tensor as `q_ids`, or its
+            last T columns as `q_ids` when T < S).
+
+    Returns:
+        (B, 1, T, S) bool, `q_ids[:, t] == kv_ids[:, s]`; AND it with `causal_mask` for causal packing.
+    """
+    for name, ids in (("q_ids", q_ids), ("kv_ids", kv_ids)):
+        if not isinstance(ids, Tensor) or ids.ndim != 2:
+            raise ValueError(
+                f"{name} must be a (B, T) tensor of document ids, got {getattr(ids, 'shape', ids)}"
+            )
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer document ids, got dtype={ids.dtype}")
+    if q_ids.shape[0] != kv_ids.shape[0]:
+        raise ValueError(f"q_ids batch={q_ids.shape[0]} must equal kv_ids batch={kv_ids.shape[0]}")
+    return (q_ids[:, :, None] == kv_ids[:, None, :]).unsqueeze(1)
 
 
 def attention_mask(
