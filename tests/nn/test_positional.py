@@ -480,3 +480,31 @@ def test_bad_inputs_raise_clear_errors() -> None:
         EmbedND(16, 10000, [4, 6, 6])(torch.zeros(1, 5, 2))
     with pytest.raises(ValueError, match=r"t.ndim=2 must be 1"):
         timestep_embedding(torch.zeros(2, 1), 8)
+
+
+def test_no_position_read_back_while_tracing_or_capturing(monkeypatch: pytest.MonkeyPatch) -> None:
+    rope = RotaryEmbedding(DH, max_seq_len=16)
+    pos = torch.tensor([3, 9])
+
+    def no_read_back(positions: torch.Tensor) -> None:
+        raise AssertionError("a host read of the positions while capturing")
+
+    # a CUDA graph capture in progress (faked: this machine may have no CUDA): the lookup reads nothing back
+    monkeypatch.setattr(rope, "_check_positions", no_read_back)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cos, _ = rope.cos_sin(pos)
+    assert_close(cos, rope.cos_cached[pos], rtol=0, atol=0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(AssertionError, match="host read"):
+        rope.cos_sin(pos)  # eager on the CPU: the check (and growth) runs
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    rope.cos_sin(pos)  # torch.jit.trace: skipped too
+
+
+def test_reserve_rejects_a_bad_row_count() -> None:
+    rope = RotaryEmbedding(DH, max_seq_len=16)
+    with pytest.raises(ValueError, match="rows=0 must be a positive int"):
+        rope.reserve(0)
+    rope.reserve(8)  # already covered: no change
+    assert rope.max_seq_len == 16

@@ -237,6 +237,14 @@ def temperature_scale(positions: Tensor, floor_scale: float = 8192.0, attn_scale
     return torch.log(torch.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
 
 
+def _tracing_or_capturing() -> bool:
+    """Whether a data-dependent host read must be skipped: under torch.compile / torch.jit.trace, or while
+    the current CUDA stream records a graph (a sync there invalidates the capture)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class RopeTables(NamedTuple):
     """RoPE angles for one forward, computed once by the model and shared by its attention layers.
 
@@ -289,9 +297,11 @@ class RotaryEmbedding(nn.Module):
     both.
     cos/sin tables (float32) are non-persistent buffers `cos_cached`/`sin_cached` of `max_seq_len` rows
     (nothing lands in the state dict). With explicit positions on the CPU they grow on demand in eager mode
-    (a cheap host read of min/max). On an accelerator, and under `torch.compile`, no data-dependent check is
-    made (it would cost a device sync per layer per step): explicit positions must lie inside the table, which
-    `reserve(rows)` sizes; `Attention.setup_cache` reserves its `max_seq_len`.
+    (a cheap host read of min/max). On an accelerator, and while tracing (`torch.compile`, `torch.jit.trace`)
+    or capturing a CUDA graph, no data-dependent check is made (it would cost a device sync per layer per
+    step, and a sync is illegal during a capture): explicit positions must lie inside the table, which
+    `reserve(rows)` sizes up front; `Attention.setup_cache` reserves its `max_seq_len`, and a model that owns
+    the embedding should call `rope.reserve(max_seq_len)` in its own `setup_cache`.
 
     xPos (`use_xpos=True`, PaLM/zeta): q is multiplied by `xpos_scale(pos)` and k by its reciprocal after the
     rotation. With `input_pos=None` the centre is `T // 2` as PaLM (exact parity with PaLM/zeta); with
@@ -382,7 +392,13 @@ class RotaryEmbedding(nn.Module):
         self.cos_cached, self.sin_cached = cos, sin  # stays a non-persistent buffer
 
     def reserve(self, rows: int) -> None:
-        """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them."""
+        """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them.
+
+        Call it where the longest sequence is known (a model's `setup_cache(batch, max_seq_len)`): on an
+        accelerator and under tracing or graph capture the lookups never check or grow the table.
+        """
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+            raise ValueError(f"rows={rows!r} must be a positive int (the longest sequence to cover)")
         if rows > self.max_seq_len:
             self._grow(rows)
 
@@ -408,7 +424,7 @@ class RotaryEmbedding(nn.Module):
             )
         if positions.is_floating_point():
             return rope_cos_sin(positions, self.inv_freq)
-        if not torch.compiler.is_compiling() and positions.device.type == "cpu":
+        if positions.device.type == "cpu" and not _tracing_or_capturing():
             self._check_positions(positions)
         return self.cos_cached[positions], self.sin_cached[positions]
 
