@@ -589,20 +589,34 @@ def test_bfloat16_close_to_float32() -> None:
 
 
 def test_seed_example_shapes_on_meta() -> None:
-    """The seed 004 usage example, verbatim but on the meta device (the real run is the slow test below)."""
+    """The seed's usage example, verbatim but on the meta device (the real run is the slow test below)."""
     with torch.device("meta"):
-        output = _seed_example()
+        _, _, output = _seed_example()
     assert output.shape == (2, 1024, 2)
+
+
+def _assert_seed_example_matches_bfl(length: int) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model, args, output = _seed_example(length)
+        ref = BflFlux(model.config)
+        ref.load_state_dict(model.state_dict(), strict=True)
+        expected = ref(*args)
+    assert output.shape == (2, length, 2)
+    assert_close(output, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_example_equals_bfl_reference_short() -> None:
+    """The seed's example at its width and depth, 16 tokens a stream: equal to BFL's reference Flux."""
+    _assert_seed_example_matches_bfl(16)
 
 
 @pytest.mark.slow
 def test_seed_example_runs() -> None:
-    with torch.no_grad():
-        output = _seed_example()
-    assert output.shape == (2, 1024, 2) and torch.isfinite(output).all()
+    _assert_seed_example_matches_bfl(1024)
 
 
-def _seed_example() -> Tensor:
+def _seed_example(length: int = 1024) -> tuple[Flux, tuple[Tensor, ...], Tensor]:
     from vermeil.models.flux import Flux, FluxParams  # as the seed writes it
 
     # Configure model parameters
@@ -624,14 +638,15 @@ def _seed_example() -> Tensor:
     # Create model
     model = Flux(params)
     # Prepare inputs
-    data = torch.randn(2, 1024, 2)  # Input sequence
-    cond = torch.randn(2, 1024, 4)  # Condition sequence
-    data_ids = torch.randint(0, 1024, (2, 1024, 3))  # Position IDs
-    cond_ids = torch.randint(0, 1024, (2, 1024, 3))  # Condition position IDs
+    data = torch.randn(2, length, 2)  # Input sequence
+    cond = torch.randn(2, length, 4)  # Condition sequence
+    data_ids = torch.randint(0, 1024, (2, length, 3))  # Position IDs
+    cond_ids = torch.randint(0, 1024, (2, length, 3))  # Condition position IDs
     timesteps = torch.randn(2)  # Diffusion timesteps
     y = torch.randn(2, 4)  # Additional conditioning
     # Forward pass
-    return model(data, data_ids, cond, cond_ids, timesteps, y)
+    args = (data, data_ids, cond, cond_ids, timesteps, y)
+    return model, args, model(*args)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

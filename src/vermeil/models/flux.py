@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vermeil.models.contract import AttentionLayer
 from vermeil.nn.attention import attention
 from vermeil.nn.modulation import MLPEmbedder, Modulation, ModulationOut
 from vermeil.nn.norms import QKNorm
@@ -516,7 +517,7 @@ class Flux(nn.Module):
         if not isinstance(params, FluxParams):
             raise TypeError(f"params must be a FluxParams, got {type(params).__name__}")
         factory = {"device": device, "dtype": dtype}
-        self.params = params
+        self.config = params
         self.in_channels = params.in_channels
         self.out_channels = params.out_channels
         self.hidden_size = params.hidden_size
@@ -541,6 +542,17 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels, **factory)
 
+    @property
+    def params(self) -> FluxParams:
+        """The config under BFL's name (`Flux.params`); read-only, `.config` is the contract's name."""
+        return self.config
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """(query width, window) per block: every double and single block attends globally over the joint
+        [cond; data] sequence (`vermeil.models.contract`)."""
+        p = self.config
+        return [AttentionLayer(p.hidden_size, None)] * (p.depth + p.depth_single_blocks)
+
     def reset_parameters(self) -> None:
         """nn.Linear's default init everywhere (BFL trains from it); QKNorm scales to ones."""
         for module in self.modules():
@@ -558,11 +570,28 @@ class Flux(nn.Module):
         guidance: Tensor | None,
         cond_mask: Tensor | None,
     ) -> None:
-        p = self.params
+        p = self.config
         n_axes = len(p.axes_dim)
         if data.ndim != 3 or data.shape[-1] != p.in_channels:
             raise ValueError(f"data must be (B, Ld, in_channels={p.in_channels}), got {tuple(data.shape)}")
         b, l_data = data.shape[:2]
+        if b == 0 or l_data == 0:
+            raise ValueError(
+                f"data of shape {tuple(data.shape)} is empty: it must hold at least one row (B >= 1) and one "
+                "token (Ld >= 1)"
+            )
+        # Under autocast the projections cast their inputs; otherwise a dtype other than the weights' fails
+        # deep inside the first Linear without naming the input.
+        weight_dtype = self.img_in.weight.dtype
+        device_type = data.device.type
+        autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+        if not autocast:
+            for name, x in (("data", data), ("cond", cond), ("y", y)):
+                if x.dtype != weight_dtype:
+                    raise TypeError(
+                        f"{name} has dtype {x.dtype} but the model's parameters are {weight_dtype}: convert the "
+                        f"input (`{name}.to({weight_dtype})`) or the model"
+                    )
         if cond.ndim != 3 or cond.shape[0] != b or cond.shape[-1] != p.context_in_dim:
             raise ValueError(
                 f"cond must be (B={b}, Lc, context_in_dim={p.context_in_dim}), got {tuple(cond.shape)}"
@@ -630,7 +659,7 @@ class Flux(nn.Module):
         self._check_inputs(data, data_ids, cond, cond_ids, timesteps, y, guidance, cond_mask)
         img = self.img_in(data)
         vec = self.time_in(timestep_embedding(timesteps, _TIME_DIM).to(img.dtype))
-        if self.params.guidance_embed:
+        if self.config.guidance_embed:
             vec = vec + self.guidance_in(timestep_embedding(guidance, _TIME_DIM).to(img.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(cond)
