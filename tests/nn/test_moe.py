@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vermeil.nn.moe import (
     MoE,
@@ -366,3 +367,53 @@ def test_bad_arguments_raise_value_errors():
         MoE(D, FH, 8, 1)(torch.randn(2, 5, 35))
     with pytest.raises(ValueError, match="ffn_dim_multiplier=0 must be > 0"):
         moe_hidden_dim(64, ffn_dim_multiplier=0)
+
+
+# ops that read a device value back to the host (a sync on CUDA, a graph break under torch.compile)
+_SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.item")
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prescale", [True, False])
+def test_grouped_path_reads_nothing_back_to_the_host(prescale: bool) -> None:
+    model = _moe(2, prescale=prescale, shared=prescale, aux_loss_coef=0.1, z_loss_coef=0.01)
+    x = torch.randn(2, 9, D, requires_grad=True)
+    assert grouped_mm_supported(x, model.experts.w1)
+    with _RecordOps() as rec:
+        res = model(x)
+        ((res.out * torch.randn_like(res.out)).sum() + res.aux_loss).backward()
+    assert any("grouped_mm" in op for op in rec.ops)  # the fast path ran, forward and backward
+    synced = sorted({op for op in rec.ops if op in _SYNC_OPS})
+    assert not synced, f"host reads in the grouped path: {synced}"
+    # the loop reference does read back (torch.where per expert): the recorder sees such ops
+    ref = _twin(model, "loop")
+    with _RecordOps() as rec_loop:
+        ref(x)
+    assert any(op in _SYNC_OPS for op in rec_loop.ops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debugging needs CUDA")
+def test_cuda_grouped_path_has_no_sync_and_equals_the_loop() -> None:
+    model = _moe(2, dim=64, hidden_dim=96).cuda()
+    x = torch.randn(4, 33, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)  # warm-up: kernels, cuBLAS handles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            res = model(x)
+            (res.out.float() * torch.ones_like(res.out, dtype=torch.float32)).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ref = _twin(model.float().cpu(), "loop")
+    other = _twin(model.float().cpu(), "grouped").cuda()
+    assert_close(other(x).out.cpu(), ref(x.cpu()).out, atol=1e-4, rtol=1e-4)  # float32: padded path on CUDA

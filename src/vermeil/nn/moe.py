@@ -186,12 +186,13 @@ def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
 def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
     """Whether `torch.nn.functional.grouped_mm` takes these operands (static metadata only).
 
-    Needs `F.grouped_mm` (torch >= 2.10), a compute dtype of float32, bfloat16 or float16 on CPU (bfloat16
+    Needs `F.grouped_mm` (torch >= 2.10; on CUDA `torch._grouped_mm`, the same kernel under its older private
+    name, serves where the public one is missing), a compute dtype of float32, bfloat16 or float16 on CPU (bfloat16
     only on CUDA, the one dtype its docs promise there), row widths that are multiples of 16 bytes (the CPU
     kernel raises "strides should be multiple of 16 bytes" otherwise, e.g. D=37 in float32) and weights
     contiguous in their last two axes. The compute dtype is autocast's when autocast is on.
     """
-    if not hasattr(F, "grouped_mm"):
+    if not hasattr(F, "grouped_mm") and not (x.device.type == "cuda" and hasattr(torch, "_grouped_mm")):
         return False
     dtype = _compute_dtype(x, weights[0])
     if dtype not in _GROUPED_MM_DTYPES or (x.device.type == "cuda" and dtype != torch.bfloat16):
@@ -216,9 +217,16 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
 # 2. its built-in backward hands the incoming gradient to the kernel as is, and the kernel rejects
 #    stride-0 or transposed gradients ("Invalid strides/sizes" / "strides should be multiple of 16 bytes");
 #    the backward below makes it contiguous first.
+def _grouped_mm_kernel(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
+    # looked up per call (tests count the calls through F.grouped_mm); torch._grouped_mm is the CUDA kernel's
+    # name in releases without the public function (grouped_mm_supported admits it on CUDA only)
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs_E)
+
+
 @torch.library.custom_op("vermeil::grouped_mm", mutates_args=())
 def _grouped_mm_op(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
-    return F.grouped_mm(x_SI, w_EIO, offs=offs_E)
+    return _grouped_mm_kernel(x_SI, w_EIO, offs_E)
 
 
 @_grouped_mm_op.register_fake
@@ -229,7 +237,7 @@ def _(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
 @torch.library.custom_op("vermeil::grouped_mm_weight_grad", mutates_args=())
 def _grouped_mm_weight_grad_op(x_SI: Tensor, grad_SO: Tensor, offs_E: Tensor) -> Tensor:
     # 2D x 2D form: the shared S axis is split by offs, giving one (I, O) product per group
-    return F.grouped_mm(x_SI.transpose(0, 1), grad_SO, offs=offs_E)
+    return _grouped_mm_kernel(x_SI.transpose(0, 1), grad_SO, offs_E)
 
 
 @_grouped_mm_weight_grad_op.register_fake
@@ -557,12 +565,17 @@ class MoE(nn.Module):
     ) -> Tensor:
         T, D = x_TD.shape
         K = self.top_k
+        # Every step below has a fixed output shape and stays on the device (no .item()/.tolist()/nonzero:
+        # tests/nn/test_moe.py watches for them), so the block captures in a CUDA graph and compiles fullgraph.
         # pair s = t*K + k; a stable sort keeps token order inside each expert's block (deterministic)
         expert_S, order_S = torch.sort(topk_idx_TK.reshape(-1), stable=True)
         token_S = torch.div(order_S, K, rounding_mode="floor")
-        score_S1 = scores_TK.reshape(-1)[order_S].unsqueeze(-1)
+        score_S1 = scores_TK.reshape(-1).index_select(0, order_S).unsqueeze(-1)
         offs_E = counts_E.cumsum(0, dtype=torch.int32)
-        x_SD = x_TD[token_S]
+        # The permutation as one gather: index_select, whose backward is index_add (a scatter-add), where
+        # advanced indexing x_TD[token_S] would backpropagate through index_put with accumulate, which sorts
+        # the indices again on CUDA.
+        x_SD = x_TD.index_select(0, token_S)
         if self.prescale_input:
             x_SD = x_SD * score_S1.to(x_SD.dtype)
         y_SD = self.experts(x_SD, expert_S, counts_E, offs_E, grouped=self.backend == "grouped")
