@@ -8,12 +8,18 @@ A loss head is a callable `(logits (B, T, V), targets (B, T)) -> loss`. `CrossEn
 may name its head (`HybridConfig.loss_head`, with `ignore_index` and `z_loss`): `loss_head(config)` builds it and
 `lm_loss_fn(config)` turns it into the trainer's loss function. Models hold no loss: they return logits.
 
-Axis legend: B batch, T sequence length, V vocabulary.
+`chunked_cross_entropy(hidden, weight, targets)` is the cross-entropy fused with the head projection and
+chunked over tokens: the (N, V) logits never exist at once. `chunked_lm_loss_fn` gives the trainer's loss
+functions that use it (`train.loss_chunk_size`), reading the final hidden states at the model's head
+(`capture_head_input`) so that the model itself needs no second code path.
+
+Axis legend: B batch, T sequence length, V vocabulary, N tokens (B * T), D hidden width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,12 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "HEAD_NAMES",
     "LOSS_HEADS",
     "CrossEntropyLoss",
     "LossFn",
     "LossHead",
+    "capture_head_input",
     "causal_lm_loss",
+    "chunked_cross_entropy",
+    "chunked_lm_loss_fn",
+    "default_chunk_size",
     "head_loss",
+    "lm_head",
     "lm_loss_fn",
     "loss_head",
     "register_loss_head",
@@ -159,4 +171,375 @@ def lm_loss_fn(model_config: Any) -> LossFn:
         inputs, targets = batch
         return head_loss(model, head, inputs, targets), {}
 
+    loss_fn.loss_head = head  # type: ignore[attr-defined]  # what chunked_lm_loss_fn reads
     return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-entropy fused with the head projection, chunked over tokens
+
+
+def default_chunk_size(n_tokens: int, vocab: int, dim: int) -> int:
+    """Liger-Kernel's rule (`ops/fused_linear_cross_entropy.py`): `ceil(V / D)` chunks, so that one chunk of
+    logits (chunk, V) is about the size of the hidden states (N, D); a power of two, at least 1."""
+    chunks = max(1, -(-vocab // max(dim, 1)))
+    rows = max(1, -(-n_tokens // chunks))
+    return 1 << (rows - 1).bit_length()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and both gradients in one pass over token chunks (Liger-Kernel's scheme): each chunk's logits
+    (chunk, V) are computed, reduced to the loss, turned in place into their gradient, multiplied back into
+    grad_hidden and grad_weight, and dropped. Backward only scales the stored gradients by the incoming
+    (scalar) gradient, so the head costs three matmuls as in the unfused path, and no (N, V) tensor exists."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,  # (N, D)
+        weight: Tensor,  # (V, D)
+        bias: Tensor | None,  # (V,)
+        targets: Tensor,  # (N,) int64
+        chunk_size: int,
+        ignore_index: int,
+        z_loss: float,
+        label_smoothing: float,
+        mean: bool,
+        grads: bool,
+    ) -> Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        keep = targets != ignore_index
+        safe = torch.where(keep, targets, torch.zeros_like(targets))  # ignored rows gather a valid column
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # The divisor stays on the device (no host read); 0 kept tokens give a 0 loss, not nan.
+        scale = (
+            1.0 / keep.sum().clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=hidden.device)
+        )
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if grads and ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            if grads and ctx.needs_input_grad[1]
+            else None
+        )
+        grad_b = (
+            torch.zeros(vocab, dtype=acc, device=weight.device)
+            if grads and bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hidden[start:end]  # (c, D)
+            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # (c, V), input dtype
+            logits = logits.to(acc)  # the float32 upcast of one chunk only
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            tgt = safe[start:end, None]
+            target_logit = logits.gather(1, tgt).squeeze(1)
+            if label_smoothing:
+                # (1 - eps) * CE + eps * mean_v(lse - logit_v): F.cross_entropy's label smoothing.
+                row = lse - (1 - label_smoothing) * target_logit - label_smoothing * logits.mean(dim=-1)
+            else:
+                row = lse - target_logit
+            if z_loss:
+                row = row + z_loss * lse.square()
+            weight_row = keep[start:end].to(acc) * scale  # (c,): 0 on ignored rows
+            total = total + (row * weight_row).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            # d row / d logits = softmax * (1 + 2 z lse) - (1 - eps) onehot - eps / V, in place over the logits.
+            grad = logits.sub_(lse[:, None]).exp_()
+            if z_loss:
+                grad.mul_((1 + 2 * z_loss * lse)[:, None])
+            grad.scatter_add_(1, tgt, torch.full_like(target_logit[:, None], -(1 - label_smoothing)))
+            if label_smoothing:
+                grad.sub_(label_smoothing / vocab)
+            grad.mul_(weight_row[:, None])
+            if grad_b is not None:
+                grad_b.add_(grad.sum(dim=0))
+            g = grad.to(hidden.dtype)
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[start:end])
+            if grad_w is not None:
+                if g.dtype == acc:
+                    grad_w.addmm_(g.T, h)
+                else:  # a bf16/fp16 product per chunk, summed in float32 across chunks
+                    grad_w.add_(g.T @ h)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        if grad_h is None and grad_w is None and grad_b is None and any(ctx.needs_input_grad[:3]):
+            raise RuntimeError(
+                "chunked_cross_entropy computed no gradients (its forward ran under torch.no_grad); call it "
+                "with gradients enabled to backpropagate through it"
+            )
+        out = (
+            (grad_h * grad_out.to(h_dtype)) if grad_h is not None else None,
+            (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
+            (grad_b * grad_out).to(b_dtype) if grad_b is not None else None,
+        )
+        return (*out, None, None, None, None, None, None, None)
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """`F.cross_entropy(hidden @ weight.T + bias, targets)` without ever holding the (N, V) logits.
+
+    The head projection and the cross-entropy run together over chunks of `chunk_size` tokens: one chunk's
+    logits are computed in the input dtype (the autocast dtype under autocast, as `nn.Linear` would), upcast
+    to float32, reduced to the loss and, when gradients are enabled, turned into grad_hidden and grad_weight
+    right away (Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` scheme; torchtune's
+    `CEWithChunkedOutputLoss` and torchtitan's `ChunkedLossWrapper` chunk the same way). Peak extra memory is
+    one chunk of logits in float32 plus grad_weight (V, D) in float32 and grad_hidden (N, D), instead of
+    (N, V) logits in the input dtype, in float32 and their float32 gradient.
+
+    Args:
+        hidden: (..., D) final hidden states (the head's input); leading axes are flattened to N tokens.
+        weight: (V, D) the head's weight (`nn.Linear(D, V).weight`); bias: (V,) or None.
+        targets: (...) int64 class ids, the leading shape of `hidden`; `ignore_index` marks unscored tokens.
+        chunk_size: tokens per chunk; None: `default_chunk_size(N, V, D)` (a chunk of logits about the size of
+            `hidden`).
+        z_loss: PaLM's z-loss coefficient (adds `z_loss * logsumexp(logits)^2` per token; arXiv:2204.02311).
+        label_smoothing: as `F.cross_entropy`'s (in [0, 1)).
+        reduction: "mean" over the tokens not ignored (0 when every token is ignored, where
+            `F.cross_entropy` gives nan) or "sum".
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 inputs).
+
+    The gradient is computed in the forward (the loss is a scalar, so backward only scales it): no double
+    backward, and a forward under `torch.no_grad()` cannot be backpropagated later.
+    """
+    if hidden.ndim < 2:
+        raise ValueError(f"hidden must have shape (..., D), got {tuple(hidden.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, D={hidden.shape[-1]}) to match hidden {tuple(hidden.shape)}, got "
+            f"{tuple(weight.shape)}"
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets.shape={tuple(targets.shape)} must equal hidden.shape[:-1]={tuple(hidden.shape[:-1])}"
+        )
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be int64 class ids, got {targets.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape (V={weight.shape[0]},), got {tuple(bias.shape)}")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1 (or None)")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss={z_loss!r} must be >= 0")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
+    dim = hidden.shape[-1]
+    flat, tgt = hidden.reshape(-1, dim), targets.reshape(-1)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(flat.shape[0], weight.shape[0], dim)
+    device_type = flat.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What nn.Linear does under autocast: the matmul in the autocast dtype (the casts are differentiable).
+        dtype = torch.get_autocast_dtype(device_type)
+        flat, weight = flat.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif weight.dtype != flat.dtype:
+        raise TypeError(
+            f"hidden ({flat.dtype}) and weight ({weight.dtype}) must share a dtype outside autocast"
+        )
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(
+            flat,
+            weight,
+            bias,
+            tgt,
+            chunk_size,
+            ignore_index,
+            float(z_loss),
+            float(label_smoothing),
+            reduction == "mean",
+            torch.is_grad_enabled(),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer's language-model losses without full logits
+
+# Public names of the output head (an nn.Linear (D -> V)) on Vermeil's language models: LLM.output,
+# MambaLM.lm_head, HybridModel.lm_head.
+HEAD_NAMES = ("output", "lm_head")
+
+
+def lm_head(model: nn.Module) -> nn.Linear | None:
+    """The output head of a language model (its `output` or `lm_head` nn.Linear), or None."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    return None
+
+
+class _HeadInput:
+    """What `capture_head_input` saw: the head's input and the placeholder logits it returned instead."""
+
+    hidden: Tensor | None = None
+    placeholder: Tensor | None = None
+
+    def weight_and_bias(self, head: nn.Linear, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The head's weight (and bias) rows the model's logits kept (MambaLM cuts its padded vocabulary),
+        after checking that the model returned the head's output unchanged but for that cut and `.float()`."""
+        ph = self.placeholder
+        if self.hidden is None or ph is None:
+            raise RuntimeError(
+                "the chunked loss (train.loss_chunk_size) needs the model to call its head "
+                f"({type(head).__name__} {HEAD_NAMES}) in forward, and it did not: set train.loss_chunk_size=0"
+            )
+        same = (
+            logits.data_ptr() == ph.data_ptr()
+            and all(s == 0 for s in logits.stride())
+            and tuple(logits.shape[:-1]) == tuple(ph.shape[:-1])
+            and logits.shape[-1] <= ph.shape[-1]
+        )
+        if not same:
+            raise RuntimeError(
+                "the chunked loss (train.loss_chunk_size) needs the model's logits to be its head's output "
+                "(optionally cut to the vocabulary and upcast), but this model transforms them: set "
+                "train.loss_chunk_size=0"
+            )
+        vocab = logits.shape[-1]
+        weight, bias = head.weight, head.bias
+        if vocab < weight.shape[0]:
+            weight, bias = weight[:vocab], (bias[:vocab] if bias is not None else None)
+        return weight, bias
+
+
+@contextlib.contextmanager
+def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
+    """Within the block, the model's head records its input (the final hidden states (B, T, D)) and returns a
+    zero-stride float32 placeholder of the logits' shape instead of computing them (no memory, no matmul).
+
+    The head is found by its public name (`lm_head`); its `forward` is an instance attribute only while the
+    block runs.
+    """
+    head = lm_head(model)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output head named one of {HEAD_NAMES} (an nn.Linear): the chunked "
+            "loss cannot capture its hidden states"
+        )
+    seen = _HeadInput()
+    had_own = "forward" in head.__dict__
+    own = head.__dict__.get("forward")
+
+    def forward(x: Tensor) -> Tensor:
+        seen.hidden = x
+        # float32 so that the model's `.float()` is a no-op view, not a (B, T, V) copy.
+        seen.placeholder = torch.zeros((), dtype=torch.float32, device=x.device).expand(
+            *x.shape[:-1], head.out_features
+        )
+        return seen.placeholder
+
+    head.forward = forward  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        if had_own:
+            head.forward = own  # type: ignore[method-assign]
+        else:
+            del head.forward
+
+
+def _chunked_head_loss(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int | None,
+    ignore_index: int,
+    z_loss: float,
+) -> tuple[Tensor, Tensor | None]:
+    """(the fused head + cross-entropy of `model` on one batch, the MoE auxiliary loss or None)."""
+    head = lm_head(model)
+    assert head is not None  # checked by capture_head_input
+    with capture_head_input(model) as seen:
+        output = model(inputs)
+    logits, aux = logits_and_aux(output)
+    weight, bias = seen.weight_and_bias(head, logits)
+    assert seen.hidden is not None
+    loss = chunked_cross_entropy(
+        seen.hidden,
+        weight,
+        targets,
+        bias=bias,
+        chunk_size=chunk_size,
+        ignore_index=ignore_index,
+        z_loss=z_loss,
+    )
+    return loss, aux
+
+
+def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None = None) -> LossFn | None:
+    """The equivalent of a language-model loss function with the head and cross-entropy fused and chunked
+    (`chunked_cross_entropy`), or None where there is none.
+
+    `causal_lm_loss` becomes the same loss and metrics ("ce", "aux_loss"); a function from `lm_loss_fn`
+    whose head is a `CrossEntropyLoss` keeps its `ignore_index` and z-loss. Other loss functions, and models
+    without an `output` / `lm_head` nn.Linear, have none.
+
+    Args:
+        chunk_size: tokens per chunk; None: `default_chunk_size`.
+    """
+    if lm_head(model) is None:
+        return None
+    if loss_fn is causal_lm_loss:
+
+        def chunked_causal(
+            model: nn.Module, batch: tuple[Tensor, Tensor]
+        ) -> tuple[Tensor, dict[str, Tensor]]:
+            inputs, targets = batch
+            ce, aux = _chunked_head_loss(
+                model, inputs, targets, chunk_size=chunk_size, ignore_index=-100, z_loss=0.0
+            )
+            if aux is None:
+                return ce, {"ce": ce}
+            return ce + aux, {"ce": ce, "aux_loss": aux}
+
+        return chunked_causal
+    head = getattr(loss_fn, "loss_head", None)
+    if type(head) is CrossEntropyLoss:
+
+        def chunked_head(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            inputs, targets = batch
+            if targets.shape != inputs.shape:
+                raise ValueError(
+                    f"targets.shape={tuple(targets.shape)} must equal tokens.shape={tuple(inputs.shape)}"
+                )
+            loss, _ = _chunked_head_loss(
+                model,
+                inputs,
+                targets,
+                chunk_size=chunk_size,
+                ignore_index=head.ignore_index,
+                z_loss=head.z_loss,
+            )
+            return loss, {}
+
+        return chunked_head
+    return None
