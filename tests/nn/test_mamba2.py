@@ -147,6 +147,60 @@ def test_token_by_token_from_position_zero():
     rel_close(torch.cat(steps, 1), full)
 
 
+def test_decode_step_per_row_restart_and_grad_mode():
+    """One-token steps with per-row positions: a row at position 0 restarts from zero state while the other
+    continues. The no-grad step (cache updated in place) and the autograd step agree, and the latter
+    gives gradients."""
+    block = make_block()
+    x = torch.randn(2, 8, D_MODEL)
+    with torch.no_grad():
+        full = block(x)
+        fresh = block(x[:, 5:6])  # a sequence whose first token is x[:, 5]
+    results = []
+    for grad in (False, True):
+        block.setup_cache(2)
+        with torch.no_grad():
+            block(x[:, :5], torch.arange(5))
+        with torch.set_grad_enabled(grad):
+            xt = x[:, 5:6].clone().requires_grad_(grad)
+            out, (conv, ssm) = block(xt, torch.tensor([[0], [5]]), return_final_state=True)
+        rel_close(out[0], fresh[0])
+        rel_close(out[1], full[1, 5:6])
+        assert_close(conv, block.cache.conv_state)
+        assert_close(ssm, block.cache.ssm_state)
+        results.append((out.detach(), block.cache.ssm_state.clone()))
+        if grad:
+            out.square().sum().backward()
+            assert xt.grad is not None and block.in_proj.weight.grad is not None
+        else:  # the returned states are copies: the next step must not change them
+            before = ssm.clone()
+            with torch.no_grad():
+                block(x[:, 6:7], torch.tensor([6]))
+            assert_close(ssm, before)
+    assert_close(results[0][0], results[1][0])
+    assert_close(results[0][1], results[1][1])
+
+
+def test_few_row_projection_equals_linear():
+    """The decoding projections (`weight @ x.T` for a few rows on the CPU) equal F.linear; anything that is
+    not a plain nn.Linear is called as a module."""
+    from vermeil.nn.mamba2 import _FEW_ROWS, _project
+
+    for bias in (False, True):
+        lin = torch.nn.Linear(7, 5, bias=bias)
+        for rows in range(1, _FEW_ROWS + 3):
+            x = torch.randn(rows, 7)
+            assert_close(_project(lin, x), lin(x))
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    lin = Doubled(7, 5)
+    x = torch.randn(2, 7)
+    assert_close(_project(lin, x), 2 * torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
 def test_initial_state_and_final_state_compose_with_gradients():
     """forward([a; b]) == forward(b, initial_state=state after a), gradients included (truncated BPTT)."""
     block = make_block()

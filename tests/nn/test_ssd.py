@@ -161,6 +161,43 @@ def test_step_after_prefill_equals_full_scan_at_every_position(groups):
     rel_close(torch.cat(ys, 1), y_full)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
+def test_step_in_place_equals_functional_step(state_dtype):
+    """inplace=True writes the new state into the given tensor (a cache) and returns it; same values as the
+    functional step, also when the state's dtype differs from the compute dtype (float32 inputs)."""
+    inputs = make_inputs(length=1, groups=3)
+    pos, kw = split(inputs)
+    x, dt, A, B, C = (t[:, 0] if t.dim() > 1 else t for t in pos)
+    state = kw.pop("initial_state").to(state_dtype)
+    z = torch.randn_like(x)
+    y_ref, s_ref = ssd_step(state, x, dt, A, B, C, **kw, z=z, dt_softplus=True)
+    cache = state.clone()
+    y, s = ssd_step(cache, x, dt, A, B, C, **kw, z=z, dt_softplus=True, inplace=True)
+    assert s is cache and s.dtype == state_dtype
+    assert_close(y, y_ref)
+    assert_close(cache, s_ref)
+    with pytest.raises(ValueError, match=r"inplace=True\) needs a contiguous state"):
+        ssd_step(state.transpose(-1, -2).contiguous().transpose(-1, -2), x, dt, A, B, C, inplace=True)
+
+
+def test_step_keep_mask_restarts_rows_from_zero():
+    """The private `keep` of the decoding hot path: rows with keep False start from a zero state."""
+    from vermeil.nn.ssd import _ssd_step
+
+    inputs = make_inputs(length=1, groups=2)
+    pos, kw = split(inputs)
+    x, dt, A, B, C = (t[:, 0] if t.dim() > 1 else t for t in pos)
+    state = kw.pop("initial_state")
+    keep = torch.tensor([[True], [False]])
+    fresh = torch.where(keep[..., None, None], state, 0.0)
+    y_ref, s_ref = ssd_step(fresh, x, dt, A, B, C, **kw, dt_softplus=True)
+    for inplace in (False, True):
+        s0 = state.clone()
+        y, s = _ssd_step(s0, x, dt, A, B, C, kw["D"], None, kw["dt_bias"], True, inplace=inplace, keep=keep)
+        assert_close(y, y_ref)
+        assert_close(s, s_ref)
+
+
 def test_step_does_not_clamp_dt():
     """As mamba_ssm and transformers: the limit is a scan-only clamp."""
     inputs = make_inputs(length=1)

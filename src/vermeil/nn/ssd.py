@@ -302,8 +302,9 @@ def ssd_step(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One position of the recurrence (decoding): O(1) in the length, functional (no in-place update).
+    """One position of the recurrence (decoding): O(1) in the length.
 
     dt is NOT clamped to a dt limit: mamba_ssm's `Mamba2.step` / `selective_state_update` and transformers'
     `mamba2_selective_state_update` do not clamp either, and matching them token for token matters more
@@ -314,25 +315,68 @@ def ssd_step(
         state: (B, H, P, N) state before the step (float32 in a low-precision model).
         x: (B, H, P). dt: (B, H) (before bias and softplus). A: (H,). B, C: (B, G, N), G dividing H.
         D: (H,) or (H, P), optional. z: (B, H, P) gate, optional. dt_bias: (H,). dt_softplus: as `ssd_scan`.
+        inplace: write the new state into `state` (a decoding cache) instead of a new tensor: two passes over
+            the state instead of four, no allocation. `state` must then be contiguous, and must not be needed
+            by autograd (run under `torch.no_grad()`, or on a state that is no graph's input).
 
     Returns:
-        y (B, H, P) in x.dtype, and the new state (B, H, P, N) in state.dtype.
+        y (B, H, P) in x.dtype, and the new state (B, H, P, N) in state.dtype (`state` itself if `inplace`).
     """
-    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, None, step=True)
+    _check(x, dt, A, B, C, D, z, dt_bias, None, step=True)
     bsz, heads, p = x.shape
+    n = B.shape[-1]
     if tuple(state.shape) != (bsz, heads, p, n):
         raise ValueError(f"state.shape={tuple(state.shape)} must be (B, H, P, N)={(bsz, heads, p, n)}")
+    if inplace and not state.is_contiguous():
+        raise ValueError("ssd_step(inplace=True) needs a contiguous state (it is updated through a view)")
+    return _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, inplace=inplace)
+
+
+def _ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    *,
+    inplace: bool = False,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`ssd_step` without the argument checks (the decoding hot path of Mamba2Block).
+
+    keep: (B, 1) or (1, 1) boolean, optional: where False the state before the step is taken as zeros (a
+    sequence restarting at position 0). It is folded into the decay (a zero decay), which costs no pass over
+    the state; it assumes the stale state is finite (0 * inf would be nan), as any state a model wrote is.
+    """
+    bsz, heads, p = x.shape
+    groups, n = B.shape[-2:]
+    hg = heads // groups
     cdt = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     dt = _prepare_dt(dt, dt_bias, dt_softplus, None, cdt)  # (B, H)
     xf = x.to(cdt)
-    hg = heads // groups
+    decay = torch.exp(dt * A.to(cdt))  # (B, H)
+    if keep is not None:
+        decay = torch.where(keep, decay, 0.0)
     # heads as (G, hg): group g's B and C broadcast over its hg heads (no repeat_interleave copy)
-    decay = torch.exp(dt * A.to(cdt)).view(bsz, groups, hg, 1, 1)
-    dtx = (dt[..., None] * xf).view(bsz, groups, hg, p, 1)
-    new_state = torch.addcmul(
-        state.to(cdt).reshape(bsz, groups, hg, p, n) * decay, dtx, B.to(cdt).reshape(bsz, groups, 1, 1, n)
-    )  # (B, G, hg, P, N)
-    y = (new_state @ C.to(cdt).reshape(bsz, groups, 1, n, 1)).view(bsz, heads, p)
-    new_state = new_state.view(bsz, heads, p, n)
+    decay = decay.view(bsz, groups, hg, 1, 1)
+    dtx = (dt[..., None] * xf).reshape(bsz, groups, hg, p, 1)
+    b5 = B.to(cdt).view(bsz, groups, 1, 1, n)
+    written = inplace and state.dtype == cdt
+    if written:
+        new_state = state.view(bsz, groups, hg, p, n).mul_(decay).addcmul_(dtx, b5)
+    else:
+        new_state = torch.addcmul(state.to(cdt).reshape(bsz, groups, hg, p, n) * decay, dtx, b5)
+    # one (hg*P, N) @ (N,) product per batch row and group; einsum picks it over a broadcast bmm of hg tiny ones
+    y = torch.einsum("bghpn,bgn->bghp", new_state, C.to(cdt)).reshape(bsz, heads, p)
     y = _skip_and_gate(y, xf, D, z)
-    return y.to(x.dtype), new_state.to(state.dtype)
+    new_state = new_state.view(bsz, heads, p, n)
+    if not inplace:
+        return y.to(x.dtype), new_state.to(state.dtype)
+    if not written:  # computed in another dtype than the state's
+        state.copy_(new_state)
+    return y.to(x.dtype), state
