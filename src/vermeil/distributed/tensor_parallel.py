@@ -40,9 +40,11 @@ reduce-scatter to `Shard(1)`. Modules that need the whole sequence and stay repl
 whole) gather their input and keep their slice of the output (`_SequenceGathered`); the hybrid's merge `gate`
 and `merge_proj` run on the local tokens with replicated weights. T must be divisible by tp (checked at the
 embedding). Flux is not covered (its two streams are concatenated and split inside the blocks): the plan
-raises.
+raises. Which module gets which of these styles is the model's own description, `sequence_parallel_plan()`
+(style names as plain strings, `vermeil.models.contract`); this file maps each name to its `ParallelStyle`.
 
-Loss parallel (`loss_parallel=True`; LLM, HybridModel, MambaLM): the LM head is column-parallel with
+Loss parallel (`loss_parallel=True`; LLM, HybridModel, MambaLM: the models naming their (embedding, final norm,
+head) in `lm_parts`, with their own limits in `check_tensor_parallel`): the LM head is column-parallel with
 vocab-sharded output (`Shard(-1)`), and in training mode the model returns (B, T, V) logits as a DTensor
 sharded over V: compute the cross-entropy (and its backward) under
 `torch.distributed.tensor.parallel.loss_parallel()`, as `vermeil.train.Trainer` does. In eval mode the head
@@ -395,79 +397,45 @@ def _gather_input(n_args: int = 1) -> PrepareModuleInput:
     )
 
 
+def _sequence_style(name: str, style: str) -> ParallelStyle:
+    """The torch `ParallelStyle` of a style name in a model's `sequence_parallel_plan()` (the names and what
+    they mean are listed in `vermeil.models.contract`; models import no distributed code)."""
+    kind, _, arg = style.partition(":")
+    if kind == "local" and not arg:
+        return SequenceParallel()
+    if kind == "local_replicated" and not arg:
+        # Replicated weights on the local tokens; their gradients are partial sums DTensor all-reduces.
+        return SequenceParallel(use_local_output=True)
+    if kind == "gather" and (not arg or arg.isdigit()):
+        return _gather_input(int(arg or 1))
+    if kind == "row_scatter" and not arg:
+        return RowwiseParallel(output_layouts=Shard(1))
+    if kind == "whole":
+        return _SequenceGathered(arg or None)
+    raise ValueError(
+        f"sequence_parallel_plan() entry {name!r} has style {style!r}; the styles are "
+        "'local', 'local_replicated', 'gather[:N]', 'row_scatter' and 'whole[:FIELD]' (vermeil.models.contract)"
+    )
+
+
 def _sequence_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """The sequence-parallel entries of the LLM's and the hybrid's blocks (they override the row-parallel
-    outputs of the Megatron entries: reduce-scatter to `Shard(1)` in place of all-reduce)."""
-    from vermeil.models.hybrid import HybridModel
-    from vermeil.models.llm import LLM
-
-    if not isinstance(model, (LLM, HybridModel)):
+    """The sequence-parallel entries of a model that describes them (`sequence_parallel_plan()`: the LLM and
+    the hybrid). They override the row-parallel outputs of the Megatron entries: reduce-scatter to `Shard(1)`
+    in place of all-reduce."""
+    describe = getattr(model, "sequence_parallel_plan", None)
+    if describe is None:
         raise ValueError(
-            f"sequence_parallel=True supports vermeil.models.llm.LLM and vermeil.models.hybrid.HybridModel, "
-            f"got {type(model).__name__}"
+            "sequence_parallel=True supports models that describe a sequence_parallel_plan(): "
+            f"vermeil.models.llm.LLM and vermeil.models.hybrid.HybridModel, got {type(model).__name__}"
         )
-    if isinstance(model, LLM) and model.vision_projection is not None:
-        raise ValueError(
-            "sequence_parallel=True does not support an LLM with vision_args (image embeddings are merged into "
-            "the whole sequence); use sequence_parallel=False"
-        )
-    seq = Shard(1)
-    plan: dict[str, ParallelStyle] = {}
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}."
-        if isinstance(model, LLM):
-            plan[p + "attention_norm"] = SequenceParallel()
-            plan[p + "attention"] = _gather_input(3)  # (x, rope, positions)
-            plan[p + "attention.wo"] = RowwiseParallel(output_layouts=seq)
-            plan[p + "ffn_norm"] = SequenceParallel()
-            if layer.is_moe_layer:
-                # gathers the sequence, cuts MoEOutput.out back to the local shard; the shared expert all-reduces
-                plan[p + "feed_forward"] = _SequenceGathered("out")
-            else:
-                plan[p + "feed_forward"] = _gather_input()
-                plan[p + "feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
-            continue
-        plan[p + "norm"] = SequenceParallel()
-        if layer.mamba is not None:
-            plan[p + "mamba"] = _SequenceGathered()
-        if layer.attention is not None:
-            plan[p + "attention"] = _gather_input()
-            plan[p + "attention.wo"] = RowwiseParallel(output_layouts=seq)
-        for merge in ("gate", "merge_proj"):
-            if getattr(layer, merge) is not None:
-                # Replicated weights on the local tokens; their gradients are partial sums DTensor all-reduces.
-                plan[p + merge] = SequenceParallel(use_local_output=True)
-        if layer.feed_forward is not None:
-            plan[p + "ffn_norm"] = SequenceParallel()
-            plan[p + "feed_forward"] = _gather_input()
-            out = "w2" if isinstance(layer.feed_forward, GLU) else "fc2"
-            plan[f"{p}feed_forward.{out}"] = RowwiseParallel(output_layouts=seq)
-    return plan
-
-
-def _lm_parts(model: nn.Module) -> tuple[str, str, str] | None:
-    """(embedding, final norm, head) module names of the language models, None for other models."""
-    from vermeil.models.hybrid import HybridModel
-    from vermeil.models.llm import LLM
-    from vermeil.models.mamba import MambaLM
-
-    if isinstance(model, LLM):
-        return "tok_embeddings", "norm", "output"
-    if isinstance(model, HybridModel):
-        return "embedding", "norm_f", "lm_head"
-    if isinstance(model, MambaLM):
-        return "backbone.embedding", "backbone.norm_f", "lm_head"
-    return None
+    return {name: _sequence_style(name, style) for name, style in describe().items()}
 
 
 def _head_plan(
     model: nn.Module, tp: int, sequence_parallel: bool, loss_parallel: bool
 ) -> dict[str, ParallelStyle]:
     """Embedding, final norm and head entries for sequence and/or loss parallelism."""
-    from vermeil.models.hybrid import HybridModel
-    from vermeil.models.mamba import MambaLM
-
-    parts = _lm_parts(model)
+    parts = getattr(model, "lm_parts", None)  # (embedding, final norm, head) of a language model
     if parts is None:
         raise ValueError(
             f"loss_parallel=True needs a language model with a known head (LLM, HybridModel, MambaLM), "
@@ -478,17 +446,6 @@ def _head_plan(
     _check_divisible(
         head_name, "vocab_size", head.out_features, tp, "the head's rows, the vocabulary, are split"
     )
-    if isinstance(model, MambaLM) and model.config.padded_vocab_size != model.config.vocab_size:
-        # MambaLM cuts the padding rows off its logits: a slice across the vocabulary shards.
-        raise ValueError(
-            f"loss_parallel=True needs MambaLM's padded_vocab_size={model.config.padded_vocab_size} to equal "
-            f"vocab_size={model.config.vocab_size} (set pad_vocab_size_multiple so that no padding is added)"
-        )
-    if loss_parallel and isinstance(model, HybridModel) and model.config.z_loss:
-        raise ValueError(
-            f"loss_parallel=True does not support the hybrid's z_loss={model.config.z_loss} (its logsumexp "
-            "term mixes vocab-sharded and plain tensors); set z_loss=0"
-        )
     plan: dict[str, ParallelStyle] = {}
     if sequence_parallel:
         plan[emb_name] = _SequenceShardedEmbedding()
@@ -534,6 +491,9 @@ def tensor_parallel_plan(
     plan: dict[str, ParallelStyle] = {}
     for name, module in model.named_modules():
         plan.update(_module_plan(name, module, tp_size))
+    check = getattr(model, "check_tensor_parallel", None)
+    if check is not None:  # the model's own limits (vermeil.models.contract)
+        check(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
     if sequence_parallel:
         plan.update(_sequence_parallel_plan(model))
     if sequence_parallel or loss_parallel:

@@ -1,9 +1,9 @@
 """What `vermeil info` and `vermeil compare` report about a run config's model: parameters, FLOPs per token and
 the inference cache's memory, computed on the meta device (no memory, any size).
 
-Family switches live here, and only here among the recipes: the attention layout per layer (`_attention_layers`)
-and the analytic cache size of models whose `setup_cache` cannot run on meta (`_analytic_cache_bytes`) are read
-from each family's config by name. They are model-side descriptions waiting to move next to each model.
+Nothing here switches on a model's family: each model describes itself (`vermeil.models.contract`). The
+attention layout comes from `model.attention_layers()`, the selective-scan FLOPs from the Mamba mixers' `A_log`
+parameters, and the cache memory from running `model.setup_cache` on the meta device.
 """
 
 from __future__ import annotations
@@ -43,30 +43,14 @@ def _linear_like_params(model: nn.Module) -> tuple[int, int]:
     return int(per_token), sum(embeddings.values())
 
 
-def _attention_layers(run: RunConfig) -> list[tuple[int, int | None]]:
-    """(query width H * Dh, attended window or None for global) per attention layer."""
-    # FAMILY SWITCH: a model-side description (its attention layout), to move next to each model.
-    m = run.model
-    if run.family == "llm":
-        out = []
-        for i in range(m.n_layers):
-            window = None if m.is_nope_layer(i) else m.attention_chunk_size
-            out.append((m.n_heads * m.head_dim, window))
-        return out
-    if run.family == "hybrid":
-        return [(m.heads * m.attention_head_dim, None) for k in m.layer_kinds if k != "M"]
-    if run.family == "flux":
-        return [(m.hidden_size, None)] * (m.depth + m.depth_single_blocks)
-    return []
-
-
 def describe_model(run: RunConfig, context: int | None = None, *, batch_size: int = 1) -> dict[str, Any]:
     """Parameters, forward FLOPs per token at a context length, and the inference cache's memory.
 
     The model is built on the meta device (no memory, any size). FLOPs follow Kaplan et al. (2020):
     `2 * N_matmul + 2 * n_attention_layers * context_eff * d_attention` per token for the forward pass (training
     is about 3x that), with MoE experts counted at `top_k / num_experts`, the attended context capped by
-    chunked attention windows, plus about `9 * d_inner * d_state` per Mamba layer for the selective scan. The cache memory is what `model.setup_cache(batch_size, context)` allocates.
+    chunked attention windows, plus about `9 * d_inner * d_state` per Mamba layer for the selective scan. The cache memory is what
+    `model.setup_cache(batch_size, context)` allocates (None for a model without a cache, such as Flux).
     """
     context = context if context is not None else run.train.seq_len
     if context < 1:
@@ -75,7 +59,7 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
     params = _count_params(model)
     matmul, embedding = _linear_like_params(model)
     attn = 0
-    for width, window in _attention_layers(run):
+    for width, window in getattr(model, "attention_layers", list)():  # per attention layer (Flux too)
         ctx = min(context, window) if window else context
         attn += 2 * ctx * width
     # Selective scan: about 9 FLOPs per state element and token (exp(dt A), dt B x, the update, C h).
@@ -90,10 +74,7 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
         "forward_flops_per_token": flops,
         "train_flops_per_token": 3 * flops,
     }
-    measured = _cache_bytes(model, batch_size, context)
-    info["cache_bytes"] = (
-        measured if measured is not None else _analytic_cache_bytes(run, batch_size, context)
-    )
+    info["cache_bytes"] = _cache_bytes(model, batch_size, context)
     return info
 
 
@@ -112,36 +93,7 @@ def _cache_bytes(model: nn.Module, batch_size: int, context: int) -> int | None:
         }
 
     before = set(cache_buffers())
-    try:
-        model.setup_cache(batch_size, context, device="meta")
-    except Exception:  # a cache that cannot be built on meta: report nothing rather than a wrong number
-        return None
+    # The contract (`vermeil.models.contract`) has every language model's setup_cache run on meta, and
+    # tests/models/test_contract.py checks it: an error here is a bug to see, not a number to guess.
+    model.setup_cache(batch_size, context, device="meta")
     return sum(b.numel() * b.element_size() for i, b in cache_buffers().items() if i not in before)
-
-
-def _analytic_cache_bytes(run: RunConfig, batch_size: int, context: int) -> int | None:
-    """float32 cache bytes by formula, for models whose `setup_cache` reads data (so cannot run on meta):
-    2 * B * Hkv * S * Dh per attention layer (S capped by a chunked layer's window), B * E * (K + N) per Mamba
-    layer (conv and SSM states)."""
-    # FAMILY SWITCH: a model-side description (its cache layout), to move next to each model.
-    m, b, f32 = run.model, batch_size, 4
-    if run.family == "llm":  # chunked layers keep a ring of min(chunk, context) slots
-        total = 0
-        for i in range(m.n_layers):
-            window = None if m.is_nope_layer(i) else m.attention_chunk_size
-            s = min(context, window) if window else context
-            total += 2 * b * m.n_kv_heads * s * m.head_dim * f32
-            if window:
-                total += 8 * s  # the ring cache's int64 slot positions
-        return total
-    if run.family == "hybrid":
-        kv = m.kv_heads or m.heads
-        e = m.expand * m.dim
-        total = 0
-        for kind in m.layer_kinds:
-            if kind in ("A", "P"):
-                total += 2 * b * kv * context * m.attention_head_dim
-            if kind in ("M", "P"):
-                total += b * e * (m.d_conv + m.d_state)
-        return total * f32
-    return None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import merge_preset
+from vermeil.models.contract import split_output
 from vermeil.train.hooks import Hook
 
 if TYPE_CHECKING:
@@ -106,10 +107,6 @@ class TaskSampler:
         self.generator.set_state(state["generator"])
 
 
-def _logits(output: Any) -> Tensor:
-    return output if isinstance(output, Tensor) else output.logits
-
-
 def eval_token_batches(
     model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], device: torch.device
 ) -> tuple[float, float]:
@@ -119,7 +116,7 @@ def eval_token_batches(
     count = 0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
-        logits = _logits(model(inputs)).float()
+        logits = split_output(model(inputs))[0].float()
         flat, tgt = logits.flatten(0, 1), targets.flatten()
         total_loss += F.cross_entropy(flat, tgt, ignore_index=-100, reduction="sum").double().cpu()
         scored = tgt != -100
