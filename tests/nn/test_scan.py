@@ -382,6 +382,23 @@ def test_bad_shapes_raise_naming_the_argument(name, bad):
             fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_u_raises_naming_the_argument_and_dtype(dtype):
+    # An integer u used to come back as a truncated int64 result (the scan returns u's dtype).
+    inputs = make_inputs(length=7)
+    u = (inputs["u"] * 3).to(dtype)
+    for fn in (selective_scan, selective_scan_ref):
+        with pytest.raises(
+            TypeError, match=rf"u has dtype {dtype}: the selective scan's inputs must be floating"
+        ):
+            fn(u, inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
+    state = torch.zeros(2, 5, 3)
+    with pytest.raises(TypeError, match=rf"u_t has dtype {dtype}"):
+        selective_step(
+            state, u[..., 0], inputs["delta"][..., 0], inputs["A"], inputs["B"][..., 0], inputs["C"][..., 0]
+        )
+
+
 def test_bad_chunk_size_raises():
     inputs = make_inputs()
     with pytest.raises(ValueError, match="chunk_size=0"):

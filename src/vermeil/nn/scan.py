@@ -73,6 +73,16 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def _check_floating(**tensors: Tensor | None) -> None:
+    """Every given input must be a floating tensor: the scan computes in float32/float64 and returns u's dtype,
+    so integer (or bool) inputs would come back silently truncated."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise TypeError(
+                f"{name} has dtype {t.dtype}: the selective scan's inputs must be floating tensors"
+            )
+
+
 def _check_shapes(
     u: Tensor,
     delta: Tensor,
@@ -84,7 +94,10 @@ def _check_shapes(
     delta_bias: Tensor | None,
     initial_state: Tensor | None,
 ) -> None:
-    """Static shape checks (compile friendly): raise ValueError naming the argument and the rule."""
+    """Static shape and dtype checks (compile friendly): raise naming the argument and the rule."""
+    _check_floating(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state
+    )
     if u.dim() != 3:
         raise ValueError(f"u.shape={tuple(u.shape)} must be (B, D, L)")
     bsz, dim, length = u.shape
@@ -205,6 +218,9 @@ def selective_step(
     Returns:
         y_t: (B, D) in u_t.dtype, and the new state (B, D, N) in state.dtype.
     """
+    _check_floating(
+        state=state, u_t=u_t, delta_t=delta_t, A=A, B_t=B_t, C_t=C_t, D=D, z_t=z_t, delta_bias=delta_bias
+    )
     cdt = _compute_dtype(state, u_t, delta_t, A, B_t, C_t)
     u = u_t.to(cdt)
     delta = delta_t.to(cdt)
