@@ -5,6 +5,7 @@ flow through the Trainer; a fast variant in the default suite, the full run unde
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,88 @@ def test_full_training_reaches_threshold() -> None:
     result = train_flow_job(seed=0, threads=1)
     sample = sample_flow_job(result, 256, threads=1)
     assert sample.distance < FULL_THRESHOLD, sample.distance
+
+
+class _Stop(Exception):
+    pass
+
+
+def _record_input_devices(model: torch.nn.Module) -> list[set[torch.device]]:
+    """A pre-forward hook recording the devices of every tensor argument, then stopping the call (a meta model
+    computes nothing worth keeping)."""
+    seen: list[set[torch.device]] = []
+
+    def hook(module, args, kwargs):  # noqa: ANN001, ANN202
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        seen.append({t.device for t in tensors})
+        raise _Stop
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_flow_recipe_follows_the_model_device() -> None:
+    """configs/flux-seq2seq.yaml with train.device=cuda failed with "Expected all tensors to be on the same
+    device": the ids, the validation batches and the sampling noise were made on the CPU. On the meta device
+    (no GPU needed) every tensor the recipe hands the model must be on the model's device."""
+    from vermeil.recipes import build_model, build_run, load_run_config
+    from vermeil.recipes.flow import flow_loss
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "flux-seq2seq.yaml"
+    run = load_run_config(config, ["train.eval_batches=1", "data.eval_samples=4", "data.sample_steps=2"])
+    model = build_model(run, device="meta")
+    built = build_run(run, model=model)
+    cond, data = (t.to("meta") for t in next(built.train_batches))  # what the trainer's _to_device does
+    loss = flow_loss(model, (cond, data))  # the training step, unhooked: it runs through on meta
+    assert loss.device.type == "meta"
+    seen = _record_input_devices(model)
+    with pytest.raises(_Stop):
+        built.eval_fn(model)  # the validation loss's forward
+    with pytest.raises(_Stop):
+        sample_flow_job(model, 4, sample_steps=2)  # the sampler's forward
+    assert seen == [{torch.device("meta")}] * 2
+
+
+def test_validation_times_follow_the_training_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation loss draws its (fixed) times like training does (logit-normal), not uniformly, so the two
+    curves of loss.png estimate the same objective."""
+    import vermeil.recipes.flow as flow
+    from vermeil.recipes import build_run, load_run_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "flux-seq2seq.yaml"
+    run = load_run_config(config, ["train.eval_batches=4", "data.eval_samples=2", "data.sample_steps=1"])
+    built = build_run(run)
+    times: list[torch.Tensor] = []
+    real = flow.flow_matching_loss
+
+    def spy(*args, t=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        times.append(t)
+        return real(*args, t=t, **kwargs)
+
+    monkeypatch.setattr(flow, "flow_matching_loss", spy)
+    with torch.no_grad():
+        built.eval_fn(built.model.eval())
+    t = torch.cat(times)
+    assert run.data.time_sampling == "logit_normal" and t.numel() == 4 * run.train.batch_size
+    # logit(t) of logit-normal(0, 1) times is N(0, 1); of uniform times, logistic with std pi / sqrt(3) = 1.81
+    logits = torch.logit(t)
+    assert abs(logits.mean().item()) < 0.2 and abs(logits.std().item() - 1.0) < 0.2
+
+
+def test_samples_png_has_a_colour_bar_per_column() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from vermeil.recipes.flow import flow_job_figure
+
+    cond, target = curve_pairs(3, 8, torch.Generator().manual_seed(0))
+    fig = flow_job_figure(FlowJobSample(cond, target, target + 0.1, 0.1), rows=3)
+    try:
+        labels = [ax.get_xlabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    finally:
+        plt.close(fig)
+    assert labels == [
+        "colour: point index in the sequence",
+        "colour: third coordinate (z)",
+        "colour: third coordinate (z)",
+    ]

@@ -15,11 +15,13 @@ import os
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from vermeil.data.sampler import SeededSampler
 
 __all__ = [
     "EXCLUDED_DIRS",
@@ -240,8 +242,9 @@ def sequential_windows(
         yield windows[:, :-1], windows[:, 1:]
 
 
-class WindowSampler:
-    """An endless, seeded stream of random (inputs, targets) batches, resumable through `state_dict`.
+class WindowSampler(SeededSampler):
+    """An endless, seeded stream of random (inputs, targets) windows of `data`: the `SeededSampler` of
+    `sample_windows`, resumable through `state_dict`.
 
     Example:
         >>> sampler = WindowSampler(corpus.train, batch_size=8, seq_len=256, seed=0)
@@ -252,18 +255,5 @@ class WindowSampler:
     def __init__(self, data: Tensor, batch_size: int, seq_len: int, seed: int = 0) -> None:
         _check_window(data, batch_size, seq_len)
         self.data = data
-        self.batch_size = batch_size
         self.seq_len = seq_len
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> WindowSampler:
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor]:
-        return sample_windows(self.data, self.batch_size, self.seq_len, self.generator)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        super().__init__(partial(sample_windows, data), batch_size, seed, seq_len=seq_len)

@@ -38,10 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, to_dict
-from vermeil.diffusion.losses import flow_matching_loss
+from vermeil.data.sampler import SeededSampler
+from vermeil.diffusion.losses import flow_matching_loss, sample_flow_timesteps
 from vermeil.diffusion.samplers import sample_euler, sample_heun
 from vermeil.diffusion.schedules import get_schedule
-from vermeil.recipes.tasks import Run, TaskData, TaskSampler
+from vermeil.recipes.tasks import Run, TaskData
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
 
@@ -55,6 +56,7 @@ __all__ = [
     "FlowJobResult",
     "FlowJobSample",
     "curve_pairs",
+    "flow_job_figure",
     "flow_job_params",
     "flow_loss",
     "flow_sampler",
@@ -120,14 +122,15 @@ def _channels(task: Job) -> tuple[int, int]:
     return (2, 3) if task == "curves" else (2, 2)
 
 
-def _ids(batch: int, length: int, stream: int) -> Tensor:
-    """(1, L, 3) ids: axis 0 the stream (0 condition, 1 data), axis 1 the sequence index, axis 2 unused (0).
+def _ids(batch: int, length: int, stream: int, device: torch.device | str | None = None) -> Tensor:
+    """(1, L, 3) ids on `device`: axis 0 the stream (0 condition, 1 data), axis 1 the sequence index, axis 2
+    unused (0).
 
     Point i of both streams shares axis 1, so RoPE sees them at relative position 0 on that axis.
     """
-    ids = torch.zeros(1, length, 3)
+    ids = torch.zeros(1, length, 3, device=device)
     ids[..., 0] = stream
-    ids[..., 1] = torch.arange(length)
+    ids[..., 1] = torch.arange(length, device=device)
     return ids
 
 
@@ -180,12 +183,12 @@ def flow_job_params(
 
 
 def flux_model_fn(model: Flux, cond: Tensor) -> Callable[..., Tensor]:
-    """model_fn(x, t) for the samplers and the loss: the condition, its ids and y fixed."""
+    """model_fn(x, t) for the samplers and the loss: the condition, its ids and y fixed (ids on cond's device)."""
     b, length = cond.shape[:2]
-    cond_ids, y = _ids(b, length, 0), cond.mean(dim=1)
+    cond_ids, y = _ids(b, length, 0, cond.device), cond.mean(dim=1)
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, _ids(b, x.shape[1], 1), cond, cond_ids, t, y)
+        return model(x, _ids(b, x.shape[1], 1, x.device), cond, cond_ids, t, y)
 
     return fn
 
@@ -249,6 +252,15 @@ class FlowData(TaskData):
     def vocab_size(self) -> int:
         return 0  # points, not tokens
 
+    # What loss.png's y axis shows for this task (`vermeil.recipes.build.LossCurve`).
+    loss_label = "flow-matching loss (MSE of the velocity)"
+
+    @property
+    def model_sequence_length(self) -> int:
+        """The tokens the model attends over: the condition's L points and the target's L points, one joint
+        sequence (what `vermeil info` counts FLOPs at)."""
+        return 2 * self.length
+
     def job_kwargs(self) -> dict[str, Any]:
         """Extra arguments of `make_batch` for this job."""
         return (
@@ -297,7 +309,13 @@ class FlowData(TaskData):
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         """Seeded (cond, data) batches, the rectified-flow loss; evaluation: the loss on fixed batches with fixed
-        noise and times, and the distance of generated samples; `samples.png` at the end of a run."""
+        noise and times, and the distance of generated samples; `samples.png` at the end of a run.
+
+        The validation times are drawn once from the training distribution (`time_sampling`), so that the
+        validation loss estimates the training objective and the two curves of loss.png compare (the loss per
+        time differs by orders of magnitude between t near 0 and t near 1). Every tensor moves to the model's
+        device when it is used.
+        """
         train = run.train
         sampler = flow_sampler(self, train.batch_size, train.seed)
         eval_gen = torch.Generator().manual_seed(train.seed + EVAL_SEED_OFFSET)
@@ -306,14 +324,22 @@ class FlowData(TaskData):
             for i in range(train.eval_batches)
         ]
         val_noise = [torch.randn(v[1].shape, generator=eval_gen) for v in val]
-        val_t = [torch.rand(v[1].shape[0], generator=eval_gen) for v in val]
+        val_t = [sample_flow_timesteps(v[1].shape[0], self.time_sampling, generator=eval_gen) for v in val]
 
         def loss_fn(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
             return flow_loss(m, batch, time_sampling=self.time_sampling)
 
         def eval_fn(m: nn.Module) -> dict[str, float]:
+            device = _device_of(m)
             losses = [
-                float(flow_matching_loss(flux_model_fn(m, c), x, noise=n, t=t))  # type: ignore[arg-type]
+                float(
+                    flow_matching_loss(
+                        flux_model_fn(m, c.to(device)),  # type: ignore[arg-type]
+                        x.to(device),
+                        noise=n.to(device),
+                        t=t.to(device),
+                    )
+                )
                 for (c, x), n, t in zip(val, val_noise, val_t)
             ]
             sample = sample_flow_job(
@@ -330,9 +356,14 @@ class FlowData(TaskData):
         return Run(run, model, sampler, loss_fn, eval_fn, hooks=[_SamplesAtEnd(run)])
 
 
-def flow_sampler(data: FlowData, batch_size: int, seed: int) -> TaskSampler:
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def flow_sampler(data: FlowData, batch_size: int, seed: int) -> SeededSampler:
     """An endless, seeded stream of (cond (B, L, Cc), data (B, L, C)) batches of a flow config; resumable."""
-    return TaskSampler(
+    return SeededSampler(
         partial(make_batch, data.job), batch_size, seed, length=data.length, **data.job_kwargs()
     )
 
@@ -437,7 +468,7 @@ def train_flow_job(
         torch.manual_seed(seed)  # the weights, then the flow noise and times of every step
         model = Flux(params)
         zero_init_output(model)
-        batches = TaskSampler(
+        batches = SeededSampler(
             partial(make_batch, task), batch_size, seed, length=length, **(data_kwargs or {})
         )
         record = _RecordLosses(log_every, log)
@@ -525,10 +556,12 @@ def sample_flow_job(
     noise = torch.randn(target.shape, generator=gen)
     timesteps = get_schedule(sample_steps, length, shift=False)
     run = {"euler": sample_euler, "heun": sample_heun}[sampler]
+    device = _device_of(model)
     was_training = model.training
     model.eval()
     with _threads(threads):
-        generated = run(flux_model_fn(model, cond), noise, timesteps)
+        # Drawn on the CPU (the same numbers on any device), sampled on the model's, measured on the CPU.
+        generated = run(flux_model_fn(model, cond.to(device)), noise.to(device), timesteps.to(device)).cpu()
     model.train(was_training)
     if task == "curves":
         distance = (generated - target).norm(dim=-1).mean().item()
@@ -540,35 +573,59 @@ def sample_flow_job(
     return FlowJobSample(cond, target, generated, distance, task)
 
 
-def plot_flow_job(sample: FlowJobSample, path: str | Path, *, rows: int = 3) -> Path:
-    """Write a PNG: per row, the condition, the true target and the generated target (first `rows` samples).
+def flow_job_figure(sample: FlowJobSample, *, rows: int = 3) -> Any:
+    """The figure `plot_flow_job` saves (a matplotlib Figure; close it with `matplotlib.pyplot.close`).
 
-    3-D targets are drawn as their first two coordinates coloured by the third. Needs matplotlib (extra "plot").
+    Per row the condition, the true target and the generated target of one sample, each drawn as points joined
+    in sequence order; a colour bar under each column says what the colour means there: the point's index in
+    the sequence for 2-D points, the third coordinate for 3-D targets (true and generated on one scale).
     """
     import matplotlib  # an optional extra: imported only here
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     rows = min(rows, sample.cond.shape[0])
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
-    for r in range(rows):
-        for c, (title, pts) in enumerate(
-            (("condition", sample.cond[r]), ("target", sample.target[r]), ("generated", sample.generated[r]))
-        ):
+    columns = (("condition", sample.cond), ("target", sample.target), ("generated", sample.generated))
+    three_d = [c for _, c in columns[1:] if c.shape[-1] > 2]
+    z_range = (
+        (min(float(c[:rows, :, 2].min()) for c in three_d), max(float(c[:rows, :, 2].max()) for c in three_d))
+        if three_d
+        else None
+    )
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows + 0.8), squeeze=False)
+    for c, (title, points) in enumerate(columns):
+        is_3d = points.shape[-1] > 2
+        mapped = None
+        for r in range(rows):
             ax = axes[r][c]
-            pts = pts.detach().cpu()
-            colour = pts[:, 2] if pts.shape[1] > 2 else torch.arange(pts.shape[0])
+            pts = points[r].detach().cpu()
+            if is_3d:
+                colour, (lo, hi) = pts[:, 2], z_range
+            else:
+                colour, (lo, hi) = torch.arange(pts.shape[0]), (0, pts.shape[0] - 1)
             ax.plot(pts[:, 0], pts[:, 1], color="0.8", lw=0.8, zorder=0)  # the sequence order
-            ax.scatter(pts[:, 0], pts[:, 1], c=colour, cmap="viridis", s=14)
+            mapped = ax.scatter(pts[:, 0], pts[:, 1], c=colour, cmap="viridis", s=14, vmin=lo, vmax=hi)
             ax.set_aspect("equal")
             ax.set_title(title if r == 0 else "")
             ax.set_xticks([])
             ax.set_yticks([])
+        label = "colour: third coordinate (z)" if is_3d else "colour: point index in the sequence"
+        fig.colorbar(mapped, ax=list(axes[:, c]), location="bottom", shrink=0.8, pad=0.04, label=label)
     fig.suptitle(f"{sample.task}: distance {sample.distance:.3f}")
+    return fig
+
+
+def plot_flow_job(sample: FlowJobSample, path: str | Path, *, rows: int = 3) -> Path:
+    """Write `flow_job_figure(sample, rows=rows)` as a PNG. Needs matplotlib (extra "plot")."""
+    import matplotlib.pyplot as plt
+
+    fig = flow_job_figure(sample, rows=rows)
     path = Path(path)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from vermeil.config import ConfigError
-from vermeil.recipes.tasks import Run, TaskData, TaskSampler, eval_token_batches
+from vermeil.data.sampler import SeededSampler
+from vermeil.recipes.tasks import Run, TaskData, eval_token_batches
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -26,13 +27,16 @@ EVAL_SEED_OFFSET = 1_000_003
 class _SyntheticTask(TaskData):
     """A task whose batches come from one generator function of `vermeil.data`."""
 
+    # What loss.png's y axis shows: cross-entropy on the scored positions only (the answers), not every token.
+    loss_label = "cross-entropy (nats per answer token)"
+
     def generator(self, seq_len: int) -> tuple[Callable[..., Any], dict[str, Any]]:
         raise NotImplementedError
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         train = run.train
         make, kwargs = self.generator(train.seq_len)
-        sampler = TaskSampler(make, train.batch_size, train.seed, **kwargs)
+        sampler = SeededSampler(make, train.batch_size, train.seed, **kwargs)
         eval_gen = torch.Generator().manual_seed(train.seed + EVAL_SEED_OFFSET)
         val_batches = [
             make(train.batch_size, generator=eval_gen, **kwargs) for _ in range(train.eval_batches)

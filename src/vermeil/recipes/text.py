@@ -45,6 +45,9 @@ class TextData(TaskData):
     def vocab_size(self) -> int:
         return 256  # the byte values; the ByteTokenizer's BOS/EOS/PAD (256-258) never occur in the corpus
 
+    # What loss.png's y axis shows: the mean next-byte cross-entropy (val_bpb is this over ln 2).
+    loss_label = "cross-entropy (nats per byte)"
+
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         """Random windows of the train split; validation loss and bits per byte on fixed windows."""
         from vermeil.data import ByteTokenizer, WindowSampler, load_text_corpus, sequential_windows
