@@ -26,14 +26,6 @@ from vermeil.train.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem(n: int = 37, d: int = 16, v: int = 53, dtype: torch.dtype = torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()

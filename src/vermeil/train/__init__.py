@@ -4,6 +4,7 @@ cosine schedule, metrics on disk and on screen.
     trainer.py   Trainer                             config.py    TrainConfig (the `train:` section)
     hooks.py     Hook, TrainResult                   allocator.py keep_freed_memory
     losses.py    causal_lm_loss, loss heads, z-loss  optim.py     weight-decay groups, AdamW, the schedule
+                 chunked_cross_entropy (head + CE)   regional.py  compile_blocks (train.compile)
     metrics.py   metrics.jsonl, loss.png, progress
 
 The run folder a trainer writes is `vermeil.runs` (its reading functions are re-exported here). Imports torch
@@ -28,6 +29,8 @@ _NAMES = {
     "LOSS_HEADS": "vermeil.train.losses",
     "CrossEntropyLoss": "vermeil.train.losses",
     "causal_lm_loss": "vermeil.train.losses",
+    "chunked_cross_entropy": "vermeil.train.losses",
+    "chunked_lm_loss_fn": "vermeil.train.losses",
     "head_loss": "vermeil.train.losses",
     "lm_loss_fn": "vermeil.train.losses",
     "loss_head": "vermeil.train.losses",
@@ -42,6 +45,8 @@ _NAMES = {
     "build_scheduler": "vermeil.train.optim",
     "cosine_with_warmup": "vermeil.train.optim",
     "param_groups": "vermeil.train.optim",
+    "compile_blocks": "vermeil.train.regional",
+    "uncompile_blocks": "vermeil.train.regional",
     "Trainer": "vermeil.train.trainer",
 }
 

@@ -43,6 +43,15 @@ class TrainConfig:
         progress: show the tqdm bar; None shows it only when stdout is a terminal (tqdm's `disable=None`).
         plot: write `loss.png` at the end (needs matplotlib).
         threads: torch intra-op threads (None: leave torch's default).
+        compile: compile the model's repeated blocks with `torch.compile` (regional compilation:
+            `vermeil.train.regional`; one compiled graph per distinct block, reused by every layer). "auto" (the
+            default) compiles on CUDA in a single process and not on the CPU; true or false wins on any device.
+            If compiling fails, one line on stderr says so and training continues eagerly.
+        loss_chunk_size: the language-model cross-entropy fused with the output head and chunked over this
+            many tokens (`vermeil.train.losses.chunked_cross_entropy`: no (B*T, V) float32 logits in memory);
+            0 computes the full logits as before; "auto" chunks on CUDA in a single process (chunks of
+            logits about the size of the hidden states) and not on the CPU. It applies to `causal_lm_loss` and
+            to the `cross_entropy` loss head on a model whose head is an `nn.Linear` named `output` or `lm_head`.
     """
 
     steps: int = 1000
@@ -73,6 +82,8 @@ class TrainConfig:
     progress: bool | None = None
     plot: bool = True
     threads: int | None = None
+    compile: bool | Literal["auto"] = "auto"
+    loss_chunk_size: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -114,6 +125,11 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite={self.on_nonfinite!r} must be 'stop' or 'skip'")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be >= 1 (or null)")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f"compile={self.compile!r} must be true, false or 'auto'")
+        chunk = self.loss_chunk_size
+        if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+            raise ValueError(f"loss_chunk_size={chunk!r} must be 'auto' or an int >= 0 (0: no chunking)")
         try:
             torch.device(self.device)
         except RuntimeError as e:

@@ -22,6 +22,12 @@ vocab-sharded logits in training mode, and each micro-batch's loss and backward 
 the end of `fit` the trainer leaves the process group it joined (barrier, `destroy_process_group`). In one
 process (no `WORLD_SIZE`) the section is ignored.
 
+Two speed settings of `TrainConfig` act on the model and the loss, not on the numbers: `train.compile`
+compiles each repeated block once (`vermeil.train.regional`; "auto" = on CUDA in a single process), and if a
+compiled block fails the step restarts eagerly after one line on stderr; `train.loss_chunk_size` swaps a
+language-model loss for the head-fused chunked cross-entropy (`vermeil.train.losses.chunked_lm_loss_fn`), so the
+(B*T, V) float32 logits never exist.
+
 Resuming restores weights, optimizer and scheduler state, the torch and Python RNG states and the data sampler's
 state, so the resumed loss curve continues exactly the curve of the same run left uninterrupted (the loss of
 step s is the same float whether or not the run stopped before s; tests/train/test_trainer.py checks it).
@@ -63,7 +69,7 @@ from vermeil.runs import (
 )
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
-from vermeil.train.losses import LossFn, causal_lm_loss, plain
+from vermeil.train.losses import HEAD_NAMES, LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
 from vermeil.train.metrics import (
     LN2,
     MetricsLogger,
@@ -76,6 +82,7 @@ from vermeil.train.metrics import (
     truncate_metrics,
 )
 from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler
+from vermeil.train.regional import compile_blocks, resolve_compile, uncompile_blocks
 
 __all__ = ["Hook", "NonFiniteError", "TrainResult", "Trainer"]
 
@@ -262,6 +269,17 @@ class Trainer:
                 train_batches = ShardedBatches(train_batches, self.dp_rank, self.dp_size)
         self.train_batches = train_batches
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
+        # The language-model loss with the head fused into a chunked cross-entropy (no (B*T, V) logits).
+        self.loss_chunked = self._chunk_loss(config.loss_chunk_size)
+        # Regional compilation: each repeated block compiled once (train.compile); [] when eager.
+        self.compiled_blocks: list[str] = []
+        if resolve_compile(config.compile, self.device, world_size=self.world_size):
+            self.compiled_blocks = compile_blocks(self.model)
+            if not self.compiled_blocks and self.is_main:
+                echo(
+                    f"train.compile: {type(model).__name__} has no repeated blocks (an nn.ModuleList of one "
+                    "block class, or _repeated_blocks): training eagerly"
+                )
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
         out = out_dir if out_dir is not None else config.out_dir
@@ -311,6 +329,43 @@ class Trainer:
         self._start = (0, 0.0)  # (step, elapsed) when this fit began: the ETA of the plain progress lines
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._dtensor_params = _any_dtensor(self._params)
+
+    def _chunk_loss(self, setting: int | str) -> bool:
+        """Swap `self.loss_fn` for its chunked equivalent as `train.loss_chunk_size` asks; whether it did.
+
+        "auto" chunks on CUDA in a single process where an equivalent exists; an explicit size that cannot be
+        honoured (another loss function, a model without an `output`/`lm_head` head, a distributed run) is an
+        error, not a silent full-logits run.
+        """
+        if setting == 0 or (setting == "auto" and (self.device.type != "cuda" or self.world_size > 1)):
+            return False
+        size = None if setting == "auto" else int(setting)
+        chunked = chunked_lm_loss_fn(self.loss_fn, self.model, size) if self.world_size == 1 else None
+        if chunked is None:
+            if setting == "auto":
+                return False
+            why = (
+                "runs in a single process only"
+                if self.world_size > 1
+                else "needs causal_lm_loss or a cross_entropy loss head, and a model whose head is an nn.Linear "
+                f"named {' or '.join(HEAD_NAMES)}"
+            )
+            raise ValueError(
+                f"train.loss_chunk_size={setting} (the chunked cross-entropy) {why}: set it to 0"
+            )
+        self.loss_fn = chunked
+        return True
+
+    def _fall_back_to_eager(self, error: BaseException) -> None:
+        """Compiling (or running) the compiled blocks failed: restore eager blocks and say so in one line."""
+        uncompile_blocks(self.model)
+        self.compiled_blocks = []
+        if self.is_main:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            echo(
+                f"train.compile: the compiled blocks failed ({type(error).__name__}: {first[:200]}); "
+                "training continues eagerly (set train.compile=false to skip compiling)"
+            )
 
     # -- control ---------------------------------------------------------------------------------------------
 
@@ -495,8 +550,15 @@ class Trainer:
         self.model.eval()
         try:
             devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
-                out = self.eval_fn(self.model)
+            try:
+                with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+                    out = self.eval_fn(self.model)
+            except Exception as e:
+                if not self.compiled_blocks:
+                    raise
+                self._fall_back_to_eager(e)
+                with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+                    out = self.eval_fn(self.model)
         finally:
             self.model.train(was_training)
         return {k: float(v) for k, v in out.items()}
@@ -723,7 +785,17 @@ class Trainer:
                     snapshot = self._snapshot()
                     start = time.perf_counter()
                     try:
-                        loss, metrics, grad_norm, tokens, ok = self._train_step()
+                        try:
+                            loss, metrics, grad_norm, tokens, ok = self._train_step()
+                        except Exception as e:
+                            # A compiled block that fails (to compile, or at run time): once, the step
+                            # restarts eagerly from its start (data and RNG rolled back).
+                            if not self.compiled_blocks or self._phase == "update":
+                                raise
+                            self._fall_back_to_eager(e)
+                            self._rollback(snapshot)
+                            start = time.perf_counter()
+                            loss, metrics, grad_norm, tokens, ok = self._train_step()
                     except KeyboardInterrupt:
                         if self._phase == "update":
                             raise  # the optimizer was mid-update: the weights are not at a step boundary
