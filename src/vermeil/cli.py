@@ -188,12 +188,28 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from vermeil.data import ByteTokenizer
+    """Continue a prompt with a trained (or converted) language-model run.
+
+    The run's tokenizer.json (copied there by `vermeil convert`) encodes the prompt when there is one; otherwise
+    the prompt's bytes are the tokens (Vermeil's own runs), whatever their encoding: `--prompt-file` passes a
+    file's bytes as they are, and `--prompt` bytes that are not UTF-8 reach the model unchanged.
+    """
+    from vermeil.data.tokenizer import ByteTokenizer, load_tokenizer
     from vermeil.generation import generate
     from vermeil.recipes import load_trained, model_vocab_size
 
-    if not args.prompt:
-        raise CommandError("--prompt must not be empty")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise CommandError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        prompt_bytes = Path(args.prompt_file).read_bytes()
+    elif args.prompt is not None:
+        # argv bytes that are not valid in the locale's encoding arrive as lone surrogates (PEP 383): back to the
+        # bytes the user typed.
+        prompt_bytes = os.fsencode(args.prompt)
+    else:
+        raise CommandError("a prompt is required: --prompt TEXT or --prompt-file PATH")
+    if not prompt_bytes:
+        raise CommandError("the prompt must not be empty")
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     run, model, _ = load_trained(Path(args.run_dir))
@@ -201,8 +217,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.run_dir} was trained on data.task={run.data.task!r}; generate needs a text run (data.task=text)"
         )
-    tokenizer = ByteTokenizer()
-    prompt = tokenizer.encode(args.prompt)
+    tokenizer = load_tokenizer(args.run_dir)
+    vocab = model_vocab_size(run)
+    if isinstance(tokenizer, ByteTokenizer):
+        prompt = tokenizer.encode_bytes(prompt_bytes)
+        stop = tokenizer.eos_id
+    else:
+        try:
+            text = prompt_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CommandError(
+                f"the prompt is not UTF-8 text (byte {e.start}); {tokenizer.path} encodes text only"
+            ) from None
+        prompt = tokenizer.encode(text)
+        if not prompt:
+            raise CommandError(f"{tokenizer.path} encodes the prompt to no tokens")
+        if max(prompt) >= vocab:
+            raise CommandError(
+                f"{tokenizer.path} gives token id {max(prompt)}, outside the model's vocabulary of {vocab}: "
+                "the tokenizer does not belong to this model"
+            )
+        stop = tokenizer.eos_id
+    if args.compile:
+        print(
+            "vermeil generate: compiling the decode step (torch.compile; the first tokens wait for it)",
+            file=sys.stderr,
+        )
     new = generate(
         model,
         [prompt],
@@ -210,11 +250,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        stop_tokens=(tokenizer.eos_id,) if model_vocab_size(run) > tokenizer.eos_id else (),
+        stop_tokens=(stop,) if stop is not None and stop < vocab else (),
         seed=args.seed,
         compile=args.compile,
     )
-    print(args.prompt + tokenizer.decode(new[0]))
+    print(prompt_bytes.decode("utf-8", errors="replace") + tokenizer.decode(new[0]))
     return 0
 
 
@@ -243,10 +283,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vermeil.recipes import describe_model, load_run_config
+    """Describe the model of a run config, or of a run folder (its config.yaml)."""
+    from vermeil.recipes import describe_model, load_run_config, read_run_dir_config
 
-    run = load_run_config(args.config, args.overrides)
-    info = describe_model(run, args.context, batch_size=args.batch_size)
+    source = Path(args.config)
+    is_run = source.is_dir()
+    run = read_run_dir_config(source, args.overrides) if is_run else load_run_config(source, args.overrides)
+    context = args.context if args.context is not None else _job_context(run)
+    info = describe_model(run, context, batch_size=args.batch_size)
     ctx = info["context"]
     lines = [
         f"family      {info['family']} ({info['model']})",
@@ -259,8 +303,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"cache       {_bytes(cache)} for batch {args.batch_size} x context {ctx} (float32)")
     else:
         lines.append("cache       none (this model does not decode step by step)")
+    if is_run and run.data.task == "text":
+        from vermeil.data.tokenizer import describe_tokenizer
+
+        lines.append(f"tokenizer   {describe_tokenizer(source)}")
     print("\n".join(lines))
     return 0
+
+
+def _job_context(run: Any) -> int:
+    """The sequence length the model sees in its job: the data's own (a flow job's condition + target points),
+    else train.seq_len."""
+    length = getattr(run.data, "model_sequence_length", None)
+    return int(length) if length is not None else run.train.seq_len
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -359,13 +414,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     `--to transformers RUN_DIR --out DIR` exports an LLM or Mamba run, `--to diffusers` a flux run (without
     --to, the run's family picks); `--from transformers DIR --out RUN_DIR` (LlamaForCausalLM, Llama4ForCausalLM,
     MambaForCausalLM) and `--from diffusers DIR --out RUN_DIR` (FluxTransformer2DModel) write a run folder that
-    `vermeil generate` / `sample` / `train --resume` use.
+    `vermeil generate` / `sample` / `train --resume` use. A tokenizer.json beside the weights (with its
+    tokenizer_config.json) is copied along either way; `vermeil generate` then encodes and decodes with it.
     """
     if args.dest is not None and args.out is not None and args.dest != args.out:
         raise CommandError(f"two outputs given: {args.dest} and --out {args.out}")
     dest = args.out or args.dest
     if dest is None:
         raise CommandError("an output folder is required: --out DIR")
+    from vermeil.data.tokenizer import copy_tokenizer_files
     from vermeil.recipes import foreign_run_config, load_foreign, load_trained
     from vermeil.recipes.convert import export_model
     from vermeil.runs import clear_run, write_run
@@ -377,7 +434,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _check_output(out, args.overwrite)
         run, model, _ = load_trained(src)
         foreign = export_model(run.family, model, out, args.to)
-        print(f"wrote {os.fspath(out)} ({type(foreign).__name__})")
+        copied = copy_tokenizer_files(src, out)
+        print(f"wrote {os.fspath(out)} ({type(foreign).__name__}{_with(copied)})")
         return 0
     if src.resolve() == out.resolve():
         raise CommandError("--out must differ from the source folder")
@@ -387,16 +445,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
     run.train.out_dir = os.fspath(out)
     if args.overwrite:
         clear_run(out)
+    copied = copy_tokenizer_files(src, out)  # before the checkpoint: a run is complete once `latest` moves
     folder = write_run(run.to_dict(), model, out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {os.fspath(out)} ({family} run from {type(foreign).__name__}, {n_params:,} parameters)")
+    print(
+        f"wrote {os.fspath(out)} ({family} run from {type(foreign).__name__}, {n_params:,} parameters"
+        f"{_with(copied)})"
+    )
     hint = "generate {} --prompt TEXT" if run.data.task == "text" else "sample {}"
     print(f"checkpoint {os.fspath(folder)}; next: vermeil {hint.format(os.fspath(out))}", file=sys.stderr)
     return 0
 
 
+def _with(copied: Sequence[str]) -> str:
+    return f", with {' and '.join(copied)}" if copied else ""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Parser
+
+
+_TRAIN_EXAMPLES = """examples:
+  vermeil train configs/hybrid-lm.yaml                      # -> runs/hybrid-lm (the config's name)
+  vermeil train configs/llm-tiny.yaml train.steps=200 train.lr=1e-3 --out runs/try
+  vermeil train --resume runs/hybrid-lm                     # continue after an interruption, exactly
+  vermeil train --resume runs/hybrid-lm train.steps=4000    # train a finished run longer
+  vermeil train configs/flux-seq2seq.yaml train.device=cuda train.precision=bf16
+  torchrun --nproc_per_node=2 -m vermeil train configs/llm-tiny.yaml distributed.strategy=fsdp2
+
+Every key of the config can be overridden as section.key=value (see README.md, "Run configs").
+"""
 
 
 def _add_debug(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
@@ -415,7 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("train", help="train a model from a run config", description=cmd_train.__doc__)
+    p = sub.add_parser(
+        "train",
+        help="train a model from a run config",
+        description=cmd_train.__doc__,
+        epilog=_TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="run config YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     p.add_argument(
@@ -434,10 +518,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate text from a trained language-model run")
+    p = sub.add_parser(
+        "generate", help="generate text from a trained language-model run", description=cmd_generate.__doc__
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    p.add_argument("--prompt", default=None, help="text to continue")
+    p.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        default=None,
+        help="continue this file's contents (its bytes as they are)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="tokens to generate (bytes for Vermeil's own runs; default 200)",
+    )
     p.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
     )
@@ -510,8 +607,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _checkpoint_failure(e: BaseException) -> str | None:
+    """The first rank's error of torch's `CheckpointException` (whose own text is every rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if type(e).__name__ != "CheckpointException" or not isinstance(failures, dict):
+        return None
+    for rank, failure in sorted(failures.items(), key=lambda kv: str(kv[0])):
+        err = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(err, BaseException):
+            return f"distributed checkpoint failed on rank {rank}: {type(err).__name__}: {err}"
+    return "distributed checkpoint failed"
+
+
 def _one_line(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
+    text = _checkpoint_failure(e) or str(e) or type(e).__name__
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         where = f" writing {e.filename}" if e.filename and os.fspath(e.filename) not in text else ""
         text = f"{text}{where} (free some disk space; the checkpoints written before are intact)"
@@ -521,7 +630,19 @@ def _one_line(e: BaseException) -> str:
         text = str(e)
     elif isinstance(e, OSError) and e.strerror and e.filename:
         text = f"{e.strerror}: {e.filename}"
-    return " ".join(text.split())  # one line, whatever the message held
+    text = " ".join(text.split())  # one line, whatever the message held
+    # torch.load's refusal of a pickle suggests retrying with weights_only=False: never, for a file from a run
+    # folder (SECURITY.md). Keep what precedes torch's text and say what happened instead.
+    cut = text.find(_TORCH_UNPICKLE)
+    if cut >= 0:
+        text = text[:cut] + (
+            "it holds objects other than tensors and plain containers (a pickle Vermeil did not write): "
+            "refused, nothing in it was run"
+        )
+    return text
+
+
+_TORCH_UNPICKLE = "Weights only load failed"
 
 
 def _one_line_warnings(command: str) -> Callable[..., None]:
@@ -574,8 +695,10 @@ def _call(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -
             OSError,
             RunLockedError,
         )
-        prefix = "error" if isinstance(e, known) else f"internal error ({type(e).__name__})"
-        hint = "" if isinstance(e, known) else " (rerun with --debug for the traceback)"
+        # A CheckpointException is a dcp/ folder that cannot be read or written: the user's data, not a bug.
+        is_known = isinstance(e, known) or _checkpoint_failure(e) is not None
+        prefix = "error" if is_known else f"internal error ({type(e).__name__})"
+        hint = "" if is_known else " (rerun with --debug for the traceback)"
         print(f"vermeil {args.command}: {prefix}: {_one_line(e)}{hint}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -3,6 +3,7 @@
     config.yaml                         the resolved run config (what `vermeil train --resume` rebuilds from)
     metrics.jsonl                       one JSON row per log step and per evaluation (`vermeil.train.metrics`)
     loss.png, samples.png               plots (when matplotlib is installed)
+    tokenizer.json                      a converted model's tokenizer (`vermeil convert` copies it; JSON, no code)
     checkpoints/step_000100/            model.safetensors (weights) and state.pt (the training state: optimizer,
                                         scheduler, RNG and data-sampler states, step, the config as a dict);
                                         a distributed run adds dcp/ (`vermeil.distributed.checkpoint`)
@@ -87,6 +88,8 @@ MANIFEST = "manifest.json"
 _LATEST = "latest"
 _LOCK = ".lock"
 _STEP_NAME = re.compile(r"^step_[0-9]+$")
+# A converted model's tokenizer files (`vermeil.data.tokenizer.TOKENIZER_FILES`; not imported: runs reads no data).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class DamagedCheckpointError(ValueError):
@@ -355,11 +358,12 @@ def write_run(run_config: Mapping[str, Any], model: nn.Module, run_dir: str | os
 
 
 def clear_run(run_dir: str | os.PathLike[str]) -> None:
-    """Remove what a run wrote into a folder (checkpoints, metrics, the loss plot, the config); other files stay."""
+    """Remove what a run wrote into a folder (checkpoints, metrics, the plots, the config, a converted model's
+    tokenizer files, which would otherwise decode a new model's tokens); other files stay."""
     run = Path(run_dir)
     if (run / CHECKPOINTS_DIR).is_dir():
         shutil.rmtree(run / CHECKPOINTS_DIR)
-    for name in ("metrics.jsonl", "loss.png", CONFIG):
+    for name in ("metrics.jsonl", "loss.png", "samples.png", CONFIG, *TOKENIZER_FILES):
         (run / name).unlink(missing_ok=True)
 
 

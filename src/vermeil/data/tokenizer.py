@@ -1,18 +1,39 @@
-"""Byte-level tokenizer: UTF-8 bytes are the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258.
+"""Tokenizers: the byte-level tokenizer of Vermeil's own runs, and a run folder's `tokenizer.json`.
 
-Nothing to train, ship or download; lossless for any text. The cost is about 3x longer sequences
-than a trained BPE. Axis legend: B batch, L padded length.
+`ByteTokenizer`: UTF-8 bytes are the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258. Nothing to train,
+ship or download; lossless for any text (and any bytes). The cost is about 3x longer sequences than a trained BPE.
+
+`JSONTokenizer`: a Hugging Face `tokenizer.json` (the `tokenizers` library, the optional extra `tokenizers`), for a
+run converted from a transformers folder that shipped one (`vermeil convert` copies it into the run). A
+tokenizer.json is data, not code: loading one runs nothing from the file. `load_tokenizer(run_dir)` picks the run's
+tokenizer.json when there is one, else the byte tokenizer. Axis legend: B batch, L padded length.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["ByteTokenizer"]
+__all__ = [
+    "TOKENIZER_FILE",
+    "TOKENIZER_FILES",
+    "ByteTokenizer",
+    "JSONTokenizer",
+    "copy_tokenizer_files",
+    "describe_tokenizer",
+    "load_tokenizer",
+]
+
+TOKENIZER_FILE = "tokenizer.json"
+# What `vermeil convert` copies beside the weights: the tokenizer, and transformers' settings naming its EOS token.
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 
 
 class ByteTokenizer:
@@ -43,7 +64,13 @@ class ByteTokenizer:
         """Token ids of `text`: its UTF-8 bytes, with BOS first and/or EOS last when asked."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        ids = list(text.encode("utf-8"))
+        return self.encode_bytes(text.encode("utf-8"), bos=bos, eos=eos)
+
+    def encode_bytes(self, data: bytes, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of raw bytes (any bytes, UTF-8 or not), with BOS first and/or EOS last when asked."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        ids = list(data)
         if bos:
             ids.insert(0, self.bos_id)
         if eos:
@@ -109,3 +136,96 @@ class ByteTokenizer:
             ids[b, sl] = torch.tensor(row, dtype=torch.long)
             mask[b, sl] = True
         return ids, mask
+
+
+class JSONTokenizer:
+    """A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, ...) through the `tokenizers` library.
+
+    Reading the file parses JSON and builds the tokenizer it describes; nothing in it is executed.
+
+    Args:
+        path: the tokenizer.json file.
+        eos_token: the end-of-sequence token's text (transformers' tokenizer_config.json `eos_token`), or None.
+
+    Raises:
+        ImportError: `tokenizers` is not installed (the message says how to install it).
+        ValueError: the file is not a tokenizer.json `tokenizers` can read (the message names it).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], eos_token: str | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError(
+                f"{os.fspath(path)} needs the tokenizers library: pip install 'vermeil[tokenizers]'"
+            ) from None
+        self.path = Path(path)
+        try:
+            self._tok = Tokenizer.from_file(os.fspath(path))
+        except Exception as e:  # tokenizers raises its own Exception subclass for any malformed file
+            first = " ".join(str(e).split())
+            raise ValueError(f"{os.fspath(path)} is not a readable tokenizer.json: {first}") from None
+        self.eos_id: int | None = self._tok.token_to_id(eos_token) if eos_token else None
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of ids, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (without the special tokens a post-processor would add)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        """Text of `ids` (a list or a 1-D tensor); special tokens are skipped."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _eos_token(folder: Path) -> str | None:
+    # transformers writes the EOS token's text into tokenizer_config.json (a string or an AddedToken dict).
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_tokenizer(run_dir: str | os.PathLike[str]) -> ByteTokenizer | JSONTokenizer:
+    """The tokenizer of a run folder: its `tokenizer.json` (a converted model's), else the byte tokenizer of
+    Vermeil's own runs."""
+    folder = Path(run_dir)
+    if (folder / TOKENIZER_FILE).is_file():
+        return JSONTokenizer(folder / TOKENIZER_FILE, eos_token=_eos_token(folder))
+    return ByteTokenizer()
+
+
+def describe_tokenizer(run_dir: str | os.PathLike[str]) -> str:
+    """One line saying which tokenizer `load_tokenizer(run_dir)` uses (without loading it)."""
+    path = Path(run_dir) / TOKENIZER_FILE
+    if path.is_file():
+        return f"{os.fspath(path)} (the tokenizers library)"
+    return "bytes (ByteTokenizer: UTF-8 bytes 0-255, BOS/EOS/PAD 256-258)"
+
+
+def copy_tokenizer_files(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> list[str]:
+    """Copy the tokenizer files of a folder (`TOKENIZER_FILES`, those present) into another; returns their
+    names. Nothing is copied without a tokenizer.json."""
+    src, dest = Path(src), Path(dest)
+    if not (src / TOKENIZER_FILE).is_file():
+        return []
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+            copied.append(name)
+    return copied
