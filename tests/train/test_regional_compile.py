@@ -18,7 +18,13 @@ from vermeil.data import WindowSampler
 from vermeil.models import flux, hybrid, llm, mamba
 from vermeil.train import TrainConfig, Trainer, causal_lm_loss, regional
 from vermeil.train.losses import lm_loss_fn
-from vermeil.train.regional import compile_blocks, repeated_blocks, resolve_compile, uncompile_blocks
+from vermeil.train.regional import (
+    compile_blocks,
+    is_compiled,
+    repeated_blocks,
+    resolve_compile,
+    uncompile_blocks,
+)
 
 VOCAB = 64
 
@@ -138,6 +144,7 @@ def test_trainer_compile_llm_equals_eager() -> None:
     torch._dynamo.reset()
     trainer, compiled = _fit(_llm(), compile=True)
     assert trainer.compiled_blocks == ["layers.0", "layers.1", "layers.2"]
+    assert not is_compiled(trainer.model)  # compiled for the fit only: the model leaves it as it came in
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
 

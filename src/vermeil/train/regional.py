@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "repeated_blocks", "resolve_compile", "uncompile_blocks"]
+__all__ = ["compile_blocks", "is_compiled", "repeated_blocks", "resolve_compile", "uncompile_blocks"]
 
 # Marks a block whose forward this module replaced (so uncompile touches only those).
 _MARK = "_vermeil_compiled_forward"
@@ -99,3 +99,8 @@ def uncompile_blocks(model: nn.Module) -> int:
             delattr(module, _MARK)
             restored += 1
     return restored
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether any block of `model` runs a forward compiled by `compile_blocks`."""
+    return any(getattr(module, _MARK, False) for module in model.modules())

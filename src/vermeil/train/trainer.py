@@ -82,7 +82,7 @@ from vermeil.train.metrics import (
     truncate_metrics,
 )
 from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler
-from vermeil.train.regional import compile_blocks, resolve_compile, uncompile_blocks
+from vermeil.train.regional import compile_blocks, is_compiled, resolve_compile, uncompile_blocks
 
 __all__ = ["Hook", "NonFiniteError", "TrainResult", "Trainer"]
 
@@ -271,15 +271,10 @@ class Trainer:
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
         # The language-model loss with the head fused into a chunked cross-entropy (no (B*T, V) logits).
         self.loss_chunked = self._chunk_loss(config.loss_chunk_size)
-        # Regional compilation: each repeated block compiled once (train.compile); [] when eager.
+        # Regional compilation (train.compile): each repeated block compiled once, for the duration of `fit`;
+        # `compiled_blocks` names those of the last fit ([] when eager, or after a fallback).
+        self._compile = resolve_compile(config.compile, self.device, world_size=self.world_size)
         self.compiled_blocks: list[str] = []
-        if resolve_compile(config.compile, self.device, world_size=self.world_size):
-            self.compiled_blocks = compile_blocks(self.model)
-            if not self.compiled_blocks and self.is_main:
-                echo(
-                    f"train.compile: {type(model).__name__} has no repeated blocks (an nn.ModuleList of one "
-                    "block class, or _repeated_blocks): training eagerly"
-                )
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
         out = out_dir if out_dir is not None else config.out_dir
@@ -356,9 +351,22 @@ class Trainer:
         self.loss_fn = chunked
         return True
 
+    def _compile_blocks(self) -> None:
+        """At the start of `fit`: compile the repeated blocks as `train.compile` asks."""
+        if not self._compile:
+            return
+        self.compiled_blocks = compile_blocks(self.model)
+        if not self.compiled_blocks and self.is_main:
+            echo(
+                f"train.compile: {type(self.model).__name__} has no repeated blocks (an nn.ModuleList of one "
+                "block class, or _repeated_blocks): training eagerly"
+            )
+
     def _fall_back_to_eager(self, error: BaseException) -> None:
-        """Compiling (or running) the compiled blocks failed: restore eager blocks and say so in one line."""
+        """Compiling (or running) the compiled blocks failed: restore eager blocks and say so in one line; the
+        rest of this trainer's life is eager."""
         uncompile_blocks(self.model)
+        self._compile = False
         self.compiled_blocks = []
         if self.is_main:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -554,7 +562,7 @@ class Trainer:
                 with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
                     out = self.eval_fn(self.model)
             except Exception as e:
-                if not self.compiled_blocks:
+                if not is_compiled(self.model):
                     raise
                 self._fall_back_to_eager(e)
                 with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
@@ -750,11 +758,17 @@ class Trainer:
 
         The run folder is locked for the duration (`vermeil.runs.lock_run`): a second trainer on the same folder
         gets `RunLockedError` instead of interleaving its checkpoints and metrics with this one's.
+
+        With `train.compile`, the model's repeated blocks are compiled for the duration of `fit` (evaluation
+        inside it included) and run eagerly again after it: the model leaves `fit` as it came in.
         """
-        if self.out_dir is None or not self.is_main:
-            return self._fit()
-        with lock_run(self.out_dir):
-            return self._fit()
+        try:
+            if self.out_dir is None or not self.is_main:
+                return self._fit()
+            with lock_run(self.out_dir):
+                return self._fit()
+        finally:
+            uncompile_blocks(self.model)
 
     def _fit(self) -> TrainResult:
         cfg = self.config
@@ -770,6 +784,7 @@ class Trainer:
         self._stop = False
         interrupted = False
         final_eval: dict[str, float] = {}
+        self._compile_blocks()
         self._call("on_train_start")
         bar = progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
         # When tqdm cannot draw (stdout/stderr not a terminal: CI, nohup, | tee), a plain line per log row.
@@ -790,7 +805,7 @@ class Trainer:
                         except Exception as e:
                             # A compiled block that fails (to compile, or at run time): once, the step
                             # restarts eagerly from its start (data and RNG rolled back).
-                            if not self.compiled_blocks or self._phase == "update":
+                            if not is_compiled(self.model) or self._phase == "update":
                                 raise
                             self._fall_back_to_eager(e)
                             self._rollback(snapshot)
