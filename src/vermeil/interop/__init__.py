@@ -17,11 +17,21 @@ _TRANSFORMERS = {
     "LlamaForCausalLM": ("transformers_llama", "from_transformers_llama", "to_transformers_llama"),
     "Llama4ForCausalLM": ("transformers_llama", "from_transformers_llama", "to_transformers_llama"),
     "MambaForCausalLM": ("transformers_mamba", "from_transformers_mamba", "to_transformers_mamba"),
+    "Mamba2ForCausalLM": ("transformers_hybrids", "from_transformers_mamba2", "to_transformers_mamba2"),
+    "JambaForCausalLM": ("transformers_hybrids", "from_transformers_jamba", "to_transformers_jamba"),
+    "BambaForCausalLM": ("transformers_hybrids", "from_transformers_bamba", "to_transformers_bamba"),
+    "FalconH1ForCausalLM": (
+        "transformers_hybrids",
+        "from_transformers_falcon_h1",
+        "to_transformers_falcon_h1",
+    ),
 }
 # Vermeil class name -> the transformers conversion that takes it back
 _TO_TRANSFORMERS = {
     "LLM": ("transformers_llama", "to_transformers_llama"),
     "MambaLM": ("transformers_mamba", "to_transformers_mamba"),
+    # the class follows the layer pattern (`transformers_hybrids.transformers_class_for`)
+    "HybridModel": ("transformers_hybrids", "to_transformers_hybrid"),
 }
 
 
@@ -30,7 +40,9 @@ def _converter(module: str, name: str) -> Any:
 
 
 def from_transformers(hf_model: nn.Module) -> nn.Module:
-    """Convert a transformers model (LlamaForCausalLM, Llama4ForCausalLM, MambaForCausalLM) into Vermeil's."""
+    """Convert a transformers model into Vermeil's: LlamaForCausalLM and Llama4ForCausalLM into an `LLM`,
+    MambaForCausalLM into a `MambaLM`, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and
+    FalconH1ForCausalLM into a `HybridModel`."""
     cls = type(hf_model).__name__
     if cls not in _TRANSFORMERS:
         raise ValueError(f"from_transformers: {cls} is not supported; supported: {sorted(_TRANSFORMERS)}")
@@ -39,7 +51,8 @@ def from_transformers(hf_model: nn.Module) -> nn.Module:
 
 
 def to_transformers(model: nn.Module) -> Any:
-    """Convert a Vermeil model (LLM, MambaLM) back into the matching transformers model."""
+    """Convert a Vermeil model (LLM, MambaLM, HybridModel) back into the matching transformers model; a
+    HybridModel becomes the class of its layer pattern (Mamba2, Jamba, Bamba or FalconH1)."""
     cls = type(model).__name__
     if cls not in _TO_TRANSFORMERS:
         raise ValueError(f"to_transformers: {cls} is not supported; supported: {sorted(_TO_TRANSFORMERS)}")

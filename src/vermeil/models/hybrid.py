@@ -1,28 +1,49 @@
-"""HybridModel: Mamba and attention layers in one model, routed sequentially or in parallel.
+"""HybridModel: Mamba-1, Mamba-2 and attention layers in one model, routed sequentially or in parallel, with
+dense or mixture-of-experts feed-forwards: one class for Mamba-2 LMs, Jamba, Bamba / Granite 4.0-H and Falcon-H1.
 
-The layer pattern says where attention is: one letter per layer, "M" a Mamba layer and "A" an attention layer
-(a string such as "MMAMMMAM" or a list of letters; `n_layers` may repeat it). `routing` says what an "A" means:
+The layer pattern (`pattern`) names each layer's mixer, as a string of one-letter tokens ("MMAMMMAM") or a list
+of tokens (["S", "S+A"]); `n_layers` may repeat it:
 
-- `sequential`: the "A" layer runs attention instead of Mamba; layers run in the pattern's order (Jamba,
-  mamba_ssm's `attn_layer_idx`, Bamba).
-- `parallel`: the "A" layer runs a Mamba branch and an attention branch on the same normalised input and merges
-  them (Falcon-H1 when every letter is "A"): `merge: sum` gives Falcon-H1's
-  `ssm_out_multiplier * Mamba(x) + attn_out_multiplier * Attn(attn_in_multiplier * x)`, `merge: gate` a learned
-  per-channel sigmoid gate `g * mamba + (1 - g) * attn` with `g = sigmoid(gate(x))`, and `merge: concat`
-  `merge_proj(cat(mamba, attn))`. "M" layers stay Mamba-only.
+    M     Mamba-1 (`MambaBlock`; with `mamba_inner_norms`, Jamba's RMSNorms on dt, B and C)
+    S     Mamba-2 / SSD (`Mamba2Block`: heads of `headdim`, `ngroups` B/C groups, chunked scan)
+    A     attention (GQA; rotary or none; sliding over the last `window` positions when `window` is set)
+    G     global attention: full context even when `window` is set (mix full and sliding layers)
+    X+Y   parallel: the Mamba branch X ("M" or "S") and the attention branch Y ("A" or "G") on the same
+          normalised input, merged by `merge` (Falcon-H1 is ["S+A"] in every layer); "P" is short for "M+A"
 
-Every layer is pre-norm: `h = h + mixer(norm(h))`, then a feed-forward `h = h + feed_forward(ffn_norm(h))` unless
-`feed_forward: none`. Attention uses rotary positions or none (Jamba's attention layers have none).
+`routing: parallel` is the older spelling of parallel layers: it turns every "A" into "M+A" ("P") and every "G"
+into "M+G". The feed-forward after each mixer follows `ffn_pattern` (repeated like `pattern`; None = "D"
+everywhere): "D" dense (`feed_forward`: swiglu, mlp or none), "E" mixture of experts (`MoE` with a
+Mixtral-style softmax router over `num_experts`, top `experts_per_token`, renormalised or not as
+`moe_renormalize`; Jamba's is not) and "N" none. Jamba is pattern "MMMMAMMM" with ffn_pattern "DE".
+
+A parallel layer merges its branches by `merge`: `sum` is Falcon-H1's
+`ssm_out_multiplier * Mamba(x) + attn_out_multiplier * Attn(attn_in_multiplier * x)`, `gate` a learned
+per-channel sigmoid gate `g * mamba + (1 - g) * attn` with `g = sigmoid(gate(x))`, and `concat`
+`merge_proj(cat(mamba, attn))`.
+
+Every layer is pre-norm: `h = h + mixer(norm(h))`, then `h = h + feed_forward(ffn_norm(h))` unless its
+feed-forward is none. Falcon-H1's muP multipliers are plain config fields, applied at run time as transformers
+does (so training dynamics match too): `embedding_multiplier` on the embedding output, `lm_head_multiplier`
+on the logits, `ssm_in_multiplier` / `ssm_out_multiplier` on every Mamba branch's input / output,
+`ssm_proj_multipliers` on the Mamba-2 in_proj rows [z, x, B, C, dt], `attn_in_multiplier` /
+`attn_out_multiplier` on every attention branch's input / output, `key_multiplier` on the keys (as the
+attention scale), `mlp_gate_multiplier` on SwiGLU's gate pre-activation and `mlp_out_multiplier` on every
+feed-forward's output. All default to 1 (no op).
 
 The contract of `vermeil.models.contract`: `setup_cache(batch_size, max_seq_len)` gives each attention layer a
-static KV cache and each Mamba layer a conv + SSM state; `forward(tokens, input_pos=...)` reads and writes them;
-`reset_cache()` clears them; `attention_layers()`, `lm_parts` and `sequence_parallel_plan()` describe the model
-to `vermeil info` and tensor parallelism. `vermeil.generation.generate` works unchanged.
+static KV cache (a ring of `window` slots for sliding layers), each Mamba-1 layer a conv + SSM state and each
+Mamba-2 layer a conv + (H, P, N) state; `forward(tokens, input_pos=...)` reads and writes them; `reset_cache()`
+clears them; `attention_layers()`, `lm_parts` and `sequence_parallel_plan()` describe the model to
+`vermeil info` and tensor parallelism. `vermeil.generation.generate` works unchanged.
 
-The model returns logits and holds no loss: the config's `loss_head`, `ignore_index` and `z_loss` name the loss
-that training builds (`vermeil.train.losses`), and weight decay is training's rule (`vermeil.train.optim`).
-Configs come from YAML through `vermeil.config` (`HybridModel.from_yaml(path)`), the leaf module of strict
-dataclass <-> YAML conversion that every layer may use: unknown keys and bad values are named.
+The model returns (B, T, V) float32 logits, or, when it has MoE layers, a `HybridOutput(logits, aux_loss)`
+(read either with `vermeil.models.contract.split_output`); it holds no loss: the config's `loss_head`,
+`ignore_index` and `z_loss` name the loss that training builds (`vermeil.train.losses`), and weight decay is
+training's rule (`vermeil.train.optim`). Configs come from YAML through `vermeil.config`
+(`HybridModel.from_yaml(path)`), the leaf module of strict dataclass <-> YAML conversion that every layer may
+use: unknown keys and bad values are named. `vermeil.interop.from_transformers` converts transformers'
+Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and FalconH1ForCausalLM into this class.
 
 Axis legend: B batch, T sequence length, D model dim, V vocabulary, H heads, Dh head dim.
 """
@@ -33,7 +54,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -44,17 +65,46 @@ from vermeil.models.checks import check_input_pos, check_positive_int, check_tok
 from vermeil.models.contract import AttentionLayer
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
+from vermeil.nn.hybrid_parts import GateScaledSwiGLU, InnerNormMambaBlock, PartialRotary, build_mamba2
+from vermeil.nn.moe import MoE
 from vermeil.nn.norms import RMSNorm
 from vermeil.nn.positional import RotaryEmbedding
 from vermeil.nn.scan import BACKENDS
 from vermeil.nn.ssm import MambaBlock
 
-__all__ = ["PRESETS", "HybridConfig", "HybridLayer", "HybridModel", "build"]
+__all__ = ["PRESETS", "HybridConfig", "HybridLayer", "HybridModel", "HybridOutput", "build"]
 
-_LETTERS = {"M": "Mamba", "A": "attention"}
+_SSM_LETTERS = {"M": "Mamba-1", "S": "Mamba-2"}
+_ATTN_LETTERS = {"A": "attention", "G": "global attention"}
+_LETTERS_HELP = (
+    "'M' (Mamba-1), 'S' (Mamba-2), 'A' (attention), 'G' (global attention), 'P' (= 'M+A') or a parallel "
+    "pair such as 'S+A' (list form)"
+)
+_FFN_LETTERS = {"D": "dense", "E": "experts", "N": "none"}
 _ROUTINGS = ("sequential", "parallel")
 _MERGES = ("sum", "gate", "concat")
 _FEED_FORWARDS = ("none", "swiglu", "mlp")
+
+
+def _parse_token(token: str) -> tuple[str | None, str | None] | None:
+    """A layer token -> (Mamba letter or None, attention letter or None); None for an unknown token."""
+    if token == "P":
+        return "M", "A"
+    if token in _SSM_LETTERS:
+        return token, None
+    if token in _ATTN_LETTERS:
+        return None, token
+    ssm, plus, attn = token.partition("+")
+    if plus and ssm in _SSM_LETTERS and attn in _ATTN_LETTERS:
+        return ssm, attn
+    return None
+
+
+def _kind_of(ssm: str | None, attn: str | None) -> str:
+    """The canonical token of a layer: "M", "S", "A", "G", "P" (= M+A), or "X+Y"."""
+    if ssm and attn:
+        return "P" if (ssm, attn) == ("M", "A") else f"{ssm}+{attn}"
+    return ssm or attn  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,33 +113,59 @@ _FEED_FORWARDS = ("none", "swiglu", "mlp")
 
 @dataclass
 class HybridConfig:
-    """The hybrid: widths, the layer pattern, routing and merge, branch settings, and the loss training uses.
+    """The hybrid: widths, the layer and feed-forward patterns, routing and merge, branch settings, the Falcon-H1
+    multipliers, and the loss training uses.
 
     Args:
         dim: D, the residual width.
         vocab_size: V.
-        pattern: one letter per layer, "M" (Mamba) or "A" (attention), as a string or a list of letters.
-        n_layers: None means len(pattern); otherwise the pattern is repeated and must divide it.
-        routing: "sequential" ("A" layers run attention instead of Mamba) or "parallel" ("A" layers run
-            Mamba and attention side by side and merge them).
+        pattern: one token per layer (see the module docstring): "M" Mamba-1, "S" Mamba-2, "A" attention
+            (sliding with `window`), "G" global attention, "P" / "M+A" / "S+A" / "M+G" / "S+G" a parallel Mamba
+            + attention layer. A string of one-letter tokens ("MMAM") or a list of tokens (["S", "S+A"]).
+        n_layers: None means len(pattern); otherwise the pattern (and `ffn_pattern`) is repeated and the lengths
+            must divide it.
+        routing: "sequential", or "parallel" (every "A" becomes "M+A" and every "G" "M+G").
         merge: how a parallel layer merges its branches: "sum", "gate" (learned) or "concat" (then project).
-        ssm_out_multiplier, attn_out_multiplier, attn_in_multiplier: Falcon-H1's branch multipliers (parallel
-            layers only).
-        d_state, d_conv, expand, dt_rank: the Mamba branch (state-spaces names; dt_rank None = ceil(D / 16)).
-        compile_scan: the Mamba branches run their scan through torch.compile'd chunk kernels
-            (`MambaBlock`'s `compile_scan`): faster training and prefill on the CPU after a first compile.
-        scan_backend: `selective_scan`'s backend in every Mamba block (`MambaBlock`'s `scan_backend`): "auto"
-            (Triton kernels on CUDA when triton imports, else the chunked scan), "triton", "chunked" or "ref".
+        ffn_pattern: one letter per layer, repeated like `pattern`: "D" dense (`feed_forward`), "E" mixture of
+            experts, "N" none; None means "D" everywhere.
+        d_state, d_conv, expand: both Mamba kinds (state-spaces names): state size N, conv width K, inner width
+            expand * D.
+        dt_rank: Mamba-1's dt rank (None = ceil(D / 16)).
+        mamba_inner_norms: Mamba-1 layers normalise dt, B and C with RMSNorms (Jamba's mixer).
+        compile_scan, scan_backend: Mamba-1's scan (`MambaBlock`'s `compile_scan` and `scan_backend`: "auto",
+            "triton", "chunked" or "ref").
+        headdim: Mamba-2 head width P; the Mamba-2 width (`d_ssm` or expand * D) must be a multiple of it.
+        ngroups: Mamba-2 groups G of B and C; must divide the Mamba-2 heads.
+        chunk_size: Mamba-2's scan chunk length (speed and memory only).
+        d_ssm: Mamba-2 inner width when it is not expand * D (Falcon-H1's `mamba_d_ssm`); None = expand * D.
+        ssm_norm: Mamba-2's gated RMSNorm (`norm`); False gives `y * silu(z)` (Falcon-H1's `mamba_rms_norm`).
+        ssm_norm_before_gate: `rms_norm(y) * silu(z)` instead of `rms_norm(y * silu(z))`.
+        dt_limit: (low, high) clamp of Mamba-2's dt in whole-sequence scans (transformers' `time_step_limit`;
+            the one-token step does not clamp, as transformers and mamba_ssm); None = no clamp.
+        ssm_bias: bias in the Mamba in_proj and out_proj (both kinds). ssm_conv_bias: bias in their conv.
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
+        attn_bias: biases in wq, wk, wv and wo.
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
+        rotary_dim: rotate only the first `rotary_dim` channels of each head (Bamba's partial_rotary_factor 0.5);
+            None = all.
         qk_norm: None, "rms" or "l2" normalisation of queries and keys.
-        window: sliding-window attention over the last `window` positions (Samba), None for global; its
-            decoding cache is a `RingKVCache` of `window` slots, the one Llama 4's chunked layers use.
-        feed_forward: "none", "swiglu" or "mlp" (GELU) after each mixer.
-        hidden_dim: feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to multiple_of) and
-            4D for mlp.
+        window: sliding-window size of "A" layers (Samba), None for global; its decoding cache is a
+            `RingKVCache` of `window` slots. "G" layers are always global.
+        feed_forward: the dense feed-forward: "none", "swiglu" or "mlp" (GELU).
+        hidden_dim: dense feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to multiple_of)
+            and 4D for mlp.
         multiple_of: rounding of the swiglu width.
-        norm_eps: RMSNorm eps.
+        ffn_bias: biases in the dense feed-forward's projections.
+        num_experts, experts_per_token: the MoE layers' E and top-k (softmax router, Mixtral / Jamba).
+        moe_hidden_dim: each expert's width; None = the dense width (`ffn_hidden_dim`).
+        moe_renormalize: divide the top-k router weights by their sum (Mixtral: true; Jamba: false).
+        moe_aux_loss_coef: weight of the Switch load-balancing loss in the output's `aux_loss` (Jamba 0.001).
+        embedding_multiplier, lm_head_multiplier, ssm_in_multiplier, ssm_out_multiplier, attn_in_multiplier,
+            attn_out_multiplier, key_multiplier, mlp_gate_multiplier, mlp_out_multiplier: Falcon-H1's scalar
+            multipliers (see the module docstring); 1 is no op.
+        ssm_proj_multipliers: five multipliers of the Mamba-2 in_proj segments [z, x, B, C, dt] (Falcon-H1's
+            `ssm_multipliers`), None for none.
+        norm_eps: eps of every RMSNorm (layer norms, the gated norm, Jamba's inner norms).
         tie_embeddings: the LM head shares the embedding matrix.
         max_seq_len: initial rotary table length (grows on demand).
         initializer_range: std of the embedding init.
@@ -103,6 +179,7 @@ class HybridConfig:
     n_layers: int | None = None
     routing: Literal["sequential", "parallel"] = "sequential"
     merge: Literal["sum", "gate", "concat"] = "sum"
+    ffn_pattern: str | list[str] | None = None
     ssm_out_multiplier: float = 1.0
     attn_out_multiplier: float = 1.0
     attn_in_multiplier: float = 1.0
@@ -110,18 +187,43 @@ class HybridConfig:
     d_conv: int = 4
     expand: int = 2
     dt_rank: int | None = None
+    mamba_inner_norms: bool = False
     compile_scan: bool = False
     scan_backend: str = "auto"
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 64
+    d_ssm: int | None = None
+    ssm_norm: bool = True
+    ssm_norm_before_gate: bool = False
+    dt_limit: list[float] | None = None
+    ssm_bias: bool = False
+    ssm_conv_bias: bool = True
     heads: int = 4
     kv_heads: int | None = None
     head_dim: int | None = None
+    attn_bias: bool = False
     rotary: bool = True
     rope_theta: float = 10000.0
+    rotary_dim: int | None = None
     qk_norm: Literal["rms", "l2"] | None = None
     window: int | None = None
     feed_forward: Literal["none", "swiglu", "mlp"] = "swiglu"
     hidden_dim: int | None = None
     multiple_of: int = 16
+    ffn_bias: bool = False
+    num_experts: int = 8
+    experts_per_token: int = 2
+    moe_hidden_dim: int | None = None
+    moe_renormalize: bool = False
+    moe_aux_loss_coef: float = 0.0
+    embedding_multiplier: float = 1.0
+    lm_head_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_proj_multipliers: list[float] | None = None
+    key_multiplier: float = 1.0
+    mlp_gate_multiplier: float = 1.0
+    mlp_out_multiplier: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_seq_len: int = 2048
@@ -140,9 +242,24 @@ class HybridConfig:
             "heads",
             "multiple_of",
             "max_seq_len",
+            "headdim",
+            "ngroups",
+            "chunk_size",
+            "num_experts",
+            "experts_per_token",
         ):
             check_positive_int(name, getattr(self, name))
-        for name in ("n_layers", "dt_rank", "kv_heads", "head_dim", "hidden_dim", "window"):
+        for name in (
+            "n_layers",
+            "dt_rank",
+            "kv_heads",
+            "head_dim",
+            "hidden_dim",
+            "window",
+            "d_ssm",
+            "rotary_dim",
+            "moe_hidden_dim",
+        ):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         self._check_pattern()
@@ -154,61 +271,170 @@ class HybridConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} must be one of {list(allowed)}")
+        for name in (
+            "mamba_inner_norms",
+            "compile_scan",
+            "ssm_norm",
+            "ssm_norm_before_gate",
+            "ssm_bias",
+            "ssm_conv_bias",
+            "attn_bias",
+            "rotary",
+            "ffn_bias",
+            "moe_renormalize",
+            "tie_embeddings",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         kv_heads = self.heads if self.kv_heads is None else self.kv_heads
         if self.heads % kv_heads:
             raise ValueError(f"heads={self.heads} must be divisible by kv_heads={kv_heads}")
         if self.head_dim is None and self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads} (or set head_dim)")
-        if self.rotary and self.attention_head_dim % 2:
+        if self.rotary and self.rotary_dim is None and self.attention_head_dim % 2:
             raise ValueError(f"head_dim={self.attention_head_dim} must be even with rotary=True")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.attention_head_dim):
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.attention_head_dim}"
+            )
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token} must be <= num_experts={self.num_experts}"
+            )
         for name in ("norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
-        for name in ("ssm_out_multiplier", "attn_out_multiplier", "attn_in_multiplier", "z_loss"):
+        for name in (
+            "ssm_out_multiplier",
+            "attn_out_multiplier",
+            "attn_in_multiplier",
+            "z_loss",
+            "moe_aux_loss_coef",
+            "embedding_multiplier",
+            "lm_head_multiplier",
+            "ssm_in_multiplier",
+            "key_multiplier",
+            "mlp_gate_multiplier",
+            "mlp_out_multiplier",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} must be a finite number")
-        if self.z_loss < 0:
-            raise ValueError(f"z_loss={self.z_loss} must be >= 0")
-        if not isinstance(self.compile_scan, bool):
-            raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
+        for name in ("z_loss", "moe_aux_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.scan_backend not in BACKENDS:
             raise ValueError(f"scan_backend={self.scan_backend!r} must be one of {BACKENDS}")
         if not isinstance(self.loss_head, str) or not self.loss_head:
             raise ValueError(f"loss_head={self.loss_head!r} must be a loss head's name (a non-empty str)")
+        self._check_lists()
+        if any(kind in ("S", "S+A", "S+G") for kind in self.layer_kinds):
+            self._check_mamba2()
+        if self.mlp_gate_multiplier != 1.0 and self.feed_forward != "swiglu":
+            raise ValueError(
+                f"mlp_gate_multiplier={self.mlp_gate_multiplier} applies to SwiGLU only, but "
+                f"feed_forward={self.feed_forward!r}"
+            )
+
+    def _check_lists(self) -> None:
+        for name, n in (("dt_limit", 2), ("ssm_proj_multipliers", 5)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = isinstance(value, (list, tuple)) and len(value) == n
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            if not ok:
+                raise ValueError(f"{name}={value!r} must be a list of {n} numbers")
+        if self.dt_limit is not None and not 0 <= self.dt_limit[0] <= self.dt_limit[1]:
+            raise ValueError(f"dt_limit={self.dt_limit!r} must be [low, high] with 0 <= low <= high")
+        if self.ssm_proj_multipliers is not None and not all(
+            math.isfinite(v) for v in self.ssm_proj_multipliers
+        ):
+            raise ValueError(f"ssm_proj_multipliers={self.ssm_proj_multipliers!r} must be finite")
+
+    def _check_mamba2(self) -> None:
+        width = self.ssm_inner_dim
+        where = f"d_ssm={self.d_ssm}" if self.d_ssm is not None else f"expand * dim = {width}"
+        if width % self.headdim:
+            raise ValueError(
+                f"headdim={self.headdim} must divide the Mamba-2 width {where} (heads = width / headdim)"
+            )
+        nheads = width // self.headdim
+        if nheads % self.ngroups:
+            raise ValueError(
+                f"ngroups={self.ngroups} must divide the Mamba-2 heads = {where} / headdim = {nheads}"
+            )
 
     def _check_pattern(self) -> None:
         p = self.pattern
         ok = isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(c, str) for c in p))
         if not ok:
-            raise ValueError(f"pattern={p!r} must be a string such as 'MMAM' or a list of 'M'/'A' letters")
-        letters = list(p)
-        if not letters:
-            raise ValueError(f"pattern={p!r} must hold at least one layer letter ('M' Mamba, 'A' attention)")
-        for i, c in enumerate(letters):
-            if c not in _LETTERS:
+            raise ValueError(f"pattern={p!r} must be a string such as 'MMAM' or a list of layer tokens")
+        tokens = list(p)
+        if not tokens:
+            raise ValueError(f"pattern={p!r} must hold at least one layer token ({_LETTERS_HELP})")
+        for i, c in enumerate(tokens):
+            if _parse_token(c) is None:
+                hint = " (a parallel pair such as 'S+A' needs the list form)" if c == "+" else ""
                 raise ValueError(
-                    f"pattern={p!r} has {c!r} at position {i}: layer letters must be 'M' (Mamba) or 'A' (attention)"
+                    f"pattern={p!r} has {c!r} at position {i}: layer tokens are {_LETTERS_HELP}{hint}"
                 )
-        if self.n_layers is not None and self.n_layers % len(letters):
-            raise ValueError(f"n_layers={self.n_layers} must be a multiple of len(pattern)={len(letters)}")
+        if self.n_layers is not None and self.n_layers % len(tokens):
+            raise ValueError(f"n_layers={self.n_layers} must be a multiple of len(pattern)={len(tokens)}")
+        f = self.ffn_pattern
+        if f is None:
+            return
+        ok = isinstance(f, str) or (isinstance(f, (list, tuple)) and all(isinstance(c, str) for c in f))
+        if not ok or not list(f):
+            raise ValueError(
+                f"ffn_pattern={f!r} must be a string such as 'DE' or a list of 'D'/'E'/'N' letters"
+            )
+        for i, c in enumerate(f):
+            if c not in _FFN_LETTERS:
+                raise ValueError(
+                    f"ffn_pattern={f!r} has {c!r} at position {i}: feed-forward letters are 'D' (dense), "
+                    "'E' (mixture of experts) and 'N' (none)"
+                )
+        total = self.n_layers or len(tokens)
+        if total % len(f):
+            raise ValueError(f"ffn_pattern={f!r} of length {len(f)} must divide the {total} layers")
 
     @property
     def layer_letters(self) -> list[str]:
-        """The pattern expanded to one letter per layer."""
+        """The pattern expanded to one token per layer."""
         letters = list(self.pattern)
         return letters * ((self.n_layers or len(letters)) // len(letters))
 
     @property
     def layer_kinds(self) -> list[str]:
-        """Per layer: "M" (Mamba), "A" (attention) or "P" (parallel Mamba + attention)."""
+        """Per layer, its canonical token: "M", "S", "A", "G", "P" (= "M+A", also what `routing: parallel` makes
+        of "A"), "M+G", "S+A" or "S+G"."""
         parallel = self.routing == "parallel"
-        return ["P" if (c == "A" and parallel) else c for c in self.layer_letters]
+        kinds = []
+        for token in self.layer_letters:
+            ssm, attn = _parse_token(token)  # type: ignore[misc]  # checked in __post_init__
+            if parallel and ssm is None:
+                ssm = "M"
+            kinds.append(_kind_of(ssm, attn))
+        return kinds
+
+    @property
+    def layer_ffns(self) -> list[str]:
+        """Per layer, its feed-forward: "swiglu", "mlp", "moe" or "none"."""
+        n = len(self.layer_letters)
+        letters = list(self.ffn_pattern) if self.ffn_pattern is not None else ["D"]
+        letters = letters * (n // len(letters))
+        return [{"D": self.feed_forward, "E": "moe", "N": "none"}[c] for c in letters]
 
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.heads
+
+    @property
+    def ssm_inner_dim(self) -> int:
+        """The Mamba-2 width: `d_ssm`, or expand * dim."""
+        return self.d_ssm if self.d_ssm is not None else self.expand * self.dim
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -254,10 +480,58 @@ def _scaled(x: Tensor, multiplier: float) -> Tensor:
     )  # a Python float fixed at construction: no branch on data
 
 
-class HybridLayer(nn.Module):
-    """One layer: `h = h + mixer(norm(h))`, then `h = h + feed_forward(ffn_norm(h))` if configured.
+class HybridOutput(NamedTuple):
+    """What a `HybridModel` with MoE layers returns: logits (B, T, V) float32 and aux_loss, the scalar sum of
+    its MoE layers' auxiliary losses (`moe_aux_loss_coef` times the load-balancing loss)."""
 
-    kind "M": `mamba`; "A": `attention`; "P": both, merged (`gate` for merge="gate", `merge_proj` for "concat").
+    logits: Tensor
+    aux_loss: Tensor
+
+
+def _mamba(ssm: str, cfg: HybridConfig, layer_idx: int, factory: dict[str, Any]) -> nn.Module:
+    """The Mamba branch of kind "M" (Mamba-1) or "S" (Mamba-2)."""
+    if ssm == "S":
+        return build_mamba2(
+            cfg.dim,
+            cfg.ssm_inner_dim,
+            in_proj_multipliers=cfg.ssm_proj_multipliers,
+            d_state=cfg.d_state,
+            d_conv=cfg.d_conv,
+            headdim=cfg.headdim,
+            ngroups=cfg.ngroups,
+            rmsnorm=cfg.ssm_norm,
+            norm_before_gate=cfg.ssm_norm_before_gate,
+            norm_eps=cfg.norm_eps,
+            time_step_limit=tuple(cfg.dt_limit) if cfg.dt_limit is not None else (0.0, math.inf),
+            conv_bias=cfg.ssm_conv_bias,
+            bias=cfg.ssm_bias,
+            chunk_size=cfg.chunk_size,
+            layer_idx=layer_idx,
+            **factory,
+        )
+    kwargs: dict[str, Any] = dict(
+        d_state=cfg.d_state,
+        d_conv=cfg.d_conv,
+        expand=cfg.expand,
+        dt_rank="auto" if cfg.dt_rank is None else cfg.dt_rank,
+        conv_bias=cfg.ssm_conv_bias,
+        bias=cfg.ssm_bias,
+        layer_idx=layer_idx,
+        compile_scan=cfg.compile_scan,
+        scan_backend=cfg.scan_backend,
+        **factory,
+    )
+    if cfg.mamba_inner_norms:
+        return InnerNormMambaBlock(cfg.dim, norm_eps=cfg.norm_eps, **kwargs)
+    return MambaBlock(cfg.dim, **kwargs)
+
+
+class HybridLayer(nn.Module):
+    """One layer: `h = h + mixer(norm(h))`, then `h = h + feed_forward(ffn_norm(h))` if it has one.
+
+    kind (a canonical token of `HybridConfig.layer_kinds`): "M" / "S": `mamba` (Mamba-1 / Mamba-2); "A" / "G":
+    `attention` (sliding with `window` / global); "P" (= "M+A"), "M+G", "S+A", "S+G": both, merged (`gate` for
+    merge="gate", `merge_proj` for "concat"). ffn: "swiglu", "mlp", "moe" or "none" (`feed_forward`).
     """
 
     def __init__(
@@ -266,38 +540,36 @@ class HybridLayer(nn.Module):
         cfg: HybridConfig,
         rotary: nn.Module | None,
         *,
+        ffn: str | None = None,
+        layer_idx: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if kind not in ("M", "A", "P"):
-            raise ValueError(f"kind={kind!r} must be 'M', 'A' or 'P'")
+        parsed = _parse_token(kind)
+        if parsed is None:
+            raise ValueError(f"kind={kind!r} must be a layer token: {_LETTERS_HELP}")
+        ssm, attn = parsed
+        ffn = cfg.feed_forward if ffn is None else ffn
+        if ffn not in (*_FEED_FORWARDS, "moe"):
+            raise ValueError(f"ffn={ffn!r} must be one of {[*_FEED_FORWARDS, 'moe']}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         d = cfg.dim
-        self.kind = kind
-        self.merge = cfg.merge if kind == "P" else None
-        self.ssm_out, self.attn_out, self.attn_in = (
-            cfg.ssm_out_multiplier,
-            cfg.attn_out_multiplier,
-            cfg.attn_in_multiplier,
-        )
+        self.kind = _kind_of(ssm, attn)
+        self.ffn = ffn
+        self.merge = cfg.merge if (ssm and attn) else None
+        self.ssm_in, self.ssm_out = cfg.ssm_in_multiplier, cfg.ssm_out_multiplier
+        self.attn_in, self.attn_out = cfg.attn_in_multiplier, cfg.attn_out_multiplier
+        self.mlp_out = cfg.mlp_out_multiplier
         self.norm = RMSNorm(d, eps=cfg.norm_eps, **factory)
         self.mamba = None
         self.attention = None
         self.gate = None
         self.merge_proj = None
-        if kind in ("M", "P"):
-            self.mamba = MambaBlock(
-                d,
-                d_state=cfg.d_state,
-                d_conv=cfg.d_conv,
-                expand=cfg.expand,
-                dt_rank="auto" if cfg.dt_rank is None else cfg.dt_rank,
-                compile_scan=cfg.compile_scan,
-                scan_backend=cfg.scan_backend,
-                **factory,
-            )
-        if kind in ("A", "P"):
+        if ssm is not None:
+            self.mamba = _mamba(ssm, cfg, layer_idx or 0, factory)
+        if attn is not None:
+            head_dim = cfg.attention_head_dim
             self.attention = Attention(
                 d,
                 cfg.heads,
@@ -305,25 +577,49 @@ class HybridLayer(nn.Module):
                 cfg.head_dim,
                 causal=True,
                 qk_norm=cfg.qk_norm,
-                window=cfg.window,
+                bias=cfg.attn_bias,
+                window=cfg.window if attn == "A" else None,
                 rotary=rotary,
+                # Falcon-H1 multiplies the keys by key_multiplier before RoPE and the cache: the same scores
+                scale=None if cfg.key_multiplier == 1.0 else cfg.key_multiplier * head_dim**-0.5,
                 **factory,
             )
         if self.merge == "gate":
             self.gate = nn.Linear(d, d, bias=True, **factory)
         elif self.merge == "concat":
             self.merge_proj = nn.Linear(2 * d, d, bias=False, **factory)
-        if cfg.feed_forward == "none":
-            self.ffn_norm = None
+        self.ffn_norm = None if ffn == "none" else RMSNorm(d, eps=cfg.norm_eps, **factory)
+        self.feed_forward: nn.Module | None
+        if ffn == "none":
             self.feed_forward = None
-        else:
-            self.ffn_norm = RMSNorm(d, eps=cfg.norm_eps, **factory)
-            if cfg.feed_forward == "swiglu":
-                self.feed_forward = SwiGLU(d, cfg.ffn_hidden_dim, **factory)
-            else:
-                self.feed_forward = FeedForward(
-                    d, cfg.ffn_hidden_dim, activation="gelu", bias=False, **factory
+        elif ffn == "swiglu":
+            if cfg.mlp_gate_multiplier != 1.0:
+                self.feed_forward = GateScaledSwiGLU(
+                    d,
+                    cfg.ffn_hidden_dim,
+                    gate_multiplier=cfg.mlp_gate_multiplier,
+                    bias=cfg.ffn_bias,
+                    **factory,
                 )
+            else:
+                self.feed_forward = SwiGLU(d, cfg.ffn_hidden_dim, bias=cfg.ffn_bias, **factory)
+        elif ffn == "mlp":
+            self.feed_forward = FeedForward(
+                d, cfg.ffn_hidden_dim, activation="gelu", bias=cfg.ffn_bias, **factory
+            )
+        else:
+            self.feed_forward = MoE(
+                d,
+                cfg.moe_hidden_dim or cfg.ffn_hidden_dim,
+                cfg.num_experts,
+                cfg.experts_per_token,
+                score_func="softmax",
+                shared_expert=False,
+                prescale_input=False,
+                renormalize=cfg.moe_renormalize,
+                aux_loss_coef=cfg.moe_aux_loss_coef,
+                **factory,
+            )
 
     def residual_outputs(self) -> list[nn.Linear]:
         """The projections writing into the residual stream (rescaled at init)."""
@@ -341,35 +637,47 @@ class HybridLayer(nn.Module):
         return out
 
     def _attend(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
-        attn: Attention = self.attention  # type: ignore[assignment]  # kinds "A" and "P" have one
-        return attn(x, input_pos=input_pos)  # without input_pos the cache is left alone
+        attn: Attention = self.attention  # type: ignore[assignment]  # attention kinds have one
+        out = attn(_scaled(x, self.attn_in), input_pos=input_pos)  # without input_pos the cache is left alone
+        return _scaled(out, self.attn_out)
+
+    def _ssm(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
+        out = self.mamba(_scaled(x, self.ssm_in), input_pos=input_pos)  # type: ignore[misc]
+        return _scaled(out, self.ssm_out)
+
+    def forward_with_aux(self, h: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """h: (B, T, D) -> (h (B, T, D), the MoE auxiliary loss or None)."""
+        x = self.norm(h)
+        if self.mamba is None:
+            out = self._attend(x, input_pos)
+        elif self.attention is None:
+            out = self._ssm(x, input_pos)
+        else:  # parallel: both branches see the same normalised input
+            m = self._ssm(x, input_pos)
+            a = self._attend(x, input_pos)
+            match self.merge:
+                case "sum":
+                    out = m + a
+                case "gate":
+                    g = torch.sigmoid(self.gate(x))  # type: ignore[misc]  # (B, T, D)
+                    out = a + g * (m - a)  # g * m + (1 - g) * a
+                case _:
+                    out = self.merge_proj(torch.cat([m, a], dim=-1))  # type: ignore[misc]
+        h = h + out
+        aux = None
+        if self.feed_forward is not None:
+            y = self.feed_forward(self.ffn_norm(h))  # type: ignore[misc]
+            if self.ffn == "moe":
+                y, aux = y.out, y.aux_loss
+            h = h + _scaled(y, self.mlp_out)
+        return h, aux
 
     def forward(self, h: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """h: (B, T, D) -> (B, T, D)."""
-        x = self.norm(h)
-        match self.kind:
-            case "M":
-                out = self.mamba(x, input_pos=input_pos)  # type: ignore[misc]
-            case "A":
-                out = self._attend(x, input_pos)
-            case _:  # "P": both branches see the same normalised input
-                m = _scaled(self.mamba(x, input_pos=input_pos), self.ssm_out)  # type: ignore[misc]
-                a = _scaled(self._attend(_scaled(x, self.attn_in), input_pos), self.attn_out)
-                match self.merge:
-                    case "sum":
-                        out = m + a
-                    case "gate":
-                        g = torch.sigmoid(self.gate(x))  # type: ignore[misc]  # (B, T, D)
-                        out = a + g * (m - a)  # g * m + (1 - g) * a
-                    case _:
-                        out = self.merge_proj(torch.cat([m, a], dim=-1))  # type: ignore[misc]
-        h = h + out
-        if self.feed_forward is not None:
-            h = h + self.feed_forward(self.ffn_norm(h))  # type: ignore[misc]
-        return h
+        return self.forward_with_aux(h, input_pos)[0]
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}" + (f", merge={self.merge!r}" if self.merge else "")
+        return f"kind={self.kind!r}, ffn={self.ffn!r}" + (f", merge={self.merge!r}" if self.merge else "")
 
 
 class HybridModel(nn.Module):
@@ -380,7 +688,8 @@ class HybridModel(nn.Module):
         device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty()` and
             `init_weights()`).
 
-    `forward(tokens, input_pos=None) -> logits (B, T, V)` float32; the cache API of `vermeil.generation`.
+    `forward(tokens, input_pos=None) -> logits (B, T, V)` float32 (a `HybridOutput` with MoE layers); the cache
+    API of `vermeil.generation`.
     """
 
     def __init__(
@@ -395,18 +704,29 @@ class HybridModel(nn.Module):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         self.config = config
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        kinds = config.layer_kinds
-        rotary = None
-        if config.rotary and any(k != "M" for k in kinds):
-            rotary = RotaryEmbedding(
-                config.attention_head_dim,
-                theta=config.rope_theta,
-                max_seq_len=config.max_seq_len,
-                device=device,
-            )
+        kinds, ffns = config.layer_kinds, config.layer_ffns
+        rotary: nn.Module | None = None
+        if config.rotary and any(k not in ("M", "S") for k in kinds):
+            head_dim = config.attention_head_dim
+            if config.rotary_dim is not None and config.rotary_dim != head_dim:
+                rotary = PartialRotary(
+                    head_dim,
+                    config.rotary_dim,
+                    theta=config.rope_theta,
+                    max_seq_len=config.max_seq_len,
+                    device=device,
+                )
+            else:
+                rotary = RotaryEmbedding(
+                    head_dim, theta=config.rope_theta, max_seq_len=config.max_seq_len, device=device
+                )
         self.rope = rotary  # one table shared by every attention layer
         self.embedding = nn.Embedding(config.vocab_size, config.dim, **factory)
-        self.layers = nn.ModuleList(HybridLayer(k, config, rotary, **factory) for k in kinds)
+        self.layers = nn.ModuleList(
+            HybridLayer(k, config, rotary, ffn=f, layer_idx=i, **factory)
+            for i, (k, f) in enumerate(zip(kinds, ffns))
+        )
+        self.has_moe = "moe" in ffns
         self.norm_f = RMSNorm(config.dim, eps=config.norm_eps, **factory)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False, **factory)
         if config.tie_embeddings:
@@ -448,13 +768,13 @@ class HybridModel(nn.Module):
         cfg = self.config
         if cfg.tie_embeddings:  # `to_empty()` after meta construction unties shared parameters: tie again
             self.lm_head.weight = self.embedding.weight
-        n_res = (1 if cfg.feed_forward == "none" else 2) * len(self.layers)
+        n_res = sum(1 + (layer.feed_forward is not None) for layer in self.layers)
         for layer in self.layers:
             for mod in layer.modules():
                 if (
                     mod is not layer
                     and hasattr(mod, "reset_parameters")
-                    and not isinstance(mod, RotaryEmbedding)
+                    and not isinstance(mod, (RotaryEmbedding, PartialRotary))
                 ):
                     mod.reset_parameters()
             for name, mod in layer.named_modules():
@@ -529,10 +849,15 @@ class HybridModel(nn.Module):
     lm_parts = ("embedding", "norm_f", "lm_head")  # (embedding, final norm, head) for loss/sequence parallel
 
     def attention_layers(self) -> list[AttentionLayer]:
-        """(query width H * Dh, sliding window or None) per layer that attends ("A" and parallel layers)."""
+        """(query width H * Dh, sliding window or None) per layer that attends (alone or in parallel)."""
         cfg = self.config
         width = cfg.heads * cfg.attention_head_dim
-        return [AttentionLayer(width, cfg.window) for kind in cfg.layer_kinds if kind != "M"]
+        out = []
+        for kind in cfg.layer_kinds:
+            attn = _parse_token(kind)[1]  # type: ignore[index]
+            if attn is not None:
+                out.append(AttentionLayer(width, cfg.window if attn == "A" else None))
+        return out
 
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
         """Raise where the hybrid cannot run tensor-parallel that way (see `vermeil.models.contract`)."""
@@ -544,7 +869,7 @@ class HybridModel(nn.Module):
 
     def sequence_parallel_plan(self) -> dict[str, str]:
         """Per submodule, its sequence-parallel style by name (`vermeil.models.contract` lists them): norms on
-        the local tokens, Mamba on the whole sequence (its scan runs along it), attention and feed-forward
+        the local tokens, Mamba (both kinds) and MoE on the whole sequence, attention and dense feed-forward
         inputs gathered with row-parallel outputs scattered back, merge weights replicated on local tokens."""
         plan: dict[str, str] = {}
         for i, layer in enumerate(self.layers):
@@ -560,6 +885,9 @@ class HybridModel(nn.Module):
                     plan[p + merge] = "local_replicated"
             if layer.feed_forward is not None:
                 plan[p + "ffn_norm"] = "local"
+                if layer.ffn == "moe":
+                    plan[p + "feed_forward"] = "whole:out"
+                    continue
                 plan[p + "feed_forward"] = "gather"
                 out = "w2" if isinstance(layer.feed_forward, SwiGLU) else "fc2"
                 plan[f"{p}feed_forward.{out}"] = "row_scatter"
@@ -567,7 +895,7 @@ class HybridModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor | HybridOutput:
         """Logits of every position.
 
         Args:
@@ -576,7 +904,7 @@ class HybridModel(nn.Module):
                 consecutive positions with a cache: the prompt (prefill), then one token at a time.
 
         Returns:
-            (B, T, V) float32 logits.
+            (B, T, V) float32 logits; with MoE layers a `HybridOutput(logits, aux_loss)`.
         """
         check_tokens(tokens, self.config.vocab_size)
         if input_pos is not None:
@@ -584,10 +912,16 @@ class HybridModel(nn.Module):
                 input_pos = None  # no cache: rotary positions 0..T-1 are the plain forward's anyway
             else:
                 check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
-        h = self.embedding(tokens)  # (B, T, D)
+        h = _scaled(self.embedding(tokens), self.config.embedding_multiplier)  # (B, T, D)
+        aux_loss = None
         for layer in self.layers:
-            h = layer(h, input_pos)
-        return self.lm_head(self.norm_f(h)).float()
+            h, aux = layer.forward_with_aux(h, input_pos)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
+        logits = _scaled(self.lm_head(self.norm_f(h)), self.config.lm_head_multiplier).float()
+        if self.has_moe:
+            return HybridOutput(logits, aux_loss)  # type: ignore[arg-type]  # an MoE layer gave one
+        return logits
 
 
 def build(
