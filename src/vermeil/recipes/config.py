@@ -2,7 +2,7 @@
 each mapped one to one onto a dataclass by the strict converter of `vermeil.config` (unknown keys, wrong types
 and bad values are named):
 
-    model: {family: hybrid, preset: vio-small, dim: 192}    # the family's config dataclass (+ an optional preset)
+    model: {family: hybrid, preset: debug, max_seq_len: 128} # the family's config dataclass (+ an optional preset)
     data:  {task: text, max_bytes: 4000000}                  # TextData | MQARData | SelectiveCopyingData | FlowData
     train: {steps: 2000, lr: 2.0e-3, batch_size: 16}         # vermeil.train.TrainConfig
     distributed: {strategy: fsdp2}                           # optional: vermeil.distributed.DistributedConfig
