@@ -60,3 +60,69 @@ def test_encode_batch_rejects_bad_args() -> None:
         tok.encode_batch(["a"], padding_side="middle")
     with pytest.raises(TypeError, match="list of strings"):
         tok.encode_batch("abc")
+
+
+def test_encode_bytes_takes_any_bytes() -> None:
+    tok = ByteTokenizer()
+    raw = b"caf\xe9\xff"  # not UTF-8
+    assert tok.encode_bytes(raw, bos=True, eos=True) == [256, *raw, 257]
+    assert tok.encode("hé") == tok.encode_bytes("hé".encode())
+    with pytest.raises(TypeError, match="data must be bytes, got str"):
+        tok.encode_bytes("text")  # type: ignore[arg-type]
+
+
+def _tiny_bpe(path, with_config: bool):  # noqa: ANN001, ANN202
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=["</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["import torch\nimport torch.nn as nn\n"] * 20, trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+    if with_config:
+        (path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    return tok
+
+
+def test_load_tokenizer_picks_a_runs_tokenizer_json(tmp_path) -> None:  # noqa: ANN001
+    from vermeil.data.tokenizer import JSONTokenizer, describe_tokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    assert describe_tokenizer(tmp_path).startswith("bytes")
+    reference = _tiny_bpe(tmp_path, with_config=True)
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, JSONTokenizer) and "tokenizer.json" in describe_tokenizer(tmp_path)
+    text = "import torch.nn as nn\n"
+    ids = tok.encode(text)
+    assert ids == reference.encode(text).ids and len(ids) < len(text.encode())  # merges, not bytes
+    assert tok.decode(ids) == tok.decode(torch.tensor(ids)) == text
+    assert tok.eos_id == reference.token_to_id("</s>") and tok.vocab_size == reference.get_vocab_size()
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert (
+        load_tokenizer(tmp_path).eos_id is None
+    )  # no config naming the EOS token: generate never stops early
+
+
+def test_copy_tokenizer_files(tmp_path) -> None:  # noqa: ANN001
+    from vermeil.data.tokenizer import copy_tokenizer_files
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    assert copy_tokenizer_files(src, dest) == [] and not dest.exists()
+    (src / "tokenizer_config.json").write_text("{}")
+    assert copy_tokenizer_files(src, dest) == []  # a config alone is no tokenizer
+    _tiny_bpe(src, with_config=False)
+    assert copy_tokenizer_files(src, dest) == ["tokenizer.json", "tokenizer_config.json"]
+    assert (dest / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_file_lists_agree() -> None:
+    """vermeil.runs.clear_run removes the files convert copies (runs does not import data: two lists)."""
+    from vermeil.data.tokenizer import TOKENIZER_FILES
+    from vermeil.runs import TOKENIZER_FILES as CLEARED
+
+    assert CLEARED == TOKENIZER_FILES
