@@ -156,6 +156,7 @@ def test_default_chunk_size_and_errors() -> None:
     # ceil(V / D) chunks, a power of two: a chunk of logits about the size of the hidden states
     assert default_chunk_size(8192, 32000, 2048) == 512
     assert default_chunk_size(10, 5, 100) == 16
+    assert default_chunk_size(2048, 32000, 128) == 256  # at least 256 tokens a chunk (16 by the rule alone)
     hidden, weight, _, targets = _problem()
     with pytest.raises(ValueError, match="chunk_size=0 must be an int >= 1"):
         chunked_cross_entropy(hidden, weight, targets, chunk_size=0)

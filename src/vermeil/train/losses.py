@@ -181,9 +181,11 @@ def lm_loss_fn(model_config: Any) -> LossFn:
 
 def default_chunk_size(n_tokens: int, vocab: int, dim: int) -> int:
     """Liger-Kernel's rule (`ops/fused_linear_cross_entropy.py`): `ceil(V / D)` chunks, so that one chunk of
-    logits (chunk, V) is about the size of the hidden states (N, D); a power of two, at least 1."""
+    logits (chunk, V) is about the size of the hidden states (N, D); rounded up to a power of two. At least
+    256 tokens (or N): every chunk adds its product into grad_weight (V, D), so a narrow model (D << V) would
+    otherwise pay for hundreds of passes over grad_weight."""
     chunks = max(1, -(-vocab // max(dim, 1)))
-    rows = max(1, -(-n_tokens // chunks))
+    rows = max(1, -(-n_tokens // chunks), min(256, n_tokens))
     return 1 << (rows - 1).bit_length()
 
 
