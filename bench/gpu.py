@@ -2,7 +2,7 @@
 
 Made for one H200 (torch 2.11, CUDA 13, Triton 3.6) in at most 8 minutes; `--tiny` runs the same code at tiny
 shapes on the CPU (a smoke test of the script, CI-safe). Imports only torch, vermeil and, when present,
-triton and transformers.
+triton, transformers and diffusers.
 
     .venv/bin/python bench/gpu.py [--tiny] [--json PATH] [--only GROUPS] [--budget-s 420] [--no-anchors]
 
@@ -37,7 +37,37 @@ Rows (issue "Mamba at GPU speed"), bf16 autocast, d_model 1024, 8 layers, d_stat
            consecutive decode steps over 32 tokens (CUDA events recorded from `generate`'s callback: the whole
            loop, sampling and bookkeeping included).
 
-Adding rows (the next issue's transformer rows): write `def row_x(ctx: Ctx) -> None` that calls
+Rows (issue "The transformer path at GPU speed"); 1.1B Llama shape = dim 2048, 16 layers, 16 heads / 8 kv,
+SwiGLU 5632, vocabulary 32000:
+  llm      greedy decoding of the 1.1B shape: first the graph-captured (and, while the budget allows, the
+           compiled) decode against eager in float32, token for token, batch 2; then bf16 ms/token after 128
+           prompt tokens at batch 1, 8 and 32: eager, CUDA graph, and the compiled graph at batch 1, with
+           tokens/s and the ratio to the bandwidth floor (non-embedding weight bytes / measured copy bandwidth).
+  train    one AdamW step (fused on CUDA) of the 1.1B shape, batch 4 x 2048, bf16 autocast: eager, regional
+           compilation (`vermeil.train.regional.compile_blocks`, what `train.compile` runs) and the same with the
+           chunked head + cross-entropy (`chunked_lm_loss_fn`); tokens/s, MFU = tokens/s x (6N + 12 L T d) /
+           the measured matmul peak (N non-embedding parameters, causal attention not halved, torchtitan's
+           convention), the first step's time (compilation included) and peak memory.
+  flex     chunked (2048) and sliding-window (1024) causal attention at B 1, 16 heads x 128, T 8192, bf16,
+           forward + backward: FlexAttention (`vermeil.nn.flex`, cached block masks, compiled kernel) vs SDPA
+           with the dense boolean mask (the reference), and for chunks SDPA's causal kernel per chunk. Checked
+           first in float32 at T 1024 (outputs and gradients). On the CPU forward only: no flex backward there.
+  moe      an MoE block (Mixtral routing, no shared expert), 16384 tokens, dim 2048, 8 experts x 1408, top-2,
+           fwd+bwd, bf16 autocast: the grouped_mm path and the padded bmm against a dense SwiGLU of equal active
+           FLOPs (hidden 2 x 1408); checked first against the per-expert loop (float32, and bf16 loosely).
+  flux     Flux, hidden 3072, 24 heads, 4 double + 8 single blocks, 4096 data + 512 condition tokens, batch 1,
+           bf16 weights: Vermeil vs diffusers' FluxTransformer2DModel on the same weights (checked equal in
+           float32 first; rows skipped when diffusers is missing), forward and forward + backward, eager and
+           both regionally compiled (`compile_blocks` / diffusers' `compile_repeated_blocks`). Vermeil's
+           backward is first run with cuDNN attention enabled (a PASS/FAIL line: torch 2.11's cuDNN backward
+           failed in diffusers at this shape), then the timed rows run with `enable_cudnn_sdp(False)`.
+  recipes  every configs/*.yaml trains 30 steps with train.device=cuda through the public recipe API
+           (`load_run_config`, `build_run`, `Trainer`), one PASS/FAIL line per config (2 steps on the CPU with
+           --tiny, the text corpus cut to 200 kB).
+On the --tiny CPU run the "compiled" variants use Dynamo's eager backend: the same tracing (graph breaks,
+fullgraph errors) in seconds, not Inductor's minutes.
+
+Adding rows: write `def row_x(ctx: Ctx) -> None` that calls
 `ctx.check(...)` / `ctx.add(...)`, and append it to a group in `GROUPS`.
 """
 
@@ -668,10 +698,21 @@ def _hybrid(ctx: Ctx) -> HybridModel:
     return HybridModel(cfg, device=ctx.device, dtype=ctx.dtype)
 
 
-def _ms_per_token(ctx: Ctx, model: torch.nn.Module, context: int, **kw: Any) -> float:
-    """Greedy generate after `context` tokens; the median interval between consecutive decode steps."""
+def _ms_per_token(
+    ctx: Ctx,
+    model: torch.nn.Module,
+    context: int,
+    *,
+    batch: int = 1,
+    new_tokens: int | None = None,
+    vocab: int | None = None,
+    **kw: Any,
+) -> float:
+    """Greedy generate after `context` tokens (a batch of `batch` prompts); the median interval between
+    consecutive decode steps over `new_tokens` (default: the Mamba rows')."""
     s = ctx.shapes
-    prompt = torch.randint(1, s.vocab, (1, context), device=ctx.device)
+    new_tokens = s.new_tokens if new_tokens is None else new_tokens
+    prompt = torch.randint(1, vocab or s.vocab, (batch, context), device=ctx.device)
     stamps: list[Any] = []
 
     def clock(pos: int, token: Tensor) -> None:
@@ -683,9 +724,9 @@ def _ms_per_token(ctx: Ctx, model: torch.nn.Module, context: int, **kw: Any) -> 
             stamps.append(time.perf_counter())
 
     # one cache length for both calls: a compiled step is specialised to the cache's shape
-    kw = dict(kw, max_seq_len=context + s.new_tokens + 2)
+    kw = dict(kw, max_seq_len=context + new_tokens + 2)
     generate(model, prompt, 2, **kw)  # warm-up: kernels, cuBLAS handles, compilation, the prefill path
-    generate(model, prompt, s.new_tokens + 2, callback=clock, **kw)
+    generate(model, prompt, new_tokens + 2, callback=clock, **kw)
     ctx.sync()
     if ctx.cuda:
         gaps = [a.elapsed_time(b) for a, b in zip(stamps, stamps[1:])]
@@ -742,7 +783,705 @@ def row_decode(ctx: Ctx) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Groups, in running order. The next issue appends its rows (transformer decode, train step, MoE, Flux).
+# Transformer rows (issue "The transformer path at GPU speed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TShapes:
+    llm: dict[str, Any]  # ModelArgs of the decode and train rows (the 1.1B Llama shape)
+    decode_batches: tuple[int, ...]
+    prompt: int  # decode rows: prompt tokens before the timed steps
+    decode_new: int  # decode rows: timed steps
+    train_batch: int
+    train_seq: int
+    flex: tuple[int, int, int, int, int, int]  # (B, H, T, Dh, chunk, window)
+    flex_check_t: int  # T of the flex parity check (float32)
+    moe: tuple[int, int, int, int, int]  # (tokens, D, E, F, K)
+    flux: dict[str, Any]  # FluxParams fields
+    flux_grid: int  # data tokens = grid^2
+    flux_cond: int  # condition tokens
+    recipe_steps: int
+
+
+T_FULL = TShapes(
+    llm=dict(
+        dim=2048,
+        n_layers=16,
+        n_heads=16,
+        n_kv_heads=8,
+        hidden_dim=5632,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        max_seq_len=4096,
+    ),
+    decode_batches=(1, 8, 32),
+    prompt=128,
+    decode_new=32,
+    train_batch=4,
+    train_seq=2048,
+    flex=(1, 16, 8192, 128, 2048, 1024),
+    flex_check_t=1024,
+    moe=(16384, 2048, 8, 1408, 2),
+    flux=dict(
+        in_channels=64,
+        out_channels=64,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=3072,
+        mlp_ratio=4.0,
+        num_heads=24,
+        depth=4,
+        depth_single_blocks=8,
+        axes_dim=[16, 56, 56],
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=False,
+    ),
+    flux_grid=64,
+    flux_cond=512,
+    recipe_steps=30,
+)
+T_TINY = dataclasses.replace(
+    T_FULL,
+    llm=dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        multiple_of=16,
+        vocab_size=256,
+        rope_theta=10000.0,
+        max_seq_len=256,
+    ),
+    decode_batches=(1, 2),
+    prompt=8,
+    decode_new=6,
+    train_batch=2,
+    train_seq=32,
+    flex=(1, 2, 256, 16, 64, 32),
+    flex_check_t=200,
+    moe=(64, 32, 4, 48, 2),
+    flux={
+        **T_FULL.flux,
+        "in_channels": 8,
+        "out_channels": 8,
+        "vec_in_dim": 16,
+        "context_in_dim": 32,
+        "hidden_size": 48,
+        "num_heads": 3,
+        "depth": 1,
+        "depth_single_blocks": 2,
+        "axes_dim": [4, 6, 6],
+    },
+    flux_grid=4,
+    flux_cond=8,
+    recipe_steps=2,
+)
+
+
+def _tshapes(ctx: Ctx) -> TShapes:
+    return T_TINY if ctx.tiny else T_FULL
+
+
+def _compile_kw(ctx: Ctx) -> dict[str, Any]:
+    """torch.compile keywords of the compiled variants: Inductor on CUDA; on the --tiny CPU run Dynamo's eager
+    backend, which traces the same graphs (graph breaks, fullgraph errors) in seconds instead of minutes."""
+    return {} if ctx.cuda else {"backend": "eager"}
+
+
+def _compiled_label(ctx: Ctx) -> str:
+    return "" if ctx.cuda else " (dynamo eager backend on the CPU)"
+
+
+def _llm(ctx: Ctx, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    from vermeil.models.llm import LLM, ModelArgs
+
+    torch.manual_seed(0)
+    return LLM(ModelArgs(**_tshapes(ctx).llm), device=ctx.device, dtype=dtype)
+
+
+def _non_embedding_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads at least once: every weight but the token embedding (a row gather)."""
+    return sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if not n.startswith("tok_embeddings")
+    )
+
+
+def row_llm_decode(ctx: Ctx) -> None:
+    """Greedy decoding of the 1.1B Llama shape: token equality in float32 first, then ms/token in bf16 (eager,
+    CUDA graph, Inductor-compiled graph at batch 1) against the bandwidth floor."""
+    ts = _tshapes(ctx)
+    label = "LLM 1.1B" if not ctx.tiny else "LLM tiny"
+    prompt_len, new = ts.prompt, ts.decode_new
+    model = _llm(ctx, torch.float32).eval()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompts = torch.randint(1, ts.llm["vocab_size"], (2, prompt_len), generator=g).to(ctx.device)
+    eager = generate(model, prompts, new, cuda_graph=False)
+    if ctx.cuda:
+        fast, what = generate(model, prompts, new, cuda_graph=True), "CUDA-graph"
+    else:
+        fast = _generate(model, prompts, new, static=True, capture=False, stop_check_every=3)
+        what = "static-buffer (no capture on the CPU)"
+    ctx.check(
+        f"{label}: {what} decode == eager greedy tokens (fp32, batch 2, {new} tokens)",
+        torch.equal(fast, eager),
+    )
+    if ctx.cuda and ctx.left() > 240:  # one more compilation (fp32), worth it while the budget is young
+        compiled = generate(model, prompts, new, cuda_graph=True, compile=True)
+        ctx.check(
+            f"{label}: compiled CUDA-graph decode == eager greedy tokens (fp32, batch 2, {new} tokens)",
+            torch.equal(compiled, eager),
+        )
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    model = model.to(dtype)
+    floor_ms = None
+    weight_bytes = _non_embedding_bytes(model)
+    if ctx.copy_gbs:
+        floor_ms = weight_bytes / (ctx.copy_gbs * 1e9) * 1e3
+    dname = str(dtype).removeprefix("torch.")
+    for batch in ts.decode_batches:
+        eager_ms = None
+        for variant, kw in DECODE_VARIANTS.items():
+            name = f"{label} {dname} B{batch} after {prompt_len} {variant}"
+            if kw["cuda_graph"] and not ctx.cuda:
+                ctx.skip("llm", name, "CUDA graphs need a CUDA device")
+                continue
+            if kw.get("compile") and batch != ts.decode_batches[0]:
+                continue  # one compilation (tens of seconds) is enough to report
+            if ctx.left() < (90 if kw.get("compile") else 15):
+                ctx.skip("llm", name, f"time budget: {ctx.left():.0f} s left")
+                continue
+            try:
+                ms = _ms_per_token(
+                    ctx, model, prompt_len, batch=batch, new_tokens=new, vocab=ts.llm["vocab_size"], **kw
+                )
+            except Exception as e:
+                ctx.skip("llm", name, f"error: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                continue
+            eager_ms = ms if variant == "eager" else eager_ms
+            ctx.add(
+                "llm",
+                name,
+                ms,
+                tok_s=batch * 1e3 / ms,
+                x_floor=ms / floor_ms if floor_ms else None,
+                gbs=weight_bytes / (ms * 1e-3) / 1e9,
+                speedup=eager_ms / ms if variant != "eager" and eager_ms else None,
+            )
+    if floor_ms is not None:
+        ctx.add(
+            "llm",
+            f"{label} bandwidth floor: {weight_bytes / 1e9:.3g} GB non-embedding weights / copy",
+            floor_ms,
+        )
+    del model
+
+
+def _train_flops_per_token(model: torch.nn.Module, ts: TShapes) -> float:
+    """6N + 12 L T d (torchtitan's convention: causal attention not halved), N = non-embedding parameters."""
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("tok_embeddings"))
+    a = ts.llm
+    head_dim = a["dim"] // a["n_heads"]
+    return 6 * n + 12 * a["n_layers"] * ts.train_seq * a["n_heads"] * head_dim
+
+
+def row_train_step(ctx: Ctx) -> None:
+    """One optimizer step of the 1.1B Llama shape (bf16 autocast, fused AdamW): eager, regionally compiled
+    (`vermeil.train.regional.compile_blocks`, what `train.compile` runs), and compiled with the chunked head +
+    cross-entropy (`train.loss_chunk_size`): first-step time, tokens/s, MFU against the measured peak, peak
+    memory."""
+    from vermeil.train.losses import causal_lm_loss
+
+    ts = _tshapes(ctx)
+    label = "LLM 1.1B" if not ctx.tiny else "LLM tiny"
+    try:
+        from vermeil.train.regional import compile_blocks
+    except ImportError:
+        compile_blocks = None
+    try:
+        from vermeil.train.losses import chunked_lm_loss_fn
+    except ImportError:
+        chunked_lm_loss_fn = None
+    model = _llm(ctx)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if ctx.cuda else None)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, ts.llm["vocab_size"], (ts.train_batch, ts.train_seq + 1), generator=g).to(
+        ctx.device
+    )
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    flops = _train_flops_per_token(model, ts)
+    n_tokens = ts.train_batch * ts.train_seq
+    variants: list[tuple[str, Any, bool]] = [("eager", causal_lm_loss, False)]
+    if compile_blocks is not None:
+        variants.append(("regional compile" + _compiled_label(ctx), causal_lm_loss, True))
+        if chunked_lm_loss_fn is not None:
+            chunked = chunked_lm_loss_fn(causal_lm_loss, model)
+            if chunked is not None:
+                variants.append(("regional compile + chunked CE" + _compiled_label(ctx), chunked, True))
+    else:
+        ctx.skip("train", f"{label} regional compile", "vermeil.train.regional is not in this checkout")
+    eager_ms = None
+    for variant, loss_fn, compiled in variants:
+        name = f"{label} train step B{ts.train_batch} T{ts.train_seq} {variant}"
+        if ctx.left() < (120 if compiled and ctx.cuda else 20):
+            ctx.skip("train", name, f"time budget: {ctx.left():.0f} s left")
+            continue
+        if compiled and compile_blocks is not None:
+            compile_blocks(model, **_compile_kw(ctx))
+
+        def step(loss_fn: Any = loss_fn) -> None:
+            with ctx.autocast():
+                loss, _ = loss_fn(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            ctx.reset_peak()
+            first_ms = ctx._time_once(step)  # compilation, cuBLAS/cuDNN set-up, optimizer state
+            ms = _median(ctx.time_ms(step, min_reps=10, max_s=8.0))
+            ctx.reset_peak()
+            step()
+            peak = ctx.peak_gb()
+        except Exception as e:
+            ctx.skip("train", name, f"error: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            continue
+        eager_ms = ms if variant == "eager" else eager_ms
+        tflops = flops * n_tokens / (ms * 1e-3) / 1e12
+        ctx.add(
+            "train",
+            name,
+            ms,
+            tok_s=n_tokens / (ms * 1e-3),
+            mfu=tflops / ctx.matmul_tflops if ctx.matmul_tflops else None,
+            first_step_s=first_ms / 1e3,
+            peak_gb=peak,
+            speedup=eager_ms / ms if variant != "eager" and eager_ms else None,
+        )
+
+
+def _dense_local_mask(kind: str, t: int, size: int, device: torch.device) -> Tensor:
+    from vermeil.nn.masks import attention_mask
+
+    pos = torch.arange(t, device=device)
+    return attention_mask(pos, pos, **{kind: size})
+
+
+def row_flex(ctx: Ctx) -> None:
+    """Chunked (Llama 4) and sliding-window attention: FlexAttention with cached block masks against SDPA with
+    the dense boolean mask (the reference), forward + backward on CUDA (the CPU has no flex backward: forward
+    only there). Checked first in float32: outputs (and gradients on CUDA) equal."""
+    from vermeil.nn.attention import attention, chunked_causal_attention
+    from vermeil.nn.flex import flex_attention, flex_available
+
+    if not flex_available():
+        ctx.skip("flex", "flex attention", f"torch {torch.__version__} has no FlexAttention")
+        return
+    ts = _tshapes(ctx)
+    b, h, t, dh, chunk, window = ts.flex
+    backward = ctx.cuda
+    # correctness, float32, a shorter sequence
+    tc = ts.flex_check_t
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base = [torch.randn(b, h, tc, dh, generator=g).to(ctx.device) for _ in range(3)]
+    for kind, size in (("chunk", chunk // 4 or 1), ("window", window // 4 or 1)):
+        outs, grads = [], []
+        for fn in (
+            lambda q, k, v, kind=kind, size=size: flex_attention(q, k, v, causal=True, **{kind: size}),
+            lambda q, k, v, kind=kind, size=size: attention(
+                q, k, v, _dense_local_mask(kind, tc, size, ctx.device)
+            ),
+        ):
+            leaves = [x.clone().requires_grad_(backward) for x in base]
+            with torch.set_grad_enabled(backward):
+                out = fn(*leaves)
+                if backward:
+                    out.backward(torch.ones_like(out))
+            outs.append(out.detach())
+            grads.append([x.grad for x in leaves] if backward else [])
+        err = max(
+            [((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()]
+            + [((a - r).abs().max() / r.abs().max()).item() for a, r in zip(*grads)]
+        )
+        ctx.check(
+            f"flex {kind} {size} == SDPA + dense mask (fp32, T{tc}, {'outputs and grads' if backward else 'outputs'})",
+            err < 1e-4,
+            f"max error / max {err:.1e}",
+        )
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    dname = str(dtype).removeprefix("torch.")
+    leaves = [
+        torch.randn(b, h, t, dh, generator=g).to(ctx.device, dtype).requires_grad_(backward) for _ in range(3)
+    ]
+    what = "fwd+bwd" if backward else "fwd (no flex backward on the CPU)"
+
+    def timed(fn: Callable[[], Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.set_grad_enabled(backward):
+                out = fn()
+                if backward:
+                    out.backward(torch.ones_like(out))
+
+        return run
+
+    for kind, size in (("chunk", chunk), ("window", window)):
+        dense = _dense_local_mask(kind, t, size, ctx.device)
+        variants: dict[str, Callable[[], Tensor]] = {
+            "SDPA + dense bool mask": lambda dense=dense: attention(*leaves, dense),
+            "flex (cached block mask)": lambda kind=kind, size=size: flex_attention(
+                *leaves, causal=True, **{kind: size}
+            ),
+        }
+        if kind == "chunk":
+            variants["SDPA causal per chunk (chunked_causal_attention)"] = lambda size=size: (
+                chunked_causal_attention(*leaves, size)
+            )
+        ref_ms = None
+        for variant, fn in variants.items():
+            name = f"{kind} {size} B{b} H{h} T{t} Dh{dh} {dname} {what} {variant}"
+            if ctx.left() < (60 if "flex" in variant and ctx.cuda else 10):
+                ctx.skip("flex", name, f"time budget: {ctx.left():.0f} s left")
+                continue
+            try:
+                ms = _median(ctx.time_ms(timed(fn), min_reps=20, max_s=3.0))
+            except Exception as e:
+                ctx.skip("flex", name, f"error: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                continue
+            is_ref = variant.startswith("SDPA + dense")
+            ref_ms = ms if is_ref else ref_ms
+            ctx.add("flex", name, ms, x_dense_sdpa=ref_ms / ms if ref_ms and not is_ref else None)
+            for x in leaves:
+                x.grad = None
+
+
+def row_moe(ctx: Ctx) -> None:
+    """An MoE block (Mixtral routing, no shared expert) forward + backward against a dense SwiGLU of the same
+    active FLOPs (hidden K x F), bf16 autocast; checked first against the per-expert loop in float32 (and the
+    grouped_mm path under bf16 autocast against it, loosely)."""
+    from vermeil.nn.feedforward import SwiGLU
+    from vermeil.nn.moe import MoE, grouped_mm_supported
+
+    ts = _tshapes(ctx)
+    tokens, dim, experts, hidden, k = ts.moe
+
+    def build(backend: str) -> MoE:
+        torch.manual_seed(0)
+        return MoE(
+            dim,
+            hidden,
+            experts,
+            k,
+            score_func="softmax",
+            renormalize=True,
+            shared_expert=False,
+            prescale_input=False,
+            backend=backend,
+            device=ctx.device,
+        )
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x_small = torch.randn(min(tokens, 512), dim, generator=g).to(ctx.device)
+    gout = torch.randn(min(tokens, 512), dim, generator=g).to(ctx.device)
+
+    def out_and_grads(model: MoE, amp: bool) -> list[Tensor]:
+        x = x_small.clone().requires_grad_(True)
+        with ctx.autocast() if amp else nullcontext():
+            out = model(x).out
+        grads = torch.autograd.grad((out.float() * gout).sum(), [x, *model.parameters()])
+        return [out.detach().float(), *grads]
+
+    ref = out_and_grads(build("loop"), amp=False)
+    fast = build("grouped")
+    for amp, tol in ((False, 1e-4), (True, 3e-2)):
+        if amp and ctx.amp_dtype is None:
+            continue
+        with ctx.autocast() if amp else nullcontext():
+            path = "grouped_mm" if grouped_mm_supported(x_small, fast.experts.w1) else "padded bmm"
+        got = out_and_grads(fast, amp=amp)
+        err = max(((a - r).abs().max() / r.abs().max().clamp(min=1e-30)).item() for a, r in zip(got, ref))
+        ctx.check(
+            f"MoE backend='grouped' ({'bf16 autocast, ' if amp else 'fp32, '}{path}) == loop (out + grads)",
+            err < tol,
+            f"max error / max {err:.1e} (tolerance {tol:g})",
+        )
+    x = torch.randn(tokens, dim, generator=g).to(ctx.device)
+    dense = SwiGLU(dim, k * hidden, device=ctx.device)
+    padded = build("padded")
+    padded.load_state_dict(fast.state_dict())
+    variants: dict[str, Callable[[Tensor], Tensor]] = {
+        f"dense SwiGLU {dim}x{k * hidden} (equal active FLOPs)": dense,
+        "MoE grouped": lambda t: fast(t).out,
+        "MoE padded (bmm; syncs once per call for its capacity)": lambda t: padded(t).out,
+    }
+    dense_ms = None
+    for variant, fn in variants.items():
+        name = f"T{tokens} D{dim} E{experts}x{hidden} top-{k} fwd+bwd {variant}"
+        if ctx.left() < 10:
+            ctx.skip("moe", name, f"time budget: {ctx.left():.0f} s left")
+            continue
+        try:
+            ms = _median(ctx.time_ms(_fwd_bwd(ctx, fn, x), min_reps=20, max_s=3.0))
+        except Exception as e:
+            ctx.skip("moe", name, f"error: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            continue
+        dense_ms = ms if variant.startswith("dense") else dense_ms
+        ctx.add(
+            "moe", name, ms, x_dense=ms / dense_ms if dense_ms and not variant.startswith("dense") else None
+        )
+
+
+def _flux_inputs(ctx: Ctx, params: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+    ts = _tshapes(ctx)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    grid = ts.flux_grid
+    img_ids = torch.zeros(grid, grid, 3)
+    img_ids[..., 1] = torch.arange(grid)[:, None]
+    img_ids[..., 2] = torch.arange(grid)[None, :]
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(ctx.device, dtype)
+
+    return dict(
+        data=r(1, grid * grid, params.in_channels),
+        cond=r(1, ts.flux_cond, params.context_in_dim),
+        y=r(1, params.vec_in_dim),
+        t=torch.rand(1, generator=g).to(ctx.device, dtype),
+        img_ids=img_ids.view(-1, 3).to(ctx.device),
+        txt_ids=torch.zeros(ts.flux_cond, 3, device=ctx.device),
+    )
+
+
+def _flux_fns(ours: Any, theirs: Any, x: dict[str, Tensor]) -> dict[str, Callable[[], Tensor]]:
+    fns = {
+        "Vermeil": lambda: ours(x["data"], x["img_ids"][None], x["cond"], x["txt_ids"][None], x["t"], x["y"])
+    }
+    if theirs is not None:
+        fns["diffusers"] = lambda: theirs(
+            hidden_states=x["data"],
+            encoder_hidden_states=x["cond"],
+            pooled_projections=x["y"],
+            timestep=x["t"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            return_dict=False,
+        )[0]
+    return fns
+
+
+def row_flux(ctx: Ctx) -> None:
+    """Flux (hidden 3072, 24 heads, 4 double + 8 single blocks, 4096 data + 512 condition tokens, batch 1, bf16
+    weights): Vermeil against diffusers' FluxTransformer2DModel on the same weights, forward and forward +
+    backward, eager and both regionally compiled (Vermeil: `compile_blocks`; diffusers:
+    `compile_repeated_blocks`). cuDNN's SDPA is tried first on Vermeil's backward (torch 2.11's cuDNN attention
+    backward failed in diffusers at this shape), then disabled for the timed rows, as the issue's figures."""
+    from vermeil.models.flux import Flux, FluxParams
+
+    ts = _tshapes(ctx)
+    params = FluxParams(**ts.flux)
+    label = f"Flux D{params.hidden_size} {params.depth}+{params.depth_single_blocks} L{ts.flux_grid**2}+{ts.flux_cond}"
+    theirs = None
+    try:
+        from diffusers import FluxTransformer2DModel
+
+        from vermeil.interop.diffusers_flux import from_diffusers
+    except ImportError:
+        FluxTransformer2DModel = None
+        ctx.skip("flux", f"{label} diffusers anchor", "diffusers is not installed")
+    torch.manual_seed(0)
+    with torch.device(ctx.device):
+        if FluxTransformer2DModel is not None:
+            theirs = FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=params.in_channels,
+                out_channels=params.out_channels,
+                num_layers=params.depth,
+                num_single_layers=params.depth_single_blocks,
+                attention_head_dim=params.hidden_size // params.num_heads,
+                num_attention_heads=params.num_heads,
+                joint_attention_dim=params.context_in_dim,
+                pooled_projection_dim=params.vec_in_dim,
+                guidance_embeds=False,
+                axes_dims_rope=tuple(params.axes_dim),
+            )
+            ours = from_diffusers(theirs)
+        else:
+            ours = Flux(params)
+    x32 = _flux_inputs(ctx, params, torch.float32)
+    if theirs is not None:
+        with torch.no_grad():
+            fns = _flux_fns(ours, theirs, x32)
+            a, b = fns["Vermeil"](), fns["diffusers"]()
+            err = ((a - b).abs().max() / b.abs().max()).item()
+        ctx.check(
+            f"{label}: Vermeil == diffusers (fp32 forward, same weights)",
+            err < 1e-4,
+            f"max error / max {err:.1e}",
+        )
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    ours = ours.to(dtype)
+    theirs = theirs.to(dtype) if theirs is not None else None
+    x = _flux_inputs(ctx, params, dtype)
+    fns = _flux_fns(ours, theirs, x)
+    cudnn_was = torch.backends.cuda.cudnn_sdp_enabled() if ctx.cuda else None
+    if ctx.cuda:
+        try:  # does cuDNN attention's backward fail on Vermeil's Flux too?
+            fns["Vermeil"]().float().square().mean().backward()
+            torch.cuda.synchronize()
+            ctx.check(f"{label}: Vermeil fwd+bwd runs with cuDNN SDPA enabled (bf16)", True)
+        except Exception as e:
+            ctx.check(
+                f"{label}: Vermeil fwd+bwd runs with cuDNN SDPA enabled (bf16)",
+                False,
+                f"{type(e).__name__}: {e}",
+            )
+        ours.zero_grad(set_to_none=True)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        _time_flux(ctx, label, ours, theirs, fns)
+    finally:
+        if cudnn_was is not None:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
+
+
+def _time_flux(ctx: Ctx, label: str, ours: Any, theirs: Any, fns: dict[str, Callable[[], Tensor]]) -> None:
+    try:
+        from vermeil.train.regional import compile_blocks
+    except ImportError:
+        compile_blocks = None
+    dname = "bf16" if ctx.cuda else "fp32"
+
+    def fwd(fn: Callable[[], Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    def fwd_bwd(fn: Callable[[], Tensor], model: Any) -> Callable[[], None]:
+        def run() -> None:
+            fn().float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    models = {"Vermeil": ours, "diffusers": theirs}
+    eager: dict[tuple[str, str], float] = {}
+    for compiled in (False, True):
+        if compiled:
+            if ctx.left() < 150 and ctx.cuda:
+                ctx.skip("flux", f"{label} compiled rows", f"time budget: {ctx.left():.0f} s left")
+                return
+            if compile_blocks is not None:
+                compile_blocks(ours, **_compile_kw(ctx))
+            else:
+                ctx.skip(
+                    "flux", f"{label} Vermeil compiled", "vermeil.train.regional is not in this checkout"
+                )
+                fns = {k: v for k, v in fns.items() if k != "Vermeil"}
+            if theirs is not None and not ctx.cuda:
+                # Dynamo re-traces diffusers' blocks between the no-grad and the grad calls: ~30 s of a CPU
+                # smoke run for nothing the GPU run does not show
+                ctx.skip(
+                    "flux",
+                    f"{label} diffusers compiled",
+                    "--tiny on the CPU: compiled anchor rows on CUDA only",
+                )
+                fns = {k: v for k, v in fns.items() if k != "diffusers"}
+            elif theirs is not None and hasattr(theirs, "compile_repeated_blocks"):
+                theirs.compile_repeated_blocks(**_compile_kw(ctx))
+            elif theirs is not None:
+                ctx.skip(
+                    "flux", f"{label} diffusers compiled", "this diffusers has no compile_repeated_blocks"
+                )
+                fns = {k: v for k, v in fns.items() if k != "diffusers"}
+        for who, fn in fns.items():
+            for what, call in (("fwd", fwd(fn)), ("fwd+bwd", fwd_bwd(fn, models[who]))):
+                variant = ("regional compile" + _compiled_label(ctx)) if compiled else "eager"
+                name = f"{label} {dname} {what} {who} {variant}"
+                if ctx.left() < 10:
+                    ctx.skip("flux", name, f"time budget: {ctx.left():.0f} s left")
+                    continue
+                try:
+                    first = ctx._time_once(call)
+                    ms = _median(ctx.time_ms(call, min_reps=10, max_s=4.0))
+                except Exception as e:
+                    ctx.skip("flux", name, f"error: {type(e).__name__}: {e}")
+                    traceback.print_exc()
+                    continue
+                if not compiled:
+                    eager[(who, what)] = ms
+                base = eager.get(("diffusers", what))
+                ctx.add(
+                    "flux",
+                    name,
+                    ms,
+                    x_diffusers_eager=base / ms if base and (who, compiled) != ("diffusers", False) else None,
+                    first_call_s=first / 1e3 if compiled else None,
+                )
+
+
+def _recipe_overrides(ctx: Ctx) -> list[str]:
+    ts = _tshapes(ctx)
+    device = "cuda" if ctx.cuda else "cpu"
+    over = [
+        f"train.steps={ts.recipe_steps}",
+        f"train.device={device}",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+    ]
+    over += ["train.plot=false", "train.progress=false", "train.save_every=0", "train.log_every=1000"]
+    if ctx.tiny:
+        over.append("train.batch_size=2")
+    return over
+
+
+def row_recipes(ctx: Ctx) -> None:
+    """Every configs/*.yaml trains through the public recipe API (`load_run_config`, `build_run`, `Trainer`)
+    for 30 steps on CUDA (2 on the CPU with --tiny), each in its own try block: ok or the error, per config."""
+    from vermeil.recipes import build_run, load_run_config
+    from vermeil.train import Trainer
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+    configs = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    overrides = _recipe_overrides(ctx)
+    for name in configs:
+        label = f"{name} {_tshapes(ctx).recipe_steps} steps on {ctx.device.type}"
+        if ctx.left() < 20:
+            ctx.skip("recipes", label, f"time budget: {ctx.left():.0f} s left")
+            continue
+        t0 = time.perf_counter()
+        try:
+            run = load_run_config(os.path.join(root, name), overrides)
+            max_bytes = getattr(run.data, "max_bytes", "absent")  # the text task's corpus size
+            if ctx.tiny and max_bytes != "absent" and (max_bytes is None or max_bytes > 200_000):
+                run.data.max_bytes = 200_000  # a smoke run: a slice of the corpus
+            built = build_run(run)
+            trainer = Trainer(built.model, built.train_batches, built.loss_fn, run.train)
+            result = trainer.fit()
+            loss = result.history[-1].get("loss") if result.history else None
+            ok = result.step == run.train.steps and (loss is None or math.isfinite(float(loss)))
+            ctx.check(f"recipe {label}", ok, f"step {result.step}, last loss {loss}")
+            ctx.add("recipes", label, (time.perf_counter() - t0) * 1e3, step=result.step, status_ok=ok)
+        except Exception as e:
+            ctx.check(
+                f"recipe {label}", False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
+            traceback.print_exc()
+        finally:
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Groups, in running order.
 
 GROUPS: dict[str, list[Callable[[Ctx], None]]] = {
     "ceiling": [row_matmul_peak, row_copy_bandwidth],
@@ -750,8 +1489,16 @@ GROUPS: dict[str, list[Callable[[Ctx], None]]] = {
     "stack": [row_stack],
     "scan": [row_scan],
     "decode": [row_decode],
+    "llm": [row_llm_decode],
+    "train": [row_train_step],
+    "flex": [row_flex],
+    "moe": [row_moe],
+    "flux": [row_flux],
+    "recipes": [row_recipes],
     "anchors": [row_anchor_transformers],
 }
+# the groups whose figures are ratios to the measured ceilings (matmul peak, copy bandwidth)
+NEEDS_CEILINGS = ("stack", "scan", "llm", "train")
 
 
 def header(ctx: Ctx) -> dict[str, Any]:
@@ -825,7 +1572,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(args)
     info = header(ctx)
     groups = args.only or list(GROUPS)
-    if any(g in groups for g in ("stack", "scan")) and "ceiling" not in groups:
+    if any(g in groups for g in NEEDS_CEILINGS) and "ceiling" not in groups:
         groups = ["ceiling", *groups]  # the floors and bandwidth ratios need the ceilings
     for group in GROUPS:
         if group not in groups:

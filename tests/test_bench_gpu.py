@@ -31,18 +31,40 @@ def test_gpu_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
     assert report["tiny"] is True and report["torch"] == torch.__version__
     assert report["checks"] and all(c["ok"] for c in report["checks"]), report["checks"]
     rows = report["rows"]
-    assert {r["group"] for r in rows} >= {"ceiling", "stack", "scan", "decode", "anchors"}
+    assert {r["group"] for r in rows} >= {
+        "ceiling",
+        "stack",
+        "scan",
+        "decode",
+        "anchors",
+        "llm",
+        "train",
+        "flex",
+        "moe",
+        "flux",
+        "recipes",
+    }
     for row in rows:
         assert row["status"] == "ok" or row["status"].startswith("skipped: "), row
         assert "error" not in row["status"], row  # a row may be skipped for a reason, never crash
         if row["status"] == "ok" and row["ms"] is not None:
             assert row["ms"] > 0, row
     ran = {r["group"] for r in rows if r["status"] == "ok"}
-    assert {"ceiling", "stack", "scan", "decode"} <= ran
+    assert {"ceiling", "stack", "scan", "decode", "llm", "train", "flex", "moe", "flux", "recipes"} <= ran
     # decoding is checked token for token on every cached model
     names = " ".join(c["name"] for c in report["checks"])
     for model in ("LLM", "MambaLM", "HybridModel"):
         assert f"{model}: " in names
+    # the transformer rows check before they time: decode tokens, flex vs dense masks, MoE vs the loop
+    for check in ("LLM tiny: static-buffer", "flex chunk", "flex window", "MoE backend='grouped'"):
+        assert check in names, check
+    # the compiled train variants (regional compilation) ran, on Dynamo's eager backend here
+    train = [r["name"] for r in rows if r["group"] == "train" and r["status"] == "ok"]
+    assert any("regional compile" in n for n in train), train
+    # every recipe config trained its 2 steps
+    configs = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    recipe_checks = [c for c in report["checks"] if c["name"].startswith("recipe ")]
+    assert len(recipe_checks) == len(configs) and all(c["ok"] for c in recipe_checks), recipe_checks
 
 
 def test_gpu_bench_rejects_an_unknown_group() -> None:
