@@ -95,6 +95,7 @@ from torch import Tensor
 
 import vermeil
 from vermeil.generation import _generate, generate
+from vermeil.models.flux import PRESETS as FLUX_PRESETS
 from vermeil.models.hybrid import HybridConfig, HybridModel
 from vermeil.models.mamba import MambaConfig, MambaLM
 from vermeil.nn.scan import selective_scan, selective_scan_ref
@@ -756,30 +757,48 @@ def row_decode(ctx: Ctx) -> None:
     for label, build in models.items():
         model = build().eval()
         for context in s.contexts:
-            eager_ms = None
-            for variant, kw in DECODE_VARIANTS.items():
-                name = f"{label} B1 after {context} {dtype} {variant}"
-                if kw["cuda_graph"] and not ctx.cuda:
-                    ctx.skip("decode", name, "CUDA graphs need a CUDA device")
-                    continue
-                if ctx.left() < (90 if kw.get("compile") else 15):
-                    ctx.skip("decode", name, f"time budget: {ctx.left():.0f} s left")
-                    continue
-                try:
-                    ms = _ms_per_token(ctx, model, context, **kw)
-                except Exception as e:
-                    ctx.skip("decode", name, f"error: {type(e).__name__}: {e}")
-                    traceback.print_exc()
-                    continue
-                eager_ms = ms if variant == "eager" else eager_ms
-                ctx.add(
-                    "decode",
-                    name,
-                    ms,
-                    tok_s=1e3 / ms,
-                    speedup=eager_ms / ms if variant != "eager" and eager_ms else None,
-                )
+            _decode_rows(ctx, "decode", f"{label} B1 after {context} {dtype}", model, context)
         del model
+
+
+def _decode_rows(
+    ctx: Ctx,
+    group: str,
+    label: str,
+    model: torch.nn.Module,
+    context: int,
+    *,
+    variants: dict[str, dict[str, bool]] = DECODE_VARIANTS,
+    batch: int = 1,
+    metrics: Callable[[float], dict[str, Any]] = lambda ms: {},
+    **kw: Any,
+) -> None:
+    """One row per decode variant (`_ms_per_token`), each with tokens/s, `metrics(ms)` and its speedup over
+    eager; graph variants are skipped off CUDA, compiled ones when under 90 s of budget are left."""
+    eager_ms = None
+    for variant, options in variants.items():
+        name = f"{label} {variant}"
+        if options["cuda_graph"] and not ctx.cuda:
+            ctx.skip(group, name, "CUDA graphs need a CUDA device")
+            continue
+        if ctx.left() < (90 if options.get("compile") else 15):
+            ctx.skip(group, name, f"time budget: {ctx.left():.0f} s left")
+            continue
+        try:
+            ms = _ms_per_token(ctx, model, context, batch=batch, **options, **kw)
+        except Exception as e:
+            ctx.skip(group, name, f"error: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            continue
+        eager_ms = ms if variant == "eager" else eager_ms
+        ctx.add(
+            group,
+            name,
+            ms,
+            tok_s=batch * 1e3 / ms,
+            **metrics(ms),
+            speedup=eager_ms / ms if variant != "eager" and eager_ms else None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -822,20 +841,9 @@ T_FULL = TShapes(
     flex=(1, 16, 8192, 128, 2048, 1024),
     flex_check_t=1024,
     moe=(16384, 2048, 8, 1408, 2),
+    # flux-dev's blocks (BFL util.py), 4 double + 8 single of them, no guidance embedding
     flux=dict(
-        in_channels=64,
-        out_channels=64,
-        vec_in_dim=768,
-        context_in_dim=4096,
-        hidden_size=3072,
-        mlp_ratio=4.0,
-        num_heads=24,
-        depth=4,
-        depth_single_blocks=8,
-        axes_dim=[16, 56, 56],
-        theta=10_000,
-        qkv_bias=True,
-        guidance_embed=False,
+        dataclasses.asdict(FLUX_PRESETS["flux-dev"]), depth=4, depth_single_blocks=8, guidance_embed=False
     ),
     flux_grid=64,
     flux_cond=512,
@@ -943,35 +951,25 @@ def row_llm_decode(ctx: Ctx) -> None:
         floor_ms = weight_bytes / (ctx.copy_gbs * 1e9) * 1e3
     dname = str(dtype).removeprefix("torch.")
     for batch in ts.decode_batches:
-        eager_ms = None
-        for variant, kw in DECODE_VARIANTS.items():
-            name = f"{label} {dname} B{batch} after {prompt_len} {variant}"
-            if kw["cuda_graph"] and not ctx.cuda:
-                ctx.skip("llm", name, "CUDA graphs need a CUDA device")
-                continue
-            if kw.get("compile") and batch != ts.decode_batches[0]:
-                continue  # one compilation (tens of seconds) is enough to report
-            if ctx.left() < (90 if kw.get("compile") else 15):
-                ctx.skip("llm", name, f"time budget: {ctx.left():.0f} s left")
-                continue
-            try:
-                ms = _ms_per_token(
-                    ctx, model, prompt_len, batch=batch, new_tokens=new, vocab=ts.llm["vocab_size"], **kw
-                )
-            except Exception as e:
-                ctx.skip("llm", name, f"error: {type(e).__name__}: {e}")
-                traceback.print_exc()
-                continue
-            eager_ms = ms if variant == "eager" else eager_ms
-            ctx.add(
-                "llm",
-                name,
-                ms,
-                tok_s=batch * 1e3 / ms,
-                x_floor=ms / floor_ms if floor_ms else None,
-                gbs=weight_bytes / (ms * 1e-3) / 1e9,
-                speedup=eager_ms / ms if variant != "eager" and eager_ms else None,
-            )
+        # one compilation (tens of seconds) is enough to report: the compiled variant at the first batch only
+        variants = {
+            k: v for k, v in DECODE_VARIANTS.items() if not v.get("compile") or batch == ts.decode_batches[0]
+        }
+        _decode_rows(
+            ctx,
+            "llm",
+            f"{label} {dname} B{batch} after {prompt_len}",
+            model,
+            prompt_len,
+            variants=variants,
+            batch=batch,
+            new_tokens=new,
+            vocab=ts.llm["vocab_size"],
+            metrics=lambda ms: {
+                "x_floor": ms / floor_ms if floor_ms else None,
+                "gbs": weight_bytes / (ms * 1e-3) / 1e9,
+            },
+        )
     if floor_ms is not None:
         ctx.add(
             "llm",
