@@ -22,6 +22,7 @@ from vermeil.train.losses import (
     chunked_cross_entropy,
     chunked_lm_loss_fn,
     default_chunk_size,
+    lm_head,
     lm_loss_fn,
 )
 
@@ -261,3 +262,22 @@ def test_chunked_lm_loss_fn_declines_and_refuses() -> None:
     assert "forward" not in model.lm_head.__dict__  # restored after the error too
     with pytest.raises(ValueError, match="no output head"), capture_head_input(NoHead()):
         pass
+
+
+def test_head_found_by_the_model_contract() -> None:
+    """`lm_parts` (embedding, final norm, head) names the head, nested or not; else `output` / `lm_head`."""
+
+    class Nested(nn.Module):
+        lm_parts = ("emb", "norm", "out.proj")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.norm, self.out = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Module()
+            self.out.proj = nn.Linear(4, 7)
+            self.lm_head = nn.Linear(4, 7)  # not the head: lm_parts says so
+
+    model = Nested()
+    assert lm_head(model) is model.out.proj
+    models = dict(_models())
+    assert lm_head(models["llm"]) is models["llm"].output
+    assert lm_head(models["mamba"]) is models["mamba"].lm_head

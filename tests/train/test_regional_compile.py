@@ -210,7 +210,9 @@ def test_trainer_chunked_loss_equals_full_logits() -> None:
 
 
 def test_trainer_chunked_loss_refused_where_it_cannot_apply() -> None:
-    with pytest.raises(ValueError, match=r"train.loss_chunk_size=8 .* named output or lm_head: set it to 0"):
+    with pytest.raises(
+        ValueError, match=r"train.loss_chunk_size=8 .* named output or lm_head\): set it to 0"
+    ):
         _fit(Flat(head="proj"), loss_chunk_size=8)
     with pytest.raises(ValueError, match="needs causal_lm_loss or a cross_entropy loss head"):
         _fit(_llm(), lambda m, b: m(b[0]).logits.mean(), loss_chunk_size=8)

@@ -51,7 +51,7 @@ class TrainConfig:
             many tokens (`vermeil.train.losses.chunked_cross_entropy`: no (B*T, V) float32 logits in memory);
             0 computes the full logits as before; "auto" chunks on CUDA in a single process (chunks of
             logits about the size of the hidden states) and not on the CPU. It applies to `causal_lm_loss` and
-            to the `cross_entropy` loss head on a model whose head is an `nn.Linear` named `output` or `lm_head`.
+            to the `cross_entropy` loss head on a model whose head is an `nn.Linear` (the last of its `lm_parts`).
     """
 
     steps: int = 1000

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.models.contract import split_output
+
 __all__ = [
     "HEAD_NAMES",
     "LOSS_HEADS",
@@ -48,14 +50,6 @@ LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Mapping[str, Tensor]
 LossHead = Callable[[Tensor, Tensor], Tensor]  # (logits (B, T, V), targets (B, T)) -> scalar loss
 
 
-def logits_and_aux(output: Any) -> tuple[Tensor, Tensor | None]:
-    """(logits, MoE auxiliary loss or None) of a model output: a logits tensor, or an object with `.logits`
-    and optionally `.aux_loss` (the LLM's `TransformerOutput`)."""
-    if isinstance(output, Tensor):
-        return output, None
-    return output.logits, getattr(output, "aux_loss", None)
-
-
 def plain(value: Any) -> Any:
     """A replicated DTensor (a loss-parallel cross-entropy) as a plain tensor, differentiably; else unchanged."""
     return value.full_tensor() if hasattr(value, "full_tensor") else value  # no import: DTensors only
@@ -69,10 +63,11 @@ def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tens
 
     Returns:
         (loss, {"ce": cross-entropy, "aux_loss": MoE auxiliary loss (when present)}). A model's output may be
-        logits (B, T, V) or an object with `.logits` and optionally `.aux_loss` (the LLM's TransformerOutput).
+        logits (B, T, V) or an object with `.logits` and optionally `.aux_loss` (the LLM's TransformerOutput),
+        read with `vermeil.models.contract.split_output`.
     """
     inputs, targets = batch
-    logits, aux = logits_and_aux(model(inputs))
+    logits, aux = split_output(model(inputs))
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     # Vocab-sharded logits (loss parallelism) give a replicated DTensor: plain before it meets the plain aux
     # loss, whose backward would otherwise receive a DTensor gradient.
@@ -150,7 +145,7 @@ def head_loss(model: nn.Module, head: LossHead, tokens: Tensor, targets: Tensor 
         targets: (B, T), the token expected after each input position (the head's `ignore_index` skips one);
             None means next-token prediction on `tokens` itself (logits[:, :-1] against tokens[:, 1:]).
     """
-    logits, _ = logits_and_aux(model(tokens))
+    logits, _ = split_output(model(tokens))
     if targets is None:
         return head(logits[:, :-1], tokens[:, 1:])
     if targets.shape != tokens.shape:
@@ -384,15 +379,20 @@ def chunked_cross_entropy(
 # ----------------------------------------------------------------------------------------------------------
 # The trainer's language-model losses without full logits
 
-# Public names of the output head (an nn.Linear (D -> V)) on Vermeil's language models: LLM.output,
-# MambaLM.lm_head, HybridModel.lm_head.
+# Where the output head (an nn.Linear (D -> V)) is looked for on a model that does not name it in `lm_parts`.
 HEAD_NAMES = ("output", "lm_head")
 
 
 def lm_head(model: nn.Module) -> nn.Linear | None:
-    """The output head of a language model (its `output` or `lm_head` nn.Linear), or None."""
-    for name in HEAD_NAMES:
-        head = getattr(model, name, None)
+    """The output head of a language model, or None: the third of the model's `lm_parts` (the model contract,
+    `vermeil.models.contract`), else an attribute named `output` or `lm_head`; an nn.Linear either way."""
+    parts = getattr(model, "lm_parts", None)
+    names = [parts[2]] if isinstance(parts, tuple) and len(parts) == 3 else list(HEAD_NAMES)
+    for name in names:
+        try:
+            head = model.get_submodule(name)
+        except AttributeError:
+            continue
         if isinstance(head, nn.Linear):
             return head
     return None
@@ -410,8 +410,8 @@ class _HeadInput:
         ph = self.placeholder
         if self.hidden is None or ph is None:
             raise RuntimeError(
-                "the chunked loss (train.loss_chunk_size) needs the model to call its head "
-                f"({type(head).__name__} {HEAD_NAMES}) in forward, and it did not: set train.loss_chunk_size=0"
+                "the chunked loss (train.loss_chunk_size) needs the model to call its head (the nn.Linear of "
+                "lm_parts, or named output / lm_head) in forward, and it did not: set train.loss_chunk_size=0"
             )
         same = (
             logits.data_ptr() == ph.data_ptr()
@@ -437,14 +437,14 @@ def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
     """Within the block, the model's head records its input (the final hidden states (B, T, D)) and returns a
     zero-stride float32 placeholder of the logits' shape instead of computing them (no memory, no matmul).
 
-    The head is found by its public name (`lm_head`); its `forward` is an instance attribute only while the
-    block runs.
+    The head is `lm_head(model)` (the model contract's `lm_parts`); its `forward` is an instance attribute
+    only while the block runs.
     """
     head = lm_head(model)
     if head is None:
         raise ValueError(
-            f"{type(model).__name__} has no output head named one of {HEAD_NAMES} (an nn.Linear): the chunked "
-            "loss cannot capture its hidden states"
+            f"{type(model).__name__} has no output head (an nn.Linear named by its lm_parts, or output / "
+            "lm_head): the chunked loss cannot capture its hidden states"
         )
     seen = _HeadInput()
     had_own = "forward" in head.__dict__
@@ -482,7 +482,7 @@ def _chunked_head_loss(
     assert head is not None  # checked by capture_head_input
     with capture_head_input(model) as seen:
         output = model(inputs)
-    logits, aux = logits_and_aux(output)
+    logits, aux = split_output(output)
     weight, bias = seen.weight_and_bias(head, logits)
     assert seen.hidden is not None
     loss = chunked_cross_entropy(

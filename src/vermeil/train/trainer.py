@@ -69,7 +69,7 @@ from vermeil.runs import (
 )
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
-from vermeil.train.losses import HEAD_NAMES, LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
+from vermeil.train.losses import LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
 from vermeil.train.metrics import (
     LN2,
     MetricsLogger,
@@ -343,7 +343,7 @@ class Trainer:
                 "runs in a single process only"
                 if self.world_size > 1
                 else "needs causal_lm_loss or a cross_entropy loss head, and a model whose head is an nn.Linear "
-                f"named {' or '.join(HEAD_NAMES)}"
+                "(the last of its lm_parts, or named output or lm_head)"
             )
             raise ValueError(
                 f"train.loss_chunk_size={setting} (the chunked cross-entropy) {why}: set it to 0"
