@@ -43,7 +43,7 @@ def _hybrid() -> hybrid.HybridModel:
     return hybrid.build("debug", vocab_size=VOCAB)
 
 
-def _fit(model: nn.Module, loss_fn=causal_lm_loss, **kw: object) -> tuple[Trainer, list[float]]:
+def _fit(model: nn.Module, loss_fn=causal_lm_loss, eval_fn=None, **kw: object) -> tuple[Trainer, list[float]]:
     data = torch.randint(0, VOCAB, (500,), generator=torch.Generator().manual_seed(1))
     base: dict[str, object] = dict(
         steps=4,
@@ -57,7 +57,9 @@ def _fit(model: nn.Module, loss_fn=causal_lm_loss, **kw: object) -> tuple[Traine
         plot=False,
     )
     base.update(kw)
-    trainer = Trainer(model, WindowSampler(data, 2, 12, seed=3), loss_fn, TrainConfig(**base))  # type: ignore[arg-type]
+    trainer = Trainer(
+        model, WindowSampler(data, 2, 12, seed=3), loss_fn, TrainConfig(**base), eval_fn=eval_fn
+    )  # type: ignore[arg-type]
     result = trainer.fit()
     return trainer, [r["loss"] for r in result.history if r["split"] == "train"]
 
@@ -191,6 +193,42 @@ def test_compile_failure_falls_back_to_eager(
     assert trainer.compiled_blocks == []
     assert all("forward" not in layer.__dict__ for layer in trainer.model.layers)
     assert fallen == eager
+
+
+def test_compile_failure_in_evaluation_falls_back(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Compiled blocks that train but fail under evaluation (no_grad): one line, and the evaluation reruns
+    eagerly with the same result as an eager run's."""
+    real_compile = torch.compile
+
+    def eval_breaks(fn, **kw):  # type: ignore[no-untyped-def]
+        compiled = real_compile(fn, **{**kw, "backend": "aot_eager"})
+
+        def run(*args: object, **kwargs: object) -> object:
+            if not torch.is_grad_enabled():
+                raise RuntimeError("no graph for evaluation")
+            return compiled(*args, **kwargs)
+
+        return run
+
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(9))
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        return {"val_loss": float(causal_lm_loss(m, (x, x.roll(-1, 1)))[0])}
+
+    eager_trainer, eager = _fit(_llm(), eval_fn=eval_fn, compile=False, steps=2)
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "compile", eval_breaks)
+    trainer, losses = _fit(_llm(), eval_fn=eval_fn, compile=True, steps=2)
+    assert "train.compile: the compiled blocks failed (RuntimeError: no graph for evaluation)" in (
+        capsys.readouterr().err
+    )
+    torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-5)
+    val = [r["val_loss"] for r in trainer.history if r["split"] == "val"]
+    eager_val = [r["val_loss"] for r in eager_trainer.history if r["split"] == "val"]
+    torch.testing.assert_close(val, eager_val, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_compile_without_repeated_blocks_says_so(capsys: pytest.CaptureFixture) -> None:
