@@ -270,11 +270,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad_h, grad_w, grad_b = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if grad_h is None and grad_w is None and grad_b is None and any(ctx.needs_input_grad[:3]):
-            raise RuntimeError(
-                "chunked_cross_entropy computed no gradients (its forward ran under torch.no_grad); call it "
-                "with gradients enabled to backpropagate through it"
-            )
         out = (
             (grad_h * grad_out.to(h_dtype)) if grad_h is not None else None,
             (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
