@@ -474,3 +474,31 @@ def test_sequence_and_loss_parallel_config_is_checked() -> None:
         ValueError, match=r"loss_parallel=True needs strategy 'tp' or 'fsdp2\+tp', got strategy='ddp'"
     ):
         parallelize(_llm(), "ddp", loss_parallel=True)
+
+
+def test_sequence_parallel_styles_come_from_the_model_by_name() -> None:
+    # The models describe their sequence-parallel layout with plain style names (vermeil.models.contract);
+    # this file maps each name to one ParallelStyle, and a name it does not know is refused with the list.
+    from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    from vermeil.distributed.tensor_parallel import _SequenceGathered
+
+    model = _llm()
+    described = model.sequence_parallel_plan()
+    plan = tensor_parallel_plan(model, 2, sequence_parallel=True)
+    expected = {
+        "local": SequenceParallel,
+        "gather": PrepareModuleInput,
+        "row_scatter": RowwiseParallel,
+        "whole": _SequenceGathered,
+    }
+    for name, style in described.items():
+        assert isinstance(plan[name], expected[style.partition(":")[0]]), (name, style)
+    assert plan["layers.1.feed_forward"].output_field == "out"  # "whole:out": MoEOutput.out cut back
+
+    class Odd(nn.Module):
+        def sequence_parallel_plan(self) -> dict[str, str]:
+            return {"x": "scatter_everything"}
+
+    with pytest.raises(ValueError, match=r"entry 'x' has style 'scatter_everything'; the styles are 'local'"):
+        tensor_parallel_plan(Odd(), 2, sequence_parallel=True)
