@@ -187,6 +187,22 @@ def test_describe_mamba_cache_measured_on_meta() -> None:
     assert info["cache_bytes"] == total > 0
 
 
+def test_describe_counts_a_sliding_window_from_the_model() -> None:
+    # The attention layout comes from model.attention_layers(): a hybrid's sliding window caps the attended
+    # context (it used to be read from the config by family and counted as global attention).
+    model = {"family": "hybrid", "preset": "debug", "vocab_size": 256}
+    wide = describe_model(run_config_from_dict({"model": model}), context=48)
+    narrow = describe_model(run_config_from_dict({"model": {**model, "window": 8}}), context=48)
+    n_attention = len(build_model(run_config_from_dict({"model": model}), device="meta").attention_layers())
+    width = 4 * 10  # the debug preset's heads * head_dim
+    assert n_attention == 2
+    assert (
+        wide["forward_flops_per_token"] - narrow["forward_flops_per_token"]
+        == 2 * n_attention * 2 * (48 - 8) * width
+    )
+    assert narrow["cache_bytes"] < wide["cache_bytes"]
+
+
 def test_task_sampler_resumes_exactly() -> None:
     from vermeil.data import mqar
 
