@@ -409,6 +409,7 @@ def test_train_help_has_a_description_and_examples(capsys: pytest.CaptureFixture
 
 def test_tokenizers_is_an_optional_extra_pinned_in_the_constraints() -> None:
     import importlib.metadata
+
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     root = Path(__file__).resolve().parents[1]
@@ -419,3 +420,15 @@ def test_tokenizers_is_an_optional_extra_pinned_in_the_constraints() -> None:
         line.split("==") for line in (root / "constraints.txt").read_text().splitlines() if "==" in line
     )
     assert pins["tokenizers"] == importlib.metadata.version("tokenizers")
+
+
+def test_a_character_split_between_prompt_and_output_prints_whole(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prompt ends with the first byte of "é" and the model adds the second: one "é", not two U+FFFD."""
+    import vermeil.generation as generation
+
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: [[0xA9]])
+    (tmp_path / "p.bin").write_bytes(b"caf\xc3")
+    code, out, err = _run(capsys, "generate", str(run_dir), "--prompt-file", str(tmp_path / "p.bin"))
+    assert code == 0 and out == "café\n", err

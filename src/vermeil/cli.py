@@ -254,8 +254,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         compile=args.compile,
     )
-    print(prompt_bytes.decode("utf-8", errors="replace") + tokenizer.decode(new[0]))
+    print(_continuation(tokenizer, prompt, new[0], prompt_bytes))
     return 0
+
+
+def _continuation(tokenizer: Any, prompt: list[int], new: Any, prompt_bytes: bytes) -> str:
+    """The prompt and what the model added, as text. Bytes decode together (a character the prompt's last bytes
+    began is completed by the new ones); a tokenizer.json decodes the whole sequence and keeps what follows the
+    prompt's own decoding (a SentencePiece-style decoder drops the leading space of a sequence's first token,
+    so the new tokens alone would lose it), as transformers' TextStreamer does."""
+    from vermeil.data.tokenizer import ByteTokenizer
+
+    new = [int(i) for i in new]
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.decode([*prompt, *new])
+    text = prompt_bytes.decode("utf-8")
+    full, head = tokenizer.decode([*prompt, *new]), tokenizer.decode(prompt)
+    return text + (full[len(head) :] if full.startswith(head) else tokenizer.decode(new))
 
 
 def _version() -> str:
