@@ -330,26 +330,28 @@ def test_a_state_of_the_wrong_shape_is_named() -> None:
 
 
 NEW_CONFIGS = ["mamba2-lm", "jamba-lm", "bamba-lm", "falcon-h1-lm"]
+NEW_MQAR = ["mqar-mamba2", "mqar-jamba", "mqar-bamba", "mqar-falcon-h1"]
+TINY_TRAIN = [
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.seq_len=32",
+    "train.warmup=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.progress=false",
+    "train.plot=false",
+]
 
 
-@pytest.mark.parametrize("name", NEW_CONFIGS)
+@pytest.mark.parametrize("name", NEW_CONFIGS + NEW_MQAR)
 def test_shipped_configs_build_and_train(name: str) -> None:
     from vermeil.recipes import build_run, load_run_config
     from vermeil.train import Trainer
 
-    overrides = [
-        "train.steps=4",
-        "train.batch_size=2",
-        "train.seq_len=32",
-        "train.warmup=1",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "train.progress=false",
-        "train.plot=false",
-        "data.max_bytes=20000",
-    ]
-    run = load_run_config(CONFIGS / f"{name}.yaml", overrides)
+    data = ["data.max_bytes=20000"] if name in NEW_CONFIGS else ["data.vocab_size=64", "data.num_kv_pairs=4"]
+    run = load_run_config(CONFIGS / f"{name}.yaml", [*TINY_TRAIN, *data])
     built = build_run(run)
     result = Trainer(built.model, built.train_batches, built.loss_fn, run.train, eval_fn=built.eval_fn).fit()
     losses = [r["loss"] for r in result.history if r["split"] == "train"]
     assert losses and all(math.isfinite(v) for v in losses)
+    assert result.final_eval and all(math.isfinite(v) for v in result.final_eval.values())
