@@ -14,18 +14,20 @@ same inputs and the same weights (Vermeil's are copied into transformers' `Mamba
 Forward+backward: input (B, L, D) -> stack -> mean of squares -> backward into the parameters and the input.
 Each case: one untimed warm-up run, then the median of `--runs` (3) timed runs.
 
-Matmul floor: the FLOPs of the block's projections (in_proj D x (2I + 2GN + H), out_proj I x D; x3 for
-forward+backward) over the stack, divided by the peak matmul rate measured in this process (best of seven
-2048^3 float32 matmuls, at the start and at the end; the better one is used). "x floor" is a case's time over
+Matmul floor: the time of the stack's projections alone, measured in the same process on the same shapes:
+per layer, `in_proj` (B*L, D) x (D, 2I + 2GN + H) and `out_proj` (B*L, I) x (I, D), forward and backward
+(the input and weight gradients: three matmuls each), median of `--runs`. "x floor" is a case's time over
 that floor: what the rest of the layer (conv, SSD, norms, elementwise) costs on top of the projections.
 
 Decoding: a small LM around each stack (vocabulary 1024, embedding and untied head, the same weights):
-prefill of a prompt of 64 and of 2048 tokens (B=2), then `--new-tokens` greedy steps timed (ms per step, the
+prefill of a prompt of 64 and of 4096 tokens (B=2), then `--new-tokens` greedy steps timed (ms per step, the
 median). Vermeil: the blocks' caches (`setup_cache`, `forward(x, input_pos)`: the one-token path is
-`ssd_step`), eager. transformers: `Mamba2ForCausalLM.generate(do_sample=False)`, the median time between
-consecutive new tokens (a streamer that timestamps each token it receives).
+`ssd_step`), eager; with `--compile` also the same loop with the stack under `torch.compile` (compiled once
+for the one-token shape, before timing). transformers: `Mamba2ForCausalLM.generate(do_sample=False)` (its
+cached one-token step path), the median time between consecutive new tokens (a streamer that timestamps each
+token it receives).
 
-Usage: .venv/bin/python bench/mamba2.py [--quick] [--threads 2] [--runs 3] [--new-tokens 32]
+Usage: .venv/bin/python bench/mamba2.py [--quick] [--threads 2] [--runs 3] [--new-tokens 32] [--compile]
 Run it alone: other processes on the machine change every number (the load average is printed).
 """
 
@@ -86,6 +88,10 @@ class Stack(nn.Module):
         for layer in self.layers:
             layer.mixer.setup_cache(batch_size)
 
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.mixer.reset_cache()
+
 
 def hf_config(chunk: int, vocab: int = VOCAB):
     import transformers
@@ -113,21 +119,21 @@ def hf_config(chunk: int, vocab: int = VOCAB):
 # Timing helpers
 
 
-def peak_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    ts = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        ts.append(time.perf_counter() - t0)
-    return 2 * 2048**3 / min(ts) / 1e9  # the best run: a peak
+def projection_floor(stack: Stack, length: int, runs: int) -> float:
+    """Median seconds of the stack's in_proj and out_proj matmuls alone, forward and backward, at length L."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCH, length, D_MODEL, generator=gen)
+    y = torch.randn(BATCH, length, D_INNER, generator=gen)
+    mixers = [layer.mixer for layer in stack.layers]
+    grad_in = torch.randn(BATCH, length, mixers[0].in_proj.out_features, generator=gen)
+    grad_out = torch.randn(BATCH, length, D_MODEL, generator=gen)
 
+    def run() -> None:
+        for m in mixers:
+            xg, yg = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
+            torch.autograd.backward([m.in_proj(xg), m.out_proj(yg)], [grad_in, grad_out])
 
-def projection_flops(length: int) -> float:
-    """2 x multiply-adds of in_proj and out_proj over the stack, forward + backward (backward = 2x forward)."""
-    per_token = 2 * (D_MODEL * (2 * D_INNER + 2 * NGROUPS * D_STATE + NHEADS) + D_INNER * D_MODEL)
-    return 3 * per_token * BATCH * length * N_LAYER
+    return timed(run, runs)
 
 
 def timed(fn: Callable[[], object], runs: int) -> float:
@@ -165,7 +171,18 @@ class _StepClock:
         pass
 
 
-def bench_decoding(stack: Stack, hf_chunk: int, prompts: list[int], new_tokens: int) -> dict:
+def _vermeil_decode(step: Callable, stack: Stack, first: Tensor, start: int, new_tokens: int) -> tuple:
+    """Greedy steps from `first` (B, 1) at position `start`; returns (median s/step, tokens (B, new_tokens))."""
+    steps, tokens, token = [], [first], first
+    for i in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        token = step(token, torch.tensor([start + i]))
+        steps.append(time.perf_counter() - t0)
+        tokens.append(token)
+    return statistics.median(steps[3:]), torch.cat(tokens, 1)
+
+
+def bench_decoding(stack: Stack, hf_chunk: int, prompts: list[int], new_tokens: int, compile_: bool) -> dict:
     import transformers
 
     torch.manual_seed(0)
@@ -175,18 +192,29 @@ def bench_decoding(stack: Stack, hf_chunk: int, prompts: list[int], new_tokens: 
         embed.weight.copy_(hf.backbone.embeddings.weight)
         head.weight.copy_(hf.lm_head.weight)
     hf.backbone.load_state_dict({"embeddings.weight": embed.weight, **stack.state_dict()}, strict=True)
+
+    def step(token: Tensor, pos: Tensor) -> Tensor:
+        return head(stack(embed(token), pos)).argmax(-1)
+
+    stack.setup_cache(BATCH)  # the cache modules exist before compiling: one graph, cache buffers mutated
+    compiled = torch.compile(step, dynamic=False) if compile_ else None
     rows = {}
     for p in prompts:
         prompt = torch.randint(0, VOCAB, (BATCH, p), generator=torch.Generator().manual_seed(p))
         with torch.no_grad():
-            stack.setup_cache(BATCH)
-            token = head(stack(embed(prompt), torch.arange(p))[:, -1:]).argmax(-1)
-            steps, first = [], token
-            for i in range(new_tokens):
+            stack.reset_cache()
+            first = head(stack(embed(prompt), torch.arange(p))[:, -1:]).argmax(-1)
+            rows[("vermeil", p)], tokens = _vermeil_decode(step, stack, first, p, new_tokens)
+            if compiled is not None:
+                stack.reset_cache()
+                head(stack(embed(prompt), torch.arange(p))[:, -1:])
                 t0 = time.perf_counter()
-                token = head(stack(embed(token), torch.tensor([p + i]))).argmax(-1)
-                steps.append(time.perf_counter() - t0)
-        rows[("vermeil", p)] = statistics.median(steps[3:])
+                compiled(first, torch.tensor([p]))  # compiles (first call only), then a throw-away step
+                rows[("compile_s", p)] = time.perf_counter() - t0
+                stack.reset_cache()
+                head(stack(embed(prompt), torch.arange(p))[:, -1:])
+                rows[("compiled", p)], tokens_c = _vermeil_decode(compiled, stack, first, p, new_tokens)
+                rows[("compiled_agree", p)] = bool(torch.equal(tokens_c, tokens))
         clock = _StepClock()
         kw = {"do_sample": False, "pad_token_id": 0}
         with torch.no_grad(), warnings.catch_warnings():
@@ -197,7 +225,7 @@ def bench_decoding(stack: Stack, hf_chunk: int, prompts: list[int], new_tokens: 
             )
         stamps = clock.stamps  # [0]: the prompt (before prefill), [1]: first new token (after prefill)
         rows[("hf", p)] = statistics.median(b - a for a, b in zip(stamps[2:], stamps[3:]))
-        rows[("agree", p)] = bool(torch.equal(out[:, p], first[:, 0]))
+        rows[("agree", p)] = int((out[:, p:] == tokens).all(0).sum())
     return rows
 
 
@@ -212,6 +240,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64, help="Vermeil's SSD chunk size")
     parser.add_argument("--hf-chunk", type=int, default=256, help="transformers' chunk_size (its default)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the decode loop under torch.compile"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
@@ -220,16 +251,15 @@ def main() -> None:
     transformers.logging.set_verbosity_error()  # its "falling back to PyTorch" notices are expected here
 
     if args.quick:
-        lengths, prompts, new_tokens = [256, 512], [64, 256], 8
+        lengths, prompts, new_tokens = [256, 512], [64, 256], 12
     else:
-        lengths, prompts, new_tokens = [1024, 4096], [64, 2048], args.new_tokens
+        lengths, prompts, new_tokens = [1024, 4096], [64, 4096], args.new_tokens
 
-    peak = peak_gflops()
-    print(f"threads={args.threads}  matmul peak (best 2048^3 fp32 mm) = {peak:.1f} GFLOP/s")
     print(
         f"config: d_model {D_MODEL}, {N_LAYER} layers, headdim {HEADDIM} ({NHEADS} heads), d_state {D_STATE}, "
-        f"expand {EXPAND}, ngroups {NGROUPS}, batch {BATCH}, float32; chunk: vermeil {args.chunk}, "
-        f"transformers {args.hf_chunk} (transformers {transformers.__version__}, torch {torch.__version__})"
+        f"expand {EXPAND}, ngroups {NGROUPS}, batch {BATCH}, float32, threads {args.threads}; chunk: vermeil "
+        f"{args.chunk}, transformers {args.hf_chunk} (transformers {transformers.__version__}, torch "
+        f"{torch.__version__}); medians of {args.runs} runs"
     )
     if hasattr(os, "getloadavg"):  # other processes change every number: say how busy the machine was
         print("load average at start (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
@@ -252,33 +282,41 @@ def main() -> None:
     gen = torch.Generator().manual_seed(2)
     for length in lengths:
         x = torch.randn(BATCH, length, D_MODEL, generator=gen)
+        results[("floor", length)] = projection_floor(stack, length, args.runs)
         for name, fn in impls.items():
             results[(name, length)] = timed(fwd_bwd(fn, x), args.runs)
-            print(f"  ran {name:8s} L={length:5d} fwd+bwd {results[(name, length)]:8.3f} s", flush=True)
-    peak = max(peak, peak_gflops())  # measured again: a busy moment at the start would inflate "x floor"
+        print(f"  ran L={length}", flush=True)
 
     print()
-    print(f"matmul peak, best of start and end: {peak:.1f} GFLOP/s")
-    print(f"{'impl':8s} {'L':>5s} {'fwd+bwd s':>10s} {'x floor':>8s} {'hf / vermeil':>13s}")
-    for (name, length), t in results.items():
-        floor = projection_flops(length) / (peak * 1e9)
-        ratio = results[("hf", length)] / results[("vermeil", length)]
-        speed = f"{ratio:12.2f}x" if name == "vermeil" else f"{'':>13s}"
-        print(f"{name:8s} {length:5d} {t:10.3f} {t / floor:7.2f}x {speed}")
+    print("forward+backward (s, median); x floor = time / the projections' matmuls alone")
+    print(
+        f"{'L':>5s} {'hf s':>8s} {'vermeil s':>10s} {'floor s':>8s} {'hf/vermeil':>11s} {'vermeil x floor':>16s}"
+    )
+    for length in lengths:
+        h, v, f = (results[(k, length)] for k in ("hf", "vermeil", "floor"))
+        print(f"{length:5d} {h:8.3f} {v:10.3f} {f:8.3f} {h / v:10.2f}x {v / f:15.2f}x")
     if hasattr(os, "getloadavg"):
         print(
             "load average after the stacks (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
         )
 
     print()
-    rows = bench_decoding(stack, args.hf_chunk, prompts, new_tokens)
-    print(f"decoding, B={BATCH}, vocab {VOCAB}, {new_tokens} greedy steps after the prompt (median ms/step)")
-    print(f"{'prompt':>6s} {'vermeil ms':>11s} {'hf ms':>8s} {'hf / vermeil':>13s}  first token agrees")
+    rows = bench_decoding(stack, args.hf_chunk, prompts, new_tokens, args.compile)
+    print(f"decoding, B={BATCH}, vocab {VOCAB}, {new_tokens} greedy tokens after the prompt (median ms/step)")
+    comp = f" {'compiled ms':>12s} {'hf/compiled':>12s}" if args.compile else ""
+    print(f"{'prompt':>6s} {'hf ms':>8s} {'vermeil ms':>11s} {'hf/vermeil':>11s}{comp}  tokens equal to hf's")
     for p in prompts:
         v, h = rows[("vermeil", p)], rows[("hf", p)]
-        print(f"{p:6d} {v * 1e3:11.2f} {h * 1e3:8.2f} {h / v:12.2f}x  {rows[('agree', p)]}")
+        line = f"{p:6d} {h * 1e3:8.2f} {v * 1e3:11.2f} {h / v:10.2f}x"
+        if args.compile:
+            c = rows[("compiled", p)]
+            line += f" {c * 1e3:12.2f} {h / c:11.2f}x"
+        print(f"{line}  {rows[('agree', p)]}/{new_tokens}")
     v0, v1 = rows[("vermeil", prompts[0])], rows[("vermeil", prompts[-1])]
     print(f"vermeil step time after {prompts[-1]} vs after {prompts[0]} tokens: {v1 / v0:.2f}x")
+    if args.compile:
+        same = all(rows[("compiled_agree", p)] for p in prompts)
+        print(f"compiled: first call {rows[('compile_s', prompts[0])]:.1f} s; tokens equal to eager: {same}")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,55 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> 
     return y
 
 
+def _decay_mask(a_cum: Tensor) -> Tensor:
+    """exp(a_cum[l] - a_cum[s]) for s <= l, 0 above the diagonal: (..., Q) -> (..., Q, Q), a new tensor.
+
+    One allocation and in-place passes (the -inf fill before the exponential gives the exact zeros); every
+    kept exponent is <= 0, since a_cum is non-increasing along a chunk.
+    """
+    q = a_cum.shape[-1]
+    seg = a_cum[..., :, None] - a_cum[..., None, :]
+    # adding a (Q, Q) matrix of 0 / -inf is one vectorised pass; a broadcast masked_fill_ measured ~5x slower
+    seg.add_(torch.full((q, q), -math.inf, dtype=seg.dtype, device=seg.device).triu_(1))
+    if seg.dtype == torch.float32:  # torch's CPU exp2 is several times faster than exp for float32 (_exp)
+        return seg.mul_(_LOG2_E).exp2_()
+    return seg.exp_()
+
+
+class _IntraChunk(torch.autograd.Function):
+    """The diagonal blocks of the chunked scan, `y = (decay_mask(a_cum) * CB) @ xdt` per chunk and head.
+
+    Shapes: a_cum (B, G, c, hg, Q), cb (B, G, c, Q, Q) (C B^T, shared by a group's heads), xdt
+    (B, G, c, Q, hg, P) -> y (B, G, c, hg, Q, P).
+
+    Written by hand because autograd through the elementwise chain (difference, mask, exponential, product
+    with CB) keeps several (B, G, c, hg, Q, Q) tensors alive until backward and spends a pass over one for
+    each op of each derivative. Here nothing of that size is saved (the mask is recomputed in backward from
+    a_cum, a Q-times smaller tensor), and the derivatives use the identity d mask / d a_cum = mask * (+-1):
+    with gS = dy @ xdt^T, the gradient of the mask's exponent is gS * mask * CB, whose row sums minus column
+    sums give d a_cum, and d CB is the head sum of gS * mask.
+    """
+
+    @staticmethod
+    def forward(ctx, a_cum: Tensor, cb: Tensor, xdt: Tensor) -> Tensor:  # type: ignore[override]
+        scores = _decay_mask(a_cum).mul_(cb[:, :, :, None])  # (B, G, c, hg, Q, Q)
+        ctx.save_for_backward(a_cum, cb, xdt)
+        return scores @ xdt.transpose(3, 4)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a_cum, cb, xdt = ctx.saved_tensors
+        mask = _decay_mask(a_cum)  # (B, G, c, hg, Q, Q)
+        cb_h = cb[:, :, :, None]
+        grad_xdt = ((mask * cb_h).transpose(-1, -2) @ grad).transpose(3, 4)  # (B, G, c, Q, hg, P)
+        g = (grad @ xdt.permute(0, 1, 2, 4, 5, 3)).mul_(mask)  # dL/dscores * mask, (B, G, c, hg, Q, Q)
+        grad_cb = g.sum(3)
+        g.mul_(cb_h)  # dL/d(a_cum[l] - a_cum[s])
+        grad_a = g.sum(-1) - g.sum(-2)
+        return grad_a, grad_cb, grad_xdt
+
+
 def ssd_scan_ref(
     x: Tensor,
     dt: Tensor,
@@ -255,10 +304,7 @@ def ssd_scan(
 
     # 1. Intra-chunk (diagonal blocks): y[l] = sum_{s <= l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dt_s x_s
     cb = cc @ bc.transpose(-1, -2)  # (B, G, c, Q, Q), shared by the hg heads of a group
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, -math.inf)  # (B, G, c, hg, Q, Q)
-    scores = _exp(seg) * cb[:, :, :, None]  # (B, G, c, hg, Q, Q)
-    y_diag = scores @ xdt.transpose(3, 4)  # (B, G, c, hg, Q, P)
+    y_diag = _IntraChunk.apply(a_cum, cb, xdt)  # (B, G, c, hg, Q, P)
 
     # 2. Each chunk's own final state (from zero): S^T[n, (hg p)] = sum_l B[l, n] exp(a_cum[-1] - a_cum[l]) xdt[l]
     to_end = _exp(a_cum[..., -1:] - a_cum).transpose(-1, -2)  # (B, G, c, Q, hg)
