@@ -261,6 +261,8 @@ def test_tracing_sees_compile_and_cuda_graph_capture(monkeypatch: pytest.MonkeyP
         torch.zeros(())
     )
     assert seen.item() == 1
+    traced = torch.jit.trace(lambda x: x + int(checks.tracing()), torch.zeros(()))
+    assert traced(torch.zeros(())).item() == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert checks.tracing()
