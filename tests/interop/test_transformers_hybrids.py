@@ -349,3 +349,31 @@ def test_layouts_without_a_transformers_class_are_refused_by_name() -> None:
     jamba = HybridModel(HybridConfig(dim=32, vocab_size=V, pattern="MAAM", heads=4, rotary=False))
     with pytest.raises(ValueError, match=r"mamba_inner_norms=False cannot be expressed"):
         to_transformers(jamba)
+
+
+def _grads_by_vermeil_key(model: torch.nn.Module, cls: str) -> dict[str, torch.Tensor]:
+    from vermeil.interop.transformers_hybrids import hf_to_vermeil_state_dict
+
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    return hf_to_vermeil_state_dict(grads, cls)
+
+
+@pytest.mark.parametrize("cls", sorted(MODELS))
+def test_gradients_match_transformers(cls: str) -> None:
+    """Fine-tuning sees the same gradients: the multipliers are applied at run time, not folded into weights."""
+    hf = MODELS[cls](seed=7)
+    model = from_transformers(hf)
+    x = tokens(t=9)
+    hf.train()
+    model.train()
+    _lm_loss(hf(x).logits, x).backward()
+    _lm_loss(logits_of(model(x)), x).backward()
+    expected = _grads_by_vermeil_key(hf, cls)
+    got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for k, g in got.items():
+        assert_close(g, expected[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def _lm_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
