@@ -31,6 +31,7 @@ Axis legend: B batch, H query heads, Hkv kv heads, T query length, S key length,
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -48,27 +49,24 @@ __all__ = [
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-@functools.cache
-def _flex_module() -> Any | None:
-    try:
-        from torch.nn.attention import flex_attention as module
-    except ImportError:  # torch < 2.5
-        return None
-    return module
+# Whether the module exists, found without importing it (the import itself waits for the first use); a plain
+# constant, so code under torch.compile reads it without tracing a cache wrapper.
+_HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def flex_available() -> bool:
     """Whether this torch has `torch.nn.attention.flex_attention` (torch >= 2.5)."""
-    return _flex_module() is not None
+    return _HAS_FLEX
 
 
 def _require_flex() -> Any:
-    module = _flex_module()
-    if module is None:
+    if not _HAS_FLEX:
         raise RuntimeError(
             f"FlexAttention needs torch >= 2.5 (torch.nn.attention.flex_attention); this is torch "
             f"{torch.__version__}. Use backend='sdpa' (a dense mask) instead."
         )
+    from torch.nn.attention import flex_attention as module
+
     return module
 
 
