@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "is_compiled", "repeated_blocks", "resolve_compile", "uncompile_blocks"]
+__all__ = [
+    "compile_blocks",
+    "compiled_calls",
+    "is_compiled",
+    "repeated_blocks",
+    "resolve_compile",
+    "uncompile_blocks",
+]
 
 # Marks a block whose forward this module replaced (so uncompile touches only those).
 _MARK = "_vermeil_compiled_forward"
@@ -81,20 +88,33 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
     options = {"dynamic": False, **options}
     names = []
     for name, block in repeated_blocks(model):
-        if getattr(block, _MARK, False):
+        if getattr(block, _MARK, None) is not None:
             continue
         # The bound forward, compiled: all blocks of one class share its code object, hence Dynamo's cache.
-        block.forward = torch.compile(block.forward, **options)  # type: ignore[method-assign]
-        setattr(block, _MARK, True)
+        compiled = torch.compile(block.forward, **options)
+        calls = [0]  # how often the compiled forward ran (`compiled_calls`)
+
+        def forward(*args: Any, _compiled: Any = compiled, _calls: list[int] = calls, **kwargs: Any) -> Any:
+            _calls[0] += 1
+            return _compiled(*args, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+        setattr(block, _MARK, calls)
         names.append(name)
     return names
+
+
+def compiled_calls(model: nn.Module) -> int:
+    """How many times the compiled forwards of `model`'s blocks have run. A model that calls its blocks by
+    another method than `block(...)` / `block.forward(...)` never runs them: 0 after a step says so."""
+    return sum(getattr(m, _MARK)[0] for m in model.modules() if getattr(m, _MARK, None) is not None)
 
 
 def uncompile_blocks(model: nn.Module) -> int:
     """Undo `compile_blocks`: the blocks run their eager forward again. Returns how many were restored."""
     restored = 0
     for module in model.modules():
-        if getattr(module, _MARK, False):
+        if getattr(module, _MARK, None) is not None:
             module.__dict__.pop("forward", None)
             delattr(module, _MARK)
             restored += 1
@@ -103,4 +123,4 @@ def uncompile_blocks(model: nn.Module) -> int:
 
 def is_compiled(model: nn.Module) -> bool:
     """Whether any block of `model` runs a forward compiled by `compile_blocks`."""
-    return any(getattr(module, _MARK, False) for module in model.modules())
+    return any(getattr(module, _MARK, None) is not None for module in model.modules())

@@ -82,7 +82,13 @@ from vermeil.train.metrics import (
     truncate_metrics,
 )
 from vermeil.train.optim import WarmupCosine, build_optimizer, build_scheduler
-from vermeil.train.regional import compile_blocks, is_compiled, resolve_compile, uncompile_blocks
+from vermeil.train.regional import (
+    compile_blocks,
+    compiled_calls,
+    is_compiled,
+    resolve_compile,
+    uncompile_blocks,
+)
 
 __all__ = ["Hook", "NonFiniteError", "TrainResult", "Trainer"]
 
@@ -275,6 +281,7 @@ class Trainer:
         # `compiled_blocks` names those of the last fit ([] when eager, or after a fallback).
         self._compile = resolve_compile(config.compile, self.device, world_size=self.world_size)
         self.compiled_blocks: list[str] = []
+        self._check_calls = False  # after the first step of a compiled fit: did the compiled blocks run?
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
         out = out_dir if out_dir is not None else config.out_dir
@@ -356,11 +363,24 @@ class Trainer:
         if not self._compile:
             return
         self.compiled_blocks = compile_blocks(self.model)
+        self._check_calls = bool(self.compiled_blocks)
         if not self.compiled_blocks and self.is_main:
             echo(
                 f"train.compile: {type(self.model).__name__} has no repeated blocks (an nn.ModuleList of one "
                 "block class, or _repeated_blocks): training eagerly"
             )
+
+    def _blocks_not_called(self) -> None:
+        """A step ran without calling the compiled blocks (the model calls them by another method than
+        `block(...)`): uncompile them and say so, rather than report a compiled run that was not."""
+        uncompile_blocks(self.model)
+        self._compile = False
+        if self.is_main:
+            echo(
+                f"train.compile: {type(self.model).__name__} never called its compiled blocks "
+                f"({self.compiled_blocks[0]}, ...) through block(...): they ran eagerly; training continues eagerly"
+            )
+        self.compiled_blocks = []
 
     def _fall_back_to_eager(self, error: BaseException) -> None:
         """Compiling (or running) the compiled blocks failed: restore eager blocks and say so in one line; the
@@ -819,6 +839,10 @@ class Trainer:
                         break
                     self._phase = "done"
                     dt = time.perf_counter() - start
+                    if self._check_calls:  # once per fit, after its first step
+                        self._check_calls = False
+                        if self.compiled_blocks and not compiled_calls(self.model):
+                            self._blocks_not_called()
                     self.step += 1
                     self.tokens += tokens
                     self.elapsed += dt
