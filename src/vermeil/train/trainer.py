@@ -336,7 +336,7 @@ class Trainer:
         """Swap `self.loss_fn` for its chunked equivalent as `train.loss_chunk_size` asks; whether it did.
 
         "auto" chunks on CUDA in a single process where an equivalent exists; an explicit size that cannot be
-        honoured (another loss function, a model without an `output`/`lm_head` head, a distributed run) is an
+        honoured (another loss function, a model without an nn.Linear head, a distributed run) is an
         error, not a silent full-logits run.
         """
         if setting == 0 or (setting == "auto" and (self.device.type != "cuda" or self.world_size > 1)):
