@@ -12,28 +12,17 @@ import pytest
 import torch
 import yaml
 
+from test_cli import TINY_HYBRID, _one_error_line, _run  # the tests folder is on sys.path
 from vermeil.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# test_cli's tiny hybrid, shorter: two steps, one evaluation and one checkpoint at the end
 TINY = {
-    "name": "tiny",
-    "model": {"family": "hybrid", "dim": 24, "pattern": "MA", "heads": 2, "hidden_dim": 32, "d_state": 4},
-    "data": {"task": "text", "max_bytes": 20000},
-    "train": {
-        "steps": 2,
-        "lr": 1e-2,
-        "warmup": 1,
-        "batch_size": 2,
-        "seq_len": 16,
-        "log_every": 1,
-        "eval_every": 2,
-        "eval_batches": 1,
-        "save_every": 2,
-        "plot": False,
-        "threads": 1,
-    },
+    **TINY_HYBRID,
+    "train": {**TINY_HYBRID["train"], "steps": 2, "batch_size": 2, "seq_len": 16, "eval_every": 2},
 }
+_one_line = _one_error_line
 
 
 @pytest.fixture(autouse=True)
@@ -42,19 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
