@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import inspect
 import os
 import sys
 import warnings
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a model from a run config",
-        description=cmd_train.__doc__,
+        description=inspect.cleandoc(cmd_train.__doc__ or ""),
         epilog=_TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
