@@ -377,3 +377,32 @@ def test_gradients_match_transformers(cls: str) -> None:
 
 def _lm_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+
+def test_jamba_preset_is_transformers_default_jamba() -> None:
+    """The `jamba-v0.1-shape` preset is what transformers' JambaConfig defaults (Jamba-v0.1) convert to."""
+    from vermeil.interop.transformers_hybrids import jamba_config
+    from vermeil.models.hybrid import PRESETS
+
+    converted = jamba_config(transformers.JambaConfig())
+    preset = HybridConfig(**PRESETS["jamba-v0.1-shape"])
+    assert preset.layer_kinds == converted.layer_kinds and preset.layer_ffns == converted.layer_ffns
+    for field in (
+        "dim",
+        "vocab_size",
+        "heads",
+        "kv_heads",
+        "d_state",
+        "d_conv",
+        "expand",
+        "dt_rank",
+        "hidden_dim",
+        "num_experts",
+        "experts_per_token",
+        "moe_aux_loss_coef",
+        "norm_eps",
+        "mamba_inner_norms",
+        "rotary",
+        "tie_embeddings",
+    ):
+        assert getattr(preset, field) == getattr(converted, field), field

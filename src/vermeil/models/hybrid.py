@@ -952,12 +952,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=64,
     ),
     "vio-small": dict(dim=128, vocab_size=256, pattern="MMAMMMAM", heads=4, d_state=16, max_seq_len=1024),
-    # Jamba-v0.1's arrangement at its own width: attention every 8th layer (offset 4), no positions in attention.
+    # Jamba-v0.1 (transformers' JambaConfig defaults): attention every 8th layer (offset 4) without positions,
+    # a 16-expert top-2 MoE every other layer (offset 1), Mamba-1 with dt/B/C norms.
     "jamba-v0.1-shape": dict(
         dim=4096,
         vocab_size=65536,
         pattern="MMMMAMMM",
         n_layers=32,
+        ffn_pattern="DE",
         heads=32,
         kv_heads=8,
         rotary=False,
@@ -965,7 +967,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         d_conv=4,
         expand=2,
         dt_rank=256,
+        mamba_inner_norms=True,
         hidden_dim=14336,
+        num_experts=16,
+        experts_per_token=2,
+        moe_aux_loss_coef=0.001,
+        norm_eps=1e-6,
         tie_embeddings=False,
         max_seq_len=4096,
     ),
