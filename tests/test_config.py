@@ -247,3 +247,15 @@ def test_import_has_no_side_effects_and_yaml_is_optional(tmp_path, monkeypatch) 
     with pytest.raises(ImportError, match=r"pip install vermeil\[train\]"):
         save_yaml({"a": 1}, tmp_path / "c.yaml")
     assert from_dict(Train, {"lr": 1}) == Train(lr=1.0)  # the converter itself needs no YAML
+
+
+def test_quoted_number_hint_only_for_strings_that_are_numbers() -> None:
+    @dataclass
+    class Rate:
+        lr: float = 1e-3
+
+    with pytest.raises(ConfigError) as info:
+        from_dict(Rate, {"lr": "fast"}, path="train")
+    assert "lr='fast' must be float" in str(info.value) and "quoted number" not in str(info.value)
+    with pytest.raises(ConfigError, match="a quoted number is a string in YAML"):
+        from_dict(Rate, {"lr": "3e-4"}, path="train")

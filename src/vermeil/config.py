@@ -151,9 +151,18 @@ def _bool_hint(value: Any) -> str:
     return ""
 
 
+def _looks_numeric(text: str) -> bool:
+    # "512", "3e-4", "1_000", "inf": a number someone quoted; "fast" or "" is not.
+    try:
+        float(text.strip().replace("_", ""))
+    except ValueError:
+        return False
+    return bool(text.strip())
+
+
 def _wrong_type(key: str, value: Any, expected: str) -> ConfigTypeError:
     hint = _bool_hint(value) if expected in ("str",) else ""
-    if isinstance(value, str) and expected in ("int", "float"):
+    if isinstance(value, str) and expected in ("int", "float") and _looks_numeric(value):
         hint = " (a quoted number is a string in YAML: write it without quotes)"
     return ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}{hint}")
 
