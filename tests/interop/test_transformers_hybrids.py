@@ -406,3 +406,14 @@ def test_jamba_preset_is_transformers_default_jamba() -> None:
         "tie_embeddings",
     ):
         assert getattr(preset, field) == getattr(converted, field), field
+
+
+def test_unmapped_keys_are_named() -> None:
+    from vermeil.interop.transformers_hybrids import hf_to_vermeil_state_dict, vermeil_to_hf_state_dict
+
+    with pytest.raises(
+        ValueError, match=r"'model.layers.0.foo.weight': layer key 'foo.weight' has no counterpart"
+    ):
+        hf_to_vermeil_state_dict({"model.layers.0.foo.weight": torch.zeros(1)}, "BambaForCausalLM")
+    with pytest.raises(ValueError, match=r"Vermeil key 'bias' has no counterpart"):
+        vermeil_to_hf_state_dict({"bias": torch.zeros(1)}, "Mamba2ForCausalLM")

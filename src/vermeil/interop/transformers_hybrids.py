@@ -106,6 +106,14 @@ def _family(cls: str) -> str:
     return "mamba2" if cls == "Mamba2ForCausalLM" else "model"
 
 
+def _rename(key: str, table: dict[str, str], what: str) -> str:
+    """`key` with its prefix replaced by the first matching one of `table`; ValueError naming it if none."""
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise ValueError(f"{what} key {key!r} has no counterpart")
+
+
 def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Tensor]:
     """A transformers state dict of `cls` -> `HybridModel` keys (experts split and transposed, router transposed).
 
@@ -130,10 +138,7 @@ def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
             continue  # buffers transformers may carry; Vermeil rebuilds them from the config
         m = layer_re.match(key)
         if m is None:
-            new = next((v + key[len(k) :] for k, v in top.items() if key.startswith(k)), None)
-            if new is None:
-                raise ValueError(f"{cls}: key {key!r} has no Vermeil counterpart")
-            out[new] = value
+            out[_rename(key, top, f"{cls}:")] = value
             continue
         i, rest = m.groups()
         prefix = f"layers.{i}."
@@ -146,10 +151,7 @@ def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
         elif rest == "feed_forward.experts.down_proj":
             out[prefix + "feed_forward.experts.w2"] = value.transpose(1, 2)
         else:
-            new = next((v + rest[len(k) :] for k, v in renames.items() if rest.startswith(k)), None)
-            if new is None:
-                raise ValueError(f"{cls}: key {key!r} has no Vermeil counterpart")
-            out[prefix + new] = value
+            out[prefix + _rename(rest, renames, f"{cls}: {key!r}: layer")] = value
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -173,10 +175,7 @@ def vermeil_to_hf_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
     for key, value in state.items():
         m = layer_re.match(key)
         if m is None:
-            new = next((v + key[len(k) :] for k, v in top.items() if key.startswith(k)), None)
-            if new is None:
-                raise ValueError(f"{cls}: Vermeil key {key!r} has no transformers counterpart")
-            out[new] = value
+            out[_rename(key, top, f"{cls}: Vermeil")] = value
             continue
         i, rest = m.groups()
         prefix = f"{layer_prefix}{i}."
@@ -185,10 +184,7 @@ def vermeil_to_hf_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
         elif rest.startswith("feed_forward.experts."):
             experts.setdefault(prefix, {})[rest.rsplit(".", 1)[1]] = value
         else:
-            new = next((v + rest[len(k) :] for k, v in renames.items() if rest.startswith(k)), None)
-            if new is None:
-                raise ValueError(f"{cls}: Vermeil key {key!r} has no transformers counterpart")
-            out[prefix + new] = value
+            out[prefix + _rename(rest, renames, f"{cls}: Vermeil {key!r}: layer")] = value
     for prefix, w in experts.items():
         out[prefix + "feed_forward.experts.gate_up_proj"] = torch.cat(
             [w["w1"].transpose(1, 2), w["w3"].transpose(1, 2)], dim=1
