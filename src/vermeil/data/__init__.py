@@ -4,6 +4,7 @@ Importing this package reads no file; corpora are read when `load_text_corpus` i
 """
 
 from vermeil.data.points import DISTRIBUTIONS, paired_sequences, sample_points
+from vermeil.data.sampler import SeededSampler
 from vermeil.data.synthetic import IGNORE_INDEX, accuracy, mqar, selective_copying
 from vermeil.data.text import (
     TextCorpus,
@@ -15,18 +16,21 @@ from vermeil.data.text import (
     sequential_windows,
     stdlib_dir,
 )
-from vermeil.data.tokenizer import ByteTokenizer
+from vermeil.data.tokenizer import ByteTokenizer, JSONTokenizer, load_tokenizer
 
 __all__ = [
     "DISTRIBUTIONS",
     "IGNORE_INDEX",
     "ByteTokenizer",
+    "JSONTokenizer",
+    "SeededSampler",
     "TextCorpus",
     "WindowSampler",
     "accuracy",
     "corpus_fingerprint",
     "find_corpus_files",
     "load_text_corpus",
+    "load_tokenizer",
     "mqar",
     "paired_sequences",
     "sample_points",

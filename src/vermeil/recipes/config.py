@@ -37,7 +37,6 @@ __all__ = [
     "Family",
     "RunConfig",
     "load_run_config",
-    "model_config",
     "model_vocab_size",
     "read_run_dir_config",
     "run_config_from_dict",
@@ -53,7 +52,6 @@ class Family:
     module: str
     config_cls: str
     model_cls: str
-    config_attr: str  # the model attribute holding its config dataclass (`LLM.args`, `Flux.params`, ...)
     vocab_key: str | None  # the config field holding the vocabulary size (None: not a token model)
     tasks: tuple[str, ...]  # the data tasks it trains on; the first is the default
     export_to: str | None  # the library `vermeil convert --to` writes it for (None: no foreign layout)
@@ -64,16 +62,14 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llm": Family(
-        "vermeil.models.llm", "ModelArgs", "LLM", "args", "vocab_size", _TOKEN_TASKS, "transformers"
-    ),
+    "llm": Family("vermeil.models.llm", "ModelArgs", "LLM", "vocab_size", _TOKEN_TASKS, "transformers"),
     "mamba": Family(
-        "vermeil.models.mamba", "MambaConfig", "MambaLM", "config", "vocab_size", _TOKEN_TASKS, "transformers"
+        "vermeil.models.mamba", "MambaConfig", "MambaLM", "vocab_size", _TOKEN_TASKS, "transformers"
     ),
     "hybrid": Family(
-        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "config", "vocab_size", _TOKEN_TASKS, None
+        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "vocab_size", _TOKEN_TASKS, None
     ),
-    "flux": Family("vermeil.models.flux", "FluxParams", "Flux", "params", None, ("flow",), "diffusers"),
+    "flux": Family("vermeil.models.flux", "FluxParams", "Flux", None, ("flow",), "diffusers"),
 }
 
 TASKS: dict[str, type[TaskData]] = {
@@ -180,11 +176,6 @@ def model_vocab_size(run: RunConfig) -> int:
     """The vocabulary size of a token model's config (0 for flux)."""
     key = FAMILIES[run.family].vocab_key
     return int(getattr(run.model, key)) if key is not None else 0
-
-
-def model_config(family: str, model: Any) -> Any:
-    """The config dataclass a model of `family` was built from (`LLM.args`, `MambaLM.config`, `Flux.params`)."""
-    return getattr(model, FAMILIES[family].config_attr)
 
 
 def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from vermeil.recipes.config import FAMILIES, TASKS, RunConfig, model_config, run_config_from_dict
+from vermeil.recipes.config import FAMILIES, TASKS, RunConfig, run_config_from_dict
 from vermeil.train.config import TrainConfig
 
 __all__ = [
@@ -125,7 +125,7 @@ def foreign_run_config(family: str, model: nn.Module, name: str | None = None) -
     `data.task=flow` (job "points" for a model with 2 channels everywhere, else "curves"); its channels stay the
     model's, so `vermeil sample` only works for a model of the flow job's shape.
     """
-    config = model_config(family, model)
+    config = model.config  # the contract's one config attribute
     data = TASKS[FAMILIES[family].tasks[0]].for_model(config)
     run = RunConfig(family, config, data, TrainConfig(), name)
     return run_config_from_dict(run.to_dict())

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import merge_preset
+from vermeil.data.sampler import (
+    SeededSampler as TaskSampler,  # the one seeded sampler, under the recipes' name
+)
 from vermeil.models.contract import split_output
 from vermeil.train.hooks import Hook
 
@@ -82,29 +85,6 @@ class TaskData:
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         raise NotImplementedError
-
-
-class TaskSampler:
-    """An endless, seeded stream of batches `make(batch_size, generator=g, **kwargs)`, resumable through
-    `state_dict` (the generator's state is the whole position of the stream)."""
-
-    def __init__(self, make: Callable[..., Any], batch_size: int, seed: int, **kwargs: Any):
-        self.make = make
-        self.batch_size = batch_size
-        self.kwargs = kwargs
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> TaskSampler:
-        return self
-
-    def __next__(self) -> Any:
-        return self.make(self.batch_size, generator=self.generator, **self.kwargs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
 
 def eval_token_batches(
