@@ -410,6 +410,8 @@ def test_jamba_preset_is_transformers_default_jamba() -> None:
     converted = jamba_config(transformers.JambaConfig())
     preset = HybridConfig(**PRESETS["jamba-v0.1-shape"])
     assert preset.layer_kinds == converted.layer_kinds and preset.layer_ffns == converted.layer_ffns
+    # the router loss: the preset trains with Jamba's 0.001; a conversion keeps transformers' switch (off)
+    assert preset.moe_aux_loss_coef == transformers.JambaConfig().router_aux_loss_coef
     for field in (
         "dim",
         "vocab_size",
@@ -422,7 +424,6 @@ def test_jamba_preset_is_transformers_default_jamba() -> None:
         "hidden_dim",
         "num_experts",
         "experts_per_token",
-        "moe_aux_loss_coef",
         "norm_eps",
         "mamba_inner_norms",
         "rotary",

@@ -38,6 +38,12 @@ with `mamba_proj_bias != projectors_bias` (Vermeil's Mamba-2 block has one bias 
 out_proj), `ssm_multipliers` / `mlp_multipliers` of the wrong length, a rotary width that is odd, attention
 layer indices outside the model; going back, any pattern or option the target class has no field for.
 
+Training losses: Jamba's router loss is carried as `moe_aux_loss_coef` (`router_aux_loss_coef` when
+`output_router_logits` is on, else 0, as transformers adds it only then); Vermeil sums each MoE layer's Switch
+load-balancing loss, transformers computes one over all layers' router logits concatenated, so the two differ
+slightly (the forward and its gradients do not). Bamba's `z_loss_coefficient` becomes `z_loss` (transformers
+averages the logsumexp^2 over every position, Vermeil over the positions that have a target).
+
 Not carried (they do not change a float32 forward): Mamba2's `residual_in_fp32` (its residual stream in float32
 under bf16), initialisation-only fields, dropout. transformers is imported inside the `to_transformers_*`
 functions only.
@@ -361,7 +367,8 @@ def jamba_config(config: Any) -> HybridConfig:
         num_experts=max(config.num_experts, 1),
         experts_per_token=min(config.num_experts_per_tok, max(config.num_experts, 1)),
         moe_renormalize=False,
-        moe_aux_loss_coef=float(config.router_aux_loss_coef),
+        # transformers adds the router loss only with output_router_logits (off by default)
+        moe_aux_loss_coef=float(config.router_aux_loss_coef) if config.output_router_logits else 0.0,
         norm_eps=float(config.rms_norm_eps),
     )
 
@@ -623,6 +630,7 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
             num_experts=cfg.num_experts if "moe" in cfg.layer_ffns else 1,
             num_experts_per_tok=cfg.experts_per_token,
             router_aux_loss_coef=cfg.moe_aux_loss_coef,
+            output_router_logits=cfg.moe_aux_loss_coef > 0,
             expert_layer_period=moe_p,
             expert_layer_offset=moe_o,
             attn_layer_period=attn_p,
