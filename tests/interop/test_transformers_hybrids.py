@@ -175,6 +175,8 @@ VARIANTS = [
     ("FalconH1ForCausalLM", {}),
     ("FalconH1ForCausalLM", dict(mamba_rms_norm=False, mamba_proj_bias=True, projectors_bias=True)),
     ("FalconH1ForCausalLM", dict(mamba_norm_before_gate=False, attention_bias=True, mlp_bias=True)),
+    ("BambaForCausalLM", dict(head_dim=12)),  # head width apart from D / heads: RoPE on 6 of 12 channels
+    ("FalconH1ForCausalLM", dict(head_dim=12, mamba_d_ssm=None, mamba_n_heads=4, mamba_d_head=16)),
 ]
 
 
