@@ -9,20 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_int, tracing
 
 __all__ = ["check_input_pos", "check_positive_int", "check_tokens", "tracing"]
-
-
-def tracing() -> bool:
-    """True while the current code is being traced rather than run eagerly: under `torch.compile` /
-    `torch.export` (`torch.compiler.is_compiling()`) or `torch.jit.trace`, or while a CUDA graph is being
-    captured on the current stream. Checks that read tensor values (`.tolist()`, `.item()`) skip themselves
-    then: a read is a graph break under compile, a baked-in constant under jit.trace, and illegal during a
-    capture."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def check_tokens(tokens: object, vocab_size: int) -> None:

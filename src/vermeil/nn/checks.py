@@ -1,4 +1,5 @@
-"""The argument checks every layer shares: one positive-int rule with one message.
+"""The argument checks every layer shares: one positive-int rule with one message, and `tracing()`, which says
+when a check must not read tensor values back to the host.
 
 `vermeil.nn` is the bottom of the house, so the check lives here and the models, data and diffusion code import it.
 """
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_positive_int", "check_positive_ints"]
+import torch
+
+__all__ = ["check_positive_int", "check_positive_ints", "tracing"]
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -21,3 +24,14 @@ def check_positive_ints(**values: Any) -> None:
     """`check_positive_int` for each keyword, in order: `check_positive_ints(dim=dim, n_heads=n_heads)`."""
     for name, value in values.items():
         check_positive_int(name, value)
+
+
+def tracing() -> bool:
+    """True while the current code is being traced rather than run eagerly: under `torch.compile` /
+    `torch.export` (`torch.compiler.is_compiling()`) or `torch.jit.trace`, or while a CUDA graph is being
+    captured on the current stream. Checks that read tensor values (`.tolist()`, `.item()`) skip themselves
+    then: a read is a graph break under compile, a baked-in constant under jit.trace, and illegal during a
+    capture."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
