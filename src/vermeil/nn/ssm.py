@@ -66,7 +66,11 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         length = grad.shape[1]
         grad_hist = torch.empty_like(hist)
         grad_hist[:, : k - 1].zero_()
-        torch.mul(grad, taps[k - 1], out=grad_hist[:, k - 1 :])
+        if torch.compiler.is_compiling():
+            # Dynamo graph-breaks on `out=` into a strided view; Inductor fuses this product into the copy.
+            grad_hist[:, k - 1 :].copy_(grad * taps[k - 1])
+        else:  # eager: written in place, no (B, L, E) temporary
+            torch.mul(grad, taps[k - 1], out=grad_hist[:, k - 1 :])
         for j in range(k - 1):
             grad_hist[:, j : j + length].addcmul_(grad, taps[j])
         grad_taps = torch.stack([(grad * hist[:, j : j + length]).sum((0, 1)) for j in range(k)])
