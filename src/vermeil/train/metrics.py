@@ -108,6 +108,27 @@ def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> int:
     return dropped
 
 
+def _log_axis(ax: Any, values: Sequence[float]) -> None:
+    """A log y axis that can be read: tick labels are plain numbers (0.3, 1.5, 2), the ticks between powers of
+    ten are labelled too when the values span less than two decades, and the axis starts at a labelled tick, so
+    the last value of a falling loss lies between two labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    lo, hi = min(values), max(values)
+    narrow = hi / lo < 100
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10))))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    # The axis's bottom at the largest labelled tick below the smallest value.
+    decade = 10.0 ** math.floor(math.log10(lo))
+    floor = max((decade * s for s in subs if decade * s <= lo), default=decade)
+    ax.set_ylim(bottom=floor)
+
+
 def plot_loss_curve(
     rows: Sequence[Mapping[str, Any]],
     path: str | os.PathLike[str],
@@ -148,7 +169,7 @@ def plot_loss_curve(
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if all(y > 0 for _, ys in series.values() for y in ys):
-            ax.set_yscale("log")
+            _log_axis(ax, [y for _, ys in series.values() for y in ys])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         if title:
