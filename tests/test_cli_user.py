@@ -408,3 +408,13 @@ def test_a_character_split_between_prompt_and_output_prints_whole(
     (tmp_path / "p.bin").write_bytes(b"caf\xc3")
     code, out, err = _run(capsys, "generate", str(run_dir), "--prompt-file", str(tmp_path / "p.bin"))
     assert code == 0 and out == "café\n", err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_damaged_dcp_folder_raises_without_torch_advice_for_library_callers(tmp_path: Path) -> None:
+    from vermeil.distributed.checkpoint import load_checkpoint
+
+    folder, model, opt = _damaged_dcp(tmp_path)
+    with pytest.raises(ValueError, match="is damaged") as info:
+        load_checkpoint(folder, model, opt)
+    assert "weights_only" not in str(info.value) and "nothing in it was run" in str(info.value)

@@ -137,6 +137,10 @@ def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
     except CheckpointException as e:
         errors = [err[0] if isinstance(err, tuple) else err for err in e.failures.values()]
         first = next((" ".join(str(err).split()) for err in errors if str(err).strip()), "")
+        # torch.load's refusal of a pickle goes on to advise weights_only=False: never, for a file we did not write.
+        cut = first.find("Weights only load failed")
+        if cut >= 0:
+            first = first[:cut] + "a shard holds objects other than tensors: refused, nothing in it was run"
         raise ValueError(f"DCP checkpoint {os.fspath(path)} is damaged: {first or 'unreadable'}") from None
 
 
