@@ -369,7 +369,9 @@ class Attention(nn.Module):
 
     Fast paths, each equal to the masked definition (tests/nn/test_attention.py): SDPA's `is_causal` with no
     mask tensor for plain causal attention; `is_causal` beside the mask where the CPU kernel takes both;
-    chunked causal attention as independent causal blocks (`chunked_causal_attention`) when there is no mask.
+    chunked causal attention as independent causal blocks (`chunked_causal_attention`) when there is no mask;
+    with backend "flex" (or "auto" on CUDA) the rules go to FlexAttention as mask functions, which computes
+    only the non-empty 128 x 128 tiles (`vermeil.nn.flex`; tests/nn/test_flex.py).
 
     Args:
         dim: D, width of x and of the output.
