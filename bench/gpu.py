@@ -63,7 +63,7 @@ SwiGLU 5632, vocabulary 32000:
            failed in diffusers at this shape), then the timed rows run with `enable_cudnn_sdp(False)`.
   recipes  every configs/*.yaml trains 30 steps with train.device=cuda through the public recipe API
            (`load_run_config`, `build_run`, `Trainer`), one PASS/FAIL line per config (2 steps on the CPU with
-           --tiny, the text corpus cut to 200 kB).
+           --tiny, the text corpus cut to 200 kB); train.compile=false (the train group times compilation).
 On the --tiny CPU run the "compiled" variants use Dynamo's eager backend: the same tracing (graph breaks,
 fullgraph errors) in seconds, not Inductor's minutes.
 
@@ -1393,13 +1393,13 @@ def _time_flux(ctx: Ctx, label: str, ours: Any, theirs: Any, fns: dict[str, Call
                     "--tiny on the CPU: compiled anchor rows on CUDA only",
                 )
                 fns = {k: v for k, v in fns.items() if k != "diffusers"}
-            elif theirs is not None and hasattr(theirs, "compile_repeated_blocks"):
-                theirs.compile_repeated_blocks(**_compile_kw(ctx))
             elif theirs is not None:
-                ctx.skip(
-                    "flux", f"{label} diffusers compiled", "this diffusers has no compile_repeated_blocks"
-                )
-                fns = {k: v for k, v in fns.items() if k != "diffusers"}
+                try:  # diffusers >= 0.35 names FluxTransformer2DModel's repeated blocks
+                    theirs.compile_repeated_blocks(**_compile_kw(ctx))
+                except Exception as e:
+                    reason = f"compile_repeated_blocks: {type(e).__name__}: {e}"
+                    ctx.skip("flux", f"{label} diffusers compiled", reason)
+                    fns = {k: v for k, v in fns.items() if k != "diffusers"}
         for who, fn in fns.items():
             for what, call in (("fwd", fwd(fn)), ("fwd+bwd", fwd_bwd(fn, models[who]))):
                 variant = ("regional compile" + _compiled_label(ctx)) if compiled else "eager"
@@ -1436,6 +1436,9 @@ def _recipe_overrides(ctx: Ctx) -> list[str]:
         "train.eval_batches=1",
     ]
     over += ["train.plot=false", "train.progress=false", "train.save_every=0", "train.log_every=1000"]
+    # compilation is timed in the train group; here each config's placement and steps (and the budget: nine
+    # compilations would take minutes)
+    over.append("train.compile=false")
     if ctx.tiny:
         over.append("train.batch_size=2")
     return over
@@ -1443,7 +1446,8 @@ def _recipe_overrides(ctx: Ctx) -> list[str]:
 
 def row_recipes(ctx: Ctx) -> None:
     """Every configs/*.yaml trains through the public recipe API (`load_run_config`, `build_run`, `Trainer`)
-    for 30 steps on CUDA (2 on the CPU with --tiny), each in its own try block: ok or the error, per config."""
+    for 30 steps on CUDA (2 on the CPU with --tiny), each in its own try block: ok or the error, per config.
+    Uncompiled (train.compile=false): the train group times compilation; here it is placement and steps."""
     from vermeil.recipes import build_run, load_run_config
     from vermeil.train import Trainer
 
