@@ -293,3 +293,27 @@ def test_module_flex_traces_fullgraph() -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), m(x), **F32)
         torch.testing.assert_close(compiled(x, mask=kpm), m(x, mask=kpm), **F32)
+
+
+def test_auto_backend_decision_table() -> None:
+    """Where "auto" picks FlexAttention (CUDA, no cache, no dropout, local masks, power-of-two head dim)."""
+    from types import SimpleNamespace
+
+    cuda_x = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # the decision reads only x.device.type
+    cpu_x = torch.zeros(1, 1, 64)
+    pad = torch.ones(1, 3, dtype=torch.bool)
+    window = Attention(64, 4, causal=True, window=8, backend="auto")  # head_dim 16
+    chunk = Attention(64, 4, causal=True, chunk=8, backend="auto")
+    assert window._backend_for(cuda_x, None, None, 0.0) == "flex"
+    assert window._backend_for(cpu_x, None, None, 0.0) == "sdpa"  # CPU: no flex backward
+    assert window._backend_for(cuda_x, object(), None, 0.0) == "sdpa"  # a cache: decoding stays on SDPA
+    assert window._backend_for(cuda_x, None, None, 0.1) == "sdpa"  # dropout: flex has none
+    assert chunk._backend_for(cuda_x, None, None, 0.0) == "sdpa"  # chunks alone: causal blocks on flash
+    assert chunk._backend_for(cuda_x, None, pad, 0.0) == "flex"  # chunks with padding: a block mask
+    assert (
+        Attention(48, 2, causal=True, window=8, backend="auto")._backend_for(cuda_x, None, None, 0.0)
+        == "sdpa"
+    )
+    assert Attention(64, 4, causal=True, backend="auto")._backend_for(cuda_x, None, None, 0.0) == "sdpa"
+    flex = Attention(64, 4, causal=True, window=8, backend="flex")
+    assert flex._backend_for(cpu_x, object(), None, 0.0) == "sdpa"  # explicit flex: the cache path is SDPA's
