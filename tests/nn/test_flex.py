@@ -317,3 +317,22 @@ def test_auto_backend_decision_table() -> None:
     assert Attention(64, 4, causal=True, backend="auto")._backend_for(cuda_x, None, None, 0.0) == "sdpa"
     flex = Attention(64, 4, causal=True, window=8, backend="flex")
     assert flex._backend_for(cpu_x, object(), None, 0.0) == "sdpa"  # explicit flex: the cache path is SDPA's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only")
+@pytest.mark.parametrize("local", [dict(window=48), dict(chunk=64)], ids=str)
+def test_cuda_module_flex_and_auto_train_like_sdpa(local: dict) -> None:
+    torch.manual_seed(0)
+    ref = Attention(256, 4, 2, causal=True, **local).cuda()  # head_dim 64
+    x = torch.randn(2, 300, 256, device="cuda")
+    mask = _padding(2, 300).cuda()
+    out_ref = ref(x, mask=mask)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), list(ref.parameters()))
+    for backend in ("flex", "auto"):
+        m = Attention(256, 4, 2, causal=True, backend=backend, **local).cuda()
+        m.load_state_dict(ref.state_dict())
+        assert m._backend_for(x, None, mask, 0.0) == "flex"
+        out = m(x, mask=mask)
+        torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=2e-5)
+        for g, r in zip(torch.autograd.grad(out.square().sum(), list(m.parameters())), grads_ref):
+            torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-4)
