@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_ints
+from vermeil.nn.checks import check_positive_ints, tracing
 from vermeil.nn.feedforward import SwiGLU
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -287,8 +287,9 @@ def padded_swiglu(
     """The batched fallback of `grouped_swiglu`: scatter the sorted rows into an (E, C, D) zero-padded buffer,
     run three `bmm`s, gather back. Exact in any dtype (float64 included).
 
-    C is the largest per-expert count in eager mode (one host sync, this is the fallback) and T (= S/K,
-    the most one expert can receive, dropless) under `torch.compile`, which keeps the graph static.
+    C is the largest per-expert count in eager mode (one host sync, this is the fallback) and S (a static
+    upper bound) while tracing or capturing a CUDA graph (`vermeil.nn.checks.tracing`), which keeps the graph
+    static.
 
     Args:
         x_SD: (S, D) rows sorted by expert; expert_S: (S,) their expert ids (sorted).
@@ -298,7 +299,7 @@ def padded_swiglu(
     """
     S, D = x_SD.shape
     E = w1.shape[0]
-    if torch.compiler.is_compiling():
+    if tracing():  # torch.compile, jit.trace, or a CUDA graph capture: no host read
         capacity = S  # static upper bound; the caller's S/K would be tighter but S keeps this self-contained
     else:
         capacity = int(counts_E.max()) if S > 0 else 0

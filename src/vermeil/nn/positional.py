@@ -27,6 +27,8 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
+from vermeil.nn.checks import tracing
+
 __all__ = [
     "RopePairing",
     "RopeScaling",
@@ -237,14 +239,6 @@ def temperature_scale(positions: Tensor, floor_scale: float = 8192.0, attn_scale
     return torch.log(torch.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
 
 
-def _tracing_or_capturing() -> bool:
-    """Whether a data-dependent host read must be skipped: under torch.compile / torch.jit.trace, or while
-    the current CUDA stream records a graph (a sync there invalidates the capture)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 class RopeTables(NamedTuple):
     """RoPE angles for one forward, computed once by the model and shared by its attention layers.
 
@@ -424,7 +418,7 @@ class RotaryEmbedding(nn.Module):
             )
         if positions.is_floating_point():
             return rope_cos_sin(positions, self.inv_freq)
-        if positions.device.type == "cpu" and not _tracing_or_capturing():
+        if positions.device.type == "cpu" and not tracing():
             self._check_positions(positions)
         return self.cos_cached[positions], self.sin_cached[positions]
 
