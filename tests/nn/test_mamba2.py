@@ -201,6 +201,30 @@ def test_few_row_projection_equals_linear():
     assert_close(_project(lin, x), 2 * torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
+@pytest.mark.parametrize("segment_tokens", [1, 16, 40])
+def test_cpu_pieces_equal_one_piece_with_gradients(segment_tokens):
+    """segment_tokens cuts a long CPU forward into pieces chained by their states (pieces of 4, 8 and 20
+    positions at batch 2 and chunk 4; the last one shorter): outputs, final states and every gradient equal
+    the one-piece forward."""
+    block = make_block(segment_tokens=None)
+    pieces = make_block(segment_tokens=segment_tokens)
+    pieces.load_state_dict(block.state_dict())
+    x = torch.randn(2, 23, D_MODEL)
+    init = (torch.randn(2, block.conv_dim, 4), torch.randn(2, block.nheads, block.headdim, 5))
+    results = []
+    for b in (block, pieces):
+        xg = x.clone().requires_grad_(True)
+        state = tuple(t.clone().requires_grad_(True) for t in init)
+        y, (conv, ssm) = b(xg, initial_state=state, return_final_state=True)
+        (y.square().sum() + ssm.sum() + conv.sum()).backward()
+        grads = [xg.grad, *(t.grad for t in state)] + [p.grad for p in b.parameters()]
+        results.append(([y, conv, ssm], grads))
+    for actual, expected in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+        rel_close(actual, expected)
+    with pytest.raises(ValueError, match=r"segment_tokens=0 must be a positive int"):
+        Mamba2Block(32, headdim=8, segment_tokens=0)
+
+
 def test_initial_state_and_final_state_compose_with_gradients():
     """forward([a; b]) == forward(b, initial_state=state after a), gradients included (truncated BPTT)."""
     block = make_block()

@@ -172,6 +172,12 @@ class Mamba2Block(nn.Module):
             one-token step does not clamp, as mamba_ssm and transformers.
         conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
         chunk_size: Q of the chunked scan (only speed and memory depend on it).
+        segment_tokens: on the CPU, a whole-sequence forward runs in pieces of about this many tokens
+            (batch x positions; a multiple of chunk_size positions, at least one chunk), each piece starting
+            from the states the previous one ended with: the same function and gradients (the split-sequence
+            property), but each piece's activations stay in the CPU caches between the layer's ops. Measured
+            1.2x faster forward+backward at L 1024 and 1.7x at L 4096 with 1024 (d_model 512, batch 2, one
+            thread of a 2-core AMD EPYC). None runs one piece; CUDA always does. A plain attribute.
         layer_idx: index of the block in its model (informational).
         device, dtype: of the parameters; A_log, D and dt_bias are always float32.
 
@@ -200,6 +206,7 @@ class Mamba2Block(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         chunk_size: int = 64,
+        segment_tokens: int | None = 1024,
         layer_idx: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -215,6 +222,8 @@ class Mamba2Block(nn.Module):
             ("chunk_size", chunk_size),
         ):
             check_positive_int(name, value)
+        if segment_tokens is not None:
+            check_positive_int("segment_tokens", segment_tokens)
         d_inner = expand * d_model
         if d_inner % headdim:
             raise ValueError(
@@ -239,6 +248,7 @@ class Mamba2Block(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.time_step_limit = (float(time_step_limit[0]), float(time_step_limit[1]))
         self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.segment_tokens = segment_tokens
 
         # rows [z I | x I | B GN | C GN | dt H]
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
@@ -353,7 +363,28 @@ class Mamba2Block(nn.Module):
     def _mix(
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm)."""
+        """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm).
+
+        On the CPU a long sequence runs in pieces of `segment_tokens` tokens chained by their states.
+        """
+        bsz, length, _ = x.shape
+        piece = length
+        if self.segment_tokens is not None and x.device.type == "cpu":
+            piece = max(1, self.segment_tokens // (bsz * self.chunk_size)) * self.chunk_size
+        if length <= piece:
+            return self._mix_piece(x, conv_state, ssm_state, want_state)
+        outs = []
+        # split, not slicing in a loop: each slice's backward would zero-fill a gradient of all of x
+        for xp in torch.split(x, piece, dim=1):
+            out, conv_state, ssm_state = self._mix_piece(xp, conv_state, ssm_state, True)
+            outs.append(out)
+        out = torch.cat(outs, dim=1)
+        return (out, conv_state, ssm_state) if want_state else (out, None, None)
+
+    def _mix_piece(
+        self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """`_mix` of one piece."""
         bsz, length, _ = x.shape
         z, xbc, dt = self._split(self.in_proj(x))
         if conv_state is None:
@@ -501,5 +532,5 @@ class Mamba2Block(nn.Module):
         return (
             f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
             f"headdim={self.headdim}, ngroups={self.ngroups}, nheads={self.nheads}, chunk_size={self.chunk_size}, "
-            f"layer_idx={self.layer_idx}"
+            f"segment_tokens={self.segment_tokens}, layer_idx={self.layer_idx}"
         )

@@ -258,12 +258,13 @@ def ssd_scan(
     Equals the recurrence for any `chunk_size` >= 1: L is padded to a multiple of Q = chunk_size with steps of
     dt = 0 and x = 0, which neither decay nor feed the state, so the final state is that after position L.
     Differentiable in every input, including `initial_state`, and through the returned final state (so
-    truncated backpropagation through time and chunked prefill compose). Autograd runs through plain torch
-    ops; the tensors it keeps for backward are, per call, about three (B, H, L, Q) float32 tensors (the
-    intra-chunk decay mask, C B^T broadcast to heads, their product), two (B, L, H, P) (dt x, its decayed copy),
-    two (B, c, H, P, N) (chunk states, states entering each chunk) and the inputs: O(L * (H*Q + H*P*N/Q)),
-    linear in L. Q ~ 64 balances the two terms for P = N = 64 (and measured fastest on a 2-core CPU,
-    bench/mamba2.py); mamba_ssm's CUDA kernels default to 256, which only changes speed and memory here.
+    truncated backpropagation through time and chunked prefill compose). The intra-chunk block is one
+    autograd Function (`_IntraChunk`) that recomputes its (B, H, L, Q) decay mask in backward; the rest is
+    plain torch ops. Kept for backward, per call: (B, G, L, Q) C B^T, two (B, L, H, P) (dt x, its decayed
+    copy), two (B, c, H, P, N) (chunk states, states entering each chunk) and the inputs:
+    O(L * (G*Q + H*P + H*P*N/Q)), linear in L. Q = 32 and 64 measured alike, 128 slower (a 4-layer d_model 512
+    stack at L 1024 and 4096, one thread of a 2-core CPU, bench/mamba2.py's shapes); mamba_ssm's CUDA
+    kernels default to 256, which only changes speed and memory here.
 
     Args:
         x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state: as
