@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_int, tracing
 
 __all__ = ["KVCache", "RingKVCache", "SSMState"]
 
@@ -132,8 +132,8 @@ def _check_update(cache: KVCache | RingKVCache, input_pos: Tensor, k: Tensor, v:
             f"input_pos holds {input_pos.shape[0]} positions, which exceeds max_seq_len={cache.max_seq_len}"
         )
     # Value check only in eager mode and on CPU: it reads the tensor, which would be a graph break under
-    # compile and a device sync on an accelerator.
-    if not torch.compiler.is_compiling() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
+    # compile, a baked-in constant under jit.trace, and a device sync on an accelerator.
+    if not tracing() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
         first, last = torch.stack(torch.aminmax(input_pos)).tolist()  # one read for both ends
         if last >= cache.max_seq_len or first < 0:
             raise ValueError(
