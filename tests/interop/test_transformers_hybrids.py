@@ -443,3 +443,21 @@ def test_unmapped_keys_are_named() -> None:
         hf_to_vermeil_state_dict({"model.layers.0.foo.weight": torch.zeros(1)}, "BambaForCausalLM")
     with pytest.raises(ValueError, match=r"Vermeil key 'bias' has no counterpart"):
         vermeil_to_hf_state_dict({"bias": torch.zeros(1)}, "Mamba2ForCausalLM")
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_bfloat16_mamba2_keeps_transformers_residual_rule(residual_in_fp32: bool) -> None:
+    """transformers' Mamba2 keeps its residual stream in float32 in a bf16 model (`residual_in_fp32`, the
+    default): the converted model does too (every layer hands on float32), and its logits stay within bf16
+    rounding of transformers' (the mixers round differently inside, so not closer than that)."""
+    hf = hf_mamba2(residual_in_fp32=residual_in_fp32).to(torch.bfloat16)
+    model = from_transformers(hf)
+    assert model.config.residual_in_fp32 is residual_in_fp32
+    dtypes = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = tokens()
+    with torch.no_grad():
+        expected, got = hf(x).logits.float(), model(x)
+    assert set(dtypes) == {torch.float32 if residual_in_fp32 else torch.bfloat16}
+    assert (got - expected).abs().mean() < 0.1 * expected.abs().mean()

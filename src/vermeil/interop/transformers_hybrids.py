@@ -44,8 +44,8 @@ load-balancing loss, transformers computes one over all layers' router logits co
 slightly (the forward and its gradients do not). Bamba's `z_loss_coefficient` becomes `z_loss` (transformers
 averages the logsumexp^2 over every position, Vermeil over the positions that have a target).
 
-Not carried (they do not change a float32 forward): Mamba2's `residual_in_fp32` (its residual stream in float32
-under bf16), initialisation-only fields, dropout. transformers is imported inside the `to_transformers_*`
+Mamba2's `residual_in_fp32` (its residual stream in float32 under bf16, the default) is carried as the config
+field of the same name. Not carried (they do not change a forward): initialisation-only fields, dropout. transformers is imported inside the `to_transformers_*`
 functions only.
 
 Axis legend: L layers, D model dim, E experts, F expert hidden dim.
@@ -331,6 +331,7 @@ def mamba2_config(config: Any) -> HybridConfig:
         dt_limit=_dt_limit(cls, config.time_step_limit),
         feed_forward="none",
         norm_eps=float(config.layer_norm_epsilon),
+        residual_in_fp32=bool(config.residual_in_fp32),
     )
 
 
@@ -584,7 +585,7 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
     )
     attn_common = dict(num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads or cfg.heads)
     if cls != "Mamba2ForCausalLM":
-        _check(cls, cfg, qk_norm=None, window=None, merge="sum")
+        _check(cls, cfg, qk_norm=None, window=None, merge="sum", residual_in_fp32=False)
     if cls == "Mamba2ForCausalLM":
         _no_mults(cls, cfg)
         _check(cls, cfg, ssm_norm=True, ssm_norm_before_gate=False, d_ssm=None)
@@ -601,6 +602,7 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
             layer_norm_epsilon=cfg.norm_eps,
             time_step_limit=_limit(cfg),
             chunk_size=cfg.chunk_size,
+            residual_in_fp32=cfg.residual_in_fp32,
         )
     if cls == "JambaForCausalLM":
         _no_mults(cls, cfg)

@@ -166,6 +166,9 @@ class HybridConfig:
         ssm_proj_multipliers: five multipliers of the Mamba-2 in_proj segments [z, x, B, C, dt] (Falcon-H1's
             `ssm_multipliers`), None for none.
         norm_eps: eps of every RMSNorm (layer norms, the gated norm, Jamba's inner norms).
+        residual_in_fp32: keep the residual stream in float32 in a lower-precision model (each layer's norm
+            reads it cast to the model dtype), as transformers' and mamba_ssm's Mamba-2 (`residual_in_fp32`);
+            no effect in a float32 model.
         tie_embeddings: the LM head shares the embedding matrix.
         max_seq_len: initial rotary table length (grows on demand).
         initializer_range: std of the embedding init.
@@ -225,6 +228,7 @@ class HybridConfig:
     mlp_gate_multiplier: float = 1.0
     mlp_out_multiplier: float = 1.0
     norm_eps: float = 1e-5
+    residual_in_fp32: bool = False
     tie_embeddings: bool = True
     max_seq_len: int = 2048
     initializer_range: float = 0.02
@@ -282,6 +286,7 @@ class HybridConfig:
             "rotary",
             "ffn_bias",
             "moe_renormalize",
+            "residual_in_fp32",
             "tie_embeddings",
         ):
             if not isinstance(getattr(self, name), bool):
@@ -561,6 +566,7 @@ class HybridLayer(nn.Module):
         self.ssm_in, self.ssm_out = cfg.ssm_in_multiplier, cfg.ssm_out_multiplier
         self.attn_in, self.attn_out = cfg.attn_in_multiplier, cfg.attn_out_multiplier
         self.mlp_out = cfg.mlp_out_multiplier
+        self.aux_loss: Tensor | None = None  # the MoE auxiliary loss of the last forward
         self.norm = RMSNorm(d, eps=cfg.norm_eps, **factory)
         self.mamba = None
         self.attention = None
@@ -645,9 +651,16 @@ class HybridLayer(nn.Module):
         out = self.mamba(_scaled(x, self.ssm_in), input_pos=input_pos)  # type: ignore[misc]
         return _scaled(out, self.ssm_out)
 
-    def forward_with_aux(self, h: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """h: (B, T, D) -> (h (B, T, D), the MoE auxiliary loss or None)."""
-        x = self.norm(h)
+    def forward(self, h: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """h: (B, T, D) -> (B, T, D). An MoE layer leaves its auxiliary loss in `aux_loss` (None otherwise), read
+        by the model after the call (the layer is called as a module, so wrappers and hooks see it)."""
+        h, self.aux_loss = self._forward(h, input_pos)
+        return h
+
+    def _forward(self, h: Tensor, input_pos: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        x = self.norm(
+            h.to(self.norm.weight.dtype)
+        )  # a float32 residual (residual_in_fp32) enters in the model dtype
         if self.mamba is None:
             out = self._attend(x, input_pos)
         elif self.attention is None:
@@ -666,15 +679,11 @@ class HybridLayer(nn.Module):
         h = h + out
         aux = None
         if self.feed_forward is not None:
-            y = self.feed_forward(self.ffn_norm(h))  # type: ignore[misc]
+            y = self.feed_forward(self.ffn_norm(h.to(self.ffn_norm.weight.dtype)))  # type: ignore[union-attr]
             if self.ffn == "moe":
                 y, aux = y.out, y.aux_loss
             h = h + _scaled(y, self.mlp_out)
         return h, aux
-
-    def forward(self, h: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """h: (B, T, D) -> (B, T, D)."""
-        return self.forward_with_aux(h, input_pos)[0]
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, ffn={self.ffn!r}" + (f", merge={self.merge!r}" if self.merge else "")
@@ -913,12 +922,18 @@ class HybridModel(nn.Module):
             else:
                 check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
         h = _scaled(self.embedding(tokens), self.config.embedding_multiplier)  # (B, T, D)
+        if self.config.residual_in_fp32:
+            h = h.float()
         aux_loss = None
         for layer in self.layers:
-            h, aux = layer.forward_with_aux(h, input_pos)
+            h = layer(h, input_pos)
+            aux = layer.aux_loss
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
-        logits = _scaled(self.lm_head(self.norm_f(h)), self.config.lm_head_multiplier).float()
+        h = self.norm_f(h)
+        logits = _scaled(
+            self.lm_head(h.to(self.lm_head.weight.dtype)), self.config.lm_head_multiplier
+        ).float()
         if self.has_moe:
             return HybridOutput(logits, aux_loss)  # type: ignore[arg-type]  # an MoE layer gave one
         return logits
