@@ -323,6 +323,9 @@ def test_a_state_of_the_wrong_shape_is_named() -> None:
         block(x, initial_state=(conv, torch.zeros(2, 4, 16, 4)))
     with pytest.raises(ValueError, match=r"conv_state.shape=\(2, 3, 4\) must be"):
         block(x, initial_state=(torch.zeros(2, 3, 4), torch.zeros(2, 4, 16, 5)))
+    mamba1 = model_of(pattern="M").layers[0].mamba  # E 64, N 5, K 4
+    with pytest.raises(ValueError, match=r"initial_state.shape=\(2, 64, 3\) must be \(2, 64, 5\)"):
+        mamba1(x, initial_state=(torch.zeros(2, 64, 4), torch.zeros(2, 64, 3)))
 
 
 # ---------------------------------------------------------------------------------------------------------
