@@ -114,7 +114,8 @@ class ModelArgs:
     transformers' `intermediate_size[_mlp]`), `nope_layers` / `moe_layers` (explicit layer lists, as
     transformers' `no_rope_layers` / `moe_layers`), `rope_low_freq_factor` / `rope_original_max_seq_len`
     (Llama 3.x scaling constants), `tie_word_embeddings`, `embedding_init_std` (None: `init_weights`' rule),
-    `attention_backend`. `max_seq_len` sizes the initial
+    `attention_backend` (`vermeil.nn.Attention`'s backends: "flex" runs FlexAttention's block-sparse masks,
+    "auto" picks it on CUDA for the chunked layers of a plain forward). `max_seq_len` sizes the initial
     RoPE table (it grows on demand) and `max_batch_size` is kept for Meta's configs: caches are sized by
     `LLM.setup_cache(batch_size, max_seq_len)`.
 
@@ -155,7 +156,7 @@ class ModelArgs:
     vision_args: VisionArgs | None = None
     tie_word_embeddings: bool = False
     embedding_init_std: float | None = None
-    attention_backend: Literal["sdpa", "math", "flash"] = "sdpa"
+    attention_backend: Literal["sdpa", "math", "flash", "flex", "auto"] = "sdpa"
 
     def __post_init__(self) -> None:
         for name in (
@@ -228,9 +229,10 @@ class ModelArgs:
             raise ValueError(
                 "moe_args needs ffn_exp (Meta's expert width rule int(ffn_exp * dim)) or moe_args.hidden_dim"
             )
-        if self.attention_backend not in ("sdpa", "math", "flash"):
+        if self.attention_backend not in ("sdpa", "math", "flash", "flex", "auto"):
             raise ValueError(
-                f"attention_backend={self.attention_backend!r} must be 'sdpa', 'math' or 'flash'"
+                f"attention_backend={self.attention_backend!r} must be 'sdpa', 'math', 'flash', 'flex' or 'auto' "
+                "(see vermeil.nn.attention.attention)"
             )
 
     # -- derived ---------------------------------------------------------------------------------------------
@@ -649,7 +651,7 @@ class LLM(nn.Module):
         for layer in self.layers:
             layer.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
         self.cache_max_seq_len = max_seq_len
-        self.rope.cos_sin(torch.tensor([max_seq_len - 1], device=device))  # grow the table once, up front
+        self.rope.reserve(max_seq_len)  # size the table once, up front: decode lookups never grow or check it
 
     def reset_cache(self) -> None:
         """Empty every cache in place (a new sequence)."""

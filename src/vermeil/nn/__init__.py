@@ -16,6 +16,7 @@ from vermeil.nn.attention import (
 from vermeil.nn.blocks import ParallelTransformerBlock, TransformerBlock
 from vermeil.nn.cache import KVCache, RingKVCache, SSMState
 from vermeil.nn.feedforward import GLU, FeedForward, GeGLU, SwiGLU, llama_hidden_dim
+from vermeil.nn.flex import flex_attention, flex_block_mask
 from vermeil.nn.lora import (
     LoRA,
     LoRALinear,
@@ -26,7 +27,14 @@ from vermeil.nn.lora import (
     unmerge_lora,
 )
 from vermeil.nn.mamba2 import Mamba2Block
-from vermeil.nn.masks import attention_mask, causal_mask, chunked_mask, padding_mask, sliding_window_mask
+from vermeil.nn.masks import (
+    attention_mask,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    padding_mask,
+    sliding_window_mask,
+)
 from vermeil.nn.modulation import AdaLayerNorm, MLPEmbedder, Modulation, ModulationOut, modulate
 from vermeil.nn.moe import MoE, Router
 from vermeil.nn.norms import LayerNorm, QKNorm, RMSNorm, rms_norm
@@ -93,6 +101,9 @@ __all__ = [
     "merge_lora",
     "modulate",
     "padding_mask",
+    "document_mask",
+    "flex_attention",
+    "flex_block_mask",
     "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",
