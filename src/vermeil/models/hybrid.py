@@ -658,9 +658,8 @@ class HybridLayer(nn.Module):
         return h
 
     def _forward(self, h: Tensor, input_pos: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        x = self.norm(
-            h.to(self.norm.weight.dtype)
-        )  # a float32 residual (residual_in_fp32) enters in the model dtype
+        # a float32 residual stream (residual_in_fp32) enters each norm in the model's dtype
+        x = self.norm(h.to(self.norm.weight.dtype))
         if self.mamba is None:
             out = self._attend(x, input_pos)
         elif self.attention is None:
