@@ -15,7 +15,9 @@ of tokens (["S", "S+A"]); `n_layers` may repeat it:
 into "M+G". The feed-forward after each mixer follows `ffn_pattern` (repeated like `pattern`; None = "D"
 everywhere): "D" dense (`feed_forward`: swiglu, mlp or none), "E" mixture of experts (`MoE` with a
 Mixtral-style softmax router over `num_experts`, top `experts_per_token`, renormalised or not as
-`moe_renormalize`; Jamba's is not) and "N" none. Jamba is pattern "MMMMAMMM" with ffn_pattern "DE".
+`moe_renormalize`; Jamba's is not) and "N" none. Jamba is pattern "MMMMAMMM" with ffn_pattern "DE"; a Mamba-2
+language model (transformers' Mamba2ForCausalLM) is pattern "S" with `feed_forward: none` (`MambaLM` stays
+Mamba-1 only).
 
 A parallel layer merges its branches by `merge`: `sum` is Falcon-H1's
 `ssm_out_multiplier * Mamba(x) + attn_out_multiplier * Attn(attn_in_multiplier * x)`, `gate` a learned
