@@ -472,6 +472,8 @@ class Mamba2Block(nn.Module):
         starts from zeros (decided by tensor arithmetic, no `.item()`). The path is chosen by the static
         length T: T == 1 runs the recurrent step (`ssd_step`, O(1) per token, CUDA-graph capturable); T > 1
         runs the chunked scan from the cached state and stores the final one (prefill, or chunked prefill).
+        Under `torch.no_grad()` / `inference_mode()` the step updates the cache tensors in place (the
+        returned final states, if asked for, are copies); with autograd on it is functional, as before.
 
         Args:
             x: (B, T, D).
