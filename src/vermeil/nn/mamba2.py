@@ -29,10 +29,11 @@ from vermeil.nn.ssm import _causal_depthwise_conv, _f32
 __all__ = ["GatedRMSNorm", "Mamba2Block", "Mamba2State"]
 
 # Up to this many rows (decoding: one row per sequence) a CPU projection runs as `weight @ x.T` instead of
-# `F.linear(x, weight)`: for 2 to 4 rows MKL's sgemm was 5-10x slower on the (M, K) x (K, N)^T form than on
-# the (N, K) x (K, M) one (a 4-layer d_model 512 stack's projections at batch 2: 0.75 ms instead of 4.1 ms,
-# 2-core AMD EPYC, torch 2.13); from 8 rows on the two are alike. Same sums, another summation order.
-_FEW_ROWS = 4
+# `F.linear(x, weight)`: MKL's sgemm on the (M, K) x (K, N)^T form was 6x slower than on the (N, K) x (K, M)
+# one for 2 rows, 2.7x for 4, 1.3x for 8, alike from 16 on (a 4-layer d_model 512 stack's nine projections
+# with cold weights: 0.76 ms instead of 4.5 ms at 2 rows; 2-core AMD EPYC, torch 2.13). Same sums, another
+# summation order.
+_FEW_ROWS = 8
 
 
 def _project(layer: nn.Module, x: Tensor) -> Tensor:
