@@ -540,3 +540,44 @@ def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         capsys, "convert", "--from", "transformers", str(tmp_path / "small"), "--out", str(tmp_path / "r2")
     )
     assert code == 2 and "vocab_size=100" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("arch", ["Mamba2", "Bamba"])
+def test_convert_from_transformers_hybrids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arch: str
+) -> None:
+    """A Mamba-2 and a Bamba folder become hybrid runs with transformers' logits, generate, and go back."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    special = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if arch == "Mamba2":
+        cfg = transformers.Mamba2Config(
+            vocab_size=259, hidden_size=32, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=6,
+            num_hidden_layers=2, conv_kernel=4, chunk_size=5, **special,
+        )  # fmt: skip
+    else:
+        cfg = transformers.BambaConfig(
+            vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2,
+            mamba_d_state=6, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=5, **special,
+        )  # fmt: skip
+    cls = getattr(transformers, f"{arch}ForCausalLM")
+    hf = cls(cfg).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    code, out, _ = _run(
+        capsys, "convert", "--from", "transformers", str(tmp_path / "hf"), "--out", str(run_dir)
+    )
+    assert code == 0 and f"hybrid run from {arch}ForCausalLM" in out
+    _check_converted_run(run_dir, hf, "hybrid", 259)
+    code, out, _ = _run(capsys, "generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "4")
+    assert code == 0 and out.startswith("def ")
+    code, out, _ = _run(
+        capsys, "convert", "--to", "transformers", str(run_dir), "--out", str(tmp_path / "back")
+    )
+    assert code == 0 and f"{arch}ForCausalLM" in out
+    back = cls.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    tokens = torch.randint(0, 259, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, rtol=1e-4, atol=1e-4)

@@ -180,11 +180,6 @@ def test_mamba_blocks_run_compiled() -> None:
     torch._dynamo.reset()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HybridModel.forward calls layer.forward_with_aux(...), not layer(...), so a compiled forward (or "
-    "block.compile()) never runs: the model must call its layers as modules for regional compilation",
-)
 def test_hybrid_blocks_run_compiled() -> None:
     model = _hybrid()
     compile_blocks(model, backend="aot_eager")

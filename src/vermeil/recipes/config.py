@@ -67,7 +67,7 @@ FAMILIES: dict[str, Family] = {
         "vermeil.models.mamba", "MambaConfig", "MambaLM", "vocab_size", _TOKEN_TASKS, "transformers"
     ),
     "hybrid": Family(
-        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "vocab_size", _TOKEN_TASKS, None
+        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "vocab_size", _TOKEN_TASKS, "transformers"
     ),
     "flux": Family("vermeil.models.flux", "FluxParams", "Flux", None, ("flow",), "diffusers"),
 }

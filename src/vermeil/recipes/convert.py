@@ -30,7 +30,15 @@ __all__ = [
 ]
 
 # transformers class (config.json "architectures") -> run family; diffusers class (config.json "_class_name")
-FROM_TRANSFORMERS = {"LlamaForCausalLM": "llm", "Llama4ForCausalLM": "llm", "MambaForCausalLM": "mamba"}
+FROM_TRANSFORMERS = {
+    "LlamaForCausalLM": "llm",
+    "Llama4ForCausalLM": "llm",
+    "MambaForCausalLM": "mamba",
+    "Mamba2ForCausalLM": "hybrid",
+    "JambaForCausalLM": "hybrid",
+    "BambaForCausalLM": "hybrid",
+    "FalconH1ForCausalLM": "hybrid",
+}
 FROM_DIFFUSERS = {"FluxTransformer2DModel": "flux"}
 
 
