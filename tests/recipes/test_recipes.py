@@ -270,3 +270,19 @@ def test_generate_and_convert_load_no_trainer() -> None:
         "vermeil.distributed.parallel",
     ):
         assert heavy not in out, (heavy, out)
+
+
+def test_info_counts_mamba2_scan_flops_per_state_element() -> None:
+    """Mamba-2's A_log is one scalar per head: the scan FLOPs count its (heads * headdim * d_state) state."""
+    from vermeil.nn.mamba2 import Mamba2Block
+    from vermeil.recipes import load_run_config
+    from vermeil.recipes.build import build_model
+    from vermeil.recipes.describe import _linear_like_params, describe_model
+
+    run = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "mamba2-lm.yaml")
+    model = build_model(run, device="meta")
+    blocks = [m for m in model.modules() if isinstance(m, Mamba2Block)]
+    assert blocks
+    state = sum(m.d_inner * m.d_state for m in blocks)
+    matmul, _ = _linear_like_params(model)
+    assert describe_model(run)["forward_flops_per_token"] == 2 * matmul + 9 * state

@@ -43,6 +43,18 @@ def _linear_like_params(model: nn.Module) -> tuple[int, int]:
     return int(per_token), sum(embeddings.values())
 
 
+def _state_elements(module: nn.Module) -> int:
+    """Recurrent state elements a Mamba mixer updates per token (0 for other modules), for the scan FLOPs: about
+    9 per element and token (exp(dt A), dt B x, the update, C h). Mamba-1's `A_log` is (d_inner, d_state), one
+    entry per state element; Mamba-2's is one scalar per head over a (headdim, d_state) state each."""
+    a_log = getattr(module, "A_log", None)
+    if not isinstance(a_log, Tensor):
+        return 0
+    if a_log.ndim == 1 and hasattr(module, "d_inner") and hasattr(module, "d_state"):
+        return int(module.d_inner) * int(module.d_state)
+    return a_log.numel()
+
+
 def describe_model(run: RunConfig, context: int | None = None, *, batch_size: int = 1) -> dict[str, Any]:
     """Parameters, forward FLOPs per token at a context length, and the inference cache's memory.
 
@@ -62,8 +74,7 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
     for width, window in getattr(model, "attention_layers", list)():  # per attention layer (Flux too)
         ctx = min(context, window) if window else context
         attn += 2 * ctx * width
-    # Selective scan: about 9 FLOPs per state element and token (exp(dt A), dt B x, the update, C h).
-    scan = sum(9 * p.numel() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "A_log")
+    scan = 9 * sum(_state_elements(m) for m in model.modules())
     flops = 2 * matmul + 2 * attn + scan
     info: dict[str, Any] = {
         "family": run.family,
