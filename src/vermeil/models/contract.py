@@ -12,8 +12,10 @@ Every language model (`LLM`, `MambaLM`, `HybridModel`; the `LanguageModel` proto
 - `forward(tokens, input_pos=None)`: tokens (B, T) integer ids with B, T >= 1, checked by
   `vermeil.models.checks.check_tokens` (ids against the vocabulary only when not `tracing()`), input_pos None
   (a plain forward, no cache read or written) or (T,) positions into the cache
-  (`vermeil.models.checks.check_input_pos`). The output is (B, T, V) float32 logits, or for `LLM` the seed's
-  `TransformerOutput(logits, aux_loss)`: read either with `split_output(output) -> (logits, aux_loss | None)`.
+  (`vermeil.models.checks.check_input_pos`). The output is (B, T, V) float32 logits, or, for a model with an
+  auxiliary loss, an output with `.logits` and `.aux_loss` (the seed's `TransformerOutput` of `LLM`, the
+  `HybridOutput` of a `HybridModel` with MoE layers): read any of them with
+  `split_output(output) -> (logits, aux_loss | None)`.
 - `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)` (dtype/device default to the parameters';
   works on the meta device, which is how `vermeil info` measures the cache), `reset_cache()`,
   `delete_cache()`.
