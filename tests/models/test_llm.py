@@ -427,7 +427,9 @@ def test_flex_backend_equals_sdpa_on_chunked_and_global_layers() -> None:
     """attention_backend="flex" (FlexAttention's block masks: Llama 4 chunks on RoPE layers, causal on NoPE
     layers) gives the SDPA + dense-mask logits; a sequence longer than the chunk and not a multiple of it."""
     torch.manual_seed(0)
-    kw = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, attention_chunk_size=8, max_seq_len=64)
+    kw = dict(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, attention_chunk_size=8, max_seq_len=64
+    )
     ref = LLM(ModelArgs(**kw)).eval()
     flex = LLM(ModelArgs(**kw, attention_backend="flex")).eval()
     flex.load_state_dict(ref.state_dict())
