@@ -495,7 +495,7 @@ def test_convert_from_diffusers_flux(tmp_path: Path, capsys: pytest.CaptureFixtu
         )[0]
     torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
     code, _, err = _run(capsys, "convert", "--to", "transformers", str(run_dir), "--out", str(tmp_path / "h"))
-    assert code == 2 and "needs a llm or mamba run" in _one_error_line(err)
+    assert code == 2 and "needs a run of family llm, mamba or hybrid" in _one_error_line(err)
 
 
 def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

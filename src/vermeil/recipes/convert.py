@@ -155,7 +155,12 @@ def export_model(
     families = [name for name, fam in FAMILIES.items() if fam.export_to == target]
     if family not in families:
         raise ValueError(
-            f"a {family!r} model cannot be exported to {target}; --to {target} needs a {' or '.join(families)} run"
+            f"a {family!r} model cannot be exported to {target}; --to {target} needs a run of family "
+            + (
+                " or ".join(families)
+                if len(families) < 3
+                else ", ".join(families[:-1]) + " or " + families[-1]
+            )
         )
     library = import_optional(target)
     with quiet(library):
