@@ -372,7 +372,7 @@ def test_gradcheck_module(backend: str) -> None:
 def test_construction_meta_device_dtype_and_reset() -> None:
     meta = Attention(40, 4, 2, qk_norm="rms", bias=True, device="meta")
     assert all(p.is_meta for p in meta.parameters())
-    m = Attention(40, 4, 2, causal=True, qk_norm="rms", bias=True, out_bias=False, dtype=torch.float64)
+    m = Attention(40, 4, 2, causal=True, qk_norm="rms", bias=(True, False), dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in m.parameters())
     assert set(m.state_dict()) == {
         "wq.weight",
@@ -386,6 +386,8 @@ def test_construction_meta_device_dtype_and_reset() -> None:
         "qk_norm.key_norm.scale",
     }
     assert m.wk.weight.shape == (20, 40) and m.wo.weight.shape == (40, 40)
+    flux = Attention(40, 4, bias=(False, True))  # BFL: a bias on the output projection only
+    assert [w.bias is not None for w in (flux.wq, flux.wk, flux.wv, flux.wo)] == [False] * 3 + [True]
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
@@ -482,6 +484,9 @@ def test_bfloat16_and_autocast() -> None:
         ({"dim": 48, "heads": 8, "backend": "cuda"}, r"backend='cuda' must be one of"),
         ({"dim": 48, "heads": 8, "window": 0}, r"window=0 must be a positive int"),
         ({"dim": 48, "heads": 8, "dropout": 1.5}, r"dropout=1.5 must be in \[0, 1\)"),
+        ({"dim": 48, "heads": 8, "bias": (True,)}, r"bias=\(True,\) must be a bool or a pair"),
+        ({"dim": 48, "heads": 8, "bias": (True, 1)}, r"bias=\(True, 1\) must be a bool or a pair"),
+        ({"dim": 48, "heads": 8, "bias": None}, r"bias=None must be a bool or a pair"),
     ],
 )
 def test_construction_errors(kwargs: dict, match: str) -> None:

@@ -384,8 +384,8 @@ class Attention(nn.Module):
             `qk_norm(q, k) -> (q, k)`, e.g. `QKNorm(Dh, "rms", learnable=False)` (Llama 4's weightless norm).
             Stored as `qk_norm` (a `QKNorm` has submodules `query_norm`/`key_norm`).
         qk_norm_after_rope: False normalises then rotates (Flux); True rotates then normalises (Llama 4).
-        bias: bias on wq, wk, wv.
-        out_bias: bias on wo; None means `bias` (Flux uses bias=False, out_bias=True).
+        bias: biases on the projections: a bool for wq, wk, wv and wo alike, or a pair (qkv_bias, out_bias)
+            setting them apart (Qwen2: (True, False); Flux: (False, True)).
         dropout: dropout on the attention probabilities, in training mode only (on CPU, SDPA serves dropout
             with its math kernel only, so a training step with dropout materialises the T x S scores).
         rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only. Leave
@@ -416,8 +416,7 @@ class Attention(nn.Module):
         causal: bool = False,
         qk_norm: Literal["rms", "l2"] | nn.Module | None = None,
         qk_norm_after_rope: bool = False,
-        bias: bool = False,
-        out_bias: bool | None = None,
+        bias: bool | tuple[bool, bool] = False,
         dropout: float = 0.0,
         rotary: nn.Module | None = None,
         window: int | None = None,
@@ -458,6 +457,12 @@ class Attention(nn.Module):
                 check_positive_int(name, value)
         if backend not in _MODULE_BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {_MODULE_BACKENDS}")
+        pair = (bias, bias) if isinstance(bias, bool) else bias
+        if not (
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(b, bool) for b in pair)
+        ):
+            raise ValueError(f"bias={bias!r} must be a bool or a pair (qkv_bias, out_bias) of bools")
+        qkv_bias, out_bias = pair
 
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.context_dim = context_dim
@@ -467,10 +472,10 @@ class Attention(nn.Module):
         self.qk_norm_after_rope = qk_norm_after_rope
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kv_in = dim if context_dim is None else context_dim
-        self.wq = nn.Linear(dim, heads * head_dim, bias=bias, **factory)
-        self.wk = nn.Linear(kv_in, kv_heads * head_dim, bias=bias, **factory)
-        self.wv = nn.Linear(kv_in, kv_heads * head_dim, bias=bias, **factory)
-        self.wo = nn.Linear(heads * head_dim, dim, bias=bias if out_bias is None else out_bias, **factory)
+        self.wq = nn.Linear(dim, heads * head_dim, bias=qkv_bias, **factory)
+        self.wk = nn.Linear(kv_in, kv_heads * head_dim, bias=qkv_bias, **factory)
+        self.wv = nn.Linear(kv_in, kv_heads * head_dim, bias=qkv_bias, **factory)
+        self.wo = nn.Linear(heads * head_dim, dim, bias=out_bias, **factory)
         if isinstance(qk_norm, str):
             qk_norm = QKNorm(head_dim, qk_norm, **factory)
         self.qk_norm = qk_norm
@@ -490,6 +495,7 @@ class Attention(nn.Module):
         self,
         batch_size: int,
         max_seq_len: int,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -800,7 +806,7 @@ class CrossAttention(Attention):
         dim: D.
         context_dim: Dc.
         heads: H.
-        kv_heads, head_dim, qk_norm, qk_norm_after_rope, bias, out_bias, dropout, scale, backend, device,
+        kv_heads, head_dim, qk_norm, qk_norm_after_rope, bias, dropout, scale, backend, device,
             dtype: as in `Attention`.
     """
 

@@ -462,6 +462,7 @@ class TransformerBlock(nn.Module):
         self,
         batch_size: int,
         max_seq_len: int,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
