@@ -174,11 +174,11 @@ def test_parallel_block_masked_keys_are_ignored() -> None:
 def test_parallel_block_tables_grow_beyond_initial_rows() -> None:
     torch.manual_seed(0)
     block, ref = _palm_pair(residual=False)
-    n0 = block.pos_cos.shape[0]
+    n0 = block.rotary_emb.max_seq_len
     x = torch.randn(1, n0 + 5, PD)
     assert_close(block(x), ref(x), rtol=1e-5, atol=1e-5)
-    assert block.pos_cos.shape[0] == n0 + 5
-    assert not any(k.startswith(("pos_", "causal_mask")) for k in block.state_dict())  # non-persistent
+    assert block.rotary_emb.max_seq_len >= n0 + 5
+    assert not any(k.startswith(("rotary_emb", "causal_mask")) for k in block.state_dict())  # non-persistent
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -324,8 +324,11 @@ def test_parallel_block_meta_device() -> None:
     block.to_empty(device="cpu")
     block.reset_parameters()  # rebuilds the tables in place
     fresh = ParallelTransformerBlock(PD, PDH, heads=PH, qk_rmsnorm=True)
-    assert_close(block.pos_cos, fresh.pos_cos)
-    assert_close(block.pos_scale, fresh.pos_scale)
+    assert_close(block.rotary_emb.cos_cached, fresh.rotary_emb.cos_cached)
+    assert_close(block.rotary_emb.sin_cached, fresh.rotary_emb.sin_cached)
+    block.load_state_dict(fresh.state_dict())
+    x = torch.randn(B, T, PD)
+    assert_close(block(x), fresh(x))  # the xPos scale too: the same function of the same weights
     assert torch.isfinite(block(torch.randn(B, T, PD))).all()
 
 

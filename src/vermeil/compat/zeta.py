@@ -13,12 +13,12 @@ Axis legend: B batch, T length, D model dim.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from vermeil.nn.blocks import FinetuneModules, ParallelTransformerBlock
+from vermeil.nn.blocks import ParallelTransformerBlock
 
 __all__ = ["TransformerBlock", "convert_palm_state_dict"]
 
@@ -39,44 +39,9 @@ class TransformerBlock(ParallelTransformerBlock):
     `vermeil.nn.lora.LoRA(512, 8 * 64)` or a bias-free `nn.Linear`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        dim_head: int = 64,
-        causal: bool = True,
-        heads: int = 8,
-        qk_rmsnorm: bool = False,
-        qk_scale: float = 8,
-        ff_mult: int = 4,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        use_xpos: bool = True,
-        xpos_scale_base: float = 512,
-        flash_attn: bool = False,
-        *,
-        finetune_modules: FinetuneModules | None = None,
-        residual: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            dim,
-            dim_head,
-            causal,
-            heads,
-            qk_rmsnorm,
-            qk_scale,
-            ff_mult,
-            attn_dropout,
-            ff_dropout,
-            use_xpos,
-            xpos_scale_base,
-            flash_attn,
-            finetune_modules=finetune_modules,
-            residual=residual,
-            device=device,
-            dtype=dtype,
-        )
+    # ParallelTransformerBlock's constructor with residual=False bound: the signature (and
+    # inspect.signature) stays zeta's, and one definition serves both classes.
+    __init__ = functools.partialmethod(ParallelTransformerBlock.__init__, residual=False)
 
 
 # PaLM-rlhf-pytorch / zeta block keys -> ours (None: dropped, recomputed or a constant zero).

@@ -15,24 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.attention import Attention, attention
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 from vermeil.nn.feedforward import FeedForward, GeGLU, SwiGLU, llama_hidden_dim
 from vermeil.nn.masks import padding_mask
 from vermeil.nn.norms import LayerNorm, RMSNorm
-from vermeil.nn.positional import apply_rotary, rope_cos_sin, rope_inv_freq, xpos_scale
+from vermeil.nn.positional import RotaryEmbedding
 
 __all__ = ["ParallelTransformerBlock", "TransformerBlock", "ValueFirstSwiGLU"]
 
 FeedForwardKind = Literal["swiglu", "geglu", "mlp"]
 NormKind = Literal["rms", "layer"]
 FinetuneModules = Sequence[Callable[[Tensor], Tensor] | None]
-
-# Rows of the rotary/xPos tables built at construction; they grow on demand (eager) beyond this.
-_INITIAL_TABLE_ROWS = 256
-
-
-def _check_int(name: str, value: object, *, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -77,11 +70,9 @@ class ParallelTransformerBlock(nn.Module):
     `rotary_emb.inv_freq`/`rotary_emb.scale` are recomputed here (drop them); LoRA weights under
     `finetune_modules.<0..3>`.
 
-    Rotary/xPos cos, sin and scale tables are float32 non-persistent buffers (from `vermeil.nn.positional`'s
-    functions), grown on demand in eager mode; under `torch.compile` a longer input computes its tables without caching them.
-    The xPos power is centred at the table's middle row as in PaLM; the centre cancels in q . k, so scores
-    depend only on i - j. Keep the tables float32 (cast the block with `.to(dtype)` before the first
-    forward, or call `reset_parameters()` after, if you cast it to a low-precision dtype).
+    Rotary and xPos come from `rotary_emb`, a `vermeil.nn.positional.RotaryEmbedding` (float32 tables, not in
+    the state dict, grown on demand); the xPos power is centred at T // 2 as PaLM's; the centre cancels in
+    q . k, so scores depend only on i - j.
 
     Args:
         dim: D.
@@ -101,10 +92,6 @@ class ParallelTransformerBlock(nn.Module):
             submodules `finetune_modules.<i>`: lora_q maps D -> H*Dh, lora_k/lora_v D -> Dh, lora_o H*Dh -> D.
         residual: return `x + attn + ff` (True) or PaLM's `attn + ff` (False).
     """
-
-    pos_cos: Tensor
-    pos_sin: Tensor
-    pos_scale: Tensor
 
     def __init__(
         self,
@@ -127,11 +114,9 @@ class ParallelTransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("dim", dim)
-        _check_int("dim_head", dim_head)
+        check_positive_ints(dim=dim, dim_head=dim_head, heads=heads)
         if dim_head % 2:
             raise ValueError(f"dim_head={dim_head} must be even (rotary pairs channels)")
-        _check_int("heads", heads)
         if not isinstance(ff_mult, (int, float)) or ff_mult <= 0 or (ff_mult * dim) != int(ff_mult * dim):
             raise ValueError(f"ff_mult={ff_mult!r} must be > 0 with ff_mult * dim={dim} an integer")
         if not isinstance(qk_scale, (int, float)) or qk_scale <= 0:
@@ -142,15 +127,9 @@ class ParallelTransformerBlock(nn.Module):
         _check_prob("ff_dropout", ff_dropout)
         factory = {"device": device, "dtype": dtype}
 
-        self.dim, self.dim_head, self.heads = dim, dim_head, heads
-        self.causal, self.qk_rmsnorm, self.residual, self.flash_attn = (
-            causal,
-            qk_rmsnorm,
-            residual,
-            flash_attn,
-        )
+        self.dim, self.dim_head, self.heads, self.causal = dim, dim_head, heads, causal
+        self.qk_rmsnorm, self.residual, self.flash_attn = qk_rmsnorm, residual, flash_attn
         self.use_xpos = use_xpos and causal  # PaLM: xPos only for causal attention
-        self.xpos_scale_base = float(xpos_scale_base)
         self.scale = float(qk_scale) if qk_rmsnorm else dim_head**-0.5
         self.attn_dropout = float(attn_dropout)
         ff_inner = int(ff_mult * dim)
@@ -181,17 +160,15 @@ class ParallelTransformerBlock(nn.Module):
             # Keys "0".."3" as PaLM's `finetune_modules.<scope>.<layer>.<0..3>`; None entries are skipped.
             self.finetune_modules = nn.ModuleDict({str(i): m for i, m in enumerate(mods) if m is not None})
 
-        rows = _INITIAL_TABLE_ROWS
-        cos, sin, scale = self._tables(rows, device)
-        self.register_buffer("pos_cos", cos, persistent=False)  # (rows, Dh/2) float32
-        self.register_buffer("pos_sin", sin, persistent=False)  # (rows, Dh/2) float32
-        self.register_buffer("pos_scale", scale, persistent=False)  # (rows, Dh) float32 xPos scale for q
+        self.rotary_emb = RotaryEmbedding(
+            dim_head, max_seq_len=256, use_xpos=self.use_xpos, scale_base=xpos_scale_base, device=device
+        )
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- parameters
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init for the projections, ones for the gains; rebuilds the tables in place."""
+        """nn.Linear's default init for the projections, ones for the gains; rebuilds the rotary tables."""
         self.norm.reset_parameters()
         self.fused_attn_ff_proj.reset_parameters()
         self.attn_out.reset_parameters()
@@ -199,11 +176,7 @@ class ParallelTransformerBlock(nn.Module):
         if self.q_scale is not None:
             nn.init.ones_(self.q_scale)
             nn.init.ones_(self.k_scale)
-        with torch.no_grad():
-            cos, sin, scale = self._tables(self.pos_cos.shape[0], self.pos_cos.device)
-            self.pos_cos.copy_(cos)
-            self.pos_sin.copy_(sin)
-            self.pos_scale.copy_(scale)
+        self.rotary_emb.reset_parameters()
 
     @staticmethod
     def _check_finetune(mods: FinetuneModules) -> tuple:
@@ -216,29 +189,6 @@ class ParallelTransformerBlock(nn.Module):
             if m is not None and not callable(m):
                 raise ValueError(f"finetune_modules[{i}]={m!r} must be callable or None")
         return tuple(mods)
-
-    # --------------------------------------------------------------------------------------------- tables
-
-    def _tables(self, rows: int, device: torch.device | str | None) -> tuple[Tensor, Tensor, Tensor]:
-        """cos, sin (rows, Dh/2) and the xPos q-scale (rows, Dh) (ones without xPos), all float32."""
-        positions = torch.arange(rows, device=device)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.dim_head, 10000.0, device=device))
-        if self.use_xpos:
-            # PaLM centres the power at rows // 2; the centre cancels in q . k (scores depend on i - j).
-            scale = xpos_scale(
-                positions, self.dim_head, self.xpos_scale_base, "half", center=float(rows // 2)
-            )
-        else:
-            scale = torch.ones(rows, self.dim_head, device=device)
-        return cos, sin, scale
-
-    def _rotary(self, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        if n > self.pos_cos.shape[0]:  # static shape check, not a data-dependent branch
-            if torch.compiler.is_compiling():
-                return self._tables(n, device)  # no module mutation inside a compiled graph
-            # Rebuilt at exactly n rows, as PaLM does (its xPos centre is then n // 2, as PaLM's).
-            self.pos_cos, self.pos_sin, self.pos_scale = self._tables(n, device)
-        return self.pos_cos[:n], self.pos_sin[:n], self.pos_scale[:n]
 
     # -------------------------------------------------------------------------------------------- forward
 
@@ -301,12 +251,7 @@ class ParallelTransformerBlock(nn.Module):
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
 
-        cos, sin, scale = self._rotary(n, x.device)
-        if self.use_xpos:
-            q = apply_rotary(q, cos, sin, "half", scale=scale)
-            k = apply_rotary(k, cos, sin, "half", scale=scale.reciprocal())
-        else:
-            q, k = apply_rotary(q, cos, sin, "half"), apply_rotary(k, cos, sin, "half")
+        q, k = self.rotary_emb(q, k)  # half-split rotary, xPos (q * s, k / s) when use_xpos
 
         out = self._attend(q, k, v, mask)  # (B, H, T, Dh)
         out = out.transpose(1, 2).flatten(2)  # (B, T, H*Dh), heads merged
@@ -382,10 +327,10 @@ class TransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("dim", dim)
-        _check_prob("dropout", dropout)
+        check_positive_int("dim", dim)
         if hidden_dim is not None:
-            _check_int("hidden_dim", hidden_dim)
+            check_positive_int("hidden_dim", hidden_dim)
+        _check_prob("dropout", dropout)
         if context_dim is not None and not cross_attention:
             raise ValueError(f"context_dim={context_dim} needs cross_attention=True")
         factory = {"device": device, "dtype": dtype}
@@ -400,30 +345,13 @@ class TransformerBlock(nn.Module):
                 case _:
                     raise ValueError(f"norm={norm!r} must be 'rms' or 'layer'")
 
+        heads_args, shared = (dim, heads, kv_heads, head_dim), {"qk_norm": qk_norm, "bias": bias, **factory}
         self.attention_norm = make_norm()
-        self.attention = Attention(
-            dim,
-            heads,
-            kv_heads,
-            head_dim,
-            causal=causal,
-            qk_norm=qk_norm,
-            bias=bias,
-            rotary=rotary,
-            **factory,
-        )
+        self.attention = Attention(*heads_args, causal=causal, rotary=rotary, **shared)
         if cross_attention:
             self.cross_attention_norm = make_norm()
-            self.cross_attention = Attention(
-                dim,
-                heads,
-                kv_heads,
-                head_dim,
-                context_dim=dim if context_dim is None else context_dim,
-                qk_norm=qk_norm,
-                bias=bias,
-                **factory,
-            )
+            context_dim = dim if context_dim is None else context_dim
+            self.cross_attention = Attention(*heads_args, context_dim=context_dim, **shared)
         else:
             self.cross_attention_norm = self.cross_attention = None
         self.ffn_norm = make_norm()
