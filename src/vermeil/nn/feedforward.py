@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +23,6 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
 }
-
-
-def _activation(name: str) -> Callable[[Tensor], Tensor]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"activation={name!r} must be one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
-
-def _check_dropout(dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
 
 
 def llama_hidden_dim(
@@ -58,7 +47,37 @@ def llama_hidden_dim(
     return multiple_of * math.ceil(h / multiple_of)
 
 
-class FeedForward(nn.Module):
+class _MLP(nn.Module):
+    """What `FeedForward` and `GLU` share: the argument checks, `act`, `dropout`, the init and the width check."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} must be one of {sorted(_ACTIVATIONS)}")
+        self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
+        self.act = _ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init for every projection."""
+        for child in self.children():
+            if isinstance(child, nn.Linear):
+                child.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
+        return self._mlp(x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class FeedForward(_MLP):
     """Two-layer MLP: `fc2(dropout(act(fc1(x))))`.
 
     Args:
@@ -80,28 +99,15 @@ class FeedForward(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
-        _check_dropout(dropout)
-        self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
-        self.act = _activation(activation)
-        factory = {"device": device, "dtype": dtype}
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(dim, hidden_dim, activation, dropout)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
 
-    def reset_parameters(self) -> None:
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., D) -> (..., D)."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
+    def _mlp(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
 
 
-class GLU(nn.Module):
+class GLU(_MLP):
     """Gated MLP (Shazeer, 2020): `w2(dropout(act(w1(x)) * w3(x)))`.
 
     Meta's names and order: `w1` is the gate, `w3` the up projection, `w2` the down projection
@@ -126,59 +132,25 @@ class GLU(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
-        _check_dropout(dropout)
-        self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation
-        self.act = _activation(activation)
+        super().__init__(dim, hidden_dim, activation, dropout)
         factory = {"device": device, "dtype": dtype}
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
 
-    def reset_parameters(self) -> None:
-        for linear in (self.w1, self.w3, self.w2):
-            linear.reset_parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., D) -> (..., D)."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
+    def _mlp(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(self.act(self.w1(x)) * self.w3(x)))
 
 
 class SwiGLU(GLU):
-    """GLU with SiLU gating (PaLM, Llama): `w2(silu(w1 x) * w3 x)`."""
+    """GLU with SiLU gating (PaLM, Llama): `w2(silu(w1 x) * w3 x)`. Arguments: those of `GLU` but `activation`."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        *,
-        bias: bool = False,
-        dropout: float = 0.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            dim, hidden_dim, activation="silu", bias=bias, dropout=dropout, device=device, dtype=dtype
-        )
+    def __init__(self, dim: int, hidden_dim: int, **kwargs: Any) -> None:
+        super().__init__(dim, hidden_dim, activation="silu", **kwargs)
 
 
 class GeGLU(GLU):
-    """GLU with GELU gating (Shazeer, 2020): `w2(gelu(w1 x) * w3 x)`."""
+    """GLU with GELU gating (Shazeer, 2020): `w2(gelu(w1 x) * w3 x)`. Arguments: those of `GLU` but `activation`."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        *,
-        bias: bool = False,
-        dropout: float = 0.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            dim, hidden_dim, activation="gelu", bias=bias, dropout=dropout, device=device, dtype=dtype
-        )
+    def __init__(self, dim: int, hidden_dim: int, **kwargs: Any) -> None:
+        super().__init__(dim, hidden_dim, activation="gelu", **kwargs)
