@@ -283,17 +283,15 @@ def attention(
         _check_mask(mask, b, h, t, s)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    if causal and t > s:
+        raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
     scale = dh**-0.5 if scale is None else scale
     if backend == "flex":
         if dropout_p > 0.0:
             raise ValueError(f"backend='flex' has no dropout (dropout_p={dropout_p}); use backend='sdpa'")
-        if causal and t > s:
-            raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
         return flex_attention(q, k, v, causal=causal, mask=mask, scale=scale)
     is_causal = False
     if causal:
-        if t > s:
-            raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
         if mask is None and t == s:
             is_causal = True  # the fastest form: no mask tensor at all
         elif t == s and backend != "math" and _fused_cpu_causal_with_mask(q, k, v, dropout_p):

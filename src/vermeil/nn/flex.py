@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vermeil.nn.masks import _check_size  # the rules' one size check: a positive int or None
+
 __all__ = [
     "dense_mask_mod",
     "flex_attention",
@@ -68,11 +70,6 @@ def _require_flex() -> Any:
     from torch.nn.attention import flex_attention as module
 
     return module
-
-
-def _check_size(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"{name}={value!r} must be a positive int or None")
 
 
 # ----------------------------------------------------------------------------------------------------------

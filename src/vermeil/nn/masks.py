@@ -34,9 +34,7 @@ def _check_positions(name: str, pos: Tensor) -> None:
 
 
 def _check_size(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"{name}={value!r} must be a positive int or None")
 
 

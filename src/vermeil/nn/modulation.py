@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.nn.checks import check_positive_ints
+
 __all__ = ["AdaLayerNorm", "MLPEmbedder", "Modulation", "ModulationOut", "modulate"]
 
 
@@ -25,9 +27,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return (1 + scale) * x + shift
 
 
-def _check_dim(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
+def _reset_linear(lin: nn.Linear, zero: bool) -> None:
+    """Zeros (DiT's adaLN-Zero: the block starts as the identity) or nn.Linear's default init (BFL's)."""
+    if zero:
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    else:
+        lin.reset_parameters()
 
 
 class MLPEmbedder(nn.Module):
@@ -47,8 +53,7 @@ class MLPEmbedder(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_dim("in_dim", in_dim)
-        _check_dim("hidden_dim", hidden_dim)
+        check_positive_ints(in_dim=in_dim, hidden_dim=hidden_dim)
         self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True, device=device, dtype=dtype)
         self.silu = nn.SiLU()
         self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True, device=device, dtype=dtype)
@@ -94,7 +99,7 @@ class Modulation(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_dim("dim", dim)
+        check_positive_ints(dim=dim)
         self.is_double = double
         self.multiplier = 6 if double else 3
         self.zero_init = zero_init
@@ -103,11 +108,7 @@ class Modulation(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.zero_init:
-            nn.init.zeros_(self.lin.weight)
-            nn.init.zeros_(self.lin.bias)
-        else:
-            self.lin.reset_parameters()
+        _reset_linear(self.lin, self.zero_init)
 
     def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
         """vec: (B, D) -> (ModulationOut, ModulationOut or None), fields (B, 1, D)."""
@@ -141,9 +142,8 @@ class AdaLayerNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_dim("dim", dim)
         cond_dim = dim if cond_dim is None else cond_dim
-        _check_dim("cond_dim", cond_dim)
+        check_positive_ints(dim=dim, cond_dim=cond_dim)
         self.dim, self.zero_init = dim, zero_init
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(
@@ -153,12 +153,7 @@ class AdaLayerNorm(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        lin = self.adaLN_modulation[1]
-        if self.zero_init:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        else:
-            lin.reset_parameters()
+        _reset_linear(self.adaLN_modulation[1], self.zero_init)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         """x: (B, T, D), vec: (B, Dc) -> (B, T, D)."""

@@ -54,6 +54,11 @@ def _check_pairing(pairing: str) -> None:
         raise ValueError(f"pairing={pairing!r} must be one of {_PAIRINGS}")
 
 
+def _check_head_dim(head_dim: int) -> None:
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim!r} must be a positive even int (rotary pairs channels)")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """llama3 RoPE frequency scaling (Llama 3.1: the defaults; Llama 4 Scout: factor=16, high_freq_factor=1).
@@ -94,8 +99,7 @@ def rope_inv_freq(
     Returns: (Dh/2,) float32. Same arithmetic as HF `compute_default_rope_parameters` and Meta
     `precompute_freqs_cis` (float32 exponent, then `1 / theta**e`).
     """
-    if head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be a positive even number")
+    _check_head_dim(head_dim)
     if not theta > 0:
         raise ValueError(f"theta={theta} must be > 0")
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
@@ -210,8 +214,7 @@ def xpos_scale(
     `pairing` ("half": `cat(base, base)` as PaLM; "interleaved": each value repeated for its adjacent pair).
     """
     _check_pairing(pairing)
-    if head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be a positive even number")
+    _check_head_dim(head_dim)
     if not scale_base > 0:
         raise ValueError(f"scale_base={scale_base} must be > 0")
     base = (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) + 0.4 * head_dim) / (
@@ -333,10 +336,7 @@ class RotaryEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-            raise ValueError(f"head_dim={head_dim} must be a positive even integer")
-        if not theta > 0:
-            raise ValueError(f"theta={theta} must be > 0")
+        _check_head_dim(head_dim)  # theta is checked by rope_inv_freq below
         _check_pairing(pairing)
         if not isinstance(max_seq_len, int) or max_seq_len <= 0:
             raise ValueError(f"max_seq_len={max_seq_len} must be a positive integer")
