@@ -1,4 +1,4 @@
-"""Tests for vermeil/models/hybrid.py: the VIO hybrid. Config and YAML errors, layer kinds per routing, the merge
+"""Tests for vermeil/models/hybrid.py: the Mamba + attention hybrid. Config and YAML errors, layer kinds per routing, the merge
 formulas, cache (prefill + steps) == full forward for both routings and every merge, the seed's YAML files
 (build, train, save, load, generate), weight-decay groups of the model's parameters, presets on meta. The loss
 heads the config names are tested in tests/train/test_train_losses.py.
@@ -131,6 +131,15 @@ def test_repo_yaml_files_build(name: str) -> None:
 def test_presets_build_on_meta(name: str) -> None:
     model = build(name, device="meta")
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_small_preset_keeps_its_older_name() -> None:
+    # "small" is the plain name of the seed's hybrid; "vio-small", its older name, gives the same config, in
+    # Python and in a YAML `preset:` key.
+    small = HybridConfig.from_dict({"preset": "small"})
+    assert (small.dim, small.pattern, small.max_seq_len) == (128, "MMAMMMAM", 1024)
+    assert HybridConfig.from_dict({"preset": "vio-small"}) == small == HybridConfig(**PRESETS["vio-small"])
+    assert build("vio-small", device="meta").config == build("small", device="meta").config == small
 
 
 def test_meta_then_to_empty_and_reset() -> None:

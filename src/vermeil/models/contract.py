@@ -16,9 +16,11 @@ Every language model (`LLM`, `MambaLM`, `HybridModel`; the `LanguageModel` proto
   auxiliary loss, an output with `.logits` and `.aux_loss` (the seed's `TransformerOutput` of `LLM`, the
   `HybridOutput` of a `HybridModel` with MoE layers): read any of them with
   `split_output(output) -> (logits, aux_loss | None)`.
-- `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)` (dtype/device default to the parameters';
+- `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)` (dtype/device default to the embedding's;
   works on the meta device, which is how `vermeil info` measures the cache), `reset_cache()`,
-  `delete_cache()`.
+  `delete_cache()`: the functions of the same names below, which each model takes as its methods, over the
+  modules its `cache_modules()` lists; they keep `cache_max_seq_len` / `cache_batch_size` (None: no cache) for
+  the model's position checks.
 - `lm_parts`: a class attribute naming the (embedding, final norm, head) submodules, for loss and sequence
   parallelism.
 - `check_tensor_parallel(*, sequence_parallel, loss_parallel)`: raises ValueError, naming the setting and the
@@ -43,12 +45,29 @@ Axis legend: B batch, T sequence length, V vocabulary, H heads, Dh head dim.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SEQUENCE_PARALLEL_STYLES", "AttentionLayer", "LanguageModel", "split_output"]
+from vermeil.nn.checks import check_positive_int
+
+__all__ = [
+    "SEQUENCE_PARALLEL_STYLES",
+    "AttentionLayer",
+    "LanguageModel",
+    "build_preset",
+    "delete_cache",
+    "preset_config",
+    "reset_cache",
+    "setup_cache",
+    "split_output",
+]
+
+C = TypeVar("C")
+M = TypeVar("M")
 
 SEQUENCE_PARALLEL_STYLES = ("local", "local_replicated", "gather", "row_scatter", "whole")
 """The style names of `sequence_parallel_plan()` (before an optional ":argument")."""
@@ -100,3 +119,69 @@ def split_output(output: Any) -> tuple[Tensor, Tensor | None]:
         )
     aux = getattr(output, "aux_loss", None)
     return logits, aux if isinstance(aux, Tensor) else None
+
+
+# The cache methods every language model takes as its own (`setup_cache = contract.setup_cache` in the class),
+# written once over the modules its `cache_modules()` lists: attention layers and Mamba mixers, each with the
+# same three methods (`vermeil.nn.Attention`, `MambaBlock`, `Mamba2Block`).
+
+
+def setup_cache(
+    model: Any,
+    batch_size: int,
+    max_seq_len: int,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Static caches for `batch_size` rows and positions 0..max_seq_len-1 in every module of
+    `model.cache_modules()`, and a rotary table the model owns (`model.rope`) sized up front, so that decode
+    lookups never grow it. dtype and device default to the embedding's (`lm_parts[0]`); the meta device works.
+    Afterwards pass `input_pos` to the forward."""
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("max_seq_len", max_seq_len)
+    weight = model.get_submodule(model.lm_parts[0]).weight
+    dtype = dtype or weight.dtype
+    device = torch.device(device) if device is not None else weight.device
+    for module in model.cache_modules():
+        module.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
+    if getattr(model, "rope", None) is not None:
+        model.rope.reserve(max_seq_len)
+    model.cache_max_seq_len, model.cache_batch_size = max_seq_len, batch_size
+
+
+def reset_cache(model: Any) -> None:
+    """Zero every cache in place (a new sequence)."""
+    for module in model.cache_modules():
+        module.reset_cache()
+
+
+def delete_cache(model: Any) -> None:
+    """Drop the caches (back to plain training forwards)."""
+    for module in model.cache_modules():
+        module.delete_cache()
+    model.cache_max_seq_len = model.cache_batch_size = None
+
+
+def preset_config(
+    config_cls: Callable[..., C], presets: Mapping[str, Any], preset: str, overrides: dict[str, Any]
+) -> C:
+    """`config_cls(**presets[preset], **overrides)`, a preset being a dict of fields or a config dataclass; an
+    unknown name raises ValueError with the valid ones."""
+    if preset not in presets:
+        raise ValueError(f"preset={preset!r} is not one of {sorted(presets)}")
+    fields = presets[preset]
+    return config_cls(**{**(fields if isinstance(fields, dict) else asdict(fields)), **overrides})
+
+
+def build_preset(
+    model_cls: Callable[..., M],
+    config_cls: Callable[..., Any],
+    presets: Mapping[str, Any],
+    preset: str,
+    overrides: dict[str, Any],
+) -> M:
+    """Every model's `build(preset, **overrides)`: `device` and `dtype` among the overrides go to the model,
+    the other keys override the preset's config fields (`preset_config`)."""
+    factory = {k: overrides.pop(k) for k in ("device", "dtype") if k in overrides}
+    return model_cls(preset_config(config_cls, presets, preset, overrides), **factory)

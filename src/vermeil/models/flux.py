@@ -26,14 +26,15 @@ tests/interop/test_diffusers_flux.py the whole model against diffusers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vermeil.models.contract import AttentionLayer
+from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.nn.attention import attention
+from vermeil.nn.checks import check_positive_int
 from vermeil.nn.modulation import MLPEmbedder, Modulation, ModulationOut
 from vermeil.nn.norms import QKNorm
 from vermeil.nn.positional import EmbedND, timestep_embedding
@@ -105,9 +106,7 @@ class FluxParams:
             "hidden_size",
             "num_heads",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+            check_positive_int(name, getattr(self, name))
         for name in ("depth", "depth_single_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -134,9 +133,6 @@ class FluxParams:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -685,11 +681,7 @@ class Flux(nn.Module):
 
 def build_flux(preset: str, **overrides: Any) -> Flux:
     """Flux from a preset name with field overrides, e.g. `build_flux("debug", depth=2, device="meta")`."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} must be one of {sorted(PRESETS)}")
-    factory = {k: overrides.pop(k) for k in ("device", "dtype") if k in overrides}
-    params = FluxParams(**{**asdict(PRESETS[preset]), **overrides})
-    return Flux(params, **factory)
+    return build_preset(Flux, FluxParams, PRESETS, preset, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

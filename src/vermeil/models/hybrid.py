@@ -62,9 +62,10 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset
+from vermeil.models import contract
 from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.checks import check_input_pos, check_positive_int, check_tokens
-from vermeil.models.contract import AttentionLayer
+from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
 from vermeil.nn.hybrid_parts import GateScaledSwiGLU, InnerNormMambaBlock, PartialRotary, build_mamba2
@@ -482,9 +483,8 @@ class HybridConfig:
 
 
 def _scaled(x: Tensor, multiplier: float) -> Tensor:
-    return (
-        x if multiplier == 1.0 else x * multiplier
-    )  # a Python float fixed at construction: no branch on data
+    # the multiplier is a Python float fixed at construction: no branch on data
+    return x if multiplier == 1.0 else x * multiplier
 
 
 class HybridOutput(NamedTuple):
@@ -741,8 +741,7 @@ class HybridModel(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False, **factory)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
-        self.cache_max_seq_len: int | None = None
-        self.cache_batch_size: int | None = None
+        self.cache_max_seq_len = self.cache_batch_size = None  # set by setup_cache
         self._register_load_state_dict_pre_hook(self._load_hook)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -802,9 +801,7 @@ class HybridModel(nn.Module):
         if self.rope is not None:
             self.rope.reset_parameters()  # its tables are garbage after meta construction + to_empty
 
-    def reset_parameters(self) -> None:
-        """Same as `init_weights()` (which also rebuilds the rotary tables)."""
-        self.init_weights()
+    reset_parameters = init_weights  # nn.Module's name for the model's scheme
 
     def num_params(self) -> int:
         """Parameter count, a tied tensor once."""
@@ -812,47 +809,12 @@ class HybridModel(nn.Module):
 
     # -- cache -------------------------------------------------------------------------------------------
 
-    def setup_cache(
-        self,
-        batch_size: int,
-        max_seq_len: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        """Allocate a static KV cache (B, Hkv, max_seq_len, Dh) per attention layer (a `RingKVCache` of `window`
-        slots with a sliding window) and a conv + SSM state per Mamba layer; then pass `input_pos`.
-        dtype/device default to the parameters'."""
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("max_seq_len", max_seq_len)
-        weight = self.embedding.weight
-        dtype = dtype or weight.dtype
-        device = torch.device(device) if device is not None else weight.device
-        for layer in self.layers:
-            if layer.attention is not None:
-                layer.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
-            if layer.mamba is not None:
-                layer.mamba.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
-        if self.rope is not None:
-            self.rope.cos_sin(torch.tensor([max_seq_len - 1], device=device))  # grow the table up front
-        self.cache_max_seq_len, self.cache_batch_size = max_seq_len, batch_size
+    def cache_modules(self) -> list[nn.Module]:
+        """Every attention branch (a static KV cache (B, Hkv, max_seq_len, Dh), a `RingKVCache` of `window` slots
+        when sliding) and every Mamba branch (a conv + SSM state)."""
+        return [m for layer in self.layers for m in (layer.attention, layer.mamba) if m is not None]
 
-    def reset_cache(self) -> None:
-        """Zero every KV cache and SSM state in place (a new sequence)."""
-        for layer in self.layers:
-            if layer.attention is not None:
-                layer.attention.reset_cache()
-            if layer.mamba is not None:
-                layer.mamba.reset_cache()
-
-    def delete_cache(self) -> None:
-        """Drop the caches (back to plain training forwards)."""
-        for layer in self.layers:
-            if layer.attention is not None:
-                layer.attention.delete_cache()
-            if layer.mamba is not None:
-                layer.mamba.delete_cache()
-        self.cache_max_seq_len = self.cache_batch_size = None
+    setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
 
     # -- self-description (vermeil.models.contract) ---------------------------------------------------------
 
@@ -940,20 +902,13 @@ class HybridModel(nn.Module):
         return logits
 
 
-def build(
-    preset: str,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides: Any,
-) -> HybridModel:
-    """`HybridModel(HybridConfig(**PRESETS[preset], **overrides))`; an unknown preset raises with the names."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
-    return HybridModel(HybridConfig(**{**PRESETS[preset], **overrides}), device=device, dtype=dtype)
+def build(preset: str, **overrides: Any) -> HybridModel:
+    """`HybridModel(HybridConfig(**PRESETS[preset], **overrides))`, `device` and `dtype` among the overrides
+    going to the model; an unknown preset raises with the names."""
+    return build_preset(HybridModel, HybridConfig, PRESETS, preset, overrides)
 
 
-# "debug" is tiny and odd-sized for tests; "vio-small" is the seed's hybrid at the size of configs/hybrid_*.yaml.
+# "debug" is tiny and odd-sized for tests; "small" is the seed's hybrid at the size of configs/hybrid_*.yaml.
 PRESETS: dict[str, dict[str, Any]] = {
     "debug": dict(
         dim=37,
@@ -967,7 +922,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_dim=45,
         max_seq_len=64,
     ),
-    "vio-small": dict(dim=128, vocab_size=256, pattern="MMAMMMAM", heads=4, d_state=16, max_seq_len=1024),
+    "small": dict(dim=128, vocab_size=256, pattern="MMAMMMAM", heads=4, d_state=16, max_seq_len=1024),
     # Jamba-v0.1 (transformers' JambaConfig defaults): attention every 8th layer (offset 4) without positions,
     # a 16-expert top-2 MoE every other layer (offset 1), Mamba-1 with dt/B/C norms.
     "jamba-v0.1-shape": dict(
@@ -993,3 +948,4 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=4096,
     ),
 }
+PRESETS["vio-small"] = PRESETS["small"]  # the older name of "small", still accepted

@@ -32,9 +32,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vermeil.models import contract
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.checks import check_tokens, tracing
-from vermeil.models.contract import AttentionLayer
+from vermeil.models.checks import check_input_pos, check_tokens
+from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
 from vermeil.nn.attention import Attention as NNAttention
 from vermeil.nn.checks import check_positive_int
@@ -558,7 +559,7 @@ class LLM(nn.Module):
         else:
             self.vision_embeddings = None
             self.vision_projection = None
-        self.cache_max_seq_len: int | None = None
+        self.cache_max_seq_len = self.cache_batch_size = None  # set by setup_cache
         self._register_load_state_dict_pre_hook(self._load_hook)
         self.init_weights()
 
@@ -624,45 +625,17 @@ class LLM(nn.Module):
             self.vision_embeddings.reset_parameters()
             trunc(self.vision_projection.weight, init_std)  # type: ignore[union-attr]
 
-    def reset_parameters(self) -> None:
-        """Same as `init_weights()` (the model's scheme)."""
-        self.init_weights()
+    reset_parameters = init_weights  # nn.Module's name for the model's scheme
 
     # -- cache -----------------------------------------------------------------------------------------------
 
-    def setup_cache(
-        self,
-        batch_size: int,
-        max_seq_len: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        """Allocate static caches: (B, Hkv, max_seq_len, Dh) on global layers, a ring of
-        `min(attention_chunk_size, max_seq_len)` slots on chunked layers. Afterwards pass `input_pos`.
+    def cache_modules(self) -> list[nn.Module]:
+        """Every layer's attention: a static cache (B, Hkv, max_seq_len, Dh) on global layers, a ring of
+        `min(attention_chunk_size, max_seq_len)` slots on chunked layers; `setup_cache` also sizes the RoPE
+        table once, up front, so decode lookups never grow or check it."""
+        return [layer.attention for layer in self.layers]
 
-        dtype and device default to those of the parameters.
-        """
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("max_seq_len", max_seq_len)
-        weight = self.tok_embeddings.weight
-        dtype = dtype or weight.dtype
-        device = torch.device(device) if device is not None else weight.device
-        for layer in self.layers:
-            layer.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
-        self.cache_max_seq_len = max_seq_len
-        self.rope.reserve(max_seq_len)  # size the table once, up front: decode lookups never grow or check it
-
-    def reset_cache(self) -> None:
-        """Empty every cache in place (a new sequence)."""
-        for layer in self.layers:
-            layer.attention.reset_cache()
-
-    def delete_cache(self) -> None:
-        """Drop the caches (back to plain training forwards)."""
-        for layer in self.layers:
-            layer.attention.delete_cache()
-        self.cache_max_seq_len = None
+    setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
 
     # -- self-description (vermeil.models.contract) -----------------------------------------------------------
 
@@ -721,7 +694,6 @@ class LLM(nn.Module):
 
     def _positions(self, tokens: Tensor, input_pos: Tensor | int | None) -> Tensor | None:
         b, t = tokens.shape
-        cached = self.cache_max_seq_len is not None
         if isinstance(input_pos, int):
             input_pos = torch.arange(input_pos, input_pos + t, device=tokens.device)
         if input_pos is None:
@@ -732,26 +704,16 @@ class LLM(nn.Module):
             raise ValueError(f"input_pos must have shape (T={t},) or (B, T), got {tuple(input_pos.shape)}")
         if input_pos.ndim == 2 and input_pos.shape[0] not in (1, b):
             raise ValueError(f"input_pos of shape {tuple(input_pos.shape)} must have batch 1 or {b}")
-        if cached:
-            limit = self.cache_max_seq_len
+        limit = self.cache_max_seq_len
+        if limit is not None:
             if input_pos.ndim != 1:
                 raise ValueError(
                     f"with a cache, input_pos must have shape (T={t},) (one position per step for the whole "
                     f"batch), got {tuple(input_pos.shape)}"
                 )
-            if t > limit:  # type: ignore[operator]
+            if t > limit:
                 raise ValueError(f"prompt of {t} tokens is longer than the cache (max_seq_len={limit})")
-            if not tracing():
-                lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
-                if lo < 0 or hi >= limit:  # type: ignore[operator]
-                    raise ValueError(
-                        f"input_pos spans [{lo}, {hi}], outside the cache's positions [0, max_seq_len={limit})"
-                    )
-            if tokens.shape[0] > self.layers[0].attention.kv_cache.batch_size:  # type: ignore[union-attr]
-                raise ValueError(
-                    f"batch of {b} rows exceeds the cache's batch_size="
-                    f"{self.layers[0].attention.kv_cache.batch_size}"  # type: ignore[union-attr]
-                )
+            check_input_pos(tokens, input_pos, limit, self.cache_batch_size)
         return input_pos
 
     def forward(
@@ -830,28 +792,16 @@ class LLM(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (shared tensors once); optionally without the token embedding table."""
-        seen: set[int] = set()
-        total = 0
-        for p in self.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         if exclude_embeddings and not self.args.tie_word_embeddings:
             total -= self.tok_embeddings.weight.numel()
         return total
 
 
-def build(
-    preset: str,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides: Any,
-) -> LLM:
-    """`LLM(ModelArgs(**PRESETS[preset], **overrides))`; unknown presets raise with the valid names."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
-    return LLM(ModelArgs(**{**PRESETS[preset], **overrides}), device=device, dtype=dtype)
+def build(preset: str, **overrides: Any) -> LLM:
+    """`LLM(ModelArgs(**PRESETS[preset], **overrides))`, `device` and `dtype` among the overrides going to
+    `LLM`; an unknown preset raises with the valid names."""
+    return build_preset(LLM, ModelArgs, PRESETS, preset, overrides)
 
 
 # Published shapes (Meta's params.json / transformers configs); "debug" is tiny and odd-sized for tests.

@@ -21,18 +21,17 @@ Axis legend: B batch, T sequence length, D d_model, E d_inner = expand * D, N d_
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vermeil.models import contract
 from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.checks import check_input_pos, check_positive_int, check_tokens
-from vermeil.models.contract import AttentionLayer
+from vermeil.models.contract import AttentionLayer, build_preset, preset_config
 from vermeil.nn.norms import LayerNorm, RMSNorm
 from vermeil.nn.scan import BACKENDS
 from vermeil.nn.ssm import MambaBlock
@@ -237,8 +236,7 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
-        self.cache_max_seq_len: int | None = None
-        self.cache_batch_size: int | None = None
+        self.cache_max_seq_len = self.cache_batch_size = None  # set by setup_cache
         self._register_load_state_dict_pre_hook(self._load_hook)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -273,9 +271,7 @@ class MambaLM(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Same as `init_weights()` (the model's scheme)."""
-        self.init_weights()
+    reset_parameters = init_weights  # nn.Module's name for the model's scheme
 
     def num_params(self) -> int:
         """Parameter count, a tied tensor once."""
@@ -283,44 +279,12 @@ class MambaLM(nn.Module):
 
     # -- cache -------------------------------------------------------------------------------------------
 
-    def _mixers(self) -> Iterable[nn.Module]:
-        return (layer.mixer for layer in self.backbone.layers)
+    def cache_modules(self) -> list[nn.Module]:
+        """The mixers: each holds a conv + SSM state (O(1) in the sequence length; `max_seq_len` only bounds the
+        positions, as in every model)."""
+        return [layer.mixer for layer in self.backbone.layers]
 
-    def setup_cache(
-        self,
-        batch_size: int,
-        max_seq_len: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        """Allocate a conv + SSM state per layer (O(1) in the sequence length); then pass `input_pos`.
-
-        `max_seq_len` is the contract's (`vermeil.models.contract`); a Mamba state does not depend on it, but
-        positions beyond it are rejected so that all models behave alike. dtype/device default to the
-        parameters'.
-        """
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("max_seq_len", max_seq_len)
-        weight = self.backbone.embedding.weight
-        dtype = dtype or weight.dtype
-        device = torch.device(device) if device is not None else weight.device
-        for mixer in self._mixers():
-            mixer.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
-        self.cache_max_seq_len = max_seq_len
-        self.cache_batch_size = batch_size
-
-    def reset_cache(self) -> None:
-        """Zero every state in place (a new sequence)."""
-        for mixer in self._mixers():
-            mixer.reset_cache()
-
-    def delete_cache(self) -> None:
-        """Drop the states (back to plain training forwards)."""
-        for mixer in self._mixers():
-            mixer.delete_cache()
-        self.cache_max_seq_len = None
-        self.cache_batch_size = None
+    setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
 
     # -- self-description (vermeil.models.contract) ---------------------------------------------------------
 
@@ -343,11 +307,6 @@ class MambaLM(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
-    def _check_inputs(self, tokens: Tensor, input_pos: Tensor | None) -> None:
-        check_tokens(tokens, self.config.vocab_size)
-        if input_pos is not None:
-            check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
-
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Logits of every position.
 
@@ -360,32 +319,25 @@ class MambaLM(nn.Module):
         Returns:
             (B, T, vocab_size) float32 logits (padding rows of the head cut off).
         """
-        self._check_inputs(tokens, input_pos)
-        if self.cache_max_seq_len is None and self.cache_batch_size is None:
+        check_tokens(tokens, self.config.vocab_size)
+        if input_pos is not None:
+            check_input_pos(tokens, input_pos, self.cache_max_seq_len, self.cache_batch_size)
+        if self.cache_max_seq_len is None:
             input_pos = None  # no cache: positions carry nothing for a recurrence
         hidden = self.backbone(tokens, input_pos)
         logits = self.lm_head(hidden)  # (B, T, V_padded)
         return logits[..., : self.config.vocab_size].float()
 
 
-def build(
-    preset: str,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides: Any,
-) -> MambaLM:
-    """`MambaLM(MambaConfig(**PRESETS[preset], **overrides))`; an unknown preset raises with the valid names."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
-    return MambaLM(MambaConfig(**{**PRESETS[preset], **overrides}), device=device, dtype=dtype)
+def build(preset: str, **overrides: Any) -> MambaLM:
+    """`MambaLM(MambaConfig(**PRESETS[preset], **overrides))`, `device` and `dtype` among the overrides going
+    to the model; an unknown preset raises with the valid names."""
+    return build_preset(MambaLM, MambaConfig, PRESETS, preset, overrides)
 
 
 def config_from_preset(preset: str, **overrides: Any) -> MambaConfig:
     """The `MambaConfig` of a preset, with overrides."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
-    return dataclasses.replace(MambaConfig(**PRESETS[preset]), **overrides)
+    return preset_config(MambaConfig, PRESETS, preset, overrides)
 
 
 # Published shapes (state-spaces/mamba-*'s config.json); "debug" is tiny and odd-sized for tests.

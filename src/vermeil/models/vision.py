@@ -60,8 +60,7 @@ class VisionArgs:
     def __post_init__(self) -> None:
         (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
         for name, value in (("image_size", ih), ("image_size", iw), ("patch_size", ph), ("patch_size", pw)):
-            if value <= 0:
-                raise ValueError(f"{name}={value} must be positive")
+            check_positive_int(name, value)
         if ih % ph or iw % pw:
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}"
