@@ -191,7 +191,8 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained (or converted) language-model run.
 
-    The run's tokenizer.json (copied there by `vermeil convert`) encodes the prompt when there is one; otherwise
+    The run's tokenizer.json (copied there by `vermeil convert`) encodes the prompt when there is one and the
+    weights are not recorded as trained on bytes (a converted run trained further by `vermeil train`); otherwise
     the prompt's bytes are the tokens (Vermeil's own runs), whatever their encoding: `--prompt-file` passes a
     file's bytes as they are, and `--prompt` bytes that are not UTF-8 reach the model unchanged.
     """
@@ -213,12 +214,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CommandError("the prompt must not be empty")
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    run, model, _ = load_trained(Path(args.run_dir))
+    run, model, folder = load_trained(Path(args.run_dir))
     if run.data.task != "text":
         raise CommandError(
             f"{args.run_dir} was trained on data.task={run.data.task!r}; generate needs a text run (data.task=text)"
         )
-    tokenizer = load_tokenizer(args.run_dir)
+    tokenizer = load_tokenizer(args.run_dir, folder)
     vocab = model_vocab_size(run)
     if isinstance(tokenizer, ByteTokenizer):
         prompt = tokenizer.encode_bytes(prompt_bytes)
@@ -431,14 +432,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     --to, the run's family picks); `--from transformers DIR --out RUN_DIR` (LlamaForCausalLM, Llama4ForCausalLM,
     MambaForCausalLM) and `--from diffusers DIR --out RUN_DIR` (FluxTransformer2DModel) write a run folder that
     `vermeil generate` / `sample` / `train --resume` use. A tokenizer.json beside the weights (with its
-    tokenizer_config.json) is copied along either way; `vermeil generate` then encodes and decodes with it.
+    tokenizer_config.json) is copied along either way (not for weights trained on bytes since); `vermeil generate`
+    then encodes and decodes with it.
     """
     if args.dest is not None and args.out is not None and args.dest != args.out:
         raise CommandError(f"two outputs given: {args.dest} and --out {args.out}")
     dest = args.out or args.dest
     if dest is None:
         raise CommandError("an output folder is required: --out DIR")
-    from vermeil.data.tokenizer import copy_tokenizer_files
+    from vermeil.data.tokenizer import copy_tokenizer_files, tokenizer_path
     from vermeil.recipes import foreign_run_config, load_foreign, load_trained
     from vermeil.recipes.convert import export_model
     from vermeil.runs import clear_run, write_run
@@ -448,9 +450,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not src.is_dir():
             raise CommandError(f"run folder {os.fspath(src)} does not exist")
         _check_output(out, args.overwrite)
-        run, model, _ = load_trained(src)
+        run, model, folder = load_trained(src)
         foreign = export_model(run.family, model, out, args.to)
-        copied = copy_tokenizer_files(src, out)
+        copied = copy_tokenizer_files(src, out) if tokenizer_path(src, folder) else []
         print(f"wrote {os.fspath(out)} ({type(foreign).__name__}{_with(copied)})")
         return 0
     if src.resolve() == out.resolve():

@@ -3,7 +3,9 @@
     config.yaml                         the resolved run config (what `vermeil train --resume` rebuilds from)
     metrics.jsonl                       one JSON row per log step and per evaluation (`vermeil.train.metrics`)
     loss.png, samples.png               plots (when matplotlib is installed)
-    tokenizer.json                      a converted model's tokenizer (`vermeil convert` copies it; JSON, no code)
+    tokenizer.json                      a converted model's tokenizer (`vermeil convert` copies it; JSON, no code);
+                                        it decodes the weights that carry no `tokenizer` record: a trainer's
+                                        checkpoints record `tokenizer: bytes` (their data were byte tokens)
     checkpoints/step_000100/            model.safetensors (weights) and state.pt (the training state: optimizer,
                                         scheduler, RNG and data-sampler states, step, the config as a dict);
                                         a distributed run adds dcp/ (`vermeil.distributed.checkpoint`)
@@ -59,6 +61,7 @@ __all__ = [
     "DCP",
     "MANIFEST",
     "STATE",
+    "TOKENIZER_KEY",
     "WEIGHTS",
     "DamagedCheckpointError",
     "RunLockedError",
@@ -90,6 +93,9 @@ _LOCK = ".lock"
 _STEP_NAME = re.compile(r"^step_[0-9]+$")
 # A converted model's tokenizer files (`vermeil.data.tokenizer.TOKENIZER_FILES`; not imported: runs reads no data).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The weights' metadata entry saying what their token ids are: "bytes" (the trainer's record: Vermeil's data are
+# bytes). Weights without it read the run folder's tokenizer.json when it has one (`vermeil.data.tokenizer`).
+TOKENIZER_KEY = "tokenizer"
 
 
 class DamagedCheckpointError(ValueError):

@@ -27,3 +27,56 @@ def test_loss_png_log_axis_has_readable_ticks(tmp_path, monkeypatch):
     assert plot_loss_curve(rows, tmp_path / "loss.png", ylabel="cross-entropy (nats per byte)")
     values = [float(t.replace("\N{MINUS SIGN}", "-")) for t in labels]  # plain numbers, no 10^k notation
     assert any(1.0 <= v <= 1.5 for v in values) and any(v >= 5 for v in values), labels
+
+
+def _count_pngs(monkeypatch) -> list[tuple[str, str]]:  # noqa: ANN001
+    """Record (y label, title) of every figure saved from now on."""
+    from matplotlib.figure import Figure
+
+    drawn: list[tuple[str, str]] = []
+    real = Figure.savefig
+
+    def record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        drawn.append((self.axes[0].get_ylabel(), self.axes[0].get_title()))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return drawn
+
+
+def test_loss_png_is_drawn_once(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A `LossCurve` hook draws loss.png and the trainer draws none of its own (it drew an unlabelled one first,
+    which the recipes' hook then redrew); without such a hook the trainer's default curve is drawn, once."""
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from test_trainer import _trainer  # the tests folder is on sys.path
+
+    from vermeil.recipes.build import LossCurve  # the recipes' labelled curve (vermeil.train.LossCurve)
+
+    drawn = _count_pngs(monkeypatch)
+    _trainer(
+        tmp_path / "a", hooks=[LossCurve("cross-entropy (nats per byte)", "tiny")], steps=2, plot=True
+    ).fit()
+    assert drawn == [("cross-entropy (nats per byte)", "tiny")]
+    assert (tmp_path / "a" / "loss.png").is_file()
+    drawn.clear()
+    _trainer(tmp_path / "b", steps=2, plot=True).fit()
+    assert drawn == [("loss (nats per token)", "")] and (tmp_path / "b" / "loss.png").is_file()
+    drawn.clear()
+    _trainer(tmp_path / "c", steps=2, plot=False).fit()
+    assert drawn == [] and not (tmp_path / "c" / "loss.png").exists()
+
+
+def test_loss_png_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    import sys
+
+    from test_trainer import _trainer
+
+    from vermeil.recipes.build import LossCurve  # the recipes' labelled curve (vermeil.train.LossCurve)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    _trainer(tmp_path, hooks=[LossCurve("y")], steps=2, plot=True).fit()
+    err = capsys.readouterr().err
+    assert err.count("loss.png not written (pip install matplotlib to get the loss curve)") == 1, err
+    assert not (tmp_path / "loss.png").exists()

@@ -6,7 +6,8 @@ ship or download; lossless for any text (and any bytes). The cost is about 3x lo
 `JSONTokenizer`: a Hugging Face `tokenizer.json` (the `tokenizers` library, the optional extra `tokenizers`), for a
 run converted from a transformers folder that shipped one (`vermeil convert` copies it into the run). A
 tokenizer.json is data, not code: loading one runs nothing from the file. `load_tokenizer(run_dir)` picks the run's
-tokenizer.json when there is one, else the byte tokenizer. Axis legend: B batch, L padded length.
+tokenizer.json when there is one and the weights do not say they were trained on bytes (`tokenizer_path`), else the
+byte tokenizer. Axis legend: B batch, L padded length.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "copy_tokenizer_files",
     "describe_tokenizer",
     "load_tokenizer",
+    "tokenizer_path",
 ]
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -199,19 +201,53 @@ def _eos_token(folder: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_tokenizer(run_dir: str | os.PathLike[str]) -> ByteTokenizer | JSONTokenizer:
-    """The tokenizer of a run folder: its `tokenizer.json` (a converted model's), else the byte tokenizer of
-    Vermeil's own runs."""
-    folder = Path(run_dir)
-    if (folder / TOKENIZER_FILE).is_file():
-        return JSONTokenizer(folder / TOKENIZER_FILE, eos_token=_eos_token(folder))
-    return ByteTokenizer()
+def tokenizer_path(
+    run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """The tokenizer.json the weights of a run read, or None when they read bytes.
+
+    A run folder's tokenizer.json (a converted model's) belongs to weights that carry no record of their own.
+    The trainer records `tokenizer: bytes` in the metadata of every model.safetensors it writes (Vermeil's data
+    are byte tokens), so a converted model trained further on them decodes with bytes, although its folder keeps
+    the tokenizer.json for the converted checkpoint.
+
+    Args:
+        checkpoint: the checkpoint folder whose weights are used (default: the run's newest complete one).
+
+    Raises:
+        ValueError: the weights record a tokenizer other than "bytes".
+    """
+    from vermeil.checkpoint import read_metadata
+    from vermeil.runs import TOKENIZER_KEY, WEIGHTS, latest_checkpoint
+
+    path = Path(run_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        folder = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir, verify=False)
+    except FileNotFoundError:
+        return path  # no weights (yet): the folder's tokenizer is all there is
+    record = read_metadata(folder / WEIGHTS).get(TOKENIZER_KEY)
+    if record not in (None, "bytes"):
+        raise ValueError(
+            f"{os.fspath(folder / WEIGHTS)} records {TOKENIZER_KEY}={record!r}; only 'bytes' is known"
+        )
+    return None if record == "bytes" else path
+
+
+def load_tokenizer(
+    run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None
+) -> ByteTokenizer | JSONTokenizer:
+    """The tokenizer of a run's weights (`tokenizer_path`; `checkpoint` as there): its `tokenizer.json` (a
+    converted model's), else the byte tokenizer of Vermeil's own runs."""
+    path = tokenizer_path(run_dir, checkpoint)
+    return JSONTokenizer(path, eos_token=_eos_token(path.parent)) if path else ByteTokenizer()
 
 
 def describe_tokenizer(run_dir: str | os.PathLike[str]) -> str:
     """One line saying which tokenizer `load_tokenizer(run_dir)` uses (without loading it)."""
-    path = Path(run_dir) / TOKENIZER_FILE
-    if path.is_file():
+    path = tokenizer_path(run_dir)
+    if path is not None:
         return f"{os.fspath(path)} (the tokenizers library)"
     return "bytes (ByteTokenizer: UTF-8 bytes 0-255, BOS/EOS/PAD 256-258)"
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vermeil.recipes.config import FAMILIES, RunConfig, read_run_dir_config
 from vermeil.recipes.tasks import Run
-from vermeil.train.hooks import Hook, TrainResult
-
-if TYPE_CHECKING:
-    from vermeil.train.trainer import Trainer
+from vermeil.train.hooks import LossCurve
 
 __all__ = ["LossCurve", "build_model", "build_run", "load_trained", "loss_label"]
 
@@ -50,23 +46,6 @@ def loss_label(run: RunConfig) -> str:
     """What a run's loss measures, for a plot's y axis: the task's `loss_label` (e.g. "cross-entropy (nats per
     byte)" for text, the velocity MSE for flow)."""
     return str(getattr(run.data, "loss_label", DEFAULT_LOSS_LABEL))
-
-
-class LossCurve(Hook):
-    """Draw loss.png at the end of a run with the task's y label and a title (the trainer's own plot says
-    nothing about the task), when the trainer plots at all (`train.plot`, the main process, a run folder)."""
-
-    def __init__(self, ylabel: str, title: str | None = None) -> None:
-        self.ylabel, self.title = ylabel, title
-
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
-        if trainer.out_dir is None or not trainer.config.plot or not getattr(trainer, "is_main", True):
-            return
-        from vermeil.train.metrics import plot_loss_curve
-
-        plot_loss_curve(
-            result.history, Path(trainer.out_dir) / "loss.png", ylabel=self.ylabel, title=self.title
-        )
 
 
 def load_trained(run_dir: str | os.PathLike[str]) -> tuple[RunConfig, nn.Module, Path]:

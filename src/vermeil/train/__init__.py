@@ -2,7 +2,7 @@
 cosine schedule, metrics on disk and on screen.
 
     trainer.py   Trainer                             config.py    TrainConfig (the `train:` section)
-    hooks.py     Hook, TrainResult                   allocator.py keep_freed_memory
+    hooks.py     Hook, TrainResult, LossCurve        allocator.py keep_freed_memory
     losses.py    causal_lm_loss, loss heads, z-loss  optim.py     weight-decay groups, AdamW, the schedule
                  chunked_cross_entropy (head + CE)   regional.py  compile_blocks (train.compile)
     metrics.py   metrics.jsonl, loss.png, progress
@@ -25,6 +25,7 @@ _NAMES = {
     "keep_freed_memory": "vermeil.train.allocator",
     "TrainConfig": "vermeil.train.config",
     "Hook": "vermeil.train.hooks",
+    "LossCurve": "vermeil.train.hooks",
     "TrainResult": "vermeil.train.hooks",
     "LOSS_HEADS": "vermeil.train.losses",
     "CrossEntropyLoss": "vermeil.train.losses",

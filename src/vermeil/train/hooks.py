@@ -1,5 +1,5 @@
-"""The trainer's callbacks: `Hook` (override any method to watch or steer a run) and `TrainResult` (what `fit`
-returns, and what `on_train_end` receives)."""
+"""The trainer's callbacks: `Hook` (override any method to watch or steer a run), `TrainResult` (what `fit`
+returns, and what `on_train_end` receives) and `LossCurve` (the hook that draws loss.png)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from vermeil.train.trainer import Trainer
 
-__all__ = ["Hook", "TrainResult"]
+__all__ = ["Hook", "LossCurve", "TrainResult"]
 
 
 @dataclass
@@ -47,3 +47,22 @@ class Hook:
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         """At the end of `fit`, interrupted or not."""
+
+
+class LossCurve(Hook):
+    """Draw loss.png at the end of a run, when the trainer plots at all (`train.plot`, the main process, a run
+    folder). A trainer given no `LossCurve` adds one with the default label, so the curve is drawn once, by the
+    hook that knows what the loss measures (the recipes pass the task's label and a title)."""
+
+    def __init__(self, ylabel: str = "loss (nats per token)", title: str | None = None) -> None:
+        self.ylabel, self.title = ylabel, title
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if trainer.out_dir is None or not trainer.config.plot or not getattr(trainer, "is_main", True):
+            return
+        from vermeil.train.metrics import echo, plot_loss_curve
+
+        path = Path(trainer.out_dir) / "loss.png"
+        plotted = plot_loss_curve(result.history, path, ylabel=self.ylabel, title=self.title)
+        if not plotted and not result.interrupted:
+            echo("loss.png not written (pip install matplotlib to get the loss curve)")

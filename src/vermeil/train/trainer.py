@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,7 @@ from vermeil.runs import (
     DCP,
     MANIFEST,
     STATE,
+    TOKENIZER_KEY,
     WEIGHTS,
     checkpoint_name,
     checkpoint_step,
@@ -68,7 +69,7 @@ from vermeil.runs import (
     write_manifest,
 )
 from vermeil.train.config import TrainConfig
-from vermeil.train.hooks import Hook, TrainResult
+from vermeil.train.hooks import Hook, LossCurve, TrainResult
 from vermeil.train.losses import LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
 from vermeil.train.metrics import (
     LN2,
@@ -76,7 +77,6 @@ from vermeil.train.metrics import (
     MetricsWindow,
     echo,
     format_row,
-    plot_loss_curve,
     progress_bar,
     read_metrics,
     truncate_metrics,
@@ -185,12 +185,17 @@ class Trainer:
         config: the `TrainConfig`.
         eval_fn: `eval_fn(model) -> {name: float}`, run in eval mode under `no_grad`, in a forked RNG (so that
             evaluating never changes the training randomness).
-        hooks: `Hook` instances, called in order.
+        hooks: `Hook` instances, called in order; a `LossCurve` (loss.png) is added last unless one is among
+            them, so that the curve is drawn once.
         run_config: the resolved run config as a plain dict, saved as `config.yaml` and inside every checkpoint
             (default: `{"train": <config>}`).
         out_dir: the run folder (default `config.out_dir`); None keeps nothing on disk.
         distributed: how to split the run under torchrun (default: the `distributed` entry of `run_config`,
             else none); ignored in a single process (no `WORLD_SIZE` in the environment).
+        tokenizer: what the batches' token ids are, recorded in the metadata of every checkpoint's weights:
+            "bytes" (Vermeil's data), so that `vermeil generate` decodes them with bytes even in the folder of a
+            converted model that keeps its tokenizer.json; None records nothing (that tokenizer.json then
+            decodes them: fine-tuning a converted model on its own tokenizer's ids). `vermeil.data.tokenizer_path`.
 
     Example:
         >>> trainer = Trainer(model, WindowSampler(data, 8, 64), causal_lm_loss, TrainConfig(steps=100))
@@ -209,6 +214,7 @@ class Trainer:
         run_config: Mapping[str, Any] | None = None,
         out_dir: str | os.PathLike[str] | None = None,
         distributed: DistributedConfig | Mapping[str, Any] | None = None,
+        tokenizer: Literal["bytes"] | None = "bytes",
     ) -> None:
         from vermeil.config import to_dict
 
@@ -218,6 +224,9 @@ class Trainer:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_config = dict(run_config) if run_config is not None else {"train": to_dict(config)}
+        if tokenizer not in ("bytes", None):
+            raise ValueError(f"tokenizer={tokenizer!r} must be 'bytes' or None (no record)")
+        self._tokenizer_meta = {TOKENIZER_KEY: tokenizer} if tokenizer else {}
         self.distributed = _distributed_config(distributed, self.run_config)
         self.device = torch.device(config.device)
         # Data-parallel layout (rank 0 of 1 in a single process) and whether this trainer joined the group.
@@ -284,6 +293,8 @@ class Trainer:
         self._check_calls = False  # after the first step of a compiled fit: did the compiled blocks run?
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
+        if not any(isinstance(h, LossCurve) for h in self.hooks):
+            self.hooks.append(LossCurve())
         out = out_dir if out_dir is not None else config.out_dir
         self.out_dir = Path(out) if out is not None else None
         self.optimizer = build_optimizer(
@@ -445,13 +456,14 @@ class Trainer:
         self._check_nonfinite()
         self._check_weights_finite()  # never a checkpoint from non-finite weights, whatever happened
         folder = self.out_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
+        meta = {"step": str(self.step), **self._tokenizer_meta}
         if self.world_size > 1:
-            self._save_distributed(folder)
+            self._save_distributed(folder, meta)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
             (folder / MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
-            save_weights(self.model, folder / WEIGHTS, metadata={"step": str(self.step)})
+            save_weights(self.model, folder / WEIGHTS, metadata=meta)
             save_torch(self.state_dict(), folder / STATE)  # its presence marks the folder complete
             write_manifest(folder)  # last: sizes and hashes of what is on disk now
         if self.is_main:
@@ -463,7 +475,7 @@ class Trainer:
         self._call("on_save", folder)
         return folder
 
-    def _save_distributed(self, folder: Path) -> None:
+    def _save_distributed(self, folder: Path, meta: dict[str, str]) -> None:
         """Every rank writes its shards into `folder/dcp` (a collective); rank 0 then exports the full weights
         to `model.safetensors` and writes `state.pt` (last: its presence marks the folder complete)."""
         from vermeil.distributed.checkpoint import export_weights
@@ -479,7 +491,7 @@ class Trainer:
         state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
         if self.is_main:
             # dcp.save returns on the coordinator (rank 0) after every rank's shards and the metadata are written.
-            export_weights(folder / DCP, folder / WEIGHTS, metadata={"step": str(self.step)})
+            export_weights(folder / DCP, folder / WEIGHTS, metadata=meta)
             save_torch(state, folder / STATE)
             # The record that this folder's dcp/ is ours: the only thing that lets a later run read it.
             write_manifest(folder, distributed=True)
@@ -608,9 +620,9 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _train_step(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None, int]:
+    def _train_step(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None, int, Tensor]:
         """One update: grad_accum micro-batches, clip, AdamW, scheduler. Returns (loss, metrics, grad norm,
-        tokens)."""
+        tokens, whether the step was finite)."""
         cfg = self.config
         total = torch.zeros((), device=self.device)
         sums: dict[str, Tensor] = {}
@@ -666,13 +678,8 @@ class Trainer:
         if cfg.grad_accum > 1:
             total = total / cfg.grad_accum
             sums = {k: v / cfg.grad_accum for k, v in sums.items()}
-        return (
-            total,
-            sums,
-            grad_norm,
-            tokens * self.dp_size,
-            ok,
-        )  # the global batch's positions (equal slices)
+        # tokens: the global batch's positions (equal slices)
+        return total, sums, grad_norm, tokens * self.dp_size, ok
 
     def _grad_norm(self) -> Tensor:
         """The global gradient 2-norm without clipping (only to check it is finite)."""
@@ -875,10 +882,6 @@ class Trainer:
                 self.save_checkpoint()
             if self.is_main:
                 echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
-        if self.out_dir is not None and cfg.plot and self.is_main:
-            plotted = plot_loss_curve(self.history, self.out_dir / "loss.png")
-            if not plotted and not interrupted:
-                echo("loss.png not written (pip install matplotlib to get the loss curve)")
         result = TrainResult(self.step, interrupted, self.last_checkpoint, final_eval, list(self.history))
         self._call("on_train_end", result)
         if self._owns_group:
