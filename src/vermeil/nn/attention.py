@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vermeil.nn.cache import KVCache, RingKVCache
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 from vermeil.nn.flex import flex_attention, flex_available
-from vermeil.nn.masks import attention_mask, padding_mask
+from vermeil.nn.masks import _check_size, attention_mask, padding_mask
 from vermeil.nn.norms import QKNorm
 from vermeil.nn.positional import RopeTables, rotate_qk
 
@@ -180,6 +180,7 @@ def _math_attention(
 def _sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float
 ) -> Tensor:
+    gqa: dict[str, bool] = {}
     if q.shape[1] != k.shape[1]:
         # GQA without repeating K/V: on CPU (torch 2.13) the fused flash kernel takes enable_gqa with and
         # without a mask, at the memory of MHA (bench/attention.py measures it). On CUDA torch documents
@@ -187,20 +188,12 @@ def _sdpa(
         # land on the math kernel (T x S scores). There we expand K/V instead, which keeps the
         # memory-efficient kernel (not verified on a GPU here).
         if _HAS_ENABLE_GQA and (mask is None or q.device.type == "cpu"):
-            return F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=dropout_p,
-                is_causal=is_causal,
-                scale=scale,
-                enable_gqa=True,
-            )
-        groups = q.shape[1] // k.shape[1]
-        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            gqa["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
     )
 
 
@@ -425,10 +418,8 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("heads", heads)):
-            check_positive_int(name, value)
         kv_heads = heads if kv_heads is None else kv_heads
-        check_positive_int("kv_heads", kv_heads)
+        check_positive_ints(dim=dim, heads=heads, kv_heads=kv_heads)
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim={dim} must be divisible by heads={heads}")
@@ -450,23 +441,18 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm={qk_norm!r} must be None, 'rms' or 'l2' (or a module)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        for name, value in (("window", window), ("chunk", chunk)):
-            if value is not None:
-                check_positive_int(name, value)
+        _check_size("window", window)
+        _check_size("chunk", chunk)
         if backend not in _MODULE_BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {_MODULE_BACKENDS}")
         pair = (bias, bias) if isinstance(bias, bool) else bias
-        if not (
-            isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(b, bool) for b in pair)
-        ):
+        if not (isinstance(pair, (tuple, list)) and [type(b) for b in pair] == [bool, bool]):
             raise ValueError(f"bias={bias!r} must be a bool or a pair (qkv_bias, out_bias) of bools")
         qkv_bias, out_bias = pair
 
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
-        self.context_dim = context_dim
-        self.causal, self.window, self.chunk = causal, window, chunk
-        self.dropout, self.backend = dropout, backend
-        self.scale = scale
+        self.context_dim, self.causal, self.window, self.chunk = context_dim, causal, window, chunk
+        self.dropout, self.backend, self.scale = dropout, backend, scale
         self.qk_norm_after_rope = qk_norm_after_rope
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kv_in = dim if context_dim is None else context_dim
@@ -766,23 +752,15 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
     def extra_repr(self) -> str:
-        parts = [
-            f"dim={self.dim}",
-            f"heads={self.heads}",
-            f"kv_heads={self.kv_heads}",
-            f"head_dim={self.head_dim}",
-        ]
+        parts = [f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"]
         if self.context_dim is not None:
             parts.append(f"context_dim={self.context_dim}")
-        parts += [f"causal={self.causal}", f"backend={self.backend!r}"]
-        if self.window is not None:
-            parts.append(f"window={self.window}")
-        if self.chunk is not None:
-            parts.append(f"chunk={self.chunk}")
+        parts.append(f"causal={self.causal}, backend={self.backend!r}")
+        for name in ("window", "chunk", "dropout"):  # shown where set
+            if getattr(self, name):
+                parts.append(f"{name}={getattr(self, name)}")
         if self.qk_norm is not None:
             parts.append(f"qk_norm_after_rope={self.qk_norm_after_rope}")
-        if self.dropout:
-            parts.append(f"dropout={self.dropout}")
         return ", ".join(parts)
 
 
