@@ -153,10 +153,6 @@ def rope_freqs(cos: Tensor, sin: Tensor) -> Tensor:
     return torch.complex(cos, sin)
 
 
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
 class _NormRope(torch.autograd.Function):
     """rms_norm(x) * scale, then the interleaved rotation as a complex product over adjacent channel pairs.
 
@@ -170,7 +166,7 @@ class _NormRope(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, freqs: Tensor, scale: Tensor, eps: float) -> Tensor:
         # x: (B, L, H, Dh); freqs: (B|1, L, 1, Dh/2) complex; scale: (S, Dh), S = 1 or L
         compute = torch.promote_types(x.dtype, torch.float32)
-        freqs = freqs.to(_complex_dtype(compute))
+        freqs = freqs.to(torch.complex128 if compute == torch.float64 else torch.complex64)
         dh = x.shape[-1]
         # r = rsqrt(mean(x^2) + eps): one fused reduction, in float32 or wider
         r = (

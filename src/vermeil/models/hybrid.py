@@ -656,10 +656,6 @@ class HybridLayer(nn.Module):
     def forward(self, h: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """h: (B, T, D) -> (B, T, D). An MoE layer leaves its auxiliary loss in `aux_loss` (None otherwise), read
         by the model after the call (the layer is called as a module, so wrappers and hooks see it)."""
-        h, self.aux_loss = self._forward(h, input_pos)
-        return h
-
-    def _forward(self, h: Tensor, input_pos: Tensor | None) -> tuple[Tensor, Tensor | None]:
         # a float32 residual stream (residual_in_fp32) enters each norm in the model's dtype
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.mamba is None:
@@ -678,13 +674,13 @@ class HybridLayer(nn.Module):
                 case _:
                     out = self.merge_proj(torch.cat([m, a], dim=-1))  # type: ignore[misc]
         h = h + out
-        aux = None
+        self.aux_loss = None
         if self.feed_forward is not None:
             y = self.feed_forward(self.ffn_norm(h.to(self.ffn_norm.weight.dtype)))  # type: ignore[union-attr]
             if self.ffn == "moe":
-                y, aux = y.out, y.aux_loss
+                y, self.aux_loss = y.out, y.aux_loss
             h = h + _scaled(y, self.mlp_out)
-        return h, aux
+        return h
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, ffn={self.ffn!r}" + (f", merge={self.merge!r}" if self.merge else "")

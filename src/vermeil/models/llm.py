@@ -478,11 +478,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, **factory)
         self._register_load_state_dict_pre_hook(self._load_hook)
 
-    def reset_parameters(self) -> None:
-        """Each submodule's own default (the model-level scheme is `LLM.init_weights`)."""
-        for module in (self.attention, self.feed_forward, self.attention_norm, self.ffn_norm):
-            module.reset_parameters()
-
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # Meta `TransformerBlock.load_hook` + `FeedForward.load_hook` (the dense FFN is our SwiGLU, so its raw
         # fused `fc1_weight` = [w1 (gate); w3 (up)] is split here).
