@@ -118,17 +118,22 @@ def _check_shapes(
             raise ValueError(f"{name}.shape={tuple(t.shape)} must be {shape} (u is (B, D, L), A is (D, N))")
 
 
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    """A (D,) vector shaped to broadcast over the channel axis 1 of a (B, D) or (B, D, L) tensor."""
+    return v.to(like.dtype).view(-1, *(1,) * (like.dim() - 2))
+
+
 def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    """delta (+ bias[:, None]), then softplus if asked: mamba_ssm's order."""
+    """delta (+ bias per channel), then softplus if asked: mamba_ssm's order."""
     if delta_bias is not None:
-        delta = delta + delta_bias.to(delta.dtype)[:, None]
+        delta = delta + _per_channel(delta_bias, delta)
     return F.softplus(delta) if delta_softplus else delta
 
 
 def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype: torch.dtype) -> Tensor:
     """y + D * u, times silu(z), cast to the input dtype."""
     if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
+        y = y + u * _per_channel(D, y)
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y.to(dtype)
@@ -223,20 +228,12 @@ def selective_step(
     )
     cdt = _compute_dtype(state, u_t, delta_t, A, B_t, C_t)
     u = u_t.to(cdt)
-    delta = delta_t.to(cdt)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cdt)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = _prepare_delta(delta_t.to(cdt), delta_bias, delta_softplus)
     delta_a = torch.exp(delta[:, :, None] * A.to(cdt))  # (B, D, N)
     delta_b_u = (delta * u)[:, :, None] * B_t.to(cdt)[:, None, :]  # (B, D, N)
     new_state = delta_a * state.to(cdt) + delta_b_u
     y = torch.einsum("bdn,bn->bd", new_state, C_t.to(cdt))  # (B, D)
-    if D is not None:
-        y = y + u * D.to(cdt)
-    if z_t is not None:
-        y = y * F.silu(z_t.to(cdt))
-    return y.to(u_t.dtype), new_state.to(state.dtype)
+    return _finish(y, u, D, z_t, u_t.dtype), new_state.to(state.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -98,7 +98,6 @@ TILE_ELEMENTS = BLOCK_D * 16 * CHUNK
 MIN_BLOCK_D, MAX_BLOCK_D = 4, 64
 NUM_WARPS = 8
 BWD_NUM_WARPS = 8
-_LOG2_E = math.log2(math.e)
 
 # Set at import: the @triton.jit decorators below read TRITON_INTERPRET when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -203,22 +202,32 @@ if triton is not None:
         return tl.sum(tl.where(offs_t[None, None, :] == position, tile, 0.0), axis=2)
 
     @triton.jit
-    def _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, dim, n_state, HAS_BIAS: tl.constexpr,
-                       HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-        """This program's channels and states (offsets, masks) and its A, delta_bias and D (zeros if absent)."""
+    def _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, h_ptr, dim, n_state, n_chunks,
+                       HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """This program's batch row, channels and states (offsets, masks), its A, delta_bias and D
+        (zeros if absent), the offsets of its tiles of the (B, D, N) states and (B, D, n_chunks, N) chunk
+        states (float32, contiguous), and the state tile read from h_ptr (zeros without HAS_H)."""
+        pid_b = tl.program_id(0).to(tl.int64)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         mask_d = offs_d < dim
         mask_n = offs_n < n_state
         mask_dn = mask_d[:, None] & mask_n[None, :]
         A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0)
+        A = A.to(tl.float32)
         bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_D:
             d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        return offs_d, offs_n, mask_d, mask_n, mask_dn, A.to(tl.float32), bias, d_skip
+        state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
+        chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        if HAS_H:
+            h = tl.load(h_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+        return pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip, state_offs, chunk_offs, h
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -232,19 +241,12 @@ if triton is not None:
         SOFTPLUS: tl.constexpr, SAVE_CHUNKS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
-        pid_b = tl.program_id(0).to(tl.int64)
-        offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip = _program_tiles(
-            A_ptr, s_ad, s_an, bias_ptr, D_ptr, dim, n_state, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N
-        )
+        pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip, state_offs, chunk_offs, h = (
+            _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, h0_ptr, dim, n_state, n_chunks,
+                           HAS_BIAS, HAS_D, HAS_H0, BLOCK_D, BLOCK_N)
+        )  # fmt: skip
         A2 = A * 1.4426950408889634  # exp(x A) = exp2(x A log2 e)
         offs_t = tl.arange(0, CHUNK)
-        # states are (B, D, N) contiguous float32, chunk states (B, D, n_chunks, N)
-        state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
-        chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
-        if HAS_H0:
-            h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
-        else:
-            h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         for c in range(0, n_chunks):
             if SAVE_CHUNKS:
                 tl.store(hchunk_ptr + chunk_offs + c * n_state, h, mask=mask_dn)
@@ -282,19 +284,13 @@ if triton is not None:
         SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
-        pid_b = tl.program_id(0).to(tl.int64)
-        offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip = _program_tiles(
-            A_ptr, s_ad, s_an, bias_ptr, D_ptr, dim, n_state, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N
-        )
+        # g: adjoint of the state after the chunk being processed, entering through its last step
+        pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip, state_offs, chunk_offs, g = (
+            _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, dlast_ptr, dim, n_state, n_chunks,
+                           HAS_BIAS, HAS_D, HAS_DLAST, BLOCK_D, BLOCK_N)
+        )  # fmt: skip
         A2 = A * 1.4426950408889634
         offs_t = tl.arange(0, CHUNK)
-        state_offs = pid_b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :]
-        chunk_offs = (pid_b * dim + offs_d[:, None]) * n_chunks * n_state + offs_n[None, :]
-        # g: adjoint of the state after the chunk being processed, entering through its last step
-        if HAS_DLAST:
-            g = tl.load(dlast_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
-        else:
-            g = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)

@@ -40,18 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vermeil.nn.scan import _LOG2_E, _compute_dtype
+
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_step"]
 
-_LOG2_E = math.log2(math.e)
 _NO_LIMIT = (0.0, float("inf"))
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 if any input is float64 (so gradcheck sees the exact function), else float32."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
 
 
 def _exp(x: Tensor) -> Tensor:
@@ -71,8 +64,11 @@ def _check(
     initial_state: Tensor | None,
     *,
     step: bool,
+    dt_limit: tuple[float, float] | None = None,
 ) -> tuple[int, int]:
     """Static shape checks (compile friendly). Returns (G, N); raises ValueError naming argument and rule."""
+    if dt_limit is not None and (len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]):
+        raise ValueError(f"dt_limit={dt_limit!r} must be a pair (low, high) with low <= high")
     lead = "(B, H, P)" if step else "(B, L, H, P)"
     if x.dim() != (3 if step else 4):
         raise ValueError(f"x.shape={tuple(x.shape)} must be {lead}")
@@ -104,11 +100,6 @@ def _check(
     if D is not None and tuple(D.shape) not in ((heads,), (heads, p)):
         raise ValueError(f"D.shape={tuple(D.shape)} must be (H,)=({heads},) or (H, P)=({heads}, {p})")
     return groups, n
-
-
-def _check_limit(dt_limit: tuple[float, float]) -> None:
-    if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
-        raise ValueError(f"dt_limit={dt_limit!r} must be a pair (low, high) with low <= high")
 
 
 def _prepare_dt(
@@ -217,8 +208,7 @@ def ssd_scan_ref(
         y (B, L, H, P) in x.dtype, and the final state (B, H, P, N) in float32 (float64 for float64
         inputs) if `return_final_state`.
     """
-    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False)
-    _check_limit(dt_limit)
+    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False, dt_limit=dt_limit)
     bsz, length, heads, p = x.shape
     cdt = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
@@ -277,8 +267,7 @@ def ssd_scan(
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
-    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False)
-    _check_limit(dt_limit)
+    groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False, dt_limit=dt_limit)
     bsz, length, heads, p = x.shape
     cdt = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     hg = heads // groups
