@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from vermeil.nn.cache import SSMState
 from vermeil.nn.mamba2 import Mamba2Block
 
 D_MODEL = 24
@@ -288,6 +289,58 @@ def test_bad_arguments_raise_naming_the_field():
     block.setup_cache(1)
     with pytest.raises(ValueError, match=r"batch size 2 exceeds the cache's batch_size=1"):
         block(torch.randn(2, 3, D_MODEL), torch.arange(3))
+
+
+def test_cache_of_the_wrong_shape_is_named_with_both_shapes():
+    block = make_block()
+    h, p = block.nheads, block.headdim
+    block.cache = SSMState(2, block.conv_dim, 4, 6, ssm_shape=(h, p, 6))  # d_state 6: another block's cache
+    x = torch.randn(2, 3, D_MODEL)
+    for piece in (x, x[:, :1]):  # the prefill and the one-token paths
+        with pytest.raises(
+            ValueError, match=rf"the cache's ssm_state.shape=\(2, {h}, {p}, 6\) must be \(2, {h}, {p}, 5\)"
+        ):
+            block(piece, torch.arange(piece.shape[1]))
+    with pytest.raises(
+        ValueError, match=rf"initial_state conv_state.shape=\(2, 3, 4\) must be \(2, {block.conv_dim}, 4\)"
+    ):
+        block(x, initial_state=(torch.zeros(2, 3, 4), torch.zeros(2, h, p, 5)))
+
+
+def test_d_inner_given_is_expand_when_a_multiple_and_decodes_when_not():
+    torch.manual_seed(0)
+    ref = make_block()
+    block = Mamba2Block(D_MODEL, d_inner=2 * D_MODEL, d_state=5, headdim=6, ngroups=2, chunk_size=4)
+    block.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 9, D_MODEL)
+    assert_close(block(x), ref(x))
+    # Falcon-H1's shape: an inner width that is not a multiple of d_model (18 = 3 heads of 6 for d_model 24)
+    odd = make_block(d_inner=18, ngroups=3)
+    assert odd.in_proj.weight.shape == (2 * 18 + 2 * 3 * 5 + 3, D_MODEL)
+    assert odd.out_proj.weight.shape == (D_MODEL, 18) and odd.conv_dim == 18 + 2 * 3 * 5
+    with torch.no_grad():
+        full = odd(x)
+        odd.setup_cache(2)
+        steps = torch.cat([odd(x[:, t : t + 1], torch.tensor([t])) for t in range(x.shape[1])], 1)
+    rel_close(steps, full)
+    with pytest.raises(ValueError, match=r"headdim=6 must divide d_inner = 20"):
+        Mamba2Block(D_MODEL, d_inner=20, headdim=6)
+
+
+def test_in_proj_multipliers_scale_the_row_segments():
+    block = make_block()
+    mults = (0.5, 2.0, 1.5, 0.25, 3.0)  # [z, x, B, C, dt]
+    scaled = make_block(in_proj_multipliers=mults)
+    scaled.load_state_dict(block.state_dict(), strict=True)  # the same keys: the scale is not a parameter
+    rows = (block.d_inner, block.d_inner, 2 * 5, 2 * 5, block.nheads)
+    with torch.no_grad():
+        block.in_proj.weight.mul_(torch.cat([torch.full((n,), m) for n, m in zip(rows, mults)])[:, None])
+    x = torch.randn(2, 7, D_MODEL)
+    rel_close(scaled(x), block(x))
+    with torch.no_grad():  # the one-token path (a few-row projection) applies the scale too
+        scaled.setup_cache(2)
+        block.setup_cache(2)
+        rel_close(scaled(x[:, :1], torch.tensor([0])), block(x[:, :1], torch.tensor([0])))
 
 
 def test_gated_norm_groups():

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vermeil.nn.cache import SSMState
 from vermeil.nn.ssm import MambaBlock, MambaState
 
 D_MODEL, T = 37, 7
@@ -274,6 +275,27 @@ def test_bad_forward_usage_raises():
     block.setup_cache(batch_size=1)
     with pytest.raises(ValueError, match="batch size 2"):
         block(torch.randn(2, 1, 16), input_pos=torch.tensor([0]))
+
+
+def test_state_of_the_wrong_shape_is_named_with_both_shapes():
+    """A state of another shape (given, or a cache set up for another block) is refused naming the state, its
+    shape and the expected one, not with an error about another tensor deep inside the conv or the step (the
+    SSM state of `initial_state` by selective_scan's own check)."""
+    block = make_block()
+    e, x = block.d_inner, torch.randn(2, 3, D_MODEL)
+    bad = (torch.zeros(2, e, 3), torch.zeros(2, e, 5))
+    with pytest.raises(
+        ValueError, match=rf"initial_state conv_state.shape=\(2, {e}, 3\) must be \(2, {e}, 4\)"
+    ):
+        block(x, initial_state=bad)
+    with pytest.raises(ValueError, match=rf"initial_state.shape=\(1, {e}, 5\) must be \(2, {e}, 5\)"):
+        block(x, initial_state=(torch.zeros(2, e, 4), torch.zeros(1, e, 5)))
+    block.cache = SSMState(2, e, 4, 6)  # d_state 6: another block's cache
+    for piece in (x, x[:, :1]):  # the prefill and the one-token paths
+        with pytest.raises(
+            ValueError, match=rf"the cache's ssm_state.shape=\(2, {e}, 6\) must be \(2, {e}, 5\)"
+        ):
+            block(piece, input_pos=torch.arange(piece.shape[1]))
 
 
 def test_compiled_decode_step_matches_eager():

@@ -6,7 +6,7 @@ never recompiles as the position advances (a Python-int slice recompiles at the 
 Attention then runs over the whole static buffer with a position mask, so slots not yet written are never
 attended. `RingKVCache` is the bounded form for local attention (a sliding window or Llama 4's chunks): a ring
 of as many slots as a query can see, which records the position each slot holds. `SSMState` is the
-recurrent-state counterpart for a Mamba block.
+recurrent-state counterpart for a Mamba or Mamba-2 block.
 
 Both KV caches answer `update_with_positions(input_pos, k, v) -> (k_all, v_all, kv_pos)`: the keys and values
 to attend over and the position of each, so one attention module serves either cache through the same
@@ -253,20 +253,21 @@ class RingKVCache(nn.Module):
 
 
 class SSMState(nn.Module):
-    """Recurrent state of a Mamba block for step-by-step decoding: a plain container of two buffers.
+    """Recurrent state of a Mamba or Mamba-2 block for step-by-step decoding: a plain container of two buffers.
 
     Args:
         batch_size: B.
-        d_inner: E, the expanded channel count.
+        d_inner: E, the channels of the causal convolution (Mamba-2's conv_dim = I + 2 * G * N).
         d_conv: K, the causal convolution width (the last K inputs are kept).
         d_state: N, the SSM state size.
         dtype: dtype of `conv_state`.
         ssm_dtype: dtype of `ssm_state`; None uses `dtype` (Mamba keeps it in float32 under mixed precision).
+        ssm_shape: the SSM state's shape per sequence; None means (E, N) (Mamba-1); Mamba-2's is (H, P, N).
         device: buffer device.
 
     Attributes:
         conv_state: (B, E, K) zeros, non-persistent.
-        ssm_state: (B, E, N) zeros, non-persistent.
+        ssm_state: (B, *ssm_shape) zeros, non-persistent.
     """
 
     conv_state: Tensor
@@ -281,19 +282,17 @@ class SSMState(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         ssm_dtype: torch.dtype | None = None,
+        ssm_shape: tuple[int, ...] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("batch_size", batch_size),
-            ("d_inner", d_inner),
-            ("d_conv", d_conv),
-            ("d_state", d_state),
-        ):
+        ssm_shape = (d_inner, d_state) if ssm_shape is None else tuple(ssm_shape)
+        sizes = {"batch_size": batch_size, "d_inner": d_inner, "d_conv": d_conv, "d_state": d_state}
+        for name, value in [*sizes.items(), *((f"ssm_shape[{i}]", v) for i, v in enumerate(ssm_shape))]:
             check_positive_int(name, value)
         self.batch_size, self.d_inner, self.d_conv, self.d_state = batch_size, d_inner, d_conv, d_state
         conv = torch.zeros(batch_size, d_inner, d_conv, dtype=dtype, device=device)
-        ssm = torch.zeros(batch_size, d_inner, d_state, dtype=ssm_dtype or dtype, device=device)
+        ssm = torch.zeros(batch_size, *ssm_shape, dtype=ssm_dtype or dtype, device=device)
         self.register_buffer("conv_state", conv, persistent=False)
         self.register_buffer("ssm_state", ssm, persistent=False)
 
@@ -303,7 +302,4 @@ class SSMState(nn.Module):
         self.ssm_state.zero_()
 
     def extra_repr(self) -> str:
-        return (
-            f"batch_size={self.batch_size}, d_inner={self.d_inner}, d_conv={self.d_conv}, "
-            f"d_state={self.d_state}"
-        )
+        return f"conv_state={tuple(self.conv_state.shape)}, ssm_state={tuple(self.ssm_state.shape)}"

@@ -4,20 +4,18 @@
   `b_layernorm`, `c_layernorm`) between `x_proj` and `dt_proj` (transformers `JambaMambaMixer.forward`).
 - `PartialRotary`: RoPE on the first `rotary_dim` channels of each head, the rest passed through (transformers
   `BambaAttention` with `partial_rotary_factor`, GPT-NeoX's `rotary_pct`); injected as `Attention(rotary=...)`.
-- `SegmentScaledLinear`: an `nn.Linear` whose output segments are multiplied by constants (Falcon-H1's
-  `mup_vector` over Mamba-2's `in_proj` rows `[z | x | B | C | dt]`, transformers `compute_mup_vector`); the
+- `SegmentScaledLinear` (defined in `vermeil.nn.mamba2`, re-exported here): an `nn.Linear` whose output
+  segments are multiplied by constants (Falcon-H1's `mup_vector` over Mamba-2's `in_proj` rows); the
   constants are a non-persistent buffer, so the state dict keeps the plain `weight` / `bias` keys.
 - `GateScaledSwiGLU`: `SwiGLU` with its gate pre-activation multiplied by a constant (Falcon-H1's
   `mlp_multipliers[0]`, transformers `FalconH1MLP`).
-- `build_mamba2`: a `Mamba2Block` whose inner width need not be a multiple of d_model (Falcon-H1's
-  `mamba_d_ssm`, e.g. 1536 for a width of 1024).
+- `build_mamba2`: `Mamba2Block(d_model, d_inner=d_inner, ...)`, the name the hybrid model still calls.
 
 Axis legend: B batch, T length, H heads, Dh head dim, R rotary dim, D d_model, I inner width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,7 +24,7 @@ from torch import Tensor, nn
 
 from vermeil.nn.checks import check_positive_int
 from vermeil.nn.feedforward import SwiGLU
-from vermeil.nn.mamba2 import Mamba2Block
+from vermeil.nn.mamba2 import Mamba2Block, SegmentScaledLinear
 from vermeil.nn.norms import RMSNorm
 from vermeil.nn.positional import RotaryEmbedding
 from vermeil.nn.ssm import MambaBlock
@@ -116,55 +114,6 @@ class PartialRotary(nn.Module):
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}"
 
 
-class SegmentScaledLinear(nn.Linear):
-    """`nn.Linear` with its output segments scaled: `linear(x) * scale`, `scale` = `multipliers[i]` repeated over
-    segment i. Keys `weight` and `bias` as `nn.Linear`; `scale` (out_features,) is a non-persistent buffer.
-
-    Args:
-        in_features, out_features, bias, device, dtype: as `nn.Linear`.
-        sizes: the segment widths, summing to out_features.
-        multipliers: one number per segment.
-    """
-
-    scale: Tensor
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        sizes: Sequence[int],
-        multipliers: Sequence[float],
-        bias: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if len(sizes) != len(multipliers) or sum(sizes) != out_features:
-            raise ValueError(
-                f"sizes={list(sizes)} must sum to out_features={out_features}, one per multiplier "
-                f"(multipliers={list(multipliers)})"
-            )
-        self.multipliers = tuple(float(m) for m in multipliers)
-        self.sizes = tuple(int(s) for s in sizes)
-        self.register_buffer("scale", self._scale(device), persistent=False)
-
-    def _scale(self, device: torch.device | str | None) -> Tensor:
-        parts = [torch.full((s,), m) for s, m in zip(self.sizes, self.multipliers)]
-        return torch.cat(parts).to(device=device)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "scale") and not self.scale.is_meta:  # rebuilt after meta construction + to_empty
-            self.scale = self._scale(self.scale.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) * self.scale.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, multipliers={self.multipliers}"
-
-
 class GateScaledSwiGLU(SwiGLU):
     """`w2(silu(w1(x) * gate_multiplier) * w3(x))`: SwiGLU (same keys `w1`, `w3`, `w2`) with a scaled gate.
 
@@ -186,46 +135,7 @@ class GateScaledSwiGLU(SwiGLU):
         return f"gate_multiplier={self.gate_multiplier}"
 
 
-def build_mamba2(
-    d_model: int,
-    d_inner: int,
-    *,
-    in_proj_multipliers: Sequence[float] | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    **kwargs: Any,
-) -> Mamba2Block:
-    """A `Mamba2Block` (D -> D) with inner width `d_inner` (a multiple of `headdim`, not necessarily of D).
-
-    When D divides d_inner this is `Mamba2Block(d_model, expand=d_inner // d_model, ...)`. Otherwise the block
-    is built at width d_inner with expand 1 and its two outer projections are replaced by D-wide ones (`in_proj`
-    D -> 2I + 2GN + H, `out_proj` I -> D): the mixer only reads `d_model` at its input check, everything inside
-    depends on I. `in_proj_multipliers` (5 numbers for `[z, x, B, C, dt]`) makes `in_proj` a
-    `SegmentScaledLinear` (Falcon-H1's `ssm_multipliers`).
-
-    Args:
-        d_model: D. d_inner: I. **kwargs: `Mamba2Block`'s other arguments (`bias` included).
-    """
-    check_positive_int("d_model", d_model)
-    check_positive_int("d_inner", d_inner)
-    factory: dict[str, Any] = {"device": device, "dtype": dtype}
-    if d_inner % d_model == 0:
-        block = Mamba2Block(d_model, expand=d_inner // d_model, **kwargs, **factory)
-    else:
-        block = Mamba2Block(d_inner, expand=1, **kwargs, **factory)
-        bias = block.in_proj.bias is not None
-        block.in_proj = nn.Linear(d_model, block.in_proj.out_features, bias=bias, **factory)
-        block.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
-        block.d_model, block.expand = d_model, d_inner / d_model
-    if in_proj_multipliers is not None:
-        old = block.in_proj
-        g_n = block.ngroups * block.d_state
-        block.in_proj = SegmentScaledLinear(
-            d_model,
-            old.out_features,
-            sizes=(block.d_inner, block.d_inner, g_n, g_n, block.nheads),
-            multipliers=in_proj_multipliers,
-            bias=old.bias is not None,
-            **factory,
-        )
-    return block
+def build_mamba2(d_model: int, d_inner: int, **kwargs: Any) -> Mamba2Block:
+    """`Mamba2Block(d_model, d_inner=d_inner, **kwargs)`: inner width I a multiple of `headdim`, not necessarily
+    of D (Falcon-H1's `mamba_d_ssm`); `in_proj_multipliers` and the rest are `Mamba2Block`'s arguments."""
+    return Mamba2Block(d_model, d_inner=d_inner, **kwargs)

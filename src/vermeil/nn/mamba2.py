@@ -13,20 +13,24 @@ Axis legend: B batch, L (or T) length, D d_model, I d_inner = expand * d_model, 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The time-major causal depthwise conv of the Mamba-1 block, with its single-write backward. A private helper
-# of vermeil.nn.ssm, imported rather than copied (it fits Mamba-2's conv over [x | B | C] unchanged).
+from vermeil.nn.cache import SSMState
 from vermeil.nn.checks import check_positive_int
 from vermeil.nn.norms import rms_norm
 from vermeil.nn.ssd import _ssd_step, ssd_scan
-from vermeil.nn.ssm import _causal_depthwise_conv, _f32
 
-__all__ = ["GatedRMSNorm", "Mamba2Block", "Mamba2State"]
+# The Mamba-1 block's cache, state checks, causal conv and forward routing serve Mamba-2 unchanged.
+from vermeil.nn.ssm import _f32, _SSMMixer, init_dt_bias_
+
+__all__ = ["GatedRMSNorm", "Mamba2Block", "Mamba2State", "SegmentScaledLinear"]
+
+# The block's decoding state (conv_state (B, conv_dim, K), ssm_state (B, H, P, N)) is cache.SSMState.
+Mamba2State = SSMState
 
 # Up to this many rows (decoding: one row per sequence) a CPU projection runs as `weight @ x.T` instead of
 # `F.linear(x, weight)`: MKL's sgemm on the (M, K) x (K, N)^T form was 6x slower than on the (N, K) x (K, M)
@@ -112,55 +116,67 @@ class GatedRMSNorm(nn.Module):
         return f"{self.dim}, groups={self.groups}, eps={self.eps}, norm_before_gate={self.norm_before_gate}"
 
 
-class Mamba2State(nn.Module):
-    """Decoding state of a Mamba-2 block: a plain container of two static buffers (non-persistent).
+class SegmentScaledLinear(nn.Linear):
+    """`nn.Linear` with its output segments scaled: `linear(x) * scale`, `scale` = `multipliers[i]` repeated over
+    segment i. Keys `weight` and `bias` as `nn.Linear`; `scale` (out_features,) is a non-persistent buffer.
+    Falcon-H1's `mup_vector` over Mamba-2's `in_proj` rows `[z | x | B | C | dt]` (transformers
+    `compute_mup_vector`): `Mamba2Block(in_proj_multipliers=...)`.
 
-    Attributes:
-        conv_state: (B, conv_dim, K), the last K pre-conv `[x | B | C]` columns, oldest first, in `dtype`.
-        ssm_state: (B, H, P, N), in float32 by default (also in a bf16 model, as mamba_ssm and transformers).
+    Args:
+        in_features, out_features, bias, device, dtype: as `nn.Linear`.
+        sizes: the segment widths, summing to out_features.
+        multipliers: one number per segment.
     """
 
-    conv_state: Tensor
-    ssm_state: Tensor
+    scale: Tensor
 
     def __init__(
         self,
-        batch_size: int,
-        conv_dim: int,
-        d_conv: int,
-        nheads: int,
-        headdim: int,
-        d_state: int,
+        in_features: int,
+        out_features: int,
         *,
-        dtype: torch.dtype | None = None,
-        ssm_dtype: torch.dtype = torch.float32,
+        sizes: Sequence[int],
+        multipliers: Sequence[float],
+        bias: bool = False,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_int("batch_size", batch_size)
-        self.batch_size = batch_size
-        conv = torch.zeros(batch_size, conv_dim, d_conv, dtype=dtype, device=device)
-        ssm = torch.zeros(batch_size, nheads, headdim, d_state, dtype=ssm_dtype, device=device)
-        self.register_buffer("conv_state", conv, persistent=False)
-        self.register_buffer("ssm_state", ssm, persistent=False)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if len(sizes) != len(multipliers) or sum(sizes) != out_features:
+            raise ValueError(
+                f"sizes={list(sizes)} must sum to out_features={out_features}, one per multiplier "
+                f"(multipliers={list(multipliers)})"
+            )
+        self.multipliers = tuple(float(m) for m in multipliers)
+        self.sizes = tuple(int(s) for s in sizes)
+        self.register_buffer("scale", self._scale(device), persistent=False)
 
-    def reset(self) -> None:
-        """Zero both states in place."""
-        self.conv_state.zero_()
-        self.ssm_state.zero_()
+    def _scale(self, device: torch.device | str | None) -> Tensor:
+        parts = [torch.full((s,), m) for s, m in zip(self.sizes, self.multipliers)]
+        return torch.cat(parts).to(device=device)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "scale") and not self.scale.is_meta:  # rebuilt after meta construction + to_empty
+            self.scale = self._scale(self.scale.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * self.scale.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"conv_state={tuple(self.conv_state.shape)}, ssm_state={tuple(self.ssm_state.shape)}"
+        return f"{super().extra_repr()}, multipliers={self.multipliers}"
 
 
-class Mamba2Block(nn.Module):
+class Mamba2Block(_SSMMixer):
     """Mamba-2 mixer: in_proj -> causal depthwise conv over [x|B|C] -> SiLU -> SSD -> gated RMSNorm -> out_proj.
 
     Args:
         d_model: D, input and output width.
         d_state: N, state size per head channel (mamba_ssm default 128).
         d_conv: K, width of the causal depthwise convolution.
-        expand: I = expand * d_model inner channels.
+        expand: I = expand * d_model inner channels, unless d_inner is given.
+        d_inner: I itself, a multiple of headdim but not necessarily of d_model (Falcon-H1's `mamba_d_ssm`,
+            e.g. 1536 for a width of 1024); None means expand * d_model.
         headdim: P; I must be a multiple of it (H = I / P heads).
         ngroups: G groups of B and C; must divide H (head h reads group h // (H / G)).
         A_init_range: A is drawn uniform in this range at init (A_log = log A), as mamba_ssm.
@@ -172,6 +188,8 @@ class Mamba2Block(nn.Module):
         time_step_limit: (low, high) clamp of dt in the whole-sequence scan (mamba_ssm `dt_limit`). The
             one-token step does not clamp, as mamba_ssm and transformers.
         conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
+        in_proj_multipliers: 5 numbers for the `in_proj` row segments `[z, x, B, C, dt]`: `in_proj` is then a
+            `SegmentScaledLinear` (Falcon-H1's `ssm_multipliers`); None a plain `nn.Linear`.
         chunk_size: Q of the chunked scan (only speed and memory depend on it).
         segment_tokens: on the CPU, a whole-sequence forward runs in pieces of about this many tokens
             (batch x positions; a multiple of chunk_size positions, at least one chunk), each piece starting
@@ -196,6 +214,7 @@ class Mamba2Block(nn.Module):
         headdim: int = 64,
         ngroups: int = 1,
         *,
+        d_inner: int | None = None,
         A_init_range: tuple[float, float] = (1.0, 16.0),
         D_has_hdim: bool = False,
         rmsnorm: bool = True,
@@ -207,6 +226,7 @@ class Mamba2Block(nn.Module):
         time_step_limit: tuple[float, float] = (0.0, float("inf")),
         conv_bias: bool = True,
         bias: bool = False,
+        in_proj_multipliers: Sequence[float] | None = None,
         chunk_size: int = 64,
         segment_tokens: int | None = 1024,
         layer_idx: int | None = None,
@@ -226,10 +246,15 @@ class Mamba2Block(nn.Module):
             check_positive_int(name, value)
         if segment_tokens is not None:
             check_positive_int("segment_tokens", segment_tokens)
-        d_inner = expand * d_model
+        if d_inner is None:
+            d_inner = expand * d_model
+        else:
+            check_positive_int("d_inner", d_inner)
+            expand = d_inner / d_model  # type: ignore[assignment]
         if d_inner % headdim:
             raise ValueError(
-                f"headdim={headdim} must divide d_inner = expand * d_model = {d_inner} (heads = d_inner/headdim)"
+                f"headdim={headdim} must divide d_inner = {d_inner} (expand * d_model unless given; heads = "
+                "d_inner/headdim)"
             )
         nheads = d_inner // headdim
         if nheads % ngroups:
@@ -251,9 +276,15 @@ class Mamba2Block(nn.Module):
         self.time_step_limit = (float(time_step_limit[0]), float(time_step_limit[1]))
         self.chunk_size, self.layer_idx = chunk_size, layer_idx
         self.segment_tokens = segment_tokens
+        self.state_shape = ((self.conv_dim, d_conv), (nheads, headdim, d_state))  # conv_state, ssm_state
 
-        # rows [z I | x I | B GN | C GN | dt H]
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
+        rows = (d_inner, d_inner, ngroups * d_state, ngroups * d_state, nheads)  # [z | x | B | C | dt]
+        if in_proj_multipliers is None:
+            self.in_proj = nn.Linear(d_model, sum(rows), bias=bias, **factory)
+        else:
+            self.in_proj = SegmentScaledLinear(
+                d_model, sum(rows), sizes=rows, multipliers=in_proj_multipliers, bias=bias, **factory
+            )
         self.conv1d = nn.Conv1d(
             self.conv_dim,
             self.conv_dim,
@@ -277,13 +308,8 @@ class Mamba2Block(nn.Module):
         no_decay = [self.dt_bias, self.A_log, self.D] + ([self.norm.weight] if self.norm is not None else [])
         for p in no_decay:
             p._no_weight_decay = True  # type: ignore[attr-defined]
-        self.cache: Mamba2State | None = None
+        self.cache: SSMState | None = None
         self.reset_parameters()
-
-    @staticmethod
-    def no_weight_decay() -> set[str]:
-        """Names (relative to this block) of parameters that must not get weight decay."""
-        return {"dt_bias", "A_log", "D", "norm.weight"}
 
     def reset_parameters(self) -> None:
         """mamba_ssm `Mamba2` init: default Linear/Conv1d, dt_bias, A_log = log U(A_init_range), D = 1."""
@@ -293,57 +319,22 @@ class Mamba2Block(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
         with torch.no_grad():
-            # dt log-uniform in [dt_min, dt_max], floored; dt_bias is its inverse softplus (pytorch#72759)
-            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-            u = torch.rand(self.nheads, device=self.dt_bias.device, dtype=torch.float32)
-            dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
             self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))
             self.D.fill_(1.0)
-
-    # -- cache ------------------------------------------------------------------------------------------
-
-    def setup_cache(
-        self,
-        batch_size: int,
-        max_seq_len: int | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        """Allocate the decoding state: conv_state (B, conv_dim, K) in dtype, ssm_state (B, H, P, N) in float32.
-
-        max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
-        dtype and device default to those of in_proj.weight.
-        """
-        check_positive_int("batch_size", batch_size)
-        if max_seq_len is not None:
-            check_positive_int("max_seq_len", max_seq_len)
-        self.cache = Mamba2State(
-            batch_size,
-            self.conv_dim,
-            self.d_conv,
-            self.nheads,
-            self.headdim,
-            self.d_state,
-            dtype=dtype or self.in_proj.weight.dtype,
-            device=device or self.in_proj.weight.device,
-        )
-
-    def reset_cache(self) -> None:
-        """Zero the states in place (start a new sequence); a no-op without a cache."""
-        if self.cache is not None:
-            self.cache.reset()
-
-    def delete_cache(self) -> None:
-        """Drop the cache, returning to plain (training) forwards."""
-        self.cache = None
 
     # -- forward ----------------------------------------------------------------------------------------
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., 2I+2GN+H) -> z (..., I), xBC (..., conv_dim), dt (..., H)."""
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., conv_dim) after the conv -> x (..., H, P), B and C (..., G, N)."""
+        gn = self.ngroups * self.d_state
+        xs, b, c = torch.split(xbc, [self.d_inner, gn, gn], -1)
+        groups = (self.ngroups, self.d_state)
+        return xs.unflatten(-1, (self.nheads, self.headdim)), b.unflatten(-1, groups), c.unflatten(-1, groups)
 
     def _ssm_args(self) -> dict:
         d = _f32(self.D)
@@ -387,23 +378,15 @@ class Mamba2Block(nn.Module):
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """`_mix` of one piece."""
-        bsz, length, _ = x.shape
         z, xbc, dt = self._split(self.in_proj(x))
-        if conv_state is None:
-            conv_state = xbc.new_zeros(bsz, self.conv_dim, self.d_conv)
-        # the conv sees the last K - 1 pre-conv columns before x, then x; all (B, L, conv_dim)-major
-        hist = torch.cat([conv_state.to(xbc.dtype).transpose(1, 2), xbc], dim=1)  # (B, K + L, conv_dim)
-        new_conv = hist[:, -self.d_conv :].transpose(1, 2) if want_state else None  # (B, conv_dim, K)
-        xbc = F.silu(_causal_depthwise_conv(hist[:, 1:], self.conv1d.weight, self.conv1d.bias))
-        xs, b, c = torch.split(
-            xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1
-        )
+        xbc, new_conv = self._conv(xbc, conv_state, want_state)  # (B, L, conv_dim)
+        xs, b, c = self._split_xbc(xbc)
         result = ssd_scan(
-            xs.unflatten(-1, (self.nheads, self.headdim)),
+            xs,
             dt,
             -torch.exp(_f32(self.A_log)),
-            b.unflatten(-1, (self.ngroups, self.d_state)),
-            c.unflatten(-1, (self.ngroups, self.d_state)),
+            b,
+            c,
             chunk_size=self.chunk_size,
             dt_limit=self.time_step_limit,
             initial_state=ssm_state,
@@ -423,114 +406,15 @@ class Mamba2Block(nn.Module):
         ssm_state (the cache) and return them (no autograd through them); otherwise return new tensors.
         """
         z, xbc, dt = self._split(_project(self.in_proj, x[:, 0]))
-        # the conv window after this token: the last K - 1 columns (zeros on a restart), then the new one
-        window = torch.cat(
-            [
-                torch.where(keep.unsqueeze(-1), conv_state[:, :, 1:], 0.0),
-                xbc.unsqueeze(-1).to(conv_state.dtype),
-            ],
-            dim=-1,
-        )
-        if inplace:
-            window = conv_state.copy_(window)
-        xbc = (window.to(xbc.dtype) * self.conv1d.weight[:, 0]).sum(-1)  # (B, conv_dim)
-        if self.conv1d.bias is not None:
-            xbc = xbc + self.conv1d.bias
-        xbc = F.silu(xbc)
-        xs, b, c = torch.split(
-            xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1
-        )
+        xbc, window = self._conv_step(xbc, conv_state, keep, inplace)  # (B, conv_dim), (B, conv_dim, K)
+        xs, b, c = self._split_xbc(xbc)
         args = self._ssm_args()
+        a = -torch.exp(_f32(self.A_log))
         y, ssm_state = _ssd_step(
-            ssm_state,
-            xs.unflatten(-1, (self.nheads, self.headdim)),
-            dt,
-            -torch.exp(_f32(self.A_log)),
-            b.unflatten(-1, (self.ngroups, self.d_state)),
-            c.unflatten(-1, (self.ngroups, self.d_state)),
-            args["D"],
-            None,
-            args["dt_bias"],
-            True,
-            inplace=inplace,
-            keep=keep,
+            ssm_state, xs, dt, a, b, c, args["D"], None, args["dt_bias"], True, inplace=inplace, keep=keep
         )
         out = self._gate_out(y.flatten(-2), z, _project)
         return out.unsqueeze(1), window, ssm_state
-
-    def forward(
-        self,
-        x: Tensor,
-        input_pos: Tensor | None = None,
-        *,
-        initial_state: tuple[Tensor, Tensor] | None = None,
-        return_final_state: bool = False,
-    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Mix a sequence; with a cache and `input_pos`, continue (or start) a cached sequence.
-
-        Without `input_pos` the cache is not touched: a plain forward from `initial_state` (zeros if None).
-        With a cache (`setup_cache`) and `input_pos` (T,) or (B, T), the states are read from and written back
-        to the cache. The block continues from the cached state unless the first position is 0, where it
-        starts from zeros (decided by tensor arithmetic, no `.item()`). The path is chosen by the static
-        length T: T == 1 runs the recurrent step (`ssd_step`, O(1) per token, CUDA-graph capturable); T > 1
-        runs the chunked scan from the cached state and stores the final one (prefill, or chunked prefill).
-        Under `torch.no_grad()` / `inference_mode()` the step updates the cache tensors in place (the
-        returned final states, if asked for, are copies); with autograd on it is functional, as before.
-
-        Args:
-            x: (B, T, D).
-            input_pos: positions of the T tokens; requires `setup_cache` first.
-            initial_state: (conv_state (B, conv_dim, K), ssm_state (B, H, P, N)) before x, differentiable
-                (truncated BPTT: pass the final state of the previous piece). conv_state holds the last K
-                pre-conv `[x | B | C]` columns, oldest first. Not allowed together with input_pos.
-            return_final_state: also return (conv_state, ssm_state) after x.
-
-        Returns:
-            (B, T, D), and the final (conv_state, ssm_state) if `return_final_state`.
-        """
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x.shape={tuple(x.shape)} must be (B, T, d_model={self.d_model})")
-        bsz, length, _ = x.shape
-        if initial_state is not None:
-            if input_pos is not None:
-                raise ValueError("initial_state and input_pos are exclusive: the cache holds the state")
-            conv_state, ssm_state = initial_state
-            expected = (
-                ("conv_state", conv_state, (bsz, self.conv_dim, self.d_conv)),
-                ("ssm_state", ssm_state, (bsz, self.nheads, self.headdim, self.d_state)),
-            )
-            for name, t, shape in expected:
-                if tuple(t.shape) != shape:
-                    raise ValueError(f"initial_state {name}.shape={tuple(t.shape)} must be {shape}")
-        if input_pos is None:
-            conv_state, ssm_state = initial_state if initial_state is not None else (None, None)
-            out, conv, ssm = self._mix(x, conv_state, ssm_state, return_final_state)
-            return (out, (conv, ssm)) if return_final_state else out  # type: ignore[return-value]
-
-        if self.cache is None:
-            raise ValueError("input_pos was given but no cache is set up: call setup_cache(batch_size) first")
-        if bsz > self.cache.batch_size:
-            raise ValueError(f"batch size {bsz} exceeds the cache's batch_size={self.cache.batch_size}")
-        if input_pos.shape[-1] != length:
-            raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
-        cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
-        # zero the carried state where the sequence starts at position 0 (no host sync)
-        keep = input_pos.reshape(-1, length)[:, :1] > 0  # (1, 1) or (B, 1)
-        if length == 1:
-            # without autograd the step updates the cache in place: no copies of the (B, H, P, N) state
-            if not torch.is_grad_enabled():
-                out, conv, ssm = self._step(x, cache_conv, cache_ssm, keep, True)
-                return (out, (conv.clone(), ssm.clone())) if return_final_state else out
-            # with autograd the state product saves its input for backward: a copy, not the cache written below
-            out, conv, ssm = self._step(x, cache_conv, cache_ssm.clone(), keep, False)
-        else:
-            keep = keep.unsqueeze(-1)  # (1|B, 1, 1)
-            conv_state = torch.where(keep, cache_conv, 0.0)
-            ssm_state = torch.where(keep.unsqueeze(-1), cache_ssm, 0.0)
-            out, conv, ssm = self._mix(x, conv_state, ssm_state, True)
-        cache_conv.copy_(conv.detach())
-        cache_ssm.copy_(ssm.detach())
-        return (out, (conv, ssm)) if return_final_state else out
 
     def extra_repr(self) -> str:
         return (

@@ -96,7 +96,191 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
     return _CausalDepthwiseConv.apply(hist.to(dtype), weight[:, 0].t().to(dtype), bias)
 
 
-class MambaBlock(nn.Module):
+def init_dt_bias_(bias: Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    """state-spaces' dt init, in place: dt log-uniform in [dt_min, dt_max], floored at dt_init_floor, and the
+    bias its inverse softplus (dt + log(-expm1(-dt)), pytorch#72759), so that softplus(bias) == dt at init."""
+    with torch.no_grad():
+        u = torch.rand(bias.shape, device=bias.device, dtype=torch.float32)
+        log_lo, log_hi = math.log(dt_min), math.log(dt_max)
+        dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=dt_init_floor)
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class _SSMMixer(nn.Module):
+    """What the Mamba-1 and Mamba-2 blocks share: the decoding cache, the state checks, the causal conv over
+    the carried window, and `forward`'s routing between the whole-sequence `_mix` and the one-token `_step`.
+
+    A subclass sets `d_model`, `d_conv`, `conv1d` and `state_shape` (conv_state and ssm_state shapes per
+    sequence) and implements `_mix(x, conv_state, ssm_state, want_state) -> (out, conv, ssm)` and
+    `_step(x, conv_state, ssm_state, keep, inplace) -> (out, conv, ssm)`.
+    """
+
+    d_model: int
+    d_conv: int
+    in_proj: nn.Linear
+    conv1d: nn.Conv1d
+    state_shape: tuple[tuple[int, ...], tuple[int, ...]]
+    cache: SSMState | None
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this block) of the parameters marked `_no_weight_decay` (A_log, D, ...)."""
+        return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate the decoding state (`state_shape` per sequence): conv_state in dtype, ssm_state in float32.
+
+        max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
+        dtype and device default to those of in_proj.weight.
+        """
+        check_positive_int("batch_size", batch_size)
+        if max_seq_len is not None:
+            check_positive_int("max_seq_len", max_seq_len)
+        (channels, d_conv), ssm_shape = self.state_shape
+        weight = self.in_proj.weight
+        self.cache = SSMState(
+            batch_size,
+            channels,
+            d_conv,
+            ssm_shape[-1],
+            dtype=dtype or weight.dtype,
+            ssm_dtype=torch.float32,
+            ssm_shape=ssm_shape,
+            device=device or weight.device,
+        )
+
+    def reset_cache(self) -> None:
+        """Zero the states in place (start a new sequence); a no-op without a cache."""
+        if self.cache is not None:
+            self.cache.reset()
+
+    def delete_cache(self) -> None:
+        """Drop the cache, returning to plain (training) forwards."""
+        self.cache = None
+
+    # How many of initial_state's (conv_state, ssm_state) forward checks: Mamba-1 leaves the SSM state to
+    # selective_scan, whose own check names it `initial_state`, with both shapes.
+    _checked_initial_states = 2
+
+    def _check_states(self, where: str, states: tuple[Tensor, ...], bsz: int) -> None:
+        """Raise naming the state, its shape and the expected one (static shapes only: no sync)."""
+        for name, t, shape in zip(("conv_state", "ssm_state"), states, self.state_shape):
+            if tuple(t.shape) != (bsz, *shape):
+                raise ValueError(f"{where} {name}.shape={tuple(t.shape)} must be {(bsz, *shape)}")
+
+    def _conv(self, xbc: Tensor, conv_state: Tensor | None, want_state: bool) -> tuple[Tensor, Tensor | None]:
+        """SiLU(causal conv) of a whole sequence xbc (B, L, C) after conv_state (B, C, K) (zeros if None).
+
+        Returns the (B, L, C) activations and, if `want_state`, the new conv_state: the last K inputs.
+        """
+        if conv_state is None:
+            conv_state = xbc.new_zeros(xbc.shape[0], xbc.shape[-1], self.d_conv)
+        # Everything stays (B, L, C) (no transposing copies): the conv sees the K - 1 inputs before x, then x.
+        hist = torch.cat([conv_state.to(xbc.dtype).transpose(1, 2), xbc], dim=1)  # (B, K + L, C)
+        new_conv = hist[:, -self.d_conv :].transpose(1, 2) if want_state else None  # (B, C, K) pre-conv
+        return F.silu(_causal_depthwise_conv(hist[:, 1:], self.conv1d.weight, self.conv1d.bias)), new_conv
+
+    def _conv_step(
+        self, xbc: Tensor, conv_state: Tensor, keep: Tensor, inplace: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One token xbc (B, C) through the conv: (SiLU(conv) (B, C), the window after it (B, C, K)).
+
+        The window is the last K - 1 inputs of conv_state (zeros where `keep` (1|B, 1) is False: a restart)
+        then xbc; `inplace` writes it into conv_state (the cache) and returns that.
+        """
+        window = torch.cat(
+            [
+                torch.where(keep.unsqueeze(-1), conv_state[:, :, 1:], 0.0),
+                xbc.unsqueeze(-1).to(conv_state.dtype),
+            ],
+            dim=-1,
+        )
+        if inplace:
+            window = conv_state.copy_(window)
+        out = (window.to(xbc.dtype) * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias
+        return F.silu(out), window
+
+    def forward(
+        self,
+        x: Tensor,
+        input_pos: Tensor | None = None,
+        *,
+        initial_state: tuple[Tensor, Tensor] | None = None,
+        return_final_state: bool = False,
+    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Mix a sequence; with a cache and `input_pos`, continue (or start) a cached sequence.
+
+        Without `input_pos` the cache is not touched: a plain forward from `initial_state` (zeros if None).
+        With a cache (`setup_cache`) and `input_pos` (T,) or (B, T), the states are read from and written back
+        to the cache. The block continues from the cached state unless the first position is 0, where it
+        starts from zeros (decided by tensor arithmetic, no `.item()`). The path is chosen by the static
+        length T: T == 1 runs the recurrent step (O(1) per token, CUDA-graph capturable); T > 1 runs the scan
+        from the cached state and stores the final one (prefill, or chunked prefill). Under `torch.no_grad()`
+        / `inference_mode()` the step updates the cache tensors in place (the returned final states, if asked
+        for, are copies); with autograd on it is functional.
+
+        Args:
+            x: (B, T, D).
+            input_pos: positions of the T tokens; requires `setup_cache` first.
+            initial_state: (conv_state, ssm_state) before x, of `state_shape` per sequence, differentiable
+                (truncated BPTT: pass the final state of the previous piece). conv_state holds the last K
+                pre-conv inputs, oldest first. Not allowed together with input_pos.
+            return_final_state: also return (conv_state, ssm_state) after x.
+
+        Returns:
+            (B, T, D), and the final (conv_state, ssm_state) if `return_final_state`.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x.shape={tuple(x.shape)} must be (B, T, d_model={self.d_model})")
+        bsz, length, _ = x.shape
+        if initial_state is not None:
+            if input_pos is not None:
+                raise ValueError("initial_state and input_pos are exclusive: the cache holds the state")
+            self._check_states("initial_state", initial_state[: self._checked_initial_states], bsz)
+        if input_pos is None:
+            conv_state, ssm_state = initial_state if initial_state is not None else (None, None)
+            out, conv, ssm = self._mix(x, conv_state, ssm_state, return_final_state)
+            return (out, (conv, ssm)) if return_final_state else out  # type: ignore[return-value]
+
+        if self.cache is None:
+            raise ValueError("input_pos was given but no cache is set up: call setup_cache(batch_size) first")
+        if bsz > self.cache.batch_size:
+            raise ValueError(f"batch size {bsz} exceeds the cache's batch_size={self.cache.batch_size}")
+        if input_pos.shape[-1] != length:
+            raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
+        cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
+        self._check_states(
+            "the cache's", (cache_conv, cache_ssm), bsz
+        )  # e.g. a cache set up for another block
+        # zero the carried state where the sequence starts at position 0 (no host sync)
+        keep = input_pos.reshape(-1, length)[:, :1] > 0  # (1, 1) or (B, 1)
+        if length == 1:
+            # without autograd the step updates the cache in place: no copies of the state
+            if not torch.is_grad_enabled():
+                out, conv, ssm = self._step(x, cache_conv, cache_ssm, keep, True)
+                return (out, (conv.clone(), ssm.clone())) if return_final_state else out
+            # with autograd the state product saves its input for backward: a copy, not the cache written below
+            out, conv, ssm = self._step(x, cache_conv, cache_ssm.clone(), keep, False)
+        else:
+            # keep (1|B, 1) viewed as (1|B, 1, ..., 1) over each (B, ...) state
+            conv_state, ssm_state = (
+                torch.where(keep.view(-1, *(1,) * (t.dim() - 1)), t, 0.0) for t in (cache_conv, cache_ssm)
+            )
+            out, conv, ssm = self._mix(x, conv_state, ssm_state, True)
+        cache_conv.copy_(conv.detach())
+        cache_ssm.copy_(ssm.detach())
+        return (out, (conv, ssm)) if return_final_state else out
+
+
+class MambaBlock(_SSMMixer):
     """Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
 
     Args:
@@ -124,6 +308,8 @@ class MambaBlock(nn.Module):
     Raises:
         ValueError: on a bad argument, naming it and its value.
     """
+
+    _checked_initial_states = 1
 
     def __init__(
         self,
@@ -172,6 +358,7 @@ class MambaBlock(nn.Module):
         self.scan_backend = scan_backend
         self.d_inner = int(expand * d_model)
         self.dt_rank = dt_rank
+        self.state_shape = ((self.d_inner, d_conv), (self.d_inner, d_state))  # conv_state, ssm_state
         self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
         self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
         self.layer_idx = layer_idx
@@ -192,17 +379,12 @@ class MambaBlock(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
-        # state-spaces marks, read by its optimizer setup and init code; see also no_weight_decay()
+        # state-spaces' marks, read by its optimizer setup and init code (and vermeil.train's grouping)
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
         self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
         self.cache: SSMState | None = None
         self.reset_parameters()
-
-    @staticmethod
-    def no_weight_decay() -> set[str]:
-        """Names (relative to this block) of parameters that must not get weight decay: A_log and D."""
-        return {"A_log", "D"}
 
     def reset_parameters(self) -> None:
         """state-spaces init: default Linear/Conv1d init, dt_proj as below, A_log = log(1..N), D = 1."""
@@ -216,53 +398,11 @@ class MambaBlock(nn.Module):
                 nn.init.constant_(self.dt_proj.weight, std)
             else:
                 nn.init.uniform_(self.dt_proj.weight, -std, std)
-            # dt log-uniform in [dt_min, dt_max], floored; the bias is its inverse softplus so that
-            # softplus(dt_proj.bias) == dt at init (dt + log(-expm1(-dt)), pytorch#72759)
-            bias = self.dt_proj.bias
-            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-            u = torch.rand(self.d_inner, device=bias.device, dtype=torch.float32)
-            dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
-            bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            init_dt_bias_(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
             # S4D-real: A = -(1, 2, ..., N) for every channel, stored as its log
             a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
             self.A_log.copy_(torch.log(a).expand(self.d_inner, -1))
             self.D.fill_(1.0)
-
-    # -- cache ------------------------------------------------------------------------------------------
-
-    def setup_cache(
-        self,
-        batch_size: int,
-        max_seq_len: int | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        """Allocate the decoding state: conv_state (B, E, K) in dtype, ssm_state (B, E, N) in float32.
-
-        max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
-        dtype and device default to those of in_proj.weight.
-        """
-        check_positive_int("batch_size", batch_size)
-        if max_seq_len is not None:
-            check_positive_int("max_seq_len", max_seq_len)
-        self.cache = SSMState(
-            batch_size,
-            self.d_inner,
-            self.d_conv,
-            self.d_state,
-            dtype=dtype or self.in_proj.weight.dtype,
-            ssm_dtype=torch.float32,
-            device=device or self.in_proj.weight.device,
-        )
-
-    def reset_cache(self) -> None:
-        """Zero the states in place (start a new sequence); a no-op without a cache."""
-        if self.cache is not None:
-            self.cache.reset()
-
-    def delete_cache(self) -> None:
-        """Drop the cache, returning to plain (training) forwards."""
-        self.cache = None
 
     # -- forward ----------------------------------------------------------------------------------------
 
@@ -275,15 +415,9 @@ class MambaBlock(nn.Module):
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm)."""
-        bsz, length, _ = x.shape
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
-        if conv_state is None:
-            conv_state = xs.new_zeros(bsz, self.d_inner, self.d_conv)
-        # Everything stays (B, L, E) (no transposing copies): the scan reads transposed views, and its y
-        # comes back (B, L, E)-major for out_proj. The conv sees the previous K inputs' last K-1, then x.
-        hist = torch.cat([conv_state.to(xs.dtype).transpose(1, 2), xs], dim=1)  # (B, K + L, E)
-        new_conv = hist[:, -self.d_conv :].transpose(1, 2) if want_state else None  # (B, E, K) pre-conv
-        xs = F.silu(_causal_depthwise_conv(hist[:, 1:], self.conv1d.weight, self.conv1d.bias))  # (B, L, E)
+        # (B, L, E) throughout: the scan reads transposed views, and its y comes back (B, L, E)-major
+        xs, new_conv = self._conv(xs, conv_state, want_state)
         dt, b, c = self._dt_bc(xs)  # (B, L, E), (B, L, N), (B, L, N)
         A = -torch.exp(_f32(self.A_log))  # (E, N)
         result = selective_scan(
@@ -304,19 +438,20 @@ class MambaBlock(nn.Module):
         y, new_ssm = result if want_state else (result, None)
         return self.out_proj(y.transpose(1, 2)), new_conv, new_ssm
 
-    def _step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One token, state-spaces `Mamba.step` semantics. x: (B, 1, D). Returns (out, conv, ssm)."""
+    def _step(
+        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, keep: Tensor, inplace: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One token, state-spaces `Mamba.step` semantics. x: (B, 1, D). Returns (out, conv, ssm).
+
+        keep (1|B, 1) bool: False where the sequence restarts (the states are taken as zeros); inplace: write
+        the new states into conv_state and ssm_state (the cache) and return them.
+        """
         xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
-        # roll the conv window left and write the new pre-conv input in the last slot
-        conv_state = torch.cat([conv_state[:, :, 1:], xs.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
-        xs = (conv_state.to(xs.dtype) * self.conv1d.weight[:, 0]).sum(-1)  # (B, E)
-        if self.conv1d.bias is not None:
-            xs = xs + self.conv1d.bias
-        xs = F.silu(xs)
+        xs, window = self._conv_step(xs, conv_state, keep, inplace)
         dt, b, c = self._dt_bc(xs)
         A = -torch.exp(_f32(self.A_log))
-        y, ssm_state = selective_step(
-            ssm_state,
+        y, new_ssm = selective_step(
+            torch.where(keep.unsqueeze(-1), ssm_state, 0.0),
             xs,
             dt,
             A,
@@ -327,65 +462,9 @@ class MambaBlock(nn.Module):
             delta_bias=_f32(self.dt_proj.bias),
             delta_softplus=True,
         )
-        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_pos: Tensor | None = None,
-        initial_state: tuple[Tensor, Tensor] | None = None,
-        return_final_state: bool = False,
-    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Mix a sequence; with a cache and `input_pos`, continue (or start) a cached sequence.
-
-        Without `input_pos` the cache is not touched: a plain forward from `initial_state` (zeros if None).
-        With a cache (`setup_cache`) and `input_pos` (T,) or (B, T), the states are read from and written back
-        to the cache. The block continues from the cached state unless the first position is 0, where it
-        starts from zeros (decided by tensor arithmetic, no `.item()`). The path is chosen by the static
-        length T: T == 1 runs the recurrent step (O(1) per token, compile friendly); T > 1 runs the scan
-        from the cached state and stores the final one (prefill, or chunked prefill).
-
-        Args:
-            x: (B, T, D).
-            input_pos: positions of the T tokens; requires `setup_cache` first.
-            initial_state: (conv_state (B, E, K), ssm_state (B, E, N)) before x, differentiable (truncated
-                BPTT: pass the final state of the previous piece). conv_state holds the last K pre-conv
-                inputs, oldest first. Not allowed together with input_pos.
-            return_final_state: also return (conv_state, ssm_state) after x.
-
-        Returns:
-            (B, T, D), and the final (conv_state, ssm_state) if `return_final_state`.
-        """
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x.shape={tuple(x.shape)} must be (B, T, d_model={self.d_model})")
-        if input_pos is None:
-            conv_state, ssm_state = initial_state if initial_state is not None else (None, None)
-            out, conv, ssm = self._mix(x, conv_state, ssm_state, return_final_state)
-            return (out, (conv, ssm)) if return_final_state else out  # type: ignore[return-value]
-
-        if self.cache is None:
-            raise ValueError("input_pos was given but no cache is set up: call setup_cache(batch_size) first")
-        if initial_state is not None:
-            raise ValueError("initial_state and input_pos are exclusive: the cache holds the state")
-        bsz, length, _ = x.shape
-        if bsz > self.cache.batch_size:
-            raise ValueError(f"batch size {bsz} exceeds the cache's batch_size={self.cache.batch_size}")
-        if input_pos.shape[-1] != length:
-            raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
-        cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
-        # zero the carried state where the sequence starts at position 0 (no host sync)
-        first = input_pos.reshape(-1, length)[:, :1]  # (1, 1) or (B, 1)
-        keep = (first > 0).unsqueeze(-1)  # (1|B, 1, 1)
-        conv_state = torch.where(keep, cache_conv, torch.zeros_like(cache_conv))
-        ssm_state = torch.where(keep, cache_ssm, torch.zeros_like(cache_ssm))
-        if length == 1:
-            out, conv, ssm = self._step(x, conv_state, ssm_state)
-        else:
-            out, conv, ssm = self._mix(x, conv_state, ssm_state, True)
-        cache_conv.copy_(conv.detach())
-        cache_ssm.copy_(ssm.detach())
-        return (out, (conv, ssm)) if return_final_state else out
+        if inplace:
+            new_ssm = ssm_state.copy_(new_ssm)
+        return self.out_proj(y).unsqueeze(1), window, new_ssm
 
     def extra_repr(self) -> str:
         return (
