@@ -308,7 +308,7 @@ def test_yaml_model_trains_saves_loads_generates(name: str, tmp_path: Path) -> N
     assert math.isfinite(losses[0]) and losses[-1] < losses[0] - 0.1, losses
 
     model.eval()
-    path = tmp_path / "vio.safetensors"
+    path = tmp_path / "hybrid.safetensors"
     save_weights(model, path)
     fresh = HybridModel.from_yaml(CONFIGS / name).eval()
     assert not torch.equal(fresh(batch), model(batch))

@@ -98,7 +98,7 @@ def test_vocab_is_padded_but_logits_are_not() -> None:
 def test_presets_build_on_meta(name: str) -> None:
     model = build(name, device="meta")
     assert all(p.is_meta for p in model.parameters())
-    if name == "mamba-130m":  # REFERENCES b.5 shapes
+    if name == "mamba-130m":  # the tensor shapes of state-spaces/mamba-130m (pytorch_model.bin)
         sd = model.state_dict()
         assert sd["backbone.embedding.weight"].shape == (50280, 768)
         assert sd["backbone.layers.0.mixer.in_proj.weight"].shape == (3072, 768)
