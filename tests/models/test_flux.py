@@ -6,7 +6,6 @@ padding invariance; the seed's usage example; presets on meta; gradcheck; input 
 # H heads, Dh head dim, A position axes.
 
 import math
-from collections.abc import Iterator
 from dataclasses import asdict
 
 import pytest
@@ -29,16 +28,6 @@ from vermeil.models.flux import (
 )
 from vermeil.nn.norms import rms_norm
 from vermeil.nn.positional import EmbedND, apply_rotary
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread, since OpenMP wake-ups cost more than the work on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ------------------------------------------------------------------------- BFL reference, transcribed inline
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ from vermeil.train import head_loss, loss_head, param_groups
 TOL = dict(atol=1e-5, rtol=1e-5)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 YAMLS = ["hybrid_sequential.yaml", "hybrid_parallel.yaml"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one intra-op thread; on a shared, loaded machine extra OpenMP threads spin at
-    every barrier (20x slower here). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**overrides: object) -> HybridModel:

@@ -11,7 +11,6 @@ Shapes: B batch, T length, V vocabulary, D model dim.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +31,6 @@ from vermeil.nn.ssm import MambaBlock
 TOL = dict(atol=1e-5, rtol=1e-5)
 V = 61
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one intra-op thread on a shared, loaded machine. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # D 32, Mamba-2 of 4 heads of 16 (2 groups), chunk 3, attention of 4 heads of 8 with kv 2

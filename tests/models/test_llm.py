@@ -28,15 +28,6 @@ from vermeil.models.llm import (
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: with the 2 shared cores busy, OpenMP threads spin-wait and a 3 ms forward takes 300 ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides: object) -> LLM:
     """The debug preset (MoE every 2nd layer, NoPE every 4th, chunk 5, qk norm, temperature tuning on)."""
     torch.manual_seed(0)

@@ -7,7 +7,6 @@ Shapes: B batch, T length, V vocabulary, D d_model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,16 +19,6 @@ from vermeil.models.mamba import PRESETS, MambaConfig, MambaLM, build
 from vermeil.train.optim import param_groups
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one intra-op thread; on a shared, loaded machine extra OpenMP threads spin at
-    every barrier (20x slower here). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**overrides: object) -> MambaLM:

@@ -19,14 +19,6 @@ from vermeil.models.vision import VisionArgs, VisionEmbeddings, pixel_shuffle
 VISION = dict(image_size=28, patch_size=7, dim=24, n_layers=2, n_heads=3, mlp_ratio=2.0, output_dim=20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def meta_pixel_shuffle(x: torch.Tensor, ps_ratio: float) -> torch.Tensor:
     """Transcribed from llama_models/llama4/vision/embedding.py (`PixelShuffle.forward` + `pixel_shuffle_op`)."""
     n, hw, c = x.size()
