@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
-from vermeil.nn.checks import tracing
+from vermeil.nn.checks import check_positive_int, tracing
 
 __all__ = [
     "RopePairing",
@@ -270,8 +270,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
     """
     if t.ndim != 1:
         raise ValueError(f"t.ndim={t.ndim} must be 1 (one timestep per batch row); shape {tuple(t.shape)}")
-    if dim <= 0:
-        raise ValueError(f"dim={dim} must be > 0")
+    check_positive_int("dim", dim)
     t = time_factor * t
     half = dim // 2
     freqs = torch.exp(
@@ -338,8 +337,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         _check_head_dim(head_dim)  # theta is checked by rope_inv_freq below
         _check_pairing(pairing)
-        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
-            raise ValueError(f"max_seq_len={max_seq_len} must be a positive integer")
+        check_positive_int("max_seq_len", max_seq_len)
         if scaling is not None and not isinstance(scaling, RopeScaling):
             raise TypeError(f"scaling={scaling!r} must be a RopeScaling or None")
         if not scale_base > 0:
@@ -391,8 +389,7 @@ class RotaryEmbedding(nn.Module):
         Call it where the longest sequence is known (a model's `setup_cache(batch, max_seq_len)`): on an
         accelerator and under tracing or graph capture the lookups never check or grow the table.
         """
-        if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
-            raise ValueError(f"rows={rows!r} must be a positive int (the longest sequence to cover)")
+        check_positive_int("rows", rows)
         if rows > self.max_seq_len:
             self._grow(rows)
 
