@@ -290,7 +290,7 @@ class SSMState(nn.Module):
         sizes = {"batch_size": batch_size, "d_inner": d_inner, "d_conv": d_conv, "d_state": d_state}
         for name, value in [*sizes.items(), *((f"ssm_shape[{i}]", v) for i, v in enumerate(ssm_shape))]:
             check_positive_int(name, value)
-        self.batch_size, self.d_inner, self.d_conv, self.d_state = batch_size, d_inner, d_conv, d_state
+        self.batch_size = batch_size
         conv = torch.zeros(batch_size, d_inner, d_conv, dtype=dtype, device=device)
         ssm = torch.zeros(batch_size, *ssm_shape, dtype=ssm_dtype or dtype, device=device)
         self.register_buffer("conv_state", conv, persistent=False)

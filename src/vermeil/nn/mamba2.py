@@ -285,15 +285,8 @@ class Mamba2Block(_SSMMixer):
             self.in_proj = SegmentScaledLinear(
                 d_model, sum(rows), sizes=rows, multipliers=in_proj_multipliers, bias=bias, **factory
             )
-        self.conv1d = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            d_conv,
-            groups=self.conv_dim,
-            padding=d_conv - 1,
-            bias=conv_bias,
-            **factory,
-        )
+        c = self.conv_dim  # depthwise over [x | B | C]
+        self.conv1d = nn.Conv1d(c, c, d_conv, groups=c, padding=d_conv - 1, bias=conv_bias, **factory)
         f32 = {"device": device, "dtype": torch.float32}
         self.dt_bias = nn.Parameter(torch.empty(nheads, **f32))
         self.A_log = nn.Parameter(torch.empty(nheads, **f32))

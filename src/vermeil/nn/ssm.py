@@ -271,9 +271,9 @@ class _SSMMixer(nn.Module):
             out, conv, ssm = self._step(x, cache_conv, cache_ssm.clone(), keep, False)
         else:
             # keep (1|B, 1) viewed as (1|B, 1, ..., 1) over each (B, ...) state
-            conv_state, ssm_state = (
+            conv_state, ssm_state = [
                 torch.where(keep.view(-1, *(1,) * (t.dim() - 1)), t, 0.0) for t in (cache_conv, cache_ssm)
-            )
+            ]
             out, conv, ssm = self._mix(x, conv_state, ssm_state, True)
         cache_conv.copy_(conv.detach())
         cache_ssm.copy_(ssm.detach())
@@ -364,15 +364,8 @@ class MambaBlock(_SSMMixer):
         self.layer_idx = layer_idx
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)  # [x, z]: x first
-        self.conv1d = nn.Conv1d(
-            self.d_inner,
-            self.d_inner,
-            d_conv,
-            groups=self.d_inner,
-            padding=d_conv - 1,
-            bias=conv_bias,
-            **factory,
-        )
+        c = self.d_inner  # depthwise, as state-spaces; the forward runs _causal_depthwise_conv on its weights
+        self.conv1d = nn.Conv1d(c, c, d_conv, groups=c, padding=d_conv - 1, bias=conv_bias, **factory)
         self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False, **factory)  # [dt, B, C]
         self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True, **factory)
         # A and D stay float32 whatever dtype is (mamba_ssm README "Precision"; mamba #6, #72)
