@@ -159,8 +159,7 @@ def dense_mask_mod(mask: Tensor, *, causal: bool = False, q_offset: int = 0) -> 
 # Block masks
 
 
-@functools.lru_cache(maxsize=64)
-def _static_block_mask(
+def _rule_block_mask(
     causal: bool,
     window: int | None,
     chunk: int | None,
@@ -174,6 +173,9 @@ def _static_block_mask(
     return _require_flex().create_block_mask(
         rule, None, None, q_len, kv_len, device=device, BLOCK_SIZE=block_size
     )
+
+
+_static_block_mask = functools.lru_cache(maxsize=64)(_rule_block_mask)
 
 
 def flex_block_mask(
@@ -203,12 +205,9 @@ def flex_block_mask(
             return None
         _check_size("window", window)
         _check_size("chunk", chunk)
-        if torch.compiler.is_compiling():  # traced in place: the cache's Python is not traceable
-            rule = mask_mod(causal=causal, window=window, chunk=chunk, q_offset=kv_len - q_len)
-            return _require_flex().create_block_mask(
-                rule, None, None, q_len, kv_len, device=device, BLOCK_SIZE=block_size
-            )
-        return _static_block_mask(causal, window, chunk, q_len, kv_len, device, block_size)
+        # Traced in place under torch.compile: the cache's Python is not traceable.
+        build = _rule_block_mask if torch.compiler.is_compiling() else _static_block_mask
+        return build(causal, window, chunk, q_len, kv_len, device, block_size)
     rule = mask_mod(
         causal=causal,
         window=window,
