@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_int, tracing
+from vermeil.nn.checks import check_positive_ints, tracing
 
 __all__ = ["KVCache", "RingKVCache", "SSMState"]
 
@@ -57,13 +57,9 @@ class KVCache(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_seq_len", max_seq_len),
-            ("kv_heads", kv_heads),
-            ("head_dim", head_dim),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(
+            batch_size=batch_size, max_seq_len=max_seq_len, kv_heads=kv_heads, head_dim=head_dim
+        )
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (batch_size, kv_heads, max_seq_len, head_dim)
@@ -185,14 +181,9 @@ class RingKVCache(nn.Module):
     ) -> None:
         super().__init__()
         max_seq_len = slots if max_seq_len is None else max_seq_len
-        for name, value in (
-            ("batch_size", batch_size),
-            ("slots", slots),
-            ("kv_heads", kv_heads),
-            ("head_dim", head_dim),
-            ("max_seq_len", max_seq_len),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(
+            batch_size=batch_size, slots=slots, kv_heads=kv_heads, head_dim=head_dim, max_seq_len=max_seq_len
+        )
         self.batch_size, self.slots, self.max_seq_len = batch_size, slots, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (batch_size, kv_heads, slots, head_dim)
@@ -287,9 +278,8 @@ class SSMState(nn.Module):
     ) -> None:
         super().__init__()
         ssm_shape = (d_inner, d_state) if ssm_shape is None else tuple(ssm_shape)
-        sizes = {"batch_size": batch_size, "d_inner": d_inner, "d_conv": d_conv, "d_state": d_state}
-        for name, value in [*sizes.items(), *((f"ssm_shape[{i}]", v) for i, v in enumerate(ssm_shape))]:
-            check_positive_int(name, value)
+        shape = {f"ssm_shape[{i}]": v for i, v in enumerate(ssm_shape)}
+        check_positive_ints(batch_size=batch_size, d_inner=d_inner, d_conv=d_conv, d_state=d_state, **shape)
         self.batch_size = batch_size
         conv = torch.zeros(batch_size, d_inner, d_conv, dtype=dtype, device=device)
         ssm = torch.zeros(batch_size, *ssm_shape, dtype=ssm_dtype or dtype, device=device)

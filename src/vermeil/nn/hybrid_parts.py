@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_ints
 from vermeil.nn.feedforward import SwiGLU
 from vermeil.nn.mamba2 import Mamba2Block, SegmentScaledLinear
 from vermeil.nn.norms import RMSNorm
@@ -86,8 +86,7 @@ class PartialRotary(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("head_dim", head_dim)
-        check_positive_int("rotary_dim", rotary_dim)
+        check_positive_ints(head_dim=head_dim, rotary_dim=rotary_dim)
         if rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"rotary_dim={rotary_dim} must be even and at most head_dim={head_dim}")
         self.head_dim, self.rotary_dim = head_dim, rotary_dim

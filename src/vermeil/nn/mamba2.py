@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 from vermeil.nn.norms import rms_norm
 from vermeil.nn.ssd import _ssd_step, ssd_scan
 
@@ -87,8 +87,7 @@ class GatedRMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("groups", groups)
+        check_positive_ints(dim=dim, groups=groups)
         if dim % groups:
             raise ValueError(
                 f"groups={groups} must divide dim={dim} (the norm runs over groups of dim/groups)"
@@ -234,16 +233,10 @@ class Mamba2Block(_SSMMixer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("d_model", d_model),
-            ("d_state", d_state),
-            ("d_conv", d_conv),
-            ("expand", expand),
-            ("headdim", headdim),
-            ("ngroups", ngroups),
-            ("chunk_size", chunk_size),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(
+            d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups
+        )
+        check_positive_int("chunk_size", chunk_size)
         if segment_tokens is not None:
             check_positive_int("segment_tokens", segment_tokens)
         if d_inner is None:

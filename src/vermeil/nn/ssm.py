@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
 
 __all__ = ["MambaBlock", "MambaState"]
@@ -332,9 +332,7 @@ class MambaBlock(_SSMMixer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("d_state", d_state)
-        check_positive_int("d_conv", d_conv)
+        check_positive_ints(d_model=d_model, d_state=d_state, d_conv=d_conv)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)) or int(expand * d_model) <= 0:
             raise ValueError(f"expand={expand!r} must be a positive number with int(expand * d_model) >= 1")
         if dt_rank == "auto":
