@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vermeil.diffusion.schedules import get_lin_function, time_shift
+from vermeil.diffusion.schedules import _check_prediction_type, get_lin_function, time_shift
 
 PredictionType = Literal["epsilon", "sample", "x0", "v_prediction"]
 TimeSampling = Literal["uniform", "logit_normal", "mode"]
@@ -52,11 +52,23 @@ def _check_batch(name: str, t: Tensor, x: Tensor) -> None:
         raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
 
 
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in ("epsilon", "sample", "x0", "v_prediction"):
-        raise ValueError(
-            f"prediction_type={prediction_type!r} must be 'epsilon', 'sample', 'x0' or 'v_prediction'"
-        )
+def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped and typed as `like`, drawn on the generator's device then moved, as
+    diffusers' randn_tensor, so a seed gives the same numbers as a diffusers run on any device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _model_kwargs(
+    cond: Mapping[str, Any] | None, guidance: Tensor | float | None, x: Tensor
+) -> dict[str, Any]:
+    """model_fn's keyword arguments: `cond`, plus `guidance=` as a (B,) tensor when given."""
+    kwargs = dict(cond or {})
+    if guidance is not None:
+        if "guidance" in kwargs:
+            raise ValueError("guidance given both as an argument and inside cond; give it once")
+        kwargs["guidance"] = _as_batch_vector(guidance, x)
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,13 +264,12 @@ def diffusion_loss(
     Returns:
         float32 scalar.
     """
-    b = x0.shape[0]
-    gen_device = generator.device if generator is not None else x0.device
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+        noise = _randn(x0, generator)
     if t is None:
-        n = alphas_cumprod.shape[0]
-        t = torch.randint(0, n, (b,), generator=generator, device=gen_device).to(x0.device)
+        gen_device = generator.device if generator is not None else x0.device
+        t = torch.randint(0, alphas_cumprod.shape[0], x0.shape[:1], generator=generator, device=gen_device)
+        t = t.to(x0.device)
     x_t = add_noise(x0, noise, t, alphas_cumprod)
     target = ddpm_target(x0, noise, t, alphas_cumprod, prediction_type)
     pred = model_fn(x_t, t, **(cond or {}))
@@ -295,13 +306,11 @@ def flow_matching_loss(
     Returns:
         float32 scalar.
     """
-    b = x0.shape[0]
-    gen_device = generator.device if generator is not None else x0.device
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+        noise = _randn(x0, generator)
     if t is None:
         t = sample_flow_timesteps(
-            b,
+            x0.shape[0],
             kind,
             logit_mean=logit_mean,
             logit_std=logit_std,
@@ -312,11 +321,7 @@ def flow_matching_loss(
             device=x0.device,
             dtype=x0.dtype,
         )
-    x_t = flow_interpolate(x0, noise, t)
-    kwargs = dict(cond or {})
-    if guidance is not None:
-        kwargs["guidance"] = _as_batch_vector(guidance, x0)
-    pred = model_fn(x_t, t.to(x0.dtype), **kwargs)
+    pred = model_fn(flow_interpolate(x0, noise, t), t.to(x0.dtype), **_model_kwargs(cond, guidance, x0))
     return masked_mse(pred, flow_target(x0, noise), mask)
 
 

@@ -29,22 +29,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vermeil.diffusion.losses import ModelFn, PredictionType, _as_batch_vector, prediction_to_x0_eps
+from vermeil.diffusion.losses import ModelFn, PredictionType, _model_kwargs, _randn, prediction_to_x0_eps
+from vermeil.diffusion.schedules import _check_prediction_type
 
 Callback = Callable[[int, Tensor, Tensor], None]
 
 __all__ = ["Callback", "invert_ddim", "sample_ddim", "sample_ddpm", "sample_euler", "sample_heun"]
-
-
-def _model_kwargs(
-    cond: Mapping[str, Any] | None, guidance: Tensor | float | None, x: Tensor
-) -> dict[str, Any]:
-    kwargs = dict(cond or {})
-    if guidance is not None:
-        if "guidance" in kwargs:
-            raise ValueError("guidance given both as an argument and inside cond; give it once")
-        kwargs["guidance"] = _as_batch_vector(guidance, x)
-    return kwargs
 
 
 def _check_timesteps(timesteps: Tensor, min_len: int, what: str) -> None:
@@ -54,22 +44,13 @@ def _check_timesteps(timesteps: Tensor, min_len: int, what: str) -> None:
         )
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    # Drawn on the generator's device then moved, as diffusers' randn_tensor, so seeds give the same numbers.
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
 def _check_ddpm_args(timesteps: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> list[int]:
     _check_timesteps(timesteps, 1, "K integer steps, descending")
     if timesteps.is_floating_point():
         raise ValueError(
             f"timesteps must be integer indices into alphas_cumprod, got dtype {timesteps.dtype}"
         )
-    if prediction_type not in ("epsilon", "sample", "x0", "v_prediction"):
-        raise ValueError(
-            f"prediction_type={prediction_type!r} must be 'epsilon', 'sample', 'x0' or 'v_prediction'"
-        )
+    _check_prediction_type(prediction_type)
     # One host read of K integers up front; the loop then branches on Python ints, never on device values.
     steps = timesteps.tolist()
     n = alphas_cumprod.shape[0]
@@ -116,14 +97,12 @@ def sample_ddpm(
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance={variance!r} must be 'fixed_small' or 'fixed_large'")
     ac = alphas_cumprod.to(noise.device)
-    one = ac.new_tensor(1.0)
+    a_prevs = [ac[s] for s in steps[1:]] + [ac.new_tensor(1.0)]  # alpha_bar = 1 after the last step
     kwargs = _model_kwargs(cond, guidance, noise)
     b = noise.shape[0]
     x = noise
-    for i, t in enumerate(steps):
-        prev = steps[i + 1] if i + 1 < len(steps) else -1
+    for i, (t, a_prev) in enumerate(zip(steps, a_prevs)):
         a_t = ac[t]
-        a_prev = ac[prev] if prev >= 0 else one
         beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
         cur_alpha = a_t / a_prev
         cur_beta = 1 - cur_alpha
@@ -188,13 +167,12 @@ def sample_ddim(
         raise ValueError(f"eta={eta} must be >= 0")
     ac = alphas_cumprod.to(noise.device)
     final = ac[0] if final_alpha_cumprod is None else ac.new_tensor(final_alpha_cumprod)
+    a_prevs = [ac[s] for s in steps[1:]] + [final]
     kwargs = _model_kwargs(cond, guidance, noise)
     b = noise.shape[0]
     x = noise
-    for i, t in enumerate(steps):
-        prev = steps[i + 1] if i + 1 < len(steps) else -1
+    for i, (t, a_prev) in enumerate(zip(steps, a_prevs)):
         a_t = ac[t]
-        a_prev = ac[prev] if prev >= 0 else final
         t_vec = timesteps[i].to(x.device).expand(b)
         out = model_fn(x, t_vec, **kwargs)
         x0, eps = prediction_to_x0_eps(x, out, a_t, prediction_type)
@@ -255,7 +233,7 @@ def invert_ddim(
     return x
 
 
-def _check_flow_args(noise: Tensor, timesteps: Tensor) -> None:
+def _check_flow_args(timesteps: Tensor) -> None:
     _check_timesteps(timesteps, 2, "a grid of K + 1 times from 1 towards 0")
     if not timesteps.is_floating_point():
         raise ValueError(f"timesteps must be floats in [0, 1], got dtype {timesteps.dtype}")
@@ -281,7 +259,7 @@ def sample_euler(
     Returns:
         (B, *) x at timesteps[-1].
     """
-    _check_flow_args(noise, timesteps)
+    _check_flow_args(timesteps)
     ts = timesteps.to(noise.device)
     kwargs = _model_kwargs(cond, guidance, noise)
     b = noise.shape[0]
@@ -319,7 +297,7 @@ def sample_heun(
     Returns:
         (B, *) x at timesteps[-1].
     """
-    _check_flow_args(noise, timesteps)
+    _check_flow_args(timesteps)
     ts = timesteps.to(noise.device)
     kwargs = _model_kwargs(cond, guidance, noise)
     b = noise.shape[0]

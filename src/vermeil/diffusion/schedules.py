@@ -41,6 +41,13 @@ __all__ = [
 ]
 
 
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "sample", "x0", "v_prediction"):
+        raise ValueError(
+            f"prediction_type={prediction_type!r} must be 'epsilon', 'sample', 'x0' or 'v_prediction'"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DDPM family
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,18 +154,15 @@ def min_snr_weight(
     """
     if gamma <= 0:
         raise ValueError(f"gamma={gamma} must be > 0")
+    _check_prediction_type(prediction_type)
     clipped = torch.clamp(snr, max=gamma)
     match prediction_type:
         case "epsilon":
             return clipped / snr
         case "v_prediction":
             return clipped / (snr + 1)
-        case "sample" | "x0":
-            return clipped
         case _:
-            raise ValueError(
-                f"prediction_type={prediction_type!r} must be 'epsilon', 'sample', 'x0' or 'v_prediction'"
-            )
+            return clipped
 
 
 def ddpm_timesteps(
