@@ -10,7 +10,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 # transformers class name -> (module in vermeil.interop, converter to Vermeil, converter back)
 _TRANSFORMERS = {
@@ -37,6 +38,33 @@ _TO_TRANSFORMERS = {
 
 def _converter(module: str, name: str) -> Any:
     return getattr(import_module(f"vermeil.interop.{module}"), name)
+
+
+# The checks the converter modules share.
+
+
+def _check_silu(cls: str, config: Any) -> None:
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(
+            f"{cls}: hidden_act={act!r} is not supported: every Vermeil mixer and SwiGLU uses silu"
+        )
+
+
+@torch.no_grad()
+def _load_strict(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
+    """Load `state_dict` into `model` after checking that every key is present, none is extra and every shape
+    is equal (each named otherwise)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
+    for key, value in expected.items():
+        if value.shape != state_dict[key].shape:
+            raise ValueError(
+                f"{what}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(value.shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)
 
 
 def from_transformers(hf_model: nn.Module) -> nn.Module:

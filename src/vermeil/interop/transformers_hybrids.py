@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vermeil.interop.transformers_mamba import _load_strict as _load_strict_no_grad
+from vermeil.interop import _check_silu, _load_strict
 from vermeil.models.hybrid import HybridConfig, HybridModel
 from vermeil.nn.hybrid_parts import PartialRotary, SegmentScaledLinear
 from vermeil.nn.positional import RotaryEmbedding
@@ -97,7 +97,6 @@ _LAYER_KEYS = {
     "feed_forward.down_proj.": "feed_forward.w2.",
     "mamba.": "mamba.",
 }
-_MAMBA2_LAYER_KEYS = {"norm.": "norm.", "mixer.": "mamba."}
 
 
 def _refuse(cls: str, field: str, value: Any, rule: str) -> ValueError:
@@ -108,10 +107,6 @@ def _refuse(cls: str, field: str, value: Any, rule: str) -> ValueError:
 # State dicts
 
 
-def _family(cls: str) -> str:
-    return "mamba2" if cls == "Mamba2ForCausalLM" else "model"
-
-
 def _rename(key: str, table: dict[str, str], what: str) -> str:
     """`key` with its prefix replaced by the first matching one of `table`; ValueError naming it if none."""
     for old, new in table.items():
@@ -120,24 +115,23 @@ def _rename(key: str, table: dict[str, str], what: str) -> str:
     raise ValueError(f"{what} key {key!r} has no counterpart")
 
 
+def _keys(cls: str) -> tuple[dict[str, str], str, dict[str, str]]:
+    """The renames of `cls`, transformers -> Vermeil: top-level keys, the layer prefix, keys inside a layer."""
+    if cls == "Mamba2ForCausalLM":
+        top = {"backbone.embeddings.": "embedding.", "backbone.norm_f.": "norm_f.", "lm_head.": "lm_head."}
+        return top, "backbone.layers.", {"norm.": "norm.", "mixer.": "mamba."}
+    top = {"model.embed_tokens.": "embedding.", "model.final_layernorm.": "norm_f.", "lm_head.": "lm_head."}
+    return top, "model.layers.", _LAYER_KEYS
+
+
 def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Tensor]:
     """A transformers state dict of `cls` -> `HybridModel` keys (experts split and transposed, router transposed).
 
     Raises:
         ValueError: a key that maps to nothing, named.
     """
-    mamba2 = _family(cls) == "mamba2"
-    top = (
-        {"backbone.embeddings.": "embedding.", "backbone.norm_f.": "norm_f.", "lm_head.": "lm_head."}
-        if mamba2
-        else {
-            "model.embed_tokens.": "embedding.",
-            "model.final_layernorm.": "norm_f.",
-            "lm_head.": "lm_head.",
-        }
-    )
+    top, _, renames = _keys(cls)
     layer_re = re.compile(r"^(?:backbone|model)\.layers\.(\d+)\.(.*)$")
-    renames = _MAMBA2_LAYER_KEYS if mamba2 else _LAYER_KEYS
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key.endswith("rotary_emb.inv_freq") or key.endswith("mamba.mup_vector"):
@@ -163,18 +157,8 @@ def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
 
 def vermeil_to_hf_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Tensor]:
     """The inverse of `hf_to_vermeil_state_dict`."""
-    mamba2 = _family(cls) == "mamba2"
-    top = (
-        {"embedding.": "backbone.embeddings.", "norm_f.": "backbone.norm_f.", "lm_head.": "lm_head."}
-        if mamba2
-        else {
-            "embedding.": "model.embed_tokens.",
-            "norm_f.": "model.final_layernorm.",
-            "lm_head.": "lm_head.",
-        }
-    )
-    layer_prefix = "backbone.layers." if mamba2 else "model.layers."
-    renames = {v: k for k, v in (_MAMBA2_LAYER_KEYS if mamba2 else _LAYER_KEYS).items()}
+    hf_top, layer_prefix, hf_renames = _keys(cls)
+    top, renames = ({v: k for k, v in table.items()} for table in (hf_top, hf_renames))
     layer_re = re.compile(r"^layers\.(\d+)\.(.*)$")
     out: dict[str, Tensor] = {}
     experts: dict[str, dict[str, Tensor]] = {}
@@ -199,21 +183,13 @@ def vermeil_to_hf_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Every key present, none extra, every shape equal (named otherwise); then load."""
-    with torch.no_grad():
-        _load_strict_no_grad(model, state, what)
-
-
 def _rebuild_buffers(model: nn.Module) -> None:
     """Non-persistent buffers (rotary tables, in_proj multipliers) are garbage after meta + `to_empty`."""
     for mod in model.modules():
-        if isinstance(mod, (RotaryEmbedding, PartialRotary, SegmentScaledLinear)):
-            mod.reset_parameters() if not isinstance(mod, SegmentScaledLinear) else _rescale(mod)
-
-
-def _rescale(mod: SegmentScaledLinear) -> None:
-    mod.scale = mod._scale(mod.weight.device)
+        if isinstance(mod, (RotaryEmbedding, PartialRotary)):
+            mod.reset_parameters()
+        elif isinstance(mod, SegmentScaledLinear):
+            mod.scale = mod._scale(mod.weight.device)
 
 
 def _build(config: HybridConfig, hf_model: nn.Module) -> HybridModel:
@@ -233,12 +209,6 @@ def _build(config: HybridConfig, hf_model: nn.Module) -> HybridModel:
 
 # ----------------------------------------------------------------------------------------------------------
 # transformers -> Vermeil configs
-
-
-def _silu(cls: str, config: Any) -> None:
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise _refuse(cls, "hidden_act", act, "is not supported: every Vermeil mixer and SwiGLU uses silu")
 
 
 def _dt_limit(cls: str, limit: Any) -> list[float] | None:
@@ -307,7 +277,7 @@ def _common(config: Any) -> dict[str, Any]:
 def mamba2_config(config: Any) -> HybridConfig:
     """`Mamba2Config` -> `HybridConfig` (pattern of "S" layers, no feed-forward)."""
     cls = "Mamba2ForCausalLM"
-    _silu(cls, config)
+    _check_silu(cls, config)
     d_inner = config.expand * config.hidden_size
     if config.num_heads * config.head_dim != d_inner:
         raise _refuse(
@@ -342,7 +312,7 @@ def _periodic(n: int, period: int, offset: int) -> list[bool]:
 def jamba_config(config: Any) -> HybridConfig:
     """`JambaConfig` -> `HybridConfig` (Mamba-1 with inner norms, NoPE attention, MoE every other layer)."""
     cls = "JambaForCausalLM"
-    _silu(cls, config)
+    _check_silu(cls, config)
     n = config.num_hidden_layers
     attn = _periodic(n, config.attn_layer_period, config.attn_layer_offset)
     moe = _periodic(n, config.expert_layer_period, config.expert_layer_offset)
@@ -377,7 +347,7 @@ def jamba_config(config: Any) -> HybridConfig:
 def bamba_config(config: Any) -> HybridConfig:
     """`BambaConfig` -> `HybridConfig` (Mamba-2, attention at `attn_layer_indices` with partial RoPE, SwiGLU)."""
     cls = "BambaForCausalLM"
-    _silu(cls, config)
+    _check_silu(cls, config)
     n = config.num_hidden_layers
     indices = list(config.attn_layer_indices or [])
     bad = [i for i in indices if not (isinstance(i, int) and 0 <= i < n)]
@@ -407,7 +377,7 @@ def bamba_config(config: Any) -> HybridConfig:
 def falcon_h1_config(config: Any) -> HybridConfig:
     """`FalconH1Config` -> `HybridConfig` (Mamba-2 and attention in parallel in every layer, muP multipliers)."""
     cls = "FalconH1ForCausalLM"
-    _silu(cls, config)
+    _check_silu(cls, config)
     if bool(config.mamba_proj_bias) != bool(config.projectors_bias):
         raise _refuse(
             cls,
@@ -707,7 +677,7 @@ def _find_period(cls: str, what: str, marks: list[bool]) -> tuple[int, int]:
     n = len(marks)
     for period in range(1, n + 2):
         for offset in range(period):
-            if [i % period == offset for i in range(n)] == marks:
+            if _periodic(n, period, offset) == marks:
                 return period, offset
     where = [i for i, m in enumerate(marks) if m]
     raise ValueError(

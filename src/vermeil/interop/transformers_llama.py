@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vermeil.interop import _check_silu
 from vermeil.models.llm import LLM, ModelArgs, MoEArgs
 
 __all__ = [
@@ -109,8 +110,6 @@ def _model_args(config: Any, kind: str) -> ModelArgs:
     )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("attention_bias / mlp_bias are not supported (Llama has none)")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (SwiGLU uses silu)")
     if kind == "llama":
         return ModelArgs(hidden_dim=config.intermediate_size, **common)
     n = config.num_hidden_layers
@@ -145,39 +144,47 @@ def _model_args(config: Any, kind: str) -> ModelArgs:
     )
 
 
-def _to_vermeil_state_dict(hf_sd: dict[str, Tensor], args: ModelArgs, kind: str) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {
-        "tok_embeddings.weight": hf_sd["model.embed_tokens.weight"],
-        "norm.weight": hf_sd["model.norm.weight"],
-        "output.weight": hf_sd.get("lm_head.weight", hf_sd["model.embed_tokens.weight"]),
-    }
+_SWIGLU = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))  # transformers name, Meta's
+
+
+def _ffn(i: int, kind: str) -> str:
+    return f"model.layers.{i}." + ("mlp." if kind == "llama" else "feed_forward.")
+
+
+def _renames(args: ModelArgs, kind: str) -> list[tuple[str, str]]:
+    """(transformers name, Vermeil name) of every tensor that is renamed only; the callers permute q/k rows
+    for Llama 1-3 and split/fuse the MoE layers' experts and router."""
+    pairs = [
+        ("model.embed_tokens.weight", "tok_embeddings.weight"),
+        ("model.norm.weight", "norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ]
     for i in range(args.n_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        wq, wk = hf_sd[src + "self_attn.q_proj.weight"], hf_sd[src + "self_attn.k_proj.weight"]
-        if kind == "llama":
-            wq = permute_half_to_interleaved(wq, args.n_heads)
-            wk = permute_half_to_interleaved(wk, args.n_kv_heads)  # type: ignore[arg-type]
-        out[dst + "attention.wq.weight"] = wq
-        out[dst + "attention.wk.weight"] = wk
-        out[dst + "attention.wv.weight"] = hf_sd[src + "self_attn.v_proj.weight"]
-        out[dst + "attention.wo.weight"] = hf_sd[src + "self_attn.o_proj.weight"]
-        out[dst + "attention_norm.weight"] = hf_sd[src + "input_layernorm.weight"]
-        out[dst + "ffn_norm.weight"] = hf_sd[src + "post_attention_layernorm.weight"]
-        ff_src = src + ("mlp." if kind == "llama" else "feed_forward.")
+        hf, ours, ff = f"model.layers.{i}.", f"layers.{i}.", _ffn(i, kind)
+        pairs += [(hf + f"self_attn.{p}_proj.weight", ours + f"attention.w{p}.weight") for p in "qkvo"]
+        pairs.append((hf + "input_layernorm.weight", ours + "attention_norm.weight"))
+        pairs.append((hf + "post_attention_layernorm.weight", ours + "ffn_norm.weight"))
+        ours += "feed_forward."
         if args.is_moe_layer(i):
-            gate_up = hf_sd[ff_src + "experts.gate_up_proj"]  # (E, D, 2F), gate first
-            w1, w3 = gate_up.chunk(2, dim=-1)
-            out[dst + "feed_forward.experts.w1"] = w1
-            out[dst + "feed_forward.experts.w3"] = w3
-            out[dst + "feed_forward.experts.w2"] = hf_sd[ff_src + "experts.down_proj"]
-            out[dst + "feed_forward.router.router_DE"] = hf_sd[ff_src + "router.weight"].T
-            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-                out[dst + f"feed_forward.shared_expert.{ours}.weight"] = hf_sd[
-                    ff_src + f"shared_expert.{hf_name}.weight"
-                ]
-        else:
-            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-                out[dst + f"feed_forward.{ours}.weight"] = hf_sd[ff_src + f"{hf_name}.weight"]
+            pairs.append((ff + "experts.down_proj", ours + "experts.w2"))
+            ff, ours = ff + "shared_expert.", ours + "shared_expert."
+        pairs += [(ff + f"{h}.weight", ours + f"{o}.weight") for h, o in _SWIGLU]
+    return pairs
+
+
+def _to_vermeil_state_dict(hf_sd: dict[str, Tensor], args: ModelArgs, kind: str) -> dict[str, Tensor]:
+    hf_sd = {"lm_head.weight": hf_sd["model.embed_tokens.weight"], **hf_sd}  # tied: no lm_head entry
+    out = {ours: hf_sd[hf] for hf, ours in _renames(args, kind)}
+    for i in range(args.n_layers):
+        ours, ff = f"layers.{i}.", _ffn(i, kind)
+        if kind == "llama":
+            for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+                key = ours + f"attention.{w}.weight"
+                out[key] = permute_half_to_interleaved(out[key], heads)  # type: ignore[arg-type]
+        if args.is_moe_layer(i):
+            experts = ours + "feed_forward.experts."  # gate_up_proj: (E, D, 2F), gate first
+            out[experts + "w1"], out[experts + "w3"] = hf_sd[ff + "experts.gate_up_proj"].chunk(2, dim=-1)
+            out[ours + "feed_forward.router.router_DE"] = hf_sd[ff + "router.weight"].T
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
@@ -190,6 +197,7 @@ def from_transformers_llama(hf_model: nn.Module) -> LLM:
             outside Llama 4's rule).
     """
     kind = _kind(hf_model)
+    _check_silu(type(hf_model).__name__, hf_model.config)
     args = _model_args(hf_model.config, kind)
     hf_sd = hf_model.state_dict()
     ref = hf_sd["model.embed_tokens.weight"]
@@ -239,14 +247,13 @@ def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
         raise ValueError("transformers' Llama 4 MoE needs score_func='sigmoid' and a shared expert")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
     if a.use_scaled_rope:
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": a.rope_theta,
-            "factor": a.rope_scaling_factor,
-            "low_freq_factor": a.rope_low_freq_factor,
-            "high_freq_factor": a.rope_high_freq_factor,
-            "original_max_position_embeddings": a.rope_original_max_seq_len,
-        }
+        rope.update(
+            rope_type="llama3",
+            factor=a.rope_scaling_factor,
+            low_freq_factor=a.rope_low_freq_factor,
+            high_freq_factor=a.rope_high_freq_factor,
+            original_max_position_embeddings=a.rope_original_max_seq_len,
+        )
     common: dict[str, Any] = dict(
         vocab_size=a.vocab_size,
         hidden_size=a.dim,
@@ -287,37 +294,17 @@ def to_transformers_llama_state_dict(model: LLM, target: str | None = None) -> d
     a = model.args
     target = target or _target(model)
     sd = model.state_dict()
-    out: dict[str, Tensor] = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
-    }
+    out = {hf: sd[ours] for hf, ours in _renames(a, target)}
     for i in range(a.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        wq, wk = sd[src + "attention.wq.weight"], sd[src + "attention.wk.weight"]
+        ours, ff = f"layers.{i}.", _ffn(i, target)
         if target == "llama":
-            wq = permute_interleaved_to_half(wq, a.n_heads)
-            wk = permute_interleaved_to_half(wk, a.n_kv_heads)  # type: ignore[arg-type]
-        out[dst + "self_attn.q_proj.weight"] = wq
-        out[dst + "self_attn.k_proj.weight"] = wk
-        out[dst + "self_attn.v_proj.weight"] = sd[src + "attention.wv.weight"]
-        out[dst + "self_attn.o_proj.weight"] = sd[src + "attention.wo.weight"]
-        out[dst + "input_layernorm.weight"] = sd[src + "attention_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
-        ff = dst + ("mlp." if target == "llama" else "feed_forward.")
+            for p, heads in (("q", a.n_heads), ("k", a.n_kv_heads)):
+                w = permute_interleaved_to_half(sd[ours + f"attention.w{p}.weight"], heads)  # type: ignore[arg-type]
+                out[f"model.layers.{i}.self_attn.{p}_proj.weight"] = w
         if a.is_moe_layer(i):
-            out[ff + "experts.gate_up_proj"] = torch.cat(
-                [sd[src + "feed_forward.experts.w1"], sd[src + "feed_forward.experts.w3"]], dim=-1
-            )
-            out[ff + "experts.down_proj"] = sd[src + "feed_forward.experts.w2"]
-            out[ff + "router.weight"] = sd[src + "feed_forward.router.router_DE"].T
-            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-                out[ff + f"shared_expert.{hf_name}.weight"] = sd[
-                    src + f"feed_forward.shared_expert.{ours}.weight"
-                ]
-        else:
-            for hf_name, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-                out[ff + f"{hf_name}.weight"] = sd[src + f"feed_forward.{ours}.weight"]
+            experts = ours + "feed_forward.experts."
+            out[ff + "experts.gate_up_proj"] = torch.cat([sd[experts + "w1"], sd[experts + "w3"]], dim=-1)
+            out[ff + "router.weight"] = sd[ours + "feed_forward.router.router_DE"].T
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from vermeil.interop import _check_silu, _load_strict
 from vermeil.models.mamba import MambaConfig, MambaLM
 
 __all__ = ["from_transformers_mamba", "hf_to_vermeil_key", "to_transformers_mamba", "vermeil_to_hf_key"]
@@ -39,9 +39,7 @@ def vermeil_to_hf_key(key: str) -> str:
 
 
 def _config_from_hf(hf_config: Any) -> MambaConfig:
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act={act!r} is not supported: MambaBlock uses silu (state-spaces' Mamba)")
+    _check_silu("MambaForCausalLM", hf_config)
     expand = hf_config.expand
     inner = getattr(hf_config, "intermediate_size", expand * hf_config.hidden_size)
     if inner != expand * hf_config.hidden_size:
@@ -71,20 +69,6 @@ def _config_from_hf(hf_config: Any) -> MambaConfig:
     )
 
 
-def _load_strict(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
-    expected = set(model.state_dict())
-    given = set(state_dict)
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        raise ValueError(f"{what}: missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
-    for key, value in model.state_dict().items():
-        if value.shape != state_dict[key].shape:
-            raise ValueError(
-                f"{what}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(value.shape)}"
-            )
-    model.load_state_dict(state_dict, strict=True)
-
-
 def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
     """Convert a transformers `MambaForCausalLM` into a `MambaLM` with the same weights, dtype and device.
 
@@ -103,8 +87,7 @@ def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
     model.to_empty(device=weight.device)
     if config.tie_embeddings:  # to_empty keeps the shared Parameter, but re-tie to be explicit
         model.lm_head.weight = model.backbone.embedding.weight
-    with torch.no_grad():
-        _load_strict(model, state, "from_transformers_mamba")
+    _load_strict(model, state, "from_transformers_mamba")
     return model.train(hf_model.training)
 
 
@@ -151,6 +134,5 @@ def to_transformers_mamba(model: MambaLM) -> nn.Module:
     )
     hf_model = MambaForCausalLM(hf_config).to(device=weight.device, dtype=weight.dtype)
     state = {vermeil_to_hf_key(k): v for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        _load_strict(hf_model, state, "to_transformers_mamba")
+    _load_strict(hf_model, state, "to_transformers_mamba")
     return hf_model.train(model.training)
