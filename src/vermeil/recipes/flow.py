@@ -326,9 +326,6 @@ class FlowData(TaskData):
         val_noise = [torch.randn(v[1].shape, generator=eval_gen) for v in val]
         val_t = [sample_flow_timesteps(v[1].shape[0], self.time_sampling, generator=eval_gen) for v in val]
 
-        def loss_fn(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-            return flow_loss(m, batch, time_sampling=self.time_sampling)
-
         def eval_fn(m: nn.Module) -> dict[str, float]:
             device = _device_of(m)
             losses = [
@@ -342,18 +339,25 @@ class FlowData(TaskData):
                 )
                 for (c, x), n, t in zip(val, val_noise, val_t)
             ]
-            sample = sample_flow_job(
-                m,  # type: ignore[arg-type]
-                self.eval_samples,
-                seed=train.seed + SAMPLE_SEED_OFFSET,
-                sample_steps=self.sample_steps,
-                task=self.job,
-                length=self.length,
-                data_kwargs=self.job_kwargs(),
-            )
+            sample = self.sample(m, seed=train.seed + SAMPLE_SEED_OFFSET)
             return {"val_loss": sum(losses) / len(losses), "val_distance": sample.distance}
 
+        loss_fn = partial(flow_loss, time_sampling=self.time_sampling)
         return Run(run, model, sampler, loss_fn, eval_fn, hooks=[_SamplesAtEnd(run)])
+
+    def sample(
+        self, model: nn.Module, *, seed: int, num_samples: int | None = None, steps: int | None = None
+    ) -> FlowJobSample:
+        """`sample_flow_job` on this job's data (`eval_samples` sequences, `sample_steps` steps by default)."""
+        return sample_flow_job(
+            model,  # type: ignore[arg-type]
+            num_samples or self.eval_samples,
+            seed=seed,
+            sample_steps=steps or self.sample_steps,
+            task=self.job,
+            length=self.length,
+            data_kwargs=self.job_kwargs(),
+        )
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -472,10 +476,7 @@ def train_flow_job(
             partial(make_batch, task), batch_size, seed, length=length, **(data_kwargs or {})
         )
         record = _RecordLosses(log_every, log)
-
-        def loss_fn(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-            return flow_loss(m, batch, time_sampling=time_sampling)
-
+        loss_fn = partial(flow_loss, time_sampling=time_sampling)
         start = time.perf_counter()
         Trainer(model, batches, loss_fn, config, hooks=[record]).fit()
         seconds = time.perf_counter() - start
@@ -651,16 +652,7 @@ def sample_run(
             f"guidance={guidance} needs a guidance-distilled model (model.guidance_embed=true); "
             "the flow job trains without one"
         )
-    d = run.data
-    sample = sample_flow_job(
-        model,  # type: ignore[arg-type]
-        num_samples or d.eval_samples,
-        seed=seed,
-        sample_steps=steps or d.sample_steps,
-        task=d.job,
-        length=d.length,
-        data_kwargs=d.job_kwargs(),
-    )
+    sample = run.data.sample(model, seed=seed, num_samples=num_samples, steps=steps)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     plot_flow_job(sample, path)
     return sample.distance
