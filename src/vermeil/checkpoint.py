@@ -72,16 +72,10 @@ def _new_file_mode() -> int:
     return 0o644
 
 
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable across power loss; not possible on every OS (Windows), hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -102,18 +96,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    # Makes the rename itself durable across power loss; not possible on every OS (Windows), hence best effort.
+    with contextlib.suppress(OSError):
+        _fsync(directory)
 
 
 # The names `atomic_path` gives its temporary files: ".{name}.{8 random characters from mkstemp}.tmp".
@@ -410,7 +402,11 @@ def load_weights(
         if t.device.type != "meta":
             groups.setdefault(_view_key(t), []).append(name)
     tied_to = {n: names for names in groups.values() if len(names) > 1 for n in names}
-    missing = sorted(n for n in own if n not in tensors and not any(m in tensors for m in tied_to.get(n, ())))
+    # Each name of the model -> the file's name it loads from (itself, or a name it is tied to), or None.
+    sources = {
+        n: n if n in tensors else next((m for m in tied_to.get(n, ()) if m in tensors), None) for n in own
+    }
+    missing = sorted(n for n, source in sources.items() if source is None)
     unexpected = sorted(n for n in tensors if n not in own)
     if strict and (missing or unexpected):
         parts = []
@@ -421,13 +417,6 @@ def load_weights(
         raise ValueError(
             f"weights in {os.fspath(path)} do not match {type(module).__name__}: " + "; ".join(parts)
         )
-    state = {}
-    for n in own:
-        if n in tensors:
-            state[n] = tensors[n]
-        else:
-            source = next((m for m in tied_to.get(n, ()) if m in tensors), None)
-            if source is not None:
-                state[n] = tensors[source]
+    state = {n: tensors[source] for n, source in sources.items() if source is not None}
     module.load_state_dict(state, strict=False, assign=assign)
     return LoadResult(missing, unexpected)

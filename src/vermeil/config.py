@@ -19,6 +19,7 @@ when that layer is imported, would be a hidden import-time side effect.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -207,14 +208,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise _wrong_type(key, value, "str")
     if tp in (list, tuple, dict):
         tp, origin, args = tp, tp, ()
-    if origin in (list, Sequence) or tp is Sequence:
+    if origin in (list, tuple, Sequence) or tp is Sequence:
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(key, value, f"a list ({_type_name(tp)})")
-        item = args[0] if args else Any
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(key, value, f"a list ({_type_name(tp)})")
+        if origin is not tuple:
+            return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
         if not args:
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -261,12 +259,9 @@ def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
     for arm in arms:
         if arm in (bool, int, float, str) and type(value) is arm:
             return value
-    errors = []
     for arm in arms:
-        try:
+        with contextlib.suppress(ConfigError, TypeError):
             return _convert(value, arm, key)
-        except (ConfigError, TypeError) as e:
-            errors.append(str(e))
     expected = " | ".join(_type_name(a) for a in args)
     raise ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}")
 
@@ -357,13 +352,14 @@ def _yaml_error(source: str, e: Exception) -> ConfigError:
     return ConfigError(f"malformed YAML in {source}{where}: {detail}")
 
 
-def parse_yaml_value(text: str) -> Any:
-    """Parse one YAML scalar or flow value (`1e-3` -> 0.001, `[1, 2]`, `null`, `rms`) with the config loader."""
+def parse_yaml_value(text: str, source: str | None = None) -> Any:
+    """Parse one YAML scalar or flow value (`1e-3` -> 0.001, `[1, 2]`, `null`, `rms`) with the config loader;
+    errors name `source` (default: the text itself)."""
     yaml = _yaml()
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise _yaml_error(repr(text), e) from e
+        raise _yaml_error(repr(text) if source is None else source, e) from e
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -373,12 +369,8 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: no such file.
         ConfigError: malformed YAML (one line with the position), duplicate keys, or a top level that is not a mapping.
     """
-    yaml = _yaml()
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        data = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise _yaml_error(os.fspath(path), e) from e
+    _yaml()  # a missing PyYAML is reported before a missing file
+    data = parse_yaml_value(Path(path).read_text(encoding="utf-8"), os.fspath(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
