@@ -365,18 +365,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "time": _seconds(train_rows[-1].get("elapsed_s")) if train_rows else None,
             }
         )
-    headers = [
-        "run",
-        "family",
-        "task",
-        "params",
-        "step",
-        "val_accuracy",
-        "best_accuracy",
-        "val_loss",
-        "headline",
-        "time",
-    ]
+    headers = list(rows[0])  # the columns, in the order of a row's keys
 
     def cell(v: Any) -> str:
         if v is None:

@@ -215,8 +215,6 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: str | os.PathLike[str], *, distributed: bool = False) -> dict[str, Any]:
     """Write `manifest.json` into a complete checkpoint folder: each file's size and sha256, and whether a
     distributed run saved it (the only record the trainer trusts before reading a `dcp/` folder)."""
-    from vermeil.checkpoint import atomic_write
-
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}

@@ -67,10 +67,6 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Every row written so far."""
-        return read_metrics(self.path)
-
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a metrics file; a last line cut short by a crash is skipped. A missing file gives []."""
@@ -238,11 +234,8 @@ class MetricsWindow:
         self.metrics = {k: v.to(self.device) for k, v in state["metrics"].items()}
         skipped = state.get("skipped")  # absent from checkpoints written before skipping existed
         self.skipped = skipped.to(self.device) if skipped is not None else torch.zeros((), device=self.device)
-        self.steps, self.tokens, self.seconds = (
-            int(state["steps"]),
-            int(state["tokens"]),
-            float(state["seconds"]),
-        )
+        self.steps, self.tokens = int(state["steps"]), int(state["tokens"])
+        self.seconds = float(state["seconds"])
 
 
 class _NoBar:
@@ -289,9 +282,6 @@ def echo(message: str) -> None:
 
 def format_row(row: Mapping[str, Any]) -> str:
     """`loss 2.31 | lr 0.001`: a metrics row in one line."""
-    parts = []
-    for k, v in row.items():
-        if k in ("split",):
-            continue
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    return " | ".join(parts)
+    return " | ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "split"
+    )
