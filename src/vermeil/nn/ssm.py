@@ -5,6 +5,8 @@ the same submodules and parameters (`in_proj, conv1d, x_proj, dt_proj, A_log, D,
 transformers (`MambaMixer`) or mambapy (`MambaBlock`) state dict loads by name; the same initialisation
 (S4D-real A, inverse-softplus dt bias). The scan is `vermeil.nn.scan.selective_scan` (training and prefill)
 and `selective_step` (one token); tests/nn/test_ssm.py checks parity with mambapy and cached decoding.
+`_SSMMixer`, its base, is also `vermeil.nn.mamba2.Mamba2Block`'s: the cache, the state checks, the causal conv
+and the routing of `forward` between the whole-sequence scan and the one-token step are written once.
 
 Axis legend: B batch, L (or T) length, D d_model, E d_inner = expand * d_model, N d_state, R dt_rank,
 K d_conv.
@@ -110,8 +112,8 @@ class _SSMMixer(nn.Module):
     """What the Mamba-1 and Mamba-2 blocks share: the decoding cache, the state checks, the causal conv over
     the carried window, and `forward`'s routing between the whole-sequence `_mix` and the one-token `_step`.
 
-    A subclass sets `d_model`, `d_conv`, `conv1d` and `state_shape` (conv_state and ssm_state shapes per
-    sequence) and implements `_mix(x, conv_state, ssm_state, want_state) -> (out, conv, ssm)` and
+    A subclass sets `d_model`, `d_conv`, `in_proj`, `conv1d` and `state_shape` (the conv_state and ssm_state
+    shapes per sequence) and implements `_mix(x, conv_state, ssm_state, want_state) -> (out, conv, ssm)` and
     `_step(x, conv_state, ssm_state, keep, inplace) -> (out, conv, ssm)`.
     """
 
