@@ -212,7 +212,8 @@ def tokenizer_path(
     the tokenizer.json for the converted checkpoint.
 
     Args:
-        checkpoint: the checkpoint folder whose weights are used (default: the run's newest complete one).
+        checkpoint: the checkpoint folder whose weights are used (default: the run's newest intact one, the
+            one `vermeil generate` loads).
 
     Raises:
         ValueError: the weights record a tokenizer other than "bytes".
@@ -224,7 +225,7 @@ def tokenizer_path(
     if not path.is_file():
         return None
     try:
-        folder = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir, verify=False)
+        folder = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     except FileNotFoundError:
         return path  # no weights (yet): the folder's tokenizer is all there is
     record = read_metadata(folder / WEIGHTS).get(TOKENIZER_KEY)
