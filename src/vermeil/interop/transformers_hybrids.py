@@ -247,21 +247,35 @@ def _attention_fields(cls: str, config: Any) -> dict[str, Any]:
     return {"heads": heads, "kv_heads": kv, "head_dim": head_dim, "attn_bias": bool(config.attention_bias)}
 
 
-def _mamba2_fields(cls: str, config: Any, *, d_inner: int, nheads: int, headdim: int) -> dict[str, Any]:
+# HybridConfig's Mamba-2 fields -> their names in Mamba2Config and in BambaConfig / FalconH1Config ("nheads"
+# is no HybridConfig field: it is ssm_inner_dim // headdim).
+_SSM_NAMES = {
+    "headdim": ("head_dim", "mamba_d_head"),
+    "nheads": ("num_heads", "mamba_n_heads"),
+    "ngroups": ("n_groups", "mamba_n_groups"),
+    "d_state": ("state_size", "mamba_d_state"),
+    "d_conv": ("conv_kernel", "mamba_d_conv"),
+    "chunk_size": ("chunk_size", "mamba_chunk_size"),
+    "ssm_bias": ("use_bias", "mamba_proj_bias"),
+    "ssm_conv_bias": ("use_conv_bias", "mamba_conv_bias"),
+}
+
+
+def _ssm_names(cls: str) -> dict[str, str]:
+    return {ours: names[cls != "Mamba2ForCausalLM"] for ours, names in _SSM_NAMES.items()}
+
+
+def _mamba2_fields(cls: str, config: Any, d_inner: int) -> dict[str, Any]:
+    names = _ssm_names(cls)
+    fields = {ours: getattr(config, theirs) for ours, theirs in names.items()}
+    headdim, nheads = fields["headdim"], fields.pop("nheads")
     if headdim * nheads != d_inner:
         raise _refuse(
-            cls, "mamba_d_head", headdim, f"times mamba_n_heads={nheads} must equal the width {d_inner}"
+            cls, names["headdim"], headdim, f"times {names['nheads']}={nheads} must equal the width {d_inner}"
         )
-    return {
-        "headdim": headdim,
-        "ngroups": config.mamba_n_groups,
-        "d_state": config.mamba_d_state,
-        "d_conv": config.mamba_d_conv,
-        "chunk_size": config.mamba_chunk_size,
-        "ssm_conv_bias": bool(config.mamba_conv_bias),
-        "ssm_bias": bool(config.mamba_proj_bias),
-        "dt_limit": _dt_limit(cls, config.time_step_limit),
-    }
+    for bias in ("ssm_bias", "ssm_conv_bias"):
+        fields[bias] = bool(fields[bias])
+    return {**fields, "dt_limit": _dt_limit(cls, config.time_step_limit)}
 
 
 def _common(config: Any) -> dict[str, Any]:
@@ -278,27 +292,12 @@ def mamba2_config(config: Any) -> HybridConfig:
     """`Mamba2Config` -> `HybridConfig` (pattern of "S" layers, no feed-forward)."""
     cls = "Mamba2ForCausalLM"
     _check_silu(cls, config)
-    d_inner = config.expand * config.hidden_size
-    if config.num_heads * config.head_dim != d_inner:
-        raise _refuse(
-            cls,
-            "num_heads",
-            config.num_heads,
-            f"* head_dim={config.head_dim} must equal expand * hidden_size",
-        )
     return HybridConfig(
         **_common(config),
         pattern=["S"],
         n_layers=config.num_hidden_layers,
         expand=config.expand,
-        d_state=config.state_size,
-        d_conv=config.conv_kernel,
-        headdim=config.head_dim,
-        ngroups=config.n_groups,
-        chunk_size=config.chunk_size,
-        ssm_bias=bool(config.use_bias),
-        ssm_conv_bias=bool(config.use_conv_bias),
-        dt_limit=_dt_limit(cls, config.time_step_limit),
+        **_mamba2_fields(cls, config, config.expand * config.hidden_size),
         feed_forward="none",
         norm_eps=float(config.layer_norm_epsilon),
         residual_in_fp32=bool(config.residual_in_fp32),
@@ -356,14 +355,11 @@ def bamba_config(config: Any) -> HybridConfig:
             cls, "attn_layer_indices", indices, f"must lie in [0, num_hidden_layers={n}); {bad} do not"
         )
     attn = _attention_fields(cls, config)
-    d_inner = config.mamba_expand * config.hidden_size
     return HybridConfig(
         **_common(config),
         pattern=["A" if i in indices else "S" for i in range(n)],
         expand=config.mamba_expand,
-        **_mamba2_fields(
-            cls, config, d_inner=d_inner, nheads=config.mamba_n_heads, headdim=config.mamba_d_head
-        ),
+        **_mamba2_fields(cls, config, config.mamba_expand * config.hidden_size),
         **attn,
         **_rope(cls, config, attn["head_dim"]),
         feed_forward="swiglu",
@@ -398,9 +394,7 @@ def falcon_h1_config(config: Any) -> HybridConfig:
         config.mamba_d_ssm if config.mamba_d_ssm is not None else config.mamba_expand * config.hidden_size
     )
     attn = _attention_fields(cls, config)
-    fields = _mamba2_fields(
-        cls, config, d_inner=d_inner, nheads=config.mamba_n_heads, headdim=config.mamba_d_head
-    )
+    fields = _mamba2_fields(cls, config, d_inner)
     return HybridConfig(
         **_common(config),
         pattern=["S+A"],
@@ -556,22 +550,19 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
     attn_common = dict(num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads or cfg.heads)
     if cls != "Mamba2ForCausalLM":
         _check(cls, cfg, qk_norm=None, window=None, merge="sum", residual_in_fp32=False)
+    ssm = {  # the Mamba-2 fields under the target's names (unused by Jamba's Mamba-1 layers)
+        theirs: cfg.ssm_inner_dim // cfg.headdim if ours == "nheads" else getattr(cfg, ours)
+        for ours, theirs in _ssm_names(cls).items()
+    }
     if cls == "Mamba2ForCausalLM":
         _no_mults(cls, cfg)
         _check(cls, cfg, ssm_norm=True, ssm_norm_before_gate=False, d_ssm=None)
         return transformers.Mamba2Config(
             **common,
-            num_heads=cfg.ssm_inner_dim // cfg.headdim,
-            head_dim=cfg.headdim,
-            state_size=cfg.d_state,
+            **ssm,
             expand=cfg.expand,
-            conv_kernel=cfg.d_conv,
-            n_groups=cfg.ngroups,
-            use_bias=cfg.ssm_bias,
-            use_conv_bias=cfg.ssm_conv_bias,
             layer_norm_epsilon=cfg.norm_eps,
             time_step_limit=_limit(cfg),
-            chunk_size=cfg.chunk_size,
             residual_in_fp32=cfg.residual_in_fp32,
         )
     if cls == "JambaForCausalLM":
@@ -621,14 +612,7 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
     head_dim = cfg.attention_head_dim
     factor = 1.0 if cfg.rotary_dim is None else cfg.rotary_dim / head_dim
     mamba = dict(
-        mamba_n_heads=cfg.ssm_inner_dim // cfg.headdim,
-        mamba_d_head=cfg.headdim,
-        mamba_n_groups=cfg.ngroups,
-        mamba_d_state=cfg.d_state,
-        mamba_d_conv=cfg.d_conv,
-        mamba_chunk_size=cfg.chunk_size,
-        mamba_conv_bias=cfg.ssm_conv_bias,
-        mamba_proj_bias=cfg.ssm_bias,
+        **ssm,
         time_step_limit=_limit(cfg),
         intermediate_size=cfg.ffn_hidden_dim,
         rms_norm_eps=cfg.norm_eps,
