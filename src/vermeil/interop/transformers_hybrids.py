@@ -261,6 +261,18 @@ _SSM_NAMES = {
 }
 
 
+# Falcon-H1's scalar muP multipliers: HybridConfig field -> FalconH1Config field.
+_MULTIPLIERS = {
+    "embedding_multiplier": "embedding_multiplier",
+    "lm_head_multiplier": "lm_head_multiplier",
+    "attn_in_multiplier": "attention_in_multiplier",
+    "attn_out_multiplier": "attention_out_multiplier",
+    "key_multiplier": "key_multiplier",
+    "ssm_in_multiplier": "ssm_in_multiplier",
+    "ssm_out_multiplier": "ssm_out_multiplier",
+}
+
+
 def _ssm_names(cls: str) -> dict[str, str]:
     return {ours: names[cls != "Mamba2ForCausalLM"] for ours, names in _SSM_NAMES.items()}
 
@@ -409,13 +421,7 @@ def falcon_h1_config(config: Any) -> HybridConfig:
         hidden_dim=config.intermediate_size,
         ffn_bias=bool(config.mlp_bias),
         norm_eps=float(config.rms_norm_eps),
-        embedding_multiplier=float(config.embedding_multiplier),
-        lm_head_multiplier=float(config.lm_head_multiplier),
-        attn_in_multiplier=float(config.attention_in_multiplier),
-        attn_out_multiplier=float(config.attention_out_multiplier),
-        key_multiplier=float(config.key_multiplier),
-        ssm_in_multiplier=float(config.ssm_in_multiplier),
-        ssm_out_multiplier=float(config.ssm_out_multiplier),
+        **{ours: float(getattr(config, theirs)) for ours, theirs in _MULTIPLIERS.items()},
         ssm_proj_multipliers=None if ssm_mult == [1.0] * 5 else ssm_mult,
         mlp_gate_multiplier=mlp_mult[0],
         mlp_out_multiplier=mlp_mult[1],
@@ -506,19 +512,8 @@ def _check(cls: str, config: HybridConfig, **required: Any) -> None:
 
 
 def _no_mults(cls: str, config: HybridConfig) -> None:
-    for field in (
-        "embedding_multiplier",
-        "lm_head_multiplier",
-        "attn_in_multiplier",
-        "attn_out_multiplier",
-        "key_multiplier",
-        "ssm_in_multiplier",
-        "ssm_out_multiplier",
-        "mlp_gate_multiplier",
-        "mlp_out_multiplier",
-    ):
-        _check(cls, config, **{field: 1.0})
-    _check(cls, config, ssm_proj_multipliers=None)
+    ones = dict.fromkeys([*_MULTIPLIERS, "mlp_gate_multiplier", "mlp_out_multiplier"], 1.0)
+    _check(cls, config, **ones, ssm_proj_multipliers=None)
 
 
 def _limit(config: HybridConfig) -> tuple[float, float]:
@@ -644,13 +639,7 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
         mamba_norm_before_gate=cfg.ssm_norm_before_gate,
         projectors_bias=cfg.ssm_bias,
         rope_parameters=rope,
-        embedding_multiplier=cfg.embedding_multiplier,
-        lm_head_multiplier=cfg.lm_head_multiplier,
-        attention_in_multiplier=cfg.attn_in_multiplier,
-        attention_out_multiplier=cfg.attn_out_multiplier,
-        key_multiplier=cfg.key_multiplier,
-        ssm_in_multiplier=cfg.ssm_in_multiplier,
-        ssm_out_multiplier=cfg.ssm_out_multiplier,
+        **{theirs: getattr(cfg, ours) for ours, theirs in _MULTIPLIERS.items()},
         ssm_multipliers=list(mults),
         mlp_multipliers=[cfg.mlp_gate_multiplier, cfg.mlp_out_multiplier],
     )
