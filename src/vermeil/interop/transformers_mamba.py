@@ -5,11 +5,8 @@ transformers keeps state-spaces' key names except one: the embedding is `backbon
 `conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`, `out_proj`), `norm`, `norm_f` and `lm_head` is identical, so the map
 below is one rename plus a strict check that every key is accounted for (missing and unexpected keys are named).
 
-Config names, transformers -> MambaConfig: hidden_size -> d_model, num_hidden_layers -> n_layer, state_size ->
-d_state, conv_kernel -> d_conv, expand, time_step_rank -> dt_rank, layer_norm_epsilon -> norm_epsilon,
-use_conv_bias -> conv_bias, use_bias -> bias, tie_word_embeddings -> tie_embeddings, time_step_min/max/floor/scale
--> dt_min/max/init_floor/scale, residual_in_fp32, rescale_prenorm_residual. transformers does not pad the
-vocabulary, so the converted model has pad_vocab_size_multiple=1; going back, the padded rows become real rows.
+Config names: `_FIELDS` below, plus time_step_rank -> dt_rank. transformers does not pad the vocabulary, so the
+converted model has pad_vocab_size_multiple=1; going back, the padded rows become real rows.
 
 transformers is imported inside `to_transformers_mamba` only; `from_transformers_mamba` reads the model it is given.
 """
@@ -26,6 +23,25 @@ from vermeil.models.mamba import MambaConfig, MambaLM
 __all__ = ["from_transformers_mamba", "hf_to_vermeil_key", "to_transformers_mamba", "vermeil_to_hf_key"]
 
 _HF_EMBED, _VM_EMBED = "backbone.embeddings.", "backbone.embedding."
+
+# MambaConfig field -> transformers MambaConfig field, in both directions.
+_FIELDS = {
+    "d_model": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "d_state": "state_size",
+    "d_conv": "conv_kernel",
+    "expand": "expand",
+    "norm_epsilon": "layer_norm_epsilon",
+    "residual_in_fp32": "residual_in_fp32",
+    "tie_embeddings": "tie_word_embeddings",
+    "conv_bias": "use_conv_bias",
+    "bias": "use_bias",
+    "dt_min": "time_step_min",
+    "dt_max": "time_step_max",
+    "dt_init_floor": "time_step_floor",
+    "dt_scale": "time_step_scale",
+    "rescale_prenorm_residual": "rescale_prenorm_residual",
+}
 
 
 def hf_to_vermeil_key(key: str) -> str:
@@ -47,25 +63,11 @@ def _config_from_hf(hf_config: Any) -> MambaConfig:
             f"intermediate_size={inner} must equal expand * hidden_size = {expand * hf_config.hidden_size}"
         )
     return MambaConfig(
-        d_model=hf_config.hidden_size,
-        n_layer=hf_config.num_hidden_layers,
-        d_state=hf_config.state_size,
-        d_conv=hf_config.conv_kernel,
-        expand=expand,
+        **{ours: getattr(hf_config, theirs) for ours, theirs in _FIELDS.items()},
         dt_rank=int(hf_config.time_step_rank),
         vocab_size=hf_config.vocab_size,
         pad_vocab_size_multiple=1,
         rms_norm=True,
-        norm_epsilon=float(hf_config.layer_norm_epsilon),
-        residual_in_fp32=bool(hf_config.residual_in_fp32),
-        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
-        conv_bias=bool(hf_config.use_conv_bias),
-        bias=bool(hf_config.use_bias),
-        dt_min=float(hf_config.time_step_min),
-        dt_max=float(hf_config.time_step_max),
-        dt_init_floor=float(hf_config.time_step_floor),
-        dt_scale=float(hf_config.time_step_scale),
-        rescale_prenorm_residual=bool(getattr(hf_config, "rescale_prenorm_residual", False)),
     )
 
 
@@ -113,24 +115,10 @@ def to_transformers_mamba(model: MambaLM) -> nn.Module:
     mixer = model.backbone.layers[0].mixer
     weight = model.lm_head.weight
     hf_config = HFMambaConfig(
+        **{theirs: getattr(cfg, ours) for ours, theirs in _FIELDS.items()},
         vocab_size=cfg.padded_vocab_size,
-        hidden_size=cfg.d_model,
-        state_size=cfg.d_state,
-        num_hidden_layers=cfg.n_layer,
-        layer_norm_epsilon=cfg.norm_epsilon,
-        expand=cfg.expand,
-        conv_kernel=cfg.d_conv,
-        use_bias=cfg.bias,
-        use_conv_bias=cfg.conv_bias,
         hidden_act="silu",
-        residual_in_fp32=cfg.residual_in_fp32,
         time_step_rank=int(mixer.dt_proj.in_features),
-        time_step_scale=cfg.dt_scale,
-        time_step_min=cfg.dt_min,
-        time_step_max=cfg.dt_max,
-        time_step_floor=cfg.dt_init_floor,
-        rescale_prenorm_residual=cfg.rescale_prenorm_residual,
-        tie_word_embeddings=cfg.tie_embeddings,
     )
     hf_model = MambaForCausalLM(hf_config).to(device=weight.device, dtype=weight.dtype)
     state = {vermeil_to_hf_key(k): v for k, v in model.state_dict().items()}
