@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from vermeil.diffusion.schedules import _check_prediction_type, get_lin_function, time_shift
+from vermeil.nn.checks import check_positive_int
 
 PredictionType = Literal["epsilon", "sample", "x0", "v_prediction"]
 TimeSampling = Literal["uniform", "logit_normal", "mode"]
@@ -183,8 +184,7 @@ def sample_flow_timesteps(
     Returns:
         (B,) tensor of `dtype` on `device`.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r} must be an int >= 1")
+    check_positive_int("batch", batch)
     gen_device = generator.device if generator is not None else device
     match kind:
         case "uniform":

@@ -42,6 +42,7 @@ from vermeil.data.sampler import SeededSampler
 from vermeil.diffusion.losses import flow_matching_loss, sample_flow_timesteps
 from vermeil.diffusion.samplers import sample_euler, sample_heun
 from vermeil.diffusion.schedules import get_schedule
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 from vermeil.recipes.tasks import Run, TaskData
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
@@ -89,8 +90,7 @@ def curve_pairs(
     Returns:
         cond: (B, L, 2); data: (B, L, 3); float32. Point i of both sits at parameter phi + 2 pi i / L.
     """
-    if batch < 1 or length < 1:
-        raise ValueError(f"batch={batch} and length={length} must be >= 1")
+    check_positive_ints(batch=batch, length=length)
     phi = torch.rand(batch, 1, generator=generator) * 2 * math.pi
     scale = 0.6 + 0.8 * torch.rand(batch, 1, generator=generator)  # a in [0.6, 1.4]
     centre = 0.5 * torch.randn(batch, 1, 2, generator=generator)
@@ -237,9 +237,9 @@ class FlowData(TaskData):
             value = getattr(self, name)
             if value not in DISTRIBUTIONS:
                 raise ValueError(f"{name}={value!r} must be one of {sorted(DISTRIBUTIONS)}")
-        for name in ("length", "sample_steps", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        check_positive_ints(
+            length=self.length, sample_steps=self.sample_steps, eval_samples=self.eval_samples
+        )
         if self.noise < 0:
             raise ValueError(f"noise={self.noise!r} must be >= 0")
 
@@ -448,8 +448,7 @@ def train_flow_job(
     from vermeil.models.flux import Flux
     from vermeil.train.trainer import Trainer
 
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+    check_positive_int("steps", steps)
     params = params or flow_job_params(task)
     config = TrainConfig(
         steps=steps,
