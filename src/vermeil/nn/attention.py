@@ -40,9 +40,14 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vermeil.nn.cache import KVCache, RingKVCache
-from vermeil.nn.checks import check_positive_int, check_positive_ints
+from vermeil.nn.checks import (
+    check_optional_positive_int,
+    check_positive_int,
+    check_positive_ints,
+    check_probability,
+)
 from vermeil.nn.flex import flex_attention, flex_available
-from vermeil.nn.masks import _check_size, attention_mask, padding_mask
+from vermeil.nn.masks import attention_mask, padding_mask
 from vermeil.nn.norms import QKNorm
 from vermeil.nn.positional import RopeTables, rotate_qk
 
@@ -274,8 +279,7 @@ def attention(
     s = k.shape[2]
     if mask is not None:
         _check_mask(mask, b, h, t, s)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    check_probability("dropout_p", dropout_p)
     if causal and t > s:
         raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
     scale = dh**-0.5 if scale is None else scale
@@ -439,10 +443,9 @@ class Attention(nn.Module):
             raise ValueError(f"rotary.head_dim={rotary_dim} must equal head_dim={head_dim}")
         if qk_norm not in (None, "rms", "l2") and not isinstance(qk_norm, nn.Module):
             raise ValueError(f"qk_norm={qk_norm!r} must be None, 'rms' or 'l2' (or a module)")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        _check_size("window", window)
-        _check_size("chunk", chunk)
+        check_probability("dropout", dropout)
+        check_optional_positive_int("window", window)
+        check_optional_positive_int("chunk", chunk)
         if backend not in _MODULE_BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {_MODULE_BACKENDS}")
         pair = (bias, bias) if isinstance(bias, bool) else bias

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.attention import Attention, attention
-from vermeil.nn.checks import check_positive_int, check_positive_ints
+from vermeil.nn.checks import check_positive_int, check_positive_ints, check_probability
 from vermeil.nn.feedforward import FeedForward, GeGLU, SwiGLU, llama_hidden_dim
 from vermeil.nn.masks import padding_mask
 from vermeil.nn.norms import LayerNorm, RMSNorm
@@ -26,11 +26,6 @@ __all__ = ["ParallelTransformerBlock", "TransformerBlock", "ValueFirstSwiGLU"]
 FeedForwardKind = Literal["swiglu", "geglu", "mlp"]
 NormKind = Literal["rms", "layer"]
 FinetuneModules = Sequence[Callable[[Tensor], Tensor] | None]
-
-
-def _check_prob(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
 class ValueFirstSwiGLU(nn.Module):
@@ -123,8 +118,8 @@ class ParallelTransformerBlock(nn.Module):
             raise ValueError(f"qk_scale={qk_scale!r} must be > 0")
         if not isinstance(xpos_scale_base, (int, float)) or xpos_scale_base <= 0:
             raise ValueError(f"xpos_scale_base={xpos_scale_base!r} must be > 0")
-        _check_prob("attn_dropout", attn_dropout)
-        _check_prob("ff_dropout", ff_dropout)
+        check_probability("attn_dropout", attn_dropout)
+        check_probability("ff_dropout", ff_dropout)
         factory = {"device": device, "dtype": dtype}
 
         self.dim, self.dim_head, self.heads, self.causal = dim, dim_head, heads, causal
@@ -330,7 +325,7 @@ class TransformerBlock(nn.Module):
         check_positive_int("dim", dim)
         if hidden_dim is not None:
             check_positive_int("hidden_dim", hidden_dim)
-        _check_prob("dropout", dropout)
+        check_probability("dropout", dropout)
         if context_dim is not None and not cross_attention:
             raise ValueError(f"context_dim={context_dim} needs cross_attention=True")
         factory = {"device": device, "dtype": dtype}

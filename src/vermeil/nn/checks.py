@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_positive_int", "check_positive_ints", "tracing"]
+__all__ = [
+    "check_optional_positive_int",
+    "check_positive_int",
+    "check_positive_ints",
+    "check_probability",
+    "tracing",
+]
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -24,6 +30,18 @@ def check_positive_ints(**values: Any) -> None:
     """`check_positive_int` for each keyword, in order: `check_positive_ints(dim=dim, n_heads=n_heads)`."""
     for name, value in values.items():
         check_positive_int(name, value)
+
+
+def check_optional_positive_int(name: str, value: Any) -> None:
+    """Raise ValueError naming `name` unless `value` is None or an int > 0 (a window or chunk size)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{name}={value!r} must be a positive int or None")
+
+
+def check_probability(name: str, value: Any) -> None:
+    """Raise ValueError naming `name` unless `value` is a number in [0, 1) (a dropout rate)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
 def tracing() -> bool:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_ints
+from vermeil.nn.checks import check_positive_ints, check_probability
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 
@@ -53,8 +53,7 @@ class _MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, activation: str, dropout: float) -> None:
         super().__init__()
         check_positive_ints(dim=dim, hidden_dim=hidden_dim)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        check_probability("dropout", dropout)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} must be one of {sorted(_ACTIVATIONS)}")
         self.dim, self.hidden_dim, self.activation = dim, hidden_dim, activation

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vermeil.nn.masks import _check_size  # the rules' one size check: a positive int or None
+from vermeil.nn.checks import check_optional_positive_int
 
 __all__ = [
     "dense_mask_mod",
@@ -102,8 +102,8 @@ def mask_mod(
     Returns:
         The mask_mod, or None when no rule is given (every key visible: FlexAttention's default).
     """
-    _check_size("window", window)
-    _check_size("chunk", chunk)
+    check_optional_positive_int("window", window)
+    check_optional_positive_int("chunk", chunk)
     for name, t in (("key_padding_mask", key_padding_mask), ("document_ids", document_ids)):
         if t is not None and (not isinstance(t, Tensor) or t.ndim != 2):
             raise ValueError(f"{name} must be a (B, S) tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -203,8 +203,8 @@ def flex_block_mask(
     if key_padding_mask is None and document_ids is None:
         if not (causal or window or chunk):
             return None
-        _check_size("window", window)
-        _check_size("chunk", chunk)
+        check_optional_positive_int("window", window)
+        check_optional_positive_int("chunk", chunk)
         # Traced in place under torch.compile: the cache's Python is not traceable.
         build = _rule_block_mask if torch.compiler.is_compiling() else _static_block_mask
         return build(causal, window, chunk, q_len, kv_len, device, block_size)

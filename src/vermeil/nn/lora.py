@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_ints
+from vermeil.nn.checks import check_positive_ints, check_probability
 
 TargetModules = str | Iterable[str] | Callable[[str, nn.Module], bool]
 
@@ -26,8 +26,7 @@ def _check_lora_args(in_dim: int, out_dim: int, rank: int, alpha: float, dropout
     check_positive_ints(in_dim=in_dim, out_dim=out_dim, rank=rank)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ValueError(f"alpha={alpha!r} must be a number")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+    check_probability("dropout", dropout)
 
 
 class _LowRank(nn.Module):

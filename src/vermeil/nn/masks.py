@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vermeil.nn.checks import check_optional_positive_int
+
 __all__ = [
     "attention_mask",
     "causal_mask",
@@ -31,11 +33,6 @@ def _check_positions(name: str, pos: Tensor) -> None:
         raise TypeError(f"{name} must hold integer positions, got dtype={pos.dtype}")
     if pos.ndim not in (1, 2):
         raise ValueError(f"{name} must have shape (T,) or (B, T), got {tuple(pos.shape)}")
-
-
-def _check_size(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"{name}={value!r} must be a positive int or None")
 
 
 def _pairs(q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,7 +74,7 @@ def sliding_window_mask(q_pos: Tensor, kv_pos: Tensor, window: int, *, causal: b
     Returns:
         (B|1, T, S) bool.
     """
-    _check_size("window", window)
+    check_optional_positive_int("window", window)
     q, k = _pairs(q_pos, kv_pos)
     # Comparisons of the broadcast (T, 1) and (1, S) positions yield bool (T, S) directly; an int64
     # difference q - k would cost 8 bytes per pair (128 MiB at T = S = 4096).
@@ -96,7 +93,7 @@ def chunked_mask(q_pos: Tensor, kv_pos: Tensor, chunk: int, *, causal: bool = Tr
     Returns:
         (B|1, T, S) bool.
     """
-    _check_size("chunk", chunk)
+    check_optional_positive_int("chunk", chunk)
     q, k = _pairs(q_pos, kv_pos)
     same = torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
     return same & (k <= q) if causal else same
@@ -168,8 +165,8 @@ def attention_mask(
     Returns:
         (B|1, 1, T, S) bool, True where a query may attend a key (all True if no rule is given).
     """
-    _check_size("window", window)
-    _check_size("chunk", chunk)
+    check_optional_positive_int("window", window)
+    check_optional_positive_int("chunk", chunk)
     q, k = _pairs(q_pos, kv_pos)
     if window is not None:  # already causal when causal=True
         mask = sliding_window_mask(q_pos, kv_pos, window, causal=causal)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.models.contract import split_output
+from vermeil.nn.checks import check_probability
 
 __all__ = [
     "HEAD_NAMES",
@@ -338,8 +339,7 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1 (or None)")
     if not z_loss >= 0:
         raise ValueError(f"z_loss={z_loss!r} must be >= 0")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
+    check_probability("label_smoothing", label_smoothing)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
     dim = hidden.shape[-1]
