@@ -68,7 +68,8 @@ from vermeil.models.checks import check_input_pos, check_positive_int, check_tok
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
-from vermeil.nn.hybrid_parts import GateScaledSwiGLU, InnerNormMambaBlock, PartialRotary, build_mamba2
+from vermeil.nn.hybrid_parts import GateScaledSwiGLU, InnerNormMambaBlock, PartialRotary
+from vermeil.nn.mamba2 import Mamba2Block
 from vermeil.nn.moe import MoE
 from vermeil.nn.norms import RMSNorm
 from vermeil.nn.positional import RotaryEmbedding
@@ -498,9 +499,9 @@ class HybridOutput(NamedTuple):
 def _mamba(ssm: str, cfg: HybridConfig, layer_idx: int, factory: dict[str, Any]) -> nn.Module:
     """The Mamba branch of kind "M" (Mamba-1) or "S" (Mamba-2)."""
     if ssm == "S":
-        return build_mamba2(
+        return Mamba2Block(
             cfg.dim,
-            cfg.ssm_inner_dim,
+            d_inner=cfg.ssm_inner_dim,
             in_proj_multipliers=cfg.ssm_proj_multipliers,
             d_state=cfg.d_state,
             d_conv=cfg.d_conv,

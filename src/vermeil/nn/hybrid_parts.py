@@ -9,7 +9,6 @@
   constants are a non-persistent buffer, so the state dict keeps the plain `weight` / `bias` keys.
 - `GateScaledSwiGLU`: `SwiGLU` with its gate pre-activation multiplied by a constant (Falcon-H1's
   `mlp_multipliers[0]`, transformers `FalconH1MLP`).
-- `build_mamba2`: `Mamba2Block(d_model, d_inner=d_inner, ...)`, the name the hybrid model still calls.
 
 Axis legend: B batch, T length, H heads, Dh head dim, R rotary dim, D d_model, I inner width.
 """
@@ -24,12 +23,12 @@ from torch import Tensor, nn
 
 from vermeil.nn.checks import check_positive_ints
 from vermeil.nn.feedforward import SwiGLU
-from vermeil.nn.mamba2 import Mamba2Block, SegmentScaledLinear
+from vermeil.nn.mamba2 import SegmentScaledLinear
 from vermeil.nn.norms import RMSNorm
 from vermeil.nn.positional import RotaryEmbedding
 from vermeil.nn.ssm import MambaBlock
 
-__all__ = ["GateScaledSwiGLU", "InnerNormMambaBlock", "PartialRotary", "SegmentScaledLinear", "build_mamba2"]
+__all__ = ["GateScaledSwiGLU", "InnerNormMambaBlock", "PartialRotary", "SegmentScaledLinear"]
 
 
 class InnerNormMambaBlock(MambaBlock):
@@ -132,9 +131,3 @@ class GateScaledSwiGLU(SwiGLU):
 
     def extra_repr(self) -> str:
         return f"gate_multiplier={self.gate_multiplier}"
-
-
-def build_mamba2(d_model: int, d_inner: int, **kwargs: Any) -> Mamba2Block:
-    """`Mamba2Block(d_model, d_inner=d_inner, **kwargs)`: inner width I a multiple of `headdim`, not necessarily
-    of D (Falcon-H1's `mamba_d_ssm`); `in_proj_multipliers` and the rest are `Mamba2Block`'s arguments."""
-    return Mamba2Block(d_model, d_inner=d_inner, **kwargs)
