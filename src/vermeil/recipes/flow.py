@@ -252,7 +252,7 @@ class FlowData(TaskData):
     def vocab_size(self) -> int:
         return 0  # points, not tokens
 
-    # What loss.png's y axis shows for this task (`vermeil.recipes.build.LossCurve`).
+    # What loss.png's y axis shows for this task (`vermeil.train.hooks.LossCurve`).
     loss_label = "flow-matching loss (MSE of the velocity)"
 
     @property
