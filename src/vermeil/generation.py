@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -285,7 +285,7 @@ def _eager_step(model: nn.Module, device: torch.device, compile: bool) -> Callab
     return decode
 
 
-# With compile=True the default cache length is a multiple of this (see generate).
+# With compile=True the default cache length is a multiple of this (see _generate).
 _COMPILED_CACHE_MULTIPLE = 256
 
 # Steps between the loop's checks of whether every row has stopped: each check reads a flag back to the host,
@@ -293,36 +293,17 @@ _COMPILED_CACHE_MULTIPLE = 256
 _STOP_CHECK_EVERY = 8
 
 
-class _DecodePlan(NamedTuple):
-    """How `generate` decodes. static: through a `StaticDecodeStep` (captured as a CUDA graph when `capture`),
-    else the reference eager step with fresh inputs; stop_check_every: steps between host reads of "every
-    row has stopped" (1 reads every step)."""
-
-    static: bool
-    capture: bool
-    stop_check_every: int
-
-
-def _plan(cuda_graph: bool | None | _DecodePlan, device: torch.device) -> _DecodePlan:
-    if isinstance(cuda_graph, _DecodePlan):  # `_generate` picks the path itself
-        return cuda_graph
+def _resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    elif not isinstance(cuda_graph, bool):
+        return device.type == "cuda"
+    if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph={cuda_graph!r} must be True, False or None")
-    elif cuda_graph and device.type != "cuda":
+    if cuda_graph and device.type != "cuda":
         raise ValueError(
             f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on "
             f"{device}; use cuda_graph=None or False"
         )
-    return _DecodePlan(cuda_graph, cuda_graph, _STOP_CHECK_EVERY if cuda_graph else 1)
-
-
-def _generate(*args: Any, static: bool, capture: bool, stop_check_every: int, **kwargs: Any) -> Tensor:
-    """`generate` with the decode path chosen directly (see `_DecodePlan`): the static-buffer loop without a
-    capture is testable on the CPU."""
-    plan = _DecodePlan(static, capture, stop_check_every)
-    return generate(*args, cuda_graph=plan, **kwargs)  # type: ignore[arg-type]
+    return cuda_graph
 
 
 @torch.no_grad()
@@ -380,7 +361,48 @@ def generate(
         (B, n) long, the new tokens of each row (the stop token included), n <= N: n < N only when every
         row stopped early.
     """
-    static, capture, stop_check_every = _plan(cuda_graph, _model_device(model, prompt_tokens))
+    graph = _resolve_cuda_graph(cuda_graph, _model_device(model, prompt_tokens))
+    return _generate(
+        model,
+        prompt_tokens,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_tokens,
+        seed,
+        pad_token=pad_token,
+        max_seq_len=max_seq_len,
+        callback=callback,
+        compile=compile,
+        static=graph,
+        capture=graph,
+        stop_check_every=_STOP_CHECK_EVERY if graph else 1,
+    )
+
+
+@torch.no_grad()
+def _generate(
+    model: nn.Module,
+    prompt_tokens: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    *,
+    pad_token: int = 0,
+    max_seq_len: int | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+    compile: bool = False,
+    static: bool,
+    capture: bool,
+    stop_check_every: int,
+) -> Tensor:
+    """`generate`'s loop. `static`: decode through a `StaticDecodeStep` (captured as a CUDA graph when
+    `capture`), else the reference eager step with fresh inputs; `stop_check_every`: steps between host
+    reads of "every row has stopped" (1 reads every step)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if stop_check_every < 1:
