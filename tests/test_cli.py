@@ -260,6 +260,11 @@ def test_sample_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     code, out, _ = _run(capsys, "train", str(cfg), "--out", str(tmp_path / "run"))
     assert code == 0 and "val_distance" in out
     assert (tmp_path / "run" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from vermeil.checkpoint import read_metadata
+    from vermeil.runs import WEIGHTS, latest_checkpoint
+
+    # points, not tokens: the weights record no tokenizer (token tasks record "bytes")
+    assert "tokenizer" not in read_metadata(latest_checkpoint(tmp_path / "run") / WEIGHTS)
     png = tmp_path / "more.png"
     code, out, _ = _run(capsys, "sample", str(tmp_path / "run"), "--steps", "2", "--out", str(png))
     assert code == 0 and str(png) in out

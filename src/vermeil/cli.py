@@ -149,6 +149,7 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
         run_config=run.to_dict(),
         out_dir=run_dir,
         hooks=built.hooks,
+        tokenizer="bytes" if run.data.vocab_size else None,  # the flow task's points are no tokens
     )
     folder = trainer.load_checkpoint(run_dir) if args.resume is not None else None
     # The header comes once the run is known to start: an error above stays the only line.

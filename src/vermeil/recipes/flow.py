@@ -477,7 +477,7 @@ def train_flow_job(
         record = _RecordLosses(log_every, log)
         loss_fn = partial(flow_loss, time_sampling=time_sampling)
         start = time.perf_counter()
-        Trainer(model, batches, loss_fn, config, hooks=[record]).fit()
+        Trainer(model, batches, loss_fn, config, hooks=[record], tokenizer=None).fit()  # points, not tokens
         seconds = time.perf_counter() - start
     model.eval()
     settings = dict(
