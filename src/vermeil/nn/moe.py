@@ -7,9 +7,8 @@ Python loop over experts and no host sync; a per-expert loop (`backend="loop"`) 
 and tests/nn/test_moe.py compares every backend with it, with Meta's dense formulation and with
 transformers' `MixtralSparseMoeBlock` / `Llama4TextMoe`.
 
-`torch.compile(fullgraph=True)` traces every backend except "loop". `grouped_mm` is called through a small
-custom op (`vermeil::grouped_mm`, registered on import), because torch 2.13's own fake-tensor rule for it
-accepts bfloat16 only and would break float32 graphs (details at `_grouped_mm_op`).
+`torch.compile(fullgraph=True)` traces every backend except "loop", float32 included, because `grouped_mm`
+runs through a custom op (`vermeil::grouped_mm`, registered on import; why at `_grouped_mm_kernel`).
 
 Checkpoint layouts (meta-llama/llama-models `llama4/moe.py`; transformers `modeling_mixtral.py`):
     Meta Llama 4: `router_DE` (D, E), `experts.w1`/`w3` (E, D, F), `experts.w2` (E, F, D) (in x out),
@@ -46,20 +45,7 @@ _BACKENDS = ("grouped", "padded", "loop", "dense")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sizes and checks
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_top_k(top_k: int, num_experts: int) -> None:
-    check_positive_ints(num_experts=num_experts, top_k=top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
-
-
-def _check_score_func(score_func: str) -> None:
-    if score_func not in _SCORE_FUNCS:
-        raise ValueError(f"score_func={score_func!r} must be one of {_SCORE_FUNCS}")
+# --- Sizes
 
 
 def moe_hidden_dim(
@@ -95,9 +81,7 @@ def moe_hidden_dim(
     return multiple_of * math.ceil(h / multiple_of)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Router math and auxiliary losses (float32, or float64 for float64 inputs)
-# ----------------------------------------------------------------------------------------------------------
+# --- Router math and auxiliary losses (float32, or float64 for float64 inputs)
 
 
 def _fp32(t: Tensor) -> Tensor:
@@ -170,9 +154,7 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return lse_T.square().sum() / max(lse_T.shape[0], 1)  # a mean that gives 0, not nan, for no tokens
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Expert kernels on tokens already sorted by expert
-# ----------------------------------------------------------------------------------------------------------
+# --- Expert kernels on tokens already sorted by expert
 
 
 def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
@@ -192,22 +174,19 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
     kernel raises "strides should be multiple of 16 bytes" otherwise, e.g. D=37 in float32) and weights
     contiguous in their last two axes. The compute dtype is autocast's when autocast is on.
     """
-    if not hasattr(F, "grouped_mm") and not (x.device.type == "cuda" and hasattr(torch, "_grouped_mm")):
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not (
+        hasattr(F, "grouped_mm") or device == "cuda" and hasattr(torch, "_grouped_mm")
+    ):
         return False
     dtype = _compute_dtype(x, weights[0])
-    if dtype not in _GROUPED_MM_DTYPES or (x.device.type == "cuda" and dtype != torch.bfloat16):
-        return False
-    if x.device.type not in ("cpu", "cuda"):
+    if dtype not in _GROUPED_MM_DTYPES or (device == "cuda" and dtype != torch.bfloat16):
         return False
     align = 16 // torch.empty((), dtype=dtype).element_size()
-    for w in weights:
-        if (
-            w.shape[-1] % align
-            or w.shape[-2] % align
-            or not (w.stride(-1) == 1 and w.stride(-2) == w.shape[-1])
-        ):
-            return False
-    return True
+    return all(
+        w.shape[-1] % align == 0 and w.shape[-2] % align == 0 and w.stride()[-2:] == (w.shape[-1], 1)
+        for w in weights
+    )
 
 
 # `F.grouped_mm` wrapped as a custom op, for two reasons found in torch 2.13 on CPU:
@@ -284,12 +263,9 @@ def grouped_swiglu(x_SD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, offs_E: Ten
 def padded_swiglu(
     x_SD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, expert_S: Tensor, counts_E: Tensor, offs_E: Tensor
 ) -> Tensor:
-    """The batched fallback of `grouped_swiglu`: scatter the sorted rows into an (E, C, D) zero-padded buffer,
-    run three `bmm`s, gather back. Exact in any dtype (float64 included).
-
-    C is the largest per-expert count in eager mode (one host sync, this is the fallback) and S (a static
-    upper bound) while tracing or capturing a CUDA graph (`vermeil.nn.checks.tracing`), which keeps the graph
-    static.
+    """The batched fallback of `grouped_swiglu`, exact in any dtype: scatter the sorted rows into an (E, C, D)
+    zero-padded buffer, run three `bmm`s, gather back. C is the largest per-expert count in eager mode (one
+    host sync) and the static bound S while `tracing()` (compile, CUDA graph capture).
 
     Args:
         x_SD: (S, D) rows sorted by expert; expert_S: (S,) their expert ids (sorted).
@@ -299,10 +275,7 @@ def padded_swiglu(
     """
     S, D = x_SD.shape
     E = w1.shape[0]
-    if tracing():  # torch.compile, jit.trace, or a CUDA graph capture: no host read
-        capacity = S  # static upper bound; the caller's S/K would be tighter but S keeps this self-contained
-    else:
-        capacity = int(counts_E.max()) if S > 0 else 0
+    capacity = S if tracing() or S == 0 else int(counts_E.max())  # S: static, no host read (S/K is tighter)
     start_E = offs_E.long() - counts_E
     pos_S = torch.arange(S, device=x_SD.device) - start_E[expert_S]  # row within its expert's block
     x_ECD = x_SD.new_zeros(E, capacity, D).index_put((expert_S, pos_S), x_SD)
@@ -310,9 +283,7 @@ def padded_swiglu(
     return torch.bmm(h_ECF, w2)[expert_S, pos_S]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Modules
-# ----------------------------------------------------------------------------------------------------------
+# --- Modules
 
 
 @dataclass
@@ -354,9 +325,11 @@ class Router(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_ints(dim=dim)
-        _check_top_k(top_k, num_experts)
-        _check_score_func(score_func)
+        check_positive_ints(dim=dim, num_experts=num_experts, top_k=top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+        if score_func not in _SCORE_FUNCS:
+            raise ValueError(f"score_func={score_func!r} must be one of {_SCORE_FUNCS}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.score_func, self.renormalize = score_func, renormalize
         self.router_DE = nn.Parameter(torch.empty(dim, num_experts, device=device, dtype=dtype))
@@ -519,9 +492,7 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_ints(dim=dim, hidden_dim=hidden_dim)
-        _check_top_k(top_k, num_experts)
-        _check_score_func(score_func)
+        # dim, hidden_dim, num_experts, top_k and score_func are checked by Router and Experts below
         if backend not in _BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
         for name, coef in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
@@ -564,18 +535,14 @@ class MoE(nn.Module):
     def _forward_sorted(
         self, x_TD: Tensor, scores_TK: Tensor, topk_idx_TK: Tensor, counts_E: Tensor
     ) -> Tensor:
-        T, D = x_TD.shape
-        K = self.top_k
-        # Every step below has a fixed output shape and stays on the device (no .item()/.tolist()/nonzero:
-        # tests/nn/test_moe.py watches for them), so the block captures in a CUDA graph and compiles fullgraph.
-        # pair s = t*K + k; a stable sort keeps token order inside each expert's block (deterministic)
+        # Fixed output shapes, no host sync (tests/nn/test_moe.py watches): CUDA-graph capturable, fullgraph.
+        # Pair s = t*K + k; the stable sort keeps token order inside each expert's block (deterministic).
         expert_S, order_S = torch.sort(topk_idx_TK.reshape(-1), stable=True)
-        token_S = torch.div(order_S, K, rounding_mode="floor")
+        token_S = torch.div(order_S, self.top_k, rounding_mode="floor")
         score_S1 = scores_TK.reshape(-1).index_select(0, order_S).unsqueeze(-1)
         offs_E = counts_E.cumsum(0, dtype=torch.int32)
-        # The permutation as one gather: index_select, whose backward is index_add (a scatter-add), where
-        # advanced indexing x_TD[token_S] would backpropagate through index_put with accumulate, which sorts
-        # the indices again on CUDA.
+        # index_select, whose backward is index_add; x_TD[token_S] would backpropagate through index_put with
+        # accumulate, which sorts the indices again on CUDA
         x_SD = x_TD.index_select(0, token_S)
         if self.prescale_input:
             x_SD = x_SD * score_S1.to(x_SD.dtype)
@@ -585,9 +552,7 @@ class MoE(nn.Module):
         # index_add (not a sort back + sum): one pass, and its backward is a gather; the K contributions of
         # a token are summed in float32 (or float64) and rounded once, as transformers does
         acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        out_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device).index_add(
-            0, token_S, y_SD.to(acc_dtype)
-        )
+        out_TD = x_TD.new_zeros(x_TD.shape, dtype=acc_dtype).index_add(0, token_S, y_SD.to(acc_dtype))
         return out_TD.to(x_TD.dtype)
 
     def _forward_loop(self, x_TD: Tensor, scores_TK: Tensor, topk_idx_TK: Tensor) -> Tensor:
