@@ -63,18 +63,21 @@ def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
 def _model_kwargs(
     cond: Mapping[str, Any] | None, guidance: Tensor | float | None, x: Tensor
 ) -> dict[str, Any]:
-    """model_fn's keyword arguments: `cond`, plus `guidance=` as a (B,) tensor when given."""
+    """model_fn's keyword arguments: `cond`, plus `guidance=` (a float or a 0-d/(B,) tensor) as a (B,) tensor in
+    x's dtype and device when given (BFL's `guidance_vec`)."""
     kwargs = dict(cond or {})
-    if guidance is not None:
-        if "guidance" in kwargs:
-            raise ValueError("guidance given both as an argument and inside cond; give it once")
-        kwargs["guidance"] = _as_batch_vector(guidance, x)
+    if guidance is None:
+        return kwargs
+    if "guidance" in kwargs:
+        raise ValueError("guidance given both as an argument and inside cond; give it once")
+    v = torch.as_tensor(guidance, dtype=x.dtype, device=x.device)
+    if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != x.shape[0]):
+        raise ValueError(f"guidance must be a float or a (B,) = ({x.shape[0]},) tensor, got {tuple(v.shape)}")
+    kwargs["guidance"] = v.expand(x.shape[0])
     return kwargs
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# DDPM
-# ---------------------------------------------------------------------------------------------------------------
+# --- DDPM
 
 
 def _sqrt_coefs(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,9 +143,7 @@ def prediction_to_x0_eps(
     return x0, eps
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Rectified flow
-# ---------------------------------------------------------------------------------------------------------------
+# --- Rectified flow
 
 
 def flow_interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -212,9 +213,7 @@ def sample_flow_timesteps(
     return u.to(device=device if device is not None else u.device, dtype=dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------------------------
+# --- Losses
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -323,15 +322,3 @@ def flow_matching_loss(
         )
     pred = model_fn(flow_interpolate(x0, noise, t), t.to(x0.dtype), **_model_kwargs(cond, guidance, x0))
     return masked_mse(pred, flow_target(x0, noise), mask)
-
-
-def _as_batch_vector(value: Tensor | float, like: Tensor) -> Tensor:
-    """A float or a 0-d/(B,) tensor as a (B,) tensor in like's dtype and device (BFL's `guidance_vec`)."""
-    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if v.dim() == 0:
-        return v.expand(like.shape[0])
-    if v.dim() != 1 or v.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"guidance must be a float or a (B,) = ({like.shape[0]},) tensor, got {tuple(v.shape)}"
-        )
-    return v

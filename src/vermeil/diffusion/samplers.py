@@ -233,10 +233,38 @@ def invert_ddim(
     return x
 
 
-def _check_flow_args(timesteps: Tensor) -> None:
+def _integrate(
+    model_fn: ModelFn,
+    noise: Tensor,
+    timesteps: Tensor,
+    cond: Mapping[str, Any] | None,
+    guidance: Tensor | float | None,
+    callback: Callback | None,
+    heun: bool,
+    last_step_euler: bool = True,
+) -> Tensor:
+    """The loop of both flow samplers: steps x + h v(x, t) with h = t_prev - t_curr (Euler), or with `heun` that
+    step corrected by the trapezoidal rule (but for an Euler last step when `last_step_euler`)."""
     _check_timesteps(timesteps, 2, "a grid of K + 1 times from 1 towards 0")
     if not timesteps.is_floating_point():
         raise ValueError(f"timesteps must be floats in [0, 1], got dtype {timesteps.dtype}")
+    ts = timesteps.to(noise.device)
+    kwargs = _model_kwargs(cond, guidance, noise)
+    b = noise.shape[0]
+    x = noise
+    k = ts.shape[0] - 1
+    for i in range(k):
+        t_curr, t_prev = ts[i], ts[i + 1]
+        h = t_prev - t_curr
+        v = model_fn(x, t_curr.to(x.dtype).expand(b), **kwargs)
+        if heun and not (last_step_euler and i == k - 1):
+            v2 = model_fn(x + h * v, t_prev.to(x.dtype).expand(b), **kwargs)
+            x = x + h * (v + v2) / 2
+        else:
+            x = x + h * v
+        if callback is not None:
+            callback(i, t_curr, x)
+    return x
 
 
 @torch.no_grad()
@@ -259,18 +287,7 @@ def sample_euler(
     Returns:
         (B, *) x at timesteps[-1].
     """
-    _check_flow_args(timesteps)
-    ts = timesteps.to(noise.device)
-    kwargs = _model_kwargs(cond, guidance, noise)
-    b = noise.shape[0]
-    x = noise
-    for i in range(ts.shape[0] - 1):
-        t_curr, t_prev = ts[i], ts[i + 1]
-        v = model_fn(x, t_curr.to(x.dtype).expand(b), **kwargs)
-        x = x + (t_prev - t_curr) * v
-        if callback is not None:
-            callback(i, t_curr, x)
-    return x
+    return _integrate(model_fn, noise, timesteps, cond, guidance, callback, heun=False)
 
 
 @torch.no_grad()
@@ -297,22 +314,4 @@ def sample_heun(
     Returns:
         (B, *) x at timesteps[-1].
     """
-    _check_flow_args(timesteps)
-    ts = timesteps.to(noise.device)
-    kwargs = _model_kwargs(cond, guidance, noise)
-    b = noise.shape[0]
-    k = ts.shape[0] - 1
-    x = noise
-    for i in range(k):
-        t_curr, t_prev = ts[i], ts[i + 1]
-        h = t_prev - t_curr
-        v = model_fn(x, t_curr.to(x.dtype).expand(b), **kwargs)
-        x_euler = x + h * v
-        if last_step_euler and i == k - 1:
-            x = x_euler
-        else:
-            v2 = model_fn(x_euler, t_prev.to(x.dtype).expand(b), **kwargs)
-            x = x + h * (v + v2) / 2
-        if callback is not None:
-            callback(i, t_curr, x)
-    return x
+    return _integrate(model_fn, noise, timesteps, cond, guidance, callback, True, last_step_euler)

@@ -48,9 +48,7 @@ def _check_prediction_type(prediction_type: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# DDPM family
-# ---------------------------------------------------------------------------------------------------------------
+# --- DDPM family
 
 
 def ddpm_betas(
@@ -206,9 +204,7 @@ def ddpm_timesteps(
     return ts.to(device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Flow matching (rectified flow), BFL flux sampling.py
-# ---------------------------------------------------------------------------------------------------------------
+# --- Flow matching (rectified flow), BFL flux sampling.py
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
