@@ -12,11 +12,9 @@ Job "points" (unpaired): `vermeil.data.points.paired_sequences` (two independent
 angle); the target given the condition is random there, so the distance is the sliced Wasserstein-1 distance
 between the generated and true target point clouds.
 
-Two ways in: a run config with `data: {task: flow}` (`FlowData`; `vermeil train`, `vermeil sample`), or the
-functions `train_flow_job(steps, seed, ...) -> FlowJobResult`, `sample_flow_job(result, ...) -> FlowJobSample`
-and `plot_flow_job(sample, path)` (matplotlib, an optional extra, imported inside). Both train with the same
-`Trainer`, AdamW and warm-up + cosine schedule (`vermeil.train.optim`). tests/recipes/test_flow.py trains a fast
-variant and checks that the loss and the distance fall.
+Two ways in, both trained by the same `Trainer`: a run config with `data: {task: flow}` (`FlowData`; `vermeil
+train`, `vermeil sample`), or `train_flow_job` -> `sample_flow_job` -> `plot_flow_job` (matplotlib, an optional
+extra, imported inside). tests/recipes/test_flow.py trains a fast variant and checks that loss and distance fall.
 """
 
 # Shapes: B batch, L points per sequence, Cc condition channels (2), C target channels (3 or 2), A = 3 id axes.
@@ -42,7 +40,7 @@ from vermeil.data.sampler import SeededSampler
 from vermeil.diffusion.losses import flow_matching_loss, sample_flow_timesteps
 from vermeil.diffusion.samplers import sample_euler, sample_heun
 from vermeil.diffusion.schedules import get_schedule
-from vermeil.nn.checks import check_positive_int, check_positive_ints
+from vermeil.nn.checks import check_positive_ints
 from vermeil.recipes.tasks import Run, TaskData
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
@@ -123,11 +121,8 @@ def _channels(task: Job) -> tuple[int, int]:
 
 
 def _ids(batch: int, length: int, stream: int, device: torch.device | str | None = None) -> Tensor:
-    """(1, L, 3) ids on `device`: axis 0 the stream (0 condition, 1 data), axis 1 the sequence index, axis 2
-    unused (0).
-
-    Point i of both streams shares axis 1, so RoPE sees them at relative position 0 on that axis.
-    """
+    """(1, L, 3) ids: axis 0 the stream (0 condition, 1 data), axis 1 the sequence index (shared by point i of
+    both streams: relative position 0 for RoPE), axis 2 unused (0)."""
     ids = torch.zeros(1, length, 3, device=device)
     ids[..., 0] = stream
     ids[..., 1] = torch.arange(length, device=device)
@@ -285,12 +280,7 @@ class FlowData(TaskData):
                 raise ConfigError(f"model: {e}") from None
             merged = {**base, **user}
         cond_ch, data_ch = self.channels
-        io = {
-            "in_channels": data_ch,
-            "out_channels": data_ch,
-            "context_in_dim": cond_ch,
-            "vec_in_dim": cond_ch,
-        }
+        io = dict(in_channels=data_ch, out_channels=data_ch, context_in_dim=cond_ch, vec_in_dim=cond_ch)
         return {**merged, **{k: v for k, v in io.items() if k not in user}}
 
     @classmethod
@@ -300,9 +290,6 @@ class FlowData(TaskData):
         p = model_config
         io = (p.context_in_dim, p.vec_in_dim, p.in_channels, p.out_channels)
         return cls(job="points") if io == (2, 2, 2, 2) else cls()
-
-    def check_fit(self, run: RunConfig) -> None:
-        pass  # the channels were fitted in complete_model; any Flux shape trains
 
     def init_model(self, model: nn.Module) -> None:
         zero_init_output(model)  # type: ignore[arg-type]
@@ -448,9 +435,8 @@ def train_flow_job(
     from vermeil.models.flux import Flux
     from vermeil.train.trainer import Trainer
 
-    check_positive_int("steps", steps)
     params = params or flow_job_params(task)
-    config = TrainConfig(
+    config = TrainConfig(  # checks steps, batch_size, lr, ... before anything is built
         steps=steps,
         lr=lr,
         warmup=warmup,
@@ -587,23 +573,18 @@ def flow_job_figure(sample: FlowJobSample, *, rows: int = 3) -> Any:
 
     rows = min(rows, sample.cond.shape[0])
     columns = (("condition", sample.cond), ("target", sample.target), ("generated", sample.generated))
-    three_d = [c for _, c in columns[1:] if c.shape[-1] > 2]
-    z_range = (
-        (min(float(c[:rows, :, 2].min()) for c in three_d), max(float(c[:rows, :, 2].max()) for c in three_d))
-        if three_d
-        else None
-    )
+    # True and generated 3-D targets share one colour scale.
+    z = [c[:rows, :, 2].detach().cpu() for _, c in columns[1:] if c.shape[-1] > 2]
     fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows + 0.8), squeeze=False)
     for c, (title, points) in enumerate(columns):
         is_3d = points.shape[-1] > 2
-        mapped = None
         for r in range(rows):
             ax = axes[r][c]
             pts = points[r].detach().cpu()
             if is_3d:
-                colour, (lo, hi) = pts[:, 2], z_range
+                colour, lo, hi = pts[:, 2], min(float(t.min()) for t in z), max(float(t.max()) for t in z)
             else:
-                colour, (lo, hi) = torch.arange(pts.shape[0]), (0, pts.shape[0] - 1)
+                colour, lo, hi = torch.arange(pts.shape[0]), 0, pts.shape[0] - 1
             ax.plot(pts[:, 0], pts[:, 1], color="0.8", lw=0.8, zorder=0)  # the sequence order
             mapped = ax.scatter(pts[:, 0], pts[:, 1], c=colour, cmap="viridis", s=14, vmin=lo, vmax=hi)
             ax.set_aspect("equal")
