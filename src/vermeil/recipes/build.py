@@ -15,9 +15,6 @@ from vermeil.train.hooks import LossCurve
 
 __all__ = ["LossCurve", "build_model", "build_run", "load_trained", "loss_label"]
 
-# loss.png's y label when a task names none of its own (`TaskData.loss_label`).
-DEFAULT_LOSS_LABEL = "loss"
-
 
 def build_model(run: RunConfig, *, device: torch.device | str | None = None) -> nn.Module:
     """The model a run config names, initialised with `torch.manual_seed(run.train.seed)` (then the task's own
@@ -44,8 +41,8 @@ def build_run(run: RunConfig, *, model: nn.Module | None = None) -> Run:
 
 def loss_label(run: RunConfig) -> str:
     """What a run's loss measures, for a plot's y axis: the task's `loss_label` (e.g. "cross-entropy (nats per
-    byte)" for text, the velocity MSE for flow)."""
-    return str(getattr(run.data, "loss_label", DEFAULT_LOSS_LABEL))
+    byte)" for text, the velocity MSE for flow), or "loss" for a task that names none."""
+    return str(getattr(run.data, "loss_label", "loss"))
 
 
 def load_trained(run_dir: str | os.PathLike[str]) -> tuple[RunConfig, nn.Module, Path]:

@@ -98,32 +98,22 @@ def load_foreign(
         ImportError: the library is not installed.
     """
     src = Path(src)
-    if kind == "transformers":
-        from vermeil.interop import from_transformers
+    key, families = (
+        ("architectures", FROM_TRANSFORMERS) if kind == "transformers" else ("_class_name", FROM_DIFFUSERS)
+    )
+    cls_name = _folder_class(src, key, kind)
+    if cls_name not in families:
+        raise ValueError(f"{os.fspath(src)} holds a {cls_name}; supported {kind} classes: {sorted(families)}")
+    library = import_optional(kind)
+    cls = getattr(library, cls_name, None)
+    if cls is None:
+        raise ImportError(f"this {kind} ({library.__version__}) has no {cls_name}")
+    with quiet(library):
+        foreign = cls.from_pretrained(src, local_files_only=True).eval()
+    from vermeil import interop
 
-        cls_name = _folder_class(src, "architectures", "transformers")
-        if cls_name not in FROM_TRANSFORMERS:
-            raise ValueError(
-                f"{os.fspath(src)} holds a {cls_name}; supported transformers classes: {sorted(FROM_TRANSFORMERS)}"
-            )
-        transformers = import_optional("transformers")
-        cls = getattr(transformers, cls_name, None)
-        if cls is None:
-            raise ImportError(f"this transformers ({transformers.__version__}) has no {cls_name}")
-        with quiet(transformers):
-            foreign = cls.from_pretrained(src, local_files_only=True).eval()
-        return FROM_TRANSFORMERS[cls_name], foreign, from_transformers(foreign).eval()
-    from vermeil.interop import from_diffusers
-
-    cls_name = _folder_class(src, "_class_name", "diffusers")
-    if cls_name not in FROM_DIFFUSERS:
-        raise ValueError(
-            f"{os.fspath(src)} holds a {cls_name}; supported diffusers classes: {sorted(FROM_DIFFUSERS)}"
-        )
-    diffusers = import_optional("diffusers")
-    with quiet(diffusers):
-        foreign = getattr(diffusers, cls_name).from_pretrained(src, local_files_only=True).eval()
-    return FROM_DIFFUSERS[cls_name], foreign, from_diffusers(foreign).eval()
+    convert = interop.from_transformers if kind == "transformers" else interop.from_diffusers
+    return families[cls_name], foreign, convert(foreign).eval()
 
 
 def foreign_run_config(family: str, model: nn.Module, name: str | None = None) -> RunConfig:
@@ -154,23 +144,16 @@ def export_model(
     target = target or FAMILIES[family].export_to or "transformers"  # no layout: refused just below
     families = [name for name, fam in FAMILIES.items() if fam.export_to == target]
     if family not in families:
+        need = " or ".join(", ".join(families).rsplit(", ", 1))
         raise ValueError(
-            f"a {family!r} model cannot be exported to {target}; --to {target} needs a run of family "
-            + (
-                " or ".join(families)
-                if len(families) < 3
-                else ", ".join(families[:-1]) + " or " + families[-1]
-            )
+            f"a {family!r} model cannot be exported to {target}; --to {target} needs a run of family {need}"
         )
     library = import_optional(target)
     with quiet(library):
         if target == "transformers":
-            from vermeil.interop import to_transformers
-
-            foreign = to_transformers(model)
+            from vermeil.interop import to_transformers as convert
         else:
-            from vermeil.interop.diffusers_flux import to_diffusers
-
-            foreign = to_diffusers(model)
+            from vermeil.interop.diffusers_flux import to_diffusers as convert
+        foreign = convert(model)
         foreign.save_pretrained(out, safe_serialization=True)
     return foreign

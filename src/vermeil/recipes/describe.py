@@ -18,10 +18,6 @@ from vermeil.recipes.config import RunConfig
 __all__ = ["describe_model"]
 
 
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-
-
 def _linear_like_params(model: nn.Module) -> tuple[int, int]:
     """(matmul parameters used per token, embedding parameters), for FLOPs; MoE experts count top_k / E."""
     embeddings = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -68,7 +64,6 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
     model = build_model(run, device="meta")
-    params = _count_params(model)
     matmul, embedding = _linear_like_params(model)
     attn = 0
     for width, window in getattr(model, "attention_layers", list)():  # per attention layer (Flux too)
@@ -76,17 +71,16 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
         attn += 2 * ctx * width
     scan = 9 * sum(_state_elements(m) for m in model.modules())
     flops = 2 * matmul + 2 * attn + scan
-    info: dict[str, Any] = {
+    return {
         "family": run.family,
         "model": type(model).__name__,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in model.parameters()),  # a tied tensor once
         "embedding_parameters": embedding,
         "context": context,
         "forward_flops_per_token": flops,
         "train_flops_per_token": 3 * flops,
+        "cache_bytes": _cache_bytes(model, batch_size, context),
     }
-    info["cache_bytes"] = _cache_bytes(model, batch_size, context)
-    return info
 
 
 def _cache_bytes(model: nn.Module, batch_size: int, context: int) -> int | None:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, to_dict
+from vermeil.data.points import DISTRIBUTIONS, paired_sequences
 from vermeil.data.sampler import SeededSampler
 from vermeil.diffusion.losses import flow_matching_loss, sample_flow_timesteps
 from vermeil.diffusion.samplers import sample_euler, sample_heun
@@ -109,8 +110,6 @@ def make_batch(
         case "curves":
             return curve_pairs(batch, length, generator, **kwargs)
         case "points":
-            from vermeil.data.points import paired_sequences
-
             return paired_sequences(batch, length, generator, **kwargs)
         case _:
             raise ValueError(f"task={task!r} must be 'curves' or 'points'")
@@ -226,8 +225,6 @@ class FlowData(TaskData):
     eval_samples: int = 256
 
     def __post_init__(self) -> None:
-        from vermeil.data import DISTRIBUTIONS
-
         for name in ("source", "target"):
             value = getattr(self, name)
             if value not in DISTRIBUTIONS:

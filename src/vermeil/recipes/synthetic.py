@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from vermeil.config import ConfigError
+from vermeil.data import mqar, selective_copying
 from vermeil.data.sampler import SeededSampler
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 from vermeil.recipes.tasks import Run, TaskData, eval_token_batches
+from vermeil.train.losses import lm_loss_fn
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,8 +50,6 @@ class _SyntheticTask(TaskData):
             loss, acc = eval_token_batches(m, val_batches, device)
             return {"val_loss": loss, "val_accuracy": acc}
 
-        from vermeil.train.losses import lm_loss_fn
-
         return Run(run, model, sampler, lm_loss_fn(run.model), eval_fn)
 
 
@@ -70,9 +71,7 @@ class MQARData(_SyntheticTask):
     random_non_queries: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_kv_pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        check_positive_ints(vocab_size=self.vocab_size, num_kv_pairs=self.num_kv_pairs)
         if not self.power_a > 0:
             raise ValueError(f"power_a={self.power_a!r} must be > 0")
 
@@ -92,8 +91,6 @@ class MQARData(_SyntheticTask):
             )
 
     def generator(self, seq_len: int) -> tuple[Callable[..., Any], dict[str, Any]]:
-        from vermeil.data import mqar
-
         kwargs = dict(
             vocab_size=self.vocab_size,
             seq_len=seq_len,
@@ -115,8 +112,7 @@ class SelectiveCopyingData(_SyntheticTask):
     def __post_init__(self) -> None:
         if self.vocab_size < 3:
             raise ValueError(f"vocab_size={self.vocab_size!r} must be >= 3")
-        if self.num_tokens_to_copy < 1:
-            raise ValueError(f"num_tokens_to_copy={self.num_tokens_to_copy!r} must be >= 1")
+        check_positive_int("num_tokens_to_copy", self.num_tokens_to_copy)
 
     def check_fit(self, run: RunConfig) -> None:
         super().check_fit(run)
@@ -128,7 +124,5 @@ class SelectiveCopyingData(_SyntheticTask):
             )
 
     def generator(self, seq_len: int) -> tuple[Callable[..., Any], dict[str, Any]]:
-        from vermeil.data import selective_copying
-
         kwargs = dict(vocab_size=self.vocab_size, seq_len=seq_len, num_tokens_to_copy=self.num_tokens_to_copy)
         return selective_copying, kwargs

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from vermeil.config import ConfigError
+from vermeil.data import ByteTokenizer, WindowSampler, load_text_corpus, sequential_windows
 from vermeil.recipes.tasks import Run, TaskData, eval_token_batches
+from vermeil.train.losses import lm_loss_fn
 
 if TYPE_CHECKING:
     from vermeil.recipes.config import RunConfig
@@ -50,8 +52,6 @@ class TextData(TaskData):
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         """Random windows of the train split; validation loss and bits per byte on fixed windows."""
-        from vermeil.data import ByteTokenizer, WindowSampler, load_text_corpus, sequential_windows
-
         train = run.train
         corpus = load_text_corpus(
             self.paths,
@@ -76,6 +76,4 @@ class TextData(TaskData):
             return {"val_loss": loss, "val_bpb": loss / math.log(2.0)}
 
         extras = {"corpus_fingerprint": corpus.fingerprint, "train_bytes": corpus.train.numel()}
-        from vermeil.train.losses import lm_loss_fn
-
         return Run(run, model, sampler, lm_loss_fn(run.model), eval_fn, ByteTokenizer(), extras)
