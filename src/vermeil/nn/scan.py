@@ -34,10 +34,8 @@ independent of L; nothing of size (B, D, L, N) ever exists. The state is laid ou
 reduction runs over a non-innermost axis (vectorised along D), and exp(x) is computed as exp2(x * log2 e),
 which torch's CPU kernels evaluate about 4x faster (the error stays within float32 rounding of x).
 
-`selective_scan(..., compile=True)` runs the same recurrence, exactly as the loop writes it, over chunks of 8
-positions, each chunk one call of a torch.compile'd function (`_chunk_forward`, `_chunk_backward`): Inductor
-fuses the chunk's unrolled steps into one vectorised C++ loop that keeps the state in registers, instead of
-the ~15 passes over memory that the eager chunk makes. No exp(-x) anywhere, so it is exact in the same way.
+`selective_scan(..., compile=True)` runs the loop's own steps over chunks of 8 positions, each chunk one
+torch.compile'd call (`_chunk_forward`, `_chunk_backward`, notes above them); no exp(-x) there either.
 
 On CUDA, `selective_scan` runs Triton kernels instead (`vermeil.nn.scan_triton`, whose docstring gives their
 design): one forward and one backward kernel keep the state on chip and save only chunk-boundary states.
@@ -67,10 +65,8 @@ _LOG2_E = math.log2(math.e)
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64 (so gradcheck sees the exact function), else float32."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
+    float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if float64 else torch.float32
 
 
 def _check_floating(**tensors: Tensor | None) -> None:
@@ -309,6 +305,21 @@ def _view(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
     return buf[: math.prod(shape)].view(shape)
 
 
+def _chunk_terms(
+    u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A2_t: Tensor, spec: tuple[int, ...], work: list[Tensor]
+) -> tuple[Tensor, ...]:
+    """A chunk's gridded inputs d, u, d * u (k, B, G, D), b, c (k, B, G, N), and in work[0], work[1] as
+    (k, B, G, N, D): dA = exp(delta_t A) (every exponent <= 0 for A <= 0) and delta_t u_t B_t (the states
+    once rescanned)."""
+    p0, n, k, groups = spec  # one of _chunks
+    d, uu, b, c = (_grid(t, p0, n, groups, k) for t in (delta, u, B, C))
+    du = d * uu
+    shape = (k, *d.shape[1:3], *A2_t.shape)
+    dA = torch.exp2_(torch.mul(d.unsqueeze(-2), A2_t, out=_view(work[0], shape)))
+    h = torch.mul(du.unsqueeze(-2), b.unsqueeze(-1), out=_view(work[1], shape))
+    return d, uu, du, b, c, dA, h
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     """Core scan y_t = <C_t, h_t>, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, with hand-written backward.
 
@@ -338,15 +349,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         # two workspaces reused by every chunk instead of fresh multi-MiB allocations per chunk
         work = _workspace(u, chunks, bsz, n_state, dim, 2)
         for p0, n, k, groups in chunks:
-            d = _grid(delta, p0, n, groups, k)  # (k, B, G, D)
-            du = d * _grid(u, p0, n, groups, k)  # (k, B, G, D)
-            b = _grid(B, p0, n, groups, k)  # (k, B, G, N)
-            c = _grid(C, p0, n, groups, k)  # (k, B, G, N)
-            shape = (k, bsz, groups, n_state, dim)
-            # exp(delta_t A): (k, B, G, N, D), all exponents <= 0 for A <= 0
-            dA = torch.exp2_(torch.mul(d.unsqueeze(-2), A2_t, out=_view(work[0], shape)))
-            # delta*u*B: (k, B, G, N, D), becomes the states below
-            h = torch.mul(du.unsqueeze(-2), b.unsqueeze(-1), out=_view(work[1], shape))
+            d, _, _, b, c, dA, h = _chunk_terms(u, delta, B, C, A2_t, (p0, n, k, groups), work)
             # (B, G + 1, N, D): true state before each sub-chunk, then after the chunk; written in place
             starts_ext = u.new_empty(bsz, groups + 1, n_state, dim)
             starts_ext[:, 0] = carry
@@ -395,14 +398,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         work = _workspace(u, chunks, bsz, n_state, dim, 3)
         for (p0, n, k, groups), starts in zip(reversed(chunks), reversed(starts_all)):
             shape = (k, bsz, groups, n_state, dim)
-            d = _grid(delta, p0, n, groups, k)  # (k, B, G, D)
-            uu = _grid(u, p0, n, groups, k)
-            du = d * uu
-            b = _grid(B, p0, n, groups, k)  # (k, B, G, N)
-            c = _grid(C, p0, n, groups, k)
+            d, uu, du, b, c, dA, h = _chunk_terms(u, delta, B, C, A2_t, (p0, n, k, groups), work)
             gy = _grid(grad_y, p0, n, groups, k)  # (k, B, G, D), zero on padding
-            dA = torch.exp2_(torch.mul(d.unsqueeze(-2), A2_t, out=_view(work[0], shape)))  # (k, B, G, N, D)
-            h = torch.mul(du.unsqueeze(-2), b.unsqueeze(-1), out=_view(work[1], shape))
             prev = starts
             for j in range(k):  # recompute the states of the chunk
                 h[j].addcmul_(dA[j], prev)
@@ -443,12 +440,10 @@ class _SelectiveScanFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The compiled path: each chunk's recurrence unrolled over its K positions, fused by torch.compile.
-#
-# Written as plain tensor ops on (B, K, X) chunks (X innermost and contiguous, so the generated C++ loops
-# vectorise along D), these two functions are slow in eager mode; under Inductor the K steps of pointwise
-# updates become one loop over (B, N, D) with the state kept in registers, where the eager path above makes
-# ~15 passes over a (k, B, G, N, D) tensor per chunk. Measured on 2 threads, B=2, D=1024, N=16, L=1024,
+# The compiled path: each chunk's recurrence unrolled over its K positions as plain ops on (B, K, X) chunks
+# (X innermost, so the generated C++ vectorises along D). Slow in eager mode; under Inductor the K steps
+# become one loop over (B, N, D) with the state in registers, where the eager path above makes ~15 passes
+# over a (k, B, G, N, D) tensor per chunk. Measured on 2 threads, B=2, D=1024, N=16, L=1024,
 # time-major inputs as MambaBlock passes them: forward 36.9 -> 18.8 ms, forward+backward 94 -> 70 ms. The
 # kernels themselves take 7 + 24 ms of that; the rest is the per-chunk Python loop. K = 8 was the fastest
 # of 4, 8, 16, 32 (larger K: bigger unrolled graphs, slower compiles, no faster kernels).
@@ -591,7 +586,7 @@ def _resolve_backend(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
     u = tensors[0]
-    float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    float64 = _compute_dtype(*tensors) == torch.float64
     if backend == "auto":
         if u.is_cuda and not float64 and _triton_unavailable(u.device) is None:
             return "triton"
@@ -675,33 +670,22 @@ def selective_scan(
     cdt = _compute_dtype(u, delta, A, B, C, initial_state)
     bsz, dim, length = u.shape
     n_state = A.shape[1]
-    u_c = u.to(cdt)
+    u_c, B_c, C_c = u.to(cdt), B.to(cdt), C.to(cdt)
     delta_c = _prepare_delta(delta.to(cdt), delta_bias, delta_softplus)
     if initial_state is None:
         h0 = u_c.new_zeros(bsz, n_state, dim)
     else:
         h0 = initial_state.to(cdt).transpose(1, 2).contiguous()  # (B, N, D): the internal layout
+    A_t = A.to(cdt).t().contiguous()  # (N, D)
     if compile:
         # (B, L, X)-contiguous: a free transpose for the projections' outputs that MambaBlock passes
-        y, final = _CompiledScanFn.apply(
-            *(t.transpose(1, 2).contiguous() for t in (u_c, delta_c)),
-            A.to(cdt).t().contiguous(),
-            *(t.to(cdt).transpose(1, 2).contiguous() for t in (B, C)),
-            h0,
-            chunk_size if chunk_size is not None else _COMPILED_CHUNK,
-        )
-        out = _finish(y.transpose(1, 2), u_c, D, z, dtype_in)
-        return (out, final.transpose(1, 2)) if return_final_state else out
-    chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
-    y, final = _SelectiveScanFn.apply(
-        _dense(u_c),
-        _dense(delta_c),
-        A.to(cdt).t().contiguous(),
-        _dense(B.to(cdt)),
-        _dense(C.to(cdt)),
-        h0,
-        chunk,
-        _sub_chunk(chunk),
-    )
+        u_l, delta_l, B_l, C_l = (t.transpose(1, 2).contiguous() for t in (u_c, delta_c, B_c, C_c))
+        chunk = chunk_size if chunk_size is not None else _COMPILED_CHUNK
+        y, final = _CompiledScanFn.apply(u_l, delta_l, A_t, B_l, C_l, h0, chunk)
+        y = y.transpose(1, 2)
+    else:
+        chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
+        u_d, delta_d, B_d, C_d = map(_dense, (u_c, delta_c, B_c, C_c))
+        y, final = _SelectiveScanFn.apply(u_d, delta_d, A_t, B_d, C_d, h0, chunk, _sub_chunk(chunk))
     out = _finish(y, u_c, D, z, dtype_in)
     return (out, final.transpose(1, 2)) if return_final_state else out

@@ -38,13 +38,6 @@ torch afterwards (deterministic, tiny); dB and dC, which sum over all channels, 
 cdiv(D, BLOCK_D) times their size in HBM traffic (the order of the atomic adds makes dB, dC
 nondeterministic in the last bits); d(initial_state) = a_0 G_0 is written once.
 
-HBM bytes per call (`scan_bytes` computes them; e the input element size, e.g. 2 for bfloat16): forward
-reads u, delta, z and writes y, 4e per (b, d, l), reads B and C, 2e per (b, n, l), and writes
-4 * N / CHUNK bytes of chunk states per (b, d, l) plus the final state. Backward reads u, delta, z, dy and
-writes du, ddelta, dz, 7e per (b, d, l), reads B, C (2e per (b, n, l)) and adds dB, dC (8 per (b, n, l)),
-and reads the chunk states back. B and C are read by every channel block; only their first read is counted
-(the rest hit L2), as are the shifted delta re-reads.
-
 Sources: state-spaces/mamba `csrc/selective_scan/selective_scan_fwd_kernel.cuh` and
 `selective_scan_bwd_kernel.cuh` (chunk-boundary states, recomputation in backward, the scan operator,
 atomics for dB/dC), `csrc/selective_scan/reverse_scan.cuh` (the reverse adjoint scan);
@@ -116,14 +109,14 @@ def block_d_for(n_state: int, chunk: int = CHUNK) -> int:
 def scan_bytes(batch: int, dim: int, length: int, n_state: int, dtype: torch.dtype, *, backward: bool) -> int:
     """HBM bytes one forward (or one backward) call of the Triton scan moves, for a bandwidth report.
 
-    Counts each tensor once (B, C and the shifted delta are re-read by other programs from L2), with z, D
-    and delta_bias present (as in Mamba) and B, C in `dtype`. The module docstring lists the terms.
+    Counts each tensor once (B, C and the shifted delta are re-read by other channel blocks from L2), with
+    z, D and delta_bias present (as in Mamba) and B, C in `dtype`; e is the element size of `dtype`.
     """
     e = torch.empty((), dtype=dtype).element_size()
     n_chunks = -(-length // CHUNK)
     bdl, bnl, bdn = batch * dim * length, batch * n_state * length, batch * dim * n_state
     small = dim * n_state * 4 + 2 * dim * 4  # A, D, delta_bias
-    if not backward:
+    if not backward:  # u, delta, z read, y written; B, C read; chunk states, h0, final state
         return 4 * e * bdl + 2 * e * bnl + 4 * bdn * n_chunks + 2 * 4 * bdn + small
     # u, delta, z, dy read; du, ddelta, dz written; B, C read; dB, dC float32 (atomics, written back once);
     # chunk states read; d(initial_state), dA partials written, d(final state) read; dD, dbias partials
@@ -321,17 +314,8 @@ if triton is not None:
                 z = _load_tile(z_ptr, s_zb, s_zd, s_zl, pid_b, offs_d, t, mask_dt)
                 sig = _sigmoid(z)
                 y = tl.sum(hs * cc[None, :, :], axis=1) + d_skip[:, None] * u
-                _store_tile(
-                    dz_ptr,
-                    s_dzb,
-                    s_dzd,
-                    s_dzl,
-                    pid_b,
-                    offs_d,
-                    t,
-                    dy * y * sig * (1.0 + z * (1.0 - sig)),
-                    mask_dt,
-                )
+                dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+                _store_tile(dz_ptr, s_dzb, s_dzd, s_dzl, pid_b, offs_d, t, dz, mask_dt)
                 gy = dy * z * sig
             gy = tl.where(mask_dt, gy, 0.0)
             # adjoint: G_t = gy_t C_t + a_{t+1} G_{t+1}, scanned backwards from the carry g
@@ -475,16 +459,14 @@ def unavailable_reason(device: torch.device) -> str | None:
     if triton is None:
         return "the triton package is not installed (pip install 'vermeil[gpu]')"
     if device.type == "cuda":
-        return (
-            None if not INTERPRETED else "TRITON_INTERPRET=1 is set, which runs kernels on CPU tensors only"
-        )
-    if device.type == "cpu":
-        if INTERPRETED:
-            return None
+        return "TRITON_INTERPRET=1 is set, which runs kernels on CPU tensors only" if INTERPRETED else None
+    if device.type == "cpu" and not INTERPRETED:
         return (
             "tensors are on the CPU, where Triton runs only in its interpreter: set TRITON_INTERPRET=1 before "
             "vermeil.nn.scan_triton is imported (tests do), or use backend='chunked'"
         )
+    if device.type == "cpu":
+        return None
     return f"Triton kernels run on CUDA tensors, got device {device}"
 
 
