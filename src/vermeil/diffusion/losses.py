@@ -19,10 +19,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vermeil.diffusion.schedules import _check_prediction_type, get_lin_function, time_shift
+from vermeil.diffusion.schedules import PredictionType, _check_prediction_type, get_lin_function, time_shift
 from vermeil.nn.checks import check_positive_int
 
-PredictionType = Literal["epsilon", "sample", "x0", "v_prediction"]
 TimeSampling = Literal["uniform", "logit_normal", "mode"]
 ModelFn = Callable[..., Tensor]
 

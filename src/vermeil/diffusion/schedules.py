@@ -22,6 +22,7 @@ from torch import Tensor
 from vermeil.nn.checks import check_positive_int
 
 BetaKind = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
+PredictionType = Literal["epsilon", "sample", "x0", "v_prediction"]  # diffusers' names; "x0" = "sample"
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 __all__ = [
@@ -140,11 +141,7 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def min_snr_weight(
-    snr: Tensor,
-    gamma: float = 5.0,
-    prediction_type: Literal["epsilon", "sample", "x0", "v_prediction"] = "epsilon",
-) -> Tensor:
+def min_snr_weight(snr: Tensor, gamma: float = 5.0, prediction_type: PredictionType = "epsilon") -> Tensor:
     """Min-SNR-gamma loss weight (Hang et al. 2023) for the MSE on the given prediction type.
 
     epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1); sample/x0: min(snr, gamma).

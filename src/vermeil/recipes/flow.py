@@ -77,8 +77,7 @@ EVAL_SEED_OFFSET = 1_000_003
 SAMPLE_SEED_OFFSET = 2_000_003
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data
+# --- Data
 
 
 def curve_pairs(
@@ -140,8 +139,7 @@ def sliced_wasserstein(
     return ((x @ u).sort(dim=0).values - (y @ u).sort(dim=0).values).abs().mean()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model
+# --- Model
 
 
 def flow_job_params(
@@ -193,8 +191,7 @@ def zero_init_output(model: Flux) -> None:
     torch.nn.init.zeros_(model.final_layer.linear.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The run config's task
+# --- The run config's task
 
 
 @dataclass
@@ -364,8 +361,7 @@ def flow_loss(
     return flow_matching_loss(flux_model_fn(model, cond), data, kind=time_sampling)  # type: ignore[arg-type]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Train and sample
+# --- Train and sample
 
 
 @dataclass
@@ -529,8 +525,7 @@ def sample_flow_job(
     Returns:
         FlowJobSample (distance as a float).
     """
-    model = result.model if isinstance(result, FlowJobResult) else result
-    config = result.config if isinstance(result, FlowJobResult) else {}
+    model, config = (result.model, result.config) if isinstance(result, FlowJobResult) else (result, {})
     task = task or config.get("task", "curves")
     length = length or config.get("length", 16)
     data_kwargs = data_kwargs if data_kwargs is not None else config.get("data_kwargs", {})
