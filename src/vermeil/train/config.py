@@ -86,23 +86,15 @@ class TrainConfig:
     loss_chunk_size: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "grad_accum",
-            "batch_size",
-            "seq_len",
-            "eval_batches",
-            "log_every",
-            "keep_checkpoints",
-            "max_nonfinite",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        for name in ("warmup", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an int >= 0")
+        counts = {  # the lowest value of each count (0: none, or only at the end)
+            1: "steps grad_accum batch_size seq_len eval_batches log_every keep_checkpoints max_nonfinite",
+            0: "warmup eval_every save_every",
+        }
+        for low, names in counts.items():
+            for name in names.split():
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ValueError(f"{name}={value!r} must be an int >= {low}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

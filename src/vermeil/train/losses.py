@@ -72,7 +72,11 @@ def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tens
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     # Vocab-sharded logits (loss parallelism) give a replicated DTensor: plain before it meets the plain aux
     # loss, whose backward would otherwise receive a DTensor gradient.
-    ce = plain(ce)
+    return _with_aux(plain(ce), aux)
+
+
+def _with_aux(ce: Tensor, aux: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, metrics) of a cross-entropy plus the MoE auxiliary loss, when the model returned one."""
     if aux is None:
         return ce, {"ce": ce}
     return ce + aux, {"ce": ce, "aux_loss": aux}
@@ -149,11 +153,15 @@ def head_loss(model: nn.Module, head: LossHead, tokens: Tensor, targets: Tensor 
     logits, _ = split_output(model(tokens))
     if targets is None:
         return head(logits[:, :-1], tokens[:, 1:])
+    _check_targets(tokens, targets)
+    return head(logits, targets)
+
+
+def _check_targets(tokens: Tensor, targets: Tensor) -> None:
     if targets.shape != tokens.shape:
         raise ValueError(
             f"targets.shape={tuple(targets.shape)} must equal tokens.shape={tuple(tokens.shape)}"
         )
-    return head(logits, targets)
 
 
 def lm_loss_fn(model_config: Any) -> LossFn:
@@ -394,12 +402,14 @@ def lm_head(model: nn.Module) -> nn.Linear | None:
 
 
 class _HeadInput:
-    """What `capture_head_input` saw: the head's input and the placeholder logits it returned instead."""
+    """What `capture_head_input` saw: the head, its input and the placeholder logits it returned instead."""
 
-    hidden: Tensor | None = None
-    placeholder: Tensor | None = None
+    def __init__(self, head: nn.Linear) -> None:
+        self.head = head
+        self.hidden: Tensor | None = None
+        self.placeholder: Tensor | None = None
 
-    def weight_and_bias(self, head: nn.Linear, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+    def weight_and_bias(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """The head's weight (and bias) rows the model's logits kept (MambaLM cuts its padded vocabulary),
         after checking that the model returned the head's output unchanged but for that cut and `.float()`."""
         ph = self.placeholder
@@ -421,10 +431,8 @@ class _HeadInput:
                 "train.loss_chunk_size=0"
             )
         vocab = logits.shape[-1]
-        weight, bias = head.weight, head.bias
-        if vocab < weight.shape[0]:
-            weight, bias = weight[:vocab], (bias[:vocab] if bias is not None else None)
-        return weight, bias
+        bias = self.head.bias[:vocab] if self.head.bias is not None else None
+        return self.head.weight[:vocab], bias
 
 
 @contextlib.contextmanager
@@ -441,8 +449,7 @@ def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
             f"{type(model).__name__} has no output head (an nn.Linear named by its lm_parts, or output / "
             "lm_head): the chunked loss cannot capture its hidden states"
         )
-    seen = _HeadInput()
-    had_own = "forward" in head.__dict__
+    seen = _HeadInput(head)
     own = head.__dict__.get("forward")
 
     def forward(x: Tensor) -> Tensor:
@@ -457,39 +464,10 @@ def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
     try:
         yield seen
     finally:
-        if had_own:
+        if own is not None:
             head.forward = own  # type: ignore[method-assign]
         else:
             del head.forward
-
-
-def _chunked_head_loss(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    chunk_size: int | None,
-    ignore_index: int,
-    z_loss: float,
-) -> tuple[Tensor, Tensor | None]:
-    """(the fused head + cross-entropy of `model` on one batch, the MoE auxiliary loss or None)."""
-    head = lm_head(model)
-    assert head is not None  # checked by capture_head_input
-    with capture_head_input(model) as seen:
-        output = model(inputs)
-    logits, aux = split_output(output)
-    weight, bias = seen.weight_and_bias(head, logits)
-    assert seen.hidden is not None
-    loss = chunked_cross_entropy(
-        seen.hidden,
-        weight,
-        targets,
-        bias=bias,
-        chunk_size=chunk_size,
-        ignore_index=ignore_index,
-        z_loss=z_loss,
-    )
-    return loss, aux
 
 
 def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None = None) -> LossFn | None:
@@ -503,40 +481,29 @@ def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None
     Args:
         chunk_size: tokens per chunk; None: `default_chunk_size`.
     """
-    if lm_head(model) is None:
-        return None
-    if loss_fn is causal_lm_loss:
-
-        def chunked_causal(
-            model: nn.Module, batch: tuple[Tensor, Tensor]
-        ) -> tuple[Tensor, dict[str, Tensor]]:
-            inputs, targets = batch
-            ce, aux = _chunked_head_loss(
-                model, inputs, targets, chunk_size=chunk_size, ignore_index=-100, z_loss=0.0
-            )
-            if aux is None:
-                return ce, {"ce": ce}
-            return ce + aux, {"ce": ce, "aux_loss": aux}
-
-        return chunked_causal
     head = getattr(loss_fn, "loss_head", None)
-    if type(head) is CrossEntropyLoss:
+    causal = loss_fn is causal_lm_loss
+    if lm_head(model) is None or not (causal or type(head) is CrossEntropyLoss):
+        return None
+    ignore_index, z_loss = (-100, 0.0) if causal else (head.ignore_index, head.z_loss)
 
-        def chunked_head(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-            inputs, targets = batch
-            if targets.shape != inputs.shape:
-                raise ValueError(
-                    f"targets.shape={tuple(targets.shape)} must equal tokens.shape={tuple(inputs.shape)}"
-                )
-            loss, _ = _chunked_head_loss(
-                model,
-                inputs,
-                targets,
-                chunk_size=chunk_size,
-                ignore_index=head.ignore_index,
-                z_loss=head.z_loss,
-            )
-            return loss, {}
+    def chunked(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs, targets = batch
+        if not causal:
+            _check_targets(inputs, targets)
+        with capture_head_input(model) as seen:
+            logits, aux = split_output(model(inputs))
+        weight, bias = seen.weight_and_bias(logits)
+        assert seen.hidden is not None  # checked by weight_and_bias
+        loss = chunked_cross_entropy(
+            seen.hidden,
+            weight,
+            targets,
+            bias=bias,
+            chunk_size=chunk_size,
+            ignore_index=ignore_index,
+            z_loss=z_loss,
+        )
+        return _with_aux(loss, aux) if causal else (loss, {})
 
-        return chunked_head
-    return None
+    return chunked

@@ -75,13 +75,10 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
     rows = []
     for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a partial line from a killed run
+            continue  # a partial line from a killed run (or an empty one)
     return rows
 
 
@@ -241,14 +238,10 @@ class MetricsWindow:
 class _NoBar:
     """Stand-in for tqdm when it is not installed or the bar is off."""
 
-    def update(self, n: int = 1) -> None:
+    def update(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    set_postfix = close = update
 
 
 def progress_bar(total: int, initial: int, enabled: bool | None) -> Any:

@@ -23,23 +23,12 @@ __all__ = ["WarmupCosine", "build_optimizer", "build_scheduler", "cosine_with_wa
 # Parameter leaf names that are never decayed (mamba_ssm marks them `_no_weight_decay`).
 NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
 # Modules whose parameters are scales and offsets: norms of every flavour.
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.RMSNorm,
-)
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 
 def _is_norm(module: nn.Module) -> bool:
     # Vermeil's RMSNorm/LayerNorm/QKNorm and foreign norms alike: by type, or by the class name as a fallback.
     return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
-
-
-def _check_weight_decay(weight_decay: float) -> None:
-    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
 
 
 def _model_hook_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -73,7 +62,8 @@ def param_groups(
         weight_decay: the decay of the first group (>= 0).
         no_decay_embeddings: keep embedding tables out of the decay.
     """
-    _check_weight_decay(weight_decay)
+    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
     if callable(getattr(model, "optimizer_groups", None)):
         return _model_hook_groups(model, float(weight_decay))
 
@@ -99,15 +89,11 @@ def param_groups(
             or name in named
         )
         (no_decay if skip else decay).append((name, p))
-    groups = [
-        {
-            "params": [p for _, p in decay],
-            "param_names": [n for n, _ in decay],
-            "weight_decay": float(weight_decay),
-        },
-        {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    return [
+        {"params": [p for _, p in named], "param_names": [n for n, _ in named], "weight_decay": wd}
+        for named, wd in ((decay, float(weight_decay)), (no_decay, 0.0))
+        if named
     ]
-    return [g for g in groups if g["params"]]
 
 
 def _fused_supported(params: Iterable[torch.Tensor]) -> bool:
@@ -176,9 +162,7 @@ class WarmupCosine:
 
     def __init__(self, warmup: int, total: int, min_ratio: float = 0.1) -> None:
         cosine_with_warmup(0, warmup, total, min_ratio)  # validates
-        self.warmup = warmup
-        self.total = total
-        self.min_ratio = min_ratio
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
 
     def __call__(self, step: int) -> float:
         return cosine_with_warmup(step, self.warmup, self.total, self.min_ratio)

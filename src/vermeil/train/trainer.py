@@ -8,7 +8,9 @@ steps, a loss-curve PNG at the end.
 The run folder (`vermeil.runs`: config.yaml, metrics.jsonl, loss.png, checkpoints/step_N/ with model.safetensors
 and state.pt, checkpoints/latest) is written atomically, and `latest` moves only after a checkpoint folder is
 complete, so a run killed at any moment (SIGKILL included) leaves the previous checkpoint loadable. state.pt holds
-the optimizer, scheduler, RNG and data-sampler states, the step and the config as a dict.
+the optimizer, scheduler, torch and Python RNG and data-sampler states, the step and the config as a dict: a
+resumed run's loss curve continues exactly the curve of the same run left uninterrupted (the loss of step s is the
+same float whether or not the run stopped before s; tests/train/test_trainer.py checks it).
 
 Under `torchrun` with a run config's `distributed.strategy` ("ddp", "fsdp2", "tp", "fsdp2+tp"; see
 `DistributedConfig`), the trainer joins the process group, applies `vermeil.distributed.parallelize` before
@@ -23,14 +25,8 @@ the end of `fit` the trainer leaves the process group it joined (barrier, `destr
 process (no `WORLD_SIZE`) the section is ignored.
 
 Two speed settings of `TrainConfig` act on the model and the loss, not on the numbers: `train.compile`
-compiles each repeated block once (`vermeil.train.regional`; "auto" = on CUDA in a single process), and if a
-compiled block fails the step restarts eagerly after one line on stderr; `train.loss_chunk_size` swaps a
-language-model loss for the head-fused chunked cross-entropy (`vermeil.train.losses.chunked_lm_loss_fn`), so the
-(B*T, V) float32 logits never exist.
-
-Resuming restores weights, optimizer and scheduler state, the torch and Python RNG states and the data sampler's
-state, so the resumed loss curve continues exactly the curve of the same run left uninterrupted (the loss of
-step s is the same float whether or not the run stopped before s; tests/train/test_trainer.py checks it).
+(`vermeil.train.regional`; a step whose compiled block fails restarts eagerly) and `train.loss_chunk_size`
+(`vermeil.train.losses.chunked_lm_loss_fn`: no (B*T, V) float32 logits).
 """
 
 from __future__ import annotations
@@ -98,10 +94,6 @@ class NonFiniteError(RuntimeError):
     The last checkpoint on disk is finite: a checkpoint is never written from non-finite weights."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
@@ -167,10 +159,6 @@ def _distributed_config(
     raise TypeError(
         f"distributed must be a DistributedConfig, a mapping or None, got {type(distributed).__name__}"
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Trainer
 
 
 class Trainer:
@@ -250,7 +238,6 @@ class Trainer:
         self.is_main = self.rank == 0
         self.model = model.to(self.device)
         # Around each micro-batch's loss and backward: loss_parallel() under a loss-parallel TP plan.
-        self._loss_parallel = False
         self._loss_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if self.world_size > 1:
             from vermeil.distributed import mixed_precision_policy, parallelize
@@ -272,7 +259,7 @@ class Trainer:
             if par.loss_parallel:
                 from torch.distributed.tensor.parallel import loss_parallel
 
-                self._loss_parallel, self._loss_context = True, loss_parallel
+                self._loss_context = loss_parallel
             if config.batch_size % self.dp_size:
                 raise ValueError(
                     f"train.batch_size={config.batch_size} (the global batch) must be divisible by the "
@@ -341,7 +328,9 @@ class Trainer:
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of the last update, for its row
         self._start = (0, 0.0)  # (step, elapsed) when this fit began: the ETA of the plain progress lines
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._dtensor_params = _any_dtensor(self._params)
+        from vermeil.distributed.training import is_dtensor
+
+        self._dtensor_params = any(is_dtensor(p) for p in self._params)  # their norm is a collective
 
     def _chunk_loss(self, setting: int | str) -> bool:
         """Swap `self.loss_fn` for its chunked equivalent as `train.loss_chunk_size` asks; whether it did.
@@ -381,30 +370,13 @@ class Trainer:
                 "block class, or _repeated_blocks): training eagerly"
             )
 
-    def _blocks_not_called(self) -> None:
-        """A step ran without calling the compiled blocks (the model calls them by another method than
-        `block(...)`): uncompile them and say so, rather than report a compiled run that was not."""
+    def _fall_back_to_eager(self, why: str) -> None:
+        """Restore the eager blocks for the rest of this trainer's life and say `why` in one line: the compiled
+        blocks failed, or never ran (rather than report a compiled run that was not)."""
         uncompile_blocks(self.model)
-        self._compile = False
+        self._compile, self.compiled_blocks = False, []
         if self.is_main:
-            echo(
-                f"train.compile: {type(self.model).__name__} never called its compiled blocks "
-                f"({self.compiled_blocks[0]}, ...) through block(...): they ran eagerly; training continues eagerly"
-            )
-        self.compiled_blocks = []
-
-    def _fall_back_to_eager(self, error: BaseException) -> None:
-        """Compiling (or running) the compiled blocks failed: restore eager blocks and say so in one line; the
-        rest of this trainer's life is eager."""
-        uncompile_blocks(self.model)
-        self._compile = False
-        self.compiled_blocks = []
-        if self.is_main:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            echo(
-                f"train.compile: the compiled blocks failed ({type(error).__name__}: {first[:200]}); "
-                "training continues eagerly (set train.compile=false to skip compiling)"
-            )
+            echo(f"train.compile: {why}")
 
     # -- control ---------------------------------------------------------------------------------------------
 
@@ -423,6 +395,13 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._stop = bool(flag.item())
         return self._stop
+
+    def _sync(self) -> None:
+        """A barrier across the ranks of a distributed run; nothing in one process."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def _call(self, name: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -457,44 +436,39 @@ class Trainer:
         self._check_weights_finite()  # never a checkpoint from non-finite weights, whatever happened
         folder = self.out_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
         meta = {"step": str(self.step), **self._tokenizer_meta}
-        if self.world_size > 1:
-            self._save_distributed(folder, meta)
-        else:
+        if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
+            if (
+                self.world_size > 1
+            ):  # dcp/ is rewritten in place: the folder is incomplete until state.pt is back
+                (folder / STATE).unlink(missing_ok=True)
             (folder / MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
+        if self.world_size > 1:
+            # Every rank writes its shards into dcp/ (a collective); rank 0 then exports the full weights.
+            from vermeil.distributed.checkpoint import export_weights
+            from vermeil.distributed.checkpoint import save_checkpoint as dcp_save
+
+            self._sync()
+            dcp_save(folder / DCP, self.model, self.optimizer)
+            state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
+            if self.is_main:
+                # dcp.save returns on the coordinator (rank 0) after every rank's shards and metadata are written.
+                export_weights(folder / DCP, folder / WEIGHTS, metadata=meta)
+        else:
             save_weights(self.model, folder / WEIGHTS, metadata=meta)
-            save_torch(self.state_dict(), folder / STATE)  # its presence marks the folder complete
-            write_manifest(folder)  # last: sizes and hashes of what is on disk now
+            state = self.state_dict()
         if self.is_main:
+            save_torch(state, folder / STATE)  # its presence marks the folder complete
+            # Last: sizes and hashes of what is on disk now; for a distributed save, the record that this
+            # folder's dcp/ is ours (the only thing that lets a later run read it).
+            write_manifest(folder, distributed=self.world_size > 1)
             point_latest(self.out_dir, folder)
             prune_checkpoints(self.out_dir, self.config.keep_checkpoints, folder)
-        if self.world_size > 1:
-            _barrier()  # no rank moves on (or reads `latest`) before the folder is complete
+        self._sync()  # no rank moves on (or reads `latest`) before the folder is complete
         self.last_checkpoint = folder
         self._call("on_save", folder)
         return folder
-
-    def _save_distributed(self, folder: Path, meta: dict[str, str]) -> None:
-        """Every rank writes its shards into `folder/dcp` (a collective); rank 0 then exports the full weights
-        to `model.safetensors` and writes `state.pt` (last: its presence marks the folder complete)."""
-        from vermeil.distributed.checkpoint import export_weights
-        from vermeil.distributed.checkpoint import save_checkpoint as dcp_save
-
-        if self.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            clean_temp_files(folder)
-            (folder / STATE).unlink(missing_ok=True)  # the folder is incomplete until state.pt is back
-            (folder / MANIFEST).unlink(missing_ok=True)
-        _barrier()
-        dcp_save(folder / DCP, self.model, self.optimizer)
-        state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
-        if self.is_main:
-            # dcp.save returns on the coordinator (rank 0) after every rank's shards and the metadata are written.
-            export_weights(folder / DCP, folder / WEIGHTS, metadata=meta)
-            save_torch(state, folder / STATE)
-            # The record that this folder's dcp/ is ours: the only thing that lets a later run read it.
-            write_manifest(folder, distributed=True)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Restore weights and the whole training state from a run folder (its newest checkpoint) or a
@@ -504,8 +478,7 @@ class Trainer:
             with lock_run(folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder):
                 clean_temp_files(folder)
                 clean_temp_files(folder.parent)
-        if self.world_size > 1:
-            _barrier()
+        self._sync()
         state = load_torch(folder / STATE)
         if "optimizer" not in state and self.world_size == 1:
             # Weights without a training state (`vermeil.runs.write_run`: a converted model): fine-tuning
@@ -556,8 +529,7 @@ class Trainer:
             metrics = self.out_dir / "metrics.jsonl"
             if self.is_main:
                 truncate_metrics(metrics, self.step)  # rows logged after this checkpoint are replayed
-            if self.world_size > 1:
-                _barrier()
+            self._sync()
             self.history = read_metrics(metrics)
         return folder
 
@@ -588,17 +560,20 @@ class Trainer:
             return {}
         was_training = self.model.training
         self.model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+
+        def run() -> Mapping[str, float]:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+                return self.eval_fn(self.model)  # type: ignore[misc]
+
         try:
-            devices = [self.device] if self.device.type == "cuda" else []
             try:
-                with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
-                    out = self.eval_fn(self.model)
+                out = run()
             except Exception as e:
                 if not is_compiled(self.model):
                     raise
-                self._fall_back_to_eager(e)
-                with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
-                    out = self.eval_fn(self.model)
+                self._fall_back_to_eager(_compile_failure(e))
+                out = run()  # eagerly
         finally:
             self.model.train(was_training)
         return {k: float(v) for k, v in out.items()}
@@ -635,8 +610,8 @@ class Trainer:
             with self._loss_context():  # the backward of a vocab-parallel cross-entropy needs it too
                 with self._autocast():
                     loss, metrics = _split_loss(self.loss_fn(self.model, batch))
-                if self._loss_parallel:  # the loss is a replicated DTensor: the loop keeps plain tensors
-                    loss, metrics = plain(loss), {k: plain(v) for k, v in metrics.items()}
+                # Under loss parallelism the loss is a replicated DTensor: the loop keeps plain tensors.
+                loss, metrics = plain(loss), {k: plain(v) for k, v in metrics.items()}
                 scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.detach()
@@ -645,18 +620,10 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
-        grad_norm = None
-        if cfg.grad_clip:
-            if self._dtensor_params:
-                from vermeil.distributed.training import clip_grad_norm
-
-                grad_norm = clip_grad_norm(self._params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+        grad_norm = self._grad_norm(cfg.grad_clip) if cfg.grad_clip else None
         ok = torch.isfinite(total)
         if self.scaler is None:  # with a scaler, overflowing gradients are its business (it skips them)
-            norm = grad_norm if grad_norm is not None else self._grad_norm()
-            ok = ok & torch.isfinite(norm)
+            ok = ok & torch.isfinite(grad_norm if grad_norm is not None else self._grad_norm(None))
         self._count_nonfinite(~ok)
         self._phase = "update"  # from here on a Ctrl-C cannot be rolled back to the step's start
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # a Python float: no device read
@@ -681,12 +648,14 @@ class Trainer:
         # tokens: the global batch's positions (equal slices)
         return total, sums, grad_norm, tokens * self.dp_size, ok
 
-    def _grad_norm(self) -> Tensor:
-        """The global gradient 2-norm without clipping (only to check it is finite)."""
+    def _grad_norm(self, clip: float | None) -> Tensor:
+        """The global gradient 2-norm, after clipping the gradients to `clip` (None: no clipping)."""
         if self._dtensor_params:
             from vermeil.distributed.training import clip_grad_norm
 
-            return clip_grad_norm(self._params, math.inf)
+            return clip_grad_norm(self._params, clip or math.inf)
+        if clip:
+            return torch.nn.utils.clip_grad_norm_(self._params, clip)
         grads = [p.grad for p in self._params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
@@ -814,8 +783,9 @@ class Trainer:
         self._compile_blocks()
         self._call("on_train_start")
         bar = progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
-        # When tqdm cannot draw (stdout/stderr not a terminal: CI, nohup, | tee), a plain line per log row.
-        plain_lines = self.is_main and cfg.progress is None and not _draws(bar)
+        # When tqdm cannot draw (stdout/stderr not a terminal: CI, nohup, | tee; tqdm's disable=None then turns
+        # the bar off), a plain line per log row.
+        plain_lines = self.is_main and cfg.progress is None and getattr(bar, "disable", True)
         self._start = (self.step, self.elapsed)
         try:
             with self._sigint_to_stop():
@@ -834,7 +804,7 @@ class Trainer:
                             # restarts eagerly from its start (data and RNG rolled back).
                             if not is_compiled(self.model) or self._phase == "update":
                                 raise
-                            self._fall_back_to_eager(e)
+                            self._fall_back_to_eager(_compile_failure(e))
                             self._rollback(snapshot)
                             start = time.perf_counter()
                             loss, metrics, grad_norm, tokens, ok = self._train_step()
@@ -849,7 +819,11 @@ class Trainer:
                     if self._check_calls:  # once per fit, after its first step
                         self._check_calls = False
                         if self.compiled_blocks and not compiled_calls(self.model):
-                            self._blocks_not_called()
+                            self._fall_back_to_eager(
+                                f"{type(self.model).__name__} never called its compiled blocks "
+                                f"({self.compiled_blocks[0]}, ...) through block(...): they ran eagerly; "
+                                "training continues eagerly"
+                            )
                     self.step += 1
                     self.tokens += tokens
                     self.elapsed += dt
@@ -936,6 +910,14 @@ class Trainer:
         return f"step {self.step}/{self.config.steps} | loss {loss_text} | {row['tokens_per_s']:.4g} tok/s | ETA {eta}"
 
 
+def _compile_failure(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return (
+        f"the compiled blocks failed ({type(error).__name__}: {first[:200]}); training continues eagerly "
+        "(set train.compile=false to skip compiling)"
+    )
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
@@ -943,24 +925,7 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _draws(bar: Any) -> bool:
-    """Whether a progress bar is actually drawn (tqdm with disable=None turns itself off without a terminal)."""
-    return not getattr(bar, "disable", True)
-
-
 def _group_exists() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
-def _any_dtensor(params: Sequence[Tensor]) -> bool:
-    from vermeil.distributed.training import is_dtensor
-
-    return any(is_dtensor(p) for p in params)
