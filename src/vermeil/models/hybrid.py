@@ -33,19 +33,12 @@ on the logits, `ssm_in_multiplier` / `ssm_out_multiplier` on every Mamba branch'
 attention scale), `mlp_gate_multiplier` on SwiGLU's gate pre-activation and `mlp_out_multiplier` on every
 feed-forward's output. All default to 1 (no op).
 
-The contract of `vermeil.models.contract`: `setup_cache(batch_size, max_seq_len)` gives each attention layer a
-static KV cache (a ring of `window` slots for sliding layers), each Mamba-1 layer a conv + SSM state and each
-Mamba-2 layer a conv + (H, P, N) state; `forward(tokens, input_pos=...)` reads and writes them; `reset_cache()`
-clears them; `attention_layers()`, `lm_parts` and `sequence_parallel_plan()` describe the model to
-`vermeil info` and tensor parallelism. `vermeil.generation.generate` works unchanged.
-
-The model returns (B, T, V) float32 logits, or, when it has MoE layers, a `HybridOutput(logits, aux_loss)`
-(read either with `vermeil.models.contract.split_output`); it holds no loss: the config's `loss_head`,
-`ignore_index` and `z_loss` name the loss that training builds (`vermeil.train.losses`), and weight decay is
-training's rule (`vermeil.train.optim`). Configs come from YAML through `vermeil.config`
-(`HybridModel.from_yaml(path)`), the leaf module of strict dataclass <-> YAML conversion that every layer may
-use: unknown keys and bad values are named. `vermeil.interop.from_transformers` converts transformers'
-Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and FalconH1ForCausalLM into this class.
+The model follows `vermeil.models.contract`; its cache is a static KV cache per attention layer (a ring of
+`window` slots when sliding), a conv + SSM state per Mamba-1 layer and a conv + (H, P, N) state per Mamba-2
+layer. It holds no loss: the config's `loss_head`, `ignore_index` and `z_loss` name the one training builds
+(`vermeil.train.losses`). Configs come from YAML through `vermeil.config` (`HybridModel.from_yaml(path)`), the
+leaf module of strict dataclass <-> YAML conversion that every layer may use. `vermeil.interop.from_transformers`
+converts transformers' Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and FalconH1ForCausalLM.
 
 Axis legend: B batch, T sequence length, D model dim, V vocabulary, H heads, Dh head dim.
 """
@@ -55,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -241,35 +234,23 @@ class HybridConfig:
     z_loss: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in (
-            "dim",
-            "vocab_size",
-            "d_state",
-            "d_conv",
-            "expand",
-            "heads",
-            "multiple_of",
-            "max_seq_len",
-            "headdim",
-            "ngroups",
-            "chunk_size",
-            "num_experts",
-            "experts_per_token",
-        ):
-            check_positive_int(name, getattr(self, name))
-        for name in (
-            "n_layers",
-            "dt_rank",
-            "kv_heads",
-            "head_dim",
-            "hidden_dim",
-            "window",
-            "d_ssm",
-            "rotary_dim",
-            "moe_hidden_dim",
-        ):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
+        # One rule per annotation (a string here: `from __future__ import annotations`): an int field is a
+        # positive int (but ignore_index), an optional int None or positive, a bool a bool, a float a finite
+        # number (norm_eps, rope_theta and initializer_range: a positive one).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (f.type == "int" and f.name != "ignore_index") or (
+                f.type == "int | None" and value is not None
+            ):
+                check_positive_int(f.name, value)
+            elif f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name}={value!r} must be true or false")
+            elif f.type == "float" and f.name in ("norm_eps", "rope_theta", "initializer_range"):
+                if not number or not value > 0:
+                    raise ValueError(f"{f.name}={value!r} must be a positive number")
+            elif f.type == "float" and (not number or not math.isfinite(value)):
+                raise ValueError(f"{f.name}={value!r} must be a finite number")
         self._check_pattern()
         for name, value, allowed in (
             ("routing", self.routing, _ROUTINGS),
@@ -279,22 +260,6 @@ class HybridConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} must be one of {list(allowed)}")
-        for name in (
-            "mamba_inner_norms",
-            "compile_scan",
-            "ssm_norm",
-            "ssm_norm_before_gate",
-            "ssm_bias",
-            "ssm_conv_bias",
-            "attn_bias",
-            "rotary",
-            "ffn_bias",
-            "moe_renormalize",
-            "residual_in_fp32",
-            "tie_embeddings",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         kv_heads = self.heads if self.kv_heads is None else self.kv_heads
         if self.heads % kv_heads:
             raise ValueError(f"heads={self.heads} must be divisible by kv_heads={kv_heads}")
@@ -310,26 +275,6 @@ class HybridConfig:
             raise ValueError(
                 f"experts_per_token={self.experts_per_token} must be <= num_experts={self.num_experts}"
             )
-        for name in ("norm_eps", "rope_theta", "initializer_range"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
-        for name in (
-            "ssm_out_multiplier",
-            "attn_out_multiplier",
-            "attn_in_multiplier",
-            "z_loss",
-            "moe_aux_loss_coef",
-            "embedding_multiplier",
-            "lm_head_multiplier",
-            "ssm_in_multiplier",
-            "key_multiplier",
-            "mlp_gate_multiplier",
-            "mlp_out_multiplier",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r} must be a finite number")
         for name in ("z_loss", "moe_aux_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")

@@ -38,7 +38,7 @@ from vermeil.models.checks import check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
 from vermeil.nn.attention import Attention as NNAttention
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_optional_positive_int, check_positive_int
 from vermeil.nn.feedforward import SwiGLU, llama_hidden_dim
 from vermeil.nn.moe import MoE, moe_hidden_dim
 from vermeil.nn.norms import QKNorm, RMSNorm
@@ -97,8 +97,7 @@ class MoEArgs:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         check_positive_int("interleave_moe_layer_step", self.interleave_moe_layer_step)
-        if self.hidden_dim is not None:
-            check_positive_int("hidden_dim", self.hidden_dim)
+        check_optional_positive_int("hidden_dim", self.hidden_dim)
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func={self.score_func!r} must be 'sigmoid' or 'softmax'")
         if self.backend not in ("grouped", "padded", "loop", "dense"):
@@ -184,20 +183,16 @@ class ModelArgs:
         check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates channel pairs)")
-        if self.hidden_dim is not None:
-            check_positive_int("hidden_dim", self.hidden_dim)
+        check_optional_positive_int("hidden_dim", self.hidden_dim)
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"ffn_dim_multiplier={self.ffn_dim_multiplier} must be > 0")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
         if self.embedding_init_std is not None and not self.embedding_init_std > 0:
             raise ValueError(f"embedding_init_std={self.embedding_init_std} must be > 0 (or None)")
-        if not (
-            isinstance(self.rope_theta, (int, float))
-            and math.isfinite(self.rope_theta)
-            and self.rope_theta > 0
-        ):
-            raise ValueError(f"rope_theta={self.rope_theta!r} must be a finite number > 0 (RoPE's base)")
+        theta = self.rope_theta
+        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise ValueError(f"rope_theta={theta!r} must be a finite number > 0 (RoPE's base)")
         if self.use_scaled_rope:
             # Meta's default (llama-models PR #322): only Llama 4 Scout uses scaled RoPE, with 16 / 1.
             if self.rope_scaling_factor is None:
@@ -205,8 +200,7 @@ class ModelArgs:
             if self.rope_high_freq_factor is None:
                 self.rope_high_freq_factor = 1.0
             self.rope_scaling()  # validates the constants (RopeScaling.__post_init__)
-        if self.nope_layer_interval is not None:
-            check_positive_int("nope_layer_interval", self.nope_layer_interval)
+        check_optional_positive_int("nope_layer_interval", self.nope_layer_interval)
         for name in ("nope_layers", "moe_layers"):
             layers = getattr(self, name)
             if layers is not None:
@@ -218,8 +212,7 @@ class ModelArgs:
                 setattr(self, name, sorted(set(layers)))
         if self.moe_layers is not None and self.moe_args is None:
             raise ValueError(f"moe_layers={self.moe_layers} needs moe_args")
-        if self.attention_chunk_size is not None:
-            check_positive_int("attention_chunk_size", self.attention_chunk_size)
+        check_optional_positive_int("attention_chunk_size", self.attention_chunk_size)
         if not self.floor_scale > 0:
             raise ValueError(f"floor_scale={self.floor_scale} must be > 0")
         if isinstance(self.moe_args, dict):
@@ -548,12 +541,11 @@ class LLM(nn.Module):
             device=device,
         )
         self.has_rope_layer = any(not layer.is_nope_layer for layer in self.layers)
-        if args.vision_args is not None:
-            self.vision_embeddings = VisionEmbeddings(args.vision_args, **factory)
-            self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False, **factory)
-        else:
-            self.vision_embeddings = None
-            self.vision_projection = None
+        vision = args.vision_args
+        self.vision_embeddings = VisionEmbeddings(vision, **factory) if vision else None
+        self.vision_projection = (
+            nn.Linear(vision.output_dim, args.dim, bias=False, **factory) if vision else None
+        )
         self.cache_max_seq_len = self.cache_batch_size = None  # set by setup_cache
         self._register_load_state_dict_pre_hook(self._load_hook)
         self.init_weights()
