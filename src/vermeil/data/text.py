@@ -141,10 +141,9 @@ def _read(files: Sequence[CorpusFile], cap: int | None) -> tuple[Tensor, tuple[s
         chunks.append(data)
         names.append(f.name)
         total += len(data)
-    buf = bytearray(b"".join(chunks))
-    if not buf:
-        return torch.empty(0, dtype=torch.uint8), tuple(names)
-    return torch.frombuffer(buf, dtype=torch.uint8), tuple(names)
+    buf = bytearray(b"".join(chunks))  # frombuffer refuses an empty buffer
+    data = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    return data, tuple(names)
 
 
 def load_text_corpus(

@@ -309,17 +309,10 @@ class FlowData(TaskData):
 
         def eval_fn(m: nn.Module) -> dict[str, float]:
             device = _device_of(m)
-            losses = [
-                float(
-                    flow_matching_loss(
-                        flux_model_fn(m, c.to(device)),  # type: ignore[arg-type]
-                        x.to(device),
-                        noise=n.to(device),
-                        t=t.to(device),
-                    )
-                )
-                for (c, x), n, t in zip(val, val_noise, val_t)
-            ]
+            losses = []
+            for (c, x), n, t in zip(val, val_noise, val_t):
+                fn = flux_model_fn(m, c.to(device))  # type: ignore[arg-type]
+                losses.append(float(flow_matching_loss(fn, x.to(device), noise=n.to(device), t=t.to(device))))
             sample = self.sample(m, seed=train.seed + SAMPLE_SEED_OFFSET)
             return {"val_loss": sum(losses) / len(losses), "val_distance": sample.distance}
 

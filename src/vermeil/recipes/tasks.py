@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.config import merge_preset
+from vermeil.config import ConfigError, merge_preset
 from vermeil.data.sampler import (
     SeededSampler as TaskSampler,  # the one seeded sampler, under the recipes' name
 )
@@ -66,8 +66,7 @@ class TaskData:
 
     def check_fit(self, run: RunConfig) -> None:
         """Cross-section rules (ConfigError naming the keys); a token task needs the data's vocabulary."""
-        from vermeil.config import ConfigError
-        from vermeil.recipes.config import model_vocab_size
+        from vermeil.recipes.config import model_vocab_size  # config.py imports this module
 
         vocab = model_vocab_size(run)
         if vocab < self.vocab_size:
