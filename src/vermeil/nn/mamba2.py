@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
-from vermeil.nn.checks import check_positive_int, check_positive_ints
+from vermeil.nn.checks import check_optional_positive_int, check_positive_int, check_positive_ints
 from vermeil.nn.norms import rms_norm
 from vermeil.nn.ssd import _ssd_step, ssd_scan
 
@@ -237,8 +237,7 @@ class Mamba2Block(_SSMMixer):
             d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups
         )
         check_positive_int("chunk_size", chunk_size)
-        if segment_tokens is not None:
-            check_positive_int("segment_tokens", segment_tokens)
+        check_optional_positive_int("segment_tokens", segment_tokens)
         if d_inner is None:
             d_inner = expand * d_model
         else:
@@ -322,13 +321,10 @@ class Mamba2Block(_SSMMixer):
         groups = (self.ngroups, self.d_state)
         return xs.unflatten(-1, (self.nheads, self.headdim)), b.unflatten(-1, groups), c.unflatten(-1, groups)
 
-    def _ssm_args(self) -> dict:
+    def _skip(self) -> Tensor:
+        """D as the scan takes it: (H,), or (H, P) with D_has_hdim."""
         d = _f32(self.D)
-        return {
-            "D": d.view(self.nheads, self.headdim) if self.D_has_hdim else d,
-            "dt_bias": _f32(self.dt_bias),
-            "dt_softplus": True,
-        }
+        return d.view(self.nheads, self.headdim) if self.D_has_hdim else d
 
     def _gate_out(self, y: Tensor, z: Tensor, project=None) -> Tensor:
         """Gated norm (or plain SiLU gate) then out_proj (through `project(layer, y)` if given). y, z: (..., I)."""
@@ -377,7 +373,9 @@ class Mamba2Block(_SSMMixer):
             dt_limit=self.time_step_limit,
             initial_state=ssm_state,
             return_final_state=want_state,
-            **self._ssm_args(),
+            D=self._skip(),
+            dt_bias=_f32(self.dt_bias),
+            dt_softplus=True,
         )
         y, new_ssm = result if want_state else (result, None)
         return self._gate_out(y.flatten(-2), z), new_conv, new_ssm
@@ -394,10 +392,10 @@ class Mamba2Block(_SSMMixer):
         z, xbc, dt = self._split(_project(self.in_proj, x[:, 0]))
         xbc, window = self._conv_step(xbc, conv_state, keep, inplace)  # (B, conv_dim), (B, conv_dim, K)
         xs, b, c = self._split_xbc(xbc)
-        args = self._ssm_args()
         a = -torch.exp(_f32(self.A_log))
+        D, dt_bias = self._skip(), _f32(self.dt_bias)
         y, ssm_state = _ssd_step(
-            ssm_state, xs, dt, a, b, c, args["D"], None, args["dt_bias"], True, inplace=inplace, keep=keep
+            ssm_state, xs, dt, a, b, c, D, None, dt_bias, True, inplace=inplace, keep=keep
         )
         out = self._gate_out(y.flatten(-2), z, _project)
         return out.unsqueeze(1), window, ssm_state

@@ -10,14 +10,9 @@ with dt_t = softplus(dt_raw + dt_bias) (optional), clamped to `dt_limit` in the 
 G groups: head h reads group h // (H / G) (`repeat_interleave` semantics, as mamba_ssm and transformers; tiling
 the groups instead is a different model).
 
-- `ssd_scan_ref` is that loop, one position at a time: the definition, for tests.
-- `ssd_scan` is the chunked matmul form (the "SSD" algorithm of the paper's section 6 and `ssd_minimal_discrete`):
-  the sequence is cut into chunks of Q positions; inside a chunk the output is an attention-like product
-  `(C B^T * exp(segsum(dt A))) @ (dt x)` (a Q x Q causal "mask" of decays); each chunk's own final state is
-  one matmul `B^T @ (decay * dt x)`; the states entering the chunks follow by passing the state across the
-  chunk boundaries, and their contribution to the outputs is one matmul `C @ state_in` per chunk. Every
-  exponent is <= 0 (decays from a later position back to an earlier one), so nothing overflows.
-- `ssd_step` is one position of the recurrence, for decoding.
+`ssd_scan_ref` is that loop (the definition, for tests); `ssd_step` is one position of it (decoding);
+`ssd_scan` is the chunked matmul form (the paper's section 6, `ssd_minimal_discrete`; its steps are numbered
+in the code). Every exponent there is <= 0 (a decay from a later position back to an earlier one).
 
 The inter-chunk pass loops over the chunks (L / Q small steps on (B, H, P, N) states) instead of the segsum
 form `exp(segsum(chunk decays)) @ states` used by transformers' torch path: the segsum form costs O((L/Q)^2)
@@ -25,8 +20,8 @@ and, written as a difference of cumulative sums over the whole sequence, loses f
 summed decay is large (its exact masked-cumsum variant is another (L/Q)^2 tensor). The loop is the
 recurrence itself and measured no slower at L/Q = 64 chunks on a 2-core CPU (bench/mamba2.py).
 
-Precision: states and all accumulation are float32 whatever the input dtype (float64 stays float64, so
-gradcheck sees the exact function); outputs are cast back to x's dtype, the final state is float32 (float64).
+Precision: states and accumulation are float32 whatever the input dtype (float64 stays, for gradcheck);
+outputs are cast back to x's dtype.
 
 Axis legend: B batch, L length, H heads, P head dim, G groups, N state size, Q chunk length, c chunk count
 (ceil(L / Q)), hg = H / G heads per group.
@@ -103,16 +98,11 @@ def _check(
 
 
 def _prepare_dt(
-    dt: Tensor,
-    dt_bias: Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float] | None,
-    cdt: torch.dtype,
+    dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float] | None = None
 ) -> Tensor:
     """dt (+ dt_bias), softplus if asked, clamped to dt_limit: mamba_ssm's and transformers' order."""
-    dt = dt.to(cdt)
     if dt_bias is not None:
-        dt = dt + dt_bias.to(cdt)
+        dt = dt + dt_bias.to(dt.dtype)
     if dt_softplus:
         dt = F.softplus(dt)
     if dt_limit is not None and tuple(dt_limit) != _NO_LIMIT:
@@ -211,7 +201,7 @@ def ssd_scan_ref(
     groups, n = _check(x, dt, A, B, C, D, z, dt_bias, initial_state, step=False, dt_limit=dt_limit)
     bsz, length, heads, p = x.shape
     cdt = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
-    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
+    dt = _prepare_dt(dt.to(cdt), dt_bias, dt_softplus, dt_limit)
     xf, a = x.to(cdt), A.to(cdt)
     rep = heads // groups
     bh = B.to(cdt).repeat_interleave(rep, dim=2)  # (B, L, H, N): head h reads group h // rep
@@ -245,16 +235,12 @@ def ssd_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The chunked SSD scan (matmul form); same arguments and results as `ssd_scan_ref`, plus `chunk_size`.
 
-    Equals the recurrence for any `chunk_size` >= 1: L is padded to a multiple of Q = chunk_size with steps of
-    dt = 0 and x = 0, which neither decay nor feed the state, so the final state is that after position L.
-    Differentiable in every input, including `initial_state`, and through the returned final state (so
-    truncated backpropagation through time and chunked prefill compose). The intra-chunk block is one
-    autograd Function (`_IntraChunk`) that recomputes its (B, H, L, Q) decay mask in backward; the rest is
-    plain torch ops. Kept for backward, per call: (B, G, L, Q) C B^T, two (B, L, H, P) (dt x, its decayed
-    copy), two (B, c, H, P, N) (chunk states, states entering each chunk) and the inputs:
-    O(L * (G*Q + H*P + H*P*N/Q)), linear in L. Q = 32 and 64 measured alike, 128 slower (a 4-layer d_model 512
-    stack at L 1024 and 4096, one thread of a 2-core CPU, bench/mamba2.py's shapes); mamba_ssm's CUDA
-    kernels default to 256, which only changes speed and memory here.
+    Equals the recurrence for any `chunk_size` >= 1 (L is padded with dt = 0, x = 0 steps, which neither
+    decay nor feed the state). Differentiable in every input, including `initial_state`, and through the
+    returned final state (truncated BPTT and chunked prefill compose). Kept for backward: (B, G, L, Q) C B^T,
+    two (B, L, H, P), two (B, c, H, P, N) and the inputs, linear in L (`_IntraChunk` recomputes its decay
+    mask). Q = 32 and 64 measured alike, 128 slower (a 4-layer d_model 512 stack at L 1024 and 4096, one
+    thread of a 2-core CPU, bench/mamba2.py); mamba_ssm's CUDA kernels default to 256.
 
     Args:
         x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state: as
@@ -275,7 +261,7 @@ def ssd_scan(
     nc = max(1, -(-length // q))
     pad = nc * q - length
 
-    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (B, L, H)
+    dt = _prepare_dt(dt.to(cdt), dt_bias, dt_softplus, dt_limit)  # (B, L, H)
     xf = x.to(cdt)
     xdt = xf * dt[..., None]  # (B, L, H, P)
     a = dt * A.to(cdt)  # (B, L, H), <= 0
@@ -393,7 +379,7 @@ def _ssd_step(
     groups, n = B.shape[-2:]
     hg = heads // groups
     cdt = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
-    dt = _prepare_dt(dt, dt_bias, dt_softplus, None, cdt)  # (B, H)
+    dt = _prepare_dt(dt.to(cdt), dt_bias, dt_softplus)  # (B, H)
     xf = x.to(cdt)
     decay = torch.exp(dt * A.to(cdt))  # (B, H)
     if keep is not None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
-from vermeil.nn.checks import check_positive_int, check_positive_ints
+from vermeil.nn.checks import check_optional_positive_int, check_positive_int, check_positive_ints
 from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
 
 __all__ = ["MambaBlock", "MambaState"]
@@ -34,10 +34,6 @@ MambaState = SSMState
 def _f32(t: Tensor) -> Tensor:
     """At least float32: the SSM parameters are used in float32 (float64 stays, for gradcheck)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-# On CUDA the causal depthwise conv runs as cuDNN's `F.conv1d` (see _causal_depthwise_conv).
-_CUDNN_CONV_ON_CUDA = True
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
@@ -85,12 +81,12 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
 
     hist: (B, K - 1 + L, E), the K - 1 inputs before the sequence then the sequence; weight: (E, 1, K);
     bias: (E,) or None. Returns (B, L, E). Working in (B, L, E) saves the two transposing copies (and their
-    backward twins) that a channels-first conv1d needs around it. On CUDA it is cuDNN's conv1d instead
-    (`_CUDNN_CONV_ON_CUDA`): the two have not been timed against each other on a GPU yet.
+    backward twins) that a channels-first conv1d needs around it. On CUDA it is cuDNN's conv1d instead (the
+    two have not been timed against each other on a GPU yet).
     """
     dtype = torch.promote_types(hist.dtype, weight.dtype)
     bias = None if bias is None else bias.to(dtype)
-    if hist.is_cuda and _CUDNN_CONV_ON_CUDA:
+    if hist.is_cuda:
         # cuDNN's depthwise kernel; its (B, E, L) output is handed on as a (B, L, E) view
         return F.conv1d(
             hist.to(dtype).transpose(1, 2), weight.to(dtype), bias, groups=weight.shape[0]
@@ -139,23 +135,13 @@ class _SSMMixer(nn.Module):
         """Allocate the decoding state (`state_shape` per sequence): conv_state in dtype, ssm_state in float32.
 
         max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
-        dtype and device default to those of in_proj.weight.
+        dtype and device default to those of in_proj.weight. SSMState checks batch_size.
         """
-        check_positive_int("batch_size", batch_size)
-        if max_seq_len is not None:
-            check_positive_int("max_seq_len", max_seq_len)
+        check_optional_positive_int("max_seq_len", max_seq_len)
         (channels, d_conv), ssm_shape = self.state_shape
         weight = self.in_proj.weight
-        self.cache = SSMState(
-            batch_size,
-            channels,
-            d_conv,
-            ssm_shape[-1],
-            dtype=dtype or weight.dtype,
-            ssm_dtype=torch.float32,
-            ssm_shape=ssm_shape,
-            device=device or weight.device,
-        )
+        kw = {"dtype": dtype or weight.dtype, "ssm_dtype": torch.float32, "device": device or weight.device}
+        self.cache = SSMState(batch_size, channels, d_conv, ssm_shape[-1], ssm_shape=ssm_shape, **kw)
 
     def reset_cache(self) -> None:
         """Zero the states in place (start a new sequence); a no-op without a cache."""
@@ -259,9 +245,7 @@ class _SSMMixer(nn.Module):
         if input_pos.shape[-1] != length:
             raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
         cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
-        self._check_states(
-            "the cache's", (cache_conv, cache_ssm), bsz
-        )  # e.g. a cache set up for another block
+        self._check_states("the cache's", (cache_conv, cache_ssm), bsz)  # e.g. one set up for another block
         # zero the carried state where the sequence starts at position 0 (no host sync)
         keep = input_pos.reshape(-1, length)[:, :1] > 0  # (1, 1) or (B, 1)
         if length == 1:
