@@ -317,7 +317,7 @@ class FlowData(TaskData):
             return {"val_loss": sum(losses) / len(losses), "val_distance": sample.distance}
 
         loss_fn = partial(flow_loss, time_sampling=self.time_sampling)
-        return Run(run, model, sampler, loss_fn, eval_fn, hooks=[_SamplesAtEnd(run)])
+        return Run(run, model, sampler, loss_fn, eval_fn, hooks=[_SamplesAtEnd(self)])
 
     def sample(
         self, model: nn.Module, *, seed: int, num_samples: int | None = None, steps: int | None = None
@@ -626,25 +626,21 @@ def sample_run(
 class _SamplesAtEnd(Hook):
     """Write `samples.png` into the run folder when a flow run finishes (not when it was interrupted)."""
 
-    def __init__(self, run: RunConfig) -> None:
-        self.run = run
+    def __init__(self, data: FlowData) -> None:
+        self.data = data
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         if trainer.out_dir is None or result.interrupted or not trainer.config.plot:
             return
-        import tempfile
-
-        main = getattr(trainer, "is_main", True)
         # Under a distributed strategy every rank samples (the forward may hold collectives); rank 0 writes.
-        with tempfile.TemporaryDirectory() as tmp:
-            out = trainer.out_dir / "samples.png" if main else Path(tmp) / "samples.png"
-            try:
-                distance = sample_run(self.run, trainer.model, out)
-            except ImportError:
-                return  # no matplotlib: the loss curve step already said so
-        if not main:
+        sample = self.data.sample(trainer.model, seed=0)
+        if not getattr(trainer, "is_main", True):
             return
+        try:
+            plot_flow_job(sample, trainer.out_dir / "samples.png")
+        except ImportError:
+            return  # no matplotlib: the loss curve step already said so
         print(
-            f"samples.png: distance {distance:.4f} (vermeil sample {trainer.out_dir} draws more)",
+            f"samples.png: distance {sample.distance:.4f} (vermeil sample {trainer.out_dir} draws more)",
             file=sys.stderr,
         )
