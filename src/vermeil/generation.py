@@ -134,13 +134,10 @@ def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) ->
 
 @functools.cache
 def compiled_decode_one_token(device_type: str = "cpu") -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False)`, one per device type.
-
-    On the CPU the backend is `decode_backend` (matrix-vector products lowered to reductions, which suits the
-    CPU only); on an accelerator it is Inductor's default, whose GEMVs go to cuBLAS. One compiled function
-    per process and device type: the first call for a model (or batch size, dtype, cache length) compiles,
-    later steps and later `generate` calls reuse the graph (the position is a tensor, so it never recompiles
-    as decoding advances).
+    """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False)`, one per process and device
+    type: `decode_backend` on the CPU, Inductor's default (GEMVs in cuBLAS) on an accelerator. The first call
+    for a model (or batch size, dtype, cache length) compiles; the position is a tensor, so decoding never
+    recompiles as it advances.
     """
     backend: str | Callable[..., Any] = decode_backend if device_type == "cpu" else "inductor"
     return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=backend)
@@ -156,19 +153,15 @@ class StaticDecodeStep:
     and records one step as a `torch.cuda.CUDAGraph`; a call is then two small copies and one replay, with
     no host synchronisation, and returns a clone of the graph's logits (the next replay overwrites them).
 
-    Without `capture` (the CPU, or `cuda_graph=False`), a call runs the same step eagerly on the same
-    buffers: everything but the replay, so the loop around it is tested where graphs do not exist.
+    Without `capture` a call runs the same step eagerly on the same buffers: everything but the replay, so
+    the loop around it is tested where graphs do not exist.
 
-    Construct it after `model.setup_cache(...)`. The warm-up and the capture write the cache (at position
-    0), so call `model.reset_cache()` before the prefill; `generate` does.
+    Construct it after `model.setup_cache(batch_size, ...)`. The warm-up and the capture write the cache (at
+    position 0), so call `model.reset_cache()` before the prefill; `generate` does.
 
     Args:
-        model: a model meeting the cache contract, its cache set up for `batch_size` rows.
-        batch_size: B.
-        device: the model's device.
         compile: run `compiled_decode_one_token(device.type)` instead of the eager step.
-        capture: record the step as a CUDA graph (needs a CUDA device).
-        warmup_steps: eager steps before the capture.
+        capture: record the step as a CUDA graph (needs a CUDA device), after `warmup_steps` eager steps.
     """
 
     def __init__(

@@ -12,21 +12,17 @@ import torch
 from torch import Tensor, nn
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _show(name: str, module: nn.Module | None, run: Callable[[], Tensor], note: str = "") -> None:
     """Run `run()` (a forward), backpropagate its sum of squares, and print a one-line summary."""
     start = time.perf_counter()
     out = run()
     out.float().pow(2).mean().backward()
     ms = (time.perf_counter() - start) * 1e3
-    grads = 0 if module is None else sum(p.grad is not None for p in module.parameters())
-    total = 0 if module is None else sum(1 for _ in module.parameters())
-    params = f"{_params(module):>9,}" if module is not None else " " * 9
+    params = list(module.parameters()) if module is not None else []
+    grads = sum(p.grad is not None for p in params)
+    size = f"{sum(p.numel() for p in params):>9,}" if module is not None else " " * 9
     print(
-        f"  {name:<28} params {params}  out {str(tuple(out.shape)):<16} grads {grads}/{total}  {ms:7.1f} ms  {note}"
+        f"  {name:<28} params {size}  out {str(tuple(out.shape)):<16} grads {grads}/{len(params)}  {ms:7.1f} ms  {note}"
     )
 
 

@@ -222,17 +222,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             1.0 / keep.sum().clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=hidden.device)
         )
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if grads and ctx.needs_input_grad[0] else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=acc, device=weight.device)
-            if grads and ctx.needs_input_grad[1]
-            else None
-        )
-        grad_b = (
-            torch.zeros(vocab, dtype=acc, device=weight.device)
-            if grads and bias is not None and ctx.needs_input_grad[2]
-            else None
-        )
+        need_h, need_w, need_b = (
+            grads and ctx.needs_input_grad[i] for i in range(3)
+        )  # False for a None bias
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end]  # (c, D)

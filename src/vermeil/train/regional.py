@@ -104,23 +104,25 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
     return names
 
 
+def _compiled(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, _MARK, None) is not None]
+
+
 def compiled_calls(model: nn.Module) -> int:
     """How many times the compiled forwards of `model`'s blocks have run. A model that calls its blocks by
     another method than `block(...)` / `block.forward(...)` never runs them: 0 after a step says so."""
-    return sum(getattr(m, _MARK)[0] for m in model.modules() if getattr(m, _MARK, None) is not None)
+    return sum(getattr(m, _MARK)[0] for m in _compiled(model))
 
 
 def uncompile_blocks(model: nn.Module) -> int:
     """Undo `compile_blocks`: the blocks run their eager forward again. Returns how many were restored."""
-    restored = 0
-    for module in model.modules():
-        if getattr(module, _MARK, None) is not None:
-            module.__dict__.pop("forward", None)
-            delattr(module, _MARK)
-            restored += 1
-    return restored
+    blocks = _compiled(model)
+    for module in blocks:
+        module.__dict__.pop("forward", None)
+        delattr(module, _MARK)
+    return len(blocks)
 
 
 def is_compiled(model: nn.Module) -> bool:
     """Whether any block of `model` runs a forward compiled by `compile_blocks`."""
-    return any(getattr(module, _MARK, None) is not None for module in model.modules())
+    return bool(_compiled(model))

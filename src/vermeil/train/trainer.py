@@ -2,7 +2,7 @@
 
 One step is `grad_accum` micro-batches of forward + backward, gradient clipping, an AdamW step and a scheduler
 step (warm-up then cosine). Around it: evaluation every `eval_every` steps, metrics appended to `metrics.jsonl`,
-a tqdm progress bar (loss, tokens/s, ETA; silent when stdout is not a terminal), checkpoints every `save_every`
+a tqdm progress bar (loss, tokens/s, ETA; a plain line per log row when stdout is not a terminal), checkpoints every `save_every`
 steps, a loss-curve PNG at the end.
 
 The run folder (`vermeil.runs`: config.yaml, metrics.jsonl, loss.png, checkpoints/step_N/ with model.safetensors
@@ -439,9 +439,7 @@ class Trainer:
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
-            if (
-                self.world_size > 1
-            ):  # dcp/ is rewritten in place: the folder is incomplete until state.pt is back
+            if self.world_size > 1:  # dcp/ is rewritten in place: incomplete until state.pt is back
                 (folder / STATE).unlink(missing_ok=True)
             (folder / MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
         if self.world_size > 1:
