@@ -42,7 +42,7 @@ from vermeil.diffusion.losses import flow_matching_loss, sample_flow_timesteps
 from vermeil.diffusion.samplers import sample_euler, sample_heun
 from vermeil.diffusion.schedules import get_schedule
 from vermeil.nn.checks import check_positive_ints
-from vermeil.recipes.tasks import Run, TaskData
+from vermeil.recipes.tasks import EVAL_SEED_OFFSET, Run, TaskData
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, TrainResult
 
@@ -72,9 +72,7 @@ __all__ = [
 
 Job = Literal["curves", "points"]
 
-# Evaluation seeds sit far from the training stream's: `train.seed + offset`.
-EVAL_SEED_OFFSET = 1_000_003
-SAMPLE_SEED_OFFSET = 2_000_003
+SAMPLE_SEED_OFFSET = 2_000_003  # the samples of an evaluation: `train.seed + offset`, as EVAL_SEED_OFFSET
 
 
 # --- Data

@@ -13,7 +13,7 @@ from vermeil.config import ConfigError
 from vermeil.data import mqar, selective_copying
 from vermeil.data.sampler import SeededSampler
 from vermeil.nn.checks import check_positive_int, check_positive_ints
-from vermeil.recipes.tasks import Run, TaskData, eval_token_batches
+from vermeil.recipes.tasks import EVAL_SEED_OFFSET, Run, TaskData, eval_token_batches
 from vermeil.train.losses import lm_loss_fn
 
 if TYPE_CHECKING:
@@ -22,9 +22,6 @@ if TYPE_CHECKING:
     from vermeil.recipes.config import RunConfig
 
 __all__ = ["MQARData", "SelectiveCopyingData"]
-
-# The evaluation set's seed is `train.seed + EVAL_SEED_OFFSET`: never drawn from the training stream.
-EVAL_SEED_OFFSET = 1_000_003
 
 
 class _SyntheticTask(TaskData):

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Run", "TaskData", "TaskSampler", "eval_token_batches"]
 
+# A task's evaluation data are seeded with `train.seed + EVAL_SEED_OFFSET`, far from the training stream's seed.
+EVAL_SEED_OFFSET = 1_000_003
+
 
 @dataclass
 class Run:
