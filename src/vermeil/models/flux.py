@@ -9,9 +9,8 @@ What this file adds to BFL:
     - `cond_mask`: padded condition tokens take no part in attention as keys (BFL and diffusers let T5 padding
       attend; flux #507/#511, diffusers #10194). Padded queries still produce finite, ignored outputs.
     - per-sample ids `(B, L, n_axes)` (or one shared row `(1, L, n_axes)`), checked with clear errors.
-    - QKNorm and RoPE fused (`norm_rope`): one reduction and three vectorised passes forward, a closed-form
-      backward; the rotation is a complex multiply over adjacent pairs (BFL's 2x2-matrix broadcast has an
-      inner loop of length 2 and costs about 100x more on CPU). Speed: bench/flux.py against diffusers.
+    - QKNorm and RoPE fused (`norm_rope`, a complex multiply with a closed-form backward); speed: bench/flux.py
+      against diffusers.
     - blocks take BFL's `pe` (B, 1, L, Dh/2, 2, 2) or the same rotations as complex numbers (what Flux passes).
 
 Order of operations (as BFL): QKNorm (RMS, eps 1e-6, learned `scale`) before RoPE; q/k cast to v's dtype;
@@ -590,12 +589,7 @@ class Flux(nn.Module):
             )
         l_cond = cond.shape[1]
         for name, ids, length in (("data_ids", data_ids, l_data), ("cond_ids", cond_ids, l_cond)):
-            if (
-                ids.ndim != 3
-                or ids.shape[0] not in (1, b)
-                or ids.shape[1] != length
-                or ids.shape[2] != n_axes
-            ):
+            if ids.ndim != 3 or ids.shape[0] not in (1, b) or ids.shape[1:] != (length, n_axes):
                 raise ValueError(
                     f"{name} must be (B={b} or 1, {length}, n_axes=len(axes_dim)={n_axes}), got {tuple(ids.shape)}"
                 )

@@ -516,12 +516,8 @@ class HybridLayer(nn.Module):
         self.mlp_out = cfg.mlp_out_multiplier
         self.aux_loss: Tensor | None = None  # the MoE auxiliary loss of the last forward
         self.norm = RMSNorm(d, eps=cfg.norm_eps, **factory)
-        self.mamba = None
+        self.mamba = _mamba(ssm, cfg, layer_idx or 0, factory) if ssm is not None else None
         self.attention = None
-        self.gate = None
-        self.merge_proj = None
-        if ssm is not None:
-            self.mamba = _mamba(ssm, cfg, layer_idx or 0, factory)
         if attn is not None:
             head_dim = cfg.attention_head_dim
             self.attention = Attention(
@@ -538,10 +534,8 @@ class HybridLayer(nn.Module):
                 scale=None if cfg.key_multiplier == 1.0 else cfg.key_multiplier * head_dim**-0.5,
                 **factory,
             )
-        if self.merge == "gate":
-            self.gate = nn.Linear(d, d, bias=True, **factory)
-        elif self.merge == "concat":
-            self.merge_proj = nn.Linear(2 * d, d, bias=False, **factory)
+        self.gate = nn.Linear(d, d, bias=True, **factory) if self.merge == "gate" else None
+        self.merge_proj = nn.Linear(2 * d, d, bias=False, **factory) if self.merge == "concat" else None
         self.ffn_norm = None if ffn == "none" else RMSNorm(d, eps=cfg.norm_eps, **factory)
         self.feed_forward: nn.Module | None
         if ffn == "none":

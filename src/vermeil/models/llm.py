@@ -727,9 +727,7 @@ class LLM(nn.Module):
                 raise ValueError(
                     "pass either a TransformerInput or tokens/input_pos/image_embedding, not both"
                 )
-            tin = tokens
-            tokens, image_embedding = tin.tokens, tin.image_embedding
-            start = tin.tokens_position
+            tokens, start, image_embedding = tokens.tokens, tokens.tokens_position, tokens.image_embedding
             if isinstance(start, Tensor) and start.ndim == 1:
                 if start.shape[0] != tokens.shape[0]:
                     raise ValueError(
@@ -737,10 +735,8 @@ class LLM(nn.Module):
                         f"(batch={tokens.shape[0]})"
                     )
                 input_pos = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-            elif isinstance(start, Tensor):
-                input_pos = int(start)
-            else:
-                input_pos = start
+            else:  # one start for the whole batch: an int or a 0-d tensor
+                input_pos = int(start) if isinstance(start, Tensor) else start
         check_tokens(tokens, self.config.vocab_size)
         positions = self._positions(tokens, input_pos)
         b, t = tokens.shape

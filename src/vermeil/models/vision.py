@@ -118,30 +118,6 @@ class _Conv2dPatch(nn.Module):
         return self._linear(patches.transpose(1, 2))
 
 
-class _Resblocks(nn.Module):
-    def __init__(self, args: VisionArgs, **factory: Any) -> None:
-        super().__init__()
-        self.resblocks = nn.ModuleList(
-            TransformerBlock(
-                args.dim,
-                args.n_heads,
-                hidden_dim=int(args.mlp_ratio * args.dim),
-                feed_forward="mlp",
-                norm="layer",
-                norm_eps=args.norm_eps,
-                causal=False,
-                bias=True,
-                **factory,
-            )
-            for _ in range(args.n_layers)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.resblocks:
-            x = block(x)
-        return x
-
-
 class VisionEncoder(nn.Module):
     """A ViT: patch projection, class token appended, learned positions, pre-norm blocks, final LayerNorm.
 
@@ -157,7 +133,21 @@ class VisionEncoder(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(args.dim, **factory))
         self.positional_embedding_vlm = nn.Parameter(torch.empty(p + 1, args.dim, **factory))
         self.ln_pre = LayerNorm(args.dim, args.norm_eps, **factory)
-        self.transformer = _Resblocks(args, **factory)
+        blocks = nn.ModuleList(
+            TransformerBlock(
+                args.dim,
+                args.n_heads,
+                hidden_dim=int(args.mlp_ratio * args.dim),
+                feed_forward="mlp",
+                norm="layer",
+                norm_eps=args.norm_eps,
+                causal=False,
+                bias=True,
+                **factory,
+            )
+            for _ in range(args.n_layers)
+        )
+        self.transformer = nn.ModuleDict({"resblocks": blocks})  # Meta's key names: transformer.resblocks.N
         self.ln_post = LayerNorm(args.dim, args.norm_eps, **factory)
         self.reset_parameters()
 
@@ -168,7 +158,7 @@ class VisionEncoder(nn.Module):
         self.conv1._linear.reset_parameters()
         self.ln_pre.reset_parameters()
         self.ln_post.reset_parameters()
-        for block in self.transformer.resblocks:
+        for block in self.transformer["resblocks"]:
             block.reset_parameters()
 
     def check_images(self, images: Tensor) -> None:
@@ -181,7 +171,9 @@ class VisionEncoder(nn.Module):
         x = self.conv1(images.to(self.conv1._linear.weight.dtype))  # (N, P, Dvit)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([x, cls], dim=1) + self.positional_embedding_vlm  # (N, P + 1, Dvit)
-        x = self.transformer(self.ln_pre(x))
+        x = self.ln_pre(x)
+        for block in self.transformer["resblocks"]:
+            x = block(x)
         return self.ln_post(x)
 
 
