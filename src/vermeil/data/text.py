@@ -83,12 +83,9 @@ def find_corpus_files(
         FileNotFoundError: a path does not exist.
         ValueError: nothing found.
     """
-    if paths is None:
-        roots = [stdlib_dir()]
-    elif isinstance(paths, (str, os.PathLike)):
-        roots = [Path(paths)]
-    else:
-        roots = [Path(p) for p in paths]
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    roots = [stdlib_dir()] if paths is None else [Path(p) for p in paths]
     found: dict[str, CorpusFile] = {}
     for root in roots:
         if root.is_file():

@@ -260,9 +260,7 @@ def copy_tokenizer_files(src: str | os.PathLike[str], dest: str | os.PathLike[st
     if not (src / TOKENIZER_FILE).is_file():
         return []
     dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)
-            copied.append(name)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, dest / name)
     return copied
