@@ -302,15 +302,11 @@ class Router(nn.Module):
     """Top-k token-choice router with its math in float32 (float64 for float64 inputs; autocast off there, as
     torchtitan's router does).
 
-    The weight is Meta's `router_DE`, a Parameter of shape (D, E) (`logits = x @ router_DE`); transformers'
-    `router.weight` (Llama 4) and `gate.weight` (Mixtral) are its transpose (E, D).
+    The weight is Meta's `router_DE` (D, E), `logits = x @ router_DE` (other layouts: module docstring).
 
     Args:
-        dim: D.
-        num_experts: E.
-        top_k: K, experts per token, 1 <= K <= E.
-        score_func: "sigmoid" (Llama 4) or "softmax" (Mixtral); see `route`.
-        renormalize: make the K scores sum to 1 (Mixtral: True).
+        dim, num_experts, top_k: D, E and K, the experts per token (1 <= K <= E).
+        score_func, renormalize: see `route` ("sigmoid" for Llama 4, "softmax" and renormalize for Mixtral).
     """
 
     def __init__(
@@ -457,11 +453,8 @@ class MoE(nn.Module):
     Unlike Meta's reference (inference mode, detached expert input), everything here trains.
 
     Args:
-        dim: D.
+        dim, num_experts, top_k, score_func, renormalize: as `Router`.
         hidden_dim: F, each expert's hidden size (the shared expert uses it too); see `moe_hidden_dim`.
-        num_experts: E.
-        top_k: K, experts per token, 1 <= K <= E.
-        score_func, renormalize: see `route`.
         shared_expert: add a dense SwiGLU expert seen by every token (`shared_expert.w1/w3/w2`).
         prescale_input: scale the expert input by the score (Llama 4) instead of its output (Mixtral).
         aux_loss_coef, z_loss_coef: weights of the two losses in `MoEOutput.aux_loss`.

@@ -7,36 +7,29 @@ module imports without triton (then only `scan_bytes` and the constants are usab
 
 Design (forward, `_scan_fwd_kernel`):
 
-- Grid (B, cdiv(D, BLOCK_D)): one program per batch row and block of BLOCK_D channels. Its state is a
-  [BLOCK_D, N_pad] float32 tile kept in registers for the whole sequence (N_pad = N rounded up to a power
-  of two, the padding masked to A = 0, B = C = 0 so it stays zero).
-- The sequence is walked in chunks of CHUNK positions. A chunk loads u, delta, z as [BLOCK_D, CHUNK] tiles
-  and B, C as [N_pad, CHUNK] tiles through their strides (so the transposed views of (B, L, X)-contiguous
-  tensors that MambaBlock passes are read in place, coalesced along D), fuses delta_bias and softplus,
-  forms a = exp2(delta * A * log2 e) and x = delta * u * B as [BLOCK_D, N_pad, CHUNK] tiles, and scans them
-  along time with `tl.associative_scan` and the combine (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (mamba_ssm's
-  `SSMScanOp`). The carry from the previous chunk is folded in afterwards (h_t = A_cum_t h_carry + x_cum_t),
-  y_t = <C_t, h_t> is a reduction over N, and D*u and y*silu(z) are fused before the one store of y.
-  The associative scan, not a per-position loop, because Triton cannot index a register tile by a runtime
-  position: a sequential loop would reload u, delta, B, C one position at a time (a load latency per step
-  on a dependency chain of L steps), where the chunked scan issues CHUNK positions' loads at once and
-  spends log2(CHUNK) combine levels of register arithmetic on them.
+- Grid (B, cdiv(D, BLOCK_D)): a program per batch row and block of BLOCK_D channels keeps its state, a
+  [BLOCK_D, N_pad] float32 tile (N_pad = N rounded up to a power of two, padding masked to A = B = C = 0),
+  in registers for the whole sequence.
+- Chunks of CHUNK positions: u, delta, z load as [BLOCK_D, CHUNK] tiles and B, C as [N_pad, CHUNK] tiles
+  through their strides (MambaBlock's transposed views of (B, L, X)-contiguous tensors are read in place,
+  coalesced along D); a = exp2(delta A log2 e) and x = delta u B form [BLOCK_D, N_pad, CHUNK] tiles scanned
+  along time by `tl.associative_scan` with (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (mamba_ssm's
+  `SSMScanOp`); the previous chunk's carry is folded in afterwards (h_t = A_cum_t h_carry + x_cum_t).
+  An associative scan, not a per-position loop, because Triton cannot index a register tile by a runtime
+  position: a loop would pay a load latency per step on a chain of L steps, where the scan issues CHUNK
+  positions' loads at once and spends log2(CHUNK) combine levels of register arithmetic on them.
 - Written to HBM: y, the final state, and (only when a gradient will be needed) the float32 state at the
-  start of each chunk, (B, D, n_chunks, N) with n_chunks = cdiv(L, CHUNK). Nothing of shape (B, D, L, N).
+  start of each chunk, (B, D, n_chunks, N). Nothing of shape (B, D, L, N).
 
-Design (backward, `_scan_bwd_kernel`): same grid and tiles; chunks in reverse order. Each chunk recomputes its
-states from the saved chunk-start state (one forward associative scan), then runs the adjoint
-G_t = gy_t C_t + a_{t+1} G_{t+1} as a `reverse=True` associative scan with the same combine; a_{t+1} comes
-from a second load of delta shifted by one position (an L1/L2 hit), and the adjoint arriving from the next
-chunk (or the gradient of the returned final state) is folded in like the forward carry. The gradient
-through exp(delta A) needs a_t h_{t-1}, which is h_t - x_t: no shifted state is needed (its rounding error
-is float32 eps * |x_t|, absolute, below the other terms of that gradient). Outputs:
-du, ddelta (through softplus and bias), dz written per position; dA, dD, d(delta_bias) accumulated in
-registers over the program's positions and written as per-batch-row partials (B, D, N) and (B, D), summed by
-torch afterwards (deterministic, tiny); dB and dC, which sum over all channels, are added with float32
-`tl.atomic_add` into (B, N, L) buffers, as mamba_ssm does, because per-block partials would cost
-cdiv(D, BLOCK_D) times their size in HBM traffic (the order of the atomic adds makes dB, dC
-nondeterministic in the last bits); d(initial_state) = a_0 G_0 is written once.
+Design (backward, `_scan_bwd_kernel`): same grid and tiles, chunks in reverse. A chunk recomputes its states
+from its saved start, then scans the adjoint G_t = gy_t C_t + a_{t+1} G_{t+1} with `reverse=True` (a_{t+1}
+from a second, shifted load of delta: an L1/L2 hit), the adjoint from the next chunk folded in like the
+forward carry. The gradient through exp(delta A) needs a_t h_{t-1} = h_t - x_t: no shifted state (its
+rounding error, float32 eps * |x_t|, is below that gradient's other terms). du, ddelta, dz are written per
+position; dA, dD, d(delta_bias) are summed in registers and written as per-batch-row partials that torch sums
+(deterministic, tiny); dB and dC, sums over all channels, are float32 `tl.atomic_add`s into (B, N, L)
+buffers, as mamba_ssm, since per-block partials would cost cdiv(D, BLOCK_D) times the HBM traffic (the add
+order makes their last bits nondeterministic).
 
 Sources: state-spaces/mamba `csrc/selective_scan/selective_scan_fwd_kernel.cuh` and
 `selective_scan_bwd_kernel.cuh` (chunk-boundary states, recomputation in backward, the scan operator,
@@ -56,14 +49,10 @@ registers per thread / spilled bytes):
     32 x 16, 8 / 8            180 / 0      255 / 632
 
 8 x 32 spills nothing, and CHUNK 32 halves the chunk-state traffic of CHUNK 16 (4 N / CHUNK bytes per
-(b, d, l), written forward and read backward). What they cost in time is not measured: the kernels were
-checked against `selective_scan_ref` in Triton's interpreter only, and the choice of an associative scan
-over a per-position loop above is argued, not timed. `selective_scan_triton(..., block_d=, chunk=)` and
-NUM_WARPS / BWD_NUM_WARPS are the knobs to sweep on a GPU.
-
-Under TRITON_INTERPRET=1 the kernels run on CPU tensors (that is how the tests run them); the interpreter
-evaluates `tl.associative_scan` with a user combine one element at a time in Python, so keep interpreted
-shapes tiny (tests/nn/test_scan_triton.py swaps in a vectorised equivalent).
+(b, d, l)). Their time is not measured: the kernels were checked in Triton's interpreter only, and the
+associative scan above is argued, not timed; `block_d=`, `chunk=` and NUM_WARPS / BWD_NUM_WARPS are the knobs
+to sweep on a GPU. The interpreter (TRITON_INTERPRET=1, CPU tensors: the tests) evaluates a user-combine
+`tl.associative_scan` one element at a time in Python: keep interpreted shapes tiny.
 """
 
 from __future__ import annotations

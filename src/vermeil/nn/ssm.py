@@ -26,8 +26,7 @@ from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
 
 __all__ = ["MambaBlock", "MambaState"]
 
-# The block's decoding state (conv_state (B, E, K), ssm_state (B, E, N)) is cache.SSMState; the alias keeps
-# the name this module's callers know.
+# The block's decoding state (conv_state (B, E, K), ssm_state (B, E, N)), under this module's name.
 MambaState = SSMState
 
 
@@ -208,12 +207,10 @@ class _SSMMixer(nn.Module):
 
         Without `input_pos` the cache is not touched: a plain forward from `initial_state` (zeros if None).
         With a cache (`setup_cache`) and `input_pos` (T,) or (B, T), the states are read from and written back
-        to the cache. The block continues from the cached state unless the first position is 0, where it
-        starts from zeros (decided by tensor arithmetic, no `.item()`). The path is chosen by the static
-        length T: T == 1 runs the recurrent step (O(1) per token, CUDA-graph capturable); T > 1 runs the scan
-        from the cached state and stores the final one (prefill, or chunked prefill). Under `torch.no_grad()`
-        / `inference_mode()` the step updates the cache tensors in place (the returned final states, if asked
-        for, are copies); with autograd on it is functional.
+        to the cache, continuing from it unless the first position is 0 (then from zeros; no `.item()`).
+        T == 1 runs the recurrent step (O(1) per token, CUDA-graph capturable), T > 1 the scan (prefill or
+        chunked prefill). Without autograd the step updates the cache in place (returned final states are
+        copies); with autograd it is functional.
 
         Args:
             x: (B, T, D).
@@ -285,10 +282,8 @@ class MambaBlock(_SSMMixer):
             (`selective_scan(..., compile=True)`): a 4-layer stack (d_model 512) trains 1.2-1.4x faster on
             a 2-core CPU (bench/mamba.py), after a first call that compiles. A plain attribute: it can be set
             on a built model too.
-        scan_backend: `selective_scan`'s backend, one of `vermeil.nn.scan.BACKENDS`: "auto" (Triton kernels
-            on CUDA when triton imports, the chunked scan elsewhere; `compile_scan` applies only where the
-            chunked scan runs), "triton", "chunked" or "ref". A plain attribute too (validated at
-            construction).
+        scan_backend: `selective_scan`'s `backend` (`vermeil.nn.scan.BACKENDS`; `compile_scan` applies where
+            it runs the chunked scan). A plain attribute too (validated at construction).
         device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
 
     Raises:
