@@ -160,6 +160,7 @@ class StaticDecodeStep:
     position 0), so call `model.reset_cache()` before the prefill; `generate` does.
 
     Args:
+        model, batch_size, device: the model, its cache's batch size B and the model's device.
         compile: run `compiled_decode_one_token(device.type)` instead of the eager step.
         capture: record the step as a CUDA graph (needs a CUDA device), after `warmup_steps` eager steps.
     """
@@ -221,19 +222,14 @@ def _as_padded_prompts(
                 "prompt_tokens must have shape (batch, seq) with batch >= 1 and seq >= 1, got "
                 f"{tuple(prompt_tokens.shape)}"
             )
-        if (
-            prompt_tokens.dtype.is_floating_point
-            or prompt_tokens.dtype.is_complex
-            or prompt_tokens.dtype == torch.bool
-        ):
+        dtype = prompt_tokens.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             raise TypeError(
-                f"prompt_tokens must hold integer token ids, got dtype={prompt_tokens.dtype} (rounding ids "
-                "silently would generate from a different prompt)"
+                f"prompt_tokens must hold integer token ids, got dtype={dtype} (rounding ids silently would "
+                "generate from a different prompt)"
             )
         batch, length = prompt_tokens.shape
-        return prompt_tokens.long(), torch.full(
-            (batch,), length, dtype=torch.long, device=prompt_tokens.device
-        )
+        return prompt_tokens.long(), torch.full((batch,), length, device=prompt_tokens.device)
     prompts = [list(p) for p in prompt_tokens]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_tokens must be a non-empty list of non-empty token lists")

@@ -730,7 +730,7 @@ class Trainer:
         defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
         mine = [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
 
-        def handler(signum: int, frame: Any) -> None:
+        def handler(signum: int, _frame: Any) -> None:
             self._stop = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
             name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
