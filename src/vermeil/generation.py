@@ -409,9 +409,7 @@ def _generate(
         max_seq_len = -(-total // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE if compile else total
     if max_seq_len < total:
         raise ValueError(f"max_seq_len={max_seq_len} must be >= longest prompt + max_new_tokens = {total}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(_check_stop_tokens(stop_tokens, model), dtype=torch.long, device=device)
 
     new_tokens = torch.full((batch, max_new_tokens), pad_token, dtype=torch.long, device=device)

@@ -3,10 +3,8 @@
 Weight decay shrinks matrices towards zero; on scale and offset parameters (norm weights, biases), on the SSM's
 `A_log` and `D`, and (by default) on embedding tables it only fights the model, so those go in a group with
 `weight_decay=0` (nanoGPT `configure_optimizers`, mamba_ssm's `_no_weight_decay` marks, torchtitan).
-This is the one weight-decay rule of the house: models only mark parameters (`MambaBlock` marks `A_log` and
-`D` with `_no_weight_decay = True`, as mamba_ssm does); the embedding tables follow the training knob
-`no_decay_embeddings`. A model of one's own may still decide alone through an `optimizer_groups(weight_decay)`
-method (no Vermeil model has one).
+`param_groups` is the one weight-decay rule of the house: models only mark parameters (`MambaBlock` marks
+`A_log` and `D` with `_no_weight_decay = True`, as mamba_ssm does).
 """
 
 from __future__ import annotations
