@@ -117,3 +117,32 @@ def test_flux_names_the_input_in_another_dtype_than_the_weights() -> None:
         model(**x)
     with torch.no_grad():  # the same inputs on a float64 model are fine
         assert model.double()(**x).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: mamba.MambaConfig(d_model=0), r"d_model=0 must be a positive int"),
+        (lambda: mamba.MambaConfig(dt_rank=-1), r"dt_rank=-1 must be a positive int"),
+        (lambda: mamba.MambaConfig(rms_norm=1), r"rms_norm=1 must be true or false"),
+        (lambda: mamba.MambaConfig(dt_max=math.inf), r"dt_max=inf must be a finite number"),
+        (lambda: mamba.MambaConfig(dt_min=0.0), r"dt_min=0.0 must be a positive number"),
+        (
+            lambda: HybridConfig(attn_out_multiplier=math.nan),
+            r"attn_out_multiplier=nan must be a finite number",
+        ),
+        (lambda: llm.ModelArgs(n_kv_heads=0), r"n_kv_heads=0 must be a positive int"),
+        (lambda: llm.ModelArgs(use_qk_norm="yes"), r"use_qk_norm='yes' must be true or false"),
+        (lambda: llm.MoEArgs(hidden_dim=0), r"hidden_dim=0 must be a positive int"),
+    ],
+)
+def test_configs_check_their_fields_by_annotation(make: Callable[[], object], message: str) -> None:
+    # models/checks.py: check_fields reads each field's annotation (int, int | None, bool, float).
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_config_field_checks_keep_their_exceptions() -> None:
+    # ignore_index may be negative, Flux's depths may be 0: the configs skip them.
+    assert HybridConfig(ignore_index=-100).ignore_index == -100
+    assert build_flux("debug", depth=0, device="meta").config.depth == 0

@@ -1,17 +1,46 @@
-"""Argument checks the language models share: positive sizes, the token input, and cache positions against the
-tokens and the cache. Value checks read the data back to the host, so they run only when `tracing()` is False.
+"""Argument checks the models share: config fields by their annotations, the token input, and cache positions
+against the tokens and the cache. Value checks read the data back to the host, so they run only when `tracing()` is False.
 
 Axis legend: B batch, T sequence length.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
+from dataclasses import fields
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from vermeil.nn.checks import check_positive_int, tracing
 
-__all__ = ["check_input_pos", "check_positive_int", "check_tokens", "tracing"]
+__all__ = ["check_fields", "check_input_pos", "check_positive_int", "check_tokens", "tracing"]
+
+
+def check_fields(config: Any, *, positive: Collection[str] = (), skip: Collection[str] = ()) -> None:
+    """Check every field of a config dataclass by its annotation, except those in `skip`: `int` a positive int,
+    `int | None` None or a positive int, `bool` true or false, `float` a finite number (> 0 when named in
+    `positive`). The annotations are read as strings: the config's module has `from __future__ import
+    annotations`.
+
+    Raises:
+        ValueError: naming the field, its value and the rule.
+    """
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in skip:
+            continue
+        if f.type == "int" or (f.type == "int | None" and value is not None):
+            check_positive_int(f.name, value)
+        elif f.type == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name}={value!r} must be true or false")
+        elif f.type == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{f.name}={value!r} must be a finite number")
+            if f.name in positive and not value > 0:
+                raise ValueError(f"{f.name}={value!r} must be a positive number")
 
 
 def check_tokens(tokens: object, vocab_size: int) -> None:

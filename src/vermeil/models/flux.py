@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vermeil.models.checks import check_fields
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.nn.attention import attention
-from vermeil.nn.checks import check_positive_int
 from vermeil.nn.modulation import MLPEmbedder, Modulation, ModulationOut
 from vermeil.nn.norms import QKNorm
 from vermeil.nn.positional import EmbedND, timestep_embedding
@@ -97,15 +97,7 @@ class FluxParams:
 
     def __post_init__(self) -> None:
         self.axes_dim = list(self.axes_dim)
-        for name in (
-            "in_channels",
-            "out_channels",
-            "vec_in_dim",
-            "context_in_dim",
-            "hidden_size",
-            "num_heads",
-        ):
-            check_positive_int(name, getattr(self, name))
+        check_fields(self, skip=("depth", "depth_single_blocks", "theta"))  # checked below: depths may be 0
         for name in ("depth", "depth_single_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset
 from vermeil.models import contract
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.checks import check_input_pos, check_positive_int, check_tokens
+from vermeil.models.checks import check_fields, check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.nn.attention import Attention
 from vermeil.nn.feedforward import FeedForward, SwiGLU, llama_hidden_dim
@@ -234,23 +234,7 @@ class HybridConfig:
     z_loss: float = 0.0
 
     def __post_init__(self) -> None:
-        # One rule per annotation (a string here: `from __future__ import annotations`): an int field is a
-        # positive int (but ignore_index), an optional int None or positive, a bool a bool, a float a finite
-        # number (norm_eps, rope_theta and initializer_range: a positive one).
-        for f in fields(self):
-            value = getattr(self, f.name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if (f.type == "int" and f.name != "ignore_index") or (
-                f.type == "int | None" and value is not None
-            ):
-                check_positive_int(f.name, value)
-            elif f.type == "bool" and not isinstance(value, bool):
-                raise ValueError(f"{f.name}={value!r} must be true or false")
-            elif f.type == "float" and f.name in ("norm_eps", "rope_theta", "initializer_range"):
-                if not number or not value > 0:
-                    raise ValueError(f"{f.name}={value!r} must be a positive number")
-            elif f.type == "float" and (not number or not math.isfinite(value)):
-                raise ValueError(f"{f.name}={value!r} must be a finite number")
+        check_fields(self, positive=("norm_eps", "rope_theta", "initializer_range"), skip=("ignore_index",))
         self._check_pattern()
         for name, value, allowed in (
             ("routing", self.routing, _ROUTINGS),

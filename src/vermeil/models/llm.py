@@ -34,11 +34,10 @@ from torch import Tensor, nn
 
 from vermeil.models import contract
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.checks import check_input_pos, check_tokens
+from vermeil.models.checks import check_fields, check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
 from vermeil.nn.attention import Attention as NNAttention
-from vermeil.nn.checks import check_optional_positive_int, check_positive_int
 from vermeil.nn.feedforward import SwiGLU, llama_hidden_dim
 from vermeil.nn.moe import MoE, moe_hidden_dim
 from vermeil.nn.norms import QKNorm, RMSNorm
@@ -92,12 +91,9 @@ class MoEArgs:
     backend: Literal["grouped", "padded", "loop", "dense"] = "grouped"
 
     def __post_init__(self) -> None:
-        check_positive_int("num_experts", self.num_experts)
-        check_positive_int("top_k", self.top_k)
+        check_fields(self)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
-        check_positive_int("interleave_moe_layer_step", self.interleave_moe_layer_step)
-        check_optional_positive_int("hidden_dim", self.hidden_dim)
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func={self.score_func!r} must be 'sigmoid' or 'softmax'")
         if self.backend not in ("grouped", "padded", "loop", "dense"):
@@ -159,19 +155,9 @@ class ModelArgs:
     attention_backend: Literal["sdpa", "math", "flash", "flex", "auto"] = "sdpa"
 
     def __post_init__(self) -> None:
-        for name in (
-            "dim",
-            "n_layers",
-            "n_heads",
-            "vocab_size",
-            "multiple_of",
-            "max_seq_len",
-            "max_batch_size",
-        ):
-            check_positive_int(name, getattr(self, name))
+        check_fields(self, positive=("norm_eps", "floor_scale"), skip=("rope_theta",))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        check_positive_int("n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None:
@@ -180,14 +166,10 @@ class ModelArgs:
                     f"dim={self.dim} must be divisible by n_heads={self.n_heads} (or set head_dim explicitly)"
                 )
             self.head_dim = self.dim // self.n_heads
-        check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates channel pairs)")
-        check_optional_positive_int("hidden_dim", self.hidden_dim)
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"ffn_dim_multiplier={self.ffn_dim_multiplier} must be > 0")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
         if self.embedding_init_std is not None and not self.embedding_init_std > 0:
             raise ValueError(f"embedding_init_std={self.embedding_init_std} must be > 0 (or None)")
         theta = self.rope_theta
@@ -200,7 +182,6 @@ class ModelArgs:
             if self.rope_high_freq_factor is None:
                 self.rope_high_freq_factor = 1.0
             self.rope_scaling()  # validates the constants (RopeScaling.__post_init__)
-        check_optional_positive_int("nope_layer_interval", self.nope_layer_interval)
         for name in ("nope_layers", "moe_layers"):
             layers = getattr(self, name)
             if layers is not None:
@@ -212,9 +193,6 @@ class ModelArgs:
                 setattr(self, name, sorted(set(layers)))
         if self.moe_layers is not None and self.moe_args is None:
             raise ValueError(f"moe_layers={self.moe_layers} needs moe_args")
-        check_optional_positive_int("attention_chunk_size", self.attention_chunk_size)
-        if not self.floor_scale > 0:
-            raise ValueError(f"floor_scale={self.floor_scale} must be > 0")
         if isinstance(self.moe_args, dict):
             self.moe_args = MoEArgs(**self.moe_args)
         if isinstance(self.vision_args, dict):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from vermeil.models import contract
 from vermeil.models._state_dict import fill_tied_keys
-from vermeil.models.checks import check_input_pos, check_positive_int, check_tokens
+from vermeil.models.checks import check_fields, check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset, preset_config
 from vermeil.nn.norms import LayerNorm, RMSNorm
 from vermeil.nn.scan import BACKENDS
@@ -93,27 +93,12 @@ class MambaConfig:
     scan_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in (
-            "d_model",
-            "n_layer",
-            "d_state",
-            "d_conv",
-            "expand",
-            "vocab_size",
-            "pad_vocab_size_multiple",
-            "n_residuals_per_layer",
-        ):
-            check_positive_int(name, getattr(self, name))
-        if self.dt_rank is not None:
-            check_positive_int("dt_rank", self.dt_rank)
-        for name in ("norm_epsilon", "dt_min", "dt_max", "dt_init_floor", "dt_scale", "initializer_range"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
+        check_fields(
+            self,
+            positive=("norm_epsilon", "dt_min", "dt_max", "dt_init_floor", "dt_scale", "initializer_range"),
+        )
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min={self.dt_min} must be <= dt_max={self.dt_max}")
-        if not isinstance(self.compile_scan, bool):
-            raise ValueError(f"compile_scan={self.compile_scan!r} must be true or false")
         if self.scan_backend not in BACKENDS:
             raise ValueError(f"scan_backend={self.scan_backend!r} must be one of {BACKENDS}")
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vermeil.models.checks import check_fields, check_positive_int
 from vermeil.nn.blocks import TransformerBlock
-from vermeil.nn.checks import check_positive_int
 from vermeil.nn.norms import LayerNorm
 
 __all__ = ["PixelShuffleMLP", "VisionArgs", "VisionEmbeddings", "VisionEncoder", "pixel_shuffle"]
@@ -73,8 +73,7 @@ class VisionArgs:
             raise ValueError(
                 f"pixel_shuffle_ratio={r} must be in (0, 1] with grid side {gh} * r and 1 / r^2 integers"
             )
-        for name in ("dim", "n_layers", "n_heads", "output_dim", "in_channels"):
-            check_positive_int(name, getattr(self, name))
+        check_fields(self)
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if not self.mlp_ratio > 0:
