@@ -26,7 +26,9 @@ Checkpoint layouts (meta-llama/llama-models `llama4/moe.py`; transformers `model
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -245,6 +247,11 @@ def _grouped_mm(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
     return _grouped_mm_op(x_SI.to(dtype), w_EIO.to(dtype), offs_E)
 
 
+def _swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """`(silu(x @ w1) * (x @ w3)) @ w2` with Meta-layout (in x out) weights; batched (bmm) for 3-D operands."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
 def grouped_swiglu(x_SD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, offs_E: Tensor) -> Tensor:
     """SwiGLU experts on sorted rows, one grouped matmul per projection.
 
@@ -274,13 +281,11 @@ def padded_swiglu(
         (S, D).
     """
     S, D = x_SD.shape
-    E = w1.shape[0]
     capacity = S if tracing() or S == 0 else int(counts_E.max())  # S: static, no host read (S/K is tighter)
     start_E = offs_E.long() - counts_E
     pos_S = torch.arange(S, device=x_SD.device) - start_E[expert_S]  # row within its expert's block
-    x_ECD = x_SD.new_zeros(E, capacity, D).index_put((expert_S, pos_S), x_SD)
-    h_ECF = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
-    return torch.bmm(h_ECF, w2)[expert_S, pos_S]
+    x_ECD = x_SD.new_zeros(w1.shape[0], capacity, D).index_put((expert_S, pos_S), x_SD)
+    return _swiglu(x_ECD, w1, w3, w2)[expert_S, pos_S]
 
 
 # --- Modules
@@ -525,6 +530,13 @@ class MoE(nn.Module):
 
     # --- routed experts, one method per backend; all return (T, D) in x's dtype ---------------------------
 
+    def _weighted(self, expert: Callable[[Tensor], Tensor], x: Tensor, score: Tensor) -> Tensor:
+        """expert(score * x) with `prescale_input` (Llama 4), else score * expert(x) (Mixtral; score float32,
+        as transformers). score broadcasts over x's last axis."""
+        if self.prescale_input:
+            return expert(x * score.to(x.dtype))
+        return expert(x) * score
+
     def _forward_sorted(
         self, x_TD: Tensor, scores_TK: Tensor, topk_idx_TK: Tensor, counts_E: Tensor
     ) -> Tensor:
@@ -537,11 +549,10 @@ class MoE(nn.Module):
         # index_select, whose backward is index_add; x_TD[token_S] would backpropagate through index_put with
         # accumulate, which sorts the indices again on CUDA
         x_SD = x_TD.index_select(0, token_S)
-        if self.prescale_input:
-            x_SD = x_SD * score_S1.to(x_SD.dtype)
-        y_SD = self.experts(x_SD, expert_S, counts_E, offs_E, grouped=self.backend == "grouped")
-        if not self.prescale_input:
-            y_SD = y_SD * score_S1  # in float32, as transformers
+        grouped = self.backend == "grouped"
+        y_SD = self._weighted(
+            lambda x: self.experts(x, expert_S, counts_E, offs_E, grouped=grouped), x_SD, score_S1
+        )
         # index_add (not a sort back + sum): one pass, and its backward is a gather; the K contributions of
         # a token are summed in float32 (or float64) and rounded once, as transformers does
         acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
@@ -553,13 +564,8 @@ class MoE(nn.Module):
         out_TD = torch.zeros_like(x_TD)
         for e in range(self.num_experts):
             token_idx, k_idx = torch.where(topk_idx_TK == e)
-            x_ND = x_TD[token_idx]
-            score_N1 = scores_TK[token_idx, k_idx].unsqueeze(-1)
-            if self.prescale_input:
-                x_ND = x_ND * score_N1.to(x_ND.dtype)
-            y_ND = (F.silu(x_ND @ w1[e]) * (x_ND @ w3[e])) @ w2[e]
-            if not self.prescale_input:
-                y_ND = y_ND * score_N1
+            expert = partial(_swiglu, w1=w1[e], w3=w3[e], w2=w2[e])
+            y_ND = self._weighted(expert, x_TD[token_idx], scores_TK[token_idx, k_idx].unsqueeze(-1))
             out_TD = out_TD.index_add(0, token_idx, y_ND.to(x_TD.dtype))
         return out_TD
 
@@ -567,13 +573,8 @@ class MoE(nn.Module):
         w1, w3, w2 = self.experts.w1, self.experts.w3, self.experts.w2
         E = self.num_experts
         scores_ET1 = scores_TK.new_zeros(x_TD.shape[0], E).scatter(1, topk_idx_TK, scores_TK).T.unsqueeze(-1)
-        x_ETD = x_TD.expand(E, *x_TD.shape)
-        if self.prescale_input:
-            x_ETD = x_ETD * scores_ET1.to(x_TD.dtype)
-        y_ETD = torch.bmm(F.silu(torch.bmm(x_ETD, w1)) * torch.bmm(x_ETD, w3), w2)
-        if not self.prescale_input:
-            y_ETD = y_ETD * scores_ET1
-        return y_ETD.sum(0).to(x_TD.dtype)
+        expert = partial(_swiglu, w1=w1, w3=w3, w2=w2)
+        return self._weighted(expert, x_TD.expand(E, *x_TD.shape), scores_ET1).sum(0).to(x_TD.dtype)
 
     def forward(self, x: Tensor) -> MoEOutput:
         """x: (..., D) -> MoEOutput(out (..., D), aux_loss, load_balancing_loss, z_loss, router_logits (T, E),

@@ -106,18 +106,10 @@ def scan_bytes(batch: int, dim: int, length: int, n_state: int, dtype: torch.dty
     bdl, bnl, bdn = batch * dim * length, batch * n_state * length, batch * dim * n_state
     small = dim * n_state * 4 + 2 * dim * 4  # A, D, delta_bias
     if not backward:  # u, delta, z read, y written; B, C read; chunk states, h0, final state
-        return 4 * e * bdl + 2 * e * bnl + 4 * bdn * n_chunks + 2 * 4 * bdn + small
+        return 4 * e * bdl + 2 * e * bnl + 4 * bdn * (n_chunks + 2) + small
     # u, delta, z, dy read; du, ddelta, dz written; B, C read; dB, dC float32 (atomics, written back once);
     # chunk states read; d(initial_state), dA partials written, d(final state) read; dD, dbias partials
-    return (
-        7 * e * bdl
-        + 2 * e * bnl
-        + 2 * 4 * bnl
-        + 4 * bdn * n_chunks
-        + 3 * 4 * bdn
-        + 2 * 4 * batch * dim
-        + small
-    )
+    return 7 * e * bdl + (2 * e + 2 * 4) * bnl + 4 * bdn * (n_chunks + 3) + 2 * 4 * batch * dim + small
 
 
 if triton is not None:
