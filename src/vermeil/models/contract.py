@@ -60,6 +60,7 @@ __all__ = [
     "LanguageModel",
     "build_preset",
     "delete_cache",
+    "fill_tied_keys",
     "preset_config",
     "reset_cache",
     "setup_cache",
@@ -161,6 +162,16 @@ def delete_cache(model: Any) -> None:
     for module in model.cache_modules():
         module.delete_cache()
     model.cache_max_seq_len = model.cache_batch_size = None
+
+
+def fill_tied_keys(model: Any, state_dict: dict[str, Tensor], prefix: str) -> None:
+    """In a load hook of a model whose head shares the embedding matrix: a checkpoint holding only one of the
+    two names (`lm_parts` embedding and head) loads into both."""
+    first, second = (f"{prefix}{model.lm_parts[i]}.weight" for i in (0, 2))
+    if first in state_dict and second not in state_dict:
+        state_dict[second] = state_dict[first]
+    elif second in state_dict and first not in state_dict:
+        state_dict[first] = state_dict[second]
 
 
 def preset_config(

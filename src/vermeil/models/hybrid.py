@@ -56,7 +56,6 @@ from torch import Tensor, nn
 
 from vermeil.config import ConfigError, apply_overrides, from_dict, load_yaml, merge_preset
 from vermeil.models import contract
-from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.checks import check_fields, check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.nn.attention import Attention
@@ -682,7 +681,7 @@ class HybridModel(nn.Module):
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         if self.config.tie_embeddings:
-            fill_tied_keys(state_dict, prefix + "embedding.weight", prefix + "lm_head.weight")
+            contract.fill_tied_keys(self, state_dict, prefix)
 
     @torch.no_grad()
     def init_weights(self) -> None:

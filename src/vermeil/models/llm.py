@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.models import contract
-from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.checks import check_fields, check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset
 from vermeil.models.vision import VisionArgs, VisionEmbeddings
@@ -538,7 +537,7 @@ class LLM(nn.Module):
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         state_dict.pop(prefix + "rope.freqs", None)  # Meta's precomputed table: derived, not a weight
         if self.args.tie_word_embeddings:
-            fill_tied_keys(state_dict, prefix + "tok_embeddings.weight", prefix + "output.weight")
+            contract.fill_tied_keys(self, state_dict, prefix)
 
     @torch.no_grad()
     def init_weights(self, init_std: float = 0.02) -> None:

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.models import contract
-from vermeil.models._state_dict import fill_tied_keys
 from vermeil.models.checks import check_fields, check_input_pos, check_tokens
 from vermeil.models.contract import AttentionLayer, build_preset, preset_config
 from vermeil.nn.norms import LayerNorm, RMSNorm
@@ -230,7 +229,7 @@ class MambaLM(nn.Module):
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         if self.config.tie_embeddings:  # mamba_ssm saves both names; other checkpoints may hold one
-            fill_tied_keys(state_dict, prefix + "backbone.embedding.weight", prefix + "lm_head.weight")
+            contract.fill_tied_keys(self, state_dict, prefix)
 
     @torch.no_grad()
     def init_weights(self) -> None:
