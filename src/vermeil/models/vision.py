@@ -15,6 +15,7 @@ Dv output width, B batch, T tokens, Ti tokens per image after pixel shuffle.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,32 +177,20 @@ class VisionEncoder(nn.Module):
         return self.ln_post(x)
 
 
-class _SimpleMLP(nn.Module):
-    """Meta's `SimpleMLP`: GELU after `c_fc` and again after `c_proj`."""
-
-    def __init__(self, dim: int, hidden_dim: int, **factory: Any) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(dim, hidden_dim, bias=False, **factory)
-        self.c_proj = nn.Linear(hidden_dim, hidden_dim, bias=False, **factory)
-
-    def reset_parameters(self) -> None:
-        self.c_fc.reset_parameters()
-        self.c_proj.reset_parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.c_proj(F.gelu(self.c_fc(x))))
-
-
 class PixelShuffleMLP(nn.Module):
-    """Pixel shuffle then the two-layer GELU MLP: (N, P, Dvit) -> (N, Ti, Dv)."""
+    """Pixel shuffle then Meta's `SimpleMLP` (GELU after `c_fc` and again after `c_proj`): (N, P, Dvit) ->
+    (N, Ti, Dv)."""
 
     def __init__(self, ratio: float, input_dim: int, output_dim: int, **factory: Any) -> None:
         super().__init__()
         self.ratio = ratio
-        self.mlp = _SimpleMLP(round(input_dim / ratio**2), output_dim, **factory)
+        c_fc = nn.Linear(round(input_dim / ratio**2), output_dim, bias=False, **factory)
+        c_proj = nn.Linear(output_dim, output_dim, bias=False, **factory)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=c_fc, gelu1=nn.GELU(), c_proj=c_proj, gelu2=nn.GELU()))
 
     def reset_parameters(self) -> None:
-        self.mlp.reset_parameters()
+        self.mlp.c_fc.reset_parameters()
+        self.mlp.c_proj.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(pixel_shuffle(x, self.ratio))
