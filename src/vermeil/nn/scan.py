@@ -131,6 +131,14 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype: tor
     return y.to(dtype)
 
 
+def _step(
+    x: Tensor, u_t: Tensor, delta_t: Tensor, A: Tensor, B_t: Tensor, C_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step from state x (B, D, N): u_t, delta_t (B, D), B_t, C_t (B, N) -> (y_t (B, D), the new state)."""
+    x = torch.exp(delta_t[:, :, None] * A) * x + (delta_t * u_t)[:, :, None] * B_t[:, None, :]
+    return torch.einsum("bdn,bn->bd", x, C_t), x
+
+
 def selective_scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -171,17 +179,11 @@ def selective_scan_ref(
     u, A, B, C = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
     delta = _prepare_delta(delta.to(cdt), delta_bias, delta_softplus)
     bsz, dim, length = u.shape
-    if initial_state is None:
-        x = u.new_zeros(bsz, dim, A.shape[1])
-    else:
-        x = initial_state.to(cdt)
+    x = u.new_zeros(bsz, dim, A.shape[1]) if initial_state is None else initial_state.to(cdt)  # (B, D, N)
     ys = []
     for t in range(length):
-        delta_t = delta[:, :, t]  # (B, D)
-        delta_a = torch.exp(delta_t[:, :, None] * A)  # (B, D, N)
-        delta_b_u = (delta_t * u[:, :, t])[:, :, None] * B[:, None, :, t]  # (B, D, N)
-        x = delta_a * x + delta_b_u
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, t]))
+        y_t, x = _step(x, u[:, :, t], delta[:, :, t], A, B[:, :, t], C[:, :, t])
+        ys.append(y_t)
     y = torch.stack(ys, dim=2) if ys else u.new_zeros(bsz, dim, 0)  # (B, D, L)
     out = _finish(y, u, D, z, dtype_in)
     return (out, x) if return_final_state else out
@@ -221,10 +223,7 @@ def selective_step(
     cdt = _compute_dtype(state, u_t, delta_t, A, B_t, C_t)
     u = u_t.to(cdt)
     delta = _prepare_delta(delta_t.to(cdt), delta_bias, delta_softplus)
-    delta_a = torch.exp(delta[:, :, None] * A.to(cdt))  # (B, D, N)
-    delta_b_u = (delta * u)[:, :, None] * B_t.to(cdt)[:, None, :]  # (B, D, N)
-    new_state = delta_a * state.to(cdt) + delta_b_u
-    y = torch.einsum("bdn,bn->bd", new_state, C_t.to(cdt))  # (B, D)
+    y, new_state = _step(state.to(cdt), u, delta, A.to(cdt), B_t.to(cdt), C_t.to(cdt))
     return _finish(y, u, D, z_t, u_t.dtype), new_state.to(state.dtype)
 
 
@@ -240,10 +239,8 @@ def _auto_chunk_size(bsz: int, dim: int, n: int, length: int) -> int:
 
 
 def _sub_chunk(chunk: int) -> int:
-    """Sub-chunk length k ~ sqrt(chunk), a power of two (divides power-of-two chunks: no padding).
-
-    A chunk then costs about 2k + chunk/k Python steps.
-    """
+    """Sub-chunk length k ~ sqrt(chunk), a power of two (divides power-of-two chunks: no padding): a chunk then
+    costs about 2k + chunk/k Python steps."""
     return 1 << max(0, round(math.log2(chunk) / 2))
 
 
@@ -256,10 +253,8 @@ def _grid(x: Tensor, p0: int, n: int, groups: int, k: int) -> Tensor:
 
 
 def _ungrid_into(out: Tensor, xg: Tensor, p0: int, n: int) -> None:
-    """Write (k, B, G, X) back into out[:, :, p0:p0+n] (out: (B, X, L)), dropping padding.
-
-    One strided copy per part, whatever out's layout: flattening (G, k) first would copy twice.
-    """
+    """Write (k, B, G, X) back into out[:, :, p0:p0+n] (out: (B, X, L)), dropping padding: one strided copy
+    per part, whatever out's layout (flattening (G, k) first would copy twice)."""
     k = xg.shape[0]
     src = xg.permute(1, 3, 2, 0)  # (B, X, G, k)
     full = n // k  # sub-chunks without padding
@@ -271,12 +266,8 @@ def _ungrid_into(out: Tensor, xg: Tensor, p0: int, n: int) -> None:
 
 def _chunks(length: int, chunk: int, sub: int) -> list[tuple[int, int, int, int]]:
     """(start, length, k, G) of every chunk; the last one may be shorter and uses a smaller grid."""
-    out = []
-    for p0 in range(0, length, chunk):
-        n = min(chunk, length - p0)
-        k = min(sub, n)
-        out.append((p0, n, k, -(-n // k)))
-    return out
+    sizes = [(p0, min(chunk, length - p0)) for p0 in range(0, length, chunk)]
+    return [(p0, n, min(sub, n), -(-n // min(sub, n))) for p0, n in sizes]
 
 
 def _workspace(like: Tensor, chunks: list, bsz: int, n_state: int, dim: int, count: int) -> list[Tensor]:
@@ -286,14 +277,9 @@ def _workspace(like: Tensor, chunks: list, bsz: int, n_state: int, dim: int, cou
 
 
 def _dense(x: Tensor) -> Tensor:
-    """x as is when it is (B, X, L)-contiguous or the transpose of a (B, L, X)-contiguous tensor, else a copy.
-
-    The scan reads positions in chunks (`_grid`) and works with either layout without a full copy up front;
-    models whose projections produce (B, L, X) pass `t.transpose(1, 2)` and save two transposing copies.
-    """
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
-        return x
-    return x.contiguous()
+    """x as is when it is (B, X, L)-contiguous or the transpose of a (B, L, X)-contiguous tensor, else a copy:
+    `_grid` reads either layout, so models whose projections produce (B, L, X) save two transposing copies."""
+    return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
 
 
 def _view(buf: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -67,8 +67,7 @@ def _check(
     lead = "(B, H, P)" if step else "(B, L, H, P)"
     if x.dim() != (3 if step else 4):
         raise ValueError(f"x.shape={tuple(x.shape)} must be {lead}")
-    *bl, heads, p = x.shape
-    bl = tuple(bl)
+    bl, (heads, p) = tuple(x.shape[:-2]), x.shape[-2:]
     if B.dim() != len(bl) + 2:
         raise ValueError(f"B.shape={tuple(B.shape)} must be {bl + ('G', 'N')} (x is {lead})")
     groups, n = B.shape[-2:]
@@ -121,18 +120,14 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> 
 
 
 def _decay_mask(a_cum: Tensor) -> Tensor:
-    """exp(a_cum[l] - a_cum[s]) for s <= l, 0 above the diagonal: (..., Q) -> (..., Q, Q), a new tensor.
-
-    One allocation and in-place passes (the -inf fill before the exponential gives the exact zeros); every
-    kept exponent is <= 0, since a_cum is non-increasing along a chunk.
-    """
+    """exp(a_cum[l] - a_cum[s]) for s <= l, exactly 0 above the diagonal (-inf before the exponential):
+    (..., Q) -> (..., Q, Q), one allocation and in-place passes. Kept exponents are <= 0 (a_cum decreases)."""
     q = a_cum.shape[-1]
     seg = a_cum[..., :, None] - a_cum[..., None, :]
     # adding a (Q, Q) matrix of 0 / -inf is one vectorised pass; a broadcast masked_fill_ measured ~5x slower
     seg.add_(torch.full((q, q), -math.inf, dtype=seg.dtype, device=seg.device).triu_(1))
-    if seg.dtype == torch.float32:  # torch's CPU exp2 is several times faster than exp for float32 (_exp)
-        return seg.mul_(_LOG2_E).exp2_()
-    return seg.exp_()
+    # torch's CPU exp2 is several times faster than exp for float32 (_exp)
+    return seg.mul_(_LOG2_E).exp2_() if seg.dtype == torch.float32 else seg.exp_()
 
 
 class _IntraChunk(torch.autograd.Function):
