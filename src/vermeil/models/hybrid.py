@@ -115,9 +115,8 @@ class HybridConfig:
     Args:
         dim: D, the residual width.
         vocab_size: V.
-        pattern: one token per layer (see the module docstring): "M" Mamba-1, "S" Mamba-2, "A" attention
-            (sliding with `window`), "G" global attention, "P" / "M+A" / "S+A" / "M+G" / "S+G" a parallel Mamba
-            + attention layer. A string of one-letter tokens ("MMAM") or a list of tokens (["S", "S+A"]).
+        pattern: one token per layer (the module docstring lists them), a string of one-letter tokens ("MMAM")
+            or a list of tokens (["S", "S+A"]).
         n_layers: None means len(pattern); otherwise the pattern (and `ffn_pattern`) is repeated and the lengths
             must divide it.
         routing: "sequential", or "parallel" (every "A" becomes "M+A" and every "G" "M+G").

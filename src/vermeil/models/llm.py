@@ -486,9 +486,8 @@ class LLM(nn.Module):
         device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty` and
             `init_weights`).
 
-    Call `forward(tokens, input_pos=None, image_embedding=None)` (or with a `TransformerInput`); for decoding
-    call `setup_cache(batch_size, max_seq_len)` first, then pass `input_pos` (T,) to read and write the cache
-    (without `input_pos` a forward ignores the cache, so a model keeps training after `generate`).
+    `forward(tokens, input_pos=None, image_embedding=None)` (or a `TransformerInput`) and the cache follow
+    `vermeil.models.contract`.
     """
 
     def __init__(
