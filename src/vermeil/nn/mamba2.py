@@ -89,9 +89,7 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         check_positive_ints(dim=dim, groups=groups)
         if dim % groups:
-            raise ValueError(
-                f"groups={groups} must divide dim={dim} (the norm runs over groups of dim/groups)"
-            )
+            raise ValueError(f"groups={groups} must divide dim={dim} (one norm per group)")
         self.dim, self.groups, self.eps, self.norm_before_gate = dim, groups, eps, norm_before_gate
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
@@ -170,9 +168,7 @@ class Mamba2Block(_SSMMixer):
     """Mamba-2 mixer: in_proj -> causal depthwise conv over [x|B|C] -> SiLU -> SSD -> gated RMSNorm -> out_proj.
 
     Args:
-        d_model: D, input and output width.
-        d_state: N, state size per head channel (mamba_ssm default 128).
-        d_conv: K, width of the causal depthwise convolution.
+        d_model, d_state, d_conv: D, N (per head channel; mamba_ssm's default 128) and K, as `MambaBlock`.
         expand: I = expand * d_model inner channels, unless d_inner is given.
         d_inner: I itself, a multiple of headdim but not necessarily of d_model (Falcon-H1's `mamba_d_ssm`,
             e.g. 1536 for a width of 1024); None means expand * d_model.
@@ -190,13 +186,11 @@ class Mamba2Block(_SSMMixer):
         in_proj_multipliers: 5 numbers for the `in_proj` row segments `[z, x, B, C, dt]`: `in_proj` is then a
             `SegmentScaledLinear` (Falcon-H1's `ssm_multipliers`); None a plain `nn.Linear`.
         chunk_size: Q of the chunked scan (only speed and memory depend on it).
-        segment_tokens: on the CPU, a whole-sequence forward runs in pieces of about this many tokens
-            (batch x positions; a multiple of chunk_size positions, at least one chunk), each piece starting
-            from the states the previous one ended with: the same function and gradients (the split-sequence
-            property), but each piece's activations stay in the CPU caches between the layer's ops. Measured
-            1.2x faster forward+backward at L 1024 and 1.7x at L 4096 with 1024 (a d_model 512 block, batch
-            2, one thread of a 2-core AMD EPYC); on both threads, a 4-layer stack at L 4096: 1.33x (2048
-            alike, 4096 1.24x). None runs one piece; CUDA always does. A plain attribute.
+        segment_tokens: on the CPU, a whole-sequence forward runs in pieces of about this many tokens (batch x
+            positions, whole chunks), each from the states the previous one ended with: the same function and
+            gradients, but each piece's activations stay in the CPU caches. Forward+backward 1.2x faster at
+            L 1024, 1.7x at L 4096 (d_model 512, batch 2, one thread of a 2-core AMD EPYC; a 4-layer stack on
+            both threads: 1.33x). None runs one piece; CUDA always does. A plain attribute.
         layer_idx: index of the block in its model (informational).
         device, dtype: of the parameters; A_log, D and dt_bias are always float32.
 
@@ -298,11 +292,9 @@ class Mamba2Block(_SSMMixer):
 
     def reset_parameters(self) -> None:
         """mamba_ssm `Mamba2` init: default Linear/Conv1d, dt_bias, A_log = log U(A_init_range), D = 1."""
-        self.in_proj.reset_parameters()
-        self.conv1d.reset_parameters()
-        self.out_proj.reset_parameters()
-        if self.norm is not None:
-            self.norm.reset_parameters()
+        for layer in (self.in_proj, self.conv1d, self.out_proj, self.norm):
+            if layer is not None:
+                layer.reset_parameters()
         with torch.no_grad():
             init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
             self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))

@@ -84,13 +84,11 @@ def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) ->
     two have not been timed against each other on a GPU yet).
     """
     dtype = torch.promote_types(hist.dtype, weight.dtype)
+    hist, weight = hist.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    if hist.is_cuda:
-        # cuDNN's depthwise kernel; its (B, E, L) output is handed on as a (B, L, E) view
-        return F.conv1d(
-            hist.to(dtype).transpose(1, 2), weight.to(dtype), bias, groups=weight.shape[0]
-        ).transpose(1, 2)
-    return _CausalDepthwiseConv.apply(hist.to(dtype), weight[:, 0].t().to(dtype), bias)
+    if hist.is_cuda:  # cuDNN's depthwise kernel; its (B, E, L) output is handed on as a (B, L, E) view
+        return F.conv1d(hist.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
+    return _CausalDepthwiseConv.apply(hist, weight[:, 0].t(), bias)
 
 
 def init_dt_bias_(bias: Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -181,13 +179,8 @@ class _SSMMixer(nn.Module):
         The window is the last K - 1 inputs of conv_state (zeros where `keep` (1|B, 1) is False: a restart)
         then xbc; `inplace` writes it into conv_state (the cache) and returns that.
         """
-        window = torch.cat(
-            [
-                torch.where(keep.unsqueeze(-1), conv_state[:, :, 1:], 0.0),
-                xbc.unsqueeze(-1).to(conv_state.dtype),
-            ],
-            dim=-1,
-        )
+        kept = torch.where(keep.unsqueeze(-1), conv_state[:, :, 1:], 0.0)
+        window = torch.cat([kept, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
         if inplace:
             window = conv_state.copy_(window)
         out = (window.to(xbc.dtype) * self.conv1d.weight[:, 0]).sum(-1)
@@ -333,14 +326,11 @@ class MambaBlock(_SSMMixer):
             raise ValueError(f"scan_backend={scan_backend!r} must be one of {BACKENDS}")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.compile_scan = bool(compile_scan)
-        self.scan_backend = scan_backend
-        self.d_inner = int(expand * d_model)
-        self.dt_rank = dt_rank
+        self.compile_scan, self.scan_backend = bool(compile_scan), scan_backend
+        self.d_inner, self.dt_rank = int(expand * d_model), dt_rank
         self.state_shape = ((self.d_inner, d_conv), (self.d_inner, d_state))  # conv_state, ssm_state
         self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
-        self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
-        self.layer_idx = layer_idx
+        self.dt_scale, self.dt_init_floor, self.layer_idx = dt_scale, dt_init_floor, layer_idx
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)  # [x, z]: x first
         c = self.d_inner  # depthwise, as state-spaces; the forward runs _causal_depthwise_conv on its weights
@@ -360,10 +350,8 @@ class MambaBlock(_SSMMixer):
 
     def reset_parameters(self) -> None:
         """state-spaces init: default Linear/Conv1d init, dt_proj as below, A_log = log(1..N), D = 1."""
-        self.in_proj.reset_parameters()
-        self.conv1d.reset_parameters()
-        self.x_proj.reset_parameters()
-        self.out_proj.reset_parameters()
+        for layer in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+            layer.reset_parameters()
         with torch.no_grad():
             std = self.dt_rank**-0.5 * self.dt_scale
             if self.dt_init == "constant":
