@@ -332,13 +332,11 @@ if triton is not None:
         tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
 
 
-def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def _empty_like_layout(x: Tensor) -> Tensor:
     """An empty (B, X, L) tensor laid out like x: time-major (D innermost) when x is, else (B, X, L)-contiguous."""
-    bsz, dim, length = x.shape
-    dtype = dtype or x.dtype
     if x.stride(1) == 1 and x.stride(2) != 1:
-        return torch.empty(bsz, length, dim, dtype=dtype, device=x.device).transpose(1, 2)
-    return torch.empty(bsz, dim, length, dtype=dtype, device=x.device)
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
+    return x.new_empty(x.shape)
 
 
 class SelectiveScanTritonFn(torch.autograd.Function):
@@ -390,7 +388,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor | None, dlast: Tensor | None):  # type: ignore[override]
-        u, delta, A, B, C, D, z, delta_bias, h_chunks = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, h_chunks = saved = ctx.saved_tensors
         bsz, dim, length = u.shape
         n_state = A.shape[1]
         if dy is None:
@@ -399,12 +397,9 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         du, ddelta = _empty_like_layout(u), _empty_like_layout(delta)
         dz = _empty_like_layout(z) if z is not None else du
         f32 = {"dtype": torch.float32, "device": u.device}
-        dA = torch.empty(bsz, dim, n_state, **f32)
-        dB = torch.zeros(bsz, n_state, length, **f32)
-        dC = torch.zeros(bsz, n_state, length, **f32)
-        dD = torch.empty(bsz, dim, **f32)
-        dbias = torch.empty(bsz, dim, **f32)
-        dh0 = torch.empty(bsz, dim, n_state, **f32)
+        dA, dh0 = torch.empty(bsz, dim, n_state, **f32), torch.empty(bsz, dim, n_state, **f32)
+        dB, dC = torch.zeros(bsz, n_state, length, **f32), torch.zeros(bsz, n_state, length, **f32)
+        dD, dbias = torch.empty(bsz, dim, **f32), torch.empty(bsz, dim, **f32)  # per batch row, summed below
         zz = z if z is not None else u
         grid = (bsz, triton.cdiv(dim, ctx.block_d))
         _scan_bwd_kernel[grid](
@@ -418,21 +413,10 @@ class SelectiveScanTritonFn(torch.autograd.Function):
             SOFTPLUS=ctx.softplus,
             BLOCK_D=ctx.block_d, BLOCK_N=_n_pad(n_state), CHUNK=ctx.chunk, num_warps=BWD_NUM_WARPS,
         )  # fmt: skip
+        grads = (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0)  # dA, dD, dbias: tiny sums
+        dtypes = [None if t is None else t.dtype for t in saved[:8]] + [ctx.state_dtype]
         need = ctx.needs_input_grad
-        return (
-            du if need[0] else None,
-            ddelta if need[1] else None,
-            dA.sum(0).to(A.dtype) if need[2] else None,
-            dB.to(B.dtype) if need[3] else None,
-            dC.to(C.dtype) if need[4] else None,
-            dD.sum(0).to(D.dtype) if need[5] else None,
-            dz if need[6] else None,
-            dbias.sum(0).to(delta_bias.dtype) if need[7] else None,
-            dh0.to(ctx.state_dtype) if need[8] else None,
-            None,
-            None,
-            None,
-        )
+        return (*(g.to(dt) if n else None for g, dt, n in zip(grads, dtypes, need)), None, None, None)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
