@@ -508,10 +508,9 @@ class MoE(nn.Module):
         self.register_load_state_dict_pre_hook(self._load_meta)
 
     def reset_parameters(self) -> None:
-        self.router.reset_parameters()
-        self.experts.reset_parameters()
-        if self.shared_expert is not None:
-            self.shared_expert.reset_parameters()
+        for part in (self.router, self.experts, self.shared_expert):
+            if part is not None:
+                part.reset_parameters()
 
     def _load_meta(self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # Meta's module layout keeps `router_DE` on the MoE itself; its raw shards also use other names for

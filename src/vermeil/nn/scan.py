@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vermeil.nn.checks import check_optional_positive_int
+
 __all__ = ["BACKENDS", "selective_scan", "selective_scan_ref", "selective_step"]
 
 # Elements of one (chunk, B, N, D) working tensor when chunk_size is chosen automatically: 2**20 floats is
@@ -311,15 +313,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
-        u: Tensor,
-        delta: Tensor,
-        A_t: Tensor,
-        B: Tensor,
-        C: Tensor,
-        h0: Tensor,
-        chunk: int,
-        sub: int,
+        ctx, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int, sub: int
     ) -> tuple[Tensor, Tensor]:
         bsz, dim, length = u.shape
         n_state = A_t.shape[0]
@@ -635,8 +629,7 @@ def selective_scan(
         `return_final_state`.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive integer or None")
+    check_optional_positive_int("chunk_size", chunk_size)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = _resolve_backend(backend, tensors, chunk_size=chunk_size, compile=compile)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)

@@ -261,11 +261,8 @@ def ssd_scan(
     xdt = xf * dt[..., None]  # (B, L, H, P)
     a = dt * A.to(cdt)  # (B, L, H), <= 0
     bf, cf = B.to(cdt), C.to(cdt)
-    if pad:  # padded steps: dt = 0, so no decay and no input
-        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
-        a = F.pad(a, (0, 0, 0, pad))
-        bf = F.pad(bf, (0, 0, 0, 0, 0, pad))
-        cf = F.pad(cf, (0, 0, 0, 0, 0, pad))
+    if pad:  # padded steps along L: dt = 0, so no decay and no input
+        xdt, a, bf, cf = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xdt, a, bf, cf))
     # Group-major chunked layout: (B, G, c, Q, hg, P); for G = 1 it is a view of x's own layout, and the
     # per-group matmuls below read all hg heads of a group as one (Q, hg*P) matrix.
     xdt = xdt.view(bsz, nc, q, groups, hg, p).permute(0, 3, 1, 2, 4, 5)
