@@ -14,6 +14,7 @@ Axis legend: B batch, L (or T) length, D d_model, I d_inner = expand * d_model, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -313,10 +314,10 @@ class Mamba2Block(_SSMMixer):
         groups = (self.ngroups, self.d_state)
         return xs.unflatten(-1, (self.nheads, self.headdim)), b.unflatten(-1, groups), c.unflatten(-1, groups)
 
-    def _skip(self) -> Tensor:
-        """D as the scan takes it: (H,), or (H, P) with D_has_hdim."""
-        d = _f32(self.D)
-        return d.view(self.nheads, self.headdim) if self.D_has_hdim else d
+    def _ssm_args(self) -> dict[str, Any]:
+        """What both paths pass the SSD, in float32: A = -exp(A_log) (H,), D (H,) or (H, P), dt_bias (H,)."""
+        D = _f32(self.D).view(self.nheads, self.headdim) if self.D_has_hdim else _f32(self.D)
+        return dict(A=-torch.exp(_f32(self.A_log)), D=D, dt_bias=_f32(self.dt_bias), dt_softplus=True)
 
     def _gate_out(self, y: Tensor, z: Tensor, project=None) -> Tensor:
         """Gated norm (or plain SiLU gate) then out_proj (through `project(layer, y)` if given). y, z: (..., I)."""
@@ -358,16 +359,13 @@ class Mamba2Block(_SSMMixer):
         result = ssd_scan(
             xs,
             dt,
-            -torch.exp(_f32(self.A_log)),
-            b,
-            c,
+            B=b,
+            C=c,
             chunk_size=self.chunk_size,
             dt_limit=self.time_step_limit,
             initial_state=ssm_state,
             return_final_state=want_state,
-            D=self._skip(),
-            dt_bias=_f32(self.dt_bias),
-            dt_softplus=True,
+            **self._ssm_args(),
         )
         y, new_ssm = result if want_state else (result, None)
         return self._gate_out(y.flatten(-2), z), new_conv, new_ssm
@@ -384,11 +382,8 @@ class Mamba2Block(_SSMMixer):
         z, xbc, dt = self._split(_project(self.in_proj, x[:, 0]))
         xbc, window = self._conv_step(xbc, conv_state, keep, inplace)  # (B, conv_dim), (B, conv_dim, K)
         xs, b, c = self._split_xbc(xbc)
-        a = -torch.exp(_f32(self.A_log))
-        D, dt_bias = self._skip(), _f32(self.dt_bias)
-        y, ssm_state = _ssd_step(
-            ssm_state, xs, dt, a, b, c, D, None, dt_bias, True, inplace=inplace, keep=keep
-        )
+        args = self._ssm_args()
+        y, ssm_state = _ssd_step(ssm_state, xs, dt, B=b, C=c, z=None, inplace=inplace, keep=keep, **args)
         out = self._gate_out(y.flatten(-2), z, _project)
         return out.unsqueeze(1), window, ssm_state
 

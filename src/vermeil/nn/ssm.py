@@ -15,6 +15,7 @@ K d_conv.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -371,6 +372,11 @@ class MambaBlock(_SSMMixer):
         dt, b, c = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), b, c
 
+    def _ssm_args(self) -> dict[str, Any]:
+        """What both paths pass the scan, in float32: A = -exp(A_log) (E, N), D and the dt bias (E,)."""
+        bias = _f32(self.dt_proj.bias)
+        return dict(A=-torch.exp(_f32(self.A_log)), D=_f32(self.D), delta_bias=bias, delta_softplus=True)
+
     def _mix(
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -379,21 +385,18 @@ class MambaBlock(_SSMMixer):
         # (B, L, E) throughout: the scan reads transposed views, and its y comes back (B, L, E)-major
         xs, new_conv = self._conv(xs, conv_state, want_state)
         dt, b, c = self._dt_bc(xs)  # (B, L, E), (B, L, N), (B, L, N)
-        A = -torch.exp(_f32(self.A_log))  # (E, N)
+        u, delta, B, C, gate = (t.transpose(1, 2) for t in (xs, dt, b, c, z))  # (B, X, L) views
         result = selective_scan(
-            xs.transpose(1, 2),
-            dt.transpose(1, 2),
-            A,
-            b.transpose(1, 2),
-            c.transpose(1, 2),
-            D=_f32(self.D),
-            z=z.transpose(1, 2),
-            delta_bias=_f32(self.dt_proj.bias),
-            delta_softplus=True,
+            u,
+            delta,
+            B=B,
+            C=C,
+            z=gate,
             initial_state=ssm_state,
             return_final_state=want_state,
             compile=self.compile_scan,
             backend=self.scan_backend,
+            **self._ssm_args(),
         )
         y, new_ssm = result if want_state else (result, None)
         return self.out_proj(y.transpose(1, 2)), new_conv, new_ssm
@@ -409,19 +412,8 @@ class MambaBlock(_SSMMixer):
         xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
         xs, window = self._conv_step(xs, conv_state, keep, inplace)
         dt, b, c = self._dt_bc(xs)
-        A = -torch.exp(_f32(self.A_log))
-        y, new_ssm = selective_step(
-            torch.where(keep.unsqueeze(-1), ssm_state, 0.0),
-            xs,
-            dt,
-            A,
-            b,
-            c,
-            D=_f32(self.D),
-            z_t=z,
-            delta_bias=_f32(self.dt_proj.bias),
-            delta_softplus=True,
-        )
+        state = torch.where(keep.unsqueeze(-1), ssm_state, 0.0)
+        y, new_ssm = selective_step(state, xs, dt, B_t=b, C_t=c, z_t=z, **self._ssm_args())
         if inplace:
             new_ssm = ssm_state.copy_(new_ssm)
         return self.out_proj(y).unsqueeze(1), window, new_ssm
