@@ -150,8 +150,7 @@ class SegmentScaledLinear(nn.Linear):
         self.register_buffer("scale", self._scale(device), persistent=False)
 
     def _scale(self, device: torch.device | str | None) -> Tensor:
-        parts = [torch.full((s,), m) for s, m in zip(self.sizes, self.multipliers)]
-        return torch.cat(parts).to(device=device)
+        return torch.tensor(self.multipliers).repeat_interleave(torch.tensor(self.sizes)).to(device=device)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

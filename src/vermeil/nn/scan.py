@@ -160,14 +160,11 @@ def selective_scan_ref(
     The discretised tensors are formed one step at a time, so memory stays O(B * D * N) besides the output.
 
     Args:
-        u: (B, D, L) input.
-        delta: (B, D, L) step sizes (before `delta_bias` and softplus).
+        u: (B, D, L) input. delta: (B, D, L) step sizes (before `delta_bias` and softplus).
         A: (D, N) state matrix (diagonal, usually negative: `-exp(A_log)`).
-        B: (B, N, L) input projection; C: (B, N, L) output projection.
-        D: (D,) skip connection, optional.
+        B, C: (B, N, L) input and output projections. D: (D,) skip connection, optional.
         z: (B, D, L) gate, optional: the output is multiplied by silu(z).
-        delta_bias: (D,) added to delta before the softplus, optional.
-        delta_softplus: apply softplus to delta (after the bias).
+        delta_bias: (D,) added to delta, optional. delta_softplus: apply softplus to delta (after the bias).
         initial_state: (B, D, N) state before the first step; zeros if None.
         return_final_state: also return the state after the last step.
 
