@@ -527,13 +527,8 @@ class _CompiledScanFn(torch.autograd.Function):
         grad_A_t = torch.zeros_like(A_t)
         for p0, h in zip(reversed(range(0, length, chunk)), reversed(starts)):
             n = min(chunk, length - p0)
-            *parts, g_A, adj = backward_fn(
-                *(_chunk_of(t, p0, chunk) for t in (u, delta, B, C)),
-                A_t,
-                h,
-                _chunk_of(grad_y, p0, chunk),
-                adj,
-            )
+            u_c, delta_c, B_c, C_c, gy_c = (_chunk_of(t, p0, chunk) for t in (u, delta, B, C, grad_y))
+            *parts, g_A, adj = backward_fn(u_c, delta_c, B_c, C_c, A_t, h, gy_c, adj)
             for grad, part in zip(grads, parts):
                 grad[:, p0 : p0 + n] = part[:, :n]
             grad_A_t += g_A
@@ -561,9 +556,7 @@ def _resolve_backend(
     u = tensors[0]
     float64 = _compute_dtype(*tensors) == torch.float64
     if backend == "auto":
-        if u.is_cuda and not float64 and _triton_unavailable(u.device) is None:
-            return "triton"
-        return "chunked"
+        return "triton" if u.is_cuda and not float64 and _triton_unavailable(u.device) is None else "chunked"
     if backend in ("triton", "ref") and (compile or chunk_size is not None):
         raise ValueError(f"compile and chunk_size apply to backend='chunked' only, got backend={backend!r}")
     if backend == "triton":
