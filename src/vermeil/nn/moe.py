@@ -98,11 +98,7 @@ def route(
     "sigmoid" (Llama 4): the top-k logits through a sigmoid (every other expert scores 0).
     "softmax" (Mixtral): softmax over all E logits, then the top-k probabilities.
     `renormalize` divides the k scores by their sum (Mixtral always does; `top_k=1` then gives 1.0).
-
-    Args:
-        logits_TE: (T, E) router logits.
-    Returns:
-        scores_TK: (T, K) float32; topk_idx_TK: (T, K) int64 expert ids, best first.
+    logits_TE (T, E) -> scores_TK (T, K) float32 and topk_idx_TK (T, K) int64 expert ids, best first.
     """
     logits_TE = _fp32(logits_TE)
     match score_func:
@@ -133,13 +129,8 @@ def load_balancing_loss(logits_TE: Tensor, topk_idx_TK: Tensor, counts_E: Tensor
     `f_e` = (number of top-k assignments to expert e) / T, `P_e` = mean over tokens of softmax(logits)_e.
     Identical to transformers' `load_balancing_loss_func((logits_TE,), E, K)`: it equals K when routing is
     uniform. Gradients reach the router through `P_e` only (the counts are piecewise constant).
-
-    Args:
-        logits_TE: (T, E) router logits.
-        topk_idx_TK: (T, K) selected experts.
-        counts_E: (E,) precomputed `tokens_per_expert(topk_idx_TK, E)`, optional.
-    Returns:
-        scalar float32 tensor.
+    logits_TE: (T, E); topk_idx_TK: (T, K); counts_E: (E,) `tokens_per_expert(topk_idx_TK, E)` if already
+    computed. Returns a float32 scalar.
     """
     T, E = logits_TE.shape
     if counts_E is None:

@@ -266,10 +266,8 @@ class MambaBlock(_SSMMixer):
         d_conv: K, width of the causal depthwise convolution.
         expand: E = expand * d_model inner channels (int(expand * d_model), as state-spaces).
         dt_rank: R, rank of the dt projection; "auto" is ceil(d_model / 16).
-        dt_min, dt_max: range of the initial step size dt (log-uniform).
-        dt_init: "random" (dt_proj.weight ~ U(+-R^-0.5 * dt_scale)) or "constant".
-        dt_scale: scale of the dt_proj.weight init.
-        dt_init_floor: initial dt is clamped from below at this value.
+        dt_min, dt_max, dt_init_floor: the initial dt is log-uniform in [dt_min, dt_max], floored.
+        dt_init, dt_scale: dt_proj.weight ~ U(+-R^-0.5 * dt_scale) ("random") or that constant ("constant").
         conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
         layer_idx: index of the block in its model (informational, as state-spaces).
         compile_scan: run the whole-sequence scan through torch.compile'd chunk kernels
