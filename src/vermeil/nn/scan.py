@@ -11,12 +11,10 @@ The recurrence, per batch b, channel d and state index n (Gu & Dao, 2023, arXiv:
 
 Why this algorithm for `selective_scan` (measured on a 2-core CPU; bench/scan.py prints the table):
 
-- The log-space form `h_t = exp(cum_t) * (h_0 + sum_s exp(-cum_s) x_s)` needs `exp(-cum_s)`, which overflows
-  float32 as soon as `|A| * sum(delta)` inside a chunk passes ~88: already at initialisation (dt 0.1,
-  A = -16, 64 steps gives 102) and routinely for trained models. Not exact, so not used.
-- The safe masked form `exp(cum_t - cum_s)` (s <= t, Mamba-2 SSD's segsum) is fine for Mamba-2, whose A is
-  one scalar per head, but Mamba-1's A is per (d, n): it needs a (B, D, K, K, N) tensor per chunk, K times
-  the exponentials of the loop, and exp dominates the cost on CPU.
+- The log-space form `h_t = exp(cum_t) * (h_0 + sum_s exp(-cum_s) x_s)` overflows float32 once
+  `|A| * sum(delta)` inside a chunk passes ~88: already at initialisation (dt 0.1, A = -16, 64 steps: 102).
+- The masked form `exp(cum_t - cum_s)` (s <= t, Mamba-2's segsum) is safe, but Mamba-1's A is per (d, n):
+  a (B, D, K, K, N) tensor per chunk, K times the loop's exponentials, and exp dominates on CPU.
 - Blelloch/Hillis-Steele trees (mambapy's pscan) are exact but make log2(L) strided passes over a full
   (B, L, D, N) tensor; they lose to the loop on this CPU and use gigabytes.
 
