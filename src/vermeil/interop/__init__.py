@@ -13,34 +13,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# transformers class name -> (module in vermeil.interop, converter to Vermeil, converter back)
+from vermeil.nn.mamba2 import SegmentScaledLinear
+from vermeil.nn.positional import RotaryEmbedding
+
+_HYBRID = "transformers_hybrids.from_transformers_hybrid"
+# transformers class name -> "module in vermeil.interop.converter to Vermeil"
 _TRANSFORMERS = {
-    "LlamaForCausalLM": ("transformers_llama", "from_transformers_llama", "to_transformers_llama"),
-    "Llama4ForCausalLM": ("transformers_llama", "from_transformers_llama", "to_transformers_llama"),
-    "MambaForCausalLM": ("transformers_mamba", "from_transformers_mamba", "to_transformers_mamba"),
-    "Mamba2ForCausalLM": ("transformers_hybrids", "from_transformers_mamba2", "to_transformers_mamba2"),
-    "JambaForCausalLM": ("transformers_hybrids", "from_transformers_jamba", "to_transformers_jamba"),
-    "BambaForCausalLM": ("transformers_hybrids", "from_transformers_bamba", "to_transformers_bamba"),
-    "FalconH1ForCausalLM": (
-        "transformers_hybrids",
-        "from_transformers_falcon_h1",
-        "to_transformers_falcon_h1",
+    "LlamaForCausalLM": "transformers_llama.from_transformers_llama",
+    "Llama4ForCausalLM": "transformers_llama.from_transformers_llama",
+    "MambaForCausalLM": "transformers_mamba.from_transformers_mamba",
+    **dict.fromkeys(
+        ["Mamba2ForCausalLM", "JambaForCausalLM", "BambaForCausalLM", "FalconH1ForCausalLM"], _HYBRID
     ),
 }
 # Vermeil class name -> the transformers conversion that takes it back
 _TO_TRANSFORMERS = {
-    "LLM": ("transformers_llama", "to_transformers_llama"),
-    "MambaLM": ("transformers_mamba", "to_transformers_mamba"),
+    "LLM": "transformers_llama.to_transformers_llama",
+    "MambaLM": "transformers_mamba.to_transformers_mamba",
     # the class follows the layer pattern (`transformers_hybrids.transformers_class_for`)
-    "HybridModel": ("transformers_hybrids", "to_transformers_hybrid"),
+    "HybridModel": "transformers_hybrids.to_transformers_hybrid",
 }
+# transformers configs default to Llama's special token ids; Vermeil models have none.
+_NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
-def _converter(module: str, name: str) -> Any:
+def _converter(path: str) -> Any:
+    module, _, name = path.partition(".")
     return getattr(import_module(f"vermeil.interop.{module}"), name)
-
-
-# The checks the converter modules share.
 
 
 def _check_silu(cls: str, config: Any) -> None:
@@ -67,6 +66,23 @@ def _load_strict(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> 
     model.load_state_dict(state_dict, strict=True)
 
 
+def _build(model_cls: Any, config: Any, state: dict[str, Tensor], like: nn.Module) -> nn.Module:
+    """`model_cls(config)` holding `state` (checked by `_load_strict`), built on the meta device and placed on
+    the device, in the dtype and in the train/eval mode of `like`, the model it is converted from."""
+    weight = next(like.parameters())
+    model = model_cls(config, device="meta", dtype=weight.dtype)
+    embedding, _, head = (model.get_submodule(name) for name in model.lm_parts)
+    tied = head.weight is embedding.weight
+    model.to_empty(device=weight.device)
+    if tied:  # to_empty may give each name its own tensor
+        head.weight = embedding.weight
+    for mod in model.modules():  # non-persistent buffers hold garbage after to_empty: rebuild them
+        if isinstance(mod, (RotaryEmbedding, SegmentScaledLinear)):
+            mod.reset_parameters()
+    _load_strict(model, state, f"from_transformers({type(like).__name__})")
+    return model.train(like.training)
+
+
 def from_transformers(hf_model: nn.Module) -> nn.Module:
     """Convert a transformers model into Vermeil's: LlamaForCausalLM and Llama4ForCausalLM into an `LLM`,
     MambaForCausalLM into a `MambaLM`, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and
@@ -74,8 +90,7 @@ def from_transformers(hf_model: nn.Module) -> nn.Module:
     cls = type(hf_model).__name__
     if cls not in _TRANSFORMERS:
         raise ValueError(f"from_transformers: {cls} is not supported; supported: {sorted(_TRANSFORMERS)}")
-    module, forward, _ = _TRANSFORMERS[cls]
-    return _converter(module, forward)(hf_model)
+    return _converter(_TRANSFORMERS[cls])(hf_model)
 
 
 def to_transformers(model: nn.Module) -> Any:
@@ -84,7 +99,7 @@ def to_transformers(model: nn.Module) -> Any:
     cls = type(model).__name__
     if cls not in _TO_TRANSFORMERS:
         raise ValueError(f"to_transformers: {cls} is not supported; supported: {sorted(_TO_TRANSFORMERS)}")
-    return _converter(*_TO_TRANSFORMERS[cls])(model)
+    return _converter(_TO_TRANSFORMERS[cls])(model)
 
 
 def from_diffusers(transformer: nn.Module) -> nn.Module:
@@ -92,7 +107,7 @@ def from_diffusers(transformer: nn.Module) -> nn.Module:
     cls = type(transformer).__name__
     if cls != "FluxTransformer2DModel":
         raise ValueError(f"from_diffusers: {cls} is not supported; supported: ['FluxTransformer2DModel']")
-    return _converter("diffusers_flux", "from_diffusers")(transformer)
+    return _converter("diffusers_flux.from_diffusers")(transformer)
 
 
 __all__ = ["from_diffusers", "from_transformers", "to_transformers"]
