@@ -1,28 +1,16 @@
-"""Scaled dot-product attention: one function with four backends, and one `Attention` module.
+"""Scaled dot-product attention: one function with four backends, and the one `Attention` module.
 
-`attention(q, k, v, mask, causal=...)` is the single entry point:
+`attention(q, k, v, mask, causal=...)` backends:
     - "sdpa": `F.scaled_dot_product_attention`, which on CPU runs a fused flash kernel for every input we
       produce (causal or not, boolean masks, GQA through `enable_gqa`): memory O(T x Dh), never T x S.
-      Causal is passed as `is_causal` whenever T == S, also beside a padding or local mask where the CPU
-      kernel takes both (probed once), because only then does it skip the blocks above the diagonal.
     - "math": the definition, materialising the (T, S) scores; the reference the tests compare against.
-    - "flash": SDPA restricted to the fused kernels with `sdpa_kernel`; when none can serve the inputs it
-      raises an error naming what is not served instead of torch's "No available kernel".
-    - "flex": FlexAttention (`vermeil.nn.flex`): the mask becomes a block mask and only its non-empty
-      128 x 128 tiles are computed; compiled on CUDA, eager and forward-only on the CPU.
-
-`Attention` also takes backend="auto": FlexAttention on CUDA where it pays (a sliding window, or chunks with a
-padding mask, no KV cache, no dropout), SDPA everywhere else. With "flex" or "auto" the module hands its rules
-(causal, window, chunk, key padding) to FlexAttention as mask functions, whose block masks are cached per
-shape, instead of building a dense (T, S) mask.
-
-`chunked_causal_attention` runs Llama 4's chunked attention as independent causal blocks, and `Attention` is
-the module every model uses (the LLM, the hybrid, the vision encoder, the Transformer blocks); Flux's and
-PaLM's blocks keep their fused checkpoint layouts and call `attention` directly.
+    - "flash": SDPA restricted to the fused kernels; where none serves the inputs, an error naming what is
+      not served instead of torch's "No available kernel".
+    - "flex": FlexAttention (`vermeil.nn.flex`): only the non-empty 128 x 128 tiles of the mask are computed.
 
 Causality is by position, bottom-right aligned when T < S (query i sits at position S - T + i, as in
-cached decoding and in the masks of `vermeil.nn.masks`). SDPA's `is_causal` is top-left aligned, so it is
-used only when T == S (x-transformers #187 is this bug).
+cached decoding and in `vermeil.nn.masks`). SDPA's `is_causal` is top-left aligned, so it is used only when
+T == S (x-transformers #187 is this bug).
 
 Axis legend: B batch, T query length, S key length, D model dim, Dc context dim, H heads,
 Hkv kv heads, G = H / Hkv query heads per kv head, Dh head dim.
@@ -41,10 +29,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vermeil.nn.cache import KVCache, RingKVCache
 from vermeil.nn.checks import (
+    check_bool_mask,
     check_optional_positive_int,
     check_positive_int,
     check_positive_ints,
     check_probability,
+    check_qkv,
 )
 from vermeil.nn.flex import flex_attention, flex_available
 from vermeil.nn.masks import attention_mask, padding_mask
@@ -79,31 +69,19 @@ _FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] +
 # The function
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            "q, k, v must be 4-D (B, H, T, Dh), (B, Hkv, S, Dh), (B, Hkv, S, Dh), got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+def _check_mask(mask: Tensor, b: int, h: int, t: int, s: int, *, padding: bool = False) -> None:
+    """A bool mask broadcastable to (B, H, T, S) with 4 dims, or with `padding` also a (B, S) key padding."""
+    check_bool_mask("mask", mask, "True = may attend")
+    if padding and mask.ndim == 2:
+        if mask.shape != (b, s):
+            raise ValueError(f"mask must have shape (B={b}, S={s}) for key padding, got {tuple(mask.shape)}")
+    elif mask.ndim != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (b, h, t, s))):
+        rule = (
+            f"shape (B={b}, S={s}) or (B|1, 1|H={h}, T={t}, S={s})"
+            if padding
+            else f"a shape broadcastable to (B={b}, H={h}, T={t}, S={s}) with 4 dims, each 1 or the full size"
         )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(
-            f"k of shape {tuple(k.shape)} must match q of shape {tuple(q.shape)} in batch and head_dim"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads={q.shape[1]} must be divisible by k heads={k.shape[1]}")
-
-
-def _check_mask(mask: Tensor, b: int, h: int, t: int, s: int) -> None:
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool Tensor (True = may attend), got {got}")
-    if mask.ndim != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (b, h, t, s))):
-        raise ValueError(
-            f"mask must have a shape broadcastable to (B={b}, H={h}, T={t}, S={s}) with 4 dims, each 1 or "
-            f"the full size, got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"mask must have {rule}, got {tuple(mask.shape)}")
 
 
 def _bottom_right_causal(t: int, s: int, device: torch.device) -> Tensor:
@@ -153,14 +131,6 @@ def _fused_cpu_causal_with_mask(q: Tensor, k: Tensor, v: Tensor, dropout_p: floa
     )
 
 
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, S, Dh) -> (B, Hkv * G, S, Dh), kv head j serving query heads j*G .. j*G + G - 1."""
-    if groups == 1:
-        return x
-    b, hkv, s, dh = x.shape
-    return x[:, :, None].expand(b, hkv, groups, s, dh).reshape(b, hkv * groups, s, dh)
-
-
 def _math_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float
 ) -> Tensor:
@@ -168,8 +138,11 @@ def _math_attention(
 
     A query whose keys are all masked gets a zero output, as SDPA gives in torch >= 2.5.
     """
-    groups = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # (B, H, S, Dh): clarity over memory here
+    groups = q.shape[1] // k.shape[1]  # kv head j serves query heads j*G .. j*G + G - 1
+    k, v = (
+        k.repeat_interleave(groups, 1),
+        v.repeat_interleave(groups, 1),
+    )  # (B, H, S, Dh): clarity over memory
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if mask is not None:
         # finfo.min rather than -inf: a fully masked row stays finite (uniform), then is zeroed below.
@@ -196,17 +169,9 @@ def _sdpa(
             gqa["enable_gqa"] = True
         else:
             groups = q.shape[1] // k.shape[1]
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
-    )
-
-
-def _describe(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, dropout_p: float) -> str:
-    m = "none" if mask is None else f"bool {tuple(mask.shape)}"
-    return (
-        f"q {tuple(q.shape)}, k {tuple(k.shape)}, dtype={q.dtype}, device={q.device.type}, mask={m}, "
-        f"is_causal={is_causal}, dropout_p={dropout_p}"
     )
 
 
@@ -235,9 +200,12 @@ def _flash(
                 for w in caught
                 if "not used because" not in str(w.message)
             )
+            m = "none" if mask is None else f"bool {tuple(mask.shape)}"
             raise RuntimeError(
-                f"backend='flash': no fused SDPA kernel can serve {_describe(q, k, mask, is_causal, dropout_p)}. "
-                f"torch says: {reasons or 'no reason given'}. Use backend='sdpa' to allow the math kernel."
+                f"backend='flash': no fused SDPA kernel can serve q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                f"dtype={q.dtype}, device={q.device.type}, mask={m}, is_causal={is_causal}, "
+                f"dropout_p={dropout_p}. torch says: {reasons or 'no reason given'}. "
+                "Use backend='sdpa' to allow the math kernel."
             ) from None
 
 
@@ -274,7 +242,7 @@ def attention(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     b, h, t, dh = q.shape
     s = k.shape[2]
     if mask is not None:
@@ -351,22 +319,17 @@ class Attention(nn.Module):
 
     The one attention module of the house: the blocks, the vision encoder, the LLM (Llama 4: RoPE or NoPE
     layers, chunked attention, weightless qk norm after RoPE, temperature tuning) and the hybrid use it.
-    Projections carry Meta's names `wq`, `wk`, `wv`, `wo`. Keys/values come from `x` (self-attention) or from
-    `context` (cross-attention, when `context_dim` is set). Order inside: project; qk norm and RoPE in the
+    Projections carry Meta's names `wq`, `wk`, `wv`, `wo`. Order inside: project; qk norm and RoPE in the
     order `qk_norm_after_rope` chooses; the position-dependent q scale (`q_scale`); the cache write;
     attention; merge heads; `wo`.
 
-    Positions enter three ways, all optional: RoPE tables passed to `forward` (`rope=`, computed once per
-    model forward by `RotaryEmbedding.tables`), an injected `rotary` module that rotates q and k itself (with
-    xPos if it has it), or none (NoPE). Masks: causal, `window` (sliding), `chunk` (Llama 4) and a padding or
-    custom `mask` in `forward`, all from `vermeil.nn.masks`, applied by position. Caches (`setup_cache`): a
-    full `KVCache`, or a `RingKVCache` of min(window, chunk) slots when the attention is local.
-
-    Fast paths, each equal to the masked definition (tests/nn/test_attention.py): SDPA's `is_causal` with no
-    mask tensor for plain causal attention; `is_causal` beside the mask where the CPU kernel takes both;
-    chunked causal attention as independent causal blocks (`chunked_causal_attention`) when there is no mask;
-    with backend "flex" (or "auto" on CUDA) the rules go to FlexAttention as mask functions, which computes
-    only the non-empty 128 x 128 tiles (`vermeil.nn.flex`; tests/nn/test_flex.py).
+    Positions enter as RoPE tables passed to `forward` (`rope=`, computed once per model forward by
+    `RotaryEmbedding.tables`), an injected `rotary` module that rotates q and k itself (with xPos if it has
+    it), or not at all (NoPE). Masks (causal, `window`, `chunk`, a padding or custom `mask`) are the rules of
+    `vermeil.nn.masks`, applied by position. Fast paths, each equal to the masked definition
+    (tests/nn/test_attention.py, test_flex.py): SDPA's `is_causal` for plain causal attention, chunks as
+    independent causal blocks (`chunked_causal_attention`), and with backend "flex" (or "auto" on CUDA) the
+    rules as FlexAttention mask functions.
 
     Args:
         dim: D, width of x and of the output.
@@ -377,24 +340,20 @@ class Attention(nn.Module):
         causal: causal by position (bottom-right when T < S). Required for a KV cache.
         qk_norm: None, "rms" (Flux; learnable scale), "l2" (PaLM/Zeta), or a module called as
             `qk_norm(q, k) -> (q, k)`, e.g. `QKNorm(Dh, "rms", learnable=False)` (Llama 4's weightless norm).
-            Stored as `qk_norm` (a `QKNorm` has submodules `query_norm`/`key_norm`).
         qk_norm_after_rope: False normalises then rotates (Flux); True rotates then normalises (Llama 4).
         bias: biases on the projections: a bool for wq, wk, wv and wo alike, or a pair (qkv_bias, out_bias)
-            setting them apart (Qwen2: (True, False); Flux: (False, True)).
+            (Qwen2: (True, False); Flux: (False, True)).
         dropout: dropout on the attention probabilities, in training mode only (on CPU, SDPA serves dropout
             with its math kernel only, so a training step with dropout materialises the T x S scores).
-        rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only. Leave
-            it None to pass tables to `forward` instead.
+        rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only.
         window: sliding-window size (attend to the last `window` positions, itself included), or None.
         chunk: chunked local attention block size (Llama 4), or None.
         scale: attention scale; None means Dh ** -0.5 (the PaLM block with l2 qk norm uses a fixed one).
         backend: "sdpa" (default), "math" (reference), "flash" (fused kernels only), "flex" (FlexAttention
-            without a cache; a KV cache keeps SDPA) or "auto" (FlexAttention on CUDA for a sliding window or
-            chunks with padding, without a cache or dropout; SDPA otherwise).
+            without a cache; a KV cache keeps SDPA) or "auto" (see `_backend_for`).
 
-    Initialisation: `reset_parameters()` gives every projection `nn.Linear`'s default (Kaiming-uniform weights
-    with a=sqrt(5), biases uniform in +-1/sqrt(fan_in)) and QKNorm scales of one; a model-level scheme belongs
-    to the model's own init, not here.
+    `reset_parameters()` gives every projection `nn.Linear`'s default init and QKNorm scales of one; a
+    model-level scheme belongs to the model's own init.
     """
 
     kv_cache: KVCache | RingKVCache | None
@@ -463,14 +422,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(kv_in, kv_heads * head_dim, bias=qkv_bias, **factory)
         self.wv = nn.Linear(kv_in, kv_heads * head_dim, bias=qkv_bias, **factory)
         self.wo = nn.Linear(heads * head_dim, dim, bias=out_bias, **factory)
-        if isinstance(qk_norm, str):
-            qk_norm = QKNorm(head_dim, qk_norm, **factory)
-        self.qk_norm = qk_norm
+        self.qk_norm = QKNorm(head_dim, qk_norm, **factory) if isinstance(qk_norm, str) else qk_norm
         self.rotary = rotary
         self.kv_cache = None
 
     def reset_parameters(self) -> None:
-        """Re-initialise projections (nn.Linear default) and QKNorm scales (ones); see the class docstring."""
         for lin in (self.wq, self.wk, self.wv, self.wo):
             lin.reset_parameters()
         if self.qk_norm is not None and hasattr(self.qk_norm, "reset_parameters"):
@@ -490,8 +446,8 @@ class Attention(nn.Module):
 
         A full `KVCache` (B, Hkv, max_seq_len, Dh), or with `window` and/or `chunk` a `RingKVCache` of
         min(window, chunk, max_seq_len) slots: a local query never sees further back. A forward without
-        `input_pos` is a plain forward that neither reads nor writes the cache, as in the models, so training
-        can go on while a cache is allocated. dtype and device default to those of `wk.weight`.
+        `input_pos` neither reads nor writes the cache, so training can go on while a cache is allocated.
+        dtype and device default to those of `wk.weight`.
         """
         if not self.causal:
             raise ValueError("a KV cache needs causal=True (decoding attends to earlier positions only)")
@@ -551,30 +507,23 @@ class Attention(nn.Module):
                 "rope tables given to a module that has an injected rotary or is cross-attention; "
                 "pass tables only to self-attention built with rotary=None"
             )
-        if q_scale is not None and (q_scale.ndim not in (1, 2) or q_scale.shape[-1] != x.shape[1]):
+        for name, t in (("q_scale", q_scale), ("input_pos", input_pos)):
+            if t is not None and (t.ndim not in (1, 2) or t.shape[-1] != x.shape[1]):
+                raise ValueError(f"{name} must have shape (T={x.shape[1]},) or (B, T), got {tuple(t.shape)}")
+        if input_pos is not None and self.kv_cache is not None and x.shape[1] > self.kv_cache.max_seq_len:
             raise ValueError(
-                f"q_scale must have shape (T={x.shape[1]},) or (B, T), got {tuple(q_scale.shape)}"
+                f"input_pos of {x.shape[1]} positions exceeds max_seq_len={self.kv_cache.max_seq_len}"
             )
-        if input_pos is not None:
-            if input_pos.ndim not in (1, 2) or input_pos.shape[-1] != x.shape[1]:
-                raise ValueError(
-                    f"input_pos must have shape (T={x.shape[1]},) or (B, T), got {tuple(input_pos.shape)}"
-                )
-            if self.kv_cache is not None and x.shape[1] > self.kv_cache.max_seq_len:
-                raise ValueError(
-                    f"input_pos of {x.shape[1]} positions exceeds max_seq_len={self.kv_cache.max_seq_len}"
-                )
 
     def _backend_for(
         self, x: Tensor, cache: KVCache | RingKVCache | None, mask: Tensor | None, dropout_p: float
     ) -> AttentionBackend:
-        """The backend of this call: "auto" and "flex" resolved, never "auto" (see the class docstring).
+        """The backend of this call, "auto" and "flex" resolved.
 
         "auto" picks FlexAttention where its block sparsity pays and the fused kernel exists: on CUDA, without
-        a cache (decoding attends one query over the cache: SDPA's territory) and without dropout (FlexAttention
-        has none), for a sliding window, or chunks with a padding mask (chunks alone already run as
-        independent causal blocks on SDPA's flash kernel), at a power-of-two head dim >= 16 (the Triton
-        kernel's tiles). "flex" with a cache runs the cache path on SDPA.
+        a cache (decoding is SDPA's territory) and without dropout (FlexAttention has none), for a sliding
+        window, or chunks with a padding mask (chunks alone run as causal blocks on SDPA's flash kernel), at
+        a power-of-two head dim >= 16 (the Triton kernel's tiles). "flex" with a cache runs on SDPA.
         """
         if self.backend == "auto":
             local = self.window is not None or (self.chunk is not None and mask is not None)
@@ -602,21 +551,8 @@ class Attention(nn.Module):
         """(B, S) key padding -> (B, 1, 1, S); 4-D masks checked and passed through."""
         if mask is None:
             return None
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise TypeError(f"mask must be a bool Tensor (True = may attend), got {got}")
-        if mask.ndim == 2:
-            if mask.shape != (b, s):
-                raise ValueError(
-                    f"mask must have shape (B={b}, S={s}) for key padding, got {tuple(mask.shape)}"
-                )
-            return padding_mask(mask)
-        if mask.ndim != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (b, self.heads, t, s))):
-            raise ValueError(
-                f"mask must have shape (B={b}, S={s}) or (B|1, 1|H={self.heads}, T={t}, S={s}), "
-                f"got {tuple(mask.shape)}"
-            )
-        return mask
+        _check_mask(mask, b, self.heads, t, s, padding=True)
+        return padding_mask(mask) if mask.ndim == 2 else mask
 
     def _mask(
         self, mask: Tensor | None, input_pos: Tensor | None, b: int, t: int, s: int
@@ -628,9 +564,7 @@ class Attention(nn.Module):
         """
         user = self._user_mask(mask, b, t, s)
         if self.window is None and self.chunk is None:
-            # None or the user's mask; causality is left to `attention`: SDPA's is_causal (no mask tensor at
-            # all) when T == S and there is no mask, else a bottom-right (T, S) bool mask built there.
-            return user, self.causal
+            return user, self.causal  # causality is left to `attention` (SDPA's is_causal where it can)
         device = self.wq.weight.device
         if input_pos is not None and self.context_dim is None:
             q_pos = kv_pos = input_pos  # the chunk rule depends on where the sequence starts
@@ -781,12 +715,8 @@ class SelfAttention(Attention):
 class CrossAttention(Attention):
     """Attention from x (B, T, D) to a context (B, S, Dc): never causal, no rotary, `context` required.
 
-    Args:
-        dim: D.
-        context_dim: Dc.
-        heads: H.
-        kv_heads, head_dim, qk_norm, qk_norm_after_rope, bias, dropout, scale, backend, device,
-            dtype: as in `Attention`.
+    Args: dim (D), context_dim (Dc), heads (H); kv_heads, head_dim, qk_norm, qk_norm_after_rope, bias,
+    dropout, scale, backend, device, dtype as in `Attention`.
     """
 
     def __init__(

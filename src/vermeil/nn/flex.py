@@ -12,15 +12,11 @@ position S - T + i, bottom-right aligned when T < S), so `flex_attention(q, k, v
 equals `attention(q, k, v, attention_mask(arange(S - T, S), arange(S), window=W))`; tests/nn/test_flex.py
 checks every rule against those dense masks.
 
-Costs and where each part runs (torch 2.13, probed on its CPU wheel; pytorch.org/blog/flexattention):
-    - block masks for the rule kinds without data (causal, window, chunk) are cached per
-      (rule, T, S, device, block size): a training loop builds each once; padding and document masks depend
-      on the batch's data and are built per call (one pass over T x S booleans, small next to attention);
-    - on CUDA `flex_attention` is compiled once per shape (`torch.compile(flex_attention)`, the fused Triton
-      kernel, forward and backward); inside a model that is itself being compiled it is traced in place;
-    - on the CPU it runs eager (the unfused reference, which materialises the scores; torch warns once) and
-      has NO backward: this module raises a clear error when gradients are required there. CPU tests
-      therefore compare forwards, and gradients are compared on CUDA.
+Costs (torch 2.13; pytorch.org/blog/flexattention): block masks of the rules without data (causal, window,
+chunk) are cached per (rule, T, S, device, block size); padding and document masks depend on the batch and are
+built per call. On CUDA `flex_attention` is compiled once per shape (the fused Triton kernel, forward and
+backward). On the CPU it runs eager (the unfused reference, which materialises the scores) and has NO
+backward: a clear error is raised when gradients are required there, so CPU tests compare forwards only.
 
 FlexAttention arrived in torch 2.5; it is imported lazily, so this module imports on any torch and
 `flex_available()` says whether it can run.
@@ -38,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vermeil.nn.checks import check_optional_positive_int
+from vermeil.nn.checks import check_bool_mask, check_optional_positive_int, check_qkv
 
 __all__ = [
     "dense_mask_mod",
@@ -107,8 +103,8 @@ def mask_mod(
     for name, t in (("key_padding_mask", key_padding_mask), ("document_ids", document_ids)):
         if t is not None and (not isinstance(t, Tensor) or t.ndim != 2):
             raise ValueError(f"{name} must be a (B, S) tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = real key), got {key_padding_mask.dtype}")
+    if key_padding_mask is not None:
+        check_bool_mask("key_padding_mask", key_padding_mask, "True = real key")
     if document_ids is not None and (
         document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool
     ):
@@ -245,10 +241,9 @@ def _run(
             f"flex attention has no backward on the CPU (torch {torch.__version__}): run it under "
             "torch.no_grad() there, or use backend='sdpa' for training on the CPU"
         )
-    gqa = q.shape[1] != k.shape[1]
     kw: dict[str, Any] = {"block_mask": block_mask, "scale": scale}
-    if gqa:
-        kw["enable_gqa"] = True
+    if q.shape[1] != k.shape[1]:
+        kw["enable_gqa"] = True  # GQA without repeating K/V
     if compile is None:
         compile = q.device.type == "cuda"
     if compile and not torch.compiler.is_compiling():
@@ -295,13 +290,7 @@ def flex_attention(
         RuntimeError: torch has no FlexAttention. NotImplementedError: gradients required on the CPU.
         ValueError: bad shapes, or `block_mask` combined with rules.
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must be 4-D (B, H, T, Dh), (B, Hkv, S, Dh) x2, got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads={q.shape[1]} must be divisible by k heads={k.shape[1]}")
+    check_qkv(q, k, v)
     t, s = q.shape[2], k.shape[2]
     rules = causal or window or chunk or key_padding_mask is not None or document_ids is not None
     if block_mask is not None:

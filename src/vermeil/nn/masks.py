@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vermeil.nn.checks import check_optional_positive_int
+from vermeil.nn.checks import check_bool_mask, check_optional_positive_int
 
 __all__ = [
     "attention_mask",
@@ -26,19 +26,22 @@ __all__ = [
 ]
 
 
-def _check_positions(name: str, pos: Tensor) -> None:
-    if not isinstance(pos, Tensor):
-        raise TypeError(f"{name} must be a Tensor of integer positions, got {type(pos).__name__}")
-    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer positions, got dtype={pos.dtype}")
-    if pos.ndim not in (1, 2):
-        raise ValueError(f"{name} must have shape (T,) or (B, T), got {tuple(pos.shape)}")
+def _check_integer(name: str, t: Tensor, what: str, ndims: tuple[int, ...] = (1, 2)) -> None:
+    """An integer Tensor of `ndims` dims: (T,) or (B, T) positions, or (B, T) document ids."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor of integer {what}, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer {what}, got dtype={t.dtype}")
+    if t.ndim not in ndims:
+        raise ValueError(
+            f"{name} must have shape {'(T,) or (B, T)' if 1 in ndims else '(B, T)'}, got {tuple(t.shape)}"
+        )
 
 
 def _pairs(q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor]:
     """Broadcast positions to a query axis and a key axis: q (B|1, T, 1), k (B|1, 1, S)."""
-    _check_positions("q_pos", q_pos)
-    _check_positions("kv_pos", kv_pos)
+    _check_integer("q_pos", q_pos, "positions")
+    _check_integer("kv_pos", kv_pos, "positions")
     q = q_pos if q_pos.ndim == 2 else q_pos.unsqueeze(0)  # (B|1, T)
     k = kv_pos if kv_pos.ndim == 2 else kv_pos.unsqueeze(0)  # (B|1, S)
     if q.shape[0] != k.shape[0] and 1 not in (q.shape[0], k.shape[0]):
@@ -108,13 +111,7 @@ def padding_mask(key_padding_mask: Tensor) -> Tensor:
     Returns:
         (B, 1, 1, S) bool view.
     """
-    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-        got = (
-            key_padding_mask.dtype
-            if isinstance(key_padding_mask, Tensor)
-            else type(key_padding_mask).__name__
-        )
-        raise TypeError(f"key_padding_mask must be a bool Tensor (True = real token), got {got}")
+    check_bool_mask("key_padding_mask", key_padding_mask, "True = real token")
     if key_padding_mask.ndim != 2:
         raise ValueError(f"key_padding_mask must have shape (B, S), got {tuple(key_padding_mask.shape)}")
     return key_padding_mask[:, None, None, :]
@@ -131,13 +128,8 @@ def document_mask(q_ids: Tensor, kv_ids: Tensor) -> Tensor:
     Returns:
         (B, 1, T, S) bool, `q_ids[:, t] == kv_ids[:, s]`; AND it with `causal_mask` for causal packing.
     """
-    for name, ids in (("q_ids", q_ids), ("kv_ids", kv_ids)):
-        if not isinstance(ids, Tensor) or ids.ndim != 2:
-            raise ValueError(
-                f"{name} must be a (B, T) tensor of document ids, got {getattr(ids, 'shape', ids)}"
-            )
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer document ids, got dtype={ids.dtype}")
+    _check_integer("q_ids", q_ids, "document ids", (2,))
+    _check_integer("kv_ids", kv_ids, "document ids", (2,))
     if q_ids.shape[0] != kv_ids.shape[0]:
         raise ValueError(f"q_ids batch={q_ids.shape[0]} must equal kv_ids batch={kv_ids.shape[0]}")
     return (q_ids[:, :, None] == kv_ids[:, None, :]).unsqueeze(1)
@@ -165,9 +157,7 @@ def attention_mask(
     Returns:
         (B|1, 1, T, S) bool, True where a query may attend a key (all True if no rule is given).
     """
-    check_optional_positive_int("window", window)
-    check_optional_positive_int("chunk", chunk)
-    q, k = _pairs(q_pos, kv_pos)
+    q, k = _pairs(q_pos, kv_pos)  # window and chunk are checked by their own masks below
     if window is not None:  # already causal when causal=True
         mask = sliding_window_mask(q_pos, kv_pos, window, causal=causal)
         if chunk is not None:
