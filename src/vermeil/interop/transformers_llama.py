@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vermeil.interop import _check_silu
+from vermeil.interop import _NO_SPECIAL_TOKENS, _build, _check_silu, _load_strict
 from vermeil.models.llm import LLM, ModelArgs, MoEArgs
 
 __all__ = [
@@ -65,13 +65,19 @@ def permute_half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _kind(hf_model: nn.Module) -> str:
-    name = type(hf_model).__name__
-    if name == "LlamaForCausalLM":
-        return "llama"
-    if name == "Llama4ForCausalLM":
-        return "llama4"
-    raise ValueError(f"from_transformers_llama: expected LlamaForCausalLM or Llama4ForCausalLM, got {name}")
+_KINDS = {"LlamaForCausalLM": "llama", "Llama4ForCausalLM": "llama4"}
+# ModelArgs field -> transformers config field (both Llama classes), read both ways
+_FIELDS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+    "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
 
 
 def _rope_args(config: Any) -> dict[str, Any]:
@@ -96,16 +102,11 @@ def _rope_args(config: Any) -> dict[str, Any]:
 
 
 def _model_args(config: Any, kind: str) -> ModelArgs:
-    common: dict[str, Any] = dict(
-        dim=config.hidden_size,
-        n_layers=config.num_hidden_layers,
-        n_heads=config.num_attention_heads,
+    common: dict[str, Any] = {ours: getattr(config, theirs, None) for ours, theirs in _FIELDS.items()}
+    common.update(
         n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        vocab_size=config.vocab_size,
-        norm_eps=config.rms_norm_eps,
-        max_seq_len=config.max_position_embeddings,
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        head_dim=common["head_dim"] or config.hidden_size // config.num_attention_heads,
+        tie_word_embeddings=bool(common["tie_word_embeddings"]),
         **_rope_args(config),
     )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -172,51 +173,51 @@ def _renames(args: ModelArgs, kind: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _to_vermeil_state_dict(hf_sd: dict[str, Tensor], args: ModelArgs, kind: str) -> dict[str, Tensor]:
-    hf_sd = {"lm_head.weight": hf_sd["model.embed_tokens.weight"], **hf_sd}  # tied: no lm_head entry
-    out = {ours: hf_sd[hf] for hf, ours in _renames(args, kind)}
+def _convert_state(sd: dict[str, Tensor], args: ModelArgs, kind: str, to_vermeil: bool) -> dict[str, Tensor]:
+    """`_renames` read one way or the other, plus the q/k row permutation (Llama 1-3), the MoE experts'
+    split / fused gate and up, and the transposed router."""
+    src, dst = (0, 1) if to_vermeil else (1, 0)
+    if to_vermeil:
+        sd = {"lm_head.weight": sd["model.embed_tokens.weight"], **sd}  # tied: no lm_head entry
+    out = {pair[dst]: sd[pair[src]] for pair in _renames(args, kind)}
+    permute = permute_half_to_interleaved if to_vermeil else permute_interleaved_to_half
     for i in range(args.n_layers):
-        ours, ff = f"layers.{i}.", _ffn(i, kind)
+        ours, ff = f"layers.{i}.feed_forward.", _ffn(i, kind)
         if kind == "llama":
-            for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
-                key = ours + f"attention.{w}.weight"
-                out[key] = permute_half_to_interleaved(out[key], heads)  # type: ignore[arg-type]
+            for p, heads in (("q", args.n_heads), ("k", args.n_kv_heads)):
+                key = (f"model.layers.{i}.self_attn.{p}_proj.weight", f"layers.{i}.attention.w{p}.weight")[
+                    dst
+                ]
+                out[key] = permute(out[key], heads)  # type: ignore[arg-type]
         if args.is_moe_layer(i):
-            experts = ours + "feed_forward.experts."  # gate_up_proj: (E, D, 2F), gate first
-            out[experts + "w1"], out[experts + "w3"] = hf_sd[ff + "experts.gate_up_proj"].chunk(2, dim=-1)
-            out[ours + "feed_forward.router.router_DE"] = hf_sd[ff + "router.weight"].T
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+            router = (ff + "router.weight", ours + "router.router_DE")
+            out[router[dst]] = sd[router[src]].T
+            fused, w1, w3 = ff + "experts.gate_up_proj", ours + "experts.w1", ours + "experts.w3"
+            if to_vermeil:  # gate_up_proj: (E, D, 2F), gate first
+                out[w1], out[w3] = sd[fused].chunk(2, dim=-1)
+            else:
+                out[fused] = torch.cat([sd[w1], sd[w3]], dim=-1)
+    # loading copies; the public state dict going out holds its own tensors
+    return out if to_vermeil else {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
 def from_transformers_llama(hf_model: nn.Module) -> LLM:
-    """Convert a transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` into an `LLM` (same dtype, CPU
-    or the model's device), loading every weight strictly.
+    """Convert a transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` into an `LLM` (same dtype and
+    device), loading every weight strictly.
 
     Raises:
         ValueError: another class, or a config Vermeil cannot express (biases, other RoPE types, layer types
             outside Llama 4's rule).
     """
-    kind = _kind(hf_model)
-    _check_silu(type(hf_model).__name__, hf_model.config)
-    args = _model_args(hf_model.config, kind)
-    hf_sd = hf_model.state_dict()
-    ref = hf_sd["model.embed_tokens.weight"]
-    with torch.device("meta"):
-        model = LLM(args, dtype=ref.dtype)
-    state = _to_vermeil_state_dict(hf_sd, args, kind)
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    # Non-persistent buffers (RoPE tables) were built on meta: rebuild them on the weights' device.
-    model.rope = type(model.rope)(
-        args.head_dim,  # type: ignore[arg-type]
-        theta=args.rope_theta,
-        pairing="interleaved",
-        max_seq_len=min(args.max_seq_len, 8192),
-        scaling=args.rope_scaling(),
-        device=ref.device,
-    )
-    return model.train(hf_model.training)
+    name = type(hf_model).__name__
+    if name not in _KINDS:
+        raise ValueError(
+            f"from_transformers_llama: expected LlamaForCausalLM or Llama4ForCausalLM, got {name}"
+        )
+    _check_silu(name, hf_model.config)
+    args = _model_args(hf_model.config, _KINDS[name])
+    state = _convert_state(hf_model.state_dict(), args, _KINDS[name], to_vermeil=True)
+    return _build(LLM, args, state, hf_model)  # type: ignore[return-value]
 
 
 def _target(model: LLM) -> str:
@@ -254,21 +255,8 @@ def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
             high_freq_factor=a.rope_high_freq_factor,
             original_max_position_embeddings=a.rope_original_max_seq_len,
         )
-    common: dict[str, Any] = dict(
-        vocab_size=a.vocab_size,
-        hidden_size=a.dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads,
-        head_dim=a.head_dim,
-        rms_norm_eps=a.norm_eps,
-        max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=a.tie_word_embeddings,
-        rope_parameters=rope,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    common: dict[str, Any] = {theirs: getattr(a, ours) for ours, theirs in _FIELDS.items()}
+    common.update(rope_parameters=rope, **_NO_SPECIAL_TOKENS)
     if target == "llama":
         return transformers.LlamaConfig(intermediate_size=a.dense_hidden_dim(), **common)
     moe_layers = [i for i in range(a.n_layers) if a.is_moe_layer(i)]
@@ -291,21 +279,7 @@ def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
 
 def to_transformers_llama_state_dict(model: LLM, target: str | None = None) -> dict[str, Tensor]:
     """`model`'s weights under transformers' names (Llama: q/k rows permuted to the half-split layout)."""
-    a = model.args
-    target = target or _target(model)
-    sd = model.state_dict()
-    out = {hf: sd[ours] for hf, ours in _renames(a, target)}
-    for i in range(a.n_layers):
-        ours, ff = f"layers.{i}.", _ffn(i, target)
-        if target == "llama":
-            for p, heads in (("q", a.n_heads), ("k", a.n_kv_heads)):
-                w = permute_interleaved_to_half(sd[ours + f"attention.w{p}.weight"], heads)  # type: ignore[arg-type]
-                out[f"model.layers.{i}.self_attn.{p}_proj.weight"] = w
-        if a.is_moe_layer(i):
-            experts = ours + "feed_forward.experts."
-            out[ff + "experts.gate_up_proj"] = torch.cat([sd[experts + "w1"], sd[experts + "w3"]], dim=-1)
-            out[ff + "router.weight"] = sd[ours + "feed_forward.router.router_DE"].T
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    return _convert_state(model.state_dict(), model.args, target or _target(model), to_vermeil=False)
 
 
 def to_transformers_llama(model: LLM, target: str | None = None) -> nn.Module:
@@ -320,9 +294,5 @@ def to_transformers_llama(model: LLM, target: str | None = None) -> nn.Module:
     cls = transformers.LlamaForCausalLM if target == "llama" else transformers.Llama4ForCausalLM
     ref = model.tok_embeddings.weight
     hf = cls(config).to(dtype=ref.dtype, device=ref.device)
-    state = to_transformers_llama_state_dict(model, target)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"to_transformers_llama: missing keys {missing}, unexpected keys {unexpected}")
+    _load_strict(hf, to_transformers_llama_state_dict(model, target), f"to_transformers({cls.__name__})")
     return hf.train(model.training)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from vermeil.interop import _check_silu, _load_strict
+from vermeil.interop import _build, _check_silu, _load_strict
 from vermeil.models.mamba import MambaConfig, MambaLM
 
 __all__ = ["from_transformers_mamba", "hf_to_vermeil_key", "to_transformers_mamba", "vermeil_to_hf_key"]
@@ -80,17 +80,8 @@ def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
     Raises:
         ValueError: an unsupported config (activation other than silu) or keys that do not map.
     """
-    config = _config_from_hf(hf_model.config)
-    weight = hf_model.lm_head.weight
     state = {hf_to_vermeil_key(k): v for k, v in hf_model.state_dict().items()}
-    if config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("backbone.embedding.weight"))  # type: ignore[arg-type]
-    model = MambaLM(config, device="meta", dtype=weight.dtype)
-    model.to_empty(device=weight.device)
-    if config.tie_embeddings:  # to_empty keeps the shared Parameter, but re-tie to be explicit
-        model.lm_head.weight = model.backbone.embedding.weight
-    _load_strict(model, state, "from_transformers_mamba")
-    return model.train(hf_model.training)
+    return _build(MambaLM, _config_from_hf(hf_model.config), state, hf_model)
 
 
 def to_transformers_mamba(model: MambaLM) -> nn.Module:
@@ -102,25 +93,21 @@ def to_transformers_mamba(model: MambaLM) -> nn.Module:
     Raises:
         ValueError: a config transformers cannot express (LayerNorm instead of RMSNorm).
     """
-    try:
-        from transformers import MambaConfig as HFMambaConfig
-        from transformers import MambaForCausalLM
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("to_transformers_mamba needs transformers: pip install transformers") from e
+    import transformers
+
     cfg = model.config
     if not cfg.rms_norm:
         raise ValueError(
             "rms_norm=False (LayerNorm) cannot be expressed by transformers' Mamba (RMSNorm only)"
         )
-    mixer = model.backbone.layers[0].mixer
-    weight = model.lm_head.weight
-    hf_config = HFMambaConfig(
+    hf_config = transformers.MambaConfig(
         **{theirs: getattr(cfg, ours) for ours, theirs in _FIELDS.items()},
         vocab_size=cfg.padded_vocab_size,
         hidden_act="silu",
-        time_step_rank=int(mixer.dt_proj.in_features),
+        time_step_rank=int(model.backbone.layers[0].mixer.dt_proj.in_features),
     )
-    hf_model = MambaForCausalLM(hf_config).to(device=weight.device, dtype=weight.dtype)
+    weight = model.lm_head.weight
+    hf_model = transformers.MambaForCausalLM(hf_config).to(device=weight.device, dtype=weight.dtype)
     state = {vermeil_to_hf_key(k): v for k, v in model.state_dict().items()}
     _load_strict(hf_model, state, "to_transformers_mamba")
     return hf_model.train(model.training)
