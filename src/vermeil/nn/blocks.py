@@ -43,10 +43,9 @@ class ParallelTransformerBlock(nn.Module):
     """PaLM's parallel attention + feed-forward block, with exactly zetascale's `TransformerBlock` API.
 
     The published zetascale block (zeta 2.8.8, `zeta/structs/transformer_block.py`, a copy of
-    PaLM-rlhf-pytorch's `ParallelTransformerBlock`) cannot even be constructed: it passes `use_flash_attn` to
-    a full `Attention` module (TypeError), calls its xPos helper with the arguments in the wrong order and
-    drops `qk_scale`. This is the first working, tested implementation of that
-    API; tests/nn/test_blocks.py checks it against an independent transcription of PaLM's block.
+    PaLM-rlhf-pytorch's `ParallelTransformerBlock`) cannot be constructed (it passes `use_flash_attn` to a
+    full `Attention`), calls its xPos helper with swapped arguments and drops `qk_scale`; tests/nn/test_blocks.py
+    checks this one against an independent transcription of PaLM's block.
 
     Computation (PaLM semantics):
         h = norm(x)                                   LayerNorm with a gain, no bias
@@ -65,9 +64,7 @@ class ParallelTransformerBlock(nn.Module):
     `rotary_emb.inv_freq`/`rotary_emb.scale` are recomputed here (drop them); LoRA weights under
     `finetune_modules.<0..3>`.
 
-    Rotary and xPos come from `rotary_emb`, a `vermeil.nn.positional.RotaryEmbedding` (float32 tables, not in
-    the state dict, grown on demand); the xPos power is centred at T // 2 as PaLM's; the centre cancels in
-    q . k, so scores depend only on i - j.
+    Rotary and xPos come from `rotary_emb`, a `RotaryEmbedding` (xPos centred at T // 2 as PaLM's).
 
     Args:
         dim: D.
@@ -114,10 +111,9 @@ class ParallelTransformerBlock(nn.Module):
             raise ValueError(f"dim_head={dim_head} must be even (rotary pairs channels)")
         if not isinstance(ff_mult, (int, float)) or ff_mult <= 0 or (ff_mult * dim) != int(ff_mult * dim):
             raise ValueError(f"ff_mult={ff_mult!r} must be > 0 with ff_mult * dim={dim} an integer")
-        if not isinstance(qk_scale, (int, float)) or qk_scale <= 0:
-            raise ValueError(f"qk_scale={qk_scale!r} must be > 0")
-        if not isinstance(xpos_scale_base, (int, float)) or xpos_scale_base <= 0:
-            raise ValueError(f"xpos_scale_base={xpos_scale_base!r} must be > 0")
+        for name, value in (("qk_scale", qk_scale), ("xpos_scale_base", xpos_scale_base)):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be > 0")
         check_probability("attn_dropout", attn_dropout)
         check_probability("ff_dropout", ff_dropout)
         factory = {"device": device, "dtype": dtype}
@@ -187,20 +183,6 @@ class ParallelTransformerBlock(nn.Module):
 
     # -------------------------------------------------------------------------------------------- forward
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """q: (B, H, T, Dh), k/v: (B, 1, T, Dh), mask: (B, T) keep-mask or None -> (B, H, T, Dh)."""
-        # `attention` combines the padding mask with causality itself (SDPA's is_causal where it can).
-        return attention(
-            q,
-            k,
-            v,
-            None if mask is None else padding_mask(mask),  # (B, 1, 1, S)
-            causal=self.causal,
-            scale=self.scale,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            backend="flash" if self.flash_attn else "sdpa",
-        )
-
     def forward(
         self, x: Tensor, mask: Tensor | None = None, finetune_modules: FinetuneModules | None = None
     ) -> Tensor:
@@ -233,12 +215,7 @@ class ParallelTransformerBlock(nn.Module):
 
         h = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(h).split(self.fused_dims, dim=-1)
-        if lora_q is not None:
-            q = q + lora_q(h)
-        if lora_k is not None:
-            k = k + lora_k(h)
-        if lora_v is not None:
-            v = v + lora_v(h)
+        q, k, v = (t if lora is None else t + lora(h) for t, lora in zip((q, k, v), (lora_q, lora_k, lora_v)))
 
         q = q.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # (B, H, T, Dh)
         k, v = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, T, Dh): one shared key/value head
@@ -248,7 +225,17 @@ class ParallelTransformerBlock(nn.Module):
 
         q, k = self.rotary_emb(q, k)  # half-split rotary, xPos (q * s, k / s) when use_xpos
 
-        out = self._attend(q, k, v, mask)  # (B, H, T, Dh)
+        # `attention` combines the padding mask with causality itself (SDPA's is_causal where it can).
+        out = attention(
+            q,
+            k,
+            v,
+            None if mask is None else padding_mask(mask),  # (B, 1, 1, S)
+            causal=self.causal,
+            scale=self.scale,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend="flash" if self.flash_attn else "sdpa",
+        )  # (B, H, T, Dh)
         out = out.transpose(1, 2).flatten(2)  # (B, T, H*Dh), heads merged
         attn = self.attn_out(out)
         if lora_o is not None:
@@ -389,7 +376,7 @@ class TransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate the self-attention's static KV cache, used by forwards given `input_pos`."""
+        """Allocate the self-attention's static KV cache (`Attention.setup_cache`)."""
         self.attention.setup_cache(batch_size, max_seq_len, dtype=dtype, device=device)
 
     def reset_cache(self) -> None:

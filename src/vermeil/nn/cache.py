@@ -1,18 +1,12 @@
-"""Static inference caches: preallocated buffers written in place, so decoding keeps static shapes.
+"""Static inference caches: preallocated non-persistent buffers written in place, so decoding keeps static
+shapes and no cache lands in a checkpoint.
 
-`KVCache` follows gpt-fast: buffers of the full `max_seq_len` are allocated once and written with
-`index_copy_` at a position *tensor*; under `torch.compile(fullgraph=True)` a decode step is one graph that
-never recompiles as the position advances (a Python-int slice recompiles at the second position).
-Attention then runs over the whole static buffer with a position mask, so slots not yet written are never
-attended. `RingKVCache` is the bounded form for local attention (a sliding window or Llama 4's chunks): a ring
-of as many slots as a query can see, which records the position each slot holds. `SSMState` is the
-recurrent-state counterpart for a Mamba or Mamba-2 block.
-
-Both KV caches answer `update_with_positions(input_pos, k, v) -> (k_all, v_all, kv_pos)`: the keys and values
-to attend over and the position of each, so one attention module serves either cache through the same
-position masks.
-
-Buffers are non-persistent: a cache is run-time state, never part of a checkpoint.
+`KVCache` follows gpt-fast: full `max_seq_len` buffers written with `index_copy_` at a position *tensor*, so
+under `torch.compile(fullgraph=True)` a decode step never recompiles as the position advances (a Python-int
+slice would). `RingKVCache` is the bounded form for local attention (a sliding window or Llama 4's chunks).
+Both answer `update_with_positions(input_pos, k, v) -> (k_all, v_all, kv_pos)`: the keys and values to attend
+over and the position of each, so one attention module serves either cache through the same position masks.
+`SSMState` is the recurrent-state counterpart for a Mamba or Mamba-2 block.
 
 Axis legend: B batch, Hkv kv heads, S_max cache length, Dh head dim, T new tokens,
 E inner (expanded) channels, K conv width, N state size.
@@ -20,12 +14,19 @@ E inner (expanded) channels, K conv width, N state size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from vermeil.nn.checks import check_positive_ints, tracing
 
 __all__ = ["KVCache", "RingKVCache", "SSMState"]
+
+
+def _kv_buffers(cache: nn.Module, shape: tuple[int, ...], dtype: torch.dtype | None, device: Any) -> None:
+    for name in ("k_cache", "v_cache"):
+        cache.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
 class KVCache(nn.Module):
@@ -62,9 +63,7 @@ class KVCache(nn.Module):
         )
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        shape = (batch_size, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        _kv_buffers(self, (batch_size, kv_heads, max_seq_len, head_dim), dtype, device)
         self._positions = torch.arange(max_seq_len, device=device)  # slot i holds position i (not state)
 
     def reset(self) -> None:
@@ -82,10 +81,6 @@ class KVCache(nn.Module):
 
         Returns:
             (k_all, v_all), each (B, Hkv, S_max, Dh): views of the buffers after the write.
-
-        Raises:
-            ValueError: on shapes that do not fit the cache (static shape checks only), or, outside
-                `torch.compile`, a position >= max_seq_len on a CPU `input_pos`.
         """
         _check_update(self, input_pos, k, v)
         b = k.shape[0]
@@ -141,13 +136,11 @@ def _check_update(cache: KVCache | RingKVCache, input_pos: Tensor, k: Tensor, v:
 class RingKVCache(nn.Module):
     """A KV cache of `slots` positions for local attention: position p lives in slot p % slots.
 
-    A query at position p under a sliding window W sees keys p - W + 1 .. p, and under Llama 4's chunked
-    attention of block C at most the C keys of its own chunk; `slots = W` (or C, or min(W, C) with both)
-    therefore holds everything any query needs, whatever `max_seq_len` is. `kv_pos` records the position each
-    slot holds, and `update_with_positions` returns it, so the caller applies its mask rule to
-    real positions and stale slots of an earlier window or chunk are never attended. transformers does the
-    same for Llama 4 (`DynamicSlidingWindowLayer`) and Mistral (`SlidingWindowCache`). An empty slot holds
-    position `max_seq_len`, past every position the cache serves, so the causal rule alone never attends it.
+    A query at p under a sliding window W sees keys p - W + 1 .. p, and under Llama 4's chunks of C at most
+    the C keys of its own chunk, so `slots = W` (or C, or min(W, C)) holds all any query needs. `kv_pos`
+    records the position each slot holds, so the caller's mask rule applies to real positions and stale slots
+    are never attended (as transformers' `DynamicSlidingWindowLayer` and `SlidingWindowCache`). An empty slot
+    holds position `max_seq_len`, past every position served, so the causal rule alone hides it.
 
     Args:
         batch_size: largest batch the cache serves (a smaller batch uses the leading rows).
@@ -186,9 +179,7 @@ class RingKVCache(nn.Module):
         )
         self.batch_size, self.slots, self.max_seq_len = batch_size, slots, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        shape = (batch_size, kv_heads, slots, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        _kv_buffers(self, (batch_size, kv_heads, slots, head_dim), dtype, device)
         empty = torch.full((slots,), max_seq_len, dtype=torch.long, device=device)
         self.register_buffer("kv_pos", empty, persistent=False)
 

@@ -1,10 +1,9 @@
 """Positional encodings: RoPE (half-split and interleaved pairing, llama3 scaling, xPos), Llama 4's attention
 temperature tuning, Flux's N-D RoPE and the sinusoidal timestep embedding.
 
-Math lives in the functions at the top (`rope_inv_freq`, `apply_scaling`, `rope_cos_sin`, `apply_rotary`,
-`xpos_scale`, `temperature_scale`, `timestep_embedding`); the modules (`RotaryEmbedding`, `EmbedND`) own cached
-tables and call them. A model computes its `RopeTables` once per forward (`RotaryEmbedding.tables`) and hands
-them to every attention layer, as gpt-fast and torchtitan pass `freqs_cis`.
+Math lives in the functions; the modules (`RotaryEmbedding`, `EmbedND`) own cached tables and call them. A
+model computes its `RopeTables` once per forward (`RotaryEmbedding.tables`) and hands them to every attention
+layer, as gpt-fast and torchtitan pass `freqs_cis`.
 
 Pairing conventions (the most common silent bug: a checkpoint converted with the wrong one loads without error
 and gives wrong scores):
@@ -75,16 +74,13 @@ class RopeScaling:
     original_max_seq_len: int = 8192
 
     def __post_init__(self) -> None:
-        if not self.factor > 0:
-            raise ValueError(f"factor={self.factor} must be > 0")
-        if not self.low_freq_factor > 0:
-            raise ValueError(f"low_freq_factor={self.low_freq_factor} must be > 0")
+        for name in ("factor", "low_freq_factor", "original_max_seq_len"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not self.low_freq_factor <= self.high_freq_factor:
             raise ValueError(
                 f"low_freq_factor={self.low_freq_factor} must be <= high_freq_factor={self.high_freq_factor}"
             )
-        if not self.original_max_seq_len > 0:
-            raise ValueError(f"original_max_seq_len={self.original_max_seq_len} must be > 0")
 
 
 def rope_inv_freq(
@@ -118,18 +114,13 @@ def apply_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
     """
     low, high = scaling.low_freq_factor, scaling.high_freq_factor
     old_len = scaling.original_max_seq_len
-    low_freq_wavelen = old_len / low
-    high_freq_wavelen = old_len / high
     wavelen = 2 * math.pi / inv_freq
-    # wavelen < high_freq_wavelen: keep; wavelen > low_freq_wavelen: divide by factor.
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    # wavelen < old_len / high: keep; wavelen > old_len / low: divide by factor.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / scaling.factor, inv_freq)
     # Medium band: interpolate. The Python-level guard keeps the denominator finite (Scout: high == low).
-    if high > low:
-        smooth = (old_len / wavelen - low) / (high - low)
-    else:
-        smooth = torch.zeros_like(inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low) if high > low else torch.zeros_like(inv_freq)
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(is_medium, smoothed, scaled)
 
 
@@ -179,11 +170,10 @@ def apply_rotary(
     dh = x.shape[-1]
     if dh % 2:
         raise ValueError(f"x.shape[-1]={dh} must be even for rotary embedding")
-    cos = _broadcast_table(cos, "cos", x, dh // 2)
-    sin = _broadcast_table(sin, "sin", x, dh // 2)
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
-    cos, sin = cos.to(compute), sin.to(compute)
+    cos = _broadcast_table(cos, "cos", x, dh // 2).to(compute)
+    sin = _broadcast_table(sin, "sin", x, dh // 2).to(compute)
     if pairing == "half":
         x1, x2 = xf[..., : dh // 2], xf[..., dh // 2 :]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -256,9 +246,7 @@ class RopeTables(NamedTuple):
 
 def rotate_qk(q: Tensor, k: Tensor, rope: RopeTables) -> tuple[Tensor, Tensor]:
     """Rotate q (B, H, T, Dh) and k (B, Hkv, T, Dh) by the same tables; returns the same shapes and dtypes."""
-    return apply_rotary(q, rope.cos, rope.sin, rope.pairing), apply_rotary(
-        k, rope.cos, rope.sin, rope.pairing
-    )
+    return apply_rotary(q, *rope), apply_rotary(k, *rope)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor: float = 1000.0) -> Tensor:
@@ -289,23 +277,19 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021, arXiv:2104.09864) with llama3 scaling and optional xPos.
 
     `pairing="half"` matches transformers `LlamaRotaryEmbedding` + `apply_rotary_pos_emb`; `"interleaved"`
-    matches Meta's complex reference (`torch.polar` + `view_as_complex`); tests/nn/test_positional.py checks
-    both.
-    cos/sin tables (float32) are non-persistent buffers `cos_cached`/`sin_cached` of `max_seq_len` rows
-    (nothing lands in the state dict). With explicit positions on the CPU they grow on demand in eager mode
-    (a cheap host read of min/max). On an accelerator, and while tracing (`torch.compile`, `torch.jit.trace`)
-    or capturing a CUDA graph, no data-dependent check is made (it would cost a device sync per layer per
-    step, and a sync is illegal during a capture): explicit positions must lie inside the table, which
-    `reserve(rows)` sizes up front; `Attention.setup_cache` reserves its `max_seq_len`, and a model that owns
-    the embedding should call `rope.reserve(max_seq_len)` in its own `setup_cache`.
+    matches Meta's complex reference (`torch.polar` + `view_as_complex`).
+    cos/sin tables (float32) are non-persistent buffers `cos_cached`/`sin_cached` of `max_seq_len` rows.
+    With explicit positions on the CPU they grow on demand in eager mode (a host read of min/max). On an
+    accelerator, and while `tracing()`, no data-dependent check is made (a device sync per layer per step,
+    illegal during a graph capture): positions must lie inside the table, which `reserve(rows)` sizes up
+    front (`Attention.setup_cache` reserves its `max_seq_len`; a model owning the embedding calls
+    `rope.reserve(max_seq_len)` in its own `setup_cache`).
 
     xPos (`use_xpos=True`, PaLM/zeta): q is multiplied by `xpos_scale(pos)` and k by its reciprocal after the
-    rotation. With `input_pos=None` the centre is `T // 2` as PaLM (exact parity with PaLM/zeta); with
-    explicit `input_pos` the centre is 0, so cached keys keep their scale while decoding. Scores depend only
-    on i - j, so both choices give identical scores up to rounding, but not when mixed: with a KV cache, pass
-    `input_pos` for the prefill too, or the cached keys (centre T//2) and the decode queries (centre 0) disagree.
-    The factors grow like `0.29 ** (-|pos - centre| / scale_base)` and stay finite in float32 for
-    |pos - centre| up to about 70 * scale_base.
+    rotation. With `input_pos=None` the centre is `T // 2` as PaLM (exact parity); with explicit `input_pos`
+    it is 0, so cached keys keep their scale while decoding. Scores depend only on i - j either way, but the
+    two must not be mixed: with a KV cache pass `input_pos` for the prefill too. The factors stay finite in
+    float32 for |pos - centre| up to about 70 * scale_base.
 
     Args:
         head_dim: Dh, must be even.
@@ -342,17 +326,13 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"scaling={scaling!r} must be a RopeScaling or None")
         if not scale_base > 0:
             raise ValueError(f"scale_base={scale_base} must be > 0")
-        self.head_dim = head_dim
-        self.theta = float(theta)
-        self.pairing = pairing
-        self.scaling = scaling
-        self.use_xpos = use_xpos
-        self.scale_base = float(scale_base)
-        inv_freq = rope_inv_freq(head_dim, theta, scaling, device=device)
-        cos, sin = rope_cos_sin(torch.arange(max_seq_len, device=device), inv_freq)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dh/2,)
-        self.register_buffer("cos_cached", cos, persistent=False)  # (rows, Dh/2)
-        self.register_buffer("sin_cached", sin, persistent=False)  # (rows, Dh/2)
+        self.head_dim, self.theta, self.pairing, self.scaling = head_dim, float(theta), pairing, scaling
+        self.use_xpos, self.scale_base = use_xpos, float(scale_base)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, device=device), persistent=False)
+        rows = torch.empty(max_seq_len, head_dim // 2, device=device)  # (rows, Dh/2), filled below
+        self.register_buffer("cos_cached", rows, persistent=False)
+        self.register_buffer("sin_cached", rows, persistent=False)
+        self.reset_parameters()
 
     @property
     def max_seq_len(self) -> int:
@@ -362,11 +342,9 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Recompute the buffers (float32) on their device (after meta construction + `to_empty`)."""
-        device = self.inv_freq.device
-        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device=device)
-        cos, sin = rope_cos_sin(torch.arange(self.max_seq_len, device=device), inv_freq)
         # Assigning to a registered buffer name keeps it a (non-persistent) buffer.
-        self.inv_freq, self.cos_cached, self.sin_cached = inv_freq, cos, sin
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device=self.inv_freq.device)
+        self._set_rows(self.max_seq_len)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
         # `model.to(torch.bfloat16)` casts every floating buffer; a bf16 angle table loses ~3 digits at
@@ -377,11 +355,15 @@ class RotaryEmbedding(nn.Module):
         return self
 
     @torch.no_grad()
+    def _set_rows(self, rows: int) -> None:
+        """cos/sin tables of positions 0 .. rows - 1 from `inv_freq`."""
+        self.cos_cached, self.sin_cached = rope_cos_sin(
+            torch.arange(rows, device=self.inv_freq.device), self.inv_freq
+        )
+
     def _grow(self, rows: int) -> None:
         """Rebuild the tables with at least `rows` rows (doubling, so growth is amortised)."""
-        rows = max(rows, 2 * self.max_seq_len)
-        cos, sin = rope_cos_sin(torch.arange(rows, device=self.inv_freq.device), self.inv_freq)
-        self.cos_cached, self.sin_cached = cos, sin  # stays a non-persistent buffer
+        self._set_rows(max(rows, 2 * self.max_seq_len))
 
     def reserve(self, rows: int) -> None:
         """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them.
@@ -430,13 +412,8 @@ class RotaryEmbedding(nn.Module):
     def tables(self, positions: Tensor | None = None, *, seq_len: int | None = None) -> RopeTables:
         """`RopeTables` to compute once per model forward and pass to every attention layer.
 
-        Args:
-            positions: (T,) or (B, T) integer positions, or None for 0 .. seq_len - 1 (a table slice: no
-                lookup, no host read).
-            seq_len: T, used when positions is None.
-
-        xPos is not carried by tables: a `use_xpos` embedding rotates q and k itself (inject it as
-        `Attention(rotary=...)`).
+        positions: (T,) or (B, T) integer positions, or None for 0 .. seq_len - 1 (a table slice: no lookup,
+        no host read). xPos is not carried by tables: inject a `use_xpos` embedding as `Attention(rotary=...)`.
         """
         if self.use_xpos:
             raise ValueError("tables() carries no xPos scale; inject a use_xpos RotaryEmbedding as rotary=")
@@ -519,9 +496,7 @@ class EmbedND(nn.Module):
             raise ValueError(f"sum(axes_dim)={sum(axes_dim)} (axes_dim={axes_dim}) must equal dim={dim}")
         if not theta > 0:
             raise ValueError(f"theta={theta} must be > 0")
-        self.dim = dim
-        self.theta = theta
-        self.axes_dim = axes_dim
+        self.dim, self.theta, self.axes_dim = dim, theta, axes_dim
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """ids: (B, L, A) positions (int or float) -> (cos, sin), each float32 (B, 1, L, Dh/2)."""
