@@ -26,7 +26,7 @@ from vermeil.models.flux import Flux, FluxParams
 
 __all__ = ["flux_params_from_diffusers", "from_diffusers", "to_diffusers"]
 
-# BFL key (suffix) -> diffusers keys concatenated along dim 0 (one key: a rename). "{}" is .weight / .bias.
+# BFL key (suffix) -> diffusers keys concatenated along dim 0 (one key: a rename). "{}" is .weight and .bias.
 _TOP: dict[str, list[str]] = {
     "img_in.{}": ["x_embedder.{}"],
     "txt_in.{}": ["context_embedder.{}"],
@@ -52,8 +52,6 @@ _DOUBLE: dict[str, list[str]] = {
     "img_mlp.2.{}": ["ff.net.2.{}"],
     "txt_mlp.0.{}": ["ff_context.net.0.proj.{}"],
     "txt_mlp.2.{}": ["ff_context.net.2.{}"],
-}
-_DOUBLE_NORMS: dict[str, list[str]] = {
     "img_attn.norm.query_norm.scale": ["attn.norm_q.weight"],
     "img_attn.norm.key_norm.scale": ["attn.norm_k.weight"],
     "txt_attn.norm.query_norm.scale": ["attn.norm_added_q.weight"],
@@ -63,8 +61,6 @@ _SINGLE: dict[str, list[str]] = {
     "linear1.{}": ["attn.to_q.{}", "attn.to_k.{}", "attn.to_v.{}", "proj_mlp.{}"],
     "linear2.{}": ["proj_out.{}"],
     "modulation.lin.{}": ["norm.linear.{}"],
-}
-_SINGLE_NORMS: dict[str, list[str]] = {
     "norm.query_norm.scale": ["attn.norm_q.weight"],
     "norm.key_norm.scale": ["attn.norm_k.weight"],
 }
@@ -79,28 +75,21 @@ def _swap_halves(t: Tensor) -> Tensor:
 
 def _key_map(params: FluxParams) -> dict[str, list[str]]:
     """Every Vermeil (BFL) parameter name -> the diffusers names it is made of, in concatenation order."""
-    pairs: list[tuple[str, list[str]]] = []
+    out: dict[str, list[str]] = {}
 
     def add(table: dict[str, list[str]], bfl_prefix: str, dif_prefix: str) -> None:
         for bfl, difs in table.items():
-            if "{}" in bfl:
-                for suffix in ("weight", "bias"):
-                    pairs.append(
-                        (bfl_prefix + bfl.format(suffix), [dif_prefix + d.format(suffix) for d in difs])
-                    )
-            else:
-                pairs.append((bfl_prefix + bfl, [dif_prefix + d for d in difs]))
+            for suffix in ("weight", "bias") if "{}" in bfl else ("",):
+                out[bfl_prefix + bfl.format(suffix)] = [dif_prefix + d.format(suffix) for d in difs]
 
     add(_TOP, "", "")
     if params.guidance_embed:
         add(_GUIDANCE, "", "")
     for i in range(params.depth):
         add(_DOUBLE, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
-        add(_DOUBLE_NORMS, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
     for i in range(params.depth_single_blocks):
         add(_SINGLE, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
-        add(_SINGLE_NORMS, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
-    return dict(pairs)
+    return out
 
 
 def flux_params_from_diffusers(config: Any) -> FluxParams:
@@ -218,9 +207,7 @@ def to_diffusers(model: Flux) -> Any:
         pooled_projection_dim=p.vec_in_dim,
         guidance_embeds=p.guidance_embed,
         axes_dims_rope=tuple(p.axes_dim),
-    ).to(device=ref.device)
-    if ref.dtype != torch.float32:
-        transformer = transformer.to(dtype=ref.dtype)
+    ).to(device=ref.device, dtype=ref.dtype)
     ours = model.state_dict()
     d, m = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
     out: dict[str, Tensor] = {}
