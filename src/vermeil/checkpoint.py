@@ -36,6 +36,7 @@ __all__ = [
     "load_weights",
     "read_metadata",
     "read_weights",
+    "refusal_text",
     "save_torch",
     "save_weights",
 ]
@@ -207,6 +208,19 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A torch file holds a pickle of something other than tensors and plain containers: refused unread."""
 
 
+_REFUSED = (
+    "holds objects other than tensors and plain containers (a pickle Vermeil did not write): refused, "
+    "nothing in it was run"
+)
+
+
+def refusal_text(text: str, subject: str = "it") -> str:
+    """`text` cut where torch's refusal of a pickle starts ("Weights only load failed", which goes on to advise
+    `weights_only=False`: never, for a file from a run folder), saying instead that `subject` was refused."""
+    cut = text.find("Weights only load failed")
+    return text if cut < 0 else f"{text[:cut]}{subject} {_REFUSED}"
+
+
 def load_torch(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
     """`torch.load` with `weights_only=True` always: tensors and plain containers only, never arbitrary pickles.
 
@@ -220,12 +234,8 @@ def load_torch(path: str | os.PathLike[str], map_location: str | torch.device | 
         raise FileNotFoundError(f"no state file at {os.fspath(path)}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message suggests weights_only=False: never, for a file from a run folder.
-        raise UnsafePickleError(
-            f"{os.fspath(path)} holds objects other than tensors and plain containers (a pickle Vermeil did "
-            "not write): refused, nothing in it was run"
-        ) from None
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: not shown
+        raise UnsafePickleError(f"{os.fspath(path)} {_REFUSED}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{os.fspath(path)} is damaged (not a complete torch file): {first}") from None

@@ -224,7 +224,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     vocab = model_vocab_size(run)
     if isinstance(tokenizer, ByteTokenizer):
         prompt = tokenizer.encode_bytes(prompt_bytes)
-        stop = tokenizer.eos_id
     else:
         try:
             text = prompt_bytes.decode("utf-8")
@@ -240,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"{tokenizer.path} gives token id {max(prompt)}, outside the model's vocabulary of {vocab}: "
                 "the tokenizer does not belong to this model"
             )
-        stop = tokenizer.eos_id
+    stop = tokenizer.eos_id
     if args.compile:
         print(
             "vermeil generate: compiling the decode step (torch.compile; the first tokens wait for it)",
@@ -639,22 +638,15 @@ def _one_line(e: BaseException) -> str:
     elif isinstance(e, OSError) and e.strerror and e.filename:
         text = f"{e.strerror}: {e.filename}"
     text = " ".join(text.split())  # one line, whatever the message held
-    # torch.load's refusal of a pickle suggests retrying with weights_only=False: never, for a file from a run
-    # folder (SECURITY.md). Keep what precedes torch's text and say what happened instead.
-    cut = text.find(_TORCH_UNPICKLE)
-    if cut >= 0:
-        text = text[:cut] + (
-            "it holds objects other than tensors and plain containers (a pickle Vermeil did not write): "
-            "refused, nothing in it was run"
-        )
+    if "Weights only" in text:  # torch's refusal of a pickle advises unpickling: never shown (SECURITY.md)
+        from vermeil.checkpoint import refusal_text  # imports torch: only here
+
+        text = refusal_text(text)
     return text
 
 
-_TORCH_UNPICKLE = "Weights only load failed"
-
-
 def _one_line_warnings(command: str) -> Callable[..., None]:
-    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
         print(f"vermeil {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     return show
@@ -690,19 +682,10 @@ def _call(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -
     except BaseException as e:  # torch's CheckpointException derives from BaseException
         if args.debug:
             raise
-        from vermeil.config import ConfigError
         from vermeil.runs import RunLockedError
 
-        known = (
-            CommandError,
-            ConfigError,
-            FileNotFoundError,
-            ValueError,
-            TypeError,
-            ImportError,
-            OSError,
-            RunLockedError,
-        )
+        # ConfigError is a ValueError, FileNotFoundError an OSError.
+        known = (CommandError, ValueError, TypeError, ImportError, OSError, RunLockedError)
         # A CheckpointException is a dcp/ folder that cannot be read or written: the user's data, not a bug.
         is_known = isinstance(e, known) or _checkpoint_failure(e) is not None
         prefix = "error" if is_known else f"internal error ({type(e).__name__})"

@@ -162,7 +162,7 @@ def _looks_numeric(text: str) -> bool:
 
 
 def _wrong_type(key: str, value: Any, expected: str) -> ConfigTypeError:
-    hint = _bool_hint(value) if expected in ("str",) else ""
+    hint = _bool_hint(value) if expected == "str" else ""
     if isinstance(value, str) and expected in ("int", "float") and _looks_numeric(value):
         hint = " (a quoted number is a string in YAML: write it without quotes)"
     return ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}{hint}")
@@ -190,22 +190,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         return from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _wrong_type(key, value, "bool (true or false)")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _wrong_type(key, value, "int")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _wrong_type(key, value, "float")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _wrong_type(key, value, "str")
+    if tp in (bool, int, float, str):
+        # A bool is an int to Python, never to a config; an int is accepted where a float is expected.
+        if isinstance(value, (int, float) if tp is float else tp) and (
+            tp is bool or not isinstance(value, bool)
+        ):
+            return float(value) if tp is float else value
+        raise _wrong_type(key, value, "bool (true or false)" if tp is bool else tp.__name__)
     if tp in (list, tuple, dict):
         tp, origin, args = tp, tp, ()
     if origin in (list, tuple, Sequence) or tp is Sequence:
@@ -334,13 +325,9 @@ def _loader() -> type:
 @functools.lru_cache(maxsize=1)
 def _dumper() -> type:
     """A SafeDumper subclass that knows the same floats, so it quotes a string such as '1e3' when writing it."""
-    yaml = _yaml()
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
-    return Dumper
+    dumper = type("Dumper", (_yaml().SafeDumper,), {})
+    dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+    return dumper
 
 
 def _yaml_error(source: str, e: Exception) -> ConfigError:

@@ -90,7 +90,7 @@ DCP = "dcp"
 MANIFEST = "manifest.json"
 _LATEST = "latest"
 _LOCK = ".lock"
-_STEP_NAME = re.compile(r"^step_[0-9]+$")
+_STEP_NAME = re.compile(r"step_[0-9]+")  # fullmatch only
 # A converted model's tokenizer files (`vermeil.data.tokenizer.TOKENIZER_FILES`; not imported: runs reads no data).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # The weights' metadata entry saying what their token ids are: "bytes" (the trainer's record: Vermeil's data are
@@ -114,13 +114,13 @@ def checkpoint_name(step: int) -> str:
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
     """The step of a checkpoint folder named `step_000100`."""
     name = Path(path).name
-    if not name.startswith("step_") or not name[5:].isdigit():
+    if not _STEP_NAME.fullmatch(name):
         raise ValueError(f"{os.fspath(path)} is not a checkpoint folder (expected a name like step_000100)")
     return int(name[5:])
 
 
 def _is_step_folder(p: Path) -> bool:
-    return p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+    return p.is_dir() and _STEP_NAME.fullmatch(p.name) is not None
 
 
 def _complete(folder: Path) -> bool:
@@ -141,7 +141,7 @@ def _pointed(run: Path) -> Path | None:
     if not pointer.is_file():
         return None
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-    if not _STEP_NAME.match(name):
+    if not _STEP_NAME.fullmatch(name):
         warnings.warn(
             f"{os.fspath(pointer)} names {name!r}, not a checkpoint folder beside it (step_NNNNNN): ignored",
             stacklevel=3,

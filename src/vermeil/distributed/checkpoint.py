@@ -132,15 +132,14 @@ def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
     """Run a DCP read; its `CheckpointException` (a BaseException) becomes one ValueError naming the folder."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from vermeil.checkpoint import refusal_text
+
     try:
         return fn()
     except CheckpointException as e:
         errors = [err[0] if isinstance(err, tuple) else err for err in e.failures.values()]
         first = next((" ".join(str(err).split()) for err in errors if str(err).strip()), "")
-        # torch.load's refusal of a pickle goes on to advise weights_only=False: never, for a file we did not write.
-        cut = first.find("Weights only load failed")
-        if cut >= 0:
-            first = first[:cut] + "a shard holds objects other than tensors: refused, nothing in it was run"
+        first = refusal_text(first, "a shard")
         raise ValueError(f"DCP checkpoint {os.fspath(path)} is damaged: {first or 'unreadable'}") from None
 
 
@@ -176,18 +175,20 @@ def _from_file_layout(loaded: Any, original: Any) -> Any:
     return loaded.redistribute(placements=original.placements) if _is_strided(original) else loaded
 
 
+def _state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
     """Save `model` (and `optimizer`) to the folder `path`; call it on every rank (it is a collective).
 
     Keys are the plain module names ("layers.0.attention.wq.weight"): DDP's `module.` prefix and FSDP2/TP
     wrappers do not appear, so any layout can load the result.
     """
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.save(_map(state, _to_file_layout), checkpoint_id=os.fspath(path))
+    dcp.save(_map(_state(model, optimizer), _to_file_layout), checkpoint_id=os.fspath(path))
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
@@ -196,11 +197,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
     Works for any layout of `model` (plain, DDP, FSDP2, TP); call it on every rank of that layout. Missing or
     unexpected keys and shape mismatches raise as in `load_state_dict(strict=True)`.
     """
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+    state = _state(model, optimizer)
     file_state = _map(state, _to_file_layout)
     reader = _SafeReader(os.fspath(path))
     # in place, into file_state's tensors

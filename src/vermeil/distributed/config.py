@@ -6,9 +6,12 @@ A plain dataclass (no torch.distributed import): run configs are read and checke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = ["DistributedConfig"]
+
+Strategy = Literal["none", "ddp", "fsdp2", "tp", "fsdp2+tp"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 @dataclass
@@ -28,7 +31,7 @@ class DistributedConfig:
             `torch.distributed.tensor.parallel.loss_parallel()` (never gathers the full logits in training).
     """
 
-    strategy: Literal["none", "ddp", "fsdp2", "tp", "fsdp2+tp"] = "none"
+    strategy: Strategy = "none"
     tp_size: int | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None
@@ -36,9 +39,8 @@ class DistributedConfig:
     loss_parallel: bool = False
 
     def __post_init__(self) -> None:
-        strategies = ("none", "ddp", "fsdp2", "tp", "fsdp2+tp")
-        if self.strategy not in strategies:
-            raise ValueError(f"strategy={self.strategy!r} must be one of {strategies}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} must be one of {STRATEGIES}")
         if self.tp_size is not None and (
             not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1
         ):

@@ -4,14 +4,8 @@ Axis legend: B batch, T length, D model dim, tp the tensor-parallel degree.
 
 `apply_ddp` and `apply_fsdp2` wrap or shard a model from the outside; `parallelize(model, strategy)` applies a
 config's `distributed.strategy` ("none", "ddp", "fsdp2", "tp", "fsdp2+tp") and says how to split the data.
-
-Tensor parallelism lives in `vermeil.distributed.tensor_parallel` (re-exported here): Megatron plans by module
-name for `vermeil.nn` attention / feed-forward / MoE blocks, the LLM (GQA, MoE experts split on their hidden
-dim), the hybrid and Flux (fused qkv and [q; k; v; mlp] projections split block by block with strided
-shards), optional sequence parallelism (LLM, hybrid) and loss parallelism on the LM head; its module
-docstring lists what is split and what stays replicated (Mamba blocks, `ParallelTransformerBlock`, Flux's
-modulations and embedders) and what is refused (indivisible head counts, vocabularies or fused layouts, KV
-caches, sequence-parallel Flux).
+Tensor parallelism lives in `vermeil.distributed.tensor_parallel` (re-exported here); its module docstring
+lists what is split, what stays replicated and what is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from vermeil.distributed.config import STRATEGIES
 from vermeil.distributed.tensor_parallel import (
     _FusedColwiseParallel,
     _FusedRowwiseParallel,
@@ -171,8 +166,6 @@ def apply_fsdp2(
 
 
 # ------------------------------------------------------------------------------------------ one entry point
-
-STRATEGIES = ("none", "ddp", "fsdp2", "tp", "fsdp2+tp")
 
 
 @dataclass

@@ -87,17 +87,30 @@ __all__ = ["apply_tensor_parallel", "tensor_parallel_plan"]
 # ------------------------------------------------------------------------------------------- parallel styles
 
 
-class _FusedColwiseParallel(ColwiseParallel):
+def _sum_over_ranks(mesh: DeviceMesh, partial_sum: Tensor) -> Tensor:
+    """All-reduce (sum) a plain tensor that holds this rank's partial sum."""
+    dt = DTensor.from_local(partial_sum, mesh, (Partial(),), run_check=False)
+    return dt.redistribute(placements=(Replicate(),)).to_local()
+
+
+class _Chunked:
+    """A fused-projection style: `chunks` equal blocks, each split over the ranks on its own."""
+
+    def __init__(self, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(chunks={self.chunks})"
+
+
+class _FusedColwiseParallel(_Chunked, ColwiseParallel):
     """ColwiseParallel for a Linear whose output stacks `chunks` equal blocks (Flux's [q; k; v], [q; k; v; mlp]).
 
     Each block is split over the ranks on its own (`_StridedShard(0, split_factor=chunks)` on weight and bias),
     so a rank's output is the concatenation of its piece of every block: [q_r; k_r; v_r], the q, k and v of its
     own heads. A plain `ColwiseParallel` would give rank 0 all of q.
     """
-
-    def __init__(self, chunks: int) -> None:
-        super().__init__()
-        self.chunks = chunks
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -118,19 +131,12 @@ class _FusedColwiseParallel(ColwiseParallel):
             )
         return outputs.to_local()
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(chunks={self.chunks})"
 
-
-class _FusedRowwiseParallel(RowwiseParallel):
+class _FusedRowwiseParallel(_Chunked, RowwiseParallel):
     """RowwiseParallel for a Linear whose input concatenates `chunks` equal blocks (Flux's `linear2` on
     [attention; mlp]): the weight's input axis is split block by block (`_StridedShard(1, split_factor=chunks)`),
     matching the local concatenation a `_FusedColwiseParallel` produced upstream. The output is summed over the
     ranks (one all-reduce), the bias added once."""
-
-    def __init__(self, chunks: int) -> None:
-        super().__init__()
-        self.chunks = chunks
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         weight = module.weight
@@ -160,9 +166,6 @@ class _FusedRowwiseParallel(RowwiseParallel):
             partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
         )
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(chunks={self.chunks})"
-
 
 class _HeadPartialGradients(ParallelStyle):
     """Keep a module's parameters plain and replicated; sum their gradients over the ranks.
@@ -177,13 +180,8 @@ class _HeadPartialGradients(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for param in module.parameters():
             if param.requires_grad:
-                param.register_hook(partial(self._sum_over_ranks, device_mesh))
+                param.register_hook(partial(_sum_over_ranks, device_mesh))
         return module
-
-    @staticmethod
-    def _sum_over_ranks(mesh: DeviceMesh, grad: Tensor) -> Tensor:
-        partial_sum = DTensor.from_local(grad, mesh, (Partial(),), run_check=False)
-        return partial_sum.redistribute(placements=(Replicate(),)).to_local()
 
 
 class _ExpertTensorParallel(ParallelStyle):
@@ -208,7 +206,7 @@ class _ExpertTensorParallel(ParallelStyle):
             dist = distribute_tensor(param, device_mesh, [Shard(dim)], src_data_rank=self.src_data_rank)
             module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
         module.register_forward_pre_hook(partial(self._partial_input_grad, device_mesh))
-        module.register_forward_hook(partial(self._sum_outputs, device_mesh))
+        module.register_forward_hook(lambda module, args, y_SD: _sum_over_ranks(device_mesh, y_SD))
         return module
 
     @staticmethod
@@ -219,11 +217,6 @@ class _ExpertTensorParallel(ParallelStyle):
             grad_placements=(Partial(),)
         )
         return (x_SD, *rest)
-
-    @staticmethod
-    def _sum_outputs(mesh: DeviceMesh, module: nn.Module, args: tuple[Any, ...], y_SD: Tensor) -> Tensor:
-        partial_sum = DTensor.from_local(y_SD, mesh, (Partial(),), run_check=False)
-        return partial_sum.redistribute(placements=(Replicate(),)).to_local()
 
 
 class _SequenceGathered(ParallelStyle):
