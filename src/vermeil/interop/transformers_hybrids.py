@@ -17,26 +17,12 @@ falcon_h1}/modeling_*.py`):
                as the attention scale, `ssm_in/out_multiplier`, `ssm_proj_multipliers` = `ssm_multipliers`
                over in_proj's [z, x, B, C, dt] rows, `mlp_gate/out_multiplier` = `mlp_multipliers`)
 
-Key map per layer N (`model.layers.N.` -> `layers.N.`; Mamba2: `backbone.layers.N.` and `mixer.` -> `mamba.`):
+Keys: `_keys` and `_LAYER_KEYS` below rename all but three (`model.layers.N.` -> `layers.N.`; Mamba2:
+`backbone.layers.N.` and `mixer.` -> `mamba.`): the MoE router (E, D) -> `router_DE` and the experts'
+down_proj (E, D, F) -> w2 are transposed, and gate_up_proj (E, 2F, D) splits into w1 | w3 (gate rows first),
+each transposed to (E, D, F).
 
-    transformers                                   Vermeil                        transform
-    model.embed_tokens / backbone.embeddings       embedding
-    input_layernorm / norm (Mamba2)                norm
-    mamba.* / mixer.*                              mamba.* (same names)
-    self_attn.{q,k,v,o}_proj                       attention.{wq,wk,wv,wo}
-    pre_ff_layernorm                               ffn_norm
-    feed_forward.{gate,up,down}_proj               feed_forward.{w1,w3,w2}
-    feed_forward.router.weight (E, D)              feed_forward.router.router_DE  transpose
-    feed_forward.experts.gate_up_proj (E, 2F, D)   feed_forward.experts.w1 | w3   split rows (gate first),
-                                                                                  transpose to (E, D, F)
-    feed_forward.experts.down_proj (E, D, F)       feed_forward.experts.w2        transpose to (E, F, D)
-    model.final_layernorm / backbone.norm_f        norm_f
-    lm_head                                        lm_head
-
-What is refused, naming the field: an activation other than silu, a RoPE type other than "default", Falcon-H1
-with `mamba_proj_bias != projectors_bias` (Vermeil's Mamba-2 block has one bias switch for in_proj and
-out_proj), `ssm_multipliers` / `mlp_multipliers` of the wrong length, a rotary width that is odd, attention
-layer indices outside the model; going back, any pattern or option the target class has no field for.
+A field either side cannot express is refused by name, with its value.
 
 Training losses: Jamba's router loss is carried as `moe_aux_loss_coef` (`router_aux_loss_coef` when
 `output_router_logits` is on, else 0, as transformers adds it only then); Vermeil sums each MoE layer's Switch
@@ -44,9 +30,8 @@ load-balancing loss, transformers computes one over all layers' router logits co
 slightly (the forward and its gradients do not). Bamba's `z_loss_coefficient` becomes `z_loss` (transformers
 averages the logsumexp^2 over every position, Vermeil over the positions that have a target).
 
-Mamba2's `residual_in_fp32` (its residual stream in float32 under bf16, the default) is carried as the config
-field of the same name. Not carried (they do not change a forward): initialisation-only fields, dropout. transformers is imported inside the `to_transformers_*`
-functions only.
+Not carried (they do not change a forward): initialisation-only fields, dropout. transformers is imported
+inside the `to_transformers_*` functions only.
 
 Axis legend: L layers, D model dim, E experts, F expert hidden dim.
 """
@@ -145,14 +130,11 @@ def _convert_state(state: dict[str, Tensor], cls: str, to_vermeil: bool) -> dict
             continue
         prefix, rest = f"{target}{m[1]}.", m[2]
         if rest == "feed_forward.experts.gate_up_proj":
-            gate, up = value.chunk(2, dim=1)
-            out[prefix + "feed_forward.experts.w1"] = gate.transpose(1, 2)
-            out[prefix + "feed_forward.experts.w3"] = up.transpose(1, 2)
+            gate, up = value.transpose(1, 2).chunk(2, dim=2)
+            out[prefix + "feed_forward.experts.w1"], out[prefix + "feed_forward.experts.w3"] = gate, up
         elif rest == "feed_forward.experts.w1":
-            up = state[key[:-1] + "3"]
-            out[prefix + "feed_forward.experts.gate_up_proj"] = torch.cat(
-                [value.transpose(1, 2), up.transpose(1, 2)], dim=1
-            )
+            fused = torch.cat([value, state[key[:-1] + "3"]], dim=2).transpose(1, 2)
+            out[prefix + "feed_forward.experts.gate_up_proj"] = fused
         elif rest != "feed_forward.experts.w3":
             new = _rename(rest, layer, f"{side} {key!r}: layer")
             out[prefix + new] = value.transpose(-2, -1) if rest.startswith(_TRANSPOSED) else value
@@ -200,7 +182,9 @@ _MAMBA2_ATTENTION = {  # Bamba and Falcon-H1
     **_MAMBA,
     **_ATTENTION,
     "headdim": "mamba_d_head",
+    "nheads": "mamba_n_heads",
     "ngroups": "mamba_n_groups",
+    "dt_limit": "time_step_limit",
     "chunk_size": "mamba_chunk_size",
     "head_dim": "head_dim",
     "attn_bias": "attention_bias",
@@ -220,7 +204,9 @@ _FIELDS = {
     "Mamba2ForCausalLM": {
         **_COMMON,
         "headdim": "head_dim",
+        "nheads": "num_heads",
         "ngroups": "n_groups",
+        "dt_limit": "time_step_limit",
         "d_state": "state_size",
         "d_conv": "conv_kernel",
         "expand": "expand",
@@ -246,12 +232,8 @@ _FIELDS = {
         "ssm_norm_before_gate": "mamba_norm_before_gate",
     },
 }
+# "nheads" is no HybridConfig field: it is ssm_inner_dim // headdim
 _DEFAULTS = {f.name: f.default for f in fields(HybridConfig)}
-
-
-def _nheads(cls: str) -> str:
-    """The Mamba-2 head count's name (no HybridConfig field: it is `ssm_inner_dim // headdim`)."""
-    return "num_heads" if cls == "Mamba2ForCausalLM" else "mamba_n_heads"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,7 +245,7 @@ def _hybrid_config(cls: str, config: Any, **given: Any) -> HybridConfig:
     (transformers may hold 0 for False or 1 for 1.0)."""
     _check_silu(cls, config)
     for ours, theirs in _FIELDS[cls].items():
-        if ours not in given:
+        if ours not in given and ours != "nheads":
             value, default = getattr(config, theirs), _DEFAULTS[ours]
             given[ours] = type(default)(value) if isinstance(default, (bool, float)) else value
     max_seq_len = min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 4096)
@@ -284,16 +266,16 @@ def _dt_limit(cls: str, limit: Any) -> list[float] | None:
 def _mamba2_fields(cls: str, config: Any, d_inner: int) -> dict[str, Any]:
     """Check the Mamba-2 heads against the width `d_inner`; the clamp of dt."""
     names = _FIELDS[cls]
-    headdim, nheads = getattr(config, names["headdim"]), getattr(config, _nheads(cls))
+    headdim, nheads = getattr(config, names["headdim"]), getattr(config, names["nheads"])
     if headdim * nheads != d_inner:
         raise _refuse(
-            cls, names["headdim"], headdim, f"times {_nheads(cls)}={nheads} must equal the width {d_inner}"
+            cls, names["headdim"], headdim, f"times {names['nheads']}={nheads} must equal the width {d_inner}"
         )
     return {"dt_limit": _dt_limit(cls, config.time_step_limit)}
 
 
 def _attention_fields(cls: str, config: Any) -> dict[str, Any]:
-    """kv heads and head width where transformers leaves them None; RoPE (only 'default', maybe partial)."""
+    """The head width where transformers leaves it None; RoPE (only 'default', maybe partial)."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -311,7 +293,6 @@ def _attention_fields(cls: str, config: Any) -> dict[str, Any]:
             f"gives a rotary width int(head_dim={head_dim} * factor)={rotary_dim}: it must be even and >= 2",
         )
     return {
-        "kv_heads": config.num_key_value_heads or heads,
         "head_dim": head_dim,
         "rope_theta": theta,
         "rotary_dim": None if rotary_dim == head_dim else rotary_dim,
@@ -349,7 +330,6 @@ def jamba_config(config: Any) -> HybridConfig:
         pattern=["A" if a else "M" for a in attn],
         ffn_pattern=["E" if e else "D" for e in moe],
         mamba_inner_norms=True,
-        kv_heads=config.num_key_value_heads or config.num_attention_heads,
         head_dim=config.hidden_size // config.num_attention_heads,
         rotary=False,
         feed_forward="swiglu",
@@ -544,13 +524,15 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
         "head_dim": cfg.attention_head_dim,
         "hidden_dim": cfg.ffn_hidden_dim,
         "d_ssm": cfg.ssm_inner_dim,
+        "nheads": cfg.ssm_inner_dim // cfg.headdim,
+        "dt_limit": _NO_LIMIT if cfg.dt_limit is None else tuple(float(v) for v in cfg.dt_limit),
         "dt_rank": cfg.dt_rank if cfg.dt_rank is not None else math.ceil(cfg.dim / 16),
     }
-    kw = {theirs: resolved.get(ours, getattr(cfg, ours)) for ours, theirs in _FIELDS[cls].items()}
+    kw = {
+        theirs: resolved[ours] if ours in resolved else getattr(cfg, ours)
+        for ours, theirs in _FIELDS[cls].items()
+    }
     kw.update(num_hidden_layers=n, **_NO_SPECIAL_TOKENS)
-    if cls != "JambaForCausalLM":
-        limit = _NO_LIMIT if cfg.dt_limit is None else tuple(float(v) for v in cfg.dt_limit)
-        kw.update({_nheads(cls): cfg.ssm_inner_dim // cfg.headdim}, time_step_limit=limit)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cls == "JambaForCausalLM":
         if cfg.moe_hidden_dim not in (None, cfg.ffn_hidden_dim):

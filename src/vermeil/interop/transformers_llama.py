@@ -1,19 +1,9 @@
 """transformers `LlamaForCausalLM` / `Llama4ForCausalLM` (text) <-> Vermeil `LLM` (Meta's names).
 
-Key maps (meta-llama/llama-models `llama4/model.py`; transformers `modeling_llama.py`, `modeling_llama4.py`), per layer N (`model.layers.N.` -> `layers.N.`):
-
-    transformers                                  Vermeil (Meta)                     transform
-    model.embed_tokens.weight                     tok_embeddings.weight
-    self_attn.q_proj.weight / k_proj.weight       attention.wq.weight / wk.weight    Llama 1-3: RoPE row permutation
-    self_attn.v_proj.weight / o_proj.weight       attention.wv.weight / wo.weight
-    input_layernorm / post_attention_layernorm    attention_norm / ffn_norm
-    mlp.{gate,up,down}_proj (Llama)               feed_forward.w1 / w3 / w2
-    feed_forward.{gate,up,down}_proj (L4 dense)   feed_forward.w1 / w3 / w2
-    feed_forward.router.weight (E, D)             feed_forward.router.router_DE      transpose
-    feed_forward.experts.gate_up_proj (E, D, 2F)  feed_forward.experts.w1 | w3       split the last axis, gate first
-    feed_forward.experts.down_proj (E, F, D)      feed_forward.experts.w2
-    feed_forward.shared_expert.{gate,up,down}_proj  feed_forward.shared_expert.w1 / w3 / w2
-    model.norm.weight / lm_head.weight            norm.weight / output.weight
+Key maps (meta-llama/llama-models `llama4/model.py`; transformers `modeling_llama.py`, `modeling_llama4.py`):
+`_renames` below, plus three transforms. Llama 1-3's q/k rows are permuted (see RoPE pairing); a Llama 4 MoE
+layer's `feed_forward.router.weight` (E, D) is transposed into `router.router_DE`, and its
+`feed_forward.experts.gate_up_proj` (E, D, 2F) splits along the last axis into `experts.w1 | w3`, gate first.
 
 RoPE pairing: transformers' Llama 1-3 rotates channel i with i + Dh/2 (`rotate_half`), Meta and Vermeil rotate
 2i with 2i + 1. Meta's checkpoints were converted to transformers with `permute` (q/k rows of each head
