@@ -1,8 +1,5 @@
-"""Generic, modality-agnostic blocks. Importing this package imports torch and nothing else.
-
-One topic per file: `norms`, `positional`, `masks`, `attention`, `cache`, `feedforward`, `blocks`, `lora`,
-`modulation`, `moe`, `scan`, `ssm`. Math lives in functions at the top of each file; modules hold
-parameters and call them.
+"""Generic, modality-agnostic blocks; importing this package imports torch and nothing else. One topic per
+file (docs/architecture.md lists them); math lives in functions, modules hold parameters and call them.
 """
 
 from vermeil.nn.attention import (

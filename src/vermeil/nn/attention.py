@@ -94,10 +94,8 @@ def _cpu_flash_combines_mask_and_causal() -> bool:
     """Whether this torch's fused CPU kernel applies `attn_mask` and `is_causal` together, exactly.
 
     SDPA documents the two as exclusive (the math kernel raises), but the CPU flash kernel of torch 2.13 takes
-    both. That matters: with `is_causal` it skips the blocks above the diagonal, so a causal call with a padding
-    or local mask runs twice as fast as with the causal part folded into the mask (bench/attention.py). This
-    probe, run once on tiny tensors, checks the result against the folded mask; any error or mismatch
-    means the folded mask is used.
+    both and then skips the blocks above the diagonal: twice as fast as the causal part folded into the mask
+    (bench/attention.py). Any error or mismatch of this one-off probe means the folded mask is used.
     """
     try:
         g = torch.Generator().manual_seed(0)
@@ -115,9 +113,8 @@ def _cpu_flash_combines_mask_and_causal() -> bool:
 def _fused_cpu_causal_with_mask(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     """Whether SDPA will run its CPU flash kernel on these inputs with a mask and is_causal=True together.
 
-    The conditions are those torch checks before choosing the kernel (sdp_utils_cpp): no dropout, strides of
-    1 on the last axis, flash allowed by the caller's `sdpa_kernel` context. Not under torch.compile, whose
-    SDPA lowering follows the documented contract.
+    The conditions torch checks before choosing the kernel (sdp_utils_cpp), and not under torch.compile,
+    whose SDPA lowering follows the documented contract.
     """
     return (
         q.device.type == "cpu"
@@ -288,10 +285,9 @@ def chunked_causal_attention(
 ) -> Tensor:
     """Chunked causal attention (Llama 4) over positions 0..T-1 as T/C independent causal blocks.
 
-    The sequence is cut into chunks of C (zero-padded at the end: padded keys sit after every real query of
-    their chunk, so causality hides them) and each chunk runs through `attention(..., causal=True)`, i.e.
-    SDPA's is_causal kernel: O(T x C) work and no (T, T) mask, where the masked form costs T x T.
-    `attention(q, k, v, attention_mask(pos, pos, chunk=C))` is the reference it equals.
+    Chunks of C (zero-padded at the end: padded keys follow every real query of their chunk, so causality
+    hides them) each run through SDPA's is_causal kernel: O(T x C) work and no (T, T) mask. It equals
+    `attention(q, k, v, attention_mask(pos, pos, chunk=C))`.
 
     q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
     """

@@ -4,9 +4,8 @@
   `b_layernorm`, `c_layernorm`) between `x_proj` and `dt_proj` (transformers `JambaMambaMixer.forward`).
 - `PartialRotary`: RoPE on the first `rotary_dim` channels of each head, the rest passed through (transformers
   `BambaAttention` with `partial_rotary_factor`, GPT-NeoX's `rotary_pct`); injected as `Attention(rotary=...)`.
-- `SegmentScaledLinear` (defined in `vermeil.nn.mamba2`, re-exported here): an `nn.Linear` whose output
-  segments are multiplied by constants (Falcon-H1's `mup_vector` over Mamba-2's `in_proj` rows); the
-  constants are a non-persistent buffer, so the state dict keeps the plain `weight` / `bias` keys.
+- `SegmentScaledLinear` (defined in `vermeil.nn.mamba2`, re-exported here): Falcon-H1's `mup_vector` over
+  Mamba-2's `in_proj` rows.
 - `GateScaledSwiGLU`: `SwiGLU` with its gate pre-activation multiplied by a constant (Falcon-H1's
   `mlp_multipliers[0]`, transformers `FalconH1MLP`).
 
@@ -123,10 +122,7 @@ class GateScaledSwiGLU(SwiGLU):
         super().__init__(dim, hidden_dim, **kwargs)
         self.gate_multiplier = float(gate_multiplier)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., D) -> (..., D)."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
+    def _mlp(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(self.act(self.w1(x) * self.gate_multiplier) * self.w3(x)))
 
     def extra_repr(self) -> str:

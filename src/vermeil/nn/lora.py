@@ -155,22 +155,13 @@ class LoRALinear(_LowRank):
         """Wrap an existing `nn.Linear`, keeping (sharing, not copying) its weight and bias, now frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        w, b = linear.weight, linear.bias  # (O, I), (O,) or None
         lora = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            alpha,
-            dropout,
-            bias=linear.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
+            w.shape[1], w.shape[0], rank, alpha, dropout, bias=b is not None, device=w.device, dtype=w.dtype
         )
-        lora.weight = linear.weight
-        lora.weight.requires_grad_(False)
-        if linear.bias is not None:
-            lora.bias = linear.bias
-            lora.bias.requires_grad_(False)
+        lora.weight = w.requires_grad_(False)
+        if b is not None:
+            lora.bias = b.requires_grad_(False)
         return lora
 
     @torch.no_grad()
@@ -194,9 +185,7 @@ class LoRALinear(_LowRank):
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"LoRALinear: input of shape {tuple(x.shape)} must have last dim={self.in_dim}")
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:  # the update already lives in `weight`
-            return out
-        return out + self.delta(x)
+        return out if self.merged else out + self.delta(x)  # merged: the update already lives in `weight`
 
     def extra_repr(self) -> str:
         return (
@@ -302,12 +291,9 @@ def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
         The qualified names of the parameters left trainable.
     """
     adapters = _adapter_param_names(model)
-    trainable = []
     for name, param in model.named_parameters():
         param.requires_grad_(name in adapters)
-        if name in adapters:
-            trainable.append(name)
-    return trainable
+    return [name for name, _ in model.named_parameters() if name in adapters]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
