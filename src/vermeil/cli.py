@@ -529,11 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text from a trained language-model run", description=cmd_generate.__doc__
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
-    p.add_argument("--prompt", default=None, help="text to continue")
+    p.add_argument("--prompt", help="text to continue")
     p.add_argument(
         "--prompt-file",
         metavar="PATH",
-        default=None,
         help="continue this file's contents (its bytes as they are)",
     )
     p.add_argument(
@@ -545,10 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
     )
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
-    p.add_argument(
-        "--top-p", type=float, default=None, help="nucleus sampling: keep the top tokens up to mass P"
-    )
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the top tokens up to mass P")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument(
         "--compile",
@@ -560,12 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a trained flow (flux) run into a PNG")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a flux run folder written by `vermeil train`")
-    p.add_argument(
-        "--steps", type=int, default=None, help="Euler steps (default: data.sample_steps of the run)"
-    )
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: none)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: data.sample_steps of the run)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: none)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--out", metavar="PNG", default=None, help="output image (default RUN_DIR/samples.png)")
+    p.add_argument("--out", metavar="PNG", help="output image (default RUN_DIR/samples.png)")
     _add_debug(p)
     p.set_defaults(func=cmd_sample)
 
@@ -574,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=8"
     )
-    p.add_argument("--context", type=int, default=None, help="context length (default train.seq_len)")
+    p.add_argument("--context", type=int, help="context length (default train.seq_len)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the cache estimate (default 1)")
     _add_debug(p)
     p.set_defaults(func=cmd_info)
@@ -592,20 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", metavar="SOURCE", help="a run folder (--to), or a save_pretrained folder (--from)"
     )
-    p.add_argument("dest", nargs="?", default=None, metavar="OUT_DIR", help="output folder (or --out)")
-    p.add_argument("--out", metavar="DIR", default=None, help="output folder")
+    p.add_argument("dest", nargs="?", metavar="OUT_DIR", help="output folder (or --out)")
+    p.add_argument("--out", metavar="DIR", help="output folder")
     direction = p.add_mutually_exclusive_group()
     direction.add_argument(
         "--to",
         choices=["transformers", "diffusers"],
-        default=None,
         help="export a run: llm/mamba to transformers, flux to diffusers (default: by the run's family)",
     )
     direction.add_argument(
         "--from",
         dest="from_",
         choices=["transformers", "diffusers"],
-        default=None,
         help="import a save_pretrained folder into a run folder",
     )
     p.add_argument("--overwrite", action="store_true", help="write into an output folder that holds files")

@@ -1,15 +1,10 @@
-"""Multi-process training on public torch APIs: process-group lifecycle, DDP, FSDP2 and tensor parallelism.
+"""Multi-process training on public torch APIs: process-group lifecycle, DDP, FSDP2, tensor and expert parallelism.
 
-`parallelize(model, strategy)` applies a config's `distributed.strategy` ("none", "ddp", "fsdp2", "tp",
-"fsdp2+tp") and says how to split the data. `init_distributed()` reads torchrun's environment (gloo on CPU, nccl
-on CUDA) and is a no-op in a single process; `shutdown()` leaves cleanly. `apply_ddp`, `apply_fsdp2` and
-`apply_tensor_parallel` wrap or shard a model from the outside, by module name: `tensor_parallel_plan` knows the
-`vermeil.nn` blocks, the LLM (MoE experts included), the hybrid and Flux, with optional sequence parallelism and
-loss parallelism on the LM head (`vermeil.distributed.tensor_parallel`). `apply_expert_parallel` shards the
-experts of every `MoE` over the ranks (tokens exchanged with an autograd all-to-all). Distributed checkpoints
-(`torch.distributed.checkpoint`) are in `vermeil.distributed.checkpoint`; the `distributed:` section of a run
-config is `DistributedConfig` (`vermeil.distributed.config`), and what the trainer needs per step is in
-`vermeil.distributed.training`.
+`parallelize(model, strategy)` applies a config's `distributed.strategy` (`DistributedConfig`, the `distributed:`
+section of a run config) and says how to split the data; `init_distributed()` reads torchrun's environment (gloo
+on CPU, nccl on CUDA) and is a no-op in a single process. What each module holds: `parallel` (DDP, FSDP2, the
+entry point), `tensor_parallel` (Megatron plans by module name), `expert` (MoE experts sharded over the ranks),
+`checkpoint` (distributed checkpoints), `training` (what the trainer needs per step), `runtime`, `config`.
 
 Names are imported on first use: reading a run config does not load torch.distributed's FSDP and DTensor
 modules.

@@ -152,11 +152,8 @@ def apply_fsdp2(
     for sel in selectors:
         if not isinstance(sel, (type, str)):
             raise TypeError(f"block_types_or_names entry {sel!r} must be a class or a str")
-    kwargs: dict = {"reshard_after_forward": reshard_after_forward}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
-    if mesh is not None:
-        kwargs["mesh"] = mesh
+    policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()  # fully_shard's default
+    kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": reshard_after_forward}
     # Reverse pre-order visits children before parents, so nested blocks are sharded inside-out.
     for name, module in reversed(list(model.named_modules())):
         if module is not model and _matches(name, module, selectors):

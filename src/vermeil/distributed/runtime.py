@@ -120,13 +120,12 @@ def init_distributed(
         backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(device)
-    kwargs: dict = {"backend": backend, "rank": rank, "world_size": world}
-    kwargs["init_method"] = init_method if init_method is not None else "env://"
-    if timeout is not None:
-        kwargs["timeout"] = timeout
-    if cuda and backend == "nccl":
-        kwargs["device_id"] = device  # binds the communicator to this GPU (eager init, no guessing)
-    dist.init_process_group(**kwargs)
+    init = init_method if init_method is not None else "env://"
+    # device_id binds an nccl communicator to this GPU (eager init, no guessing).
+    nccl_device = device if cuda and backend == "nccl" else None
+    dist.init_process_group(
+        backend, init_method=init, timeout=timeout, world_size=world, rank=rank, device_id=nccl_device
+    )
     return rank, world, device
 
 

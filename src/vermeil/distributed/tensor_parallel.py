@@ -11,45 +11,29 @@ embeddings tied). Every constraint is checked there, before any collective. What
   row-parallel; one all-reduce after `wo`. The attention views with `view(b, t, -1, Dh)`, so each rank runs
   its H/tp query and Hkv/tp kv heads, and contiguous column shards keep GQA's grouping (query head i uses kv
   head i // (H/Hkv)) on every rank. H and Hkv must be divisible by tp (K/V are not replicated). Learnable
-  qk-norm scales are replicated DTensors whose gradients sum over the ranks' heads. Llama 4's temperature
-  tuning, weightless qk norm and chunked attention act per head and need nothing.
+  qk-norm scales are replicated; their gradients sum over the ranks' heads. Llama 4's temperature tuning,
+  weightless qk norm and chunked attention act per head and need nothing.
 - Feed-forward: SwiGLU/GeGLU `w1`/`w3` column-, `w2` row-parallel; MLP `fc1` column-, `fc2` row-parallel.
-- MoE (`vermeil.nn.moe.MoE`): the shared expert is a SwiGLU (above). The routed experts' hidden dim F is split
-  too (`w1`/`w3` (E, D, F) and `w2` (E, F, D) sharded on F; `_ExpertTensorParallel`): every rank routes all
-  tokens with the replicated router, runs every expert on its F/tp slice, and the partial outputs are summed
-  (one all-reduce), so routing, capacity and token order are those of one process. The "loop" and "dense"
-  backends index the stacked weights per expert inside `MoE`; their routed experts stay replicated
-  (correct, not split).
-- Flux: projections that fuse several blocks are split block by block with
-  `_StridedShard(dim, split_factor=k)`, whose local shard is the concatenation of the rank's piece of each of
-  the k equal blocks: the double blocks' `qkv` ([q; k; v], k = 3) gives each rank [q; k; v] of its own heads,
-  the single blocks' `linear1` ([q; k; v; mlp], k = 3 + M/D) its heads plus an M/tp slice of the MLP, and
-  `linear2` (input [attention; mlp], k = 1 + M/D) takes exactly that local concatenation. `proj` and the MLPs'
-  second Linear are row-parallel, `img_mlp.0`/`txt_mlp.0` column-parallel; the QK-norm scales stay plain,
-  replicated tensors whose gradients (partial sums over the local heads) are all-reduced by a hook, so
-  flux.py needs no DTensor. M must be a multiple of D. Modulations, embedders and
-  the final layer stay replicated. `full_tensor()` of a strided shard is the original layout, and
-  `vermeil.distributed.checkpoint` writes strided shards as plain row/column shards (DCP cannot describe
-  interleaved shards), so checkpoints are in BFL's layout and load anywhere.
+- MoE: the shared expert is a SwiGLU (above); the routed experts' hidden dim F is split with the "grouped" and
+  "padded" backends (`_ExpertTensorParallel`), so routing, capacity and token order are those of one process.
+  The "loop" and "dense" backends keep their routed experts replicated (correct, not split).
+- Flux: the fused projections (`qkv`, `linear1`, `linear2`) are split block by block with `_StridedShard`
+  (`_FusedColwiseParallel`, `_FusedRowwiseParallel`; M must be a multiple of D), `proj` and the MLPs' second
+  Linear row-parallel, `img_mlp.0`/`txt_mlp.0` column-parallel, the QK-norm scales replicated with summed
+  gradients (`_HeadPartialGradients`, so flux.py needs no DTensor). Modulations, embedders and the final layer
+  stay replicated. `vermeil.distributed.checkpoint` writes strided shards as plain row/column shards, so
+  checkpoints are in BFL's layout and load anywhere.
 
 Sequence parallel (`sequence_parallel=True`; `vermeil.models.llm.LLM` and `vermeil.models.hybrid.HybridModel`,
-torchtitan's layout): the residual stream between blocks is sequence-sharded (B, T/tp, D). The embedding is
-vocab-parallel with a reduce-scatter to `Shard(1)`, norms run on the local tokens (`SequenceParallel`),
-attention and feed-forward inputs are all-gathered (`PrepareModuleInput`), row-parallel outputs
-reduce-scatter to `Shard(1)`. Modules that need the whole sequence and stay replicated (Mamba, the MoE as a
-whole) gather their input and keep their slice of the output (`_SequenceGathered`); the hybrid's merge `gate`
-and `merge_proj` run on the local tokens with replicated weights. T must be divisible by tp (checked at the
-embedding). Flux is not covered (its two streams are concatenated and split inside the blocks): the plan
-raises. Which module gets which of these styles is the model's own description, `sequence_parallel_plan()`
-(style names as plain strings, `vermeil.models.contract`); this file maps each name to its `ParallelStyle`.
+torchtitan's layout): the residual stream between blocks is sequence-sharded (B, T/tp, D); T must be divisible
+by tp. Which module gets which style is the model's own description, `sequence_parallel_plan()` (style names as
+plain strings, `vermeil.models.contract`); `_sequence_style` maps each name to its `ParallelStyle`. Flux is not
+covered (its two streams are concatenated and split inside the blocks): the plan raises.
 
-Loss parallel (`loss_parallel=True`; LLM, HybridModel, MambaLM: the models naming their (embedding, final norm,
-head) in `lm_parts`, with their own limits in `check_tensor_parallel`): the LM head is column-parallel with
-vocab-sharded output (`Shard(-1)`), and in training mode the model returns (B, T, V) logits as a DTensor
-sharded over V: compute the cross-entropy (and its backward) under
-`torch.distributed.tensor.parallel.loss_parallel()`, as `vermeil.train.Trainer` does. In eval mode the head
-returns full logits, so evaluation and sampling code runs unchanged. V must be divisible by tp. A tied
-embedding is made vocab-parallel too (same row shards as the head), and `apply_tensor_parallel` ties the two
+Loss parallel (`loss_parallel=True`; the models naming their (embedding, final norm, head) in `lm_parts`, with
+their own limits in `check_tensor_parallel`): the LM head is vocab-sharded (`_VocabParallelHead`); compute the
+cross-entropy under `torch.distributed.tensor.parallel.loss_parallel()`, as `vermeil.train.Trainer` does. V must
+be divisible by tp. A tied embedding is made vocab-parallel too, and `apply_tensor_parallel` ties the two
 DTensors again.
 
 Not covered: `ParallelTransformerBlock` (one fused projection) and `MambaBlock` stay replicated, which is
