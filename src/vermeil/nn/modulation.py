@@ -100,9 +100,7 @@ class Modulation(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_ints(dim=dim)
-        self.is_double = double
-        self.multiplier = 6 if double else 3
-        self.zero_init = zero_init
+        self.is_double, self.multiplier, self.zero_init = double, 6 if double else 3, zero_init
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True, device=device, dtype=dtype)
         if zero_init:
             self.reset_parameters()
