@@ -448,34 +448,19 @@ def transformers_class_for(config: HybridConfig) -> str:
 
 
 # What each class cannot vary: HybridConfig fields and the values they must hold; the feed-forward kinds.
+_NO_MULTIPLIERS = {
+    **dict.fromkeys([*_MULTIPLIERS, "mlp_gate_multiplier", "mlp_out_multiplier"], 1.0),
+    "ssm_proj_multipliers": None,
+}
 _ATTENTION_FIXED = dict(qk_norm=None, window=None, merge="sum", residual_in_fp32=False)
-_NO_MULTIPLIERS = dict.fromkeys([*_MULTIPLIERS, "mlp_gate_multiplier", "mlp_out_multiplier"], 1.0)
-_GATED_NORM = dict(ssm_norm=True, ssm_norm_before_gate=False, d_ssm=None, ssm_proj_multipliers=None)
+_ROTARY = dict(_ATTENTION_FIXED, rotary=True, mamba_inner_norms=False)
+_GATED_NORM = dict(ssm_norm=True, ssm_norm_before_gate=False, d_ssm=None)
+_JAMBA = dict(rotary=False, mamba_inner_norms=True, attn_bias=False, ffn_bias=False, moe_renormalize=False)
 _FIXED = {
     "Mamba2ForCausalLM": {**_NO_MULTIPLIERS, **_GATED_NORM},
-    "JambaForCausalLM": {
-        **_ATTENTION_FIXED,
-        **_NO_MULTIPLIERS,
-        "ssm_proj_multipliers": None,
-        "rotary": False,
-        "mamba_inner_norms": True,
-        "attn_bias": False,
-        "ffn_bias": False,
-        "moe_renormalize": False,
-    },
-    "BambaForCausalLM": {
-        **_ATTENTION_FIXED,
-        "rotary": True,
-        "mamba_inner_norms": False,
-        **_NO_MULTIPLIERS,
-        **_GATED_NORM,
-    },
-    "FalconH1ForCausalLM": {
-        **_ATTENTION_FIXED,
-        "rotary": True,
-        "mamba_inner_norms": False,
-        "rotary_dim": None,
-    },
+    "JambaForCausalLM": {**_ATTENTION_FIXED, **_NO_MULTIPLIERS, **_JAMBA},
+    "BambaForCausalLM": {**_ROTARY, **_NO_MULTIPLIERS, **_GATED_NORM},
+    "FalconH1ForCausalLM": dict(_ROTARY, rotary_dim=None),
 }
 _FFNS = {
     "Mamba2ForCausalLM": {"none"},
