@@ -10,11 +10,10 @@ Nothing is coerced silently: `dim: '512'` (a string) is rejected, an int is acce
 and `norm: no` (YAML 1.1 reads `yes/no/on/off` as booleans) is rejected for a string or Literal field.
 PyYAML is an optional extra (`pip install vermeil[train]`), imported only by the functions that read or write YAML.
 
-A leaf of the house that every layer may import, models included (`HybridConfig.from_yaml` reads its file here):
-it is plain data handling on the standard library (PyYAML lazily, and `vermeil.checkpoint`'s atomic write, itself
-a leaf over torch), with no model, training or torch.distributed code, so importing it couples a model to nothing
-above it. The other way to keep `from_yaml` on a model config, a reader attached to the class by an upper layer
-when that layer is imported, would be a hidden import-time side effect.
+A leaf that every layer may import, models included (`HybridConfig.from_yaml` reads its file here): plain data
+handling on the standard library (PyYAML lazily, and `vermeil.checkpoint`'s atomic write), with no model,
+training or torch.distributed code. (Attaching `from_yaml` from an upper layer instead would be a hidden
+import-time side effect.)
 """
 
 from __future__ import annotations

@@ -14,19 +14,14 @@
     checkpoints/latest                  the name of the newest complete checkpoint folder (`step_*` only)
     .lock                               held (`fcntl.flock`) by the one trainer writing the folder
 
-A checkpoint folder is complete when it holds both `model.safetensors` and `state.pt`. Files are written
+A checkpoint folder is complete when it holds both `model.safetensors` and `state.pt`; files are written
 atomically (`vermeil.checkpoint`) and `latest` moves only after a folder is complete, so a run killed at any
 moment leaves the previous checkpoint loadable.
 
-A run folder is untrusted input (people copy, share and download them; SECURITY.md): nothing in it is ever
-unpickled by Python's `pickle`. Weights are safetensors, state.pt is read with `torch.load(weights_only=True)`,
-config.yaml with `yaml.safe_load`. Reading a checkpoint verifies it against its manifest; a damaged one is named
-in a warning and the newest intact one is used instead. `latest` may only name a `step_*` folder beside it.
-Folders written before manifests existed load unverified.
-
-Reading a run (`latest_checkpoint`, `load_model_weights`, `read_run_config`) and writing one without training
-(`write_run`, for `vermeil convert`) need no training code: `vermeil generate` and `convert` use this module
-alone; `vermeil.train.Trainer` writes its checkpoints through it.
+A run folder is untrusted input (SECURITY.md): nothing in it is unpickled; reading a checkpoint verifies it
+against its manifest (folders from before manifests load unverified). Reading a run and writing one without
+training (`write_run`, for `vermeil convert`) need no training code; `vermeil.train.Trainer` writes its
+checkpoints through this module.
 """
 
 from __future__ import annotations
@@ -374,8 +369,8 @@ def clear_run(run_dir: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # one writer per run folder
 
-# Locks this process holds: resolved run folder -> [open lock file, depth] (a trainer inside the CLI's lock).
-_held: dict[str, list[Any]] = {}
+# Resolved run folders whose lock this process holds (a trainer inside the CLI's lock re-enters it).
+_held: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -393,16 +388,11 @@ def lock_run(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     run.mkdir(parents=True, exist_ok=True)
     key = os.fspath(run.resolve())
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield me
-        finally:
-            _held[key][1] -= 1
-        return
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if key in _held or fcntl is None:
         yield me
         return
     f = open(run / _LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole block
@@ -422,11 +412,11 @@ def lock_run(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         f.truncate()
         f.write(f"pid {me['pid']} on {me['host']}\n")
         f.flush()
-        _held[key] = [f, 1]
+        _held.add(key)
         try:
             yield me
         finally:
-            del _held[key]
+            _held.discard(key)
             with contextlib.suppress(OSError):
                 f.seek(0)
                 f.truncate()
