@@ -116,15 +116,6 @@ def flux_params_from_diffusers(config: Any) -> FluxParams:
     )
 
 
-def _check_unfused(state: dict[str, Tensor]) -> None:
-    fused = sorted(k for k in state if ".to_qkv." in k or ".to_added_qkv." in k)
-    if fused:
-        raise ValueError(
-            f"fused diffusers projections are not supported ({fused[:3]}...); call "
-            "transformer.unfuse_qkv_projections() before converting"
-        )
-
-
 def from_diffusers(
     transformer: nn.Module,
     *,
@@ -144,7 +135,12 @@ def from_diffusers(
     """
     params = flux_params_from_diffusers(transformer.config)
     state = transformer.state_dict()
-    _check_unfused(state)
+    fused = sorted(k for k in state if ".to_qkv." in k or ".to_added_qkv." in k)
+    if fused:
+        raise ValueError(
+            f"fused diffusers projections are not supported ({fused[:3]}...); call "
+            "transformer.unfuse_qkv_projections() before converting"
+        )
     first = next(iter(state.values()))
     device = first.device if device is None else device
     dtype = first.dtype if dtype is None else dtype

@@ -425,9 +425,6 @@ def from_transformers_hybrid(hf_model: nn.Module) -> HybridModel:
 def transformers_class_for(config: HybridConfig) -> str:
     """The transformers class a `HybridConfig`'s layout belongs to (options are checked by the converter).
 
-    All "S" layers without feed-forward: Mamba2; all "S+A": FalconH1; "M" and "A" only: Jamba; "S" and "A"
-    only: Bamba.
-
     Raises:
         ValueError: a layout none of the four has, naming the pattern.
     """

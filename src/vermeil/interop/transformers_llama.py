@@ -69,6 +69,14 @@ _FIELDS = {
     "tie_word_embeddings": "tie_word_embeddings",
 }
 
+# Llama 3 RoPE scaling: ModelArgs field -> its key in transformers' rope_parameters
+_LLAMA3_ROPE = {
+    "rope_scaling_factor": "factor",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_original_max_seq_len": "original_max_position_embeddings",
+}
+
 
 def _rope_args(config: Any) -> dict[str, Any]:
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -80,12 +88,9 @@ def _rope_args(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_theta": float(theta)}
     if rope_type == "llama3":
         out.update(
-            use_scaled_rope=True,
-            rope_scaling_factor=float(params["factor"]),
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_seq_len=int(params["original_max_position_embeddings"]),
+            {ours: float(params[theirs]) for ours, theirs in _LLAMA3_ROPE.items()}, use_scaled_rope=True
         )
+        out["rope_original_max_seq_len"] = int(out["rope_original_max_seq_len"])  # a length, not a factor
     elif rope_type != "default":
         raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
     return out
@@ -238,13 +243,7 @@ def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
         raise ValueError("transformers' Llama 4 MoE needs score_func='sigmoid' and a shared expert")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
     if a.use_scaled_rope:
-        rope.update(
-            rope_type="llama3",
-            factor=a.rope_scaling_factor,
-            low_freq_factor=a.rope_low_freq_factor,
-            high_freq_factor=a.rope_high_freq_factor,
-            original_max_position_embeddings=a.rope_original_max_seq_len,
-        )
+        rope.update({theirs: getattr(a, ours) for ours, theirs in _LLAMA3_ROPE.items()}, rope_type="llama3")
     common: dict[str, Any] = {theirs: getattr(a, ours) for ours, theirs in _FIELDS.items()}
     common.update(rope_parameters=rope, **_NO_SPECIAL_TOKENS)
     if target == "llama":
