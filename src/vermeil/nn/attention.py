@@ -543,22 +543,14 @@ class Attention(nn.Module):
                 )
         return self.backend
 
-    def _user_mask(self, mask: Tensor | None, b: int, t: int, s: int) -> Tensor | None:
-        """(B, S) key padding -> (B, 1, 1, S); 4-D masks checked and passed through."""
-        if mask is None:
-            return None
-        _check_mask(mask, b, self.heads, t, s, padding=True)
-        return padding_mask(mask) if mask.ndim == 2 else mask
-
     def _mask(
-        self, mask: Tensor | None, input_pos: Tensor | None, b: int, t: int, s: int
+        self, user: Tensor | None, input_pos: Tensor | None, t: int, s: int
     ) -> tuple[Tensor | None, bool]:
         """Without a cache: the boolean mask for `attention`, and the `causal` flag to pass with it.
 
         Keys sit at 0..S-1 and queries at the last T of them (bottom-right when T < S), or, for
-        self-attention given `input_pos`, at those positions.
+        self-attention given `input_pos`, at those positions. `user`: the caller's mask, 4-D.
         """
-        user = self._user_mask(mask, b, t, s)
         if self.window is None and self.chunk is None:
             return user, self.causal  # causality is left to `attention` (SDPA's is_causal where it can)
         device = self.wq.weight.device
@@ -572,12 +564,11 @@ class Attention(nn.Module):
         # blocks above the diagonal (twice as fast) where it can. Positions given may not be increasing.
         return full, self.causal and input_pos is None
 
-    def _cache_mask(self, mask: Tensor | None, input_pos: Tensor, kv_pos: Tensor, b: int, t: int) -> Tensor:
+    def _cache_mask(self, user: Tensor | None, input_pos: Tensor, kv_pos: Tensor) -> Tensor:
         """With a cache: queries at `input_pos`, keys at the positions the cache holds (`kv_pos`; an empty slot
-        holds `max_seq_len`, in every query's future, so the causal rule hides it)."""
+        holds `max_seq_len`, in every query's future, so the causal rule hides it). `user` is over positions."""
         assert self.kv_cache is not None  # internal: called on the cache path only
         s_max = self.kv_cache.max_seq_len
-        user = self._user_mask(mask, b, t, s_max)  # the user's mask is over positions
         full = attention_mask(input_pos, kv_pos, causal=True, window=self.window, chunk=self.chunk)
         if user is None:
             return full
@@ -618,11 +609,12 @@ class Attention(nn.Module):
         cache = self.kv_cache if input_pos is not None else None
         dropout_p = self.dropout if self.training else 0.0
         backend = self._backend_for(x, cache, mask, dropout_p)
+        if mask is not None:  # with a cache, over positions 0 .. S_max - 1
+            _check_mask(mask, b, self.heads, t, s_in if cache is None else cache.max_seq_len, padding=True)
+        user = mask if mask is None or mask.ndim == 4 else padding_mask(mask)  # (B|1, 1|H, T|1, S)
         # FlexAttention takes the rules themselves (cached block masks, no (T, S) tensor) where positions are
         # index order; given positions or a 4-D mask, it reads the dense mask built below.
         flex_rules = backend == "flex" and input_pos is None and (mask is None or mask.ndim == 2)
-        if flex_rules and mask is not None:
-            self._user_mask(mask, b, t, s_in)  # its checks only
         # Llama 4's chunked layers in training: independent causal blocks, no (T, T) mask (static checks only).
         blocks = (
             backend != "flex"
@@ -638,7 +630,7 @@ class Attention(nn.Module):
         full, causal = None, self.causal
         if cache is None and not blocks and not flex_rules:
             # The mask first, before the projections: its transient buffers never coexist with q, k, v.
-            full, causal = self._mask(mask, input_pos, b, t, s_in)
+            full, causal = self._mask(user, input_pos, t, s_in)
 
         # Head counts are read from the projections (-1), not self.heads: under tensor parallelism each rank
         # holds a shard of the heads and the same code runs on its local ones.
@@ -661,7 +653,7 @@ class Attention(nn.Module):
             assert input_pos is not None  # internal: a cache is used only with positions
             k, v, kv_pos = cache.update_with_positions(input_pos, k, v)  # (B, Hkv, S_cache, Dh), (S_cache,)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
-            full, causal = self._cache_mask(mask, input_pos, kv_pos, b, t), False
+            full, causal = self._cache_mask(user, input_pos, kv_pos), False
         if flex_rules:
             out = flex_attention(
                 q,
