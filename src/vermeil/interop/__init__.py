@@ -37,9 +37,13 @@ _TO_TRANSFORMERS = {
 _NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
-def _converter(path: str) -> Any:
-    module, _, name = path.partition(".")
-    return getattr(import_module(f"vermeil.interop.{module}"), name)
+def _convert(what: str, table: dict[str, str], model: nn.Module) -> Any:
+    """Call the converter `table` names for `model`'s class ("module.function" in vermeil.interop)."""
+    cls = type(model).__name__
+    if cls not in table:
+        raise ValueError(f"{what}: {cls} is not supported; supported: {sorted(table)}")
+    module, _, name = table[cls].partition(".")
+    return getattr(import_module(f"vermeil.interop.{module}"), name)(model)
 
 
 def _check_silu(cls: str, config: Any) -> None:
@@ -87,27 +91,20 @@ def from_transformers(hf_model: nn.Module) -> nn.Module:
     """Convert a transformers model into Vermeil's: LlamaForCausalLM and Llama4ForCausalLM into an `LLM`,
     MambaForCausalLM into a `MambaLM`, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and
     FalconH1ForCausalLM into a `HybridModel`."""
-    cls = type(hf_model).__name__
-    if cls not in _TRANSFORMERS:
-        raise ValueError(f"from_transformers: {cls} is not supported; supported: {sorted(_TRANSFORMERS)}")
-    return _converter(_TRANSFORMERS[cls])(hf_model)
+    return _convert("from_transformers", _TRANSFORMERS, hf_model)
 
 
 def to_transformers(model: nn.Module) -> Any:
     """Convert a Vermeil model (LLM, MambaLM, HybridModel) back into the matching transformers model; a
     HybridModel becomes the class of its layer pattern (Mamba2, Jamba, Bamba or FalconH1)."""
-    cls = type(model).__name__
-    if cls not in _TO_TRANSFORMERS:
-        raise ValueError(f"to_transformers: {cls} is not supported; supported: {sorted(_TO_TRANSFORMERS)}")
-    return _converter(_TO_TRANSFORMERS[cls])(model)
+    return _convert("to_transformers", _TO_TRANSFORMERS, model)
 
 
 def from_diffusers(transformer: nn.Module) -> nn.Module:
     """Convert a diffusers FluxTransformer2DModel into a Vermeil `Flux` with BFL's module names."""
-    cls = type(transformer).__name__
-    if cls != "FluxTransformer2DModel":
-        raise ValueError(f"from_diffusers: {cls} is not supported; supported: ['FluxTransformer2DModel']")
-    return _converter("diffusers_flux.from_diffusers")(transformer)
+    return _convert(
+        "from_diffusers", {"FluxTransformer2DModel": "diffusers_flux.from_diffusers"}, transformer
+    )
 
 
 __all__ = ["from_diffusers", "from_transformers", "to_transformers"]

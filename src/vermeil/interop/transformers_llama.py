@@ -217,13 +217,8 @@ def from_transformers_llama(hf_model: nn.Module) -> LLM:
 
 def _target(model: LLM) -> str:
     a = model.args
-    llama4 = (
-        a.moe_args is not None
-        or a.use_qk_norm
-        or a.attention_chunk_size is not None
-        or any(layer.is_nope_layer for layer in model.layers)
-    )
-    return "llama4" if llama4 else "llama"
+    llama4 = a.moe_args is not None or a.use_qk_norm or a.attention_chunk_size is not None
+    return "llama4" if llama4 or any(layer.is_nope_layer for layer in model.layers) else "llama"
 
 
 def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
