@@ -16,15 +16,15 @@ from torch import Tensor, nn
 from vermeil.nn.mamba2 import SegmentScaledLinear
 from vermeil.nn.positional import RotaryEmbedding
 
-_HYBRID = "transformers_hybrids.from_transformers_hybrid"
-# transformers class name -> "module in vermeil.interop.converter to Vermeil"
+# transformers class name -> "module.function" in vermeil.interop converting it to Vermeil
 _TRANSFORMERS = {
     "LlamaForCausalLM": "transformers_llama.from_transformers_llama",
     "Llama4ForCausalLM": "transformers_llama.from_transformers_llama",
     "MambaForCausalLM": "transformers_mamba.from_transformers_mamba",
-    **dict.fromkeys(
-        ["Mamba2ForCausalLM", "JambaForCausalLM", "BambaForCausalLM", "FalconH1ForCausalLM"], _HYBRID
-    ),
+    "Mamba2ForCausalLM": "transformers_hybrids.from_transformers_hybrid",
+    "JambaForCausalLM": "transformers_hybrids.from_transformers_hybrid",
+    "BambaForCausalLM": "transformers_hybrids.from_transformers_hybrid",
+    "FalconH1ForCausalLM": "transformers_hybrids.from_transformers_hybrid",
 }
 # Vermeil class name -> the transformers conversion that takes it back
 _TO_TRANSFORMERS = {
@@ -33,7 +33,8 @@ _TO_TRANSFORMERS = {
     # the class follows the layer pattern (`transformers_hybrids.transformers_class_for`)
     "HybridModel": "transformers_hybrids.to_transformers_hybrid",
 }
-# transformers configs default to Llama's special token ids; Vermeil models have none.
+# Configs going out name no special tokens: Vermeil models have none (transformers' defaults, such as Llama's
+# bos 1 and eos 2, would be made up).
 _NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
