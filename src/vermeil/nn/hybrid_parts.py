@@ -96,9 +96,6 @@ class PartialRotary(nn.Module):
     def reserve(self, rows: int) -> None:
         self.rope.reserve(rows)
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.rope.cos_sin(positions)
-
     def forward(self, q: Tensor, k: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """q (B, H, T, Dh), k (B, Hkv, T, Dh) -> the same, the first R channels rotated."""
         r = self.rotary_dim
