@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -289,10 +290,7 @@ def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]
             first[key] = name
             kept[name] = t.detach()
     # Distinct views of one storage (e.g. slices of a fused weight) cannot be stored as views: copy them apart.
-    storages: dict[tuple[Any, int], int] = {}
-    for t in kept.values():
-        sk = (t.device, t.untyped_storage().data_ptr())
-        storages[sk] = storages.get(sk, 0) + 1
+    storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in kept.values())
     out = {}
     for name, t in kept.items():
         shared = t.numel() > 0 and storages[(t.device, t.untyped_storage().data_ptr())] > 1
