@@ -8,13 +8,15 @@ called, so `import vermeil.interop` needs neither transformers nor diffusers.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from vermeil.nn.mamba2 import SegmentScaledLinear
 from vermeil.nn.positional import RotaryEmbedding
+
+M = TypeVar("M", bound=nn.Module)
 
 # transformers class name -> "module.function" in vermeil.interop converting it to Vermeil
 _TRANSFORMERS = {
@@ -71,11 +73,11 @@ def _load_strict(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> 
     model.load_state_dict(state_dict, strict=True)
 
 
-def _build(model_cls: Any, config: Any, state: dict[str, Tensor], like: nn.Module) -> nn.Module:
+def _build(model_cls: type[M], config: Any, state: dict[str, Tensor], like: nn.Module) -> M:
     """`model_cls(config)` holding `state` (checked by `_load_strict`), built on the meta device and placed on
     the device, in the dtype and in the train/eval mode of `like`, the model it is converted from."""
     weight = next(like.parameters())
-    model = model_cls(config, device="meta", dtype=weight.dtype)
+    model = model_cls(config, device="meta", dtype=weight.dtype)  # type: ignore[call-arg]
     embedding, _, head = (model.get_submodule(name) for name in model.lm_parts)
     tied = head.weight is embedding.weight
     model.to_empty(device=weight.device)

@@ -212,7 +212,7 @@ def from_transformers_llama(hf_model: nn.Module) -> LLM:
     _check_silu(name, hf_model.config)
     args = _model_args(hf_model.config, _KINDS[name])
     state = _convert_state(hf_model.state_dict(), args, _KINDS[name], to_vermeil=True)
-    return _build(LLM, args, state, hf_model)  # type: ignore[return-value]
+    return _build(LLM, args, state, hf_model)
 
 
 def _target(model: LLM) -> str:
