@@ -50,7 +50,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -132,23 +132,17 @@ class _FusedRowwiseParallel(_Chunked, RowwiseParallel):
             dist = distribute_tensor(bias, device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
             module.register_parameter("bias", nn.Parameter(dist, requires_grad=bias.requires_grad))
 
-    def _strided_input(self, mod: nn.Module, inputs: tuple[Any, ...], device_mesh: DeviceMesh) -> DTensor:
-        x = inputs[0]  # (..., K/tp) local: the rank's piece of each block, concatenated
+    def _prepare_input_fn(  # type: ignore[override]  # RowwiseParallel._apply binds it with its layouts
+        self,
+        input_layouts: Any,
+        desired_input_layouts: Any,
+        mod: nn.Module,
+        inputs: Any,
+        device_mesh: DeviceMesh,
+    ) -> DTensor:
+        x = inputs[0]  # (..., K/tp) local: the rank's piece of each block, concatenated (no redistribute)
         placement = _StridedShard(x.ndim - 1, split_factor=self.chunks)
         return DTensor.from_local(x, device_mesh, (placement,), run_check=False)
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, nn.Linear):
-            raise NotImplementedError(
-                f"{type(self).__name__} supports nn.Linear only, got {type(module).__name__}"
-            )
-        return distribute_module(
-            module,
-            device_mesh,
-            self._partition_linear_fn,
-            self._strided_input,
-            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
-        )
 
 
 class _HeadPartialGradients(ParallelStyle):
