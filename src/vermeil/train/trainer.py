@@ -1,32 +1,13 @@
-"""The training loop: an explicit loop with hooks, checkpoints that resume exactly, and clean Ctrl-C.
+"""The training loop: `Trainer`, an explicit loop with hooks, exact resume and clean Ctrl-C.
 
-One step is `grad_accum` micro-batches of forward + backward, gradient clipping, an AdamW step and a scheduler
-step (warm-up then cosine). Around it: evaluation every `eval_every` steps, metrics appended to `metrics.jsonl`,
-a tqdm progress bar (loss, tokens/s, ETA; a plain line per log row when stdout is not a terminal), checkpoints every `save_every`
-steps, a loss-curve PNG at the end.
+A checkpoint (the `vermeil.runs` layout) holds the weights and state.pt (optimizer, scheduler, RNG and sampler
+states), so a resumed run continues the loss curve of the uninterrupted run exactly (tests/train/test_trainer.py).
+`latest` moves only once a checkpoint folder is complete: a run killed at any moment leaves one loadable.
 
-The run folder (`vermeil.runs`: config.yaml, metrics.jsonl, loss.png, checkpoints/step_N/ with model.safetensors
-and state.pt, checkpoints/latest) is written atomically, and `latest` moves only after a checkpoint folder is
-complete, so a run killed at any moment (SIGKILL included) leaves the previous checkpoint loadable. state.pt holds
-the optimizer, scheduler, torch and Python RNG and data-sampler states, the step and the config as a dict: a
-resumed run's loss curve continues exactly the curve of the same run left uninterrupted (the loss of step s is the
-same float whether or not the run stopped before s; tests/train/test_trainer.py checks it).
-
-Under `torchrun` with a run config's `distributed.strategy` ("ddp", "fsdp2", "tp", "fsdp2+tp"; see
-`DistributedConfig`), the trainer joins the process group, applies `vermeil.distributed.parallelize` before
-building the optimizer, gives each data-parallel rank its slice of every global batch (`train.batch_size` stays
-the global micro-batch, so a run on N ranks trains on the same data as one process), averages the logged loss
-and metrics over the ranks, and lets rank 0 alone draw the bar and write metrics, plots and `config.yaml`. A
-checkpoint folder then holds `dcp/` (`vermeil.distributed.checkpoint`: every rank writes its shards of the
-model and optimizer), `state.pt` (the rest, from rank 0) and `model.safetensors` (the full weights exported by
-rank 0, so `vermeil generate` works on the run). With `distributed.loss_parallel` the model returns
-vocab-sharded logits in training mode, and each micro-batch's loss and backward run under `loss_parallel()`. At
-the end of `fit` the trainer leaves the process group it joined (barrier, `destroy_process_group`). In one
-process (no `WORLD_SIZE`) the section is ignored.
-
-Two speed settings of `TrainConfig` act on the model and the loss, not on the numbers: `train.compile`
-(`vermeil.train.regional`; a step whose compiled block fails restarts eagerly) and `train.loss_chunk_size`
-(`vermeil.train.losses.chunked_lm_loss_fn`: no (B*T, V) float32 logits).
+Under torchrun with `distributed.strategy` set, the trainer joins the process group, applies
+`vermeil.distributed.parallelize`, gives each data-parallel rank its slice of every global batch, averages the
+logged metrics over the ranks and lets rank 0 alone write files; a checkpoint then adds `dcp/` (every rank's
+shards) beside rank 0's full `model.safetensors`, and the trainer leaves the group it joined at the end of `fit`.
 """
 
 from __future__ import annotations
@@ -90,8 +71,7 @@ __all__ = ["Hook", "NonFiniteError", "TrainResult", "Trainer"]
 
 
 class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient norm (`train.on_nonfinite`); one line naming the step.
-    The last checkpoint on disk is finite: a checkpoint is never written from non-finite weights."""
+    """Training stopped on a non-finite loss or gradient norm (`train.on_nonfinite`); the message names the step."""
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -165,25 +145,18 @@ class Trainer:
     """Train `model` on `train_batches` with `loss_fn`, evaluating with `eval_fn`, checkpointing into a folder.
 
     Args:
-        model: the module to train (moved to `config.device`).
-        train_batches: an endless iterator of batches; when it has `state_dict()`/`load_state_dict()`
-            (e.g. `vermeil.data.WindowSampler`) its position is saved with each checkpoint, which resume needs
-            to be exact.
+        train_batches: an endless iterator of batches; one with `state_dict()`/`load_state_dict()` (e.g.
+            `vermeil.data.WindowSampler`) has its position saved with each checkpoint, which exact resume needs.
         loss_fn: `loss_fn(model, batch) -> loss` or `(loss, {name: scalar})`; default `causal_lm_loss`.
-        config: the `TrainConfig`.
-        eval_fn: `eval_fn(model) -> {name: float}`, run in eval mode under `no_grad`, in a forked RNG (so that
-            evaluating never changes the training randomness).
-        hooks: `Hook` instances, called in order; a `LossCurve` (loss.png) is added last unless one is among
-            them, so that the curve is drawn once.
-        run_config: the resolved run config as a plain dict, saved as `config.yaml` and inside every checkpoint
-            (default: `{"train": <config>}`).
+        eval_fn: `eval_fn(model) -> {name: float}` (see `evaluate`).
+        hooks: called in order; a `LossCurve` is added last unless one is among them.
+        run_config: the resolved run config, saved as `config.yaml` and in every checkpoint (default:
+            `{"train": <config>}`).
         out_dir: the run folder (default `config.out_dir`); None keeps nothing on disk.
-        distributed: how to split the run under torchrun (default: the `distributed` entry of `run_config`,
-            else none); ignored in a single process (no `WORLD_SIZE` in the environment).
-        tokenizer: what the batches' token ids are, recorded in the metadata of every checkpoint's weights:
-            "bytes" (Vermeil's data), so that `vermeil generate` decodes them with bytes even in the folder of a
-            converted model that keeps its tokenizer.json; None records nothing (that tokenizer.json then
-            decodes them: fine-tuning a converted model on its own tokenizer's ids). `vermeil.data.tokenizer_path`.
+        distributed: how to split the run under torchrun (default: `run_config["distributed"]`, else none).
+        tokenizer: recorded in every checkpoint's weights: "bytes" makes `vermeil generate` decode with bytes
+            even beside a converted model's tokenizer.json; None records nothing, so that tokenizer.json decodes
+            (fine-tuning a converted model on its own ids). See `vermeil.data.tokenizer_path`.
 
     Example:
         >>> trainer = Trainer(model, WindowSampler(data, 8, 64), causal_lm_loss, TrainConfig(steps=100))
@@ -217,7 +190,6 @@ class Trainer:
         self._tokenizer_meta = {TOKENIZER_KEY: tokenizer} if tokenizer else {}
         self.distributed = _distributed_config(distributed, self.run_config)
         self.device = torch.device(config.device)
-        # Data-parallel layout (rank 0 of 1 in a single process) and whether this trainer joined the group.
         self.rank, self.world_size, self.dp_rank, self.dp_size = 0, 1, 0, 1
         self._owns_group = False
         strategy = self.distributed.strategy
@@ -237,7 +209,6 @@ class Trainer:
                 self.device = device  # cuda:LOCAL_RANK
         self.is_main = self.rank == 0
         self.model = model.to(self.device)
-        # Around each micro-batch's loss and backward: loss_parallel() under a loss-parallel TP plan.
         self._loss_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if self.world_size > 1:
             from vermeil.distributed import mixed_precision_policy, parallelize
@@ -271,13 +242,11 @@ class Trainer:
                 train_batches = ShardedBatches(train_batches, self.dp_rank, self.dp_size)
         self.train_batches = train_batches
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
-        # The language-model loss with the head fused into a chunked cross-entropy (no (B*T, V) logits).
         self.loss_chunked = self._chunk_loss(config.loss_chunk_size)
-        # Regional compilation (train.compile): each repeated block compiled once, for the duration of `fit`;
-        # `compiled_blocks` names those of the last fit ([] when eager, or after a fallback).
+        # `compiled_blocks`: those of the last fit ([] when eager, or after a fallback).
         self._compile = resolve_compile(config.compile, self.device, world_size=self.world_size)
         self.compiled_blocks: list[str] = []
-        self._check_calls = False  # after the first step of a compiled fit: did the compiled blocks run?
+        self._check_calls = False  # set by a compiled fit: check after its first step that the blocks ran
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
         if not any(isinstance(h, LossCurve) for h in self.hooks):
@@ -306,14 +275,12 @@ class Trainer:
         self._stop = False
         self._phase = "idle"  # "step" (forward/backward), "update" (optimizer), "done": where a Ctrl-C landed
         self._logger = (
-            MetricsLogger(self.out_dir / "metrics.jsonl")
-            if self.out_dir is not None and self.is_main
-            else None
+            MetricsLogger(self.out_dir / "metrics.jsonl") if self.out_dir and self.is_main else None
         )
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self._autocast = (
             (lambda: torch.autocast(self.device.type, dtype=amp_dtype))
-            if amp_dtype is not None
+            if amp_dtype
             else contextlib.nullcontext
         )
         # fp16 gradients underflow without loss scaling; the scaler skips the steps whose scaled gradients
@@ -334,11 +301,7 @@ class Trainer:
 
     def _chunk_loss(self, setting: int | str) -> bool:
         """Swap `self.loss_fn` for its chunked equivalent as `train.loss_chunk_size` asks; whether it did.
-
-        "auto" chunks on CUDA in a single process where an equivalent exists; an explicit size that cannot be
-        honoured (another loss function, a model without an nn.Linear head, a distributed run) is an
-        error, not a silent full-logits run.
-        """
+        An explicit size that cannot be honoured raises rather than silently compute full logits."""
         if setting == 0 or (setting == "auto" and (self.device.type != "cuda" or self.world_size > 1)):
             return False
         size = None if setting == "auto" else int(setting)
@@ -359,7 +322,6 @@ class Trainer:
         return True
 
     def _compile_blocks(self) -> None:
-        """At the start of `fit`: compile the repeated blocks as `train.compile` asks."""
         if not self._compile:
             return
         self.compiled_blocks = compile_blocks(self.model)
@@ -371,22 +333,19 @@ class Trainer:
             )
 
     def _fall_back_to_eager(self, why: str) -> None:
-        """Restore the eager blocks for the rest of this trainer's life and say `why` in one line: the compiled
-        blocks failed, or never ran (rather than report a compiled run that was not)."""
+        """Restore the eager blocks for the rest of this trainer's life and say `why` in one line."""
         uncompile_blocks(self.model)
         self._compile, self.compiled_blocks = False, []
         if self.is_main:
             echo(f"train.compile: {why}")
-
-    # -- control ---------------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from `fit` (what Ctrl-C does)."""
         self._stop = True
 
     def _stop_requested(self) -> bool:
-        """`self._stop`; across ranks, True when any rank asked (torchrun forwards Ctrl-C to every rank, but
-        they may see it at different steps: all must stop at the same step to save one checkpoint together)."""
+        """`self._stop`, True on every rank when any rank asked: ranks may see Ctrl-C at different steps, but
+        must stop at the same one to save one checkpoint together."""
         if self.world_size == 1:
             return self._stop
         import torch.distributed as dist
@@ -397,7 +356,6 @@ class Trainer:
         return self._stop
 
     def _sync(self) -> None:
-        """A barrier across the ranks of a distributed run; nothing in one process."""
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -407,13 +365,9 @@ class Trainer:
         for hook in self.hooks:
             getattr(hook, name)(self, *args)
 
-    # -- state -----------------------------------------------------------------------------------------------
-
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights, as plain containers (loadable with `weights_only=True`)."""
-        data_state = None
-        if callable(getattr(self.train_batches, "state_dict", None)):
-            data_state = self.train_batches.state_dict()
+        data = self.train_batches
         return {
             "step": self.step,
             "tokens": self.tokens,
@@ -422,7 +376,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.world_size == 1 else None,
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(self.device),
-            "data": data_state,
+            "data": data.state_dict() if callable(getattr(data, "state_dict", None)) else None,
             "window": self._window.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.run_config,
@@ -443,23 +397,20 @@ class Trainer:
                 (folder / STATE).unlink(missing_ok=True)
             (folder / MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
         if self.world_size > 1:
-            # Every rank writes its shards into dcp/ (a collective); rank 0 then exports the full weights.
             from vermeil.distributed.checkpoint import export_weights
             from vermeil.distributed.checkpoint import save_checkpoint as dcp_save
 
             self._sync()
             dcp_save(folder / DCP, self.model, self.optimizer)
-            state = self.state_dict()  # every rank: no collective inside, and the same on all ranks but RNG
-            if self.is_main:
-                # dcp.save returns on the coordinator (rank 0) after every rank's shards and metadata are written.
+            state = self.state_dict()
+            if self.is_main:  # dcp_save returned: every rank's shards are written
                 export_weights(folder / DCP, folder / WEIGHTS, metadata=meta)
         else:
             save_weights(self.model, folder / WEIGHTS, metadata=meta)
             state = self.state_dict()
         if self.is_main:
             save_torch(state, folder / STATE)  # its presence marks the folder complete
-            # Last: sizes and hashes of what is on disk now; for a distributed save, the record that this
-            # folder's dcp/ is ours (the only thing that lets a later run read it).
+            # Last: sizes and hashes; for a distributed save, the record that lets a later run read dcp/.
             write_manifest(folder, distributed=self.world_size > 1)
             point_latest(self.out_dir, folder)
             prune_checkpoints(self.out_dir, self.config.keep_checkpoints, folder)
@@ -469,9 +420,9 @@ class Trainer:
         return folder
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
-        """Restore weights and the whole training state from a run folder (its newest checkpoint) or a
-        checkpoint folder. Returns the checkpoint folder used."""
-        folder = latest_checkpoint(path)  # verified against its manifest; `latest` confined to the folder
+        """Restore weights and training state from a run folder (its newest checkpoint) or a checkpoint folder;
+        returns the checkpoint folder used."""
+        folder = latest_checkpoint(path)  # verified against its manifest
         if self.is_main:
             with lock_run(folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder):
                 clean_temp_files(folder)
@@ -485,8 +436,7 @@ class Trainer:
             self.step, self.last_checkpoint = int(state["step"]), folder
             return folder
         if self.world_size > 1:
-            # A checkpoint of a distributed run (any layout, any number of ranks): DCP reshards on load. Only
-            # a folder whose manifest (verified by `latest_checkpoint`) records a distributed save is read.
+            # DCP reshards on load (any layout, any number of ranks); only a manifest-recorded dcp/ is read.
             from vermeil.distributed.checkpoint import load_checkpoint as dcp_load
 
             if not saved_distributed(folder) or not (folder / DCP).is_dir():
@@ -534,9 +484,8 @@ class Trainer:
     resume = load_checkpoint
 
     def _apply_config_to_optimizer(self) -> None:
-        """After a resume: the config's lr, schedule, betas, eps and weight decay win over the saved ones (a
-        resumed run may be given more steps or a new lr), and the next update's lr is recomputed from them.
-        Unchanged settings give the very same floats, so an unchanged resume stays exact."""
+        """After a resume the config's lr, schedule, betas, eps and weight decay win over the saved ones;
+        unchanged settings give the very same floats, so an unchanged resume stays exact."""
         cfg = self.config
         for fn in self.scheduler.lr_lambdas:
             if isinstance(fn, WarmupCosine):
@@ -550,10 +499,9 @@ class Trainer:
                 group["weight_decay"] = cfg.weight_decay
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])
 
-    # -- evaluation ------------------------------------------------------------------------------------------
-
     def evaluate(self) -> dict[str, float]:
-        """Run `eval_fn` (eval mode, no grad, forked RNG, autocast as in training); {} without an eval_fn."""
+        """Run `eval_fn` in eval mode, no grad, autocast as in training and a forked RNG (evaluating never
+        changes the training randomness); {} without an eval_fn."""
         if self.eval_fn is None:
             return {}
         was_training = self.model.training
@@ -591,11 +539,8 @@ class Trainer:
         if self._logger is not None:
             self._logger.log(row)
 
-    # -- the loop --------------------------------------------------------------------------------------------
-
     def _train_step(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None, int, Tensor]:
-        """One update: grad_accum micro-batches, clip, AdamW, scheduler. Returns (loss, metrics, grad norm,
-        tokens, whether the step was finite)."""
+        """One update -> (loss, metrics, grad norm, tokens, whether the step was finite)."""
         cfg = self.config
         total = torch.zeros((), device=self.device)
         sums: dict[str, Tensor] = {}
@@ -605,10 +550,9 @@ class Trainer:
             tokens += _count_tokens(batch)
             if self.device.type != "cpu":
                 batch = _to_device(batch, self.device)
-            with self._loss_context():  # the backward of a vocab-parallel cross-entropy needs it too
+            with self._loss_context():  # loss_parallel() around the loss and its backward
                 with self._autocast():
                     loss, metrics = _split_loss(self.loss_fn(self.model, batch))
-                # Under loss parallelism the loss is a replicated DTensor: the loop keeps plain tensors.
                 loss, metrics = plain(loss), {k: plain(v) for k, v in metrics.items()}
                 scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -647,7 +591,7 @@ class Trainer:
         return total, sums, grad_norm, tokens * self.dp_size, ok
 
     def _grad_norm(self, clip: float | None) -> Tensor:
-        """The global gradient 2-norm, after clipping the gradients to `clip` (None: no clipping)."""
+        """The global gradient 2-norm, after clipping to `clip` (None: no clipping)."""
         if self._dtensor_params:
             from vermeil.distributed.training import clip_grad_norm
 
@@ -658,7 +602,6 @@ class Trainer:
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     def _count_nonfinite(self, bad: Tensor) -> None:
-        """Update the device-side counters of non-finite steps (no host read)."""
         step = float(self.step + 1)  # the update being counted
         streak, start, worst, worst_start, first, total = self._nonfinite.unbind()
         bad = bad.to(self._nonfinite.dtype)
@@ -677,8 +620,8 @@ class Trainer:
         )
 
     def _check_nonfinite(self, counters: Sequence[float] | None = None) -> int:
-        """Raise `NonFiniteError` when `train.on_nonfinite` says the run must stop; returns the total number
-        of non-finite steps so far. Reads the counters (one host read) unless given."""
+        """Raise `NonFiniteError` when `train.on_nonfinite` says stop; returns the total of non-finite steps.
+        Reads the counters (one host read) unless given."""
         cfg = self.config
         _, _, worst, worst_start, first, total = (
             counters if counters is not None else self._nonfinite.tolist()
@@ -720,10 +663,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sigint_to_stop(self) -> Iterator[None]:
-        """First Ctrl-C (or SIGTERM): finish the step, save, stop. Second Ctrl-C: the usual KeyboardInterrupt.
-
-        Installed only in the main thread and only over the default handlers (never over someone else's).
-        """
+        """First Ctrl-C (or SIGTERM): finish the step, save, stop; a second: the usual KeyboardInterrupt.
+        Installed only in the main thread and only over the default handlers."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -745,16 +686,11 @@ class Trainer:
                 signal.signal(sig, defaults[sig])
 
     def fit(self) -> TrainResult:
-        """Train from `self.step` up to `config.steps`; returns a `TrainResult`.
+        """Train from `self.step` up to `config.steps`.
 
-        Ctrl-C (or `request_stop()`, or a KeyboardInterrupt raised inside a step or a hook) saves a checkpoint of
-        the last completed step and returns with `interrupted=True`; resuming from it continues the same curve.
-
-        The run folder is locked for the duration (`vermeil.runs.lock_run`): a second trainer on the same folder
-        gets `RunLockedError` instead of interleaving its checkpoints and metrics with this one's.
-
-        With `train.compile`, the model's repeated blocks are compiled for the duration of `fit` (evaluation
-        inside it included) and run eagerly again after it: the model leaves `fit` as it came in.
+        Ctrl-C, `request_stop()` or a KeyboardInterrupt in a step or hook saves the last completed step and
+        returns with `interrupted=True`. The run folder is locked meanwhile (`vermeil.runs.lock_run`). With
+        `train.compile` the repeated blocks are compiled only for the duration: the model leaves as it came in.
         """
         try:
             if self.out_dir is None or not self.is_main:
@@ -781,8 +717,7 @@ class Trainer:
         self._compile_blocks()
         self._call("on_train_start")
         bar = progress_bar(cfg.steps, self.step, cfg.progress if self.is_main else False)
-        # When tqdm cannot draw (stdout/stderr not a terminal: CI, nohup, | tee; tqdm's disable=None then turns
-        # the bar off), a plain line per log row.
+        # A plain line per log row where tqdm's disable=None turned the bar off (not a terminal: CI, | tee).
         plain_lines = self.is_main and cfg.progress is None and getattr(bar, "disable", True)
         self._start = (self.step, self.elapsed)
         try:
@@ -798,8 +733,7 @@ class Trainer:
                         try:
                             loss, metrics, grad_norm, tokens, ok = self._train_step()
                         except Exception as e:
-                            # A compiled block that fails (to compile, or at run time): once, the step
-                            # restarts eagerly from its start (data and RNG rolled back).
+                            # A compiled block failed: the step restarts once, eagerly, from its start.
                             if not is_compiled(self.model) or self._phase == "update":
                                 raise
                             self._fall_back_to_eager(_compile_failure(e))
@@ -864,8 +798,8 @@ class Trainer:
         return result
 
     def _train_row(self, grad_norm: Tensor | None) -> dict[str, Any]:
-        """The row of the steps since the last log step (means over the finite ones); empties the window.
-        Raises `NonFiniteError` when the run must stop (the counters are read here, with the row)."""
+        """The row of the steps since the last log row (means over the finite ones); empties the window.
+        Raises `NonFiniteError` when the run must stop."""
         w = self._window
         loss, metrics = w.loss, dict(w.metrics)
         if self.world_size > 1:  # the mean over the ranks (each holds the mean over its slice)
