@@ -1,17 +1,8 @@
-"""Training losses of language models: next-token cross-entropy (+ the MoE auxiliary loss), and loss heads.
+"""Training losses of language models: next-token cross-entropy (+ the MoE auxiliary loss), loss heads, and
+the cross-entropy fused with the head projection and chunked over tokens (after Liger-Kernel).
 
-A loss function of the `Trainer` takes the model and one batch and returns the loss to minimise, or `(loss,
-metrics)` where metrics are scalar tensors logged by name (`{"ce": ..., "aux_loss": ...}`).
-
-A loss head is a callable `(logits (B, T, V), targets (B, T)) -> loss`. `CrossEntropyLoss` (float32, with
-`ignore_index` and PaLM's z-loss) is the one shipped; `register_loss_head` adds others by name. A model config
-may name its head (`HybridConfig.loss_head`, with `ignore_index` and `z_loss`): `loss_head(config)` builds it and
-`lm_loss_fn(config)` turns it into the trainer's loss function. Models hold no loss: they return logits.
-
-`chunked_cross_entropy(hidden, weight, targets)` is the cross-entropy fused with the head projection and
-chunked over tokens: the (N, V) logits never exist at once. `chunked_lm_loss_fn` gives the trainer's loss
-functions that use it (`train.loss_chunk_size`), reading the final hidden states at the model's head
-(`capture_head_input`) so that the model itself needs no second code path.
+A trainer loss function is `loss_fn(model, batch) -> loss | (loss, {name: scalar tensor})`; a loss head is
+`(logits (B, T, V), targets (B, T)) -> loss`. Models hold no loss: they return logits.
 
 Axis legend: B batch, T sequence length, V vocabulary, N tokens (B * T), D hidden width.
 """
@@ -57,15 +48,9 @@ def plain(value: Any) -> Any:
 
 
 def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Next-token cross-entropy (ignore_index -100), plus the MoE auxiliary loss when the model returns one.
+    """Next-token cross-entropy plus the MoE auxiliary loss when the model returns one (`split_output`).
 
-    Args:
-        batch: (inputs (B, T), targets (B, T)); targets hold -100 where nothing is scored.
-
-    Returns:
-        (loss, {"ce": cross-entropy, "aux_loss": MoE auxiliary loss (when present)}). A model's output may be
-        logits (B, T, V) or an object with `.logits` and optionally `.aux_loss` (the LLM's TransformerOutput),
-        read with `vermeil.models.contract.split_output`.
+    batch: (inputs (B, T), targets (B, T)), targets -100 where nothing is scored -> (loss, {"ce", "aux_loss"}).
     """
     inputs, targets = batch
     logits, aux = split_output(model(inputs))
@@ -76,14 +61,9 @@ def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tens
 
 
 def _with_aux(ce: Tensor, aux: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss, metrics) of a cross-entropy plus the MoE auxiliary loss, when the model returned one."""
     if aux is None:
         return ce, {"ce": ce}
     return ce + aux, {"ce": ce, "aux_loss": aux}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loss heads
 
 
 class CrossEntropyLoss:
@@ -131,11 +111,7 @@ def register_loss_head(name: str, factory: Callable[[Any], LossHead]) -> None:
 
 
 def loss_head(config: Any) -> LossHead:
-    """The loss head a model config names (`config.loss_head`; "cross_entropy" when it names none).
-
-    Raises:
-        ValueError: a name not in `LOSS_HEADS`.
-    """
+    """The loss head a model config names (`config.loss_head`; "cross_entropy" when it names none)."""
     name = getattr(config, "loss_head", "cross_entropy")
     if name not in LOSS_HEADS:
         raise ValueError(f"loss_head={name!r} must be one of {sorted(LOSS_HEADS)} (register_loss_head)")
@@ -143,13 +119,8 @@ def loss_head(config: Any) -> LossHead:
 
 
 def head_loss(model: nn.Module, head: LossHead, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
-    """A loss head on a language model's logits.
-
-    Args:
-        tokens: (B, T) inputs.
-        targets: (B, T), the token expected after each input position (the head's `ignore_index` skips one);
-            None means next-token prediction on `tokens` itself (logits[:, :-1] against tokens[:, 1:]).
-    """
+    """A loss head on a language model's logits for tokens (B, T) and targets (B, T); targets=None scores
+    next-token prediction on `tokens` itself (logits[:, :-1] against tokens[:, 1:])."""
     logits, _ = split_output(model(tokens))
     if targets is None:
         return head(logits[:, :-1], tokens[:, 1:])
@@ -165,8 +136,8 @@ def _check_targets(tokens: Tensor, targets: Tensor) -> None:
 
 
 def lm_loss_fn(model_config: Any) -> LossFn:
-    """The trainer's loss function for a language model: the config's loss head when it has a `loss_head` field
-    (the loss alone, no metrics), else `causal_lm_loss` (with "ce" and the MoE "aux_loss")."""
+    """The trainer's loss function for a language model: the config's loss head (no metrics) when the config
+    has a `loss_head` field, else `causal_lm_loss`."""
     if not hasattr(model_config, "loss_head"):
         return causal_lm_loss
     head = loss_head(model_config)
@@ -179,25 +150,19 @@ def lm_loss_fn(model_config: Any) -> LossFn:
     return loss_fn
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Cross-entropy fused with the head projection, chunked over tokens
-
-
 def default_chunk_size(n_tokens: int, vocab: int, dim: int) -> int:
-    """Liger-Kernel's rule (`ops/fused_linear_cross_entropy.py`): `ceil(V / D)` chunks, so that one chunk of
-    logits (chunk, V) is about the size of the hidden states (N, D); rounded up to a power of two. At least
-    256 tokens (or N): every chunk adds its product into grad_weight (V, D), so a narrow model (D << V) would
-    otherwise pay for hundreds of passes over grad_weight."""
+    """Liger-Kernel's rule (`ops/fused_linear_cross_entropy.py`): `ceil(V / D)` chunks, so one chunk of logits
+    is about the size of the hidden states (N, D), rounded up to a power of two; at least min(256, N) tokens,
+    since every chunk adds a pass over grad_weight (V, D)."""
     chunks = max(1, -(-vocab // max(dim, 1)))
     rows = max(1, -(-n_tokens // chunks), min(256, n_tokens))
     return 1 << (rows - 1).bit_length()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and both gradients in one pass over token chunks (Liger-Kernel's scheme): each chunk's logits
-    (chunk, V) are computed, reduced to the loss, turned in place into their gradient, multiplied back into
-    grad_hidden and grad_weight, and dropped. Backward only scales the stored gradients by the incoming
-    (scalar) gradient, so the head costs three matmuls as in the unfused path, and no (N, V) tensor exists."""
+    """Loss and both gradients in one pass over token chunks: each chunk's logits (c, V) are reduced to the
+    loss, turned in place into their gradient, multiplied into grad_hidden and grad_weight, and dropped.
+    Backward only scales the stored gradients by the incoming scalar: three matmuls, as unfused."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -218,13 +183,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe = torch.where(keep, targets, torch.zeros_like(targets))  # ignored rows gather a valid column
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         # The divisor stays on the device (no host read); 0 kept tokens give a 0 loss, not nan.
-        scale = (
-            1.0 / keep.sum().clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=hidden.device)
-        )
+        scale = 1.0 / keep.sum().clamp(min=1).to(acc) if mean else hidden.new_ones((), dtype=acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        need_h, need_w, need_b = (
-            grads and ctx.needs_input_grad[i] for i in range(3)
-        )  # False for a None bias
+        need_h, need_w, need_b = (grads and ctx.needs_input_grad[i] for i in range(3))  # False for no bias
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
@@ -296,30 +257,22 @@ def chunked_cross_entropy(
 ) -> Tensor:
     """`F.cross_entropy(hidden @ weight.T + bias, targets)` without ever holding the (N, V) logits.
 
-    The head projection and the cross-entropy run together over chunks of `chunk_size` tokens: one chunk's
-    logits are computed in the input dtype (the autocast dtype under autocast, as `nn.Linear` would), upcast
-    to float32, reduced to the loss and, when gradients are enabled, turned into grad_hidden and grad_weight
-    right away (Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` scheme; torchtune's
-    `CEWithChunkedOutputLoss` and torchtitan's `ChunkedLossWrapper` chunk the same way). Peak extra memory is
-    one chunk of logits in float32 plus grad_weight (V, D) in float32 and grad_hidden (N, D), instead of
-    (N, V) logits in the input dtype, in float32 and their float32 gradient.
+    One chunk's logits are computed in the input (or autocast) dtype, as `nn.Linear` would, upcast to float32,
+    reduced and, with gradients enabled, turned into grad_hidden and grad_weight at once (Liger-Kernel's
+    `LigerFusedLinearCrossEntropyLoss`; torchtune's `CEWithChunkedOutputLoss` chunks alike). Peak extra memory:
+    one float32 chunk of logits, grad_weight (V, D) float32 and grad_hidden (N, D). The gradient is computed in
+    the forward: no double backward, and a forward under `torch.no_grad()` cannot be backpropagated later.
 
     Args:
-        hidden: (..., D) final hidden states (the head's input); leading axes are flattened to N tokens.
-        weight: (V, D) the head's weight (`nn.Linear(D, V).weight`); bias: (V,) or None.
-        targets: (...) int64 class ids, the leading shape of `hidden`; `ignore_index` marks unscored tokens.
-        chunk_size: tokens per chunk; None: `default_chunk_size(N, V, D)` (a chunk of logits about the size of
-            `hidden`).
-        z_loss: PaLM's z-loss coefficient (adds `z_loss * logsumexp(logits)^2` per token; arXiv:2204.02311).
-        label_smoothing: as `F.cross_entropy`'s (in [0, 1)).
-        reduction: "mean" over the tokens not ignored (0 when every token is ignored, where
-            `F.cross_entropy` gives nan) or "sum".
+        hidden: (..., D), the head's input; leading axes are flattened to N tokens.
+        weight: (V, D), the head's weight; bias: (V,) or None.
+        targets: (...) int64, the leading shape of `hidden`.
+        chunk_size: tokens per chunk; None: `default_chunk_size(N, V, D)`.
+        z_loss: PaLM's z-loss coefficient (`z_loss * logsumexp(logits)^2` per token; arXiv:2204.02311).
+        label_smoothing: as `F.cross_entropy`'s, in [0, 1).
+        reduction: "mean" over the kept tokens (0 when none is kept, where `F.cross_entropy` gives nan) or "sum".
 
-    Returns:
-        The scalar loss, float32 (float64 for float64 inputs).
-
-    The gradient is computed in the forward (the loss is a scalar, so backward only scales it): no double
-    backward, and a forward under `torch.no_grad()` cannot be backpropagated later.
+    Returns the scalar loss in float32 (float64 for float64 inputs).
     """
     if hidden.ndim < 2:
         raise ValueError(f"hidden must have shape (..., D), got {tuple(hidden.shape)}")
@@ -360,30 +313,17 @@ def chunked_cross_entropy(
             f"hidden ({flat.dtype}) and weight ({weight.dtype}) must share a dtype outside autocast"
         )
     with torch.autocast(device_type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(
-            flat,
-            weight,
-            bias,
-            tgt,
-            chunk_size,
-            ignore_index,
-            float(z_loss),
-            float(label_smoothing),
-            reduction == "mean",
-            torch.is_grad_enabled(),
-        )
+        args = (chunk_size, ignore_index, float(z_loss), float(label_smoothing), reduction == "mean")
+        return _ChunkedLinearCrossEntropy.apply(flat, weight, bias, tgt, *args, torch.is_grad_enabled())
 
-
-# ----------------------------------------------------------------------------------------------------------
-# The trainer's language-model losses without full logits
 
 # Where the output head (an nn.Linear (D -> V)) is looked for on a model that does not name it in `lm_parts`.
 HEAD_NAMES = ("output", "lm_head")
 
 
 def lm_head(model: nn.Module) -> nn.Linear | None:
-    """The output head of a language model, or None: the third of the model's `lm_parts` (the model contract,
-    `vermeil.models.contract`), else an attribute named `output` or `lm_head`; an nn.Linear either way."""
+    """The nn.Linear output head of a language model (the third of its `lm_parts`, else one of `HEAD_NAMES`),
+    or None."""
     parts = getattr(model, "lm_parts", None)
     names = [parts[2]] if isinstance(parts, tuple) and len(parts) == 3 else list(HEAD_NAMES)
     for name in names:
@@ -432,12 +372,8 @@ class _HeadInput:
 
 @contextlib.contextmanager
 def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
-    """Within the block, the model's head records its input (the final hidden states (B, T, D)) and returns a
-    zero-stride float32 placeholder of the logits' shape instead of computing them (no memory, no matmul).
-
-    The head is `lm_head(model)` (the model contract's `lm_parts`); its `forward` is an instance attribute
-    only while the block runs.
-    """
+    """Within the block, `lm_head(model)` records its input (B, T, D) and returns a zero-stride float32
+    placeholder of the logits' shape instead of computing them (no memory, no matmul)."""
     head = lm_head(model)
     if head is None:
         raise ValueError(
@@ -466,16 +402,8 @@ def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
 
 
 def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None = None) -> LossFn | None:
-    """The equivalent of a language-model loss function with the head and cross-entropy fused and chunked
-    (`chunked_cross_entropy`), or None where there is none.
-
-    `causal_lm_loss` becomes the same loss and metrics ("ce", "aux_loss"); a function from `lm_loss_fn`
-    whose head is a `CrossEntropyLoss` keeps its `ignore_index` and z-loss. Other loss functions, and models
-    without an `output` / `lm_head` nn.Linear, have none.
-
-    Args:
-        chunk_size: tokens per chunk; None: `default_chunk_size`.
-    """
+    """`loss_fn` with the head and cross-entropy fused (`chunked_cross_entropy`), or None where there is no
+    equivalent: only `causal_lm_loss` and `lm_loss_fn`'s `CrossEntropyLoss` heads on a model with `lm_head`."""
     head = getattr(loss_fn, "loss_head", None)
     causal = loss_fn is causal_lm_loss
     if lm_head(model) is None or not (causal or type(head) is CrossEntropyLoss):
