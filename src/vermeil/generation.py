@@ -1,21 +1,13 @@
 """Token generation for any model with a static cache: greedy, temperature, top-k, top-p, stop tokens, batches.
 
-The contract a model must meet (`vermeil.models.contract`; the LLM, MambaLM and HybridModel all do):
-    model.setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)
-    model(tokens, input_pos=positions) -> logits (B, T, V), or an output `split_output` reads (`.logits`)
-    model.reset_cache()
-    model.delete_cache()   (optional: when present, generate frees the cache with it afterwards)
-    model.config.vocab_size (optional: when present, stop tokens are checked against it)
+A model meets `vermeil.models.contract`: `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)`,
+`model(tokens, input_pos=positions)` -> logits (read with `split_output`), `reset_cache()`, and optionally
+`delete_cache()` and `config.vocab_size`. Prefill runs the prompt in one forward, then one token per step, so
+`prefill` and `decode_one_token` compile on their own (gpt-fast `generate.py`).
 
-Prefill runs the whole prompt in one forward; decoding then feeds one token per step at its position,
-so `prefill` and `decode_one_token` can each be compiled on their own (gpt-fast). On the CPU,
-`generate(compile=True)` compiles the decode step with `decode_backend`: Inductor, with the step's
-matrix-vector products lowered to vectorised reductions (MKL's float32 GEMV streams weights at well under
-half the memory bandwidth that a reduction over the contiguous rows of `nn.Linear.weight` reaches, and a
-decode step is nothing but GEMVs; see `bench/llm.py`). On CUDA a decode step is launch-bound instead:
-`generate` captures it once as a CUDA graph over static input buffers (`StaticDecodeStep`, gpt-fast's
-recipe with an explicit `torch.cuda.CUDAGraph`) and replays it per token, with sampling and stop bookkeeping
-on the device and no host read per token; `compile=True` there uses Inductor's default backend.
+A decode step is nothing but GEMVs. On the CPU, `decode_backend` lowers them to vectorised reductions (MKL's
+float32 GEMV streams weights at under half the bandwidth a reduction over contiguous weight rows reaches; see
+`bench/llm.py`). On CUDA a step is launch-bound instead: it is captured once as a CUDA graph and replayed.
 
 Axis legend: B batch, T prompt length, N new tokens, V vocabulary.
 """
@@ -32,8 +24,7 @@ from torch import Tensor, nn
 
 from vermeil.models.contract import split_output
 
-# Matrix products with at most this many rows are lowered to reductions by `decode_backend` (a decode step
-# has B rows; prefill and training never go through that backend).
+# Matrix products with at most this many rows (a decode step has B) are lowered to reductions.
 _GEMV_MAX_ROWS = 8
 
 
@@ -103,12 +94,8 @@ def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor) -> Tens
 
 
 def _mm_as_reduction(a: Tensor, b: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """aten.mm (M, K) @ (K, N) for small M on the CPU as a broadcast multiply and a sum over K.
-
-    Inductor fuses it into one vectorised loop per output that reads `b` once; with `b` the transposed view
-    of a `(N, K)` Linear weight, every output is a dot product over one contiguous weight row. Accumulates in
-    at least float32 (bf16 inputs round once at the end, as a GEMM would; float64 stays float64).
-    """
+    """aten.mm (M, K) @ (K, N) for small M on the CPU as a broadcast multiply and a sum over K, which Inductor
+    fuses into one loop per output over a contiguous weight row. Accumulates in at least float32."""
     if a.device.type != "cpu" or out_dtype is not None or a.shape[0] > _GEMV_MAX_ROWS:
         return NotImplemented
     acc = torch.promote_types(a.dtype, torch.float32)
@@ -116,11 +103,8 @@ def _mm_as_reduction(a: Tensor, b: Tensor, out_dtype: torch.dtype | None = None)
 
 
 def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
-    """A `torch.compile` backend for decode steps: Inductor plus `_mm_as_reduction` for aten.mm.
-
-    Falls back to plain Inductor when its internal entry points (`compile_fx`, `select_decomp_table`)
-    move in a future torch.
-    """
+    """A `torch.compile` backend for decode steps: Inductor plus `_mm_as_reduction` for aten.mm (plain
+    Inductor where its internal entry points moved)."""
     try:
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
@@ -135,34 +119,20 @@ def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) ->
 @functools.cache
 def compiled_decode_one_token(device_type: str = "cpu") -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
     """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False)`, one per process and device
-    type: `decode_backend` on the CPU, Inductor's default (GEMVs in cuBLAS) on an accelerator. The first call
-    for a model (or batch size, dtype, cache length) compiles; the position is a tensor, so decoding never
-    recompiles as it advances.
-    """
+    type: `decode_backend` on the CPU, Inductor's default elsewhere. The position is a tensor, so decoding
+    never recompiles as it advances."""
     backend: str | Callable[..., Any] = decode_backend if device_type == "cpu" else "inductor"
     return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=backend)
 
 
 class StaticDecodeStep:
-    """`decode_one_token` over static input buffers, optionally captured once as a CUDA graph and replayed.
+    """`decode_one_token` over static (B, 1) token and (1,) position buffers written in place, so that every
+    step runs on the same tensors (as the model's static caches do) and can be captured as a CUDA graph.
 
-    The (B, 1) token and (1,) position buffers live on the model's device and are written in place before
-    every step, so each step runs on the same tensors, as do the model's static caches (allocated by
-    `setup_cache`, written in place by the forward). That makes the step capturable: with `capture=True`
-    the constructor runs `warmup_steps` eager steps on a side stream (cuBLAS handles, Inductor compilation)
-    and records one step as a `torch.cuda.CUDAGraph`; a call is then two small copies and one replay, with
-    no host synchronisation, and returns a clone of the graph's logits (the next replay overwrites them).
-
-    Without `capture` a call runs the same step eagerly on the same buffers: everything but the replay, so
-    the loop around it is tested where graphs do not exist.
-
-    Construct it after `model.setup_cache(batch_size, ...)`. The warm-up and the capture write the cache (at
-    position 0), so call `model.reset_cache()` before the prefill; `generate` does.
-
-    Args:
-        model, batch_size, device: the model, its cache's batch size B and the model's device.
-        compile: run `compiled_decode_one_token(device.type)` instead of the eager step.
-        capture: record the step as a CUDA graph (needs a CUDA device), after `warmup_steps` eager steps.
+    With `capture=True` the constructor runs `warmup_steps` eager steps on a side stream and records one step;
+    a call is then two small copies and a replay, with no host synchronisation. Without it the same step
+    runs eagerly (the loop is tested where graphs do not exist). Construct it after `model.setup_cache`; the
+    warm-up and capture write the cache, so call `model.reset_cache()` before the prefill (`generate` does).
     """
 
     def __init__(
@@ -196,8 +166,7 @@ class StaticDecodeStep:
                 self._fn(self.model, self.token, self.input_pos)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # The models skip their value checks (host reads, illegal in a capture) while
-        # `vermeil.models.checks.tracing()` sees the capture; the warm-up steps above ran them.
+        # The models skip their value checks (host reads) under capture; the warm-up steps ran them.
         with torch.cuda.graph(graph):
             self._logits = self._fn(self.model, self.token, self.input_pos)
         self.graph = graph
@@ -243,8 +212,7 @@ def _as_padded_prompts(
 
 
 def _check_stop_tokens(stop_tokens: Sequence[int], model: nn.Module) -> list[int]:
-    """The stop tokens as a list of ids in [0, vocab_size) (the vocabulary from `model.config` when the model
-    has one): an id the model can never emit would silently never stop a row."""
+    """The stop tokens as ids in [0, vocab_size): an id the model never emits would never stop a row."""
     tokens = list(stop_tokens)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for t in tokens:
@@ -274,11 +242,8 @@ def _eager_step(model: nn.Module, device: torch.device, compile: bool) -> Callab
     return decode
 
 
-# With compile=True the default cache length is a multiple of this (see _generate).
-_COMPILED_CACHE_MULTIPLE = 256
-
-# Steps between the loop's checks of whether every row has stopped: each check reads a flag back to the host,
-# a synchronisation on an accelerator. Rows that stop in between run on as padding and record nothing.
+_COMPILED_CACHE_MULTIPLE = 256  # with compile=True the default cache length is a multiple of this
+# Steps between host reads of "every row has stopped" (a sync on an accelerator); stopped rows run on as padding.
 _STOP_CHECK_EVERY = 8
 
 
@@ -288,10 +253,8 @@ def _resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph={cuda_graph!r} must be True, False or None")
     if cuda_graph and device.type != "cuda":
-        raise ValueError(
-            f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on "
-            f"{device}; use cuda_graph=None or False"
-        )
+        msg = f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on {device}"
+        raise ValueError(f"{msg}; use cuda_graph=None or False")
     return cuda_graph
 
 
@@ -312,43 +275,25 @@ def generate(
     compile: bool = False,
     cuda_graph: bool | None = None,
 ) -> Tensor:
-    """Generate up to `max_new_tokens` tokens after each prompt.
+    """Generate up to `max_new_tokens` tokens after each prompt -> (B, n) long, n <= N (n < N only when every
+    row stopped early); the stop token is included, later slots hold `pad_token`.
 
     Prompts of different lengths share one static cache and one position per step, with no padding inside
-    the model: the common prefix is prefilled at once, then each row is fed its own prompt tokens until
-    they run out and its sampled tokens after that (teacher forcing). So every row sees exactly what it
-    would see alone, for attention, Mamba and hybrid models alike.
-
-    On CUDA the decode step is captured once as a CUDA graph over static buffers and replayed per token
-    (`StaticDecodeStep`), and the loop around it never reads the device back per token: sampling, teacher
-    forcing and stop bookkeeping stay on the device, and whether every row has stopped is read every
-    8 steps. Greedy tokens equal the eager path's (the graph replays the same kernels).
+    the model: the common prefix is prefilled at once, then each row is fed its own prompt tokens until they
+    run out and its sampled tokens after that, so every row sees exactly what it would see alone.
 
     Args:
-        model: a model with `setup_cache`, `reset_cache` and `forward(tokens, input_pos=...)`.
         prompt_tokens: (B, T) long, or a list of B token lists of any lengths.
-        max_new_tokens: N, the number of tokens to generate per row at most.
-        temperature: 0 (the default) is greedy decoding; otherwise logits are divided by it.
-        top_k, top_p: optional truncation of the distribution (see `logits_to_probs`).
-        stop_tokens: a row stops after emitting one of these; its later slots hold `pad_token`.
-        seed: seeds the sampling generator, for reproducible sampling.
-        pad_token: fills slots after a row stopped (and pads ragged prompts internally).
-        max_seq_len: cache length; defaults to the longest prompt + N (rounded up with `compile`).
-        callback: called as `callback(position, tokens)` with the (B,) tokens fed at each decode step.
-        compile: run the decode steps through `compiled_decode_one_token(device type)`: on the CPU with
-            `decode_backend` (the first call per model and batch size pays the compilation, about 10 s;
-            float32 logits then differ from eager in the last bits, from the order of summation), on CUDA
-            with Inductor's default backend (and captured as a graph when `cuda_graph` is on). The
-            compiled step is specialised to the cache's shape: the default `max_seq_len` is then rounded up
-            to a multiple of 256, so that calls with other prompt lengths reuse it (pass one `max_seq_len`
-            to all calls to compile once; torch gives up after 8 shapes per process).
-        cuda_graph: capture the decode step as a CUDA graph and replay it per token. None (the default)
-            means on when the model's parameters are on a CUDA device; True elsewhere raises. False keeps
-            the eager step (the reference), which reads the device back once per token.
-
-    Returns:
-        (B, n) long, the new tokens of each row (the stop token included), n <= N: n < N only when every
-        row stopped early.
+        max_new_tokens: N.
+        temperature: 0 is greedy; top_k, top_p: see `logits_to_probs`.
+        max_seq_len: cache length; default the longest prompt + N (with `compile`, rounded up to a multiple of
+            256 so that other prompt lengths reuse the compiled step; torch gives up after 8 shapes).
+        callback: `callback(position, tokens)` with the (B,) tokens fed at each decode step.
+        compile: decode through `compiled_decode_one_token` (on the CPU the first call per model and batch
+            size compiles for about 10 s, and float32 logits differ from eager in the last bits).
+        cuda_graph: capture the decode step as a CUDA graph and replay it per token (`StaticDecodeStep`), with
+            sampling and stop bookkeeping on the device and a host read every 8 steps. None: on when the
+            model is on a CUDA device; True elsewhere raises; False keeps the eager reference step.
     """
     graph = _resolve_cuda_graph(cuda_graph, _model_device(model, prompt_tokens))
     return _generate(
@@ -389,9 +334,8 @@ def _generate(
     capture: bool,
     stop_check_every: int,
 ) -> Tensor:
-    """`generate`'s loop. `static`: decode through a `StaticDecodeStep` (captured as a CUDA graph when
-    `capture`), else the reference eager step with fresh inputs; `stop_check_every`: steps between host
-    reads of "every row has stopped" (1 reads every step)."""
+    """`generate`'s loop. `static`: decode through a `StaticDecodeStep` (captured when `capture`), else the
+    eager step with fresh inputs; `stop_check_every`: steps between host reads of "every row has stopped"."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if stop_check_every < 1:
@@ -404,8 +348,6 @@ def _generate(
     shortest = int(lengths.min())
     total = longest + max_new_tokens
     if max_seq_len is None:
-        # A compiled step is specialised to the cache's shape: round the length up so that calls with other
-        # prompt lengths reuse it (torch stops recompiling a function after 8 shapes per process).
         max_seq_len = -(-total // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE if compile else total
     if max_seq_len < total:
         raise ValueError(f"max_seq_len={max_seq_len} must be >= longest prompt + max_new_tokens = {total}")
@@ -452,7 +394,7 @@ def _generate(
                 callback(pos, token)
             logits = decode(token, pos)
     finally:
-        # Free the cache when the model can (plain forwards work again afterwards), else clear it.
+        # Free the cache when the model can, else clear it.
         getattr(model, "delete_cache", model.reset_cache)()
         model.train(was_training)
     return new_tokens[:, : int(counts.max())]
