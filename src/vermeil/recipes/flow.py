@@ -1,20 +1,6 @@
-"""The flow task: a small Flux carries a condition sequence in one space to a target sequence in another,
-trained with rectified flow (`vermeil.diffusion`) through `vermeil.train.Trainer`, in a few minutes on 2 CPU cores.
-
-Job "curves" (default, paired): each sample draws a phase phi, a scale a and a centre c; L parameters
-t_i = phi + 2 pi i / L index both sequences. The condition is L points of a noisy 2-D circle,
-c + a (cos t_i, sin t_i); the target is the matching L points of a 3-D trefoil knot of the same phase and scale,
-a (sin t_i + 2 sin 2t_i, cos t_i - 2 cos 2t_i, -sin 3t_i) / 3 (another shape in another dimension). Point i of the
-target is a deterministic function of the whole condition sequence (phi and a must be read from all points, the
-centre ignored), so the distance is the mean Euclidean error per point between generated and true targets.
-
-Job "points" (unpaired): `vermeil.data.points.paired_sequences` (two independent 2-D shapes, each sorted by
-angle); the target given the condition is random there, so the distance is the sliced Wasserstein-1 distance
-between the generated and true target point clouds.
-
-Two ways in, both trained by the same `Trainer`: a run config with `data: {task: flow}` (`FlowData`; `vermeil
-train`, `vermeil sample`), or `train_flow_job` -> `sample_flow_job` -> `plot_flow_job` (matplotlib, an optional
-extra, imported inside). tests/recipes/test_flow.py trains a fast variant and checks that loss and distance fall.
+"""The flow task: a small Flux learns to carry a condition sequence to a target sequence with rectified flow,
+trained by `vermeil.train.Trainer` (a run config with `data: {task: flow}`, or `train_flow_job` ->
+`sample_flow_job` -> `plot_flow_job`). Jobs: "curves" (`curve_pairs`) and "points" (`paired_sequences`).
 """
 
 # Shapes: B batch, L points per sequence, Cc condition channels (2), C target channels (3 or 2), A = 3 id axes.
@@ -75,16 +61,14 @@ Job = Literal["curves", "points"]
 SAMPLE_SEED_OFFSET = 2_000_003  # the samples of an evaluation: `train.seed + offset`, as EVAL_SEED_OFFSET
 
 
-# --- Data
-
-
 def curve_pairs(
     batch: int, length: int, generator: torch.Generator | None = None, *, noise: float = 0.02
 ) -> tuple[Tensor, Tensor]:
-    """Paired sequences: a noisy 2-D circle (condition) and the matching 3-D trefoil points (target).
+    """Paired sequences: a noisy 2-D circle c + a (cos t, sin t) (condition) and the matching 3-D trefoil
+    a (sin t + 2 sin 2t, cos t - 2 cos 2t, -sin 3t) / 3 (target), t_i = phi + 2 pi i / L.
 
-    Returns:
-        cond: (B, L, 2); data: (B, L, 3); float32. Point i of both sits at parameter phi + 2 pi i / L.
+    The target is a function of the whole condition (phi and a are read from all points, the centre c ignored).
+    Returns cond (B, L, 2), data (B, L, 3), float32.
     """
     check_positive_ints(batch=batch, length=length)
     phi = torch.rand(batch, 1, generator=generator) * 2 * math.pi
@@ -117,8 +101,7 @@ def _channels(task: Job) -> tuple[int, int]:
 
 
 def _ids(batch: int, length: int, stream: int, device: torch.device | str | None = None) -> Tensor:
-    """(1, L, 3) ids: axis 0 the stream (0 condition, 1 data), axis 1 the sequence index (shared by point i of
-    both streams: relative position 0 for RoPE), axis 2 unused (0)."""
+    """(1, L, 3) ids: (stream: 0 condition, 1 data; index i, shared by both streams so RoPE sees them aligned; 0)."""
     ids = torch.zeros(1, length, 3, device=device)
     ids[..., 0] = stream
     ids[..., 1] = torch.arange(length, device=device)
@@ -135,9 +118,6 @@ def sliced_wasserstein(
     u = torch.randn(x.shape[1], projections, generator=generator, dtype=x.dtype)
     u = u / u.norm(dim=0, keepdim=True)
     return ((x @ u).sort(dim=0).values - (y @ u).sort(dim=0).values).abs().mean()
-
-
-# --- Model
 
 
 def flow_job_params(
@@ -189,13 +169,9 @@ def zero_init_output(model: Flux) -> None:
     torch.nn.init.zeros_(model.final_layer.linear.bias)
 
 
-# --- The run config's task
-
-
 @dataclass
 class FlowData(TaskData):
-    """The flow task of a run config: a condition sequence in one space, a target sequence in another, learned by
-    a small Flux with rectified flow.
+    """The flow task of a run config.
 
     Args:
         job: "curves" (a noisy 2-D circle -> the matching points of a 3-D trefoil; paired, so the distance is the
@@ -231,8 +207,7 @@ class FlowData(TaskData):
             raise ValueError(f"noise={self.noise!r} must be >= 0")
 
     @property
-    def channels(self) -> tuple[int, int]:
-        """(condition channels, target channels)."""
+    def channels(self) -> tuple[int, int]:  # (condition, target)
         return _channels(self.job)
 
     @property
@@ -244,12 +219,10 @@ class FlowData(TaskData):
 
     @property
     def model_sequence_length(self) -> int:
-        """The tokens the model attends over: the condition's L points and the target's L points, one joint
-        sequence (what `vermeil info` counts FLOPs at)."""
+        """Condition and target points, one joint sequence (what `vermeil info` counts FLOPs at)."""
         return 2 * self.length
 
-    def job_kwargs(self) -> dict[str, Any]:
-        """Extra arguments of `make_batch` for this job."""
+    def job_kwargs(self) -> dict[str, Any]:  # the extra arguments of `make_batch`
         return (
             {"noise": self.noise} if self.job == "curves" else {"source": self.source, "target": self.target}
         )
@@ -257,9 +230,8 @@ class FlowData(TaskData):
     def complete_model(
         self, family: Family, user: Mapping[str, Any], presets: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Without a preset the model starts from `flow_job_params` (its axes_dim fits the head size given); the
-        job fixes the channels the config leaves out: condition points in (and their mean as y), target points
-        in and out."""
+        """Without a preset, start from `flow_job_params` (axes_dim fits the head size); the job sets the
+        channels the config leaves out."""
         if "preset" in user:
             merged = super().complete_model(family, user, presets)
         else:
@@ -277,8 +249,7 @@ class FlowData(TaskData):
 
     @classmethod
     def for_model(cls, model_config: Any) -> FlowData:
-        """The job whose channels fit a converted Flux, so `vermeil sample` runs: "points" for 2 channels
-        everywhere; any other model keeps "curves"."""
+        """The job whose channels fit a converted Flux: "points" for 2 channels everywhere, else "curves"."""
         p = model_config
         io = (p.context_in_dim, p.vec_in_dim, p.in_channels, p.out_channels)
         return cls(job="points") if io == (2, 2, 2, 2) else cls()
@@ -287,13 +258,11 @@ class FlowData(TaskData):
         zero_init_output(model)  # type: ignore[arg-type]
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
-        """Seeded (cond, data) batches, the rectified-flow loss; evaluation: the loss on fixed batches with fixed
-        noise and times, and the distance of generated samples; `samples.png` at the end of a run.
+        """Seeded batches and the rectified-flow loss; eval: the loss on fixed batches, noise and times, and the
+        distance of generated samples; `samples.png` at the end.
 
-        The validation times are drawn once from the training distribution (`time_sampling`), so that the
-        validation loss estimates the training objective and the two curves of loss.png compare (the loss per
-        time differs by orders of magnitude between t near 0 and t near 1). Every tensor moves to the model's
-        device when it is used.
+        Validation times come from the training distribution, so the validation loss estimates the training
+        objective (the loss per time spans orders of magnitude between t near 0 and 1).
         """
         train = run.train
         sampler = flow_sampler(self, train.batch_size, train.seed)
@@ -333,7 +302,6 @@ class FlowData(TaskData):
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    """The device of a model's parameters (CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
@@ -352,12 +320,9 @@ def flow_loss(
     return flow_matching_loss(flux_model_fn(model, cond), data, kind=time_sampling)  # type: ignore[arg-type]
 
 
-# --- Train and sample
-
-
 @dataclass
 class FlowJobResult:
-    """A trained job: the model (eval mode), its params, the loss per step and the settings used."""
+    """A trained job: the model (eval mode), its params, the loss per step, the settings used."""
 
     model: Flux
     params: FluxParams
@@ -368,11 +333,8 @@ class FlowJobResult:
 
 @dataclass
 class FlowJobSample:
-    """Generated sequences and the distance to the true targets.
-
-    cond: (B, L, Cc); target: (B, L, C) true; generated: (B, L, C); distance: mean per-point Euclidean error
-    ("curves") or sliced Wasserstein-1 of the point clouds ("points").
-    """
+    """cond (B, L, Cc), true target and generated (B, L, C); distance: mean per-point Euclidean error ("curves")
+    or sliced Wasserstein-1 of the point clouds ("points")."""
 
     cond: Tensor
     target: Tensor
@@ -397,24 +359,16 @@ def train_flow_job(
     log: Callable[[str], None] = print,
     threads: int | None = None,
 ) -> FlowJobResult:
-    """Train a small Flux with the rectified-flow loss (x_t = (1 - t) x_0 + t noise, target noise - x_0), through
-    `vermeil.train.Trainer`.
+    """Train a small Flux with the rectified-flow loss through `vermeil.train.Trainer` (AdamW without weight
+    decay, warm-up then cosine decay to 10%, gradients clipped at 1).
 
     Args:
-        steps: optimiser steps (AdamW without weight decay, linear warm-up then cosine decay to 10%, gradients
-            clipped at 1).
         seed: fixes the weights, the data stream and the noise.
-        task: "curves" (paired circle -> 3-D trefoil) or "points" (`vermeil.data.points.paired_sequences`).
-        length: L points per sequence.
-        time_sampling: "logit_normal" (SD3) or "uniform" flow times.
-        params: a FluxParams (default `flow_job_params(task)`).
-        data_kwargs: extra arguments of the data generator (e.g. source/target shapes for "points").
+        params: default `flow_job_params(task)`.
+        data_kwargs: extra arguments of `make_batch` (source/target shapes for "points").
         log_every: print the mean loss every this many steps (0: silent).
-        threads: torch intra-op threads while training (restored afterwards); None leaves the setting alone.
-            A model this small runs fastest on 1 thread, and far faster on a loaded machine.
-
-    Returns:
-        FlowJobResult with the model in eval mode.
+        threads: torch intra-op threads while training, restored afterwards (None: unchanged). A model this
+            small runs fastest on 1 thread.
     """
     from vermeil.models.flux import Flux
     from vermeil.train.trainer import Trainer
@@ -464,8 +418,7 @@ def train_flow_job(
 
 
 class _RecordLosses(Hook):
-    """Keep every step's loss (a float: one host sync per step, as any loss curve needs) and print the mean
-    every `log_every` steps."""
+    """Keep every step's loss (one host sync per step) and print the mean every `log_every` steps."""
 
     def __init__(self, log_every: int, log: Callable[[str], None]) -> None:
         self.log_every, self.log, self.losses = log_every, log, []
@@ -502,19 +455,13 @@ def sample_flow_job(
     data_kwargs: dict[str, Any] | None = None,
     threads: int | None = None,
 ) -> FlowJobSample:
-    """Generate target sequences for fresh conditions and measure the distance to the true targets.
+    """Generate targets for fresh conditions and measure the distance to the true targets.
 
     Args:
-        result: a FlowJobResult (its task, length and data settings are reused) or a bare Flux (then give task
-            and length, default "curves" and 16; an untrained model gives the baseline distance).
-        num_samples: B sequences to generate.
+        result: a FlowJobResult (its task, length and data settings reused) or a bare Flux (then task and length
+            default to "curves" and 16).
         seed: the evaluation data and noise (distinct from the training stream by default).
         sample_steps: K flow steps on the unshifted grid linspace(1, 0, K + 1).
-        sampler: "euler" or "heun".
-        threads: torch intra-op threads while sampling (restored afterwards); None leaves the setting alone.
-
-    Returns:
-        FlowJobSample (distance as a float).
     """
     model, config = (result.model, result.config) if isinstance(result, FlowJobResult) else (result, {})
     task = task or config.get("task", "curves")
@@ -543,13 +490,9 @@ def sample_flow_job(
 
 
 def flow_job_figure(sample: FlowJobSample, *, rows: int = 3) -> Any:
-    """The figure `plot_flow_job` saves (a matplotlib Figure; close it with `matplotlib.pyplot.close`).
-
-    Per row the condition, the true target and the generated target of one sample, each drawn as points joined
-    in sequence order; a colour bar under each column says what the colour means there: the point's index in
-    the sequence for 2-D points, the third coordinate for 3-D targets (true and generated on one scale).
-    """
-    import matplotlib  # an optional extra: imported only here
+    """The matplotlib Figure `plot_flow_job` saves: per row condition, true and generated target of one sample;
+    colour is the point index (2-D) or the third coordinate (3-D, one scale for true and generated)."""
+    import matplotlib  # an optional extra
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -603,11 +546,7 @@ def sample_run(
     seed: int = 0,
     num_samples: int | None = None,
 ) -> float:
-    """Generate target sequences for fresh conditions with a trained flux run, plot them into a PNG.
-
-    Returns the distance to the true targets (see `FlowData`). Raises ValueError for guidance on a model
-    without a guidance embedding.
-    """
+    """Sample a trained flow run into a PNG; returns the distance to the true targets."""
     if not isinstance(run.data, FlowData):
         raise ValueError(f"sampling needs a flow run (data.task=flow), got data.task={run.data.task!r}")
     if guidance is not None:
