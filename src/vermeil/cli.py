@@ -1,18 +1,8 @@
 """The `vermeil` command (also `python -m vermeil`): train, generate, sample, info, compare, convert.
 
-Thin by design: each subcommand parses its flags, builds a config with `vermeil.recipes` and calls library
-functions. Errors a user can cause (a missing file, malformed YAML, a bad override or config value, a run
-folder without a checkpoint) print one line, `vermeil <command>: error: ...`, on stderr and exit with status 2;
-`--debug` shows the traceback instead.
-
-    vermeil train configs/hybrid-lm.yaml train.steps=500          # -> runs/hybrid-lm
-    vermeil train --resume runs/hybrid-lm                          # continue it, exactly
-    vermeil generate runs/hybrid-lm --prompt "def main("
-    vermeil info configs/llm-tiny.yaml --context 4096
-    vermeil compare runs/mqar-transformer runs/mqar-attention runs/mqar-mamba runs/mqar-hybrid
-    vermeil convert --to transformers runs/llm-tiny --out hf/llm-tiny    # LLM / Mamba run -> save_pretrained
-    vermeil convert --from transformers hf/llama --out runs/llama        # Llama / Llama 4 / Mamba -> a run
-    vermeil convert --from diffusers hf/flux-transformer --out runs/flux # FluxTransformer2DModel -> a run
+Each subcommand parses its flags, builds a config with `vermeil.recipes` and calls library functions. Errors a
+user can cause print one line, `vermeil <command>: error: ...`, on stderr and exit with status 2 (`--debug`
+shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -39,10 +29,6 @@ class CommandError(Exception):
     """A user-facing error of a subcommand: printed as one line, no traceback."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-
-
 def _split_config_and_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
     # `vermeil train --resume RUN key=value`: argparse puts the first override in the CONFIG slot.
     if config is not None and "=" in config and not Path(config).exists():
@@ -66,17 +52,11 @@ def _bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Subcommands
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model from a run config, or continue a run (--resume).
 
-    The run folder is locked while a trainer writes it: a second `vermeil train` on the same folder (or an
-    --overwrite of it) is refused with the first one's pid and host. Checkpoints are verified on resume; a damaged
-    one is named and the newest intact one is used. A non-finite loss or gradient stops the run (exit status 1)
-    naming the step, without saving the non-finite weights (train.on_nonfinite=skip skips such steps instead).
+    One trainer at a time writes a run folder; a damaged checkpoint is named and the newest intact one used. A
+    non-finite loss or gradient stops the run with exit status 1 (train.on_nonfinite=skip skips the step instead).
     """
     from vermeil.recipes import load_run_config, read_run_dir_config
     from vermeil.runs import latest_checkpoint, list_checkpoints, lock_run
@@ -85,8 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.default_malloc:
         keep_freed_memory()  # big tensors are not page-faulted in again every step (vermeil.train.allocator)
     config, overrides = _split_config_and_overrides(args.config, args.overrides)
-    # Under torchrun every rank runs this command; only rank 0 touches the folder and talks. (The process
-    # group does not exist yet: torchrun's RANK variable says who is who.)
+    # Under torchrun every rank runs this; only rank 0 touches the folder and talks (no process group yet).
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.resume is not None:
         run_dir = Path(args.resume)
@@ -98,11 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         latest_checkpoint(run_dir)  # the folder must hold a checkpoint
         if args.out is not None and Path(args.out) != run_dir:
             raise CommandError("--out cannot be combined with --resume (a run resumes in its own folder)")
-        run = (
-            load_run_config(config, overrides)
-            if config is not None
-            else read_run_dir_config(run_dir, overrides)
-        )
+        run = load_run_config(config, overrides) if config else read_run_dir_config(run_dir, overrides)
     else:
         if config is None:
             raise CommandError("a CONFIG file is required (or --resume RUN_DIR)")
@@ -152,7 +127,6 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
         tokenizer="bytes" if run.data.vocab_size else None,  # the flow task's points are no tokens
     )
     folder = trainer.load_checkpoint(run_dir) if args.resume is not None else None
-    # The header comes once the run is known to start: an error above stays the only line.
     say(
         f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
         f"{run.data.task}, {run.train.steps} steps -> {os.fspath(run_dir)}",
@@ -192,10 +166,8 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained (or converted) language-model run.
 
-    The run's tokenizer.json (copied there by `vermeil convert`) encodes the prompt when there is one and the
-    weights are not recorded as trained on bytes (a converted run trained further by `vermeil train`); otherwise
-    the prompt's bytes are the tokens (Vermeil's own runs), whatever their encoding: `--prompt-file` passes a
-    file's bytes as they are, and `--prompt` bytes that are not UTF-8 reach the model unchanged.
+    A converted run's tokenizer.json encodes the prompt (unless the weights were since trained on bytes);
+    otherwise the prompt's bytes, UTF-8 or not, are the tokens.
     """
     from vermeil.data.tokenizer import ByteTokenizer, load_tokenizer
     from vermeil.generation import generate
@@ -206,9 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt_file is not None:
         prompt_bytes = Path(args.prompt_file).read_bytes()
     elif args.prompt is not None:
-        # argv bytes that are not valid in the locale's encoding arrive as lone surrogates (PEP 383): back to the
-        # bytes the user typed.
-        prompt_bytes = os.fsencode(args.prompt)
+        prompt_bytes = os.fsencode(args.prompt)  # undoes PEP 383's surrogates: the bytes the user typed
     else:
         raise CommandError("a prompt is required: --prompt TEXT or --prompt-file PATH")
     if not prompt_bytes:
@@ -241,10 +211,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
     stop = tokenizer.eos_id
     if args.compile:
-        print(
-            "vermeil generate: compiling the decode step (torch.compile; the first tokens wait for it)",
-            file=sys.stderr,
-        )
+        msg = "compiling the decode step (torch.compile; the first tokens wait for it)"
+        print(f"vermeil generate: {msg}", file=sys.stderr)
     new = generate(
         model,
         [prompt],
@@ -261,10 +229,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _continuation(tokenizer: Any, prompt: list[int], new: Any, prompt_bytes: bytes) -> str:
-    """The prompt and what the model added, as text. Bytes decode together (a character the prompt's last bytes
-    began is completed by the new ones); a tokenizer.json decodes the whole sequence and keeps what follows the
-    prompt's own decoding (a SentencePiece-style decoder drops the leading space of a sequence's first token,
-    so the new tokens alone would lose it), as transformers' TextStreamer does."""
+    """The prompt and what the model added, as text, decoded together: bytes complete a character the prompt
+    began, and a SentencePiece-style decoder keeps the new tokens' leading space (transformers' TextStreamer)."""
     from vermeil.data.tokenizer import ByteTokenizer
 
     new = [int(i) for i in new]
@@ -329,8 +295,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _job_context(run: Any) -> int:
-    """The sequence length the model sees in its job: the data's own (a flow job's condition + target points),
-    else train.seq_len."""
+    """The sequence length the model sees: the data's own (a flow job's points), else train.seq_len."""
     length = getattr(run.data, "model_sequence_length", None)
     return int(length) if length is not None else run.train.seq_len
 
@@ -347,9 +312,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise CommandError(f"{os.fspath(run_dir)} has no metrics.jsonl rows: train it first")
         val = [r for r in metrics if r.get("split") == "val"]
         last = val[-1] if val else {}
-        best_acc = max(
-            (r["val_accuracy"] for r in val if isinstance(r.get("val_accuracy"), float)), default=None
-        )
+        accs = [r["val_accuracy"] for r in val if isinstance(r.get("val_accuracy"), float)]
         train_rows = [r for r in metrics if r.get("split") == "train"]
         rows.append(
             {
@@ -359,13 +322,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "params": describe_model(run)["parameters"],
                 "step": (train_rows[-1]["step"] if train_rows else 0),
                 "val_accuracy": last.get("val_accuracy"),
-                "best_accuracy": best_acc,
+                "best_accuracy": max(accs, default=None),
                 "val_loss": last.get("val_loss"),
                 "headline": _headline(last),
                 "time": _seconds(train_rows[-1].get("elapsed_s")) if train_rows else None,
             }
         )
-    headers = list(rows[0])  # the columns, in the order of a row's keys
+    headers = list(rows[0])
 
     def cell(v: Any) -> str:
         if v is None:
@@ -383,12 +346,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each task's headline validation metric (the one its configs are tuned for).
-_HEADLINES = ("val_bpb", "val_accuracy", "val_distance")
-
-
 def _headline(row: dict[str, Any]) -> str | None:
-    for key in _HEADLINES:
+    for key in ("val_bpb", "val_accuracy", "val_distance"):  # each task's headline metric
         if isinstance(row.get(key), (int, float)):
             return f"{key} {row[key]:.4f}"
     return None
@@ -417,12 +376,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert between Vermeil runs and transformers / diffusers save_pretrained folders.
 
-    `--to transformers RUN_DIR --out DIR` exports an LLM or Mamba run, `--to diffusers` a flux run (without
-    --to, the run's family picks); `--from transformers DIR --out RUN_DIR` (LlamaForCausalLM, Llama4ForCausalLM,
-    MambaForCausalLM) and `--from diffusers DIR --out RUN_DIR` (FluxTransformer2DModel) write a run folder that
-    `vermeil generate` / `sample` / `train --resume` use. A tokenizer.json beside the weights (with its
-    tokenizer_config.json) is copied along either way (not for weights trained on bytes since); `vermeil generate`
-    then encodes and decodes with it.
+    `--to transformers` exports an LLM or Mamba run, `--to diffusers` a flux run (default: by the run's family);
+    `--from transformers` (LlamaForCausalLM, Llama4ForCausalLM, MambaForCausalLM) and `--from diffusers`
+    (FluxTransformer2DModel) write a run folder. A tokenizer.json beside the weights is copied along either way.
     """
     if args.dest is not None and args.out is not None and args.dest != args.out:
         raise CommandError(f"two outputs given: {args.dest} and --out {args.out}")
@@ -455,10 +411,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     copied = copy_tokenizer_files(src, out)  # before the checkpoint: a run is complete once `latest` moves
     folder = write_run(run.to_dict(), model, out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"wrote {os.fspath(out)} ({family} run from {type(foreign).__name__}, {n_params:,} parameters"
-        f"{_with(copied)})"
-    )
+    source = f"{family} run from {type(foreign).__name__}, {n_params:,} parameters"
+    print(f"wrote {os.fspath(out)} ({source}{_with(copied)})")
     hint = "generate {} --prompt TEXT" if run.data.task == "text" else "sample {}"
     print(f"checkpoint {os.fspath(folder)}; next: vermeil {hint.format(os.fspath(out))}", file=sys.stderr)
     return 0
@@ -466,10 +420,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _with(copied: Sequence[str]) -> str:
     return f", with {' and '.join(copied)}" if copied else ""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Parser
 
 
 _TRAIN_EXAMPLES = """examples:
@@ -492,8 +442,7 @@ def _add_debug(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `vermeil` command (one subparser per subcommand)."""
     parser = argparse.ArgumentParser(
-        prog="vermeil",
-        description="Train, sample and inspect Vermeil models from YAML run configs.",
+        prog="vermeil", description="Train, sample and inspect Vermeil models from YAML run configs."
     )
     _add_debug(parser, default=False)
     parser.add_argument("--version", action="version", version=f"vermeil {_version()}")
@@ -531,9 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
     p.add_argument("--prompt", help="text to continue")
     p.add_argument(
-        "--prompt-file",
-        metavar="PATH",
-        help="continue this file's contents (its bytes as they are)",
+        "--prompt-file", metavar="PATH", help="continue this file's contents (its bytes as they are)"
     )
     p.add_argument(
         "--max-new-tokens",
