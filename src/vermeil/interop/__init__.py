@@ -1,8 +1,7 @@
 """Bridges to the checkpoints of other libraries: `from_transformers`, `to_transformers`, `from_diffusers`.
 
-Each foreign layout lives in its own module as a key map plus the few tensor transforms it needs (RoPE
-row permutation, fused/split projections, swapped modulation halves). Those modules are imported only when
-called, so `import vermeil.interop` needs neither transformers nor diffusers.
+One module per foreign layout (a key map plus its few tensor transforms), imported only when called, so
+`import vermeil.interop` needs neither transformers nor diffusers.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from vermeil.nn.positional import RotaryEmbedding
 
 M = TypeVar("M", bound=nn.Module)
 
-# transformers class name -> "module.function" in vermeil.interop converting it to Vermeil
+# class name -> "module.function" in vermeil.interop that converts it
 _TRANSFORMERS = {
     "LlamaForCausalLM": "transformers_llama.from_transformers_llama",
     "Llama4ForCausalLM": "transformers_llama.from_transformers_llama",
@@ -28,20 +27,17 @@ _TRANSFORMERS = {
     "BambaForCausalLM": "transformers_hybrids.from_transformers_hybrid",
     "FalconH1ForCausalLM": "transformers_hybrids.from_transformers_hybrid",
 }
-# Vermeil class name -> the transformers conversion that takes it back
 _TO_TRANSFORMERS = {
     "LLM": "transformers_llama.to_transformers_llama",
     "MambaLM": "transformers_mamba.to_transformers_mamba",
-    # the class follows the layer pattern (`transformers_hybrids.transformers_class_for`)
     "HybridModel": "transformers_hybrids.to_transformers_hybrid",
 }
-# Configs going out name no special tokens: Vermeil models have none (transformers' defaults, such as Llama's
-# bos 1 and eos 2, would be made up).
+_DIFFUSERS = {"FluxTransformer2DModel": "diffusers_flux.from_diffusers"}
+# Vermeil models have no special tokens; transformers' defaults (Llama's bos 1, eos 2) would be made up.
 _NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
 def _convert(what: str, table: dict[str, str], model: nn.Module) -> Any:
-    """Call the converter `table` names for `model`'s class ("module.function" in vermeil.interop)."""
     cls = type(model).__name__
     if cls not in table:
         raise ValueError(f"{what}: {cls} is not supported; supported: {sorted(table)}")
@@ -52,30 +48,25 @@ def _convert(what: str, table: dict[str, str], model: nn.Module) -> Any:
 def _check_silu(cls: str, config: Any) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
-        raise ValueError(
-            f"{cls}: hidden_act={act!r} is not supported: every Vermeil mixer and SwiGLU uses silu"
-        )
+        raise ValueError(f"{cls}: hidden_act={act!r} is not supported: Vermeil's mixers and SwiGLU use silu")
 
 
 @torch.no_grad()
 def _load_strict(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
-    """Load `state_dict` into `model` after checking that every key is present, none is extra and every shape
-    is equal (each named otherwise)."""
+    """`model.load_state_dict(state_dict)`, naming every missing or unexpected key and any shape mismatch."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{what}: missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
     for key, value in expected.items():
-        if value.shape != state_dict[key].shape:
-            raise ValueError(
-                f"{what}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(value.shape)}"
-            )
+        if (got := tuple(state_dict[key].shape)) != tuple(value.shape):
+            raise ValueError(f"{what}: {key} has shape {got}, expected {tuple(value.shape)}")
     model.load_state_dict(state_dict, strict=True)
 
 
 def _build(model_cls: type[M], config: Any, state: dict[str, Tensor], like: nn.Module) -> M:
-    """`model_cls(config)` holding `state` (checked by `_load_strict`), built on the meta device and placed on
-    the device, in the dtype and in the train/eval mode of `like`, the model it is converted from."""
+    """`model_cls(config)` holding `state`, built on meta, then given the device, dtype and train/eval mode of
+    `like` (the model it is converted from)."""
     weight = next(like.parameters())
     model = model_cls(config, device="meta", dtype=weight.dtype)  # type: ignore[call-arg]
     embedding, _, head = (model.get_submodule(name) for name in model.lm_parts)
@@ -91,23 +82,19 @@ def _build(model_cls: type[M], config: Any, state: dict[str, Tensor], like: nn.M
 
 
 def from_transformers(hf_model: nn.Module) -> nn.Module:
-    """Convert a transformers model into Vermeil's: LlamaForCausalLM and Llama4ForCausalLM into an `LLM`,
-    MambaForCausalLM into a `MambaLM`, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and
-    FalconH1ForCausalLM into a `HybridModel`."""
+    """A transformers model as Vermeil's: Llama and Llama 4 -> `LLM`, Mamba -> `MambaLM`, Mamba2, Jamba, Bamba
+    and FalconH1 -> `HybridModel`."""
     return _convert("from_transformers", _TRANSFORMERS, hf_model)
 
 
 def to_transformers(model: nn.Module) -> Any:
-    """Convert a Vermeil model (LLM, MambaLM, HybridModel) back into the matching transformers model; a
-    HybridModel becomes the class of its layer pattern (Mamba2, Jamba, Bamba or FalconH1)."""
+    """The inverse of `from_transformers`; a HybridModel becomes the class of its layer pattern."""
     return _convert("to_transformers", _TO_TRANSFORMERS, model)
 
 
 def from_diffusers(transformer: nn.Module) -> nn.Module:
-    """Convert a diffusers FluxTransformer2DModel into a Vermeil `Flux` with BFL's module names."""
-    return _convert(
-        "from_diffusers", {"FluxTransformer2DModel": "diffusers_flux.from_diffusers"}, transformer
-    )
+    """A diffusers FluxTransformer2DModel as a Vermeil `Flux` with BFL's module names."""
+    return _convert("from_diffusers", _DIFFUSERS, transformer)
 
 
 __all__ = ["from_diffusers", "from_transformers", "to_transformers"]

@@ -1,19 +1,14 @@
 """diffusers `FluxTransformer2DModel` <-> Vermeil `Flux` (BFL layout), by an explicit key map.
 
-The layouts differ in three ways (black-forest-labs/flux `src/flux/model.py` vs diffusers `transformer_flux.py`):
-    - diffusers splits q, k and v (`to_q/to_k/to_v`, `add_q_proj/...`); BFL fuses them into one `qkv` Linear in
-      `(K H Dh)` order, and the single blocks fuse `[q | k | v | mlp-in]` into `linear1`.
-    - the final adaLN stores (scale, shift) in diffusers (`norm_out.linear`) and (shift, scale) in BFL
-      (`final_layer.adaLN_modulation.1`): the halves are swapped (diffusers' `swap_scale_shift`).
-    - diffusers' forward takes batch-shared 2-D ids and the timestep already divided by 1000; Vermeil takes
-      per-sample ids (or a leading 1) and the same [0, 1] timestep, so the outputs agree for equal inputs.
-
-Every diffusers tensor must be used exactly once and every Vermeil tensor filled; the conversion names any key
-left over or missing and checks every shape. Only this module imports diffusers (and only `to_diffusers` does).
-tests/interop/test_diffusers_flux.py checks outputs against diffusers within 1e-4 in float32.
+The layouts differ in three ways (black-forest-labs/flux `src/flux/model.py`; diffusers `transformer_flux.py`):
+    - diffusers splits q, k and v; BFL fuses them into one `qkv` Linear in `(K H Dh)` order, and the single
+      blocks fuse `[q | k | v | mlp-in]` into `linear1`.
+    - the final adaLN holds (scale, shift) in diffusers and (shift, scale) in BFL (diffusers' `swap_scale_shift`).
+    - diffusers takes batch-shared 2-D ids and the timestep already divided by 1000; Vermeil takes per-sample
+      ids (or a leading 1) and the same [0, 1] timestep, so equal inputs give equal outputs.
 """
 
-# Shapes: D hidden size, M MLP width, Dh head dim, Cin/Cout data channels.
+# Shapes: D hidden size, M MLP width, Dh head dim.
 
 from __future__ import annotations
 
@@ -122,16 +117,11 @@ def from_diffusers(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Flux:
-    """Convert a diffusers `FluxTransformer2DModel` into a `Flux` with BFL's names (weights copied).
-
-    Args:
-        transformer: the diffusers model (only `.config` and `.state_dict()` are read; diffusers is not imported).
-        device, dtype: where and in which dtype to build the result (default: the transformer's first
-            parameter's device and dtype).
+    """A diffusers `FluxTransformer2DModel` as a `Flux` with BFL's names, reading only its `.config` and
+    `.state_dict()`; `device` and `dtype` default to those of its first tensor.
 
     Raises:
-        ValueError: a diffusers key that the map does not use, a Vermeil key it does not fill, or a shape
-            that does not match, each named.
+        ValueError: a diffusers key left unused, a Flux key left unfilled, or a shape mismatch, each named.
     """
     params = flux_params_from_diffusers(transformer.config)
     state = transformer.state_dict()
@@ -178,10 +168,10 @@ def from_diffusers(
 
 
 def to_diffusers(model: Flux) -> Any:
-    """Convert a `Flux` into a diffusers `FluxTransformer2DModel` (needs diffusers; float32 weights as the model's).
+    """A `Flux` as a diffusers `FluxTransformer2DModel` (needs diffusers) in the model's dtype and device.
 
-    diffusers fixes theta=10000, mlp_ratio=4 and q/k/v biases; a model outside that raises ValueError (a model
-    without qkv_bias gets zero biases, which is exact).
+    diffusers fixes theta=10000, mlp_ratio=4 and q/k/v biases: other values raise, except qkv_bias=False
+    (zero biases are exact).
     """
     from diffusers import FluxTransformer2DModel  # an optional extra, imported only here
 
