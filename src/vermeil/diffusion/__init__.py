@@ -1,9 +1,4 @@
-"""Diffusion and flow matching as functions: schedules, training targets and losses, samplers, guidance.
-
-Imports torch only. One signature per family: schedules return tensors, samplers are
-`sample_x(model_fn, noise, timesteps, *, cond=None, guidance=None, callback=None, ...)` with
-`model_fn(x, t, **cond) -> prediction`.
-"""
+"""Diffusion and flow matching as functions (torch only): schedules, targets and losses, samplers, guidance."""
 
 from vermeil.diffusion.guidance import cfg_model_fn, drop_condition
 from vermeil.diffusion.losses import (

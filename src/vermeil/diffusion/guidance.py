@@ -1,11 +1,6 @@
-"""Classifier-free guidance (Ho & Salimans 2022): the sampling-side wrapper and the training-side dropout.
+"""Classifier-free guidance (Ho & Salimans 2022): `cfg_model_fn` for sampling, `drop_condition` for training.
 
-`cfg_model_fn` turns a conditional `model_fn(x, t, **cond)` into a guided one with the same signature, so every
-sampler in `vermeil.diffusion.samplers` uses it unchanged: out = uncond + scale * (cond - uncond), with the
-conditional and unconditional halves run as one batch of 2B. Guidance-distilled Flux instead takes the scale
-as an input: samplers pass `guidance=` straight to model_fn (BFL `guidance_vec`); no wrapper is needed there.
-`drop_condition` replaces a random fraction of the conditions by a null condition during training, which is
-what makes the unconditional prediction available.
+Guidance-distilled Flux needs no wrapper: samplers pass `guidance=` straight to model_fn (BFL `guidance_vec`).
 """
 
 # Shapes: B batch, then any data axes (*); condition tensors are (B, ...) with the batch first.
@@ -47,18 +42,18 @@ def cfg_model_fn(
     *,
     batched: bool = True,
 ) -> ModelFn:
-    """Wrap `model_fn` with classifier-free guidance: uncond + scale * (cond - uncond).
+    """Wrap `model_fn` with classifier-free guidance, uncond + scale * (cond - uncond), for any sampler.
+
+    The prediction may be epsilon, v or velocity: guidance is linear in any.
 
     Args:
-        model_fn: model_fn(x, t, **kwargs) -> prediction (epsilon, v or velocity: guidance is linear in any).
         cond: keyword arguments of the conditional call (e.g. {"cond": tokens, "y": pooled}), tensors (B, ...).
         uncond: the same keys for the unconditional call (null prompt / null tokens), same shapes.
-        scale: guidance scale w; 1 gives the conditional model, 0 the unconditional one.
-        batched: run both halves as one call on a batch of 2B (default) or as two calls (less memory).
+        scale: w; 1 gives the conditional model, 0 the unconditional one.
+        batched: run both halves as one call on a batch of 2B, or as two calls (less memory).
 
     Returns:
-        guided(x, t, **extra) with x: (B, *), t: (B,); `extra` (e.g. `guidance=` from a sampler) goes to
-        both halves, (B,)-batched tensors duplicated.
+        guided(x (B, *), t (B,), **extra); `extra` (e.g. a sampler's `guidance=`) goes to both halves.
     """
     if set(cond) != set(uncond):
         raise ValueError(f"cond keys {sorted(cond)} must equal uncond keys {sorted(uncond)}")
@@ -95,16 +90,12 @@ def drop_condition(
 ) -> C:
     """Replace each sample's condition by `null` with probability p (condition dropout for CFG training).
 
+    Gradients flow to `null` where it was used, so a learned null embedding trains.
+
     Args:
         cond: (B, ...) tensor, or a dict of such tensors (one draw per sample, shared by all keys).
-        p: drop probability in [0, 1].
-        null: the null condition, broadcastable to one sample (e.g. (L, D), (D,) or a learned parameter),
-            or a dict with the same keys.
-        generator: for the per-sample draw.
-        keep: optional (B,) bool, True = keep; overrides the random draw (for tests and reproducibility).
-
-    Returns:
-        Same structure as `cond`. Gradients flow to `null` where it was used (a learned null embedding trains).
+        null: broadcastable to one sample (e.g. (L, D), (D,) or a learned parameter), or a dict with cond's keys.
+        keep: optional (B,) bool, True = keep; overrides the random draw.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p={p} must be in [0, 1]")

@@ -1,12 +1,5 @@
-"""Training targets, time sampling and losses for DDPM-style diffusion and rectified flow.
-
-DDPM: `add_noise` and `velocity` are diffusers DDPMScheduler `add_noise` / `get_velocity`; the prediction types
-are diffusers' ("epsilon", "sample" = "x0", "v_prediction"). Rectified flow: x_t = (1 - t) x_0 + t * noise with
-velocity target noise - x_0 (BFL Flux, SD3, diffusers `scale_noise`). Time sampling: uniform, logit-normal and
-mode densities as diffusers `compute_density_for_timestep_sampling` (SD3, Esser et al. 2024, section 3.1), then
-the same resolution-dependent `time_shift` as Flux inference. tests/diffusion/test_losses.py checks each.
-
-`model_fn(x, t, **cond) -> prediction` everywhere: the same callable the samplers take.
+"""Training targets, time sampling and losses for DDPM-style diffusion (diffusers DDPMScheduler) and rectified
+flow (BFL Flux, SD3). `model_fn(x, t, **cond) -> prediction` everywhere: the callable the samplers take.
 """
 
 # Shapes: B batch, then any data axes (*); a typical sequence is x: (B, L, C) with L tokens of C channels.
@@ -53,8 +46,7 @@ def _check_batch(name: str, t: Tensor, x: Tensor) -> None:
 
 
 def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped and typed as `like`, drawn on the generator's device then moved, as
-    diffusers' randn_tensor, so a seed gives the same numbers as a diffusers run on any device."""
+    """Noise like `like`, drawn on the generator's device then moved (diffusers' randn_tensor: same numbers)."""
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -62,8 +54,7 @@ def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
 def _model_kwargs(
     cond: Mapping[str, Any] | None, guidance: Tensor | float | None, x: Tensor
 ) -> dict[str, Any]:
-    """model_fn's keyword arguments: `cond`, plus `guidance=` (a float or a 0-d/(B,) tensor) as a (B,) tensor in
-    x's dtype and device when given (BFL's `guidance_vec`)."""
+    """`cond` plus `guidance=` as a (B,) tensor in x's dtype and device when given (BFL's `guidance_vec`)."""
     kwargs = dict(cond or {})
     if guidance is None:
         return kwargs
@@ -74,9 +65,6 @@ def _model_kwargs(
         raise ValueError(f"guidance must be a float or a (B,) = ({x.shape[0]},) tensor, got {tuple(v.shape)}")
     kwargs["guidance"] = v.expand(x.shape[0])
     return kwargs
-
-
-# --- DDPM
 
 
 def _sqrt_coefs(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,10 +110,9 @@ def ddpm_target(
 def prediction_to_x0_eps(
     x_t: Tensor, output: Tensor, alpha_prod: Tensor | float, prediction_type: PredictionType = "epsilon"
 ) -> tuple[Tensor, Tensor]:
-    """Convert a model output at alpha_bar = `alpha_prod` into (predicted x_0, predicted noise).
+    """(predicted x_0, predicted noise) from a model output at alpha_bar = `alpha_prod` (broadcastable to x_t).
 
-    The formulas of diffusers DDIMScheduler.step (DDIM eq. 12). x_t, output: (B, *); alpha_prod: a scalar
-    tensor or a tensor broadcastable to x_t.
+    The formulas of diffusers DDIMScheduler.step (DDIM eq. 12). x_t, output: (B, *).
     """
     _check_prediction_type(prediction_type)
     beta_prod = 1 - alpha_prod
@@ -140,9 +127,6 @@ def prediction_to_x0_eps(
             x0 = alpha_prod**0.5 * x_t - beta_prod**0.5 * output
             eps = alpha_prod**0.5 * output + beta_prod**0.5 * x_t
     return x0, eps
-
-
-# --- Rectified flow
 
 
 def flow_interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -173,16 +157,12 @@ def sample_flow_timesteps(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Training times t in (0, 1) for rectified flow, optionally shifted as Flux inference shifts its grid.
+    """(B,) training times t in (0, 1) for rectified flow, optionally shifted as Flux inference shifts its grid.
 
-    Draws u as diffusers `compute_density_for_timestep_sampling` (same generator calls, so the same numbers):
-    "uniform" U(0, 1); "logit_normal" sigmoid(N(logit_mean, logit_std^2)); "mode" the SD3 mode density
-    1 - u - mode_scale (cos^2(pi u / 2) - 1 + u). Then, when `seq_len` is given and `shift` is True,
-    t = time_shift(mu, 1, u) with mu = get_lin_function(256, base_shift, 4096, max_shift)(seq_len), the mu
-    `get_schedule` uses at inference. An explicit `mu` (e.g. log(3.0) for SD3's static shift 3) overrides it.
-
-    Returns:
-        (B,) tensor of `dtype` on `device`.
+    Draws u as diffusers `compute_density_for_timestep_sampling` (same generator calls, so the same numbers;
+    SD3, Esser et al. 2024, section 3.1): "uniform" U(0, 1); "logit_normal" sigmoid(N(logit_mean, logit_std^2));
+    "mode" 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u). With `seq_len` and `shift`, t = time_shift(mu, 1, u)
+    with the mu `get_schedule` uses; an explicit `mu` (e.g. log(3.0), SD3's static shift 3) overrides it.
     """
     check_positive_int("batch", batch)
     gen_device = generator.device if generator is not None else device
@@ -212,15 +192,10 @@ def sample_flow_timesteps(
     return u.to(device=device if device is not None else u.device, dtype=dtype)
 
 
-# --- Losses
-
-
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean squared error over the valid elements, as a float32 scalar.
+    """Float32 mean squared error over the valid elements, independent of how much padding a batch has.
 
-    pred, target: (B, *); mask: None or a boolean/0-1 tensor whose shape is a prefix of pred's, e.g. (B, L) for
-    (B, L, C) token data (True = real token, False = padding). Padded positions contribute nothing and the mean
-    is over real elements only, so the loss does not depend on how much padding a batch has.
+    pred, target: (B, *); mask: None or a bool/0-1 tensor shaped as a prefix of pred's, e.g. (B, L) for (B, L, C).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} must equal target shape {tuple(target.shape)}")
@@ -249,18 +224,14 @@ def diffusion_loss(
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DDPM training loss: MSE between model_fn(x_t, t, **cond) and the target of `prediction_type`.
+    """DDPM training loss (float32 scalar): MSE of model_fn(x_t, t, **cond) against the `prediction_type` target.
 
     Args:
         x0: (B, *) clean data.
         alphas_cumprod: (N,) from `alphas_cumprod(ddpm_betas(...))`.
-        noise: (B, *) or None to draw standard normal noise.
-        t: (B,) integer steps or None to draw them uniformly from 0..N-1.
-        cond: extra keyword arguments for model_fn.
-        mask: optional prefix-shaped validity mask (see `masked_mse`).
-
-    Returns:
-        float32 scalar.
+        noise: (B, *), or None to draw it.
+        t: (B,) integer steps, or None to draw them uniformly from 0..N-1.
+        mask: see `masked_mse`.
     """
     if noise is None:
         noise = _randn(x0, generator)
@@ -291,18 +262,14 @@ def flow_matching_loss(
     shift: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Rectified-flow loss: MSE between model_fn(x_t, t, **cond) and noise - x_0.
+    """Rectified-flow loss (float32 scalar): MSE of model_fn(x_t, t, **cond) against noise - x_0.
 
     Args:
-        x0: (B, *) clean data (for Flux, the packed token sequence (B, L, C)).
-        noise: (B, *) or None to draw standard normal noise.
-        t: (B,) floats in [0, 1] or None to draw them with `sample_flow_timesteps(kind, ..., seq_len, shift)`.
-        cond: extra keyword arguments for model_fn.
-        guidance: passed as `guidance=` (a (B,) tensor) when not None, for guidance-distilled models.
-        mask: optional prefix-shaped validity mask, e.g. (B, L) for padded tokens (see `masked_mse`).
-
-    Returns:
-        float32 scalar.
+        x0: (B, *) clean data (for Flux, the packed tokens (B, L, C)).
+        noise: (B, *), or None to draw it.
+        t: (B,) floats in [0, 1], or None to draw them with `sample_flow_timesteps(kind, ..., seq_len, shift)`.
+        guidance: passed as a (B,) `guidance=` when not None, for guidance-distilled models.
+        mask: see `masked_mse`.
     """
     if noise is None:
         noise = _randn(x0, generator)

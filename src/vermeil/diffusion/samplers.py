@@ -1,22 +1,11 @@
-"""Samplers as functions with one signature: `sample_x(model_fn, noise, timesteps, *, cond, guidance, callback)`.
+"""Samplers with one signature, `sample_x(model_fn, noise, timesteps, *, cond, guidance, callback)`: DDPM, DDIM
+(and its inversion) step for step as diffusers' schedulers; rectified-flow Euler (BFL flux `denoise`) and Heun.
 
-- `sample_ddpm`: ancestral DDPM (Ho et al. 2020, eq. 7), step for step diffusers DDPMScheduler.step.
-- `sample_ddim`: DDIM with eta (Song et al. 2021, eq. 12 and 16), step for step diffusers DDIMScheduler.step;
-  `invert_ddim` runs it backwards (data -> noise) as diffusers DDIMInverseScheduler.
-- `sample_euler`: rectified-flow Euler, x <- x + (t_prev - t_curr) v (BFL flux `denoise`, diffusers
-  FlowMatchEulerDiscreteScheduler.step).
-- `sample_heun`: rectified-flow Heun (trapezoidal predictor-corrector, Karras et al. 2022, Algorithm 1 without
-  churn); second order, with an Euler last step by default as k-diffusion.
-
-`model_fn(x, t, **cond)` returns the model's prediction; t is a (B,) tensor (integer steps for DDPM/DDIM, floats
-in [0, 1] for flow). When `guidance` is not None the samplers also pass `guidance=` as a (B,) tensor (BFL's
-`guidance_vec` for guidance-distilled Flux). For classifier-free guidance wrap the model with
-`vermeil.diffusion.guidance.cfg_model_fn`. `callback(i, t, x)` runs after step i with that step's (starting)
-timestep t (a 0-d tensor) and the updated x, as diffusers' legacy `callback(i, t, latents)`. Samplers run
-under `torch.no_grad()` (k-diffusion); call the step formulas yourself to differentiate through sampling.
-
-tests/diffusion/test_samplers.py checks each sampler against diffusers step by step and on flows with known
-solutions.
+`model_fn(x, t, **cond)` returns the prediction; t is (B,) (integer steps for DDPM/DDIM, floats in [0, 1] for
+flow). A `guidance` is passed on as a (B,) `guidance=` (BFL's `guidance_vec`); for classifier-free guidance wrap
+the model with `vermeil.diffusion.guidance.cfg_model_fn`. `callback(i, t, x)` runs after step i with its starting
+timestep (0-d) and the updated x, as diffusers' legacy callback. Samplers run under `torch.no_grad()`
+(k-diffusion); call the step formulas yourself to differentiate through sampling.
 """
 
 # Shapes: B batch, then any data axes (*); x and noise: (B, *). K number of sampling steps.
@@ -76,22 +65,17 @@ def sample_ddpm(
     clip_sample: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Ancestral DDPM sampling: x_{prev} ~ q(x_prev | x_t, x_0 = f(model output)).
+    """Ancestral DDPM (Ho et al. 2020, eq. 7; diffusers DDPMScheduler.step): x_T (B, *) -> x_0 (B, *).
 
-    Step from t to the next entry of `timesteps` (alpha_bar = 1 after the last), so skipped-step grids
+    Steps from t to the next entry of `timesteps` (alpha_bar = 1 after the last), so skipped-step grids
     (`ddpm_timesteps(K)`) work as in diffusers. Noise is added at every step with t > 0.
 
     Args:
-        model_fn: model_fn(x, t, **cond) -> prediction of `prediction_type`, x: (B, *), t: (B,) int64.
-        noise: (B, *) the starting x_T.
         timesteps: (K,) integer steps, strictly descending (e.g. `ddpm_timesteps(K, N)`).
         alphas_cumprod: (N,) the training schedule.
         variance: "fixed_small" (posterior variance beta~_t, diffusers default) or "fixed_large" (beta_t).
         clip_sample: clamp predicted x_0 to [-clip_sample, clip_sample] (diffusers clip_sample_range) or None.
-        generator: for the per-step noise; the same seed as a diffusers run gives the same samples.
-
-    Returns:
-        (B, *) the sample x_0.
+        generator: the same seed as a diffusers run gives the same samples.
     """
     steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type)
     if variance not in ("fixed_small", "fixed_large"):
@@ -144,23 +128,12 @@ def sample_ddim(
     final_alpha_cumprod: float | None = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DDIM sampling; eta = 0 is the deterministic ODE-like sampler, eta = 1 has DDPM's posterior variance.
+    """DDIM (Song et al. 2021, eq. 12 and 16; diffusers DDIMScheduler.step): x_T (B, *) -> x_0 (B, *).
 
-    Steps from t to the next entry of `timesteps`; after the last entry, to `final_alpha_cumprod` (diffusers
-    `set_alpha_to_one=True` gives 1.0; None uses alphas_cumprod[0], i.e. `set_alpha_to_one=False`). With
-    "leading" spacing this is exactly diffusers' `prev = t - N // K`.
-
-    Args:
-        model_fn: model_fn(x, t, **cond) -> prediction of `prediction_type`, t: (B,) int64.
-        noise: (B, *) the starting x_T.
-        timesteps: (K,) integer steps, strictly descending.
-        alphas_cumprod: (N,) the training schedule.
-        eta: 0 <= eta; the weight of the stochastic part (DDIM eq. 16).
-        clip_sample: clamp predicted x_0 to [-clip_sample, clip_sample] or None.
-        generator: for the noise when eta > 0.
-
-    Returns:
-        (B, *) the sample x_0.
+    eta = 0 is the deterministic sampler, eta = 1 has DDPM's posterior variance. Steps from t to the next entry
+    of `timesteps` (K,), strictly descending; after the last, to `final_alpha_cumprod` (1.0: diffusers
+    `set_alpha_to_one=True`; None: alphas_cumprod[0]). With "leading" spacing this is diffusers'
+    `prev = t - N // K`.
     """
     steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type)
     if eta < 0:
@@ -201,20 +174,11 @@ def invert_ddim(
     prediction_type: PredictionType = "epsilon",
     initial_alpha_cumprod: float | None = 1.0,
 ) -> Tensor:
-    """DDIM inversion (eta = 0 run backwards): data -> the noise that `sample_ddim` maps back to it.
+    """DDIM inversion (eta = 0 backwards, diffusers DDIMInverseScheduler): data x0 (B, *) -> x at timesteps[0].
 
-    Takes the same descending `timesteps` as `sample_ddim` and walks them in ascending order, starting at
-    alpha_bar = `initial_alpha_cumprod` (None: alphas_cumprod[0]). Each step evaluates the model at the current
-    x with the step's target timestep, as diffusers DDIMInverseScheduler (whose steps it equals): the inverse is
-    exact only when the prediction does not change over a step, so the round trip error is first order in
-    the step size (tests/diffusion/test_samplers.py states it for a Gaussian).
-
-    Args:
-        x0: (B, *) data.
-        timesteps: (K,) integer steps, strictly descending (the sampling grid).
-
-    Returns:
-        (B, *) x at timesteps[0].
+    Walks `sample_ddim`'s descending `timesteps` upwards from alpha_bar = `initial_alpha_cumprod` (None:
+    alphas_cumprod[0]), evaluating the model at the current x with the step's target timestep: exact only when
+    the prediction is constant over a step, so the round-trip error is first order in the step size.
     """
     steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type)
     ac = alphas_cumprod.to(x0.device)
@@ -243,8 +207,7 @@ def _integrate(
     heun: bool,
     last_step_euler: bool = True,
 ) -> Tensor:
-    """The loop of both flow samplers: steps x + h v(x, t) with h = t_prev - t_curr (Euler), or with `heun` that
-    step corrected by the trapezoidal rule (but for an Euler last step when `last_step_euler`)."""
+    """The loop of both flow samplers: x + h v(x, t) with h = t_prev - t_curr, trapezoid-corrected for `heun`."""
     _check_timesteps(timesteps, 2, "a grid of K + 1 times from 1 towards 0")
     if not timesteps.is_floating_point():
         raise ValueError(f"timesteps must be floats in [0, 1], got dtype {timesteps.dtype}")
@@ -277,15 +240,11 @@ def sample_euler(
     guidance: Tensor | float | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Flow-matching Euler: x <- x + (t_prev - t_curr) v(x, t_curr), BFL `denoise`.
+    """Flow-matching Euler, x <- x + (t_prev - t_curr) v(x, t_curr) (BFL `denoise`, diffusers
+    FlowMatchEulerDiscreteScheduler): noise (B, *) at timesteps[0] -> x at timesteps[-1].
 
-    Args:
-        model_fn: model_fn(x, t, **cond) -> velocity d x_t / d t ≈ noise - x_0, t: (B,) in x's dtype.
-        noise: (B, *) x at timesteps[0] (pure noise when it is 1).
-        timesteps: (K + 1,) float grid, e.g. `get_schedule(K, seq_len)`; K steps are taken.
-
-    Returns:
-        (B, *) x at timesteps[-1].
+    model_fn returns the velocity d x_t / d t ≈ noise - x_0, t: (B,) in x's dtype; timesteps: (K + 1,) floats,
+    e.g. `get_schedule(K, seq_len)`.
     """
     return _integrate(model_fn, noise, timesteps, cond, guidance, callback, heun=False)
 
@@ -301,17 +260,9 @@ def sample_heun(
     callback: Callback | None = None,
     last_step_euler: bool = True,
 ) -> Tensor:
-    """Flow-matching Heun (explicit trapezoidal rule): second order, 2 model calls per step.
+    """Flow-matching Heun (Karras et al. 2022, Algorithm 1 without churn), as `sample_euler` but second order.
 
-    x' = x + h v(x, t); x <- x + h (v(x, t) + v(x', t_prev)) / 2 with h = t_prev - t_curr. The last step is
-    Euler when `last_step_euler` (k-diffusion's choice; saves a call at t = 0 and keeps global order 2).
-
-    Args:
-        model_fn: model_fn(x, t, **cond) -> velocity, t: (B,) in x's dtype.
-        noise: (B, *) x at timesteps[0].
-        timesteps: (K + 1,) float grid; 2K - 1 model calls (2K without the Euler last step).
-
-    Returns:
-        (B, *) x at timesteps[-1].
+    x' = x + h v(x, t); x <- x + h (v(x, t) + v(x', t_prev)) / 2. The last step is Euler when `last_step_euler`
+    (k-diffusion's choice; saves a call at t = 0, keeps global order 2): 2K - 1 model calls for K steps.
     """
     return _integrate(model_fn, noise, timesteps, cond, guidance, callback, True, last_step_euler)

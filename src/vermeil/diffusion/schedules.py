@@ -1,10 +1,6 @@
 """Noise schedules as functions returning tensors: DDPM betas, signal-to-noise helpers, flow-matching time grids.
 
-DDPM schedules match `diffusers` DDPMScheduler (`linear`, `scaled_linear`, `squaredcos_cap_v2`, `sigmoid`) and
-flow-matching grids match Black Forest Labs' flux `sampling.py` (`get_schedule`, `time_shift`,
-`get_lin_function`); tests/diffusion/test_schedules.py checks both against the references.
-
-Conventions: DDPM time is an integer index 0..N-1 into `alphas_cumprod` (0 = least noise). Flow-matching time
+DDPM schedules follow diffusers DDPMScheduler, flow-matching grids BFL flux `sampling.py`. Conventions: DDPM time is an integer index 0..N-1 into `alphas_cumprod` (0 = least noise). Flow-matching time
 t is a float in [0, 1] with x_t = (1 - t) x_0 + t * noise (t = 1 is pure noise), as BFL and diffusers.
 """
 
@@ -49,9 +45,6 @@ def _check_prediction_type(prediction_type: str) -> None:
         )
 
 
-# --- DDPM family
-
-
 def ddpm_betas(
     num_steps: int,
     kind: BetaKind = "linear",
@@ -60,19 +53,14 @@ def ddpm_betas(
     *,
     max_beta: float = 0.999,
 ) -> Tensor:
-    """DDPM noise schedule beta_1..beta_N as float32, exactly as diffusers DDPMScheduler builds it.
+    """(N,) float32 betas beta_1..beta_N, exactly as diffusers DDPMScheduler builds them.
 
     Args:
-        num_steps: N, the number of training timesteps (diffusers `num_train_timesteps`).
+        num_steps: N (diffusers `num_train_timesteps`).
         kind: "linear" (Ho et al. 2020), "scaled_linear" (latent diffusion: linear in sqrt(beta)),
             "cosine" (Nichol & Dhariwal 2021; diffusers "squaredcos_cap_v2", ignores beta_start/beta_end),
             "sigmoid" (GeoDiff).
-        beta_start: first beta (linear, scaled_linear, sigmoid).
-        beta_end: last beta (linear, scaled_linear, sigmoid).
-        max_beta: cap of the cosine schedule's betas (diffusers 0.999).
-
-    Returns:
-        (N,) float32 betas.
+        max_beta: cap of the cosine schedule's betas.
     """
     check_positive_int("num_steps", num_steps)
     match kind:
@@ -101,20 +89,14 @@ def ddpm_betas(
 
 
 def alphas_cumprod(betas: Tensor) -> Tensor:
-    """Cumulative product of (1 - beta): alpha_bar_t, the signal variance at step t.
-
-    betas: (N,) -> (N,) in betas' dtype.
-    """
+    """alpha_bar_t = prod(1 - beta), the signal variance at step t. betas: (N,) -> (N,)."""
     if betas.dim() != 1:
         raise ValueError(f"betas must be 1-D (N,), got shape {tuple(betas.shape)}")
     return torch.cumprod(1.0 - betas, dim=0)
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Rescale betas so the last step has zero SNR (Lin et al. 2023, Algorithm 1; diffusers' function).
-
-    betas: (N,) -> (N,).
-    """
+    """Rescale betas (N,) so the last step has zero SNR (Lin et al. 2023, Algorithm 1; diffusers' function)."""
     if betas.dim() != 1 or betas.shape[0] < 2:
         raise ValueError(f"betas must be 1-D with at least 2 steps, got shape {tuple(betas.shape)}")
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
@@ -142,10 +124,9 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 
 
 def min_snr_weight(snr: Tensor, gamma: float = 5.0, prediction_type: PredictionType = "epsilon") -> Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023) for the MSE on the given prediction type.
+    """Min-SNR-gamma loss weight (Hang et al. 2023), snr: (B,) -> (B,).
 
     epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1); sample/x0: min(snr, gamma).
-    snr: (B,) -> (B,).
     """
     if gamma <= 0:
         raise ValueError(f"gamma={gamma} must be > 0")
@@ -168,17 +149,13 @@ def ddpm_timesteps(
     steps_offset: int = 0,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Descending integer timesteps for DDPM/DDIM sampling, as diffusers `set_timesteps` spaces them.
+    """(K,) int64 descending timesteps for DDPM/DDIM sampling, as diffusers `set_timesteps` spaces them.
 
     Args:
-        num_inference_steps: K, the number of sampling steps (1 <= K <= num_train_steps).
-        num_train_steps: N, the length of `alphas_cumprod`.
+        num_inference_steps: K <= num_train_steps = N, the length of `alphas_cumprod`.
         spacing: "leading" (arange(K) * (N // K) + steps_offset), "trailing" (ending at N - 1) or "linspace"
             (Lin et al. 2023, Table 2).
         steps_offset: added to "leading" timesteps (Stable Diffusion uses 1).
-
-    Returns:
-        (K,) int64, descending.
     """
     check_positive_int("num_inference_steps", num_inference_steps)
     check_positive_int("num_train_steps", num_train_steps)
@@ -199,9 +176,6 @@ def ddpm_timesteps(
         case _:
             raise ValueError(f"spacing={spacing!r} must be 'leading', 'trailing' or 'linspace'")
     return ts.to(device)
-
-
-# --- Flow matching (rectified flow), BFL flux sampling.py
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
@@ -233,16 +207,10 @@ def get_schedule(
     *,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Flux sampling grid: linspace(1, 0, K + 1), shifted by mu = lin(seq_len) when `shift` (BFL get_schedule).
+    """Flux's (K + 1,) float32 grid from 1 to 0: linspace(1, 0, K + 1), shifted when `shift` (BFL get_schedule).
 
-    Args:
-        num_steps: K, the number of sampling steps.
-        seq_len: number of data tokens (the image sequence length in Flux); sets mu by the line through
-            (256, base_shift) and (4096, max_shift).
-        shift: False for schnell-style unshifted grids.
-
-    Returns:
-        (K + 1,) float32, descending from 1 to 0 (BFL returns the same values as a list).
+    seq_len (data tokens) sets mu by the line through (256, base_shift) and (4096, max_shift); `shift=False`
+    gives schnell-style unshifted grids.
     """
     check_positive_int("num_steps", num_steps)
     if seq_len < 1:
