@@ -3,43 +3,21 @@
 Axis legend: B batch, T length, D model dim, H heads, Hkv kv heads, Dh head dim, F feed-forward hidden dim,
 E experts, M Flux MLP width, V vocabulary, tp the tensor-parallel degree.
 
-`tensor_parallel_plan(model, tp_size, sequence_parallel=False, loss_parallel=False)` returns
-{module name: ParallelStyle} for `parallelize_module`; `apply_tensor_parallel` applies it (and keeps tied
-embeddings tied). Every constraint is checked there, before any collective. What is split, by module type:
-
-- Attention (`vermeil.nn.Attention`, which the LLM's attention is too): `wq`/`wk`/`wv` column-parallel, `wo`
-  row-parallel; one all-reduce after `wo`. The attention views with `view(b, t, -1, Dh)`, so each rank runs
-  its H/tp query and Hkv/tp kv heads, and contiguous column shards keep GQA's grouping (query head i uses kv
-  head i // (H/Hkv)) on every rank. H and Hkv must be divisible by tp (K/V are not replicated). Learnable
-  qk-norm scales are replicated; their gradients sum over the ranks' heads. Llama 4's temperature tuning,
-  weightless qk norm and chunked attention act per head and need nothing.
+What is split (`_module_plan`, by module type; every size is checked before any collective):
+- Attention: `wq`/`wk`/`wv` column-, `wo` row-parallel, so each rank runs H/tp query and Hkv/tp kv heads and
+  contiguous shards keep GQA's grouping; learnable qk-norm scales are replicated with summed gradients.
 - Feed-forward: SwiGLU/GeGLU `w1`/`w3` column-, `w2` row-parallel; MLP `fc1` column-, `fc2` row-parallel.
-- MoE: the shared expert is a SwiGLU (above); the routed experts' hidden dim F is split with the "grouped" and
-  "padded" backends (`_ExpertTensorParallel`), so routing, capacity and token order are those of one process.
-  The "loop" and "dense" backends keep their routed experts replicated (correct, not split).
-- Flux: the fused projections (`qkv`, `linear1`, `linear2`) are split block by block with `_StridedShard`
-  (`_FusedColwiseParallel`, `_FusedRowwiseParallel`; M must be a multiple of D), `proj` and the MLPs' second
-  Linear row-parallel, `img_mlp.0`/`txt_mlp.0` column-parallel, the QK-norm scales replicated with summed
-  gradients (`_HeadPartialGradients`, so flux.py needs no DTensor). Modulations, embedders and the final layer
-  stay replicated. `vermeil.distributed.checkpoint` writes strided shards as plain row/column shards, so
-  checkpoints are in BFL's layout and load anywhere.
+- MoE: the routed experts' F is split with the "grouped" and "padded" backends (`_ExpertTensorParallel`);
+  "loop" and "dense" keep them replicated.
+- Flux: the fused `qkv`, `linear1`, `linear2` block by block (`_StridedShard`; M a multiple of D), the MLPs
+  column/row-parallel; modulations, embedders and the final layer stay replicated.
 
-Sequence parallel (`sequence_parallel=True`; `vermeil.models.llm.LLM` and `vermeil.models.hybrid.HybridModel`,
-torchtitan's layout): the residual stream between blocks is sequence-sharded (B, T/tp, D); T must be divisible
-by tp. Which module gets which style is the model's own description, `sequence_parallel_plan()` (style names as
-plain strings, `vermeil.models.contract`); `_sequence_style` maps each name to its `ParallelStyle`. Flux is not
-covered (its two streams are concatenated and split inside the blocks): the plan raises.
+Sequence parallel (torchtitan's layout): the residual stream is (B, T/tp, D), from the model's own
+`sequence_parallel_plan()` (style names, `vermeil.models.contract`). Loss parallel: the head named in
+`lm_parts` is vocab-sharded, for a cross-entropy under `torch.distributed.tensor.parallel.loss_parallel()`.
 
-Loss parallel (`loss_parallel=True`; the models naming their (embedding, final norm, head) in `lm_parts`, with
-their own limits in `check_tensor_parallel`): the LM head is vocab-sharded (`_VocabParallelHead`); compute the
-cross-entropy under `torch.distributed.tensor.parallel.loss_parallel()`, as `vermeil.train.Trainer` does. V must
-be divisible by tp. A tied embedding is made vocab-parallel too, and `apply_tensor_parallel` ties the two
-DTensors again.
-
-Not covered: `ParallelTransformerBlock` (one fused projection) and `MambaBlock` stay replicated, which is
-correct but not split. Attention KV caches hold all Hkv heads, so TP decoding is not supported (the plan raises
-while a cache is set up); a per-head (B, H, T, S) mask would need slicing to the local heads (key-padding and
-(B, 1, T, S) masks work as they are).
+Not split: `ParallelTransformerBlock` and `MambaBlock` stay replicated. KV caches hold all Hkv heads, so TP
+decoding is refused; a per-head (B, H, T, S) mask would need slicing to the local heads.
 """
 
 from __future__ import annotations
@@ -68,9 +46,6 @@ from vermeil.nn.moe import Experts, MoE
 __all__ = ["apply_tensor_parallel", "tensor_parallel_plan"]
 
 
-# ------------------------------------------------------------------------------------------- parallel styles
-
-
 def _sum_over_ranks(mesh: DeviceMesh, partial_sum: Tensor) -> Tensor:
     """All-reduce (sum) a plain tensor that holds this rank's partial sum."""
     dt = DTensor.from_local(partial_sum, mesh, (Partial(),), run_check=False)
@@ -89,12 +64,8 @@ class _Chunked:
 
 
 class _FusedColwiseParallel(_Chunked, ColwiseParallel):
-    """ColwiseParallel for a Linear whose output stacks `chunks` equal blocks (Flux's [q; k; v], [q; k; v; mlp]).
-
-    Each block is split over the ranks on its own (`_StridedShard(0, split_factor=chunks)` on weight and bias),
-    so a rank's output is the concatenation of its piece of every block: [q_r; k_r; v_r], the q, k and v of its
-    own heads. A plain `ColwiseParallel` would give rank 0 all of q.
-    """
+    """ColwiseParallel for a Linear whose output stacks `chunks` equal blocks (Flux's [q; k; v; mlp]): each
+    block split on its own, so a rank's output is [q_r; k_r; v_r] (a plain one gives rank 0 all of q)."""
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -118,9 +89,7 @@ class _FusedColwiseParallel(_Chunked, ColwiseParallel):
 
 class _FusedRowwiseParallel(_Chunked, RowwiseParallel):
     """RowwiseParallel for a Linear whose input concatenates `chunks` equal blocks (Flux's `linear2` on
-    [attention; mlp]): the weight's input axis is split block by block (`_StridedShard(1, split_factor=chunks)`),
-    matching the local concatenation a `_FusedColwiseParallel` produced upstream. The output is summed over the
-    ranks (one all-reduce), the bias added once."""
+    [attention; mlp]), split block by block to match a `_FusedColwiseParallel` output upstream."""
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         weight = module.weight
@@ -146,13 +115,10 @@ class _FusedRowwiseParallel(_Chunked, RowwiseParallel):
 
 
 class _HeadPartialGradients(ParallelStyle):
-    """Keep a module's parameters plain and replicated; sum their gradients over the ranks.
+    """Keep a module's parameters plain and replicated; all-reduce their gradients (a hook per parameter).
 
-    For Flux's QK-norm scales, which the blocks read directly (the QKNorm module is never called): each rank's
-    q/k hold its own heads, so the gradient a rank computes for a scale shared by all heads is a partial sum.
-    A hook on each parameter all-reduces it before it is accumulated; the value itself stays identical on
-    every rank (the model is identical on every rank before parallelizing), so the model's code needs no
-    DTensor.
+    For Flux's QK-norm scales, read directly by the blocks: each rank's q/k hold its own heads, so a scale's
+    gradient is a partial sum. flux.py needs no DTensor.
     """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -165,11 +131,9 @@ class _HeadPartialGradients(ParallelStyle):
 class _ExpertTensorParallel(ParallelStyle):
     """Split the hidden dim F of stacked SwiGLU experts (`vermeil.nn.moe.Experts`) over the ranks.
 
-    w1/w3 (E, D, F) become `Shard(2)`, w2 (E, F, D) `Shard(1)`: expert e's SwiGLU on rank r is
-    `silu(x @ w1[e][:, Fr]) * (x @ w3[e][:, Fr]) @ w2[e][Fr]`, a partial sum of the expert's output. Every rank
-    holds all routed rows (S, D) (the router upstream is replicated), so the input's gradient from one slice is
-    partial too. `Experts.forward` runs its kernels on the local shards (`to_local()`); the hooks here make the
-    input's gradient and the output sums over the ranks.
+    w1/w3 (E, D, F) become `Shard(2)`, w2 (E, F, D) `Shard(1)`: on rank r expert e computes
+    `silu(x @ w1[e][:, Fr]) * (x @ w3[e][:, Fr]) @ w2[e][Fr]`, a partial sum; the hooks sum the output and the
+    input's gradient over the ranks (every rank holds all routed rows (S, D)).
     """
 
     _WEIGHTS = (("w1", 2), ("w3", 2), ("w2", 1))
@@ -198,11 +162,10 @@ class _ExpertTensorParallel(ParallelStyle):
 
 
 class _SequenceGathered(ParallelStyle):
-    """Sequence parallel around a module that needs the whole sequence and stays replicated (Mamba, an MoE).
+    """Sequence parallel around a replicated module that needs the whole sequence (Mamba, an MoE).
 
-    Its first input, sequence-sharded (B, T/tp, D) (a local tensor or a `Shard(1)` DTensor), is all-gathered to
-    (B, T, D); its output (or the `output_field` of a dataclass output, e.g. `MoEOutput.out`) is cut back to this
-    rank's T/tp positions (backward: the all-gather of the gradient's slices). Other inputs pass unchanged.
+    The first input (B, T/tp, D) is all-gathered to (B, T, D); the output (or its dataclass `output_field`,
+    e.g. `MoEOutput.out`) is cut back to this rank's T/tp positions. Other inputs pass unchanged.
     """
 
     def __init__(self, output_field: str | None = None) -> None:
@@ -235,8 +198,7 @@ class _SequenceGathered(ParallelStyle):
 
 
 class _SequenceShardedEmbedding(RowwiseParallel):
-    """Vocab-parallel embedding (rows `Shard(0)`) whose output is reduce-scattered to the sequence shard
-    `Shard(1)`; checks first that T is divisible by tp (the sequence shards must be equal)."""
+    """Vocab-parallel embedding (rows `Shard(0)`), output reduce-scattered to `Shard(1)`; T % tp == 0."""
 
     def __init__(self) -> None:
         super().__init__(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -261,9 +223,8 @@ class _SequenceShardedEmbedding(RowwiseParallel):
 
 
 class _VocabParallelHead(ColwiseParallel):
-    """The LM head for loss parallelism: rows (the vocabulary) `Shard(0)`; in training mode it returns the
-    (B, T, V) logits as a DTensor sharded over V, for a cross-entropy under `loss_parallel()`; in eval mode it
-    all-gathers them into a plain tensor, so evaluation and sampling code runs unchanged."""
+    """The LM head for loss parallelism, rows `Shard(0)`: (B, T, V) logits sharded over V in training,
+    all-gathered into a plain tensor in eval mode (evaluation and sampling run unchanged)."""
 
     def __init__(self, *, input_layouts: Any = None) -> None:
         super().__init__(input_layouts=input_layouts, output_layouts=Shard(-1), use_local_output=False)
@@ -275,9 +236,6 @@ class _VocabParallelHead(ColwiseParallel):
         if mod.training:
             return outputs
         return outputs.redistribute(placements=(Replicate(),)).to_local()
-
-
-# ---------------------------------------------------------------------------------------------------- plans
 
 
 def _check_divisible(module_name: str, what: str, value: int, tp_size: int, why: str) -> None:
@@ -369,8 +327,7 @@ def _gather_input(n_args: int = 1) -> PrepareModuleInput:
 
 
 def _sequence_style(name: str, style: str) -> ParallelStyle:
-    """The torch `ParallelStyle` of a style name in a model's `sequence_parallel_plan()` (the names and what
-    they mean are listed in `vermeil.models.contract`; models import no distributed code)."""
+    """The `ParallelStyle` of a `sequence_parallel_plan()` style name (`vermeil.models.contract`)."""
     kind, _, arg = style.partition(":")
     if kind == "local" and not arg:
         return SequenceParallel()
@@ -390,9 +347,8 @@ def _sequence_style(name: str, style: str) -> ParallelStyle:
 
 
 def _sequence_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """The sequence-parallel entries of a model that describes them (`sequence_parallel_plan()`: the LLM and
-    the hybrid). They override the row-parallel outputs of the Megatron entries: reduce-scatter to `Shard(1)`
-    in place of all-reduce."""
+    """The model's sequence-parallel entries; they override the Megatron row-parallel outputs (reduce-scatter
+    to `Shard(1)` in place of all-reduce)."""
     describe = getattr(model, "sequence_parallel_plan", None)
     if describe is None:
         raise ValueError(
@@ -436,23 +392,11 @@ def _head_plan(
 def tensor_parallel_plan(
     model: nn.Module, tp_size: int, *, sequence_parallel: bool = False, loss_parallel: bool = False
 ) -> dict[str, ParallelStyle]:
-    """The tensor-parallel plan for `model` (see the module docstring for what is split and how).
+    """{module name: ParallelStyle} for `parallelize_module` (the module docstring says what is split).
 
-    Checks every constraint here, before any collective: head counts, feed-forward and expert hidden sizes,
-    Flux's fused layouts and (for `loss_parallel` / `sequence_parallel`) the vocabulary must be divisible by
-    `tp_size`; no KV cache may be set up.
-
-    Args:
-        model: any module tree with `vermeil.nn` attention / feed-forward / MoE modules, or a
-            `vermeil.models` LLM, HybridModel, MambaLM or Flux.
-        tp_size: tensor-parallel degree (>= 1).
-        sequence_parallel: sequence-shard the residual stream, norms included (LLM and HybridModel only).
-        loss_parallel: vocab-sharded logits for a cross-entropy under `loss_parallel()` (LLM, HybridModel,
-            MambaLM).
-
-    Returns:
-        {qualified module name: ParallelStyle} for `parallelize_module` (prefer `apply_tensor_parallel`, which
-        also keeps tied embeddings tied).
+    Checks every constraint before any collective: heads, hidden sizes, Flux's fused layouts and (with
+    `loss_parallel` / `sequence_parallel`) the vocabulary divisible by `tp_size`; no KV cache set up.
+    Prefer `apply_tensor_parallel`, which also keeps tied embeddings tied.
     """
     if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
         raise ValueError(f"tp_size={tp_size!r} must be an int >= 1")
@@ -485,8 +429,7 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
 
 
 def _retie(group: list[tuple[nn.Module, str]]) -> None:
-    """Point every owner of a tied parameter at one DTensor again (parallelize_module distributes each
-    module's copy separately). The plan gives tied weights the same placements; anything else is an error."""
+    """Point every owner of a tied parameter at one DTensor again (parallelize_module splits each copy)."""
     params = [getattr(module, pname) for module, pname in group]
     if all(p is params[0] for p in params):
         return
@@ -514,19 +457,12 @@ def apply_tensor_parallel(
     sequence_parallel: bool = False,
     loss_parallel: bool = False,
 ) -> nn.Module:
-    """Apply tensor parallelism in place with `parallelize_module`.
+    """Apply tensor parallelism in place with `parallelize_module`; tied parameters stay tied.
 
     Args:
-        model: the full (unsharded) model, identical on every rank of `mesh` (same seed or same weights).
+        model: the full model, identical on every rank of `mesh`.
         mesh: a 1-D mesh of the TP ranks, or a multi-dim mesh with a dim named "tp".
-        plan: None builds `tensor_parallel_plan(model, tp, sequence_parallel=..., loss_parallel=...)` (which
-            validates every size first).
-        sequence_parallel, loss_parallel: see `tensor_parallel_plan` (used only when `plan` is None).
-
-    Returns:
-        The same model; its split weights are DTensors (`Shard(0)` column-parallel, `Shard(1)` row-parallel,
-        `_StridedShard` for fused layouts). Without sequence or loss parallelism all inputs and outputs of the
-        model stay plain replicated tensors. Tied parameters stay tied.
+        plan: None builds `tensor_parallel_plan(model, tp, sequence_parallel=..., loss_parallel=...)`.
     """
     if mesh.ndim > 1:
         names = mesh.mesh_dim_names or ()
