@@ -1,14 +1,8 @@
 """transformers `MambaForCausalLM` <-> Vermeil `MambaLM` (state-spaces layout), both ways.
 
-transformers keeps state-spaces' key names except one: the embedding is `backbone.embeddings` (its
-`MambaModel.load_hook` renames mamba_ssm's `backbone.embedding` on load). Everything under `mixer.` (`in_proj`,
-`conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`, `out_proj`), `norm`, `norm_f` and `lm_head` is identical, so the map
-below is one rename plus a strict check that every key is accounted for (missing and unexpected keys are named).
-
-Config names: `_FIELDS` below, plus time_step_rank -> dt_rank. transformers does not pad the vocabulary, so the
-converted model has pad_vocab_size_multiple=1; going back, the padded rows become real rows.
-
-transformers is imported inside `to_transformers_mamba` only; `from_transformers_mamba` reads the model it is given.
+transformers keeps state-spaces' key names but one: the embedding is `backbone.embeddings` (its
+`MambaModel.load_hook` renames mamba_ssm's `backbone.embedding`). transformers does not pad the vocabulary: the
+converted model has pad_vocab_size_multiple=1, and going back the padded rows become real rows.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ __all__ = ["from_transformers_mamba", "hf_to_vermeil_key", "to_transformers_mamb
 
 _HF_EMBED, _VM_EMBED = "backbone.embeddings.", "backbone.embedding."
 
-# MambaConfig field -> transformers MambaConfig field, in both directions.
+# MambaConfig field -> transformers MambaConfig field, read both ways (plus dt_rank <-> time_step_rank)
 _FIELDS = {
     "d_model": "hidden_size",
     "n_layer": "num_hidden_layers",
@@ -56,12 +50,10 @@ def vermeil_to_hf_key(key: str) -> str:
 
 def _config_from_hf(hf_config: Any) -> MambaConfig:
     _check_silu("MambaForCausalLM", hf_config)
-    expand = hf_config.expand
-    inner = getattr(hf_config, "intermediate_size", expand * hf_config.hidden_size)
-    if inner != expand * hf_config.hidden_size:
-        raise ValueError(
-            f"intermediate_size={inner} must equal expand * hidden_size = {expand * hf_config.hidden_size}"
-        )
+    width = hf_config.expand * hf_config.hidden_size
+    inner = getattr(hf_config, "intermediate_size", width)
+    if inner != width:
+        raise ValueError(f"intermediate_size={inner} must equal expand * hidden_size = {width}")
     return MambaConfig(
         **{ours: getattr(hf_config, theirs) for ours, theirs in _FIELDS.items()},
         dt_rank=int(hf_config.time_step_rank),
@@ -72,27 +64,14 @@ def _config_from_hf(hf_config: Any) -> MambaConfig:
 
 
 def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
-    """Convert a transformers `MambaForCausalLM` into a `MambaLM` with the same weights, dtype and device.
-
-    The result's logits equal transformers' (tests/interop/test_transformers_mamba.py checks to 1e-4, and
-    greedy generation token for token).
-
-    Raises:
-        ValueError: an unsupported config (activation other than silu) or keys that do not map.
-    """
+    """A transformers `MambaForCausalLM` as a `MambaLM` with the same weights, dtype and device."""
     state = {hf_to_vermeil_key(k): v for k, v in hf_model.state_dict().items()}
     return _build(MambaLM, _config_from_hf(hf_model.config), state, hf_model)
 
 
 def to_transformers_mamba(model: MambaLM) -> nn.Module:
-    """Convert a `MambaLM` into a transformers `MambaForCausalLM` with the same weights.
-
-    transformers has no vocabulary padding: its `vocab_size` becomes the padded row count, and its logits
-    include the padding rows (Vermeil cuts them off).
-
-    Raises:
-        ValueError: a config transformers cannot express (LayerNorm instead of RMSNorm).
-    """
+    """A `MambaLM` as a transformers `MambaForCausalLM`: its `vocab_size` is the padded row count, so its
+    logits include the padding rows that Vermeil cuts off."""
     import transformers
 
     cfg = model.config
