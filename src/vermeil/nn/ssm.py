@@ -1,12 +1,7 @@
-"""The Mamba (S6) mixer block with state-spaces parameter names and initialisation, and its decoding cache.
+"""The Mamba (S6) mixer block and `_SSMMixer`, the base it shares with `vermeil.nn.mamba2.Mamba2Block`.
 
-`MambaBlock` is state-spaces `mamba_ssm.modules.mamba_simple.Mamba` (Gu & Dao, 2023, arXiv:2312.00752):
-the same submodules and parameters (`in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj`), so a mamba_ssm,
-transformers (`MambaMixer`) or mambapy (`MambaBlock`) state dict loads by name; the same initialisation
-(S4D-real A, inverse-softplus dt bias). The scan is `vermeil.nn.scan.selective_scan` (training and prefill)
-and `selective_step` (one token); tests/nn/test_ssm.py checks parity with mambapy and cached decoding.
-`_SSMMixer`, its base, is also `vermeil.nn.mamba2.Mamba2Block`'s: the cache, the state checks, the causal conv
-and the routing of `forward` between the whole-sequence scan and the one-token step are written once.
+`MambaBlock` is state-spaces `mamba_ssm/modules/mamba_simple.py` `Mamba` (Gu & Dao, 2023, arXiv:2312.00752):
+same parameter names (mamba_ssm, transformers `MambaMixer` and mambapy state dicts load by name) and init.
 
 Axis legend: B batch, L (or T) length, D d_model, E d_inner = expand * d_model, N d_state, R dt_rank,
 K d_conv.
@@ -27,8 +22,7 @@ from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
 
 __all__ = ["MambaBlock", "MambaState"]
 
-# The block's decoding state (conv_state (B, E, K), ssm_state (B, E, N)), under this module's name.
-MambaState = SSMState
+MambaState = SSMState  # conv_state (B, E, K), ssm_state (B, E, N)
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -77,12 +71,10 @@ class _CausalDepthwiseConv(torch.autograd.Function):
 
 
 def _causal_depthwise_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """`F.conv1d(hist.mT, weight, bias, groups=E).mT` for time-major inputs: K shifted multiply-adds.
+    """`F.conv1d(hist.mT, weight, bias, groups=E).mT` as K shifted multiply-adds (cuDNN's conv1d on CUDA).
 
     hist: (B, K - 1 + L, E), the K - 1 inputs before the sequence then the sequence; weight: (E, 1, K);
-    bias: (E,) or None. Returns (B, L, E). Working in (B, L, E) saves the two transposing copies (and their
-    backward twins) that a channels-first conv1d needs around it. On CUDA it is cuDNN's conv1d instead (the
-    two have not been timed against each other on a GPU yet).
+    bias: (E,) or None -> (B, L, E). Time-major saves the two transposing copies a channels-first conv needs.
     """
     dtype = torch.promote_types(hist.dtype, weight.dtype)
     hist, weight = hist.to(dtype), weight.to(dtype)
@@ -103,8 +95,7 @@ def init_dt_bias_(bias: Tensor, dt_min: float, dt_max: float, dt_init_floor: flo
 
 
 class _SSMMixer(nn.Module):
-    """What the Mamba-1 and Mamba-2 blocks share: the decoding cache, the state checks, the causal conv over
-    the carried window, and `forward`'s routing between the whole-sequence `_mix` and the one-token `_step`.
+    """The decoding cache, state checks, causal conv and `forward` of the Mamba-1 and Mamba-2 blocks.
 
     A subclass sets `d_model`, `d_conv`, `in_proj`, `conv1d` and `state_shape` (the conv_state and ssm_state
     shapes per sequence) and implements `_mix(x, conv_state, ssm_state, want_state) -> (out, conv, ssm)` and
@@ -130,11 +121,8 @@ class _SSMMixer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate the decoding state (`state_shape` per sequence): conv_state in dtype, ssm_state in float32.
-
-        max_seq_len is accepted for the shared cache API and unused: the state does not grow with length.
-        dtype and device default to those of in_proj.weight. SSMState checks batch_size.
-        """
+        """Allocate the state (`state_shape` per sequence): conv_state in dtype (default in_proj's), ssm_state
+        in float32. max_seq_len is unused (the state does not grow with length)."""
         check_optional_positive_int("max_seq_len", max_seq_len)
         (channels, d_conv), ssm_shape = self.state_shape
         weight = self.in_proj.weight
@@ -142,12 +130,11 @@ class _SSMMixer(nn.Module):
         self.cache = SSMState(batch_size, channels, d_conv, ssm_shape[-1], ssm_shape=ssm_shape, **kw)
 
     def reset_cache(self) -> None:
-        """Zero the states in place (start a new sequence); a no-op without a cache."""
+        """Zero the states in place; a no-op without a cache."""
         if self.cache is not None:
             self.cache.reset()
 
     def delete_cache(self) -> None:
-        """Drop the cache, returning to plain (training) forwards."""
         self.cache = None
 
     # How many of initial_state's (conv_state, ssm_state) forward checks: Mamba-1 leaves the SSM state to
@@ -155,19 +142,15 @@ class _SSMMixer(nn.Module):
     _checked_initial_states = 2
 
     def _check_states(self, where: str, states: tuple[Tensor, ...], bsz: int) -> None:
-        """Raise naming the state, its shape and the expected one (static shapes only: no sync)."""
         for name, t, shape in zip(("conv_state", "ssm_state"), states, self.state_shape):
             if tuple(t.shape) != (bsz, *shape):
                 raise ValueError(f"{where} {name}.shape={tuple(t.shape)} must be {(bsz, *shape)}")
 
     def _conv(self, xbc: Tensor, conv_state: Tensor | None, want_state: bool) -> tuple[Tensor, Tensor | None]:
-        """SiLU(causal conv) of a whole sequence xbc (B, L, C) after conv_state (B, C, K) (zeros if None).
-
-        Returns the (B, L, C) activations and, if `want_state`, the new conv_state: the last K inputs.
-        """
+        """SiLU(causal conv) of xbc (B, L, C) after conv_state (B, C, K) (zeros if None) -> (B, L, C), and
+        if `want_state` the new conv_state (the last K inputs)."""
         if conv_state is None:
             conv_state = xbc.new_zeros(xbc.shape[0], xbc.shape[-1], self.d_conv)
-        # Everything stays (B, L, C) (no transposing copies): the conv sees the K - 1 inputs before x, then x.
         hist = torch.cat([conv_state.to(xbc.dtype).transpose(1, 2), xbc], dim=1)  # (B, K + L, C)
         new_conv = hist[:, -self.d_conv :].transpose(1, 2) if want_state else None  # (B, C, K) pre-conv
         return F.silu(_causal_depthwise_conv(hist[:, 1:], self.conv1d.weight, self.conv1d.bias)), new_conv
@@ -175,11 +158,8 @@ class _SSMMixer(nn.Module):
     def _conv_step(
         self, xbc: Tensor, conv_state: Tensor, keep: Tensor, inplace: bool
     ) -> tuple[Tensor, Tensor]:
-        """One token xbc (B, C) through the conv: (SiLU(conv) (B, C), the window after it (B, C, K)).
-
-        The window is the last K - 1 inputs of conv_state (zeros where `keep` (1|B, 1) is False: a restart)
-        then xbc; `inplace` writes it into conv_state (the cache) and returns that.
-        """
+        """One token xbc (B, C) -> (SiLU(conv) (B, C), the new window (B, C, K), written into conv_state if
+        `inplace`). Where `keep` (1|B, 1) is False the old window counts as zeros (a restart)."""
         kept = torch.where(keep.unsqueeze(-1), conv_state[:, :, 1:], 0.0)
         window = torch.cat([kept, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
         if inplace:
@@ -197,25 +177,13 @@ class _SSMMixer(nn.Module):
         initial_state: tuple[Tensor, Tensor] | None = None,
         return_final_state: bool = False,
     ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Mix a sequence; with a cache and `input_pos`, continue (or start) a cached sequence.
+        """x (B, T, D) -> (B, T, D), and the final (conv_state, ssm_state) if `return_final_state`.
 
-        Without `input_pos` the cache is not touched: a plain forward from `initial_state` (zeros if None).
-        With a cache (`setup_cache`) and `input_pos` (T,) or (B, T), the states are read from and written back
-        to the cache, continuing from it unless the first position is 0 (then from zeros; no `.item()`).
-        T == 1 runs the recurrent step (O(1) per token, CUDA-graph capturable), T > 1 the scan (prefill or
-        chunked prefill). Without autograd the step updates the cache in place (returned final states are
-        copies); with autograd it is functional.
-
-        Args:
-            x: (B, T, D).
-            input_pos: positions of the T tokens; requires `setup_cache` first.
-            initial_state: (conv_state, ssm_state) before x, of `state_shape` per sequence, differentiable
-                (truncated BPTT: pass the final state of the previous piece). conv_state holds the last K
-                pre-conv inputs, oldest first. Not allowed together with input_pos.
-            return_final_state: also return (conv_state, ssm_state) after x.
-
-        Returns:
-            (B, T, D), and the final (conv_state, ssm_state) if `return_final_state`.
+        Without `input_pos` the cache is untouched: a plain forward from `initial_state` (zeros if None;
+        differentiable, for truncated BPTT; conv_state holds the last K pre-conv inputs, oldest first).
+        With a cache and `input_pos` (T,) or (B, T), the states are read from and written back to the cache,
+        from zeros where the first position is 0 (no `.item()`). T == 1 runs the recurrent step (CUDA-graph
+        capturable; in place without autograd), T > 1 the scan.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x.shape={tuple(x.shape)} must be (B, T, d_model={self.d_model})")
@@ -237,10 +205,8 @@ class _SSMMixer(nn.Module):
             raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
         cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
         self._check_states("the cache's", (cache_conv, cache_ssm), bsz)  # e.g. one set up for another block
-        # zero the carried state where the sequence starts at position 0 (no host sync)
         keep = input_pos.reshape(-1, length)[:, :1] > 0  # (1, 1) or (B, 1)
         if length == 1:
-            # without autograd the step updates the cache in place: no copies of the state
             if not torch.is_grad_enabled():
                 out, conv, ssm = self._step(x, cache_conv, cache_ssm, keep, True)
                 return (out, (conv.clone(), ssm.clone())) if return_final_state else out
@@ -261,25 +227,16 @@ class MambaBlock(_SSMMixer):
     """Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
 
     Args:
-        d_model: D, input and output width.
-        d_state: N, state size per channel.
-        d_conv: K, width of the causal depthwise convolution.
-        expand: E = expand * d_model inner channels (int(expand * d_model), as state-spaces).
+        d_model, d_state, d_conv: D, N (state size per channel) and K (conv width).
+        expand: E = int(expand * d_model) inner channels.
         dt_rank: R, rank of the dt projection; "auto" is ceil(d_model / 16).
         dt_min, dt_max, dt_init_floor: the initial dt is log-uniform in [dt_min, dt_max], floored.
         dt_init, dt_scale: dt_proj.weight ~ U(+-R^-0.5 * dt_scale) ("random") or that constant ("constant").
         conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
-        layer_idx: index of the block in its model (informational, as state-spaces).
-        compile_scan: run the whole-sequence scan through torch.compile'd chunk kernels
-            (`selective_scan(..., compile=True)`): a 4-layer stack (d_model 512) trains 1.2-1.4x faster on
-            a 2-core CPU (bench/mamba.py), after a first call that compiles. A plain attribute: it can be set
-            on a built model too.
-        scan_backend: `selective_scan`'s `backend` (`vermeil.nn.scan.BACKENDS`; `compile_scan` applies where
-            it runs the chunked scan). A plain attribute too (validated at construction).
+        compile_scan: `selective_scan(..., compile=True)`: a 4-layer d_model 512 stack trains 1.2-1.4x faster
+            on a 2-core CPU (bench/mamba.py) after a first compiling call. A plain attribute, as scan_backend.
+        scan_backend: `selective_scan`'s `backend` (`vermeil.nn.scan.BACKENDS`).
         device, dtype: of the parameters; A_log and D are always float32 (Mamba's precision rule).
-
-    Raises:
-        ValueError: on a bad argument, naming it and its value.
     """
 
     _checked_initial_states = 1
@@ -363,8 +320,6 @@ class MambaBlock(_SSMMixer):
             self.A_log.copy_(torch.log(a).expand(self.d_inner, -1))
             self.D.fill_(1.0)
 
-    # -- forward ----------------------------------------------------------------------------------------
-
     def _dt_bc(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (..., E) -> dt (..., E) without its bias (added inside the softplus), B and C (..., N)."""
         dt, b, c = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -378,7 +333,7 @@ class MambaBlock(_SSMMixer):
     def _mix(
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm)."""
+        """x (B, L, D) after the given states -> (out, conv, ssm)."""
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
         # (B, L, E) throughout: the scan reads transposed views, and its y comes back (B, L, E)-major
         xs, new_conv = self._conv(xs, conv_state, want_state)
@@ -402,11 +357,8 @@ class MambaBlock(_SSMMixer):
     def _step(
         self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, keep: Tensor, inplace: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One token, state-spaces `Mamba.step` semantics. x: (B, 1, D). Returns (out, conv, ssm).
-
-        keep (1|B, 1) bool: False where the sequence restarts (the states are taken as zeros); inplace: write
-        the new states into conv_state and ssm_state (the cache) and return them.
-        """
+        """One token x (B, 1, D) -> (out, conv, ssm), state-spaces `Mamba.step`. keep (1|B, 1): False where
+        the sequence restarts (states taken as zeros); inplace: write the states into the given ones."""
         xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
         xs, window = self._conv_step(xs, conv_state, keep, inplace)
         dt, b, c = self._dt_bc(xs)
