@@ -1,27 +1,19 @@
 """The run folder: where a training run, a conversion or a fine-tuning start keeps its files, and how to read it.
 
     config.yaml                         the resolved run config (what `vermeil train --resume` rebuilds from)
-    metrics.jsonl                       one JSON row per log step and per evaluation (`vermeil.train.metrics`)
+    metrics.jsonl                       one JSON row per log step and per evaluation
     loss.png, samples.png               plots (when matplotlib is installed)
-    tokenizer.json                      a converted model's tokenizer (`vermeil convert` copies it; JSON, no code);
-                                        it decodes the weights that carry no `tokenizer` record: a trainer's
-                                        checkpoints record `tokenizer: bytes` (their data were byte tokens)
-    checkpoints/step_000100/            model.safetensors (weights) and state.pt (the training state: optimizer,
-                                        scheduler, RNG and data-sampler states, step, the config as a dict);
-                                        a distributed run adds dcp/ (`vermeil.distributed.checkpoint`)
-    checkpoints/step_000100/manifest.json  the size and sha256 of every file of the folder, and whether a
-                                        distributed run wrote it (JSON, written last)
-    checkpoints/latest                  the name of the newest complete checkpoint folder (`step_*` only)
+    tokenizer.json                      a converted model's tokenizer (weights without a `tokenizer` record)
+    checkpoints/step_000100/            model.safetensors and state.pt (optimizer, scheduler, RNG, sampler,
+                                        step, config); a distributed run adds dcp/
+    checkpoints/step_000100/manifest.json  size and sha256 of every file, written last
+    checkpoints/latest                  the name of the newest complete checkpoint folder
     .lock                               held (`fcntl.flock`) by the one trainer writing the folder
 
-A checkpoint folder is complete when it holds both `model.safetensors` and `state.pt`; files are written
-atomically (`vermeil.checkpoint`) and `latest` moves only after a folder is complete, so a run killed at any
-moment leaves the previous checkpoint loadable.
-
-A run folder is untrusted input (SECURITY.md): nothing in it is unpickled; reading a checkpoint verifies it
-against its manifest (folders from before manifests load unverified). Reading a run and writing one without
-training (`write_run`, for `vermeil convert`) need no training code; `vermeil.train.Trainer` writes its
-checkpoints through this module.
+A checkpoint folder is complete when it holds model.safetensors and state.pt; files are written atomically
+and `latest` moves last, so a run killed at any moment leaves the previous checkpoint loadable. A run folder
+is untrusted input (SECURITY.md): nothing in it is unpickled, and checkpoints are verified against their
+manifests. Nothing here imports training code.
 """
 
 from __future__ import annotations
@@ -86,11 +78,11 @@ MANIFEST = "manifest.json"
 _LATEST = "latest"
 _LOCK = ".lock"
 _STEP_NAME = re.compile(r"step_[0-9]+")  # fullmatch only
-# A converted model's tokenizer files (`vermeil.data.tokenizer.TOKENIZER_FILES`; not imported: runs reads no data).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# The weights' metadata entry saying what their token ids are: "bytes" (the trainer's record: Vermeil's data are
-# bytes). Weights without it read the run folder's tokenizer.json when it has one (`vermeil.data.tokenizer`).
-TOKENIZER_KEY = "tokenizer"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+)  # = vermeil.data.tokenizer's (runs reads no data)
+TOKENIZER_KEY = "tokenizer"  # weights' metadata: "bytes" when a trainer wrote them (its data are byte tokens)
 
 
 class DamagedCheckpointError(ValueError):
@@ -102,7 +94,6 @@ class RunLockedError(RuntimeError):
 
 
 def checkpoint_name(step: int) -> str:
-    """The folder name of step `step`: `step_000100`."""
     return f"step_{step:06d}"
 
 
@@ -146,11 +137,9 @@ def _pointed(run: Path) -> Path | None:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> Path:
-    """The newest complete and intact checkpoint folder of a run (or `run_dir` itself when it is a checkpoint
-    folder).
+    """The newest complete and intact checkpoint folder of a run (or `run_dir` itself if it is one).
 
-    With `verify` (the default) each candidate, newest first, is checked against its manifest
-    (`verify_checkpoint`); a damaged one is named in a `UserWarning` and the next older one is tried.
+    With `verify`, a damaged candidate is named in a `UserWarning` and the next older one is tried.
 
     Raises:
         FileNotFoundError: the folder does not exist, is a file, or holds no complete checkpoint.
@@ -187,10 +176,6 @@ def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -
     raise DamagedCheckpointError(f"{first_error}; no intact checkpoint left in {os.fspath(run)}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# manifests: what a checkpoint folder holds, written last
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -200,7 +185,6 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    # The checkpoint's own files: weights, state and (distributed) dcp/; temporary files are not part of it.
     out = [folder / WEIGHTS, folder / STATE]
     if (folder / DCP).is_dir():
         out += sorted(p for p in (folder / DCP).rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
@@ -209,7 +193,7 @@ def _files(folder: Path) -> list[Path]:
 
 def write_manifest(folder: str | os.PathLike[str], *, distributed: bool = False) -> dict[str, Any]:
     """Write `manifest.json` into a complete checkpoint folder: each file's size and sha256, and whether a
-    distributed run saved it (the only record the trainer trusts before reading a `dcp/` folder)."""
+    distributed run saved it (what the trainer trusts before reading `dcp/`)."""
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
@@ -223,11 +207,7 @@ def write_manifest(folder: str | os.PathLike[str], *, distributed: bool = False)
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of a checkpoint folder, or None for a folder written before manifests existed.
-
-    Raises:
-        DamagedCheckpointError: the manifest is not the JSON `write_manifest` writes.
-    """
+    """A checkpoint folder's manifest, or None without one; DamagedCheckpointError when it is not valid."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -245,7 +225,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def saved_distributed(folder: str | os.PathLike[str]) -> bool:
-    """Whether the manifest of a checkpoint folder records that a distributed run wrote it (False without one)."""
+    """Whether the checkpoint's manifest records that a distributed run wrote it."""
     manifest = read_manifest(folder)
     return bool(manifest and manifest.get("distributed") is True)
 
@@ -255,12 +235,8 @@ _verified: dict[str, tuple[tuple[str, int, int], ...]] = {}
 
 
 def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
-    """Check every file a checkpoint's manifest lists (size, then sha256); without a manifest, that its state.pt
-    and weights are non-empty.
-
-    Raises:
-        DamagedCheckpointError: naming the first file that is missing, of the wrong size or with the wrong hash.
-    """
+    """Check every file a checkpoint's manifest lists (size, then sha256), or without one that its files are
+    non-empty; a DamagedCheckpointError names the first bad file."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -301,12 +277,7 @@ def load_model_weights(model: nn.Module, run_dir: str | os.PathLike[str]) -> Pat
 
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run config of a run folder as a plain dict: its config.yaml, else the copy inside its newest
-    checkpoint's state.pt.
-
-    Raises:
-        FileNotFoundError: no such folder, or neither a config.yaml nor a checkpoint in it.
-    """
+    """The run config of a run folder as a plain dict: its config.yaml, else the newest checkpoint's copy."""
     from vermeil.config import load_yaml
 
     run = Path(run_dir)
@@ -333,14 +304,8 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int, current: Path)
 
 
 def write_run(run_config: Mapping[str, Any], model: nn.Module, run_dir: str | os.PathLike[str]) -> Path:
-    """Write `model` as step 0 of a run folder (config.yaml, checkpoints/step_000000/ with model.safetensors and
-    a state.pt holding the step and the config, checkpoints/latest), so that `vermeil generate`, `sample` and
-    `train --resume` (fine-tuning from these weights, with a fresh optimizer) read it. Returns the checkpoint
-    folder.
-
-    Args:
-        run_config: the resolved run config as a plain dict (`RunConfig.to_dict()`).
-    """
+    """Write `model` as step 0 of a run folder (no optimizer state: `train --resume` fine-tunes from it
+    afresh); `run_config` is `RunConfig.to_dict()`. Returns the checkpoint folder."""
     from vermeil.config import save_yaml
 
     run = Path(run_dir)
@@ -349,7 +314,6 @@ def write_run(run_config: Mapping[str, Any], model: nn.Module, run_dir: str | os
     clean_temp_files(folder)
     save_yaml(dict(run_config), run / CONFIG)
     save_weights(model, folder / WEIGHTS, metadata={"step": "0"})
-    # No optimizer state: a trainer resuming here starts its optimizer, schedule and data afresh.
     save_torch({"step": 0, "config": dict(run_config)}, folder / STATE)  # marks the folder complete
     write_manifest(folder)
     point_latest(run, folder)
@@ -357,8 +321,7 @@ def write_run(run_config: Mapping[str, Any], model: nn.Module, run_dir: str | os
 
 
 def clear_run(run_dir: str | os.PathLike[str]) -> None:
-    """Remove what a run wrote into a folder (checkpoints, metrics, the plots, the config, a converted model's
-    tokenizer files, which would otherwise decode a new model's tokens); other files stay."""
+    """Remove what a run wrote into a folder (a converted model's tokenizer too); other files stay."""
     run = Path(run_dir)
     if (run / CHECKPOINTS_DIR).is_dir():
         shutil.rmtree(run / CHECKPOINTS_DIR)
@@ -366,23 +329,17 @@ def clear_run(run_dir: str | os.PathLike[str]) -> None:
         (run / name).unlink(missing_ok=True)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# one writer per run folder
-
 # Resolved run folders whose lock this process holds (a trainer inside the CLI's lock re-enters it).
 _held: set[str] = set()
 
 
 @contextlib.contextmanager
 def lock_run(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Hold the exclusive lock of a run folder (`fcntl.flock` on `RUN/.lock`, which records the holder's pid and
-    host) for the duration of the block; re-entrant within one process. Yields {"pid", "host"}.
+    """Hold the exclusive lock of a run folder (`fcntl.flock` on `RUN/.lock`, which records the holder's pid
+    and host); re-entrant within one process. Yields {"pid", "host"}; RunLockedError names another holder.
 
-    The kernel releases a flock when its holder dies (SIGKILL included), so a lock file left by a dead process
-    is stale by construction: the next trainer takes it. Without `fcntl` (Windows) nothing is locked.
-
-    Raises:
-        RunLockedError: another process holds the folder (the message names its pid and host).
+    The kernel releases a flock when its holder dies (SIGKILL included): a dead process's lock file is stale
+    by construction. Without `fcntl` (Windows) nothing is locked.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
