@@ -7,21 +7,10 @@ arXiv:2405.21060, "Transformers are SSMs"; state-spaces/mamba `mamba_ssm/modules
     y_t = s_t C_t + D_h * x_t,   then optionally  y_t * silu(z_t)
 
 with dt_t = softplus(dt_raw + dt_bias) (optional), clamped to `dt_limit` in the scan. Heads share B and C in
-G groups: head h reads group h // (H / G) (`repeat_interleave` semantics, as mamba_ssm and transformers; tiling
-the groups instead is a different model).
-
-`ssd_scan_ref` is that loop (the definition, for tests); `ssd_step` is one position of it (decoding);
-`ssd_scan` is the chunked matmul form (the paper's section 6, `ssd_minimal_discrete`; its steps are numbered
-in the code). Every exponent there is <= 0 (a decay from a later position back to an earlier one).
-
-The inter-chunk pass loops over the chunks (L / Q small steps on (B, H, P, N) states) instead of the segsum
-form `exp(segsum(chunk decays)) @ states` used by transformers' torch path: the segsum form costs O((L/Q)^2)
-and, written as a difference of cumulative sums over the whole sequence, loses float32 precision once the
-summed decay is large (its exact masked-cumsum variant is another (L/Q)^2 tensor). The loop is the
-recurrence itself and measured no slower at L/Q = 64 chunks on a 2-core CPU (bench/mamba2.py).
-
-Precision: states and accumulation are float32 whatever the input dtype (float64 stays, for gradcheck);
-outputs are cast back to x's dtype.
+G groups: head h reads group h // (H / G) (`repeat_interleave` semantics, as mamba_ssm and transformers).
+`ssd_scan_ref` is that loop (the definition, for tests), `ssd_step` one position of it (decoding), `ssd_scan`
+the chunked matmul form (the paper's section 6, `ssd_minimal_discrete`). States and accumulation are float32
+whatever the input dtype (float64 stays, for gradcheck); outputs are cast back to x's dtype.
 
 Axis legend: B batch, L length, H heads, P head dim, G groups, N state size, Q chunk length, c chunk count
 (ceil(L / Q)), hg = H / G heads per group.
@@ -133,15 +122,10 @@ def _decay_mask(a_cum: Tensor) -> Tensor:
 class _IntraChunk(torch.autograd.Function):
     """The diagonal blocks of the chunked scan, `y = (decay_mask(a_cum) * CB) @ xdt` per chunk and head.
 
-    Shapes: a_cum (B, G, c, hg, Q), cb (B, G, c, Q, Q) (C B^T, shared by a group's heads), xdt
-    (B, G, c, Q, hg, P) -> y (B, G, c, hg, Q, P).
-
-    Written by hand because autograd through the elementwise chain (difference, mask, exponential, product
-    with CB) keeps several (B, G, c, hg, Q, Q) tensors alive until backward and spends a pass over one for
-    each op of each derivative. Here nothing of that size is saved (the mask is recomputed in backward from
-    a_cum, a Q-times smaller tensor), and the derivatives use the identity d mask / d a_cum = mask * (+-1):
-    with gS = dy @ xdt^T, the gradient of the mask's exponent is gS * mask * CB, whose row sums minus column
-    sums give d a_cum, and d CB is the head sum of gS * mask.
+    a_cum (B, G, c, hg, Q), cb (B, G, c, Q, Q) (C B^T, shared by a group's heads), xdt (B, G, c, Q, hg, P)
+    -> y (B, G, c, hg, Q, P). By hand so that no (B, G, c, hg, Q, Q) tensor is saved for backward (the mask
+    is recomputed from a_cum). With gS = dy @ xdt^T: d CB is the head sum of gS * mask, and since
+    d mask / d a_cum = mask * (+-1), d a_cum is the row sums minus the column sums of gS * mask * CB.
     """
 
     @staticmethod
@@ -182,12 +166,10 @@ def ssd_scan_ref(
     """The SSD recurrence one position at a time (the definition; O(L) Python steps, for tests).
 
     Args:
-        x: (B, L, H, P) inputs. dt: (B, L, H) step sizes (before bias and softplus). A: (H,), negative.
-        B, C: (B, L, G, N), G dividing H. D: (H,) or (H, P) skip, optional. z: (B, L, H, P) gate, optional.
-        dt_bias: (H,), added to dt before the softplus. dt_softplus: apply softplus to dt.
+        x: (B, L, H, P). dt: (B, L, H), before bias and softplus. A: (H,), negative.
+        B, C: (B, L, G, N), G dividing H. D: (H,) or (H, P) skip. z: (B, L, H, P) gate.
         dt_limit: (low, high) clamp of dt after the softplus.
-        initial_state: (B, H, P, N) state before x; zeros if None.
-        return_final_state: also return the state after the last position.
+        initial_state: (B, H, P, N); zeros if None.
 
     Returns:
         y (B, L, H, P) in x.dtype, and the final state (B, H, P, N) in float32 (float64 for float64
@@ -228,23 +210,11 @@ def ssd_scan(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The chunked SSD scan (matmul form); same arguments and results as `ssd_scan_ref`, plus `chunk_size`.
+    """The chunked SSD scan (matmul form): `ssd_scan_ref`'s arguments and results, plus `chunk_size` Q.
 
-    Equals the recurrence for any `chunk_size` >= 1 (L is padded with dt = 0, x = 0 steps, which neither
-    decay nor feed the state). Differentiable in every input, including `initial_state`, and through the
-    returned final state (truncated BPTT and chunked prefill compose). Kept for backward: (B, G, L, Q) C B^T,
-    two (B, L, H, P), two (B, c, H, P, N) and the inputs, linear in L (`_IntraChunk` recomputes its decay
-    mask). Q = 32 and 64 measured alike, 128 slower (a 4-layer d_model 512 stack at L 1024 and 4096, one
-    thread of a 2-core CPU, bench/mamba2.py); mamba_ssm's CUDA kernels default to 256.
-
-    Args:
-        x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state: as
-            `ssd_scan_ref`.
-        chunk_size: Q, positions per chunk.
-
-    Returns:
-        y (B, L, H, P) in x.dtype, and the final state (B, H, P, N) in float32 (float64 for float64
-        inputs) if `return_final_state`.
+    Equals the recurrence for any Q >= 1 (L is padded with dt = 0, x = 0 steps). Differentiable in every
+    input and through the final state. Memory kept for backward is linear in L. Q = 32 and 64 measured alike,
+    128 slower (one thread of a 2-core CPU, bench/mamba2.py); mamba_ssm's CUDA kernels default to 256.
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
@@ -279,7 +249,9 @@ def ssd_scan(
     states = bc.transpose(-1, -2) @ (xdt * to_end[..., None]).reshape(bsz, groups, nc, q, hg * p)
     states = states.view(bsz, groups, nc, n, hg, p)  # (B, G, c, N, hg, P): the state transposed
 
-    # 3. Inter-chunk: the state entering chunk k is decay_{k-1} * state_in[k-1] + states[k-1] (the recurrence)
+    # 3. Inter-chunk: the state entering chunk k is decay_{k-1} * state_in[k-1] + states[k-1]. A loop of L/Q
+    # steps, not transformers' segsum form, which is O((L/Q)^2) and loses float32 precision once the summed
+    # decay is large; the loop measured no slower at L/Q = 64 (2-core CPU, bench/mamba2.py).
     chunk_decay = _exp(a_cum[..., -1])[:, :, :, None, :, None]  # (B, G, c, 1, hg, 1)
     if initial_state is None:
         s = states.new_zeros(bsz, groups, n, hg, p)
@@ -318,20 +290,14 @@ def ssd_step(
     dt_softplus: bool = False,
     inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One position of the recurrence (decoding): O(1) in the length.
-
-    dt is NOT clamped to a dt limit: mamba_ssm's `Mamba2.step` / `selective_state_update` and transformers'
-    `mamba2_selective_state_update` do not clamp either, and matching them token for token matters more
-    than matching the scan when a limit is set (with no limit, the step equals the scan).
-    No host sync and no data-dependent branch: CUDA-graph capturable.
+    """One position of the recurrence (decoding), CUDA-graph capturable. No dt limit: mamba_ssm's
+    `selective_state_update` and transformers' step do not clamp either (with no limit, step == scan).
 
     Args:
-        state: (B, H, P, N) state before the step (float32 in a low-precision model).
-        x: (B, H, P). dt: (B, H) (before bias and softplus). A: (H,). B, C: (B, G, N), G dividing H.
-        D: (H,) or (H, P), optional. z: (B, H, P) gate, optional. dt_bias: (H,). dt_softplus: as `ssd_scan`.
-        inplace: write the new state into `state` (a decoding cache) instead of a new tensor: two passes over
-            the state instead of four, no allocation. `state` must then be contiguous, and must not be needed
-            by autograd (run under `torch.no_grad()`, or on a state that is no graph's input).
+        state: (B, H, P, N), float32 in a low-precision model. x: (B, H, P). dt: (B, H). A: (H,).
+        B, C: (B, G, N). D: (H,) or (H, P). z: (B, H, P).
+        inplace: update `state` (a contiguous cache that autograd does not need) instead of allocating: two
+            passes over the state instead of four.
 
     Returns:
         y (B, H, P) in x.dtype, and the new state (B, H, P, N) in state.dtype (`state` itself if `inplace`).
@@ -361,11 +327,10 @@ def _ssd_step(
     inplace: bool = False,
     keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`ssd_step` without the argument checks (the decoding hot path of Mamba2Block).
+    """`ssd_step` without the checks (Mamba2Block's decoding hot path).
 
-    keep: (B, 1) or (1, 1) boolean, optional: where False the state before the step is taken as zeros (a
-    sequence restarting at position 0). It is folded into the decay (a zero decay), which costs no pass over
-    the state; it assumes the stale state is finite (0 * inf would be nan), as any state a model wrote is.
+    keep: (B|1, 1) bool; where False the old state counts as zeros (a restart), folded into the decay at no
+    cost. Assumes the stale state is finite (0 * inf is nan), as any state a model wrote is.
     """
     bsz, heads, p = x.shape
     groups, n = B.shape[-2:]
