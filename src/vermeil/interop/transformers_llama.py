@@ -1,26 +1,16 @@
-"""transformers `LlamaForCausalLM` / `Llama4ForCausalLM` (text) <-> Vermeil `LLM` (Meta's names).
-
-Key maps (meta-llama/llama-models `llama4/model.py`; transformers `modeling_llama.py`, `modeling_llama4.py`):
-`_renames` below, plus three transforms. Llama 1-3's q/k rows are permuted (see RoPE pairing); a Llama 4 MoE
-layer's `feed_forward.router.weight` (E, D) is transposed into `router.router_DE`, and its
-`feed_forward.experts.gate_up_proj` (E, D, 2F) splits along the last axis into `experts.w1 | w3`, gate first.
+"""transformers `LlamaForCausalLM` / `Llama4ForCausalLM` (text) <-> Vermeil `LLM` (Meta's names), after
+meta-llama/llama-models `llama4/model.py` and transformers `modeling_llama.py`, `modeling_llama4.py`.
 
 RoPE pairing: transformers' Llama 1-3 rotates channel i with i + Dh/2 (`rotate_half`), Meta and Vermeil rotate
-2i with 2i + 1. Meta's checkpoints were converted to transformers with `permute` (q/k rows of each head
-reordered: evens first, then odds), so going back un-permutes (torchtitan `_reverse_permute`); attention scores
-are then identical. transformers' Llama 4 keeps the interleaved (complex) RoPE: no permutation.
+2i with 2i + 1; Meta's checkpoints reached transformers through `permute` (each head's q/k rows: evens, then
+odds), so going back un-permutes and the attention scores are identical. Llama 4 keeps Meta's pairing.
 
-Layer rules: transformers' `no_rope_layers[i] == 1` means the layer USES RoPE (despite the name); its
-`layer_types` are "chunked_attention" on RoPE layers and "full_attention" on NoPE layers, which is Vermeil's
-(and Meta's) rule; any other combination is refused. `moe_layers` is carried over as a list.
+Where transformers' Llama 4 and Meta's reference differ: transformers applies the chunk rule at one-token
+decode too (Meta builds masks only when seqlen > 1), as Vermeil does; its temperature tuning counts positions
+from the cache length, Meta and Vermeil from the token positions, and its chunk boundaries shift with left
+padding: all equal for the unpadded prompts of Vermeil's generate.
 
-Where transformers' Llama 4 and Meta's reference differ (Vermeil follows the former, which is the consistent
-one): Meta's one-token decode ignores the chunk rule (its masks are built only when seqlen > 1); transformers
-applies it at every step with a chunk-bounded cache, as Vermeil does. transformers' temperature tuning counts
-positions from the cache length (`past_seen_tokens`), Meta and Vermeil from the token positions: the same for
-unpadded prompts. transformers' chunk boundaries shift with left padding; Vermeil's generate never pads.
-
-Shapes: D model dim, E experts, F expert hidden dim, H heads, Hkv kv heads, Dh head dim.
+Shapes: D model dim, E experts, F expert hidden dim, H heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -109,7 +99,7 @@ def _model_args(config: Any, kind: str) -> ModelArgs:
     if kind == "llama":
         return ModelArgs(hidden_dim=config.intermediate_size, **common)
     n = config.num_hidden_layers
-    use_rope = [bool(x) for x in config.no_rope_layers[:n]]
+    use_rope = [bool(x) for x in config.no_rope_layers[:n]]  # no_rope_layers[i] == 1: layer i USES RoPE
     chunk = config.attention_chunk_size
     expected = ["chunked_attention" if r and chunk is not None else "full_attention" for r in use_rope]
     types = list(config.layer_types[:n]) if getattr(config, "layer_types", None) else expected
@@ -148,8 +138,7 @@ def _ffn(i: int, kind: str) -> str:
 
 
 def _renames(args: ModelArgs, kind: str) -> list[tuple[str, str]]:
-    """(transformers name, Vermeil name) of every tensor that is renamed only; the callers permute q/k rows
-    for Llama 1-3 and split/fuse the MoE layers' experts and router."""
+    """(transformers name, Vermeil name) of every tensor that is only renamed."""
     pairs = [
         ("model.embed_tokens.weight", "tok_embeddings.weight"),
         ("model.norm.weight", "norm.weight"),
@@ -169,8 +158,8 @@ def _renames(args: ModelArgs, kind: str) -> list[tuple[str, str]]:
 
 
 def _convert_state(sd: dict[str, Tensor], args: ModelArgs, kind: str, to_vermeil: bool) -> dict[str, Tensor]:
-    """`_renames` read one way or the other, plus the q/k row permutation (Llama 1-3), the MoE experts'
-    split / fused gate and up, and the transposed router."""
+    """`_renames` read one way or the other, plus the q/k row permutation (Llama 1-3), the MoE router
+    (E, D) <-> `router_DE` transposed, and gate_up_proj <-> experts' w1 | w3."""
     src, dst = (0, 1) if to_vermeil else (1, 0)
     if to_vermeil:
         sd = {"lm_head.weight": sd["model.embed_tokens.weight"], **sd}  # tied: no lm_head entry
@@ -180,10 +169,8 @@ def _convert_state(sd: dict[str, Tensor], args: ModelArgs, kind: str, to_vermeil
         ours, ff = f"layers.{i}.feed_forward.", _ffn(i, kind)
         if kind == "llama":
             for p, heads in (("q", args.n_heads), ("k", args.n_kv_heads)):
-                key = (f"model.layers.{i}.self_attn.{p}_proj.weight", f"layers.{i}.attention.w{p}.weight")[
-                    dst
-                ]
-                out[key] = permute(out[key], heads)  # type: ignore[arg-type]
+                pair = (f"model.layers.{i}.self_attn.{p}_proj.weight", f"layers.{i}.attention.w{p}.weight")
+                out[pair[dst]] = permute(out[pair[dst]], heads)  # type: ignore[arg-type]
         if args.is_moe_layer(i):
             router = (ff + "router.weight", ours + "router.router_DE")
             out[router[dst]] = sd[router[src]].T
@@ -197,12 +184,11 @@ def _convert_state(sd: dict[str, Tensor], args: ModelArgs, kind: str, to_vermeil
 
 
 def from_transformers_llama(hf_model: nn.Module) -> LLM:
-    """Convert a transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` into an `LLM` (same dtype and
-    device), loading every weight strictly.
+    """A transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` as an `LLM` (same dtype and device).
 
     Raises:
-        ValueError: another class, or a config Vermeil cannot express (biases, other RoPE types, layer types
-            outside Llama 4's rule).
+        ValueError: another class, biases, a RoPE type other than default and llama3, or layer types outside
+            Llama 4's rule.
     """
     name = type(hf_model).__name__
     if name not in _KINDS:
@@ -243,14 +229,13 @@ def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
     common.update(rope_parameters=rope, **_NO_SPECIAL_TOKENS)
     if target == "llama":
         return transformers.LlamaConfig(intermediate_size=a.dense_hidden_dim(), **common)
-    moe_layers = [i for i in range(a.n_layers) if a.is_moe_layer(i)]
     moe = a.moe_args
     return transformers.Llama4TextConfig(
         intermediate_size=a.expert_hidden_dim() if moe is not None else a.dense_hidden_dim(),
         intermediate_size_mlp=a.dense_hidden_dim(),
         num_local_experts=moe.num_experts if moe is not None else 1,
         num_experts_per_tok=moe.top_k if moe is not None else 1,
-        moe_layers=moe_layers,
+        moe_layers=[i for i in range(a.n_layers) if a.is_moe_layer(i)],
         use_qk_norm=a.use_qk_norm,
         no_rope_layers=[int(not a.is_nope_layer(i)) for i in range(a.n_layers)],
         attention_chunk_size=a.attention_chunk_size,
@@ -267,10 +252,8 @@ def to_transformers_llama_state_dict(model: LLM, target: str | None = None) -> d
 
 
 def to_transformers_llama(model: LLM, target: str | None = None) -> nn.Module:
-    """Build the transformers model (`LlamaForCausalLM` or `Llama4ForCausalLM`) holding `model`'s weights.
-
-    target: "llama", "llama4" or None (chosen from the architecture, see `transformers_llama_config`).
-    """
+    """The transformers `LlamaForCausalLM` or `Llama4ForCausalLM` (`target`, as in `transformers_llama_config`)
+    holding `model`'s weights."""
     import transformers
 
     target = target or _target(model)
