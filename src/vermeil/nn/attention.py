@@ -1,16 +1,8 @@
-"""Scaled dot-product attention: one function with four backends, and the one `Attention` module.
-
-`attention(q, k, v, mask, causal=...)` backends:
-    - "sdpa": `F.scaled_dot_product_attention`, which on CPU runs a fused flash kernel for every input we
-      produce (causal or not, boolean masks, GQA through `enable_gqa`): memory O(T x Dh), never T x S.
-    - "math": the definition, materialising the (T, S) scores; the reference the tests compare against.
-    - "flash": SDPA restricted to the fused kernels; where none serves the inputs, an error naming what is
-      not served instead of torch's "No available kernel".
-    - "flex": FlexAttention (`vermeil.nn.flex`): only the non-empty 128 x 128 tiles of the mask are computed.
+"""Scaled dot-product attention: the `attention` function (four backends) and the one `Attention` module.
 
 Causality is by position, bottom-right aligned when T < S (query i sits at position S - T + i, as in
-cached decoding and in `vermeil.nn.masks`). SDPA's `is_causal` is top-left aligned, so it is used only when
-T == S (x-transformers #187 is this bug).
+`vermeil.nn.masks`). SDPA's `is_causal` is top-left aligned, so it is used only when T == S
+(x-transformers #187 is this bug).
 
 Axis legend: B batch, T query length, S key length, D model dim, Dc context dim, H heads,
 Hkv kv heads, G = H / Hkv query heads per kv head, Dh head dim.
@@ -53,20 +45,15 @@ __all__ = [
 
 AttentionBackend = Literal["sdpa", "math", "flash", "flex", "auto"]
 _BACKENDS = ("sdpa", "math", "flash", "flex")  # attention()
-_MODULE_BACKENDS = (*_BACKENDS, "auto")  # Attention: "auto" resolves per call (see Attention._backend_for)
+_MODULE_BACKENDS = (*_BACKENDS, "auto")  # Attention: "auto" resolves per call (Attention._backend_for)
 
-# `enable_gqa` arrived in torch 2.5; pyproject allows 2.4, which gets the expand fallback below. The
-# docstring of the builtin carries its signature, so this is a feature check, not a version parse.
+# `enable_gqa` arrived in torch 2.5 (pyproject allows 2.4): a feature check on the builtin's docstring.
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 # The fused kernels; "flash" allows only these (cuDNN only where this torch has it).
 _FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] + (
     [SDPBackend.CUDNN_ATTENTION] if hasattr(SDPBackend, "CUDNN_ATTENTION") else []
 )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The function
 
 
 def _check_mask(mask: Tensor, b: int, h: int, t: int, s: int, *, padding: bool = False) -> None:
@@ -93,9 +80,9 @@ def _bottom_right_causal(t: int, s: int, device: torch.device) -> Tensor:
 def _cpu_flash_combines_mask_and_causal() -> bool:
     """Whether this torch's fused CPU kernel applies `attn_mask` and `is_causal` together, exactly.
 
-    SDPA documents the two as exclusive (the math kernel raises), but the CPU flash kernel of torch 2.13 takes
-    both and then skips the blocks above the diagonal: twice as fast as the causal part folded into the mask
-    (bench/attention.py). Any error or mismatch of this one-off probe means the folded mask is used.
+    SDPA documents the two as exclusive, but the CPU flash kernel of torch 2.13 takes both and skips the
+    blocks above the diagonal: twice as fast as folding causality into the mask (bench/attention.py). Any
+    error or mismatch of this one-off probe means the folded mask is used.
     """
     try:
         g = torch.Generator().manual_seed(0)
@@ -111,11 +98,8 @@ def _cpu_flash_combines_mask_and_causal() -> bool:
 
 
 def _fused_cpu_causal_with_mask(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
-    """Whether SDPA will run its CPU flash kernel on these inputs with a mask and is_causal=True together.
-
-    The conditions torch checks before choosing the kernel (sdp_utils_cpp), and not under torch.compile,
-    whose SDPA lowering follows the documented contract.
-    """
+    """Whether SDPA runs its CPU flash kernel here with a mask and is_causal=True together: torch's own
+    conditions (sdp_utils_cpp), and not under torch.compile, whose lowering follows the documented contract."""
     return (
         q.device.type == "cpu"
         and dropout_p == 0.0
@@ -136,10 +120,7 @@ def _math_attention(
     A query whose keys are all masked gets a zero output, as SDPA gives in torch >= 2.5.
     """
     groups = q.shape[1] // k.shape[1]  # kv head j serves query heads j*G .. j*G + G - 1
-    k, v = (
-        k.repeat_interleave(groups, 1),
-        v.repeat_interleave(groups, 1),
-    )  # (B, H, S, Dh): clarity over memory
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # (B, H, S, Dh)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if mask is not None:
         # finfo.min rather than -inf: a fully masked row stays finite (uniform), then is zeroed below.
@@ -157,11 +138,9 @@ def _sdpa(
 ) -> Tensor:
     gqa: dict[str, bool] = {}
     if q.shape[1] != k.shape[1]:
-        # GQA without repeating K/V: on CPU (torch 2.13) the fused flash kernel takes enable_gqa with and
-        # without a mask, at the memory of MHA (bench/attention.py measures it). On CUDA torch documents
-        # enable_gqa for the flash and math kernels only; flash takes no mask, so a masked GQA call would
-        # land on the math kernel (T x S scores). There we expand K/V instead, which keeps the
-        # memory-efficient kernel (not verified on a GPU here).
+        # On CPU (torch 2.13) the fused flash kernel takes enable_gqa with or without a mask. On CUDA
+        # enable_gqa is for the flash and math kernels only, and flash takes no mask: a masked GQA call would
+        # land on the math kernel (T x S scores), so K/V are expanded to keep the memory-efficient kernel.
         if _HAS_ENABLE_GQA and (mask is None or q.device.type == "cpu"):
             gqa["enable_gqa"] = True
         else:
@@ -219,23 +198,16 @@ def attention(
 ) -> Tensor:
     """Scaled dot-product attention with grouped kv heads, boolean masks and bottom-right causality.
 
+    q: (B, H, T, Dh), k and v: (B, Hkv, S, Dh) with Hkv dividing H -> (B, H, T, Dh) in q.dtype.
+
     Args:
-        q: (B, H, T, Dh) queries.
-        k: (B, Hkv, S, Dh) keys, H divisible by Hkv (GQA/MQA served without repeating K/V where the kernel can).
-        v: (B, Hkv, S, Dh) values.
         mask: bool, True = may attend, broadcastable to (B, H, T, S) with 4 dims, e.g. (B, 1, 1, S) padding or
             (1, 1, T, S) local masks from `vermeil.nn.masks`. A query with no visible key outputs zeros.
         causal: query i attends keys up to position S - T + i (bottom-right); needs T <= S.
-        scale: multiplies the scores; None means Dh ** -0.5.
-        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
-        backend: "sdpa", "math", "flash" or "flex" (see the module docstring).
-
-    Returns:
-        (B, H, T, Dh) in q.dtype.
-
-    Raises:
-        ValueError: bad shapes or backend; `backend="flash"` with inputs no fused kernel takes (RuntimeError
-            when torch itself finds no fused kernel); `backend="flex"` with dropout.
+        scale: None means Dh ** -0.5.
+        backend: "sdpa" (`F.scaled_dot_product_attention`); "math" (the definition, (T, S) scores: the
+            reference of the tests); "flash" (SDPA's fused kernels only, with an error naming what none
+            serves instead of torch's "No available kernel"); "flex" (`vermeil.nn.flex`, no dropout).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
@@ -283,12 +255,10 @@ def chunked_causal_attention(
     dropout_p: float = 0.0,
     backend: AttentionBackend = "sdpa",
 ) -> Tensor:
-    """Chunked causal attention (Llama 4) over positions 0..T-1 as T/C independent causal blocks.
+    """Chunked causal attention (Llama 4) as T/C independent causal blocks: O(T x C), no (T, T) mask.
 
-    Chunks of C (zero-padded at the end: padded keys follow every real query of their chunk, so causality
-    hides them) each run through SDPA's is_causal kernel: O(T x C) work and no (T, T) mask. It equals
-    `attention(q, k, v, attention_mask(pos, pos, chunk=C))`.
-
+    Equals `attention(q, k, v, attention_mask(pos, pos, chunk=C))`. The last chunk is zero-padded: padded
+    keys follow every real query of their chunk, so causality hides them.
     q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
     """
     b, _, t, _ = q.shape
@@ -306,50 +276,32 @@ def chunked_causal_attention(
     return out.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3)[:, :, :t]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The module
-
-
 class Attention(nn.Module):
     """Multi-head attention for self- and cross-attention: MHA, GQA (kv_heads < heads) and MQA (kv_heads=1).
 
-    The one attention module of the house: the blocks, the vision encoder, the LLM (Llama 4: RoPE or NoPE
-    layers, chunked attention, weightless qk norm after RoPE, temperature tuning) and the hybrid use it.
-    Projections carry Meta's names `wq`, `wk`, `wv`, `wo`. Order inside: project; qk norm and RoPE in the
-    order `qk_norm_after_rope` chooses; the position-dependent q scale (`q_scale`); the cache write;
-    attention; merge heads; `wo`.
-
-    Positions enter as RoPE tables passed to `forward` (`rope=`, computed once per model forward by
-    `RotaryEmbedding.tables`), an injected `rotary` module that rotates q and k itself (with xPos if it has
-    it), or not at all (NoPE). Masks (causal, `window`, `chunk`, a padding or custom `mask`) are the rules of
-    `vermeil.nn.masks`, applied by position. Fast paths, each equal to the masked definition
-    (tests/nn/test_attention.py, test_flex.py): SDPA's `is_causal` for plain causal attention, chunks as
-    independent causal blocks (`chunked_causal_attention`), and with backend "flex" (or "auto" on CUDA) the
-    rules as FlexAttention mask functions.
+    The house's one attention module (blocks, vision encoder, LLM, hybrid), with Meta's projection names
+    `wq`, `wk`, `wv`, `wo`. Order inside: project; qk norm and RoPE (order per `qk_norm_after_rope`); `q_scale`;
+    the cache write; attention; merge heads; `wo`. Masks are the rules of `vermeil.nn.masks`, by position.
+    Fast paths, each equal to the masked definition (tests/nn/test_attention.py, test_flex.py): SDPA's
+    `is_causal`, chunks as independent causal blocks, and FlexAttention for backend "flex" (or "auto").
 
     Args:
-        dim: D, width of x and of the output.
-        heads: H query heads.
-        kv_heads: Hkv key/value heads, dividing H; None means H (MHA).
-        head_dim: Dh; None means D / H (which must then divide).
+        head_dim: Dh; None means dim / heads (which must then divide).
         context_dim: Dc, width of `context`; setting it makes this a cross-attention module.
-        causal: causal by position (bottom-right when T < S). Required for a KV cache.
+        causal: by position (bottom-right when T < S). Required for a KV cache.
         qk_norm: None, "rms" (Flux; learnable scale), "l2" (PaLM/Zeta), or a module called as
             `qk_norm(q, k) -> (q, k)`, e.g. `QKNorm(Dh, "rms", learnable=False)` (Llama 4's weightless norm).
         qk_norm_after_rope: False normalises then rotates (Flux); True rotates then normalises (Llama 4).
-        bias: biases on the projections: a bool for wq, wk, wv and wo alike, or a pair (qkv_bias, out_bias)
-            (Qwen2: (True, False); Flux: (False, True)).
-        dropout: dropout on the attention probabilities, in training mode only (on CPU, SDPA serves dropout
-            with its math kernel only, so a training step with dropout materialises the T x S scores).
-        rotary: an injected `RotaryEmbedding` called as `rotary(q, k, input_pos)`; self-attention only.
-        window: sliding-window size (attend to the last `window` positions, itself included), or None.
+        bias: a bool for wq, wk, wv and wo alike, or a pair (qkv_bias, out_bias) (Qwen2: (True, False);
+            Flux: (False, True)).
+        dropout: on the attention probabilities, in training only (on CPU SDPA serves dropout with its math
+            kernel only, which materialises the T x S scores).
+        rotary: a module called as `rotary(q, k, input_pos)` (e.g. an xPos `RotaryEmbedding`); self-attention
+            only. Otherwise positions enter as `rope=` tables in `forward`, or not at all (NoPE).
+        window: sliding-window size (the last `window` positions, itself included), or None.
         chunk: chunked local attention block size (Llama 4), or None.
-        scale: attention scale; None means Dh ** -0.5 (the PaLM block with l2 qk norm uses a fixed one).
-        backend: "sdpa" (default), "math" (reference), "flash" (fused kernels only), "flex" (FlexAttention
-            without a cache; a KV cache keeps SDPA) or "auto" (see `_backend_for`).
-
-    `reset_parameters()` gives every projection `nn.Linear`'s default init and QKNorm scales of one; a
-    model-level scheme belongs to the model's own init.
+        scale: None means Dh ** -0.5 (the PaLM block with l2 qk norm uses a fixed one).
+        backend: "sdpa", "math", "flash", "flex" (a KV cache keeps SDPA) or "auto" (`_backend_for`).
     """
 
     kv_cache: KVCache | RingKVCache | None
@@ -428,8 +380,6 @@ class Attention(nn.Module):
         if self.qk_norm is not None and hasattr(self.qk_norm, "reset_parameters"):
             self.qk_norm.reset_parameters()
 
-    # -- cache ------------------------------------------------------------------------------------------
-
     def setup_cache(
         self,
         batch_size: int,
@@ -438,12 +388,10 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate a static cache, used by every forward given `input_pos`.
+        """Allocate a static cache, used by every forward given `input_pos` (dtype, device: `wk.weight`'s).
 
-        A full `KVCache` (B, Hkv, max_seq_len, Dh), or with `window` and/or `chunk` a `RingKVCache` of
-        min(window, chunk, max_seq_len) slots: a local query never sees further back. A forward without
-        `input_pos` neither reads nor writes the cache, so training can go on while a cache is allocated.
-        dtype and device default to those of `wk.weight`.
+        A full `KVCache`, or with `window` and/or `chunk` a `RingKVCache` of min(window, chunk, max_seq_len)
+        slots: a local query never sees further back. A forward without `input_pos` ignores the cache.
         """
         if not self.causal:
             raise ValueError("a KV cache needs causal=True (decoding attends to earlier positions only)")
@@ -472,8 +420,6 @@ class Attention(nn.Module):
     def delete_cache(self) -> None:
         """Drop the cache, returning to plain (training) forwards."""
         self.kv_cache = None
-
-    # -- forward ----------------------------------------------------------------------------------------
 
     def _check_inputs(
         self,
@@ -514,12 +460,11 @@ class Attention(nn.Module):
     def _backend_for(
         self, x: Tensor, cache: KVCache | RingKVCache | None, mask: Tensor | None, dropout_p: float
     ) -> AttentionBackend:
-        """The backend of this call, "auto" and "flex" resolved.
+        """The backend of this call, "auto" and "flex" resolved ("flex" with a cache runs on SDPA).
 
-        "auto" picks FlexAttention where its block sparsity pays and the fused kernel exists: on CUDA, without
-        a cache (decoding is SDPA's territory) and without dropout (FlexAttention has none), for a sliding
-        window, or chunks with a padding mask (chunks alone run as causal blocks on SDPA's flash kernel), at
-        a power-of-two head dim >= 16 (the Triton kernel's tiles). "flex" with a cache runs on SDPA.
+        "auto" picks FlexAttention where its block sparsity pays: on CUDA, without a cache or dropout, for a
+        sliding window or chunks with a padding mask (chunks alone run as causal blocks on SDPA), at a
+        power-of-two head dim >= 16 (the Triton kernel's tiles).
         """
         if self.backend == "auto":
             local = self.window is not None or (self.chunk is not None and mask is not None)
@@ -546,10 +491,9 @@ class Attention(nn.Module):
     def _mask(
         self, user: Tensor | None, input_pos: Tensor | None, t: int, s: int
     ) -> tuple[Tensor | None, bool]:
-        """Without a cache: the boolean mask for `attention`, and the `causal` flag to pass with it.
+        """Without a cache: the bool mask for `attention` and the `causal` flag to pass with it.
 
-        Keys sit at 0..S-1 and queries at the last T of them (bottom-right when T < S), or, for
-        self-attention given `input_pos`, at those positions. `user`: the caller's mask, 4-D.
+        Keys sit at 0..S-1 and queries at the last T of them, or for self-attention at `input_pos`.
         """
         if self.window is None and self.chunk is None:
             return user, self.causal  # causality is left to `attention` (SDPA's is_causal where it can)
@@ -584,23 +528,16 @@ class Attention(nn.Module):
         rope: RopeTables | None = None,
         q_scale: Tensor | None = None,
     ) -> Tensor:
-        """Attend from x to x (or to context).
+        """x: (B, T, D), context: (B, S, Dc) for cross-attention -> (B, T, D).
 
         Args:
-            x: (B, T, D).
-            context: (B, S, Dc) for cross-attention, else None.
             mask: bool, True = may attend: (B, S) key padding, or (B|1, 1|H, T, S). With a cache, S is the
                 cache length S_max (positions, whatever the cache's layout).
             input_pos: (T,) or (B, T) integer positions. Without a cache they feed `rotary` and the local
-                (window, chunk) masks; plain causality follows index order (query i at S - T + i). With a cache,
-                (T,) consecutive positions where the new keys/values are written; attention then spans the
-                cache under a position mask.
-            rope: `RopeTables` for these T positions (e.g. `RotaryEmbedding.tables(input_pos)`), or None.
-            q_scale: (T,) or (B, T) factor on the queries by position, e.g. `temperature_scale(input_pos)`
-                (Llama 4 NoPE layers), or None.
-
-        Returns:
-            (B, T, D).
+                (window, chunk) masks; plain causality follows index order. With a cache, (T,) consecutive
+                positions where the new keys/values are written; attention then spans the cache.
+            rope: `RopeTables` for these T positions (`RotaryEmbedding.tables`), computed once per model forward.
+            q_scale: (T,) or (B, T) factor on the queries, e.g. `temperature_scale(input_pos)` (Llama 4 NoPE).
         """
         self._check_inputs(x, context, input_pos, rope, q_scale)
         b, t, _ = x.shape
@@ -632,8 +569,7 @@ class Attention(nn.Module):
             # The mask first, before the projections: its transient buffers never coexist with q, k, v.
             full, causal = self._mask(user, input_pos, t, s_in)
 
-        # Head counts are read from the projections (-1), not self.heads: under tensor parallelism each rank
-        # holds a shard of the heads and the same code runs on its local ones.
+        # Head counts come from the projections (-1): under tensor parallelism a rank holds a shard of them.
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.wk(src).view(b, s_in, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
         v = self.wv(src).view(b, s_in, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
@@ -655,16 +591,8 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
             full, causal = self._cache_mask(user, input_pos, kv_pos), False
         if flex_rules:
-            out = flex_attention(
-                q,
-                k,
-                v,
-                causal=self.causal,
-                window=self.window,
-                chunk=self.chunk,
-                key_padding_mask=mask,
-                scale=self.scale,
-            )
+            rules = {"causal": self.causal, "window": self.window, "chunk": self.chunk}
+            out = flex_attention(q, k, v, **rules, key_padding_mask=mask, scale=self.scale)
         elif blocks:
             assert self.chunk is not None  # internal: `blocks` implies a chunk
             out = chunked_causal_attention(
@@ -701,11 +629,7 @@ class SelfAttention(Attention):
 
 
 class CrossAttention(Attention):
-    """Attention from x (B, T, D) to a context (B, S, Dc): never causal, no rotary, `context` required.
-
-    Args: dim (D), context_dim (Dc), heads (H); kv_heads, head_dim, qk_norm, qk_norm_after_rope, bias,
-    dropout, scale, backend, device, dtype as in `Attention`.
-    """
+    """Attention from x (B, T, D) to a context (B, S, Dc): never causal, no rotary, `context` required."""
 
     def __init__(
         self,

@@ -1,12 +1,9 @@
 """Static inference caches: preallocated non-persistent buffers written in place, so decoding keeps static
 shapes and no cache lands in a checkpoint.
 
-`KVCache` follows gpt-fast: full `max_seq_len` buffers written with `index_copy_` at a position *tensor*, so
-under `torch.compile(fullgraph=True)` a decode step never recompiles as the position advances (a Python-int
-slice would). `RingKVCache` is the bounded form for local attention (a sliding window or Llama 4's chunks).
-Both answer `update_with_positions(input_pos, k, v) -> (k_all, v_all, kv_pos)`: the keys and values to attend
-over and the position of each, so one attention module serves either cache through the same position masks.
-`SSMState` is the recurrent-state counterpart for a Mamba or Mamba-2 block.
+As gpt-fast, writes use `index_copy_` at a position *tensor*, so under `torch.compile(fullgraph=True)` a
+decode step never recompiles as the position advances. Both KV caches answer
+`update_with_positions(input_pos, k, v) -> (k_all, v_all, kv_pos)`, so one attention module serves either.
 
 Axis legend: B batch, Hkv kv heads, S_max cache length, Dh head dim, T new tokens,
 E inner (expanded) channels, K conv width, N state size.
@@ -30,18 +27,9 @@ def _kv_buffers(cache: nn.Module, shape: tuple[int, ...], dtype: torch.dtype | N
 
 
 class KVCache(nn.Module):
-    """Preallocated key/value buffers for incremental decoding.
+    """Key/value buffers `k_cache`, `v_cache` (B, Hkv, S_max, Dh) for incremental decoding.
 
-    Args:
-        batch_size: largest batch the cache serves (a smaller batch uses the leading rows).
-        max_seq_len: S_max, the number of positions held.
-        kv_heads: Hkv.
-        head_dim: Dh.
-        dtype: buffer dtype (keys and values are cast to it on write).
-        device: buffer device.
-
-    Attributes:
-        k_cache, v_cache: (B, Hkv, S_max, Dh) buffers, zero-initialised, non-persistent.
+    A smaller batch than `batch_size` uses the leading rows; keys and values are cast to `dtype` on write.
     """
 
     k_cache: Tensor
@@ -67,21 +55,12 @@ class KVCache(nn.Module):
         self._positions = torch.arange(max_seq_len, device=device)  # slot i holds position i (not state)
 
     def reset(self) -> None:
-        """Zero both buffers (in place, so compiled graphs that captured them stay valid)."""
+        """Zero both buffers in place (compiled graphs that captured them stay valid)."""
         self.k_cache.zero_()
         self.v_cache.zero_()
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write new keys/values at `input_pos` and return the whole buffers.
-
-        Args:
-            input_pos: (T,) integer positions of the new tokens, each < max_seq_len.
-            k: (B, Hkv, T, Dh) new keys, B <= batch_size.
-            v: (B, Hkv, T, Dh) new values.
-
-        Returns:
-            (k_all, v_all), each (B, Hkv, S_max, Dh): views of the buffers after the write.
-        """
+        """Write k, v (B, Hkv, T, Dh) at `input_pos` (T,); return views (B, Hkv, S_max, Dh) of the buffers."""
         _check_update(self, input_pos, k, v)
         b = k.shape[0]
         k_all, v_all = self.k_cache[:b], self.v_cache[:b]  # views: the writes land in the buffers
@@ -136,25 +115,11 @@ def _check_update(cache: KVCache | RingKVCache, input_pos: Tensor, k: Tensor, v:
 class RingKVCache(nn.Module):
     """A KV cache of `slots` positions for local attention: position p lives in slot p % slots.
 
-    A query at p under a sliding window W sees keys p - W + 1 .. p, and under Llama 4's chunks of C at most
-    the C keys of its own chunk, so `slots = W` (or C, or min(W, C)) holds all any query needs. `kv_pos`
-    records the position each slot holds, so the caller's mask rule applies to real positions and stale slots
-    are never attended (as transformers' `DynamicSlidingWindowLayer` and `SlidingWindowCache`). An empty slot
-    holds position `max_seq_len`, past every position served, so the causal rule alone hides it.
-
-    Args:
-        batch_size: largest batch the cache serves (a smaller batch uses the leading rows).
-        slots: number of positions held (the window or chunk size, at most `max_seq_len`).
-        kv_heads: Hkv.
-        head_dim: Dh.
-        max_seq_len: the positions the cache serves, 0 .. max_seq_len - 1 (checked in eager mode on CPU);
-            None means `slots`.
-        dtype: buffer dtype (keys and values are cast to it on write).
-        device: buffer device.
-
-    Attributes:
-        k_cache, v_cache: (B, Hkv, slots, Dh) buffers, zero-initialised, non-persistent.
-        kv_pos: (slots,) int64 position held by each slot, `max_seq_len` when empty, non-persistent.
+    A query under a sliding window W sees the last W keys, under Llama 4's chunks of C at most C, so
+    `slots = min(W, C)` holds all any query needs. `kv_pos` (slots,) records the position each slot holds, so
+    the mask rule applies to real positions (as transformers' `SlidingWindowCache`); an empty slot holds
+    `max_seq_len` (None: `slots`), past every position served, so the causal rule alone hides it.
+    Buffers `k_cache`, `v_cache`: (B, Hkv, slots, Dh).
     """
 
     k_cache: Tensor
@@ -200,19 +165,12 @@ class RingKVCache(nn.Module):
         self.kv_pos.index_copy_(0, slot, pos)
 
     def update_with_positions(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write new keys/values and return what the new queries may attend over, with its positions.
+        """Write k, v (B, Hkv, T, Dh) at consecutive `input_pos` (T,); return what the queries may attend over.
 
-        Args:
-            input_pos: (T,) consecutive integer positions of the new tokens.
-            k: (B, Hkv, T, Dh) new keys, B <= batch_size.
-            v: (B, Hkv, T, Dh) new values.
-
-        Returns:
-            (k_all, v_all, kv_pos): for one new token (T = 1), the ring after the write (the slot it
-            overwrites held position p - slots, which no query at p sees): (B, Hkv, slots, Dh) views of the
-            buffers and `kv_pos` (slots,). For several, the ring *before* the write followed by the new keys
-            (B, Hkv, slots + T, Dh) and their positions (slots + T,): an early new token may need a key a later
-            one overwrites. Empty slots have position `max_seq_len`, which a causal mask hides.
+        For T = 1, the ring after the write (the overwritten slot held p - slots, which no query at p sees):
+        (B, Hkv, slots, Dh) views and `kv_pos` (slots,). For several, the ring *before* the write followed by
+        the new keys, (B, Hkv, slots + T, Dh) and (slots + T,): an early new token may need a key a later one
+        overwrites.
         """
         _check_update(self, input_pos, k, v)
         b = k.shape[0]
@@ -235,21 +193,13 @@ class RingKVCache(nn.Module):
 
 
 class SSMState(nn.Module):
-    """Recurrent state of a Mamba or Mamba-2 block for step-by-step decoding: a plain container of two buffers.
+    """Recurrent state of a Mamba or Mamba-2 block: `conv_state` (B, E, K) and `ssm_state` (B, *ssm_shape).
 
     Args:
-        batch_size: B.
         d_inner: E, the channels of the causal convolution (Mamba-2's conv_dim = I + 2 * G * N).
         d_conv: K, the causal convolution width (the last K inputs are kept).
-        d_state: N, the SSM state size.
-        dtype: dtype of `conv_state`.
-        ssm_dtype: dtype of `ssm_state`; None uses `dtype` (Mamba keeps it in float32 under mixed precision).
-        ssm_shape: the SSM state's shape per sequence; None means (E, N) (Mamba-1); Mamba-2's is (H, P, N).
-        device: buffer device.
-
-    Attributes:
-        conv_state: (B, E, K) zeros, non-persistent.
-        ssm_state: (B, *ssm_shape) zeros, non-persistent.
+        ssm_dtype: None uses `dtype` (Mamba keeps the SSM state in float32 under mixed precision).
+        ssm_shape: per sequence; None means (E, N) (Mamba-1); Mamba-2's is (H, P, N).
     """
 
     conv_state: Tensor

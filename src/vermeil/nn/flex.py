@@ -1,25 +1,14 @@
-"""Block-sparse attention masks through `torch.nn.attention.flex_attention` (FlexAttention).
+"""Block-sparse attention through `torch.nn.attention.flex_attention` (FlexAttention, torch >= 2.5).
 
-The rules are those of `vermeil.nn.masks`, written as FlexAttention `mask_mod` functions
-`(b, h, q_idx, kv_idx) -> bool`: causal, sliding window, Llama 4's chunks, key padding and documents
-(packed sequences). `create_block_mask` turns a rule into a `BlockMask` that marks each 128 x 128 tile of the
-(T, S) score matrix empty, partial or full, and `flex_attention` then computes only the non-empty tiles: at
-T = 8192 a chunk of 2048 leaves 1/4 of the causal tiles, a window of 1024 about 1/7, where SDPA with a dense
-boolean mask computes every tile (and cannot use its flash kernel at all).
+The rules of `vermeil.nn.masks` (causal, sliding window, Llama 4's chunks, key padding, documents) as
+`mask_mod` functions; `create_block_mask` marks each 128 x 128 tile of the (T, S) scores empty, partial or full,
+and only the non-empty tiles are computed (at T = 8192, a chunk of 2048 leaves 1/4 of the causal tiles).
+Positions as in `vermeil.nn.masks`: query i at S - T + i; tests/nn/test_flex.py checks every rule against
+the dense masks.
 
-Positions follow `vermeil.nn.masks`: keys sit at 0..S-1 and queries at the last T of them (query i at
-position S - T + i, bottom-right aligned when T < S), so `flex_attention(q, k, v, causal=True, window=W)`
-equals `attention(q, k, v, attention_mask(arange(S - T, S), arange(S), window=W))`; tests/nn/test_flex.py
-checks every rule against those dense masks.
-
-Costs (torch 2.13; pytorch.org/blog/flexattention): block masks of the rules without data (causal, window,
-chunk) are cached per (rule, T, S, device, block size); padding and document masks depend on the batch and are
-built per call. On CUDA `flex_attention` is compiled once per shape (the fused Triton kernel, forward and
-backward). On the CPU it runs eager (the unfused reference, which materialises the scores) and has NO
-backward: a clear error is raised when gradients are required there, so CPU tests compare forwards only.
-
-FlexAttention arrived in torch 2.5; it is imported lazily, so this module imports on any torch and
-`flex_available()` says whether it can run.
+On CUDA `flex_attention` is compiled once per shape (the fused Triton kernel). On the CPU it runs eager
+(the unfused reference) and has NO backward, so an error is raised when gradients are required there.
+FlexAttention is imported lazily: this module imports on any torch.
 
 Axis legend: B batch, H query heads, Hkv kv heads, T query length, S key length, Dh head dim.
 """
@@ -47,8 +36,7 @@ __all__ = [
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-# Whether the module exists, found without importing it (the import itself waits for the first use); a plain
-# constant, so code under torch.compile reads it without tracing a cache wrapper.
+# A plain constant (found without importing), so code under torch.compile reads it without tracing.
 _HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
@@ -68,10 +56,6 @@ def _require_flex() -> Any:
     return module
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rules as mask_mod functions
-
-
 def mask_mod(
     *,
     causal: bool = True,
@@ -81,22 +65,11 @@ def mask_mod(
     key_padding_mask: Tensor | None = None,
     document_ids: Tensor | None = None,
 ) -> MaskMod | None:
-    """The conjunction of the requested rules as one FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool`.
+    """The rules of `vermeil.nn.masks.attention_mask` as one `mask_mod(b, h, q_idx, kv_idx) -> bool`.
 
-    Query index i sits at position `q_offset + i` (q_offset = S - T: bottom-right), key index j at j; the
-    rules are those of `vermeil.nn.masks.attention_mask`.
-
-    Args:
-        causal: keys at positions <= the query's.
-        window: W: causal `0 <= q - k < W`, otherwise the band `|q - k| < W`; or None.
-        chunk: C: `q // C == k // C` (Llama 4), and causal when `causal`; or None.
-        q_offset: position of query 0 (S - T for the bottom-right alignment).
-        key_padding_mask: (B, S) bool, True = real key; or None.
-        document_ids: (B, S) integer document of each position (packed sequences): a query attends only keys
-            of its own document; or None.
-
-    Returns:
-        The mask_mod, or None when no rule is given (every key visible: FlexAttention's default).
+    Query index i sits at position `q_offset + i` (S - T: bottom-right), key index j at j.
+    key_padding_mask: (B, S) bool, True = real key; document_ids: (B, S) integer document of each position.
+    Returns None when no rule is given (every key visible: FlexAttention's default).
     """
     check_optional_positive_int("window", window)
     check_optional_positive_int("chunk", chunk)
@@ -133,11 +106,7 @@ def mask_mod(
 
 
 def dense_mask_mod(mask: Tensor, *, causal: bool = False, q_offset: int = 0) -> MaskMod:
-    """A mask_mod reading a dense boolean mask (B|1, H|1, T, S), and the causal rule when `causal`.
-
-    For masks no rule describes; the block mask built from it still skips the empty tiles, but building it
-    reads the whole mask every call.
-    """
+    """A mask_mod reading a dense bool mask (B|1, H|1, T, S), ANDed with the causal rule when `causal`."""
     if mask.dtype != torch.bool or mask.ndim != 4:
         raise TypeError(
             f"mask must be a 4-D bool tensor (B|1, H|1, T, S), got {mask.dtype} {tuple(mask.shape)}"
@@ -149,10 +118,6 @@ def dense_mask_mod(mask: Tensor, *, causal: bool = False, q_offset: int = 0) -> 
         return keep & (kv_idx <= q_idx + q_offset) if causal else keep
 
     return rule
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Block masks
 
 
 def _rule_block_mask(
@@ -187,11 +152,10 @@ def flex_block_mask(
     heads: int | None = None,
     block_size: int = 128,
 ) -> Any | None:
-    """A FlexAttention `BlockMask` for T = q_len queries (bottom-right aligned) over S = kv_len keys.
+    """A `BlockMask` for T = q_len queries (bottom-right aligned) over S = kv_len keys; None without rules.
 
-    Rules without data (causal, window, chunk) give a mask cached per (rule, T, S, device, block size) and
-    shared by every batch row and head; with `key_padding_mask` or `document_ids` (each (B, S)) the mask
-    has a batch axis and is built anew each call. Returns None when no rule is given (nothing masked).
+    Rules without data (causal, window, chunk) give a mask cached per (rule, T, S, device, block size); with
+    `key_padding_mask` or `document_ids` (each (B, S)) it has a batch axis and is built each call.
     """
     device = torch.device(device)
     if q_len > kv_len and causal:
@@ -204,16 +168,10 @@ def flex_block_mask(
         # Traced in place under torch.compile: the cache's Python is not traceable.
         build = _rule_block_mask if torch.compiler.is_compiling() else _static_block_mask
         return build(causal, window, chunk, q_len, kv_len, device, block_size)
-    rule = mask_mod(
-        causal=causal,
-        window=window,
-        chunk=chunk,
-        q_offset=kv_len - q_len,
-        key_padding_mask=key_padding_mask,
-        document_ids=document_ids,
-    )
+    data = {"key_padding_mask": key_padding_mask, "document_ids": document_ids}
+    rule = mask_mod(causal=causal, window=window, chunk=chunk, q_offset=kv_len - q_len, **data)
     batch = (key_padding_mask if key_padding_mask is not None else document_ids).shape[0]  # type: ignore[union-attr]
-    for name, t in (("key_padding_mask", key_padding_mask), ("document_ids", document_ids)):
+    for name, t in data.items():
         if t is not None and t.shape != (batch, kv_len):
             raise ValueError(f"{name} must have shape (B={batch}, S={kv_len}), got {tuple(t.shape)}")
     return _require_flex().create_block_mask(
@@ -221,14 +179,9 @@ def flex_block_mask(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The call
-
-
 @functools.cache
 def _compiled_flex() -> Callable[..., Tensor]:
-    # One compiled function for the process: Dynamo specialises it per shape and block-mask structure, which
-    # is the "compiled once per shape" the fused kernel needs (eager flex_attention is the unfused reference).
+    # One compiled function per process; Dynamo specialises it per shape and block-mask structure.
     return torch.compile(_require_flex().flex_attention, dynamic=False)
 
 
@@ -270,25 +223,18 @@ def flex_attention(
     scale: float | None = None,
     compile: bool | None = None,
 ) -> Tensor:
-    """Attention under the given rules, computing only the non-empty 128 x 128 tiles.
+    """Attention under the rules of `mask_mod`, computing only the non-empty tiles.
+
+    q: (B, H, T, Dh), k and v: (B, Hkv, S, Dh) -> (B, H, T, Dh) in q.dtype; a query with no visible key
+    outputs zeros, as `attention` gives.
 
     Args:
-        q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh), Hkv dividing H (GQA without repeating K/V).
-        causal, window, chunk, key_padding_mask, document_ids: the rules of `mask_mod` (query i at position
-            S - T + i); the static ones use a cached block mask.
-        mask: a dense bool mask (B|1, H|1, T, S) for anything else (ANDed with `causal`), or None.
-        block_mask: a ready `BlockMask` (e.g. from `flex_block_mask`), used as given (the rules must then be
-            left unset).
-        scale: multiplies the scores; None means Dh ** -0.5.
-        compile: run the compiled (fused) kernel; None means on CUDA only. Inside a model under
-            torch.compile the call is traced in place either way.
-
-    Returns:
-        (B, H, T, Dh) in q.dtype. A query with no visible key outputs zeros, as `attention` gives.
-
-    Raises:
-        RuntimeError: torch has no FlexAttention. NotImplementedError: gradients required on the CPU.
-        ValueError: bad shapes, or `block_mask` combined with rules.
+        mask: a dense bool mask (B|1, H|1, T, S) for anything no rule describes (ANDed with `causal`); its
+            block mask is built from the whole mask each call.
+        block_mask: a ready `BlockMask` (e.g. from `flex_block_mask`), used as given (no rules then).
+        scale: None means Dh ** -0.5.
+        compile: run the compiled (fused) kernel; None means on CUDA only (under torch.compile the call is
+            traced in place either way).
     """
     check_qkv(q, k, v)
     t, s = q.shape[2], k.shape[2]
@@ -306,14 +252,6 @@ def flex_attention(
         rule = dense_mask_mod(mask.expand(-1, -1, t, s), causal=causal, q_offset=s - t)
         block_mask = _require_flex().create_block_mask(rule, b, h, t, s, device=q.device)
     else:
-        block_mask = flex_block_mask(
-            t,
-            s,
-            device=q.device,
-            causal=causal,
-            window=window,
-            chunk=chunk,
-            key_padding_mask=key_padding_mask,
-            document_ids=document_ids,
-        )
+        data = {"key_padding_mask": key_padding_mask, "document_ids": document_ids}
+        block_mask = flex_block_mask(t, s, device=q.device, causal=causal, window=window, chunk=chunk, **data)
     return _run(q, k, v, block_mask, scale, compile)

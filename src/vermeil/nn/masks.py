@@ -1,12 +1,8 @@
-"""Boolean attention masks built from positions (True = may attend), one vocabulary for every block.
+"""Boolean attention masks (True = may attend) as functions of query positions `q_pos` and key positions
+`kv_pos`, never of the tensor layout, so one rule serves a full forward, a prefill and a decode step on a
+static cache (causality is then bottom-right aligned when T < S, unlike SDPA's `is_causal`).
 
-Every mask is a function of the query positions `q_pos` and the key positions `kv_pos`, never of the
-tensor layout, so the same rule serves a full forward, a prefill and a decode step on a static cache. In
-particular causality compares positions, which makes it bottom-right aligned when T < S (the query at
-index i sits at position S - T + i), the alignment that SDPA's `is_causal` (top-left) gets wrong for
-cached decoding (x-transformers #187).
-
-Axis legend: B batch, T query length, S key length.
+Axis legend: B batch, T query length, S key length. Positions are integer (T,) or (B, T) / (S,) or (B, S).
 """
 
 from __future__ import annotations
@@ -53,29 +49,15 @@ def _pairs(q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def causal_mask(q_pos: Tensor, kv_pos: Tensor) -> Tensor:
-    """A query attends to keys at the same or earlier positions.
-
-    Args:
-        q_pos: (T,) or (B, T) integer positions of the queries.
-        kv_pos: (S,) or (B, S) integer positions of the keys.
-
-    Returns:
-        (B|1, T, S) bool, `kv_pos <= q_pos`.
-    """
+    """(B|1, T, S) bool, `kv_pos <= q_pos`: a query attends to keys at the same or earlier positions."""
     q, k = _pairs(q_pos, kv_pos)
     return k <= q
 
 
 def sliding_window_mask(q_pos: Tensor, kv_pos: Tensor, window: int, *, causal: bool = True) -> Tensor:
-    """Local attention over the last `window` positions, the query's own position included (Mistral).
+    """(B|1, T, S) bool: the last `window` W positions, the query's own included (Mistral).
 
-    Args:
-        q_pos: (T,) or (B, T) integer positions.
-        kv_pos: (S,) or (B, S) integer positions.
-        window: W >= 1; causal: `0 <= q - k < W`; not causal: `|q - k| < W` (a symmetric band).
-
-    Returns:
-        (B|1, T, S) bool.
+    Causal: `0 <= q - k < W`; not causal: `|q - k| < W` (a symmetric band).
     """
     check_optional_positive_int("window", window)
     q, k = _pairs(q_pos, kv_pos)
@@ -86,16 +68,7 @@ def sliding_window_mask(q_pos: Tensor, kv_pos: Tensor, window: int, *, causal: b
 
 
 def chunked_mask(q_pos: Tensor, kv_pos: Tensor, chunk: int, *, causal: bool = True) -> Tensor:
-    """Chunked local attention (Llama 4): attend only inside the same block of `chunk` positions.
-
-    Args:
-        q_pos: (T,) or (B, T) non-negative integer positions.
-        kv_pos: (S,) or (B, S) non-negative integer positions.
-        chunk: C >= 1; causal: `q // C == k // C and k <= q`; not causal: `q // C == k // C`.
-
-    Returns:
-        (B|1, T, S) bool.
-    """
+    """(B|1, T, S) bool, Llama 4's chunks: `q // C == k // C` (and `k <= q` when causal), C = `chunk`."""
     check_optional_positive_int("chunk", chunk)
     q, k = _pairs(q_pos, kv_pos)
     same = torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
@@ -103,14 +76,7 @@ def chunked_mask(q_pos: Tensor, kv_pos: Tensor, chunk: int, *, causal: bool = Tr
 
 
 def padding_mask(key_padding_mask: Tensor) -> Tensor:
-    """Key padding as a broadcast mask: it costs B x S booleans, not B x T x S.
-
-    Args:
-        key_padding_mask: (B, S) bool, True for real tokens, False for padding.
-
-    Returns:
-        (B, 1, 1, S) bool view.
-    """
+    """(B, S) bool key padding (True = real token) -> a (B, 1, 1, S) view: B x S booleans, not B x T x S."""
     check_bool_mask("key_padding_mask", key_padding_mask, "True = real token")
     if key_padding_mask.ndim != 2:
         raise ValueError(f"key_padding_mask must have shape (B, S), got {tuple(key_padding_mask.shape)}")
@@ -118,15 +84,9 @@ def padding_mask(key_padding_mask: Tensor) -> Tensor:
 
 
 def document_mask(q_ids: Tensor, kv_ids: Tensor) -> Tensor:
-    """Packed sequences: a query attends only keys of its own document.
+    """Packed sequences: (B, 1, T, S) bool, `q_ids[:, t] == kv_ids[:, s]` for document ids (B, T), (B, S).
 
-    Args:
-        q_ids: (B, T) integer document id of each query.
-        kv_ids: (B, S) integer document id of each key (for self-attention the same tensor as `q_ids`, or its
-            last T columns as `q_ids` when T < S).
-
-    Returns:
-        (B, 1, T, S) bool, `q_ids[:, t] == kv_ids[:, s]`; AND it with `causal_mask` for causal packing.
+    AND it with `causal_mask` for causal packing.
     """
     _check_integer("q_ids", q_ids, "document ids", (2,))
     _check_integer("kv_ids", kv_ids, "document ids", (2,))
@@ -144,18 +104,9 @@ def attention_mask(
     chunk: int | None = None,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """The conjunction of the requested rules, as one mask ready for `attention`.
+    """The conjunction of the requested rules as one (B|1, 1, T, S) mask for `attention` (all True if none).
 
-    Args:
-        q_pos: (T,) or (B, T) integer query positions.
-        kv_pos: (S,) or (B, S) integer key positions.
-        causal: keys at positions <= the query's (bottom-right aligned when T < S by construction).
-        window: sliding window size W (see `sliding_window_mask`), or None.
-        chunk: chunk size C (see `chunked_mask`), or None.
-        key_padding_mask: (B, S) bool, True = real token, or None.
-
-    Returns:
-        (B|1, 1, T, S) bool, True where a query may attend a key (all True if no rule is given).
+    key_padding_mask: (B, S) bool, True = real token.
     """
     q, k = _pairs(q_pos, kv_pos)  # window and chunk are checked by their own masks below
     if window is not None:  # already causal when causal=True

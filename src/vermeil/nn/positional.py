@@ -1,9 +1,6 @@
-"""Positional encodings: RoPE (half-split and interleaved pairing, llama3 scaling, xPos), Llama 4's attention
-temperature tuning, Flux's N-D RoPE and the sinusoidal timestep embedding.
-
-Math lives in the functions; the modules (`RotaryEmbedding`, `EmbedND`) own cached tables and call them. A
-model computes its `RopeTables` once per forward (`RotaryEmbedding.tables`) and hands them to every attention
-layer, as gpt-fast and torchtitan pass `freqs_cis`.
+"""Positional encodings: RoPE (llama3 scaling, xPos), Llama 4's attention temperature tuning, Flux's N-D RoPE
+and the sinusoidal timestep embedding. A model computes its `RopeTables` once per forward and hands them to
+every attention layer, as gpt-fast and torchtitan pass `freqs_cis`.
 
 Pairing conventions (the most common silent bug: a checkpoint converted with the wrong one loads without error
 and gives wrong scores):
@@ -62,10 +59,8 @@ def _check_head_dim(head_dim: int) -> None:
 class RopeScaling:
     """llama3 RoPE frequency scaling (Llama 3.1: the defaults; Llama 4 Scout: factor=16, high_freq_factor=1).
 
-    Frequencies whose wavelength is shorter than `original_max_seq_len / high_freq_factor` are kept, those
-    longer than `original_max_seq_len / low_freq_factor` are divided by `factor`, and the band between is
-    interpolated. Read the constants from the checkpoint's own config (the public transformers converter,
-    `convert_llama_weights_to_hf.py`, can silently write the Llama 3.1 constants for Scout).
+    Read the constants from the checkpoint's own config: transformers' `convert_llama_weights_to_hf.py` can
+    silently write the Llama 3.1 constants for Scout.
     """
 
     factor: float = 8.0
@@ -90,10 +85,9 @@ def rope_inv_freq(
     *,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Inverse frequencies `theta ** (-2i / Dh)`, i = 0 .. Dh/2 - 1, optionally llama3-scaled.
+    """(Dh/2,) float32 inverse frequencies `theta ** (-2i / Dh)`, optionally llama3-scaled.
 
-    Returns: (Dh/2,) float32. Same arithmetic as HF `compute_default_rope_parameters` and Meta
-    `precompute_freqs_cis` (float32 exponent, then `1 / theta**e`).
+    Same arithmetic as HF `compute_default_rope_parameters` and Meta `precompute_freqs_cis`.
     """
     _check_head_dim(head_dim)
     if not theta > 0:
@@ -106,11 +100,12 @@ def rope_inv_freq(
 
 
 def apply_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
-    """llama3 frequency scaling (Meta `apply_scaling`, HF `_compute_llama3_parameters`), vectorised.
+    """llama3 frequency scaling (Meta `apply_scaling`, HF `_compute_llama3_parameters`): (Dh/2,) -> (Dh/2,).
 
-    inv_freq: (Dh/2,) -> (Dh/2,), same dtype. When `high_freq_factor == low_freq_factor` (Llama 4 Scout) the
-    smoothing band is empty and Meta's formula would divide by zero; we define the band's smoothing weight
-    as 0 there (its limit at the band edge, i.e. `f / factor`), so no inf/NaN is ever produced.
+    Wavelengths below `original_max_seq_len / high_freq_factor` are kept, those above
+    `original_max_seq_len / low_freq_factor` divided by `factor`, the band between interpolated. When the
+    two factors are equal (Llama 4 Scout) the band is empty and Meta's formula would divide by zero; its
+    smoothing weight is then 0 (the limit at the band edge), so no inf/NaN is produced.
     """
     low, high = scaling.low_freq_factor, scaling.high_freq_factor
     old_len = scaling.original_max_seq_len
@@ -125,10 +120,9 @@ def apply_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotation angles `pos * inv_freq` as (cos, sin).
+    """Angles `pos * inv_freq` as (cos, sin). positions: (T,) or (B, T); inv_freq: (Dh/2,).
 
-    positions: (T,) or (B, T), integer or floating (cast to float32, as HF); inv_freq: (Dh/2,).
-    Returns: cos, sin, each float32 (T, Dh/2) or (B, T, Dh/2).
+    Returns: cos, sin, each float32 (T, Dh/2) or (B, T, Dh/2) (positions cast to float32, as HF).
     """
     freqs = positions[..., None].to(torch.float32) * inv_freq.to(device=positions.device, dtype=torch.float32)
     return freqs.cos(), freqs.sin()
@@ -153,18 +147,14 @@ def _broadcast_table(t: Tensor, name: str, x: Tensor, last: int) -> Tensor:
 def apply_rotary(
     x: Tensor, cos: Tensor, sin: Tensor, pairing: RopePairing = "half", *, scale: Tensor | None = None
 ) -> Tensor:
-    """Rotate channel pairs of x by the angles whose cos/sin are given.
+    """Rotate channel pairs of x (B, H, T, Dh) -> (B, H, T, Dh) in x.dtype, computed in float32 (or float64).
 
     Args:
-        x: (B, H, T, Dh) (any leading dims work with 2-D tables).
         cos, sin: (T, Dh/2) shared by the batch; (B, T, Dh/2) per batch row (a head axis is inserted here);
-            or (B|1, H|1, T, Dh/2) used as given (e.g. `EmbedND` output).
-        pairing: "half" pairs (i, i + Dh/2) (HF `rotate_half`); "interleaved" pairs (2i, 2i + 1)
-            (Meta complex / Flux / torchtune).
+            or (B|1, H|1, T, Dh/2) used as given (e.g. `EmbedND` output). 2-D tables take any leading dims.
+        pairing: see the module docstring.
         scale: optional xPos factor (same leading-shape rules, last dim Dh), multiplied after the rotation
             as PaLM does.
-
-    Returns: (B, H, T, Dh) in x.dtype; the arithmetic is float32 (float64 when x is float64).
     """
     _check_pairing(pairing)
     dh = x.shape[-1]
@@ -197,11 +187,10 @@ def xpos_scale(
     """xPos (Sun et al. 2022, arXiv:2212.10554) per-channel scale for q; k uses its reciprocal `scale ** -1`.
 
     `base = (arange(0, Dh, 2) + 0.4 Dh) / (1.4 Dh)` and `scale = base ** ((pos - center) / scale_base)`, as
-    PaLM-rlhf-pytorch / zeta. In `q_i . k_j` the factors multiply to `base ** ((i - j) / scale_base)`, so the
-    score depends only on i - j and `center` cancels; it only moves where the factors are near 1 (overflow).
+    PaLM-rlhf-pytorch / zeta. In `q_i . k_j` the factors multiply to `base ** ((i - j) / scale_base)`, so
+    `center` cancels; it only moves where the factors are near 1 (overflow).
 
-    positions: (T,) or (B, T). Returns: (T, Dh) or (B, T, Dh) float32, expanded to Dh consistently with
-    `pairing` ("half": `cat(base, base)` as PaLM; "interleaved": each value repeated for its adjacent pair).
+    positions: (T,) or (B, T) -> (T, Dh) or (B, T, Dh) float32, expanded to Dh per `pairing`.
     """
     _check_pairing(pairing)
     _check_head_dim(head_dim)
@@ -218,13 +207,11 @@ def xpos_scale(
 
 
 def temperature_scale(positions: Tensor, floor_scale: float = 8192.0, attn_scale: float = 0.1) -> Tensor:
-    """Llama 4's attention temperature tuning (arXiv:2501.19399): a per-position factor for the queries.
+    """Llama 4's attention temperature tuning (arXiv:2501.19399): a float32 factor on the queries by position.
 
     `log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1`, as Meta's `llama_models/llama4/model.py`
-    (`Attention.forward`, NoPE layers) and transformers' `Llama4TextAttention`; exactly 1 for positions below
-    `floor_scale - 1`, so it only acts on long contexts.
-
-    positions: (T,) or (B, T) integer positions. Returns: float32 of the same shape.
+    (NoPE layers) and transformers' `Llama4TextAttention`; 1 below position `floor_scale - 1`.
+    positions: (T,) or (B, T) -> the same shape.
     """
     if not floor_scale > 0:
         raise ValueError(f"floor_scale={floor_scale} must be > 0")
@@ -233,11 +220,7 @@ def temperature_scale(positions: Tensor, floor_scale: float = 8192.0, attn_scale
 
 
 class RopeTables(NamedTuple):
-    """RoPE angles for one forward, computed once by the model and shared by its attention layers.
-
-    cos, sin: (T, Dh/2) shared by the batch or (B, T, Dh/2) per row, float32; pairing: "half" or
-    "interleaved" (see the module docstring).
-    """
+    """RoPE angles for one forward, shared by the attention layers: cos, sin float32 (T, Dh/2) or (B, T, Dh/2)."""
 
     cos: Tensor
     sin: Tensor
@@ -252,9 +235,8 @@ def rotate_qk(q: Tensor, k: Tensor, rope: RopeTables) -> tuple[Tensor, Tensor]:
 def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal timestep embedding exactly as BFL flux `timestep_embedding` (cos first).
 
-    t: (B,) timesteps (Flux passes t in [0, 1]; multiplied by `time_factor`). Returns: (B, dim), float32, or
-    t's dtype when t is floating (as BFL); an odd dim gets a zero last column. Equals diffusers
-    `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)` applied to `t * time_factor`.
+    t: (B,) (Flux: in [0, 1], times `time_factor`) -> (B, dim), float32 or t's floating dtype (as BFL); an odd
+    dim gets a zero last column. Equals diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`.
     """
     if t.ndim != 1:
         raise ValueError(f"t.ndim={t.ndim} must be 1 (one timestep per batch row); shape {tuple(t.shape)}")
@@ -276,30 +258,22 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021, arXiv:2104.09864) with llama3 scaling and optional xPos.
 
-    `pairing="half"` matches transformers `LlamaRotaryEmbedding` + `apply_rotary_pos_emb`; `"interleaved"`
-    matches Meta's complex reference (`torch.polar` + `view_as_complex`).
-    cos/sin tables (float32) are non-persistent buffers `cos_cached`/`sin_cached` of `max_seq_len` rows.
-    With explicit positions on the CPU they grow on demand in eager mode (a host read of min/max). On an
-    accelerator, and while `tracing()`, no data-dependent check is made (a device sync per layer per step,
-    illegal during a graph capture): positions must lie inside the table, which `reserve(rows)` sizes up
-    front (`Attention.setup_cache` reserves its `max_seq_len`; a model owning the embedding calls
-    `rope.reserve(max_seq_len)` in its own `setup_cache`).
+    `pairing="half"` matches transformers `LlamaRotaryEmbedding`; `"interleaved"` Meta's complex reference.
+    The float32 tables `cos_cached`/`sin_cached` (non-persistent) grow on demand for explicit positions on
+    the CPU in eager mode (a host read of min/max). On an accelerator and while `tracing()` nothing is
+    checked (a device sync per layer per step): positions must lie inside the table, which `reserve(rows)`
+    sizes up front (`setup_cache` of `Attention` and of the models call it).
 
-    xPos (`use_xpos=True`, PaLM/zeta): q is multiplied by `xpos_scale(pos)` and k by its reciprocal after the
-    rotation. With `input_pos=None` the centre is `T // 2` as PaLM (exact parity); with explicit `input_pos`
-    it is 0, so cached keys keep their scale while decoding. Scores depend only on i - j either way, but the
-    two must not be mixed: with a KV cache pass `input_pos` for the prefill too. The factors stay finite in
-    float32 for |pos - centre| up to about 70 * scale_base.
+    xPos (`use_xpos=True`, PaLM/zeta): q times `xpos_scale(pos)`, k times its reciprocal, after the rotation.
+    With `input_pos=None` the centre is `T // 2` as PaLM (exact parity); with explicit `input_pos` it is 0, so
+    cached keys keep their scale. Do not mix the two: with a KV cache pass `input_pos` for the prefill too.
+    The factors stay finite in float32 for |pos - centre| up to about 70 * scale_base.
 
     Args:
         head_dim: Dh, must be even.
-        theta: RoPE base.
-        pairing: "half" or "interleaved" (see module docstring).
         max_seq_len: initial number of table rows.
-        scaling: llama3 frequency scaling, or None.
-        use_xpos: apply xPos length extrapolation scaling.
         scale_base: xPos scale base (PaLM: 512).
-        device: where the tables live (`torch.device("meta")` works; then `to_empty` + `reset_parameters`).
+        device: `torch.device("meta")` works; then `to_empty` + `reset_parameters`.
     """
 
     inv_freq: Tensor
@@ -366,11 +340,7 @@ class RotaryEmbedding(nn.Module):
         self._set_rows(max(rows, 2 * self.max_seq_len))
 
     def reserve(self, rows: int) -> None:
-        """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them.
-
-        Call it where the longest sequence is known (a model's `setup_cache(batch, max_seq_len)`): on an
-        accelerator and under tracing or graph capture the lookups never check or grow the table.
-        """
+        """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them."""
         check_positive_int("rows", rows)
         if rows > self.max_seq_len:
             self._grow(rows)
@@ -386,10 +356,7 @@ class RotaryEmbedding(nn.Module):
             self._grow(hi + 1)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Table lookup. positions: (T,) or (B, T); integer (table) or floating (computed directly).
-
-        Returns: cos, sin, each float32 (T, Dh/2) or (B, T, Dh/2).
-        """
+        """positions: (T,) or (B, T), integer (table) or floating (computed) -> cos, sin float32 (..., Dh/2)."""
         if positions.dtype in (torch.bool, torch.complex64, torch.complex128) or positions.ndim not in (1, 2):
             raise ValueError(
                 f"positions must be a (T,) or (B, T) integer or floating tensor, got dtype {positions.dtype} "
@@ -410,11 +377,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos_cached[:seq_len], self.sin_cached[:seq_len]
 
     def tables(self, positions: Tensor | None = None, *, seq_len: int | None = None) -> RopeTables:
-        """`RopeTables` to compute once per model forward and pass to every attention layer.
-
-        positions: (T,) or (B, T) integer positions, or None for 0 .. seq_len - 1 (a table slice: no lookup,
-        no host read). xPos is not carried by tables: inject a `use_xpos` embedding as `Attention(rotary=...)`.
-        """
+        """`RopeTables` for (T,) or (B, T) `positions`, or for 0 .. seq_len - 1 (a table slice, no host read)."""
         if self.use_xpos:
             raise ValueError("tables() carries no xPos scale; inject a use_xpos RotaryEmbedding as rotary=")
         if positions is not None:
@@ -424,15 +387,7 @@ class RotaryEmbedding(nn.Module):
         return RopeTables(*self._first_rows(seq_len, self.inv_freq.device), self.pairing)
 
     def forward(self, q: Tensor, k: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Rotate q and k.
-
-        Args:
-            q: (B, H, T, Dh).
-            k: (B, Hkv, T, Dh) (same positions as q; cross-attention never uses rotary).
-            input_pos: None (positions 0..T-1), (T,) or (B, T) integer positions (KV-cache offsets).
-
-        Returns: (q, k) with the same shapes and dtypes.
-        """
+        """q: (B, H, T, Dh), k: (B, Hkv, T, Dh) at `input_pos` (T,) or (B, T) (None: 0..T-1) -> same shapes."""
         for name, t in (("q", q), ("k", k)):
             if t.ndim != 4:
                 raise ValueError(f"{name}.ndim={t.ndim} must be 4 (B, H, T, Dh); shape {tuple(t.shape)}")
@@ -477,14 +432,9 @@ class RotaryEmbedding(nn.Module):
 class EmbedND(nn.Module):
     """Flux's N-axis RoPE (BFL `EmbedND`, diffusers `FluxPosEmbed`): one RoPE per position axis, concatenated.
 
-    Axis a uses `axes_dim[a]` channels of the head dim with frequencies `theta ** (-2i / axes_dim[a])`; the
-    angle math runs in float64 as BFL `rope()` does, then is cast to float32. Pairing is interleaved: feed the
-    output to `apply_rotary(x, cos, sin, "interleaved")`.
-
-    Args:
-        dim: head dim Dh; must equal sum(axes_dim) (flux-dev: 128 = 16 + 56 + 56).
-        theta: RoPE base (Flux: 10000).
-        axes_dim: channels per axis, each even.
+    Axis a uses `axes_dim[a]` (even) channels of the head dim Dh = sum(axes_dim) (flux-dev: 128 = 16 + 56 + 56);
+    angles in float64 as BFL `rope()`, cast to float32. Interleaved pairing: `apply_rotary(x, cos, sin,
+    "interleaved")`.
     """
 
     def __init__(self, dim: int, theta: float, axes_dim: list[int] | tuple[int, ...]) -> None:
