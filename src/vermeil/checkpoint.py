@@ -1,13 +1,9 @@
 """Weights and training state on disk: safetensors for weights, `torch.save` for plain state, every write atomic.
 
-Every file is written to a temporary file in the destination folder, flushed and fsync'ed, then moved over the
-destination with `os.replace`, so a crash mid-write (Ctrl-C, an exception, a full disk, SIGKILL) leaves the previous
-file intact. `torch.save` itself truncates and rewrites in place, which is why it goes through `atomic_write` here.
-`load_torch` always passes `weights_only=True` explicitly: an environment variable
-(`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`) can otherwise turn the safe default off.
-
-Tied weights (an embedding shared with the output head) are stored once; the other names are recorded as aliases
-in the file's metadata and restored on load. safetensors is an optional extra (`pip install vermeil[train]`).
+Every file is written to a temporary file beside it, fsync'ed, then moved over the destination with
+`os.replace`, so a crash mid-write leaves the previous file intact (`torch.save` alone rewrites in place).
+Tied weights are stored once, the other names recorded as aliases in the file's metadata. safetensors is an
+optional extra (`pip install vermeil[train]`).
 """
 
 from __future__ import annotations
@@ -58,10 +54,6 @@ def _safetensors() -> Any:
     return safetensors
 
 
-# --------------------------------------------------------------------------------------------------------------
-# atomic writes
-
-
 def _new_file_mode() -> int:
     # mkstemp creates 0o600 files; give the result the mode a plain open() would have (0o666 minus the umask).
     try:
@@ -84,12 +76,8 @@ def _fsync(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary path in the folder of `path`; on success it is fsync'ed and moved onto `path`.
-
-    For writers that take a file name (e.g. `safetensors.torch.save_file`). On any exception (including
-    KeyboardInterrupt) the temporary file is removed and `path` is left as it was. Missing parent folders are
-    created; an existing file keeps its permission bits.
-    """
+    """Yield a temporary path beside `path` (for writers that take a file name); on success it is fsync'ed and
+    moved onto `path`, on any exception removed. An existing file keeps its permission bits."""
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
@@ -115,11 +103,8 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def clean_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporary files left in `directory` by writes that were killed (SIGKILL, power loss).
-
-    A killed process cannot clean up after itself; call this when a run starts or resumes. Only files named like
-    `atomic_path`'s temporary files are removed. Returns the removed paths.
-    """
+    """Remove (and return) `atomic_path`'s temporary files that killed writes left in `directory`; call it
+    when a run starts or resumes."""
     removed: list[Path] = []
     folder = Path(directory)
     if not folder.is_dir():
@@ -136,16 +121,7 @@ def clean_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
 def atomic_write(
     path: str | os.PathLike[str], mode: str = "wb", *, encoding: str = "utf-8"
 ) -> Iterator[IO[Any]]:
-    """Open a file for writing so that it appears at `path` complete or not at all.
-
-    Args:
-        path: destination; its folder is created if missing.
-        mode: "wb" (bytes) or "w" (text, with `encoding`).
-
-    Example:
-        >>> with atomic_write("run/config.yaml", "w") as f:
-        ...     f.write(text)
-    """
+    """Open a file for writing ("wb", or "w" for text) so that it appears at `path` complete or not at all."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode={mode!r} must be 'w' (text) or 'wb' (bytes)")
     with atomic_path(path) as tmp:
@@ -154,10 +130,6 @@ def atomic_write(
             yield f
             f.flush()
             os.fsync(f.fileno())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# plain state (optimizer, scheduler, RNG, step)
 
 
 class _WriteErrors:
@@ -187,14 +159,8 @@ def _write_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
 
 
 def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
-    """`torch.save` of plain state (dicts, lists, tensors, numbers, strings), written atomically.
-
-    Keep dataclasses and other custom classes out (store `to_dict(config)`): `load_torch` refuses them.
-
-    Raises:
-        OSError: the write failed (with its errno: ENOSPC when the disk is full), naming `path`; the previous
-            file at `path` is intact.
-    """
+    """`torch.save` of plain state (dicts, lists, tensors, numbers, strings: `load_torch` refuses classes),
+    atomically; a failed write raises an OSError with its errno (ENOSPC: the disk is full) naming `path`."""
     with atomic_write(path, "wb") as f:
         w = _WriteErrors(f)
         try:
@@ -223,14 +189,8 @@ def refusal_text(text: str, subject: str = "it") -> str:
 
 
 def load_torch(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
-    """`torch.load` with `weights_only=True` always: tensors and plain containers only, never arbitrary pickles.
-
-    Raises:
-        FileNotFoundError: no such file.
-        UnsafePickleError (a pickle.UnpicklingError and a ValueError): the file holds something else (a custom
-            class, a pickle payload: refused, never run); the message names the file.
-        ValueError: not a complete torch file (truncated, overwritten); the message names the file.
-    """
+    """`torch.load` with an explicit `weights_only=True` (an environment variable cannot turn it off):
+    UnsafePickleError for anything but tensors and plain containers, ValueError for a truncated file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no state file at {os.fspath(path)}")
     try:
@@ -240,10 +200,6 @@ def load_torch(path: str | os.PathLike[str], map_location: str | torch.device | 
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{os.fspath(path)} is damaged (not a complete torch file): {first}") from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# weights (safetensors)
 
 
 def _view_key(t: Tensor) -> tuple[Any, ...]:
@@ -303,15 +259,7 @@ def save_weights(
     path: str | os.PathLike[str],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Save weights to a safetensors file, atomically.
-
-    Args:
-        module_or_state_dict: a module (its `state_dict()`, persistent buffers included) or a dict of tensors.
-        path: destination file (`model.safetensors`); its folder is created if missing.
-        metadata: extra `str -> str` entries stored in the file header (e.g. {"step": "100"}).
-
-    Tied tensors are written once and their other names recorded under the metadata key "vermeil.aliases".
-    """
+    """Save weights to a safetensors file, atomically; `metadata` adds `str -> str` header entries."""
     st = _safetensors()
     tensors, aliases = _dedupe(_state_dict(module_or_state_dict))
     meta: dict[str, str] = {"format": "pt"}
@@ -387,20 +335,11 @@ def _names(keys: list[str]) -> str:
 def load_weights(
     module: nn.Module, path: str | os.PathLike[str], strict: bool = True, *, assign: bool = False
 ) -> LoadResult:
-    """Load a safetensors file into `module`.
+    """Load a safetensors file (`save_weights`, or safetensors' `save_file` / `save_model`) into `module`.
 
-    Args:
-        module: the model; its tied parameters may be stored under one name only (the other name is not "missing").
-        path: a file written by `save_weights` (or by `safetensors.torch.save_file` / `save_model`).
-        strict: raise when keys do not match; otherwise load the matching ones and report the others.
-        assign: passed to `load_state_dict` (True to load into a model built on the meta device; re-tie after).
-
-    Returns:
-        LoadResult(missing_keys, unexpected_keys), sorted.
-
-    Raises:
-        ValueError: strict and some keys are missing or unexpected; the message lists them by name.
-        RuntimeError: a shape mismatch (PyTorch's message, unchanged).
+    A tied parameter stored under one of its names only is not missing. `strict` raises a ValueError naming
+    the missing and unexpected keys; otherwise they are returned, sorted. `assign` loads into a model built on
+    the meta device (re-tie after). A shape mismatch raises PyTorch's RuntimeError.
     """
     tensors, _ = _read(path, "cpu")
     own = module.state_dict()
