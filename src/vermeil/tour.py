@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 def _show(name: str, module: nn.Module | None, run: Callable[[], Tensor], note: str = "") -> None:
-    """Run `run()` (a forward), backpropagate its sum of squares, and print a one-line summary."""
+    """Run `run()` (a forward), backpropagate its mean square, and print a one-line summary."""
     start = time.perf_counter()
     out = run()
     out.float().pow(2).mean().backward()
@@ -93,13 +93,8 @@ def main() -> None:
     _show("ParallelTransformerBlock", parallel, lambda: parallel(x), "the Zeta/PaLM block API")
     lora_block = TransformerBlock(D, H, rotary=RotaryEmbedding(D // H))
     apply_lora(lora_block, ["wq", "wv"], rank=8, alpha=16)
-    trainable = mark_only_lora_as_trainable(lora_block)
-    _show(
-        "TransformerBlock + LoRA",
-        lora_block,
-        lambda: lora_block(x),
-        f"{len(trainable)} adapter tensors trainable",
-    )
+    trainable = f"{len(mark_only_lora_as_trainable(lora_block))} adapter tensors trainable"
+    _show("TransformerBlock + LoRA", lora_block, lambda: lora_block(x), trainable)
     moe = MoE(D, 256, num_experts=4, top_k=2)
     _show("MoE(4 experts, top-2)", moe, lambda: moe(x).out, "tokens sorted by expert, grouped matmuls")
 

@@ -1,5 +1,4 @@
-"""Training: the `Trainer` loop with hooks, its config, losses and loss heads, AdamW groups and the warm-up +
-cosine schedule, metrics on disk and on screen.
+"""Training: the `Trainer` loop and its parts.
 
     trainer.py   Trainer                             config.py    TrainConfig (the `train:` section)
     hooks.py     Hook, TrainResult, LossCurve        allocator.py keep_freed_memory
@@ -7,17 +6,14 @@ cosine schedule, metrics on disk and on screen.
                  chunked_cross_entropy (head + CE)   regional.py  compile_blocks (train.compile)
     metrics.py   metrics.jsonl, loss.png, progress
 
-The run folder a trainer writes is `vermeil.runs` (its reading functions are re-exported here). Imports torch
-and the rest of Vermeil only; tqdm, PyYAML, safetensors (the `train` extra) and matplotlib (the `plot` extra)
-are imported where they are used. Names load on first use: reading a run config (`vermeil.train.config`) does
-not load the trainer.
+The run folder is `vermeil.runs` (its readers are re-exported here). Names load on first use; tqdm, PyYAML,
+safetensors (the `train` extra) and matplotlib (the `plot` extra) are imported where they are used.
 """
 
 from __future__ import annotations
 
 from vermeil._lazy import lazy_names
 
-# name -> the module that defines it
 _NAMES = {
     "latest_checkpoint": "vermeil.runs",
     "list_checkpoints": "vermeil.runs",

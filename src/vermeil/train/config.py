@@ -12,14 +12,14 @@ __all__ = ["TrainConfig"]
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run (the `train:` section of a run config).
+    """Settings of one training run.
 
     Args:
         steps: optimizer updates in the whole run (the schedule's length; resuming continues up to it).
         lr: peak learning rate; min_lr_ratio: the cosine ends at `lr * min_lr_ratio`; warmup: linear warm-up steps.
-        weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, A_log, D: `train.optim`).
+        weight_decay, betas, eps: AdamW (which parameters decay: `vermeil.train.optim.param_groups`).
         no_decay_embeddings: keep embedding tables out of the weight decay.
-        fused_adamw: the fused AdamW kernel; None uses it where torch has one (CPU included).
+        fused_adamw: the fused AdamW kernel; None uses it where torch has one.
         grad_clip: clip the global gradient norm to this; None or 0 disables clipping.
         grad_accum: micro-batches per update (the effective batch is `batch_size * grad_accum`).
         batch_size, seq_len: the shape of one micro-batch (the recipes' data builders read them).
@@ -27,31 +27,23 @@ class TrainConfig:
         log_every: a `metrics.jsonl` row (and a progress-bar update) every N steps.
         save_every: a checkpoint every N steps (0: only at the end and on Ctrl-C); keep_checkpoints: how many
             checkpoint folders stay on disk.
-        precision: "fp32"; "bf16" autocasts the forward to bfloat16 (CPU or GPU); "fp16" autocasts it to
-            float16 with a gradient scaler (`torch.amp.GradScaler`, its state saved in every checkpoint), for
-            GPUs without bf16. Weights and optimizer state stay float32 in every case.
+        precision: "fp32"; "bf16" autocasts the forward to bfloat16; "fp16" to float16 with a
+            `torch.amp.GradScaler` (for GPUs without bf16). Weights and optimizer state stay float32.
         bf16: the older spelling of `precision: bf16` (True sets it).
-        on_nonfinite: what a non-finite loss or gradient norm does: "stop" (the default) ends the run with
-            `NonFiniteError` naming the step; "skip" leaves that step's update out (the weights do not move) and
-            goes on, counting `skipped_steps` in the metrics. Either way no checkpoint is written from
-            non-finite weights, so `latest` and pruning keep the last finite one.
+        on_nonfinite: on a non-finite loss or gradient norm, "stop" raises `NonFiniteError`; "skip" leaves that
+            update out and counts `skipped_steps`. Either way no checkpoint is written from non-finite weights.
         max_nonfinite: with "skip", stop after this many non-finite steps in a row.
         seed: seeds the model init, the data order and dropout.
         device: where to train ("cpu", "cuda", ...).
-        out_dir: the run folder (None: the CLI picks `runs/<config name>`; the Python API then keeps nothing on
-            disk).
-        progress: show the tqdm bar; None shows it only when stdout is a terminal (tqdm's `disable=None`).
+        out_dir: the run folder (None: the CLI picks `runs/<config name>`; the Python API keeps nothing).
+        progress: show the tqdm bar; None shows it only on a terminal (else a plain line per log row).
         plot: write `loss.png` at the end (needs matplotlib).
         threads: torch intra-op threads (None: leave torch's default).
-        compile: compile the model's repeated blocks with `torch.compile` (regional compilation:
-            `vermeil.train.regional`; one compiled graph per distinct block, reused by every layer). "auto" (the
-            default) compiles on CUDA in a single process and not on the CPU; true or false wins on any device.
-            If compiling fails, one line on stderr says so and training continues eagerly.
-        loss_chunk_size: the language-model cross-entropy fused with the output head and chunked over this
-            many tokens (`vermeil.train.losses.chunked_cross_entropy`: no (B*T, V) float32 logits in memory);
-            0 computes the full logits as before; "auto" chunks on CUDA in a single process (chunks of
-            logits about the size of the hidden states) and not on the CPU. It applies to `causal_lm_loss` and
-            to the `cross_entropy` loss head on a model whose head is an `nn.Linear` (the last of its `lm_parts`).
+        compile: compile the model's repeated blocks (`vermeil.train.regional`); "auto" compiles on CUDA in a
+            single process only. If compiling fails, one line says so and training continues eagerly.
+        loss_chunk_size: fuse the LM cross-entropy with the output head, chunked over this many tokens
+            (`vermeil.train.losses.chunked_cross_entropy`: no (B*T, V) logits); 0: full logits; "auto" chunks
+            on CUDA in a single process. For `causal_lm_loss` and `cross_entropy` heads on an nn.Linear head.
     """
 
     steps: int = 1000

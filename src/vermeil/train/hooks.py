@@ -17,8 +17,7 @@ __all__ = ["Hook", "LossCurve", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    """What `Trainer.fit` returns: the last completed step, whether Ctrl-C stopped it, the last checkpoint and
-    evaluation, and every metrics row of the run (resumed runs included)."""
+    """What `Trainer.fit` returns; `history` holds every metrics row of the run (resumed runs included)."""
 
     step: int
     interrupted: bool
@@ -50,9 +49,8 @@ class Hook:
 
 
 class LossCurve(Hook):
-    """Draw loss.png at the end of a run, when the trainer plots at all (`train.plot`, the main process, a run
-    folder). A trainer given no `LossCurve` adds one with the default label, so the curve is drawn once, by the
-    hook that knows what the loss measures (the recipes pass the task's label and a title)."""
+    """Draw loss.png at the end of a run (with `train.plot`, on the main process, into a run folder); the
+    recipes pass the task's label and a title."""
 
     def __init__(self, ylabel: str = "loss (nats per token)", title: str | None = None) -> None:
         self.ylabel, self.title = ylabel, title

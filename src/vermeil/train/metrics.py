@@ -1,10 +1,7 @@
-"""Training metrics: on disk (JSON lines appended as the run goes, a loss-curve PNG at the end) and on screen
+"""Training metrics on disk (`metrics.jsonl`, one JSON object per line, and the loss-curve PNG) and on screen
 (the window of steps between two log rows, the tqdm progress bar, one-line messages).
 
-`metrics.jsonl` holds one JSON object per line (`{"step": 10, "split": "train", "loss": 2.31, ...}`): any tool
-reads it, a crashed run keeps every line written before the crash, and a resumed run first drops the lines past
-its checkpoint so that the file continues exactly where the checkpoint left off. matplotlib is optional
-(`pip install vermeil[plot]`) and imported only when a plot is drawn, with the Agg backend (no display needed).
+matplotlib is optional (`pip install vermeil[plot]`) and imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -50,12 +47,7 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Append metric rows to a JSON-lines file; the file is opened per write, so nothing is left open.
-
-    Example:
-        >>> log = MetricsLogger(run_dir / "metrics.jsonl")
-        >>> log.log({"step": 1, "split": "train", "loss": 5.2})
-    """
+    """Append metric rows to a JSON-lines file, opened per write: a crashed run keeps every row written."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -83,10 +75,8 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> int:
-    """Drop the rows with `step > last_step` (written after the checkpoint a run resumes from), atomically.
-
-    Returns the number of rows dropped.
-    """
+    """Drop the rows with `step > last_step` (written after the checkpoint a run resumes from), atomically;
+    returns how many."""
     from vermeil.checkpoint import atomic_write
 
     p = Path(path)
@@ -102,9 +92,8 @@ def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> int:
 
 
 def _log_axis(ax: Any, values: Sequence[float]) -> None:
-    """A log y axis that can be read: tick labels are plain numbers (0.3, 1.5, 2), the ticks between powers of
-    ten are labelled too when the values span less than two decades, and the axis starts at a labelled tick, so
-    the last value of a falling loss lies between two labels."""
+    """A readable log y axis: plain-number labels (0.3, 1.5, 2), intermediate ticks labelled when the values
+    span under two decades, and the bottom at a labelled tick (a falling loss ends between two labels)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_yscale("log")
@@ -116,7 +105,6 @@ def _log_axis(ax: Any, values: Sequence[float]) -> None:
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10))))
     ax.yaxis.set_minor_formatter(NullFormatter())
-    # The axis's bottom at the largest labelled tick below the smallest value.
     decade = 10.0 ** math.floor(math.log10(lo))
     floor = max((decade * s for s in subs if decade * s <= lo), default=decade)
     ax.set_ylim(bottom=floor)
@@ -130,10 +118,7 @@ def plot_loss_curve(
     title: str | None = None,
     ylabel: str = "loss (nats per token)",
 ) -> bool:
-    """Plot `keys` against `step` (train rows as a line, validation rows as markers) into a PNG, atomically.
-
-    Returns False (and draws nothing) when matplotlib is not installed or there is nothing to plot.
-    """
+    """Plot `keys` against `step` into a PNG, atomically; False (nothing drawn) without matplotlib or data."""
     try:
         import matplotlib
 
@@ -175,16 +160,9 @@ def plot_loss_curve(
     return True
 
 
-# ----------------------------------------------------------------------------------------------------------
-# On screen and between log rows
-
-
 class MetricsWindow:
-    """Sums of the steps since the last log row; saved in checkpoints, so a resumed run logs the same rows.
-
-    A step marked not `ok` (a non-finite loss or gradient, skipped by the trainer) adds nothing to the sums and
-    is counted in `skipped` instead, so the row's means are over the finite steps. All on the device.
-    """
+    """Sums, on the device, of the steps since the last log row (saved in checkpoints, so a resumed run logs
+    the same rows). A step not `ok` (non-finite, skipped) only counts in `skipped`."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -253,14 +231,8 @@ def progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
     except ImportError:
         return _NoBar()
     # disable=None: a bar on a terminal, nothing when stdout is a pipe or a file (logs stay clean).
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=None if enabled is None else False,
-        unit="step",
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
+    disable = None if enabled is None else False
+    return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True, smoothing=0.1)
 
 
 def echo(message: str) -> None:

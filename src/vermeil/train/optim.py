@@ -1,10 +1,5 @@
-"""Optimizer setup: AdamW weight-decay groups and the warm-up + cosine learning-rate schedule.
-
-Weight decay shrinks matrices towards zero; on scale and offset parameters (norm weights, biases), on the SSM's
-`A_log` and `D`, and (by default) on embedding tables it only fights the model, so those go in a group with
-`weight_decay=0` (nanoGPT `configure_optimizers`, mamba_ssm's `_no_weight_decay` marks, torchtitan).
-`param_groups` is the one weight-decay rule of the house: models only mark parameters (`MambaBlock` marks
-`A_log` and `D` with `_no_weight_decay = True`, as mamba_ssm does).
+"""Optimizer setup: AdamW weight-decay groups (the one weight-decay rule: models only mark parameters, as
+mamba_ssm's `_no_weight_decay`; nanoGPT `configure_optimizers`) and the warm-up + cosine schedule.
 """
 
 from __future__ import annotations
@@ -18,9 +13,7 @@ from torch import nn
 
 __all__ = ["WarmupCosine", "build_optimizer", "build_scheduler", "cosine_with_warmup", "param_groups"]
 
-# Parameter leaf names that are never decayed (mamba_ssm marks them `_no_weight_decay`).
 NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
-# Modules whose parameters are scales and offsets: norms of every flavour.
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 
@@ -45,20 +38,13 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups: `[{"params": decayed, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]`.
 
-    Not decayed: parameters with fewer than two dimensions (biases, norm weights), every parameter of a norm
-    module, `nn.Embedding` weights when `no_decay_embeddings`, parameters named `A_log`, `D` or `dt_bias`,
-    parameters carrying `_no_weight_decay = True`, and names returned by a model's `no_weight_decay()`. The
-    names are matched as well as the marks because wrapping a model (FSDP2, tensor parallelism, `to_empty`)
-    makes new parameter objects, which do not keep the marks. When the model has its own
-    `optimizer_groups(weight_decay)` method, its groups are used instead.
+    Decay only fights scales and offsets, so these are not decayed: parameters with fewer than two dimensions,
+    every parameter of a norm module, `nn.Embedding` weights when `no_decay_embeddings`, parameters named
+    `A_log`, `D` or `dt_bias` or marked `_no_weight_decay = True`, and names from a model's `no_weight_decay()`.
+    Names are matched as well as marks because wrapping a model (FSDP2, TP, `to_empty`) makes new parameter
+    objects without the marks. A model's own `optimizer_groups(weight_decay)` wins over all this.
 
-    Frozen parameters are left out; a tied tensor appears once (under its first name). Each group also holds a
-    "param_names" list (torch.optim keeps it in `param_groups`, handy for inspection).
-
-    Args:
-        model: any module.
-        weight_decay: the decay of the first group (>= 0).
-        no_decay_embeddings: keep embedding tables out of the decay.
+    Frozen parameters are left out; a tied tensor appears once. Each group also holds "param_names".
     """
     if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
@@ -114,14 +100,8 @@ def build_optimizer(
     fused: bool | None = None,
     no_decay_embeddings: bool = True,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`.
-
-    Args:
-        lr: peak learning rate (> 0); a scheduler scales it.
-        betas: AdamW (beta1, beta2); 0.95 for beta2 is the LLM custom (nanoGPT, Llama).
-        fused: use the fused AdamW kernel; None picks it where torch has one for the parameters' device
-            (CPU included: bench/train_overhead.py measures it faster than the foreach path here).
-    """
+    """AdamW over `param_groups(model, weight_decay)`; `fused=None` uses the fused kernel where torch has one
+    for the parameters' device (CPU included: bench/train_overhead.py measures it faster than foreach)."""
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr={lr!r} must be a number > 0")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -137,12 +117,8 @@ def build_optimizer(
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """Learning-rate multiplier at `step` (0-based): linear warm-up, then cosine decay to `min_ratio`.
-
-    `(step + 1) / warmup` for `step < warmup` (the first update already moves), then
-    `min_ratio + (1 - min_ratio) * (1 + cos(pi * progress)) / 2` with progress going from 0 at `warmup` to 1 at
-    `total`; `min_ratio` after `total`.
-    """
+    """Learning-rate multiplier at `step` (0-based): linear warm-up `(step + 1) / warmup` (the first update
+    already moves), then cosine decay from 1 at `warmup` to `min_ratio` at `total`, and `min_ratio` after."""
     if warmup < 0 or total < 1:
         raise ValueError(f"warmup={warmup} must be >= 0 and total={total} >= 1")
     if not 0.0 <= min_ratio <= 1.0:

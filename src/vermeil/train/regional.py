@@ -1,19 +1,9 @@
 """Regional compilation: `torch.compile` on each repeated block of a model instead of on the whole model.
 
-Identical blocks (the layers of a decoder, the double/single blocks of Flux) run the same Python code, so
-Dynamo traces that code once and every block of the same structure reuses the one compiled graph: the first
-step pays for one block per distinct kind, not for the whole unrolled stack. torchtitan compiles its
-TransformerBlocks this way (`torchtitan/distributed/compile.py`, `apply_compile`); diffusers' equivalent is
-`ModelMixin.compile_repeated_blocks`.
-
-Which blocks: a model may name them diffusers-style with a `_repeated_blocks` attribute (class names);
-otherwise every outermost `nn.ModuleList` whose children all share one class (`LLM.layers`,
-`MambaLM.backbone.layers`, `HybridModel.layers`, `Flux.double_blocks` and `Flux.single_blocks`). Lists inside
-a chosen block (an MoE's experts) are left to the block's graph.
-
-Each block's `forward` is replaced by its compiled version (an instance attribute, so the weights, their
-names and the state dict do not change, and `uncompile_blocks` restores eager execution by deleting it).
-Shapes are static (`dynamic=False`): a training run has one shape per micro-batch.
+Identical blocks run the same Python code, so Dynamo traces it once and every block of one structure reuses
+the compiled graph (torchtitan `distributed/compile.py` `apply_compile`; diffusers
+`ModelMixin.compile_repeated_blocks`). Each block's `forward` becomes an instance attribute, so weights and
+state-dict names do not change and deleting it restores eager execution.
 """
 
 from __future__ import annotations
@@ -32,17 +22,12 @@ __all__ = [
     "uncompile_blocks",
 ]
 
-# Marks a block whose forward this module replaced (so uncompile touches only those).
 _MARK = "_vermeil_compiled_forward"
 
 
 def resolve_compile(setting: bool | str, device: torch.device | str, *, world_size: int = 1) -> bool:
-    """`train.compile` as a yes/no: an explicit bool wins; "auto" is True on CUDA in a single process (a
-    compiled step pays off there; on the CPU the compile time outweighs the gain at the sizes trained here,
-    and under torchrun the order of compilation and sharding is left to an explicit choice).
-
-    Raises:
-        ValueError: a value other than True, False or "auto".
+    """`train.compile` as a yes/no: "auto" is True on CUDA in a single process (on the CPU the compile time
+    outweighs the gain at the sizes trained here; under torchrun compiling around sharding is an explicit choice).
     """
     if isinstance(setting, bool):
         return setting
@@ -52,7 +37,9 @@ def resolve_compile(setting: bool | str, device: torch.device | str, *, world_si
 
 
 def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of each block to compile, in model order (see the module docstring)."""
+    """(qualified name, module) of each block to compile, in model order: the modules whose class a model's
+    `_repeated_blocks` names (diffusers-style), else the children of every outermost `nn.ModuleList` of one
+    class (`LLM.layers`, `Flux.double_blocks`, ...); lists inside a chosen block are left to its graph."""
     declared = getattr(model, "_repeated_blocks", None)
     chosen: list[tuple[str, nn.Module]] = []
     taken: list[str] = []  # prefixes of chosen blocks: nothing inside them is chosen again
@@ -80,11 +67,8 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
-    """Compile each repeated block of `model` in place; returns their names ([] when there are none).
-
-    Args:
-        options: `torch.compile` keywords; default `dynamic=False` (one shape per run: no symbolic sizes).
-    """
+    """Compile each repeated block of `model` in place with `torch.compile(**options)`; returns their names.
+    Default `dynamic=False`: a training run has one shape per micro-batch."""
     options = {"dynamic": False, **options}
     names = []
     for name, block in repeated_blocks(model):
