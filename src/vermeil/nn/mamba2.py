@@ -1,11 +1,8 @@
-"""The Mamba-2 (SSD) mixer block with mamba_ssm / transformers parameter names, and its decoding cache.
+"""The Mamba-2 (SSD) mixer block and its gated norm.
 
-`Mamba2Block` is state-spaces `mamba_ssm.modules.mamba2.Mamba2` (Dao & Gu, 2024, arXiv:2405.21060) and
-transformers' `Mamba2Mixer` (also Bamba's and Falcon-H1's mixer): the same parameters (`in_proj` with rows
-`[z | x | B | C | dt]`, `conv1d` depthwise over `[x | B | C]` only, `dt_bias`, `A_log`, `D`, gated RMSNorm
-`norm`, `out_proj`), so their state dicts load by name; mamba_ssm's initialisation. The scan is
-`vermeil.nn.ssd.ssd_scan` (training and prefill, also from a cached state) and `ssd_step` (one token);
-tests/nn/test_mamba2.py checks parity with transformers' torch path and cached decoding.
+`Mamba2Block` is state-spaces `mamba_ssm/modules/mamba2.py` `Mamba2` (Dao & Gu, 2024, arXiv:2405.21060) and
+transformers' `Mamba2Mixer` (also Bamba's and Falcon-H1's): same parameter names (`in_proj` rows
+`[z | x | B | C | dt]`, `conv1d` over `[x | B | C]`), so their state dicts load by name; mamba_ssm's init.
 
 Axis legend: B batch, L (or T) length, D d_model, I d_inner = expand * d_model, H heads, P head dim
 (I = H * P), G groups of B and C, N d_state, K d_conv, conv_dim = I + 2 * G * N.
@@ -24,29 +21,20 @@ from vermeil.nn.cache import SSMState
 from vermeil.nn.checks import check_optional_positive_int, check_positive_int, check_positive_ints
 from vermeil.nn.norms import rms_norm
 from vermeil.nn.ssd import _ssd_step, ssd_scan
-
-# The Mamba-1 block's cache, state checks, causal conv and forward routing serve Mamba-2 unchanged.
 from vermeil.nn.ssm import _f32, _SSMMixer, init_dt_bias_
 
 __all__ = ["GatedRMSNorm", "Mamba2Block", "Mamba2State", "SegmentScaledLinear"]
 
-# The block's decoding state (conv_state (B, conv_dim, K), ssm_state (B, H, P, N)) is cache.SSMState.
-Mamba2State = SSMState
+Mamba2State = SSMState  # conv_state (B, conv_dim, K), ssm_state (B, H, P, N)
 
-# Up to this many rows (decoding: one row per sequence) a CPU projection runs as `weight @ x.T` instead of
-# `F.linear(x, weight)`: MKL's sgemm on the (M, K) x (K, N)^T form was 6x slower than on the (N, K) x (K, M)
-# one for 2 rows, 2.7x for 4, 1.3x for 8, alike from 16 on (a 4-layer d_model 512 stack's nine projections
-# with cold weights: 0.76 ms instead of 4.5 ms at 2 rows; 2-core AMD EPYC, torch 2.13). Same sums, another
-# summation order.
+# Up to this many rows (decoding) a CPU projection runs as `weight @ x.T`: MKL's sgemm on F.linear's
+# (M, K) x (K, N)^T form measured 6x slower for 2 rows, 2.7x for 4, 1.3x for 8, alike from 16 (2-core AMD
+# EPYC, torch 2.13). Same sums, another summation order.
 _FEW_ROWS = 8
 
 
 def _project(layer: nn.Module, x: Tensor) -> Tensor:
-    """layer(x) for x (M, in_features); a plain CPU nn.Linear with few rows runs as `weight @ x.T` (above).
-
-    Anything else (a subclass such as a scaled or LoRA-wrapped projection, hooks, CUDA, other dtypes, more
-    rows) calls the module as usual.
-    """
+    """layer(x) for x (M, in_features); `weight @ x.T` for a plain hook-free CPU nn.Linear with few rows."""
     if (
         type(layer) is not nn.Linear
         or x.shape[0] > _FEW_ROWS
@@ -65,16 +53,11 @@ def _project(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 class GatedRMSNorm(nn.Module):
-    """Mamba-2's gated RMSNorm over groups: `rms_norm(y * silu(z))` per group of `dim / groups` channels.
+    """Mamba-2's gated RMSNorm: `rms_norm(y * silu(z))` per group of `dim // groups` channels, in float32.
 
-    mamba_ssm `RMSNormGated` (`norm_before_gate=False`, the Mamba-2 default) and transformers'
-    `MambaRMSNormGated`: the gate is applied in float32 first, then each group of `dim // groups` channels is
-    normalised, and the gain (key `weight`, [dim]) is applied in float32 before casting back to y's dtype, as
-    mamba_ssm (transformers casts before the gain; the two agree in float32). `norm_before_gate=True` gives
+    mamba_ssm `RMSNormGated` and transformers' `MambaRMSNormGated`; the gain `weight` (dim,) is applied before
+    the cast back, as mamba_ssm (transformers casts first; alike in float32). `norm_before_gate=True` gives
     `rms_norm(y) * silu(z)` (Falcon-H1's default).
-
-    Args:
-        dim: I, the normalised width. groups: G, dim must be a multiple of it. eps: as RMSNorm.
     """
 
     def __init__(
@@ -115,15 +98,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class SegmentScaledLinear(nn.Linear):
-    """`nn.Linear` with its output segments scaled: `linear(x) * scale`, `scale` = `multipliers[i]` repeated over
-    segment i. Keys `weight` and `bias` as `nn.Linear`; `scale` (out_features,) is a non-persistent buffer.
-    Falcon-H1's `mup_vector` over Mamba-2's `in_proj` rows `[z | x | B | C | dt]` (transformers
-    `compute_mup_vector`): `Mamba2Block(in_proj_multipliers=...)`.
-
-    Args:
-        in_features, out_features, bias, device, dtype: as `nn.Linear`.
-        sizes: the segment widths, summing to out_features.
-        multipliers: one number per segment.
+    """`nn.Linear` times `multipliers[i]` over output segment i of width `sizes[i]` (a non-persistent buffer
+    `scale`). Falcon-H1's `mup_vector` over Mamba-2's `in_proj` rows (transformers `compute_mup_vector`).
     """
 
     scale: Tensor
@@ -168,34 +144,25 @@ class Mamba2Block(_SSMMixer):
     """Mamba-2 mixer: in_proj -> causal depthwise conv over [x|B|C] -> SiLU -> SSD -> gated RMSNorm -> out_proj.
 
     Args:
-        d_model, d_state, d_conv: D, N (per head channel; mamba_ssm's default 128) and K, as `MambaBlock`.
+        d_model, d_state, d_conv: D, N (per head channel) and K, as `MambaBlock`.
         expand: I = expand * d_model inner channels, unless d_inner is given.
-        d_inner: I itself, a multiple of headdim but not necessarily of d_model (Falcon-H1's `mamba_d_ssm`,
-            e.g. 1536 for a width of 1024); None means expand * d_model.
-        headdim: P; I must be a multiple of it (H = I / P heads).
-        ngroups: G groups of B and C; must divide H (head h reads group h // (H / G)).
-        A_init_range: A is drawn uniform in this range at init (A_log = log A), as mamba_ssm.
-        D_has_hdim: D is (I,) (one skip per channel, read as (H, P)) instead of (H,).
-        rmsnorm: apply the gated RMSNorm (`norm`); False gives `y * silu(z)` with no `norm` parameter.
-        norm_before_gate: `rms_norm(y) * silu(z)` instead of `rms_norm(y * silu(z))` (mamba_ssm False).
-        norm_eps: eps of the gated norm (mamba_ssm fixes 1e-5; transformers' `layer_norm_epsilon`).
+        d_inner: I itself, a multiple of headdim but not necessarily of d_model (Falcon-H1's `mamba_d_ssm`).
+        headdim: P (H = I / P heads). ngroups: G groups of B and C, dividing H.
+        A_init_range: A ~ U(A_init_range) at init (A_log = log A), as mamba_ssm.
+        D_has_hdim: D is (I,) (read as (H, P)) instead of (H,).
+        rmsnorm: apply the gated RMSNorm `norm`; False gives `y * silu(z)` and no `norm`.
+        norm_before_gate, norm_eps: as `GatedRMSNorm` (transformers' `layer_norm_epsilon`).
         dt_min, dt_max, dt_init_floor: the initial dt is log-uniform in [dt_min, dt_max], floored.
-        time_step_limit: (low, high) clamp of dt in the whole-sequence scan (mamba_ssm `dt_limit`). The
-            one-token step does not clamp, as mamba_ssm and transformers.
+        time_step_limit: (low, high) clamp of dt in the scan (mamba_ssm `dt_limit`; the step does not clamp).
         conv_bias: bias in conv1d. bias: bias in in_proj and out_proj.
-        in_proj_multipliers: 5 numbers for the `in_proj` row segments `[z, x, B, C, dt]`: `in_proj` is then a
-            `SegmentScaledLinear` (Falcon-H1's `ssm_multipliers`); None a plain `nn.Linear`.
+        in_proj_multipliers: 5 numbers for the `in_proj` rows `[z, x, B, C, dt]`, making it a
+            `SegmentScaledLinear` (Falcon-H1's `ssm_multipliers`).
         chunk_size: Q of the chunked scan (only speed and memory depend on it).
         segment_tokens: on the CPU, a whole-sequence forward runs in pieces of about this many tokens (batch x
-            positions, whole chunks), each from the states the previous one ended with: the same function and
-            gradients, but each piece's activations stay in the CPU caches. Forward+backward 1.2x faster at
-            L 1024, 1.7x at L 4096 (d_model 512, batch 2, one thread of a 2-core AMD EPYC; a 4-layer stack on
-            both threads: 1.33x). None runs one piece; CUDA always does. A plain attribute.
-        layer_idx: index of the block in its model (informational).
+            positions, whole chunks) chained by their states, so each piece's activations stay in the CPU
+            caches: forward+backward 1.2x faster at L 1024, 1.7x at L 4096 (d_model 512, batch 2, 2-core AMD
+            EPYC). None runs one piece; CUDA always does. A plain attribute.
         device, dtype: of the parameters; A_log, D and dt_bias are always float32.
-
-    Raises:
-        ValueError: on a bad argument, naming it and its value.
     """
 
     def __init__(
@@ -283,7 +250,6 @@ class Mamba2Block(_SSMMixer):
             else None
         )
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
-        # mamba_ssm's marks, read by vermeil.train's optimizer grouping (and mamba_ssm's own setup)
         no_decay = [self.dt_bias, self.A_log, self.D] + ([self.norm.weight] if self.norm is not None else [])
         for p in no_decay:
             p._no_weight_decay = True  # type: ignore[attr-defined]
@@ -299,8 +265,6 @@ class Mamba2Block(_SSMMixer):
             init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
             self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))
             self.D.fill_(1.0)
-
-    # -- forward ----------------------------------------------------------------------------------------
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., 2I+2GN+H) -> z (..., I), xBC (..., conv_dim), dt (..., H)."""
@@ -330,10 +294,7 @@ class Mamba2Block(_SSMMixer):
     def _mix(
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Whole-sequence path. x: (B, L, D). States, if given, are those before x. Returns (out, conv, ssm).
-
-        On the CPU a long sequence runs in pieces of `segment_tokens` tokens chained by their states.
-        """
+        """x (B, L, D) after the given states -> (out, conv, ssm), in pieces of `segment_tokens` on the CPU."""
         bsz, length, _ = x.shape
         piece = length
         if self.segment_tokens is not None and x.device.type == "cpu":
@@ -351,7 +312,6 @@ class Mamba2Block(_SSMMixer):
     def _mix_piece(
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None, want_state: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """`_mix` of one piece."""
         z, xbc, dt = self._split(self.in_proj(x))
         xbc, new_conv = self._conv(xbc, conv_state, want_state)  # (B, L, conv_dim)
         xs, b, c = self._split_xbc(xbc)
@@ -372,12 +332,7 @@ class Mamba2Block(_SSMMixer):
     def _step(
         self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, keep: Tensor, inplace: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One token, mamba_ssm `Mamba2.step` semantics. x: (B, 1, D). Returns (out, conv, ssm).
-
-        conv_state, ssm_state: the states before the token; keep (1|B, 1) bool: False where the sequence
-        restarts (the states are then taken as zeros). inplace: write the new states into conv_state and
-        ssm_state (the cache) and return them (no autograd through them); otherwise return new tensors.
-        """
+        """One token x (B, 1, D) -> (out, conv, ssm), mamba_ssm `Mamba2.step`; keep and inplace as `MambaBlock`."""
         z, xbc, dt = self._split(_project(self.in_proj, x[:, 0]))
         xbc, window = self._conv_step(xbc, conv_state, keep, inplace)  # (B, conv_dim), (B, conv_dim, K)
         xs, b, c = self._split_xbc(xbc)
