@@ -1,19 +1,11 @@
 """YAML <-> dataclasses: a strict converter, YAML 1.2 floats, dotted overrides and atomic saves.
 
-Configs are plain dataclasses (validated in `__post_init__`); YAML maps one to one onto them. `from_dict` checks
-every key and value against the dataclass type hints and fails with the full dotted key, the value and the rule:
+Configs are plain dataclasses (validated in `__post_init__`); YAML maps one to one onto them. Nothing is
+coerced silently: `dim: '512'` is rejected, an int is accepted where a float is expected, and `norm: no`
+(a YAML 1.1 boolean) is rejected for a string field. PyYAML is an optional extra (`pip install vermeil[train]`).
 
-    >>> from_dict(ModelArgs, {"n_head": 8})
-    ConfigError: unknown config key 'n_head' (did you mean 'n_heads'?); allowed: ['dim', 'n_heads', ...]
-
-Nothing is coerced silently: `dim: '512'` (a string) is rejected, an int is accepted where a float is expected,
-and `norm: no` (YAML 1.1 reads `yes/no/on/off` as booleans) is rejected for a string or Literal field.
-PyYAML is an optional extra (`pip install vermeil[train]`), imported only by the functions that read or write YAML.
-
-A leaf that every layer may import, models included (`HybridConfig.from_yaml` reads its file here): plain data
-handling on the standard library (PyYAML lazily, and `vermeil.checkpoint`'s atomic write), with no model,
-training or torch.distributed code. (Attaching `from_yaml` from an upper layer instead would be a hidden
-import-time side effect.)
+A leaf every layer may import, models included (`HybridConfig.from_yaml`): standard library only (PyYAML
+lazily, and `vermeil.checkpoint`'s atomic write), no model, training or distributed code.
 """
 
 from __future__ import annotations
@@ -58,10 +50,6 @@ class ConfigTypeError(ConfigError, TypeError):
     """A config value has the wrong type (also a `TypeError`)."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# dataclass <- dict
-
-
 def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -93,17 +81,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
-    """Build the dataclass `cls` from a plain dict, strictly.
+    """Build the dataclass `cls` (nested ones from nested dicts) from a plain dict, strictly.
 
-    Args:
-        cls: a dataclass; nested dataclass fields are built from nested dicts.
-        data: the mapping (e.g. the result of `load_yaml`); keys must be the init fields of `cls`.
-        path: dotted prefix of `data` in the whole config ("model"), used in error messages.
-
-    Raises:
-        ConfigError: an unknown key (with the nearest valid name and the allowed keys), a missing required key,
-            a value outside a Literal, or a `ValueError` from `cls.__post_init__` (prefixed with `path`).
-        ConfigTypeError: a value of the wrong type, e.g. `model.dim='512' must be int, got str`.
+    Errors name the dotted key (`path` is `data`'s prefix, e.g. "model"), the value and the rule:
+    `unknown config key 'n_head' (did you mean 'n_heads'?); allowed: [...]`, `model.dim='512' must be int,
+    got str` (a ConfigTypeError); a `ValueError` of `cls.__post_init__` becomes a ConfigError.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
@@ -145,7 +127,6 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
 
 
 def _bool_hint(value: Any) -> str:
-    # YAML 1.1 turns yes/no/on/off/y/n into booleans: say so where a string was expected.
     if isinstance(value, bool):
         return " (YAML reads yes/no/on/off/true/false as booleans: quote the word to get a string)"
     return ""
@@ -256,10 +237,6 @@ def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
     raise ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# dict <- dataclass
-
-
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_dict(value)
@@ -281,9 +258,6 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
 
 
-# --------------------------------------------------------------------------------------------------------------
-# YAML
-
 # YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: `1e-3`, `3.0e4` (no dot or no exponent sign).
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 _INSTALL_HINT = "pip install vermeil[train]"
@@ -301,7 +275,7 @@ def _yaml() -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _loader() -> type:
-    """A SafeLoader subclass: YAML 1.2 exponent floats, and duplicate keys rejected instead of silently replaced."""
+    """A SafeLoader subclass: YAML 1.2 exponent floats, duplicate keys rejected."""
     yaml = _yaml()
 
     class StrictLoader(yaml.SafeLoader):
@@ -339,8 +313,7 @@ def _yaml_error(source: str, e: Exception) -> ConfigError:
 
 
 def parse_yaml_value(text: str, source: str | None = None) -> Any:
-    """Parse one YAML scalar or flow value (`1e-3` -> 0.001, `[1, 2]`, `null`, `rms`) with the config loader;
-    errors name `source` (default: the text itself)."""
+    """Parse one YAML scalar or flow value (`1e-3` -> 0.001, `[1, 2]`, `null`); errors name `source`."""
     yaml = _yaml()
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
@@ -349,12 +322,7 @@ def parse_yaml_value(text: str, source: str | None = None) -> Any:
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a plain dict (`yaml.safe_load` semantics plus YAML 1.2 floats).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ConfigError: malformed YAML (one line with the position), duplicate keys, or a top level that is not a mapping.
-    """
+    """Read a YAML config file into a plain dict (`yaml.safe_load`, YAML 1.2 floats, no duplicate keys)."""
     _yaml()  # a missing PyYAML is reported before a missing file
     data = parse_yaml_value(Path(path).read_text(encoding="utf-8"), os.fspath(path))
     if data is None:
@@ -387,19 +355,10 @@ def save_yaml(obj_or_dict: Any, path: str | os.PathLike[str]) -> None:
         f.write(text)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# overrides and presets
-
-
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides to a config dict; returns a new dict (the input is not modified).
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a copy of a config dict.
 
-    Values are parsed as YAML with the config loader (`train.lr=1e-3` -> 0.001, `model.norm=rms`,
-    `model.layers=[0, 2]`, `model.moe=null`). Missing intermediate mappings are created, so that an override
-    naming an unknown key reaches `from_dict`, which rejects it with its dotted name.
-
-    Raises:
-        ConfigError: an override without `=`, with an empty key part, or going through a value that is not a mapping.
+    Missing intermediate mappings are created, so that an unknown key reaches `from_dict`, which names it.
     """
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of 'key=value' strings, got one str")
@@ -431,24 +390,16 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 
 
 def pick_preset(presets: Mapping[str, T], name: str, *, what: str = "preset") -> T:
-    """Look a preset up by exact name; returns a copy, so callers cannot change the shared preset.
-
-    Raises:
-        ConfigError: an unknown name, with the nearest name and the list of available ones.
-    """
+    """A copy of the preset of exactly this name (ConfigError with the nearest and available names)."""
     if not isinstance(name, str) or name not in presets:
         names = sorted(presets)
-        hint = did_you_mean(name, names)
-        raise ConfigError(f"unknown {what} {name!r}{hint}; available: {names}")
+        raise ConfigError(f"unknown {what} {name!r}{did_you_mean(name, names)}; available: {names}")
     return copy.deepcopy(presets[name])
 
 
 def merge_preset(data: Mapping[str, Any], presets: Mapping[str, Any], path: str = "") -> dict[str, Any]:
-    """Resolve a `preset: name` key: the preset's fields (dataclass or dict) with the other keys of `data` on top.
-
-    `{"preset": "debug", "n_layers": 4}` -> the "debug" preset with `n_layers=4`; nested dicts merge key by key.
-    Without a `preset` key, `data` is returned as a new dict unchanged.
-    """
+    """Resolve a `preset: name` key: `{"preset": "debug", "n_layers": 4}` -> the "debug" preset's fields with
+    `n_layers=4` on top (nested dicts merge key by key); `data` unchanged without one."""
     out = dict(data)
     if "preset" not in out:
         return out
