@@ -1,44 +1,19 @@
-"""HybridModel: Mamba-1, Mamba-2 and attention layers in one model, routed sequentially or in parallel, with
-dense or mixture-of-experts feed-forwards: one class for Mamba-2 LMs, Jamba, Bamba / Granite 4.0-H and Falcon-H1.
+"""HybridModel: Mamba-1, Mamba-2 and attention layers, sequential or in parallel, with dense or mixture-of-experts
+feed-forwards: one class for Mamba-2 LMs, Jamba, Bamba / Granite 4.0-H and Falcon-H1.
 
-The layer pattern (`pattern`) names each layer's mixer, as a string of one-letter tokens ("MMAMMMAM") or a list
-of tokens (["S", "S+A"]); `n_layers` may repeat it:
+Layer tokens of `pattern`:
 
-    M     Mamba-1 (`MambaBlock`; with `mamba_inner_norms`, Jamba's RMSNorms on dt, B and C)
-    S     Mamba-2 / SSD (`Mamba2Block`: heads of `headdim`, `ngroups` B/C groups, chunked scan)
-    A     attention (GQA; rotary or none; sliding over the last `window` positions when `window` is set)
-    G     global attention: full context even when `window` is set (mix full and sliding layers)
+    M     Mamba-1 (`MambaBlock`, or Jamba's `InnerNormMambaBlock` with `mamba_inner_norms`)
+    S     Mamba-2 / SSD (`Mamba2Block`)
+    A     attention (sliding over the last `window` positions when `window` is set)
+    G     global attention, even when `window` is set
     X+Y   parallel: the Mamba branch X ("M" or "S") and the attention branch Y ("A" or "G") on the same
-          normalised input, merged by `merge` (Falcon-H1 is ["S+A"] in every layer); "P" is short for "M+A"
-
-`routing: parallel` is the older spelling of parallel layers: it turns every "A" into "M+A" ("P") and every "G"
-into "M+G". The feed-forward after each mixer follows `ffn_pattern` (repeated like `pattern`; None = "D"
-everywhere): "D" dense (`feed_forward`: swiglu, mlp or none), "E" mixture of experts (`MoE` with a
-Mixtral-style softmax router over `num_experts`, top `experts_per_token`, renormalised or not as
-`moe_renormalize`; Jamba's is not) and "N" none. Jamba is pattern "MMMMAMMM" with ffn_pattern "DE"; a Mamba-2
-language model (transformers' Mamba2ForCausalLM) is pattern "S" with `feed_forward: none` (`MambaLM` stays
-Mamba-1 only).
-
-A parallel layer merges its branches by `merge`: `sum` is Falcon-H1's
-`ssm_out_multiplier * Mamba(x) + attn_out_multiplier * Attn(attn_in_multiplier * x)`, `gate` a learned
-per-channel sigmoid gate `g * mamba + (1 - g) * attn` with `g = sigmoid(gate(x))`, and `concat`
-`merge_proj(cat(mamba, attn))`.
+          normalised input, merged by `merge` (Falcon-H1: "S+A" in every layer); "P" is short for "M+A"
 
 Every layer is pre-norm: `h = h + mixer(norm(h))`, then `h = h + feed_forward(ffn_norm(h))` unless its
-feed-forward is none. Falcon-H1's muP multipliers are plain config fields, applied at run time as transformers
-does (so training dynamics match too): `embedding_multiplier` on the embedding output, `lm_head_multiplier`
-on the logits, `ssm_in_multiplier` / `ssm_out_multiplier` on every Mamba branch's input / output,
-`ssm_proj_multipliers` on the Mamba-2 in_proj rows [z, x, B, C, dt], `attn_in_multiplier` /
-`attn_out_multiplier` on every attention branch's input / output, `key_multiplier` on the keys (as the
-attention scale), `mlp_gate_multiplier` on SwiGLU's gate pre-activation and `mlp_out_multiplier` on every
-feed-forward's output. All default to 1 (no op).
-
-The model follows `vermeil.models.contract`; its cache is a static KV cache per attention layer (a ring of
-`window` slots when sliding), a conv + SSM state per Mamba-1 layer and a conv + (H, P, N) state per Mamba-2
-layer. It holds no loss: the config's `loss_head`, `ignore_index` and `z_loss` name the one training builds
-(`vermeil.train.losses`). Configs come from YAML through `vermeil.config` (`HybridModel.from_yaml(path)`), the
-leaf module of strict dataclass <-> YAML conversion that every layer may use. `vermeil.interop.from_transformers`
-converts transformers' Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and FalconH1ForCausalLM.
+feed-forward is none. Jamba is pattern "MMMMAMMM" with ffn_pattern "DE"; a Mamba-2 LM (transformers'
+Mamba2ForCausalLM) is pattern "S" with `feed_forward: none`. `vermeil.interop.from_transformers` converts
+Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM and FalconH1ForCausalLM.
 
 Axis legend: B batch, T sequence length, D model dim, V vocabulary, H heads, Dh head dim.
 """
@@ -96,6 +71,10 @@ def _parse_token(token: str) -> tuple[str | None, str | None] | None:
     return None
 
 
+def _is_tokens(p: object) -> bool:
+    return isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(c, str) for c in p))
+
+
 def _kind_of(ssm: str | None, attn: str | None) -> str:
     """The canonical token of a layer: "M", "S", "A", "G", "P" (= M+A), or "X+Y"."""
     if ssm and attn:
@@ -103,37 +82,32 @@ def _kind_of(ssm: str | None, attn: str | None) -> str:
     return ssm or attn  # type: ignore[return-value]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config
-
-
 @dataclass
 class HybridConfig:
-    """The hybrid: widths, the layer and feed-forward patterns, routing and merge, branch settings, the Falcon-H1
-    multipliers, and the loss training uses.
+    """The hybrid's shape, patterns, branch settings and Falcon-H1 multipliers, and the loss training builds.
 
     Args:
         dim: D, the residual width.
-        vocab_size: V.
         pattern: one token per layer (the module docstring lists them), a string of one-letter tokens ("MMAM")
             or a list of tokens (["S", "S+A"]).
-        n_layers: None means len(pattern); otherwise the pattern (and `ffn_pattern`) is repeated and the lengths
-            must divide it.
-        routing: "sequential", or "parallel" (every "A" becomes "M+A" and every "G" "M+G").
-        merge: how a parallel layer merges its branches: "sum", "gate" (learned) or "concat" (then project).
+        n_layers: None means len(pattern); otherwise the pattern (and `ffn_pattern`) is repeated to it.
+        routing: "sequential", or "parallel" (the older spelling of parallel layers: every "A" becomes "M+A"
+            and every "G" "M+G").
+        merge: a parallel layer's merge: "sum" (`ssm_out_multiplier * mamba + attn_out_multiplier * attn`,
+            Falcon-H1), "gate" (`g * mamba + (1 - g) * attn`, g = sigmoid(gate(x)) per channel) or "concat"
+            (`merge_proj(cat(mamba, attn))`).
         ffn_pattern: one letter per layer, repeated like `pattern`: "D" dense (`feed_forward`), "E" mixture of
             experts, "N" none; None means "D" everywhere.
         d_state, d_conv, expand: both Mamba kinds (state-spaces names): state size N, conv width K, inner width
             expand * D.
         dt_rank: Mamba-1's dt rank (None = ceil(D / 16)).
         mamba_inner_norms: Mamba-1 layers normalise dt, B and C with RMSNorms (Jamba's mixer).
-        compile_scan, scan_backend: Mamba-1's scan (`MambaBlock`'s `compile_scan` and `scan_backend`: "auto",
-            "triton", "chunked" or "ref").
+        compile_scan, scan_backend: Mamba-1's scan (see `MambaBlock`).
         headdim: Mamba-2 head width P; the Mamba-2 width (`d_ssm` or expand * D) must be a multiple of it.
         ngroups: Mamba-2 groups G of B and C; must divide the Mamba-2 heads.
         chunk_size: Mamba-2's scan chunk length (speed and memory only).
-        d_ssm: Mamba-2 inner width when it is not expand * D (Falcon-H1's `mamba_d_ssm`); None = expand * D.
-        ssm_norm: Mamba-2's gated RMSNorm (`norm`); False gives `y * silu(z)` (Falcon-H1's `mamba_rms_norm`).
+        d_ssm: Mamba-2 inner width when it is not expand * D (Falcon-H1's `mamba_d_ssm`).
+        ssm_norm: Mamba-2's gated RMSNorm; False gives `y * silu(z)` (Falcon-H1's `mamba_rms_norm`).
         ssm_norm_before_gate: `rms_norm(y) * silu(z)` instead of `rms_norm(y * silu(z))`.
         dt_limit: (low, high) clamp of Mamba-2's dt in whole-sequence scans (transformers' `time_step_limit`;
             the one-token step does not clamp, as transformers and mamba_ssm); None = no clamp.
@@ -141,34 +115,31 @@ class HybridConfig:
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
         attn_bias: biases in wq, wk, wv and wo.
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
-        rotary_dim: rotate only the first `rotary_dim` channels of each head (Bamba's partial_rotary_factor 0.5);
-            None = all.
-        qk_norm: None, "rms" or "l2" normalisation of queries and keys.
-        window: sliding-window size of "A" layers (Samba), None for global; its decoding cache is a
-            `RingKVCache` of `window` slots. "G" layers are always global.
+        rotary_dim: rotate only the first `rotary_dim` channels of each head (Bamba's partial_rotary_factor 0.5).
+        window: sliding-window size of "A" layers (Samba); its decoding cache is a `RingKVCache` of `window`
+            slots.
         feed_forward: the dense feed-forward: "none", "swiglu" or "mlp" (GELU).
-        hidden_dim: dense feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to multiple_of)
-            and 4D for mlp.
-        multiple_of: rounding of the swiglu width.
-        ffn_bias: biases in the dense feed-forward's projections.
+        hidden_dim: dense feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to
+            `multiple_of`) and 4D for mlp.
         num_experts, experts_per_token: the MoE layers' E and top-k (softmax router, Mixtral / Jamba).
         moe_hidden_dim: each expert's width; None = the dense width (`ffn_hidden_dim`).
         moe_renormalize: divide the top-k router weights by their sum (Mixtral: true; Jamba: false).
         moe_aux_loss_coef: weight of the Switch load-balancing loss in the output's `aux_loss` (Jamba 0.001).
         embedding_multiplier, lm_head_multiplier, ssm_in_multiplier, ssm_out_multiplier, attn_in_multiplier,
-            attn_out_multiplier, key_multiplier, mlp_gate_multiplier, mlp_out_multiplier: Falcon-H1's scalar
-            multipliers (see the module docstring); 1 is no op.
-        ssm_proj_multipliers: five multipliers of the Mamba-2 in_proj segments [z, x, B, C, dt] (Falcon-H1's
-            `ssm_multipliers`), None for none.
+            attn_out_multiplier, key_multiplier, mlp_gate_multiplier, mlp_out_multiplier: Falcon-H1's muP
+            scalars, applied at run time as transformers does (so training dynamics match too), on: the
+            embedding output, the logits, every Mamba branch's input / output, every attention branch's input /
+            output, the keys (as the attention scale), SwiGLU's gate pre-activation, every feed-forward's
+            output. 1 is no op.
+        ssm_proj_multipliers: five multipliers of the Mamba-2 in_proj rows [z, x, B, C, dt] (Falcon-H1's
+            `ssm_multipliers`).
         norm_eps: eps of every RMSNorm (layer norms, the gated norm, Jamba's inner norms).
-        residual_in_fp32: keep the residual stream in float32 in a lower-precision model (each layer's norm
-            reads it cast to the model dtype), as transformers' and mamba_ssm's Mamba-2 (`residual_in_fp32`);
-            no effect in a float32 model.
-        tie_embeddings: the LM head shares the embedding matrix.
+        residual_in_fp32: keep the residual stream in float32 in a lower-precision model (each norm reads it
+            cast to the model dtype), as transformers' and mamba_ssm's Mamba-2.
         max_seq_len: initial rotary table length (grows on demand).
         initializer_range: std of the embedding init.
-        loss_head: the loss training builds, by name (`vermeil.train.losses.LOSS_HEADS`: "cross_entropy").
-        ignore_index, z_loss: settings of the cross-entropy head (z_loss: PaLM's logsumexp^2 term).
+        loss_head, ignore_index, z_loss: the loss training builds (`vermeil.train.losses.LOSS_HEADS`) and the
+            cross-entropy head's settings (z_loss: PaLM's logsumexp^2 term).
     """
 
     dim: int = 256
@@ -304,8 +275,7 @@ class HybridConfig:
 
     def _check_pattern(self) -> None:
         p = self.pattern
-        ok = isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(c, str) for c in p))
-        if not ok:
+        if not _is_tokens(p):
             raise ValueError(f"pattern={p!r} must be a string such as 'MMAM' or a list of layer tokens")
         tokens = list(p)
         if not tokens:
@@ -321,8 +291,7 @@ class HybridConfig:
         f = self.ffn_pattern
         if f is None:
             return
-        ok = isinstance(f, str) or (isinstance(f, (list, tuple)) and all(isinstance(c, str) for c in f))
-        if not ok or not list(f):
+        if not _is_tokens(f) or not list(f):
             raise ValueError(
                 f"ffn_pattern={f!r} must be a string such as 'DE' or a list of 'D'/'E'/'N' letters"
             )
@@ -344,8 +313,7 @@ class HybridConfig:
 
     @property
     def layer_kinds(self) -> list[str]:
-        """Per layer, its canonical token: "M", "S", "A", "G", "P" (= "M+A", also what `routing: parallel` makes
-        of "A"), "M+G", "S+A" or "S+G"."""
+        """Per layer, its canonical token: "M", "S", "A", "G", "P" (= "M+A"), "M+G", "S+A" or "S+G"."""
         parallel = self.routing == "parallel"
         kinds = []
         for token in self.layer_letters:
@@ -387,13 +355,9 @@ class HybridConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> HybridConfig:
-        """Read a YAML file: its `model:` section if it has one (other sections, `data:` and `train:`, belong to
-        `vermeil train`; a `family:` key must say "hybrid"), else the whole file. `overrides` are dotted
-        `key=value` strings (`model.routing=parallel`).
-
-        Raises:
-            ConfigError: unknown keys (named, with the nearest valid name) and bad values (named, with the rule).
-        """
+        """Read a YAML file: its `model:` section if it has one (a `family:` key there must say "hybrid"), else
+        the whole file; `overrides` are dotted `key=value` strings (`model.routing=parallel`). Raises
+        ConfigError naming unknown keys (with the nearest valid name) and bad values."""
         data = apply_overrides(load_yaml(path), overrides)
         if "model" not in data:
             return cls.from_dict(data)
@@ -406,25 +370,19 @@ class HybridConfig:
         return cls.from_dict(section, "model")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Modules
-
-
 def _scaled(x: Tensor, multiplier: float) -> Tensor:
     # the multiplier is a Python float fixed at construction: no branch on data
     return x if multiplier == 1.0 else x * multiplier
 
 
 class HybridOutput(NamedTuple):
-    """What a `HybridModel` with MoE layers returns: logits (B, T, V) float32 and aux_loss, the scalar sum of
-    its MoE layers' auxiliary losses (`moe_aux_loss_coef` times the load-balancing loss)."""
+    """A `HybridModel` with MoE layers returns logits (B, T, V) float32 and the sum of their aux losses."""
 
     logits: Tensor
     aux_loss: Tensor
 
 
 def _mamba(ssm: str, cfg: HybridConfig, layer_idx: int, factory: dict[str, Any]) -> nn.Module:
-    """The Mamba branch of kind "M" (Mamba-1) or "S" (Mamba-2)."""
     if ssm == "S":
         return Mamba2Block(
             cfg.dim,
@@ -462,12 +420,8 @@ def _mamba(ssm: str, cfg: HybridConfig, layer_idx: int, factory: dict[str, Any])
 
 
 class HybridLayer(nn.Module):
-    """One layer: `h = h + mixer(norm(h))`, then `h = h + feed_forward(ffn_norm(h))` if it has one.
-
-    kind (a canonical token of `HybridConfig.layer_kinds`): "M" / "S": `mamba` (Mamba-1 / Mamba-2); "A" / "G":
-    `attention` (sliding with `window` / global); "P" (= "M+A"), "M+G", "S+A", "S+G": both, merged (`gate` for
-    merge="gate", `merge_proj` for "concat"). ffn: "swiglu", "mlp", "moe" or "none" (`feed_forward`).
-    """
+    """One layer of kind `kind` (a token of `HybridConfig.layer_kinds`): `mamba`, `attention` or both (merged
+    by `gate` or `merge_proj`), then `feed_forward` of kind `ffn` ("swiglu", "mlp", "moe" or "none")."""
 
     def __init__(
         self,
@@ -576,8 +530,8 @@ class HybridLayer(nn.Module):
         return _scaled(out, self.ssm_out)
 
     def forward(self, h: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """h: (B, T, D) -> (B, T, D). An MoE layer leaves its auxiliary loss in `aux_loss` (None otherwise), read
-        by the model after the call (the layer is called as a module, so wrappers and hooks see it)."""
+        """h: (B, T, D) -> (B, T, D). An MoE layer leaves its auxiliary loss in `aux_loss` (None otherwise) for the
+        model to read: the layer stays a plain module call, so wrappers and hooks see it."""
         # a float32 residual stream (residual_in_fp32) enters each norm in the model's dtype
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.mamba is None:
@@ -609,16 +563,8 @@ class HybridLayer(nn.Module):
 
 
 class HybridModel(nn.Module):
-    """The hybrid language model: `embedding`, `layers` (`HybridLayer`), `norm_f`, `lm_head`.
-
-    Args:
-        config: the `HybridConfig`.
-        device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty()` and
-            `init_weights()`).
-
-    `forward(tokens, input_pos=None) -> logits (B, T, V)` float32 (a `HybridOutput` with MoE layers); the cache
-    API of `vermeil.generation`.
-    """
+    """The hybrid language model: `embedding`, `layers` (`HybridLayer`), `norm_f`, `lm_head`, following
+    `vermeil.models.contract`. On the meta device, call `to_empty()` and `init_weights()` afterwards."""
 
     def __init__(
         self,
@@ -673,10 +619,7 @@ class HybridModel(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> HybridModel:
-        """`HybridModel(HybridConfig.from_yaml(path, overrides))`."""
         return cls(HybridConfig.from_yaml(path, overrides), device=device, dtype=dtype)
-
-    # -- weights -----------------------------------------------------------------------------------------
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         if self.config.tie_embeddings:
@@ -684,14 +627,10 @@ class HybridModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """mamba_ssm's scheme extended to attention and feed-forward layers.
-
-        Every block's own `reset_parameters` (S4D-real A and the dt bias in Mamba; nn.Linear defaults), then Linear
-        biases zeroed except Mamba's dt bias, the learned gate at zero (g = 1/2: an even mix at start), residual
-        output projections (Mamba `out_proj`, attention `wo`, `merge_proj`, feed-forward `w2`/`fc2`) re-drawn
-        Kaiming-uniform and divided by sqrt(residuals per layer * n_layers), embedding normal(0,
-        initializer_range), norm weights ones.
-        """
+        """mamba_ssm's scheme extended to attention and feed-forward layers: every block's own
+        `reset_parameters`, Linear biases zeroed except Mamba's dt bias, the gate at zero (g = 1/2: an even mix),
+        residual output projections Kaiming-uniform divided by sqrt(residual additions in the model), embedding
+        normal(0, initializer_range)."""
         cfg = self.config
         if cfg.tie_embeddings:  # `to_empty()` after meta construction unties shared parameters: tie again
             self.lm_head.weight = self.embedding.weight
@@ -725,16 +664,12 @@ class HybridModel(nn.Module):
         """Parameter count, a tied tensor once."""
         return sum(p.numel() for p in self.parameters())
 
-    # -- cache -------------------------------------------------------------------------------------------
-
     def cache_modules(self) -> list[nn.Module]:
         """Every attention branch (a static KV cache (B, Hkv, max_seq_len, Dh), a `RingKVCache` of `window` slots
         when sliding) and every Mamba branch (a conv + SSM state)."""
         return [m for layer in self.layers for m in (layer.attention, layer.mamba) if m is not None]
 
     setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
-
-    # -- self-description (vermeil.models.contract) ---------------------------------------------------------
 
     lm_parts = ("embedding", "norm_f", "lm_head")  # (embedding, final norm, head) for loss/sequence parallel
 
@@ -750,7 +685,6 @@ class HybridModel(nn.Module):
         return out
 
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
-        """Raise where the hybrid cannot run tensor-parallel that way (see `vermeil.models.contract`)."""
         if loss_parallel and self.config.z_loss:
             raise ValueError(
                 f"loss_parallel=True does not support the hybrid's z_loss={self.config.z_loss} (its logsumexp "
@@ -758,9 +692,8 @@ class HybridModel(nn.Module):
             )
 
     def sequence_parallel_plan(self) -> dict[str, str]:
-        """Per submodule, its sequence-parallel style by name (`vermeil.models.contract` lists them): norms on
-        the local tokens, Mamba (both kinds) and MoE on the whole sequence, attention and dense feed-forward
-        inputs gathered with row-parallel outputs scattered back, merge weights replicated on local tokens."""
+        """Norms on the local tokens, Mamba (both kinds) and MoE on the whole sequence, attention and dense
+        feed-forward inputs gathered with row-parallel outputs scattered back, merge weights local."""
         plan: dict[str, str] = {}
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
@@ -783,19 +716,9 @@ class HybridModel(nn.Module):
                 plan[f"{p}feed_forward.{out}"] = "row_scatter"
         return plan
 
-    # -- forward -----------------------------------------------------------------------------------------
-
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor | HybridOutput:
-        """Logits of every position.
-
-        Args:
-            tokens: (B, T) token ids.
-            input_pos: None (a plain forward over positions 0..T-1; no cache read or written), or (T,)
-                consecutive positions with a cache: the prompt (prefill), then one token at a time.
-
-        Returns:
-            (B, T, V) float32 logits; with MoE layers a `HybridOutput(logits, aux_loss)`.
-        """
+        """tokens (B, T), input_pos None or (T,) cache positions -> (B, T, V) float32 logits, a
+        `HybridOutput(logits, aux_loss)` with MoE layers."""
         check_tokens(tokens, self.config.vocab_size)
         if input_pos is not None:
             if self.cache_max_seq_len is None:
@@ -821,8 +744,7 @@ class HybridModel(nn.Module):
 
 
 def build(preset: str, **overrides: Any) -> HybridModel:
-    """`HybridModel(HybridConfig(**PRESETS[preset], **overrides))`, `device` and `dtype` among the overrides
-    going to the model; an unknown preset raises with the names."""
+    """`HybridModel(HybridConfig(**PRESETS[preset], **overrides))` (see `contract.build_preset`)."""
     return build_preset(HybridModel, HybridConfig, PRESETS, preset, overrides)
 
 
