@@ -29,10 +29,7 @@ FinetuneModules = Sequence[Callable[[Tensor], Tensor] | None]
 
 
 class ValueFirstSwiGLU(nn.Module):
-    """PaLM's parameter-free SwiGLU: `x, gate = x.chunk(2, -1); silu(gate) * x` (value half first).
-
-    x: (..., 2F) -> (..., F). Meta/HF order is the opposite (gate first): PaLM-rlhf-pytorch `SwiGLU` vs transformers `LlamaMLP`.
-    """
+    """PaLM's parameter-free SwiGLU, value half first (Meta/HF put the gate first): (..., 2F) -> (..., F)."""
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = x.chunk(2, dim=-1)
@@ -43,43 +40,24 @@ class ParallelTransformerBlock(nn.Module):
     """PaLM's parallel attention + feed-forward block, with exactly zetascale's `TransformerBlock` API.
 
     The published zetascale block (zeta 2.8.8, `zeta/structs/transformer_block.py`, a copy of
-    PaLM-rlhf-pytorch's `ParallelTransformerBlock`) cannot be constructed (it passes `use_flash_attn` to a
-    full `Attention`), calls its xPos helper with swapped arguments and drops `qk_scale`; tests/nn/test_blocks.py
-    checks this one against an independent transcription of PaLM's block.
-
-    Computation (PaLM semantics):
-        h = norm(x)                                   LayerNorm with a gain, no bias
-        q, k, v, ff = fused_attn_ff_proj(h)           one bias-free projection, split (H*Dh, Dh, Dh, 2*ff_mult*D)
-        q, k, v += lora_q(h), lora_k(h), lora_v(h)    when `finetune_modules` are given
-        k, v: one head shared by all query heads      multi-query attention (Shazeer, 2019)
-        qk_rmsnorm: q, k = l2norm(q) * q_scale, l2norm(k) * k_scale, attention scale `qk_scale`
-                    (otherwise Dh^-0.5)
-        half-split rotary (theta 10000); xPos (q * s, k / s) only when `causal and use_xpos`
-        attn = attn_out(o) (+ lora_o(o)), o the merged heads
-        ff = ff_out(ff) = Linear(Dropout(silu(gate) * value))     value half first
-        return x + attn + ff   (residual=True, the default)   or   attn + ff   (residual=False, PaLM's contract)
+    PaLM-rlhf-pytorch's `ParallelTransformerBlock`) cannot be constructed, calls its xPos helper with swapped
+    arguments and drops `qk_scale`; tests/nn/test_blocks.py checks this one against a transcription of PaLM's.
+    `x + attn(norm(x)) + ff(norm(x))` from one fused bias-free projection, with multi-query attention (one
+    key/value head, Shazeer 2019) and half-split rotary (xPos only when `causal`, centred at T // 2).
 
     PaLM checkpoint keys map as: `norm.gamma` -> `norm.weight` (PaLM's `norm.beta` is a zero buffer: drop it);
     `fused_attn_ff_proj.weight`, `attn_out.weight`, `ff_out.2.weight`, `q_scale`, `k_scale` unchanged;
     `rotary_emb.inv_freq`/`rotary_emb.scale` are recomputed here (drop them); LoRA weights under
     `finetune_modules.<0..3>`.
 
-    Rotary and xPos come from `rotary_emb`, a `RotaryEmbedding` (xPos centred at T // 2 as PaLM's).
-
     Args:
-        dim: D.
         dim_head: Dh (even).
-        causal: causal self-attention.
-        heads: H query heads (keys and values have one head).
-        qk_rmsnorm: l2-normalise q and k with learned `q_scale`/`k_scale` (Dh,) and use `qk_scale`.
-        qk_scale: the attention scale when `qk_rmsnorm` (PaLM: 8).
+        heads: H query heads.
+        qk_rmsnorm: l2-normalise q and k with learned `q_scale`/`k_scale` (Dh,) and use `qk_scale` (PaLM: 8)
+            as the attention scale instead of Dh^-0.5.
         ff_mult: feed-forward hidden size F = ff_mult * D.
-        attn_dropout: dropout on the attention weights (training only).
-        ff_dropout: dropout on the SwiGLU output (training only).
-        use_xpos: xPos length-extrapolation scaling (only applied when causal, as PaLM).
-        xpos_scale_base: xPos scale base.
-        flash_attn: restrict attention to the fused SDPA kernels (`attention(..., backend="flash")`); an
-            input none can serve raises an error saying why (e.g. attention dropout on CPU).
+        ff_dropout: on the SwiGLU output (training only).
+        flash_attn: `attention(..., backend="flash")`: an input no fused kernel serves raises, saying why.
         finetune_modules: default (lora_q, lora_k, lora_v, lora_o), any of them None, registered as
             submodules `finetune_modules.<i>`: lora_q maps D -> H*Dh, lora_k/lora_v D -> Dh, lora_o H*Dh -> D.
         residual: return `x + attn + ff` (True) or PaLM's `attn + ff` (False).
@@ -156,8 +134,6 @@ class ParallelTransformerBlock(nn.Module):
         )
         self.reset_parameters()
 
-    # ----------------------------------------------------------------------------------------- parameters
-
     def reset_parameters(self) -> None:
         """nn.Linear's default init for the projections, ones for the gains; rebuilds the rotary tables."""
         self.norm.reset_parameters()
@@ -181,21 +157,12 @@ class ParallelTransformerBlock(nn.Module):
                 raise ValueError(f"finetune_modules[{i}]={m!r} must be callable or None")
         return tuple(mods)
 
-    # -------------------------------------------------------------------------------------------- forward
-
     def forward(
         self, x: Tensor, mask: Tensor | None = None, finetune_modules: FinetuneModules | None = None
     ) -> Tensor:
-        """Parallel attention + feed-forward.
+        """x: (B, T, D), mask: (B, T) bool key padding (True = keep) -> (B, T, D).
 
-        Args:
-            x: (B, T, D).
-            mask: (B, T) bool key-padding mask, True = keep (PaLM's convention), or None.
-            finetune_modules: (lora_q, lora_k, lora_v, lora_o) for this call (entries may be None);
-                overrides the ones given at construction.
-
-        Returns:
-            (B, T, D): `x + attn + ff`, or `attn + ff` when `residual=False`.
+        finetune_modules: (lora_q, lora_k, lora_v, lora_o) for this call, overriding the constructor's.
         """
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, D) with D=dim={self.dim}")
@@ -226,15 +193,11 @@ class ParallelTransformerBlock(nn.Module):
         q, k = self.rotary_emb(q, k)  # half-split rotary, xPos (q * s, k / s) when use_xpos
 
         # `attention` combines the padding mask with causality itself (SDPA's is_causal where it can).
+        pad = None if mask is None else padding_mask(mask)  # (B, 1, 1, S)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        backend = "flash" if self.flash_attn else "sdpa"
         out = attention(
-            q,
-            k,
-            v,
-            None if mask is None else padding_mask(mask),  # (B, 1, 1, S)
-            causal=self.causal,
-            scale=self.scale,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            backend="flash" if self.flash_attn else "sdpa",
+            q, k, v, pad, causal=self.causal, scale=self.scale, dropout_p=dropout_p, backend=backend
         )  # (B, H, T, Dh)
         out = out.transpose(1, 2).flatten(2)  # (B, T, H*Dh), heads merged
         attn = self.attn_out(out)
@@ -254,33 +217,20 @@ class ParallelTransformerBlock(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block (Meta Llama layout), with an optional cross-attention sub-layer.
 
-        h = x + dropout(attention(attention_norm(x)))                         self-attention
-        h = h + dropout(cross_attention(cross_attention_norm(h), context))    when cross_attention=True
-        y = h + dropout(feed_forward(ffn_norm(h)))
-
-    Submodule names are Meta's (`attention_norm`, `attention.wq/wk/wv/wo`, `ffn_norm`,
-    `feed_forward.w1/w3/w2`); transformers' Llama names map one to one (transformers `convert_llama_weights_to_hf.py`):
+    Submodule names are Meta's; transformers' Llama names map one to one (`convert_llama_weights_to_hf.py`):
     `input_layernorm` -> `attention_norm`, `self_attn.{q,k,v,o}_proj` -> `attention.{wq,wk,wv,wo}`,
     `post_attention_layernorm` -> `ffn_norm`, `mlp.{gate,up,down}_proj` -> `feed_forward.{w1,w3,w2}`
-    (half-split rotary there, so no q/k permutation). tests/nn/test_blocks.py checks a Llama-configured block
-    against transformers' `LlamaDecoderLayer` (GQA, llama3 rope scaling).
+    (half-split rotary there, so no q/k permutation). tests/nn/test_blocks.py checks it against
+    transformers' `LlamaDecoderLayer` (GQA, llama3 rope scaling).
 
     Args:
-        dim: D.
-        heads: H.
-        kv_heads: Hkv (GQA when < H); None means H.
-        head_dim: Dh; None means D / H.
-        hidden_dim: F. None means Llama's rule `llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)` for
-            the gated kinds and 4 * D for "mlp"; an int is used as given.
-        multiple_of, ffn_dim_multiplier: Llama's hidden-size rule (used only when hidden_dim is None).
+        hidden_dim: F. None means `llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)` for the gated
+            kinds and 4 * D for "mlp".
         feed_forward: "swiglu" (Llama), "geglu" or "mlp" (GELU MLP, `fc1`/`fc2`).
         norm: "rms" (`RMSNorm`) or "layer" (`LayerNorm`, with a bias when `bias`).
-        norm_eps: epsilon of every norm.
-        causal: causal self-attention.
         rotary: an injected `RotaryEmbedding` for the self-attention (None: no positions inside the block).
         qk_norm: None, "rms" or "l2" (`QKNorm` in both attentions).
-        cross_attention: add the cross-attention sub-layer (encoder-decoder use).
-        context_dim: Dc, width of `context`; None means D.
+        cross_attention: add the cross-attention sub-layer; `context_dim` (Dc) None means D.
         dropout: residual dropout on each sub-layer's output (training only).
         bias: biases on every linear (and on LayerNorm).
     """
@@ -352,8 +302,7 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def reset_parameters(self) -> None:
-        """Each submodule's own `reset_parameters` (ones for norms, nn.Linear's default for projections),
-        and the injected rotary's tables."""
+        """Each submodule's own `reset_parameters`, and the injected rotary's tables."""
         for module in (
             self.attention_norm,
             self.attention,
@@ -396,18 +345,9 @@ class TransformerBlock(nn.Module):
         context_mask: Tensor | None = None,
         input_pos: Tensor | None = None,
     ) -> Tensor:
-        """Apply the block.
+        """x: (B, T, D), context: (B, S, Dc) exactly when the block has cross-attention -> (B, T, D).
 
-        Args:
-            x: (B, T, D).
-            context: (B, S, Dc) for the cross-attention sub-layer (required exactly when it exists).
-            mask: self-attention mask, True = may attend: (B, T) key padding (B, S_max with a cache) or
-                (B|1, 1|H, T, S) (see `Attention.forward`).
-            context_mask: (B, S) context padding (True = keep) or (B|1, 1|H, T, S), for the cross-attention.
-            input_pos: (T,) or (B, T) positions for rotary and the KV cache (see `Attention.forward`).
-
-        Returns:
-            (B, T, D).
+        `mask`, `input_pos` go to the self-attention, `context_mask` to the cross-attention (`Attention.forward`).
         """
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, D) with D=dim={self.dim}")

@@ -1,8 +1,5 @@
-"""The argument checks every layer shares: one positive-int rule with one message, the q/k/v and bool-mask
-rules of the attention functions, and `tracing()`, which says when a check must not read tensor values back to
-the host.
-
-`vermeil.nn` is the bottom of the house, so the check lives here and the models, data and diffusion code import it.
+"""The argument checks every layer shares (models, data and diffusion code import them from this bottom layer),
+and `tracing()`, which says when a check must not read tensor values back to the host.
 """
 
 from __future__ import annotations
@@ -73,11 +70,8 @@ def check_bool_mask(name: str, mask: Any, meaning: str) -> None:
 
 
 def tracing() -> bool:
-    """True while the current code is being traced rather than run eagerly: under `torch.compile` /
-    `torch.export` (`torch.compiler.is_compiling()`) or `torch.jit.trace`, or while a CUDA graph is being
-    captured on the current stream. Checks that read tensor values (`.tolist()`, `.item()`) skip themselves
-    then: a read is a graph break under compile, a baked-in constant under jit.trace, and illegal during a
-    capture."""
+    """True under `torch.compile` / `torch.export`, `torch.jit.trace`, or a CUDA graph capture: checks that
+    read tensor values skip themselves then (a graph break, a baked-in constant, illegal in a capture)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

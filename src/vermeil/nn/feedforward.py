@@ -31,11 +31,8 @@ def llama_hidden_dim(
     ffn_dim_multiplier: float | None = None,
     hidden_dim: int | None = None,
 ) -> int:
-    """Meta Llama's SwiGLU hidden size.
-
-    `h = hidden_dim or 4 * dim`, then `h = int(2 * h / 3)` (so the gated MLP costs what a 4x MLP does),
-    then `h = int(ffn_dim_multiplier * h)` when given, then rounded up to a multiple of `multiple_of`.
-    Llama 3 8B: `llama_hidden_dim(4096, 1024, 1.3) == 14336`.
+    """Meta Llama's SwiGLU hidden size: 2/3 of `hidden_dim or 4 * dim` (so the gated MLP costs what a 4x
+    MLP does), times `ffn_dim_multiplier`, rounded up to `multiple_of`. Llama 3 8B: (4096, 1024, 1.3) -> 14336.
     """
     check_positive_ints(dim=dim, multiple_of=multiple_of)
     if ffn_dim_multiplier is not None and ffn_dim_multiplier <= 0:
@@ -77,15 +74,7 @@ class _MLP(nn.Module):
 
 
 class FeedForward(_MLP):
-    """Two-layer MLP: `fc2(dropout(act(fc1(x))))`.
-
-    Args:
-        dim: D, input and output width.
-        hidden_dim: F.
-        activation: "gelu", "gelu_tanh" (Flux, GPT-2), "relu" or "silu".
-        bias: biases on both linears.
-        dropout: applied to the hidden activations in training.
-    """
+    """Two-layer MLP: `fc2(dropout(act(fc1(x))))`; "gelu_tanh" is Flux's and GPT-2's activation."""
 
     def __init__(
         self,
@@ -107,17 +96,9 @@ class FeedForward(_MLP):
 
 
 class GLU(_MLP):
-    """Gated MLP (Shazeer, 2020): `w2(dropout(act(w1(x)) * w3(x)))`.
+    """Gated MLP (Shazeer, 2020): `w2(dropout(act(w1(x)) * w3(x)))`, F from `llama_hidden_dim` for Llama.
 
-    Meta's names and order: `w1` is the gate, `w3` the up projection, `w2` the down projection
-    (transformers calls them `gate_proj`, `up_proj`, `down_proj`).
-
-    Args:
-        dim: D.
-        hidden_dim: F; see `llama_hidden_dim` for Llama's rule.
-        activation: "silu" (SwiGLU), "gelu" (GeGLU), "gelu_tanh" or "relu" (ReGLU).
-        bias: biases on the three linears (Llama: none).
-        dropout: applied to the gated hidden activations in training.
+    Meta's names: `w1` gate, `w3` up, `w2` down (transformers' `gate_proj`, `up_proj`, `down_proj`).
     """
 
     def __init__(

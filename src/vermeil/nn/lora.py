@@ -1,9 +1,7 @@
 """Low-rank adaptation (LoRA, Hu et al., 2021, arXiv:2106.09685).
 
-`LoRALinear` is a frozen linear plus a trainable low-rank update, `y = W x + b + (alpha / r) B A dropout(x)`,
-with torchtune's key names (`weight`, `bias`, `lora_a.weight`, `lora_b.weight`) so adapter checkpoints line up.
-`LoRA` is the update alone (no base weight), for places that add an adapter to an existing projection, such
-as the `finetune_modules` of `ParallelTransformerBlock` (PaLM-rlhf-pytorch's `LoRA`).
+`LoRALinear` follows torchtune's layout and key names, so adapter checkpoints line up; `LoRA` is the update
+alone (PaLM-rlhf-pytorch's `LoRA`).
 
 Axis legend: B batch, T length, I input features, O output features, R rank.
 """
@@ -50,8 +48,7 @@ class _LowRank(nn.Module):
         self.lora_b = nn.Linear(rank, out_dim, bias=False, device=device, dtype=dtype)
 
     def _reset_low_rank(self) -> None:
-        # torchtune's init: A as nn.Linear's default (kaiming uniform, a=sqrt(5)), B zero, so a fresh
-        # adapter is an exact no-op and training starts from the base model.
+        # torchtune's init: A as nn.Linear's default, B zero, so a fresh adapter is an exact no-op.
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 
@@ -65,18 +62,9 @@ class _LowRank(nn.Module):
 
 
 class LoRA(_LowRank):
-    """The low-rank update alone: `forward(x) = (alpha / rank) * lora_b(lora_a(dropout(x)))`.
-
-    Use it where an adapter is added to an existing projection, e.g. the four `finetune_modules` of
-    `ParallelTransformerBlock` (PaLM-rlhf-pytorch's `LoRA`, whose default `alpha` is the rank).
-
-    Args:
-        in_dim: I.
-        out_dim: O.
-        rank: R.
-        alpha: scale numerator; None means `rank` (scale 1, as PaLM-rlhf-pytorch).
-        dropout: on the adapter input, in training.
-    """
+    """The low-rank update alone, `(alpha / rank) * lora_b(lora_a(dropout(x)))`, to add to an existing
+    projection (e.g. `ParallelTransformerBlock`'s `finetune_modules`). alpha None means `rank` (scale 1, as
+    PaLM-rlhf-pytorch)."""
 
     def __init__(
         self,
@@ -105,20 +93,11 @@ class LoRA(_LowRank):
 
 
 class LoRALinear(_LowRank):
-    """A frozen linear layer plus a trainable low-rank update (torchtune's `LoRALinear` layout).
+    """A frozen linear plus a trainable low-rank update (torchtune's `LoRALinear`), x (..., I) -> (..., O):
+    `x W^T + b + (alpha / rank) * lora_b(lora_a(dropout(x)))`.
 
-    `forward(x) = x W^T + b + (alpha / rank) * lora_b(lora_a(dropout(x)))`. The base `weight` and `bias` are
-    frozen (`requires_grad=False`); only `lora_a.weight` and `lora_b.weight` train. `merge()` folds the
-    update into `weight` for inference (the forward then skips the adapter, so nothing is counted twice);
+    `merge()` folds the update into `weight` for inference (a merged layer has no adapter dropout);
     `unmerge()` subtracts it again, restoring the base weight up to float rounding.
-
-    Args:
-        in_dim: I.
-        out_dim: O.
-        rank: R.
-        alpha: the update is scaled by alpha / rank.
-        dropout: on the adapter input, in training (a merged layer has no adapter dropout).
-        bias: a frozen bias on the base layer.
     """
 
     def __init__(
@@ -142,7 +121,7 @@ class LoRALinear(_LowRank):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Base weight and bias as `nn.Linear`'s default init; A kaiming-uniform; B zero."""
+        """Base weight and bias as `nn.Linear`'s default init; the adapter as `_reset_low_rank`."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_dim)
@@ -181,7 +160,6 @@ class LoRALinear(_LowRank):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (..., I) -> (..., O)."""
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"LoRALinear: input of shape {tuple(x.shape)} must have last dim={self.in_dim}")
         out = F.linear(x, self.weight, self.bias)
@@ -214,20 +192,10 @@ def apply_lora(
     alpha: float,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """Replace the `nn.Linear` submodules whose qualified name matches by `LoRALinear` (in place).
+    """Replace the matching `nn.Linear` submodules by `LoRALinear`, in place; returns `model`.
 
-    Args:
-        model: any module; it is modified in place and returned.
-        target_modules: a name or names matched as a suffix of the qualified name on a dot boundary
-            (`"wq"` matches `layers.0.attention.wq`; `"attention.wq"` works too), or a callable
-            `(qualified_name, module) -> bool`.
-        rank, alpha, dropout: as `LoRALinear`.
-
-    Returns:
-        model.
-
-    Raises:
-        ValueError: when no `nn.Linear` matched (the message names the patterns).
+    target_modules: names matched as a suffix of the qualified name on a dot boundary (`"wq"` matches
+    `layers.0.attention.wq`), or a callable `(qualified_name, module) -> bool`. Raises when none matched.
     """
     match, described = _matcher(target_modules)
     _check_lora_args(1, 1, rank, alpha, dropout)
@@ -283,13 +251,8 @@ def _adapter_param_names(model: nn.Module) -> set[str]:
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
-    """Freeze every parameter except the `lora_a`/`lora_b` weights of `LoRA` and `LoRALinear` modules.
-
-    Any other module is frozen, including plain `nn.Linear` modules used as `finetune_modules`.
-
-    Returns:
-        The qualified names of the parameters left trainable.
-    """
+    """Freeze all but the `lora_a`/`lora_b` weights of `LoRA` and `LoRALinear` (plain `nn.Linear`
+    `finetune_modules` too); returns the names of the parameters left trainable."""
     adapters = _adapter_param_names(model)
     for name, param in model.named_parameters():
         param.requires_grad_(name in adapters)

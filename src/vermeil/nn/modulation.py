@@ -3,8 +3,7 @@
 Names and math follow Black Forest Labs' flux `modules/layers.py` (`MLPEmbedder`, `ModulationOut`, `Modulation`,
 and the final layer's `adaLN_modulation`), so Flux checkpoints load by key. `MLPEmbedder` equals diffusers
 `TimestepEmbedding(in_dim, hidden_dim)` with `linear_1 -> in_layer`, `linear_2 -> out_layer`.
-Modulation chunks are (shift, scale, gate), applied as (1 + scale) * norm(x) + shift and x + gate * f(.).
-tests/nn/test_modulation.py checks all of this against a transcription of BFL and against diffusers.
+tests/nn/test_modulation.py checks them against a transcription of BFL and against diffusers.
 """
 
 # Shapes: B batch, T sequence length, D model dim, Din input dim of an embedder, Dc conditioning vector dim.
@@ -37,12 +36,7 @@ def _reset_linear(lin: nn.Linear, zero: bool) -> None:
 
 
 class MLPEmbedder(nn.Module):
-    """Two-layer SiLU MLP: out_layer(silu(in_layer(x))) (BFL; Flux `time_in`, `vector_in`, `guidance_in`).
-
-    Args:
-        in_dim: Din (256 for Flux's sinusoidal timestep features).
-        hidden_dim: D, the output width.
-    """
+    """Two-layer SiLU MLP (BFL; Flux `time_in`, `vector_in`, `guidance_in`): (..., Din) -> (..., D)."""
 
     def __init__(
         self,
@@ -59,12 +53,11 @@ class MLPEmbedder(nn.Module):
         self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init, as BFL (Flux trains from it)."""
+        """nn.Linear's default init, as BFL."""
         self.in_layer.reset_parameters()
         self.out_layer.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (..., Din) -> (..., D)."""
         return self.out_layer(self.silu(self.in_layer(x)))
 
 
@@ -78,16 +71,8 @@ class ModulationOut:
 
 
 class Modulation(nn.Module):
-    """adaLN modulation from a conditioning vector: lin(silu(vec)) split into (shift, scale, gate) x 1 or 2.
-
-    BFL `Modulation`: Flux double blocks use `double=True` (one set for attention, one for the MLP), single
-    blocks `double=False`.
-
-    Args:
-        dim: D, the width of both vec and the modulated stream.
-        double: produce two ModulationOut (6 D outputs) instead of one (3 D).
-        zero_init: zero `lin` so every block starts as the identity (DiT's adaLN-Zero); False is BFL's default.
-    """
+    """BFL `Modulation`: lin(silu(vec)) split into (shift, scale, gate), twice when `double` (Flux's double
+    blocks: one set for attention, one for the MLP). `zero_init`: DiT's adaLN-Zero (BFL: False)."""
 
     def __init__(
         self,
@@ -117,17 +102,8 @@ class Modulation(nn.Module):
 
 
 class AdaLayerNorm(nn.Module):
-    """Affine-free LayerNorm modulated by a conditioning vector: (1 + scale) * LN(x) + shift.
-
-    This is Flux's `LastLayer` normalisation: `adaLN_modulation = Sequential(SiLU, Linear(Dc, 2 D))`, chunked
-    (shift, scale) in that order (diffusers' `AdaLayerNormContinuous` stores the halves swapped).
-
-    Args:
-        dim: D, the normalised width.
-        cond_dim: Dc, the conditioning vector width (default D).
-        eps: LayerNorm epsilon (1e-6 as Flux).
-        zero_init: zero the modulation so the block starts as plain LN (DiT's adaLN-Zero).
-    """
+    """Flux's `LastLayer` norm: (1 + scale) * LN(x) + shift from `adaLN_modulation(vec)`, chunked (shift, scale)
+    (diffusers' `AdaLayerNormContinuous` stores the halves swapped). cond_dim: Dc, None means D."""
 
     def __init__(
         self,

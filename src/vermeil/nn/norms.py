@@ -25,15 +25,9 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Root-mean-square normalisation over the last axis.
+    """`(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight` over the last axis: (..., D) -> (..., D).
 
-    Args:
-        x: (..., D), any float dtype.
-        weight: (D,) gain, or None for a weightless norm (Llama 4's qk "L2Norm").
-        eps: added to the mean square inside the square root.
-
-    Returns:
-        (..., D) in x.dtype: `(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight`.
+    weight: (D,) gain, or None for a weightless norm (Llama 4's qk "L2Norm").
     """
     x32 = _upcast(x)
     out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -46,14 +40,9 @@ def _check_last_dim(x: Tensor, dim: int, module: str) -> None:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich, 2019) with a learned gain `weight`, statistics in float32.
+    """RMSNorm (Zhang & Sennrich, 2019) with a learned gain `weight` (none when not `elementwise_affine`).
 
     Matches transformers' `LlamaRMSNorm` and Meta's Llama `RMSNorm` (key `weight`).
-
-    Args:
-        dim: D, the normalised (last) axis.
-        eps: added to the mean square.
-        elementwise_affine: learn a gain `weight` (initialised to ones); False gives a weightless norm.
     """
 
     def __init__(
@@ -87,14 +76,8 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PaLM, Flux and the Zeta block use none, or no affine at all).
-
-    Args:
-        dim: D, the normalised (last) axis.
-        eps: added to the variance.
-        bias: learn a bias (keys `weight`, `bias`); False keeps only the gain.
-        elementwise_affine: learn a gain at all; False gives Flux's parameter-free LayerNorm.
-    """
+    """LayerNorm with an optional bias (PaLM and the Zeta block use none; Flux not even a gain:
+    `elementwise_affine=False`)."""
 
     def __init__(
         self,
@@ -159,20 +142,11 @@ class _HeadNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """Normalisation of queries and keys over the head axis.
+    """Normalisation of queries and keys over the head axis, with learned `query_norm.scale`, `key_norm.scale`.
 
-    Three variants in use:
-        - `kind="rms"`, learnable: RMSNorm with a learned `scale` (Flux; applied before RoPE there).
-        - `kind="rms"`, `learnable=False`: the weightless norm that Llama 4 calls `L2Norm`
-          (`x * rsqrt(mean(x^2) + eps)`; applied after RoPE, on RoPE layers only).
-        - `kind="l2"`: `F.normalize(x)` times a learned `scale` (the Zeta/PaLM block's `qk_rmsnorm`,
-          used with a fixed attention scale instead of `Dh^-0.5`).
-
-    Args:
-        head_dim: Dh.
-        kind: "rms" or "l2".
-        learnable: learn `query_norm.scale` and `key_norm.scale`, each (Dh,), initialised to ones.
-        eps: numerical guard.
+    `kind="rms"`: RMSNorm (Flux, before RoPE); with `learnable=False` the weightless norm Llama 4 calls
+    `L2Norm` (after RoPE). `kind="l2"`: `F.normalize(x)` times the scale (the Zeta/PaLM block's `qk_rmsnorm`,
+    used with a fixed attention scale instead of `Dh^-0.5`).
     """
 
     def __init__(
