@@ -1,37 +1,7 @@
 """transformers `Mamba2ForCausalLM`, `JambaForCausalLM`, `BambaForCausalLM`, `FalconH1ForCausalLM` <-> Vermeil
-`HybridModel`, both ways, strictly (every key accounted for, every shape checked).
-
-All four are one `HybridModel` with a different layer pattern (transformers `models/{mamba2,jamba,bamba,
-falcon_h1}/modeling_*.py`):
-
-    Mamba2     pattern ["S"] * L, no feed-forward             mixer keys under `backbone.layers.N.mixer.`
-    Jamba      "A" where i % attn_layer_period == attn_layer_offset, else "M" (Mamba-1 with dt/B/C RMSNorms,
-               `mamba_inner_norms`); MoE feed-forward ("E") where i % expert_layer_period ==
-               expert_layer_offset, else dense SwiGLU ("D"); attention without positions; router softmax
-               over all experts, top-k not renormalised
-    Bamba      "A" at attn_layer_indices, else "S"; SwiGLU everywhere; RoPE on the first
-               head_dim * partial_rotary_factor channels (`rotary_dim`)
-    FalconH1   "S+A" everywhere (Mamba-2 and attention in parallel on one normalised input), SwiGLU; the
-               muP multipliers are config fields applied at run time, as transformers does, so gradients match
-               too (`embedding_multiplier`, `lm_head_multiplier`, `attn_in/out_multiplier`, `key_multiplier`
-               as the attention scale, `ssm_in/out_multiplier`, `ssm_proj_multipliers` = `ssm_multipliers`
-               over in_proj's [z, x, B, C, dt] rows, `mlp_gate/out_multiplier` = `mlp_multipliers`)
-
-Keys: `_keys` and `_LAYER_KEYS` below rename all but three (`model.layers.N.` -> `layers.N.`; Mamba2:
-`backbone.layers.N.` and `mixer.` -> `mamba.`): the MoE router (E, D) -> `router_DE` and the experts'
-down_proj (E, D, F) -> w2 are transposed, and gate_up_proj (E, 2F, D) splits into w1 | w3 (gate rows first),
-each transposed to (E, D, F).
-
-A field either side cannot express is refused by name, with its value.
-
-Training losses: Jamba's router loss is carried as `moe_aux_loss_coef` (`router_aux_loss_coef` when
-`output_router_logits` is on, else 0, as transformers adds it only then); Vermeil sums each MoE layer's Switch
-load-balancing loss, transformers computes one over all layers' router logits concatenated, so the two differ
-slightly (the forward and its gradients do not). Bamba's `z_loss_coefficient` becomes `z_loss` (transformers
-averages the logsumexp^2 over every position, Vermeil over the positions that have a target).
-
-Not carried (they do not change a forward): initialisation-only fields, dropout. transformers is imported
-inside the `to_transformers_*` functions only.
+`HybridModel`, both ways, strictly (every key accounted for, every shape checked). All four are one
+`HybridModel` with a different layer pattern (transformers `models/{mamba2,jamba,bamba,falcon_h1}/modeling_*.py`;
+each pattern is in its `*_config` below). Initialisation-only fields and dropout are not carried.
 
 Axis legend: L layers, D model dim, E experts, F expert hidden dim.
 """
@@ -73,18 +43,11 @@ def _refuse(cls: str, field: str, value: Any, rule: str) -> ValueError:
     return ValueError(f"{cls}: {field}={value!r} {rule}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# State dicts
-
-# per-layer renames, transformers -> Vermeil (after the layer prefix); the router and experts' down_proj are
-# transposed on the way, gate_up_proj is split (see `_convert_state`)
+# per-layer renames, transformers -> Vermeil (after the layer prefix); `_TRANSPOSED` keys are also transposed
 _LAYER_KEYS = {
     "input_layernorm.": "norm.",
     "pre_ff_layernorm.": "ffn_norm.",
-    "self_attn.q_proj.": "attention.wq.",
-    "self_attn.k_proj.": "attention.wk.",
-    "self_attn.v_proj.": "attention.wv.",
-    "self_attn.o_proj.": "attention.wo.",
+    **{f"self_attn.{p}_proj.": f"attention.w{p}." for p in "qkvo"},
     "feed_forward.gate_proj.": "feed_forward.w1.",
     "feed_forward.up_proj.": "feed_forward.w3.",
     "feed_forward.down_proj.": "feed_forward.w2.",
@@ -142,11 +105,7 @@ def _convert_state(state: dict[str, Tensor], cls: str, to_vermeil: bool) -> dict
 
 
 def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Tensor]:
-    """A transformers state dict of `cls` -> `HybridModel` keys (experts split and transposed, router transposed).
-
-    Raises:
-        ValueError: a key that maps to nothing, named.
-    """
+    """A transformers state dict of `cls` -> `HybridModel` keys; ValueError names a key that maps to nothing."""
     return _convert_state(state, cls, to_vermeil=True)
 
 
@@ -155,9 +114,7 @@ def vermeil_to_hf_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Te
     return _convert_state(state, cls, to_vermeil=False)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Configs: HybridConfig field -> the transformers config field of each class, read both ways.
-
+# HybridConfig field -> the transformers config field of each class, read both ways
 _COMMON = {
     "dim": "hidden_size",
     "vocab_size": "vocab_size",
@@ -236,10 +193,6 @@ _FIELDS = {
 _DEFAULTS = {f.name: f.default for f in fields(HybridConfig)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# transformers -> Vermeil configs
-
-
 def _hybrid_config(cls: str, config: Any, **given: Any) -> HybridConfig:
     """`HybridConfig(**given)` plus the fields `_FIELDS[cls]` names, read from `config` in HybridConfig's types
     (transformers may hold 0 for False or 1 for 1.0)."""
@@ -253,14 +206,10 @@ def _hybrid_config(cls: str, config: Any, **given: Any) -> HybridConfig:
 
 
 def _dt_limit(cls: str, limit: Any) -> list[float] | None:
-    if limit is None:
-        return None
-    low, high = (float(v) for v in limit)
-    if (low, high) == _NO_LIMIT:
-        return None
+    low, high = _NO_LIMIT if limit is None else map(float, limit)
     if not 0 <= low <= high:
         raise _refuse(cls, "time_step_limit", tuple(limit), "must be (low, high) with 0 <= low <= high")
-    return [low, high]
+    return None if (low, high) == _NO_LIMIT else [low, high]
 
 
 def _mamba2_fields(cls: str, config: Any, d_inner: int) -> dict[str, Any]:
@@ -286,12 +235,10 @@ def _attention_fields(cls: str, config: Any) -> dict[str, Any]:
     factor = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
     rotary_dim = int(head_dim * factor)
     if rotary_dim < 2 or rotary_dim % 2:
-        raise _refuse(
-            cls,
-            "partial_rotary_factor",
-            factor,
-            f"gives a rotary width int(head_dim={head_dim} * factor)={rotary_dim}: it must be even and >= 2",
+        rule = (
+            f"gives a rotary width int(head_dim={head_dim} * factor)={rotary_dim}: it must be even and >= 2"
         )
+        raise _refuse(cls, "partial_rotary_factor", factor, rule)
     return {
         "head_dim": head_dim,
         "rope_theta": theta,
@@ -300,7 +247,7 @@ def _attention_fields(cls: str, config: Any) -> dict[str, Any]:
 
 
 def mamba2_config(config: Any) -> HybridConfig:
-    """`Mamba2Config` -> `HybridConfig` (pattern of "S" layers, no feed-forward)."""
+    """`Mamba2Config` -> `HybridConfig`: pattern ["S"] * L, no feed-forward."""
     cls = "Mamba2ForCausalLM"
     return _hybrid_config(
         cls,
@@ -317,7 +264,13 @@ def _periodic(n: int, period: int, offset: int) -> list[bool]:
 
 
 def jamba_config(config: Any) -> HybridConfig:
-    """`JambaConfig` -> `HybridConfig` (Mamba-1 with inner norms, NoPE attention, MoE every other layer)."""
+    """`JambaConfig` -> `HybridConfig`: "A" where i % attn_layer_period == attn_layer_offset, else Mamba-1 with
+    dt/B/C RMSNorms ("M"); MoE ("E") where i % expert_layer_period == expert_layer_offset, else SwiGLU ("D");
+    attention without positions; router softmax over all experts, top-k not renormalised.
+
+    Vermeil sums each MoE layer's Switch load-balancing loss, transformers computes one over all layers' router
+    logits concatenated: the router losses differ slightly (the forward and its gradients do not).
+    """
     n = config.num_hidden_layers
     attn = _periodic(n, config.attn_layer_period, config.attn_layer_offset)
     moe = _periodic(n, config.expert_layer_period, config.expert_layer_offset)
@@ -342,7 +295,9 @@ def jamba_config(config: Any) -> HybridConfig:
 
 
 def bamba_config(config: Any) -> HybridConfig:
-    """`BambaConfig` -> `HybridConfig` (Mamba-2, attention at `attn_layer_indices` with partial RoPE, SwiGLU)."""
+    """`BambaConfig` -> `HybridConfig`: "A" at `attn_layer_indices`, else "S"; SwiGLU everywhere; RoPE on the
+    first head_dim * partial_rotary_factor channels. transformers averages the z loss over every position,
+    Vermeil over the positions that have a target."""
     cls = "BambaForCausalLM"
     n = config.num_hidden_layers
     indices = list(config.attn_layer_indices or [])
@@ -363,16 +318,14 @@ def bamba_config(config: Any) -> HybridConfig:
 
 
 def falcon_h1_config(config: Any) -> HybridConfig:
-    """`FalconH1Config` -> `HybridConfig` (Mamba-2 and attention in parallel in every layer, muP multipliers)."""
+    """`FalconH1Config` -> `HybridConfig`: "S+A" everywhere (Mamba-2 and attention in parallel on one
+    normalised input), SwiGLU; the muP multipliers are applied at run time, as transformers does, so gradients
+    match too."""
     cls = "FalconH1ForCausalLM"
     if bool(config.mamba_proj_bias) != bool(config.projectors_bias):
-        raise _refuse(
-            cls,
-            "mamba_proj_bias",
-            config.mamba_proj_bias,
-            f"must equal projectors_bias={config.projectors_bias}: Vermeil's Mamba-2 block has one bias switch "
-            "for in_proj and out_proj",
-        )
+        why = "Vermeil's Mamba-2 block has one bias switch for in_proj and out_proj"
+        rule = f"must equal projectors_bias={config.projectors_bias}: {why}"
+        raise _refuse(cls, "mamba_proj_bias", config.mamba_proj_bias, rule)
     ssm_mult = [float(m) for m in config.ssm_multipliers]
     if len(ssm_mult) != 5:
         raise _refuse(
@@ -406,11 +359,8 @@ _CONFIGS: dict[str, Callable[[Any], HybridConfig]] = {
 
 
 def from_transformers_hybrid(hf_model: nn.Module) -> HybridModel:
-    """Convert any of the four classes into a `HybridModel` with the same weights, dtype and device.
-
-    Raises:
-        ValueError: a config field Vermeil cannot express (named, with its value), or keys that do not map.
-    """
+    """Any of the four classes as a `HybridModel` with the same weights, dtype and device; ValueError names a
+    config field Vermeil cannot express (with its value) or a key that does not map."""
     cls = type(hf_model).__name__
     if cls not in _CONFIGS:
         raise ValueError(f"from_transformers_hybrid: {cls} is not one of {sorted(_CONFIGS)}")
@@ -418,16 +368,9 @@ def from_transformers_hybrid(hf_model: nn.Module) -> HybridModel:
     return _build(HybridModel, _CONFIGS[cls](hf_model.config), state, hf_model)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Vermeil -> transformers
-
-
 def transformers_class_for(config: HybridConfig) -> str:
-    """The transformers class a `HybridConfig`'s layout belongs to (options are checked by the converter).
-
-    Raises:
-        ValueError: a layout none of the four has, naming the pattern.
-    """
+    """The transformers class a `HybridConfig`'s layout belongs to (the converter checks the options); ValueError
+    names a pattern none of the four has."""
     kinds = set(config.layer_kinds)
     ffns = set(config.layer_ffns)
     if kinds == {"S"} and ffns == {"none"}:
@@ -470,11 +413,8 @@ _FFNS = {
 def _check(cls: str, config: HybridConfig, **required: Any) -> None:
     """Every named field must hold the value the target class implies."""
     for field, want in required.items():
-        got = getattr(config, field)
-        if got != want:
-            raise ValueError(
-                f"to_transformers({cls}): {field}={got!r} cannot be expressed (it must be {want!r})"
-            )
+        if (got := getattr(config, field)) != want:
+            raise _refuse(f"to_transformers({cls})", field, got, f"cannot be expressed (it must be {want!r})")
 
 
 def _find_period(cls: str, what: str, marks: list[bool]) -> tuple[int, int]:
@@ -550,12 +490,8 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
 
 
 def to_transformers_hybrid(model: HybridModel, cls: str | None = None) -> nn.Module:
-    """Convert a `HybridModel` into the transformers class its layout belongs to (`transformers_class_for`), or
-    into `cls` when given, with the same weights, dtype and device.
-
-    Raises:
-        ValueError: a layout or option the class cannot express, naming the field.
-    """
+    """A `HybridModel` as transformers `cls` (default: `transformers_class_for` its config), with the same
+    weights, dtype and device; ValueError names a field the class cannot express."""
     import transformers
 
     if not isinstance(model, HybridModel):
@@ -563,9 +499,8 @@ def to_transformers_hybrid(model: HybridModel, cls: str | None = None) -> nn.Mod
     cls = cls or transformers_class_for(model.config)
     if cls not in _CONFIGS:
         raise ValueError(f"to_transformers_hybrid: cls={cls!r} is not one of {sorted(_CONFIGS)}")
-    hf_config = _hf_config(model, cls)
     weight = model.embedding.weight
-    hf = getattr(transformers, cls)(hf_config).to(device=weight.device, dtype=weight.dtype)
+    hf = getattr(transformers, cls)(_hf_config(model, cls)).to(device=weight.device, dtype=weight.dtype)
     _load_strict(hf, vermeil_to_hf_state_dict(model.state_dict(), cls), f"to_transformers({cls})")
     return hf.train(model.training)
 
