@@ -375,3 +375,128 @@ def test_saves_only_inputs_and_chunk_states():
         )  # fmt: skip
     assert (2, 5, 4, 4) in shapes  # 64 / 16 chunk-start states
     assert max(math.prod(s) for s in shapes) == 2 * 5 * 64  # the largest: u, delta, z
+
+
+# The "channel" layout (mamba_ssm's organisation): the same contract, at small chunks so that several carry.
+CHANNEL = {"layout": "channel"}
+
+
+@pytest.mark.parametrize(
+    "options", [dict(zip(OPTION_NAMES, flags)) for flags in itertools.product((False, True), repeat=5)]
+)
+def test_channel_every_option_combination(options):
+    """All 32 option combinations at L = 7 across 2 chunks (one channel block: the other tests cross blocks)."""
+    assert_matches_ref(make_inputs(dim=5, n=4, length=7), options, block_d=8, chunk=4, **CHANNEL)
+
+
+@pytest.mark.parametrize("options", [ALL_ON, ALL_OFF], ids=["all_on", "all_off"])
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("length", [1, 7, 64, 130])
+def test_channel_lengths_and_state_sizes(length, n, options):
+    """Odd D across channel blocks; chunk 32: L = 64 fills two chunks, L = 130 pads the fifth (batch 1:
+    the interpreter's time grows with the number of programs)."""
+    inputs = make_inputs(bsz=1, dim=7, n=n, length=length)
+    assert_matches_ref(inputs, options, block_d=4, chunk=32, **CHANNEL)
+
+
+def test_channel_default_blocks_and_padded_state():
+    """The layout's default block sizes (one long chunk here), N = 5 padded to 8."""
+    assert_matches_ref(make_inputs(dim=9, n=5, length=130), ALL_ON, **CHANNEL)
+
+
+@pytest.mark.parametrize("block_d", [1, 2])
+def test_channel_per_block_partials_for_db_dc(block_d):
+    """atomic_bc=False: dB/dC as per-channel-block partials summed by torch (one channel per program too)."""
+    assert_matches_ref(
+        make_inputs(dim=5, n=4, length=21), ALL_ON, block_d=block_d, chunk=8, atomic_bc=False, **CHANNEL
+    )
+
+
+@pytest.mark.parametrize(("grad_y", "grad_state"), [(True, False), (False, True)])
+def test_channel_gradient_through_one_output_only(grad_y, grad_state):
+    assert_matches_ref(
+        make_inputs(), ALL_ON, grad_y=grad_y, grad_state=grad_state, block_d=4, chunk=4, **CHANNEL
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_low_precision_inputs(dtype):
+    inputs = make_inputs(dim=7, n=4, length=37, dtype=dtype)
+    assert_matches_ref(inputs, ALL_ON, rtol=2e-2, atol=2e-2, block_d=4, chunk=16, **CHANNEL)
+
+
+def test_channel_large_decays_stay_exact():
+    inputs = make_inputs(dim=5, n=4, length=21)
+    inputs["delta"] = inputs["delta"] + 4.0
+    inputs["A"] = inputs["A"] * 8.0
+    assert_matches_ref(inputs, ALL_ON, block_d=4, chunk=8, **CHANNEL)
+
+
+def test_channel_split_sequence_equals_whole():
+    """Scan of [a; b] == scan of b started from the state after a, in outputs and every gradient."""
+    inputs = make_inputs(dim=5, n=4, length=23)
+    opts = dict(delta_softplus=True, block_d=4, chunk=8, **CHANNEL)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    kw = {"D": leaves["D"], "delta_bias": leaves["delta_bias"]}
+
+    def piece(lo, hi, state):
+        part = {k: leaves[k][:, :, lo:hi] for k in ("u", "delta", "B", "C", "z")}
+        return selective_scan_triton(
+            part["u"], part["delta"], leaves["A"], part["B"], part["C"], z=part["z"], **kw,
+            initial_state=state, return_final_state=True, **opts,
+        )  # fmt: skip
+
+    y_whole, s_whole = piece(0, 23, leaves["initial_state"])
+    grads_whole = torch.autograd.grad(y_whole.square().sum() + s_whole.sum(), list(leaves.values()))
+    y_a, s_a = piece(0, 10, leaves["initial_state"])
+    y_b, s_b = piece(10, 23, s_a)
+    grads_split = torch.autograd.grad(
+        torch.cat([y_a, y_b], dim=2).square().sum() + s_b.sum(), list(leaves.values())
+    )
+    assert_close(torch.cat([y_a, y_b], dim=2), y_whole, rtol=1e-5, atol=1e-5)
+    assert_close(s_b, s_whole, rtol=1e-5, atol=1e-5)
+    for name, g_split, g_whole in zip(leaves, grads_split, grads_whole):
+        scale = g_whole.abs().max().clamp_min(1.0)
+        assert_close(
+            g_split / scale, g_whole / scale, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_channel_strided_inputs_equal_the_tile_layout():
+    """Time-major views and a non-dense z read in place; the two layouts agree (to float32 rounding)."""
+    inputs = make_inputs(dim=6, n=4, length=19)
+    for k in ("u", "delta", "B", "C"):
+        inputs[k] = inputs[k].transpose(1, 2).contiguous().transpose(1, 2)
+    y, s, g = run(selective_scan_triton, inputs, ALL_ON, block_d=4, chunk=8)
+    y_c, s_c, g_c = run(selective_scan_triton, inputs, ALL_ON, block_d=2, chunk=8, **CHANNEL)
+    assert y_c.stride(1) == 1
+    assert_close(y_c, y, rtol=1e-5, atol=1e-5)
+    assert_close(s_c, s, rtol=1e-5, atol=1e-5)
+    for name in g:
+        assert g_c[name].stride() == g[name].stride(), name
+        assert_close(g_c[name], g[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_channel_saves_only_inputs_and_chunk_states():
+    inputs = make_inputs(dim=5, n=4, length=64)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan_triton(
+            leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+            delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], chunk=16, **CHANNEL,
+        )  # fmt: skip
+    assert (2, 5, 4, 4) in shapes
+    assert max(math.prod(s) for s in shapes) == 2 * 5 * 64
+
+
+def test_layout_is_checked():
+    inputs = make_inputs()
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(ValueError, match="layout='rows'"):
+        selective_scan_triton(*args, layout="rows")

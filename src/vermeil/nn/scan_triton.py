@@ -80,6 +80,10 @@ TILE_ELEMENTS = BLOCK_D * 16 * CHUNK
 MIN_BLOCK_D, MAX_BLOCK_D = 4, 64
 NUM_WARPS = 8
 BWD_NUM_WARPS = 8
+# The "channel" layout (module docstring): [BLOCK_D, CHUNK] tiles, a long chunk, a loop over the N states.
+CHANNEL_BLOCK_D = 4
+CHANNEL_CHUNK = 256
+CHANNEL_NUM_WARPS = 4
 
 # Set at import: the @triton.jit decorators below read TRITON_INTERPRET when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -331,6 +335,169 @@ if triton is not None:
         tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
         tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
 
+    @triton.jit
+    def _pick(tile, offs, i):
+        """tile[:, i] of a 2-D register tile (registers cannot be indexed directly)."""
+        return tl.sum(tl.where(offs[None, :] == i, tile, 0.0), axis=1)
+
+    @triton.jit
+    def _load_row(ptr, s_b, s_n, s_t, pid_b, n, n_state, t, mask_t):
+        """Row n of a (B, N, L) tensor at positions t, float32 (zeros past N or L)."""
+        return tl.load(
+            ptr + pid_b * s_b + n * s_n + t * s_t, mask=mask_t & (t * 0 + n < n_state), other=0.0
+        ).to(tl.float32)
+
+    @triton.jit
+    def _chan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+        y_ptr, hlast_ptr, hchunk_ptr,
+        dim, length, n_state, n_chunks,
+        s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+        s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
+        s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CHUNKS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        """The "channel" layout: [BLOCK_D, CHUNK] tiles, one 1-D scan along time per state n (module docstring)."""
+        pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip, state_offs, chunk_offs, h = (
+            _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, h0_ptr, dim, n_state, n_chunks,
+                           HAS_BIAS, HAS_D, HAS_H0, BLOCK_D, BLOCK_N)
+        )  # fmt: skip
+        A2 = A * 1.4426950408889634
+        offs_t = tl.arange(0, CHUNK)
+        for c in range(0, n_chunks):
+            if SAVE_CHUNKS:
+                tl.store(hchunk_ptr + chunk_offs + c * n_state, h, mask=mask_dn)
+            t = c * CHUNK + offs_t
+            mask_t = t < length
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            u = _load_tile(u_ptr, s_ub, s_ud, s_ul, pid_b, offs_d, t, mask_dt)
+            dt, _ = _load_delta(
+                delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, t, mask_dt, bias, HAS_BIAS, SOFTPLUS
+            )
+            du = dt * u
+            y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
+            for n in tl.static_range(BLOCK_N):
+                b = _load_row(B_ptr, s_bb, s_bn, s_bl, pid_b, n, n_state, t, mask_t)
+                cc = _load_row(C_ptr, s_cb, s_cn, s_cl, pid_b, n, n_state, t, mask_t)
+                a = tl.exp2(dt * _pick(A2, offs_n, n)[:, None])
+                a_cum, x_cum = tl.associative_scan((a, du * b[None, :]), axis=1, combine_fn=_combine)
+                hs = a_cum * _pick(h, offs_n, n)[:, None] + x_cum
+                y += hs * cc[None, :]
+                h = tl.where(offs_n[None, :] == n, _pick(hs, offs_t, CHUNK - 1)[:, None], h)
+            if HAS_D:
+                y += d_skip[:, None] * u
+            if HAS_Z:
+                z = _load_tile(z_ptr, s_zb, s_zd, s_zl, pid_b, offs_d, t, mask_dt)
+                y = y * z * _sigmoid(z)
+            _store_tile(y_ptr, s_yb, s_yd, s_yl, pid_b, offs_d, t, y, mask_dt)
+        tl.store(hlast_ptr + state_offs, h, mask=mask_dn)
+
+    @triton.jit
+    def _chan_bwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hchunk_ptr, dy_ptr, dlast_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+        dim, length, n_state, n_chunks,
+        s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+        s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
+        s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+        s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+        SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        """Backward of `_chan_fwd_kernel`: chunks in reverse; per state n, the chunk's forward scan recomputed
+        from its saved start, then the reverse adjoint scan; du, ddelta, dz summed over n in registers."""
+        pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A, bias, d_skip, state_offs, chunk_offs, g = (
+            _program_tiles(A_ptr, s_ad, s_an, bias_ptr, D_ptr, dlast_ptr, dim, n_state, n_chunks,
+                           HAS_BIAS, HAS_D, HAS_DLAST, BLOCK_D, BLOCK_N)
+        )  # fmt: skip
+        A2 = A * 1.4426950408889634
+        offs_t = tl.arange(0, CHUNK)
+        # dB/dC: atomics into (B, N, L), or this channel block's own slice of (B, n_blocks, N, L) partials
+        bc_base = pid_b * n_state * length
+        if not ATOMIC_BC:
+            bc_base = (pid_b * tl.num_programs(1) + tl.program_id(1)) * n_state * length
+        dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            t = c * CHUNK + offs_t
+            mask_t = t < length
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            u = _load_tile(u_ptr, s_ub, s_ud, s_ul, pid_b, offs_d, t, mask_dt)
+            dt, pre = _load_delta(
+                delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, t, mask_dt, bias, HAS_BIAS, SOFTPLUS
+            )
+            mask_dt1 = mask_d[:, None] & (t + 1 < length)[None, :]
+            dt1, _ = _load_delta(
+                delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, t + 1, mask_dt1, bias, HAS_BIAS, SOFTPLUS
+            )
+            dy = _load_tile(dy_ptr, s_gb, s_gd, s_gl, pid_b, offs_d, t, mask_dt)
+            gy = dy
+            if HAS_Z:
+                z = _load_tile(z_ptr, s_zb, s_zd, s_zl, pid_b, offs_d, t, mask_dt)
+                sig = _sigmoid(z)
+                gy = dy * z * sig
+            gy = tl.where(mask_dt, gy, 0.0)
+            h = tl.load(hchunk_ptr + chunk_offs + c * n_state, mask=mask_dn, other=0.0)
+            du = dt * u
+            y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
+            s = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # sum_n G_t B_t
+            qa = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # sum_n G_t a_t h_{t-1} A
+            for n in tl.static_range(BLOCK_N):
+                b = _load_row(B_ptr, s_bb, s_bn, s_bl, pid_b, n, n_state, t, mask_t)
+                cc = _load_row(C_ptr, s_cb, s_cn, s_cl, pid_b, n, n_state, t, mask_t)
+                A2_n = _pick(A2, offs_n, n)[:, None]
+                x = du * b[None, :]
+                a_cum, x_cum = tl.associative_scan((tl.exp2(dt * A2_n), x), axis=1, combine_fn=_combine)
+                hs = a_cum * _pick(h, offs_n, n)[:, None] + x_cum
+                if HAS_Z:
+                    y += hs * cc[None, :]
+                a1_cum, g_loc = tl.associative_scan(
+                    (tl.exp2(dt1 * A2_n), gy * cc[None, :]), axis=1, combine_fn=_combine, reverse=True
+                )
+                G = tl.where(mask_t[None, :], a1_cum * _pick(g, offs_n, n)[:, None] + g_loc, 0.0)
+                g = tl.where(offs_n[None, :] == n, _pick(G, offs_t, 0)[:, None], g)
+                q = G * (hs - x)
+                s += G * b[None, :]
+                qa += q * _pick(A, offs_n, n)[:, None]
+                dA_acc += tl.where(offs_n[None, :] == n, tl.sum(q * dt, axis=1)[:, None], 0.0)
+                mask_bc = mask_t & (
+                    t * 0 + n < n_state
+                )  # (a vector: the interpreter's masks cannot be bools)
+                dB_n = tl.sum(G * du, axis=0)
+                dC_n = tl.sum(hs * gy, axis=0)
+                if ATOMIC_BC:
+                    tl.atomic_add(dB_ptr + bc_base + n * length + t, dB_n, mask=mask_bc)
+                    tl.atomic_add(dC_ptr + bc_base + n * length + t, dC_n, mask=mask_bc)
+                else:
+                    tl.store(dB_ptr + bc_base + n * length + t, dB_n, mask=mask_bc)
+                    tl.store(dC_ptr + bc_base + n * length + t, dC_n, mask=mask_bc)
+            if HAS_Z:
+                y += d_skip[:, None] * u
+                dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+                _store_tile(dz_ptr, s_dzb, s_dzd, s_dzl, pid_b, offs_d, t, dz, mask_dt)
+            ddt = u * s + qa
+            if SOFTPLUS:
+                ddt = ddt * _sigmoid(pre)
+            ddt = tl.where(mask_dt, ddt, 0.0)
+            dD_acc += tl.sum(gy * u, axis=1)
+            dbias_acc += tl.sum(ddt, axis=1)
+            _store_tile(du_ptr, s_dub, s_dud, s_dul, pid_b, offs_d, t, dt * s + d_skip[:, None] * gy, mask_dt)
+            _store_tile(ddelta_ptr, s_ddb, s_ddd, s_ddl, pid_b, offs_d, t, ddt, mask_dt)
+        mask_0 = mask_d[:, None] & ((offs_t < 1) & (offs_t < length))[None, :]
+        dt0, _ = _load_delta(
+            delta_ptr, s_db, s_dd, s_dl, pid_b, offs_d, offs_t, mask_0, bias, HAS_BIAS, SOFTPLUS
+        )
+        dt0 = tl.sum(dt0, axis=1)
+        tl.store(dh0_ptr + state_offs, tl.exp2(dt0[:, None] * A2) * g, mask=mask_dn)
+        tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
+
 
 def _empty_like_layout(x: Tensor) -> Tensor:
     """An empty (B, X, L) tensor laid out like x: time-major (D innermost) when x is, else (B, X, L)-contiguous."""
@@ -357,6 +524,9 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         delta_softplus: bool,
         block_d: int,
         chunk: int,
+        layout: str = "tile",
+        num_warps: int | None = None,
+        atomic_bc: bool = True,
     ) -> tuple[Tensor, Tensor]:
         bsz, dim, length = u.shape
         n_state = A.shape[1]
@@ -370,18 +540,20 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         zz = z if z is not None else u
         grid = (bsz, triton.cdiv(dim, block_d))
-        _scan_fwd_kernel[grid](
+        kernel = _scan_fwd_kernel if layout == "tile" else _chan_fwd_kernel
+        kernel[grid](
             u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
             h0 if h0 is not None else h_last, y, h_last, h_chunks,
             dim, length, n_state, n_chunks,
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
             SOFTPLUS=bool(delta_softplus), SAVE_CHUNKS=save,
-            BLOCK_D=block_d, BLOCK_N=_n_pad(n_state), CHUNK=chunk, num_warps=NUM_WARPS,
+            BLOCK_D=block_d, BLOCK_N=_n_pad(n_state), CHUNK=chunk, num_warps=num_warps or NUM_WARPS,
         )  # fmt: skip
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h_chunks)
             ctx.softplus, ctx.block_d, ctx.chunk = bool(delta_softplus), block_d, chunk
+            ctx.layout, ctx.num_warps, ctx.atomic_bc = layout, num_warps, atomic_bc or layout == "tile"
             ctx.state_dtype = initial_state.dtype if initial_state is not None else None
         return y, h_last
 
@@ -398,11 +570,14 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         dz = _empty_like_layout(z) if z is not None else du
         f32 = {"dtype": torch.float32, "device": u.device}
         dA, dh0 = torch.empty(bsz, dim, n_state, **f32), torch.empty(bsz, dim, n_state, **f32)
-        dB, dC = torch.zeros(bsz, n_state, length, **f32), torch.zeros(bsz, n_state, length, **f32)
+        n_blocks = triton.cdiv(dim, ctx.block_d)
+        bc_shape = (bsz, n_state, length) if ctx.atomic_bc else (bsz, n_blocks, n_state, length)
+        dB, dC = torch.zeros(bc_shape, **f32), torch.zeros(bc_shape, **f32)
         dD, dbias = torch.empty(bsz, dim, **f32), torch.empty(bsz, dim, **f32)  # per batch row, summed below
         zz = z if z is not None else u
-        grid = (bsz, triton.cdiv(dim, ctx.block_d))
-        _scan_bwd_kernel[grid](
+        grid = (bsz, n_blocks)
+        layout = {} if ctx.layout == "tile" else {"ATOMIC_BC": ctx.atomic_bc}
+        (_scan_bwd_kernel if ctx.layout == "tile" else _chan_bwd_kernel)[grid](
             u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
             h_chunks, dy, dlast if dlast is not None else dh0,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
@@ -410,13 +585,16 @@ class SelectiveScanTritonFn(torch.autograd.Function):
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *dy.stride(),
             *du.stride(), *ddelta.stride(), *dz.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
-            SOFTPLUS=ctx.softplus,
-            BLOCK_D=ctx.block_d, BLOCK_N=_n_pad(n_state), CHUNK=ctx.chunk, num_warps=BWD_NUM_WARPS,
+            SOFTPLUS=ctx.softplus, **layout,
+            BLOCK_D=ctx.block_d, BLOCK_N=_n_pad(n_state), CHUNK=ctx.chunk,
+            num_warps=ctx.num_warps or BWD_NUM_WARPS,
         )  # fmt: skip
+        if not ctx.atomic_bc:  # per-channel-block partials (deterministic)
+            dB, dC = dB.sum(1), dC.sum(1)
         grads = (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0)  # dA, dD, dbias: tiny sums
         dtypes = [None if t is None else t.dtype for t in saved[:8]] + [ctx.state_dtype]
         need = ctx.needs_input_grad
-        return (*(g.to(dt) if n else None for g, dt, n in zip(grads, dtypes, need)), None, None, None)
+        return (*(g.to(dt) if n else None for g, dt, n in zip(grads, dtypes, need)), *[None] * 6)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -450,15 +628,27 @@ def selective_scan_triton(
     *,
     block_d: int | None = None,
     chunk: int | None = None,
+    layout: str = "tile",
+    num_warps: int | None = None,
+    atomic_bc: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective scan by the Triton kernels: arguments and results of `selective_scan_ref`.
 
     Shapes are checked by the caller (`vermeil.nn.scan.selective_scan`). block_d (channels per program)
-    and chunk (positions per associative scan) must be powers of two; None picks `block_d_for(N)` and CHUNK.
+    and chunk (positions per associative scan) must be powers of two; None picks `block_d_for(N)` and CHUNK
+    for layout "tile" (the default), CHANNEL_BLOCK_D and CHANNEL_CHUNK for "channel" (module docstring).
+    num_warps: None for NUM_WARPS / BWD_NUM_WARPS (tile) or CHANNEL_NUM_WARPS. atomic_bc=False ("channel"
+    only) writes dB/dC as per-channel-block partials summed by torch instead of float32 atomics.
     """
     reason = unavailable_reason(u.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    if layout not in ("tile", "channel"):
+        raise ValueError(f"layout={layout!r}: expected 'tile' or 'channel'")
+    if layout == "channel":
+        chunk = CHANNEL_CHUNK if chunk is None else chunk
+        block_d = CHANNEL_BLOCK_D if block_d is None else block_d
+        num_warps = CHANNEL_NUM_WARPS if num_warps is None else num_warps
     chunk = CHUNK if chunk is None else chunk
     block_d = block_d_for(A.shape[1], chunk) if block_d is None else block_d
     for name, value in (("block_d", block_d), ("chunk", chunk)):
@@ -470,6 +660,20 @@ def selective_scan_triton(
         args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
         return selective_scan_ref(*args)
     y, last = SelectiveScanTritonFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, chunk
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        initial_state,
+        delta_softplus,
+        block_d,
+        chunk,
+        layout,
+        num_warps,
+        atomic_bc,
     )
     return (y, last) if return_final_state else y
