@@ -1,12 +1,9 @@
 """A Llama-4-style decoder LLM: GQA, RoPE (interleaved, llama3 scaling), NoPE layers with temperature tuning,
 chunked local attention with a chunk-bounded cache, weightless qk norm, MoE layers, optional vision input.
 
-Module and parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq/wk/wv/wo`, `attention_norm`,
-`ffn_norm`, `feed_forward.w1/w3/w2` or the MoE's `router.router_DE`, `experts.w1/w3/w2`, `shared_expert.*`,
-`norm`, `output`, `vision_embeddings.*`, `vision_projection`), so the reference's state dicts load as they are,
-and its raw-shard keys (fused `wqkv`, `mlp.fc1_weight`, `moe_w_in_eD_F`, ...) load through load hooks
-(Meta's `load_hook`s in `llama_models/llama4/model.py`, `ffn.py`, `moe.py`). Other layouts (transformers) go
-through `vermeil.interop`. Attention is `vermeil.nn.Attention` under Meta's argument names.
+Module and parameter names are Meta's, so the reference's state dicts load as they are, and its raw-shard keys
+(fused `wqkv`, `mlp.fc1_weight`, `moe_w_in_eD_F`, ...) load through load hooks (Meta's `load_hook`s in
+`llama_models/llama4/model.py`, `ffn.py`, `moe.py`). Other layouts (transformers) go through `vermeil.interop`.
 
 Where this differs from Meta's reference (`llama_models/llama4/model.py`), on purpose:
     - it trains (Meta's forward is `@torch.inference_mode()` and its MoE detaches the expert input) and runs on
@@ -57,24 +54,18 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Configuration
-
-
 @dataclass
 class MoEArgs:
     """Mixture-of-Experts settings (Meta's `MoEArgs` names, plus Vermeil's explicit choices).
 
     Args:
         num_experts: E routed experts.
-        top_k: experts per token (Llama 4: 1).
         capacity_factor, auto_scale_F: Meta's expert hidden-size rule (see `vermeil.nn.moe.moe_hidden_dim`).
         interleave_moe_layer_step: layer i is an MoE layer when `(i + 1) % step == 0` (1: every layer).
-        shared_expert: add the dense shared expert (Llama 4: yes).
         score_func: "sigmoid" (Llama 4) or "softmax" (Mixtral-style routing, renormalised, output-weighted).
         hidden_dim: explicit expert hidden size (transformers' `intermediate_size`); None applies Meta's rule.
         aux_loss_coef, z_loss_coef: weights of the load-balancing and router z losses in `aux_loss` (0: off).
-        backend: MoE dispatch ("grouped", "padded", "loop", "dense"), see `vermeil.nn.moe.MoE`.
+        backend: MoE dispatch, see `vermeil.nn.moe.MoE`.
     """
 
     num_experts: int = 16
@@ -105,19 +96,17 @@ class MoEArgs:
 class ModelArgs:
     """Configuration of `LLM`, with Meta's field names (`llama_models/llama4/args.py`).
 
+    NoPE layers (`is_nope_layer`) attend globally, with temperature tuning when `attn_temperature_tuning`; RoPE
+    layers use chunked local attention when `attention_chunk_size` is set and the weightless qk norm when
+    `use_qk_norm`. `max_seq_len` sizes the initial RoPE table (it grows on demand); `max_batch_size` is kept
+    for Meta's configs (caches are sized by `LLM.setup_cache`).
+
     Vermeil additions (all optional): `head_dim` honoured everywhere, `hidden_dim` (explicit dense FFN width,
     transformers' `intermediate_size[_mlp]`), `nope_layers` / `moe_layers` (explicit layer lists, as
     transformers' `no_rope_layers` / `moe_layers`), `rope_low_freq_factor` / `rope_original_max_seq_len`
     (Llama 3.x scaling constants), `tie_word_embeddings`, `embedding_init_std` (None: `init_weights`' rule),
-    `attention_backend` (`vermeil.nn.Attention`'s backends: "flex" runs FlexAttention's block-sparse masks,
-    "auto" picks it on CUDA for the chunked layers of a plain forward). `max_seq_len` sizes the initial
-    RoPE table (it grows on demand) and `max_batch_size` is kept for Meta's configs: caches are sized by
-    `LLM.setup_cache(batch_size, max_seq_len)`.
-
-    Layer rules (Meta's `llama_models/llama4/model.py`): layer i is NoPE when `(i + 1) % nope_layer_interval == 0`; NoPE layers attend
-    globally (with temperature tuning when `attn_temperature_tuning`), RoPE layers use chunked local attention
-    when `attention_chunk_size` is set and the weightless qk norm when `use_qk_norm`; layer i is MoE when
-    `moe_args` is set and `(i + 1) % moe_args.interleave_moe_layer_step == 0`.
+    `attention_backend` (`vermeil.nn.Attention`'s; "flex" runs FlexAttention's block-sparse masks, "auto"
+    picks it on CUDA for the chunked layers of a plain forward).
     """
 
     dim: int = 4096
@@ -206,8 +195,6 @@ class ModelArgs:
                 "(see vermeil.nn.attention.attention)"
             )
 
-    # -- derived ---------------------------------------------------------------------------------------------
-
     def rope_scaling(self) -> RopeScaling | None:
         """The llama3 frequency scaling, or None when `use_scaled_rope` is off."""
         if not self.use_scaled_rope:
@@ -254,10 +241,6 @@ class ModelArgs:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Inputs and outputs (Meta's datatypes)
-
-
 @dataclass
 class MaskedEmbedding:
     """Image features to merge into the token embeddings.
@@ -288,23 +271,13 @@ class TransformerOutput:
     aux_loss: Tensor
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Attention
-
-
 class Attention(NNAttention):
-    """Llama 4 attention: `vermeil.nn.Attention` configured with Meta's names, loading Meta's fused `wqkv`.
-
-    GQA projections `wq/wk/wv/wo` without bias; RoPE layers rotate q/k by the model's tables (interleaved
-    pairs, Meta's complex layout), then apply the weightless qk norm (`use_qk_norm`) and chunked attention
-    (a `RingKVCache` of `chunk_size` slots when decoding); NoPE layers attend globally with temperature tuning.
-    Everything is computed by `vermeil.nn.Attention`; this class only maps the arguments.
+    """Llama 4 attention: `vermeil.nn.Attention` under Meta's argument names, loading Meta's fused `wqkv`.
 
     Args:
-        dim: D. n_heads: H. n_kv_heads: Hkv. head_dim: Dh.
-        use_rope: rotate q/k by the tables passed to `forward`; False makes a NoPE layer.
+        use_rope: rotate q/k by the tables passed to `forward` (interleaved pairs); False makes a NoPE layer.
         use_qk_norm: `rms_norm(x, eps=norm_eps)` without weight on q and k, after RoPE.
-        chunk_size: chunked local attention block C, or None for global causal attention.
+        chunk_size: chunked local attention block C (decoding keeps a `RingKVCache` of C slots), or None.
         temperature_tuning: scale q by `temperature_scale(pos, floor_scale, attn_scale)`.
     """
 
@@ -385,15 +358,9 @@ class Attention(NNAttention):
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Blocks and model
-
-
 class TransformerBlock(nn.Module):
-    """Pre-norm block: `h = x + attention(attention_norm(x))`, `out = h + feed_forward(ffn_norm(h))`.
-
-    `feed_forward` is a `SwiGLU` (`w1/w3/w2`) or, on MoE layers, a `vermeil.nn.moe.MoE`.
-    """
+    """Pre-norm block: `h = x + attention(attention_norm(x))`, `out = h + feed_forward(ffn_norm(h))`, with
+    `feed_forward` a `SwiGLU` or, on MoE layers, a `vermeil.nn.moe.MoE`."""
 
     def __init__(
         self,
@@ -479,16 +446,8 @@ class TransformerBlock(nn.Module):
 
 
 class LLM(nn.Module):
-    """Llama-4-style decoder (Meta's `Transformer`): embeddings, blocks, final RMSNorm, output head.
-
-    Args:
-        args: the `ModelArgs`.
-        device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty` and
-            `init_weights`).
-
-    `forward(tokens, input_pos=None, image_embedding=None)` (or a `TransformerInput`) and the cache follow
-    `vermeil.models.contract`.
-    """
+    """Llama-4-style decoder (Meta's `Transformer`): embeddings, blocks, final RMSNorm, output head, following
+    `vermeil.models.contract`. On the meta device, call `to_empty()` and `init_weights()` afterwards."""
 
     def __init__(
         self,
@@ -531,8 +490,6 @@ class LLM(nn.Module):
         """The config under Meta's name (`Transformer.args`); read-only, `.config` is the contract's name."""
         return self.config
 
-    # -- weights ---------------------------------------------------------------------------------------------
-
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         state_dict.pop(prefix + "rope.freqs", None)  # Meta's precomputed table: derived, not a weight
         if self.args.tie_word_embeddings:
@@ -540,15 +497,11 @@ class LLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, init_std: float = 0.02) -> None:
-        """Initialise every weight (torchtitan's Llama scheme).
-
-        Projections: truncated normal std `init_std` (±3 std); the residual outputs (`wo`, `w2`, expert `w2`)
-        use `init_std / sqrt(2 * (layer_id + 1))`, so the residual stream grows slowly with depth. Embeddings:
-        normal std `args.embedding_init_std` when set, else 1 (RMSNorm follows), or `dim ** -0.5` when tied to
-        the output (small models may need less: at dim 64 a tied std of 0.125 keeps a 2-layer Transformer off
-        MQAR's induction circuit, 0.02 finds it; README, MQAR). Output head: truncated normal std
-        `dim ** -0.5`. Norm weights: ones. Vision: the blocks' own `reset_parameters`.
-        """
+        """torchtitan's Llama scheme: truncated normal (±3 std) `init_std`, divided by sqrt(2 * (layer_id + 1))
+        for the residual outputs (`wo`, `w2`, expert `w2`) so the residual stream grows slowly with depth; head
+        `dim ** -0.5`. Embeddings: normal `embedding_init_std` when set, else 1 (RMSNorm follows), or
+        `dim ** -0.5` when tied (small models may need less: at dim 64 a tied std of 0.125 keeps a 2-layer
+        Transformer off MQAR's induction circuit, 0.02 finds it; README, MQAR)."""
         dim = self.args.dim
 
         def trunc(w: Tensor, std: float) -> None:
@@ -590,23 +543,17 @@ class LLM(nn.Module):
 
     reset_parameters = init_weights  # nn.Module's name for the model's scheme
 
-    # -- cache -----------------------------------------------------------------------------------------------
-
     def cache_modules(self) -> list[nn.Module]:
         """Every layer's attention: a static cache (B, Hkv, max_seq_len, Dh) on global layers, a ring of
-        `min(attention_chunk_size, max_seq_len)` slots on chunked layers; `setup_cache` also sizes the RoPE
-        table once, up front, so decode lookups never grow or check it."""
+        `min(attention_chunk_size, max_seq_len)` slots on chunked layers."""
         return [layer.attention for layer in self.layers]
 
     setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
 
-    # -- self-description (vermeil.models.contract) -----------------------------------------------------------
-
     lm_parts = ("tok_embeddings", "norm", "output")  # (embedding, final norm, head), Meta's names
 
     def attention_layers(self) -> list[AttentionLayer]:
-        """(query width H * Dh, attended window) per layer: every layer attends; RoPE layers with
-        `attention_chunk_size` see at most that many positions, NoPE layers the whole context."""
+        """Every layer attends: RoPE layers over at most `attention_chunk_size` positions, NoPE layers globally."""
         a = self.config
         width = a.n_heads * a.head_dim  # type: ignore[operator]
         return [
@@ -615,7 +562,6 @@ class LLM(nn.Module):
         ]
 
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
-        """Raise where the LLM cannot run tensor-parallel that way (see `vermeil.models.contract`)."""
         if sequence_parallel and self.vision_projection is not None:
             raise ValueError(
                 "sequence_parallel=True does not support an LLM with vision_args (image embeddings are merged into "
@@ -623,10 +569,9 @@ class LLM(nn.Module):
             )
 
     def sequence_parallel_plan(self) -> dict[str, str]:
-        """Per submodule, its sequence-parallel style by name (`vermeil.models.contract` lists them), torchtitan's
-        Llama layout: norms on the local tokens, attention (called with x, rope, positions) and dense
-        feed-forward inputs gathered with row-parallel outputs scattered back; an MoE layer runs on the whole
-        sequence and keeps the local part of its `MoEOutput.out`."""
+        """torchtitan's Llama layout: norms on the local tokens, attention (called with x, rope, positions) and
+        dense feed-forward inputs gathered with row-parallel outputs scattered back; an MoE layer runs on the
+        whole sequence and keeps the local part of its `MoEOutput.out`."""
         plan: dict[str, str] = {}
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
@@ -641,19 +586,12 @@ class LLM(nn.Module):
                 plan[p + "feed_forward.w2"] = "row_scatter"
         return plan
 
-    # -- vision ----------------------------------------------------------------------------------------------
-
     def embed_images(self, images: Tensor, image_mask: Tensor) -> MaskedEmbedding:
-        """Encode images and place their tokens where `image_mask` (B, T) is True.
-
-        images: (N, C, H, W), N images in the order their tokens appear (row by row). Returns a
-        `MaskedEmbedding` to pass as `image_embedding`.
-        """
+        """images (N, C, H, W), in the order their tokens appear, placed where `image_mask` (B, T) is True ->
+        the `MaskedEmbedding` to pass as `image_embedding`."""
         if self.vision_embeddings is None:
             raise ValueError("this model has no vision encoder (ModelArgs.vision_args is None)")
         return MaskedEmbedding(self.vision_embeddings(images, image_mask), image_mask)
-
-    # -- forward ---------------------------------------------------------------------------------------------
 
     def _positions(self, tokens: Tensor, input_pos: Tensor | int | None) -> Tensor | None:
         b, t = tokens.shape
@@ -685,18 +623,12 @@ class LLM(nn.Module):
         input_pos: Tensor | int | None = None,
         image_embedding: MaskedEmbedding | None = None,
     ) -> TransformerOutput:
-        """Logits for every position.
+        """tokens (B, T) or a `TransformerInput` (then nothing else) -> TransformerOutput(logits (B, T, V)
+        float32, aux_loss scalar).
 
-        Args:
-            tokens: (B, T) token ids, or a `TransformerInput` (then the other arguments must be None).
-            input_pos: None (positions 0..T-1, a plain forward that neither reads nor writes a cache), an int
-                start position, (T,) positions (with a cache: where the new keys are written, consecutive), or
-                (B, T) per-row positions (no cache).
-            image_embedding: `MaskedEmbedding` with (B, T, Dv) features and a (B, T) bool mask: those positions
-                take `vision_projection(features)` instead of the token embedding.
-
-        Returns:
-            TransformerOutput(logits (B, T, V) float32, aux_loss scalar).
+        input_pos: None (0..T-1, no cache read or written), an int start, (T,) positions (with a cache: where
+        the new keys go), or (B, T) per-row positions (no cache). image_embedding: the masked positions take
+        `vision_projection(features)` instead of the token embedding.
         """
         if isinstance(tokens, TransformerInput):
             if input_pos is not None or image_embedding is not None:
@@ -758,8 +690,7 @@ class LLM(nn.Module):
 
 
 def build(preset: str, **overrides: Any) -> LLM:
-    """`LLM(ModelArgs(**PRESETS[preset], **overrides))`, `device` and `dtype` among the overrides going to
-    `LLM`; an unknown preset raises with the valid names."""
+    """`LLM(ModelArgs(**PRESETS[preset], **overrides))` (see `contract.build_preset`)."""
     return build_preset(LLM, ModelArgs, PRESETS, preset, overrides)
 
 
