@@ -1,23 +1,9 @@
 """Mixture of Experts: top-k router, stacked SwiGLU experts, dropless sorted dispatch, auxiliary losses.
 
-One block covers Llama 4 (sigmoid of the top-k logits, expert input pre-scaled by the score, shared expert)
-and Mixtral (softmax over all logits, top-k renormalised, expert output weighted). The fast path sorts the
-(token, expert) pairs by expert and runs ONE `torch.nn.functional.grouped_mm` per projection, with no
-Python loop over experts and no host sync; a per-expert loop (`backend="loop"`) is kept as the reference
-and tests/nn/test_moe.py compares every backend with it, with Meta's dense formulation and with
-transformers' `MixtralSparseMoeBlock` / `Llama4TextMoe`.
-
-`torch.compile(fullgraph=True)` traces every backend except "loop", float32 included, because `grouped_mm`
-runs through a custom op (`vermeil::grouped_mm`, registered on import; why at `_grouped_mm_kernel`).
-
-Checkpoint layouts (meta-llama/llama-models `llama4/moe.py`; transformers `modeling_mixtral.py`):
-    Meta Llama 4: `router_DE` (D, E), `experts.w1`/`w3` (E, D, F), `experts.w2` (E, F, D) (in x out),
-    `shared_expert.w1/w3/w2.weight` (Linear). These are our names, so Meta's state dicts load as they are
-    (the raw-shard names `moe_w_in_eD_F`, `w_in_shared_FD`, ... are renamed by a load hook).
-    transformers Llama 4: `router.weight` = `router_DE.T`; `experts.gate_up_proj` = cat([w1, w3], -1);
-    `experts.down_proj` = w2.
-    transformers Mixtral (v5): `gate.weight` = `router_DE.T`; `experts.gate_up_proj` (E, 2F, D) =
-    cat([w1, w3], -1).transpose(1, 2); `experts.down_proj` (E, D, F) = w2.transpose(1, 2).
+One block covers Llama 4 and Mixtral (presets at `MoE`). The fast path sorts the (token, expert) pairs by
+expert and runs one `F.grouped_mm` per projection, with no loop over experts and no host sync; the
+per-expert loop (`backend="loop"`) is the reference. Parameter names are Meta's (meta-llama/llama-models
+`llama4/moe.py`), so its state dicts load as they are; transformers' layouts convert in `vermeil.interop`.
 """
 
 # Shapes: B batch, T tokens (batch and sequence flattened), D model dim, F expert hidden dim, E experts,
@@ -42,12 +28,8 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 MoEBackend = Literal["grouped", "padded", "loop", "dense"]
 _SCORE_FUNCS = ("softmax", "sigmoid")
 _BACKENDS = ("grouped", "padded", "loop", "dense")
-# dtypes the CPU/CUDA grouped_mm kernels accept (float64 raises "Expected mat_a to be Float32, BFloat16 or
-# Float16 matrix, got Double"); everything else takes the padded bmm.
+# dtypes the grouped_mm kernels accept; everything else (float64) takes the padded bmm
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --- Sizes
 
 
 def moe_hidden_dim(
@@ -56,16 +38,14 @@ def moe_hidden_dim(
     ffn_exp: float = 4.0,
     multiple_of: int = 256,
     ffn_dim_multiplier: float | None = None,
-    auto_scale_F: bool = False,  # Meta's name
+    auto_scale_F: bool = False,
     capacity_factor: float = 1.0,
 ) -> int:
     """Llama 4's expert hidden size (meta-llama/llama-models `llama4/moe.py`, `MoE.__init__`).
 
-    `h = int(ffn_exp * dim)`, `h = int(2 * h / 3)`, `h = int(ffn_dim_multiplier * h)` when given, then with
-    `auto_scale_F` `h = int(h / (capacity_factor + 1))` (so a top-1 routed expert plus the shared expert cost
-    what one dense FFN does), then rounded up to a multiple of `multiple_of`.
-    Llama 4 Scout: `moe_hidden_dim(5120, ffn_exp=4, multiple_of=2048, ffn_dim_multiplier=1.2,
-    auto_scale_F=True) == 8192` (transformers' `intermediate_size`).
+    `auto_scale_F` divides by `capacity_factor + 1`, so a top-1 routed expert plus the shared expert cost
+    what one dense FFN does. Llama 4 Scout: `moe_hidden_dim(5120, ffn_exp=4, multiple_of=2048,
+    ffn_dim_multiplier=1.2, auto_scale_F=True) == 8192` (transformers' `intermediate_size`).
     """
     check_positive_ints(dim=dim, multiple_of=multiple_of)
     if ffn_exp <= 0:
@@ -83,9 +63,6 @@ def moe_hidden_dim(
     return multiple_of * math.ceil(h / multiple_of)
 
 
-# --- Router math and auxiliary losses (float32, or float64 for float64 inputs)
-
-
 def _fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -93,12 +70,10 @@ def _fp32(t: Tensor) -> Tensor:
 def route(
     logits_TE: Tensor, top_k: int, *, score_func: ScoreFunc = "sigmoid", renormalize: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Top-k routing scores.
+    """logits_TE (T, E) -> scores_TK (T, K) float32 and topk_idx_TK (T, K) expert ids, best first.
 
-    "sigmoid" (Llama 4): the top-k logits through a sigmoid (every other expert scores 0).
-    "softmax" (Mixtral): softmax over all E logits, then the top-k probabilities.
-    `renormalize` divides the k scores by their sum (Mixtral always does; `top_k=1` then gives 1.0).
-    logits_TE (T, E) -> scores_TK (T, K) float32 and topk_idx_TK (T, K) int64 expert ids, best first.
+    "sigmoid" (Llama 4): sigmoid of the top-k logits. "softmax" (Mixtral): the top-k of softmax over all E.
+    `renormalize` divides the k scores by their sum (Mixtral does).
     """
     logits_TE = _fp32(logits_TE)
     match score_func:
@@ -124,13 +99,10 @@ def tokens_per_expert(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
 
 
 def load_balancing_loss(logits_TE: Tensor, topk_idx_TK: Tensor, counts_E: Tensor | None = None) -> Tensor:
-    """Switch / Mixtral load-balancing loss for one layer: `E * sum_e f_e * P_e`.
+    """Switch / Mixtral load-balancing loss `E * sum_e f_e * P_e`, a float32 scalar (K for uniform routing).
 
-    `f_e` = (number of top-k assignments to expert e) / T, `P_e` = mean over tokens of softmax(logits)_e.
-    Identical to transformers' `load_balancing_loss_func((logits_TE,), E, K)`: it equals K when routing is
-    uniform. Gradients reach the router through `P_e` only (the counts are piecewise constant).
-    logits_TE: (T, E); topk_idx_TK: (T, K); counts_E: (E,) `tokens_per_expert(topk_idx_TK, E)` if already
-    computed. Returns a float32 scalar.
+    `f_e` = top-k assignments to expert e / T, `P_e` = mean over tokens of softmax(logits_TE)_e (the only path
+    of the gradient); as transformers' `load_balancing_loss_func((logits_TE,), E, K)`. counts_E: if computed.
     """
     T, E = logits_TE.shape
     if counts_E is None:
@@ -147,9 +119,6 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return lse_T.square().sum() / max(lse_T.shape[0], 1)  # a mean that gives 0, not nan, for no tokens
 
 
-# --- Expert kernels on tokens already sorted by expert
-
-
 def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
     # grouped_mm is not covered by autocast; do what autocast would do for a matmul
     device_type = x.device.type
@@ -159,13 +128,10 @@ def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
 
 
 def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
-    """Whether `torch.nn.functional.grouped_mm` takes these operands (static metadata only).
+    """Whether `F.grouped_mm` (torch >= 2.10; or `torch._grouped_mm` on CUDA) takes these operands.
 
-    Needs `F.grouped_mm` (torch >= 2.10; on CUDA `torch._grouped_mm`, the same kernel under its older private
-    name, serves where the public one is missing), a compute dtype of float32, bfloat16 or float16 on CPU (bfloat16
-    only on CUDA, the one dtype its docs promise there), row widths that are multiples of 16 bytes (the CPU
-    kernel raises "strides should be multiple of 16 bytes" otherwise, e.g. D=37 in float32) and weights
-    contiguous in their last two axes. The compute dtype is autocast's when autocast is on.
+    Needs a compute dtype (autocast's when on) of float32, bfloat16 or float16 on CPU, bfloat16 on CUDA (the
+    one its docs promise), rows of a multiple of 16 bytes and weights contiguous in their last two axes.
     """
     device = x.device.type
     if device not in ("cpu", "cuda") or not (
@@ -182,16 +148,11 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
     )
 
 
-# `F.grouped_mm` wrapped as a custom op, for two reasons found in torch 2.13 on CPU:
-# 1. under torch.compile its fake-tensor rule (`_meta_grouped_mm_common`) raises "Expected inputs of BF16
-#    type but got mat_a.dtype=torch.float32", although the CPU kernel runs float32; the op below carries its
-#    own shape rule, so float32 compiles (fullgraph) with the kernel left opaque;
-# 2. its built-in backward hands the incoming gradient to the kernel as is, and the kernel rejects
-#    stride-0 or transposed gradients ("Invalid strides/sizes" / "strides should be multiple of 16 bytes");
-#    the backward below makes it contiguous first.
+# `F.grouped_mm` wrapped as a custom op (torch 2.13, CPU): its fake-tensor rule rejects float32 under
+# torch.compile, which the op's own shape rule avoids; and its backward hands stride-0 or transposed
+# gradients to a kernel that rejects them, which ours makes contiguous first.
 def _grouped_mm_kernel(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
-    # looked up per call (tests count the calls through F.grouped_mm); torch._grouped_mm is the CUDA kernel's
-    # name in releases without the public function (grouped_mm_supported admits it on CUDA only)
+    # looked up per call: tests count the calls through F.grouped_mm
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs_E)
 
@@ -244,15 +205,10 @@ def _swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
 
 
 def grouped_swiglu(x_SD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, offs_E: Tensor) -> Tensor:
-    """SwiGLU experts on sorted rows, one grouped matmul per projection.
+    """SwiGLU experts on rows x_SD (S, D) sorted by expert, one grouped matmul per projection -> (S, D).
 
-    Args:
-        x_SD: (S, D) rows sorted by expert.
-        w1, w3: (E, D, F); w2: (E, F, D) (Meta layout, in x out).
-        offs_E: (E,) int32 cumulative row counts; `offs_E[-1]` must equal S (rows past it come back
-            uninitialised from the kernel, so the dispatch is dropless by construction).
-    Returns:
-        (S, D).
+    w1, w3: (E, D, F); w2: (E, F, D). offs_E: (E,) int32 cumulative row counts; `offs_E[-1]` must equal S
+    (rows past it come back uninitialised from the kernel).
     """
     h_SF = F.silu(_grouped_mm(x_SD, w1, offs_E)) * _grouped_mm(x_SD, w3, offs_E)
     return _grouped_mm(h_SF, w2, offs_E)
@@ -261,33 +217,21 @@ def grouped_swiglu(x_SD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, offs_E: Ten
 def padded_swiglu(
     x_SD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, expert_S: Tensor, counts_E: Tensor, offs_E: Tensor
 ) -> Tensor:
-    """The batched fallback of `grouped_swiglu`, exact in any dtype: scatter the sorted rows into an (E, C, D)
-    zero-padded buffer, run three `bmm`s, gather back. C is the largest per-expert count in eager mode (one
-    host sync) and the static bound S while `tracing()` (compile, CUDA graph capture).
-
-    Args:
-        x_SD: (S, D) rows sorted by expert; expert_S: (S,) their expert ids (sorted).
-        counts_E: (E,) int64 rows per expert; offs_E: (E,) their cumulative sum.
-    Returns:
-        (S, D).
+    """`grouped_swiglu` for any dtype: the rows scattered into an (E, C, D) zero-padded buffer, three `bmm`s,
+    gathered back. expert_S: (S,) the rows' experts; counts_E: (E,) int64 rows per expert. C is the largest
+    count in eager mode (one host sync), the static bound S while `tracing()`.
     """
     S, D = x_SD.shape
-    capacity = S if tracing() or S == 0 else int(counts_E.max())  # S: static, no host read (S/K is tighter)
+    capacity = S if tracing() or S == 0 else int(counts_E.max())
     start_E = offs_E.long() - counts_E
     pos_S = torch.arange(S, device=x_SD.device) - start_E[expert_S]  # row within its expert's block
     x_ECD = x_SD.new_zeros(w1.shape[0], capacity, D).index_put((expert_S, pos_S), x_SD)
     return _swiglu(x_ECD, w1, w3, w2)[expert_S, pos_S]
 
 
-# --- Modules
-
-
 @dataclass
 class RouterOutput:
-    """What `Router` returns (float32 throughout).
-
-    logits_TE: (T, E) router logits. scores_TK: (T, K) routing weights. topk_idx_TK: (T, K) expert ids.
-    """
+    """What `Router` returns, float32: logits_TE (T, E), scores_TK (T, K), topk_idx_TK (T, K) expert ids."""
 
     logits_TE: Tensor
     scores_TK: Tensor
@@ -295,14 +239,8 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Top-k token-choice router with its math in float32 (float64 for float64 inputs; autocast off there, as
-    torchtitan's router does).
-
-    The weight is Meta's `router_DE` (D, E), `logits = x @ router_DE` (other layouts: module docstring).
-
-    Args:
-        dim, num_experts, top_k: D, E and K, the experts per token (1 <= K <= E).
-        score_func, renormalize: see `route` ("sigmoid" for Llama 4, "softmax" and renormalize for Mixtral).
+    """Top-k token-choice router, `logits = x @ router_DE` (D, E), in float32 with autocast off (as
+    torchtitan's); float64 stays. score_func, renormalize: as `route`.
     """
 
     def __init__(
@@ -349,12 +287,9 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts held as stacked weights in Meta's layout (in x out):
-    `w1` (gate) and `w3` (up) of shape (E, D, F), `w2` (down) of shape (E, F, D).
-
-    Expert e computes `(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`; `forward` runs rows already sorted by expert
-    (`MoE` does the routing, sorting and combining). Meta's raw-shard keys `moe_w_in_eD_F`,
-    `moe_w_swiglu_eD_F` (E*D, F) and `moe_w_out_eF_D` (E*F, D) load into w1, w3, w2 through a load hook.
+    """E SwiGLU experts as stacked weights in Meta's layout (in x out): `w1` (gate) and `w3` (up) (E, D, F),
+    `w2` (down) (E, F, D); expert e computes `(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`. Meta's raw-shard keys
+    (`moe_w_in_eD_F`, ...) load through a hook.
     """
 
     def __init__(
@@ -397,15 +332,8 @@ class Experts(nn.Module):
     def forward(
         self, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, offs_E: Tensor, *, grouped: bool = True
     ) -> Tensor:
-        """Run each row through its expert. Rows must be sorted by expert.
-
-        Args:
-            x_SD: (S, D) rows sorted by expert; expert_S: (S,) their expert ids.
-            counts_E: (E,) int64 rows per expert (summing to S); offs_E: (E,) int32 cumulative counts.
-            grouped: use `grouped_swiglu` when `grouped_mm_supported`, else `padded_swiglu`.
-        Returns:
-            (S, D), in the compute dtype (x's, or autocast's).
-        """
+        """Rows x_SD (S, D) sorted by expert -> (S, D) in the compute dtype; arguments as `padded_swiglu`.
+        `grouped`: use `grouped_swiglu` where `grouped_mm_supported`."""
         # Under tensor parallelism (vermeil.distributed) the weights are DTensors sharded on F: each rank runs
         # its F/tp slice of every expert on plain local tensors, and the caller sums the partial outputs.
         w1, w3, w2 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
@@ -421,13 +349,10 @@ class Experts(nn.Module):
 class MoEOutput:
     """What `MoE.forward` returns.
 
-    out: (..., D) the block output (same leading shape as the input).
-    aux_loss: scalar, `aux_loss_coef * load_balancing_loss + z_loss_coef * z_loss`: add it to the training
-        loss (0 with the default coefficients, as Llama 4).
-    load_balancing_loss: scalar, unweighted (see `load_balancing_loss`).
-    z_loss: scalar, unweighted (see `router_z_loss`).
-    router_logits: (T, E) float32, T = all leading axes flattened.
-    tokens_per_expert: (E,) int64 routed pairs per expert (for logging balance).
+    out: (..., D), x's shape.
+    aux_loss: `aux_loss_coef * load_balancing_loss + z_loss_coef * z_loss`, for the training loss (0 with
+        the default coefficients, as Llama 4); the two losses are unweighted.
+    router_logits: (T, E) float32, T = all leading axes flattened. tokens_per_expert: (E,) int64.
     """
 
     out: Tensor
@@ -444,23 +369,16 @@ class MoE(nn.Module):
     `out = shared_expert(x) + sum_{e in topk(x)} g_e(x)`, where with `prescale_input=True` (Llama 4)
     `g_e(x) = expert_e(score_e * x)` and otherwise (Mixtral) `g_e(x) = score_e * expert_e(x)`.
 
-    Presets: Llama 4 = defaults (`score_func="sigmoid", shared_expert=True, prescale_input=True`);
-    Mixtral = `score_func="softmax", renormalize=True, shared_expert=False, prescale_input=False`.
-    Unlike Meta's reference (inference mode, detached expert input), everything here trains.
+    Presets: Llama 4 = the defaults; Mixtral = `score_func="softmax", renormalize=True, shared_expert=False,
+    prescale_input=False`. Unlike Meta's reference (inference mode, detached expert input), everything trains.
 
     Args:
-        dim, num_experts, top_k, score_func, renormalize: as `Router`.
-        hidden_dim: F, each expert's hidden size (the shared expert uses it too); see `moe_hidden_dim`.
-        shared_expert: add a dense SwiGLU expert seen by every token (`shared_expert.w1/w3/w2`).
-        prescale_input: scale the expert input by the score (Llama 4) instead of its output (Mixtral).
+        hidden_dim: F, each expert's (and the shared expert's) hidden size; see `moe_hidden_dim`.
+        shared_expert: add a dense SwiGLU expert seen by every token.
         aux_loss_coef, z_loss_coef: weights of the two losses in `MoEOutput.aux_loss`.
-        backend: how the routed experts run, recorded as `self.backend`:
-            "grouped" (default): sort pairs by expert, one `grouped_mm` per projection; falls back to the
-                padded bmm when `grouped_mm_supported` is False (float64, widths not 16-byte aligned);
-            "padded": the sort plus a capacity-padded (E, C, D) bmm;
-            "loop": the reference, one Python iteration per expert;
-            "dense": every expert on every token with zero scores off the top-k (Meta's formulation, E/K
-                times the FLOPs).
+        backend: "grouped" (one `grouped_mm` per projection, or the padded bmm where `grouped_mm_supported`
+            is False), "padded" (a capacity-padded (E, C, D) bmm), "loop" (the reference, one iteration per
+            expert) or "dense" (every expert on every token: Meta's formulation, E/K times the FLOPs).
     """
 
     def __init__(
@@ -481,7 +399,6 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        # dim, hidden_dim, num_experts, top_k and score_func are checked by Router and Experts below
         if backend not in _BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
         for name, coef in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
@@ -504,8 +421,7 @@ class MoE(nn.Module):
                 part.reset_parameters()
 
     def _load_meta(self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-        # Meta's module layout keeps `router_DE` on the MoE itself; its raw shards also use other names for
-        # the shared expert and carry gate statistics that Meta's own load hook drops.
+        # Meta keeps `router_DE` on the MoE; its raw shards rename the shared expert and carry gate statistics
         renames = {
             "router_DE": "router.router_DE",
             "w_in_shared_FD.weight": "shared_expert.w1.weight",
@@ -518,11 +434,9 @@ class MoE(nn.Module):
         for dropped in ("running_gate_stats_3E", "global_gate_stats_3E", "expert_activation_DE"):
             state_dict.pop(prefix + dropped, None)
 
-    # --- routed experts, one method per backend; all return (T, D) in x's dtype ---------------------------
-
+    # routed experts, one method per backend; each returns (T, D) in x's dtype
     def _weighted(self, expert: Callable[[Tensor], Tensor], x: Tensor, score: Tensor) -> Tensor:
-        """expert(score * x) with `prescale_input` (Llama 4), else score * expert(x) (Mixtral; score float32,
-        as transformers). score broadcasts over x's last axis."""
+        """expert(score * x) with `prescale_input`, else score * expert(x) (score float32, as transformers)."""
         if self.prescale_input:
             return expert(x * score.to(x.dtype))
         return expert(x) * score
