@@ -1,7 +1,5 @@
 """Data that needs no download: a byte tokenizer, local text corpora, synthetic long-range tasks, 2-D points.
-
-Importing this package reads no file; corpora are read when `load_text_corpus` is called.
-"""
+Importing this package reads no file."""
 
 from vermeil.data.points import DISTRIBUTIONS, paired_sequences, sample_points
 from vermeil.data.sampler import SeededSampler

@@ -18,8 +18,6 @@ from vermeil.nn.checks import check_positive_ints
 __all__ = ["DISTRIBUTIONS", "RING_RADII", "paired_sequences", "sample_points"]
 
 RING_RADII = (0.75, 1.5, 2.25, 3.0)
-# Centres of "gaussians": 8 points on a circle of radius 4 / sqrt(2) (FFJORD's "8gaussians").
-_CENTRE_RADIUS = 4.0 / math.sqrt(2.0)
 
 
 def _rand(n: int, g: torch.Generator | None) -> Tensor:
@@ -63,8 +61,8 @@ def _rings(n: int, g: torch.Generator | None) -> Tensor:
 
 def _gaussians(n: int, g: torch.Generator | None) -> Tensor:
     # FFJORD's 8 gaussians: centres at 45-degree steps on radius 4 / sqrt(2), std 0.5 / sqrt(2).
-    k = torch.randint(0, 8, (n,), generator=g).double()
-    centres = _CENTRE_RADIUS * torch.stack([torch.cos(k * math.pi / 4), torch.sin(k * math.pi / 4)], dim=1)
+    angle = torch.randint(0, 8, (n,), generator=g).double() * math.pi / 4
+    centres = 4.0 / math.sqrt(2.0) * torch.stack([angle.cos(), angle.sin()], dim=1)
     return centres + (0.5 / math.sqrt(2.0)) * _randn(n, 2, g=g)
 
 
@@ -95,17 +93,7 @@ def sample_points(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Draw n points from a named 2-D distribution.
-
-    Args:
-        name: "gaussian" (standard normal, the usual source), "moons", "checkerboard", "rings", "gaussians"
-            (8 gaussians on a circle) or "spiral".
-        n: number of points.
-        generator: a seeded CPU generator (computed in float64 on CPU, then cast and moved).
-
-    Returns:
-        (n, 2) tensor of `dtype` on `device`.
-    """
+    """(n, 2) points of the `DISTRIBUTIONS` entry `name`, computed in float64 on the CPU, then cast and moved."""
     if name not in DISTRIBUTIONS:
         raise ValueError(f"distribution {name!r} must be one of {sorted(DISTRIBUTIONS)}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -131,21 +119,10 @@ def paired_sequences(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Paired point sequences for a conditional (cross-domain) flow: `cond` from one shape, `data` from another.
+    """Paired point sequences for a cross-domain flow: cond (B, L, 2) from `source`, data (B, L, 2) from `target`.
 
-    Each row draws `length` points from `source` and, independently, `length` points from `target`; both sets are
-    sorted by angle around their own mean. Position i of `data` is thus the target point whose angular rank matches
-    source point i: a sequence-to-sequence translation between shapes, matched by angle. A flow model learns
-    p(data | cond); plotting `data` shows the target shape, and the angular order of the samples can be checked.
-
-    Args:
-        batch: B.
-        length: L points per sequence.
-        generator: a seeded CPU generator; the same seed gives the same pairs.
-        source, target: names accepted by `sample_points`.
-
-    Returns:
-        cond: (B, L, 2) source points; data: (B, L, 2) target points, both angle-sorted, `dtype` on `device`.
+    The two shapes are drawn independently, each row sorted by angle around its own mean, so position i of
+    `data` is the target point whose angular rank matches source point i; a flow model learns p(data | cond).
     """
     check_positive_ints(batch=batch, length=length)
     for role, name in (("source", source), ("target", target)):

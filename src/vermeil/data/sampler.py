@@ -1,10 +1,4 @@
-"""One seeded batch stream for every task: `SeededSampler(make, batch_size, seed, **kwargs)`.
-
-`next(sampler)` is `make(batch_size, generator=g, **kwargs)` with one CPU `torch.Generator` seeded once; the
-generator's state is the whole position of the stream, so `state_dict()` (weights_only-safe: one uint8 tensor)
-saved with a checkpoint and `load_state_dict` on resume continue it exactly. The text windows
-(`vermeil.data.WindowSampler`), the synthetic tasks and the flow job all draw their batches through it.
-"""
+"""One seeded batch stream for every task (text windows, synthetic tasks, the flow job)."""
 
 from __future__ import annotations
 
@@ -17,8 +11,10 @@ __all__ = ["SeededSampler"]
 
 
 class SeededSampler:
-    """An endless, seeded stream of batches `make(batch_size, generator=g, **kwargs)`, resumable through
-    `state_dict`.
+    """An endless stream of batches `make(batch_size, generator=g, **kwargs)` with one CPU generator seeded once.
+
+    The generator's state is the whole position of the stream, so `state_dict()` (weights_only-safe: one uint8
+    tensor) saved with a checkpoint and `load_state_dict` on resume continue it exactly.
 
     Example:
         >>> sampler = SeededSampler(vermeil.data.mqar, 8, seed=0, seq_len=64, vocab_size=128)
@@ -40,8 +36,7 @@ class SeededSampler:
     def __next__(self) -> Any:
         return self.make(self.batch_size, generator=self.generator, **self.kwargs)
 
-    def sample(self) -> Any:
-        """The next batch (the same as `next(sampler)`)."""
+    def sample(self) -> Any:  # next(sampler)
         return next(self)
 
     def state_dict(self) -> dict[str, Any]:

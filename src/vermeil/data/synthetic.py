@@ -41,15 +41,9 @@ def mqar(
     input position holds a random token from [0, V) (or 0 with `random_non_queries=False`).
 
     Args:
-        batch_size: B.
-        vocab_size: V; must be > seq_len (Zoology's rule). The paper uses 8192; 256-1024 is plenty on CPU.
+        vocab_size: V > seq_len (Zoology's rule). The paper uses 8192; 256-1024 is plenty on CPU.
         seq_len: L, even, with 4N <= L.
-        num_kv_pairs: N.
         power_a: the power-law exponent a (0.01 in Zoology).
-        generator: a seeded CPU generator for reproducible data.
-
-    Returns:
-        inputs: (B, L) int64; targets: (B, L) int64 with N values per row and -100 elsewhere.
     """
     check_positive_ints(
         batch_size=batch_size, vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs
@@ -107,13 +101,8 @@ def selective_copying(
     K-subsets (MAD never puts a blank after the last data token).
 
     Args:
-        batch_size: B.
         vocab_size: V >= 3 (16 in Mamba and MAD).
         seq_len: L > 2K + 1 (MAD's rule).
-        num_tokens_to_copy: K.
-
-    Returns:
-        inputs: (B, L) int64; targets: (B, L) int64, the last K columns holding the tokens to copy.
     """
     check_positive_ints(
         batch_size=batch_size, vocab_size=vocab_size, seq_len=seq_len, num_tokens_to_copy=num_tokens_to_copy
@@ -139,14 +128,9 @@ def selective_copying(
 
 
 def accuracy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Share of positions whose argmax prediction equals the target, over positions with target != ignore_index.
+    """Share of scored positions (target != ignore_index) whose argmax is right: logits (..., V), targets (...).
 
-    Args:
-        logits: (..., V).
-        targets: (...), the same leading shape.
-
-    Returns:
-        A 0-dim float tensor (no host sync); NaN when no position is scored.
+    A 0-dim float tensor (no host sync); NaN when no position is scored.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(

@@ -1,11 +1,9 @@
 """Text corpora from local files, by default the Python standard library's own source; random training windows.
 
-The default corpus is every `.py` file under `sysconfig.get_paths()["stdlib"]` outside test folders and
-site-packages (about 12 MB on CPython 3.11): present on any Python install, nothing downloaded. It changes with the
-Python version, so a run records `corpus.fingerprint` (sha256 of the relative names and sizes).
-
-Files are split into train and validation by a hash of their relative path, so the split is the same on every
-machine and a file never appears in both. Axis legend: B batch, T window length, N corpus bytes.
+The default corpus (the stdlib's `.py` files outside `EXCLUDED_DIRS`, about 12 MB on CPython 3.11) is on any
+install and changes with the Python version, so a run records `corpus.fingerprint`. Files are split into train and
+validation by a hash of their relative path: the same split on every machine, no file in both.
+Axis legend: B batch, T window length, N corpus bytes.
 """
 
 from __future__ import annotations
@@ -62,7 +60,6 @@ class TextCorpus:
 
 
 def stdlib_dir() -> Path:
-    """The folder of the running Python's standard library (`sysconfig.get_paths()["stdlib"]`)."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -72,16 +69,10 @@ def find_corpus_files(
     suffixes: Sequence[str] = (".py",),
     exclude_dirs: frozenset[str] | set[str] = EXCLUDED_DIRS,
 ) -> list[CorpusFile]:
-    """Files of a corpus, sorted by name.
+    """Files of a corpus, sorted by name; raises FileNotFoundError for a missing path, ValueError if none found.
 
-    Args:
-        paths: files and folders; a named file is always taken, a folder is searched recursively for files ending
-            in one of `suffixes`, skipping folders named in `exclude_dirs` (and symlinked folders). Default: the
-            standard library.
-
-    Raises:
-        FileNotFoundError: a path does not exist.
-        ValueError: nothing found.
+    `paths` (default: the standard library): a named file is always taken; a folder is searched recursively for
+    files ending in one of `suffixes`, skipping folders named in `exclude_dirs` (and symlinked folders).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -153,11 +144,10 @@ def load_text_corpus(
     """Load a corpus and split it into train and validation bytes.
 
     Args:
-        paths: files and folders (see `find_corpus_files`); default the standard library's source.
+        paths, suffixes: see `find_corpus_files`.
         val_fraction: share of files (by name hash) held out for validation, in (0, 1).
         max_bytes: cap on the bytes read, for quick runs: train gets `(1 - val_fraction) * max_bytes`, validation
             the rest, both taken from the first files in name order (the last one cut).
-        suffixes: file endings searched for in folders.
 
     With a single file, the split is by position: the last `val_fraction` of its bytes is validation. With several
     files, when the hash puts every file on one side, the file with the lowest (highest) hash moves over so that
@@ -203,15 +193,8 @@ def _check_window(data: Tensor, batch_size: int, seq_len: int) -> None:
 def sample_windows(
     data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Random windows of `seq_len + 1` tokens, split into inputs and next-token targets.
-
-    Args:
-        data: (N,) tokens (uint8 bytes or int64 ids).
-        generator: a seeded CPU `torch.Generator` for reproducible batches.
-
-    Returns:
-        inputs: (B, T) int64 and targets: (B, T) int64, with `targets[:, t] == inputs[:, t + 1]`.
-    """
+    """Random windows of `seq_len + 1` tokens of data (N,) (uint8 bytes or int64 ids), split into inputs and
+    next-token targets: (B, T) int64 each, `targets[:, t] == inputs[:, t + 1]`."""
     _check_window(data, batch_size, seq_len)
     starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
     idx = starts[:, None] + torch.arange(seq_len + 1)  # (B, T + 1)
@@ -239,13 +222,12 @@ def sequential_windows(
 
 
 class WindowSampler(SeededSampler):
-    """An endless, seeded stream of random (inputs, targets) windows of `data`: the `SeededSampler` of
-    `sample_windows`, resumable through `state_dict`.
+    """The `SeededSampler` of `sample_windows`: endless random (inputs, targets) windows of `data`.
 
     Example:
         >>> sampler = WindowSampler(corpus.train, batch_size=8, seq_len=256, seed=0)
         >>> x, y = next(sampler)                       # (8, 256) each
-        >>> state = sampler.state_dict()               # saved with the checkpoint (weights_only-safe)
+        >>> state = sampler.state_dict()               # saved with the checkpoint
     """
 
     def __init__(self, data: Tensor, batch_size: int, seq_len: int, seed: int = 0) -> None:

@@ -1,13 +1,6 @@
 """Tokenizers: the byte-level tokenizer of Vermeil's own runs, and a run folder's `tokenizer.json`.
 
-`ByteTokenizer`: UTF-8 bytes are the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258. Nothing to train,
-ship or download; lossless for any text (and any bytes). The cost is about 3x longer sequences than a trained BPE.
-
-`JSONTokenizer`: a Hugging Face `tokenizer.json` (the `tokenizers` library, the optional extra `tokenizers`), for a
-run converted from a transformers folder that shipped one (`vermeil convert` copies it into the run). A
-tokenizer.json is data, not code: loading one runs nothing from the file. `load_tokenizer(run_dir)` picks the run's
-tokenizer.json when there is one and the weights do not say they were trained on bytes (`tokenizer_path`), else the
-byte tokenizer. Axis legend: B batch, L padded length.
+Axis legend: B batch, L padded length.
 """
 
 from __future__ import annotations
@@ -39,7 +32,9 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as token ids, with three special tokens above the byte range.
+    """UTF-8 bytes as the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258.
+
+    Nothing to train, ship or download; lossless for any bytes, at about 3x the length of a trained BPE.
 
     Example:
         >>> tok = ByteTokenizer()
@@ -55,7 +50,6 @@ class ByteTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """259: the 256 byte values and the three special tokens."""
         return 259
 
     @property
@@ -63,13 +57,13 @@ class ByteTokenizer:
         return (self.bos_id, self.eos_id, self.pad_id)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`: its UTF-8 bytes, with BOS first and/or EOS last when asked."""
+        """Token ids of `text`'s UTF-8 bytes, with BOS first and/or EOS last when asked."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         return self.encode_bytes(text.encode("utf-8"), bos=bos, eos=eos)
 
     def encode_bytes(self, data: bytes, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of raw bytes (any bytes, UTF-8 or not), with BOS first and/or EOS last when asked."""
+        """Token ids of any bytes, UTF-8 or not."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         ids = list(data)
@@ -80,10 +74,7 @@ class ByteTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
-        """Text of `ids` (a list or a 1-D tensor); special tokens are skipped.
-
-        Byte sequences that are not valid UTF-8 (possible in sampled text) decode to U+FFFD instead of raising.
-        """
+        """Text of `ids` (a list or a 1-D tensor), special tokens skipped; invalid UTF-8 decodes to U+FFFD."""
         if isinstance(ids, Tensor):
             if ids.dim() != 1:
                 raise ValueError(
@@ -111,16 +102,9 @@ class ByteTokenizer:
         eos: bool = False,
         padding_side: Literal["left", "right"] = "right",
     ) -> tuple[Tensor, Tensor]:
-        """Encode several texts into one padded batch.
+        """B texts -> ids (B, L) int64 padded with PAD, and mask (B, L) bool, True on real tokens (BOS/EOS too).
 
-        Args:
-            texts: B strings.
-            padding_side: "right" for training batches, "left" for prompts to generate from (so that every row
-                ends at the last position).
-
-        Returns:
-            ids: (B, L) int64, PAD where a row is shorter than the longest one.
-            mask: (B, L) bool, True on real tokens (BOS/EOS included), False on padding.
+        padding_side: "right" for training batches, "left" for prompts (every row ends at the last position).
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings, got one str; use encode")
@@ -141,17 +125,12 @@ class ByteTokenizer:
 
 
 class JSONTokenizer:
-    """A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, ...) through the `tokenizers` library.
+    """A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, ...) through the optional `tokenizers` library.
 
-    Reading the file parses JSON and builds the tokenizer it describes; nothing in it is executed.
+    The file is data: loading it parses JSON and runs nothing from it.
 
-    Args:
-        path: the tokenizer.json file.
-        eos_token: the end-of-sequence token's text (transformers' tokenizer_config.json `eos_token`), or None.
-
-    Raises:
-        ImportError: `tokenizers` is not installed (the message says how to install it).
-        ValueError: the file is not a tokenizer.json `tokenizers` can read (the message names it).
+    `eos_token`: the EOS token's text (transformers' tokenizer_config.json `eos_token`), or None. Raises
+    ImportError without `tokenizers`, ValueError for a file it cannot read.
     """
 
     def __init__(self, path: str | os.PathLike[str], eos_token: str | None = None) -> None:
@@ -170,8 +149,7 @@ class JSONTokenizer:
         self.eos_id: int | None = self._tok.token_to_id(eos_token) if eos_token else None
 
     @property
-    def vocab_size(self) -> int:
-        """The number of ids, added tokens included."""
+    def vocab_size(self) -> int:  # added tokens included
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -206,17 +184,10 @@ def tokenizer_path(
 ) -> Path | None:
     """The tokenizer.json the weights of a run read, or None when they read bytes.
 
-    A run folder's tokenizer.json (a converted model's) belongs to weights that carry no record of their own.
-    The trainer records `tokenizer: bytes` in the metadata of every model.safetensors it writes (Vermeil's data
-    are byte tokens), so a converted model trained further on them decodes with bytes, although its folder keeps
-    the tokenizer.json for the converted checkpoint.
-
-    Args:
-        checkpoint: the checkpoint folder whose weights are used (default: the run's newest intact one, the
-            one `vermeil generate` loads).
-
-    Raises:
-        ValueError: the weights record a tokenizer other than "bytes".
+    A run folder's tokenizer.json (a converted model's) belongs to weights without a record of their own; the
+    trainer records `tokenizer: bytes` in every model.safetensors it writes, so a converted model trained further
+    decodes with bytes. `checkpoint`: the checkpoint folder used (default: the newest intact one, as `vermeil
+    generate`). Raises ValueError when the weights record a tokenizer other than "bytes".
     """
     from vermeil.checkpoint import read_metadata
     from vermeil.runs import TOKENIZER_KEY, WEIGHTS, latest_checkpoint
@@ -239,8 +210,7 @@ def tokenizer_path(
 def load_tokenizer(
     run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None
 ) -> ByteTokenizer | JSONTokenizer:
-    """The tokenizer of a run's weights (`tokenizer_path`; `checkpoint` as there): its `tokenizer.json` (a
-    converted model's), else the byte tokenizer of Vermeil's own runs."""
+    """The tokenizer of a run's weights: `JSONTokenizer` of `tokenizer_path(...)`, else `ByteTokenizer`."""
     path = tokenizer_path(run_dir, checkpoint)
     return JSONTokenizer(path, eos_token=_eos_token(path.parent)) if path else ByteTokenizer()
 
@@ -254,8 +224,7 @@ def describe_tokenizer(run_dir: str | os.PathLike[str]) -> str:
 
 
 def copy_tokenizer_files(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> list[str]:
-    """Copy the tokenizer files of a folder (`TOKENIZER_FILES`, those present) into another; returns their
-    names. Nothing is copied without a tokenizer.json."""
+    """Copy the `TOKENIZER_FILES` present (none without a tokenizer.json) into `dest`; returns their names."""
     src, dest = Path(src), Path(dest)
     if not (src / TOKENIZER_FILE).is_file():
         return []

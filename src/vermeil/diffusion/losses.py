@@ -75,9 +75,7 @@ def _sqrt_coefs(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor
 
 def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """Forward process q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (diffusers add_noise).
-
-    x0, noise: (B, *); t: (B,) integer steps; alphas_cumprod: (N,) -> (B, *).
-    """
+    x0, noise: (B, *); t: (B,) integer steps; alphas_cumprod: (N,) -> (B, *)."""
     _check_batch("t", t, x0)
     a, s = _sqrt_coefs(alphas_cumprod, t, x0)
     return a * x0 + s * noise
@@ -85,9 +83,7 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
 
 def velocity(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """v target sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022; diffusers get_velocity).
-
-    x0, noise: (B, *); t: (B,) integer steps -> (B, *).
-    """
+    x0, noise: (B, *); t: (B,) integer steps -> (B, *)."""
     _check_batch("t", t, x0)
     a, s = _sqrt_coefs(alphas_cumprod, t, x0)
     return a * noise - s * x0
@@ -110,10 +106,8 @@ def ddpm_target(
 def prediction_to_x0_eps(
     x_t: Tensor, output: Tensor, alpha_prod: Tensor | float, prediction_type: PredictionType = "epsilon"
 ) -> tuple[Tensor, Tensor]:
-    """(predicted x_0, predicted noise) from a model output at alpha_bar = `alpha_prod` (broadcastable to x_t).
-
-    The formulas of diffusers DDIMScheduler.step (DDIM eq. 12). x_t, output: (B, *).
-    """
+    """(predicted x_0, predicted noise) from a model output at alpha_bar = `alpha_prod` (broadcastable to x_t),
+    the formulas of diffusers DDIMScheduler.step (DDIM eq. 12). x_t, output: (B, *)."""
     _check_prediction_type(prediction_type)
     beta_prod = 1 - alpha_prod
     match prediction_type:
@@ -194,9 +188,7 @@ def sample_flow_timesteps(
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """Float32 mean squared error over the valid elements, independent of how much padding a batch has.
-
-    pred, target: (B, *); mask: None or a bool/0-1 tensor shaped as a prefix of pred's, e.g. (B, L) for (B, L, C).
-    """
+    pred, target: (B, *); mask: None or a bool/0-1 tensor shaped as a prefix of pred's ((B, L) of (B, L, C))."""
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} must equal target shape {tuple(target.shape)}")
     err = (pred.float() - target.float()) ** 2

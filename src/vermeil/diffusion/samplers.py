@@ -1,11 +1,10 @@
 """Samplers with one signature, `sample_x(model_fn, noise, timesteps, *, cond, guidance, callback)`: DDPM, DDIM
 (and its inversion) step for step as diffusers' schedulers; rectified-flow Euler (BFL flux `denoise`) and Heun.
 
-`model_fn(x, t, **cond)` returns the prediction; t is (B,) (integer steps for DDPM/DDIM, floats in [0, 1] for
-flow). A `guidance` is passed on as a (B,) `guidance=` (BFL's `guidance_vec`); for classifier-free guidance wrap
-the model with `vermeil.diffusion.guidance.cfg_model_fn`. `callback(i, t, x)` runs after step i with its starting
-timestep (0-d) and the updated x, as diffusers' legacy callback. Samplers run under `torch.no_grad()`
-(k-diffusion); call the step formulas yourself to differentiate through sampling.
+`model_fn(x, t, **cond)`: t is (B,), integer steps for DDPM/DDIM, floats in [0, 1] for flow; `guidance` is passed
+on as a (B,) `guidance=` (for classifier-free guidance see `cfg_model_fn`). `callback(i, t, x)` runs after step i
+with its starting timestep (0-d) and the updated x (diffusers' legacy callback). Samplers run under no_grad
+(k-diffusion); to differentiate through sampling, call the step formulas yourself.
 """
 
 # Shapes: B batch, then any data axes (*); x and noise: (B, *). K number of sampling steps.

@@ -1,7 +1,8 @@
 """Noise schedules as functions returning tensors: DDPM betas, signal-to-noise helpers, flow-matching time grids.
 
-DDPM schedules follow diffusers DDPMScheduler, flow-matching grids BFL flux `sampling.py`. Conventions: DDPM time is an integer index 0..N-1 into `alphas_cumprod` (0 = least noise). Flow-matching time
-t is a float in [0, 1] with x_t = (1 - t) x_0 + t * noise (t = 1 is pure noise), as BFL and diffusers.
+DDPM schedules follow diffusers DDPMScheduler, flow-matching grids BFL flux `sampling.py`. DDPM time is an
+integer index 0..N-1 into `alphas_cumprod` (0 = least noise); flow-matching time t is a float in [0, 1] with
+x_t = (1 - t) x_0 + t * noise (t = 1 is pure noise), as BFL and diffusers.
 """
 
 # Shapes: N number of training steps, K number of sampling steps.
@@ -124,10 +125,8 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 
 
 def min_snr_weight(snr: Tensor, gamma: float = 5.0, prediction_type: PredictionType = "epsilon") -> Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023), snr: (B,) -> (B,).
-
-    epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1); sample/x0: min(snr, gamma).
-    """
+    """Min-SNR-gamma loss weight (Hang et al. 2023), snr: (B,) -> (B,). epsilon: min(snr, gamma) / snr;
+    v_prediction: min(snr, gamma) / (snr + 1); sample/x0: min(snr, gamma)."""
     if gamma <= 0:
         raise ValueError(f"gamma={gamma} must be > 0")
     _check_prediction_type(prediction_type)
@@ -179,10 +178,9 @@ def ddpm_timesteps(
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    """BFL's time shift e^mu / (e^mu + (1/t - 1)^sigma); moves a grid on [0, 1] towards t = 1 (more noise).
+    """BFL's time shift e^mu / (e^mu + (1/t - 1)^sigma): moves a grid on [0, 1] towards t = 1 (more noise).
 
-    With sigma = 1 it equals the static SD3 shift s t / (1 + (s - 1) t) for s = e^mu. t = 0 and t = 1 are fixed
-    points (1/0 = inf gives 0). t: any shape -> same shape.
+    With sigma = 1 it is SD3's static shift s t / (1 + (s - 1) t), s = e^mu; t = 0 and 1 are fixed points.
     """
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 

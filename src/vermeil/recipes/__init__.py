@@ -9,8 +9,7 @@
     describe.py    parameters, FLOPs per token and cache memory of a config's model (`vermeil info`)
     convert.py     runs from transformers / diffusers folders (`vermeil convert --from`)
 
-`build_run(config)` returns a `Run` (model, train batches, loss fn, eval fn, tokenizer); `vermeil.train.Trainer`
-does the rest.
+`vermeil.train.Trainer` runs the `Run` that `build_run` returns.
 """
 
 from vermeil.recipes.build import build_model, build_run, load_trained

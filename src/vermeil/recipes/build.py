@@ -40,17 +40,13 @@ def build_run(run: RunConfig, *, model: nn.Module | None = None) -> Run:
 
 
 def loss_label(run: RunConfig) -> str:
-    """What a run's loss measures, for a plot's y axis: the task's `loss_label` (e.g. "cross-entropy (nats per
-    byte)" for text, the velocity MSE for flow), or "loss" for a task that names none."""
+    """What a run's loss measures, for a plot's y axis: the task's `loss_label`, else "loss"."""
     return str(getattr(run.data, "loss_label", "loss"))
 
 
 def load_trained(run_dir: str | os.PathLike[str]) -> tuple[RunConfig, nn.Module, Path]:
-    """(run config, model with the newest checkpoint's weights in eval mode, checkpoint folder) of a run folder.
-
-    Raises:
-        FileNotFoundError: no such folder, or no complete checkpoint in it.
-    """
+    """(run config, model with the newest checkpoint's weights in eval mode, checkpoint folder) of a run folder;
+    FileNotFoundError without a complete checkpoint."""
     from vermeil.runs import latest_checkpoint, load_model_weights
 
     latest_checkpoint(run_dir)  # a clear error before building anything

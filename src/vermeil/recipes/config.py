@@ -7,10 +7,8 @@ and bad values are named):
     train: {steps: 2000, lr: 2.0e-3, batch_size: 16}         # vermeil.train.TrainConfig
     distributed: {strategy: fsdp2}                           # optional: vermeil.distributed.DistributedConfig
 
-Families: `llm` (`ModelArgs` -> `LLM`), `mamba` (`MambaConfig` -> `MambaLM`), `hybrid` (`HybridConfig` ->
-`HybridModel`), `flux` (`FluxParams` -> `Flux`, trained on the flow task). When the model section does not name
-`vocab_size`, it is set to the data's vocabulary; when it names one too small for the data, that is an error.
-Model modules are imported only for the family a config names.
+A token model's `vocab_size` defaults to the data's (one too small is an error). Model modules are imported only
+for the family a config names (`FAMILIES`).
 """
 
 from __future__ import annotations
@@ -125,12 +123,8 @@ def _legacy_keys(model: dict[str, Any], train: dict[str, Any]) -> None:
 
 
 def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    """Build a `RunConfig` from a plain dict (a loaded YAML file with overrides applied), strictly.
-
-    Raises:
-        ConfigError: unknown keys or families, wrong types or values, data that does not fit the model; the
-            message names the dotted key.
-    """
+    """A `RunConfig` from a plain dict (loaded YAML, overrides applied), strictly: ConfigError names the dotted
+    key of an unknown key or family, a wrong type or value, data that does not fit the model."""
     if isinstance(data, Mapping) and "model" not in data:
         raise ConfigError("the run config has no model section (model: {family: ...}); is the file empty?")
     sections = from_dict(_Sections, data)
@@ -179,18 +173,11 @@ def model_vocab_size(run: RunConfig) -> int:
 
 
 def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run config YAML file and apply `key.sub=value` overrides (see `vermeil.config.apply_overrides`).
-
-    Raises:
-        FileNotFoundError: no such file. ConfigError: malformed YAML, a bad override, a bad key or value.
-    """
+    """Read a run config YAML file and apply `key.sub=value` overrides (`vermeil.config.apply_overrides`)."""
     p = Path(path)
     if p.is_dir():
-        hint = (
-            f"; to continue a run: vermeil train --resume {os.fspath(p)}"
-            if (p / "config.yaml").is_file()
-            else ""
-        )
+        resume = (p / "config.yaml").is_file()
+        hint = f"; to continue a run: vermeil train --resume {os.fspath(p)}" if resume else ""
         raise FileNotFoundError(f"{os.fspath(p)} is a folder, not a config file{hint}")
     if not p.is_file():
         raise FileNotFoundError(f"config file {os.fspath(p)} does not exist")

@@ -1,9 +1,6 @@
-"""Runs to and from other libraries' folders: load a transformers or diffusers `save_pretrained` folder, convert it
-with `vermeil.interop`, and describe it as a run (`foreign_run_config`) that `vermeil.runs.write_run` writes as
-step 0; or write a trained run's model as such a folder (`export_model`).
+"""Runs to and from transformers / diffusers `save_pretrained` folders, converted by `vermeil.interop`.
 
-Loads offline (`local_files_only=True`): nothing is downloaded. transformers and diffusers are imported only here,
-when a conversion asks for them.
+Loads offline (`local_files_only=True`); transformers and diffusers are imported only when a conversion asks.
 """
 
 from __future__ import annotations
@@ -70,8 +67,7 @@ def import_optional(name: str) -> Any:
 
 @contextlib.contextmanager
 def quiet(library: Any) -> Iterator[None]:
-    """Silence a transformers/diffusers library's progress bars and warnings while loading (restored after), so
-    that a command prints its own lines only and an error stays one line."""
+    """Silence a library's progress bars and warnings while loading (restored after): an error stays one line."""
     log = getattr(getattr(library, "utils", None), "logging", None)
     if log is None or not hasattr(log, "disable_progress_bar"):
         yield
@@ -90,12 +86,9 @@ def quiet(library: Any) -> Iterator[None]:
 def load_foreign(
     kind: Literal["transformers", "diffusers"], src: str | os.PathLike[str]
 ) -> tuple[str, Any, nn.Module]:
-    """(run family, the foreign model in eval mode, its Vermeil conversion in eval mode) of a save_pretrained
-    folder of `kind`.
+    """(run family, foreign model, its Vermeil conversion), both in eval mode, of a save_pretrained folder.
 
-    Raises:
-        FileNotFoundError: no such folder or no config.json. ValueError: a class no family converts.
-        ImportError: the library is not installed.
+    Raises FileNotFoundError (no folder or config.json), ValueError (a class no family converts), ImportError.
     """
     src = Path(src)
     key, families = (
@@ -117,12 +110,8 @@ def load_foreign(
 
 
 def foreign_run_config(family: str, model: nn.Module, name: str | None = None) -> RunConfig:
-    """The resolved `RunConfig` of a converted model, validated by a round trip through `run_config_from_dict`.
-
-    Language models get `data.task=text` (byte tokens: what `vermeil generate` feeds them); flux gets
-    `data.task=flow` (job "points" for a model with 2 channels everywhere, else "curves"); its channels stay the
-    model's, so `vermeil sample` only works for a model of the flow job's shape.
-    """
+    """The `RunConfig` of a converted model (its family's first task), checked by a `run_config_from_dict` round
+    trip. Flux keeps its channels, so `vermeil sample` only works for a model of the flow job's shape."""
     config = model.config  # the contract's one config attribute
     data = TASKS[FAMILIES[family].tasks[0]].for_model(config)
     run = RunConfig(family, config, data, TrainConfig(), name)
@@ -135,12 +124,8 @@ def export_model(
     out: str | os.PathLike[str],
     target: Literal["transformers", "diffusers"] | None = None,
 ) -> Any:
-    """Write a model of `family` as a `save_pretrained` folder of `target` (default: the family's library); returns
-    the foreign model.
-
-    Raises:
-        ValueError: a family that has no layout in `target`. ImportError: the library is not installed.
-    """
+    """Write a model as a `save_pretrained` folder of `target` (default: the family's library); returns the
+    foreign model. ValueError for a family without a layout in `target`."""
     target = target or FAMILIES[family].export_to or "transformers"  # no layout: refused just below
     families = [name for name, fam in FAMILIES.items() if fam.export_to == target]
     if family not in families:

@@ -1,9 +1,5 @@
-"""What `vermeil info` and `vermeil compare` report about a run config's model: parameters, FLOPs per token and
-the inference cache's memory, computed on the meta device (no memory, any size).
-
-Nothing here switches on a model's family: each model describes itself (`vermeil.models.contract`). The
-attention layout comes from `model.attention_layers()`, the selective-scan FLOPs from the Mamba mixers' `A_log`
-parameters, and the cache memory from running `model.setup_cache` on the meta device.
+"""What `vermeil info` and `vermeil compare` report about a run config's model, without switching on its family:
+each model describes itself (`vermeil.models.contract`).
 """
 
 from __future__ import annotations
@@ -40,9 +36,8 @@ def _linear_like_params(model: nn.Module) -> tuple[int, int]:
 
 
 def _state_elements(module: nn.Module) -> int:
-    """Recurrent state elements a Mamba mixer updates per token (0 for other modules), for the scan FLOPs: about
-    9 per element and token (exp(dt A), dt B x, the update, C h). Mamba-1's `A_log` is (d_inner, d_state), one
-    entry per state element; Mamba-2's is one scalar per head over a (headdim, d_state) state each."""
+    """Recurrent state elements a Mamba mixer updates per token (0 for other modules), read from `A_log`:
+    Mamba-1's is (d_inner, d_state), one entry per element; Mamba-2's one scalar per head."""
     a_log = getattr(module, "A_log", None)
     if not isinstance(a_log, Tensor):
         return 0
@@ -55,10 +50,10 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
     """Parameters, forward FLOPs per token at a context length, and the inference cache's memory.
 
     The model is built on the meta device (no memory, any size). FLOPs follow Kaplan et al. (2020):
-    `2 * N_matmul + 2 * n_attention_layers * context_eff * d_attention` per token for the forward pass (training
-    is about 3x that), with MoE experts counted at `top_k / num_experts`, the attended context capped by
-    chunked attention windows, plus about `9 * d_inner * d_state` per Mamba layer for the selective scan. The cache memory is what
-    `model.setup_cache(batch_size, context)` allocates (None for a model without a cache, such as Flux).
+    `2 * N_matmul + 2 * n_attention_layers * context_eff * d_attention` per token forward (training about 3x),
+    MoE experts counted at `top_k / num_experts`, the context capped by chunked attention windows, plus about
+    9 per Mamba state element (exp(dt A), dt B x, the update, C h). The cache memory is what
+    `model.setup_cache(batch_size, context)` allocates (None without a cache, as Flux).
     """
     context = context if context is not None else run.train.seq_len
     if context < 1:
@@ -98,7 +93,6 @@ def _cache_bytes(model: nn.Module, batch_size: int, context: int) -> int | None:
         }
 
     before = set(cache_buffers())
-    # The contract (`vermeil.models.contract`) has every language model's setup_cache run on meta, and
-    # tests/models/test_contract.py checks it: an error here is a bug to see, not a number to guess.
+    # The contract has every setup_cache run on meta: an error here is a bug to see, not a number to guess.
     model.setup_cache(batch_size, context, device="meta")
     return sum(b.numel() * b.element_size() for i, b in cache_buffers().items() if i not in before)

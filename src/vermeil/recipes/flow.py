@@ -100,8 +100,8 @@ def _channels(task: Job) -> tuple[int, int]:
     return (2, 3) if task == "curves" else (2, 2)
 
 
-def _ids(batch: int, length: int, stream: int, device: torch.device | str | None = None) -> Tensor:
-    """(1, L, 3) ids: (stream: 0 condition, 1 data; index i, shared by both streams so RoPE sees them aligned; 0)."""
+def _ids(length: int, stream: int, device: torch.device | str | None = None) -> Tensor:
+    """(1, L, 3) ids: (stream 0 condition / 1 data, index i shared by both streams for RoPE, 0)."""
     ids = torch.zeros(1, length, 3, device=device)
     ids[..., 0] = stream
     ids[..., 1] = torch.arange(length, device=device)
@@ -154,11 +154,10 @@ def flow_job_params(
 
 def flux_model_fn(model: Flux, cond: Tensor) -> Callable[..., Tensor]:
     """model_fn(x, t) for the samplers and the loss: the condition, its ids and y fixed (ids on cond's device)."""
-    b, length = cond.shape[:2]
-    cond_ids, y = _ids(b, length, 0, cond.device), cond.mean(dim=1)
+    cond_ids, y = _ids(cond.shape[1], 0, cond.device), cond.mean(dim=1)
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, _ids(b, x.shape[1], 1, x.device), cond, cond_ids, t, y)
+        return model(x, _ids(x.shape[1], 1, x.device), cond, cond_ids, t, y)
 
     return fn
 
@@ -174,13 +173,11 @@ class FlowData(TaskData):
     """The flow task of a run config.
 
     Args:
-        job: "curves" (a noisy 2-D circle -> the matching points of a 3-D trefoil; paired, so the distance is the
-            mean per-point error) or "points" (two 2-D shapes from `vermeil.data.DISTRIBUTIONS`, each sorted by
-            angle; the distance is sliced Wasserstein-1).
+        job: "curves" (`curve_pairs`) or "points" (`paired_sequences`); `FlowJobSample` says their distances.
         length: L points per sequence (condition and target alike).
         source, target: the shapes of the "points" job.
         noise: the condition noise of the "curves" job.
-        time_sampling: flow times during training: "logit_normal" (SD3) or "uniform".
+        time_sampling: flow times during training ("logit_normal" as SD3).
         sample_steps: Euler steps when evaluating and in `vermeil sample`.
         eval_samples: sequences generated per evaluation.
     """
@@ -259,11 +256,7 @@ class FlowData(TaskData):
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         """Seeded batches and the rectified-flow loss; eval: the loss on fixed batches, noise and times, and the
-        distance of generated samples; `samples.png` at the end.
-
-        Validation times come from the training distribution, so the validation loss estimates the training
-        objective (the loss per time spans orders of magnitude between t near 0 and 1).
-        """
+        distance of generated samples; `samples.png` at the end."""
         train = run.train
         sampler = flow_sampler(self, train.batch_size, train.seed)
         eval_gen = torch.Generator().manual_seed(train.seed + EVAL_SEED_OFFSET)
@@ -272,6 +265,8 @@ class FlowData(TaskData):
             for i in range(train.eval_batches)
         ]
         val_noise = [torch.randn(v[1].shape, generator=eval_gen) for v in val]
+        # Times from the training distribution: the validation loss estimates the training objective (the loss
+        # per time spans orders of magnitude between t near 0 and 1).
         val_t = [sample_flow_timesteps(v[1].shape[0], self.time_sampling, generator=eval_gen) for v in val]
 
         def eval_fn(m: nn.Module) -> dict[str, float]:

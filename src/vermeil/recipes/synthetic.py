@@ -52,14 +52,7 @@ class _SyntheticTask(TaskData):
 
 @dataclass
 class MQARData(_SyntheticTask):
-    """Multi-query associative recall (Zoology): `vermeil.data.mqar`, sequence length `train.seq_len`.
-
-    Args:
-        vocab_size: V, must be > train.seq_len (Zoology's rule).
-        num_kv_pairs: key-value pairs per sequence (4 * num_kv_pairs <= seq_len).
-        power_a: the power law of the query gaps.
-        random_non_queries: fill free positions with random tokens (Zoology) instead of 0.
-    """
+    """Multi-query associative recall (Zoology): `vermeil.data.mqar` (see its Args) at `train.seq_len`."""
 
     task: Literal["mqar"] = "mqar"
     vocab_size: int = 512

@@ -1,11 +1,5 @@
-"""What every task of a recipe shares: the `TaskData` base of the `data:` configs, the built `Run`, the seeded
-batch stream `TaskSampler`, and the token-level evaluation.
-
-A task (`recipes/text.py`, `recipes/synthetic.py`, `recipes/flow.py`) is a data config dataclass deriving from
-`TaskData`: it completes the model section it trains (`complete_model`), checks that the run fits it
-(`check_fit`), and builds the batches, loss and evaluation of a run (`build`).
-
-Axis legend: B batch, T sequence length, V vocabulary.
+"""What every task shares: the `TaskData` base of the `data:` configs, the built `Run`, the seeded batch stream
+`TaskSampler`, and the token-level evaluation. Axis legend: B batch, T sequence length, V vocabulary.
 """
 
 from __future__ import annotations
@@ -50,7 +44,8 @@ class Run:
 
 
 class TaskData:
-    """Base of the data configs: the defaults are those of a token task (a language model with a vocabulary)."""
+    """Base of the data configs (defaults for a token task): completes the model section it trains
+    (`complete_model`), checks that the run fits (`check_fit`), builds batches, loss and evaluation (`build`)."""
 
     task: str
 

@@ -26,7 +26,6 @@ class TextData(TaskData):
 
     Args:
         paths: files and folders; null means the Python standard library's source (found on any install).
-        suffixes: file endings searched for in folders.
         val_fraction: share of files held out for validation (a fixed hash of each file's name).
         max_bytes: cap on the bytes read (quick runs and tests); null reads everything (about 12 MB of stdlib).
     """
