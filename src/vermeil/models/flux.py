@@ -15,8 +15,6 @@ What this file adds to BFL:
 
 Order of operations (as BFL): QKNorm (RMS, eps 1e-6, learned `scale`) before RoPE; q/k cast to v's dtype;
 sequence order is condition then data (`txt` then `img`); modulation chunks are (shift, scale, gate).
-tests/models/test_flux.py checks the blocks against an inline transcription of BFL, and
-tests/interop/test_diffusers_flux.py the whole model against diffusers.
 """
 
 # Shapes: B batch, L = Lc + Ld joint length, Lc condition (BFL txt) tokens, Ld data (BFL img) tokens,
@@ -57,10 +55,6 @@ _EPS = 1e-6  # BFL: LayerNorm and QKNorm epsilon
 _TIME_DIM = 256  # BFL: width of the sinusoidal timestep / guidance features
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config
-
-
 @dataclass
 class FluxParams:
     """BFL `FluxParams`, validated at construction.
@@ -70,11 +64,9 @@ class FluxParams:
         out_channels: Cout, predicted channels per data token.
         vec_in_dim: V, width of the pooled conditioning vector `y` (CLIP-L: 768).
         context_in_dim: Cc, condition channels per token (T5-XXL: 4096).
-        hidden_size: D.
+        hidden_size, num_heads: D and H; D must be divisible by H.
         mlp_ratio: M = int(D * mlp_ratio).
-        num_heads: H; D must be divisible by H.
-        depth: number of double-stream blocks.
-        depth_single_blocks: number of single-stream blocks.
+        depth, depth_single_blocks: numbers of double-stream and single-stream blocks.
         axes_dim: RoPE channels per position axis; must sum to Dh = D / H, each even.
         theta: RoPE base.
         qkv_bias: bias on the double blocks' qkv projections (the single blocks always have one, as BFL).
@@ -124,10 +116,6 @@ class FluxParams:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Math
 
 
 def rope_matrix(cos: Tensor, sin: Tensor) -> Tensor:
@@ -196,14 +184,10 @@ class _NormRope(torch.autograd.Function):
 def norm_rope(x: Tensor, freqs: Tensor, scale: Tensor, *, eps: float = _EPS) -> Tensor:
     """Flux's QKNorm (RMS, learned scale) then RoPE, fused: `apply_rope(rms_norm(x) * scale)` in BFL terms.
 
-    Args:
-        x: (B, L, H, Dh) queries or keys (any strides with a contiguous last axis, e.g. a view of a fused qkv).
-        freqs: (B|1, L, 1, Dh/2) complex rotations (`rope_freqs(cos, sin)[:, 0, :, None]`).
-        scale: (Dh,) shared by all tokens, or (L, Dh) per token (the double blocks' two streams).
-        eps: RMSNorm epsilon (BFL 1e-6).
-
-    Returns:
-        (B, L, H, Dh) contiguous, in x's dtype; statistics and rotation in at least float32.
+    x: (B, L, H, Dh) queries or keys (any strides with a contiguous last axis, e.g. a view of a fused qkv);
+    freqs: (B|1, L, 1, Dh/2) complex rotations (`rope_freqs(cos, sin)[:, 0, :, None]`); scale: (Dh,) shared by
+    all tokens, or (L, Dh) per token (the double blocks' two streams) -> (B, L, H, Dh) contiguous, in x's
+    dtype; statistics and rotation in at least float32.
     """
     return _NormRope.apply(x, freqs, scale.reshape(-1, x.shape[-1]), eps)
 
@@ -261,19 +245,10 @@ def _per_token(txt_scale: Tensor, img_scale: Tensor, l_txt: int, l_img: int) -> 
     return torch.cat((txt_scale.expand(l_txt, -1), img_scale.expand(l_img, -1)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Blocks
-
-
 class FluxSelfAttention(nn.Module):
     """The parameters of BFL's `SelfAttention`, under its names: fused `qkv` Linear in `(K H Dh)` layout, RMS
     `QKNorm` (`norm`, learned scales) and `proj`. The double blocks run one joint attention over both streams
-    with them (`_attend`), so this module has no forward of its own.
-
-    Args:
-        dim: D.
-        num_heads: H, dividing D.
-        qkv_bias: bias on `qkv` (`proj` always has one, as BFL).
+    with them (`_attend`), so this module has no forward of its own. `proj` always has a bias, as BFL.
     """
 
     def __init__(
@@ -311,14 +286,7 @@ def _mlp(hidden_size: int, mlp_hidden_dim: int, factory: dict[str, Any]) -> nn.S
 
 
 class DoubleStreamBlock(nn.Module):
-    """BFL `DoubleStreamBlock` (MM-DiT): separate weights per stream, one joint attention over txt then img.
-
-    Args:
-        hidden_size: D.
-        num_heads: H.
-        mlp_ratio: M = int(D * mlp_ratio).
-        qkv_bias: bias on both streams' `qkv`.
-    """
+    """BFL `DoubleStreamBlock` (MM-DiT): separate weights per stream, one joint attention over txt then img."""
 
     def __init__(
         self,
@@ -389,11 +357,6 @@ class SingleStreamBlock(nn.Module):
     """BFL `SingleStreamBlock` (parallel attention and MLP, ViT-22B style) on the joint sequence.
 
     `linear1` = [q | k | v | mlp-in] (3 D + M outputs), `linear2` maps cat(attention, gelu(mlp)) (D + M) to D.
-
-    Args:
-        hidden_size: D.
-        num_heads: H.
-        mlp_ratio: M = int(D * mlp_ratio).
     """
 
     def __init__(
@@ -439,13 +402,8 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    """BFL `LastLayer`: adaLN (shift, scale) from vec, then a Linear to the output channels.
-
-    Args:
-        hidden_size: D.
-        patch_size: BFL packs p x p patches into tokens (1 for sequence data).
-        out_channels: Cout per patch element.
-    """
+    """BFL `LastLayer`: adaLN (shift, scale) from vec, then a Linear to p x p patches of Cout channels (p = 1
+    for sequence data)."""
 
     def __init__(
         self,
@@ -474,15 +432,8 @@ class LastLayer(nn.Module):
         return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model
-
-
 class Flux(nn.Module):
     """BFL `Flux`: flow-matching transformer carrying a data sequence, conditioned on a condition sequence.
-
-    Args:
-        params: a validated `FluxParams` (or a preset from `PRESETS`).
 
     Example:
         >>> model = Flux(PRESETS["debug"])
@@ -531,8 +482,7 @@ class Flux(nn.Module):
         return self.config
 
     def attention_layers(self) -> list[AttentionLayer]:
-        """(query width, window) per block: every double and single block attends globally over the joint
-        [cond; data] sequence (`vermeil.models.contract`)."""
+        """Every double and single block attends globally over the joint [cond; data] sequence."""
         p = self.config
         return [AttentionLayer(p.hidden_size, None)] * (p.depth + p.depth_single_blocks)
 
@@ -619,20 +569,16 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         cond_mask: Tensor | None = None,
     ) -> Tensor:
-        """Predict the flow velocity of the data tokens (BFL `Flux.forward(img, img_ids, txt, txt_ids, ...)`).
+        """The flow velocity (B, Ld, Cout) of the data tokens (BFL `Flux.forward(img, img_ids, txt, ...)`).
 
         Args:
             data: (B, Ld, Cin) noisy data tokens (BFL img).
             data_ids: (B, Ld, A) position ids per token (or (1, Ld, A) shared by the batch).
-            cond: (B, Lc, Cc) condition tokens (BFL txt).
-            cond_ids: (B, Lc, A) (or (1, Lc, A)).
+            cond: (B, Lc, Cc) condition tokens (BFL txt). cond_ids: (B, Lc, A) (or (1, Lc, A)).
             timesteps: (B,) flow times in [0, 1] (multiplied by 1000 inside the embedding, as BFL).
             y: (B, V) pooled conditioning vector.
             guidance: (B,) guidance scales; required iff `params.guidance_embed`.
             cond_mask: (B, Lc) bool, True = real condition token; False tokens are never attended to.
-
-        Returns:
-            (B, Ld, Cout).
         """
         self._check_inputs(data, data_ids, cond, cond_ids, timesteps, y, guidance, cond_mask)
         img = self.img_in(data)
@@ -662,12 +608,9 @@ class Flux(nn.Module):
 
 
 def build_flux(preset: str, **overrides: Any) -> Flux:
-    """Flux from a preset name with field overrides, e.g. `build_flux("debug", depth=2, device="meta")`."""
+    """`build_flux("debug", depth=2, device="meta")` (see `contract.build_preset`)."""
     return build_preset(Flux, FluxParams, PRESETS, preset, overrides)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Presets
 
 PRESETS: dict[str, FluxParams] = {
     # Tiny odd-ish model for tests and the cross-domain job: Dh = 16 = 4 + 6 + 6.
