@@ -1,15 +1,7 @@
-"""The small pieces the shipped Mamba/attention hybrids add to the generic blocks, as thin wrappers around them.
+"""Thin wrappers of the generic blocks for the shipped Mamba/attention hybrids (Jamba, Bamba, Falcon-H1).
 
-- `InnerNormMambaBlock`: Jamba's Mamba-1 mixer, `MambaBlock` plus RMSNorms on dt, B and C (`dt_layernorm`,
-  `b_layernorm`, `c_layernorm`) between `x_proj` and `dt_proj` (transformers `JambaMambaMixer.forward`).
-- `PartialRotary`: RoPE on the first `rotary_dim` channels of each head, the rest passed through (transformers
-  `BambaAttention` with `partial_rotary_factor`, GPT-NeoX's `rotary_pct`); injected as `Attention(rotary=...)`.
-- `SegmentScaledLinear` (defined in `vermeil.nn.mamba2`, re-exported here): Falcon-H1's `mup_vector` over
-  Mamba-2's `in_proj` rows.
-- `GateScaledSwiGLU`: `SwiGLU` with its gate pre-activation multiplied by a constant (Falcon-H1's
-  `mlp_multipliers[0]`, transformers `FalconH1MLP`).
-
-Axis legend: B batch, T length, H heads, Dh head dim, R rotary dim, D d_model, I inner width.
+`SegmentScaledLinear` is defined in `vermeil.nn.mamba2` and re-exported here.
+Axis legend: B batch, T length, H heads, Dh head dim, R rotary dim.
 """
 
 from __future__ import annotations
@@ -31,15 +23,8 @@ __all__ = ["GateScaledSwiGLU", "InnerNormMambaBlock", "PartialRotary", "SegmentS
 
 
 class InnerNormMambaBlock(MambaBlock):
-    """Jamba's Mamba-1 mixer: `MambaBlock` with RMSNorms on the dt, B and C projections.
-
-    `x_proj(x)` splits into dt (R), B (N), C (N); each goes through its RMSNorm (`dt_layernorm`, `b_layernorm`,
-    `c_layernorm`, eps `norm_eps`) before `dt_proj` and the scan, in the whole-sequence path and in the one-token
-    step alike. Everything else (parameters, cache, init) is `MambaBlock`'s.
-
-    Args:
-        norm_eps: eps of the three norms (transformers `JambaConfig.rms_norm_eps`).
-        **kwargs: `MambaBlock`'s arguments.
+    """Jamba's Mamba-1 mixer (transformers `JambaMambaMixer`): `MambaBlock` with RMSNorms `dt_layernorm`,
+    `b_layernorm`, `c_layernorm` (eps `norm_eps`) on the dt, B and C splits of `x_proj`, before `dt_proj`.
     """
 
     def __init__(self, d_model: int, *, norm_eps: float = 1e-6, **kwargs: Any) -> None:
@@ -56,22 +41,16 @@ class InnerNormMambaBlock(MambaBlock):
                 getattr(self, name).reset_parameters()
 
     def _dt_bc(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (..., E) -> dt (..., E) without its bias, B and C (..., N), each normalised first."""
         dt, b, c = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         return F.linear(dt, self.dt_proj.weight), b, c
 
 
 class PartialRotary(nn.Module):
-    """Half-split RoPE on the first `rotary_dim` channels of each head; channels `rotary_dim..head_dim` pass.
+    """Half-split RoPE on the first `rotary_dim` (R, even, <= Dh) channels of each head; the rest pass.
 
-    The frequencies are those of a `rotary_dim`-wide rotary embedding (`theta ** (-2i / rotary_dim)`), as
-    transformers computes them for `partial_rotary_factor < 1`. Called like `RotaryEmbedding` by `Attention`.
-
-    Args:
-        head_dim: Dh, the full head width (what `Attention` checks against).
-        rotary_dim: R, even, 2 <= R <= Dh.
-        theta, max_seq_len, device: as `RotaryEmbedding`.
+    Frequencies of an R-wide rotary embedding, as transformers' `partial_rotary_factor < 1` (Bamba; GPT-NeoX's
+    `rotary_pct`). Injected as `Attention(rotary=...)`, called like `RotaryEmbedding`.
     """
 
     def __init__(
@@ -109,11 +88,8 @@ class PartialRotary(nn.Module):
 
 
 class GateScaledSwiGLU(SwiGLU):
-    """`w2(silu(w1(x) * gate_multiplier) * w3(x))`: SwiGLU (same keys `w1`, `w3`, `w2`) with a scaled gate.
-
-    Args:
-        gate_multiplier: the constant on the gate's pre-activation. **kwargs: `SwiGLU`'s arguments.
-    """
+    """`w2(silu(w1(x) * gate_multiplier) * w3(x))`: SwiGLU with a scaled gate (Falcon-H1's `mlp_multipliers[0]`,
+    transformers `FalconH1MLP`)."""
 
     def __init__(self, dim: int, hidden_dim: int, *, gate_multiplier: float = 1.0, **kwargs: Any) -> None:
         super().__init__(dim, hidden_dim, **kwargs)
