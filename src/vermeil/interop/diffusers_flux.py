@@ -136,15 +136,17 @@ def from_diffusers(
     dtype = first.dtype if dtype is None else dtype
     model = Flux(params, device="meta", dtype=dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    key_map = _key_map(params)
+    wanted = {d for difs in key_map.values() for d in difs}
+    missing, unused = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    unfilled = sorted(set(expected) - set(key_map))
+    if missing or unused or unfilled:
+        raise ValueError(
+            "from_diffusers: state dicts do not line up; "
+            f"diffusers keys missing: {missing}; diffusers keys not used: {unused}; Flux keys not filled: {unfilled}"
+        )
     out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    for bfl, difs in _key_map(params).items():
-        absent = [d for d in difs if d not in state]
-        if absent:
-            missing.extend(absent)
-            continue
-        used.update(difs)
+    for bfl, difs in key_map.items():
         tensor = torch.cat([state[d] for d in difs], dim=0) if len(difs) > 1 else state[difs[0]]
         if bfl.startswith(_SWAPPED):
             tensor = _swap_halves(tensor)
@@ -155,13 +157,6 @@ def from_diffusers(
                 f"{bfl}: shape {tuple(tensor.shape)} built from {difs} does not match Flux's {tuple(expected[bfl])}"
             )
         out[bfl] = tensor
-    unused = sorted(set(state) - used)
-    unfilled = sorted(set(expected) - set(out))
-    if missing or unused or unfilled:
-        raise ValueError(
-            "from_diffusers: state dicts do not line up; "
-            f"diffusers keys missing: {missing}; diffusers keys not used: {unused}; Flux keys not filled: {unfilled}"
-        )
     model = model.to_empty(device=device)
     model.load_state_dict(out, strict=True)  # copies, casting to the model's dtype
     return model
