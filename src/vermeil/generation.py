@@ -41,11 +41,8 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 def logits_to_probs(
     logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> Tensor:
-    """Turn last-position logits (B, V) into sampling probabilities (B, V), float32.
-
-    Top-k keeps the k largest logits; top-p (nucleus) keeps the smallest set of tokens whose probability
-    mass reaches `top_p` (the most likely token is always kept). Both can be combined.
-    """
+    """Last-position logits (B, V) -> float32 sampling probabilities (B, V). Top-k keeps the k largest logits;
+    top-p keeps the smallest set of tokens whose mass reaches `top_p` (at least the most likely one)."""
     _check_sampling(temperature, top_k, top_p)
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None:
@@ -68,11 +65,8 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Sample one token per row from logits (B, V) -> (B,) long. temperature=0 is greedy (argmax).
-
-    Sampling uses the exponential-race trick (`argmax(p / E)`, E ~ Exp(1)), which draws from `p` without
-    the host synchronisation of `torch.multinomial` (gpt-fast `multinomial_sample_one_no_sync`).
-    """
+    """Sample one token per row from logits (B, V) -> (B,) long; temperature=0 is greedy. `argmax(p / E)`,
+    E ~ Exp(1), draws from `p` without `torch.multinomial`'s host sync (gpt-fast's no_sync sampler)."""
     if temperature == 0:
         _check_sampling(temperature, top_k, top_p)
         return logits.argmax(-1)

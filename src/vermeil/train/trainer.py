@@ -13,6 +13,7 @@ shards) beside rank 0's full `model.safetensors`, and the trainer leaves the gro
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -277,20 +278,15 @@ class Trainer:
         self._logger = (
             MetricsLogger(self.out_dir / "metrics.jsonl") if self.out_dir and self.is_main else None
         )
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self._autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=amp_dtype))
-            if amp_dtype
-            else contextlib.nullcontext
-        )
-        # fp16 gradients underflow without loss scaling; the scaler skips the steps whose scaled gradients
-        # overflow (and lowers the scale): that is its normal work, not a non-finite event of the run.
+        self._autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        if amp_dtype := {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision):
+            self._autocast = functools.partial(torch.autocast, self.device.type, dtype=amp_dtype)
+        # fp16 needs loss scaling; the steps the scaler skips (overflow) are its normal work, not non-finite.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self._window = MetricsWindow(self.device)
         # Non-finite steps, counted on the device and read only where the loop reads anyway (log rows,
         # checkpoints): [current streak, its first step, longest streak, its first step, first bad step, total].
         self._nonfinite = torch.tensor([0, 0, 0, 0, -1, 0], dtype=torch.float64, device=self.device)
-        # A fused AdamW skips an update on the device when given `found_inf` (what GradScaler uses): no host read.
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of the last update, for its row
         self._start = (0, 0.0)  # (step, elapsed) when this fit began: the ETA of the plain progress lines
@@ -430,8 +426,7 @@ class Trainer:
         self._sync()
         state = load_torch(folder / STATE)
         if "optimizer" not in state and self.world_size == 1:
-            # Weights without a training state (`vermeil.runs.write_run`: a converted model): fine-tuning
-            # starts here with a fresh optimizer, schedule and data stream.
+            # Weights only (`vermeil.runs.write_run`): fine-tune with a fresh optimizer, schedule and data.
             load_weights(self.model, folder / WEIGHTS)
             self.step, self.last_checkpoint = int(state["step"]), folder
             return folder
@@ -573,8 +568,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif self._fused:
-            # The fused kernel leaves weights and moments untouched (and undoes its step count) when found_inf
-            # is 1: a non-finite step is skipped on the device.
+            # Given found_inf = 1 (what GradScaler uses) the fused kernel leaves weights, moments and its step
+            # count untouched: a non-finite step is skipped on the device, with no host read.
             self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
@@ -608,24 +603,16 @@ class Trainer:
         start = torch.where((bad > 0) & (streak == 0), step, start)
         streak = (streak + 1) * bad
         longer = streak > worst
-        self._nonfinite = torch.stack(
-            [
-                streak,
-                start,
-                torch.where(longer, streak, worst),
-                torch.where(longer, start, worst_start),
-                torch.where((bad > 0) & (first < 0), step, first),
-                total + bad,
-            ]
-        )
+        worst, worst_start = torch.where(longer, streak, worst), torch.where(longer, start, worst_start)
+        first = torch.where((bad > 0) & (first < 0), step, first)
+        self._nonfinite = torch.stack([streak, start, worst, worst_start, first, total + bad])
 
     def _check_nonfinite(self, counters: Sequence[float] | None = None) -> int:
         """Raise `NonFiniteError` when `train.on_nonfinite` says stop; returns the total of non-finite steps.
         Reads the counters (one host read) unless given."""
         cfg = self.config
-        _, _, worst, worst_start, first, total = (
-            counters if counters is not None else self._nonfinite.tolist()
-        )
+        counters = self._nonfinite.tolist() if counters is None else counters
+        _, _, worst, worst_start, first, total = counters
         last = f"; the last checkpoint, {self.last_checkpoint}, is finite" if self.last_checkpoint else ""
         hint = "lower train.lr, check the data, or set train.on_nonfinite=skip"
         if cfg.on_nonfinite == "stop" and total > 0:
