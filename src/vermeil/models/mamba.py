@@ -1,20 +1,7 @@
 """MambaLM: the Mamba-1 language model of state-spaces/mamba (`MambaLMHeadModel`), on Vermeil's `MambaBlock`.
 
-Module names are state-spaces' (`backbone.embedding`, `backbone.layers.N.norm`, `backbone.layers.N.mixer.*`,
-`backbone.norm_f`, `lm_head`), so `mamba_ssm` checkpoints load natively; transformers' layout (which renames
-`embedding` to `embeddings`) goes through `vermeil.interop.transformers_mamba`.
-
-Residual blocks follow mamba_ssm's `Block`: "Add -> Norm -> Mixer", returning `(hidden, residual)`; the
-residual stream is kept apart (in float32 when `residual_in_fp32`) and the final norm adds the last mixer output
-back. This equals transformers' `h = h + mixer(norm(h))` exactly; keeping the sum outside the block is what lets
-mamba_ssm fuse "add + norm" into one kernel.
-
-Decoding: `setup_cache(batch_size, max_seq_len)` gives every mixer a conv + SSM state; `forward(tokens,
-input_pos=...)` then prefills (T > 1, the chunked scan, storing the final states) or steps (T = 1, the O(1)
-recurrence); `reset_cache()` starts a new sequence. `vermeil.generation.generate` drives exactly this.
-
-Weight decay is training's business (`vermeil.train.optim.param_groups`); the blocks mark `A_log` and `D`
-`_no_weight_decay`, as mamba_ssm does.
+Module names are state-spaces', so `mamba_ssm` checkpoints load natively; transformers' layout goes through
+`vermeil.interop.transformers_mamba`.
 
 Axis legend: B batch, T sequence length, D d_model, E d_inner = expand * D, N d_state, V (padded) vocabulary.
 """
@@ -43,28 +30,17 @@ class MambaConfig:
     """Shape and init of a Mamba-1 LM; names and defaults of mamba_ssm's `MambaConfig` plus its `ssm_cfg`.
 
     Args:
-        d_model: D, the residual width.
-        n_layer: number of residual blocks.
-        d_state: N, the SSM state size per channel.
-        d_conv: width of the causal depthwise convolution.
+        d_state: N, the SSM state size per channel. d_conv: width of the causal depthwise convolution.
         expand: E = expand * D inner channels.
         dt_rank: rank of the dt projection; None means ceil(D / 16) (mamba_ssm's "auto").
-        vocab_size: tokens the model reads and predicts.
         pad_vocab_size_multiple: embedding and head rows are padded up to a multiple of this (mamba_ssm pads
             50277 to 50280); the extra rows are never predicted: logits are cut back to `vocab_size`.
         rms_norm: RMSNorm (True) or LayerNorm (False) in the blocks and at the end.
-        norm_epsilon: eps of those norms.
         residual_in_fp32: keep the residual stream in float32 whatever the parameter dtype.
-        tie_embeddings: the LM head shares the embedding matrix.
         conv_bias, bias: bias on conv1d; bias on in_proj/out_proj.
         dt_min, dt_max, dt_init_floor, dt_scale: dt initialisation (log-uniform in [dt_min, dt_max]).
-        initializer_range: std of the embedding's normal init.
-        rescale_prenorm_residual: re-init out_proj (Kaiming-uniform) divided by sqrt(n_residuals * n_layer).
-        n_residuals_per_layer: residual additions per block for that rescaling (1 for Mamba-1).
-        compile_scan: the blocks run their scan through torch.compile'd chunk kernels (`MambaBlock`'s
-            `compile_scan`): faster training and prefill on the CPU after a first call that compiles.
-        scan_backend: `selective_scan`'s backend in every Mamba block (`MambaBlock`'s `scan_backend`): "auto"
-            (Triton kernels on CUDA when triton imports, else the chunked scan), "triton", "chunked" or "ref".
+        rescale_prenorm_residual, n_residuals_per_layer: see `MambaLM.init_weights`.
+        compile_scan, scan_backend: every block's scan (see `MambaBlock`).
     """
 
     d_model: int = 768
@@ -130,10 +106,6 @@ class MambaConfig:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Modules
-
-
 def _norm(cfg: MambaConfig, factory: dict[str, Any]) -> nn.Module:
     if cfg.rms_norm:
         return RMSNorm(cfg.d_model, eps=cfg.norm_epsilon, **factory)
@@ -141,9 +113,10 @@ def _norm(cfg: MambaConfig, factory: dict[str, Any]) -> nn.Module:
 
 
 class MambaResidualBlock(nn.Module):
-    """mamba_ssm's `Block`: residual = hidden + residual; hidden = mixer(norm(residual)).
+    """mamba_ssm's `Block`, "Add -> Norm -> Mixer": residual = hidden + residual; hidden = mixer(norm(residual)).
 
-    Submodules `norm` and `mixer` (a `MambaBlock`).
+    The residual stream stays outside the block (in float32 when `residual_in_fp32`), as mamba_ssm keeps it to
+    fuse "add + norm" into one kernel; this equals transformers' `h = h + mixer(norm(h))`.
     """
 
     def __init__(
@@ -193,16 +166,8 @@ class MambaBackbone(nn.Module):
 
 
 class MambaLM(nn.Module):
-    """Mamba-1 language model (Gu & Dao, 2023, arXiv:2312.00752): mamba_ssm's `MambaLMHeadModel`.
-
-    Args:
-        config: the `MambaConfig`.
-        device, dtype: where and how to create parameters (`torch.device("meta")` works; then `to_empty()`
-            and `init_weights()`).
-
-    `forward(tokens, input_pos=None) -> logits (B, T, vocab_size)` in float32. Without `input_pos` (or without
-    a cache) a forward neither reads nor writes a cache, so a model keeps training after `generate`.
-    """
+    """Mamba-1 language model (Gu & Dao, 2023, arXiv:2312.00752): mamba_ssm's `MambaLMHeadModel`, following
+    `vermeil.models.contract`. On the meta device, call `to_empty()` and `init_weights()` afterwards."""
 
     def __init__(
         self,
@@ -224,8 +189,6 @@ class MambaLM(nn.Module):
         self._register_load_state_dict_pre_hook(self._load_hook)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
-
-    # -- weights -----------------------------------------------------------------------------------------
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         if self.config.tie_embeddings:  # mamba_ssm saves both names; other checkpoints may hold one
@@ -261,26 +224,20 @@ class MambaLM(nn.Module):
         """Parameter count, a tied tensor once."""
         return sum(p.numel() for p in self.parameters())
 
-    # -- cache -------------------------------------------------------------------------------------------
-
     def cache_modules(self) -> list[nn.Module]:
-        """The mixers: each holds a conv + SSM state (O(1) in the sequence length; `max_seq_len` only bounds the
-        positions, as in every model)."""
+        """The mixers: each holds a conv + SSM state (O(1) in the sequence length)."""
         return [layer.mixer for layer in self.backbone.layers]
 
     setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
 
-    # -- self-description (vermeil.models.contract) ---------------------------------------------------------
-
     lm_parts = ("backbone.embedding", "backbone.norm_f", "lm_head")  # (embedding, final norm, head)
 
     def attention_layers(self) -> list[AttentionLayer]:
-        """No attention: every layer is a Mamba mixer (its scan FLOPs are counted from `A_log`)."""
+        """None: the scan FLOPs are counted from `A_log`."""
         return []
 
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
-        """Raise where MambaLM cannot run tensor-parallel that way (see `vermeil.models.contract`); it has no
-        `sequence_parallel_plan` (the mixers stay replicated)."""
+        """No `sequence_parallel_plan`: the mixers stay replicated."""
         cfg = self.config
         if loss_parallel and cfg.padded_vocab_size != cfg.vocab_size:
             # forward cuts the padding rows off its logits: a slice across the vocabulary shards.
@@ -289,19 +246,12 @@ class MambaLM(nn.Module):
                 f"vocab_size={cfg.vocab_size} (set pad_vocab_size_multiple so that no padding is added)"
             )
 
-    # -- forward -----------------------------------------------------------------------------------------
-
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """Logits of every position.
+        """tokens (B, T) -> (B, T, vocab_size) float32 logits (the head's padding rows cut off).
 
-        Args:
-            tokens: (B, T) token ids.
-            input_pos: None (a plain forward over the whole sequence, no cache read or written), or (T,)
-                consecutive positions with a cache: a chunk starting at 0 starts a new sequence (prefill, states
-                stored), a later chunk continues it (T = 1: the O(1) recurrent step).
-
-        Returns:
-            (B, T, vocab_size) float32 logits (padding rows of the head cut off).
+        input_pos: None (no cache read or written), or (T,) consecutive positions with a cache: a chunk starting
+        at 0 starts a new sequence (prefill, the chunked scan, states stored), a later chunk continues it (T = 1:
+        the O(1) recurrent step).
         """
         check_tokens(tokens, self.config.vocab_size)
         if input_pos is not None:
@@ -314,8 +264,7 @@ class MambaLM(nn.Module):
 
 
 def build(preset: str, **overrides: Any) -> MambaLM:
-    """`MambaLM(MambaConfig(**PRESETS[preset], **overrides))`, `device` and `dtype` among the overrides going
-    to the model; an unknown preset raises with the valid names."""
+    """`MambaLM(MambaConfig(**PRESETS[preset], **overrides))` (see `contract.build_preset`)."""
     return build_preset(MambaLM, MambaConfig, PRESETS, preset, overrides)
 
 
