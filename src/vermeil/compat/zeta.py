@@ -2,13 +2,10 @@
 
     from vermeil.compat.zeta import TransformerBlock
     block = TransformerBlock(dim=512, heads=8)
-    output = block(input_data)          # (B, T, 512) -> (B, T, 512): attn + ff, no residual (see below)
+    output = block(input_data)          # (B batch, T length, 512) -> (B, T, 512): attn + ff, no residual
 
 zetascale's own `zeta.structs.transformer_block.TransformerBlock` (2.8.8) cannot be constructed
-(it passes `use_flash_attn` to a full `Attention`, swaps its xPos helper's arguments and drops `qk_scale`);
-this is `vermeil.nn.blocks.ParallelTransformerBlock` under zeta's name.
-
-Axis legend: B batch, T length, D model dim.
+(it passes `use_flash_attn` to a full `Attention`, swaps its xPos helper's arguments and drops `qk_scale`).
 """
 
 from __future__ import annotations
@@ -24,23 +21,15 @@ __all__ = ["TransformerBlock", "convert_palm_state_dict"]
 
 
 class TransformerBlock(ParallelTransformerBlock):
-    """Zeta's `TransformerBlock`: PaLM's parallel attention + SwiGLU block with zeta's signature.
+    """`vermeil.nn.blocks.ParallelTransformerBlock` (PaLM's parallel attention + SwiGLU) with zeta's default
+    `residual=False`.
 
-    Same arguments and computation as `vermeil.nn.blocks.ParallelTransformerBlock`, with one different
-    default: `residual=False`. zeta's block is a line-for-line copy of PaLM-rlhf-pytorch's
-    `ParallelTransformerBlock`, which returns `attn + ff` and leaves the residual to a `Residual` wrapper in
-    the model; code written against zeta therefore adds `x` itself (`x = block(x) + x`), and returning the
-    residual here would count `x` twice. The usage "output = transformer_block(input_data)" is this
-    contract. Pass `residual=True` to get `x + attn + ff` (the default of the vermeil.nn block).
-
-    `finetune_modules=(lora_q, lora_k, lora_v, lora_o)` may be given to the constructor (as a
-    fine-tuning example does; they are registered as submodules) or to `forward`. Shapes: lora_q D -> H*Dh,
-    lora_k and lora_v D -> Dh (one shared key/value head), lora_o H*Dh -> D; e.g.
-    `vermeil.nn.lora.LoRA(512, 8 * 64)` or a bias-free `nn.Linear`.
+    zeta's block copies PaLM-rlhf-pytorch's, which returns `attn + ff` and leaves the residual to a wrapper in
+    the model: code written against zeta adds `x` itself (`x = block(x) + x`), so returning it here would count
+    `x` twice. `residual=True` gives `x + attn + ff`.
     """
 
-    # ParallelTransformerBlock's constructor with residual=False bound: the signature (and
-    # inspect.signature) stays zeta's, and one definition serves both classes.
+    # residual=False bound: the signature (and inspect.signature) stays zeta's, one definition serves both.
     __init__ = functools.partialmethod(ParallelTransformerBlock.__init__, residual=False)
 
 
@@ -65,11 +54,8 @@ _PALM_KEYS: dict[str, str | None] = {
 def convert_palm_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Map one PaLM-rlhf-pytorch / zeta parallel block's state dict onto `ParallelTransformerBlock`'s keys.
 
-    Keys are those of the block itself (strip PaLM's `layers.N.fn.` prefix first). LoRA weights
-    (`finetune_modules...`) belong to the model, not the block, in PaLM and are not converted.
-
-    Raises:
-        ValueError: on a key this map does not know, naming it.
+    Keys are the block's own (strip PaLM's `layers.N.fn.` prefix first); PaLM keeps LoRA weights in the model,
+    so they are not converted. An unknown key raises ValueError naming it.
     """
     unknown = sorted(k for k in state_dict if k not in _PALM_KEYS)
     if unknown:
