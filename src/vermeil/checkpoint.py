@@ -327,9 +327,8 @@ class LoadResult(NamedTuple):
 
 
 def _names(keys: list[str]) -> str:
-    shown = keys[:_MAX_NAMES]
     more = f" ... and {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else ""
-    return f"{shown}{more}"
+    return f"{keys[:_MAX_NAMES]}{more}"
 
 
 def load_weights(

@@ -55,8 +55,8 @@ def _bytes(n: int) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model from a run config, or continue a run (--resume).
 
-    One trainer at a time writes a run folder; a damaged checkpoint is named and the newest intact one used. A
-    non-finite loss or gradient stops the run with exit status 1 (train.on_nonfinite=skip skips the step instead).
+    One trainer at a time writes a run folder; a damaged checkpoint is named and the newest intact one used.
+    A non-finite loss or gradient stops the run with exit status 1 (train.on_nonfinite=skip skips the step).
     """
     from vermeil.recipes import load_run_config, read_run_dir_config
     from vermeil.runs import latest_checkpoint, list_checkpoints, lock_run
@@ -229,8 +229,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _continuation(tokenizer: Any, prompt: list[int], new: Any, prompt_bytes: bytes) -> str:
-    """The prompt and what the model added, as text, decoded together: bytes complete a character the prompt
-    began, and a SentencePiece-style decoder keeps the new tokens' leading space (transformers' TextStreamer)."""
+    """The prompt and what the model added, decoded together: bytes complete a character the prompt began, and
+    a SentencePiece-style decoder keeps the new tokens' leading space (as transformers' TextStreamer)."""
     from vermeil.data.tokenizer import ByteTokenizer
 
     new = [int(i) for i in new]
@@ -376,9 +376,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert between Vermeil runs and transformers / diffusers save_pretrained folders.
 
-    `--to transformers` exports an LLM or Mamba run, `--to diffusers` a flux run (default: by the run's family);
+    `--to transformers` exports an LLM or Mamba run, `--to diffusers` a flux run (default: by its family);
     `--from transformers` (LlamaForCausalLM, Llama4ForCausalLM, MambaForCausalLM) and `--from diffusers`
-    (FluxTransformer2DModel) write a run folder. A tokenizer.json beside the weights is copied along either way.
+    (FluxTransformer2DModel) write a run folder. A tokenizer.json beside the weights is copied along.
     """
     if args.dest is not None and args.out is not None and args.dest != args.out:
         raise CommandError(f"two outputs given: {args.dest} and --out {args.out}")
@@ -458,13 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="run config YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
-    p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
-    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR's run from its newest checkpoint")
     p.add_argument("--out", metavar="DIR", help="run folder (default: train.out_dir or runs/<config name>)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="start over in a run folder that already holds a run"
-    )
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
     p.add_argument(
         "--default-malloc",
         action="store_true",
@@ -479,14 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `vermeil train`")
     p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--prompt-file", metavar="PATH", help="continue this file's bytes as they are")
     p.add_argument(
-        "--prompt-file", metavar="PATH", help="continue this file's contents (its bytes as they are)"
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=200,
-        help="tokens to generate (bytes for Vermeil's own runs; default 200)",
+        "--max-new-tokens", type=int, default=200, help="tokens (or bytes) to generate (default 200)"
     )
     p.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
@@ -494,11 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
     p.add_argument("--top-p", type=float, help="nucleus sampling: keep the top tokens up to mass P")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the decode step (torch.compile; pays off for long outputs)",
-    )
+    p.add_argument("--compile", action="store_true", help="compile the decode step (for long outputs)")
     _add_debug(p)
     p.set_defaults(func=cmd_generate)
 
@@ -513,9 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters, FLOPs per token and cache memory of a run config's model")
     p.add_argument("config", metavar="CONFIG", help="run config YAML")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=8"
-    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.dim=64")
     p.add_argument("--context", type=int, help="context length (default train.seq_len)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the cache estimate (default 1)")
     _add_debug(p)
@@ -531,9 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a run to a transformers folder, or a transformers/diffusers folder to a run",
         description=cmd_convert.__doc__,
     )
-    p.add_argument(
-        "source", metavar="SOURCE", help="a run folder (--to), or a save_pretrained folder (--from)"
-    )
+    p.add_argument("source", metavar="SOURCE", help="a run (--to) or a save_pretrained folder (--from)")
     p.add_argument("dest", nargs="?", metavar="OUT_DIR", help="output folder (or --out)")
     p.add_argument("--out", metavar="DIR", help="output folder")
     direction = p.add_mutually_exclusive_group()
@@ -612,16 +595,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _call(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(f"vermeil {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # torch's CheckpointException derives from BaseException
         if args.debug:
             raise
+        if isinstance(e, KeyboardInterrupt):
+            print(f"vermeil {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         from vermeil.runs import RunLockedError
 
         # ConfigError is a ValueError, FileNotFoundError an OSError.

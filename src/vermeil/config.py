@@ -127,9 +127,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
 
 
 def _bool_hint(value: Any) -> str:
-    if isinstance(value, bool):
-        return " (YAML reads yes/no/on/off/true/false as booleans: quote the word to get a string)"
-    return ""
+    yaml_11 = " (YAML reads yes/no/on/off/true/false as booleans: quote the word to get a string)"
+    return yaml_11 if isinstance(value, bool) else ""
 
 
 def _looks_numeric(text: str) -> bool:
