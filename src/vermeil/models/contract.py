@@ -9,18 +9,16 @@ Every model (`LLM`, `MambaLM`, `HybridModel`, `Flux`):
 
 Every language model (`LLM`, `MambaLM`, `HybridModel`; the `LanguageModel` protocol below) also has:
 
-- `forward(tokens, input_pos=None)`: tokens (B, T) integer ids with B, T >= 1, checked by
-  `vermeil.models.checks.check_tokens` (ids against the vocabulary only when not `tracing()`), input_pos None
-  (a plain forward, no cache read or written) or (T,) positions into the cache
-  (`vermeil.models.checks.check_input_pos`). The output is (B, T, V) float32 logits, or, for a model with an
-  auxiliary loss, an output with `.logits` and `.aux_loss` (the seed's `TransformerOutput` of `LLM`, the
-  `HybridOutput` of a `HybridModel` with MoE layers): read any of them with
+- `forward(tokens, input_pos=None)`: tokens (B, T) integer ids (`vermeil.models.checks.check_tokens`),
+  input_pos None (a plain forward, no cache read or written) or (T,) positions into the cache
+  (`check_input_pos`). The output is (B, T, V) float32 logits, or, for a model with an auxiliary loss, an
+  output with `.logits` and `.aux_loss` (`LLM`'s `TransformerOutput`, `HybridOutput`): read any of them with
   `split_output(output) -> (logits, aux_loss | None)`.
 - `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)` (dtype/device default to the embedding's;
   works on the meta device, which is how `vermeil info` measures the cache), `reset_cache()`,
-  `delete_cache()`: the functions of the same names below, which each model takes as its methods, over the
-  modules its `cache_modules()` lists; they keep `cache_max_seq_len` / `cache_batch_size` (None: no cache) for
-  the model's position checks.
+  `delete_cache()`: the functions of the same names below, taken as methods, over the modules (attention
+  layers, Mamba mixers) the model's `cache_modules()` lists; they keep `cache_max_seq_len` /
+  `cache_batch_size` (None: no cache) for the model's position checks.
 - `lm_parts`: a class attribute naming the (embedding, final norm, head) submodules, for loss and sequence
   parallelism.
 - `check_tensor_parallel(*, sequence_parallel, loss_parallel)`: raises ValueError, naming the setting and the
@@ -109,8 +107,7 @@ class LanguageModel(Protocol):
 
 
 def split_output(output: Any) -> tuple[Tensor, Tensor | None]:
-    """(logits, aux_loss or None) of a language model's output: a logits tensor, or an output with `.logits`
-    and `.aux_loss` fields (the LLM's `TransformerOutput`)."""
+    """(logits, aux_loss or None) of a language model's output."""
     if isinstance(output, Tensor):
         return output, None
     logits = getattr(output, "logits", None)
@@ -122,11 +119,6 @@ def split_output(output: Any) -> tuple[Tensor, Tensor | None]:
     return logits, aux if isinstance(aux, Tensor) else None
 
 
-# The cache methods every language model takes as its own (`setup_cache = contract.setup_cache` in the class),
-# written once over the modules its `cache_modules()` lists: attention layers and Mamba mixers, each with the
-# same three methods (`vermeil.nn.Attention`, `MambaBlock`, `Mamba2Block`).
-
-
 def setup_cache(
     model: Any,
     batch_size: int,
@@ -136,9 +128,8 @@ def setup_cache(
     device: torch.device | str | None = None,
 ) -> None:
     """Static caches for `batch_size` rows and positions 0..max_seq_len-1 in every module of
-    `model.cache_modules()`, and a rotary table the model owns (`model.rope`) sized up front, so that decode
-    lookups never grow it. dtype and device default to the embedding's (`lm_parts[0]`); the meta device works.
-    Afterwards pass `input_pos` to the forward."""
+    `model.cache_modules()`, and the model's rotary table (`model.rope`) sized up front, so that decode lookups
+    never grow it."""
     check_positive_int("batch_size", batch_size)
     check_positive_int("max_seq_len", max_seq_len)
     weight = model.get_submodule(model.lm_parts[0]).weight
@@ -177,8 +168,7 @@ def fill_tied_keys(model: Any, state_dict: dict[str, Tensor], prefix: str) -> No
 def preset_config(
     config_cls: Callable[..., C], presets: Mapping[str, Any], preset: str, overrides: dict[str, Any]
 ) -> C:
-    """`config_cls(**presets[preset], **overrides)`, a preset being a dict of fields or a config dataclass; an
-    unknown name raises ValueError with the valid ones."""
+    """`config_cls(**presets[preset], **overrides)`, a preset being a dict of fields or a config dataclass."""
     if preset not in presets:
         raise ValueError(f"preset={preset!r} is not one of {sorted(presets)}")
     fields = presets[preset]
@@ -193,6 +183,6 @@ def build_preset(
     overrides: dict[str, Any],
 ) -> M:
     """Every model's `build(preset, **overrides)`: `device` and `dtype` among the overrides go to the model,
-    the other keys override the preset's config fields (`preset_config`)."""
+    the other keys override the preset's config fields; an unknown preset raises with the valid names."""
     factory = {k: overrides.pop(k) for k in ("device", "dtype") if k in overrides}
     return model_cls(preset_config(config_cls, presets, preset, overrides), **factory)
