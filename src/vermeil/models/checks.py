@@ -1,5 +1,5 @@
-"""Argument checks the models share: config fields by their annotations, the token input, and cache positions
-against the tokens and the cache. Value checks read the data back to the host, so they run only when `tracing()` is False.
+"""Argument checks the models share: config fields, tokens, cache positions. Value checks read the data back
+to the host, so they run only when `tracing()` is False.
 
 Axis legend: B batch, T sequence length.
 """
@@ -22,12 +22,7 @@ __all__ = ["check_fields", "check_input_pos", "check_positive_int", "check_token
 def check_fields(config: Any, *, positive: Collection[str] = (), skip: Collection[str] = ()) -> None:
     """Check every field of a config dataclass by its annotation, except those in `skip`: `int` a positive int,
     `int | None` None or a positive int, `bool` true or false, `float` a finite number (> 0 when named in
-    `positive`). The annotations are read as strings: the config's module has `from __future__ import
-    annotations`.
-
-    Raises:
-        ValueError: naming the field, its value and the rule.
-    """
+    `positive`). The annotations are read as strings (`from __future__ import annotations`)."""
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name in skip:
@@ -45,12 +40,7 @@ def check_fields(config: Any, *, positive: Collection[str] = (), skip: Collectio
 
 def check_tokens(tokens: object, vocab_size: int) -> None:
     """The language models' one input check: `tokens` is a (B, T) integer tensor with B >= 1 and T >= 1, and,
-    when not `tracing()`, every id is in [0, vocab_size).
-
-    Raises:
-        TypeError: not a tensor, or not an integer dtype.
-        ValueError: not 2-D, an empty batch or sequence, or an id outside the vocabulary.
-    """
+    when not `tracing()`, every id is in [0, vocab_size)."""
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a (batch, seq) integer tensor, got {type(tokens).__name__}")
     if tokens.ndim != 2:
@@ -73,8 +63,7 @@ def check_tokens(tokens: object, vocab_size: int) -> None:
 def check_input_pos(
     tokens: Tensor, input_pos: Tensor, max_seq_len: int | None, batch_size: int | None
 ) -> None:
-    """Static checks of (T,) positions against tokens (B, T) and the cache; the value range only when not
-    `tracing()` (reading it would be a graph break under compile)."""
+    """(T,) positions against tokens (B, T) and the cache; the value range only when not `tracing()`."""
     b, t = tokens.shape
     if not isinstance(input_pos, Tensor):
         raise TypeError(f"input_pos must be a (T,) integer tensor, got {type(input_pos).__name__}")

@@ -1,10 +1,7 @@
 """Vision input for the LLM: images -> patches -> a small ViT built from `vermeil.nn` blocks -> pixel shuffle ->
 MLP adapter, placed at the token positions an image-token mask marks (Meta's `VisionEmbeddings`).
 
-Layout after Meta's `llama_models/llama4/vision/{embedding,encoder}.py`: `vision_encoder.conv1._linear` (patch
-projection as a linear over unfolded patches), `class_embedding` (appended after the patches and dropped at the
-end), `positional_embedding_vlm`, `ln_pre`, `transformer.resblocks.N`, `ln_post`, then
-`vision_adapter.mlp.c_fc/c_proj` (GELU after both, as Meta). Simplifications, said plainly: the encoder blocks are
+Key names follow Meta's `llama_models/llama4/vision/{embedding,encoder}.py`, but the encoder blocks are
 `vermeil.nn.blocks.TransformerBlock`s (LayerNorm, GELU MLP, learned absolute positions instead of Meta's 2-D
 RoPE inside the encoder), so Meta's vision weights do not load; the text side does.
 
@@ -120,9 +117,7 @@ class _Conv2dPatch(nn.Module):
 
 class VisionEncoder(nn.Module):
     """A ViT: patch projection, class token appended, learned positions, pre-norm blocks, final LayerNorm.
-
-    forward: images (N, C, H, W) -> (N, P + 1, Dvit), the class token last.
-    """
+    images (N, C, H, W) -> (N, P + 1, Dvit), the class token last."""
 
     def __init__(self, args: VisionArgs, **factory: Any) -> None:
         super().__init__()
@@ -197,12 +192,8 @@ class PixelShuffleMLP(nn.Module):
 
 
 class VisionEmbeddings(nn.Module):
-    """Images to LLM-ready features placed at image-token positions.
-
-    forward(images (N, C, H, W), image_mask (B, T) bool) -> (B, T, Dv): zeros except at the True positions of
-    the mask, which take the images' tokens in order (image 0's Ti tokens first, row by row through the batch).
-    The number of True entries must be exactly N * Ti.
-    """
+    """images (N, C, H, W), image_mask (B, T) bool -> (B, T, Dv): zeros except at the mask's N * Ti True
+    positions, which take the images' tokens in order (image 0's Ti tokens first, row by row)."""
 
     def __init__(
         self, args: VisionArgs, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
