@@ -128,10 +128,8 @@ def selective_copying(
 
 
 def accuracy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Share of scored positions (target != ignore_index) whose argmax is right: logits (..., V), targets (...).
-
-    A 0-dim float tensor (no host sync); NaN when no position is scored.
-    """
+    """Share of scored positions (target != ignore_index) whose argmax is right: logits (..., V), targets (...)
+    -> a 0-dim float tensor (no host sync), NaN when no position is scored."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"logits shape {tuple(logits.shape)} must be targets shape {tuple(targets.shape)} plus a vocabulary axis"

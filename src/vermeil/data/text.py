@@ -205,11 +205,8 @@ def sample_windows(
 def sequential_windows(
     data: Tensor, batch_size: int, seq_len: int, max_batches: int | None = None
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Non-overlapping windows covering `data` in order (for a deterministic validation loss).
-
-    Yields (inputs, targets) of shape (b, T) with b <= B (the last batch may be smaller); the tail shorter than
-    one window is dropped.
-    """
+    """Non-overlapping windows covering `data` in order (a deterministic validation loss): (inputs, targets) of
+    shape (b, T), b <= B (the last batch may be smaller); the tail shorter than one window is dropped."""
     _check_window(data, batch_size, seq_len)
     n_windows = (data.numel() - 1) // seq_len
     for i, start in enumerate(range(0, n_windows, batch_size)):

@@ -32,9 +32,8 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258.
-
-    Nothing to train, ship or download; lossless for any bytes, at about 3x the length of a trained BPE.
+    """UTF-8 bytes as the tokens 0..255, plus BOS, EOS and PAD at 256, 257, 258: nothing to train, ship or
+    download, lossless for any bytes, at about 3x the length of a trained BPE.
 
     Example:
         >>> tok = ByteTokenizer()
@@ -115,10 +114,7 @@ class ByteTokenizer:
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)
         for b, row in enumerate(rows):  # one copy per row, not per token
-            n = len(row)
-            if n == 0:
-                continue
-            sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            sl = slice(0, len(row)) if padding_side == "right" else slice(length - len(row), length)
             ids[b, sl] = torch.tensor(row, dtype=torch.long)
             mask[b, sl] = True
         return ids, mask
@@ -126,7 +122,6 @@ class ByteTokenizer:
 
 class JSONTokenizer:
     """A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, ...) through the optional `tokenizers` library.
-
     The file is data: loading it parses JSON and runs nothing from it.
 
     `eos_token`: the EOS token's text (transformers' tokenizer_config.json `eos_token`), or None. Raises

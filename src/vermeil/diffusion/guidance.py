@@ -42,9 +42,8 @@ def cfg_model_fn(
     *,
     batched: bool = True,
 ) -> ModelFn:
-    """Wrap `model_fn` with classifier-free guidance, uncond + scale * (cond - uncond), for any sampler.
-
-    The prediction may be epsilon, v or velocity: guidance is linear in any.
+    """Wrap `model_fn` with classifier-free guidance, uncond + scale * (cond - uncond), for any sampler. The
+    prediction may be epsilon, v or velocity: guidance is linear in any.
 
     Args:
         cond: keyword arguments of the conditional call (e.g. {"cond": tokens, "y": pooled}), tensors (B, ...).
@@ -89,7 +88,6 @@ def drop_condition(
     keep: Tensor | None = None,
 ) -> C:
     """Replace each sample's condition by `null` with probability p (condition dropout for CFG training).
-
     Gradients flow to `null` where it was used, so a learned null embedding trains.
 
     Args:

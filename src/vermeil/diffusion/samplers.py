@@ -66,8 +66,8 @@ def sample_ddpm(
 ) -> Tensor:
     """Ancestral DDPM (Ho et al. 2020, eq. 7; diffusers DDPMScheduler.step): x_T (B, *) -> x_0 (B, *).
 
-    Steps from t to the next entry of `timesteps` (alpha_bar = 1 after the last), so skipped-step grids
-    (`ddpm_timesteps(K)`) work as in diffusers. Noise is added at every step with t > 0.
+    Steps from t to the next entry of `timesteps` (alpha_bar = 1 after the last), so skipped-step grids work as
+    in diffusers. Noise is added at every step with t > 0.
 
     Args:
         timesteps: (K,) integer steps, strictly descending (e.g. `ddpm_timesteps(K, N)`).
@@ -239,11 +239,10 @@ def sample_euler(
     guidance: Tensor | float | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Flow-matching Euler, x <- x + (t_prev - t_curr) v(x, t_curr) (BFL `denoise`, diffusers
-    FlowMatchEulerDiscreteScheduler): noise (B, *) at timesteps[0] -> x at timesteps[-1].
+    """Flow-matching Euler, x <- x + (t_prev - t_curr) v (BFL `denoise`, diffusers FlowMatchEulerDiscreteScheduler).
 
-    model_fn returns the velocity d x_t / d t ≈ noise - x_0, t: (B,) in x's dtype; timesteps: (K + 1,) floats,
-    e.g. `get_schedule(K, seq_len)`.
+    noise (B, *) at timesteps[0] -> x at timesteps[-1]; timesteps: (K + 1,), e.g. `get_schedule(K, seq_len)`;
+    v ≈ noise - x_0, t: (B,) in x's dtype.
     """
     return _integrate(model_fn, noise, timesteps, cond, guidance, callback, heun=False)
 

@@ -1,16 +1,4 @@
-"""Recipes: a run config (YAML) -> model, data, loss and evaluation, for every model family.
-
-    config.py      the run config: families, tasks, `RunConfig`, strict loading from YAML and run folders
-    build.py       `build_model`, `build_run` (-> `Run`), `load_trained` (a model back from its run folder)
-    tasks.py       what every task shares: the `TaskData` base, `Run`, the seeded `TaskSampler`, token evaluation
-    text.py        the text task (`TextData`): bytes of local files, bits per byte
-    synthetic.py   MQAR and selective copying (`MQARData`, `SelectiveCopyingData`): accuracy
-    flow.py        the flow task (`FlowData`) and the cross-domain flow job of a small Flux
-    describe.py    parameters, FLOPs per token and cache memory of a config's model (`vermeil info`)
-    convert.py     runs from transformers / diffusers folders (`vermeil convert --from`)
-
-`vermeil.train.Trainer` runs the `Run` that `build_run` returns.
-"""
+"""Recipes: a run config (YAML) -> model, data, loss and evaluation (a `Run` for `vermeil.train.Trainer`)."""
 
 from vermeil.recipes.build import build_model, build_run, load_trained
 from vermeil.recipes.config import (

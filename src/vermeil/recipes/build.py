@@ -17,8 +17,7 @@ __all__ = ["LossCurve", "build_model", "build_run", "load_trained", "loss_label"
 
 
 def build_model(run: RunConfig, *, device: torch.device | str | None = None) -> nn.Module:
-    """The model a run config names, initialised with `torch.manual_seed(run.train.seed)` (then the task's own
-    initialisation, e.g. the flow task's zero output layer)."""
+    """The model a run config names, seeded by `train.seed`, then the task's `init_model`."""
     _, model_cls, _ = FAMILIES[run.family].load()
     torch.manual_seed(run.train.seed)
     kwargs = {"device": device} if device is not None else {}
@@ -28,8 +27,7 @@ def build_model(run: RunConfig, *, device: torch.device | str | None = None) -> 
 
 
 def build_run(run: RunConfig, *, model: nn.Module | None = None) -> Run:
-    """Model, data, loss and evaluation of a run config (the model seeded by `train.seed`), with a `LossCurve`
-    hook that labels loss.png by the task."""
+    """Model, data, loss and evaluation of a run config, with a `LossCurve` hook labelled by the task."""
     if model is None:
         model = build_model(run)
     built = run.data.build(run, model)

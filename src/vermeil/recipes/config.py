@@ -40,8 +40,6 @@ __all__ = [
     "run_config_from_dict",
 ]
 
-_TOKEN_TASKS = ("text", "mqar", "selective_copying")
-
 
 @dataclass(frozen=True)
 class Family:
@@ -59,14 +57,11 @@ class Family:
         return getattr(mod, self.config_cls), getattr(mod, self.model_cls), getattr(mod, "PRESETS", {})
 
 
+_LM = ("vocab_size", ("text", "mqar", "selective_copying"), "transformers")  # vocab_key, tasks, export_to
 FAMILIES: dict[str, Family] = {
-    "llm": Family("vermeil.models.llm", "ModelArgs", "LLM", "vocab_size", _TOKEN_TASKS, "transformers"),
-    "mamba": Family(
-        "vermeil.models.mamba", "MambaConfig", "MambaLM", "vocab_size", _TOKEN_TASKS, "transformers"
-    ),
-    "hybrid": Family(
-        "vermeil.models.hybrid", "HybridConfig", "HybridModel", "vocab_size", _TOKEN_TASKS, "transformers"
-    ),
+    "llm": Family("vermeil.models.llm", "ModelArgs", "LLM", *_LM),
+    "mamba": Family("vermeil.models.mamba", "MambaConfig", "MambaLM", *_LM),
+    "hybrid": Family("vermeil.models.hybrid", "HybridConfig", "HybridModel", *_LM),
     "flux": Family("vermeil.models.flux", "FluxParams", "Flux", None, ("flow",), "diffusers"),
 }
 
@@ -91,8 +86,7 @@ class _Sections:
 
 @dataclass
 class RunConfig:
-    """A resolved run: `family` + its model config, the data config, the `TrainConfig`, an optional name, and
-    how to split the run over the processes of `torchrun` (`DistributedConfig`; ignored in one process)."""
+    """A resolved run (`distributed` is ignored in a single process)."""
 
     family: str
     model: Any

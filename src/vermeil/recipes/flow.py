@@ -478,9 +478,7 @@ def sample_flow_job(
         distance = (generated - target).norm(dim=-1).mean().item()
     else:
         sw_gen = torch.Generator().manual_seed(seed + 1)
-        distance = sliced_wasserstein(
-            generated.reshape(-1, target.shape[-1]), target.reshape(-1, target.shape[-1]), generator=sw_gen
-        ).item()
+        distance = sliced_wasserstein(generated.flatten(0, 1), target.flatten(0, 1), generator=sw_gen).item()
     return FlowJobSample(cond, target, generated, distance, task)
 
 
