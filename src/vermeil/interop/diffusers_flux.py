@@ -1,9 +1,9 @@
 """diffusers `FluxTransformer2DModel` <-> Vermeil `Flux` (BFL layout), by an explicit key map.
 
-The layouts differ in three ways (black-forest-labs/flux `src/flux/model.py`; diffusers `transformer_flux.py`):
+The layouts differ in three ways (black-forest-labs/flux `model.py`; diffusers `transformer_flux.py`):
     - diffusers splits q, k and v; BFL fuses them into one `qkv` Linear in `(K H Dh)` order, and the single
       blocks fuse `[q | k | v | mlp-in]` into `linear1`.
-    - the final adaLN holds (scale, shift) in diffusers and (shift, scale) in BFL (diffusers' `swap_scale_shift`).
+    - the final adaLN holds (scale, shift) in diffusers, (shift, scale) in BFL (see `swap_scale_shift`).
     - diffusers takes batch-shared 2-D ids and the timestep already divided by 1000; Vermeil takes per-sample
       ids (or a leading 1) and the same [0, 1] timestep, so equal inputs give equal outputs.
 """
@@ -118,11 +118,8 @@ def from_diffusers(
     dtype: torch.dtype | None = None,
 ) -> Flux:
     """A diffusers `FluxTransformer2DModel` as a `Flux` with BFL's names, reading only its `.config` and
-    `.state_dict()`; `device` and `dtype` default to those of its first tensor.
-
-    Raises:
-        ValueError: a diffusers key left unused, a Flux key left unfilled, or a shape mismatch, each named.
-    """
+    `.state_dict()`; `device` and `dtype` default to those of its first tensor. ValueError names a diffusers
+    key missing or left unused, a Flux key left unfilled, and a shape mismatch."""
     params = flux_params_from_diffusers(transformer.config)
     state = transformer.state_dict()
     fused = sorted(k for k in state if ".to_qkv." in k or ".to_added_qkv." in k)
@@ -171,10 +168,9 @@ def to_diffusers(model: Flux) -> Any:
     from diffusers import FluxTransformer2DModel  # an optional extra, imported only here
 
     p = model.params
-    if p.theta != 10_000:
-        raise ValueError(f"theta={p.theta}: diffusers' FluxTransformer2DModel hard-codes theta=10000")
-    if p.mlp_ratio != 4.0:
-        raise ValueError(f"mlp_ratio={p.mlp_ratio}: diffusers' FluxTransformer2DModel hard-codes mlp_ratio=4")
+    for name, value, fixed in (("theta", p.theta, 10_000), ("mlp_ratio", p.mlp_ratio, 4)):
+        if value != fixed:
+            raise ValueError(f"{name}={value}: diffusers' FluxTransformer2DModel hard-codes {name}={fixed}")
     ref = next(model.parameters())
     transformer = FluxTransformer2DModel(
         patch_size=1,

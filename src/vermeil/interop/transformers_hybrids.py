@@ -1,7 +1,7 @@
 """transformers `Mamba2ForCausalLM`, `JambaForCausalLM`, `BambaForCausalLM`, `FalconH1ForCausalLM` <-> Vermeil
 `HybridModel`, both ways, strictly (every key accounted for, every shape checked). All four are one
-`HybridModel` with a different layer pattern (transformers `models/{mamba2,jamba,bamba,falcon_h1}/modeling_*.py`;
-each pattern is in its `*_config` below). Initialisation-only fields and dropout are not carried.
+`HybridModel` with a different layer pattern (transformers `models/{mamba2,jamba,bamba,falcon_h1}/`; each
+pattern is in its `*_config` below). Initialisation-only fields and dropout are not carried.
 
 Axis legend: L layers, D model dim, E experts, F expert hidden dim.
 """
@@ -48,9 +48,7 @@ _LAYER_KEYS = {
     "input_layernorm.": "norm.",
     "pre_ff_layernorm.": "ffn_norm.",
     **{f"self_attn.{p}_proj.": f"attention.w{p}." for p in "qkvo"},
-    "feed_forward.gate_proj.": "feed_forward.w1.",
-    "feed_forward.up_proj.": "feed_forward.w3.",
-    "feed_forward.down_proj.": "feed_forward.w2.",
+    **{f"feed_forward.{h}_proj.": f"feed_forward.w{o}." for h, o in (("gate", 1), ("up", 3), ("down", 2))},
     "feed_forward.router.weight": "feed_forward.router.router_DE",
     "feed_forward.experts.down_proj": "feed_forward.experts.w2",
     "mamba.": "mamba.",
@@ -105,7 +103,7 @@ def _convert_state(state: dict[str, Tensor], cls: str, to_vermeil: bool) -> dict
 
 
 def hf_to_vermeil_state_dict(state: dict[str, Tensor], cls: str) -> dict[str, Tensor]:
-    """A transformers state dict of `cls` -> `HybridModel` keys; ValueError names a key that maps to nothing."""
+    """A transformers state dict of `cls` -> `HybridModel` keys; ValueError names a key mapping to nothing."""
     return _convert_state(state, cls, to_vermeil=True)
 
 
@@ -239,11 +237,8 @@ def _attention_fields(cls: str, config: Any) -> dict[str, Any]:
             f"gives a rotary width int(head_dim={head_dim} * factor)={rotary_dim}: it must be even and >= 2"
         )
         raise _refuse(cls, "partial_rotary_factor", factor, rule)
-    return {
-        "head_dim": head_dim,
-        "rope_theta": theta,
-        "rotary_dim": None if rotary_dim == head_dim else rotary_dim,
-    }
+    rotary = None if rotary_dim == head_dim else rotary_dim
+    return {"head_dim": head_dim, "rope_theta": theta, "rotary_dim": rotary}
 
 
 def mamba2_config(config: Any) -> HybridConfig:
@@ -264,13 +259,11 @@ def _periodic(n: int, period: int, offset: int) -> list[bool]:
 
 
 def jamba_config(config: Any) -> HybridConfig:
-    """`JambaConfig` -> `HybridConfig`: "A" where i % attn_layer_period == attn_layer_offset, else Mamba-1 with
-    dt/B/C RMSNorms ("M"); MoE ("E") where i % expert_layer_period == expert_layer_offset, else SwiGLU ("D");
-    attention without positions; router softmax over all experts, top-k not renormalised.
-
-    Vermeil sums each MoE layer's Switch load-balancing loss, transformers computes one over all layers' router
-    logits concatenated: the router losses differ slightly (the forward and its gradients do not).
-    """
+    """`JambaConfig` -> `HybridConfig`: "A" where i % attn_layer_period == attn_layer_offset, else Mamba-1
+    with dt/B/C RMSNorms ("M"); MoE ("E") where i % expert_layer_period == expert_layer_offset, else SwiGLU
+    ("D"); attention without positions; router softmax over all experts, top-k not renormalised. Vermeil
+    sums each MoE layer's Switch load-balancing loss, transformers computes one over all layers' router logits
+    concatenated: the router losses differ slightly (the forward and its gradients do not)."""
     n = config.num_hidden_layers
     attn = _periodic(n, config.attn_layer_period, config.attn_layer_offset)
     moe = _periodic(n, config.expert_layer_period, config.expert_layer_offset)
@@ -369,11 +362,10 @@ def from_transformers_hybrid(hf_model: nn.Module) -> HybridModel:
 
 
 def transformers_class_for(config: HybridConfig) -> str:
-    """The transformers class a `HybridConfig`'s layout belongs to (the converter checks the options); ValueError
-    names a pattern none of the four has."""
+    """The transformers class a `HybridConfig`'s layout belongs to (the converter checks the options);
+    ValueError names a pattern none of the four has."""
     kinds = set(config.layer_kinds)
-    ffns = set(config.layer_ffns)
-    if kinds == {"S"} and ffns == {"none"}:
+    if kinds == {"S"} and set(config.layer_ffns) == {"none"}:
         return "Mamba2ForCausalLM"
     if kinds == {"S+A"}:
         return "FalconH1ForCausalLM"

@@ -110,6 +110,10 @@ def _model_args(config: Any, kind: str) -> ModelArgs:
             f"layer_types={types} is not Llama 4's rule (chunked on RoPE layers, full on NoPE layers: {expected})"
         )
     moe_layers = list(config.moe_layers)
+    experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    moe = (
+        MoEArgs(num_experts=experts, top_k=top_k, hidden_dim=config.intermediate_size) if moe_layers else None
+    )
     return ModelArgs(
         hidden_dim=config.intermediate_size_mlp,
         use_qk_norm=bool(config.use_qk_norm),
@@ -118,13 +122,7 @@ def _model_args(config: Any, kind: str) -> ModelArgs:
         attn_temperature_tuning=bool(config.attn_temperature_tuning),
         floor_scale=float(config.floor_scale),
         attn_scale=float(config.attn_scale),
-        moe_args=MoEArgs(
-            num_experts=config.num_local_experts,
-            top_k=config.num_experts_per_tok,
-            hidden_dim=config.intermediate_size,
-        )
-        if moe_layers
-        else None,
+        moe_args=moe,
         moe_layers=moe_layers or None,
         **common,
     )
@@ -184,12 +182,8 @@ def _convert_state(sd: dict[str, Tensor], args: ModelArgs, kind: str, to_vermeil
 
 
 def from_transformers_llama(hf_model: nn.Module) -> LLM:
-    """A transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` as an `LLM` (same dtype and device).
-
-    Raises:
-        ValueError: another class, biases, a RoPE type other than default and llama3, or layer types outside
-            Llama 4's rule.
-    """
+    """A transformers `LlamaForCausalLM` or text `Llama4ForCausalLM` as an `LLM` (same dtype and device);
+    ValueError on another class, biases, RoPE types but default and llama3, or layer types against Llama 4's."""
     name = type(hf_model).__name__
     if name not in _KINDS:
         raise ValueError(
@@ -208,10 +202,8 @@ def _target(model: LLM) -> str:
 
 
 def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
-    """The transformers config (`LlamaConfig` or `Llama4TextConfig`) describing `model`.
-
-    target: "llama", "llama4" or None (llama4 when the model uses MoE, NoPE, chunking or qk norm).
-    """
+    """The `LlamaConfig` (target "llama") or `Llama4TextConfig` ("llama4") describing `model`; None picks
+    llama4 when the model uses MoE, NoPE, chunking or qk norm."""
     import transformers
 
     a = model.args
@@ -252,7 +244,7 @@ def to_transformers_llama_state_dict(model: LLM, target: str | None = None) -> d
 
 
 def to_transformers_llama(model: LLM, target: str | None = None) -> nn.Module:
-    """The transformers `LlamaForCausalLM` or `Llama4ForCausalLM` (`target`, as in `transformers_llama_config`)
+    """The transformers `LlamaForCausalLM` or `Llama4ForCausalLM` (`target` as in `transformers_llama_config`)
     holding `model`'s weights."""
     import transformers
 

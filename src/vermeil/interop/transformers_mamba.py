@@ -1,8 +1,8 @@
 """transformers `MambaForCausalLM` <-> Vermeil `MambaLM` (state-spaces layout), both ways.
 
 transformers keeps state-spaces' key names but one: the embedding is `backbone.embeddings` (its
-`MambaModel.load_hook` renames mamba_ssm's `backbone.embedding`). transformers does not pad the vocabulary: the
-converted model has pad_vocab_size_multiple=1, and going back the padded rows become real rows.
+`MambaModel.load_hook` renames mamba_ssm's `backbone.embedding`). transformers does not pad the vocabulary:
+the converted model has pad_vocab_size_multiple=1, and going back the padded rows become real rows.
 """
 
 from __future__ import annotations
