@@ -5,13 +5,9 @@ Module and parameter names are BFL's (`src/flux/model.py`, `modules/layers.py`),
 In BFL's words the two sequences are `img` and `txt`; here they are `data` (the sequence being generated) and
 `cond` (the condition sequence), which may come from different data spaces (sequences, images, point sets).
 
-What this file adds to BFL:
-    - `cond_mask`: padded condition tokens take no part in attention as keys (BFL and diffusers let T5 padding
-      attend; flux #507/#511, diffusers #10194). Padded queries still produce finite, ignored outputs.
-    - per-sample ids `(B, L, n_axes)` (or one shared row `(1, L, n_axes)`), checked with clear errors.
-    - QKNorm and RoPE fused (`norm_rope`, a complex multiply with a closed-form backward); speed: bench/flux.py
-      against diffusers.
-    - blocks take BFL's `pe` (B, 1, L, Dh/2, 2, 2) or the same rotations as complex numbers (what Flux passes).
+What this file adds to BFL: `cond_mask` (padded condition tokens take no part in attention as keys; BFL and
+diffusers let T5 padding attend: flux #507/#511, diffusers #10194; padded queries still produce finite, ignored
+outputs), per-sample ids, and QKNorm and RoPE fused (`norm_rope`).
 
 Order of operations (as BFL): QKNorm (RMS, eps 1e-6, learned `scale`) before RoPE; q/k cast to v's dtype;
 sequence order is condition then data (`txt` then `img`); modulation chunks are (shift, scale, gate).
@@ -119,11 +115,8 @@ class FluxParams:
 
 
 def rope_matrix(cos: Tensor, sin: Tensor) -> Tensor:
-    """BFL's RoPE table from `EmbedND`'s (cos, sin): 2x2 rotations [[cos, -sin], [sin, cos]] per channel pair.
-
-    cos, sin: (B, 1, L, Dh/2) -> pe: (B, 1, L, Dh/2, 2, 2), exactly the `pe` of BFL `EmbedND` (interleaved
-    pairing: pair p rotates channels (2p, 2p + 1)).
-    """
+    """(cos, sin), each (B, 1, L, Dh/2) -> BFL `EmbedND`'s pe (B, 1, L, Dh/2, 2, 2): the 2x2 rotations
+    [[cos, -sin], [sin, cos]] of channel pairs (2p, 2p + 1)."""
     return torch.stack((cos, -sin, sin, cos), dim=-1).unflatten(-1, (2, 2))
 
 
@@ -211,11 +204,8 @@ def qkv_heads(
 
 
 def _rotations(pe: Tensor) -> Tensor:
-    """Block `pe` -> (B|1, L, 1, Dh/2) complex rotations for `norm_rope`.
-
-    pe: BFL's (B|1, 1, L, Dh/2, 2, 2) rotation matrices (`rope_matrix`), or the same as complex numbers
-    (B|1, 1, L, Dh/2) (`rope_freqs`, what `Flux` passes).
-    """
+    """pe: BFL's (B|1, 1, L, Dh/2, 2, 2) (`rope_matrix`) or complex (B|1, 1, L, Dh/2) (`rope_freqs`, what
+    `Flux` passes) -> (B|1, L, 1, Dh/2) complex rotations for `norm_rope`."""
     if not pe.is_complex():
         pe = torch.complex(pe[..., 0, 0], pe[..., 1, 0])  # cos, sin
     return pe[:, 0, :, None]
@@ -229,12 +219,9 @@ def _modulate(x: Tensor, mod: ModulationOut) -> Tensor:
 def _attend(
     q: Tensor, k: Tensor, v: Tensor, pe: Tensor, q_scale: Tensor, k_scale: Tensor, mask: Tensor | None
 ) -> Tensor:
-    """The blocks' attention: QKNorm + RoPE (`norm_rope`), then `vermeil.nn.attention.attention`.
-
-    q, k, v: (B, L, H, Dh) (views of a fused projection); pe: see `_rotations`; q_scale, k_scale: (Dh,) or
-    (L, Dh) QKNorm scales; mask: (B, 1, 1, L) bool keys or None. Returns (B, L, H * Dh) (the fused CPU kernel
-    writes (B, L, H, Dh): no copy).
-    """
+    """QKNorm + RoPE (`norm_rope`), then `attention`. q, k, v: (B, L, H, Dh) views of a fused projection;
+    q_scale, k_scale: (Dh,) or (L, Dh); mask: (B, 1, 1, L) bool keys or None -> (B, L, H * Dh) (no copy: the
+    fused CPU kernel writes (B, L, H, Dh))."""
     rot = _rotations(pe)
     q, k = norm_rope(q, rot, q_scale), norm_rope(k, rot, k_scale)
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2).flatten(2)
