@@ -237,7 +237,7 @@ def _eager_step(model: nn.Module, device: torch.device, compile: bool) -> Callab
 
 
 _COMPILED_CACHE_MULTIPLE = 256  # with compile=True the default cache length is a multiple of this
-# Steps between host reads of "every row has stopped" (a sync on an accelerator); stopped rows run on as padding.
+# Steps between host reads of "every row has stopped" (a sync on an accelerator); stopped rows run on as pads.
 _STOP_CHECK_EVERY = 8
 
 
@@ -247,8 +247,10 @@ def _resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph={cuda_graph!r} must be True, False or None")
     if cuda_graph and device.type != "cuda":
-        msg = f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on {device}"
-        raise ValueError(f"{msg}; use cuda_graph=None or False")
+        raise ValueError(
+            f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on "
+            f"{device}; use cuda_graph=None or False"
+        )
     return cuda_graph
 
 

@@ -30,8 +30,8 @@ class TrainConfig:
         precision: "fp32"; "bf16" autocasts the forward to bfloat16; "fp16" to float16 with a
             `torch.amp.GradScaler` (for GPUs without bf16). Weights and optimizer state stay float32.
         bf16: the older spelling of `precision: bf16` (True sets it).
-        on_nonfinite: on a non-finite loss or gradient norm, "stop" raises `NonFiniteError`; "skip" leaves that
-            update out and counts `skipped_steps`. Either way no checkpoint is written from non-finite weights.
+        on_nonfinite: on a non-finite loss or gradient norm, "stop" raises `NonFiniteError`; "skip" leaves
+            that update out and counts `skipped_steps`. No checkpoint is ever written from non-finite weights.
         max_nonfinite: with "skip", stop after this many non-finite steps in a row.
         seed: seeds the model init, the data order and dropout.
         device: where to train ("cpu", "cuda", ...).

@@ -50,7 +50,7 @@ def plain(value: Any) -> Any:
 def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """Next-token cross-entropy plus the MoE auxiliary loss when the model returns one (`split_output`).
 
-    batch: (inputs (B, T), targets (B, T)), targets -100 where nothing is scored -> (loss, {"ce", "aux_loss"}).
+    batch: (inputs (B, T), targets (B, T)), targets -100 where unscored -> (loss, {"ce", "aux_loss"}).
     """
     inputs, targets = batch
     logits, aux = split_output(model(inputs))
@@ -95,9 +95,7 @@ class CrossEntropyLoss:
 
 # Loss heads selectable by name in a model config: name -> factory(config) -> LossHead.
 LOSS_HEADS: dict[str, Callable[[Any], LossHead]] = {
-    "cross_entropy": lambda cfg: CrossEntropyLoss(
-        getattr(cfg, "ignore_index", -100), getattr(cfg, "z_loss", 0.0)
-    ),
+    "cross_entropy": lambda c: CrossEntropyLoss(getattr(c, "ignore_index", -100), getattr(c, "z_loss", 0.0)),
 }
 
 
@@ -259,9 +257,9 @@ def chunked_cross_entropy(
 
     One chunk's logits are computed in the input (or autocast) dtype, as `nn.Linear` would, upcast to float32,
     reduced and, with gradients enabled, turned into grad_hidden and grad_weight at once (Liger-Kernel's
-    `LigerFusedLinearCrossEntropyLoss`; torchtune's `CEWithChunkedOutputLoss` chunks alike). Peak extra memory:
-    one float32 chunk of logits, grad_weight (V, D) float32 and grad_hidden (N, D). The gradient is computed in
-    the forward: no double backward, and a forward under `torch.no_grad()` cannot be backpropagated later.
+    `LigerFusedLinearCrossEntropyLoss`; torchtune's `CEWithChunkedOutputLoss` chunks alike). Peak extra
+    memory: one float32 chunk of logits, grad_weight (V, D) float32 and grad_hidden (N, D). The gradient is
+    computed in the forward: no double backward, and a forward under `torch.no_grad()` cannot backpropagate.
 
     Args:
         hidden: (..., D), the head's input; leading axes are flattened to N tokens.
@@ -270,7 +268,7 @@ def chunked_cross_entropy(
         chunk_size: tokens per chunk; None: `default_chunk_size(N, V, D)`.
         z_loss: PaLM's z-loss coefficient (`z_loss * logsumexp(logits)^2` per token; arXiv:2204.02311).
         label_smoothing: as `F.cross_entropy`'s, in [0, 1).
-        reduction: "mean" over the kept tokens (0 when none is kept, where `F.cross_entropy` gives nan) or "sum".
+        reduction: "mean" over the kept tokens (0 when none is, where `F.cross_entropy` gives nan) or "sum".
 
     Returns the scalar loss in float32 (float64 for float64 inputs).
     """
@@ -403,7 +401,7 @@ def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
 
 def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None = None) -> LossFn | None:
     """`loss_fn` with the head and cross-entropy fused (`chunked_cross_entropy`), or None where there is no
-    equivalent: only `causal_lm_loss` and `lm_loss_fn`'s `CrossEntropyLoss` heads on a model with `lm_head`."""
+    equivalent: only `causal_lm_loss` and `lm_loss_fn`'s `CrossEntropyLoss` heads, on a model with a head."""
     head = getattr(loss_fn, "loss_head", None)
     causal = loss_fn is causal_lm_loss
     if lm_head(model) is None or not (causal or type(head) is CrossEntropyLoss):

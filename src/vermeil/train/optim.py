@@ -40,7 +40,7 @@ def param_groups(
 
     Decay only fights scales and offsets, so these are not decayed: parameters with fewer than two dimensions,
     every parameter of a norm module, `nn.Embedding` weights when `no_decay_embeddings`, parameters named
-    `A_log`, `D` or `dt_bias` or marked `_no_weight_decay = True`, and names from a model's `no_weight_decay()`.
+    `A_log`, `D` or `dt_bias` or marked `_no_weight_decay = True`, and names from `model.no_weight_decay()`.
     Names are matched as well as marks because wrapping a model (FSDP2, TP, `to_empty`) makes new parameter
     objects without the marks. A model's own `optimizer_groups(weight_decay)` wins over all this.
 

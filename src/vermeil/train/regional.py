@@ -27,8 +27,7 @@ _MARK = "_vermeil_compiled_forward"
 
 def resolve_compile(setting: bool | str, device: torch.device | str, *, world_size: int = 1) -> bool:
     """`train.compile` as a yes/no: "auto" is True on CUDA in a single process (on the CPU the compile time
-    outweighs the gain at the sizes trained here; under torchrun compiling around sharding is an explicit choice).
-    """
+    outweighs the gain at the sizes trained here; under torchrun, compiling with sharding stays explicit)."""
     if isinstance(setting, bool):
         return setting
     if setting != "auto":

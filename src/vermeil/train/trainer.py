@@ -1,13 +1,13 @@
 """The training loop: `Trainer`, an explicit loop with hooks, exact resume and clean Ctrl-C.
 
 A checkpoint (the `vermeil.runs` layout) holds the weights and state.pt (optimizer, scheduler, RNG and sampler
-states), so a resumed run continues the loss curve of the uninterrupted run exactly (tests/train/test_trainer.py).
+states): a resumed run continues the uninterrupted run's loss curve exactly (tests/train/test_trainer.py).
 `latest` moves only once a checkpoint folder is complete: a run killed at any moment leaves one loadable.
 
 Under torchrun with `distributed.strategy` set, the trainer joins the process group, applies
 `vermeil.distributed.parallelize`, gives each data-parallel rank its slice of every global batch, averages the
 logged metrics over the ranks and lets rank 0 alone write files; a checkpoint then adds `dcp/` (every rank's
-shards) beside rank 0's full `model.safetensors`, and the trainer leaves the group it joined at the end of `fit`.
+shards) beside rank 0's full `model.safetensors`, and the trainer leaves the group it joined when `fit` ends.
 """
 
 from __future__ import annotations
@@ -27,25 +27,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vermeil import runs
 from vermeil.checkpoint import clean_temp_files, load_torch, load_weights, save_torch, save_weights
 from vermeil.distributed.config import DistributedConfig
-from vermeil.runs import (
-    CHECKPOINTS_DIR,
-    CONFIG,
-    DCP,
-    MANIFEST,
-    STATE,
-    TOKENIZER_KEY,
-    WEIGHTS,
-    checkpoint_name,
-    checkpoint_step,
-    latest_checkpoint,
-    lock_run,
-    point_latest,
-    prune_checkpoints,
-    saved_distributed,
-    write_manifest,
-)
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, LossCurve, TrainResult
 from vermeil.train.losses import LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
@@ -72,7 +56,7 @@ __all__ = ["Hook", "NonFiniteError", "TrainResult", "Trainer"]
 
 
 class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient norm (`train.on_nonfinite`); the message names the step."""
+    """Training stopped on a non-finite loss or gradient norm (`train.on_nonfinite`); names the step."""
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -147,7 +131,7 @@ class Trainer:
 
     Args:
         train_batches: an endless iterator of batches; one with `state_dict()`/`load_state_dict()` (e.g.
-            `vermeil.data.WindowSampler`) has its position saved with each checkpoint, which exact resume needs.
+            `vermeil.data.WindowSampler`) has its position saved in each checkpoint, for an exact resume.
         loss_fn: `loss_fn(model, batch) -> loss` or `(loss, {name: scalar})`; default `causal_lm_loss`.
         eval_fn: `eval_fn(model) -> {name: float}` (see `evaluate`).
         hooks: called in order; a `LossCurve` is added last unless one is among them.
@@ -155,9 +139,8 @@ class Trainer:
             `{"train": <config>}`).
         out_dir: the run folder (default `config.out_dir`); None keeps nothing on disk.
         distributed: how to split the run under torchrun (default: `run_config["distributed"]`, else none).
-        tokenizer: recorded in every checkpoint's weights: "bytes" makes `vermeil generate` decode with bytes
-            even beside a converted model's tokenizer.json; None records nothing, so that tokenizer.json decodes
-            (fine-tuning a converted model on its own ids). See `vermeil.data.tokenizer_path`.
+        tokenizer: recorded in every checkpoint: "bytes" makes `vermeil generate` decode bytes even beside a
+            converted model's tokenizer.json; None lets that file decode (`vermeil.data.tokenizer_path`).
 
     Example:
         >>> trainer = Trainer(model, WindowSampler(data, 8, 64), causal_lm_loss, TrainConfig(steps=100))
@@ -188,7 +171,7 @@ class Trainer:
         self.run_config = dict(run_config) if run_config is not None else {"train": to_dict(config)}
         if tokenizer not in ("bytes", None):
             raise ValueError(f"tokenizer={tokenizer!r} must be 'bytes' or None (no record)")
-        self._tokenizer_meta = {TOKENIZER_KEY: tokenizer} if tokenizer else {}
+        self._tokenizer_meta = {runs.TOKENIZER_KEY: tokenizer} if tokenizer else {}
         self.distributed = _distributed_config(distributed, self.run_config)
         self.device = torch.device(config.device)
         self.rank, self.world_size, self.dp_rank, self.dp_size = 0, 1, 0, 1
@@ -384,71 +367,73 @@ class Trainer:
             raise ValueError("this Trainer has no out_dir: set TrainConfig.out_dir or pass out_dir= to save")
         self._check_nonfinite()
         self._check_weights_finite()  # never a checkpoint from non-finite weights, whatever happened
-        folder = self.out_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
+        folder = self.out_dir / runs.CHECKPOINTS_DIR / runs.checkpoint_name(self.step)
         meta = {"step": str(self.step), **self._tokenizer_meta}
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
             if self.world_size > 1:  # dcp/ is rewritten in place: incomplete until state.pt is back
-                (folder / STATE).unlink(missing_ok=True)
-            (folder / MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
+                (folder / runs.STATE).unlink(missing_ok=True)
+            (folder / runs.MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
         if self.world_size > 1:
             from vermeil.distributed.checkpoint import export_weights
             from vermeil.distributed.checkpoint import save_checkpoint as dcp_save
 
             self._sync()
-            dcp_save(folder / DCP, self.model, self.optimizer)
+            dcp_save(folder / runs.DCP, self.model, self.optimizer)
             state = self.state_dict()
             if self.is_main:  # dcp_save returned: every rank's shards are written
-                export_weights(folder / DCP, folder / WEIGHTS, metadata=meta)
+                export_weights(folder / runs.DCP, folder / runs.WEIGHTS, metadata=meta)
         else:
-            save_weights(self.model, folder / WEIGHTS, metadata=meta)
+            save_weights(self.model, folder / runs.WEIGHTS, metadata=meta)
             state = self.state_dict()
         if self.is_main:
-            save_torch(state, folder / STATE)  # its presence marks the folder complete
+            save_torch(state, folder / runs.STATE)  # its presence marks the folder complete
             # Last: sizes and hashes; for a distributed save, the record that lets a later run read dcp/.
-            write_manifest(folder, distributed=self.world_size > 1)
-            point_latest(self.out_dir, folder)
-            prune_checkpoints(self.out_dir, self.config.keep_checkpoints, folder)
+            runs.write_manifest(folder, distributed=self.world_size > 1)
+            runs.point_latest(self.out_dir, folder)
+            runs.prune_checkpoints(self.out_dir, self.config.keep_checkpoints, folder)
         self._sync()  # no rank moves on (or reads `latest`) before the folder is complete
         self.last_checkpoint = folder
         self._call("on_save", folder)
         return folder
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
-        """Restore weights and training state from a run folder (its newest checkpoint) or a checkpoint folder;
-        returns the checkpoint folder used."""
-        folder = latest_checkpoint(path)  # verified against its manifest
+        """Restore weights and training state from a run folder (its newest checkpoint) or a checkpoint
+        folder; returns the checkpoint folder used."""
+        folder = runs.latest_checkpoint(path)  # verified against its manifest
         if self.is_main:
-            with lock_run(folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder):
+            run_dir = folder.parent.parent if folder.parent.name == runs.CHECKPOINTS_DIR else folder
+            with runs.lock_run(run_dir):
                 clean_temp_files(folder)
                 clean_temp_files(folder.parent)
         self._sync()
-        state = load_torch(folder / STATE)
+        state = load_torch(folder / runs.STATE)
         if "optimizer" not in state and self.world_size == 1:
             # Weights only (`vermeil.runs.write_run`): fine-tune with a fresh optimizer, schedule and data.
-            load_weights(self.model, folder / WEIGHTS)
+            load_weights(self.model, folder / runs.WEIGHTS)
             self.step, self.last_checkpoint = int(state["step"]), folder
             return folder
         if self.world_size > 1:
             # DCP reshards on load (any layout, any number of ranks); only a manifest-recorded dcp/ is read.
             from vermeil.distributed.checkpoint import load_checkpoint as dcp_load
 
-            if not saved_distributed(folder) or not (folder / DCP).is_dir():
+            if not runs.saved_distributed(folder) or not (folder / runs.DCP).is_dir():
                 raise ValueError(
-                    f"checkpoint {os.fspath(folder)} was not saved by a distributed run (its {MANIFEST} does "
-                    f"not record one): a distributed run resumes only from a {DCP}/ checkpoint it wrote"
+                    f"checkpoint {os.fspath(folder)} was not saved by a distributed run (its {runs.MANIFEST} "
+                    f"does not record one): a distributed run resumes only from a {runs.DCP}/ checkpoint it "
+                    "wrote"
                 )
-            dcp_load(folder / DCP, self.model, self.optimizer)
-        elif saved_distributed(folder) or state.get("optimizer") is None:
+            dcp_load(folder / runs.DCP, self.model, self.optimizer)
+        elif runs.saved_distributed(folder) or state.get("optimizer") is None:
             # Never read a dcp/ folder in one process: its plan is a pickle (SECURITY.md).
             raise ValueError(
-                f"checkpoint {os.fspath(folder)} holds a distributed ({DCP}/) training state: resume it under "
-                f"torchrun with its distributed strategy (a single process never reads {DCP}/ folders), or "
-                "fine-tune from its weights in a new run"
+                f"checkpoint {os.fspath(folder)} holds a distributed ({runs.DCP}/) training state: resume it "
+                f"under torchrun with its distributed strategy (a single process never reads {runs.DCP}/ "
+                "folders), or fine-tune from its weights in a new run"
             )
         else:
-            load_weights(self.model, folder / WEIGHTS)
+            load_weights(self.model, folder / runs.WEIGHTS)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_config_to_optimizer()
@@ -677,12 +662,12 @@ class Trainer:
 
         Ctrl-C, `request_stop()` or a KeyboardInterrupt in a step or hook saves the last completed step and
         returns with `interrupted=True`. The run folder is locked meanwhile (`vermeil.runs.lock_run`). With
-        `train.compile` the repeated blocks are compiled only for the duration: the model leaves as it came in.
+        `train.compile` the repeated blocks are compiled only meanwhile: the model leaves as it came in.
         """
         try:
             if self.out_dir is None or not self.is_main:
                 return self._fit()
-            with lock_run(self.out_dir):
+            with runs.lock_run(self.out_dir):
                 return self._fit()
         finally:
             uncompile_blocks(self.model)
@@ -696,7 +681,7 @@ class Trainer:
                 truncate_metrics(self.out_dir / "metrics.jsonl", 0)
             from vermeil.config import save_yaml
 
-            save_yaml(self.run_config, self.out_dir / CONFIG)
+            save_yaml(self.run_config, self.out_dir / runs.CONFIG)
         self.model.train()
         self._stop = False
         interrupted = False
@@ -771,7 +756,7 @@ class Trainer:
         finally:
             bar.close()
         if interrupted and self.out_dir is not None and self.step > 0:
-            if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
+            if self.last_checkpoint is None or runs.checkpoint_step(self.last_checkpoint) != self.step:
                 self.save_checkpoint()
             if self.is_main:
                 echo(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
@@ -804,9 +789,8 @@ class Trainer:
         counters, values = values[-6:], values[:-6]
         total_skipped = self._check_nonfinite(counters)
         n = w.steps - int(values[len(metrics) + 1])  # the finite steps of the window
-        row: dict[str, Any] = {"step": self.step, "split": "train", "loss": values[0] / n if n else math.nan}
-        for k, v in zip(metrics, values[1:]):
-            row[k] = v / n if n else math.nan
+        means = {k: v / n if n else math.nan for k, v in zip(["loss", *metrics], values)}
+        row: dict[str, Any] = {"step": self.step, "split": "train", **means}
         if "ce" in row and math.isfinite(row["ce"]):
             row["bpt"] = row["ce"] / LN2  # bits per token (= bits per byte for a byte tokenizer)
         row["lr"] = self._last_lr  # what the last update used (the scheduler already points at the next)
