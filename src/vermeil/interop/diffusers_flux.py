@@ -129,8 +129,7 @@ def from_diffusers(
             "transformer.unfuse_qkv_projections() before converting"
         )
     first = next(iter(state.values()))
-    device = first.device if device is None else device
-    dtype = first.dtype if dtype is None else dtype
+    device, dtype = device or first.device, dtype or first.dtype
     model = Flux(params, device="meta", dtype=dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     key_map = _key_map(params)

@@ -409,13 +409,13 @@ def _check(cls: str, config: HybridConfig, **required: Any) -> None:
             raise _refuse(f"to_transformers({cls})", field, got, f"cannot be expressed (it must be {want!r})")
 
 
-def _find_period(cls: str, what: str, marks: list[bool]) -> tuple[int, int]:
-    """(period, offset) with offset < period such that marks[i] == (i % period == offset), the smallest period."""
+def _find_period(cls: str, what: str, marks: list[bool], key: str) -> dict[str, int]:
+    """Jamba's `{key}_period` and `{key}_offset` (offset < period) with marks[i] == (i % period == offset)."""
     n = len(marks)
     for period in range(1, n + 2):
         for offset in range(period):
             if _periodic(n, period, offset) == marks:
-                return period, offset
+                return {f"{key}_period": period, f"{key}_offset": offset}
     where = [i for i, m in enumerate(marks) if m]
     raise ValueError(
         f"to_transformers({cls}): {what} at {where} are not periodic (i % period == offset), as Jamba's config needs"
@@ -453,16 +453,12 @@ def _hf_config(model: HybridModel, cls: str) -> Any:
             _check(cls, cfg, moe_hidden_dim=cfg.ffn_hidden_dim)
         if cfg.attention_head_dim * cfg.heads != cfg.dim:
             _check(cls, cfg, head_dim=cfg.dim // cfg.heads)
-        attn_p, attn_o = _find_period(cls, "attention layers", [k == "A" for k in cfg.layer_kinds])
-        moe_p, moe_o = _find_period(cls, "MoE layers", [f == "moe" for f in cfg.layer_ffns])
         kw.update(
+            **_find_period(cls, "attention layers", [k == "A" for k in cfg.layer_kinds], "attn_layer"),
+            **_find_period(cls, "MoE layers", [f == "moe" for f in cfg.layer_ffns], "expert_layer"),
             num_experts=cfg.num_experts if "moe" in cfg.layer_ffns else 1,
             router_aux_loss_coef=cfg.moe_aux_loss_coef,
             output_router_logits=cfg.moe_aux_loss_coef > 0,
-            expert_layer_period=moe_p,
-            expert_layer_offset=moe_o,
-            attn_layer_period=attn_p,
-            attn_layer_offset=attn_o,
             max_position_embeddings=max(n, cfg.max_seq_len),
         )
     elif cls == "BambaForCausalLM":

@@ -186,9 +186,7 @@ def from_transformers_llama(hf_model: nn.Module) -> LLM:
     ValueError on another class, biases, RoPE types but default and llama3, or layer types against Llama 4's."""
     name = type(hf_model).__name__
     if name not in _KINDS:
-        raise ValueError(
-            f"from_transformers_llama: expected LlamaForCausalLM or Llama4ForCausalLM, got {name}"
-        )
+        raise ValueError(f"expected LlamaForCausalLM or Llama4ForCausalLM, got {name}")
     _check_silu(name, hf_model.config)
     args = _model_args(hf_model.config, _KINDS[name])
     state = _convert_state(hf_model.state_dict(), args, _KINDS[name], to_vermeil=True)

@@ -76,9 +76,7 @@ def to_transformers_mamba(model: MambaLM) -> nn.Module:
 
     cfg = model.config
     if not cfg.rms_norm:
-        raise ValueError(
-            "rms_norm=False (LayerNorm) cannot be expressed by transformers' Mamba (RMSNorm only)"
-        )
+        raise ValueError("rms_norm=False (LayerNorm): transformers' Mamba has RMSNorm only")
     hf_config = transformers.MambaConfig(
         **{theirs: getattr(cfg, ours) for ours, theirs in _FIELDS.items()},
         vocab_size=cfg.padded_vocab_size,
