@@ -5,6 +5,7 @@ Run with `python -m vermeil.tour` (or `make run`). Everything is random and smal
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -113,14 +114,13 @@ def main() -> None:
     _show("Modulation (adaLN)", mod, lambda: mod(vec)[0].shift, "shift, scale, gate from a vector")
     velocity = nn.Linear(D, D)
     data = torch.randn(B, T, D)
-    _show(
-        "flow_matching_loss",
-        velocity,
-        lambda: flow_matching_loss(lambda z, t, **_: velocity(z), data, kind="logit_normal", seq_len=T),
-        "rectified flow, logit-normal t, Flux's shift",
-    )
-    timesteps = get_schedule(8, T)
-    sample = sample_euler(lambda z, t, **_: velocity(z), torch.randn(B, T, D), timesteps)
+
+    def field(z: Tensor, t: Tensor, **_: object) -> Tensor:  # a velocity model that ignores t
+        return velocity(z)
+
+    loss = functools.partial(flow_matching_loss, field, data, kind="logit_normal", seq_len=T)
+    _show("flow_matching_loss", velocity, loss, "rectified flow, logit-normal t, Flux's shift")
+    sample = sample_euler(field, torch.randn(B, T, D), get_schedule(8, T))
     print(f"  {'sample_euler (8 steps)':<28} out {tuple(sample.shape)} along Flux's shifted schedule")
     print("\nDone: every block ran forward and backward.")
 
