@@ -111,9 +111,8 @@ class HybridConfig:
         ssm_norm_before_gate: `rms_norm(y) * silu(z)` instead of `rms_norm(y * silu(z))`.
         dt_limit: (low, high) clamp of Mamba-2's dt in whole-sequence scans (transformers' `time_step_limit`;
             the one-token step does not clamp, as transformers and mamba_ssm); None = no clamp.
-        ssm_bias: bias in the Mamba in_proj and out_proj (both kinds). ssm_conv_bias: bias in their conv.
+        ssm_bias, ssm_conv_bias, attn_bias: biases of the Mamba in_proj/out_proj, the Mamba conv, wq/wk/wv/wo.
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
-        attn_bias: biases in wq, wk, wv and wo.
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
         rotary_dim: rotate only the first `rotary_dim` channels of each head (Bamba's partial_rotary_factor 0.5).
         window: sliding-window size of "A" layers (Samba); its decoding cache is a `RingKVCache` of `window`
@@ -137,7 +136,6 @@ class HybridConfig:
         residual_in_fp32: keep the residual stream in float32 in a lower-precision model (each norm reads it
             cast to the model dtype), as transformers' and mamba_ssm's Mamba-2.
         max_seq_len: initial rotary table length (grows on demand).
-        initializer_range: std of the embedding init.
         loss_head, ignore_index, z_loss: the loss training builds (`vermeil.train.losses.LOSS_HEADS`) and the
             cross-entropy head's settings (z_loss: PaLM's logsumexp^2 term).
     """
@@ -210,6 +208,7 @@ class HybridConfig:
             ("merge", self.merge, _MERGES),
             ("feed_forward", self.feed_forward, _FEED_FORWARDS),
             ("qk_norm", self.qk_norm, (None, "rms", "l2")),
+            ("scan_backend", self.scan_backend, BACKENDS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} must be one of {list(allowed)}")
@@ -231,8 +230,6 @@ class HybridConfig:
         for name in ("z_loss", "moe_aux_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.scan_backend not in BACKENDS:
-            raise ValueError(f"scan_backend={self.scan_backend!r} must be one of {BACKENDS}")
         if not isinstance(self.loss_head, str) or not self.loss_head:
             raise ValueError(f"loss_head={self.loss_head!r} must be a loss head's name (a non-empty str)")
         self._check_lists()
@@ -474,23 +471,17 @@ class HybridLayer(nn.Module):
         self.merge_proj = nn.Linear(2 * d, d, bias=False, **factory) if self.merge == "concat" else None
         self.ffn_norm = None if ffn == "none" else RMSNorm(d, eps=cfg.norm_eps, **factory)
         self.feed_forward: nn.Module | None
+        dense = dict(bias=cfg.ffn_bias, **factory)
         if ffn == "none":
             self.feed_forward = None
-        elif ffn == "swiglu":
-            if cfg.mlp_gate_multiplier != 1.0:
-                self.feed_forward = GateScaledSwiGLU(
-                    d,
-                    cfg.ffn_hidden_dim,
-                    gate_multiplier=cfg.mlp_gate_multiplier,
-                    bias=cfg.ffn_bias,
-                    **factory,
-                )
-            else:
-                self.feed_forward = SwiGLU(d, cfg.ffn_hidden_dim, bias=cfg.ffn_bias, **factory)
-        elif ffn == "mlp":
-            self.feed_forward = FeedForward(
-                d, cfg.ffn_hidden_dim, activation="gelu", bias=cfg.ffn_bias, **factory
+        elif ffn == "swiglu" and cfg.mlp_gate_multiplier != 1.0:
+            self.feed_forward = GateScaledSwiGLU(
+                d, cfg.ffn_hidden_dim, gate_multiplier=cfg.mlp_gate_multiplier, **dense
             )
+        elif ffn == "swiglu":
+            self.feed_forward = SwiGLU(d, cfg.ffn_hidden_dim, **dense)
+        elif ffn == "mlp":
+            self.feed_forward = FeedForward(d, cfg.ffn_hidden_dim, activation="gelu", **dense)
         else:
             self.feed_forward = MoE(
                 d,
@@ -582,18 +573,11 @@ class HybridModel(nn.Module):
         rotary: nn.Module | None = None
         if config.rotary and any(k not in ("M", "S") for k in kinds):
             head_dim = config.attention_head_dim
+            table = dict(theta=config.rope_theta, max_seq_len=config.max_seq_len, device=device)
             if config.rotary_dim is not None and config.rotary_dim != head_dim:
-                rotary = PartialRotary(
-                    head_dim,
-                    config.rotary_dim,
-                    theta=config.rope_theta,
-                    max_seq_len=config.max_seq_len,
-                    device=device,
-                )
+                rotary = PartialRotary(head_dim, config.rotary_dim, **table)
             else:
-                rotary = RotaryEmbedding(
-                    head_dim, theta=config.rope_theta, max_seq_len=config.max_seq_len, device=device
-                )
+                rotary = RotaryEmbedding(head_dim, **table)
         self.rope = rotary  # one table shared by every attention layer
         self.embedding = nn.Embedding(config.vocab_size, config.dim, **factory)
         self.layers = nn.ModuleList(
@@ -763,8 +747,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=64,
     ),
     "small": dict(dim=128, vocab_size=256, pattern="MMAMMMAM", heads=4, d_state=16, max_seq_len=1024),
-    # Jamba-v0.1 (transformers' JambaConfig defaults): attention every 8th layer (offset 4) without positions,
-    # a 16-expert top-2 MoE every other layer (offset 1), Mamba-1 with dt/B/C norms.
+    # Jamba-v0.1 (transformers' JambaConfig defaults).
     "jamba-v0.1-shape": dict(
         dim=4096,
         vocab_size=65536,

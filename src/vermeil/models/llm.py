@@ -101,12 +101,11 @@ class ModelArgs:
     `use_qk_norm`. `max_seq_len` sizes the initial RoPE table (it grows on demand); `max_batch_size` is kept
     for Meta's configs (caches are sized by `LLM.setup_cache`).
 
-    Vermeil additions (all optional): `head_dim` honoured everywhere, `hidden_dim` (explicit dense FFN width,
-    transformers' `intermediate_size[_mlp]`), `nope_layers` / `moe_layers` (explicit layer lists, as
-    transformers' `no_rope_layers` / `moe_layers`), `rope_low_freq_factor` / `rope_original_max_seq_len`
-    (Llama 3.x scaling constants), `tie_word_embeddings`, `embedding_init_std` (None: `init_weights`' rule),
-    `attention_backend` (`vermeil.nn.Attention`'s; "flex" runs FlexAttention's block-sparse masks, "auto"
-    picks it on CUDA for the chunked layers of a plain forward).
+    Vermeil additions: `hidden_dim` (dense FFN width, transformers' `intermediate_size[_mlp]`), `nope_layers` /
+    `moe_layers` (layer lists, transformers' `no_rope_layers` / `moe_layers`), `rope_low_freq_factor` /
+    `rope_original_max_seq_len` (Llama 3.x scaling), `tie_word_embeddings`, `embedding_init_std` (see
+    `LLM.init_weights`), `attention_backend` (`vermeil.nn.Attention`'s; "flex" runs FlexAttention's
+    block-sparse masks, "auto" picks it on CUDA for the chunked layers of a plain forward).
     """
 
     dim: int = 4096
@@ -243,11 +242,8 @@ class ModelArgs:
 
 @dataclass
 class MaskedEmbedding:
-    """Image features to merge into the token embeddings.
-
-    embedding: (B, T, Dv) vision features already placed at their token positions (`VisionEmbeddings` output,
-        Dv = `vision_args.output_dim`); mask: (B, T) or (B, T, 1) bool, True at image-token positions.
-    """
+    """Image features to merge into the token embeddings: embedding (B, T, Dv) as `VisionEmbeddings` places
+    them, mask (B, T) or (B, T, 1) bool, True at image-token positions."""
 
     embedding: Tensor
     mask: Tensor
@@ -731,8 +727,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=131072,
         tie_word_embeddings=True,
     ),
-    # Llama 4 Scout 17B-16E, text part (Meta params.json): 48 layers, 16 experts top-1 + shared expert on every
-    # layer, NoPE every 4th layer, chunk 8192, qk norm, scaled RoPE 16 / 1 (Meta's default for Scout).
+    # Llama 4 Scout 17B-16E, text part (Meta params.json; scaled RoPE 16 / 1 is Meta's default for Scout).
     "llama4-scout-text": dict(
         dim=5120,
         n_layers=48,
