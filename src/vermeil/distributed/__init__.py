@@ -1,20 +1,13 @@
 """Multi-process training on public torch APIs: process-group lifecycle, DDP, FSDP2, tensor and expert parallelism.
 
-`parallelize(model, strategy)` applies a config's `distributed.strategy` (`DistributedConfig`, the `distributed:`
-section of a run config) and says how to split the data; `init_distributed()` reads torchrun's environment (gloo
-on CPU, nccl on CUDA) and is a no-op in a single process. What each module holds: `parallel` (DDP, FSDP2, the
-entry point), `tensor_parallel` (Megatron plans by module name), `expert` (MoE experts sharded over the ranks),
-`checkpoint` (distributed checkpoints), `training` (what the trainer needs per step), `runtime`, `config`.
-
-Names are imported on first use: reading a run config does not load torch.distributed's FSDP and DTensor
-modules.
+`parallelize(model, strategy)` applies a config's `distributed.strategy`; `init_distributed()` reads
+torchrun's environment. Names are imported on first use: reading a run config loads no FSDP or DTensor module.
 """
 
 from __future__ import annotations
 
 from vermeil._lazy import lazy_names
 
-# name -> the module that defines it
 _NAMES = {
     "DistributedConfig": "vermeil.distributed.config",
     "ExpertParallelExperts": "vermeil.distributed.expert",
@@ -39,6 +32,5 @@ _NAMES = {
 }
 
 __all__ = sorted(_NAMES)
-
 
 __getattr__, __dir__ = lazy_names(__name__, _NAMES)

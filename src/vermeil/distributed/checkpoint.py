@@ -1,21 +1,14 @@
 """Distributed checkpoints with `torch.distributed.checkpoint` (DCP): each rank writes its own shards.
 
-Axis legend: none (state dicts only).
-
 A checkpoint saved from any layout (DDP, FSDP2, TP, one process) loads into any other: DCP stores global
-tensors with their shard offsets and reshards on load. Loading in a plain process without a process group
-works too (torch warns that it assumes a single process).
+tensors with their shard offsets and reshards on load.
 
-Tensor parallelism splits Flux's fused projections block by block (`_StridedShard`): a rank's shard is then
-several pieces of the tensor, which DCP (torch 2.13) cannot describe (it writes one offset per shard and
-rejects the plan as overlapping). Such tensors, model and optimizer state alike, are written and read as plain
-`Shard(dim)` tensors (one redistribute each way), so the files hold the original layout.
+Flux's fused projections are split block by block (`_StridedShard`), which DCP (torch 2.13) cannot describe:
+such tensors are written and read as plain `Shard(dim)` tensors (one redistribute each way).
 
-DCP keeps its plan in `.metadata`, a Python pickle that torch's `FileSystemReader` loads with plain
-`pickle.load`: a crafted folder would run code. Here it is read by an unpickler that resolves only the classes
-a DCP plan is made of (`torch.distributed.checkpoint.metadata`, `torch.Size`, dtypes, ...) and refuses any
-other global before calling it (`read_metadata`); `load_checkpoint` reads through it, `export_weights` checks
-the file with it first. The tensor files themselves are read by torch with `weights_only=True`.
+DCP's `.metadata` is a pickle that torch's `FileSystemReader` loads with plain `pickle.load`: a crafted folder
+would run code. Here an unpickler that resolves only a DCP plan's classes reads it (`read_metadata`); the
+tensor files are read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -94,12 +87,7 @@ class _PlanUnpickler(pickle.Unpickler):
 
 
 def read_metadata(path: str | os.PathLike) -> Metadata:
-    """The plan (`.metadata`) of a DCP checkpoint folder, read without running anything it may hold.
-
-    Raises:
-        FileNotFoundError: no `.metadata` in the folder. ValueError: it refers to anything but DCP plan classes,
-            or is not a pickle of a `Metadata`.
-    """
+    """The plan (`.metadata`) of a DCP checkpoint folder, read without running anything it may hold."""
     file = os.path.join(os.fspath(path), METADATA)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{os.fspath(path)} is not a DCP checkpoint folder (no {METADATA} file)")
@@ -183,24 +171,15 @@ def _state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
-    """Save `model` (and `optimizer`) to the folder `path`; call it on every rank (it is a collective).
-
-    Keys are the plain module names ("layers.0.attention.wq.weight"): DDP's `module.` prefix and FSDP2/TP
-    wrappers do not appear, so any layout can load the result.
-    """
+    """Save `model` (and `optimizer`) to the folder `path` under plain module names; a collective."""
     dcp.save(_map(_state(model, optimizer), _to_file_layout), checkpoint_id=os.fspath(path))
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
-    """Load the folder `path` (written by `save_checkpoint`) into `model` (and `optimizer`) in place.
-
-    Works for any layout of `model` (plain, DDP, FSDP2, TP); call it on every rank of that layout. Missing or
-    unexpected keys and shape mismatches raise as in `load_state_dict(strict=True)`.
-    """
+    """Load `save_checkpoint`'s folder into `model` (and `optimizer`) of any layout, strictly (collective)."""
     state = _state(model, optimizer)
     file_state = _map(state, _to_file_layout)
     reader = _SafeReader(os.fspath(path))
-    # in place, into file_state's tensors
     _check_errors(path, lambda: dcp.load(file_state, checkpoint_id=os.fspath(path), storage_reader=reader))
     state = _zip_map(file_state, state, _from_file_layout)
     if optimizer is None:
@@ -212,12 +191,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
 def export_weights(
     checkpoint_dir: str | os.PathLike, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Convert the model of a DCP checkpoint into one safetensors file (for `vermeil generate`), in one process.
-
-    Needs no model and no process group: the shards are read and stitched into full tensors
-    (`dcp_to_torch_save` into a temporary file, loaded with `weights_only=True`), then written with
-    `vermeil.checkpoint.save_weights` (atomic). Returns the exported state dict.
-    """
+    """Stitch the model of a DCP checkpoint into one safetensors file, in one process without a model or a
+    process group; returns the exported state dict."""
     from vermeil.checkpoint import save_weights
 
     read_metadata(checkpoint_dir)  # torch's converter unpickles it again: only once it is known to be a plan

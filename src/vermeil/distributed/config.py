@@ -1,7 +1,4 @@
-"""The `distributed:` section of a run config: `DistributedConfig`, how a run is split over torchrun's processes.
-
-A plain dataclass (no torch.distributed import): run configs are read and checked on any machine.
-"""
+"""The `distributed:` section of a run config; no torch.distributed import, so any machine reads configs."""
 
 from __future__ import annotations
 
@@ -16,12 +13,10 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 @dataclass
 class DistributedConfig:
-    """How a run is split over the processes of `torchrun` (the `distributed:` section of a run config).
-
-    Ignored (a plain single-process run) when the process was not started by torchrun (no `WORLD_SIZE`).
+    """How a run is split over torchrun's processes; ignored in a process without `WORLD_SIZE`.
 
     Args:
-        strategy: "none", "ddp", "fsdp2", "tp" or "fsdp2+tp" (`vermeil.distributed.parallelize`).
+        strategy: see `vermeil.distributed.parallelize`.
         tp_size: tensor-parallel degree; None means all ranks for "tp" (required for "fsdp2+tp").
         param_dtype, reduce_dtype: FSDP2 mixed precision ("bf16", "fp32", ...; None keeps the parameters'
             dtype), used by "fsdp2" and "fsdp2+tp" only.

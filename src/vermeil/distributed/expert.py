@@ -3,18 +3,13 @@
 Axis legend: T local tokens, D model dim, F expert hidden dim, E experts, El = E / ep experts per rank,
 S routed (token, expert) rows sent by this rank, R rows received by this rank, ep the expert-parallel degree.
 
-Each rank keeps its own tokens (the EP ranks are also data-parallel ranks) and the router, shared expert
-and everything else replicated; rank r holds experts r*El .. (r+1)*El - 1. In `MoE._forward_sorted` the
-rows arrive sorted by expert, so the rows for each destination rank are contiguous: they are sent with
-`all_to_all_single_autograd` (gradients flow back through the reverse exchange), regrouped by local expert,
-run through the local experts with the same grouped kernel, and sent back in the original order.
+Each rank keeps its own tokens (the EP ranks are also the data-parallel ranks); rank r holds experts
+r*El .. (r+1)*El - 1, everything else is replicated. Rows arrive sorted by expert, so each destination's rows
+are contiguous: `all_to_all_single_autograd` sends them (its backward is the reverse exchange).
 
-Gradients: with the loss of each rank computed on its own tokens, an expert's gradient on its owner rank is
-already the sum over every rank's tokens, while replicated parameters hold only the local contribution;
-`average_gradients` turns both into the gradient of the mean loss over ranks (what DDP would give). Do not
-wrap an expert-parallel model in DDP (it would all-reduce the expert shards too). The local shards are plain
-parameters (`experts.local.w1`, ...), different on each rank: `torch.distributed.checkpoint` cannot save them
-yet (gather them to the global (E, D, F) tensors first).
+An expert's gradient on its owner rank is already the sum over every rank's tokens, while replicated
+parameters hold only the local part: `average_gradients` gives both DDP's mean (DDP itself would all-reduce
+the expert shards too). `torch.distributed.checkpoint` cannot save the per-rank shards yet: gather them first.
 """
 
 from __future__ import annotations
@@ -31,11 +26,8 @@ __all__ = ["ExpertParallelExperts", "apply_expert_parallel", "average_gradients"
 
 
 class ExpertParallelExperts(nn.Module):
-    """Drop-in replacement for `MoE.experts` holding this rank's El experts (`local.w1/w3/w2`, (El, D, F)).
-
-    `forward` has `Experts.forward`'s signature and contract (global expert ids and counts, rows sorted by
-    expert) and returns the (S, D) outputs of this rank's rows, computed on the ranks owning their experts.
-    """
+    """Drop-in replacement for `MoE.experts` holding this rank's El experts (`local.w1/w3/w2`, (El, D, F)),
+    with `Experts.forward`'s contract; rows run on the ranks owning their experts."""
 
     def __init__(self, experts: Experts, group: ProcessGroup | None = None) -> None:
         super().__init__()
@@ -94,11 +86,10 @@ class ExpertParallelExperts(nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
-    """Shard the experts of every `MoE` in `model` over the ranks of `group` (default: all ranks), in place.
+    """Shard the experts of every `MoE` of `model` (identical on every rank) over `group`, in place.
 
-    The model must be identical on every rank (same seed or same weights). Every MoE must use the "grouped"
-    or "padded" backend (the "loop" and "dense" references read all expert weights directly) and have a
-    number of experts divisible by the group size; both are checked before anything is changed.
+    Every MoE must use the "grouped" or "padded" backend (the references read all expert weights) and a number
+    of experts divisible by the group size; both are checked before anything changes.
     """
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     ep_size = dist.get_world_size(group)
@@ -121,11 +112,8 @@ def apply_expert_parallel(model: nn.Module, group: ProcessGroup | None = None) -
 
 @torch.no_grad()
 def average_gradients(model: nn.Module, group: ProcessGroup | None = None) -> None:
-    """Turn per-rank gradients of an expert-parallel model into those of the mean loss over ranks.
-
-    Replicated parameters: all-reduce and divide by the group size. Expert shards (already summed over the
-    ranks' tokens by the all-to-all backward): divide by the group size.
-    """
+    """Turn per-rank gradients into those of the mean loss over ranks: replicated parameters are all-reduced,
+    then every gradient is divided by the group size."""
     world = dist.get_world_size(group)
     expert_params = {
         id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()

@@ -1,12 +1,5 @@
-"""Data and tensor parallelism on public torch APIs: DDP, FSDP2 (`fully_shard`) and DTensor TP plans.
-
-Axis legend: B batch, T length, D model dim, tp the tensor-parallel degree.
-
-`apply_ddp` and `apply_fsdp2` wrap or shard a model from the outside; `parallelize(model, strategy)` applies a
-config's `distributed.strategy` ("none", "ddp", "fsdp2", "tp", "fsdp2+tp") and says how to split the data.
-Tensor parallelism lives in `vermeil.distributed.tensor_parallel` (re-exported here); its module docstring
-lists what is split, what stays replicated and what is refused.
-"""
+"""Data and tensor parallelism on public torch APIs: DDP, FSDP2 (`fully_shard`) and DTensor TP plans
+(`vermeil.distributed.tensor_parallel`, re-exported here); `parallelize` is the one entry point."""
 
 from __future__ import annotations
 
@@ -50,35 +43,17 @@ DEFAULT_BLOCK_NAMES: tuple[str, ...] = (
     "SingleStreamBlock",
 )
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-# ------------------------------------------------------------------------------------------------ DDP
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES |= {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the short names
 
 
 def apply_ddp(
     model: nn.Module, device: torch.device | None = None, **kwargs: object
 ) -> DistributedDataParallel:
-    """Wrap `model` in `DistributedDataParallel` (gradients averaged over the default group).
-
-    Args:
-        model: already on `device`.
-        device: the rank's device; a CUDA device becomes `device_ids=[device]`, cpu/None gives none.
-        **kwargs: passed to `DistributedDataParallel` (e.g. `find_unused_parameters=True`).
-    """
+    """Wrap `model` (on `device`, None: its own) in `DistributedDataParallel`; `kwargs` go to DDP."""
     device = device if device is not None else next(model.parameters()).device
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- FSDP2
 
 
 def _to_dtype(name: str, value: torch.dtype | str | None) -> torch.dtype | None:
@@ -96,11 +71,8 @@ def mixed_precision_policy(
     output_dtype: torch.dtype | str | None = None,
     cast_forward_inputs: bool = True,
 ) -> MixedPrecisionPolicy:
-    """An FSDP2 `MixedPrecisionPolicy` from config values ("bf16", "float32", a torch.dtype or None).
-
-    Typical: `mixed_precision_policy("bf16", "fp32")` computes in bfloat16 and reduces gradients in float32;
-    the sharded parameters and the optimizer state stay in their own (float32) dtype.
-    """
+    """An FSDP2 `MixedPrecisionPolicy` from config values ("bf16", "float32", a torch.dtype or None): e.g.
+    ("bf16", "fp32") computes in bfloat16, reduces in float32; parameters and optimizer keep their dtype."""
     return MixedPrecisionPolicy(
         param_dtype=_to_dtype("param_dtype", param_dtype),
         reduce_dtype=_to_dtype("reduce_dtype", reduce_dtype),
@@ -126,23 +98,15 @@ def apply_fsdp2(
     mesh: DeviceMesh | None = None,
     reshard_after_forward: bool = True,
 ) -> FSDPModule:
-    """Shard `model` with FSDP2: `fully_shard` on every matching block (innermost first), then on the root.
-
-    Parameters become DTensors sharded along dim 0 over the data-parallel ranks; each block's parameters are
-    all-gathered just before its forward/backward and gradients reduce-scattered (averaged) after. Build the
-    optimizer after this call, on `model.parameters()`.
+    """Shard `model` in place with FSDP2: `fully_shard` on every matching block (innermost first), then on the
+    root. Build the optimizer after this call.
 
     Args:
-        model: the model (in place; it also becomes an `FSDPModule`).
-        block_types_or_names: which submodules get their own shard group: classes (`isinstance`), class
-            names, or qualified module names (e.g. "layers.0"). None: `DEFAULT_BLOCK_NAMES`.
-        mp_policy: mixed precision (see `mixed_precision_policy`); None keeps every dtype as is.
+        block_types_or_names: the submodules with their own shard group: classes, class names or qualified
+            module names ("layers.0"). None: `DEFAULT_BLOCK_NAMES`.
         mesh: a 1-D data-parallel mesh; None uses all ranks of the default group.
         reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3); False keeps
-            them until backward (ZeRO-2 like, more memory, less communication).
-
-    Returns:
-        The same model object, now an `FSDPModule`.
+            them until backward (more memory, less communication).
     """
     if isinstance(block_types_or_names, str):
         raise TypeError(
@@ -162,20 +126,11 @@ def apply_fsdp2(
     return model  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------------------------ one entry point
-
-
 @dataclass
 class Parallelized:
-    """What `parallelize` returns: the wrapped model and how the caller must split its data.
-
-    model: the model to train (DDP wrapper, FSDP2 module or the TP-sharded model).
-    dp_rank, dp_size: this rank's data-parallel index and the number of data-parallel groups; ranks with the
-        same dp_rank (the TP ranks of one group) must see the same batch.
-    tp_size: tensor-parallel degree (1 without TP). mesh: the device mesh (None for "none" and "ddp").
-    loss_parallel: the model returns vocab-sharded DTensor logits in training mode: compute the loss and run
-        its backward under `torch.distributed.tensor.parallel.loss_parallel()`.
-    """
+    """What `parallelize` returns: the model to train and how to split its data (ranks with the same dp_rank
+    see the same batch; `mesh` is None for "none" and "ddp"). With `loss_parallel` the training logits are
+    vocab-sharded DTensors: compute the loss and its backward under `loss_parallel()`."""
 
     model: nn.Module
     dp_rank: int
@@ -196,21 +151,12 @@ def parallelize(
     sequence_parallel: bool = False,
     loss_parallel: bool = False,
 ) -> Parallelized:
-    """Apply a named strategy (a config's `distributed.strategy`) after `init_distributed()`.
+    """Apply a config's `distributed.strategy` after `init_distributed()`, to a model identical on every rank.
 
-    "none": the model unchanged (and a single-process run of any strategy is "none"); "ddp": `apply_ddp`;
-    "fsdp2": `apply_fsdp2` over all ranks; "tp": `apply_tensor_parallel` over all ranks (every rank sees the
-    same data); "fsdp2+tp": a 2-D mesh ("dp", "tp") of world / tp_size by tp_size ranks, TP inside each
-    group of tp_size consecutive ranks, then FSDP2 across the groups.
-
-    Args:
-        model: on `device`, identical on every rank (same seed or same weights).
-        strategy: one of `STRATEGIES`.
-        tp_size: TP degree; None means all ranks for "tp" (required for "fsdp2+tp").
-        device: the rank's device (from `init_distributed`); None uses the model's.
-        mp_policy, block_types_or_names: for FSDP2 (see `apply_fsdp2`).
-        sequence_parallel, loss_parallel: for "tp" and "fsdp2+tp" (see `tensor_parallel_plan`); other strategies
-            refuse them, a single process ignores them.
+    "none" (and any strategy in one process): the model unchanged; "ddp": `apply_ddp`; "fsdp2": `apply_fsdp2`
+    over all ranks; "tp": `apply_tensor_parallel` over all ranks; "fsdp2+tp": a 2-D mesh ("dp", "tp"), TP
+    inside each group of tp_size consecutive ranks, FSDP2 across the groups. `sequence_parallel` and
+    `loss_parallel` (see `tensor_parallel_plan`) need "tp" or "fsdp2+tp".
     """
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -239,7 +185,6 @@ def parallelize(
         tp_size = world
     if not isinstance(tp_size, int) or tp_size < 1 or world % tp_size:
         raise ValueError(f"tp_size={tp_size!r} must be a positive divisor of world_size={world}")
-    # Validates every size before any collective.
     plan = tensor_parallel_plan(
         model, tp_size, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel
     )
@@ -253,8 +198,7 @@ def parallelize(
         n for n, s in plan.items() if isinstance(s, (_FusedColwiseParallel, _FusedRowwiseParallel))
     )
     if fused:
-        # FSDP2 would shard the block-by-block (strided) TP shards again: a 2-D layout that the checkpoint code
-        # cannot convert for DCP (`vermeil.distributed.checkpoint` handles strided shards on 1-D meshes), untested.
+        # FSDP2 over strided TP shards: a 2-D layout vermeil.distributed.checkpoint cannot convert, untested.
         raise ValueError(
             f"strategy='fsdp2+tp' does not support fused projections split block by block ({fused[0]!r}, ...: "
             "Flux); use strategy 'tp' or 'fsdp2'"

@@ -1,9 +1,5 @@
-"""Process-group lifecycle: start from torchrun's environment, rank helpers, and a clean shutdown.
-
-Axis legend: none (no tensors here); "rank" is this process's index in the default group, "world" its size.
-
-CPU runs use gloo, CUDA runs nccl (chosen automatically). One process without `WORLD_SIZE` in the environment
-is a plain single-process run: every helper here then answers as rank 0 of a world of 1 and does nothing.
+"""Process-group lifecycle: start from torchrun's environment (gloo on CPU, nccl on CUDA), rank helpers, a
+clean shutdown. Without `WORLD_SIZE` every helper answers as rank 0 of a world of 1 and does nothing.
 """
 
 from __future__ import annotations
@@ -53,10 +49,7 @@ def is_main_process() -> bool:
 
 
 def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
-    """Decorator: run `fn` on rank 0 only (other ranks get None). For logging, progress bars, file writes.
-
-    Never put a collective inside `fn`: the other ranks would wait for it forever.
-    """
+    """Decorator: run `fn` on rank 0 only (others get None); never with a collective inside (a deadlock)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
@@ -83,20 +76,15 @@ def init_distributed(
     world_size: int | None = None,
     timeout: timedelta | None = None,
 ) -> tuple[int, int, torch.device]:
-    """Join (or create) the default process group from torchrun's environment.
+    """Join (or create) the default process group; returns (rank, world_size, device).
 
-    Without `WORLD_SIZE` in the environment and without explicit `world_size`, this is a single-process run:
-    nothing is initialised and the result is `(0, 1, device)`. Calling it again once a group exists returns
-    the existing group's rank and size.
+    Without `WORLD_SIZE` (or `world_size`): a single-process run, `(0, 1, device)`, nothing initialised.
+    The device is `cuda:LOCAL_RANK` (made current) under CUDA, else cpu.
 
     Args:
-        backend: "gloo", "nccl", ...; None picks nccl when CUDA is available, else gloo.
+        backend: None picks nccl when CUDA is available, else gloo.
         init_method: e.g. "file:///path/store" (tests); None means torchrun's `env://`.
-        rank, world_size: explicit values (with `init_method`); None reads `RANK` / `WORLD_SIZE`.
-        timeout: collective timeout; None keeps torch's default.
-
-    Returns:
-        (rank, world_size, device): the device is `cuda:LOCAL_RANK` (made current) under CUDA, else cpu.
+        rank, world_size: None reads `RANK` / `WORLD_SIZE`.
     """
     cuda = torch.cuda.is_available() and backend != "gloo"
     local_rank = _env_int("LOCAL_RANK")
@@ -132,10 +120,8 @@ def init_distributed(
 def shutdown(*, exit_code: int | None = None) -> None:
     """Leave the process group cleanly: barrier, then `destroy_process_group` (no-op without a group).
 
-    With gloo, a process that ends while gloo's worker threads still hold tensors can abort at interpreter
-    teardown ("terminate called without an active exception", pytorch/pytorch#190489) even though all its
-    work succeeded. Passing `exit_code` also flushes stdout/stderr and leaves at once with `os._exit`, skipping
-    that teardown: use it at the very end of a torchrun script or a spawned worker.
+    `exit_code` also flushes stdout/stderr and leaves with `os._exit`, skipping the interpreter teardown where
+    gloo can abort ("terminate called without an active exception", pytorch/pytorch#190489).
     """
     if is_distributed():
         dist.barrier()

@@ -246,15 +246,6 @@ def _check_divisible(module_name: str, what: str, value: int, tp_size: int, why:
         )
 
 
-def _reject_cache(module_name: str, module: nn.Module, tp_size: int) -> None:
-    if tp_size > 1 and getattr(module, "kv_cache", None) is not None:
-        # The cache holds all Hkv heads while each rank would write only its Hkv / tp.
-        raise ValueError(
-            f"module {module_name!r} has a KV cache: tensor-parallel decoding is not supported "
-            "(call delete_cache() before parallelizing)"
-        )
-
-
 def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelStyle]:
     """The Megatron entries for one module (attention, feed-forward, MoE, Flux blocks), by its type."""
     from vermeil.models.flux import DoubleStreamBlock, FluxSelfAttention, SingleStreamBlock
@@ -267,7 +258,11 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
         heads_name, kv_heads_name = module.head_names  # as the user's config spells them
         _check_divisible(label, heads_name, module.heads, tp, heads_why)
         _check_divisible(label, kv_heads_name, module.kv_heads, tp, heads_why)
-        _reject_cache(label, module, tp)
+        if tp > 1 and module.kv_cache is not None:  # it holds all Hkv heads; each rank writes Hkv / tp
+            raise ValueError(
+                f"module {label!r} has a KV cache: tensor-parallel decoding is not supported "
+                "(call delete_cache() before parallelizing)"
+            )
         for proj in ("wq", "wk", "wv"):
             plan[p + proj] = ColwiseParallel()
         plan[p + "wo"] = RowwiseParallel()
@@ -297,13 +292,11 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
         plan[p + "proj"] = RowwiseParallel()
         plan[p + "norm"] = _HeadPartialGradients()
     elif isinstance(module, DoubleStreamBlock):
-        for stream in ("img", "txt"):
-            mlp = getattr(module, f"{stream}_mlp")
-            _check_divisible(
-                f"{p}{stream}_mlp", "mlp_hidden_dim", mlp[0].out_features, tp, "the MLP is split"
-            )
-            plan[f"{p}{stream}_mlp.0"] = ColwiseParallel()
-            plan[f"{p}{stream}_mlp.2"] = RowwiseParallel()
+        for mlp in ("img_mlp", "txt_mlp"):
+            hidden = getattr(module, mlp)[0].out_features
+            _check_divisible(p + mlp, "mlp_hidden_dim", hidden, tp, "the MLP is split")
+            plan[f"{p}{mlp}.0"] = ColwiseParallel()
+            plan[f"{p}{mlp}.2"] = RowwiseParallel()
     elif isinstance(module, SingleStreamBlock):
         d, m = module.hidden_size, module.mlp_hidden_dim
         _check_divisible(label, "num_heads", module.num_heads, tp, heads_why)

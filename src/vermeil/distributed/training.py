@@ -1,8 +1,5 @@
-"""What a training loop needs under a distributed strategy: each data-parallel rank's slice of the batches,
-gradient clipping over DTensors on several meshes, and optimizer groups split by tensor kind.
-
-`vermeil.train.Trainer` calls these when a run spans several processes; in one process none is used.
-"""
+"""What a training loop needs under a distributed strategy: each data-parallel rank's batches, gradient
+clipping over DTensors on several meshes, and optimizer groups split by tensor kind."""
 
 from __future__ import annotations
 
@@ -16,19 +13,18 @@ __all__ = ["ShardedBatches", "clip_grad_norm", "is_dtensor", "split_dtensor_grou
 
 
 def is_dtensor(t: Tensor) -> bool:
-    """Whether `t` is a `torch.distributed.tensor.DTensor` (imported here only: plain runs never load it)."""
+    """Whether `t` is a DTensor (imported here only: plain runs never load it)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
 class ShardedBatches:
-    """This data-parallel rank's slice (along dim 0) of every global batch of an endless batch iterator.
+    """This data-parallel rank's rows (dim 0) of every global batch of an endless batch iterator.
 
-    Every rank draws the same global batch (same sampler, same seed) and keeps rows
-    `[dp_rank * B / dp_size, (dp_rank + 1) * B / dp_size)`: deterministic, the sampler state is the same on every
-    rank (one saved copy resumes them all), and N ranks train on exactly the data of one process.
-    `state_dict`/`load_state_dict` (and any other attribute) are the wrapped iterator's.
+    Every rank draws the same global batch and keeps its B / dp_size rows: the sampler state is the same on
+    every rank (one saved copy resumes them all), and N ranks see exactly the data of one process. Other
+    attributes (`state_dict`, ...) are the wrapped iterator's.
     """
 
     def __init__(self, batches: Iterator[Any], dp_rank: int, dp_size: int) -> None:
@@ -62,11 +58,8 @@ class ShardedBatches:
 
 
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
-    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both).
-
-    The norm of each group of gradients sharing a mesh and placements is computed as a DTensor and made full
-    (one collective per group); the groups' norms combine into the global 2-norm, a plain 0-dim tensor.
-    """
+    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both); returns
+    the global 2-norm, combined from one norm (one collective) per mesh and placements."""
     from torch.distributed.tensor import DTensor
 
     groups: dict[Any, list[Tensor]] = {}
@@ -86,11 +79,8 @@ def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
 
 
 def split_dtensor_groups(optimizer: torch.optim.Optimizer) -> None:
-    """Split each param group into its plain-tensor and DTensor parameters (same settings), before any step.
-
-    Under tensor parallelism only some parameters are DTensors; AdamW's fused and foreach kernels run once per
-    group and cannot mix the two kinds in one call.
-    """
+    """Split each param group into its plain and DTensor parameters, before any step: AdamW's fused and
+    foreach kernels cannot mix the two kinds in one call."""
     groups = []
     for group in optimizer.param_groups:
         plain = [p for p in group["params"] if not is_dtensor(p)]
