@@ -532,9 +532,7 @@ class Flux(nn.Module):
             raise ValueError(f"y must be (B={b}, vec_in_dim={p.vec_in_dim}), got {tuple(y.shape)}")
         if p.guidance_embed:
             if guidance is None:
-                raise ValueError(
-                    "guidance must be given (a (B,) tensor) for a model with guidance_embed=True"
-                )
+                raise ValueError("guidance must be given (a (B,) tensor) when guidance_embed=True")
             if guidance.ndim != 1 or guidance.shape[0] != b:
                 raise ValueError(f"guidance must be (B,) = ({b},), got {tuple(guidance.shape)}")
         elif guidance is not None:

@@ -98,8 +98,7 @@ class HybridConfig:
             (`merge_proj(cat(mamba, attn))`).
         ffn_pattern: one letter per layer, repeated like `pattern`: "D" dense (`feed_forward`), "E" mixture of
             experts, "N" none; None means "D" everywhere.
-        d_state, d_conv, expand: both Mamba kinds (state-spaces names): state size N, conv width K, inner width
-            expand * D.
+        d_state, d_conv, expand: both Mamba kinds' state size N, conv width K and inner width / D.
         dt_rank: Mamba-1's dt rank (None = ceil(D / 16)).
         mamba_inner_norms: Mamba-1 layers normalise dt, B and C with RMSNorms (Jamba's mixer).
         compile_scan, scan_backend: Mamba-1's scan (see `MambaBlock`).
@@ -115,8 +114,7 @@ class HybridConfig:
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
         rotary_dim: rotate only the first `rotary_dim` channels of each head (Bamba's partial_rotary_factor 0.5).
-        window: sliding-window size of "A" layers (Samba); its decoding cache is a `RingKVCache` of `window`
-            slots.
+        window: sliding-window size of "A" layers (Samba); decoding keeps a `RingKVCache` of that many slots.
         feed_forward: the dense feed-forward: "none", "swiglu" or "mlp" (GELU).
         hidden_dim: dense feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to
             `multiple_of`) and 4D for mlp.
