@@ -1,9 +1,7 @@
 """Token generation for any model with a static cache: greedy, temperature, top-k, top-p, stop tokens, batches.
 
-A model meets `vermeil.models.contract`: `setup_cache(batch_size, max_seq_len, *, dtype=None, device=None)`,
-`model(tokens, input_pos=positions)` -> logits (read with `split_output`), `reset_cache()`, and optionally
-`delete_cache()` and `config.vocab_size`. Prefill runs the prompt in one forward, then one token per step, so
-`prefill` and `decode_one_token` compile on their own (gpt-fast `generate.py`).
+Any language model of `vermeil.models.contract` works. Prefill runs the prompt in one forward, then one token
+per step, so `prefill` and `decode_one_token` compile on their own (gpt-fast `generate.py`).
 
 A decode step is nothing but GEMVs. On the CPU, `decode_backend` lowers them to vectorised reductions (MKL's
 float32 GEMV streams weights at under half the bandwidth a reduction over contiguous weight rows reaches; see

@@ -14,38 +14,21 @@ from __future__ import annotations
 
 from vermeil._lazy import lazy_names
 
-_NAMES = {
-    "latest_checkpoint": "vermeil.runs",
-    "list_checkpoints": "vermeil.runs",
-    "load_model_weights": "vermeil.runs",
-    "keep_freed_memory": "vermeil.train.allocator",
-    "TrainConfig": "vermeil.train.config",
-    "Hook": "vermeil.train.hooks",
-    "LossCurve": "vermeil.train.hooks",
-    "TrainResult": "vermeil.train.hooks",
-    "LOSS_HEADS": "vermeil.train.losses",
-    "CrossEntropyLoss": "vermeil.train.losses",
-    "causal_lm_loss": "vermeil.train.losses",
-    "chunked_cross_entropy": "vermeil.train.losses",
-    "chunked_lm_loss_fn": "vermeil.train.losses",
-    "head_loss": "vermeil.train.losses",
-    "lm_loss_fn": "vermeil.train.losses",
-    "loss_head": "vermeil.train.losses",
-    "register_loss_head": "vermeil.train.losses",
-    "MetricsLogger": "vermeil.train.metrics",
-    "bits_per_byte": "vermeil.train.metrics",
-    "plot_loss_curve": "vermeil.train.metrics",
-    "read_metrics": "vermeil.train.metrics",
-    "truncate_metrics": "vermeil.train.metrics",
-    "WarmupCosine": "vermeil.train.optim",
-    "build_optimizer": "vermeil.train.optim",
-    "build_scheduler": "vermeil.train.optim",
-    "cosine_with_warmup": "vermeil.train.optim",
-    "param_groups": "vermeil.train.optim",
-    "compile_blocks": "vermeil.train.regional",
-    "uncompile_blocks": "vermeil.train.regional",
-    "Trainer": "vermeil.train.trainer",
+_MODULES = {  # module -> the public names it defines
+    "vermeil.runs": "latest_checkpoint list_checkpoints load_model_weights",
+    "vermeil.train.allocator": "keep_freed_memory",
+    "vermeil.train.config": "TrainConfig",
+    "vermeil.train.hooks": "Hook LossCurve TrainResult",
+    "vermeil.train.losses": (
+        "LOSS_HEADS CrossEntropyLoss causal_lm_loss chunked_cross_entropy chunked_lm_loss_fn head_loss lm_loss_fn "
+        "loss_head register_loss_head"
+    ),
+    "vermeil.train.metrics": "MetricsLogger bits_per_byte plot_loss_curve read_metrics truncate_metrics",
+    "vermeil.train.optim": "WarmupCosine build_optimizer build_scheduler cosine_with_warmup param_groups",
+    "vermeil.train.regional": "compile_blocks uncompile_blocks",
+    "vermeil.train.trainer": "Trainer",
 }
+_NAMES = {name: module for module, names in _MODULES.items() for name in names.split()}
 
 __all__ = sorted(_NAMES)
 

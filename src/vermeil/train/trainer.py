@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from vermeil import runs
@@ -327,8 +328,6 @@ class Trainer:
         must stop at the same one to save one checkpoint together."""
         if self.world_size == 1:
             return self._stop
-        import torch.distributed as dist
-
         flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._stop = bool(flag.item())
@@ -336,8 +335,6 @@ class Trainer:
 
     def _sync(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def _call(self, name: str, *args: Any) -> None:
@@ -775,8 +772,6 @@ class Trainer:
         w = self._window
         loss, metrics = w.loss, dict(w.metrics)
         if self.world_size > 1:  # the mean over the ranks (each holds the mean over its slice)
-            import torch.distributed as dist
-
             flat = torch.stack([loss.float(), *(v.float() for v in metrics.values())])
             dist.all_reduce(flat)
             flat = flat / self.world_size
@@ -829,6 +824,4 @@ def _duration(seconds: float) -> str:
 
 
 def _group_exists() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
