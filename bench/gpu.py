@@ -29,7 +29,13 @@ Rows (issue "Mamba at GPU speed"), bf16 autocast, d_model 1024, 8 layers, d_stat
            vermeil.interop), same input and loss, one timed run (it takes ~35 s); `--no-anchors` skips it.
   scan     the scan alone at B 4, D 2048, N 16, L 2048 (bf16 u/delta/z/B/C, float32 A/D/delta_bias, z gating,
            softplus): forward and forward + backward; bytes moved (`vermeil.nn.scan_triton.scan_bytes`) and
-           achieved GB/s against the measured copy bandwidth and the 4.8 TB/s datasheet figure.
+           achieved GB/s against the measured copy bandwidth and the 4.8 TB/s datasheet figure; the Triton
+           scan in both layouts (`selective_scan_triton(layout="tile"|"channel")`, each checked first).
+  sweep    the Triton scan at the scan rows' shape over SWEEP (layout x block_d x chunk x num_warps, the
+           dB/dC partials and the unrolled state loop): y checked against the default kernel, then fwd and
+           fwd+bwd timed; a configuration that fails to compile is skipped with its error; the best fwd+bwd,
+           then it and the default on time-major inputs (MambaBlock's views). At most 150 s, or what the
+           budget leaves when no later group is to run (`--only check,scan,sweep`).
   decode   batch 1, greedy, after 64 and after 4096 prompt tokens, MambaLM (the stack's config, vocabulary
            32000) and a HybridModel of the same width (pattern MMMAMMMA, no feed-forward), bf16 weights:
            `generate`'s eager step, its CUDA-graph step, and the graph of the step compiled by Inductor
@@ -306,12 +312,25 @@ def triton_missing(ctx: Ctx) -> str | None:
     return None
 
 
-def scan_bytes(bsz: int, dim: int, length: int, n: int, dtype: torch.dtype, backward: bool) -> int | None:
+def scan_bytes(
+    bsz: int,
+    dim: int,
+    length: int,
+    n: int,
+    dtype: torch.dtype,
+    backward: bool,
+    kernel: dict[str, Any] | None = None,
+) -> int | None:
+    """Bytes the Triton scan moves; `kernel` (layout, chunk) sets the chunk length of its saved states."""
     try:
-        from vermeil.nn.scan_triton import scan_bytes as count
+        from vermeil.nn import scan_triton as st
     except ImportError:
         return None
-    return int(count(bsz, dim, length, n, dtype, backward=backward))
+    kernel = kernel or {}
+    chunk = kernel.get("chunk") or (st.CHANNEL_CHUNK if kernel.get("layout") == "channel" else st.CHUNK)
+    if "chunk" not in inspect.signature(st.scan_bytes).parameters:
+        return int(st.scan_bytes(bsz, dim, length, n, dtype, backward=backward))
+    return int(st.scan_bytes(bsz, dim, length, n, dtype, backward=backward, chunk=chunk))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,15 +397,26 @@ def _scan_loss(out: tuple[Tensor, Tensor]) -> Tensor:
     return y.float().square().mean() + final.square().mean()
 
 
-def _check_scan_backend(ctx: Ctx, backend: str) -> None:
+def _scan_fn(backend: str, kernel: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """selective_scan with this backend, or with `kernel` (layout, block sizes) the Triton scan called directly."""
+    if kernel is not None:
+        from vermeil.nn.scan_triton import selective_scan_triton
+
+        return lambda **kw: selective_scan_triton(**kw, **kernel)
+    return lambda **kw: selective_scan(**kw, **_backend_kw(backend))
+
+
+def _kernel_label(kernel: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in kernel.items())
+
+
+def _check_scan_backend(ctx: Ctx, backend: str, kernel: dict[str, Any] | None = None) -> None:
     bsz, dim, n, length = ctx.shapes.check_scan
     inputs = _scan_inputs(bsz, dim, n, length, ctx.device, torch.float32)
     grads = {}
     outs = {}
-    for name, fn in (
-        ("ref", lambda **kw: selective_scan_ref(**kw)),
-        (backend, lambda **kw: selective_scan(**kw, **_backend_kw(backend))),
-    ):
+    label = backend + (f" {_kernel_label(kernel)}" if kernel else "")
+    for name, fn in (("ref", lambda **kw: selective_scan_ref(**kw)), (backend, _scan_fn(backend, kernel))):
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
         out = fn(**leaves, delta_softplus=True, return_final_state=True)
         _scan_loss(out).backward()
@@ -401,7 +431,7 @@ def _check_scan_backend(ctx: Ctx, backend: str) -> None:
     }
     worst = max(errors, key=errors.__getitem__)
     ctx.check(
-        f"scan {backend} == selective_scan_ref (fp32, y, final state, 9 grads; B{bsz} D{dim} N{n} L{length})",
+        f"scan {label} == selective_scan_ref (fp32, y, final state, 9 grads; B{bsz} D{dim} N{n} L{length})",
         errors[worst] < 1e-5,
         f"max |diff| / max |ref| {errors[worst]:.1e} at {worst} (tolerance 1e-5)",
     )
@@ -414,6 +444,10 @@ def row_check_scans(ctx: Ctx) -> None:
         ctx.skip("check", "scan triton == selective_scan_ref", reason)
         return
     _check_scan_backend(ctx, "triton")
+    # the "channel" layout at its default block sizes (on the CPU: a short chunk, for the interpreter)
+    _check_scan_backend(ctx, "triton", {"layout": "channel", **({"chunk": 8} if ctx.tiny else {})})
+    _check_scan_backend(ctx, "triton", {"layout": "channel", "block_d": 2, "chunk": 8 if ctx.tiny else 128,
+                                        "atomic_bc": False})  # fmt: skip
 
 
 def row_check_stack_backends(ctx: Ctx) -> None:
@@ -635,38 +669,130 @@ def row_scan(ctx: Ctx) -> None:
         if reason:
             ctx.skip("scan", label, reason)
             continue
-        for backward in (False, True):
-            name = f"{label} {'fwd+bwd' if backward else 'fwd'}"
-            try:
-                ms = _median(ctx.time_ms(_scan_call(inputs, backend, backward), min_reps=20, max_s=4.0))
-            except Exception as e:
-                ctx.skip("scan", name, f"error: {type(e).__name__}: {e}")
-                continue
-            moved = scan_bytes(bsz, dim, length, n, low, backward) if backend == "triton" else None
-            gbs = moved / (ms * 1e-3) / 1e9 if moved else None
-            ctx.add(
-                "scan",
-                name,
-                ms,
-                mb_moved=moved / 1e6 if moved else None,
-                gbs=gbs,
-                of_copy=gbs / ctx.copy_gbs if gbs and ctx.copy_gbs else None,
-                of_datasheet=gbs / HBM_DATASHEET_GBS if gbs and ctx.cuda else None,
-            )
+        # the "channel" layout beside the default one (its chunk shortened for the interpreter)
+        kernels = (
+            [None]
+            if backend != "triton"
+            else [None, {"layout": "channel", **({"chunk": 8} if ctx.tiny else {})}]
+        )
+        for kernel in kernels:
+            name_k = label + (f" {_kernel_label(kernel)}" if kernel else "")
+            for backward in (False, True):
+                _time_scan(ctx, "scan", f"{name_k} {'fwd+bwd' if backward else 'fwd'}", inputs, backend, backward,
+                           kernel, min_reps=20, max_s=4.0)  # fmt: skip
 
 
-def _scan_call(inputs: dict[str, Tensor], backend: str, backward: bool) -> Callable[[], None]:
+def _time_scan(
+    ctx: Ctx, group: str, name: str, inputs: dict[str, Tensor], backend: str, backward: bool,
+    kernel: dict[str, Any] | None, **timing: Any,
+) -> float | None:  # fmt: skip
+    """Time one scan call (a row with bytes moved and GB/s); None, and a skipped row naming the error, if it fails."""
+    bsz, dim, length = inputs["u"].shape
+    n, low = inputs["A"].shape[1], inputs["u"].dtype
+    try:
+        ms = _median(ctx.time_ms(_scan_call(inputs, backend, backward, kernel), **timing))
+    except Exception as e:
+        ctx.skip(group, name, f"error: {type(e).__name__}: {str(e)[:300]}")
+        return None
+    moved = scan_bytes(bsz, dim, length, n, low, backward, kernel) if backend == "triton" else None
+    gbs = moved / (ms * 1e-3) / 1e9 if moved else None
+    ctx.add(
+        group,
+        name,
+        ms,
+        mb_moved=moved / 1e6 if moved else None,
+        gbs=gbs,
+        of_copy=gbs / ctx.copy_gbs if gbs and ctx.copy_gbs else None,
+        of_datasheet=gbs / HBM_DATASHEET_GBS if gbs and ctx.cuda else None,
+    )
+    return ms
+
+
+# layout, block_d, chunk, num_warps (+ atomic_bc) of the sweep, the likeliest first (the budget may cut it)
+SWEEP: list[dict[str, Any]] = [
+    {"layout": "channel", "block_d": bd, "chunk": ch, "num_warps": w}
+    for bd, ch, w in [(1, 512, 4), (1, 1024, 8), (1, 256, 4), (1, 1024, 4), (2, 512, 8), (1, 2048, 16),
+                      (1, 512, 8), (2, 256, 4), (4, 256, 8), (4, 512, 16), (1, 128, 1), (2, 1024, 16)]
+] + [
+    {"layout": "channel", "block_d": 1, "chunk": 512, "num_warps": 4, "unroll_n": True},
+    {"layout": "channel", "block_d": 4, "chunk": 256, "num_warps": 8, "atomic_bc": False},
+    {"layout": "channel", "block_d": 8, "chunk": 128, "num_warps": 8, "atomic_bc": False},
+] + [
+    {"layout": "tile", "block_d": bd, "chunk": ch, "num_warps": w}
+    for bd, ch, w in [(8, 32, 8), (8, 16, 4), (16, 16, 8), (4, 32, 4), (4, 64, 8)]
+]  # fmt: skip
+SWEEP_TINY = [{"layout": "channel", "block_d": 4, "chunk": 8, "num_warps": 4},
+              {"layout": "tile", "block_d": 4, "chunk": 8, "num_warps": 4}]  # fmt: skip
+
+
+def row_scan_sweep(ctx: Ctx) -> None:
+    """Each SWEEP configuration at the scan rows' shape: forward checked against the default kernel's y (bf16
+    rounding), then timed fwd and fwd+bwd; the best fwd+bwd printed last. Spends at most 150 s when later
+    groups are to run, else what is left of the budget."""
+    reason = triton_missing(ctx)
+    if reason:
+        ctx.skip("sweep", "scan sweep", reason)
+        return
+    later = list(GROUPS)[list(GROUPS).index("sweep") + 1 :]
+    until = ctx.elapsed() + (150.0 if any(g in (ctx.args.only or GROUPS) for g in later) else ctx.left() - 10)
+    bsz, dim, n, length = ctx.shapes.scan
+    low = torch.bfloat16 if ctx.cuda else torch.float32
+    inputs = _scan_inputs(bsz, dim, n, length, ctx.device, low)
+    inputs.pop("initial_state")
+    with torch.no_grad():
+        y_ref = selective_scan(**inputs, delta_softplus=True, backend="triton").float()
+    best: tuple[float, str, dict[str, Any]] | None = None
+    for kernel in SWEEP_TINY if ctx.tiny else SWEEP:
+        name = f"B{bsz} D{dim} N{n} L{length} {_kernel_label(kernel)}"
+        if ctx.elapsed() > until or ctx.left() <= 0:
+            ctx.skip("sweep", name, "sweep time spent")
+            continue
+        try:
+            with torch.no_grad():
+                y = _scan_fn("triton", kernel)(**inputs, delta_softplus=True).float()
+        except Exception as e:  # a config that fails to compile (registers, shared memory): named, skipped
+            ctx.skip("sweep", name, f"error: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        err = ((y - y_ref).abs().max() / y_ref.abs().max()).item()
+        if not err < 2e-2:
+            ctx.skip("sweep", name, f"error: y differs from the default kernel's by {err:.1e} of its max")
+            continue
+        _time_scan(ctx, "sweep", f"{name} fwd", inputs, "triton", False, kernel, min_reps=10, max_s=1.0)
+        ms = _time_scan(
+            ctx, "sweep", f"{name} fwd+bwd", inputs, "triton", True, kernel, min_reps=10, max_s=1.5
+        )
+        if ms is not None and (best is None or ms < best[0]):
+            best = (ms, name, kernel)
+    if best is None:
+        return
+    ctx.add("sweep", f"best fwd+bwd: {best[1]}", best[0])
+    # MambaBlock passes time-major views (D innermost): the best configuration and the default on those
+    major = {
+        k: v.transpose(1, 2).contiguous().transpose(1, 2) if v.dim() == 3 else v for k, v in inputs.items()
+    }
+    for kernel in (best[2], None):
+        if ctx.elapsed() > until:
+            break
+        label = _kernel_label(kernel) if kernel else "default (tile)"
+        _time_scan(ctx, "sweep", f"time-major inputs {label} fwd+bwd", major, "triton", True, kernel, min_reps=10,
+                   max_s=1.5)  # fmt: skip
+
+
+def _scan_call(
+    inputs: dict[str, Tensor], backend: str, backward: bool, kernel: dict[str, Any] | None = None
+) -> Callable[[], None]:
+    scan = _scan_fn(backend, kernel)
     if not backward:
 
         def fwd() -> None:
             with torch.no_grad():
-                selective_scan(**inputs, delta_softplus=True, **_backend_kw(backend))
+                scan(**inputs, delta_softplus=True)
 
         return fwd
     leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
 
     def fwd_bwd() -> None:
-        y = selective_scan(**leaves, delta_softplus=True, **_backend_kw(backend))
+        y = scan(**leaves, delta_softplus=True)
         y.backward(torch.ones_like(y))
         for t in leaves.values():
             t.grad = None
@@ -1490,6 +1616,7 @@ GROUPS: dict[str, list[Callable[[Ctx], None]]] = {
     "check": [row_check_scans, row_check_stack_backends, row_check_decode],
     "stack": [row_stack],
     "scan": [row_scan],
+    "sweep": [row_scan_sweep],
     "decode": [row_decode],
     "llm": [row_llm_decode],
     "train": [row_train_step],

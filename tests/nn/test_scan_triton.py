@@ -400,8 +400,9 @@ def test_channel_lengths_and_state_sizes(length, n, options):
 
 
 def test_channel_default_blocks_and_padded_state():
-    """The layout's default block sizes (one long chunk here), N = 5 padded to 8."""
-    assert_matches_ref(make_inputs(dim=9, n=5, length=130), ALL_ON, **CHANNEL)
+    """The layout's default block sizes (one long chunk here), N = 5 padded to 8 (3 programs: the interpreter
+    runs a 512-position scan one position at a time)."""
+    assert_matches_ref(make_inputs(bsz=1, dim=3, n=5, length=130), ALL_ON, **CHANNEL)
 
 
 @pytest.mark.parametrize("block_d", [1, 2])
@@ -500,3 +501,37 @@ def test_layout_is_checked():
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
     with pytest.raises(ValueError, match="layout='rows'"):
         selective_scan_triton(*args, layout="rows")
+
+
+@pytest.mark.parametrize("options", [ALL_ON, ALL_OFF], ids=["all_on", "all_off"])
+def test_channel_unrolled_state_loop(options):
+    """unroll_n=True (a static loop over the padded N: N = 5 runs 8 iterations, 3 of them masked)."""
+    assert_matches_ref(
+        make_inputs(dim=5, n=5, length=21), options, block_d=4, chunk=8, unroll_n=True, **CHANNEL
+    )
+
+
+_COMPILE_CHANNEL_FOR_SM90 = _COMPILE_FOR_SM90.replace(
+    """    (st._scan_fwd_kernel, st.NUM_WARPS, {"HAS_H0": True, "SAVE_CHUNKS": True}),
+    (st._scan_bwd_kernel, st.BWD_NUM_WARPS, {"HAS_DLAST": True}),""",
+    """    (st._chan_fwd_kernel, st.CHANNEL_NUM_WARPS, {"HAS_H0": True, "SAVE_CHUNKS": True, "UNROLL_N": False}),
+    (st._chan_bwd_kernel, st.CHANNEL_NUM_WARPS, {"HAS_DLAST": True, "ATOMIC_BC": True, "UNROLL_N": False}),""",
+).replace(
+    "BLOCK_D=st.BLOCK_D, BLOCK_N=16,\n                      CHUNK=st.CHUNK",
+    "BLOCK_D=st.CHANNEL_BLOCK_D,\n                      BLOCK_N=16, CHUNK=st.CHANNEL_CHUNK",
+)
+
+
+@pytest.mark.slow
+def test_channel_kernels_compile_for_hopper_without_a_gpu():
+    """As test_kernels_compile_for_hopper_without_a_gpu, for the "channel" kernels at their defaults."""
+    import os
+    import subprocess
+    import sys
+
+    assert "_chan_bwd_kernel" in _COMPILE_CHANNEL_FOR_SM90 and "CHANNEL_CHUNK" in _COMPILE_CHANNEL_FOR_SM90
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = _COMPILE_CHANNEL_FOR_SM90
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -50,8 +50,29 @@ registers per thread / spilled bytes):
 
 8 x 32 spills nothing, and CHUNK 32 halves the chunk-state traffic of CHUNK 16 (4 N / CHUNK bytes per
 (b, d, l)). Their time is not measured: the kernels were checked in Triton's interpreter only, and the
-associative scan above is argued, not timed; `block_d=`, `chunk=` and NUM_WARPS / BWD_NUM_WARPS are the knobs
-to sweep on a GPU. The interpreter (TRITON_INTERPRET=1, CPU tensors: the tests) evaluates a user-combine
+associative scan above is argued, not timed; `block_d=`, `chunk=` and `num_warps=` (default NUM_WARPS / BWD_NUM_WARPS) are the
+knobs to sweep on a GPU (`bench/gpu.py --only check,scan,sweep`). Layouts (`selective_scan_triton(..., layout=)`; same arguments, results, saved state and numerics):
+
+- "tile" (the default, described above): a [BLOCK_D, N_pad, CHUNK] tile scanned at once, short chunks.
+- "channel" (`_chan_fwd_kernel`, `_chan_bwd_kernel`), organised as mamba_ssm's CUDA kernel: a program per
+  (batch, CHANNEL_BLOCK_D channels, 1 by default), long chunks (CHANNEL_CHUNK = 512) of [BLOCK_D, CHUNK]
+  tiles, and inside each chunk a loop over the N states (a runtime loop, or unrolled with `unroll_n=True`);
+  per state n: the B_n, C_n rows, a = exp2(delta A_n log2 e), one 1-D associative scan along time from the
+  carry h[:, n] (the [BLOCK_D, N_pad] carry tile updated with `tl.where(offs_n == n, ...)`), y += C_n h.
+  Backward: per state, the forward scan recomputed from the chunk's saved start, the reverse adjoint scan,
+  du/ddelta summed over n in registers, dA per (d, n), dB_n/dC_n summed over the program's channels and
+  added by float32 atomics or, with `atomic_bc=False`, written as per-channel-block partials that torch sums
+  (deterministic; cdiv(D, BLOCK_D) times the dB/dC traffic). ptxas (sm_90, N 16, every option on, runtime
+  state loop), registers / spilled bytes, forward and backward: 1 x 512, 4 warps: 96 / 0 and 168 / 8;
+  1 x 1024, 4 warps: 157 / 0 and 250 / 0; 4 x 256, 4 warps: 168 / 40 and 255 / 32 (unrolled: 255 / 56 and
+  255 / 1180). Untimed: the default stays "tile" until a GPU measures both. With time-major inputs (D
+  innermost) a small BLOCK_D reads each 32-byte sector for fewer channels than "tile" does (L2 serves the
+  neighbouring programs).
+  Sources: state-spaces/mamba `csrc/selective_scan/selective_scan_fwd_kernel.cuh`,
+  `selective_scan_bwd_kernel.cuh` (a block per channel, chunks of up to 2048 steps, the sequential loop
+  over states with one block scan each, dB/dC atomics).
+
+The interpreter (TRITON_INTERPRET=1, CPU tensors: the tests) evaluates a user-combine
 `tl.associative_scan` one element at a time in Python: keep interpreted shapes tiny.
 """
 
@@ -81,8 +102,8 @@ MIN_BLOCK_D, MAX_BLOCK_D = 4, 64
 NUM_WARPS = 8
 BWD_NUM_WARPS = 8
 # The "channel" layout (module docstring): [BLOCK_D, CHUNK] tiles, a long chunk, a loop over the N states.
-CHANNEL_BLOCK_D = 4
-CHANNEL_CHUNK = 256
+CHANNEL_BLOCK_D = 1
+CHANNEL_CHUNK = 512
 CHANNEL_NUM_WARPS = 4
 
 # Set at import: the @triton.jit decorators below read TRITON_INTERPRET when this module is imported.
@@ -99,14 +120,17 @@ def block_d_for(n_state: int, chunk: int = CHUNK) -> int:
     return max(MIN_BLOCK_D, min(MAX_BLOCK_D, 1 << max(0, int(math.log2(max(1, per))))))
 
 
-def scan_bytes(batch: int, dim: int, length: int, n_state: int, dtype: torch.dtype, *, backward: bool) -> int:
+def scan_bytes(
+    batch: int, dim: int, length: int, n_state: int, dtype: torch.dtype, *, backward: bool, chunk: int = CHUNK
+) -> int:
     """HBM bytes one forward (or one backward) call of the Triton scan moves, for a bandwidth report.
 
     Counts each tensor once (B, C and the shifted delta are re-read by other channel blocks from L2), with
-    z, D and delta_bias present (as in Mamba) and B, C in `dtype`; e is the element size of `dtype`.
+    z, D and delta_bias present (as in Mamba) and B, C in `dtype`; e is the element size of `dtype`; chunk:
+    the kernel's chunk length (the saved chunk-start states), CHANNEL_CHUNK for the "channel" defaults.
     """
     e = torch.empty((), dtype=dtype).element_size()
-    n_chunks = -(-length // CHUNK)
+    n_chunks = -(-length // chunk)
     bdl, bnl, bdn = batch * dim * length, batch * n_state * length, batch * dim * n_state
     small = dim * n_state * 4 + 2 * dim * 4  # A, D, delta_bias
     if not backward:  # u, delta, z read, y written; B, C read; chunk states, h0, final state
@@ -348,6 +372,53 @@ if triton is not None:
         ).to(tl.float32)
 
     @triton.jit
+    def _chan_fwd_state(n, B_ptr, C_ptr, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, pid_b, n_state, t, mask_t, offs_n,
+                        offs_t, dt, du, A2, h, y, CHUNK: tl.constexpr):  # fmt: skip
+        """State n over one chunk: its 1-D scan from the carry h[:, n]; returns (y + C_n h_n, h updated)."""
+        b = _load_row(B_ptr, s_bb, s_bn, s_bl, pid_b, n, n_state, t, mask_t)
+        cc = _load_row(C_ptr, s_cb, s_cn, s_cl, pid_b, n, n_state, t, mask_t)
+        a = tl.exp2(dt * _pick(A2, offs_n, n)[:, None])
+        a_cum, x_cum = tl.associative_scan((a, du * b[None, :]), axis=1, combine_fn=_combine)
+        hs = a_cum * _pick(h, offs_n, n)[:, None] + x_cum
+        h = tl.where(offs_n[None, :] == n, _pick(hs, offs_t, CHUNK - 1)[:, None], h)
+        return y + hs * cc[None, :], h
+
+    @triton.jit
+    def _chan_bwd_state(n, B_ptr, C_ptr, dB_ptr, dC_ptr, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, pid_b, n_state,
+                        length, t, mask_t, offs_n, offs_t, dt, dt1, du, gy, A, A2, h, g, y, s, qa, dA_acc,
+                        bc_base, HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr):  # fmt: skip
+        """State n over one chunk, backward: the forward scan recomputed from the chunk's start h[:, n], the
+        reverse adjoint scan from the carry g[:, n]; adds to y (with HAS_Z), s = sum_n G B,
+        qa = sum_n G a h_prev A and dA, writes dB/dC row n; returns (y, s, qa, g, dA_acc)."""
+        b = _load_row(B_ptr, s_bb, s_bn, s_bl, pid_b, n, n_state, t, mask_t)
+        cc = _load_row(C_ptr, s_cb, s_cn, s_cl, pid_b, n, n_state, t, mask_t)
+        A2_n = _pick(A2, offs_n, n)[:, None]
+        x = du * b[None, :]
+        a_cum, x_cum = tl.associative_scan((tl.exp2(dt * A2_n), x), axis=1, combine_fn=_combine)
+        hs = a_cum * _pick(h, offs_n, n)[:, None] + x_cum
+        if HAS_Z:
+            y += hs * cc[None, :]
+        a1_cum, g_loc = tl.associative_scan(
+            (tl.exp2(dt1 * A2_n), gy * cc[None, :]), axis=1, combine_fn=_combine, reverse=True
+        )
+        G = tl.where(mask_t[None, :], a1_cum * _pick(g, offs_n, n)[:, None] + g_loc, 0.0)
+        g = tl.where(offs_n[None, :] == n, _pick(G, offs_t, 0)[:, None], g)
+        q = G * (hs - x)
+        s += G * b[None, :]
+        qa += q * _pick(A, offs_n, n)[:, None]
+        dA_acc += tl.where(offs_n[None, :] == n, tl.sum(q * dt, axis=1)[:, None], 0.0)
+        mask_bc = mask_t & (t * 0 + n < n_state)  # a vector: the interpreter's masks cannot be bools
+        dB_n = tl.sum(G * du, axis=0)
+        dC_n = tl.sum(hs * gy, axis=0)
+        if ATOMIC_BC:
+            tl.atomic_add(dB_ptr + bc_base + n * length + t, dB_n, mask=mask_bc)
+            tl.atomic_add(dC_ptr + bc_base + n * length + t, dC_n, mask=mask_bc)
+        else:
+            tl.store(dB_ptr + bc_base + n * length + t, dB_n, mask=mask_bc)
+            tl.store(dC_ptr + bc_base + n * length + t, dC_n, mask=mask_bc)
+        return y, s, qa, g, dA_acc
+
+    @triton.jit
     def _chan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
         y_ptr, hlast_ptr, hchunk_ptr,
@@ -356,7 +427,7 @@ if triton is not None:
         s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
         s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, SAVE_CHUNKS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CHUNKS: tl.constexpr, UNROLL_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         """The "channel" layout: [BLOCK_D, CHUNK] tiles, one 1-D scan along time per state n (module docstring)."""
@@ -378,14 +449,14 @@ if triton is not None:
             )
             du = dt * u
             y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
-            for n in tl.static_range(BLOCK_N):
-                b = _load_row(B_ptr, s_bb, s_bn, s_bl, pid_b, n, n_state, t, mask_t)
-                cc = _load_row(C_ptr, s_cb, s_cn, s_cl, pid_b, n, n_state, t, mask_t)
-                a = tl.exp2(dt * _pick(A2, offs_n, n)[:, None])
-                a_cum, x_cum = tl.associative_scan((a, du * b[None, :]), axis=1, combine_fn=_combine)
-                hs = a_cum * _pick(h, offs_n, n)[:, None] + x_cum
-                y += hs * cc[None, :]
-                h = tl.where(offs_n[None, :] == n, _pick(hs, offs_t, CHUNK - 1)[:, None], h)
+            if UNROLL_N:  # the N scans unrolled (independent: the compiler may interleave them)
+                for n in tl.static_range(BLOCK_N):
+                    y, h = _chan_fwd_state(n, B_ptr, C_ptr, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, pid_b, n_state,
+                                           t, mask_t, offs_n, offs_t, dt, du, A2, h, y, CHUNK)  # fmt: skip
+            else:  # one state after the other, as mamba_ssm (fewer live registers)
+                for n in range(0, n_state):
+                    y, h = _chan_fwd_state(n, B_ptr, C_ptr, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, pid_b, n_state,
+                                           t, mask_t, offs_n, offs_t, dt, du, A2, h, y, CHUNK)  # fmt: skip
             if HAS_D:
                 y += d_skip[:, None] * u
             if HAS_Z:
@@ -404,7 +475,7 @@ if triton is not None:
         s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
         s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-        SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr,
+        SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr, UNROLL_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         """Backward of `_chan_fwd_kernel`: chunks in reverse; per state n, the chunk's forward scan recomputed
@@ -447,35 +518,18 @@ if triton is not None:
             y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
             s = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # sum_n G_t B_t
             qa = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # sum_n G_t a_t h_{t-1} A
-            for n in tl.static_range(BLOCK_N):
-                b = _load_row(B_ptr, s_bb, s_bn, s_bl, pid_b, n, n_state, t, mask_t)
-                cc = _load_row(C_ptr, s_cb, s_cn, s_cl, pid_b, n, n_state, t, mask_t)
-                A2_n = _pick(A2, offs_n, n)[:, None]
-                x = du * b[None, :]
-                a_cum, x_cum = tl.associative_scan((tl.exp2(dt * A2_n), x), axis=1, combine_fn=_combine)
-                hs = a_cum * _pick(h, offs_n, n)[:, None] + x_cum
-                if HAS_Z:
-                    y += hs * cc[None, :]
-                a1_cum, g_loc = tl.associative_scan(
-                    (tl.exp2(dt1 * A2_n), gy * cc[None, :]), axis=1, combine_fn=_combine, reverse=True
-                )
-                G = tl.where(mask_t[None, :], a1_cum * _pick(g, offs_n, n)[:, None] + g_loc, 0.0)
-                g = tl.where(offs_n[None, :] == n, _pick(G, offs_t, 0)[:, None], g)
-                q = G * (hs - x)
-                s += G * b[None, :]
-                qa += q * _pick(A, offs_n, n)[:, None]
-                dA_acc += tl.where(offs_n[None, :] == n, tl.sum(q * dt, axis=1)[:, None], 0.0)
-                mask_bc = mask_t & (
-                    t * 0 + n < n_state
-                )  # (a vector: the interpreter's masks cannot be bools)
-                dB_n = tl.sum(G * du, axis=0)
-                dC_n = tl.sum(hs * gy, axis=0)
-                if ATOMIC_BC:
-                    tl.atomic_add(dB_ptr + bc_base + n * length + t, dB_n, mask=mask_bc)
-                    tl.atomic_add(dC_ptr + bc_base + n * length + t, dC_n, mask=mask_bc)
-                else:
-                    tl.store(dB_ptr + bc_base + n * length + t, dB_n, mask=mask_bc)
-                    tl.store(dC_ptr + bc_base + n * length + t, dC_n, mask=mask_bc)
+            if UNROLL_N:
+                for n in tl.static_range(BLOCK_N):
+                    y, s, qa, g, dA_acc = _chan_bwd_state(
+                        n, B_ptr, C_ptr, dB_ptr, dC_ptr, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, pid_b, n_state,
+                        length, t, mask_t, offs_n, offs_t, dt, dt1, du, gy, A, A2, h, g, y, s, qa, dA_acc,
+                        bc_base, HAS_Z, ATOMIC_BC)  # fmt: skip
+            else:
+                for n in range(0, n_state):
+                    y, s, qa, g, dA_acc = _chan_bwd_state(
+                        n, B_ptr, C_ptr, dB_ptr, dC_ptr, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, pid_b, n_state,
+                        length, t, mask_t, offs_n, offs_t, dt, dt1, du, gy, A, A2, h, g, y, s, qa, dA_acc,
+                        bc_base, HAS_Z, ATOMIC_BC)  # fmt: skip
             if HAS_Z:
                 y += d_skip[:, None] * u
                 dz = dy * y * sig * (1.0 + z * (1.0 - sig))
@@ -527,6 +581,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         layout: str = "tile",
         num_warps: int | None = None,
         atomic_bc: bool = True,
+        unroll_n: bool = False,
     ) -> tuple[Tensor, Tensor]:
         bsz, dim, length = u.shape
         n_state = A.shape[1]
@@ -540,20 +595,23 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         zz = z if z is not None else u
         grid = (bsz, triton.cdiv(dim, block_d))
-        kernel = _scan_fwd_kernel if layout == "tile" else _chan_fwd_kernel
+        kernel, extra = (
+            (_scan_fwd_kernel, {}) if layout == "tile" else (_chan_fwd_kernel, {"UNROLL_N": unroll_n})
+        )
         kernel[grid](
             u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
             h0 if h0 is not None else h_last, y, h_last, h_chunks,
             dim, length, n_state, n_chunks,
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-            SOFTPLUS=bool(delta_softplus), SAVE_CHUNKS=save,
+            SOFTPLUS=bool(delta_softplus), SAVE_CHUNKS=save, **extra,
             BLOCK_D=block_d, BLOCK_N=_n_pad(n_state), CHUNK=chunk, num_warps=num_warps or NUM_WARPS,
         )  # fmt: skip
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h_chunks)
             ctx.softplus, ctx.block_d, ctx.chunk = bool(delta_softplus), block_d, chunk
             ctx.layout, ctx.num_warps, ctx.atomic_bc = layout, num_warps, atomic_bc or layout == "tile"
+            ctx.unroll_n = unroll_n
             ctx.state_dtype = initial_state.dtype if initial_state is not None else None
         return y, h_last
 
@@ -576,7 +634,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         dD, dbias = torch.empty(bsz, dim, **f32), torch.empty(bsz, dim, **f32)  # per batch row, summed below
         zz = z if z is not None else u
         grid = (bsz, n_blocks)
-        layout = {} if ctx.layout == "tile" else {"ATOMIC_BC": ctx.atomic_bc}
+        layout = {} if ctx.layout == "tile" else {"ATOMIC_BC": ctx.atomic_bc, "UNROLL_N": ctx.unroll_n}
         (_scan_bwd_kernel if ctx.layout == "tile" else _chan_bwd_kernel)[grid](
             u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
             h_chunks, dy, dlast if dlast is not None else dh0,
@@ -594,7 +652,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         grads = (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0)  # dA, dD, dbias: tiny sums
         dtypes = [None if t is None else t.dtype for t in saved[:8]] + [ctx.state_dtype]
         need = ctx.needs_input_grad
-        return (*(g.to(dt) if n else None for g, dt, n in zip(grads, dtypes, need)), *[None] * 6)
+        return (*(g.to(dt) if n else None for g, dt, n in zip(grads, dtypes, need)), *[None] * 7)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -631,6 +689,7 @@ def selective_scan_triton(
     layout: str = "tile",
     num_warps: int | None = None,
     atomic_bc: bool = True,
+    unroll_n: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective scan by the Triton kernels: arguments and results of `selective_scan_ref`.
 
@@ -638,7 +697,8 @@ def selective_scan_triton(
     and chunk (positions per associative scan) must be powers of two; None picks `block_d_for(N)` and CHUNK
     for layout "tile" (the default), CHANNEL_BLOCK_D and CHANNEL_CHUNK for "channel" (module docstring).
     num_warps: None for NUM_WARPS / BWD_NUM_WARPS (tile) or CHANNEL_NUM_WARPS. atomic_bc=False ("channel"
-    only) writes dB/dC as per-channel-block partials summed by torch instead of float32 atomics.
+    only) writes dB/dC as per-channel-block partials summed by torch instead of float32 atomics;
+    unroll_n=True ("channel" only) unrolls the loop over the N states (a runtime loop by default).
     """
     reason = unavailable_reason(u.device)
     if reason is not None:
@@ -675,5 +735,6 @@ def selective_scan_triton(
         layout,
         num_warps,
         atomic_bc,
+        unroll_n,
     )
     return (y, last) if return_final_state else y
