@@ -110,9 +110,8 @@ def decode_backend(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) ->
 
 @functools.cache
 def compiled_decode_one_token(device_type: str = "cpu") -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """`decode_one_token` under `torch.compile(fullgraph=True, dynamic=False)`, one per process and device
-    type: `decode_backend` on the CPU, Inductor's default elsewhere. The position is a tensor, so decoding
-    never recompiles as it advances."""
+    """`decode_one_token` compiled once per process and device type (`decode_backend` on the CPU); the position
+    is a tensor, so decoding never recompiles as it advances."""
     backend: str | Callable[..., Any] = decode_backend if device_type == "cpu" else "inductor"
     return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=backend)
 

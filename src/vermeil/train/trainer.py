@@ -324,8 +324,7 @@ class Trainer:
         self._stop = True
 
     def _stop_requested(self) -> bool:
-        """`self._stop`, True on every rank when any rank asked: ranks may see Ctrl-C at different steps, but
-        must stop at the same one to save one checkpoint together."""
+        """`self._stop`, True on every rank when any rank asked (all must stop at one step to save together)."""
         if self.world_size == 1:
             return self._stop
         flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
