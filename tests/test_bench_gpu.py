@@ -77,3 +77,40 @@ def test_gpu_bench_rejects_an_unknown_group() -> None:
     )
     assert proc.returncode == 2
     assert "unknown group(s) ['nope']" in proc.stderr
+
+
+def test_gpu_bench_tiny_checks_and_sweeps_both_scan_layouts(tmp_path: Path) -> None:
+    """The Triton scan's "channel" layout is checked against the reference and timed beside the default one,
+    and the sweep times each configuration and names the best (Triton's interpreter on the CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return  # without triton these rows are skipped with a reason (the test above covers that)
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu.py"),
+            "--tiny",
+            "--only",
+            "check,scan,sweep",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    checks = [c["name"] for c in report["checks"] if c["ok"]]
+    assert any("scan triton layout=channel" in c for c in checks), checks
+    assert any("atomic_bc=False" in c for c in checks), checks
+    ok = [r["name"] for r in report["rows"] if r["status"] == "ok"]
+    assert any("layout=channel" in n and n.endswith("fwd+bwd") for n in ok if "scan B" in n), ok
+    sweep = [r for r in report["rows"] if r["group"] == "sweep"]
+    assert any(r["name"].startswith("best fwd+bwd: ") and r["status"] == "ok" for r in sweep), sweep
+    assert any(r["name"].startswith("time-major inputs") and r["status"] == "ok" for r in sweep), sweep
