@@ -720,7 +720,7 @@ SWEEP: list[dict[str, Any]] = [
 ] + [
     {"layout": "tile", "block_d": bd, "chunk": ch, "num_warps": w}
     for bd, ch, w in [(8, 32, 8), (8, 16, 4), (16, 16, 8), (4, 32, 4), (4, 64, 8)]
-]  # fmt: skip
+] + [{"layout": "tile", "block_d": 8, "chunk": 32, "num_warps": 8, "atomic_bc": False}]  # fmt: skip
 SWEEP_TINY = [{"layout": "channel", "block_d": 4, "chunk": 8, "num_warps": 4},
               {"layout": "tile", "block_d": 4, "chunk": 8, "num_warps": 4}]  # fmt: skip
 

@@ -535,3 +535,8 @@ def test_channel_kernels_compile_for_hopper_without_a_gpu():
     script = _COMPILE_CHANNEL_FOR_SM90
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_tile_per_block_partials_for_db_dc():
+    """atomic_bc=False on the default layout: dB/dC as per-channel-block partials (3 blocks), summed by torch."""
+    assert_matches_ref(make_inputs(dim=9, n=5, length=21), ALL_ON, block_d=4, chunk=8, atomic_bc=False)

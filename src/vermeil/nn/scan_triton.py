@@ -29,7 +29,8 @@ rounding error, float32 eps * |x_t|, is below that gradient's other terms). du, 
 position; dA, dD, d(delta_bias) are summed in registers and written as per-batch-row partials that torch sums
 (deterministic, tiny); dB and dC, sums over all channels, are float32 `tl.atomic_add`s into (B, N, L)
 buffers, as mamba_ssm, since per-block partials would cost cdiv(D, BLOCK_D) times the HBM traffic (the add
-order makes their last bits nondeterministic).
+order makes their last bits nondeterministic); `atomic_bc=False` writes those partials instead (uncontended
+atomics into a (B, n_blocks, N, L) buffer that torch sums: deterministic), for a GPU to weigh.
 
 Sources: state-spaces/mamba `csrc/selective_scan/selective_scan_fwd_kernel.cuh` and
 `selective_scan_bwd_kernel.cuh` (chunk-boundary states, recomputation in backward, the scan operator,
@@ -281,7 +282,7 @@ if triton is not None:
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
         s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
         s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
-        s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
+        s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl, s_bcb, s_bcd,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
         SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
@@ -345,7 +346,8 @@ if triton is not None:
             _store_tile(du_ptr, s_dub, s_dud, s_dul, pid_b, offs_d, t, dt * s + d_skip[:, None] * gy, mask_dt)
             _store_tile(ddelta_ptr, s_ddb, s_ddd, s_ddl, pid_b, offs_d, t, ddt, mask_dt)
             # dB, dC sum over every channel: float32 atomics into (B, N, L) buffers
-            bc_offs = pid_b * n_state * length + offs_n[:, None] * length + t[None, :]
+            # (atomics into (B, N, L) buffers; with s_bcd != 0, uncontended into (B, n_blocks, N, L) partials)
+            bc_offs = pid_b * s_bcb + tl.program_id(1) * s_bcd + offs_n[:, None] * length + t[None, :]
             tl.atomic_add(dB_ptr + bc_offs, tl.sum(G * (dt * u)[:, None, :], axis=0), mask=mask_nt)
             tl.atomic_add(dC_ptr + bc_offs, tl.sum(hs * gy[:, None, :], axis=0), mask=mask_nt)
         # d(initial state) = a_0 G_0 (g is G_0 now; with L == 0 it is the final state's gradient)
@@ -610,7 +612,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h_chunks)
             ctx.softplus, ctx.block_d, ctx.chunk = bool(delta_softplus), block_d, chunk
-            ctx.layout, ctx.num_warps, ctx.atomic_bc = layout, num_warps, atomic_bc or layout == "tile"
+            ctx.layout, ctx.num_warps, ctx.atomic_bc = layout, num_warps, atomic_bc
             ctx.unroll_n = unroll_n
             ctx.state_dtype = initial_state.dtype if initial_state is not None else None
         return y, h_last
@@ -634,7 +636,9 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         dD, dbias = torch.empty(bsz, dim, **f32), torch.empty(bsz, dim, **f32)  # per batch row, summed below
         zz = z if z is not None else u
         grid = (bsz, n_blocks)
-        layout = {} if ctx.layout == "tile" else {"ATOMIC_BC": ctx.atomic_bc, "UNROLL_N": ctx.unroll_n}
+        layout = {"ATOMIC_BC": ctx.atomic_bc, "UNROLL_N": ctx.unroll_n}
+        if ctx.layout == "tile":
+            layout = {"s_bcb": dB.stride(0), "s_bcd": 0 if ctx.atomic_bc else dB.stride(1)}
         (_scan_bwd_kernel if ctx.layout == "tile" else _chan_bwd_kernel)[grid](
             u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
             h_chunks, dy, dlast if dlast is not None else dh0,
@@ -696,8 +700,8 @@ def selective_scan_triton(
     Shapes are checked by the caller (`vermeil.nn.scan.selective_scan`). block_d (channels per program)
     and chunk (positions per associative scan) must be powers of two; None picks `block_d_for(N)` and CHUNK
     for layout "tile" (the default), CHANNEL_BLOCK_D and CHANNEL_CHUNK for "channel" (module docstring).
-    num_warps: None for NUM_WARPS / BWD_NUM_WARPS (tile) or CHANNEL_NUM_WARPS. atomic_bc=False ("channel"
-    only) writes dB/dC as per-channel-block partials summed by torch instead of float32 atomics;
+    num_warps: None for NUM_WARPS / BWD_NUM_WARPS (tile) or CHANNEL_NUM_WARPS. atomic_bc=False writes dB/dC
+    as per-channel-block partials summed by torch instead of contended float32 atomics (deterministic);
     unroll_n=True ("channel" only) unrolls the loop over the N states (a runtime loop by default).
     """
     reason = unavailable_reason(u.device)
