@@ -1627,7 +1627,7 @@ GROUPS: dict[str, list[Callable[[Ctx], None]]] = {
     "anchors": [row_anchor_transformers],
 }
 # the groups whose figures are ratios to the measured ceilings (matmul peak, copy bandwidth)
-NEEDS_CEILINGS = ("stack", "scan", "llm", "train")
+NEEDS_CEILINGS = ("stack", "scan", "sweep", "llm", "train")
 
 
 def header(ctx: Ctx) -> dict[str, Any]:
