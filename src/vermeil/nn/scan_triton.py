@@ -51,8 +51,10 @@ registers per thread / spilled bytes):
 
 8 x 32 spills nothing, and CHUNK 32 halves the chunk-state traffic of CHUNK 16 (4 N / CHUNK bytes per
 (b, d, l)). Their time is not measured: the kernels were checked in Triton's interpreter only, and the
-associative scan above is argued, not timed; `block_d=`, `chunk=` and `num_warps=` (default NUM_WARPS / BWD_NUM_WARPS) are the
-knobs to sweep on a GPU (`bench/gpu.py --only check,scan,sweep`). Layouts (`selective_scan_triton(..., layout=)`; same arguments, results, saved state and numerics):
+associative scan above is argued, not timed; `block_d=`, `chunk=` and `num_warps=` (default NUM_WARPS /
+BWD_NUM_WARPS) are the knobs to sweep on a GPU (`bench/gpu.py --only check,scan,sweep`).
+
+Layouts (`selective_scan_triton(..., layout=)`; same arguments, results, saved state and numerics):
 
 - "tile" (the default, described above): a [BLOCK_D, N_pad, CHUNK] tile scanned at once, short chunks.
 - "channel" (`_chan_fwd_kernel`, `_chan_bwd_kernel`), organised as mamba_ssm's CUDA kernel: a program per
