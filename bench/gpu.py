@@ -34,7 +34,8 @@ Rows (issue "Mamba at GPU speed"), bf16 autocast, d_model 1024, 8 layers, d_stat
   sweep    the Triton scan at the scan rows' shape over SWEEP (layout x block_d x chunk x num_warps, the
            dB/dC partials and the unrolled state loop): y checked against the default kernel, then fwd and
            fwd+bwd timed; a configuration that fails to compile is skipped with its error; the best fwd+bwd,
-           then it and the default on time-major inputs (MambaBlock's views). At most 150 s, or what the
+           then it (also after copying the inputs to L-contiguous, copies timed) and the default on
+           time-major inputs (MambaBlock's views). At most 150 s, or what the
            budget leaves when no later group is to run (`--only check,scan,sweep`).
   decode   batch 1, greedy, after 64 and after 4096 prompt tokens, MambaLM (the stack's config, vocabulary
            32000) and a HybridModel of the same width (pattern MMMAMMMA, no feed-forward), bf16 weights:
@@ -402,6 +403,13 @@ def _scan_fn(backend: str, kernel: dict[str, Any] | None = None) -> Callable[...
     if kernel is not None:
         from vermeil.nn.scan_triton import selective_scan_triton
 
+        kernel = dict(kernel)
+        # "contiguous": copy (B, X, L) inputs to L-contiguous first, as mamba_ssm's wrapper does
+        if kernel.pop("contiguous", False):
+            return lambda **kw: selective_scan_triton(
+                **{k: v.contiguous() if isinstance(v, Tensor) and v.dim() == 3 else v for k, v in kw.items()},
+                **kernel,
+            )
         return lambda **kw: selective_scan_triton(**kw, **kernel)
     return lambda **kw: selective_scan(**kw, **_backend_kw(backend))
 
@@ -766,11 +774,12 @@ def row_scan_sweep(ctx: Ctx) -> None:
     if best is None:
         return
     ctx.add("sweep", f"best fwd+bwd: {best[1]}", best[0])
-    # MambaBlock passes time-major views (D innermost): the best configuration and the default on those
+    # MambaBlock passes time-major views (D innermost): the best configuration and the default on those, and
+    # the best one after copying the inputs to L-contiguous (the copies timed with it)
     major = {
         k: v.transpose(1, 2).contiguous().transpose(1, 2) if v.dim() == 3 else v for k, v in inputs.items()
     }
-    for kernel in (best[2], None):
+    for kernel in (best[2], {**best[2], "contiguous": True}, None):
         if ctx.elapsed() > until:
             break
         label = _kernel_label(kernel) if kernel else "default (tile)"
