@@ -501,6 +501,8 @@ def test_layout_is_checked():
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
     with pytest.raises(ValueError, match="layout='rows'"):
         selective_scan_triton(*args, layout="rows")
+    with pytest.raises(ValueError, match="unroll_n=True applies to layout='channel' only"):
+        selective_scan_triton(*args, layout="tile", unroll_n=True)
 
 
 @pytest.mark.parametrize("options", [ALL_ON, ALL_OFF], ids=["all_on", "all_off"])

@@ -638,9 +638,12 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         dD, dbias = torch.empty(bsz, dim, **f32), torch.empty(bsz, dim, **f32)  # per batch row, summed below
         zz = z if z is not None else u
         grid = (bsz, n_blocks)
-        layout = {"ATOMIC_BC": ctx.atomic_bc, "UNROLL_N": ctx.unroll_n}
+        # the arguments only one layout's kernel takes: the tile kernel's dB/dC strides (s_bcd 0 sums every
+        # channel block into one (B, N, L) buffer), the channel kernel's switches
         if ctx.layout == "tile":
-            layout = {"s_bcb": dB.stride(0), "s_bcd": 0 if ctx.atomic_bc else dB.stride(1)}
+            layout_args = {"s_bcb": dB.stride(0), "s_bcd": 0 if ctx.atomic_bc else dB.stride(1)}
+        else:
+            layout_args = {"ATOMIC_BC": ctx.atomic_bc, "UNROLL_N": ctx.unroll_n}
         (_scan_bwd_kernel if ctx.layout == "tile" else _chan_bwd_kernel)[grid](
             u, delta, A, B, C, D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
             h_chunks, dy, dlast if dlast is not None else dh0,
@@ -649,7 +652,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *dy.stride(),
             *du.stride(), *ddelta.stride(), *dz.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
-            SOFTPLUS=ctx.softplus, **layout,
+            SOFTPLUS=ctx.softplus, **layout_args,
             BLOCK_D=ctx.block_d, BLOCK_N=_n_pad(n_state), CHUNK=ctx.chunk,
             num_warps=ctx.num_warps or BWD_NUM_WARPS,
         )  # fmt: skip
@@ -704,13 +707,15 @@ def selective_scan_triton(
     for layout "tile" (the default), CHANNEL_BLOCK_D and CHANNEL_CHUNK for "channel" (module docstring).
     num_warps: None for NUM_WARPS / BWD_NUM_WARPS (tile) or CHANNEL_NUM_WARPS. atomic_bc=False writes dB/dC
     as per-channel-block partials summed by torch instead of contended float32 atomics (deterministic);
-    unroll_n=True ("channel" only) unrolls the loop over the N states (a runtime loop by default).
+    unroll_n=True unrolls the loop over the N states ("channel" only; a runtime loop by default).
     """
     reason = unavailable_reason(u.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
     if layout not in ("tile", "channel"):
         raise ValueError(f"layout={layout!r}: expected 'tile' or 'channel'")
+    if unroll_n and layout != "channel":
+        raise ValueError(f"unroll_n=True applies to layout='channel' only (got layout={layout!r})")
     if layout == "channel":
         chunk = CHANNEL_CHUNK if chunk is None else chunk
         block_d = CHANNEL_BLOCK_D if block_d is None else block_d
