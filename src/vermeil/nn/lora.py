@@ -30,7 +30,7 @@ def _check_lora_args(in_dim: int, out_dim: int, rank: int, alpha: float, dropout
 class _LowRank(nn.Module):
     """Shared parts of `LoRA` and `LoRALinear`: `lora_a` (R x I), `lora_b` (O x R), dropout and scale."""
 
-    def _init_low_rank(
+    def __init__(
         self,
         in_dim: int,
         out_dim: int,
@@ -40,6 +40,7 @@ class _LowRank(nn.Module):
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> None:
+        super().__init__()
         _check_lora_args(in_dim, out_dim, rank, alpha, dropout)
         self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, float(alpha)
         self.scale = float(alpha) / rank
@@ -47,7 +48,7 @@ class _LowRank(nn.Module):
         self.lora_a = nn.Linear(in_dim, rank, bias=False, device=device, dtype=dtype)
         self.lora_b = nn.Linear(rank, out_dim, bias=False, device=device, dtype=dtype)
 
-    def _reset_low_rank(self) -> None:
+    def reset_parameters(self) -> None:
         # torchtune's init: A as nn.Linear's default, B zero, so a fresh adapter is an exact no-op.
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
@@ -59,6 +60,9 @@ class _LowRank(nn.Module):
     def delta_weight(self) -> Tensor:
         """The update as a dense matrix, (O, I): (alpha / R) B @ A."""
         return (self.lora_b.weight @ self.lora_a.weight) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
 
 
 class LoRA(_LowRank):
@@ -77,19 +81,12 @@ class LoRA(_LowRank):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._init_low_rank(in_dim, out_dim, rank, rank if alpha is None else alpha, dropout, device, dtype)
+        super().__init__(in_dim, out_dim, rank, rank if alpha is None else alpha, dropout, device, dtype)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self._reset_low_rank()
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., I) -> (..., O)."""
         return self.delta(x)
-
-    def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
 
 
 class LoRALinear(_LowRank):
@@ -112,8 +109,7 @@ class LoRALinear(_LowRank):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._init_low_rank(in_dim, out_dim, rank, alpha, dropout, device, dtype)
+        super().__init__(in_dim, out_dim, rank, alpha, dropout, device, dtype)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_dim, **factory), requires_grad=False) if bias else None
@@ -121,12 +117,12 @@ class LoRALinear(_LowRank):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Base weight and bias as `nn.Linear`'s default init; the adapter as `_reset_low_rank`."""
+        """Base weight and bias as `nn.Linear`'s default init, then the adapter's."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_dim)
             nn.init.uniform_(self.bias, -bound, bound)
-        self._reset_low_rank()
+        super().reset_parameters()
         self.merged = False
 
     @classmethod
@@ -166,10 +162,7 @@ class LoRALinear(_LowRank):
         return out if self.merged else out + self.delta(x)  # merged: the update already lives in `weight`
 
     def extra_repr(self) -> str:
-        return (
-            f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}, "
-            f"bias={self.bias is not None}, merged={self.merged}"
-        )
+        return f"{super().extra_repr()}, bias={self.bias is not None}, merged={self.merged}"
 
 
 def _matcher(target_modules: TargetModules) -> tuple[Callable[[str, nn.Module], bool], str]:
@@ -185,12 +178,18 @@ def _matcher(target_modules: TargetModules) -> tuple[Callable[[str, nn.Module], 
     return match, repr(patterns)
 
 
+def _adapter_modules(model: nn.Module) -> set[str]:
+    """The qualified names of the `lora_a`/`lora_b` of every `LoRA` and `LoRALinear` in `model`."""
+    return {
+        f"{p}.{sub}" if p else sub
+        for p, m in model.named_modules()
+        if isinstance(m, _LowRank)
+        for sub in ("lora_a", "lora_b")
+    }
+
+
 def apply_lora(
-    model: nn.Module,
-    target_modules: TargetModules,
-    rank: int,
-    alpha: float,
-    dropout: float = 0.0,
+    model: nn.Module, target_modules: TargetModules, rank: int, alpha: float, dropout: float = 0.0
 ) -> nn.Module:
     """Replace the matching `nn.Linear` submodules by `LoRALinear`, in place; returns `model`.
 
@@ -199,13 +198,7 @@ def apply_lora(
     """
     match, described = _matcher(target_modules)
     _check_lora_args(1, 1, rank, alpha, dropout)
-    # Never wrap an adapter's own lora_a/lora_b, nor a wrapper (exact type nn.Linear only).
-    inside = {
-        f"{p}.{sub}" if p else sub
-        for p, m in model.named_modules()
-        if isinstance(m, _LowRank)
-        for sub in ("lora_a", "lora_b")
-    }
+    inside = _adapter_modules(model)  # never wrap these, nor a wrapper (exact type nn.Linear only)
     targets = [
         name
         for name, module in model.named_modules()
@@ -241,13 +234,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _adapter_param_names(model: nn.Module) -> set[str]:
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, _LowRank):
-            for sub in ("lora_a", "lora_b"):
-                for pname, _ in getattr(module, sub).named_parameters():
-                    names.add(".".join(p for p in (prefix, sub, pname) if p))
-    return names
+    modules = _adapter_modules(model)
+    return {n for n, _ in model.named_parameters(remove_duplicate=False) if n.rpartition(".")[0] in modules}
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
