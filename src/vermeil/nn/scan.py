@@ -33,7 +33,6 @@ torch.compile'd call (`_chunk_forward`, `_chunk_backward`, notes above them); no
 
 On CUDA, `selective_scan` runs Triton kernels instead (`vermeil.nn.scan_triton`, whose docstring gives their
 design): one forward and one backward kernel keep the state on chip and save only chunk-boundary states.
-`backend=` picks the implementation explicitly ("auto", "triton", "chunked", "ref").
 
 Axis legend: B batch, D channels (Mamba's d_inner), L length, N state size, k/G sub-chunk length/count,
 X = k*B*G flattened positions of a chunk.
@@ -75,21 +74,14 @@ def _check_floating(**tensors: Tensor | None) -> None:
             )
 
 
-def _check_shapes(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    initial_state: Tensor | None,
-) -> None:
-    """Static shape and dtype checks (compile friendly): raise naming the argument and the rule."""
-    _check_floating(
-        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state
-    )
+_TENSOR_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _check_shapes(*tensors: Tensor | None) -> None:
+    """Static shape and dtype checks (compile friendly) of the scan's tensors, given in `_TENSOR_ARGS` order:
+    raise naming the argument and the rule."""
+    _check_floating(**dict(zip(_TENSOR_ARGS, tensors)))
+    u, delta, A, B, C, D, z, delta_bias, initial_state = tensors
     if u.dim() != 3:
         raise ValueError(f"u.shape={tuple(u.shape)} must be (B, D, L)")
     bsz, dim, length = u.shape
@@ -337,8 +329,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             # (3) rescan from the true starts; h[j] becomes the state after position j
             prev = starts
             for j in range(k):
-                h[j].addcmul_(dA[j], prev)
-                prev = h[j]
+                prev = h[j].addcmul_(dA[j], prev)
             carry = h[k - 1, :, groups - 1].clone()  # the chunk's final state (the padded tail keeps it)
             yg = torch.matmul(c.unsqueeze(-2), h).squeeze(-2)  # (k, B, G, D) = <C_t, h_t>
             _ungrid_into(y, yg, p0, n)
@@ -356,13 +347,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         bsz, dim, length = u.shape
         n_state = A_t.shape[0]
         A2_t = A_t * _LOG2_E
-        grad_u = torch.empty_like(u)
-        grad_delta = torch.empty_like(delta)
-        grad_B = torch.empty_like(B)
-        grad_C = torch.empty_like(C)
+        grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(t) for t in (u, delta, B, C))
         grad_A_t = torch.zeros_like(A_t)
-        if grad_y is None:
-            grad_y = torch.zeros_like(u)
+        grad_y = torch.zeros_like(u) if grad_y is None else grad_y
         # adjoint flowing into the state after the current chunk's last position (from later positions)
         adj = grad_final if grad_final is not None else u.new_zeros(bsz, n_state, dim)
         chunks = _chunks(length, ctx.chunk, ctx.sub)
@@ -373,8 +360,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             gy = _grid(grad_y, p0, n, groups, k)  # (k, B, G, D), zero on padding
             prev = starts
             for j in range(k):  # recompute the states of the chunk
-                h[j].addcmul_(dA[j], prev)
-                prev = h[j]
+                prev = h[j].addcmul_(dA[j], prev)
             gC = (h * gy.unsqueeze(-2)).sum(-1)  # (k, B, G, N): sum_d gy_t h_t
             gy_e = gy.unsqueeze(-2)  # (k, B, G, 1, D)
             c_e = c.unsqueeze(-1)  # (k, B, G, N, 1)
@@ -393,8 +379,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             msg = ends
             for j in range(k - 1, -1, -1):
                 torch.addcmul(msg, gy_e[j], c_e[j], out=g_all[j])
-                dA[j].mul_(g_all[j])
-                msg = dA[j]
+                msg = dA[j].mul_(g_all[j])
             adj = dA[0, :, 0].clone()  # the adjoint leaving the chunk through its first step
             s = torch.matmul(b.unsqueeze(-2), g_all).squeeze(-2)  # (k, B, G, D): sum_n g_t B_t
             gB = (g_all * du.unsqueeze(-2)).sum(-1)  # (k, B, G, N): sum_d g_t delta_t u_t
@@ -597,10 +582,8 @@ def selective_scan(
 
     Args:
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state: as
-            `selective_scan_ref` (u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,);
-            initial_state: (B, D, N)).
-            Each of u, delta, B, C may also be the transpose of a (B, L, X)-contiguous tensor, as models
-            produce them: read without a copy, and y then has u's layout.
+            `selective_scan_ref`; each of u, delta, B, C may also be the transpose of a (B, L, X)-contiguous
+            tensor, as models produce them: read without a copy, and y then has u's layout.
         chunk_size: positions processed together (memory knob: the working set is a few
             (chunk_size, B, N, D) tensors). None picks the power of two giving ~2**20 elements, in [16, 1024]
             (8 with `compile`).
@@ -611,14 +594,10 @@ def selective_scan(
             inputs, none float64, when triton imports, else "chunked", the blocked scan (the only one that
             takes `chunk_size` and `compile`). "triton" runs on CUDA, or on CPU under TRITON_INTERPRET=1
             (tests), and raises naming the reason elsewhere; "ref" is `selective_scan_ref`.
-
-    Returns:
-        y: (B, D, L) in u.dtype, and the final state (B, D, N) in float32 (float64 for float64 inputs) if
-        `return_final_state`.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    check_optional_positive_int("chunk_size", chunk_size)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_shapes(*tensors)
+    check_optional_positive_int("chunk_size", chunk_size)
     backend = _resolve_backend(backend, tensors, chunk_size=chunk_size, compile=compile)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
     if backend == "ref":
@@ -627,16 +606,13 @@ def selective_scan(
         from vermeil.nn.scan_triton import selective_scan_triton  # lazily: triton is an optional extra
 
         return selective_scan_triton(*args)
-    dtype_in = u.dtype
     cdt = _compute_dtype(u, delta, A, B, C, initial_state)
     bsz, dim, length = u.shape
     n_state = A.shape[1]
     u_c, B_c, C_c = u.to(cdt), B.to(cdt), C.to(cdt)
     delta_c = _prepare_delta(delta.to(cdt), delta_bias, delta_softplus)
-    if initial_state is None:
-        h0 = u_c.new_zeros(bsz, n_state, dim)
-    else:
-        h0 = initial_state.to(cdt).transpose(1, 2).contiguous()  # (B, N, D): the internal layout
+    h0 = u_c.new_zeros(bsz, dim, n_state) if initial_state is None else initial_state.to(cdt)
+    h0 = h0.transpose(1, 2).contiguous()  # (B, N, D): the internal layout
     A_t = A.to(cdt).t().contiguous()  # (N, D)
     if compile:
         # (B, L, X)-contiguous: a free transpose for the projections' outputs that MambaBlock passes
@@ -648,5 +624,5 @@ def selective_scan(
         chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
         u_d, delta_d, B_d, C_d = map(_dense, (u_c, delta_c, B_c, C_c))
         y, final = _SelectiveScanFn.apply(u_d, delta_d, A_t, B_d, C_d, h0, chunk, _sub_chunk(chunk))
-    out = _finish(y, u_c, D, z, dtype_in)
+    out = _finish(y, u_c, D, z, u.dtype)
     return (out, final.transpose(1, 2)) if return_final_state else out
