@@ -14,7 +14,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,12 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.3g} E{unit}"
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.4g} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
-    return f"{n} B"  # pragma: no cover
+    return f"{n:.4g} TiB"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,6 +108,7 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
     from vermeil.recipes import build_run
     from vermeil.runs import clear_run
     from vermeil.train import Trainer
+    from vermeil.train.trainer import NonFiniteError
 
     say = print if main_rank else (lambda *a, **k: None)
     if args.resume is None and args.overwrite and main_rank:
@@ -141,8 +142,6 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
                 file=sys.stderr,
             )
             return 0
-    from vermeil.train.trainer import NonFiniteError
-
     try:
         result = trainer.fit()
     except NonFiniteError as e:
@@ -272,7 +271,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     source = Path(args.config)
     is_run = source.is_dir()
     run = read_run_dir_config(source, args.overrides) if is_run else load_run_config(source, args.overrides)
-    context = args.context if args.context is not None else _job_context(run)
+    # The sequence length the model sees by default: the data's own (a flow job's points), else train.seq_len.
+    default = getattr(run.data, "model_sequence_length", None) or run.train.seq_len
+    context = args.context if args.context is not None else default
     info = describe_model(run, context, batch_size=args.batch_size)
     ctx = info["context"]
     lines = [
@@ -292,12 +293,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"tokenizer   {describe_tokenizer(source)}")
     print("\n".join(lines))
     return 0
-
-
-def _job_context(run: Any) -> int:
-    """The sequence length the model sees: the data's own (a flow job's points), else train.seq_len."""
-    length = getattr(run.data, "model_sequence_length", None)
-    return int(length) if length is not None else run.train.seq_len
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -467,7 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave glibc's malloc as it is (by default freed memory is kept for the next step: faster, but "
         "the process's memory stays at its peak)",
     )
-    _add_debug(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -486,7 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling: keep the top tokens up to mass P")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (for long outputs)")
-    _add_debug(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sample", help="sample a trained flow (flux) run into a PNG")
@@ -495,7 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="guidance scale (default: none)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--out", metavar="PNG", help="output image (default RUN_DIR/samples.png)")
-    _add_debug(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="parameters, FLOPs per token and cache memory of a run config's model")
@@ -503,12 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.dim=64")
     p.add_argument("--context", type=int, help="context length (default train.seq_len)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the cache estimate (default 1)")
-    _add_debug(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("compare", help="print the final accuracies and losses of several runs side by side")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `vermeil train`")
-    _add_debug(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -532,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="import a save_pretrained folder into a run folder",
     )
     p.add_argument("--overwrite", action="store_true", help="write into an output folder that holds files")
-    _add_debug(p)
     p.set_defaults(func=cmd_convert)
+    for p in sub.choices.values():  # last, so that --help lists it last
+        _add_debug(p)
     return parser
 
 
@@ -568,13 +559,6 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
-def _one_line_warnings(command: str) -> Callable[..., None]:
-    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-        print(f"vermeil {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-    return show
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `vermeil` command with `argv` (default `sys.argv[1:]`); returns the exit status."""
     parser = build_parser()
@@ -585,16 +569,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    func: Callable[[argparse.Namespace], int] = args.func
     with warnings.catch_warnings():
-        if not args.debug:
-            warnings.showwarning = _one_line_warnings(args.command)
-        return _call(func, args)
+        if not args.debug:  # a warning is one line too
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"vermeil {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr
+            )
+        return _call(args)
 
 
-def _call(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _call(args: argparse.Namespace) -> int:
     try:
-        return func(args)
+        return args.func(args)
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # torch's CheckpointException derives from BaseException

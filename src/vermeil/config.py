@@ -100,22 +100,18 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     if unknown:
         where = f" in {path}" if path else ""
         if len(unknown) == 1:
-            key = unknown[0]
-            head = f"unknown config key {key!r}{where}{did_you_mean(str(key), allowed)}"
+            head = f"unknown config key {unknown[0]!r}{where}{did_you_mean(str(unknown[0]), allowed)}"
         else:
             parts = ", ".join(f"{k!r}{did_you_mean(str(k), allowed)}" for k in unknown)
             head = f"unknown config keys{where}: {parts}"
         raise ConfigError(f"{head}; allowed: {allowed}")
 
-    kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        key = _join(path, f.name)
-        if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], types_[f.name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key {key!r} ({cls.__name__}.{f.name})")
+        if f.init and f.name not in data and f.default is f.default_factory is dataclasses.MISSING:
+            raise ConfigError(
+                f"missing required config key {_join(path, f.name)!r} ({cls.__name__}.{f.name})"
+            )
+    kwargs = {k: _convert(data[k], tp, _join(path, k)) for k, tp in types_.items() if k in data}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -166,9 +162,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return None
         raise _wrong_type(key, value, "null")
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, key)
+        return value if isinstance(value, tp) else from_dict(tp, value, key)
     if tp in (bool, int, float, str):
         # A bool is an int to Python, never to a config; an int is accepted where a float is expected.
         if isinstance(value, (int, float) if tp is float else tp) and (
@@ -177,7 +171,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return float(value) if tp is float else value
         raise _wrong_type(key, value, "bool (true or false)" if tp is bool else tp.__name__)
     if tp in (list, tuple, dict):
-        tp, origin, args = tp, tp, ()
+        origin, args = tp, ()
     if origin in (list, tuple, Sequence) or tp is Sequence:
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(key, value, f"a list ({_type_name(tp)})")
@@ -236,8 +230,12 @@ def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
     raise ConfigTypeError(f"{key}={value!r} must be {expected}, got {type(value).__name__}")
 
 
+def _is_instance(value: Any) -> bool:  # a dataclass instance, not a dataclass type
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if _is_instance(value):
         return to_dict(value)
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
@@ -252,14 +250,13 @@ def _plain(value: Any) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """The plain-dict form of a config dataclass (init fields only; tuples become lists), for YAML and JSON."""
-    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+    if not _is_instance(obj):
         raise TypeError(f"to_dict needs a dataclass instance, got {type(obj).__name__}")
     return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
 
 
 # YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: `1e-3`, `3.0e4` (no dot or no exponent sign).
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-_INSTALL_HINT = "pip install vermeil[train]"
 
 
 def _yaml() -> Any:
@@ -267,7 +264,7 @@ def _yaml() -> Any:
         import yaml
     except ImportError as e:
         raise ImportError(
-            f"reading and writing YAML configs needs PyYAML: {_INSTALL_HINT} (or pip install pyyaml)"
+            "reading and writing YAML configs needs PyYAML: pip install vermeil[train] (or pip install pyyaml)"
         ) from e
     return yaml
 
@@ -343,13 +340,11 @@ def save_yaml(obj_or_dict: Any, path: str | os.PathLike[str]) -> None:
     from vermeil.checkpoint import atomic_write
 
     yaml = _yaml()
-    if dataclasses.is_dataclass(obj_or_dict) and not isinstance(obj_or_dict, type):
-        data = to_dict(obj_or_dict)
-    elif isinstance(obj_or_dict, Mapping):
-        data = _plain(obj_or_dict)
-    else:
+    if not (_is_instance(obj_or_dict) or isinstance(obj_or_dict, Mapping)):
         raise TypeError(f"save_yaml needs a dataclass instance or a dict, got {type(obj_or_dict).__name__}")
-    text = yaml.dump(data, Dumper=_dumper(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    text = yaml.dump(
+        _plain(obj_or_dict), Dumper=_dumper(), sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
     with atomic_write(path, "w") as f:
         f.write(text)
 
@@ -404,9 +399,7 @@ def merge_preset(data: Mapping[str, Any], presets: Mapping[str, Any], path: str 
         return out
     name = out.pop("preset")
     base = pick_preset(presets, name, what=f"preset for {path}" if path else "preset")
-    if dataclasses.is_dataclass(base) and not isinstance(base, type):
-        base = to_dict(base)
-    elif not isinstance(base, Mapping):
+    if not (_is_instance(base) or isinstance(base, Mapping)):
         raise TypeError(f"preset {name!r} must be a dataclass instance or a dict, got {type(base).__name__}")
     return _deep_merge(_plain(base), out)
 
