@@ -6,6 +6,7 @@ Axis legend: B batch, T sequence length.
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Collection
 from dataclasses import fields
@@ -20,22 +21,24 @@ __all__ = ["check_fields", "check_input_pos", "check_positive_int", "check_token
 
 
 def check_fields(config: Any, *, positive: Collection[str] = (), skip: Collection[str] = ()) -> None:
-    """Check every field of a config dataclass by its annotation, except those in `skip`: `int` a positive int,
-    `int | None` None or a positive int, `bool` true or false, `float` a finite number (> 0 when named in
-    `positive`). The annotations are read as strings (`from __future__ import annotations`)."""
+    """Check each field of a config dataclass by its annotation (a string, under `from __future__ import
+    annotations`), except those in `skip`: `int` a positive int, `bool` true or false, `float` finite (> 0 when
+    named in `positive`), `Literal[...]` one of its values; `X | None` also allows None."""
     for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name in skip:
+        value, kind = getattr(config, f.name), f.type.removesuffix(" | None")
+        if f.name in skip or (value is None and kind != f.type):
             continue
-        if f.type == "int" or (f.type == "int | None" and value is not None):
+        if kind == "int":
             check_positive_int(f.name, value)
-        elif f.type == "bool" and not isinstance(value, bool):
+        elif kind == "bool" and not isinstance(value, bool):
             raise ValueError(f"{f.name}={value!r} must be true or false")
-        elif f.type == "float":
+        elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{f.name}={value!r} must be a finite number")
             if f.name in positive and not value > 0:
                 raise ValueError(f"{f.name}={value!r} must be a positive number")
+        elif kind.startswith("Literal[") and value not in (choices := ast.literal_eval(kind[7:])):
+            raise ValueError(f"{f.name}={value!r} must be one of {choices}")
 
 
 def check_tokens(tokens: object, vocab_size: int) -> None:
@@ -47,12 +50,8 @@ def check_tokens(tokens: object, vocab_size: int) -> None:
         raise ValueError(f"tokens must be a (batch, seq) integer tensor, got shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"tokens must hold integer ids, got dtype={tokens.dtype}")
-    b, t = tokens.shape
-    if b == 0 or t == 0:
-        raise ValueError(
-            f"tokens of shape {tuple(tokens.shape)} is empty: the batch and the sequence must each hold at least "
-            "one entry"
-        )
+    if 0 in tokens.shape:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} is empty: batch and seq must each be >= 1")
     if not tracing():
         lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
         if lo < 0 or hi >= vocab_size:
