@@ -28,10 +28,6 @@ def _randn(*shape: int, g: torch.Generator | None) -> Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
-def _gaussian(n: int, g: torch.Generator | None) -> Tensor:
-    return _randn(n, 2, g=g)
-
-
 def _moons(n: int, g: torch.Generator | None) -> Tensor:
     # Two interleaving half circles (sklearn's make_moons, noise 0.1), scaled by 2 as in FFJORD, centred at 0.
     t = _rand(n, g) * math.pi
@@ -76,7 +72,7 @@ def _spiral(n: int, g: torch.Generator | None) -> Tensor:
 
 
 DISTRIBUTIONS: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
-    "gaussian": _gaussian,
+    "gaussian": lambda n, g: _randn(n, 2, g=g),
     "moons": _moons,
     "checkerboard": _checkerboard,
     "rings": _rings,

@@ -25,9 +25,7 @@ class SeededSampler:
     def __init__(self, make: Callable[..., Any], batch_size: int, seed: int = 0, **kwargs: Any) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-        self.make = make
-        self.batch_size = batch_size
-        self.kwargs = kwargs
+        self.make, self.batch_size, self.kwargs = make, batch_size, kwargs
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> SeededSampler:

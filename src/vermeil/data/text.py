@@ -165,15 +165,11 @@ def load_text_corpus(
     if len(files) == 1:
         data, names = _read(files, None)
         cut = len(data) - max(1, round(len(data) * val_fraction)) if len(data) > 1 else len(data)
-        train, val = data[:cut], data[cut:]
-        if max_bytes is not None:
-            train, val = train[:train_cap], val[:val_cap]
+        train, val = data[:cut][:train_cap], data[cut:][:val_cap]  # a cap of None slices nothing off
         return TextCorpus(train.clone(), val.clone(), names, names, fingerprint)
 
     ranked = sorted(files, key=lambda f: _hash_fraction(f.name))
-    val_names = {f.name for f in files if is_validation_file(f.name, val_fraction)}
-    if not val_names:
-        val_names = {ranked[0].name}
+    val_names = {f.name for f in files if is_validation_file(f.name, val_fraction)} or {ranked[0].name}
     if len(val_names) == len(files):
         val_names.discard(ranked[-1].name)
     train, train_names = _read([f for f in files if f.name not in val_names], train_cap)
@@ -229,6 +225,5 @@ class WindowSampler(SeededSampler):
 
     def __init__(self, data: Tensor, batch_size: int, seq_len: int, seed: int = 0) -> None:
         _check_window(data, batch_size, seq_len)
-        self.data = data
-        self.seq_len = seq_len
+        self.data, self.seq_len = data, seq_len
         super().__init__(partial(sample_windows, data), batch_size, seed, seq_len=seq_len)

@@ -46,10 +46,7 @@ class ByteTokenizer:
     bos_id: int = 256
     eos_id: int = 257
     pad_id: int = 258
-
-    @property
-    def vocab_size(self) -> int:
-        return 259
+    vocab_size: int = 259
 
     @property
     def special_ids(self) -> tuple[int, int, int]:
@@ -65,12 +62,7 @@ class ByteTokenizer:
         """Token ids of any bytes, UTF-8 or not."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
-        ids = list(data)
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+        return [self.bos_id] * bos + list(data) + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of `ids` (a list or a 1-D tensor), special tokens skipped; invalid UTF-8 decodes to U+FFFD."""
@@ -80,14 +72,10 @@ class ByteTokenizer:
                     f"decode takes a 1-D tensor of ids, got shape {tuple(ids.shape)}; use decode_batch"
                 )
             ids = ids.tolist()
-        out = bytearray()
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-            if i < 256:
-                out.append(i)
-        return out.decode("utf-8", errors="replace")
+        ids = [int(i) for i in ids]
+        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def decode_batch(self, ids: Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Decode each row of a (B, L) tensor or a list of id lists (padding is skipped with the specials)."""

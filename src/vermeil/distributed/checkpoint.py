@@ -131,22 +131,14 @@ def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
         raise ValueError(f"DCP checkpoint {os.fspath(path)} is damaged: {first or 'unreadable'}") from None
 
 
-def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
-    """`fn` on every leaf of nested dicts and lists (a state dict), keeping the structure."""
+def _map(fn: Callable[..., Any], tree: Any, *like: Any) -> Any:
+    """`fn(leaf, *leaves_of_like)` on every leaf of nested dicts and lists (state dicts of one structure),
+    keeping the structure."""
     if isinstance(tree, Mapping):
-        return {k: _map(v, fn) for k, v in tree.items()}
+        return {k: _map(fn, v, *(other[k] for other in like)) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_map(v, fn) for v in tree]
-    return fn(tree)
-
-
-def _zip_map(tree: Any, like: Any, fn: Callable[[Any, Any], Any]) -> Any:
-    """`fn(leaf, leaf_of_like)` over two state dicts of the same structure."""
-    if isinstance(tree, Mapping):
-        return {k: _zip_map(v, like[k], fn) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_zip_map(v, w, fn) for v, w in zip(tree, like, strict=True)]
-    return fn(tree, like)
+        return [_map(fn, *leaves) for leaves in zip(tree, *like, strict=True)]
+    return fn(tree, *like)
 
 
 def _is_strided(t: Any) -> bool:
@@ -172,16 +164,16 @@ def _state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
     """Save `model` (and `optimizer`) to the folder `path` under plain module names; a collective."""
-    dcp.save(_map(_state(model, optimizer), _to_file_layout), checkpoint_id=os.fspath(path))
+    dcp.save(_map(_to_file_layout, _state(model, optimizer)), checkpoint_id=os.fspath(path))
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
     """Load `save_checkpoint`'s folder into `model` (and `optimizer`) of any layout, strictly (collective)."""
     state = _state(model, optimizer)
-    file_state = _map(state, _to_file_layout)
+    file_state = _map(_to_file_layout, state)
     reader = _SafeReader(os.fspath(path))
     _check_errors(path, lambda: dcp.load(file_state, checkpoint_id=os.fspath(path), storage_reader=reader))
-    state = _zip_map(file_state, state, _from_file_layout)
+    state = _map(_from_file_layout, file_state, state)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

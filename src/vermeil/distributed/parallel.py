@@ -13,12 +13,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from vermeil.distributed.config import STRATEGIES
-from vermeil.distributed.tensor_parallel import (
-    _FusedColwiseParallel,
-    _FusedRowwiseParallel,
-    apply_tensor_parallel,
-    tensor_parallel_plan,
-)
+from vermeil.distributed.tensor_parallel import _Chunked, apply_tensor_parallel, tensor_parallel_plan
 
 __all__ = [
     "DEFAULT_BLOCK_NAMES",
@@ -82,12 +77,10 @@ def mixed_precision_policy(
 
 
 def _matches(name: str, module: nn.Module, selectors: tuple[type | str, ...]) -> bool:
-    for sel in selectors:
-        if isinstance(sel, type) and isinstance(module, sel):
-            return True
-        if isinstance(sel, str) and (type(module).__name__ == sel or name == sel):
-            return True
-    return False
+    return any(
+        isinstance(module, sel) if isinstance(sel, type) else sel in (type(module).__name__, name)
+        for sel in selectors
+    )
 
 
 def apply_fsdp2(
@@ -194,9 +187,7 @@ def parallelize(
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
         tp_model = apply_tensor_parallel(model, mesh, plan)
         return Parallelized(tp_model, 0, 1, tp_size, mesh, loss_parallel)
-    fused = sorted(
-        n for n, s in plan.items() if isinstance(s, (_FusedColwiseParallel, _FusedRowwiseParallel))
-    )
+    fused = sorted(n for n, s in plan.items() if isinstance(s, _Chunked))
     if fused:
         # FSDP2 over strided TP shards: a 2-D layout vermeil.distributed.checkpoint cannot convert, untested.
         raise ValueError(

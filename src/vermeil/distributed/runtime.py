@@ -58,10 +58,10 @@ def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
     return wrapper
 
 
-def _env_int(name: str) -> int | None:
+def _env_int(name: str, default: int | None = None) -> int | None:
     value = os.environ.get(name)
     if value is None:
-        return None
+        return default
     try:
         return int(value)
     except ValueError:
@@ -87,12 +87,9 @@ def init_distributed(
         rank, world_size: None reads `RANK` / `WORLD_SIZE`.
     """
     cuda = torch.cuda.is_available() and backend != "gloo"
-    local_rank = _env_int("LOCAL_RANK")
     world = world_size if world_size is not None else _env_int("WORLD_SIZE")
-    if rank is None:
-        rank = _env_int("RANK")
-    if local_rank is None:
-        local_rank = rank or 0
+    rank = rank if rank is not None else _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", rank or 0)
     device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if is_distributed():
         return dist.get_rank(), dist.get_world_size(), device
@@ -104,13 +101,12 @@ def init_distributed(
         raise ValueError(f"rank is required with world_size={world} (set RANK or pass rank=)")
     if not 0 <= rank < world:
         raise ValueError(f"rank={rank} must be in [0, world_size={world})")
-    if backend is None:
-        backend = "nccl" if cuda else "gloo"
+    backend = backend or ("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(device)
-    init = init_method if init_method is not None else "env://"
     # device_id binds an nccl communicator to this GPU (eager init, no guessing).
     nccl_device = device if cuda and backend == "nccl" else None
+    init = init_method or "env://"
     dist.init_process_group(
         backend, init_method=init, timeout=timeout, world_size=world, rank=rank, device_id=nccl_device
     )

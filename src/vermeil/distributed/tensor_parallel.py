@@ -3,7 +3,8 @@
 Axis legend: B batch, T length, D model dim, H heads, Hkv kv heads, Dh head dim, F feed-forward hidden dim,
 E experts, M Flux MLP width, V vocabulary, tp the tensor-parallel degree.
 
-What is split (`_module_plan`, by module type; every size is checked before any collective):
+What is split (`_module_plan`, by module type; every size, the vocabulary with loss or sequence parallelism,
+is checked before any collective):
 - Attention: `wq`/`wk`/`wv` column-, `wo` row-parallel, so each rank runs H/tp query and Hkv/tp kv heads and
   contiguous shards keep GQA's grouping; learnable qk-norm scales are replicated with summed gradients.
 - Feed-forward: SwiGLU/GeGLU `w1`/`w3` column-, `w2` row-parallel; MLP `fc1` column-, `fc2` row-parallel.
@@ -46,6 +47,15 @@ from vermeil.nn.moe import Experts, MoE
 __all__ = ["apply_tensor_parallel", "tensor_parallel_plan"]
 
 
+def _distribute(
+    style: ParallelStyle, module: nn.Module, pname: str, mesh: DeviceMesh, placement: Any
+) -> None:
+    """Replace `module.<pname>` by a DTensor Parameter with `placement`, keeping `requires_grad`."""
+    param = module._parameters[pname]
+    dist = distribute_tensor(param, mesh, [placement], src_data_rank=style.src_data_rank)
+    module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+
+
 def _sum_over_ranks(mesh: DeviceMesh, partial_sum: Tensor) -> Tensor:
     """All-reduce (sum) a plain tensor that holds this rank's partial sum."""
     dt = DTensor.from_local(partial_sum, mesh, (Partial(),), run_check=False)
@@ -68,10 +78,8 @@ class _FusedColwiseParallel(_Chunked, ColwiseParallel):
     block split on its own, so a rank's output is [q_r; k_r; v_r] (a plain one gives rank 0 all of q)."""
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
-        for pname, param in list(module.named_parameters(recurse=False)):
-            placement = _StridedShard(0, split_factor=self.chunks)
-            dist = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
-            module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+        for pname, _ in list(module.named_parameters(recurse=False)):
+            _distribute(self, module, pname, device_mesh, _StridedShard(0, split_factor=self.chunks))
 
     @staticmethod
     def _prepare_output_fn(
@@ -92,14 +100,9 @@ class _FusedRowwiseParallel(_Chunked, RowwiseParallel):
     [attention; mlp]), split block by block to match a `_FusedColwiseParallel` output upstream."""
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
-        weight = module.weight
-        placement = _StridedShard(1, split_factor=self.chunks)
-        dist = distribute_tensor(weight, device_mesh, [placement], src_data_rank=self.src_data_rank)
-        module.register_parameter("weight", nn.Parameter(dist, requires_grad=weight.requires_grad))
+        _distribute(self, module, "weight", device_mesh, _StridedShard(1, split_factor=self.chunks))
         if module.bias is not None:
-            bias = module.bias
-            dist = distribute_tensor(bias, device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
-            module.register_parameter("bias", nn.Parameter(dist, requires_grad=bias.requires_grad))
+            _distribute(self, module, "bias", device_mesh, Replicate())
 
     def _prepare_input_fn(  # type: ignore[override]  # RowwiseParallel._apply binds it with its layouts
         self,
@@ -144,9 +147,7 @@ class _ExpertTensorParallel(ParallelStyle):
                 f"{type(self).__name__} supports Experts only, got {type(module).__name__}"
             )
         for pname, dim in self._WEIGHTS:
-            param = module._parameters[pname]
-            dist = distribute_tensor(param, device_mesh, [Shard(dim)], src_data_rank=self.src_data_rank)
-            module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+            _distribute(self, module, pname, device_mesh, Shard(dim))
         module.register_forward_pre_hook(partial(self._partial_input_grad, device_mesh))
         module.register_forward_hook(lambda module, args, y_SD: _sum_over_ranks(device_mesh, y_SD))
         return module
@@ -233,9 +234,7 @@ class _VocabParallelHead(ColwiseParallel):
     def _prepare_output_fn(
         output_layouts: Any, use_local_output: bool, mod: nn.Module, outputs: DTensor, device_mesh: DeviceMesh
     ) -> Tensor:
-        if mod.training:
-            return outputs
-        return outputs.redistribute(placements=(Replicate(),)).to_local()
+        return outputs if mod.training else outputs.redistribute(placements=(Replicate(),)).to_local()
 
 
 def _check_divisible(module_name: str, what: str, value: int, tp_size: int, why: str) -> None:
@@ -269,8 +268,7 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
         for half in ("query_norm", "key_norm"):
             norm = getattr(module.qk_norm, half, None)
             if getattr(norm, "scale", None) is not None:  # a learnable QKNorm (Llama 4's has no weight)
-                # q/k are (B, H/tp, T, Dh) local: dim 1 is the sharded head axis. The replicated scale's
-                # gradient is then a partial sum that DTensor all-reduces.
+                # q/k are (B, H/tp, T, Dh) local: dim 1 is the sharded head axis
                 plan[f"{p}qk_norm.{half}"] = SequenceParallel(sequence_dim=1, use_local_output=True)
     elif isinstance(module, GLU):
         _check_divisible(label, "hidden_dim", module.w1.out_features, tp, "w1/w3 are split by rows")
@@ -282,7 +280,7 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
         plan[p + "fc1"] = ColwiseParallel()
         plan[p + "fc2"] = RowwiseParallel()
     elif isinstance(module, MoE):
-        # The shared expert is a GLU (its own entry); the routed experts split F with the sorted backends.
+        # the shared expert is a GLU: its own entry
         if module.backend in ("grouped", "padded") and isinstance(module.experts, Experts):
             _check_divisible(label, "hidden_dim", module.hidden_dim, tp, "each expert's hidden dim is split")
             plan[p + "experts"] = _ExpertTensorParallel()
@@ -370,10 +368,10 @@ def _head_plan(
     if sequence_parallel:
         plan[emb_name] = _SequenceShardedEmbedding()
         plan[norm_name] = SequenceParallel()
-        if loss_parallel:
-            plan[head_name] = _VocabParallelHead(input_layouts=Shard(1))
-        else:
-            plan[head_name] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        head_style = (
+            _VocabParallelHead if loss_parallel else partial(ColwiseParallel, output_layouts=Replicate())
+        )
+        plan[head_name] = head_style(input_layouts=Shard(1))
         return plan
     plan[head_name] = _VocabParallelHead()
     if head.weight is emb.weight:
@@ -385,12 +383,8 @@ def _head_plan(
 def tensor_parallel_plan(
     model: nn.Module, tp_size: int, *, sequence_parallel: bool = False, loss_parallel: bool = False
 ) -> dict[str, ParallelStyle]:
-    """{module name: ParallelStyle} for `parallelize_module` (the module docstring says what is split).
-
-    Checks every constraint before any collective: heads, hidden sizes, Flux's fused layouts and (with
-    `loss_parallel` / `sequence_parallel`) the vocabulary divisible by `tp_size`; no KV cache set up.
-    Prefer `apply_tensor_parallel`, which also keeps tied embeddings tied.
-    """
+    """{module name: ParallelStyle} for `parallelize_module` (the module docstring says what is split and
+    checked); prefer `apply_tensor_parallel`, which also keeps tied embeddings tied."""
     if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
         raise ValueError(f"tp_size={tp_size!r} must be an int >= 1")
     for flag, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel)):
@@ -423,18 +417,14 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
 
 def _retie(group: list[tuple[nn.Module, str]]) -> None:
     """Point every owner of a tied parameter at one DTensor again (parallelize_module splits each copy)."""
-    params = [getattr(module, pname) for module, pname in group]
-    if all(p is params[0] for p in params):
-        return
-    first = params[0]
-    for (module, pname), p in zip(group, params, strict=True):
-        same = (
-            isinstance(p, DTensor)
-            and isinstance(first, DTensor)
-            and p.placements == first.placements
-            and p.shape == first.shape
+    first = getattr(*group[0])
+    for module, pname in group[1:]:
+        if (p := getattr(module, pname)) is first:
+            continue
+        sharded_alike = (
+            isinstance(p, DTensor) and isinstance(first, DTensor) and p.placements == first.placements
         )
-        if not same:
+        if not sharded_alike or p.shape != first.shape:
             where = [f"{type(m).__name__}.{n}" for m, n in group]
             raise ValueError(
                 f"tied parameters {where} were sharded differently by the plan; shard them alike or untie them"

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,7 @@ from vermeil.nn.feedforward import SwiGLU
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 MoEBackend = Literal["grouped", "padded", "loop", "dense"]
-_SCORE_FUNCS = ("softmax", "sigmoid")
-_BACKENDS = ("grouped", "padded", "loop", "dense")
+_SCORE_FUNCS, _BACKENDS = get_args(ScoreFunc), get_args(MoEBackend)
 # dtypes the grouped_mm kernels accept; everything else (float64) takes the padded bmm
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -178,10 +177,6 @@ def _(x_SI: Tensor, grad_SO: Tensor, offs_E: Tensor) -> Tensor:
     return x_SI.new_empty(offs_E.shape[0], x_SI.shape[1], grad_SO.shape[1])
 
 
-def _grouped_mm_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
 def _grouped_mm_backward(ctx: Any, grad_SO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     x_SI, w_EIO, offs_E = ctx.saved_tensors
     grad_SO = grad_SO.contiguous()
@@ -190,7 +185,9 @@ def _grouped_mm_backward(ctx: Any, grad_SO: Tensor) -> tuple[Tensor | None, Tens
     return grad_x, grad_w, None
 
 
-_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+_grouped_mm_op.register_autograd(
+    _grouped_mm_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs)
+)
 
 
 def _grouped_mm(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
