@@ -98,13 +98,12 @@ class FluxParams:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
             )
-        head_dim = self.hidden_size // self.num_heads
         if any(isinstance(a, bool) or not isinstance(a, int) or a <= 0 or a % 2 for a in self.axes_dim):
             raise ValueError(f"axes_dim={self.axes_dim} must be a non-empty list of positive even ints")
-        if not self.axes_dim or sum(self.axes_dim) != head_dim:
+        if not self.axes_dim or sum(self.axes_dim) != self.head_dim:
             raise ValueError(
                 f"sum(axes_dim)={sum(self.axes_dim)} (axes_dim={self.axes_dim}) must equal the head dim "
-                f"hidden_size // num_heads = {self.hidden_size} // {self.num_heads} = {head_dim}"
+                f"hidden_size // num_heads = {self.hidden_size} // {self.num_heads} = {self.head_dim}"
             )
         if not self.theta > 0:
             raise ValueError(f"theta={self.theta} must be > 0")
@@ -141,13 +140,8 @@ class _NormRope(torch.autograd.Function):
         freqs = freqs.to(torch.complex128 if compute == torch.float64 else torch.complex64)
         dh = x.shape[-1]
         # r = rsqrt(mean(x^2) + eps): one fused reduction, in float32 or wider
-        r = (
-            torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=compute)
-            .square_()
-            .div_(dh)
-            .add_(eps)
-            .rsqrt_()
-        )
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=compute).square_().div_(dh)
+        r = r.add_(eps).rsqrt_()
         u = torch.mul(x, scale.to(compute)[:, None, :]).mul_(r)  # (B, L, H, Dh) normalised, scaled
         y = torch.view_as_real(torch.view_as_complex(u.unflatten(-1, (dh // 2, 2))) * freqs).flatten(-2)
         ctx.save_for_backward(x, freqs, scale, r)
@@ -258,9 +252,8 @@ class FluxSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **factory)
 
     def reset_parameters(self) -> None:
-        self.qkv.reset_parameters()
-        self.norm.reset_parameters()
-        self.proj.reset_parameters()
+        for module in (self.qkv, self.norm, self.proj):
+            module.reset_parameters()
 
 
 def _mlp(hidden_size: int, mlp_hidden_dim: int, factory: dict[str, Any]) -> nn.Sequential:
@@ -318,19 +311,14 @@ class DoubleStreamBlock(nn.Module):
         l_txt, l_img = txt.shape[1], img.shape[1]
         img_qkv = self.img_attn.qkv(_modulate(self.img_norm1(img), img_mod1))  # (B, Ld, 3D)
         txt_qkv = self.txt_attn.qkv(_modulate(self.txt_norm1(txt), txt_mod1))  # (B, Lc, 3D)
-        tq, tk, tv = qkv_heads(txt_qkv, head_dim=self.txt_attn.head_dim)  # (B, Lc, H, Dh) views
-        iq, ik, iv = qkv_heads(img_qkv, head_dim=self.img_attn.head_dim)  # (B, Ld, H, Dh) views
-        # One joint sequence, txt first; each stream keeps its own QKNorm scale: (L, Dh) per-token tables.
+        # One joint sequence, txt first: q, k, v (B, L, H, Dh) from the streams' (B, Lc|Ld, H, Dh) views.
+        views = [qkv_heads(t, head_dim=self.img_attn.head_dim) for t in (txt_qkv, img_qkv)]
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(*views))
+        # Each stream keeps its own QKNorm scale: (L, Dh) per-token tables.
         txt_norm, img_norm = self.txt_attn.norm, self.img_attn.norm
-        attn = _attend(
-            torch.cat((tq, iq), dim=1),
-            torch.cat((tk, ik), dim=1),
-            torch.cat((tv, iv), dim=1),
-            pe,
-            _per_token(txt_norm.query_norm.scale, img_norm.query_norm.scale, l_txt, l_img),
-            _per_token(txt_norm.key_norm.scale, img_norm.key_norm.scale, l_txt, l_img),
-            mask,
-        )  # (B, L, D)
+        q_scale = _per_token(txt_norm.query_norm.scale, img_norm.query_norm.scale, l_txt, l_img)
+        k_scale = _per_token(txt_norm.key_norm.scale, img_norm.key_norm.scale, l_txt, l_img)
+        attn = _attend(q, k, v, pe, q_scale, k_scale, mask)  # (B, L, D)
         txt_attn, img_attn = attn.split((l_txt, l_img), dim=1)  # split: its backward is one cat
 
         img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
@@ -438,30 +426,23 @@ class Flux(nn.Module):
         if not isinstance(params, FluxParams):
             raise TypeError(f"params must be a FluxParams, got {type(params).__name__}")
         factory = {"device": device, "dtype": dtype}
-        self.config = params
-        self.in_channels = params.in_channels
-        self.out_channels = params.out_channels
-        self.hidden_size = params.hidden_size
-        self.num_heads = params.num_heads
-        self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=params.axes_dim)
-        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True, **factory)
-        self.time_in = MLPEmbedder(_TIME_DIM, params.hidden_size, **factory)
-        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size, **factory)
-        self.guidance_in = (
-            MLPEmbedder(_TIME_DIM, params.hidden_size, **factory) if params.guidance_embed else nn.Identity()
-        )
-        self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size, **factory)
+        self.config = p = params
+        d, h = p.hidden_size, p.num_heads
+        self.in_channels, self.out_channels = p.in_channels, p.out_channels
+        self.hidden_size, self.num_heads = d, h
+        self.pe_embedder = EmbedND(dim=p.head_dim, theta=p.theta, axes_dim=p.axes_dim)
+        self.img_in = nn.Linear(p.in_channels, d, bias=True, **factory)
+        self.time_in = MLPEmbedder(_TIME_DIM, d, **factory)
+        self.vector_in = MLPEmbedder(p.vec_in_dim, d, **factory)
+        self.guidance_in = MLPEmbedder(_TIME_DIM, d, **factory) if p.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(p.context_in_dim, d, **factory)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(
-                params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias, **factory
-            )
-            for _ in range(params.depth)
+            DoubleStreamBlock(d, h, p.mlp_ratio, p.qkv_bias, **factory) for _ in range(p.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, **factory)
-            for _ in range(params.depth_single_blocks)
+            SingleStreamBlock(d, h, p.mlp_ratio, **factory) for _ in range(p.depth_single_blocks)
         )
-        self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels, **factory)
+        self.final_layer = LastLayer(d, 1, p.out_channels, **factory)
 
     @property
     def params(self) -> FluxParams:
@@ -496,10 +477,7 @@ class Flux(nn.Module):
             raise ValueError(f"data must be (B, Ld, in_channels={p.in_channels}), got {tuple(data.shape)}")
         b, l_data = data.shape[:2]
         if b == 0 or l_data == 0:
-            raise ValueError(
-                f"data of shape {tuple(data.shape)} is empty: it must hold at least one row (B >= 1) and one "
-                "token (Ld >= 1)"
-            )
+            raise ValueError(f"data of shape {tuple(data.shape)} is empty: it needs B >= 1 and Ld >= 1")
         # Under autocast the projections cast their inputs; otherwise a dtype other than the weights' fails
         # deep inside the first Linear without naming the input.
         weight_dtype = self.img_in.weight.dtype
@@ -526,17 +504,15 @@ class Flux(nn.Module):
             raise ValueError(
                 f"data_ids and cond_ids must have the same batch size, got {data_ids.shape[0]} and {cond_ids.shape[0]}"
             )
-        if timesteps.ndim != 1 or timesteps.shape[0] != b:
-            raise ValueError(f"timesteps must be (B,) = ({b},), got {tuple(timesteps.shape)}")
         if y.ndim != 2 or y.shape[0] != b or y.shape[1] != p.vec_in_dim:
             raise ValueError(f"y must be (B={b}, vec_in_dim={p.vec_in_dim}), got {tuple(y.shape)}")
-        if p.guidance_embed:
-            if guidance is None:
-                raise ValueError("guidance must be given (a (B,) tensor) when guidance_embed=True")
-            if guidance.ndim != 1 or guidance.shape[0] != b:
-                raise ValueError(f"guidance must be (B,) = ({b},), got {tuple(guidance.shape)}")
-        elif guidance is not None:
+        if p.guidance_embed and guidance is None:
+            raise ValueError("guidance must be given (a (B,) tensor) when guidance_embed=True")
+        if not p.guidance_embed and guidance is not None:
             raise ValueError("guidance was given but params.guidance_embed=False; pass guidance=None")
+        for name, t in (("timesteps", timesteps), ("guidance", guidance)):
+            if t is not None and (t.ndim != 1 or t.shape[0] != b):
+                raise ValueError(f"{name} must be (B,) = ({b},), got {tuple(t.shape)}")
         if cond_mask is not None and (cond_mask.dtype != torch.bool or tuple(cond_mask.shape) != (b, l_cond)):
             raise ValueError(
                 f"cond_mask must be a bool (B, Lc) = ({b}, {l_cond}) tensor (True = real token), got "

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.nn.attention import Attention, attention
-from vermeil.nn.checks import check_positive_int, check_positive_ints, check_probability
+from vermeil.nn.checks import check_optional_positive_int, check_positive_ints, check_probability
 from vermeil.nn.feedforward import FeedForward, GeGLU, SwiGLU, llama_hidden_dim
 from vermeil.nn.masks import padding_mask
 from vermeil.nn.norms import LayerNorm, RMSNorm
@@ -116,18 +116,11 @@ class ParallelTransformerBlock(nn.Module):
         else:
             self.q_scale = self.k_scale = None
 
-        if finetune_modules is None:
-            self.finetune_modules = None
-        else:
-            mods = self._check_finetune(finetune_modules)
-            for i, m in enumerate(mods):
-                if m is not None and not isinstance(m, nn.Module):
-                    raise ValueError(
-                        f"finetune_modules[{i}]={m!r} must be an nn.Module or None when given to the "
-                        "constructor (plain callables may be passed to forward)"
-                    )
-            # Keys "0".."3" as PaLM's `finetune_modules.<scope>.<layer>.<0..3>`; None entries are skipped.
-            self.finetune_modules = nn.ModuleDict({str(i): m for i, m in enumerate(mods) if m is not None})
+        # Keys "0".."3" as PaLM's `finetune_modules.<scope>.<layer>.<0..3>`; None entries are skipped.
+        self.finetune_modules = None
+        if finetune_modules is not None:
+            mods = enumerate(self._check_finetune(finetune_modules, constructor=True))
+            self.finetune_modules = nn.ModuleDict({str(i): m for i, m in mods if m is not None})
 
         self.rotary_emb = RotaryEmbedding(
             dim_head, max_seq_len=256, use_xpos=self.use_xpos, scale_base=xpos_scale_base, device=device
@@ -146,7 +139,7 @@ class ParallelTransformerBlock(nn.Module):
         self.rotary_emb.reset_parameters()
 
     @staticmethod
-    def _check_finetune(mods: FinetuneModules) -> tuple:
+    def _check_finetune(mods: FinetuneModules, constructor: bool = False) -> tuple:
         if isinstance(mods, (str, bytes)) or not isinstance(mods, Sequence) or len(mods) != 4:
             raise ValueError(
                 f"finetune_modules={mods!r} must be a sequence of 4 (lora_q, lora_k, lora_v, lora_o), "
@@ -155,6 +148,11 @@ class ParallelTransformerBlock(nn.Module):
         for i, m in enumerate(mods):
             if m is not None and not callable(m):
                 raise ValueError(f"finetune_modules[{i}]={m!r} must be callable or None")
+            if constructor and m is not None and not isinstance(m, nn.Module):
+                raise ValueError(
+                    f"finetune_modules[{i}]={m!r} must be an nn.Module or None when given to the "
+                    "constructor (plain callables may be passed to forward)"
+                )
         return tuple(mods)
 
     def forward(
@@ -172,13 +170,10 @@ class ParallelTransformerBlock(nn.Module):
                 f"mask of shape {tuple(mask.shape)} and dtype {mask.dtype} must be a bool (B, T)=({b}, {n}) "
                 "key-padding mask (True = keep)"
             )
-        if finetune_modules is not None:
-            lora_q, lora_k, lora_v, lora_o = self._check_finetune(finetune_modules)
-        elif self.finetune_modules is not None:
-            mods = self.finetune_modules
-            lora_q, lora_k, lora_v, lora_o = (mods[i] if i in mods else None for i in "0123")  # noqa: SIM401
-        else:
-            lora_q = lora_k = lora_v = lora_o = None
+        if finetune_modules is None:
+            stored = dict(self.finetune_modules or {})
+            finetune_modules = [stored.get(i) for i in "0123"]
+        lora_q, lora_k, lora_v, lora_o = self._check_finetune(finetune_modules)
 
         h = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(h).split(self.fused_dims, dim=-1)
@@ -259,9 +254,8 @@ class TransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("dim", dim)
-        if hidden_dim is not None:
-            check_positive_int("hidden_dim", hidden_dim)
+        check_positive_ints(dim=dim)
+        check_optional_positive_int("hidden_dim", hidden_dim)
         check_probability("dropout", dropout)
         if context_dim is not None and not cross_attention:
             raise ValueError(f"context_dim={context_dim} needs cross_attention=True")
@@ -303,19 +297,10 @@ class TransformerBlock(nn.Module):
 
     def reset_parameters(self) -> None:
         """Each submodule's own `reset_parameters`, and the injected rotary's tables."""
-        for module in (
-            self.attention_norm,
-            self.attention,
-            self.cross_attention_norm,
-            self.cross_attention,
-            self.ffn_norm,
-            self.feed_forward,
-        ):
-            if module is not None:
+        # The injected rotary's tables are garbage after meta construction + to_empty.
+        for module in (*self.children(), self.attention.rotary):
+            if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        rotary = self.attention.rotary
-        if rotary is not None and hasattr(rotary, "reset_parameters"):
-            rotary.reset_parameters()  # injected tables (garbage after meta construction + to_empty)
 
     def setup_cache(
         self,
