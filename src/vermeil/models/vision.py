@@ -36,12 +36,10 @@ class VisionArgs:
     """Vision encoder settings (Meta's `VisionArgs` names).
 
     Args:
-        image_size: pixels, an int (square) or (height, width).
-        patch_size: pixels per patch side, an int or (height, width).
-        dim: Dvit, encoder width. n_layers, n_heads: encoder depth and heads. mlp_ratio: encoder MLP width / dim.
+        image_size, patch_size: pixels, an int (square) or (height, width).
+        dim: Dvit, the encoder width; mlp_ratio: the encoder MLP's width / dim.
         output_dim: Dv, the adapter's output width (the LLM's `vision_projection` maps it to the model dim).
         pixel_shuffle_ratio: r; the patch grid shrinks by r per side and channels grow by 1 / r^2 (Llama 4: 0.5).
-        in_channels: C. norm_eps: LayerNorm epsilon.
     """
 
     image_size: int | tuple[int, int] = 336
@@ -71,11 +69,9 @@ class VisionArgs:
             raise ValueError(
                 f"pixel_shuffle_ratio={r} must be in (0, 1] with grid side {gh} * r and 1 / r^2 integers"
             )
-        check_fields(self)
+        check_fields(self, positive=("mlp_ratio",))
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0")
 
     @property
     def grid(self) -> int:
@@ -123,10 +119,9 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.args = args
         self.image_size, self.patch_size = _pair(args.image_size), _pair(args.patch_size)
-        p = args.grid * args.grid
         self.conv1 = _Conv2dPatch(args.in_channels, args.dim, self.patch_size, **factory)
         self.class_embedding = nn.Parameter(torch.empty(args.dim, **factory))
-        self.positional_embedding_vlm = nn.Parameter(torch.empty(p + 1, args.dim, **factory))
+        self.positional_embedding_vlm = nn.Parameter(torch.empty(args.grid**2 + 1, args.dim, **factory))
         self.ln_pre = LayerNorm(args.dim, args.norm_eps, **factory)
         blocks = nn.ModuleList(
             TransformerBlock(
@@ -150,11 +145,8 @@ class VisionEncoder(nn.Module):
         scale = self.args.dim**-0.5  # Meta: `scale = dim ** -0.5` for both embeddings
         nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.positional_embedding_vlm, std=scale)
-        self.conv1._linear.reset_parameters()
-        self.ln_pre.reset_parameters()
-        self.ln_post.reset_parameters()
-        for block in self.transformer["resblocks"]:
-            block.reset_parameters()
+        for module in (self.conv1._linear, self.ln_pre, self.ln_post, *self.transformer["resblocks"]):
+            module.reset_parameters()
 
     def check_images(self, images: Tensor) -> None:
         c, (h, w) = self.args.in_channels, self.image_size
@@ -229,6 +221,5 @@ class VisionEmbeddings(nn.Module):
                 f"{n_tokens} tokens ({self.args.tokens_per_image} per image)"
             )
         tokens = self.encode(images).reshape(-1, self.output_dim)  # (N * Ti, Dv)
-        b, t = image_mask.shape
-        out = tokens.new_zeros(b, t, self.output_dim)
+        out = tokens.new_zeros(*image_mask.shape, self.output_dim)  # (B, T, Dv)
         return out.masked_scatter(image_mask[..., None], tokens)
