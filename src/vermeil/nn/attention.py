@@ -105,9 +105,7 @@ def _fused_cpu_causal_with_mask(q: Tensor, k: Tensor, v: Tensor, dropout_p: floa
         and dropout_p == 0.0
         and not torch.compiler.is_compiling()
         and torch.backends.cuda.flash_sdp_enabled()  # the flag sdpa_kernel sets; the CPU kernel obeys it too
-        and q.stride(-1) == 1
-        and k.stride(-1) == 1
-        and v.stride(-1) == 1
+        and all(x.stride(-1) == 1 for x in (q, k, v))
         and _cpu_flash_combines_mask_and_causal()
     )
 
@@ -224,22 +222,21 @@ def attention(
         if dropout_p > 0.0:
             raise ValueError(f"backend='flex' has no dropout (dropout_p={dropout_p}); use backend='sdpa'")
         return flex_attention(q, k, v, causal=causal, mask=mask, scale=scale)
-    is_causal = False
-    if causal:
-        if mask is None and t == s:
-            is_causal = True  # the fastest form: no mask tensor at all
-        elif t == s and backend != "math" and _fused_cpu_causal_with_mask(q, k, v, dropout_p):
-            is_causal = True  # and the mask as given: the kernel skips the blocks above the diagonal
-        else:
-            causal_ts = _bottom_right_causal(t, s, q.device)  # (T, S)
-            mask = causal_ts if mask is None else mask & causal_ts
-            mask = mask.view(1, 1, t, s) if mask.ndim == 2 else mask
+    # SDPA's is_causal where exact: with no mask at all (the fastest form), or with the mask as given where
+    # the CPU kernel takes both and skips the blocks above the diagonal. Otherwise causality joins the mask.
+    is_causal = (
+        causal
+        and t == s
+        and backend != "math"
+        and (mask is None or _fused_cpu_causal_with_mask(q, k, v, dropout_p))
+    )
+    if causal and not is_causal:
+        causal_ts = _bottom_right_causal(t, s, q.device)  # (T, S)
+        mask = causal_ts.view(1, 1, t, s) if mask is None else mask & causal_ts
     match backend:
         case "sdpa":
             return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
         case "math":
-            if is_causal:
-                mask = _bottom_right_causal(t, s, q.device).view(1, 1, t, s)
             return _math_attention(q, k, v, mask, scale, dropout_p)
         case _:  # "flash", checked above
             return _flash(q, k, v, mask, is_causal, scale, dropout_p)
@@ -397,18 +394,15 @@ class Attention(nn.Module):
             raise ValueError("a KV cache needs causal=True (decoding attends to earlier positions only)")
         if self.context_dim is not None:
             raise ValueError("a KV cache is for self-attention; this module has context_dim set")
-        factory: dict[str, Any] = {
-            "dtype": dtype or self.wk.weight.dtype,
-            "device": device or self.wk.weight.device,
-        }
-        local = [n for n in (self.window, self.chunk) if n is not None]
-        if local:
-            slots = min(*local, max_seq_len)
+        w = self.wk.weight
+        factory: dict[str, Any] = {"dtype": dtype or w.dtype, "device": device or w.device}
+        if self.window is None and self.chunk is None:
+            self.kv_cache = KVCache(batch_size, max_seq_len, self.kv_heads, self.head_dim, **factory)
+        else:
+            slots = min(self.window or max_seq_len, self.chunk or max_seq_len, max_seq_len)
             self.kv_cache = RingKVCache(
                 batch_size, slots, self.kv_heads, self.head_dim, max_seq_len=max_seq_len, **factory
             )
-        else:
-            self.kv_cache = KVCache(batch_size, max_seq_len, self.kv_heads, self.head_dim, **factory)
         if self.rotary is not None and hasattr(self.rotary, "reserve"):
             self.rotary.reserve(max_seq_len)  # decode lookups then never grow the tables (no device sync)
 
@@ -436,14 +430,13 @@ class Attention(nn.Module):
         if self.context_dim is None:
             if context is not None:
                 raise ValueError("context given to a self-attention module (context_dim=None)")
-        else:
-            if context is None:
-                raise ValueError(f"context of shape (batch, seq, context_dim={self.context_dim}) is required")
-            if context.ndim != 3 or context.shape[-1] != self.context_dim or context.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"context must have shape (batch={x.shape[0]}, seq, context_dim={self.context_dim}), "
-                    f"got {tuple(context.shape)}"
-                )
+        elif context is None:
+            raise ValueError(f"context of shape (batch, seq, context_dim={self.context_dim}) is required")
+        elif context.ndim != 3 or context.shape[-1] != self.context_dim or context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"context must have shape (batch={x.shape[0]}, seq, context_dim={self.context_dim}), "
+                f"got {tuple(context.shape)}"
+            )
         if rope is not None and (self.rotary is not None or self.context_dim is not None):
             raise ValueError(
                 "rope tables given to a module that has an injected rotary or is cross-attention; "
@@ -508,16 +501,6 @@ class Attention(nn.Module):
         # blocks above the diagonal (twice as fast) where it can. Positions given may not be increasing.
         return full, self.causal and input_pos is None
 
-    def _cache_mask(self, user: Tensor | None, input_pos: Tensor, kv_pos: Tensor) -> Tensor:
-        """With a cache: queries at `input_pos`, keys at the positions the cache holds (`kv_pos`; an empty slot
-        holds `max_seq_len`, in every query's future, so the causal rule hides it). `user` is over positions."""
-        assert self.kv_cache is not None  # internal: called on the cache path only
-        s_max = self.kv_cache.max_seq_len
-        full = attention_mask(input_pos, kv_pos, causal=True, window=self.window, chunk=self.chunk)
-        if user is None:
-            return full
-        return full & user.index_select(-1, kv_pos.clamp(max=s_max - 1))  # position -> slot order
-
     def forward(
         self,
         x: Tensor,
@@ -555,7 +538,6 @@ class Attention(nn.Module):
         # Llama 4's chunked layers in training: independent causal blocks, no (T, T) mask (static checks only).
         blocks = (
             backend != "flex"
-            and cache is None
             and self.chunk is not None
             and self.window is None
             and self.causal
@@ -589,7 +571,11 @@ class Attention(nn.Module):
             assert input_pos is not None  # internal: a cache is used only with positions
             k, v, kv_pos = cache.update_with_positions(input_pos, k, v)  # (B, Hkv, S_cache, Dh), (S_cache,)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
-            full, causal = self._cache_mask(user, input_pos, kv_pos), False
+            # Queries at `input_pos`, keys at the positions the cache holds (an empty slot's is in every
+            # query's future, so the causal rule hides it); `user` is over positions, read in slot order.
+            full, causal = attention_mask(input_pos, kv_pos, window=self.window, chunk=self.chunk), False
+            if user is not None:
+                full = full & user.index_select(-1, kv_pos.clamp(max=cache.max_seq_len - 1))
         if flex_rules:
             rules = {"causal": self.causal, "window": self.window, "chunk": self.chunk}
             out = flex_attention(q, k, v, **rules, key_padding_mask=mask, scale=self.scale)
@@ -605,13 +591,10 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
     def extra_repr(self) -> str:
-        parts = [f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"]
-        if self.context_dim is not None:
-            parts.append(f"context_dim={self.context_dim}")
-        parts.append(f"causal={self.causal}, backend={self.backend!r}")
-        for name in ("window", "chunk", "dropout"):  # shown where set
-            if getattr(self, name):
-                parts.append(f"{name}={getattr(self, name)}")
+        always = ("dim", "heads", "kv_heads", "head_dim", "causal", "backend")
+        where_set = ("context_dim", "window", "chunk", "dropout")
+        parts = [f"{n}={getattr(self, n)!r}" for n in always]
+        parts += [f"{n}={getattr(self, n)}" for n in where_set if getattr(self, n)]
         if self.qk_norm is not None:
             parts.append(f"qk_norm_after_rope={self.qk_norm_after_rope}")
         return ", ".join(parts)

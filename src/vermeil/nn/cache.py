@@ -21,19 +21,68 @@ from vermeil.nn.checks import check_positive_ints, tracing
 __all__ = ["KVCache", "RingKVCache", "SSMState"]
 
 
-def _kv_buffers(cache: nn.Module, shape: tuple[int, ...], dtype: torch.dtype | None, device: Any) -> None:
-    for name in ("k_cache", "v_cache"):
-        cache.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+class _KVBuffers(nn.Module):
+    """What both KV caches share: zeroed buffers `k_cache`, `v_cache` (B, Hkv, slots, Dh), the update checks."""
+
+    k_cache: Tensor
+    v_cache: Tensor
+
+    def __init__(
+        self, batch_size: int, slots: int, kv_heads: int, head_dim: int, max_seq_len: int, **factory: Any
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        for name in ("k_cache", "v_cache"):
+            buffer = torch.zeros(batch_size, kv_heads, slots, head_dim, **factory)
+            self.register_buffer(name, buffer, persistent=False)
+
+    def reset(self) -> None:
+        """Zero both buffers in place (compiled graphs that captured them stay valid)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def _check_update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Static shape checks, and the eager CPU-only value check of `input_pos`."""
+        heads_dim = (self.kv_heads, self.head_dim)
+        if k.ndim != 4 or (k.shape[1], k.shape[3]) != heads_dim or k.shape[0] > self.batch_size:
+            raise ValueError(
+                f"k must have shape (B<={self.batch_size}, kv_heads={self.kv_heads}, T, "
+                f"head_dim={self.head_dim}), got {tuple(k.shape)}"
+            )
+        if v.shape != k.shape:
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        if input_pos.ndim != 1 or input_pos.shape[0] != k.shape[2]:
+            raise ValueError(
+                f"input_pos must have shape (T={k.shape[2]},) to match k, got {tuple(input_pos.shape)} "
+                "(per-row positions (B, T) cannot be written into a shared static cache)"
+            )
+        if input_pos.shape[0] > self.max_seq_len:
+            raise ValueError(
+                f"input_pos holds {input_pos.shape[0]} positions, which exceeds max_seq_len={self.max_seq_len}"
+            )
+        # Value check only in eager mode and on CPU: it reads the tensor, which would be a graph break under
+        # compile, a baked-in constant under jit.trace, and a device sync on an accelerator.
+        if not tracing() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
+            first, last = torch.stack(torch.aminmax(input_pos)).tolist()  # one read for both ends
+            if last >= self.max_seq_len or first < 0:
+                raise ValueError(
+                    f"input_pos up to {last} exceeds max_seq_len={self.max_seq_len} (positions must lie in "
+                    f"[0, {self.max_seq_len}))"
+                )
+
+    def extra_repr(self) -> str:
+        return (
+            f"batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, kv_heads={self.kv_heads}, "
+            f"head_dim={self.head_dim}, dtype={self.k_cache.dtype}"
+        )
 
 
-class KVCache(nn.Module):
+class KVCache(_KVBuffers):
     """Key/value buffers `k_cache`, `v_cache` (B, Hkv, S_max, Dh) for incremental decoding.
 
     A smaller batch than `batch_size` uses the leading rows; keys and values are cast to `dtype` on write.
     """
-
-    k_cache: Tensor
-    v_cache: Tensor
 
     def __init__(
         self,
@@ -45,23 +94,15 @@ class KVCache(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         check_positive_ints(
             batch_size=batch_size, max_seq_len=max_seq_len, kv_heads=kv_heads, head_dim=head_dim
         )
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        _kv_buffers(self, (batch_size, kv_heads, max_seq_len, head_dim), dtype, device)
+        super().__init__(batch_size, max_seq_len, kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
         self._positions = torch.arange(max_seq_len, device=device)  # slot i holds position i (not state)
-
-    def reset(self) -> None:
-        """Zero both buffers in place (compiled graphs that captured them stay valid)."""
-        self.k_cache.zero_()
-        self.v_cache.zero_()
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, Dh) at `input_pos` (T,); return views (B, Hkv, S_max, Dh) of the buffers."""
-        _check_update(self, input_pos, k, v)
+        self._check_update(input_pos, k, v)
         b = k.shape[0]
         k_all, v_all = self.k_cache[:b], self.v_cache[:b]  # views: the writes land in the buffers
         k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
@@ -75,44 +116,8 @@ class KVCache(nn.Module):
             self._positions = self._positions.to(k_all.device)
         return k_all, v_all, self._positions
 
-    def extra_repr(self) -> str:
-        return (
-            f"batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, kv_heads={self.kv_heads}, "
-            f"head_dim={self.head_dim}, dtype={self.k_cache.dtype}"
-        )
 
-
-def _check_update(cache: KVCache | RingKVCache, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
-    """Static shape checks shared by both KV caches, and the eager CPU-only value check of `input_pos`."""
-    expected = (cache.kv_heads, cache.head_dim)
-    if k.ndim != 4 or (k.shape[1], k.shape[3]) != expected or k.shape[0] > cache.batch_size:
-        raise ValueError(
-            f"k must have shape (B<={cache.batch_size}, kv_heads={cache.kv_heads}, T, "
-            f"head_dim={cache.head_dim}), got {tuple(k.shape)}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if input_pos.ndim != 1 or input_pos.shape[0] != k.shape[2]:
-        raise ValueError(
-            f"input_pos must have shape (T={k.shape[2]},) to match k, got {tuple(input_pos.shape)} "
-            "(per-row positions (B, T) cannot be written into a shared static cache)"
-        )
-    if input_pos.shape[0] > cache.max_seq_len:
-        raise ValueError(
-            f"input_pos holds {input_pos.shape[0]} positions, which exceeds max_seq_len={cache.max_seq_len}"
-        )
-    # Value check only in eager mode and on CPU: it reads the tensor, which would be a graph break under
-    # compile, a baked-in constant under jit.trace, and a device sync on an accelerator.
-    if not tracing() and input_pos.device.type == "cpu" and input_pos.numel() > 0:
-        first, last = torch.stack(torch.aminmax(input_pos)).tolist()  # one read for both ends
-        if last >= cache.max_seq_len or first < 0:
-            raise ValueError(
-                f"input_pos up to {last} exceeds max_seq_len={cache.max_seq_len} (positions must lie in "
-                f"[0, {cache.max_seq_len}))"
-            )
-
-
-class RingKVCache(nn.Module):
+class RingKVCache(_KVBuffers):
     """A KV cache of `slots` positions for local attention: position p lives in slot p % slots.
 
     A query under a sliding window W sees the last W keys, under Llama 4's chunks of C at most C, so
@@ -122,8 +127,6 @@ class RingKVCache(nn.Module):
     Buffers `k_cache`, `v_cache`: (B, Hkv, slots, Dh).
     """
 
-    k_cache: Tensor
-    v_cache: Tensor
     kv_pos: Tensor
 
     def __init__(
@@ -137,21 +140,18 @@ class RingKVCache(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         max_seq_len = slots if max_seq_len is None else max_seq_len
         check_positive_ints(
             batch_size=batch_size, slots=slots, kv_heads=kv_heads, head_dim=head_dim, max_seq_len=max_seq_len
         )
-        self.batch_size, self.slots, self.max_seq_len = batch_size, slots, max_seq_len
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        _kv_buffers(self, (batch_size, kv_heads, slots, head_dim), dtype, device)
+        super().__init__(batch_size, slots, kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
+        self.slots = slots
         empty = torch.full((slots,), max_seq_len, dtype=torch.long, device=device)
         self.register_buffer("kv_pos", empty, persistent=False)
 
     def reset(self) -> None:
         """Empty the ring in place (compiled graphs that captured the buffers stay valid)."""
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        super().reset()
         self.kv_pos.fill_(self.max_seq_len)
 
     def _write(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
@@ -172,7 +172,7 @@ class RingKVCache(nn.Module):
         the new keys, (B, Hkv, slots + T, Dh) and (slots + T,): an early new token may need a key a later one
         overwrites.
         """
-        _check_update(self, input_pos, k, v)
+        self._check_update(input_pos, k, v)
         b = k.shape[0]
         if k.shape[2] == 1:
             self._write(input_pos, k, v)
@@ -186,10 +186,7 @@ class RingKVCache(nn.Module):
     update = update_with_positions
 
     def extra_repr(self) -> str:
-        return (
-            f"batch_size={self.batch_size}, slots={self.slots}, max_seq_len={self.max_seq_len}, "
-            f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, dtype={self.k_cache.dtype}"
-        )
+        return f"slots={self.slots}, {super().extra_repr()}"
 
 
 class SSMState(nn.Module):

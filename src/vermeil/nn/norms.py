@@ -8,7 +8,7 @@ Axis legend: B batch, T length, D model dim, H heads, Dh head dim.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +57,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         check_positive_int("dim", dim)
         self.dim, self.eps = dim, eps
-        self.weight = (
-            nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if elementwise_affine else None
-        )
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -116,18 +115,10 @@ class LayerNorm(nn.Module):
 class _HeadNorm(nn.Module):
     """One half of QKNorm: normalises the head axis and multiplies by a learned `scale` (BFL's key name)."""
 
-    def __init__(
-        self,
-        head_dim: int,
-        kind: QKNormKind,
-        learnable: bool,
-        eps: float,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-    ) -> None:
+    def __init__(self, head_dim: int, kind: QKNormKind, learnable: bool, eps: float, **factory: Any) -> None:
         super().__init__()
         self.head_dim, self.kind, self.eps = head_dim, kind, eps
-        self.scale = nn.Parameter(torch.empty(head_dim, device=device, dtype=dtype)) if learnable else None
+        self.scale = nn.Parameter(torch.empty(head_dim, **factory)) if learnable else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,8 +155,8 @@ class QKNorm(nn.Module):
         if kind not in ("rms", "l2"):
             raise ValueError(f"kind={kind!r} must be 'rms' or 'l2'")
         self.head_dim, self.kind = head_dim, kind
-        self.query_norm = _HeadNorm(head_dim, kind, learnable, eps, device, dtype)
-        self.key_norm = _HeadNorm(head_dim, kind, learnable, eps, device, dtype)
+        self.query_norm = _HeadNorm(head_dim, kind, learnable, eps, device=device, dtype=dtype)
+        self.key_norm = _HeadNorm(head_dim, kind, learnable, eps, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         self.query_norm.reset_parameters()

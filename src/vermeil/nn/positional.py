@@ -164,13 +164,10 @@ def apply_rotary(
     xf = x.to(compute)
     cos = _broadcast_table(cos, "cos", x, dh // 2).to(compute)
     sin = _broadcast_table(sin, "sin", x, dh // 2).to(compute)
-    if pairing == "half":
-        x1, x2 = xf[..., : dh // 2], xf[..., dh // 2 :]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        xp = xf.unflatten(-1, (dh // 2, 2))  # (..., Dh/2, 2): adjacent (real, imag) pairs
-        x1, x2 = xp[..., 0], xp[..., 1]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    # "half": (..., 2, Dh/2), the two halves; "interleaved": (..., Dh/2, 2), adjacent (real, imag) pairs.
+    axis, pairs = (-2, (2, dh // 2)) if pairing == "half" else (-1, (dh // 2, 2))
+    x1, x2 = xf.unflatten(-1, pairs).unbind(axis)
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=axis).flatten(-2)
     if scale is not None:
         out = out * _broadcast_table(scale, "scale", x, dh).to(compute)
     return out.to(x.dtype)
@@ -196,9 +193,8 @@ def xpos_scale(
     _check_head_dim(head_dim)
     if not scale_base > 0:
         raise ValueError(f"scale_base={scale_base} must be > 0")
-    base = (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) + 0.4 * head_dim) / (
-        1.4 * head_dim
-    )
+    channels = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    base = (channels + 0.4 * head_dim) / (1.4 * head_dim)
     power = (positions.to(torch.float32) - center) / scale_base
     scale = base ** power[..., None]  # (..., T, Dh/2)
     if pairing == "half":
@@ -258,7 +254,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021, arXiv:2104.09864) with llama3 scaling and optional xPos.
 
-    `pairing="half"` matches transformers `LlamaRotaryEmbedding`; `"interleaved"` Meta's complex reference.
     The float32 tables `cos_cached`/`sin_cached` (non-persistent) grow on demand for explicit positions on
     the CPU in eager mode (a host read of min/max). On an accelerator and while `tracing()` nothing is
     checked (a device sync per layer per step): positions must lie inside the table, which `reserve(rows)`
@@ -331,19 +326,17 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def _set_rows(self, rows: int) -> None:
         """cos/sin tables of positions 0 .. rows - 1 from `inv_freq`."""
-        self.cos_cached, self.sin_cached = rope_cos_sin(
-            torch.arange(rows, device=self.inv_freq.device), self.inv_freq
-        )
+        positions = torch.arange(rows, device=self.inv_freq.device)
+        self.cos_cached, self.sin_cached = rope_cos_sin(positions, self.inv_freq)
 
     def _grow(self, rows: int) -> None:
-        """Rebuild the tables with at least `rows` rows (doubling, so growth is amortised)."""
-        self._set_rows(max(rows, 2 * self.max_seq_len))
+        """Rebuild the tables to at least `rows` rows if they are shorter (doubling: growth is amortised)."""
+        if rows > self.max_seq_len:
+            self._set_rows(max(rows, 2 * self.max_seq_len))
 
     def reserve(self, rows: int) -> None:
         """Make the tables cover positions 0..rows-1 now, so lookups never need to grow them."""
-        check_positive_int("rows", rows)
-        if rows > self.max_seq_len:
-            self._grow(rows)
+        self._grow(check_positive_int("rows", rows))
 
     def _check_positions(self, positions: Tensor) -> None:
         """Eager only: positions must be >= 0; grow the tables to cover the largest one (one host sync)."""
@@ -352,8 +345,7 @@ class RotaryEmbedding(nn.Module):
         lo, hi = torch.stack(torch.aminmax(positions)).tolist()
         if lo < 0:
             raise ValueError(f"positions must be >= 0, got min {lo}")
-        if hi >= self.max_seq_len:
-            self._grow(hi + 1)
+        self._grow(hi + 1)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions: (T,) or (B, T), integer (table) or floating (computed) -> cos, sin float32 (..., Dh/2)."""
