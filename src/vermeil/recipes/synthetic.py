@@ -3,13 +3,14 @@ by accuracy on a fixed evaluation set."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from vermeil.config import ConfigError
+from vermeil.config import ConfigError, to_dict
 from vermeil.data import mqar, selective_copying
 from vermeil.data.sampler import SeededSampler
 from vermeil.nn.checks import check_positive_int, check_positive_ints
@@ -17,21 +18,22 @@ from vermeil.recipes.tasks import EVAL_SEED_OFFSET, Run, TaskData, eval_token_ba
 from vermeil.train.losses import lm_loss_fn
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from vermeil.recipes.config import RunConfig
 
 __all__ = ["MQARData", "SelectiveCopyingData"]
 
 
 class _SyntheticTask(TaskData):
-    """A task whose batches come from one generator function of `vermeil.data`."""
+    """A task whose batches come from one generator function of `vermeil.data` (`make`), called with every
+    field of the config but `task`."""
 
+    make: Callable[..., Any]
     # What loss.png's y axis shows: cross-entropy on the scored positions only (the answers), not every token.
     loss_label = "cross-entropy (nats per answer token)"
 
     def generator(self, seq_len: int) -> tuple[Callable[..., Any], dict[str, Any]]:
-        raise NotImplementedError
+        kwargs = {k: v for k, v in to_dict(self).items() if k != "task"}
+        return self.make, {**kwargs, "seq_len": seq_len}
 
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         train = run.train
@@ -55,6 +57,7 @@ class MQARData(_SyntheticTask):
     """Multi-query associative recall (Zoology): `vermeil.data.mqar` (see its Args) at `train.seq_len`."""
 
     task: Literal["mqar"] = "mqar"
+    make = staticmethod(mqar)
     vocab_size: int = 512
     num_kv_pairs: int = 8
     power_a: float = 0.01
@@ -80,22 +83,13 @@ class MQARData(_SyntheticTask):
                 "(4 * num_kv_pairs must be <= seq_len)"
             )
 
-    def generator(self, seq_len: int) -> tuple[Callable[..., Any], dict[str, Any]]:
-        kwargs = dict(
-            vocab_size=self.vocab_size,
-            seq_len=seq_len,
-            num_kv_pairs=self.num_kv_pairs,
-            power_a=self.power_a,
-            random_non_queries=self.random_non_queries,
-        )
-        return mqar, kwargs
-
 
 @dataclass
 class SelectiveCopyingData(_SyntheticTask):
     """Selective copying (Mamba §3.1): `vermeil.data.selective_copying`, sequence length `train.seq_len`."""
 
     task: Literal["selective_copying"] = "selective_copying"
+    make = staticmethod(selective_copying)
     vocab_size: int = 16
     num_tokens_to_copy: int = 16
 
@@ -112,7 +106,3 @@ class SelectiveCopyingData(_SyntheticTask):
                 f"train.seq_len={seq_len} must be > 2 * data.num_tokens_to_copy + 1 = "
                 f"{2 * self.num_tokens_to_copy + 1}"
             )
-
-    def generator(self, seq_len: int) -> tuple[Callable[..., Any], dict[str, Any]]:
-        kwargs = dict(vocab_size=self.vocab_size, seq_len=seq_len, num_tokens_to_copy=self.num_tokens_to_copy)
-        return selective_copying, kwargs

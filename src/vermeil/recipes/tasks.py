@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeil.config import ConfigError, merge_preset
-from vermeil.data.sampler import (
-    SeededSampler as TaskSampler,  # the one seeded sampler, under the recipes' name
-)
+from vermeil.data.sampler import SeededSampler as TaskSampler  # the one seeded sampler, by the recipes' name
 from vermeil.models.contract import split_output
 from vermeil.train.hooks import Hook
 
