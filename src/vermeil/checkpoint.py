@@ -105,11 +105,9 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 def clean_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
     """Remove (and return) `atomic_path`'s temporary files that killed writes left in `directory`; call it
     when a run starts or resumes."""
-    removed: list[Path] = []
     folder = Path(directory)
-    if not folder.is_dir():
-        return removed
-    for p in sorted(folder.iterdir()):
+    removed: list[Path] = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
         if p.is_file() and _TEMP_NAME.match(p.name):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -151,9 +149,9 @@ class _WriteErrors:
         return getattr(self.f, name)
 
 
-def _write_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
+def _write_error(code: int | None, path: str | os.PathLike[str]) -> OSError:
     """The OSError of a failed write, naming the destination (and saying "the disk is full" for ENOSPC)."""
-    code = e.errno or errno.EIO
+    code = code or errno.EIO
     reason = "no space left on device (the disk is full)" if code == errno.ENOSPC else os.strerror(code)
     return OSError(code, f"writing {os.fspath(path)} failed: {reason}", os.fspath(path))
 
@@ -168,7 +166,7 @@ def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
         except (OSError, RuntimeError):
             if w.error is None:
                 raise
-            raise _write_error(w.error, path) from None
+            raise _write_error(w.error.errno, path) from None
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -206,14 +204,7 @@ def _view_key(t: Tensor) -> tuple[Any, ...]:
     # Two state-dict entries are the same tensor (tied) when they are the same view of the same storage.
     if t.numel() == 0:  # empty tensors may all report data_ptr 0: never treat them as tied
         return ("empty", id(t))
-    return (
-        t.device,
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        tuple(t.shape),
-        tuple(t.stride()),
-        t.dtype,
-    )
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
 
 
 def _state_dict(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -235,16 +226,13 @@ def _state_dict(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> dict[
 
 def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Store each tied tensor once; returns (tensors to write, {alias: stored name})."""
-    first: dict[tuple[Any, ...], str] = {}
+    first: dict[tuple[Any, ...], str] = {}  # view -> the first name holding it
     aliases: dict[str, str] = {}
-    kept: dict[str, Tensor] = {}
     for name, t in state.items():
-        key = _view_key(t)
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-            kept[name] = t.detach()
+        stored = first.setdefault(_view_key(t), name)
+        if stored != name:
+            aliases[name] = stored
+    kept = {name: t.detach() for name, t in state.items() if name not in aliases}
     # Distinct views of one storage (e.g. slices of a fused weight) cannot be stored as views: copy them apart.
     storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in kept.values())
     out = {}
@@ -280,8 +268,7 @@ def save_weights(
             found = re.search(r"os error (\d+)", str(e))
             if found is None:
                 raise
-            code = int(found.group(1))
-            raise _write_error(OSError(code, os.strerror(code)), path) from None
+            raise _write_error(int(found.group(1)), path) from None
 
 
 def _read(path: str | os.PathLike[str], device: str) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -233,12 +233,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad_h, grad_w, grad_b = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        out = (
-            (grad_h * grad_out.to(h_dtype)) if grad_h is not None else None,
+        return (
+            grad_h * grad_out.to(h_dtype) if grad_h is not None else None,
             (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
             (grad_b * grad_out).to(b_dtype) if grad_b is not None else None,
+            *[None] * 7,  # the non-tensor arguments
         )
-        return (*out, None, None, None, None, None, None, None)
 
 
 def chunked_cross_entropy(
@@ -342,9 +342,10 @@ class _HeadInput:
         self.hidden: Tensor | None = None
         self.placeholder: Tensor | None = None
 
-    def weight_and_bias(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The head's weight (and bias) rows the model's logits kept (MambaLM cuts its padded vocabulary),
-        after checking that the model returned the head's output unchanged but for that cut and `.float()`."""
+    def head_args(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The head's input, and its weight (and bias) rows the model's logits kept (MambaLM cuts its padded
+        vocabulary), after checking that the model returned the head's output unchanged but for that cut and
+        `.float()`."""
         ph = self.placeholder
         if self.hidden is None or ph is None:
             raise RuntimeError(
@@ -365,7 +366,7 @@ class _HeadInput:
             )
         vocab = logits.shape[-1]
         bias = self.head.bias[:vocab] if self.head.bias is not None else None
-        return self.head.weight[:vocab], bias
+        return self.hidden, self.head.weight[:vocab], bias
 
 
 @contextlib.contextmanager
@@ -406,7 +407,8 @@ def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None
     causal = loss_fn is causal_lm_loss
     if lm_head(model) is None or not (causal or type(head) is CrossEntropyLoss):
         return None
-    ignore_index, z_loss = (-100, 0.0) if causal else (head.ignore_index, head.z_loss)
+    ce = CrossEntropyLoss() if causal else head
+    options = dict(chunk_size=chunk_size, ignore_index=ce.ignore_index, z_loss=ce.z_loss)
 
     def chunked(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         inputs, targets = batch
@@ -414,17 +416,8 @@ def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None
             _check_targets(inputs, targets)
         with capture_head_input(model) as seen:
             logits, aux = split_output(model(inputs))
-        weight, bias = seen.weight_and_bias(logits)
-        assert seen.hidden is not None  # checked by weight_and_bias
-        loss = chunked_cross_entropy(
-            seen.hidden,
-            weight,
-            targets,
-            bias=bias,
-            chunk_size=chunk_size,
-            ignore_index=ignore_index,
-            z_loss=z_loss,
-        )
+        hidden, weight, bias = seen.head_args(logits)
+        loss = chunked_cross_entropy(hidden, weight, targets, bias=bias, **options)
         return _with_aux(loss, aux) if causal else (loss, {})
 
     return chunked

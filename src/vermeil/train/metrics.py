@@ -207,8 +207,7 @@ class MetricsWindow:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.loss = state["loss"].to(self.device)
         self.metrics = {k: v.to(self.device) for k, v in state["metrics"].items()}
-        skipped = state.get("skipped")  # absent from checkpoints written before skipping existed
-        self.skipped = skipped.to(self.device) if skipped is not None else torch.zeros((), device=self.device)
+        self.skipped = state.get("skipped", torch.zeros(())).to(self.device)  # absent from older checkpoints
         self.steps, self.tokens = int(state["steps"]), int(state["tokens"])
         self.seconds = float(state["seconds"])
 

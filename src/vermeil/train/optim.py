@@ -22,17 +22,6 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
 
 
-def _model_hook_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    groups = [dict(g) for g in model.optimizer_groups(weight_decay)]
-    for g in groups:
-        if "params" not in g:
-            raise ValueError(
-                f"{type(model).__name__}.optimizer_groups returned a group without 'params': {g!r}"
-            )
-        g["params"] = list(g["params"])
-    return [g for g in groups if g["params"]]
-
-
 def param_groups(
     model: nn.Module, weight_decay: float, *, no_decay_embeddings: bool = True
 ) -> list[dict[str, Any]]:
@@ -49,11 +38,16 @@ def param_groups(
     if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
     if callable(getattr(model, "optimizer_groups", None)):
-        return _model_hook_groups(model, float(weight_decay))
+        groups = [dict(g) for g in model.optimizer_groups(float(weight_decay))]
+        for g in groups:
+            if "params" not in g:
+                raise ValueError(
+                    f"{type(model).__name__}.optimizer_groups returned a group without 'params': {g!r}"
+                )
+            g["params"] = list(g["params"])
+        return [g for g in groups if g["params"]]
 
-    named: set[str] = set()
-    if callable(getattr(model, "no_weight_decay", None)):
-        named = set(model.no_weight_decay())
+    named = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     exempt: set[int] = set()  # ids of parameters that must not be decayed, found by their module
     for module in model.modules():
         if _is_norm(module) or (no_decay_embeddings and isinstance(module, nn.Embedding)):
@@ -64,19 +58,18 @@ def param_groups(
     for name, p in model.named_parameters():  # tied tensors are yielded once
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
         skip = (
             p.ndim < 2
             or id(p) in exempt
-            or leaf in NO_DECAY_NAMES
+            or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
             or getattr(p, "_no_weight_decay", False)
             or name in named
         )
         (no_decay if skip else decay).append((name, p))
     return [
-        {"params": [p for _, p in named], "param_names": [n for n, _ in named], "weight_decay": wd}
-        for named, wd in ((decay, float(weight_decay)), (no_decay, 0.0))
-        if named
+        {"params": [p for _, p in group], "param_names": [n for n, _ in group], "weight_decay": wd}
+        for group, wd in ((decay, float(weight_decay)), (no_decay, 0.0))
+        if group
     ]
 
 

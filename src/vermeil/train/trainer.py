@@ -1,8 +1,5 @@
-"""The training loop: `Trainer`, an explicit loop with hooks, exact resume and clean Ctrl-C.
-
-A checkpoint (the `vermeil.runs` layout) holds the weights and state.pt (optimizer, scheduler, RNG and sampler
-states): a resumed run continues the uninterrupted run's loss curve exactly (tests/train/test_trainer.py).
-`latest` moves only once a checkpoint folder is complete: a run killed at any moment leaves one loadable.
+"""The training loop: `Trainer`, an explicit loop with hooks, clean Ctrl-C and exact resume from a `vermeil.runs`
+checkpoint (a resumed run continues the uninterrupted run's loss curve exactly: tests/train/test_trainer.py).
 
 Under torchrun with `distributed.strategy` set, the trainer joins the process group, applies
 `vermeil.distributed.parallelize`, gives each data-parallel rank its slice of every global batch, averages the
@@ -99,32 +96,25 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
+    version, internal, gauss = state["python"]  # random.setstate needs tuples, a saved state may hold lists
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    # random.setstate needs tuples all the way down; a saved state may come back with lists.
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuple(v) for v in value)
-    return value
 
 
 def _distributed_config(
     distributed: DistributedConfig | Mapping[str, Any] | None, run_config: Mapping[str, Any]
 ) -> DistributedConfig:
-    if distributed is None:
-        distributed = run_config.get("distributed") or {}
-    if isinstance(distributed, DistributedConfig):
-        return distributed
+    distributed = (run_config.get("distributed") or {}) if distributed is None else distributed
     if isinstance(distributed, Mapping):
         from vermeil.config import from_dict
 
-        return from_dict(DistributedConfig, dict(distributed), path="distributed")
-    raise TypeError(
-        f"distributed must be a DistributedConfig, a mapping or None, got {type(distributed).__name__}"
-    )
+        distributed = from_dict(DistributedConfig, dict(distributed), path="distributed")
+    if not isinstance(distributed, DistributedConfig):
+        raise TypeError(
+            f"distributed must be a DistributedConfig, a mapping or None, got {type(distributed).__name__}"
+        )
+    return distributed
 
 
 class Trainer:
@@ -199,9 +189,8 @@ class Trainer:
             from vermeil.distributed import mixed_precision_policy, parallelize
 
             d = self.distributed
-            mp = None
-            if d.param_dtype is not None or d.reduce_dtype is not None:
-                mp = mixed_precision_policy(d.param_dtype, d.reduce_dtype)
+            dtypes = (d.param_dtype, d.reduce_dtype)
+            mp = mixed_precision_policy(*dtypes) if dtypes != (None, None) else None
             par = parallelize(
                 self.model,
                 strategy,
@@ -284,22 +273,17 @@ class Trainer:
         An explicit size that cannot be honoured raises rather than silently compute full logits."""
         if setting == 0 or (setting == "auto" and (self.device.type != "cuda" or self.world_size > 1)):
             return False
-        size = None if setting == "auto" else int(setting)
-        chunked = chunked_lm_loss_fn(self.loss_fn, self.model, size) if self.world_size == 1 else None
-        if chunked is None:
-            if setting == "auto":
-                return False
-            why = (
-                "runs in a single process only"
-                if self.world_size > 1
-                else "needs causal_lm_loss or a cross_entropy loss head, and a model whose head is an nn.Linear "
-                "(the last of its lm_parts, or named output or lm_head)"
-            )
+        what = f"train.loss_chunk_size={setting} (the chunked cross-entropy)"
+        if self.world_size > 1:
+            raise ValueError(f"{what} runs in a single process only: set it to 0")
+        chunked = chunked_lm_loss_fn(self.loss_fn, self.model, None if setting == "auto" else int(setting))
+        if chunked is None and setting != "auto":
             raise ValueError(
-                f"train.loss_chunk_size={setting} (the chunked cross-entropy) {why}: set it to 0"
+                f"{what} needs causal_lm_loss or a cross_entropy loss head, and a model whose head is an nn.Linear "
+                "(the last of its lm_parts, or named output or lm_head): set it to 0"
             )
-        self.loss_fn = chunked
-        return True
+        self.loss_fn = chunked or self.loss_fn
+        return chunked is not None
 
     def _compile_blocks(self) -> None:
         if not self._compile:
