@@ -50,7 +50,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkab
 import torch
 from torch import Tensor
 
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_ints
 
 __all__ = [
     "SEQUENCE_PARALLEL_STYLES",
@@ -79,33 +79,6 @@ class AttentionLayer(NamedTuple):
     window: int | None
 
 
-@runtime_checkable
-class LanguageModel(Protocol):
-    """What `vermeil.generation.generate`, the trainer and the recipes use of a language model."""
-
-    config: Any
-    lm_parts: ClassVar[tuple[str, str, str]]
-
-    def __call__(self, tokens: Tensor, input_pos: Tensor | None = None) -> Any: ...
-
-    def setup_cache(
-        self,
-        batch_size: int,
-        max_seq_len: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None: ...
-
-    def reset_cache(self) -> None: ...
-
-    def delete_cache(self) -> None: ...
-
-    def attention_layers(self) -> list[AttentionLayer]: ...
-
-    def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None: ...
-
-
 def split_output(output: Any) -> tuple[Tensor, Tensor | None]:
     """(logits, aux_loss or None) of a language model's output."""
     if isinstance(output, Tensor):
@@ -127,11 +100,8 @@ def setup_cache(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> None:
-    """Static caches for `batch_size` rows and positions 0..max_seq_len-1 in every module of
-    `model.cache_modules()`, and the model's rotary table (`model.rope`) sized up front, so that decode lookups
-    never grow it."""
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("max_seq_len", max_seq_len)
+    """Also sizes the model's rotary table (`model.rope`) up front, so that decode lookups never grow it."""
+    check_positive_ints(batch_size=batch_size, max_seq_len=max_seq_len)
     weight = model.get_submodule(model.lm_parts[0]).weight
     dtype = dtype or weight.dtype
     device = torch.device(device) if device is not None else weight.device
@@ -155,14 +125,28 @@ def delete_cache(model: Any) -> None:
     model.cache_max_seq_len = model.cache_batch_size = None
 
 
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What `vermeil.generation.generate`, the trainer and the recipes use of a language model."""
+
+    config: Any
+    lm_parts: ClassVar[tuple[str, str, str]]
+    setup_cache, reset_cache, delete_cache = setup_cache, reset_cache, delete_cache  # the functions above
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor | None = None) -> Any: ...
+
+    def attention_layers(self) -> list[AttentionLayer]: ...
+
+    def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None: ...
+
+
 def fill_tied_keys(model: Any, state_dict: dict[str, Tensor], prefix: str) -> None:
     """In a load hook of a model whose head shares the embedding matrix: a checkpoint holding only one of the
     two names (`lm_parts` embedding and head) loads into both."""
     first, second = (f"{prefix}{model.lm_parts[i]}.weight" for i in (0, 2))
-    if first in state_dict and second not in state_dict:
-        state_dict[second] = state_dict[first]
-    elif second in state_dict and first not in state_dict:
-        state_dict[first] = state_dict[second]
+    for have, fill in ((first, second), (second, first)):
+        if have in state_dict:
+            state_dict.setdefault(fill, state_dict[have])
 
 
 def preset_config(
