@@ -157,15 +157,13 @@ def _flash(
             f"backend='flash' cannot serve dropout_p={dropout_p} on cpu: the fused CPU kernel has no dropout "
             "(use backend='sdpa', or dropout=0 / eval mode)"
         )
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace warnings.catch_warnings; the kernel restriction itself compiles.
+    if torch.compiler.is_compiling():  # Dynamo cannot trace warnings.catch_warnings
         with sdpa_kernel(_FUSED_BACKENDS):
             return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel(_FUSED_BACKENDS):
         warnings.simplefilter("always")
         try:
-            with sdpa_kernel(_FUSED_BACKENDS):
-                return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
+            return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
         except RuntimeError as err:
             if "No available kernel" not in str(err):
                 raise
@@ -335,13 +333,12 @@ class Attention(nn.Module):
         check_positive_int("head_dim", head_dim)
         if heads % kv_heads:
             raise ValueError(f"heads={heads} must be divisible by kv_heads={kv_heads}")
-        if context_dim is not None:
-            check_positive_int("context_dim", context_dim)
-            if rotary is not None:
-                raise ValueError(
-                    "rotary must be None for cross-attention (context_dim is set): positions of "
-                    "queries and context keys are unrelated"
-                )
+        check_optional_positive_int("context_dim", context_dim)
+        if context_dim is not None and rotary is not None:
+            raise ValueError(
+                "rotary must be None for cross-attention (context_dim is set): positions of "
+                "queries and context keys are unrelated"
+            )
         rotary_dim = getattr(rotary, "head_dim", head_dim)
         if rotary_dim != head_dim:
             raise ValueError(f"rotary.head_dim={rotary_dim} must equal head_dim={head_dim}")

@@ -94,9 +94,7 @@ def rope_inv_freq(
         raise ValueError(f"theta={theta} must be > 0")
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponent)
-    if scaling is not None:
-        inv_freq = apply_scaling(inv_freq, scaling)
-    return inv_freq
+    return inv_freq if scaling is None else apply_scaling(inv_freq, scaling)
 
 
 def apply_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
@@ -110,9 +108,7 @@ def apply_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
     low, high = scaling.low_freq_factor, scaling.high_freq_factor
     old_len = scaling.original_max_seq_len
     wavelen = 2 * math.pi / inv_freq
-    # wavelen < old_len / high: keep; wavelen > old_len / low: divide by factor.
     scaled = torch.where(wavelen > old_len / low, inv_freq / scaling.factor, inv_freq)
-    # Medium band: interpolate. The Python-level guard keeps the denominator finite (Scout: high == low).
     smooth = (old_len / wavelen - low) / (high - low) if high > low else torch.zeros_like(inv_freq)
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
@@ -152,7 +148,6 @@ def apply_rotary(
     Args:
         cos, sin: (T, Dh/2) shared by the batch; (B, T, Dh/2) per batch row (a head axis is inserted here);
             or (B|1, H|1, T, Dh/2) used as given (e.g. `EmbedND` output). 2-D tables take any leading dims.
-        pairing: see the module docstring.
         scale: optional xPos factor (same leading-shape rules, last dim Dh), multiplied after the rotation
             as PaLM does.
     """
@@ -239,9 +234,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
     check_positive_int("dim", dim)
     t = time_factor * t
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]  # (B, dim/2)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -265,7 +258,6 @@ class RotaryEmbedding(nn.Module):
     The factors stay finite in float32 for |pos - centre| up to about 70 * scale_base.
 
     Args:
-        head_dim: Dh, must be even.
         max_seq_len: initial number of table rows.
         scale_base: xPos scale base (PaLM: 512).
         device: `torch.device("meta")` works; then `to_empty` + `reset_parameters`.
