@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -49,9 +49,10 @@ _SSM_LETTERS = {"M": "Mamba-1", "S": "Mamba-2"}
 _ATTN_LETTERS = {"A": "attention", "G": "global attention"}
 _LETTERS_HELP = (
     "'M' (Mamba-1), 'S' (Mamba-2), 'A' (attention), 'G' (global attention), 'P' (= 'M+A') or a parallel "
-    "pair such as 'S+A' (list form)"
+    "pair such as 'S+A' (it needs the list form)"
 )
 _FFN_LETTERS = {"D": "dense", "E": "experts", "N": "none"}
+_FFN_HELP = "'D' (dense), 'E' (mixture of experts) and 'N' (none)"
 _ROUTINGS = ("sequential", "parallel")
 _MERGES = ("sum", "gate", "concat")
 _FEED_FORWARDS = ("none", "swiglu", "mlp")
@@ -71,8 +72,14 @@ def _parse_token(token: str) -> tuple[str | None, str | None] | None:
     return None
 
 
-def _is_tokens(p: object) -> bool:
-    return isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(c, str) for c in p))
+def _check_letters(name: str, value: object, parse: Callable[[str], object], rule: str) -> None:
+    """`value` must be a non-empty string or list of tokens that `parse` accepts (returns not None)."""
+    tokens = list(value) if isinstance(value, (str, list, tuple)) else []
+    if not tokens or not all(isinstance(c, str) for c in tokens):
+        raise ValueError(f"{name}={value!r} must be a non-empty string or list of tokens: {rule}")
+    for i, c in enumerate(tokens):
+        if parse(c) is None:
+            raise ValueError(f"{name}={value!r} has {c!r} at position {i}: {rule}")
 
 
 def _kind_of(ssm: str | None, attn: str | None) -> str:
@@ -269,36 +276,17 @@ class HybridConfig:
             )
 
     def _check_pattern(self) -> None:
-        p = self.pattern
-        if not _is_tokens(p):
-            raise ValueError(f"pattern={p!r} must be a string such as 'MMAM' or a list of layer tokens")
-        tokens = list(p)
-        if not tokens:
-            raise ValueError(f"pattern={p!r} must hold at least one layer token ({_LETTERS_HELP})")
-        for i, c in enumerate(tokens):
-            if _parse_token(c) is None:
-                hint = " (a parallel pair such as 'S+A' needs the list form)" if c == "+" else ""
-                raise ValueError(
-                    f"pattern={p!r} has {c!r} at position {i}: layer tokens are {_LETTERS_HELP}{hint}"
-                )
-        if self.n_layers is not None and self.n_layers % len(tokens):
-            raise ValueError(f"n_layers={self.n_layers} must be a multiple of len(pattern)={len(tokens)}")
-        f = self.ffn_pattern
-        if f is None:
-            return
-        if not _is_tokens(f) or not list(f):
+        _check_letters("pattern", self.pattern, _parse_token, f"layer tokens are {_LETTERS_HELP}")
+        if self.n_layers is not None and self.n_layers % len(self.pattern):
             raise ValueError(
-                f"ffn_pattern={f!r} must be a string such as 'DE' or a list of 'D'/'E'/'N' letters"
+                f"n_layers={self.n_layers} must be a multiple of len(pattern)={len(self.pattern)}"
             )
-        for i, c in enumerate(f):
-            if c not in _FFN_LETTERS:
-                raise ValueError(
-                    f"ffn_pattern={f!r} has {c!r} at position {i}: feed-forward letters are 'D' (dense), "
-                    "'E' (mixture of experts) and 'N' (none)"
-                )
-        total = self.n_layers or len(tokens)
-        if total % len(f):
-            raise ValueError(f"ffn_pattern={f!r} of length {len(f)} must divide the {total} layers")
+        f = self.ffn_pattern
+        if f is not None:
+            _check_letters("ffn_pattern", f, _FFN_LETTERS.get, f"feed-forward letters are {_FFN_HELP}")
+            total = self.n_layers or len(self.pattern)
+            if total % len(f):
+                raise ValueError(f"ffn_pattern={f!r} of length {len(f)} must divide the {total} layers")
 
     @property
     def layer_letters(self) -> list[str]:
@@ -619,11 +607,7 @@ class HybridModel(nn.Module):
         n_res = sum(1 + (layer.feed_forward is not None) for layer in self.layers)
         for layer in self.layers:
             for mod in layer.modules():
-                if (
-                    mod is not layer
-                    and hasattr(mod, "reset_parameters")
-                    and not isinstance(mod, (RotaryEmbedding, PartialRotary))
-                ):
+                if hasattr(mod, "reset_parameters"):  # the shared rope too: garbage tables after to_empty
                     mod.reset_parameters()
             for name, mod in layer.named_modules():
                 if isinstance(mod, nn.Linear) and mod.bias is not None and not name.endswith("dt_proj"):
@@ -637,8 +621,6 @@ class HybridModel(nn.Module):
         nn.init.normal_(self.embedding.weight, std=cfg.initializer_range)
         if not cfg.tie_embeddings:
             self.lm_head.reset_parameters()
-        if self.rope is not None:
-            self.rope.reset_parameters()  # its tables are garbage after meta construction + to_empty
 
     reset_parameters = init_weights  # nn.Module's name for the model's scheme
 
@@ -657,14 +639,12 @@ class HybridModel(nn.Module):
 
     def attention_layers(self) -> list[AttentionLayer]:
         """(query width H * Dh, sliding window or None) per layer that attends (alone or in parallel)."""
-        cfg = self.config
-        width = cfg.heads * cfg.attention_head_dim
-        out = []
-        for kind in cfg.layer_kinds:
-            attn = _parse_token(kind)[1]  # type: ignore[index]
-            if attn is not None:
-                out.append(AttentionLayer(width, cfg.window if attn == "A" else None))
-        return out
+        width = self.config.heads * self.config.attention_head_dim
+        return [
+            AttentionLayer(width, layer.attention.window)
+            for layer in self.layers
+            if layer.attention is not None
+        ]
 
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
         if loss_parallel and self.config.z_loss:
@@ -710,17 +690,14 @@ class HybridModel(nn.Module):
         h = _scaled(self.embedding(tokens), self.config.embedding_multiplier)  # (B, T, D)
         if self.config.residual_in_fp32:
             h = h.float()
-        aux_loss = None
         for layer in self.layers:
             h = layer(h, input_pos)
-            aux = layer.aux_loss
-            if aux is not None:
-                aux_loss = aux if aux_loss is None else aux_loss + aux
         h = self.norm_f(h)
         logits = _scaled(
             self.lm_head(h.to(self.lm_head.weight.dtype)), self.config.lm_head_multiplier
         ).float()
         if self.has_moe:
+            aux_loss = sum(layer.aux_loss for layer in self.layers if layer.aux_loss is not None)
             return HybridOutput(logits, aux_loss)  # type: ignore[arg-type]  # an MoE layer gave one
         return logits
 

@@ -298,8 +298,8 @@ class MambaBlock(_SSMMixer):
         self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         # state-spaces' marks, read by its optimizer setup and init code (and vermeil.train's grouping)
-        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
-        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        for p in (self.A_log, self.D):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
         self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
         self.cache: SSMState | None = None
         self.reset_parameters()
@@ -338,18 +338,10 @@ class MambaBlock(_SSMMixer):
         # (B, L, E) throughout: the scan reads transposed views, and its y comes back (B, L, E)-major
         xs, new_conv = self._conv(xs, conv_state, want_state)
         dt, b, c = self._dt_bc(xs)  # (B, L, E), (B, L, N), (B, L, N)
-        u, delta, B, C, gate = (t.transpose(1, 2) for t in (xs, dt, b, c, z))  # (B, X, L) views
+        u, delta, B, C, z = (t.transpose(1, 2) for t in (xs, dt, b, c, z))  # (B, X, L) views
+        scan = dict(compile=self.compile_scan, backend=self.scan_backend, **self._ssm_args())
         result = selective_scan(
-            u,
-            delta,
-            B=B,
-            C=C,
-            z=gate,
-            initial_state=ssm_state,
-            return_final_state=want_state,
-            compile=self.compile_scan,
-            backend=self.scan_backend,
-            **self._ssm_args(),
+            u, delta, B=B, C=C, z=z, initial_state=ssm_state, return_final_state=want_state, **scan
         )
         y, new_ssm = result if want_state else (result, None)
         return self.out_proj(y.transpose(1, 2)), new_conv, new_ssm
