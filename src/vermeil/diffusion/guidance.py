@@ -80,12 +80,7 @@ def cfg_model_fn(
 
 
 def drop_condition(
-    cond: C,
-    p: float,
-    null: C,
-    *,
-    generator: torch.Generator | None = None,
-    keep: Tensor | None = None,
+    cond: C, p: float, null: C, *, generator: torch.Generator | None = None, keep: Tensor | None = None
 ) -> C:
     """Replace each sample's condition by `null` with probability p (condition dropout for CFG training).
     Gradients flow to `null` where it was used, so a learned null embedding trains.

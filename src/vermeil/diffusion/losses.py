@@ -166,9 +166,7 @@ def sample_flow_timesteps(
         case "logit_normal":
             if logit_std <= 0:
                 raise ValueError(f"logit_std={logit_std} must be > 0")
-            u = torch.normal(
-                mean=logit_mean, std=logit_std, size=(batch,), device=gen_device, generator=generator
-            )
+            u = torch.normal(logit_mean, logit_std, (batch,), generator=generator, device=gen_device)
             u = torch.sigmoid(u)
         case "mode":
             u = torch.rand(batch, device=gen_device, generator=generator)

@@ -82,7 +82,6 @@ def sample_ddpm(
     ac = alphas_cumprod.to(noise.device)
     a_prevs = [ac[s] for s in steps[1:]] + [ac.new_tensor(1.0)]  # alpha_bar = 1 after the last step
     kwargs = _model_kwargs(cond, guidance, noise)
-    b = noise.shape[0]
     x = noise
     for i, (t, a_prev) in enumerate(zip(steps, a_prevs)):
         a_t = ac[t]
@@ -90,8 +89,7 @@ def sample_ddpm(
         cur_alpha = a_t / a_prev
         cur_beta = 1 - cur_alpha
 
-        t_vec = timesteps[i].to(x.device).expand(b)
-        out = model_fn(x, t_vec, **kwargs)
+        out = model_fn(x, timesteps[i].to(x.device).expand(x.shape[0]), **kwargs)
         x0, _ = prediction_to_x0_eps(x, out, a_t, prediction_type)
         if clip_sample is not None:
             x0 = x0.clamp(-clip_sample, clip_sample)
@@ -141,12 +139,10 @@ def sample_ddim(
     final = ac[0] if final_alpha_cumprod is None else ac.new_tensor(final_alpha_cumprod)
     a_prevs = [ac[s] for s in steps[1:]] + [final]
     kwargs = _model_kwargs(cond, guidance, noise)
-    b = noise.shape[0]
     x = noise
     for i, (t, a_prev) in enumerate(zip(steps, a_prevs)):
         a_t = ac[t]
-        t_vec = timesteps[i].to(x.device).expand(b)
-        out = model_fn(x, t_vec, **kwargs)
+        out = model_fn(x, timesteps[i].to(x.device).expand(x.shape[0]), **kwargs)
         x0, eps = prediction_to_x0_eps(x, out, a_t, prediction_type)
         if clip_sample is not None:
             x0 = x0.clamp(-clip_sample, clip_sample)
@@ -183,11 +179,10 @@ def invert_ddim(
     ac = alphas_cumprod.to(x0.device)
     a_cur = ac[0] if initial_alpha_cumprod is None else ac.new_tensor(initial_alpha_cumprod)
     kwargs = _model_kwargs(cond, guidance, x0)
-    b = x0.shape[0]
     x = x0
     for j, i in enumerate(range(len(steps) - 1, -1, -1)):
         a_next = ac[steps[i]]
-        out = model_fn(x, timesteps[i].to(x.device).expand(b), **kwargs)
+        out = model_fn(x, timesteps[i].to(x.device).expand(x.shape[0]), **kwargs)
         x0_hat, eps = prediction_to_x0_eps(x, out, a_cur, prediction_type)
         x = a_next**0.5 * x0_hat + (1 - a_next) ** 0.5 * eps
         a_cur = a_next

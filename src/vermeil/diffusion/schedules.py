@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vermeil.nn.checks import check_positive_int
+from vermeil.nn.checks import check_positive_int, check_positive_ints
 
 BetaKind = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
 PredictionType = Literal["epsilon", "sample", "x0", "v_prediction"]  # diffusers' names; "x0" = "sample"
@@ -105,8 +105,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     # Shift so the last step is 0, then scale so the first keeps its value.
     sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     ab = sqrt_ab**2
-    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
+    return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # 1 - alphas
 
 
 def snr(alphas_cumprod: Tensor) -> Tensor:
@@ -156,8 +155,7 @@ def ddpm_timesteps(
             (Lin et al. 2023, Table 2).
         steps_offset: added to "leading" timesteps (Stable Diffusion uses 1).
     """
-    check_positive_int("num_inference_steps", num_inference_steps)
-    check_positive_int("num_train_steps", num_train_steps)
+    check_positive_ints(num_inference_steps=num_inference_steps, num_train_steps=num_train_steps)
     if num_inference_steps > num_train_steps:
         raise ValueError(
             f"num_inference_steps={num_inference_steps} must be <= num_train_steps={num_train_steps}"
@@ -165,8 +163,7 @@ def ddpm_timesteps(
     k, n = num_inference_steps, num_train_steps
     match spacing:
         case "leading":
-            ts = torch.arange(k, dtype=torch.int64) * (n // k) + steps_offset
-            ts = ts.flip(0)
+            ts = (torch.arange(k, dtype=torch.int64) * (n // k) + steps_offset).flip(0)
         case "trailing":
             # float64 arange then round, as numpy does in diffusers.
             ts = torch.round(torch.arange(n, 0, -n / k, dtype=torch.float64)).to(torch.int64) - 1

@@ -295,11 +295,9 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim, factory)
 
     def reset_parameters(self) -> None:
-        for module in (self.img_mod, self.img_attn, self.txt_mod, self.txt_attn):
-            module.reset_parameters()
-        for mlp in (self.img_mlp, self.txt_mlp):
-            mlp[0].reset_parameters()
-            mlp[2].reset_parameters()
+        for module in (*self.children(), *self.img_mlp, *self.txt_mlp):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None

@@ -110,11 +110,8 @@ class ParallelTransformerBlock(nn.Module):
         self.ff_out = nn.Sequential(
             ValueFirstSwiGLU(), nn.Dropout(ff_dropout), nn.Linear(ff_inner, dim, bias=False, **factory)
         )
-        if qk_rmsnorm:
-            self.q_scale = nn.Parameter(torch.empty(dim_head, **factory))
-            self.k_scale = nn.Parameter(torch.empty(dim_head, **factory))
-        else:
-            self.q_scale = self.k_scale = None
+        self.q_scale = nn.Parameter(torch.empty(dim_head, **factory)) if qk_rmsnorm else None
+        self.k_scale = nn.Parameter(torch.empty(dim_head, **factory)) if qk_rmsnorm else None
 
         # Keys "0".."3" as PaLM's `finetune_modules.<scope>.<layer>.<0..3>`; None entries are skipped.
         self.finetune_modules = None
@@ -129,14 +126,11 @@ class ParallelTransformerBlock(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init for the projections, ones for the gains; rebuilds the rotary tables."""
-        self.norm.reset_parameters()
-        self.fused_attn_ff_proj.reset_parameters()
-        self.attn_out.reset_parameters()
-        self.ff_out[2].reset_parameters()
+        for module in (self.norm, self.fused_attn_ff_proj, self.attn_out, self.ff_out[2], self.rotary_emb):
+            module.reset_parameters()
         if self.q_scale is not None:
             nn.init.ones_(self.q_scale)
             nn.init.ones_(self.k_scale)
-        self.rotary_emb.reset_parameters()
 
     @staticmethod
     def _check_finetune(mods: FinetuneModules, constructor: bool = False) -> tuple:

@@ -26,10 +26,7 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def llama_hidden_dim(
-    dim: int,
-    multiple_of: int = 256,
-    ffn_dim_multiplier: float | None = None,
-    hidden_dim: int | None = None,
+    dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None, hidden_dim: int | None = None
 ) -> int:
     """Meta Llama's SwiGLU hidden size: 2/3 of `hidden_dim or 4 * dim` (so the gated MLP costs what a 4x
     MLP does), times `ffn_dim_multiplier`, rounded up to `multiple_of`. Llama 3 8B: (4096, 1024, 1.3) -> 14336.
