@@ -100,12 +100,10 @@ class ByteTokenizer:
         rows = [self.encode(t, bos=bos, eos=eos) for t in texts]
         length = max((len(r) for r in rows), default=0)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)
         for b, row in enumerate(rows):  # one copy per row, not per token
             sl = slice(0, len(row)) if padding_side == "right" else slice(length - len(row), length)
             ids[b, sl] = torch.tensor(row, dtype=torch.long)
-            mask[b, sl] = True
-        return ids, mask
+        return ids, ids != self.pad_id  # encode never yields PAD
 
 
 class JSONTokenizer:

@@ -41,7 +41,7 @@ class ExpertParallelExperts(nn.Module):
                 f"ep_size={self.ep_size}"
             )
         n_local = self.num_experts // self.ep_size
-        first = self.ep_rank * n_local
+        self.first_expert = first = self.ep_rank * n_local
         p = experts.w1
         # Built on meta, then materialised: no random init here, so the caller's RNG stream is untouched.
         local = Experts(experts.dim, experts.hidden_dim, n_local, device="meta", dtype=p.dtype)
@@ -49,7 +49,6 @@ class ExpertParallelExperts(nn.Module):
         with torch.no_grad():
             for name in ("w1", "w3", "w2"):
                 getattr(self.local, name).copy_(getattr(experts, name)[first : first + n_local])
-        self.first_expert = first
 
     def reset_parameters(self) -> None:
         """Re-initialise the local experts (each rank draws its own)."""

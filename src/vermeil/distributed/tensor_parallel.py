@@ -105,12 +105,7 @@ class _FusedRowwiseParallel(_Chunked, RowwiseParallel):
             _distribute(self, module, "bias", device_mesh, Replicate())
 
     def _prepare_input_fn(  # type: ignore[override]  # RowwiseParallel._apply binds it with its layouts
-        self,
-        input_layouts: Any,
-        desired_input_layouts: Any,
-        mod: nn.Module,
-        inputs: Any,
-        device_mesh: DeviceMesh,
+        self, layouts: Any, desired_layouts: Any, mod: nn.Module, inputs: Any, device_mesh: DeviceMesh
     ) -> DTensor:
         x = inputs[0]  # (..., K/tp) local: the rank's piece of each block, concatenated (no redistribute)
         placement = _StridedShard(x.ndim - 1, split_factor=self.chunks)
@@ -206,11 +201,7 @@ class _SequenceShardedEmbedding(RowwiseParallel):
 
     @staticmethod
     def _prepare_input_fn(
-        input_layouts: Any,
-        desired_input_layouts: Any,
-        mod: nn.Module,
-        inputs: tuple[Any, ...],
-        device_mesh: DeviceMesh,
+        layouts: Any, desired_layouts: Any, mod: nn.Module, inputs: tuple[Any, ...], device_mesh: DeviceMesh
     ) -> Any:
         tokens, tp = inputs[0], device_mesh.size()
         if tokens.ndim < 2 or tokens.shape[1] % tp:
@@ -218,9 +209,7 @@ class _SequenceShardedEmbedding(RowwiseParallel):
                 f"sequence_parallel=True needs tokens (B, T) with T divisible by tp_size={tp}, "
                 f"got shape {tuple(tokens.shape)}"
             )
-        return RowwiseParallel._prepare_input_fn(
-            input_layouts, desired_input_layouts, mod, inputs, device_mesh
-        )
+        return RowwiseParallel._prepare_input_fn(layouts, desired_layouts, mod, inputs, device_mesh)
 
 
 class _VocabParallelHead(ColwiseParallel):
@@ -254,9 +243,8 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
     heads_why = "each rank attends over whole local heads"
     plan: dict[str, ParallelStyle] = {}
     if isinstance(module, Attention):  # every attention of the house (the LLM's maps Meta's names onto it)
-        heads_name, kv_heads_name = module.head_names  # as the user's config spells them
-        _check_divisible(label, heads_name, module.heads, tp, heads_why)
-        _check_divisible(label, kv_heads_name, module.kv_heads, tp, heads_why)
+        for what, value in zip(module.head_names, (module.heads, module.kv_heads), strict=True):
+            _check_divisible(label, what, value, tp, heads_why)  # named as the user's config spells them
         if tp > 1 and module.kv_cache is not None:  # it holds all Hkv heads; each rank writes Hkv / tp
             raise ValueError(
                 f"module {label!r} has a KV cache: tensor-parallel decoding is not supported "
@@ -309,14 +297,6 @@ def _module_plan(name: str, module: nn.Module, tp: int) -> dict[str, ParallelSty
     return plan
 
 
-def _gather_input(n_args: int = 1) -> PrepareModuleInput:
-    """All-gather a module's sequence-sharded first input (B, T/tp, D) -> (B, T, D), as a plain tensor."""
-    rest = (None,) * (n_args - 1)
-    return PrepareModuleInput(
-        input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
-    )
-
-
 def _sequence_style(name: str, style: str) -> ParallelStyle:
     """The `ParallelStyle` of a `sequence_parallel_plan()` style name (`vermeil.models.contract`)."""
     kind, _, arg = style.partition(":")
@@ -326,7 +306,11 @@ def _sequence_style(name: str, style: str) -> ParallelStyle:
         # Replicated weights on the local tokens; their gradients are partial sums DTensor all-reduces.
         return SequenceParallel(use_local_output=True)
     if kind == "gather" and (not arg or arg.isdigit()):
-        return _gather_input(int(arg or 1))
+        # the first of N inputs all-gathered (B, T/tp, D) -> (B, T, D) into a plain tensor, the others as they are
+        rest = (None,) * (int(arg or 1) - 1)
+        return PrepareModuleInput(
+            input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
+        )
     if kind == "row_scatter" and not arg:
         return RowwiseParallel(output_layouts=Shard(1))
     if kind == "whole":

@@ -112,10 +112,7 @@ def flux_params_from_diffusers(config: Any) -> FluxParams:
 
 
 def from_diffusers(
-    transformer: nn.Module,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    transformer: nn.Module, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Flux:
     """A diffusers `FluxTransformer2DModel` as a `Flux` with BFL's names, reading only its `.config` and
     `.state_dict()`; `device` and `dtype` default to those of its first tensor. ValueError names a diffusers

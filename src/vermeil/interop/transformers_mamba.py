@@ -7,8 +7,6 @@ the converted model has pad_vocab_size_multiple=1, and going back the padded row
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from vermeil.interop import _build, _check_silu, _load_strict
@@ -48,25 +46,23 @@ def vermeil_to_hf_key(key: str) -> str:
     return _HF_EMBED + key[len(_VM_EMBED) :] if key.startswith(_VM_EMBED) else key
 
 
-def _config_from_hf(hf_config: Any) -> MambaConfig:
+def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
+    """A transformers `MambaForCausalLM` as a `MambaLM` with the same weights, dtype and device."""
+    hf_config = hf_model.config
     _check_silu("MambaForCausalLM", hf_config)
     width = hf_config.expand * hf_config.hidden_size
     inner = getattr(hf_config, "intermediate_size", width)
     if inner != width:
         raise ValueError(f"intermediate_size={inner} must equal expand * hidden_size = {width}")
-    return MambaConfig(
+    config = MambaConfig(
         **{ours: getattr(hf_config, theirs) for ours, theirs in _FIELDS.items()},
         dt_rank=int(hf_config.time_step_rank),
         vocab_size=hf_config.vocab_size,
         pad_vocab_size_multiple=1,
         rms_norm=True,
     )
-
-
-def from_transformers_mamba(hf_model: nn.Module) -> MambaLM:
-    """A transformers `MambaForCausalLM` as a `MambaLM` with the same weights, dtype and device."""
     state = {hf_to_vermeil_key(k): v for k, v in hf_model.state_dict().items()}
-    return _build(MambaLM, _config_from_hf(hf_model.config), state, hf_model)
+    return _build(MambaLM, config, state, hf_model)
 
 
 def to_transformers_mamba(model: MambaLM) -> nn.Module:

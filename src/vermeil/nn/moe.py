@@ -371,8 +371,6 @@ class MoE(nn.Module):
 
     Args:
         hidden_dim: F, each expert's (and the shared expert's) hidden size; see `moe_hidden_dim`.
-        shared_expert: add a dense SwiGLU expert seen by every token.
-        aux_loss_coef, z_loss_coef: weights of the two losses in `MoEOutput.aux_loss`.
         backend: "grouped" (one `grouped_mm` per projection, or the padded bmm where `grouped_mm_supported`
             is False), "padded" (a capacity-padded (E, C, D) bmm), "loop" (the reference, one iteration per
             expert) or "dense" (every expert on every token: Meta's formulation, E/K times the FLOPs).
@@ -478,8 +476,7 @@ class MoE(nn.Module):
         return self._weighted(expert, x_TD.expand(E, *x_TD.shape), scores_ET1).sum(0).to(x_TD.dtype)
 
     def forward(self, x: Tensor) -> MoEOutput:
-        """x: (..., D) -> MoEOutput(out (..., D), aux_loss, load_balancing_loss, z_loss, router_logits (T, E),
-        tokens_per_expert (E,)), T = all leading axes of x flattened."""
+        """x: (..., D) -> `MoEOutput`."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dim={self.dim}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
