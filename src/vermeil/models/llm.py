@@ -59,7 +59,6 @@ class MoEArgs:
     """Mixture-of-Experts settings (Meta's `MoEArgs` names, plus Vermeil's explicit choices).
 
     Args:
-        num_experts: E routed experts.
         capacity_factor, auto_scale_F: Meta's expert hidden-size rule (see `vermeil.nn.moe.moe_hidden_dim`).
         interleave_moe_layer_step: layer i is an MoE layer when `(i + 1) % step == 0` (1: every layer).
         score_func: "sigmoid" (Llama 4) or "softmax" (Mixtral-style routing, renormalised, output-weighted).
@@ -166,8 +165,7 @@ class ModelArgs:
         for name in ("nope_layers", "moe_layers"):
             layers = getattr(self, name)
             if layers is not None:
-                bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
-                if bad:
+                if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers):
                     raise ValueError(
                         f"{name}={layers} must hold layer indices in [0, n_layers={self.n_layers})"
                     )
@@ -179,9 +177,7 @@ class ModelArgs:
         if isinstance(self.vision_args, dict):
             self.vision_args = VisionArgs(**self.vision_args)
         if self.moe_args is not None and self.moe_args.hidden_dim is None and self.ffn_exp is None:
-            raise ValueError(
-                "moe_args needs ffn_exp (Meta's expert width rule int(ffn_exp * dim)) or moe_args.hidden_dim"
-            )
+            raise ValueError("moe_args needs ffn_exp (Meta's expert width rule) or moe_args.hidden_dim")
 
     def rope_scaling(self) -> RopeScaling | None:
         """The llama3 frequency scaling, or None when `use_scaled_rope` is off."""
@@ -210,16 +206,12 @@ class ModelArgs:
 
     def dense_hidden_dim(self) -> int:
         """Dense SwiGLU width: `hidden_dim`, else Meta's `llama_hidden_dim(dim, multiple_of, multiplier)`."""
-        if self.hidden_dim is not None:
-            return self.hidden_dim
-        return llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        return self.hidden_dim or llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def expert_hidden_dim(self) -> int:
         """Expert SwiGLU width: `moe_args.hidden_dim`, else Meta's MoE rule."""
         assert self.moe_args is not None  # internal: only called for MoE layers
-        if self.moe_args.hidden_dim is not None:
-            return self.moe_args.hidden_dim
-        return moe_hidden_dim(
+        return self.moe_args.hidden_dim or moe_hidden_dim(
             self.dim,
             ffn_exp=float(self.ffn_exp),  # type: ignore[arg-type]
             multiple_of=self.multiple_of,
@@ -311,8 +303,7 @@ class Attention(NNAttention):
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # Meta raw shards fuse q, k, v row-wise: [H*Dh; Hkv*Dh; Hkv*Dh] (Meta `Attention.load_hook`).
-        if prefix + "wqkv.weight" in state_dict:
-            wqkv = state_dict.pop(prefix + "wqkv.weight")
+        if (wqkv := state_dict.pop(prefix + "wqkv.weight", None)) is not None:
             d, r = divmod(wqkv.shape[0], self.heads + 2 * self.kv_heads)
             if r:
                 raise ValueError(
@@ -410,10 +401,9 @@ class TransformerBlock(nn.Module):
         for old, new in renames.items():
             if prefix + old in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
-        if prefix + "feed_forward.mlp.fc1_weight" in state_dict:
-            w1, w3 = state_dict.pop(prefix + "feed_forward.mlp.fc1_weight").chunk(2, dim=0)
-            state_dict[prefix + "feed_forward.w1.weight"] = w1
-            state_dict[prefix + "feed_forward.w3.weight"] = w3
+        if (fc1 := state_dict.pop(prefix + "feed_forward.mlp.fc1_weight", None)) is not None:
+            w1, w3 = fc1.chunk(2, dim=0)
+            state_dict.update({prefix + "feed_forward.w1.weight": w1, prefix + "feed_forward.w3.weight": w3})
         for k in ("feed_forward.experts.mlp", "feed_forward.mlp_shared", "attention.wo", "attention.wqkv"):
             state_dict.pop(prefix + k + "._extra_state", None)
 
@@ -513,8 +503,7 @@ class LLM(nn.Module):
     reset_parameters = init_weights  # nn.Module's name for the model's scheme
 
     def cache_modules(self) -> list[nn.Module]:
-        """Every layer's attention: a static cache (B, Hkv, max_seq_len, Dh) on global layers, a ring of
-        `min(attention_chunk_size, max_seq_len)` slots on chunked layers."""
+        """Every layer's attention (a ring of `min(attention_chunk_size, max_seq_len)` slots on chunked layers)."""
         return [layer.attention for layer in self.layers]
 
     setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
@@ -523,12 +512,8 @@ class LLM(nn.Module):
 
     def attention_layers(self) -> list[AttentionLayer]:
         """Every layer attends: RoPE layers over at most `attention_chunk_size` positions, NoPE layers globally."""
-        a = self.config
-        width = a.n_heads * a.head_dim  # type: ignore[operator]
-        return [
-            AttentionLayer(width, None if a.is_nope_layer(i) else a.attention_chunk_size)
-            for i in range(a.n_layers)
-        ]
+        width = self.config.n_heads * self.config.head_dim  # type: ignore[operator]
+        return [AttentionLayer(width, layer.attention.chunk) for layer in self.layers]
 
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None:
         if sequence_parallel and self.vision_projection is not None:
