@@ -90,20 +90,10 @@ class MambaConfig:
 
     def block_kwargs(self) -> dict[str, Any]:
         """The `MambaBlock` arguments (state-spaces names) this config fixes."""
-        return dict(
-            d_state=self.d_state,
-            d_conv=self.d_conv,
-            expand=self.expand,
-            dt_rank="auto" if self.dt_rank is None else self.dt_rank,
-            dt_min=self.dt_min,
-            dt_max=self.dt_max,
-            dt_scale=self.dt_scale,
-            dt_init_floor=self.dt_init_floor,
-            conv_bias=self.conv_bias,
-            bias=self.bias,
-            compile_scan=self.compile_scan,
-            scan_backend=self.scan_backend,
-        )
+        shape_and_dt = ("d_state", "d_conv", "expand", "dt_min", "dt_max", "dt_scale", "dt_init_floor")
+        same = (*shape_and_dt, "conv_bias", "bias", "compile_scan", "scan_backend")  # the same name in both
+        dt_rank = "auto" if self.dt_rank is None else self.dt_rank
+        return {n: getattr(self, n) for n in same} | {"dt_rank": dt_rank}
 
 
 def _norm(cfg: MambaConfig, factory: dict[str, Any]) -> nn.Module:
@@ -275,9 +265,7 @@ def config_from_preset(preset: str, **overrides: Any) -> MambaConfig:
 
 # Published shapes (state-spaces/mamba-*'s config.json); "debug" is tiny and odd-sized for tests.
 PRESETS: dict[str, dict[str, Any]] = {
-    "debug": dict(
-        d_model=37, n_layer=3, d_state=5, d_conv=4, expand=2, vocab_size=101, pad_vocab_size_multiple=8
-    ),
+    "debug": dict(d_model=37, n_layer=3, d_state=5, vocab_size=101),
     "mamba-130m": dict(d_model=768, n_layer=24, vocab_size=50277, pad_vocab_size_multiple=8),
     "mamba-370m": dict(d_model=1024, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=8),
     "mamba-790m": dict(d_model=1536, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=8),
