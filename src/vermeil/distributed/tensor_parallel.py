@@ -157,6 +157,7 @@ class _ExpertTensorParallel(ParallelStyle):
         return (x_SD, *rest)
 
 
+@dataclasses.dataclass(eq=False)
 class _SequenceGathered(ParallelStyle):
     """Sequence parallel around a replicated module that needs the whole sequence (Mamba, an MoE).
 
@@ -164,9 +165,7 @@ class _SequenceGathered(ParallelStyle):
     e.g. `MoEOutput.out`) is cut back to this rank's T/tp positions. Other inputs pass unchanged.
     """
 
-    def __init__(self, output_field: str | None = None) -> None:
-        super().__init__()
-        self.output_field = output_field
+    output_field: str | None = None
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         module.register_forward_pre_hook(partial(self._gather, device_mesh))
@@ -188,9 +187,6 @@ class _SequenceGathered(ParallelStyle):
         local = DTensor.from_local(full, mesh, (Replicate(),), run_check=False)
         local = local.redistribute(placements=(Shard(1),)).to_local()
         return local if field is None else dataclasses.replace(output, **{field: local})
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(output_field={self.output_field!r})"
 
 
 class _SequenceShardedEmbedding(RowwiseParallel):
