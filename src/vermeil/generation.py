@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vermeil.models.contract import split_output
+from vermeil.nn.checks import check_optional_positive_int, check_positive_ints
 
 # Matrix products with at most this many rows (a decode step has B) are lowered to reductions.
 _GEMV_MAX_ROWS = 8
@@ -30,8 +31,7 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
     number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
     if not number or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 and finite (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+    check_optional_positive_int("top_k", top_k)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
 
@@ -329,10 +329,7 @@ def _generate(
 ) -> Tensor:
     """`generate`'s loop. `static`: decode through a `StaticDecodeStep` (captured when `capture`), else the
     eager step with fresh inputs; `stop_check_every`: steps between host reads of "every row has stopped"."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if stop_check_every < 1:
-        raise ValueError(f"stop_check_every={stop_check_every} must be >= 1")
+    check_positive_ints(max_new_tokens=max_new_tokens, stop_check_every=stop_check_every)
     _check_sampling(temperature, top_k, top_p)
     prompts, lengths = _as_padded_prompts(prompt_tokens, pad_token)
     device = _model_device(model, prompts)
