@@ -1,5 +1,4 @@
-"""Argument checks the models share: config fields, tokens, cache positions. Value checks read the data back
-to the host, so they run only when `tracing()` is False.
+"""Argument checks the models share: config fields, tokens, cache positions.
 
 Axis legend: B batch, T sequence length.
 """

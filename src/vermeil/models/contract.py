@@ -4,8 +4,7 @@ rely on in every model of `vermeil.models`, so that none of them switches on a m
 Every model (`LLM`, `MambaLM`, `HybridModel`, `Flux`):
 
 - `.config`: its config dataclass (`LLM.args` and `Flux.params` remain as read-only aliases).
-- `attention_layers() -> list[AttentionLayer]`: per attention layer, the query width H * Dh and the attended
-  window (None: the whole context), for the attention FLOPs `vermeil info` reports.
+- `attention_layers() -> list[AttentionLayer]`, one per attention layer, for the FLOPs `vermeil info` reports.
 
 Every language model (`LLM`, `MambaLM`, `HybridModel`; the `LanguageModel` protocol below) also has:
 

@@ -336,16 +336,8 @@ class TransformerBlock(nn.Module):
     """Pre-norm block: `h = x + attention(attention_norm(x))`, `out = h + feed_forward(ffn_norm(h))`, with
     `feed_forward` a `SwiGLU` or, on MoE layers, a `vermeil.nn.moe.MoE`."""
 
-    def __init__(
-        self,
-        layer_id: int,
-        args: ModelArgs,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, layer_id: int, args: ModelArgs, **factory: Any) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.layer_id = layer_id
         self.is_nope_layer = args.is_nope_layer(layer_id)
         self.is_moe_layer = args.is_moe_layer(layer_id)
@@ -651,7 +643,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=101,
         multiple_of=16,
         hidden_dim=74,
-        norm_eps=1e-5,
         rope_theta=10000.0,
         max_seq_len=64,
         use_qk_norm=True,
