@@ -71,11 +71,6 @@ def _check_mask(mask: Tensor, b: int, h: int, t: int, s: int, *, padding: bool =
         raise ValueError(f"mask must have {rule}, got {tuple(mask.shape)}")
 
 
-def _bottom_right_causal(t: int, s: int, device: torch.device) -> Tensor:
-    """(T, S) bool: query i (at position S - T + i) sees keys 0 .. S - T + i."""
-    return torch.arange(s, device=device) <= torch.arange(s - t, s, device=device)[:, None]
-
-
 @functools.cache
 def _cpu_flash_combines_mask_and_causal() -> bool:
     """Whether this torch's fused CPU kernel applies `attn_mask` and `is_causal` together, exactly.
@@ -229,7 +224,8 @@ def attention(
         and (mask is None or _fused_cpu_causal_with_mask(q, k, v, dropout_p))
     )
     if causal and not is_causal:
-        causal_ts = _bottom_right_causal(t, s, q.device)  # (T, S)
+        # (T, S): query i, at position S - T + i, sees keys 0 .. S - T + i.
+        causal_ts = torch.arange(s, device=q.device) <= torch.arange(s - t, s, device=q.device)[:, None]
         mask = causal_ts.view(1, 1, t, s) if mask is None else mask & causal_ts
     match backend:
         case "sdpa":
@@ -275,10 +271,9 @@ class Attention(nn.Module):
     """Multi-head attention for self- and cross-attention: MHA, GQA (kv_heads < heads) and MQA (kv_heads=1).
 
     The house's one attention module (blocks, vision encoder, LLM, hybrid), with Meta's projection names
-    `wq`, `wk`, `wv`, `wo`. Order inside: project; qk norm and RoPE (order per `qk_norm_after_rope`); `q_scale`;
-    the cache write; attention; merge heads; `wo`. Masks are the rules of `vermeil.nn.masks`, by position.
-    Fast paths, each equal to the masked definition (tests/nn/test_attention.py, test_flex.py): SDPA's
-    `is_causal`, chunks as independent causal blocks, and FlexAttention for backend "flex" (or "auto").
+    `wq`, `wk`, `wv`, `wo`. Masks are the rules of `vermeil.nn.masks`, by position. Fast paths, each equal to
+    the masked definition (tests/nn/test_attention.py, test_flex.py): SDPA's `is_causal`, chunks as
+    independent causal blocks, and FlexAttention for backend "flex" (or "auto").
 
     Args:
         head_dim: Dh; None means dim / heads (which must then divide).
@@ -371,7 +366,7 @@ class Attention(nn.Module):
     def reset_parameters(self) -> None:
         for lin in (self.wq, self.wk, self.wv, self.wo):
             lin.reset_parameters()
-        if self.qk_norm is not None and hasattr(self.qk_norm, "reset_parameters"):
+        if hasattr(self.qk_norm, "reset_parameters"):  # None, or a custom module without one, is skipped
             self.qk_norm.reset_parameters()
 
     def setup_cache(

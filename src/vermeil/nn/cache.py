@@ -124,7 +124,6 @@ class RingKVCache(_KVBuffers):
     `slots = min(W, C)` holds all any query needs. `kv_pos` (slots,) records the position each slot holds, so
     the mask rule applies to real positions (as transformers' `SlidingWindowCache`); an empty slot holds
     `max_seq_len` (None: `slots`), past every position served, so the causal rule alone hides it.
-    Buffers `k_cache`, `v_cache`: (B, Hkv, slots, Dh).
     """
 
     kv_pos: Tensor

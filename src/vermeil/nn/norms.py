@@ -117,7 +117,7 @@ class _HeadNorm(nn.Module):
 
     def __init__(self, head_dim: int, kind: QKNormKind, learnable: bool, eps: float, **factory: Any) -> None:
         super().__init__()
-        self.head_dim, self.kind, self.eps = head_dim, kind, eps
+        self.kind, self.eps = kind, eps
         self.scale = nn.Parameter(torch.empty(head_dim, **factory)) if learnable else None
         self.reset_parameters()
 
