@@ -5,9 +5,8 @@ The recurrence, per batch b, channel d and state index n (Gu & Dao, 2023, arXiv:
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t        (A exact, B by Euler, as mamba_ssm)
     y_t = <C_t, h_t> + D * u_t,  then  y_t * silu(z_t)
 
-`selective_scan_ref` is that loop, written step by step in float32: the definition, with the semantics of
-`mamba_ssm.ops.selective_scan_interface.selective_scan_ref` (tests/nn/test_scan.py transcribes it and checks).
-`selective_scan` is the path to run for training and prefill; `selective_step` is one recurrent step for decoding.
+`selective_scan_ref` is that loop, the definition (tests/nn/test_scan.py checks it against a transcription of
+mamba_ssm's); `selective_scan` is the path to run for training and prefill; `selective_step` one decoding step.
 
 Why this algorithm for `selective_scan` (measured on a 2-core CPU; bench/scan.py prints the table):
 
@@ -146,8 +145,9 @@ def selective_scan_ref(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective scan as a plain sequential loop over time in float32: the definition.
 
-    Same semantics as mamba_ssm's `selective_scan_ref` (real A, time-varying B and C), plus an initial state.
-    The discretised tensors are formed one step at a time, so memory stays O(B * D * N) besides the output.
+    Same semantics as `mamba_ssm.ops.selective_scan_interface.selective_scan_ref` (real A, time-varying B and
+    C), plus an initial state. The discretised tensors are formed one step at a time, so memory stays
+    O(B * D * N) besides the output.
 
     Args:
         u: (B, D, L) input. delta: (B, D, L) step sizes (before `delta_bias` and softplus).
@@ -355,7 +355,6 @@ class _SelectiveScanFn(torch.autograd.Function):
         chunks = _chunks(length, ctx.chunk, ctx.sub)
         work = _workspace(u, chunks, bsz, n_state, dim, 3)
         for (p0, n, k, groups), starts in zip(reversed(chunks), reversed(starts_all)):
-            shape = (k, bsz, groups, n_state, dim)
             d, uu, du, b, c, dA, h = _chunk_terms(u, delta, B, C, A2_t, (p0, n, k, groups), work)
             gy = _grid(grad_y, p0, n, groups, k)  # (k, B, G, D), zero on padding
             prev = starts
@@ -375,7 +374,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 for g in range(groups - 1, 0, -1):
                     torch.addcmul(msg[:, g], decay[:, g], ends[:, g], out=ends[:, g - 1])
             # full reverse pass: g_t = gy_t C_t + a_{t+1} g_{t+1}; dA[j] becomes a_t * g_t in place
-            g_all = _view(work[2], shape)
+            g_all = _view(work[2], dA.shape)
             msg = ends
             for j in range(k - 1, -1, -1):
                 torch.addcmul(msg, gy_e[j], c_e[j], out=g_all[j])
@@ -409,10 +408,8 @@ _COMPILED_CHUNK = 8
 def _chunk_forward(
     u: Tensor, d: Tensor, b: Tensor, c: Tensor, A2_t: Tensor, h: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """K steps from state h. u, d: (B, K, D); b, c: (B, K, N); A2_t: (N, D) = A^T log2(e); h: (B, N, D).
-
-    Returns y (B, K, D) and the state after the K steps.
-    """
+    """K steps from state h: u, d (B, K, D); b, c (B, K, N); A2_t (N, D) = A^T log2(e); h (B, N, D) -> y
+    (B, K, D) and the state after the K steps."""
     ys = []
     for t in range(u.shape[1]):
         d_t = d[:, t].unsqueeze(1)  # (B, 1, D)
