@@ -56,13 +56,10 @@ def _safetensors() -> Any:
 
 def _new_file_mode() -> int:
     # mkstemp creates 0o600 files; give the result the mode a plain open() would have (0o666 minus the umask).
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
     return 0o644
 
 
@@ -122,12 +119,9 @@ def atomic_write(
     """Open a file for writing ("wb", or "w" for text) so that it appears at `path` complete or not at all."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode={mode!r} must be 'w' (text) or 'wb' (bytes)")
-    with atomic_path(path) as tmp:
-        kwargs = {"encoding": encoding} if mode == "w" else {}
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+    # The file is closed (flushed) before atomic_path fsyncs and moves it.
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding if mode == "w" else None) as f:
+        yield f
 
 
 class _WriteErrors:

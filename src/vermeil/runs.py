@@ -78,10 +78,7 @@ MANIFEST = "manifest.json"
 _LATEST = "latest"
 _LOCK = ".lock"
 _STEP_NAME = re.compile(r"step_[0-9]+")  # fullmatch only
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-)  # = vermeil.data.tokenizer's (runs reads no data)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # vermeil.data.tokenizer's (runs reads no data)
 TOKENIZER_KEY = "tokenizer"  # weights' metadata: "bytes" when a trainer wrote them (its data are byte tokens)
 
 
@@ -247,8 +244,7 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
     entries = sorted(manifest["files"].items())
     stamp = []
     for name, _ in entries:
-        p = folder / name
-        st = p.stat() if p.is_file() else None
+        st = (folder / name).stat() if (folder / name).is_file() else None
         stamp.append((name, st.st_size if st else -1, st.st_mtime_ns if st else -1))
     if _verified.get(os.fspath(folder)) == tuple(stamp):
         return
@@ -352,8 +348,7 @@ def lock_run(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     if key in _held or fcntl is None:
         yield me
         return
-    f = open(run / _LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole block
-    try:
+    with open(run / _LOCK, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -378,5 +373,3 @@ def lock_run(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 f.seek(0)
                 f.truncate()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    finally:
-        f.close()

@@ -41,27 +41,20 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     class (`LLM.layers`, `Flux.double_blocks`, ...); lists inside a chosen block are left to its graph."""
     declared = getattr(model, "_repeated_blocks", None)
     chosen: list[tuple[str, nn.Module]] = []
-    taken: list[str] = []  # prefixes of chosen blocks: nothing inside them is chosen again
 
-    def inside(name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in taken)
+    def inside(name: str) -> bool:  # in a chosen block: left to its graph
+        return any(name == p or name.startswith(p + ".") for p, _ in chosen)
 
     if declared:
         names = {declared} if isinstance(declared, str) else set(declared)
         for name, module in model.named_modules():
             if name and not inside(name) and type(module).__name__ in names:
                 chosen.append((name, module))
-                taken.append(name)
         return chosen
     for name, module in model.named_modules():
-        if inside(name) or not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if inside(name) or not isinstance(module, nn.ModuleList) or len({type(c) for c in module}) != 1:
             continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        for i, child in enumerate(module):
-            qualified = f"{name}.{i}" if name else str(i)
-            chosen.append((qualified, child))
-            taken.append(qualified)
+        chosen += [(f"{name}.{i}" if name else str(i), child) for i, child in enumerate(module)]
     return chosen
 
 

@@ -672,6 +672,10 @@ class Trainer:
         # A plain line per log row where tqdm's disable=None turned the bar off (not a terminal: CI, | tee).
         plain_lines = self.is_main and cfg.progress is None and getattr(bar, "disable", True)
         self._start = (self.step, self.elapsed)
+
+        def due(every: int) -> bool:  # every N steps (0: never), and at the last step
+            return self.step == cfg.steps or (every > 0 and self.step % every == 0)
+
         try:
             with self._sigint_to_stop():
                 while self.step < cfg.steps:
@@ -715,19 +719,16 @@ class Trainer:
                     bar.update(1)
                     try:
                         # Bookkeeping first, hooks last: a hook that stops the run finds this step logged.
-                        last = self.step == cfg.steps
-                        if self.step % cfg.log_every == 0 or last:
+                        if due(cfg.log_every):
                             row = self._train_row(grad_norm)
                             self._write(row)
                             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                             if plain_lines:
                                 echo(self._progress_line(row))
                             self._call("on_log", row)
-                        if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                        if due(cfg.eval_every):
                             final_eval = self._eval_and_log()
-                        if self.out_dir is not None and (
-                            (cfg.save_every and self.step % cfg.save_every == 0) or last
-                        ):
+                        if self.out_dir is not None and due(cfg.save_every):
                             self.save_checkpoint()
                         self._call("on_step_end", self.step, loss)
                     except KeyboardInterrupt:
