@@ -60,8 +60,7 @@ def cfg_model_fn(
 
     def guided(x: Tensor, t: Tensor, **extra: Any) -> Tensor:
         b = x.shape[0]
-        clash = set(extra) & set(cond)
-        if clash:
+        if clash := set(extra) & set(cond):
             raise ValueError(f"keyword(s) {sorted(clash)} given both to the sampler and to cfg_model_fn")
         if not batched:
             out_c = model_fn(x, t, **cond, **extra)

@@ -176,8 +176,7 @@ def sample_flow_timesteps(
     if mu is not None and seq_len is not None:
         raise ValueError(f"give mu={mu} or seq_len={seq_len}, not both")
     if mu is None and seq_len is not None and shift:
-        if seq_len < 1:
-            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        check_positive_int("seq_len", seq_len)
         mu = get_lin_function(y1=base_shift, y2=max_shift)(seq_len)
     if mu is not None:
         u = time_shift(mu, 1.0, u)

@@ -207,9 +207,7 @@ def get_schedule(
     seq_len (data tokens) sets mu by the line through (256, base_shift) and (4096, max_shift); `shift=False`
     gives schnell-style unshifted grids.
     """
-    check_positive_int("num_steps", num_steps)
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    check_positive_ints(num_steps=num_steps, seq_len=seq_len)
     timesteps = torch.linspace(1, 0, num_steps + 1, device=device)  # extra step for zero
     if shift:
         mu = get_lin_function(y1=base_shift, y2=max_shift)(seq_len)

@@ -1,9 +1,6 @@
-"""Conditioning blocks for diffusion transformers: MLP embedder, adaLN modulation, adaptive LayerNorm.
-
-Names and math follow Black Forest Labs' flux `modules/layers.py` (`MLPEmbedder`, `ModulationOut`, `Modulation`,
-and the final layer's `adaLN_modulation`), so Flux checkpoints load by key. `MLPEmbedder` equals diffusers
-`TimestepEmbedding(in_dim, hidden_dim)` with `linear_1 -> in_layer`, `linear_2 -> out_layer`.
-tests/nn/test_modulation.py checks them against a transcription of BFL and against diffusers.
+"""Conditioning blocks for diffusion transformers, with the names and math of Black Forest Labs' flux
+`modules/layers.py`, so Flux checkpoints load by key; tests/nn/test_modulation.py checks them against a
+transcription of BFL and against diffusers.
 """
 
 # Shapes: B batch, T sequence length, D model dim, Din input dim of an embedder, Dc conditioning vector dim.
@@ -36,7 +33,8 @@ def _reset_linear(lin: nn.Linear, zero: bool) -> None:
 
 
 class MLPEmbedder(nn.Module):
-    """Two-layer SiLU MLP (BFL; Flux `time_in`, `vector_in`, `guidance_in`): (..., Din) -> (..., D)."""
+    """Two-layer SiLU MLP (BFL; Flux `time_in`, `vector_in`, `guidance_in`): (..., Din) -> (..., D). Diffusers'
+    `TimestepEmbedding(in_dim, hidden_dim)` with `linear_1 -> in_layer`, `linear_2 -> out_layer`."""
 
     def __init__(
         self,
