@@ -148,11 +148,8 @@ class JSONTokenizer:
 
 def _eos_token(folder: Path) -> str | None:
     # transformers writes the EOS token's text into tokenizer_config.json (a string or an AddedToken dict).
-    config = folder / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    try:  # no file is an OSError too
+        value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
     except (OSError, ValueError, AttributeError):
         return None
     if isinstance(value, dict):

@@ -132,8 +132,7 @@ def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
 
 
 def _map(fn: Callable[..., Any], tree: Any, *like: Any) -> Any:
-    """`fn(leaf, *leaves_of_like)` on every leaf of nested dicts and lists (state dicts of one structure),
-    keeping the structure."""
+    """`fn(leaf, *leaves_of_like)` over nested dicts and lists (state dicts of one structure), kept as is."""
     if isinstance(tree, Mapping):
         return {k: _map(fn, v, *(other[k] for other in like)) for k, v in tree.items()}
     if isinstance(tree, list):

@@ -348,10 +348,8 @@ def _head_plan(
     if sequence_parallel:
         plan[emb_name] = _SequenceShardedEmbedding()
         plan[norm_name] = SequenceParallel()
-        head_style = (
-            _VocabParallelHead if loss_parallel else partial(ColwiseParallel, output_layouts=Replicate())
-        )
-        plan[head_name] = head_style(input_layouts=Shard(1))
+        style = _VocabParallelHead if loss_parallel else partial(ColwiseParallel, output_layouts=Replicate())
+        plan[head_name] = style(input_layouts=Shard(1))
         return plan
     plan[head_name] = _VocabParallelHead()
     if head.weight is emb.weight:
@@ -386,12 +384,9 @@ def tensor_parallel_plan(
 def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     """Groups of (module, parameter name) that hold one Parameter object (tied embeddings)."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    seen: set[tuple[int, str]] = set()
     for module in model.modules():  # each module object once, even where it is shared
         for pname, param in module.named_parameters(recurse=False):
-            if (id(module), pname) not in seen:
-                seen.add((id(module), pname))
-                owners.setdefault(id(param), []).append((module, pname))
+            owners.setdefault(id(param), []).append((module, pname))
     return [group for group in owners.values() if len(group) > 1]
 
 
