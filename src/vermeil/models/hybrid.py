@@ -131,10 +131,9 @@ class HybridConfig:
         moe_aux_loss_coef: weight of the Switch load-balancing loss in the output's `aux_loss` (Jamba 0.001).
         embedding_multiplier, lm_head_multiplier, ssm_in_multiplier, ssm_out_multiplier, attn_in_multiplier,
             attn_out_multiplier, key_multiplier, mlp_gate_multiplier, mlp_out_multiplier: Falcon-H1's muP
-            scalars, applied at run time as transformers does (so training dynamics match too), on: the
-            embedding output, the logits, every Mamba branch's input / output, every attention branch's input /
-            output, the keys (as the attention scale), SwiGLU's gate pre-activation, every feed-forward's
-            output. 1 is no op.
+            scalars on what each name says (the keys' as the attention scale, the MLP gate's on SwiGLU's
+            gate pre-activation), applied at run time as transformers does, so training dynamics match too;
+            1 is no op.
         ssm_proj_multipliers: five multipliers of the Mamba-2 in_proj rows [z, x, B, C, dt] (Falcon-H1's
             `ssm_multipliers`).
         norm_eps: eps of every RMSNorm (layer norms, the gated norm, Jamba's inner norms).
@@ -297,21 +296,16 @@ class HybridConfig:
     @property
     def layer_kinds(self) -> list[str]:
         """Per layer, its canonical token: "M", "S", "A", "G", "P" (= "M+A"), "M+G", "S+A" or "S+G"."""
-        parallel = self.routing == "parallel"
-        kinds = []
-        for token in self.layer_letters:
-            ssm, attn = _parse_token(token)  # type: ignore[misc]  # checked in __post_init__
-            if parallel and ssm is None:
-                ssm = "M"
-            kinds.append(_kind_of(ssm, attn))
-        return kinds
+        # routing "parallel" sets a Mamba-1 branch beside every attention-only token
+        beside = "M" if self.routing == "parallel" else None
+        parsed = map(_parse_token, self.layer_letters)  # checked in __post_init__
+        return [_kind_of(ssm or beside, attn) for ssm, attn in parsed]  # type: ignore[misc]
 
     @property
     def layer_ffns(self) -> list[str]:
         """Per layer, its feed-forward: "swiglu", "mlp", "moe" or "none"."""
-        n = len(self.layer_letters)
-        letters = list(self.ffn_pattern) if self.ffn_pattern is not None else ["D"]
-        letters = letters * (n // len(letters))
+        letters = list(self.ffn_pattern or "D")  # checked non-empty in __post_init__
+        letters *= len(self.layer_letters) // len(letters)
         return [{"D": self.feed_forward, "E": "moe", "N": "none"}[c] for c in letters]
 
     @property

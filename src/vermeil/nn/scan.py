@@ -5,8 +5,8 @@ The recurrence, per batch b, channel d and state index n (Gu & Dao, 2023, arXiv:
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t        (A exact, B by Euler, as mamba_ssm)
     y_t = <C_t, h_t> + D * u_t,  then  y_t * silu(z_t)
 
-`selective_scan_ref` is that loop, the definition (tests/nn/test_scan.py checks it against a transcription of
-mamba_ssm's); `selective_scan` is the path to run for training and prefill; `selective_step` one decoding step.
+`selective_scan_ref` is that loop, the definition (tests/nn/test_scan.py checks it against mamba_ssm's);
+`selective_scan` is the path for training and prefill, `selective_step` one recurrent step for decoding.
 
 Why this algorithm for `selective_scan` (measured on a 2-core CPU; bench/scan.py prints the table):
 
