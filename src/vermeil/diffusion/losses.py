@@ -109,18 +109,14 @@ def prediction_to_x0_eps(
     """(predicted x_0, predicted noise) from a model output at alpha_bar = `alpha_prod` (broadcastable to x_t),
     the formulas of diffusers DDIMScheduler.step (DDIM eq. 12). x_t, output: (B, *)."""
     _check_prediction_type(prediction_type)
-    beta_prod = 1 - alpha_prod
+    a, s = alpha_prod**0.5, (1 - alpha_prod) ** 0.5  # sqrt(alpha_bar), sqrt(1 - alpha_bar)
     match prediction_type:
         case "epsilon":
-            x0 = (x_t - beta_prod**0.5 * output) / alpha_prod**0.5
-            eps = output
+            return (x_t - s * output) / a, output
         case "sample" | "x0":
-            x0 = output
-            eps = (x_t - alpha_prod**0.5 * x0) / beta_prod**0.5
+            return output, (x_t - a * output) / s
         case _:
-            x0 = alpha_prod**0.5 * x_t - beta_prod**0.5 * output
-            eps = alpha_prod**0.5 * output + beta_prod**0.5 * x_t
-    return x0, eps
+            return a * x_t - s * output, a * output + s * x_t
 
 
 def flow_interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

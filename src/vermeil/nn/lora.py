@@ -219,18 +219,12 @@ def apply_lora(
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every `LoRALinear` in `model` (in place) and return it."""
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.merge()
-    return model
+    return model.apply(lambda m: m.merge() if isinstance(m, LoRALinear) else None)
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Unmerge every `LoRALinear` in `model` (in place) and return it."""
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.unmerge()
-    return model
+    return model.apply(lambda m: m.unmerge() if isinstance(m, LoRALinear) else None)
 
 
 def _adapter_param_names(model: nn.Module) -> set[str]:
