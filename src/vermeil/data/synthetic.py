@@ -76,8 +76,7 @@ def mqar(
     inputs[:, 0:context:2] = keys
     inputs[:, 1:context:2] = values
     inputs.scatter_(1, query_pos, keys)
-    targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    targets.scatter_(1, query_pos, values)
+    targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long).scatter_(1, query_pos, values)
     if random_non_queries:  # keys are >= 1 and values >= V/2, so 0 marks exactly the free positions
         noise = torch.randint(0, V, (B, L), generator=generator)
         inputs = torch.where(inputs == 0, noise, inputs)
@@ -119,8 +118,7 @@ def selective_copying(
     prefix = L - K - 1
     tokens = torch.randint(0, V - 2, (B, K), generator=generator)
     positions = _distinct(B, prefix, K, generator).sort(dim=1).values  # (B, K), increasing
-    inputs = torch.full((B, L), blank, dtype=torch.long)
-    inputs.scatter_(1, positions, tokens)
+    inputs = torch.full((B, L), blank, dtype=torch.long).scatter_(1, positions, tokens)
     inputs[:, prefix] = copy
     targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     targets[:, prefix + 1 :] = tokens

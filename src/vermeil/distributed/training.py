@@ -43,13 +43,11 @@ class ShardedBatches:
         if isinstance(batch, Tensor):
             if batch.ndim == 0:
                 return batch
-            n = batch.shape[0]
-            if n % self.dp_size:
+            if (n := batch.shape[0]) % self.dp_size:
                 raise ValueError(
                     f"a global batch of {n} rows must be divisible by the data-parallel size {self.dp_size}"
                 )
-            k = n // self.dp_size
-            return batch[self.dp_rank * k : (self.dp_rank + 1) * k]
+            return batch.tensor_split(self.dp_size)[self.dp_rank]  # equal views of n / dp_size rows
         if isinstance(batch, (list, tuple)):
             return type(batch)(self._slice(b) for b in batch)
         if isinstance(batch, Mapping):
