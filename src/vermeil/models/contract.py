@@ -133,9 +133,7 @@ class LanguageModel(Protocol):
     setup_cache, reset_cache, delete_cache = setup_cache, reset_cache, delete_cache  # the functions above
 
     def __call__(self, tokens: Tensor, input_pos: Tensor | None = None) -> Any: ...
-
     def attention_layers(self) -> list[AttentionLayer]: ...
-
     def check_tensor_parallel(self, *, sequence_parallel: bool, loss_parallel: bool) -> None: ...
 
 

@@ -60,7 +60,6 @@ class MoEArgs:
 
     Args:
         capacity_factor, auto_scale_F: Meta's expert hidden-size rule (see `vermeil.nn.moe.moe_hidden_dim`).
-        interleave_moe_layer_step: layer i is an MoE layer when `(i + 1) % step == 0` (1: every layer).
         score_func: "sigmoid" (Llama 4) or "softmax" (Mixtral-style routing, renormalised, output-weighted).
         hidden_dim: explicit expert hidden size (transformers' `intermediate_size`); None applies Meta's rule.
         aux_loss_coef, z_loss_coef: weights of the load-balancing and router z losses in `aux_loss` (0: off).
@@ -197,7 +196,7 @@ class ModelArgs:
         return self.nope_layer_interval is not None and (layer_id + 1) % self.nope_layer_interval == 0
 
     def is_moe_layer(self, layer_id: int) -> bool:
-        """MoE feed-forward: Meta's `(i + 1) % interleave_moe_layer_step == 0`."""
+        """MoE feed-forward: Meta's `(i + 1) % interleave_moe_layer_step == 0` (step 1: every layer)."""
         if self.moe_args is None:
             return False
         if self.moe_layers is not None:
@@ -333,8 +332,7 @@ class Attention(NNAttention):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: `h = x + attention(attention_norm(x))`, `out = h + feed_forward(ffn_norm(h))`, with
-    `feed_forward` a `SwiGLU` or, on MoE layers, a `vermeil.nn.moe.MoE`."""
+    """Pre-norm residual block: attention, then a `SwiGLU` or, on MoE layers, a `vermeil.nn.moe.MoE`."""
 
     def __init__(self, layer_id: int, args: ModelArgs, **factory: Any) -> None:
         super().__init__()
@@ -499,7 +497,6 @@ class LLM(nn.Module):
         return [layer.attention for layer in self.layers]
 
     setup_cache, reset_cache, delete_cache = contract.setup_cache, contract.reset_cache, contract.delete_cache
-
     lm_parts = ("tok_embeddings", "norm", "output")  # (embedding, final norm, head), Meta's names
 
     def attention_layers(self) -> list[AttentionLayer]:
@@ -515,9 +512,8 @@ class LLM(nn.Module):
             )
 
     def sequence_parallel_plan(self) -> dict[str, str]:
-        """torchtitan's Llama layout: norms on the local tokens, attention (called with x, rope, positions) and
-        dense feed-forward inputs gathered with row-parallel outputs scattered back; an MoE layer runs on the
-        whole sequence and keeps the local part of its `MoEOutput.out`."""
+        """torchtitan's Llama layout, in the styles of `vermeil.models.contract` (attention takes x, rope,
+        positions; an MoE layer keeps the local part of its `MoEOutput.out`)."""
         plan: dict[str, str] = {}
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
@@ -564,8 +560,7 @@ class LLM(nn.Module):
         input_pos: Tensor | int | None = None,
         image_embedding: MaskedEmbedding | None = None,
     ) -> TransformerOutput:
-        """tokens (B, T) or a `TransformerInput` (then nothing else) -> TransformerOutput(logits (B, T, V)
-        float32, aux_loss scalar).
+        """tokens (B, T) or a `TransformerInput` (then nothing else) -> `TransformerOutput`.
 
         input_pos: None (0..T-1, no cache read or written), an int start, (T,) positions (with a cache: where
         the new keys go), or (B, T) per-row positions (no cache). image_embedding: the masked positions take
@@ -608,14 +603,12 @@ class LLM(nn.Module):
             raise TypeError(f"image_embedding.mask must be bool, got {mask.dtype}")
         if mask.ndim == 3 and mask.shape[-1] == 1:
             mask = mask[..., 0]
-        if mask.shape != h.shape[:2]:
+        bt, dv = tuple(h.shape[:2]), self.vision_projection.in_features
+        if mask.shape != bt:
+            raise ValueError(f"image_embedding.mask must have shape (B, T)={bt}, got {tuple(mask.shape)}")
+        if emb.shape != (*bt, dv):
             raise ValueError(
-                f"image_embedding.mask must have shape (B, T)={tuple(h.shape[:2])}, got {tuple(mask.shape)}"
-            )
-        dv = self.vision_projection.in_features
-        if emb.shape != (*h.shape[:2], dv):
-            raise ValueError(
-                f"image_embedding.embedding must have shape (B, T, Dv)={(*h.shape[:2], dv)}, got {tuple(emb.shape)}"
+                f"image_embedding.embedding must have shape (B, T, Dv)={(*bt, dv)}, got {tuple(emb.shape)}"
             )
         h_image = self.vision_projection(emb.to(self.vision_projection.weight.dtype)).to(h.dtype)
         return torch.where(mask[..., None], h_image, h)  # Meta: h * ~mask + h_image * mask

@@ -81,8 +81,7 @@ class VisionArgs:
     @property
     def tokens_per_image(self) -> int:
         """Ti: LLM tokens one image becomes (grid * r)^2."""
-        side = round(self.grid * self.pixel_shuffle_ratio)
-        return side * side
+        return round(self.grid * self.pixel_shuffle_ratio) ** 2
 
 
 def pixel_shuffle(x: Tensor, ratio: float) -> Tensor:
@@ -112,8 +111,7 @@ class _Conv2dPatch(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """A ViT: patch projection, class token appended, learned positions, pre-norm blocks, final LayerNorm.
-    images (N, C, H, W) -> (N, P + 1, Dvit), the class token last."""
+    """A ViT: images (N, C, H, W) -> (N, P + 1, Dvit), the learned class token last (Meta's order)."""
 
     def __init__(self, args: VisionArgs, **factory: Any) -> None:
         super().__init__()
@@ -165,8 +163,7 @@ class VisionEncoder(nn.Module):
 
 
 class PixelShuffleMLP(nn.Module):
-    """Pixel shuffle then Meta's `SimpleMLP` (GELU after `c_fc` and again after `c_proj`): (N, P, Dvit) ->
-    (N, Ti, Dv)."""
+    """Pixel shuffle then Meta's `SimpleMLP`: (N, P, Dvit) -> (N, Ti, Dv)."""
 
     def __init__(self, ratio: float, input_dim: int, output_dim: int, **factory: Any) -> None:
         super().__init__()
