@@ -281,8 +281,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
-        self.num_heads = num_heads
-        self.hidden_size = hidden_size
+        self.num_heads, self.hidden_size = num_heads, hidden_size
         self.img_mod = Modulation(hidden_size, double=True, **factory)
         self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
         self.img_attn = FluxSelfAttention(hidden_size, num_heads, qkv_bias, **factory)
@@ -345,10 +344,8 @@ class SingleStreamBlock(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
         factory = {"device": device, "dtype": dtype}
-        self.hidden_dim = hidden_size
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.hidden_size = self.hidden_dim = hidden_size  # hidden_dim: BFL's name
+        self.num_heads, self.mlp_hidden_dim = num_heads, int(hidden_size * mlp_ratio)
         self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim, **factory)
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size, **factory)
         self.norm = QKNorm(hidden_size // num_heads, "rms", eps=_EPS, **factory)
@@ -391,9 +388,7 @@ class LastLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_EPS)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True, **factory)
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True, **factory)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, **factory))
 
     def reset_parameters(self) -> None:
         self.linear.reset_parameters()
