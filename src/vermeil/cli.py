@@ -89,9 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "or pass --out NEW_DIR, or --overwrite to start over there"
             )
     _check_device(run.train.device)
-    with contextlib.ExitStack() as stack:
-        if main_rank:
-            stack.enter_context(lock_run(run_dir))  # before --overwrite clears anything
+    with lock_run(run_dir) if main_rank else contextlib.nullcontext():  # before --overwrite clears anything
         return _train(args, run, run_dir, main_rank)
 
 

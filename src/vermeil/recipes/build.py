@@ -20,17 +20,14 @@ def build_model(run: RunConfig, *, device: torch.device | str | None = None) -> 
     """The model a run config names, seeded by `train.seed`, then the task's `init_model`."""
     _, model_cls, _ = FAMILIES[run.family].load()
     torch.manual_seed(run.train.seed)
-    kwargs = {"device": device} if device is not None else {}
-    model = model_cls(run.model, **kwargs)
+    model = model_cls(run.model, device=device)
     run.data.init_model(model)
     return model
 
 
 def build_run(run: RunConfig, *, model: nn.Module | None = None) -> Run:
     """Model, data, loss and evaluation of a run config, with a `LossCurve` hook labelled by the task."""
-    if model is None:
-        model = build_model(run)
-    built = run.data.build(run, model)
+    built = run.data.build(run, model if model is not None else build_model(run))
     built.hooks.append(
         LossCurve(loss_label(run), title=f"{run.name or run.family}: data.task={run.data.task}")
     )
