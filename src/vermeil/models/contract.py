@@ -18,8 +18,7 @@ Every language model (`LLM`, `MambaLM`, `HybridModel`; the `LanguageModel` proto
   `delete_cache()`: the functions of the same names below, taken as methods, over the modules (attention
   layers, Mamba mixers) the model's `cache_modules()` lists; they keep `cache_max_seq_len` /
   `cache_batch_size` (None: no cache) for the model's position checks.
-- `lm_parts`: a class attribute naming the (embedding, final norm, head) submodules, for loss and sequence
-  parallelism.
+- `lm_parts`: the names of the (embedding, final norm, head) submodules, for loss and sequence parallelism.
 - `check_tensor_parallel(*, sequence_parallel, loss_parallel)`: raises ValueError, naming the setting and the
   rule, where the model cannot run that way.
 

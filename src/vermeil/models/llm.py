@@ -162,13 +162,11 @@ class ModelArgs:
                 self.rope_high_freq_factor = 1.0
             self.rope_scaling()  # validates the constants (RopeScaling.__post_init__)
         for name in ("nope_layers", "moe_layers"):
-            layers = getattr(self, name)
-            if layers is not None:
-                if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers):
-                    raise ValueError(
-                        f"{name}={layers} must hold layer indices in [0, n_layers={self.n_layers})"
-                    )
-                setattr(self, name, sorted(set(layers)))
+            if (layers := getattr(self, name)) is None:
+                continue
+            if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers):
+                raise ValueError(f"{name}={layers} must hold layer indices in [0, n_layers={self.n_layers})")
+            setattr(self, name, sorted(set(layers)))
         if self.moe_layers is not None and self.moe_args is None:
             raise ValueError(f"moe_layers={self.moe_layers} needs moe_args")
         if isinstance(self.moe_args, dict):
