@@ -550,18 +550,17 @@ class HybridModel(nn.Module):
         self.config = config
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kinds, ffns = config.layer_kinds, config.layer_ffns
-        rotary: nn.Module | None = None
+        self.rope: nn.Module | None = None  # one table shared by every attention layer
         if config.rotary and any(k not in ("M", "S") for k in kinds):
             head_dim = config.attention_head_dim
             table = dict(theta=config.rope_theta, max_seq_len=config.max_seq_len, device=device)
             if config.rotary_dim is not None and config.rotary_dim != head_dim:
-                rotary = PartialRotary(head_dim, config.rotary_dim, **table)
+                self.rope = PartialRotary(head_dim, config.rotary_dim, **table)
             else:
-                rotary = RotaryEmbedding(head_dim, **table)
-        self.rope = rotary  # one table shared by every attention layer
+                self.rope = RotaryEmbedding(head_dim, **table)
         self.embedding = nn.Embedding(config.vocab_size, config.dim, **factory)
         self.layers = nn.ModuleList(
-            HybridLayer(k, config, rotary, ffn=f, layer_idx=i, **factory)
+            HybridLayer(k, config, self.rope, ffn=f, layer_idx=i, **factory)
             for i, (k, f) in enumerate(zip(kinds, ffns))
         )
         self.has_moe = "moe" in ffns
@@ -576,14 +575,10 @@ class HybridModel(nn.Module):
 
     @classmethod
     def from_yaml(
-        cls,
-        path: str | os.PathLike[str],
-        overrides: Sequence[str] = (),
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        cls, path: str | os.PathLike[str], overrides: Sequence[str] = (), **factory: Any
     ) -> HybridModel:
-        return cls(HybridConfig.from_yaml(path, overrides), device=device, dtype=dtype)
+        """`HybridModel(HybridConfig.from_yaml(path, overrides), device=..., dtype=...)`."""
+        return cls(HybridConfig.from_yaml(path, overrides), **factory)
 
     def _load_hook(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         if self.config.tie_embeddings:
@@ -687,9 +682,8 @@ class HybridModel(nn.Module):
         for layer in self.layers:
             h = layer(h, input_pos)
         h = self.norm_f(h)
-        logits = _scaled(
-            self.lm_head(h.to(self.lm_head.weight.dtype)), self.config.lm_head_multiplier
-        ).float()
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype))  # (B, T, V)
+        logits = _scaled(logits, self.config.lm_head_multiplier).float()
         if self.has_moe:
             aux_loss = sum(layer.aux_loss for layer in self.layers if layer.aux_loss is not None)
             return HybridOutput(logits, aux_loss)  # type: ignore[arg-type]  # an MoE layer gave one

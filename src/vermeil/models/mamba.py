@@ -109,16 +109,8 @@ class MambaResidualBlock(nn.Module):
     fuse "add + norm" into one kernel; this equals transformers' `h = h + mixer(norm(h))`.
     """
 
-    def __init__(
-        self,
-        cfg: MambaConfig,
-        layer_idx: int | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, cfg: MambaConfig, layer_idx: int | None = None, **factory: Any) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = _norm(cfg, factory)
         self.mixer = MambaBlock(cfg.d_model, **cfg.block_kwargs(), layer_idx=layer_idx, **factory)
@@ -137,11 +129,8 @@ class MambaResidualBlock(nn.Module):
 class MambaBackbone(nn.Module):
     """mamba_ssm's `MixerModel`: `embedding`, `layers`, `norm_f`."""
 
-    def __init__(
-        self, cfg: MambaConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ):
+    def __init__(self, cfg: MambaConfig, **factory: Any) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, **factory)
         self.layers = nn.ModuleList(MambaResidualBlock(cfg, i, **factory) for i in range(cfg.n_layer))
         self.norm_f = _norm(cfg, factory)
