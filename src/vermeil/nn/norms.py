@@ -39,10 +39,11 @@ def _check_last_dim(x: Tensor, dim: int, module: str) -> None:
         raise ValueError(f"{module}: input of shape {tuple(x.shape)} must have last dim={dim}")
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
     """RMSNorm (Zhang & Sennrich, 2019) with a learned gain `weight` (none when not `elementwise_affine`).
 
-    Matches transformers' `LlamaRMSNorm` and Meta's Llama `RMSNorm` (key `weight`).
+    `nn.RMSNorm`'s parameter and repr with the forward of `rms_norm`, which matches transformers'
+    `LlamaRMSNorm` and Meta's Llama `RMSNorm` (key `weight`) in low precision.
     """
 
     def __init__(
@@ -54,29 +55,18 @@ class RMSNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_int("dim", dim)
-        self.dim, self.eps = dim, eps
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        super().__init__(check_positive_int("dim", dim), eps, elementwise_affine, device, dtype)
+        self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., D) -> (..., D)."""
         _check_last_dim(x, self.dim, "RMSNorm")
         return rms_norm(x, self.weight, self.eps)
 
-    def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
 
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PaLM and the Zeta block use none; Flux not even a gain:
-    `elementwise_affine=False`)."""
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` over the last axis `dim`, with an optional bias (PaLM and the Zeta block use none; Flux not
+    even a gain: `elementwise_affine=False`) and an input check that names the module."""
 
     def __init__(
         self,
@@ -88,28 +78,13 @@ class LayerNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_int("dim", dim)
-        self.dim, self.eps = dim, eps
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.empty(dim, **factory)) if elementwise_affine and bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().__init__(check_positive_int("dim", dim), eps, elementwise_affine, bias, device, dtype)
+        self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., D) -> (..., D)."""
         _check_last_dim(x, self.dim, "LayerNorm")
-        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        affine = self.weight is not None
-        return f"{self.dim}, eps={self.eps}, elementwise_affine={affine}, bias={self.bias is not None}"
+        return super().forward(x)
 
 
 class _HeadNorm(nn.Module):
