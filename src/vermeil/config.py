@@ -147,10 +147,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the type hint `tp` and return it in its config form (nested dataclasses built)."""
     if tp is Any or tp is object:
         return value
-    origin = get_origin(tp)
-    args = get_args(tp)
+    origin, args = get_origin(tp) or tp, get_args(tp)  # a bare `list` or `Mapping` is its own origin
 
-    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+    if origin in (Union, types.UnionType):
         return _convert_union(value, args, key)
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):
@@ -170,9 +169,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         ):
             return float(value) if tp is float else value
         raise _wrong_type(key, value, "bool (true or false)" if tp is bool else tp.__name__)
-    if tp in (list, tuple, dict):
-        origin, args = tp, ()
-    if origin in (list, tuple, Sequence) or tp is Sequence:
+    if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(key, value, f"a list ({_type_name(tp)})")
         if origin is not tuple:
@@ -184,7 +181,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}={list(value)!r} must have {len(args)} items ({_type_name(tp)})")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (dict, Mapping) or tp is Mapping:
+    if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise _wrong_type(key, value, f"a mapping ({_type_name(tp)})")
         kt, vt = args if args else (Any, Any)
