@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from vermeil.diffusion.losses import ModelFn
+from vermeil.diffusion.losses import ModelFn, _per_sample
 
 __all__ = ["cfg_model_fn", "drop_condition"]
 
@@ -106,6 +106,5 @@ def drop_condition(
     for k, c in tensors.items():
         if c.shape[0] != b:
             raise ValueError(f"cond[{k!r}] has batch {c.shape[0]}, expected {b}")
-        m = keep.reshape(b, *([1] * (c.dim() - 1)))
-        out[k] = torch.where(m, c, nulls[k].to(dtype=c.dtype, device=c.device))
+        out[k] = torch.where(_per_sample(keep, c), c, nulls[k].to(dtype=c.dtype, device=c.device))
     return out[""] if not isinstance(cond, Mapping) else out  # type: ignore[return-value]

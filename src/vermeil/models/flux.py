@@ -197,14 +197,6 @@ def qkv_heads(
     return qkv.view(b, seq, 3, -1, head_dim).unbind(2)
 
 
-def _rotations(pe: Tensor) -> Tensor:
-    """pe: BFL's (B|1, 1, L, Dh/2, 2, 2) (`rope_matrix`) or complex (B|1, 1, L, Dh/2) (`rope_freqs`, what
-    `Flux` passes) -> (B|1, L, 1, Dh/2) complex rotations for `norm_rope`."""
-    if not pe.is_complex():
-        pe = torch.complex(pe[..., 0, 0], pe[..., 1, 0])  # cos, sin
-    return pe[:, 0, :, None]
-
-
 def _modulate(x: Tensor, mod: ModulationOut) -> Tensor:
     """(1 + scale) * x + shift in one pass. x: (B, L, D); mod fields (B, 1, D)."""
     return torch.addcmul(mod.shift, x, 1 + mod.scale)
@@ -214,9 +206,12 @@ def _attend(
     q: Tensor, k: Tensor, v: Tensor, pe: Tensor, q_scale: Tensor, k_scale: Tensor, mask: Tensor | None
 ) -> Tensor:
     """QKNorm + RoPE (`norm_rope`), then `attention`. q, k, v: (B, L, H, Dh) views of a fused projection;
-    q_scale, k_scale: (Dh,) or (L, Dh); mask: (B, 1, 1, L) bool keys or None -> (B, L, H * Dh) (no copy: the
-    fused CPU kernel writes (B, L, H, Dh))."""
-    rot = _rotations(pe)
+    pe: BFL's (B|1, 1, L, Dh/2, 2, 2) (`rope_matrix`) or complex (B|1, 1, L, Dh/2) (`rope_freqs`, what `Flux`
+    passes); q_scale, k_scale: (Dh,) or (L, Dh); mask: (B, 1, 1, L) bool keys or None -> (B, L, H * Dh) (no
+    copy: the fused CPU kernel writes (B, L, H, Dh))."""
+    if not pe.is_complex():
+        pe = torch.complex(pe[..., 0, 0], pe[..., 1, 0])  # cos, sin
+    rot = pe[:, 0, :, None]  # (B|1, L, 1, Dh/2) complex rotations
     q, k = norm_rope(q, rot, q_scale), norm_rope(k, rot, k_scale)
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2).flatten(2)
 
