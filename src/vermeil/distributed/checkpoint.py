@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -35,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim import Optimizer
+
+from vermeil.checkpoint import refusal_text, save_weights
 
 __all__ = ["export_weights", "load_checkpoint", "read_metadata", "save_checkpoint"]
 
@@ -118,10 +121,6 @@ class _SafeReader(FileSystemReader):
 
 def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
     """Run a DCP read; its `CheckpointException` (a BaseException) becomes one ValueError naming the folder."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from vermeil.checkpoint import refusal_text
-
     try:
         return fn()
     except CheckpointException as e:
@@ -184,8 +183,6 @@ def export_weights(
 ) -> dict[str, torch.Tensor]:
     """Stitch the model of a DCP checkpoint into one safetensors file, in one process without a model or a
     process group; returns the exported state dict."""
-    from vermeil.checkpoint import save_weights
-
     read_metadata(checkpoint_dir)  # torch's converter unpickles it again: only once it is known to be a plan
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.pt")

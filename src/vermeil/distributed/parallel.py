@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from vermeil.distributed.config import STRATEGIES
+from vermeil.distributed.runtime import get_rank, get_world_size, is_distributed
 from vermeil.distributed.tensor_parallel import _Chunked, apply_tensor_parallel, tensor_parallel_plan
 
 __all__ = [
@@ -151,10 +152,6 @@ def parallelize(
     inside each group of tp_size consecutive ranks, FSDP2 across the groups. `sequence_parallel` and
     `loss_parallel` (see `tensor_parallel_plan`) need "tp" or "fsdp2+tp".
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from vermeil.distributed.runtime import get_rank, get_world_size, is_distributed
-
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
     device = device if device is not None else next(model.parameters()).device

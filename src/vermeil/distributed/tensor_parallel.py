@@ -302,7 +302,7 @@ def _sequence_style(name: str, style: str) -> ParallelStyle:
         # Replicated weights on the local tokens; their gradients are partial sums DTensor all-reduces.
         return SequenceParallel(use_local_output=True)
     if kind == "gather" and (not arg or arg.isdigit()):
-        # the first of N inputs all-gathered (B, T/tp, D) -> (B, T, D) into a plain tensor, the others as they are
+        # the first of N inputs all-gathered (B, T/tp, D) -> (B, T, D) as a plain tensor, the others unchanged
         rest = (None,) * (int(arg or 1) - 1)
         return PrepareModuleInput(
             input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
