@@ -265,7 +265,8 @@ def save_weights(
             raise _write_error(int(found.group(1)), path) from None
 
 
-def _read(path: str | os.PathLike[str], device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_weights(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Tensor]:
+    """All tensors of a safetensors file as a dict, tied names restored (they share memory)."""
     st = _safetensors()
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights file at {os.fspath(path)}")
@@ -277,18 +278,9 @@ def _read(path: str | os.PathLike[str], device: str) -> tuple[dict[str, Tensor],
         raise ValueError(f"{os.fspath(path)} is damaged (not a complete safetensors file): {e}") from None
     aliases: dict[str, str] = json.loads(meta.pop(ALIASES_KEY, "{}"))
     # Files from `safetensors.torch.save_model` record a removed tied name as metadata {removed: kept}.
-    for k, v in list(meta.items()):
-        if k not in tensors and v in tensors and k != "format":
-            aliases.setdefault(k, v)
-    for alias, name in aliases.items():
-        if name in tensors:
-            tensors[alias] = tensors[name]
-    return tensors, meta
-
-
-def read_weights(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Tensor]:
-    """All tensors of a safetensors file as a dict, tied names restored (they share memory)."""
-    return _read(path, device)[0]
+    aliases = {k: v for k, v in meta.items() if k not in tensors and k != "format"} | aliases
+    tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
+    return tensors
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -321,7 +313,7 @@ def load_weights(
     the missing and unexpected keys; otherwise they are returned, sorted. `assign` loads into a model built on
     the meta device (re-tie after). A shape mismatch raises PyTorch's RuntimeError.
     """
-    tensors, _ = _read(path, "cpu")
+    tensors = read_weights(path)
     own = module.state_dict()
     # A name of the model missing from the file is fine when the model ties it to a name the file holds.
     groups: dict[tuple[Any, ...], list[str]] = {}

@@ -287,9 +287,7 @@ def chunked_cross_entropy(
         raise TypeError(f"targets must be int64 class ids, got {targets.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape (V={weight.shape[0]},), got {tuple(bias.shape)}")
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
+    if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1 (or None)")
     if not z_loss >= 0:
         raise ValueError(f"z_loss={z_loss!r} must be >= 0")

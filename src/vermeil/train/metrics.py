@@ -100,9 +100,8 @@ def _log_axis(ax: Any, values: Sequence[float]) -> None:
     lo, hi = min(values), max(values)
     narrow = hi / lo < 100
     subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)
-    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
-    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10))))
     ax.yaxis.set_minor_formatter(NullFormatter())
     decade = 10.0 ** math.floor(math.log10(lo))

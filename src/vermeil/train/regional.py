@@ -66,7 +66,6 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
     for name, block in repeated_blocks(model):
         if getattr(block, _MARK, None) is not None:
             continue
-        # The bound forward, compiled: all blocks of one class share its code object, hence Dynamo's cache.
         compiled = torch.compile(block.forward, **options)
         calls = [0]  # how often the compiled forward ran (`compiled_calls`)
 
