@@ -450,11 +450,9 @@ class HybridLayer(nn.Module):
         self.gate = nn.Linear(d, d, bias=True, **factory) if self.merge == "gate" else None
         self.merge_proj = nn.Linear(2 * d, d, bias=False, **factory) if self.merge == "concat" else None
         self.ffn_norm = None if ffn == "none" else RMSNorm(d, eps=cfg.norm_eps, **factory)
-        self.feed_forward: nn.Module | None
+        self.feed_forward: nn.Module | None = None  # ffn "none"
         dense = dict(bias=cfg.ffn_bias, **factory)
-        if ffn == "none":
-            self.feed_forward = None
-        elif ffn == "swiglu" and cfg.mlp_gate_multiplier != 1.0:
+        if ffn == "swiglu" and cfg.mlp_gate_multiplier != 1.0:
             self.feed_forward = GateScaledSwiGLU(
                 d, cfg.ffn_hidden_dim, gate_multiplier=cfg.mlp_gate_multiplier, **dense
             )
@@ -462,7 +460,7 @@ class HybridLayer(nn.Module):
             self.feed_forward = SwiGLU(d, cfg.ffn_hidden_dim, **dense)
         elif ffn == "mlp":
             self.feed_forward = FeedForward(d, cfg.ffn_hidden_dim, activation="gelu", **dense)
-        else:
+        elif ffn == "moe":
             self.feed_forward = MoE(
                 d,
                 cfg.moe_hidden_dim or cfg.ffn_hidden_dim,

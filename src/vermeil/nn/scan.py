@@ -198,10 +198,8 @@ def selective_step(
     kernels; a hand-written Triton step kernel would only save launches that a graph replay already removes.
 
     Args:
-        state: (B, D, N) state before the step.
-        u_t, delta_t: (B, D) input and step size of this token (delta before bias and softplus).
-        A: (D, N); B_t, C_t: (B, N); D: (D,) optional; z_t: (B, D) optional gate; delta_bias: (D,) optional.
-        delta_softplus: apply softplus to delta (after the bias).
+        state: (B, D, N) state before the step. The others: as `selective_scan_ref` at one position, so u_t,
+            delta_t, z_t are (B, D) and B_t, C_t (B, N).
 
     Returns:
         y_t: (B, D) in u_t.dtype, and the new state (B, D, N) in state.dtype.
@@ -387,10 +385,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             dA[0].mul_(starts)
             grad_A_t += torch.mul(dA, d.unsqueeze(-2), out=g_all).flatten(0, 2).sum(0)
             gd = uu * s + dA.mul_(A_t).sum(-2)
-            _ungrid_into(grad_u, d * s, p0, n)
-            _ungrid_into(grad_delta, gd, p0, n)
-            _ungrid_into(grad_B, gB, p0, n)
-            _ungrid_into(grad_C, gC, p0, n)
+            for grad, part in zip((grad_u, grad_delta, grad_B, grad_C), (d * s, gd, gB, gC)):
+                _ungrid_into(grad, part, p0, n)
         return grad_u, grad_delta, grad_A_t, grad_B, grad_C, adj, None, None
 
 
