@@ -369,9 +369,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert between Vermeil runs and transformers / diffusers save_pretrained folders.
 
-    `--to transformers` exports an LLM or Mamba run, `--to diffusers` a flux run (default: by its family);
-    `--from transformers` (LlamaForCausalLM, Llama4ForCausalLM, MambaForCausalLM) and `--from diffusers`
-    (FluxTransformer2DModel) write a run folder. A tokenizer.json beside the weights is copied along.
+    `--to transformers` exports an llm, mamba or hybrid run, `--to diffusers` a flux run (default: by its
+    family); `--from transformers` (Llama, Llama 4, Mamba, Mamba-2, Jamba, Bamba, Falcon-H1 causal LMs) and
+    `--from diffusers` (FluxTransformer2DModel) write a run folder, with the tokenizer.json beside the weights.
     """
     if args.dest is not None and args.out is not None and args.dest != args.out:
         raise CommandError(f"two outputs given: {args.dest} and --out {args.out}")
@@ -507,17 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE", help="a run (--to) or a save_pretrained folder (--from)")
     p.add_argument("dest", nargs="?", metavar="OUT_DIR", help="output folder (or --out)")
     p.add_argument("--out", metavar="DIR", help="output folder")
+    libraries = ["transformers", "diffusers"]
     direction = p.add_mutually_exclusive_group()
     direction.add_argument(
         "--to",
-        choices=["transformers", "diffusers"],
-        help="export a run: llm/mamba to transformers, flux to diffusers (default: by the run's family)",
+        choices=libraries,
+        help="export a run: llm/mamba/hybrid to transformers, flux to diffusers (default: by the run's family)",
     )
     direction.add_argument(
-        "--from",
-        dest="from_",
-        choices=["transformers", "diffusers"],
-        help="import a save_pretrained folder into a run folder",
+        "--from", dest="from_", choices=libraries, help="import a save_pretrained folder into a run folder"
     )
     p.add_argument("--overwrite", action="store_true", help="write into an output folder that holds files")
     p.set_defaults(func=cmd_convert)
