@@ -482,11 +482,11 @@ class Attention(nn.Module):
         """
         if self.window is None and self.chunk is None:
             return user, self.causal  # causality is left to `attention` (SDPA's is_causal where it can)
-        device = self.wq.weight.device
         if input_pos is not None and self.context_dim is None:
             q_pos = kv_pos = input_pos  # the chunk rule depends on where the sequence starts
         else:
-            q_pos, kv_pos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
+            kv_pos = torch.arange(s, device=self.wq.weight.device)
+            q_pos = kv_pos[s - t :]
         full = attention_mask(q_pos, kv_pos, causal=self.causal, window=self.window, chunk=self.chunk)
         full = full if user is None else full & user
         # Pass causal too although the mask is causal already: `attention` then lets the CPU kernel skip the

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_ints, tracing
+from vermeil.nn.checks import check_positive_int, check_positive_ints, tracing
 
 __all__ = ["KVCache", "RingKVCache", "SSMState"]
 
@@ -28,9 +28,12 @@ class _KVBuffers(nn.Module):
     v_cache: Tensor
 
     def __init__(
-        self, batch_size: int, slots: int, kv_heads: int, head_dim: int, max_seq_len: int, **factory: Any
+        self, batch_size: int, max_seq_len: int, kv_heads: int, head_dim: int, slots: int, **factory: Any
     ) -> None:
         super().__init__()
+        check_positive_ints(
+            batch_size=batch_size, max_seq_len=max_seq_len, kv_heads=kv_heads, head_dim=head_dim
+        )
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.kv_heads, self.head_dim = kv_heads, head_dim
         for name in ("k_cache", "v_cache"):
@@ -94,9 +97,6 @@ class KVCache(_KVBuffers):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        check_positive_ints(
-            batch_size=batch_size, max_seq_len=max_seq_len, kv_heads=kv_heads, head_dim=head_dim
-        )
         super().__init__(batch_size, max_seq_len, kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
         self._positions = torch.arange(max_seq_len, device=device)  # slot i holds position i (not state)
 
@@ -139,11 +139,9 @@ class RingKVCache(_KVBuffers):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        check_positive_int("slots", slots)  # the rest is checked by the base
         max_seq_len = slots if max_seq_len is None else max_seq_len
-        check_positive_ints(
-            batch_size=batch_size, slots=slots, kv_heads=kv_heads, head_dim=head_dim, max_seq_len=max_seq_len
-        )
-        super().__init__(batch_size, slots, kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
+        super().__init__(batch_size, max_seq_len, kv_heads, head_dim, slots, dtype=dtype, device=device)
         self.slots = slots
         empty = torch.full((slots,), max_seq_len, dtype=torch.long, device=device)
         self.register_buffer("kv_pos", empty, persistent=False)

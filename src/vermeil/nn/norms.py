@@ -93,12 +93,7 @@ class _HeadNorm(nn.Module):
     def __init__(self, head_dim: int, kind: QKNormKind, learnable: bool, eps: float, **factory: Any) -> None:
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.scale = nn.Parameter(torch.empty(head_dim, **factory)) if learnable else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.scale is not None:
-            nn.init.ones_(self.scale)
+        self.scale = nn.Parameter(torch.ones(head_dim, **factory)) if learnable else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "rms":
@@ -134,8 +129,8 @@ class QKNorm(nn.Module):
         self.key_norm = _HeadNorm(head_dim, kind, learnable, eps, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
-        self.query_norm.reset_parameters()
-        self.key_norm.reset_parameters()
+        for scale in self.parameters():  # query_norm.scale, key_norm.scale
+            nn.init.ones_(scale)
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """q: (B, H, T, Dh), k: (B, Hkv, S, Dh) -> the same shapes, normalised over Dh."""

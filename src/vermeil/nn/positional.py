@@ -192,9 +192,7 @@ def xpos_scale(
     base = (channels + 0.4 * head_dim) / (1.4 * head_dim)
     power = (positions.to(torch.float32) - center) / scale_base
     scale = base ** power[..., None]  # (..., T, Dh/2)
-    if pairing == "half":
-        return torch.cat((scale, scale), dim=-1)
-    return scale.repeat_interleave(2, dim=-1)
+    return torch.cat((scale, scale), dim=-1) if pairing == "half" else scale.repeat_interleave(2, dim=-1)
 
 
 def temperature_scale(positions: Tensor, floor_scale: float = 8192.0, attn_scale: float = 0.1) -> Tensor:
@@ -239,9 +237,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    if torch.is_floating_point(t):
-        embedding = embedding.to(t)
-    return embedding
+    return embedding.to(t) if torch.is_floating_point(t) else embedding
 
 
 class RotaryEmbedding(nn.Module):
