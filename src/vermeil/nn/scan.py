@@ -225,12 +225,6 @@ def _auto_chunk_size(bsz: int, dim: int, n: int, length: int) -> int:
     return max(1, min(chunk, 1024, length))
 
 
-def _sub_chunk(chunk: int) -> int:
-    """Sub-chunk length k ~ sqrt(chunk), a power of two (divides power-of-two chunks: no padding): a chunk then
-    costs about 2k + chunk/k Python steps."""
-    return 1 << max(0, round(math.log2(chunk) / 2))
-
-
 def _grid(x: Tensor, p0: int, n: int, groups: int, k: int) -> Tensor:
     """(B, X, L) -> (k, B, G, X) for positions p0..p0+n, zero-padded to G*k (position p0 + g*k + j)."""
     xs = x[:, :, p0 : p0 + n]
@@ -251,8 +245,11 @@ def _ungrid_into(out: Tensor, xg: Tensor, p0: int, n: int) -> None:
         out[:, :, p0 + full * k : p0 + n].copy_(src[:, :, full, : n - full * k])
 
 
-def _chunks(length: int, chunk: int, sub: int) -> list[tuple[int, int, int, int]]:
-    """(start, length, k, G) of every chunk; the last one may be shorter and uses a smaller grid."""
+def _chunks(length: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """(start, length, k, G) of every chunk; the last one may be shorter and uses a smaller grid. The sub-chunk
+    length k ~ sqrt(chunk) is a power of two (dividing power-of-two chunks: no padding): a chunk then costs
+    about 2k + chunk/k Python steps."""
+    sub = 1 << max(0, round(math.log2(chunk) / 2))
     sizes = [(p0, min(chunk, length - p0)) for p0 in range(0, length, chunk)]
     return [(p0, n, min(sub, n), -(-n // min(sub, n))) for p0, n in sizes]
 
@@ -298,7 +295,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int, sub: int
+        ctx, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int
     ) -> tuple[Tensor, Tensor]:
         bsz, dim, length = u.shape
         n_state = A_t.shape[0]
@@ -306,7 +303,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         y = torch.empty_like(u)  # u's layout: (B, L, D)-major input gives (B, L, D)-major output
         carry = h0  # (B, N, D): the state before the current chunk
         starts_all = []
-        chunks = _chunks(length, chunk, sub)
+        chunks = _chunks(length, chunk)
         # two workspaces reused by every chunk instead of fresh multi-MiB allocations per chunk
         work = _workspace(u, chunks, bsz, n_state, dim, 2)
         for p0, n, k, groups in chunks:
@@ -335,14 +332,14 @@ class _SelectiveScanFn(torch.autograd.Function):
         if length == 0:
             carry = h0.clone()
         ctx.save_for_backward(u, delta, A_t, B, C, *starts_all)
-        ctx.chunk, ctx.sub = chunk, sub
+        ctx.chunks = chunks
         return y, carry
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor | None, grad_final: Tensor | None):  # type: ignore[override]
         u, delta, A_t, B, C, *starts_all = ctx.saved_tensors
-        bsz, dim, length = u.shape
+        bsz, dim, _ = u.shape
         n_state = A_t.shape[0]
         A2_t = A_t * _LOG2_E
         grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(t) for t in (u, delta, B, C))
@@ -350,9 +347,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         grad_y = torch.zeros_like(u) if grad_y is None else grad_y
         # adjoint flowing into the state after the current chunk's last position (from later positions)
         adj = grad_final if grad_final is not None else u.new_zeros(bsz, n_state, dim)
-        chunks = _chunks(length, ctx.chunk, ctx.sub)
-        work = _workspace(u, chunks, bsz, n_state, dim, 3)
-        for (p0, n, k, groups), starts in zip(reversed(chunks), reversed(starts_all)):
+        work = _workspace(u, ctx.chunks, bsz, n_state, dim, 3)
+        for (p0, n, k, groups), starts in zip(reversed(ctx.chunks), reversed(starts_all)):
             d, uu, du, b, c, dA, h = _chunk_terms(u, delta, B, C, A2_t, (p0, n, k, groups), work)
             gy = _grid(grad_y, p0, n, groups, k)  # (k, B, G, D), zero on padding
             prev = starts
@@ -387,7 +383,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             gd = uu * s + dA.mul_(A_t).sum(-2)
             for grad, part in zip((grad_u, grad_delta, grad_B, grad_C), (d * s, gd, gB, gC)):
                 _ungrid_into(grad, part, p0, n)
-        return grad_u, grad_delta, grad_A_t, grad_B, grad_C, adj, None, None
+        return grad_u, grad_delta, grad_A_t, grad_B, grad_C, adj, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -616,6 +612,6 @@ def selective_scan(
     else:
         chunk = chunk_size if chunk_size is not None else _auto_chunk_size(bsz, dim, n_state, length)
         u_d, delta_d, B_d, C_d = map(_dense, (u_c, delta_c, B_c, C_c))
-        y, final = _SelectiveScanFn.apply(u_d, delta_d, A_t, B_d, C_d, h0, chunk, _sub_chunk(chunk))
+        y, final = _SelectiveScanFn.apply(u_d, delta_d, A_t, B_d, C_d, h0, chunk)
     out = _finish(y, u_c, D, z, u.dtype)
     return (out, final.transpose(1, 2)) if return_final_state else out
