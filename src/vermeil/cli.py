@@ -361,9 +361,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {os.fspath(out)} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CommandError(
-            f"{os.fspath(out)} already exists and is not empty (pass --overwrite to write there)"
-        )
+        raise CommandError(f"{out} already exists and is not empty (pass --overwrite to write there)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

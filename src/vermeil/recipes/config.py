@@ -97,9 +97,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The plain form saved as `config.yaml`: loading it again gives the same run (presets resolved)."""
-        out: dict[str, Any] = {}
-        if self.name is not None:
-            out["name"] = self.name
+        out: dict[str, Any] = {} if self.name is None else {"name": self.name}
         # Init fields in order; None-valued keys are kept so that the saved config is complete.
         out["model"] = {"family": self.family, **to_dict(self.model)}
         out["data"] = to_dict(self.data)

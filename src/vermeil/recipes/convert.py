@@ -45,9 +45,7 @@ def _folder_class(src: Path, key: str, library: str) -> str:
         raise FileNotFoundError(f"{library} folder {os.fspath(src)} does not exist")
     config = src / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(
-            f"{os.fspath(src)} has no config.json: not a {library} save_pretrained folder"
-        )
+        raise FileNotFoundError(f"{src} has no config.json: not a {library} save_pretrained folder")
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
