@@ -159,18 +159,17 @@ def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -
         raise FileNotFoundError(f"{os.fspath(run)} holds no checkpoint (no {CHECKPOINTS_DIR}/step_*/{STATE})")
     if not verify:
         return candidates[0]
-    first_error: DamagedCheckpointError | None = None
+    errors: list[DamagedCheckpointError] = []
     for folder in candidates:
         try:
             verify_checkpoint(folder)
         except DamagedCheckpointError as e:
-            first_error = first_error or e
+            errors.append(e)
             continue
-        if first_error is not None:
-            warnings.warn(f"{first_error}; using {os.fspath(folder)} instead", stacklevel=2)
+        if errors:
+            warnings.warn(f"{errors[0]}; using {os.fspath(folder)} instead", stacklevel=2)
         return folder
-    assert first_error is not None
-    raise DamagedCheckpointError(f"{first_error}; no intact checkpoint left in {os.fspath(run)}")
+    raise DamagedCheckpointError(f"{errors[0]}; no intact checkpoint left in {os.fspath(run)}")
 
 
 def _sha256(path: Path) -> str:

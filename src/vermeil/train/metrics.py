@@ -84,11 +84,9 @@ def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> int:
         return 0
     rows = read_metrics(p)
     kept = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= last_step]
-    dropped = len(rows) - len(kept)
-    text = "".join(json.dumps(r) + "\n" for r in kept)
     with atomic_write(p, "w") as f:
-        f.write(text)
-    return dropped
+        f.write("".join(json.dumps(r) + "\n" for r in kept))
+    return len(rows) - len(kept)
 
 
 def _log_axis(ax: Any, values: Sequence[float]) -> None:
@@ -141,16 +139,12 @@ def plot_loss_curve(
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
         for key, (xs, ys) in series.items():
-            style = "-" if len(xs) > 20 else "-o"
-            ax.plot(xs, ys, style, label=key, markersize=3, linewidth=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+            ax.plot(xs, ys, "-" if len(xs) > 20 else "-o", label=key, markersize=3, linewidth=1.2)
+        ax.set(xlabel="step", ylabel=ylabel, title=title or "")
         if all(y > 0 for _, ys in series.values() for y in ys):
             _log_axis(ax, [y for _, ys in series.values() for y in ys])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        if title:
-            ax.set_title(title)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -491,7 +491,7 @@ class Trainer:
             self._write(row)
             self._call("on_eval", row)
             if self.is_main:
-                echo(f"step {self.step}: " + format_row({k: v for k, v in row.items() if k != "step"}))
+                echo(f"step {self.step}: {format_row(metrics)}")
         return metrics
 
     def _write(self, row: dict[str, Any]) -> None:
