@@ -37,7 +37,9 @@ def check_fields(config: Any, *, positive: Collection[str] = (), skip: Collectio
             if f.name in positive and not value > 0:
                 raise ValueError(f"{f.name}={value!r} must be a positive number")
         elif kind.startswith("Literal[") and value not in (choices := ast.literal_eval(kind[7:])):
-            raise ValueError(f"{f.name}={value!r} must be one of {choices}")
+            raise ValueError(
+                f"{f.name}={value!r} must be one of {choices}" + (" or None" if kind != f.type else "")
+            )
 
 
 def check_tokens(tokens: object, vocab_size: int) -> None:
