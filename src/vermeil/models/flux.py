@@ -289,7 +289,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim, factory)
 
     def reset_parameters(self) -> None:
-        for module in (*self.children(), *self.img_mlp, *self.txt_mlp):
+        for module in (*self.children(), *self.img_mlp, *self.txt_mlp):  # the MLPs are Sequentials
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
