@@ -63,8 +63,7 @@ class FluxParams:
         hidden_size, num_heads: D and H; D must be divisible by H.
         mlp_ratio: M = int(D * mlp_ratio).
         depth, depth_single_blocks: numbers of double-stream and single-stream blocks.
-        axes_dim: RoPE channels per position axis; must sum to Dh = D / H, each even.
-        theta: RoPE base.
+        axes_dim, theta: RoPE channels per position axis (each even, summing to Dh = D / H) and base.
         qkv_bias: bias on the double blocks' qkv projections (the single blocks always have one, as BFL).
         guidance_embed: embed a guidance scale (guidance-distilled flux-dev); forward then needs `guidance`.
     """

@@ -196,11 +196,8 @@ class ParallelTransformerBlock(nn.Module):
         return x + y if self.residual else y
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, dim_head={self.dim_head}, heads={self.heads}, causal={self.causal}, "
-            f"qk_rmsnorm={self.qk_rmsnorm}, use_xpos={self.use_xpos}, flash_attn={self.flash_attn}, "
-            f"residual={self.residual}"
-        )
+        names = ("dim", "dim_head", "heads", "causal", "qk_rmsnorm", "use_xpos", "flash_attn", "residual")
+        return ", ".join(f"{name}={getattr(self, name)}" for name in names)
 
 
 class TransformerBlock(nn.Module):
