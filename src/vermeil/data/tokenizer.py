@@ -62,7 +62,7 @@ class ByteTokenizer:
         """Token ids of any bytes, UTF-8 or not."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
-        return [self.bos_id] * bos + list(data) + [self.eos_id] * eos
+        return ([self.bos_id] if bos else []) + list(data) + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of `ids` (a list or a 1-D tensor), special tokens skipped; invalid UTF-8 decodes to U+FFFD."""
