@@ -383,19 +383,16 @@ def capture_head_input(model: nn.Module) -> Iterator[_HeadInput]:
     def forward(x: Tensor) -> Tensor:
         seen.hidden = x
         # float32 so that the model's `.float()` is a no-op view, not a (B, T, V) copy.
-        seen.placeholder = torch.zeros((), dtype=torch.float32, device=x.device).expand(
-            *x.shape[:-1], head.out_features
-        )
+        seen.placeholder = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], head.out_features)
         return seen.placeholder
 
     head.forward = forward  # type: ignore[method-assign]
     try:
         yield seen
     finally:
+        del head.forward
         if own is not None:
             head.forward = own  # type: ignore[method-assign]
-        else:
-            del head.forward
 
 
 def chunked_lm_loss_fn(loss_fn: LossFn, model: nn.Module, chunk_size: int | None = None) -> LossFn | None:

@@ -103,8 +103,7 @@ def build_optimizer(
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    if fused is None:
-        fused = _fused_supported(params)
+    fused = _fused_supported(params) if fused is None else fused
     kwargs: dict[str, Any] = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
 

@@ -74,9 +74,7 @@ def _count_tokens(batch: Any) -> int:
         first = first[0]
     if isinstance(first, Mapping) and first:
         first = next(iter(first.values()))
-    if not isinstance(first, Tensor) or first.ndim == 0:
-        return 0
-    return first.shape[0] * (first.shape[1] if first.ndim > 1 else 1)
+    return math.prod(first.shape[:2]) if isinstance(first, Tensor) and first.ndim > 0 else 0
 
 
 def _split_loss(out: Any) -> tuple[Tensor, Mapping[str, Tensor]]:
