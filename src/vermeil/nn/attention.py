@@ -224,8 +224,8 @@ def attention(
         and (mask is None or _fused_cpu_causal_with_mask(q, k, v, dropout_p))
     )
     if causal and not is_causal:
-        # (T, S): query i, at position S - T + i, sees keys 0 .. S - T + i.
-        causal_ts = torch.arange(s, device=q.device) <= torch.arange(s - t, s, device=q.device)[:, None]
+        pos = torch.arange(s, device=q.device)  # keys; the queries are the last T (bottom-right)
+        causal_ts = pos <= pos[s - t :, None]  # (T, S)
         mask = causal_ts.view(1, 1, t, s) if mask is None else mask & causal_ts
     match backend:
         case "sdpa":
@@ -615,7 +615,7 @@ class CrossAttention(Attention):
         head_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
-        for banned in ("causal", "rotary", "window", "chunk", "context_dim"):
+        for banned in ("causal", "rotary", "window", "chunk"):
             if banned in kwargs:
                 raise TypeError(f"CrossAttention takes no {banned}")
         super().__init__(dim, heads, kv_heads, head_dim, context_dim=context_dim, **kwargs)
