@@ -180,20 +180,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files(folder: Path) -> list[Path]:
-    out = [folder / WEIGHTS, folder / STATE]
-    if (folder / DCP).is_dir():
-        out += sorted(p for p in (folder / DCP).rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
-    return [p for p in out if p.is_file()]
-
-
 def write_manifest(folder: str | os.PathLike[str], *, distributed: bool = False) -> dict[str, Any]:
     """Write `manifest.json` into a complete checkpoint folder: each file's size and sha256, and whether a
     distributed run saved it (what the trainer trusts before reading `dcp/`)."""
     folder = Path(folder)
+    shards = sorted(p for p in (folder / DCP).rglob("*") if not p.name.endswith(".tmp"))  # none without dcp/
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _files(folder)
+        for p in [folder / WEIGHTS, folder / STATE, *shards]
+        if p.is_file()
     }
     manifest = {"format": 1, "distributed": bool(distributed), "files": files}
     with atomic_write(folder / MANIFEST, "w") as f:

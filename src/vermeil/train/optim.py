@@ -17,11 +17,6 @@ NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 
-def _is_norm(module: nn.Module) -> bool:
-    # Vermeil's RMSNorm/LayerNorm/QKNorm and foreign norms alike: by type, or by the class name as a fallback.
-    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
-
-
 def param_groups(
     model: nn.Module, weight_decay: float, *, no_decay_embeddings: bool = True
 ) -> list[dict[str, Any]]:
@@ -50,7 +45,9 @@ def param_groups(
     named = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     exempt: set[int] = set()  # ids of parameters that must not be decayed, found by their module
     for module in model.modules():
-        if _is_norm(module) or (no_decay_embeddings and isinstance(module, nn.Embedding)):
+        # Norms by type, or by class name as a fallback (Vermeil's RMSNorm/QKNorm and foreign norms alike).
+        norm = isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+        if norm or (no_decay_embeddings and isinstance(module, nn.Embedding)):
             exempt.update(id(p) for p in module.parameters(recurse=False))
 
     decay: list[tuple[str, nn.Parameter]] = []
