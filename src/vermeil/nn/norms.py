@@ -42,8 +42,8 @@ def _check_last_dim(x: Tensor, dim: int, module: str) -> None:
 class RMSNorm(nn.RMSNorm):
     """RMSNorm (Zhang & Sennrich, 2019) with a learned gain `weight` (none when not `elementwise_affine`).
 
-    `nn.RMSNorm`'s parameter and repr with the forward of `rms_norm`, which matches transformers'
-    `LlamaRMSNorm` and Meta's Llama `RMSNorm` (key `weight`) in low precision.
+    `nn.RMSNorm`'s parameter and repr; the forward is `rms_norm`, which casts back before the gain as
+    transformers' `LlamaRMSNorm` and Meta's Llama `RMSNorm` do (`nn.RMSNorm` casts after it).
     """
 
     def __init__(
