@@ -360,40 +360,28 @@ class HybridOutput(NamedTuple):
 
 
 def _mamba(ssm: str, cfg: HybridConfig, layer_idx: int, factory: dict[str, Any]) -> nn.Module:
+    # the arguments both Mamba kinds take, with the same meaning
+    common: dict[str, Any] = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, conv_bias=cfg.ssm_conv_bias)
+    common.update(bias=cfg.ssm_bias, layer_idx=layer_idx, **factory)
     if ssm == "S":
         return Mamba2Block(
             cfg.dim,
             d_inner=cfg.ssm_inner_dim,
             in_proj_multipliers=cfg.ssm_proj_multipliers,
-            d_state=cfg.d_state,
-            d_conv=cfg.d_conv,
             headdim=cfg.headdim,
             ngroups=cfg.ngroups,
             rmsnorm=cfg.ssm_norm,
             norm_before_gate=cfg.ssm_norm_before_gate,
             norm_eps=cfg.norm_eps,
             time_step_limit=tuple(cfg.dt_limit) if cfg.dt_limit is not None else (0.0, math.inf),
-            conv_bias=cfg.ssm_conv_bias,
-            bias=cfg.ssm_bias,
             chunk_size=cfg.chunk_size,
-            layer_idx=layer_idx,
-            **factory,
+            **common,
         )
-    kwargs: dict[str, Any] = dict(
-        d_state=cfg.d_state,
-        d_conv=cfg.d_conv,
-        expand=cfg.expand,
-        dt_rank="auto" if cfg.dt_rank is None else cfg.dt_rank,
-        conv_bias=cfg.ssm_conv_bias,
-        bias=cfg.ssm_bias,
-        layer_idx=layer_idx,
-        compile_scan=cfg.compile_scan,
-        scan_backend=cfg.scan_backend,
-        **factory,
-    )
+    common.update(expand=cfg.expand, compile_scan=cfg.compile_scan, scan_backend=cfg.scan_backend)
+    common["dt_rank"] = "auto" if cfg.dt_rank is None else cfg.dt_rank
     if cfg.mamba_inner_norms:
-        return InnerNormMambaBlock(cfg.dim, norm_eps=cfg.norm_eps, **kwargs)
-    return MambaBlock(cfg.dim, **kwargs)
+        return InnerNormMambaBlock(cfg.dim, norm_eps=cfg.norm_eps, **common)
+    return MambaBlock(cfg.dim, **common)
 
 
 class HybridLayer(nn.Module):
