@@ -29,13 +29,6 @@ class CommandError(Exception):
     """A user-facing error of a subcommand: printed as one line, no traceback."""
 
 
-def _split_config_and_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
-    # `vermeil train --resume RUN key=value`: argparse puts the first override in the CONFIG slot.
-    if config is not None and "=" in config and not Path(config).exists():
-        return None, [config, *overrides]
-    return config, list(overrides)
-
-
 def _human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1000:
@@ -64,7 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.default_malloc:
         keep_freed_memory()  # big tensors are not page-faulted in again every step (vermeil.train.allocator)
-    config, overrides = _split_config_and_overrides(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    # `vermeil train --resume RUN key=value`: argparse puts the first override in the CONFIG slot.
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]
     # Under torchrun every rank runs this; only rank 0 touches the folder and talks (no process group yet).
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.resume is not None:

@@ -238,19 +238,6 @@ _COMPILED_CACHE_MULTIPLE = 256  # with compile=True the default cache length is 
 _STOP_CHECK_EVERY = 8
 
 
-def _resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
-    if cuda_graph is None:
-        return device.type == "cuda"
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"cuda_graph={cuda_graph!r} must be True, False or None")
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(
-            f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on "
-            f"{device}; use cuda_graph=None or False"
-        )
-    return cuda_graph
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -288,7 +275,15 @@ def generate(
             sampling and stop bookkeeping on the device and a host read every 8 steps. None: on when the
             model is on a CUDA device; True elsewhere raises; False keeps the eager reference step.
     """
-    graph = _resolve_cuda_graph(cuda_graph, _model_device(model, prompt_tokens))
+    device = _model_device(model, prompt_tokens)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph={cuda_graph!r} must be True, False or None")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs the model on a CUDA device (CUDA graphs), but its parameters are on "
+            f"{device}; use cuda_graph=None or False"
+        )
+    graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     return _generate(
         model,
         prompt_tokens,

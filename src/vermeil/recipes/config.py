@@ -107,13 +107,6 @@ class RunConfig:
         return out
 
 
-def _legacy_keys(model: dict[str, Any], train: dict[str, Any]) -> None:
-    # Run folders written before the weight-decay rule moved to training name it in the model section.
-    if "decay_embeddings" in model:
-        value = model.pop("decay_embeddings")
-        train.setdefault("no_decay_embeddings", not value if isinstance(value, bool) else value)
-
-
 def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     """A `RunConfig` from a plain dict (loaded YAML, overrides applied), strictly: ConfigError names the dotted
     key of an unknown key or family, a wrong type or value, data that does not fit the model."""
@@ -131,7 +124,10 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
         )
     family = FAMILIES[family_name]
     config_cls, _, presets = family.load()
-    _legacy_keys(model_raw, train_raw)
+    # Run folders written before the weight-decay rule moved to training name it in the model section.
+    if "decay_embeddings" in model_raw:
+        value = model_raw.pop("decay_embeddings")
+        train_raw.setdefault("no_decay_embeddings", not value if isinstance(value, bool) else value)
 
     data_raw = dict(sections.data)
     task = data_raw.get("task", family.tasks[0])
