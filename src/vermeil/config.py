@@ -296,22 +296,19 @@ def _dumper() -> type:
     return dumper
 
 
-def _yaml_error(source: str, e: Exception) -> ConfigError:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    context = getattr(e, "context", None)
-    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    detail = f"{context}, {problem}" if context else problem
-    return ConfigError(f"malformed YAML in {source}{where}: {detail}")
-
-
 def parse_yaml_value(text: str, source: str | None = None) -> Any:
     """Parse one YAML scalar or flow value (`1e-3` -> 0.001, `[1, 2]`, `null`); errors name `source`."""
     yaml = _yaml()
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise _yaml_error(repr(text) if source is None else source, e) from e
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        detail = f"{context}, {problem}" if context else problem
+        source = repr(text) if source is None else source
+        raise ConfigError(f"malformed YAML in {source}{where}: {detail}") from e
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
