@@ -1,7 +1,6 @@
 """The flow task: a small Flux learns to carry a condition sequence to a target sequence with rectified flow,
 trained by `vermeil.train.Trainer` (a run config with `data: {task: flow}`, or `train_flow_job` ->
-`sample_flow_job` -> `plot_flow_job`). Jobs: "curves" (`curve_pairs`) and "points" (`paired_sequences`).
-"""
+`sample_flow_job` -> `plot_flow_job`); `make_batch` names the jobs."""
 
 # Shapes: B batch, L points per sequence, Cc condition channels (2), C target channels (3 or 2), A = 3 id axes.
 
