@@ -98,8 +98,7 @@ class HybridConfig:
         pattern: one token per layer (the module docstring lists them), a string of one-letter tokens ("MMAM")
             or a list of tokens (["S", "S+A"]).
         n_layers: None means len(pattern); otherwise the pattern (and `ffn_pattern`) is repeated to it.
-        routing: "sequential", or "parallel" (the older spelling of parallel layers: every "A" becomes "M+A"
-            and every "G" "M+G").
+        routing: "sequential", or "parallel": every "A" becomes "M+A" and every "G" "M+G".
         merge: a parallel layer's merge: "sum" (`ssm_out_multiplier * mamba + attn_out_multiplier * attn`,
             Falcon-H1), "gate" (`g * mamba + (1 - g) * attn`, g = sigmoid(gate(x)) per channel) or "concat"
             (`merge_proj(cat(mamba, attn))`).
@@ -439,19 +438,17 @@ class HybridLayer(nn.Module):
         self.merge_proj = nn.Linear(2 * d, d, bias=False, **factory) if self.merge == "concat" else None
         self.ffn_norm = None if ffn == "none" else RMSNorm(d, eps=cfg.norm_eps, **factory)
         self.feed_forward: nn.Module | None = None  # ffn "none"
-        dense = dict(bias=cfg.ffn_bias, **factory)
+        hidden, dense = cfg.ffn_hidden_dim, dict(bias=cfg.ffn_bias, **factory)
         if ffn == "swiglu" and cfg.mlp_gate_multiplier != 1.0:
-            self.feed_forward = GateScaledSwiGLU(
-                d, cfg.ffn_hidden_dim, gate_multiplier=cfg.mlp_gate_multiplier, **dense
-            )
+            self.feed_forward = GateScaledSwiGLU(d, hidden, gate_multiplier=cfg.mlp_gate_multiplier, **dense)
         elif ffn == "swiglu":
-            self.feed_forward = SwiGLU(d, cfg.ffn_hidden_dim, **dense)
+            self.feed_forward = SwiGLU(d, hidden, **dense)
         elif ffn == "mlp":
-            self.feed_forward = FeedForward(d, cfg.ffn_hidden_dim, activation="gelu", **dense)
+            self.feed_forward = FeedForward(d, hidden, activation="gelu", **dense)
         elif ffn == "moe":
             self.feed_forward = MoE(
                 d,
-                cfg.moe_hidden_dim or cfg.ffn_hidden_dim,
+                cfg.moe_hidden_dim or hidden,
                 cfg.num_experts,
                 cfg.experts_per_token,
                 score_func="softmax",
