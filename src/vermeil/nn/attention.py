@@ -253,18 +253,16 @@ def chunked_causal_attention(
     q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
     """
     b, _, t, _ = q.shape
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
+    if pad := -t % chunk:  # rows that complete the last chunk
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
 
     def split(x: Tensor) -> Tensor:  # (B, h, n*C, Dh) -> (B*n, h, C, Dh)
-        return x.unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
+        return x.unflatten(2, (-1, chunk)).transpose(1, 2).flatten(0, 1)
 
     out = attention(
         split(q), split(k), split(v), causal=True, scale=scale, dropout_p=dropout_p, backend=backend
     )
-    return out.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3)[:, :, :t]
+    return out.unflatten(0, (b, -1)).transpose(1, 2).flatten(2, 3)[:, :, :t]
 
 
 class Attention(nn.Module):
