@@ -275,14 +275,13 @@ class HybridConfig:
 
     def _check_pattern(self) -> None:
         _check_letters("pattern", self.pattern, _parse_token, f"layer tokens are {_LETTERS_HELP}")
-        if self.n_layers is not None and self.n_layers % len(self.pattern):
-            raise ValueError(
-                f"n_layers={self.n_layers} must be a multiple of len(pattern)={len(self.pattern)}"
-            )
+        n = len(self.pattern)
+        if self.n_layers is not None and self.n_layers % n:
+            raise ValueError(f"n_layers={self.n_layers} must be a multiple of len(pattern)={n}")
         f = self.ffn_pattern
         if f is not None:
             _check_letters("ffn_pattern", f, _FFN_LETTERS.get, f"feed-forward letters are {_FFN_HELP}")
-            total = self.n_layers or len(self.pattern)
+            total = self.n_layers or n
             if total % len(f):
                 raise ValueError(f"ffn_pattern={f!r} of length {len(f)} must divide the {total} layers")
 
