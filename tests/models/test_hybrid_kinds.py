@@ -62,6 +62,26 @@ def tokens(b: int = 2, t: int = 11, seed: int = 1) -> torch.Tensor:
 # Kinds and modules
 
 
+def test_init_weights_keeps_each_mamba_blocks_own_init() -> None:
+    """A block's own init (dt bias by inverse softplus in [dt_min, dt_max], S4D-real A) is not overwritten by the
+    default init of its Linears, whichever order init_weights visits the modules in."""
+    model = HybridModel(HybridConfig(**{**BASE, "pattern": ["M", "S", "P", "S+A"]}))
+    mambas = [layer.mamba for layer in model.layers]
+    for block in mambas:
+        with torch.no_grad():
+            for p in block.parameters():
+                p.fill_(7.0)  # anything the init must replace
+    model.init_weights()
+    for block in mambas:
+        bias = block.dt_proj.bias if isinstance(block, MambaBlock) else block.dt_bias
+        dt = F.softplus(bias.detach())
+        assert dt.min() >= block.dt_min * (1 - 1e-5) and dt.max() <= block.dt_max * (1 + 1e-5), block
+        assert (block.D == 1).all()
+        if isinstance(block, MambaBlock):
+            want = torch.log(torch.arange(1, block.d_state + 1, dtype=torch.float32)).expand_as(block.A_log)
+            assert_close(block.A_log.detach(), want)
+
+
 def test_tokens_build_their_modules() -> None:
     model = model_of(
         pattern=["M", "S", "A", "G", "S+A", "P", "S+G"],
