@@ -41,6 +41,7 @@ from vermeil.checkpoint import (
     save_torch,
     save_weights,
 )
+from vermeil.config import load_yaml, save_yaml
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -268,8 +269,6 @@ def load_model_weights(model: nn.Module, run_dir: str | os.PathLike[str]) -> Pat
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The run config of a run folder as a plain dict: its config.yaml, else the newest checkpoint's copy."""
-    from vermeil.config import load_yaml
-
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {os.fspath(run)} does not exist")
@@ -296,8 +295,6 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int, current: Path)
 def write_run(run_config: Mapping[str, Any], model: nn.Module, run_dir: str | os.PathLike[str]) -> Path:
     """Write `model` as step 0 of a run folder (no optimizer state: `train --resume` fine-tunes from it
     afresh); `run_config` is `RunConfig.to_dict()`. Returns the checkpoint folder."""
-    from vermeil.config import save_yaml
-
     run = Path(run_dir)
     folder = run / CHECKPOINTS_DIR / checkpoint_name(0)
     folder.mkdir(parents=True, exist_ok=True)

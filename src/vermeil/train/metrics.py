@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vermeil.checkpoint import atomic_path, atomic_write
+
 __all__ = [
     "MetricsLogger",
     "MetricsWindow",
@@ -77,8 +79,6 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> int:
     """Drop the rows with `step > last_step` (written after the checkpoint a run resumes from), atomically;
     returns how many."""
-    from vermeil.checkpoint import atomic_write
-
     p = Path(path)
     if not p.is_file():
         return 0
@@ -134,8 +134,6 @@ def plot_loss_curve(
                 ys.append(float(value))
     if not series:
         return False
-    from vermeil.checkpoint import atomic_path
-
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
         for key, (xs, ys) in series.items():

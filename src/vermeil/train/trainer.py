@@ -27,7 +27,9 @@ from torch import Tensor, nn
 
 from vermeil import runs
 from vermeil.checkpoint import clean_temp_files, load_torch, load_weights, save_torch, save_weights
+from vermeil.config import from_dict, save_yaml, to_dict
 from vermeil.distributed.config import DistributedConfig
+from vermeil.distributed.training import ShardedBatches, clip_grad_norm, is_dtensor, split_dtensor_groups
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, LossCurve, TrainResult
 from vermeil.train.losses import LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
@@ -105,8 +107,6 @@ def _distributed_config(
 ) -> DistributedConfig:
     distributed = (run_config.get("distributed") or {}) if distributed is None else distributed
     if isinstance(distributed, Mapping):
-        from vermeil.config import from_dict
-
         distributed = from_dict(DistributedConfig, dict(distributed), path="distributed")
     if not isinstance(distributed, DistributedConfig):
         raise TypeError(
@@ -150,8 +150,6 @@ class Trainer:
         distributed: DistributedConfig | Mapping[str, Any] | None = None,
         tokenizer: Literal["bytes"] | None = "bytes",
     ) -> None:
-        from vermeil.config import to_dict
-
         self.config = config = config if config is not None else TrainConfig()
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -209,8 +207,6 @@ class Trainer:
                     f"data-parallel size {self.dp_size}"
                 )
             if self.dp_size > 1:
-                from vermeil.distributed.training import ShardedBatches
-
                 train_batches = ShardedBatches(train_batches, self.dp_rank, self.dp_size)
         self.train_batches = train_batches
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
@@ -235,8 +231,6 @@ class Trainer:
             no_decay_embeddings=config.no_decay_embeddings,
         )
         if self.world_size > 1:
-            from vermeil.distributed.training import split_dtensor_groups
-
             split_dtensor_groups(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
         self.step = 0  # completed updates
@@ -262,8 +256,6 @@ class Trainer:
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of the last update, for its row
         self._start = (0, 0.0)  # (step, elapsed) when this fit began: the ETA of the plain progress lines
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        from vermeil.distributed.training import is_dtensor
-
         self._dtensor_params = any(is_dtensor(p) for p in self._params)  # their norm is a collective
 
     def _chunk_loss(self, setting: int | str) -> bool:
@@ -551,8 +543,6 @@ class Trainer:
     def _grad_norm(self, clip: float | None) -> Tensor:
         """The global gradient 2-norm, after clipping to `clip` (None: no clipping)."""
         if self._dtensor_params:
-            from vermeil.distributed.training import clip_grad_norm
-
             return clip_grad_norm(self._params, clip or math.inf)
         if clip:
             return torch.nn.utils.clip_grad_norm_(self._params, clip)
@@ -657,8 +647,6 @@ class Trainer:
             clean_temp_files(self.out_dir)
             if self.step == 0:  # a fresh start: rows left by an earlier attempt in this folder are stale
                 truncate_metrics(self.out_dir / "metrics.jsonl", 0)
-            from vermeil.config import save_yaml
-
             save_yaml(self.run_config, self.out_dir / runs.CONFIG)
         self.model.train()
         self._stop = False
