@@ -564,8 +564,7 @@ class Trainer:
         """Raise `NonFiniteError` when `train.on_nonfinite` says stop; returns the total of non-finite steps.
         Reads the counters (one host read) unless given."""
         cfg = self.config
-        counters = self._nonfinite.tolist() if counters is None else counters
-        _, _, worst, worst_start, first, total = counters
+        _, _, worst, worst_start, first, total = self._nonfinite.tolist() if counters is None else counters
         last = f"; the last checkpoint, {self.last_checkpoint}, is finite" if self.last_checkpoint else ""
         hint = "lower train.lr, check the data, or set train.on_nonfinite=skip"
         if cfg.on_nonfinite == "stop" and total > 0:
