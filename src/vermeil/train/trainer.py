@@ -604,11 +604,9 @@ class Trainer:
     def _sigint_to_stop(self) -> Iterator[None]:
         """First Ctrl-C (or SIGTERM): finish the step, save, stop; a second: the usual KeyboardInterrupt.
         Installed only in the main thread and only over the default handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
         defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-        mine = [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
+        mine = [sig for sig, default in defaults.items() if main and signal.getsignal(sig) is default]
 
         def handler(signum: int, _frame: Any) -> None:
             self._stop = True
