@@ -29,7 +29,7 @@ class TrainConfig:
             checkpoint folders stay on disk.
         precision: "fp32"; "bf16" autocasts the forward to bfloat16; "fp16" to float16 with a
             `torch.amp.GradScaler` (for GPUs without bf16). Weights and optimizer state stay float32.
-        bf16: the older spelling of `precision: bf16` (True sets it).
+        bf16: True is a shorthand for `precision: bf16`.
         on_nonfinite: on a non-finite loss or gradient norm, "stop" raises `NonFiniteError`; "skip" leaves
             that update out and counts `skipped_steps`. No checkpoint is ever written from non-finite weights.
         max_nonfinite: with "skip", stop after this many non-finite steps in a row.
