@@ -106,8 +106,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             head = f"unknown config keys{where}: {parts}"
         raise ConfigError(f"{head}; allowed: {allowed}")
 
+    missing = dataclasses.MISSING
     for f in dataclasses.fields(cls):
-        if f.init and f.name not in data and f.default is f.default_factory is dataclasses.MISSING:
+        if f.init and f.name not in data and f.default is missing and f.default_factory is missing:
             raise ConfigError(
                 f"missing required config key {_join(path, f.name)!r} ({cls.__name__}.{f.name})"
             )
