@@ -7,18 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "gpu.json"
+def run_tiny(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`bench/gpu.py --tiny ARGS --json OUT` in a fresh process (Triton's interpreter where there is no GPU);
+    asserts it exits 0."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
     if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"  # the Triton rows run in Triton's interpreter on CPU tensors
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", *args, "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -26,6 +28,12 @@ def test_gpu_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_gpu_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = run_tiny(out)
     assert "| group | row | time | figures |" in proc.stdout  # the table is printed last
     report = json.loads(out.read_text())
     assert report["tiny"] is True and report["torch"] == torch.__version__
@@ -83,28 +91,11 @@ def test_gpu_bench_tiny_checks_and_sweeps_both_scan_layouts(tmp_path: Path) -> N
     """The Triton scan's "channel" layout is checked against the reference and timed beside the default one,
     and the sweep times each configuration and names the best (Triton's interpreter on the CPU)."""
     if importlib.util.find_spec("triton") is None:
-        return  # without triton these rows are skipped with a reason (the test above covers that)
+        pytest.skip(
+            "triton is not installed: these rows are skipped with a reason (the test above covers that)"
+        )
     out = tmp_path / "gpu.json"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "gpu.py"),
-            "--tiny",
-            "--only",
-            "check,scan,sweep",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_tiny(out, "--only", "check,scan,sweep")
     report = json.loads(out.read_text())
     checks = [c["name"] for c in report["checks"] if c["ok"]]
     assert any("scan triton layout=channel" in c for c in checks), checks

@@ -405,7 +405,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
-def test_saves_only_inputs_and_chunk_states():
+@pytest.mark.parametrize("layout", ["tile", "channel"])
+def test_saves_only_inputs_and_chunk_states(layout):
     """What the forward keeps for the backward: the inputs and the (B, D, n_chunks, N) chunk-start states,
     nothing of size (B, D, L, N)."""
     inputs = make_inputs(dim=5, n=4, length=64)
@@ -419,7 +420,7 @@ def test_saves_only_inputs_and_chunk_states():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan_triton(
             leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
-            delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], chunk=16,
+            delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], chunk=16, layout=layout,
         )  # fmt: skip
     assert (2, 5, 4, 4) in shapes  # 64 / 16 chunk-start states
     assert max(math.prod(s) for s in shapes) == 2 * 5 * 64  # the largest: u, delta, z
@@ -524,24 +525,6 @@ def test_channel_strided_inputs_equal_the_tile_layout():
     for name in g:
         assert g_c[name].stride() == g[name].stride(), name
         assert_close(g_c[name], g[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def test_channel_saves_only_inputs_and_chunk_states():
-    inputs = make_inputs(dim=5, n=4, length=64)
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    shapes = []
-
-    def pack(t):
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        selective_scan_triton(
-            leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
-            delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], chunk=16, **CHANNEL,
-        )  # fmt: skip
-    assert (2, 5, 4, 4) in shapes
-    assert max(math.prod(s) for s in shapes) == 2 * 5 * 64
 
 
 def test_layout_is_checked():

@@ -577,11 +577,9 @@ class HybridModel(nn.Module):
             self.lm_head.weight = self.embedding.weight
         n_res = sum(1 + (layer.feed_forward is not None) for layer in self.layers)
         for layer in self.layers:
-            # children before parents, so a block's own init (Mamba's dt_proj) has the last word over the
-            # default init of its Linears; the shared rope too: garbage tables after to_empty
-            for mod in reversed(list(layer.modules())):
-                if hasattr(mod, "reset_parameters"):
-                    mod.reset_parameters()
+            # `apply` visits children before parents, so a block's own init (Mamba's dt_proj) has the last word
+            # over the default init of its Linears; the shared rope too: garbage tables after to_empty
+            layer.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
             for name, mod in layer.named_modules():
                 if isinstance(mod, nn.Linear) and mod.bias is not None and not name.endswith("dt_proj"):
                     nn.init.zeros_(mod.bias)

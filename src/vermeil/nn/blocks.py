@@ -164,10 +164,11 @@ class ParallelTransformerBlock(nn.Module):
                 f"mask of shape {tuple(mask.shape)} and dtype {mask.dtype} must be a bool (B, T)=({b}, {n}) "
                 "key-padding mask (True = keep)"
             )
-        if finetune_modules is None:
-            stored = dict(self.finetune_modules or {})
-            finetune_modules = [stored.get(i) for i in "0123"]
-        lora_q, lora_k, lora_v, lora_o = self._check_finetune(finetune_modules)
+        if finetune_modules is not None:
+            lora_q, lora_k, lora_v, lora_o = self._check_finetune(finetune_modules)
+        else:  # the stored ones, checked once by the constructor
+            stored = self.finetune_modules or {}
+            lora_q, lora_k, lora_v, lora_o = (stored[i] if i in stored else None for i in "0123")  # noqa: SIM401
 
         h = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(h).split(self.fused_dims, dim=-1)
