@@ -1,7 +1,7 @@
 """Every GPU figure the project reports, in one call: correctness on the device first, then timed rows, a table.
 
-Made for one H200 (torch 2.11, CUDA 13, Triton 3.6) in at most 8 minutes; `--tiny` runs the same code at tiny
-shapes on the CPU (a smoke test of the script, CI-safe). Imports only torch, vermeil and, when present,
+Made for one H200 or H100 (torch 2.11, CUDA 13, Triton 3.6) in at most 8 minutes; `--tiny` runs the same
+code at tiny shapes on the CPU (a smoke test of the script, CI-safe). Imports only torch, vermeil and, when present,
 triton, transformers and diffusers.
 
     .venv/bin/python bench/gpu.py [--tiny] [--json PATH] [--only GROUPS] [--budget-s 420] [--no-anchors]
@@ -29,8 +29,8 @@ Rows (issue "Mamba at GPU speed"), bf16 autocast, d_model 1024, 8 layers, d_stat
            vermeil.interop), same input and loss, one timed run (it takes ~35 s); `--no-anchors` skips it.
   scan     the scan alone at B 4, D 2048, N 16, L 2048 (bf16 u/delta/z/B/C, float32 A/D/delta_bias, z gating,
            softplus): forward and forward + backward; bytes moved (`vermeil.nn.scan_triton.scan_bytes`) and
-           achieved GB/s against the measured copy bandwidth and the 4.8 TB/s datasheet figure; the Triton
-           scan in both layouts (`selective_scan_triton(layout="tile"|"channel")`, each checked first).
+           achieved GB/s against the measured copy bandwidth and the datasheet figure (`datasheet_gbs`); the
+           Triton scan in both layouts (`selective_scan_triton(layout="tile"|"channel")`, each checked first).
   sweep    the Triton scan at the scan rows' shape over SWEEP (layout x block_d x chunk x num_warps, the
            dB/dC partials and the unrolled state loop): y checked against the default kernel, then fwd and
            fwd+bwd timed; a configuration that fails to compile is skipped with its error; the best fwd+bwd,
@@ -107,7 +107,14 @@ from vermeil.models.hybrid import HybridConfig, HybridModel
 from vermeil.models.mamba import MambaConfig, MambaLM
 from vermeil.nn.scan import selective_scan, selective_scan_ref
 
-HBM_DATASHEET_GBS = 4800.0  # H200 SXM
+# HBM bandwidth on the datasheet (GB/s), looked up in the name torch reports (the first key found in it wins):
+# the H100's variants differ (SXM HBM3 3.35 TB/s, NVL 3.9, PCIe 2.0)
+HBM_DATASHEET_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0}
+
+
+def datasheet_gbs(device_name: str) -> float | None:
+    """The datasheet HBM bandwidth of a device named `device_name`; None for a device not in the table."""
+    return next((gbs for key, gbs in HBM_DATASHEET_GBS.items() if key in device_name), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +188,7 @@ class Ctx:
         self.rows: list[dict[str, Any]] = []
         self.matmul_tflops: float | None = None
         self.copy_gbs: float | None = None
+        self.datasheet_gbs = datasheet_gbs(torch.cuda.get_device_name(self.device)) if self.cuda else None
 
     # -- time and budget
 
@@ -365,7 +373,7 @@ def row_copy_bandwidth(ctx: Ctx) -> None:
         f"copy {ctx.shapes.copy_bytes / 2**30:.3g} GiB device-to-device",
         _median(ms),
         gbs=ctx.copy_gbs,
-        of_datasheet=ctx.copy_gbs / HBM_DATASHEET_GBS if ctx.cuda else None,
+        of_datasheet=ctx.copy_gbs / ctx.datasheet_gbs if ctx.datasheet_gbs else None,
     )
 
 
@@ -711,7 +719,7 @@ def _time_scan(
         mb_moved=moved / 1e6 if moved else None,
         gbs=gbs,
         of_copy=gbs / ctx.copy_gbs if gbs and ctx.copy_gbs else None,
-        of_datasheet=gbs / HBM_DATASHEET_GBS if gbs and ctx.cuda else None,
+        of_datasheet=gbs / ctx.datasheet_gbs if gbs and ctx.datasheet_gbs else None,
     )
     return ms
 

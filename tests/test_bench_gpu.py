@@ -105,3 +105,16 @@ def test_gpu_bench_tiny_checks_and_sweeps_both_scan_layouts(tmp_path: Path) -> N
     sweep = [r for r in report["rows"] if r["group"] == "sweep"]
     assert any(r["name"].startswith("best fwd+bwd: ") and r["status"] == "ok" for r in sweep), sweep
     assert any(r["name"].startswith("time-major inputs") and r["status"] == "ok" for r in sweep), sweep
+
+
+def test_gpu_bench_datasheet_bandwidth_follows_the_device_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan rows' "of_datasheet" divides by the card's own HBM bandwidth, not the H200's on every card."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    assert bench.datasheet_gbs("NVIDIA H200") == 4800.0
+    assert bench.datasheet_gbs("NVIDIA H100 80GB HBM3") == 3350.0  # SXM
+    assert bench.datasheet_gbs("NVIDIA H100 NVL") == 3900.0
+    assert bench.datasheet_gbs("NVIDIA H100 PCIe") == 2000.0
+    assert bench.datasheet_gbs("NVIDIA A100-SXM4-80GB") is None  # unknown: the ratio is left out
