@@ -37,6 +37,10 @@ Rows (issue "Mamba at GPU speed"), bf16 autocast, d_model 1024, 8 layers, d_stat
            then it (also after copying the inputs to L-contiguous, copies timed) and the default on
            time-major inputs (MambaBlock's views). At most 150 s, or what the
            budget leaves when no later group is to run (`--only check,scan,sweep`).
+  conv     the block's causal depthwise conv (d_conv 4) + SiLU at the stack's shape (B 4, L 2048, E 2048),
+           fwd+bwd: cuDNN's conv1d on channels-first views (today's CUDA path), the time-major shifted
+           multiply-adds (the CPU path) and the shifted sum compiled by Inductor; each alone (its relative
+           difference to the first reported), then the stack fwd+bwd with it swapped into every block.
   decode   batch 1, greedy, after 64 and after 4096 prompt tokens, MambaLM (the stack's config, vocabulary
            32000) and a HybridModel of the same width (pattern MMMAMMMA, no feed-forward), bf16 weights:
            `generate`'s eager step, its CUDA-graph step, and the graph of the step compiled by Inductor
@@ -815,6 +819,98 @@ def _scan_call(
             t.grad = None
 
     return fwd_bwd
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. timed rows: the block's causal conv
+
+
+def _shifted_sum_conv(hist: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The causal depthwise conv as K shifted products, left to autograd (what Inductor fuses when compiled):
+    hist (B, K - 1 + L, E), weight (E, 1, K), bias (E,) or None -> (B, L, E)."""
+    k = weight.shape[-1]
+    length = hist.shape[1] - k + 1
+    out = sum(hist[:, j : j + length] * weight[:, 0, j] for j in range(k))
+    return out if bias is None else out + bias
+
+
+def _conv_variants(ctx: Ctx) -> dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]]:
+    """The candidates for `vermeil.nn.ssm._causal_depthwise_conv`, each with its dtype promotion."""
+    from torch.nn import functional as F
+
+    from vermeil.nn import ssm
+
+    def promoted(conv: Callable[..., Tensor]) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        def run(hist: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            dtype = torch.promote_types(hist.dtype, weight.dtype)  # as the library's function
+            return conv(hist.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+        return run
+
+    return {
+        "cuDNN conv1d, channels-first views": promoted(
+            lambda h, w, b: F.conv1d(h.transpose(1, 2), w, b, groups=w.shape[0]).transpose(1, 2)
+        ),
+        "time-major multiply-adds": promoted(
+            lambda h, w, b: ssm._CausalDepthwiseConv.apply(h, w[:, 0].t(), b)
+        ),
+        f"shifted sum, compiled{_compiled_label(ctx)}": promoted(
+            torch.compile(_shifted_sum_conv, dynamic=False, **_compile_kw(ctx))
+        ),
+    }
+
+
+def row_conv(ctx: Ctx) -> None:
+    """The Mamba block's causal depthwise conv (d_conv 4) + SiLU at the stack's shape, fwd+bwd under the
+    bench's autocast: each candidate alone, then the whole stack with it swapped in (the block looks
+    `_causal_depthwise_conv` up at call time), so the faster one can become the CUDA default."""
+    from torch.nn import functional as F
+
+    from vermeil.nn import ssm
+
+    s = ctx.shapes
+    e, k = s.expand * s.d_model, 4
+    g = torch.Generator(device="cpu").manual_seed(2)
+    low = torch.bfloat16 if ctx.cuda else torch.float32
+    hist = torch.randn(s.batch, k - 1 + s.length, e, generator=g).to(ctx.device, low)
+    weight = (torch.randn(e, 1, k, generator=g) / 2).to(ctx.device).requires_grad_(True)
+    bias = torch.randn(e, generator=g).to(ctx.device).requires_grad_(True)
+    backend = "chunked" if triton_missing(ctx) or config_backend_missing() else "triton"
+    x = _stack_input(ctx)
+    original, reference = ssm._causal_depthwise_conv, None
+    for name, conv in _conv_variants(ctx).items():
+        label = f"conv+SiLU B{s.batch} L{s.length} E{e} K{k} {name}"
+        try:
+            h = hist.detach().requires_grad_(True)
+            with ctx.autocast():
+                out = F.silu(conv(h, weight, bias))
+            out.float().square().mean().backward()
+            got = (out.float(), h.grad.float(), weight.grad.float(), bias.grad.float())
+            weight.grad = bias.grad = None
+            reference = reference or got
+            diff = max(
+                (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6) for a, b in zip(got, reference)
+            )
+
+            def alone(conv: Callable[..., Tensor] = conv) -> None:
+                h = hist.detach().requires_grad_(True)
+                with ctx.autocast():
+                    out = F.silu(conv(h, weight, bias))
+                out.float().square().mean().backward()
+
+            ctx.add("conv", label + " fwd+bwd", _median(ctx.time_ms(alone, min_reps=20, max_s=3.0)),
+                    rel_diff_vs_first=diff)  # fmt: skip
+            weight.grad = bias.grad = None
+            ssm._causal_depthwise_conv = conv
+            lm = _mamba_lm(ctx, backend, vocab=256)
+            ms = _median(ctx.time_ms(_fwd_bwd(ctx, _stack_fn(lm), x), min_reps=10, max_s=3.0))
+            ctx.add("conv", f"{s.n_layer}-layer stack fwd+bwd ({backend} scan) with {name}", ms)
+            del lm
+        except Exception as e:
+            ctx.skip("conv", label, f"error: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+        finally:
+            ssm._causal_depthwise_conv = original
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1634,6 +1730,7 @@ GROUPS: dict[str, list[Callable[[Ctx], None]]] = {
     "stack": [row_stack],
     "scan": [row_scan],
     "sweep": [row_scan_sweep],
+    "conv": [row_conv],
     "decode": [row_decode],
     "llm": [row_llm_decode],
     "train": [row_train_step],
