@@ -105,6 +105,52 @@ def test_nonfinite_weights_are_never_saved(tmp_path: Path) -> None:
     assert list_checkpoints(tmp_path) == []
 
 
+class NaNAtUpdate:
+    """causal_lm_loss, NaN in the updates listed, by the trainer's step (a resumed run keeps the same steps)."""
+
+    def __init__(self, *steps: int) -> None:
+        self.steps, self.trainer = set(steps), None
+
+    def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor]):
+        loss, metrics = causal_lm_loss(model, batch)
+        return (loss * float("nan") if self.trainer.step + 1 in self.steps else loss), metrics
+
+
+def _nan_run(out: Path, steps: tuple[int, ...], hooks=(), resume: bool = False, **kw: object) -> Trainer:
+    loss_fn = NaNAtUpdate(*steps)
+    trainer = _trainer(
+        out, hooks=hooks, loss_fn=loss_fn, on_nonfinite="skip", log_every=1, eval_every=0, **kw
+    )
+    loss_fn.trainer = trainer
+    if resume:
+        trainer.load_checkpoint(out)
+    return trainer
+
+
+def test_resume_keeps_the_nonfinite_counts(tmp_path: Path) -> None:
+    """skipped_steps and a streak of non-finite steps continue across a resume as in the uninterrupted run."""
+    from vermeil.train.trainer import NonFiniteError
+
+    _nan_run(tmp_path / "full", (2, 4)).fit()
+    _nan_run(tmp_path / "cut", (2, 4), hooks=[StopAt(3)]).fit()
+    _nan_run(tmp_path / "cut", (2, 4), resume=True).fit()
+    skipped = [
+        [
+            (r["step"], r["skipped_steps"])
+            for r in read_metrics(tmp_path / name / "metrics.jsonl")
+            if r["split"] == "train"
+        ]
+        for name in ("full", "cut")
+    ]
+    assert skipped[0] == skipped[1] and skipped[0][-1] == (8, 2)
+    # A streak of 3 from step 3, cut after step 3: the resumed run stops at step 5, as the whole one does.
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row from step 3\b"):
+        _nan_run(tmp_path / "streak", (3, 4, 5), max_nonfinite=3).fit()
+    _nan_run(tmp_path / "streak2", (3, 4, 5), hooks=[StopAt(3)], max_nonfinite=3).fit()
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row from step 3\b"):
+        _nan_run(tmp_path / "streak2", (3, 4, 5), resume=True, max_nonfinite=3).fit()
+
+
 def test_on_nonfinite_is_checked() -> None:
     with pytest.raises(ConfigError, match="on_nonfinite"):
         from_dict(TrainConfig, {"on_nonfinite": "ignore"}, path="train")

@@ -327,6 +327,7 @@ class Trainer:
             "rng": _rng_state(self.device),
             "data": data.state_dict() if callable(getattr(data, "state_dict", None)) else None,
             "window": self._window.state_dict(),
+            "nonfinite": self._nonfinite.cpu(),  # skipped steps and the current streak go on after a resume
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.run_config,
         }
@@ -422,6 +423,8 @@ class Trainer:
         self.elapsed = float(state.get("elapsed_s", 0.0))
         if state.get("window") is not None:
             self._window.load_state_dict(state["window"])
+        if state.get("nonfinite") is not None:  # absent from older checkpoints
+            self._nonfinite = state["nonfinite"].to(self.device, torch.float64)
         self.last_checkpoint = folder
         if self.out_dir is not None:
             metrics = self.out_dir / "metrics.jsonl"
