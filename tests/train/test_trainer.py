@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -319,6 +320,27 @@ def test_train_config_is_strict() -> None:
         from_dict(TrainConfig, {"step": 10})
     with pytest.raises(ConfigError, match="lr='fast' must be float"):
         from_dict(TrainConfig, {"lr": "fast"})
+
+
+@pytest.mark.parametrize(
+    "key, value, rule",
+    [
+        ("lr", math.inf, "must be a finite number > 0"),
+        ("weight_decay", math.inf, "must be a finite number >= 0"),
+        ("weight_decay", math.nan, "must be a finite number >= 0"),
+        ("eps", -1.0, "must be a finite number > 0"),
+        ("eps", 0.0, "must be a finite number > 0"),
+        ("eps", math.nan, "must be a finite number > 0"),
+        ("grad_clip", math.nan, "must be >= 0"),
+    ],
+)
+def test_train_config_rejects_values_that_would_destroy_the_weights(
+    key: str, value: float, rule: str
+) -> None:
+    """Each of these made the first update write non-finite weights (NaN gradients after clipping, an infinite
+    step or decay, a division by eps = 0 on an unused embedding row) and blamed the data at step 2."""
+    with pytest.raises(ConfigError, match=rf"train: {key}={value!r} {rule}"):
+        from_dict(TrainConfig, {key: value}, path="train")
 
 
 def test_metrics_file_is_valid_jsonl(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,16 +88,20 @@ class TrainConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < low:
                     raise ValueError(f"{name}={value!r} must be an int >= {low}")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
+        # Each of these, out of range (inf, nan, eps = 0: 0/0 on a parameter without gradient), makes the first
+        # update write non-finite weights.
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"eps={self.eps!r} must be a finite number > 0")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={list(self.betas)!r} must be two numbers in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip < 0:
+        if self.grad_clip is not None and not self.grad_clip >= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (or null to disable)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision={self.precision!r} must be 'fp32', 'bf16' or 'fp16'")
