@@ -306,3 +306,22 @@ def test_compile_rounds_the_default_cache_length(monkeypatch: pytest.MonkeyPatch
     generate(model, [[1, 2, 3, 4, 5, 6]], 5, compile=True)
     generate(model, [[1, 2, 3]], 5, compile=True, max_seq_len=20)
     assert lengths == [8, 256, 256, 20]
+
+
+def test_a_pad_token_outside_the_vocabulary_only_fills_the_output() -> None:
+    # pad_token=-1 marks the slots after a stop in the output; the stopped rows that run on must still feed
+    # the model ids it accepts (the LLM checks every id), in the eager and the static loop alike
+    torch.manual_seed(0)
+    model = _decode_models()["llm"]
+    prompts = [[1, 2], [3, 4, 5]]
+    free = generate(model, prompts, 6)
+    stop = int(free[0, 1])
+    fed: list[list[int]] = []
+    out = generate(
+        model, prompts, 6, stop_tokens=[stop], pad_token=-1, callback=lambda p, t: fed.append(t.tolist())
+    )
+    row0 = free[0, : int((free[0] == stop).nonzero()[0]) + 1].tolist()
+    assert out[0].tolist() == row0 + [-1] * (6 - len(row0))
+    assert any(-1 in t for t in fed)  # the callback still shows the stopped rows as pads
+    assert torch.equal(_static(model, prompts, 6, stop_tokens=[stop], pad_token=-1), out)
+    assert torch.equal(out[out != -1], free[out != -1])

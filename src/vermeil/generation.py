@@ -234,7 +234,7 @@ def _eager_step(model: nn.Module, device: torch.device, compile: bool) -> Callab
 
 
 _COMPILED_CACHE_MULTIPLE = 256  # with compile=True the default cache length is a multiple of this
-# Steps between host reads of "every row has stopped" (a sync on an accelerator); stopped rows run on as pads.
+# Steps between host reads of "every row has stopped" (a sync on an accelerator); stopped rows run on.
 _STOP_CHECK_EVERY = 8
 
 
@@ -268,7 +268,8 @@ def generate(
         temperature: 0 is greedy; top_k, top_p: see `logits_to_probs`.
         max_seq_len: cache length; default the longest prompt + N (with `compile`, rounded up to a multiple of
             256 so that other prompt lengths reuse the compiled step; torch gives up after 8 shapes).
-        callback: `callback(position, tokens)` with the (B,) tokens fed at each decode step.
+        callback: `callback(position, tokens)` with the (B,) tokens of each decode step (`pad_token` for
+            the rows that have finished).
         compile: decode through `compiled_decode_one_token` (on the CPU the first call per model and batch
             size compiles for about 10 s, and float32 logits differ from eager in the last bits).
         cuda_graph: capture the decode step as a CUDA graph and replay it per token (`StaticDecodeStep`), with
@@ -374,9 +375,10 @@ def _generate(
             # Without stop tokens only the last position finishes every row: no read back needed.
             if stops.numel() and (i + 1) % stop_check_every == 0 and bool(finished.all()):
                 break
-            token = torch.where(finished, torch.full_like(token, pad_token), token)
             if callback is not None:
-                callback(pos, token)
+                callback(pos, torch.where(finished, torch.full_like(token, pad_token), token))
+            # A finished row runs on with its own sampled token, whose logits are never read: pad_token may
+            # lie outside the vocabulary (-1 marking the output's empty slots).
             logits = decode(token, pos)
     finally:
         # Free the cache when the model can, else clear it.
