@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from vermeil.cli import main
-from vermeil.train import latest_checkpoint, read_metrics
+from vermeil.train import latest_checkpoint, list_checkpoints, read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -200,6 +200,33 @@ def test_resume_continues(trained_run: Path, tmp_path: Path, capsys: pytest.Capt
     assert code == 0 and "done: step 8" in out
     steps = [r["step"] for r in read_metrics(copy / "metrics.jsonl") if r["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_resume_from_a_checkpoint_folder_continues_its_run(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume RUN/checkpoints/step_N` resumes RUN from step N: nothing is written inside the checkpoint."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    step3 = copy / "checkpoints" / "step_000003"
+    alone = tmp_path / "alone"
+    shutil.copytree(step3, alone)  # a checkpoint folder outside any run: nowhere to write the run
+    before = sorted(p.name for p in alone.iterdir())
+    code, out, err = _run(capsys, "train", "--resume", str(step3), "train.steps=8")
+    assert code == 0 and "done: step 8" in out and "step_000003 (step 3)" in err
+    nested = [
+        p
+        for p in (copy / "checkpoints").rglob("*")
+        if p.name in ("checkpoints", "config.yaml", "metrics.jsonl")
+    ]
+    assert nested == []  # no run nested in a checkpoint folder
+    assert [p.name for p in list_checkpoints(copy)] == ["step_000006", "step_000008"]
+    assert latest_checkpoint(copy).name == "step_000008"
+    steps = [r["step"] for r in read_metrics(copy / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    code, _, err = _run(capsys, "train", "--resume", str(alone))
+    assert code == 2 and "checkpoint folder" in _one_error_line(err)
+    assert sorted(p.name for p in alone.iterdir()) == before
 
 
 def test_compare_prints_runs_side_by_side(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

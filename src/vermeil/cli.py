@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     A non-finite loss or gradient stops the run with exit status 1 (train.on_nonfinite=skip skips the step).
     """
     from vermeil.recipes import load_run_config, read_run_dir_config
-    from vermeil.runs import latest_checkpoint, list_checkpoints, lock_run
+    from vermeil.runs import CHECKPOINTS_DIR, latest_checkpoint, list_checkpoints, lock_run
     from vermeil.train import keep_freed_memory
 
     if not args.default_malloc:
@@ -63,15 +63,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]
     # Under torchrun every rank runs this; only rank 0 touches the folder and talks (no process group yet).
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    resume_from = None  # the run folder (its newest checkpoint), or one checkpoint folder of it
     if args.resume is not None:
-        run_dir = Path(args.resume)
+        run_dir = resume_from = Path(args.resume)
         if run_dir.is_file():
             raise CommandError(
                 f"--resume takes a run folder; {os.fspath(run_dir)} is a file (to start a run from a config: "
                 f"vermeil train {os.fspath(run_dir)})"
             )
-        latest_checkpoint(run_dir)  # the folder must hold a checkpoint
-        if args.out is not None and Path(args.out) != run_dir:
+        if (
+            latest_checkpoint(run_dir) == run_dir
+        ):  # one checkpoint folder: the run goes on in the folder above
+            if run_dir.resolve().parent.name != CHECKPOINTS_DIR:
+                raise CommandError(
+                    f"--resume takes a run folder; {os.fspath(run_dir)} is a checkpoint folder outside a run's "
+                    f"{CHECKPOINTS_DIR}/ folder, so there is no run to continue in it"
+                )
+            run_dir = run_dir.resolve().parent.parent
+        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
             raise CommandError("--out cannot be combined with --resume (a run resumes in its own folder)")
         run = load_run_config(config, overrides) if config else read_run_dir_config(run_dir, overrides)
     else:
@@ -86,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
     _check_device(run.train.device)
     with lock_run(run_dir) if main_rank else contextlib.nullcontext():  # before --overwrite clears anything
-        return _train(args, run, run_dir, main_rank)
+        return _train(args, run, run_dir, main_rank, resume_from)
 
 
 def _check_device(device: str) -> None:
@@ -98,7 +107,9 @@ def _check_device(device: str) -> None:
         raise CommandError(f"train.device={device!r} but {build}: use train.device=cpu")
 
 
-def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -> int:
+def _train(
+    args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool, resume_from: Path | None
+) -> int:
     from vermeil.recipes import build_run
     from vermeil.runs import clear_run
     from vermeil.train import Trainer
@@ -121,7 +132,7 @@ def _train(args: argparse.Namespace, run: Any, run_dir: Path, main_rank: bool) -
         hooks=built.hooks,
         tokenizer="bytes" if run.data.vocab_size else None,  # the flow task's points are no tokens
     )
-    folder = trainer.load_checkpoint(run_dir) if args.resume is not None else None
+    folder = trainer.load_checkpoint(resume_from) if resume_from is not None else None
     say(
         f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
         f"{run.data.task}, {run.train.steps} steps -> {os.fspath(run_dir)}",
