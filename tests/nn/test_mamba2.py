@@ -260,6 +260,20 @@ def test_cache_api_dtypes_and_reset():
     assert block.cache is None
 
 
+def test_float64_block_decodes_in_float64():
+    """The SSM state of a float64 block's cache is float64 (at least float32), so prefill + steps equal the
+    forward to float64 rounding."""
+    block = make_block().double()
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        full = block(x)
+        block.setup_cache(2)
+        outs = [block(x[:, :5], torch.arange(5))]
+        outs += [block(x[:, t : t + 1], torch.tensor([t])) for t in range(5, 9)]
+    assert block.cache.ssm_state.dtype == torch.float64
+    rel_close(torch.cat(outs, 1), full, rtol=1e-12)
+
+
 def test_decode_step_makes_no_host_sync():
     """The one-token path reads no tensor value on the host (CUDA-graph capturable): checked by running
     it on the meta device, where any .item() or data-dependent branch would fail."""

@@ -84,6 +84,20 @@ def test_cached_decoding_equals_full_forward():
     assert_close(steps, full, rtol=1e-5, atol=1e-5)
 
 
+def test_float64_block_decodes_in_float64():
+    """A float64 block's cache keeps a float64 SSM state (at least float32, not exactly float32), so prefill +
+    steps equal the forward to float64 rounding, not float32's."""
+    block = make_block().double()
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        full = block(x)
+        block.setup_cache(batch_size=2)
+        outs = [block(x[:, :3], input_pos=torch.arange(3))]
+        outs += [block(x[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(3, T)]
+    assert block.cache.ssm_state.dtype == torch.float64
+    assert_close(torch.cat(outs, dim=1), full, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("prompt", [2, 3, 5])
 def test_prefill_then_steps_equals_full_forward(prompt):
     block = make_block()

@@ -122,11 +122,14 @@ class _SSMMixer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         """Allocate the state (`state_shape` per sequence): conv_state in dtype (default in_proj's), ssm_state
-        in float32. max_seq_len is unused (the state does not grow with length)."""
+        in at least float32 (a float64 model keeps float64, so decoding equals its forward to float64
+        rounding). max_seq_len is unused (the state does not grow with length)."""
         check_optional_positive_int("max_seq_len", max_seq_len)
         (channels, d_conv), ssm_shape = self.state_shape
         weight = self.in_proj.weight
-        kw = {"dtype": dtype or weight.dtype, "ssm_dtype": torch.float32, "device": device or weight.device}
+        dtype = dtype or weight.dtype
+        ssm_dtype = torch.promote_types(dtype, torch.float32)
+        kw = {"dtype": dtype, "ssm_dtype": ssm_dtype, "device": device or weight.device}
         self.cache = SSMState(batch_size, channels, d_conv, ssm_shape[-1], ssm_shape=ssm_shape, **kw)
 
     def reset_cache(self) -> None:
