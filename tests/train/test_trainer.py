@@ -264,6 +264,25 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_failed_resave_of_the_latest_checkpoint_is_never_loaded(tmp_path: Path, monkeypatch) -> None:
+    """Resumed from step 4 of a run whose `latest` is step 6: the save of the new step 6 dies after its weights.
+    The folder must not pass for a checkpoint (new weights with the old optimizer, data and RNG state)."""
+    import vermeil.train.trainer as T
+
+    _trainer(tmp_path, steps=6, save_every=2, keep_checkpoints=3).fit()
+    resumed = _trainer(tmp_path, steps=6, save_every=2, keep_checkpoints=3, lr=1e-3)  # another branch
+    resumed.load_checkpoint(tmp_path / "checkpoints" / "step_000004")
+
+    def dying_save(obj: object, path: Path) -> None:
+        raise OSError("killed while writing state.pt")
+
+    monkeypatch.setattr(T, "save_torch", dying_save)
+    with pytest.raises(OSError, match="killed"):
+        resumed.fit()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_000004"
+
+
 def test_moe_aux_loss_is_added() -> None:
     @dataclass
     class Out:

@@ -343,8 +343,9 @@ class Trainer:
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             clean_temp_files(folder)  # left by a run killed while writing this step before
-            if self.world_size > 1:  # dcp/ is rewritten in place: incomplete until state.pt is back
-                (folder / runs.STATE).unlink(missing_ok=True)
+            # A folder saved before (by a branch this run resumed behind, perhaps the one `latest` names) is
+            # rewritten in place: incomplete until state.pt is back, never new weights beside an old state.
+            (folder / runs.STATE).unlink(missing_ok=True)
             (folder / runs.MANIFEST).unlink(missing_ok=True)  # one of an earlier attempt would not match
         if self.world_size > 1:
             from vermeil.distributed.checkpoint import export_weights
