@@ -268,3 +268,20 @@ def test_describe_model_numbers_are_unchanged(key):
     info = describe_model(load_run_config(path), context, batch_size=batch_size)
     assert (info["parameters"], info["forward_flops_per_token"], info["cache_bytes"]) == DESCRIBED[key]
     assert math.isclose(info["train_flops_per_token"], 3 * info["forward_flops_per_token"])
+
+
+def test_a_tied_model_refuses_two_different_embedding_matrices(name):
+    # A model that ties its head to the embedding holds one matrix: an untied checkpoint (two different
+    # matrices) used to load silently, the later name overwriting the earlier; equal copies still load.
+    torch.manual_seed(0)
+    model = (
+        llm.build("debug", vocab_size=VOCAB, tie_word_embeddings=True) if name == "llm" else build(name)
+    ).eval()
+    embedding, _, head = (f"{part}.weight" for part in model.lm_parts)
+    assert model.get_parameter(head) is model.get_parameter(embedding)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # the same values under both names
+    state[head] = state[head] + 1.0
+    with pytest.raises(ValueError, match=f"{embedding} and {head} differ.*ties them"):
+        model.load_state_dict(state)
+    assert torch.equal(model.get_parameter(embedding), state[embedding])  # nothing was overwritten

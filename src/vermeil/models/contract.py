@@ -138,11 +138,24 @@ class LanguageModel(Protocol):
 
 def fill_tied_keys(model: Any, state_dict: dict[str, Tensor], prefix: str) -> None:
     """In a load hook of a model whose head shares the embedding matrix: a checkpoint holding only one of the
-    two names (`lm_parts` embedding and head) loads into both."""
+    two names (`lm_parts` embedding and head) loads into both; one holding two different matrices raises
+    (loading both into the one matrix would silently keep the later)."""
     first, second = (f"{prefix}{model.lm_parts[i]}.weight" for i in (0, 2))
+    if first in state_dict and second in state_dict:
+        a, b = state_dict[first], state_dict[second]
+        if a is not b and not (a.is_meta or b.is_meta) and not _same_values(a, b):
+            raise ValueError(
+                f"the checkpoint's {first} and {second} differ, but {type(model).__name__} ties them (one "
+                "matrix); build the model with untied embeddings to load it"
+            )
+        return
     for have, fill in ((first, second), (second, first)):
         if have in state_dict:
             state_dict.setdefault(fill, state_dict[have])
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
 
 
 def preset_config(
