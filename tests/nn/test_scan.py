@@ -5,6 +5,8 @@ Axis legend: B batch, D channels, L length, N state size.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,6 +382,34 @@ def test_bad_shapes_raise_naming_the_argument(name, bad):
     for fn in (selective_scan, selective_scan_ref):
         with pytest.raises(ValueError, match=rf"{name}\.shape="):
             fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("u_t", (2, 5, 1)),
+        ("delta_t", (1, 5)),
+        ("A", (1, 3)),
+        ("B_t", (1, 3)),
+        ("C_t", (2, 1)),  # broadcasting used to sum the state over N against this one column
+        ("D", (1,)),
+        ("z_t", (2, 1)),
+        ("delta_bias", (1,)),
+    ],
+)
+def test_step_bad_shapes_raise_naming_the_argument(name, bad):
+    """selective_step checks its shapes as selective_scan does, instead of broadcasting size-1 axes."""
+    inputs = make_inputs(length=1)  # (B, D, N) = (2, 5, 3)
+    step = {k: inputs[k][..., 0] for k in ("u", "delta", "B", "C", "z")}
+    args = {"u_t": step["u"], "delta_t": step["delta"], "A": inputs["A"], "B_t": step["B"], "C_t": step["C"]}
+    args |= {"D": inputs["D"], "z_t": step["z"], "delta_bias": inputs["delta_bias"]}
+    state = inputs["initial_state"]
+    selective_step(state, **args)  # the right shapes pass
+    with pytest.raises(ValueError, match=r"state\.shape=\(2, 5\) must be \(B, D, N\)"):
+        selective_step(state[..., 0], **args)
+    args[name] = torch.randn(bad)
+    with pytest.raises(ValueError, match=re.escape(f"{name}.shape={bad} must be")):
+        selective_step(state, **args)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])

@@ -101,6 +101,39 @@ def _check_shapes(*tensors: Tensor | None) -> None:
             raise ValueError(f"{name}.shape={tuple(t.shape)} must be {shape} (u is (B, D, L), A is (D, N))")
 
 
+def _check_step_shapes(
+    state: Tensor,
+    u_t: Tensor,
+    delta_t: Tensor,
+    A: Tensor,
+    B_t: Tensor,
+    C_t: Tensor,
+    D: Tensor | None,
+    z_t: Tensor | None,
+    delta_bias: Tensor | None,
+) -> None:
+    """`selective_step`'s static shape checks, against state (B, D, N): raise naming the argument and the rule
+    (broadcasting would otherwise accept e.g. a (B, 1) C_t and silently sum the state over N)."""
+    if state.dim() != 3:
+        raise ValueError(f"state.shape={tuple(state.shape)} must be (B, D, N)")
+    bsz, dim, n = state.shape
+    row, channel = (bsz, dim), (dim,)
+    for name, t, shape in (
+        ("u_t", u_t, row),
+        ("delta_t", delta_t, row),
+        ("A", A, (dim, n)),
+        ("B_t", B_t, (bsz, n)),
+        ("C_t", C_t, (bsz, n)),
+        ("D", D, channel),
+        ("z_t", z_t, row),
+        ("delta_bias", delta_bias, channel),
+    ):
+        if t is not None and t.shape != shape:
+            raise ValueError(
+                f"{name}.shape={tuple(t.shape)} must be {shape} (state.shape={tuple(state.shape)} is (B, D, N))"
+            )
+
+
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:
     """A (D,) vector shaped to broadcast over the channel axis 1 of a (B, D) or (B, D, L) tensor."""
     return v.to(like.dtype).view(-1, *(1,) * (like.dim() - 2))
@@ -207,6 +240,23 @@ def selective_step(
     _check_floating(
         state=state, u_t=u_t, delta_t=delta_t, A=A, B_t=B_t, C_t=C_t, D=D, z_t=z_t, delta_bias=delta_bias
     )
+    _check_step_shapes(state, u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias)
+    return _selective_step(state, u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, delta_softplus)
+
+
+def _selective_step(
+    state: Tensor,
+    u_t: Tensor,
+    delta_t: Tensor,
+    A: Tensor,
+    B_t: Tensor,
+    C_t: Tensor,
+    D: Tensor | None = None,
+    z_t: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`selective_step` without the checks (MambaBlock's decoding hot path, whose shapes hold by construction)."""
     cdt = _compute_dtype(state, u_t, delta_t, A, B_t, C_t)
     u = u_t.to(cdt)
     delta = _prepare_delta(delta_t.to(cdt), delta_bias, delta_softplus)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vermeil.nn.cache import SSMState
 from vermeil.nn.checks import check_optional_positive_int, check_positive_int, check_positive_ints
-from vermeil.nn.scan import BACKENDS, selective_scan, selective_step
+from vermeil.nn.scan import BACKENDS, _selective_step, selective_scan
 
 __all__ = ["MambaBlock", "MambaState"]
 
@@ -358,7 +358,7 @@ class MambaBlock(_SSMMixer):
         xs, window = self._conv_step(xs, conv_state, keep, inplace)
         dt, b, c = self._dt_bc(xs)
         state = torch.where(keep.unsqueeze(-1), ssm_state, 0.0)
-        y, new_ssm = selective_step(state, xs, dt, B_t=b, C_t=c, z_t=z, **self._ssm_args())
+        y, new_ssm = _selective_step(state, xs, dt, B_t=b, C_t=c, z_t=z, **self._ssm_args())
         if inplace:
             new_ssm = ssm_state.copy_(new_ssm)
         return self.out_proj(y).unsqueeze(1), window, new_ssm
