@@ -325,3 +325,29 @@ def test_a_pad_token_outside_the_vocabulary_only_fills_the_output() -> None:
     assert any(-1 in t for t in fed)  # the callback still shows the stopped rows as pads
     assert torch.equal(_static(model, prompts, 6, stop_tokens=[stop], pad_token=-1), out)
     assert torch.equal(out[out != -1], free[out != -1])
+
+
+def test_a_failed_cache_setup_leaves_no_cache_and_restores_training_mode(monkeypatch) -> None:
+    # setup_cache running out of memory half way (here: at the last layer) used to leave the model in eval
+    # mode, holding the caches of the layers before
+    torch.manual_seed(0)
+    model = _decode_models()["llm"].train()
+    last = model.layers[-1].attention
+
+    def out_of_memory(*args, **kwargs) -> None:
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(last, "setup_cache", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, [[1, 2]], 3)
+    assert model.training
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+    assert model.cache_max_seq_len is None
+
+
+def test_pad_token_and_max_seq_len_are_checked() -> None:
+    model = Bigram()
+    with pytest.raises(TypeError, match="pad_token=1.5 must be an int"):
+        generate(model, [[1, 2], [3]], 2, pad_token=1.5)  # used to become pad 1 silently
+    with pytest.raises(ValueError, match="max_seq_len=64.0 must be a positive int"):
+        generate(model, [[1, 2]], 2, max_seq_len=64.0)

@@ -326,6 +326,9 @@ def _generate(
     """`generate`'s loop. `static`: decode through a `StaticDecodeStep` (captured when `capture`), else the
     eager step with fresh inputs; `stop_check_every`: steps between host reads of "every row has stopped"."""
     check_positive_ints(max_new_tokens=max_new_tokens, stop_check_every=stop_check_every)
+    check_optional_positive_int("max_seq_len", max_seq_len)
+    if isinstance(pad_token, bool) or not hasattr(pad_token, "__index__"):
+        raise TypeError(f"pad_token={pad_token!r} must be an int (the id that fills empty output slots)")
     _check_sampling(temperature, top_k, top_p)
     prompts, lengths = _as_padded_prompts(prompt_tokens, pad_token)
     device = _model_device(model, prompts)
@@ -345,8 +348,8 @@ def _generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
-    model.setup_cache(batch, max_seq_len, device=device)
     try:
+        model.setup_cache(batch, max_seq_len, device=device)  # inside: a failure half way frees what it built
         if static:
             decode: Callable[[Tensor, int], Tensor] = StaticDecodeStep(
                 model, batch, device, compile=compile, capture=capture
