@@ -98,6 +98,28 @@ def test_float64_block_decodes_in_float64():
     assert_close(torch.cat(outs, dim=1), full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("length", [1, 3])
+def test_input_pos_of_the_wrong_shape_is_named(length):
+    """input_pos must be (T,) or (1|B, T): another batch or more axes used to fail deep inside torch.where."""
+    block = make_block()
+    block.setup_cache(batch_size=4)
+    x = torch.randn(2, length, D_MODEL)
+    rows = torch.arange(length).expand(3, -1)
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"input_pos.shape\[0\]=3 must be 1 or the batch size 2"),
+    ):
+        block(x, input_pos=rows)
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"input_pos.shape=\(1, 1, \d\) must be \(T,\) or \(B, T\)"),
+    ):
+        block(x, input_pos=rows[:1, None])
+    with torch.no_grad():  # (T,), (1, T) and (B, T) are accepted
+        for pos in (rows[0], rows[:1], rows[:2]):
+            block(x, input_pos=pos)
+
+
 @pytest.mark.parametrize("prompt", [2, 3, 5])
 def test_prefill_then_steps_equals_full_forward(prompt):
     block = make_block()

@@ -204,8 +204,12 @@ class _SSMMixer(nn.Module):
             raise ValueError("input_pos was given but no cache is set up: call setup_cache(batch_size) first")
         if bsz > self.cache.batch_size:
             raise ValueError(f"batch size {bsz} exceeds the cache's batch_size={self.cache.batch_size}")
-        if input_pos.shape[-1] != length:
-            raise ValueError(f"input_pos.shape={tuple(input_pos.shape)} must end in T={length}")
+        if input_pos.dim() not in (1, 2) or input_pos.shape[-1] != length:
+            raise ValueError(
+                f"input_pos.shape={tuple(input_pos.shape)} must be (T,) or (B, T) with T={length}"
+            )
+        if input_pos.dim() == 2 and input_pos.shape[0] not in (1, bsz):
+            raise ValueError(f"input_pos.shape[0]={input_pos.shape[0]} must be 1 or the batch size {bsz}")
         cache_conv, cache_ssm = self.cache.conv_state[:bsz], self.cache.ssm_state[:bsz]
         self._check_states("the cache's", (cache_conv, cache_ssm), bsz)  # e.g. one set up for another block
         keep = input_pos.reshape(-1, length)[:, :1] > 0  # (1, 1) or (B, 1)
