@@ -86,6 +86,31 @@ def test_mask_mod_equals_the_dense_masks(rule: dict, t: int, s: int, extra: str)
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("rule", [r for r in RULES if not r["causal"]], ids=str)
+def test_non_causal_rules_with_more_queries_than_keys(rule: dict) -> None:
+    """T > S (a long x over a short, padded context): queries sit at S - T + i, the first T - S of them at
+    negative positions, and still see every key their rules allow."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    b, t, s = 2, 19, 7
+    kpm = _padding(b, s)
+    expected = _dense(rule, t, s, b, True, False)
+    mod = mask_mod(**rule, q_offset=s - t, key_padding_mask=kpm)
+    assert torch.equal(create_mask(mod, b, 1, t, s, device="cpu"), expected)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(b, 4, t, 8), torch.randn(b, 2, s, 8), torch.randn(b, 2, s, 8)
+    with torch.no_grad():
+        got = flex_attention(q, k, v, **rule, key_padding_mask=kpm)
+    torch.testing.assert_close(got, attention(q, k, v, expected), **F32)
+    if rule == {"causal": False}:  # the cross-attention module's flex path: key padding only
+        ref = Attention(32, 4, context_dim=24)
+        flex = Attention(32, 4, context_dim=24, backend="flex")
+        flex.load_state_dict(ref.state_dict())
+        x, ctx = torch.randn(b, t, 32), torch.randn(b, s, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(flex(x, ctx, mask=kpm), ref(x, ctx, mask=kpm), **F32)
+
+
 @pytest.mark.parametrize("rule", RULES[:-1], ids=str)
 def test_block_mask_marks_exactly_the_non_empty_tiles(rule: dict) -> None:
     t = s = 300  # 3 tiles of 128 (the last one partial)

@@ -89,7 +89,8 @@ def mask_mod(
     # into the Triton kernel on CUDA), so only tensor ops, no Python branches on data.
     def rule(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         q = q_idx + q_offset
-        keep = kv_idx <= q if causal else q >= 0  # q >= 0: an all-True start of the right shape
+        # kv_idx >= 0: an all-True start of the right shape (q < 0 for the first T - S queries when T > S)
+        keep = kv_idx <= q if causal else kv_idx >= 0
         if window is not None:
             keep = keep & (kv_idx > q - window)
             if not causal:
