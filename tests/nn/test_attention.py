@@ -581,6 +581,32 @@ def test_chunked_blocks_equal_the_chunk_mask_with_gradients() -> None:
         )
 
 
+def test_chunked_causal_attention_rejects_bad_chunks_and_lengths() -> None:
+    q, k, v = qkv(t=6, s=6)
+    for chunk in (0, -2, True):
+        with pytest.raises(ValueError, match=rf"chunk={chunk!r} must be a positive int"):
+            chunked_causal_attention(q, k, v, chunk)
+    for s in (8, 10):  # keys padded to another number of chunks than the queries
+        with pytest.raises(ValueError, match=rf"needs S == T, got T=6, S={s}"):
+            chunked_causal_attention(q, *qkv(t=s, s=s)[1:], 4)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*")
+@pytest.mark.parametrize("local", [{"window": 2}, {"chunk": 2}, {"window": 3, "chunk": 4}])
+def test_local_cross_attention_with_a_shorter_context(local: dict) -> None:
+    """T > S: queries sit at S - T + i (bottom-right, as FlexAttention's rules), some of them negative."""
+    m = make(context_dim=12, dtype=torch.float64, **local)
+    x, ctx = torch.randn(2, 7, 40, dtype=torch.float64), torch.randn(2, 3, 12, dtype=torch.float64)
+    mask = attention_mask(torch.arange(-4, 3), torch.arange(3), causal=False, **local)
+    q = m.wq(x).view(2, 7, 4, 10).transpose(1, 2)
+    k, v = (w(ctx).view(2, 3, 2, 10).transpose(1, 2) for w in (m.wk, m.wv))
+    want = m.wo(attention(q, k, v, mask, backend="math").transpose(1, 2).flatten(2))
+    for backend in ("sdpa", "math", "flex"):
+        m.backend = backend
+        with torch.no_grad():  # FlexAttention has no CPU backward
+            torch.testing.assert_close(m(x, ctx), want, **F64)
+
+
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
 def test_tables_passed_in_equal_the_injected_rotary(pairing: str) -> None:
     injected = make(causal=True, rotary=RotaryEmbedding(10, pairing=pairing), qk_norm="rms", window=4)

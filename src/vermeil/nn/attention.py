@@ -252,6 +252,10 @@ def chunked_causal_attention(
     keys follow every real query of their chunk, so causality hides them.
     q: (B, H, T, Dh), k/v: (B, Hkv, T, Dh) -> (B, H, T, Dh).
     """
+    check_positive_int("chunk", chunk)
+    check_qkv(q, k, v)
+    if k.shape[2] != q.shape[2]:  # self-attention over one sequence: the chunks must line up
+        raise ValueError(f"chunked causal attention needs S == T, got T={q.shape[2]}, S={k.shape[2]}")
     b, _, t, _ = q.shape
     if pad := -t % chunk:  # rows that complete the last chunk
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -484,7 +488,8 @@ class Attention(nn.Module):
             q_pos = kv_pos = input_pos  # the chunk rule depends on where the sequence starts
         else:
             kv_pos = torch.arange(s, device=self.wq.weight.device)
-            q_pos = kv_pos[s - t :]
+            # Bottom-right: query i at S - T + i, negative when a context is shorter than x (T > S).
+            q_pos = torch.arange(s - t, s, device=kv_pos.device)
         full = attention_mask(q_pos, kv_pos, causal=self.causal, window=self.window, chunk=self.chunk)
         full = full if user is None else full & user
         # Pass causal too although the mask is causal already: `attention` then lets the CPU kernel skip the
