@@ -86,6 +86,19 @@ def test_names_latest_and_pruning(tmp_path: Path) -> None:
     ]
 
 
+def test_pruning_to_no_older_checkpoint(tmp_path: Path) -> None:
+    """keep=0 keeps `current` alone (a slice [-0:] kept every folder); a negative keep is refused."""
+    first = write_run({}, _model(0), tmp_path)
+    for step in (1, 2):
+        shutil.copytree(first, tmp_path / CHECKPOINTS_DIR / checkpoint_name(step))
+    current = tmp_path / CHECKPOINTS_DIR / checkpoint_name(1)
+    with pytest.raises(ValueError, match=r"keep=-1 must be an int >= 0"):
+        prune_checkpoints(tmp_path, keep=-1, current=current)
+    assert len(list_checkpoints(tmp_path)) == 3
+    prune_checkpoints(tmp_path, keep=0, current=current)
+    assert list_checkpoints(tmp_path) == [current]
+
+
 def test_reading_a_run_imports_no_training() -> None:
     # generate and convert read run folders through this module: it must not pull in the trainer.
     code = "import sys, vermeil.runs; print(sorted(m for m in sys.modules if m.startswith('vermeil.')))"

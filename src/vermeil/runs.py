@@ -285,8 +285,10 @@ def point_latest(run_dir: str | os.PathLike[str], folder: Path) -> None:
 
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int, current: Path) -> None:
     """Delete all but the `keep` newest complete checkpoints (and `current`), and folders left incomplete."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep={keep!r} must be an int >= 0")
     root = Path(run_dir) / CHECKPOINTS_DIR
-    kept = set(list_checkpoints(run_dir)[-keep:]) | {current}
+    kept = set(list_checkpoints(run_dir)[-keep:] if keep else []) | {current}
     for old in root.iterdir():
         if _is_step_folder(old) and old not in kept:
             shutil.rmtree(old, ignore_errors=True)
