@@ -47,6 +47,12 @@ def test_cross_entropy_head_ignore_index_and_z_loss() -> None:
         CrossEntropyLoss(z_loss=-1)
 
 
+@pytest.mark.parametrize("z_loss", [float("nan"), float("inf")])
+def test_cross_entropy_head_refuses_a_nonfinite_z_loss(z_loss: float) -> None:
+    with pytest.raises(ValueError, match=rf"z_loss={z_loss} must be a finite number >= 0"):
+        CrossEntropyLoss(z_loss=z_loss)  # accepted before: every loss came out nan or inf
+
+
 def test_loss_head_is_pluggable() -> None:
     x = tokens()
     model = tiny()

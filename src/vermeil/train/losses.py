@@ -10,6 +10,7 @@ Axis legend: B batch, T sequence length, V vocabulary, N tokens (B * T), D hidde
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -74,8 +75,8 @@ class CrossEntropyLoss:
     """
 
     def __init__(self, ignore_index: int = -100, z_loss: float = 0.0) -> None:
-        if z_loss < 0:
-            raise ValueError(f"z_loss={z_loss} must be >= 0")
+        if not 0 <= z_loss < math.inf:  # nan or inf would make every loss nan or inf
+            raise ValueError(f"z_loss={z_loss} must be a finite number >= 0")
         self.ignore_index, self.z_loss = ignore_index, z_loss
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
