@@ -429,3 +429,17 @@ def test_flex_backend_equals_sdpa_on_chunked_and_global_layers() -> None:
         assert_close(flex(tokens).logits, ref(tokens).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_backend='fast' must be"):
         ModelArgs(**kw, attention_backend="fast")
+
+
+def test_an_int_start_past_the_rope_table_needs_no_position_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Meta's int start (`tokens_position`) past the initial RoPE table: eager on the CPU the lookup grows the
+    # table; on an accelerator or under compile it reads no positions back, and indexed past the table
+    # (IndexError here, an out-of-bounds read on CUDA). The int end is known without a read.
+    model, x = tiny(max_seq_len=16), tokens(b=2, t=6)
+    with torch.no_grad():
+        ref = model(x, input_pos=40).logits  # eager CPU: grown by the lookup
+        fresh = tiny(max_seq_len=16)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA graph capture, faked
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert_close(fresh(x, input_pos=40).logits, ref, rtol=0, atol=0)
+        assert_close(fresh(TransformerInput(x, tokens_position=50)).logits, model(x, input_pos=50).logits)

@@ -536,6 +536,10 @@ class LLM(nn.Module):
     def _positions(self, tokens: Tensor, input_pos: Tensor | int | None) -> Tensor | None:
         b, t = tokens.shape
         if isinstance(input_pos, int):
+            if self.has_rope_layer and input_pos + t > self.rope.max_seq_len:
+                # A known end: size the table now, as eager CPU lookups would (on an accelerator and under
+                # compile a lookup past it reads out of bounds; it reads no positions back there).
+                self.rope.reserve(input_pos + t)
             input_pos = torch.arange(input_pos, input_pos + t, device=tokens.device)
         if input_pos is None:
             return None  # a plain forward over 0..T-1: the cache (if any) is neither read nor written
