@@ -243,6 +243,22 @@ def test_losses_backpropagate() -> None:
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
+def test_float64_losses_stay_float64_and_pass_gradcheck() -> None:
+    """float32 data keeps a float32 loss; float64 data is not rounded to float32 (gradcheck needs the exact loss)."""
+    x0, noise, _ = _data(torch.float64)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, -2:] = False
+    pred = torch.randn_like(x0, requires_grad=True)
+    assert masked_mse(pred, noise, mask).dtype == torch.float64
+    assert masked_mse(pred.float(), noise.float(), mask).dtype == torch.float32
+    assert torch.autograd.gradcheck(lambda p: masked_mse(p, noise, mask), (pred,))
+    t = torch.rand(B, dtype=torch.float64)
+    w = torch.randn(C, C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda w: flow_matching_loss(lambda x, tt: x @ w, x0, noise=noise, t=t, mask=mask), (w,)
+    )
+
+
 def test_invalid_arguments_raise_naming_the_value() -> None:
     x0, noise, t = _data()
     ac = alphas_cumprod(ddpm_betas(1000))

@@ -180,11 +180,13 @@ def sample_flow_timesteps(
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Float32 mean squared error over the valid elements, independent of how much padding a batch has.
+    """Mean squared error over the valid elements, independent of how much padding a batch has, in float32
+    (float64 stays float64, so gradcheck sees the exact loss).
     pred, target: (B, *); mask: None or a bool/0-1 tensor shaped as a prefix of pred's ((B, L) of (B, L, C))."""
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} must equal target shape {tuple(target.shape)}")
-    err = (pred.float() - target.float()) ** 2
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    err = (pred.to(dtype) - target.to(dtype)) ** 2
     if mask is None:
         return err.mean()
     if mask.dim() > err.dim() or tuple(mask.shape) != tuple(err.shape[: mask.dim()]):
@@ -209,7 +211,8 @@ def diffusion_loss(
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DDPM training loss (float32 scalar): MSE of model_fn(x_t, t, **cond) against the `prediction_type` target.
+    """DDPM training loss (float32 scalar; float64 data: float64): MSE of model_fn(x_t, t, **cond) against the
+    `prediction_type` target.
 
     Args:
         x0: (B, *) clean data.
@@ -247,7 +250,8 @@ def flow_matching_loss(
     shift: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Rectified-flow loss (float32 scalar): MSE of model_fn(x_t, t, **cond) against noise - x_0.
+    """Rectified-flow loss (float32 scalar; float64 data: float64): MSE of model_fn(x_t, t, **cond) against
+    noise - x_0.
 
     Args:
         x0: (B, *) clean data (for Flux, the packed tokens (B, L, C)).
