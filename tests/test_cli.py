@@ -229,6 +229,19 @@ def test_resume_from_a_checkpoint_folder_continues_its_run(
     assert sorted(p.name for p in alone.iterdir()) == before
 
 
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config that fails to build (a corpus path that does not exist) must not cost the run it would replace."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    broken = {**TINY_HYBRID, "data": {**TINY_HYBRID["data"], "paths": [str(tmp_path / "missing")]}}
+    cfg = _write(tmp_path / "broken.yaml", broken)
+    code, _, err = _run(capsys, "train", str(cfg), "--out", str(copy), "--overwrite")
+    assert code == 2 and "does not exist" in _one_error_line(err)
+    assert latest_checkpoint(copy).name == "step_000006" and (copy / "metrics.jsonl").is_file()
+
+
 def test_compare_prints_runs_side_by_side(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(capsys, "compare", str(trained_run), str(trained_run))
     assert code == 0

@@ -116,8 +116,6 @@ def _train(
     from vermeil.train.trainer import NonFiniteError
 
     say = print if main_rank else (lambda *a, **k: None)
-    if args.resume is None and args.overwrite and main_rank:
-        clear_run(run_dir)
     run.train.out_dir = os.fspath(run_dir)
     built = build_run(run)
     n_params = sum(p.numel() for p in built.model.parameters())
@@ -132,6 +130,8 @@ def _train(
         hooks=built.hooks,
         tokenizer="bytes" if run.data.vocab_size else None,  # the flow task's points are no tokens
     )
+    if args.resume is None and args.overwrite and main_rank:
+        clear_run(run_dir)  # only once the new run is built: a config that cannot start costs no run
     folder = trainer.load_checkpoint(resume_from) if resume_from is not None else None
     say(
         f"vermeil train: {run.family} ({type(built.model).__name__}, {n_params:,} parameters) on "
