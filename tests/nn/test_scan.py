@@ -318,6 +318,29 @@ def test_low_precision_inputs_return_input_dtype():
     assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "ref"])
+def test_autocast_keeps_the_scan_in_float32(backend):
+    """Inside a bf16 autocast region the scan's state read-outs stay float32 products (documented: state and
+    accumulation are float32): outputs and gradients equal those outside autocast, and so does the step."""
+    inputs = make_inputs(length=19)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "initial_state")
+
+    def run(amp):
+        leaves = {k: inputs[k].clone().requires_grad_(True) for k in names}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y, final = selective_scan(**leaves, delta_softplus=True, return_final_state=True, backend=backend)
+            y_step, state = selective_step(
+                leaves["initial_state"].detach(), *(leaves[k].detach()[..., 0] for k in ("u", "delta")),
+                leaves["A"].detach(), *(leaves[k].detach()[..., 0] for k in ("B", "C")), delta_softplus=True,
+            )  # fmt: skip
+        (y.square().sum() + final.sum()).backward()
+        return [y, final, y_step, state] + [leaves[k].grad for k in names]
+
+    for got, want in zip(run(True), run(False)):
+        assert got.dtype == want.dtype
+        assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 class _MaxNumel(TorchDispatchMode):
     """Records the largest tensor produced by any ATen op."""
 

@@ -155,12 +155,19 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype: tor
     return y.to(dtype)
 
 
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in the operands' dtype, also inside an autocast region: the scans' matrix-vector products (state
+    read-outs, memory-bound) would gain nothing from bf16 and would round the float32 state to it."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.matmul(a, b)
+
+
 def _step(
     x: Tensor, u_t: Tensor, delta_t: Tensor, A: Tensor, B_t: Tensor, C_t: Tensor
 ) -> tuple[Tensor, Tensor]:
     """One step from state x (B, D, N): u_t, delta_t (B, D), B_t, C_t (B, N) -> (y_t (B, D), the new state)."""
     x = torch.exp(delta_t[:, :, None] * A) * x + (delta_t * u_t)[:, :, None] * B_t[:, None, :]
-    return torch.einsum("bdn,bn->bd", x, C_t), x
+    return _matmul(x, C_t[:, :, None]).squeeze(-1), x
 
 
 def selective_scan_ref(
@@ -376,7 +383,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             for j in range(k):
                 prev = h[j].addcmul_(dA[j], prev)
             carry = h[k - 1, :, groups - 1].clone()  # the chunk's final state (the padded tail keeps it)
-            yg = torch.matmul(c.unsqueeze(-2), h).squeeze(-2)  # (k, B, G, D) = <C_t, h_t>
+            yg = _matmul(c.unsqueeze(-2), h).squeeze(-2)  # (k, B, G, D) = <C_t, h_t>
             _ungrid_into(y, yg, p0, n)
             starts_all.append(starts)
         if length == 0:
@@ -424,7 +431,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 torch.addcmul(msg, gy_e[j], c_e[j], out=g_all[j])
                 msg = dA[j].mul_(g_all[j])
             adj = dA[0, :, 0].clone()  # the adjoint leaving the chunk through its first step
-            s = torch.matmul(b.unsqueeze(-2), g_all).squeeze(-2)  # (k, B, G, D): sum_n g_t B_t
+            s = _matmul(b.unsqueeze(-2), g_all).squeeze(-2)  # (k, B, G, D): sum_n g_t B_t
             gB = (g_all * du.unsqueeze(-2)).sum(-1)  # (k, B, G, N): sum_d g_t delta_t u_t
             # a_t * g_t * h_{t-1}: the gradient through exp(delta_t A)
             dA[1:].mul_(h[:-1])
