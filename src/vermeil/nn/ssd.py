@@ -10,7 +10,10 @@ with dt_t = softplus(dt_raw + dt_bias) (optional), clamped to `dt_limit` in the 
 G groups: head h reads group h // (H / G) (`repeat_interleave` semantics, as mamba_ssm and transformers).
 `ssd_scan_ref` is that loop (the definition, for tests), `ssd_step` one position of it (decoding), `ssd_scan`
 the chunked matmul form (the paper's section 6, `ssd_minimal_discrete`). States and accumulation are float32
-whatever the input dtype (float64 stays, for gradcheck); outputs are cast back to x's dtype.
+whatever the input dtype (float64 stays, for gradcheck); outputs are cast back to x's dtype. Inside an
+autocast region `ssd_scan`'s matmuls take autocast's dtype, as every matmul there does (mamba_ssm's kernels
+also multiply bf16 operands, but keep float32 products): with bf16, y's error is then about twice the
+rounding of y itself (measured against float64). Call it outside autocast for float32 products throughout.
 
 Axis legend: B batch, L length, H heads, P head dim, G groups, N state size, Q chunk length, c chunk count
 (ceil(L / Q)), hg = H / G heads per group.
