@@ -268,6 +268,16 @@ def test_flex_errors_are_clear() -> None:
         flex_block_mask(8, 8, device="cpu", key_padding_mask=torch.ones(1, 9, dtype=torch.bool))
 
 
+def test_document_ids_with_more_queries_than_keys_raise() -> None:
+    """Queries at negative positions have no document: an error, not ids read from the end of the row."""
+    ids = torch.tensor([[0, 0, 1], [0, 1, 1]])
+    with pytest.raises(ValueError, match=r"need T <= S; got q_offset = S - T = -2"):
+        mask_mod(causal=False, document_ids=ids, q_offset=-2)
+    q, kv = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"need T <= S"):
+        flex_attention(q, kv, kv, document_ids=ids)
+
+
 def test_auto_backend_is_sdpa_on_the_cpu_and_trains() -> None:
     torch.manual_seed(0)
     ref = Attention(32, 4, 2, causal=True, window=5)

@@ -82,6 +82,11 @@ def mask_mod(
         document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool
     ):
         raise TypeError(f"document_ids must hold integer ids, got dtype={document_ids.dtype}")
+    if document_ids is not None and q_offset < 0:  # a query at a negative position would read a wrapped id
+        raise ValueError(
+            f"document_ids hold the documents of the S key positions, so the queries (the last T) need T <= S; "
+            f"got q_offset = S - T = {q_offset}"
+        )
     if not (causal or window or chunk) and key_padding_mask is None and document_ids is None:
         return None
 
