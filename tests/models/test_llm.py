@@ -443,3 +443,15 @@ def test_an_int_start_past_the_rope_table_needs_no_position_read(monkeypatch: py
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         assert_close(fresh(x, input_pos=40).logits, ref, rtol=0, atol=0)
         assert_close(fresh(TransformerInput(x, tokens_position=50)).logits, model(x, input_pos=50).logits)
+
+
+def test_prefill_without_reset_equals_a_fresh_cache() -> None:
+    torch.manual_seed(0)
+    for chunk in (None, 5):  # a full cache on every layer, or rings on the chunked ones
+        model = build("debug", attention_chunk_size=chunk).double().eval()
+        first, second = torch.randint(0, 101, (1, 4)), torch.randint(0, 101, (1, 3))
+        with torch.no_grad():
+            model.setup_cache(1, 16)
+            model(first, input_pos=torch.arange(4))
+            again = model(second, input_pos=torch.arange(3)).logits
+            assert_close(again, model(second).logits, rtol=1e-12, atol=1e-12)

@@ -143,3 +143,20 @@ def test_full_cache_positions_are_every_slot() -> None:
     k = torch.ones(B, HKV, 2, DH)
     k_all, _, pos = cache.update_with_positions(torch.tensor([3, 4]), k, k)
     assert pos.tolist() == list(range(S_MAX)) and k_all.shape[2] == S_MAX
+
+
+def test_ring_rewrite_from_a_position_replaces_what_it_held_there_as_the_full_cache_does() -> None:
+    # A new sequence written from position 0 without `reset` (gpt-fast reuses its caches so): the full
+    # cache overwrites slots 0.. and causality hides the rest. The ring used to return its old keys at the
+    # rewritten positions next to the new ones, so a prefill attended to both sequences.
+    torch.manual_seed(0)
+    ring = RingKVCache(1, 5, HKV, DH, max_seq_len=16, dtype=torch.float64)
+    old, new = (torch.randn(1, HKV, 5, DH, dtype=torch.float64) for _ in range(2))
+    ring.update_with_positions(torch.arange(5), old, old)  # positions 0..4 of the first sequence
+    _, _, pos = ring.update_with_positions(torch.arange(3), new[:, :, :3], new[:, :, :3])
+    assert pos.tolist() == [16, 16, 16, 16, 16, 0, 1, 2]  # the old 0..4 are gone, as in a fresh ring
+    # a rewrite from a later position keeps the earlier keys
+    ring.reset()
+    ring.update_with_positions(torch.arange(5), old, old)
+    _, _, pos = ring.update_with_positions(torch.arange(3, 5), new[:, :, :2], new[:, :, :2])
+    assert pos.tolist() == [0, 1, 2, 16, 16, 3, 4]

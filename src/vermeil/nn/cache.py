@@ -167,7 +167,8 @@ class RingKVCache(_KVBuffers):
         For T = 1, the ring after the write (the overwritten slot held p - slots, which no query at p sees):
         (B, Hkv, slots, Dh) views and `kv_pos` (slots,). For several, the ring *before* the write followed by
         the new keys, (B, Hkv, slots + T, Dh) and (slots + T,): an early new token may need a key a later one
-        overwrites.
+        overwrites. Old keys at the written positions or later count as empty there: as in `KVCache`, a write
+        from position p replaces what the cache held from p on (a new sequence from 0 without `reset`).
         """
         self._check_update(input_pos, k, v)
         b = k.shape[0]
@@ -176,7 +177,8 @@ class RingKVCache(_KVBuffers):
             return self.k_cache[:b], self.v_cache[:b], self.kv_pos
         k_all = torch.cat([self.k_cache[:b], k.to(self.k_cache.dtype)], dim=2)
         v_all = torch.cat([self.v_cache[:b], v.to(self.v_cache.dtype)], dim=2)
-        kv_pos = torch.cat([self.kv_pos, input_pos])
+        old_pos = self.kv_pos.masked_fill(self.kv_pos >= input_pos[0], self.max_seq_len)
+        kv_pos = torch.cat([old_pos, input_pos])
         self._write(input_pos, k, v)  # after the copies above: they keep the old ring
         return k_all, v_all, kv_pos
 
