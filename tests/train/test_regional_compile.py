@@ -290,6 +290,24 @@ def test_trainer_chunked_loss_equals_full_logits() -> None:
     assert not auto_trainer.loss_chunked and auto_trainer.loss_fn is causal_lm_loss
 
 
+def test_auto_chunked_loss_falls_back_to_full_logits(monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """`loss_chunk_size=auto` (chunking on CUDA) on a hybrid whose logits are scaled (Falcon-H1's lm_head_multiplier,
+    in every converted Falcon-H1): the first step restarts with full logits instead of failing the run."""
+    import vermeil.train.trainer as T
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return hybrid.build("debug", vocab_size=VOCAB, lm_head_multiplier=0.5)
+
+    _, full = _fit(model(), lm_loss_fn(model().config), loss_chunk_size=0)
+    monkeypatch.setattr(T, "_auto_chunks", lambda device, world_size: True)  # what CUDA gives
+    trainer, auto = _fit(model(), lm_loss_fn(model().config))
+    assert "transforms them; training continues with full logits" in capsys.readouterr().err
+    assert not trainer.loss_chunked and auto == full
+    with pytest.raises(RuntimeError, match="transforms them: set train.loss_chunk_size=0"):
+        _fit(model(), lm_loss_fn(model().config), loss_chunk_size=8)  # an explicit size still refuses
+
+
 def test_trainer_chunked_loss_refused_where_it_cannot_apply() -> None:
     with pytest.raises(
         ValueError, match=r"train.loss_chunk_size=8 .* named output or lm_head\): set it to 0"

@@ -24,6 +24,7 @@ from vermeil.nn.checks import check_probability
 __all__ = [
     "HEAD_NAMES",
     "LOSS_HEADS",
+    "ChunkedLossError",
     "CrossEntropyLoss",
     "LossFn",
     "LossHead",
@@ -314,6 +315,10 @@ def chunked_cross_entropy(
         return _ChunkedLinearCrossEntropy.apply(flat, weight, bias, tgt, *args, torch.is_grad_enabled())
 
 
+class ChunkedLossError(RuntimeError):
+    """The model does not fit the chunked loss (its forward skips or transforms the head's output)."""
+
+
 # Where the output head (an nn.Linear (D -> V)) is looked for on a model that does not name it in `lm_parts`.
 HEAD_NAMES = ("output", "lm_head")
 
@@ -347,7 +352,7 @@ class _HeadInput:
         `.float()`."""
         ph = self.placeholder
         if self.hidden is None or ph is None:
-            raise RuntimeError(
+            raise ChunkedLossError(
                 "the chunked loss (train.loss_chunk_size) needs the model to call its head (the nn.Linear of "
                 "lm_parts, or named output / lm_head) in forward, and it did not: set train.loss_chunk_size=0"
             )
@@ -358,7 +363,7 @@ class _HeadInput:
             and logits.shape[-1] <= ph.shape[-1]
         )
         if not same:
-            raise RuntimeError(
+            raise ChunkedLossError(
                 "the chunked loss (train.loss_chunk_size) needs the model's logits to be its head's output "
                 "(optionally cut to the vocabulary and upcast), but this model transforms them: set "
                 "train.loss_chunk_size=0"

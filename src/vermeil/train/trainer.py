@@ -32,7 +32,7 @@ from vermeil.distributed.config import DistributedConfig
 from vermeil.distributed.training import ShardedBatches, clip_grad_norm, is_dtensor, split_dtensor_groups
 from vermeil.train.config import TrainConfig
 from vermeil.train.hooks import Hook, LossCurve, TrainResult
-from vermeil.train.losses import LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
+from vermeil.train.losses import ChunkedLossError, LossFn, causal_lm_loss, chunked_lm_loss_fn, plain
 from vermeil.train.metrics import (
     LN2,
     MetricsLogger,
@@ -210,6 +210,7 @@ class Trainer:
                 train_batches = ShardedBatches(train_batches, self.dp_rank, self.dp_size)
         self.train_batches = train_batches
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_loss
+        self._full_loss_fn = self.loss_fn  # what "auto" falls back to when the model does not fit the chunks
         self.loss_chunked = self._chunk_loss(config.loss_chunk_size)
         # `compiled_blocks`: those of the last fit ([] when eager, or after a fallback).
         self._compile = resolve_compile(config.compile, self.device, world_size=self.world_size)
@@ -261,7 +262,7 @@ class Trainer:
     def _chunk_loss(self, setting: int | str) -> bool:
         """Swap `self.loss_fn` for its chunked equivalent as `train.loss_chunk_size` asks; whether it did.
         An explicit size that cannot be honoured raises rather than silently compute full logits."""
-        if setting == 0 or (setting == "auto" and (self.device.type != "cuda" or self.world_size > 1)):
+        if setting == 0 or (setting == "auto" and not _auto_chunks(self.device, self.world_size)):
             return False
         what = f"train.loss_chunk_size={setting} (the chunked cross-entropy)"
         if self.world_size > 1:
@@ -292,6 +293,13 @@ class Trainer:
         self._compile, self.compiled_blocks = False, []
         if self.is_main:
             echo(f"train.compile: {why}")
+
+    def _fall_back_to_full_logits(self, error: Exception) -> None:
+        """Compute full logits for the rest of this trainer's life (`train.loss_chunk_size=auto`)."""
+        self.loss_fn, self.loss_chunked = self._full_loss_fn, False
+        if self.is_main:
+            why = str(error).split(": set train.loss_chunk_size=0")[0]
+            echo(f"train.loss_chunk_size=auto: {why}; training continues with full logits")
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from `fit` (what Ctrl-C does)."""
@@ -676,10 +684,15 @@ class Trainer:
                         try:
                             loss, metrics, grad_norm, tokens, ok = self._train_step()
                         except Exception as e:
-                            # A compiled block failed: the step restarts once, eagerly, from its start.
-                            if not is_compiled(self.model) or self._phase == "update":
+                            # A compiled block failed, or a model that "auto" chunked its loss for transforms
+                            # its logits: the step restarts once, eagerly or with full logits, from its start.
+                            unchunkable = isinstance(e, ChunkedLossError) and cfg.loss_chunk_size == "auto"
+                            if (not unchunkable and not is_compiled(self.model)) or self._phase == "update":
                                 raise
-                            self._fall_back_to_eager(_compile_failure(e))
+                            if unchunkable:
+                                self._fall_back_to_full_logits(e)
+                            else:
+                                self._fall_back_to_eager(_compile_failure(e))
                             self._rollback(snapshot)
                             start = time.perf_counter()
                             loss, metrics, grad_norm, tokens, ok = self._train_step()
@@ -792,6 +805,11 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _auto_chunks(device: torch.device, world_size: int) -> bool:
+    """Whether `train.loss_chunk_size=auto` chunks: on CUDA, in a single process."""
+    return device.type == "cuda" and world_size == 1
 
 
 def _group_exists() -> bool:
