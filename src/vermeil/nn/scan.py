@@ -313,7 +313,7 @@ def _chunks(length: int, chunk: int) -> list[tuple[int, int, int, int]]:
 
 def _workspace(like: Tensor, chunks: list, bsz: int, n_state: int, dim: int, count: int) -> list[Tensor]:
     """`count` flat buffers big enough for the largest chunk's (k, B, G, N, D) tensor."""
-    numel = max((k * groups for _, _, k, groups in chunks), default=0) * bsz * n_state * dim
+    numel = max([0] + [k * groups for _, _, k, groups in chunks]) * bsz * n_state * dim  # not default=: Dynamo
     return [like.new_empty(numel) for _ in range(count)]
 
 
@@ -377,7 +377,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 # (2) true starts: a sub-chunk's total decay is exp(A * sum(delta)) (exponent <= 0)
                 decay = torch.exp2_(d.sum(0).unsqueeze(-2) * A2_t)  # (B, G, N, D)
                 for g in range(groups - 1):
-                    torch.addcmul(local[:, g], decay[:, g], starts_ext[:, g], out=starts_ext[:, g + 1])
+                    starts_ext[:, g + 1] = torch.addcmul(local[:, g], decay[:, g], starts_ext[:, g])
             # (3) rescan from the true starts; h[j] becomes the state after position j
             prev = starts
             for j in range(k):
@@ -423,7 +423,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     msg = dA[j] * torch.addcmul(msg, gy_e[j], c_e[j])
                 decay = torch.exp2_(d.sum(0).unsqueeze(-2) * A2_t)  # (B, G, N, D)
                 for g in range(groups - 1, 0, -1):
-                    torch.addcmul(msg[:, g], decay[:, g], ends[:, g], out=ends[:, g - 1])
+                    ends[:, g - 1] = torch.addcmul(msg[:, g], decay[:, g], ends[:, g])
             # full reverse pass: g_t = gy_t C_t + a_{t+1} g_{t+1}; dA[j] becomes a_t * g_t in place
             g_all = _view(work[2], dA.shape)
             msg = ends
