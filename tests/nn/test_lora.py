@@ -179,3 +179,34 @@ def test_compile_fullgraph() -> None:
     x = torch.randn(B, T, I)
     compiled = torch.compile(lora, fullgraph=True, backend="eager")
     assert_close(compiled(x), lora(x), rtol=1e-6, atol=1e-6)
+
+
+def test_merged_state_round_trips_through_the_state_dict() -> None:
+    """A merged layer's checkpoint loads merged (the update is not added twice), an unmerged one into a merged
+    layer loads unmerged, and adapters loaded alone under a merged weight replace the folded-in update."""
+    torch.manual_seed(0)
+    x = torch.randn(B, T, I)
+    src = _trained(LoRALinear(I, O, rank=R, alpha=8.0, bias=True))
+    want = src(x)
+    src.merge()
+    fresh = LoRALinear(I, O, rank=R, alpha=8.0, bias=True)
+    fresh.load_state_dict(src.state_dict())
+    assert fresh.merged
+    assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+
+    src.unmerge()
+    assert set(src.state_dict()) == {"weight", "bias", "lora_a.weight", "lora_b.weight"}
+    merged = _trained(LoRALinear(I, O, rank=R, alpha=8.0, bias=True)).merge()
+    merged.load_state_dict(src.state_dict())
+    assert not merged.merged
+    assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+
+    # adapters alone (lora_state_dict) under a merged weight: the old update leaves, the new one is folded in
+    base = LoRALinear(I, O, rank=R, alpha=8.0, bias=True)
+    base.load_state_dict(
+        {k: v for k, v in src.state_dict().items() if not k.startswith("lora_")}, strict=False
+    )
+    _trained(base).merge()
+    base.load_state_dict(lora_state_dict(src), strict=False)
+    assert base.merged
+    assert_close(base(x), want, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,10 @@ class LoRALinear(_LowRank):
     `x W^T + b + (alpha / rank) * lora_b(lora_a(dropout(x)))`.
 
     `merge()` folds the update into `weight` for inference (a merged layer has no adapter dropout);
-    `unmerge()` subtracts it again, restoring the base weight up to float rounding.
+    `unmerge()` subtracts it again, restoring the base weight up to float rounding. A merged layer's state
+    dict says so (a `merged` key beside its four), and loading adopts the checkpoint's state: a merged
+    checkpoint loads merged, and adapters loaded alone under a merged weight are re-merged, so the update is
+    never counted twice or lost.
     """
 
     def __init__(
@@ -114,6 +118,8 @@ class LoRALinear(_LowRank):
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_dim, **factory), requires_grad=False) if bias else None
         self.merged = False
+        self._remerge_after_load = False
+        self.register_load_state_dict_post_hook(LoRALinear._after_load)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,6 +160,27 @@ class LoRALinear(_LowRank):
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
             self.merged = False
         return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # `weight` holds W + the update: a loader must not add the update again
+            destination[prefix + "merged"] = torch.tensor(True, device=self.weight.device)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Called before the adapters (child modules) load; `_after_load` runs once they have.
+        merged = state_dict.pop(prefix + "merged", None)  # load_state_dict's own copy of the dict
+        if prefix + "weight" in state_dict:
+            self.merged = bool(merged)  # the loaded weight is merged exactly when the checkpoint says so
+        elif self.merged:  # adapters alone under a merged weight: take the old update out, fold the new in
+            self.unmerge()
+            self._remerge_after_load = True
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        if module._remerge_after_load:
+            module._remerge_after_load = False
+            module.merge()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_dim:
