@@ -242,3 +242,18 @@ def test_native_model_to_transformers_and_back() -> None:
     again = from_transformers_llama(hf)
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_llama4_features_without_chunking_export(qk_norm: bool) -> None:
+    # qk norm or MoE without chunked attention needs Llama4ForCausalLM, which always builds chunked masks for
+    # its RoPE layers: the export gives it chunks of max_seq_len (no chunking), and the logits still agree.
+    from vermeil.models.llm import build
+
+    torch.manual_seed(0)
+    model = build("debug", vocab_size=97, attention_chunk_size=None, use_qk_norm=qk_norm).eval()
+    hf = to_transformers_llama(model).eval()
+    assert hf.config.attention_chunk_size == model.args.max_seq_len
+    x = ids(t=13)
+    with torch.no_grad():
+        assert_close(hf(x).logits, model(x).logits, **TOL)

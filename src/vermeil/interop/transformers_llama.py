@@ -228,7 +228,9 @@ def transformers_llama_config(model: LLM, target: str | None = None) -> Any:
         moe_layers=[i for i in range(a.n_layers) if a.is_moe_layer(i)],
         use_qk_norm=a.use_qk_norm,
         no_rope_layers=[int(not a.is_nope_layer(i)) for i in range(a.n_layers)],
-        attention_chunk_size=a.attention_chunk_size,
+        # transformers' Llama 4 always builds chunked masks for its RoPE layers: without chunking, chunks of
+        # max_seq_len, which no sequence the model takes can cross
+        attention_chunk_size=a.attention_chunk_size or a.max_seq_len,
         attn_temperature_tuning=a.attn_temperature_tuning,
         floor_scale=int(a.floor_scale) if float(a.floor_scale).is_integer() else a.floor_scale,
         attn_scale=a.attn_scale,
