@@ -62,6 +62,11 @@ def test_update_errors() -> None:
         cache.update(torch.arange(12), big, big)
     with pytest.raises(ValueError, match=r"max_seq_len=0 must be a positive int"):
         KVCache(1, 0, 1, 1)
+    for bad in (torch.arange(2.0), torch.tensor([True, False])):  # index_copy_ would fail inside torch
+        with pytest.raises(TypeError, match=rf"input_pos must hold integer positions, got dtype={bad.dtype}"):
+            cache.update(bad, k, k)
+        with pytest.raises(TypeError, match=r"input_pos must hold integer positions"):
+            RingKVCache(B, 3, HKV, DH, max_seq_len=6).update(bad, k, k)
 
 
 def test_update_compiles_to_one_graph_across_positions() -> None:

@@ -55,6 +55,8 @@ class _KVBuffers(nn.Module):
             )
         if v.shape != k.shape:
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        if input_pos.dtype.is_floating_point or input_pos.dtype.is_complex or input_pos.dtype == torch.bool:
+            raise TypeError(f"input_pos must hold integer positions, got dtype={input_pos.dtype}")
         if input_pos.ndim != 1 or input_pos.shape[0] != k.shape[2]:
             raise ValueError(
                 f"input_pos must have shape (T={k.shape[2]},) to match k, got {tuple(input_pos.shape)} "
