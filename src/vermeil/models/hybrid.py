@@ -98,13 +98,15 @@ class HybridConfig:
         pattern: one token per layer (the module docstring lists them), a string of one-letter tokens ("MMAM")
             or a list of tokens (["S", "S+A"]).
         n_layers: None means len(pattern); otherwise the pattern (and `ffn_pattern`) is repeated to it.
-        routing: "sequential", or "parallel": every "A" becomes "M+A" and every "G" "M+G".
+        routing: "sequential", or "parallel" (the older spelling of parallel layers: every "A" becomes "M+A"
+            and every "G" "M+G").
         merge: a parallel layer's merge: "sum" (`ssm_out_multiplier * mamba + attn_out_multiplier * attn`,
             Falcon-H1), "gate" (`g * mamba + (1 - g) * attn`, g = sigmoid(gate(x)) per channel) or "concat"
             (`merge_proj(cat(mamba, attn))`).
         ffn_pattern: one letter per layer, repeated like `pattern`: "D" dense (`feed_forward`), "E" mixture of
             experts, "N" none; None means "D" everywhere.
-        d_state, d_conv, expand: both Mamba kinds' state size N, conv width K and inner width / D.
+        d_state, d_conv, expand: both Mamba kinds (state-spaces names): state size N, conv width K, inner width
+            expand * D.
         dt_rank: Mamba-1's dt rank (None = ceil(D / 16)).
         mamba_inner_norms: Mamba-1 layers normalise dt, B and C with RMSNorms (Jamba's mixer).
         compile_scan, scan_backend: Mamba-1's scan (see `MambaBlock`).
@@ -116,11 +118,13 @@ class HybridConfig:
         ssm_norm_before_gate: `rms_norm(y) * silu(z)` instead of `rms_norm(y * silu(z))`.
         dt_limit: (low, high) clamp of Mamba-2's dt in whole-sequence scans (transformers' `time_step_limit`;
             the one-token step does not clamp, as transformers and mamba_ssm); None = no clamp.
-        ssm_bias, ssm_conv_bias, attn_bias: biases of the Mamba in_proj/out_proj, the Mamba conv, wq/wk/wv/wo.
+        ssm_bias: bias in the Mamba in_proj and out_proj (both kinds). ssm_conv_bias: bias in their conv.
         heads, kv_heads, head_dim: the attention branch (kv_heads None = heads; head_dim None = D / heads).
+        attn_bias: biases in wq, wk, wv and wo.
         rotary: rotary positions in attention (False: none, as Jamba); rope_theta its base.
         rotary_dim: rotate only the first `rotary_dim` channels of each head (Bamba's partial_rotary_factor 0.5).
-        window: sliding-window size of "A" layers (Samba); decoding keeps a `RingKVCache` of that many slots.
+        window: sliding-window size of "A" layers (Samba); its decoding cache is a `RingKVCache` of `window`
+            slots.
         feed_forward: the dense feed-forward: "none", "swiglu" or "mlp" (GELU).
         hidden_dim: dense feed-forward width; None means Llama's rule for swiglu (8D/3 rounded to
             `multiple_of`) and 4D for mlp.
@@ -130,15 +134,17 @@ class HybridConfig:
         moe_aux_loss_coef: weight of the Switch load-balancing loss in the output's `aux_loss` (Jamba 0.001).
         embedding_multiplier, lm_head_multiplier, ssm_in_multiplier, ssm_out_multiplier, attn_in_multiplier,
             attn_out_multiplier, key_multiplier, mlp_gate_multiplier, mlp_out_multiplier: Falcon-H1's muP
-            scalars on what each name says (the keys' as the attention scale, the MLP gate's on SwiGLU's
-            gate pre-activation), applied at run time as transformers does, so training dynamics match too;
-            1 is no op.
+            scalars, applied at run time as transformers does (so training dynamics match too), on: the
+            embedding output, the logits, every Mamba branch's input / output, every attention branch's input /
+            output, the keys (as the attention scale), SwiGLU's gate pre-activation, every feed-forward's
+            output. 1 is no op.
         ssm_proj_multipliers: five multipliers of the Mamba-2 in_proj rows [z, x, B, C, dt] (Falcon-H1's
             `ssm_multipliers`).
         norm_eps: eps of every RMSNorm (layer norms, the gated norm, Jamba's inner norms).
         residual_in_fp32: keep the residual stream in float32 in a lower-precision model (each norm reads it
             cast to the model dtype), as transformers' and mamba_ssm's Mamba-2.
         max_seq_len: initial rotary table length (grows on demand).
+        initializer_range: std of the embedding init.
         loss_head, ignore_index, z_loss: the loss training builds (`vermeil.train.losses.LOSS_HEADS`) and the
             cross-entropy head's settings (z_loss: PaLM's logsumexp^2 term).
     """
