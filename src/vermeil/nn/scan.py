@@ -313,7 +313,8 @@ def _chunks(length: int, chunk: int) -> list[tuple[int, int, int, int]]:
 
 def _workspace(like: Tensor, chunks: list, bsz: int, n_state: int, dim: int, count: int) -> list[Tensor]:
     """`count` flat buffers big enough for the largest chunk's (k, B, G, N, D) tensor."""
-    numel = max([0] + [k * groups for _, _, k, groups in chunks]) * bsz * n_state * dim  # not default=: Dynamo
+    # max(..., default=0) would be a graph break: Dynamo refuses the keyword
+    numel = max([0] + [k * groups for _, _, k, groups in chunks]) * bsz * n_state * dim
     return [like.new_empty(numel) for _ in range(count)]
 
 
