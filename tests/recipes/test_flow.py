@@ -219,3 +219,58 @@ def test_samples_png_has_a_colour_bar_per_column() -> None:
         "colour: third coordinate (z)",
         "colour: third coordinate (z)",
     ]
+
+
+def test_a_head_too_small_for_the_job_names_hidden_size_and_num_heads() -> None:
+    """hidden_size / num_heads < 6 built axes_dim=[4, 0, 0] and the error named axes_dim, a key the user never
+    set; num_heads=0 raised ZeroDivisionError and a quoted number a TypeError of `//`."""
+    from vermeil.config import ConfigError, ConfigTypeError
+    from vermeil.recipes import run_config_from_dict
+
+    def run(**model: object) -> object:
+        return run_config_from_dict({"model": {"family": "flux", **model}, "data": {"task": "flow"}})
+
+    for hidden, heads in ((16, 4), (20, 4)):  # 4 and 5 channels per head
+        with pytest.raises(
+            ConfigError, match=rf"hidden_size={hidden} / num_heads={heads} .* even and >= 6"
+        ) as e:
+            run(hidden_size=hidden, num_heads=heads)
+        assert "axes_dim" not in str(e.value)
+    with pytest.raises(ConfigError, match="num_heads=0 must be a positive int"):
+        run(num_heads=0)
+    with pytest.raises(ConfigTypeError, match="model.hidden_size='64' must be int"):
+        run(hidden_size="64")
+    assert run(hidden_size=24, num_heads=4).model.axes_dim == [2, 2, 2]  # the smallest head that splits
+
+
+def test_a_converted_flux_with_a_small_head_gets_its_run_config() -> None:
+    """`vermeil convert --from diffusers` of a valid Flux whose head dim is under 6 failed: the flow config
+    split hidden_size / num_heads over 3 axes although the model's own axes_dim was given."""
+    from vermeil.models.flux import FluxParams
+    from vermeil.recipes import foreign_run_config
+
+    params = FluxParams(3, 3, 2, 2, 8, 4.0, 2, 1, 1, [4], 10_000, True, False)  # head dim 4, one axis
+    run = foreign_run_config("flux", Flux(params, device="meta"))
+    assert run.model == params
+
+
+def test_a_flow_run_names_the_model_key_its_job_cannot_train() -> None:
+    """A flow config with guidance_embed=true, another axes_dim length or other channels built and failed in the
+    first forward ("guidance must be given", "data_ids must be ...") without naming the config key."""
+    from vermeil.config import ConfigError
+    from vermeil.recipes import build_model, build_run, load_run_config, sample_run
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "flux-seq2seq.yaml"
+    tiny = ["model.hidden_size=24", "model.depth=1", "model.depth_single_blocks=1", "train.eval_batches=1"]
+    for override, match in (
+        ("model.guidance_embed=true", "model.guidance_embed=true: the flow job"),
+        ("model.axes_dim=[2, 4]", r"model.axes_dim=\[2, 4\] must have 3 entries"),
+        ("model.in_channels=5", "model.in_channels=5 does not fit data.job='curves', which needs 3"),
+        ("model.vec_in_dim=4", "model.vec_in_dim=4 does not fit data.job='curves', which needs 2"),
+    ):
+        run = load_run_config(config, [*tiny, override])
+        model = build_model(run, device="meta")
+        with pytest.raises(ConfigError, match=match):
+            build_run(run, model=model)
+        with pytest.raises(ConfigError, match=match):
+            sample_run(run, model, "unused.png", steps=1, num_samples=1)

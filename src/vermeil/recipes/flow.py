@@ -127,11 +127,22 @@ def flow_job_params(
     depth: int = 2,
     depth_single_blocks: int = 2,
 ) -> FluxParams:
-    """A small Flux for the job: Dh = hidden_size / num_heads split over 3 id axes."""
+    """A small Flux for the job: Dh = hidden_size / num_heads split over 3 id axes (Dh - 4k, 2k, 2k), k = Dh // 6.
+
+    ValueError naming hidden_size and num_heads unless Dh is an even int >= 6 (each axis needs >= 2 channels).
+    """
     from vermeil.models.flux import FluxParams
 
     cond_ch, data_ch = _channels(task)
+    check_positive_ints(hidden_size=hidden_size, num_heads=num_heads)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
     head_dim = hidden_size // num_heads
+    if head_dim < 6 or head_dim % 2:
+        raise ValueError(
+            f"hidden_size={hidden_size} / num_heads={num_heads} = {head_dim} channels per head: the flow job "
+            "splits them over 3 id axes of >= 2 channels each, so hidden_size / num_heads must be even and >= 6"
+        )
     axes = [2 * (head_dim // 6), 2 * (head_dim // 6)]
     axes = [head_dim - sum(axes), *axes]
     return FluxParams(
@@ -226,14 +237,18 @@ class FlowData(TaskData):
     def complete_model(
         self, family: Family, user: Mapping[str, Any], presets: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Without a preset, start from `flow_job_params` (axes_dim fits the head size); the job sets the
-        channels the config leaves out."""
+        """Without a preset, start from `flow_job_params` (its axes_dim fits the head size, unless the config
+        sets axes_dim); the job sets the channels the config leaves out."""
         if "preset" in user:
             merged = super().complete_model(family, user, presets)
         else:
-            shape = {
-                k: user[k] for k in ("hidden_size", "num_heads", "depth", "depth_single_blocks") if k in user
-            }
+            keys = ("depth", "depth_single_blocks")
+            if (
+                "axes_dim" not in user
+            ):  # a given axes_dim (a converted Flux's) need not follow the job's split
+                keys += ("hidden_size", "num_heads")
+            # A value of the wrong type is left to the strict converter, which names the key and the type.
+            shape = {k: user[k] for k in keys if type(user.get(k)) is int}
             try:
                 base = to_dict(flow_job_params(self.job, **shape))
             except (TypeError, ValueError) as e:
@@ -253,9 +268,29 @@ class FlowData(TaskData):
     def init_model(self, model: nn.Module) -> None:
         zero_init_output(model)  # type: ignore[arg-type]
 
+    def check_model(self, params: FluxParams) -> None:
+        """ConfigError naming the model key that this job cannot train or sample: channels other than the job's,
+        an axes_dim without the job's 3 id axes, a guidance embedding. Converted runs may hold such models."""
+        cond_ch, data_ch = self.channels
+        need = dict(in_channels=data_ch, out_channels=data_ch, context_in_dim=cond_ch, vec_in_dim=cond_ch)
+        for key, value in need.items():
+            if getattr(params, key) != value:
+                raise ConfigError(
+                    f"model.{key}={getattr(params, key)} does not fit data.job={self.job!r}, which needs "
+                    f"{value} (condition {cond_ch} and target {data_ch} channels per point)"
+                )
+        if len(params.axes_dim) != 3:
+            raise ConfigError(
+                f"model.axes_dim={list(params.axes_dim)} must have 3 entries: the flow job's ids have 3 axes "
+                "(stream, point index, 0)"
+            )
+        if params.guidance_embed:
+            raise ConfigError("model.guidance_embed=true: the flow job trains and samples without guidance")
+
     def build(self, run: RunConfig, model: nn.Module) -> Run:
         """Seeded batches and the rectified-flow loss; eval: the loss on fixed batches, noise and times, and the
         distance of generated samples; `samples.png` at the end."""
+        self.check_model(run.model)
         train = run.train
         sampler = flow_sampler(self, train.batch_size, train.seed)
         eval_gen = torch.Generator().manual_seed(train.seed + EVAL_SEED_OFFSET)
@@ -546,6 +581,7 @@ def sample_run(
             f"guidance={guidance} needs a guidance-distilled model (model.guidance_embed=true); "
             "the flow job trains without one"
         )
+    run.data.check_model(run.model)
     sample = run.data.sample(model, seed=seed, num_samples=num_samples, steps=steps)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     plot_flow_job(sample, path)
