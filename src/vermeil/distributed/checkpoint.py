@@ -153,7 +153,42 @@ def _from_file_layout(loaded: Any, original: Any) -> Any:
     return loaded.redistribute(placements=original.placements) if _is_strided(original) else loaded
 
 
+def _check_no_expert_parallel(model: nn.Module) -> None:
+    """Refuse `ExpertParallelExperts` (before any collective): each rank holds other experts under the same
+    names, and DCP keeps one rank's copy of a plain tensor, so the others' experts would be lost."""
+    from vermeil.distributed.expert import ExpertParallelExperts
+
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            raise ValueError(
+                f"module {name!r} holds expert-parallel experts (ExpertParallelExperts): DCP would keep one "
+                "rank's experts under their shared names and lose the others'; gather the experts into a plain "
+                "MoE before saving or loading"
+            )
+
+
+def _check_model_keys(path: str | os.PathLike, metadata: Metadata, model_state: Mapping[str, Any]) -> None:
+    """Strict load: every model entry of the checkpoint must be one of the model's (DCP reads only the keys it
+    is asked for, so a checkpoint of a larger model would otherwise load silently, its extra layers dropped)."""
+    own = set(model_state)
+    unexpected = []
+    for key in metadata.state_dict_metadata:
+        if not key.startswith("model."):
+            continue
+        parts = key.removeprefix("model.").split(".")  # DCP flattens nested entries with dots
+        if not any(".".join(parts[:i]) in own for i in range(1, len(parts) + 1)):
+            unexpected.append(key.removeprefix("model."))
+    if unexpected:
+        unexpected.sort()
+        more = f" ... and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ValueError(
+            f"DCP checkpoint {os.fspath(path)} does not match the model: unexpected keys (in the checkpoint, "
+            f"not in the model): {unexpected[:5]}{more}"
+        )
+
+
 def _state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
+    _check_no_expert_parallel(model)
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -168,6 +203,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
     """Load `save_checkpoint`'s folder into `model` (and `optimizer`) of any layout, strictly (collective)."""
     state = _state(model, optimizer)
+    _check_model_keys(path, read_metadata(path), state["model"])
     file_state = _map(_to_file_layout, state)
     reader = _SafeReader(os.fspath(path))
     _check_errors(path, lambda: dcp.load(file_state, checkpoint_id=os.fspath(path), storage_reader=reader))
