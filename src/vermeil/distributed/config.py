@@ -34,24 +34,51 @@ class DistributedConfig:
     loss_parallel: bool = False
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r} must be one of {STRATEGIES}")
-        if self.tp_size is not None and (
-            not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1
-        ):
-            raise ValueError(f"tp_size={self.tp_size!r} must be an int >= 1 (or null)")
-        if self.strategy == "fsdp2+tp" and self.tp_size is None:
-            raise ValueError("strategy='fsdp2+tp' needs tp_size")
         dtypes = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
             if value is not None and value not in dtypes:
                 raise ValueError(f"{name}={value!r} must be one of {dtypes} (or null)")
-        for name in ("sequence_parallel", "loss_parallel"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} must be a bool (true or false)")
-            if value and self.strategy not in ("tp", "fsdp2+tp"):
-                raise ValueError(
-                    f"{name}=true needs strategy 'tp' or 'fsdp2+tp', got strategy={self.strategy!r}"
-                )
+        mixed_precision = {"param_dtype": self.param_dtype, "reduce_dtype": self.reduce_dtype}
+        flags = {"sequence_parallel": self.sequence_parallel, "loss_parallel": self.loss_parallel}
+        _check_options(self.strategy, self.tp_size, mixed_precision, flags, yaml=True)
+
+
+def _check_options(
+    strategy: str,
+    tp_size: object,
+    mixed_precision: dict[str, object],
+    flags: dict[str, bool],
+    *,
+    yaml: bool = False,
+) -> None:
+    """Refuse an unknown strategy, a bad tp_size or flag, and an option the strategy would ignore.
+    `DistributedConfig` and `parallelize` share it, so one mistake reads the same in both (`yaml` spells
+    values as a config file does).
+
+    Args:
+        mixed_precision: FSDP2 settings by name (set: not None), used by "fsdp2" and "fsdp2+tp" only.
+        flags: sequence_parallel / loss_parallel by name, used by "tp" and "fsdp2+tp" only.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    null, true = ("null", "true") if yaml else ("None", "True")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be a bool ({true} or {'false' if yaml else 'False'})")
+    if tp_size is not None and (not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1):
+        raise ValueError(f"tp_size={tp_size!r} must be an int >= 1 (or {null})")
+    if strategy == "fsdp2+tp" and tp_size is None:
+        raise ValueError("strategy='fsdp2+tp' needs tp_size")
+    tp, fsdp = ("tp", "fsdp2+tp"), ("fsdp2", "fsdp2+tp")
+    if tp_size is not None and strategy not in tp:
+        # e.g. "fsdp2" with tp_size=2 would silently run plain FSDP2
+        raise ValueError(f"tp_size={tp_size} needs strategy 'tp' or 'fsdp2+tp', got strategy={strategy!r}")
+    for name, value in mixed_precision.items():
+        if value is not None and strategy not in fsdp:  # DDP and TP keep the parameters' dtype
+            raise ValueError(
+                f"{name}={value!r} needs strategy 'fsdp2' or 'fsdp2+tp', got strategy={strategy!r}"
+            )
+    for name, value in flags.items():
+        if value and strategy not in tp:
+            raise ValueError(f"{name}={true} needs strategy 'tp' or 'fsdp2+tp', got strategy={strategy!r}")

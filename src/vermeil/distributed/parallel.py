@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from vermeil.distributed.config import STRATEGIES
+from vermeil.distributed.config import STRATEGIES, _check_options
 from vermeil.distributed.runtime import get_rank, get_world_size, is_distributed
 from vermeil.distributed.tensor_parallel import _Chunked, apply_tensor_parallel, tensor_parallel_plan
 
@@ -149,18 +149,15 @@ def parallelize(
 
     "none" (and any strategy in one process): the model unchanged; "ddp": `apply_ddp`; "fsdp2": `apply_fsdp2`
     over all ranks; "tp": `apply_tensor_parallel` over all ranks; "fsdp2+tp": a 2-D mesh ("dp", "tp"), TP
-    inside each group of tp_size consecutive ranks, FSDP2 across the groups. `sequence_parallel` and
-    `loss_parallel` (see `tensor_parallel_plan`) need "tp" or "fsdp2+tp".
+    inside each group of tp_size consecutive ranks, FSDP2 across the groups. `tp_size`, `sequence_parallel`
+    and `loss_parallel` (see `tensor_parallel_plan`) need "tp" or "fsdp2+tp", `mp_policy` "fsdp2" or
+    "fsdp2+tp" (checked in one process too, as `DistributedConfig` does).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    # The checks of `DistributedConfig`, in one process too: a mistake shows before torchrun does.
+    flags = {"sequence_parallel": sequence_parallel, "loss_parallel": loss_parallel}
+    _check_options(strategy, tp_size, {"mp_policy": mp_policy}, flags)
     device = device if device is not None else next(model.parameters()).device
     world, rank = get_world_size(), get_rank()
-    for flag, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag}={value!r} must be a bool")
-        if value and strategy not in ("tp", "fsdp2+tp"):
-            raise ValueError(f"{flag}=True needs strategy 'tp' or 'fsdp2+tp', got strategy={strategy!r}")
     if strategy == "none" or not is_distributed():
         return Parallelized(model, 0, 1, 1, None)
     if strategy == "ddp":
@@ -169,11 +166,8 @@ def parallelize(
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
         fsdp = apply_fsdp2(model, block_types_or_names, mp_policy, mesh=mesh)
         return Parallelized(fsdp, rank, world, 1, mesh)
-    if tp_size is None:
-        if strategy == "fsdp2+tp":
-            raise ValueError("strategy='fsdp2+tp' needs tp_size")
-        tp_size = world
-    if not isinstance(tp_size, int) or tp_size < 1 or world % tp_size:
+    tp_size = world if tp_size is None else tp_size
+    if world % tp_size:
         raise ValueError(f"tp_size={tp_size!r} must be a positive divisor of world_size={world}")
     plan = tensor_parallel_plan(
         model, tp_size, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel
