@@ -286,3 +286,49 @@ def test_info_counts_mamba2_scan_flops_per_state_element() -> None:
     state = sum(m.d_inner * m.d_state for m in blocks)
     matmul, _ = _linear_like_params(model)
     assert describe_model(run)["forward_flops_per_token"] == 2 * matmul + 9 * state
+
+
+def test_load_foreign_reads_only_safetensors(tmp_path: Path) -> None:
+    """A diffusers folder holding only a pickled diffusion_pytorch_model.bin was loaded through torch.load (the
+    library's fallback): `vermeil convert --from` reads safetensors and never unpickles a downloaded file."""
+    diffusers = pytest.importorskip("diffusers")
+    from vermeil.recipes import load_foreign
+
+    flux = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=2,
+        out_channels=2,
+        num_layers=1,
+        num_single_layers=0,
+        attention_head_dim=8,
+        num_attention_heads=1,
+        joint_attention_dim=2,
+        pooled_projection_dim=2,
+        axes_dims_rope=(2, 2, 4),
+    )
+    flux.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights: only safetensors are read"):
+        load_foreign("diffusers", tmp_path)
+
+
+def test_mamba_export_loads_back_with_its_weights(tmp_path: Path) -> None:
+    """transformers' Mamba `_init_weights` divided out_proj by sqrt(n_layers) after loading a folder whose config
+    says rescale_prenorm_residual=true (MambaConfig's default, written by the export): the converted model's
+    logits were off by 0.37. Run -> export -> load_foreign now gives back the same tensors and config."""
+    pytest.importorskip("transformers")
+    from vermeil.recipes import foreign_run_config, load_foreign
+    from vermeil.recipes.convert import export_model
+
+    run = run_config_from_dict(
+        {"model": {"family": "mamba", "d_model": 16, "n_layer": 2, "d_state": 4}, "data": {"task": "mqar"}}
+    )
+    model = build_model(run).eval()
+    assert run.model.rescale_prenorm_residual
+    export_model("mamba", model, tmp_path)
+    family, _, back = load_foreign("transformers", tmp_path)
+    original, again = model.state_dict(), back.state_dict()
+    assert family == "mamba" and original.keys() == again.keys()
+    for key, value in original.items():
+        torch.testing.assert_close(again[key], value, atol=0, rtol=0, msg=key)
+    assert foreign_run_config(family, back).model.rescale_prenorm_residual

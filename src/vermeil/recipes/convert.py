@@ -99,8 +99,25 @@ def load_foreign(
     cls = getattr(library, cls_name, None)
     if cls is None:
         raise ImportError(f"this {kind} ({library.__version__}) has no {cls_name}")
+    if not any(src.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{os.fspath(src)} has no .safetensors weights: only safetensors are read, never pickled .bin "
+            "files (save_pretrained(..., safe_serialization=True) writes them)"
+        )
     with quiet(library):
-        foreign = cls.from_pretrained(src, local_files_only=True).eval()
+        # Safetensors only (no pickle is unpickled); a concrete class runs no code from the folder.
+        kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
+        rescale = False
+        if kind == "transformers":
+            config = kwargs["config"] = cls.config_class.from_pretrained(src, local_files_only=True)
+            # transformers' Mamba and Mamba-2 `_init_weights` divide out_proj by sqrt(n_layers) when this
+            # init-only flag is set, after the checkpoint is loaded: off while loading, restored after.
+            rescale = getattr(config, "rescale_prenorm_residual", False) is True
+            if rescale:
+                config.rescale_prenorm_residual = False
+        foreign = cls.from_pretrained(src, **kwargs).eval()
+        if rescale:
+            foreign.config.rescale_prenorm_residual = True
     from vermeil import interop
 
     convert = interop.from_transformers if kind == "transformers" else interop.from_diffusers
