@@ -110,3 +110,30 @@ def test_llm_with_images_forward_backward() -> None:
     text_model = LLM(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=53, hidden_dim=48))
     with pytest.raises(ValueError, match="no vision_args"):
         text_model(tokens, image_embedding=image_embedding)
+
+
+def test_image_embeddings_compile_without_graph_breaks() -> None:
+    """`embed_images` traces whole with fullgraph=True (AOTAutograd's eager backend: forward and backward as
+    Inductor traces them) and equals eager: the mask's count check reads a tensor value, so it is eager-only."""
+    torch.manual_seed(0)
+    args = ModelArgs(
+        dim=32, n_layers=1, n_heads=4, vocab_size=53, hidden_dim=48,
+        vision_args=VisionArgs(**{**VISION, "n_layers": 1}),
+    )  # fmt: skip
+    model = LLM(args)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 2:6] = True
+    mask[1, 4:8] = True
+    images = torch.randn(2, 3, 28, 28)
+
+    def embed(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model.embed_images(images, mask).embedding
+
+    compiled = torch.compile(embed, fullgraph=True, backend="aot_eager")
+    params = list(model.vision_embeddings.parameters())
+    results = []
+    for fn in (compiled, embed):
+        out = fn(images, mask)
+        results.append((out, *torch.autograd.grad(out.square().mean(), params)))
+    for got, want in zip(*results):
+        assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.models.checks import check_fields, check_positive_int
+from vermeil.models.checks import check_fields, check_positive_int, tracing
 from vermeil.nn.blocks import TransformerBlock
 from vermeil.nn.norms import LayerNorm
 
@@ -211,8 +211,8 @@ class VisionEmbeddings(nn.Module):
             raise ValueError(f"image_mask must be a (B, T) bool tensor, got {got}")
         self.vision_encoder.check_images(images)
         n_tokens = images.shape[0] * self.args.tokens_per_image
-        marked = int(image_mask.sum())  # eager check: the merge below needs the exact count
-        if marked != n_tokens:
+        # Eager check (the merge below needs the exact count): a host read, a graph break under compile
+        if not tracing() and (marked := int(image_mask.sum())) != n_tokens:
             raise ValueError(
                 f"image_mask marks {marked} image-token positions, but {images.shape[0]} image(s) give "
                 f"{n_tokens} tokens ({self.args.tokens_per_image} per image)"
