@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from vermeil.distributed import apply_expert_parallel, init_distributed, parallelize, shutdown
 from vermeil.distributed.checkpoint import load_checkpoint, save_checkpoint
+from vermeil.nn import MoE
+
+WORLD = 2
 
 
 def _stack(layers: int, dim: int = 8) -> nn.Sequential:
@@ -67,3 +73,91 @@ def test_parallelize_and_distributed_config_refuse_the_same_options(
     if not dtypes:  # the same words (mixed precision arrives as a policy object here, as dtype names there)
         config_text = str(from_config.value).replace(" (or null)", " (or None)")
         assert str(from_parallelize.value) == config_text
+
+
+# ------------------------------------------------------------------------------- 2 ranks, one spawn
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _errors(fn: object) -> str | None:
+    try:
+        fn()  # type: ignore[operator]
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _failed_overwrite(rank: int, out_dir: Path) -> dict:
+    """An FSDP2 checkpoint saved, then saved over with new weights while rank 1's disk is full."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    torch.manual_seed(0)
+    model = parallelize(_stack(2), "fsdp2").model
+    save_checkpoint(out_dir / "ckpt", model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    write_data = FileSystemWriter.write_data
+    if rank == 1:
+        FileSystemWriter.write_data = disk_full  # type: ignore[method-assign]
+    try:
+        save_checkpoint(out_dir / "ckpt", model)
+        failed = False
+    except BaseException:  # DCP's CheckpointException is a BaseException
+        failed = True
+    finally:
+        FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
+    fresh = parallelize(_stack(2), "fsdp2").model
+    try:
+        load_checkpoint(out_dir / "ckpt", fresh)
+        load = "loaded"
+    except (ValueError, FileNotFoundError) as e:
+        load = str(e)
+    return {"save_failed": failed, "load": load}
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    init_distributed("gloo", init_method="file://" + store, rank=rank, world_size=WORLD)
+    out = Path(out_dir)
+    torch.manual_seed(0)
+    moe = apply_expert_parallel(MoE(16, 12, 4, top_k=2))
+    result = {
+        "ep_save": _errors(lambda: save_checkpoint(out / "ep", moe)),
+        "ep_load": _errors(lambda: load_checkpoint(out / "ep", moe)),
+        "overwrite": _failed_overwrite(rank, out),
+    }
+    torch.save(result, out / f"rank{rank}.pt")
+    shutdown(exit_code=0)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("distributed_checks")
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setenv("OMP_NUM_THREADS", "1")  # children inherit it: one thread per rank
+        mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_expert_parallel_models_are_refused_by_dcp(two_ranks: list[dict]) -> None:
+    # Each rank holds other experts under the same names: DCP kept one rank's copy, and a reload gave every
+    # rank those experts, silently.
+    for result in two_ranks:
+        for key in ("ep_save", "ep_load"):
+            assert result[key] is not None, key
+            assert "module 'experts' holds expert-parallel experts" in result[key]
+
+
+def test_a_failed_save_over_a_checkpoint_is_never_loaded(two_ranks: list[dict]) -> None:
+    # Rank 0 wrote its new shard, rank 1 failed: the old plan over new and old shards loaded as complete.
+    for result in two_ranks:
+        assert result["overwrite"]["save_failed"]
+        assert "is not a DCP checkpoint folder (no .metadata file)" in result["overwrite"]["load"]

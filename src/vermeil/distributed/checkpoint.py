@@ -13,6 +13,7 @@ tensor files are read with `weights_only=True`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -38,6 +39,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim import Optimizer
 
 from vermeil.checkpoint import refusal_text, save_weights
+from vermeil.distributed.runtime import is_main_process
 
 __all__ = ["export_weights", "load_checkpoint", "read_metadata", "save_checkpoint"]
 
@@ -196,8 +198,16 @@ def _state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
-    """Save `model` (and `optimizer`) to the folder `path` under plain module names; a collective."""
-    dcp.save(_map(_to_file_layout, _state(model, optimizer)), checkpoint_id=os.fspath(path))
+    """Save `model` (and `optimizer`) to the folder `path` under plain module names; a collective.
+
+    Over an earlier checkpoint, its plan is removed first: DCP writes the new one last, so a save that fails
+    (a rank's disk full) leaves a folder that is refused, never the old plan over a mix of old and new shards.
+    """
+    state = _map(_to_file_layout, _state(model, optimizer))
+    if is_main_process():  # DCP's coordinator; the other ranks write nothing before its first collective
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(os.fspath(path), METADATA))
+    dcp.save(state, checkpoint_id=os.fspath(path))
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
