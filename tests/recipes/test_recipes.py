@@ -312,23 +312,44 @@ def test_load_foreign_reads_only_safetensors(tmp_path: Path) -> None:
         load_foreign("diffusers", tmp_path)
 
 
-def test_mamba_export_loads_back_with_its_weights(tmp_path: Path) -> None:
-    """transformers' Mamba `_init_weights` divided out_proj by sqrt(n_layers) after loading a folder whose config
-    says rescale_prenorm_residual=true (MambaConfig's default, written by the export): the converted model's
-    logits were off by 0.37. Run -> export -> load_foreign now gives back the same tensors and config."""
-    pytest.importorskip("transformers")
-    from vermeil.recipes import foreign_run_config, load_foreign
-    from vermeil.recipes.convert import export_model
-
+def _tiny_mamba() -> tuple[object, torch.nn.Module]:
     run = run_config_from_dict(
         {"model": {"family": "mamba", "d_model": 16, "n_layer": 2, "d_state": 4}, "data": {"task": "mqar"}}
     )
-    model = build_model(run).eval()
-    assert run.model.rescale_prenorm_residual
-    export_model("mamba", model, tmp_path)
+    assert run.model.rescale_prenorm_residual  # MambaConfig's default, an init-only flag
+    return run, build_model(run).eval()
+
+
+def test_load_foreign_keeps_the_weights_of_a_mamba_folder_with_rescaled_init(tmp_path: Path) -> None:
+    """transformers' Mamba `_init_weights` divided out_proj by sqrt(n_layers) after loading a folder whose config
+    says rescale_prenorm_residual=true: the converted model's logits were off by 0.37. load_foreign now gives
+    back the folder's tensors, and the flag on the converted config."""
+    pytest.importorskip("transformers")
+    from vermeil.interop import to_transformers
+    from vermeil.recipes import foreign_run_config, load_foreign
+
+    _, model = _tiny_mamba()
+    hf = to_transformers(model)
+    assert hf.config.rescale_prenorm_residual
+    hf.save_pretrained(tmp_path)
     family, _, back = load_foreign("transformers", tmp_path)
     original, again = model.state_dict(), back.state_dict()
     assert family == "mamba" and original.keys() == again.keys()
     for key, value in original.items():
         torch.testing.assert_close(again[key], value, atol=0, rtol=0, msg=key)
     assert foreign_run_config(family, back).model.rescale_prenorm_residual
+
+
+def test_a_mamba_export_loads_in_transformers_with_its_weights(tmp_path: Path) -> None:
+    """`vermeil convert --to transformers` of a Mamba run wrote rescale_prenorm_residual=true, so transformers'
+    from_pretrained rescaled out_proj after loading (logits off by 0.09): the folder now says false."""
+    transformers = pytest.importorskip("transformers")
+    from vermeil.recipes.convert import export_model
+
+    run, model = _tiny_mamba()
+    foreign = export_model("mamba", model, tmp_path)
+    assert foreign.config.rescale_prenorm_residual  # the returned model keeps its config
+    hf = transformers.MambaForCausalLM.from_pretrained(tmp_path, use_safetensors=True).eval()
+    x = torch.randint(0, run.model.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits[..., : run.model.vocab_size], model(x))

@@ -1,6 +1,7 @@
 """Runs to and from transformers / diffusers `save_pretrained` folders, converted by `vermeil.interop`.
 
-Loads offline (`local_files_only=True`); transformers and diffusers are imported only when a conversion asks.
+Loads offline (`local_files_only=True`) and safetensors only (no pickle); transformers and diffusers are imported
+only when a conversion asks.
 """
 
 from __future__ import annotations
@@ -155,5 +156,15 @@ def export_model(
         else:
             from vermeil.interop.diffusers_flux import to_diffusers as convert
         foreign = convert(model)
-        foreign.save_pretrained(out, safe_serialization=True)
+        # Written false: transformers' Mamba `_init_weights` rescales out_proj after loading a folder that sets
+        # this init-only flag, so the folder would load with other weights (see `load_foreign`).
+        config = foreign.config
+        rescale = getattr(config, "rescale_prenorm_residual", None)
+        if rescale:
+            config.rescale_prenorm_residual = False
+        try:
+            foreign.save_pretrained(out, safe_serialization=True)
+        finally:
+            if rescale:
+                config.rescale_prenorm_residual = rescale
     return foreign
