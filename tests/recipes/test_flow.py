@@ -274,3 +274,17 @@ def test_a_flow_run_names_the_model_key_its_job_cannot_train() -> None:
             build_run(run, model=model)
         with pytest.raises(ConfigError, match=match):
             sample_run(run, model, "unused.png", steps=1, num_samples=1)
+
+
+def test_sample_run_refuses_zero_steps_and_samples(tmp_path: Path) -> None:
+    """sample_run(steps=0) or num_samples=0 silently sampled with the run's defaults (`0 or default`)."""
+    from vermeil.recipes import build_model, load_run_config, sample_run
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "flux-seq2seq.yaml"
+    tiny = ["model.hidden_size=24", "model.depth=1", "model.depth_single_blocks=1"]
+    run = load_run_config(config, [*tiny, "data.eval_samples=2", "data.sample_steps=1", "data.length=4"])
+    model = build_model(run)
+    for kwargs, match in ((dict(steps=0), "steps=0"), (dict(num_samples=0), "num_samples=0")):
+        with pytest.raises(ValueError, match=f"{match} must be a positive int"):
+            sample_run(run, model, tmp_path / "samples.png", **kwargs)
+    assert not (tmp_path / "samples.png").exists()

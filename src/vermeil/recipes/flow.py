@@ -319,11 +319,14 @@ class FlowData(TaskData):
         self, model: nn.Module, *, seed: int, num_samples: int | None = None, steps: int | None = None
     ) -> FlowJobSample:
         """`sample_flow_job` on this job's data (`eval_samples` sequences, `sample_steps` steps by default)."""
+        num_samples = self.eval_samples if num_samples is None else num_samples
+        steps = self.sample_steps if steps is None else steps
+        check_positive_ints(num_samples=num_samples, steps=steps)  # 0 is an error, not the default
         return sample_flow_job(
             model,  # type: ignore[arg-type]
-            num_samples or self.eval_samples,
+            num_samples,
             seed=seed,
-            sample_steps=steps or self.sample_steps,
+            sample_steps=steps,
             task=self.job,
             length=self.length,
             data_kwargs=self.job_kwargs(),
