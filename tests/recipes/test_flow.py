@@ -288,3 +288,10 @@ def test_sample_run_refuses_zero_steps_and_samples(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=f"{match} must be a positive int"):
             sample_run(run, model, tmp_path / "samples.png", **kwargs)
     assert not (tmp_path / "samples.png").exists()
+
+
+def test_sample_flow_job_refuses_length_zero() -> None:
+    """sample_flow_job(length=0) silently sampled sequences of 16 points (`length or 16`)."""
+    model = Flux(flow_job_params(hidden_size=24, depth=1, depth_single_blocks=1))
+    with pytest.raises(ValueError, match="length=0 must be a positive int"):
+        sample_flow_job(model, 2, sample_steps=1, length=0)

@@ -497,7 +497,7 @@ def sample_flow_job(
     """
     model, config = (result.model, result.config) if isinstance(result, FlowJobResult) else (result, {})
     task = task or config.get("task", "curves")
-    length = length or config.get("length", 16)
+    length = config.get("length", 16) if length is None else length
     data_kwargs = data_kwargs if data_kwargs is not None else config.get("data_kwargs", {})
     gen = torch.Generator().manual_seed(seed)
     cond, target = make_batch(task, num_samples, length, gen, **data_kwargs)
