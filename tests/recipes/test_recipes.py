@@ -164,6 +164,14 @@ def test_bad_configs_name_the_key(data: dict, match: str) -> None:
         run_config_from_dict(data)
 
 
+def test_a_list_for_family_or_task_is_named() -> None:
+    """`family: [llm]` or `task: [text]` in YAML raised TypeError("unhashable type: 'list'")."""
+    with pytest.raises(ConfigError, match=r"model\.family=\['llm'\] must be one of"):
+        run_config_from_dict({"model": {"family": ["llm"]}})
+    with pytest.raises(ConfigError, match=r"data\.task=\['text'\] must be one of"):
+        run_config_from_dict({"model": {"family": "llm"}, "data": {"task": ["text"]}})
+
+
 def test_describe_model_counts_and_cache() -> None:
     run = run_config_from_dict({"model": {"family": "llm", "preset": "debug"}, "train": {"seq_len": 24}})
     info = describe_model(run, context=24, batch_size=2)

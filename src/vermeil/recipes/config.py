@@ -117,7 +117,7 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     family_name = model_raw.pop("family", None)
     if family_name is None:
         raise ConfigError(f"model.family is required: one of {sorted(FAMILIES)}")
-    if family_name not in FAMILIES:
+    if not isinstance(family_name, str) or family_name not in FAMILIES:  # a YAML list is not hashable
         raise ConfigError(
             f"model.family={family_name!r} must be one of {sorted(FAMILIES)}"
             + did_you_mean(family_name, FAMILIES, cutoff=0.5)
@@ -131,7 +131,7 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
 
     data_raw = dict(sections.data)
     task = data_raw.get("task", family.tasks[0])
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         raise ConfigError(
             f"data.task={task!r} must be one of {sorted(TASKS)}" + did_you_mean(task, TASKS, cutoff=0.5)
         )
