@@ -45,6 +45,42 @@ def test_load_checkpoint_refuses_a_checkpoint_of_a_larger_model(tmp_path: Path) 
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # untouched
 
 
+class _RunsCode:
+    """Unpickling it writes `marker` (what a crafted shard would do with a real payload)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_crafted_shard_runs_no_code_on_load_or_export(tmp_path: Path) -> None:
+    # torch's load planners unpickle a shard's non-tensor entries (an optimizer's param groups) with
+    # weights_only=False: loading or exporting this folder ran the payload.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from vermeil.distributed.checkpoint import export_weights
+
+    model = nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model_sd, optim_sd = get_state_dict(model, opt)
+    marker = tmp_path / "ran"
+    optim_sd["param_groups"][0]["lr"] = _RunsCode(marker)
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp_path / "ckpt")
+    refused = r"is damaged: a shard holds objects other than tensors .* refused, nothing in it was run"
+    with pytest.raises(ValueError, match=refused):
+        fresh = nn.Linear(4, 4)
+        load_checkpoint(tmp_path / "ckpt", fresh, torch.optim.AdamW(fresh.parameters()))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=refused):
+        export_weights(tmp_path / "ckpt", tmp_path / "model.safetensors")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("strategy", "options", "match"),
     [

@@ -7,8 +7,9 @@ Flux's fused projections are split block by block (`_StridedShard`), which DCP (
 such tensors are written and read as plain `Shard(dim)` tensors (one redistribute each way).
 
 DCP's `.metadata` is a pickle that torch's `FileSystemReader` loads with plain `pickle.load`: a crafted folder
-would run code. Here an unpickler that resolves only a DCP plan's classes reads it (`read_metadata`); the
-tensor files are read with `weights_only=True`.
+would run code. Here an unpickler that resolves only a DCP plan's classes reads it (`read_metadata`). The
+shards' non-tensor entries (an optimizer's param groups), which torch's load planners unpickle with
+`weights_only=False`, are read with `weights_only=True` as the tensors are (`_SafeLoadPlanner`).
 """
 
 from __future__ import annotations
@@ -17,23 +18,26 @@ import contextlib
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim import Optimizer
@@ -119,6 +123,22 @@ class _SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """torch's `DefaultLoadPlanner`, whose `load_bytes` unpickles a shard's non-tensor entries with
+    `weights_only=False` (a crafted shard would run code), reading them with `weights_only=True`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)  # tensors and plain containers, or an UnpicklingError
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class _SafeEmptyLoadPlanner(_SafeLoadPlanner, _EmptyStateDictLoadPlanner):
+    """`_SafeLoadPlanner` that rebuilds the whole state dict from the plan (as `dcp_to_torch_save` does)."""
 
 
 def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
@@ -216,7 +236,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
     _check_model_keys(path, read_metadata(path), state["model"])
     file_state = _map(_to_file_layout, state)
     reader = _SafeReader(os.fspath(path))
-    _check_errors(path, lambda: dcp.load(file_state, checkpoint_id=os.fspath(path), storage_reader=reader))
+    load = partial(dcp.load, checkpoint_id=os.fspath(path), storage_reader=reader, planner=_SafeLoadPlanner())
+    _check_errors(path, lambda: load(file_state))
     state = _map(_from_file_layout, file_state, state)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
@@ -229,11 +250,13 @@ def export_weights(
 ) -> dict[str, torch.Tensor]:
     """Stitch the model of a DCP checkpoint into one safetensors file, in one process without a model or a
     process group; returns the exported state dict."""
-    read_metadata(checkpoint_dir)  # torch's converter unpickles it again: only once it is known to be a plan
-    with tempfile.TemporaryDirectory() as tmp:
-        full = os.path.join(tmp, "full.pt")
-        _check_errors(checkpoint_dir, lambda: dcp_to_torch_save(os.fspath(checkpoint_dir), full))
-        state = torch.load(full, map_location="cpu", weights_only=True)
+    read_metadata(checkpoint_dir)  # a missing or foreign plan: its own error before DCP's machinery
+    state: dict[str, Any] = {}
+    # torch's `dcp_to_torch_save`, through the safe reader and planner: no process group (rank 0 of a run
+    # calls this alone), the whole state rebuilt from the plan.
+    reader, planner = _SafeReader(os.fspath(checkpoint_dir)), _SafeEmptyLoadPlanner()
+    load = partial(_load_state_dict, storage_reader=reader, planner=planner, no_dist=True)
+    _check_errors(checkpoint_dir, lambda: load(state))
     if "model" not in state:
         raise ValueError(
             f"checkpoint {os.fspath(checkpoint_dir)!r} holds no 'model' entry (keys: {sorted(state)})"
