@@ -197,3 +197,20 @@ def test_a_failed_save_over_a_checkpoint_is_never_loaded(two_ranks: list[dict]) 
     for result in two_ranks:
         assert result["overwrite"]["save_failed"]
         assert "is not a DCP checkpoint folder (no .metadata file)" in result["overwrite"]["load"]
+
+
+def test_split_dtensor_groups_splits_the_parameter_names_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each half kept the whole group's "param_names": names no longer matched the parameters.
+    import vermeil.distributed.training as training
+    from vermeil.train.optim import build_optimizer
+
+    model = _stack(2)
+    sharded = {id(model[0].weight), id(model[1].bias)}  # stand-ins for DTensors
+    monkeypatch.setattr(training, "is_dtensor", lambda p: id(p) in sharded)
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    training.split_dtensor_groups(opt)
+    named = dict(model.named_parameters())
+    split = [(g["param_names"], g["weight_decay"]) for g in opt.param_groups]
+    assert split == [(["1.weight"], 0.1), (["0.weight"], 0.1), (["0.bias"], 0.0), (["1.bias"], 0.0)]
+    for group in opt.param_groups:
+        assert [named[n] for n in group["param_names"]] == group["params"]

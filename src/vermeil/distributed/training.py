@@ -81,7 +81,12 @@ def split_dtensor_groups(optimizer: torch.optim.Optimizer) -> None:
     foreach kernels cannot mix the two kinds in one call."""
     groups = []
     for group in optimizer.param_groups:
-        plain = [p for p in group["params"] if not is_dtensor(p)]
-        sharded = [p for p in group["params"] if is_dtensor(p)]
-        groups.extend({**group, "params": ps} for ps in (plain, sharded) if ps)
+        names = group.get("param_names")  # build_optimizer's groups name their parameters: split alike
+        for sharded in (False, True):
+            keep = [i for i, p in enumerate(group["params"]) if is_dtensor(p) == sharded]
+            if keep:
+                part = {**group, "params": [group["params"][i] for i in keep]}
+                if names is not None:
+                    part["param_names"] = [names[i] for i in keep]
+                groups.append(part)
     optimizer.param_groups = groups
