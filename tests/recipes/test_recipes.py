@@ -184,6 +184,14 @@ def test_describe_model_counts_and_cache() -> None:
     assert info["cache_bytes"] == sum(b.numel() * b.element_size() for b in added)
 
 
+def test_describe_a_flow_run_at_the_length_its_model_sees() -> None:
+    """describe_model(run) of a flow run counted FLOPs at train.seq_len (256), a length the flow task never
+    uses; its model sees 2 * data.length points (what `vermeil info` already used)."""
+    run = load_run_config(CONFIGS / "flux-seq2seq.yaml", ["data.length=8"])
+    assert describe_model(run)["context"] == 16
+    assert describe_model(run, 16) == describe_model(run)
+
+
 def test_describe_mamba_cache_measured_on_meta() -> None:
     if not _available("mamba"):
         pytest.skip("no mamba model yet")

@@ -53,9 +53,11 @@ def describe_model(run: RunConfig, context: int | None = None, *, batch_size: in
     `2 * N_matmul + 2 * n_attention_layers * context_eff * d_attention` per token forward (training about 3x),
     MoE experts counted at `top_k / num_experts`, the context capped by chunked attention windows, plus about
     9 per Mamba state element (exp(dt A), dt B x, the update, C h). The cache memory is what
-    `model.setup_cache(batch_size, context)` allocates (None without a cache, as Flux).
+    `model.setup_cache(batch_size, context)` allocates (None without a cache, as Flux). The context defaults to
+    the length the model sees: the data's `model_sequence_length` (a flow job's points), else `train.seq_len`.
     """
-    context = context if context is not None else run.train.seq_len
+    if context is None:
+        context = getattr(run.data, "model_sequence_length", None) or run.train.seq_len
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
     model = build_model(run, device="meta")
