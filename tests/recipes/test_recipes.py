@@ -119,6 +119,20 @@ def test_shipped_config_trains_with_falling_loss(name: str, tmp_path: Path) -> N
     assert result.final_eval and all(math.isfinite(v) for v in result.final_eval.values())
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in TINY))
+def test_every_other_shipped_config_trains_two_steps(name: str) -> None:
+    """The configs without a tiny variant above build as shipped and train two finite steps at their own width."""
+    full = load_run_config(CONFIGS / f"{name}.yaml")
+    data = TEXT if full.data.task == "text" else ["train.seq_len=64"]
+    steps = ["train.steps=2", "train.batch_size=2", "train.warmup=1", "train.eval_batches=1"]
+    run = load_run_config(CONFIGS / f"{name}.yaml", [*COMMON, *steps, *data])
+    built = build_run(run)
+    result = Trainer(built.model, built.train_batches, built.loss_fn, run.train, eval_fn=built.eval_fn).fit()
+    losses = [r["loss"] for r in result.history if r["split"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert result.final_eval and all(math.isfinite(v) for v in result.final_eval.values())
+
+
 def test_round_trip_of_resolved_config() -> None:
     run = load_run_config(CONFIGS / "llm-tiny.yaml")
     again = run_config_from_dict(run.to_dict())
