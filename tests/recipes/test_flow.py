@@ -295,3 +295,10 @@ def test_sample_flow_job_refuses_length_zero() -> None:
     model = Flux(flow_job_params(hidden_size=24, depth=1, depth_single_blocks=1))
     with pytest.raises(ValueError, match="length=0 must be a positive int"):
         sample_flow_job(model, 2, sample_steps=1, length=0)
+
+
+def test_sample_flow_job_names_an_unknown_sampler() -> None:
+    """sampler='rk4' raised a bare KeyError('rk4')."""
+    model = Flux(flow_job_params(hidden_size=24, depth=1, depth_single_blocks=1))
+    with pytest.raises(ValueError, match=r"sampler='rk4' must be one of \['euler', 'heun'\]"):
+        sample_flow_job(model, 2, sample_steps=1, sampler="rk4")  # type: ignore[arg-type]

@@ -503,7 +503,10 @@ def sample_flow_job(
     cond, target = make_batch(task, num_samples, length, gen, **data_kwargs)
     noise = torch.randn(target.shape, generator=gen)
     timesteps = get_schedule(sample_steps, length, shift=False)
-    run = {"euler": sample_euler, "heun": sample_heun}[sampler]
+    samplers = {"euler": sample_euler, "heun": sample_heun}
+    if sampler not in samplers:
+        raise ValueError(f"sampler={sampler!r} must be one of {sorted(samplers)}")
+    run = samplers[sampler]
     device = _device_of(model)
     was_training = model.training
     model.eval()
