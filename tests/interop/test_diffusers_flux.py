@@ -166,3 +166,48 @@ def test_shape_mismatch_is_named() -> None:
     edited._state["proj_out.weight"] = torch.zeros(4, 48)
     with pytest.raises(ValueError, match=r"final_layer.linear.weight: shape \(4, 48\)"):
         from_diffusers(edited)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(axes_dim=[8, 16]),  # two position axes
+        dict(axes_dim=[2, 2, 2, 18]),  # four
+        dict(num_heads=4, axes_dim=[4, 4, 4]),  # head dim 12
+        dict(depth=0),  # single-stream blocks only
+        dict(depth_single_blocks=0),  # double-stream blocks only
+        dict(qkv_bias=False),  # diffusers has the biases: zeros
+        dict(guidance_embed=True, in_channels=1, context_in_dim=1, vec_in_dim=1),
+    ],
+)
+def test_non_default_flux_to_diffusers_and_back(options: dict) -> None:
+    """Flux -> diffusers matches outputs for options beside the tested default; back gives the same tensors."""
+    from vermeil.models.flux import FluxParams
+
+    base = dict(in_channels=5, out_channels=3, vec_in_dim=6, context_in_dim=7, hidden_size=48, mlp_ratio=4.0)
+    base |= dict(num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 10, 10], theta=10_000)
+    params = FluxParams(**{**base, "qkv_bias": True, "guidance_embed": False, **options})
+    torch.manual_seed(0)
+    model = Flux(params).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    transformer = to_diffusers(model).eval()
+    g = torch.Generator().manual_seed(1)
+    n_axes = len(params.axes_dim)
+    x = dict(
+        hidden_states=torch.randn(B, LD, params.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(B, LC, params.context_in_dim, generator=g),
+        pooled_projections=torch.randn(B, params.vec_in_dim, generator=g),
+        timestep=torch.rand(B, generator=g),
+        img_ids=torch.randint(0, 16, (LD, n_axes), generator=g).float(),
+        txt_ids=torch.randint(0, 16, (LC, n_axes), generator=g).float(),
+        guidance=(1 + 4 * torch.rand(B, generator=g)) if params.guidance_embed else None,
+    )
+    with torch.no_grad():
+        assert_close(run_ours(model, x), run_diffusers(transformer, x), atol=1e-5, rtol=1e-5)
+    ours, again = model.state_dict(), from_diffusers(transformer).state_dict()
+    for key, value in again.items():
+        expected = ours.get(key, torch.zeros_like(value))  # qkv_bias=False: the zero biases
+        assert_close(value, expected, atol=0, rtol=0, msg=key)
+    assert set(ours) <= set(again)
