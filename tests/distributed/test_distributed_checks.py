@@ -81,6 +81,41 @@ def test_a_crafted_shard_runs_no_code_on_load_or_export(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_optimizer_state_loads_into_other_param_groups(tmp_path: Path) -> None:
+    # FSDP2 (or one process) keeps build_optimizer's 2 groups, TP splits the decayed one into plain and
+    # DTensor parameters (split_dtensor_groups): the load asked for the file's group 2 and called it damaged.
+    from vermeil.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = _stack(2)
+    opt = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95))
+    sum(p.sum() for p in model.parameters()).backward()
+    opt.step()
+    with pytest.warns(UserWarning, match="single process"):
+        save_checkpoint(tmp_path / "ckpt", model, opt)
+    torch.manual_seed(1)
+    fresh = _stack(2)
+    weights = [fresh[0].weight, fresh[1].weight]
+    groups = [
+        {"params": [weights[0]], "weight_decay": 0.5},  # as TP's split, with settings the file overrides
+        {"params": [weights[1]], "weight_decay": 0.5},
+        {"params": [fresh[0].bias, fresh[1].bias], "weight_decay": 0.0},
+    ]
+    fresh_opt = torch.optim.AdamW(groups, lr=1.0)
+    with pytest.warns(UserWarning, match="single process"):
+        load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt)
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in fresh_opt.param_groups] == [
+        (1, 0.1, 1e-2),
+        (1, 0.1, 1e-2),
+        (2, 0.0, 1e-2),
+    ]
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh_opt.state[q][key], opt.state[p][key])
+
+
 @pytest.mark.parametrize(
     ("strategy", "options", "match"),
     [

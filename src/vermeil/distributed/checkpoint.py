@@ -209,6 +209,50 @@ def _check_model_keys(path: str | os.PathLike, metadata: Metadata, model_state: 
         )
 
 
+def _saved_param_groups(path: str | os.PathLike, metadata: Metadata) -> list[dict[str, Any]]:
+    """Placeholders for the checkpoint's optimizer param groups, for DCP to fill: the file's own groups, whose
+    number may differ from ours (`split_dtensor_groups` splits the groups of a TP model, not of FSDP2's)."""
+    root: dict[str, Any] = {}
+    for key, where in (metadata.planner_data or {}).items():
+        if tuple(where[:2]) == ("optimizer", "param_groups"):
+            item = metadata.state_dict_metadata.get(key)
+            size, props = getattr(item, "size", None), getattr(item, "properties", None)
+            # a tensor entry (a tensor lr) is loaded into a tensor; any other value is replaced
+            value = torch.empty(size, dtype=props.dtype) if size is not None and props is not None else None
+            set_element(root, where, value)
+    groups = root.get("optimizer", {}).get("param_groups")
+    if not groups:
+        raise ValueError(f"DCP checkpoint {os.fspath(path)} holds no optimizer param groups")
+    return groups
+
+
+def _match_param_groups(
+    path: str | os.PathLike, saved: list[dict[str, Any]], ours: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Our param groups, each with the settings of the saved group that holds its parameters (by name)."""
+    owner = {fqn: group for group in saved for fqn in group.get("params") or ()}
+    matched = []
+    for group in ours["param_groups"]:
+        sources = [owner.get(fqn) for fqn in group["params"]]
+        if not sources or any(src is None for src in sources):
+            missing = next((f for f, src in zip(group["params"], sources, strict=True) if src is None), None)
+            raise ValueError(
+                f"DCP checkpoint {os.fspath(path)} does not match the optimizer: no saved param group holds "
+                f"{missing!r}"
+            )
+        first = sources[0]
+        # settings only: the parameters (and their names) stay ours
+        settings = {k: first.get(k, v) for k, v in group.items() if k not in ("params", "param_names")}
+        for src in sources[1:]:
+            if src is not first and any(src.get(k) != v for k, v in settings.items()):
+                raise ValueError(
+                    f"DCP checkpoint {os.fspath(path)} does not match the optimizer: one of its param groups "
+                    f"holds parameters saved with different settings ({group['params'][0]!r} ...)"
+                )
+        matched.append({**group, **settings})
+    return matched
+
+
 def _state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
     _check_no_expert_parallel(model)
     if optimizer is None:
@@ -233,11 +277,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
     """Load `save_checkpoint`'s folder into `model` (and `optimizer`) of any layout, strictly (collective)."""
     state = _state(model, optimizer)
-    _check_model_keys(path, read_metadata(path), state["model"])
+    metadata = read_metadata(path)
+    _check_model_keys(path, metadata, state["model"])
     file_state = _map(_to_file_layout, state)
+    if optimizer is not None:  # read the file's param groups as they are, matched to ours after the load
+        file_state["optimizer"]["param_groups"] = _saved_param_groups(path, metadata)
     reader = _SafeReader(os.fspath(path))
     load = partial(dcp.load, checkpoint_id=os.fspath(path), storage_reader=reader, planner=_SafeLoadPlanner())
     _check_errors(path, lambda: load(file_state))
+    if optimizer is not None:
+        saved = file_state["optimizer"]["param_groups"]
+        file_state["optimizer"]["param_groups"] = _match_param_groups(path, saved, state["optimizer"])
     state = _map(_from_file_layout, file_state, state)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
