@@ -234,7 +234,10 @@ def _match_param_groups(
     matched = []
     for group in ours["param_groups"]:
         sources = [owner.get(fqn) for fqn in group["params"]]
-        if not sources or any(src is None for src in sources):
+        if not sources:  # an empty group: nothing to match, kept as it is
+            matched.append(group)
+            continue
+        if any(src is None for src in sources):
             missing = next((f for f, src in zip(group["params"], sources, strict=True) if src is None), None)
             raise ValueError(
                 f"DCP checkpoint {os.fspath(path)} does not match the optimizer: no saved param group holds "
