@@ -211,3 +211,18 @@ def test_non_default_flux_to_diffusers_and_back(options: dict) -> None:
         expected = ours.get(key, torch.zeros_like(value))  # qkv_bias=False: the zero biases
         assert_close(value, expected, atol=0, rtol=0, msg=key)
     assert set(ours) <= set(again)
+
+
+def test_package_level_converters_dispatch_both_ways() -> None:
+    """`vermeil.interop.from_diffusers` / `to_diffusers` as the transformers pair: by class, refusing others."""
+    from vermeil import interop
+
+    transformer = make_transformer(False)
+    model = interop.from_diffusers(transformer)
+    assert isinstance(model, Flux)
+    back = interop.to_diffusers(model)
+    assert type(back).__name__ == "FluxTransformer2DModel"
+    for key, value in transformer.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    with pytest.raises(ValueError, match=r"to_diffusers: Linear is not supported; supported: \['Flux'\]"):
+        interop.to_diffusers(torch.nn.Linear(2, 2))

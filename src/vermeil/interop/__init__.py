@@ -33,6 +33,7 @@ _TO_TRANSFORMERS = {
     "HybridModel": "transformers_hybrids.to_transformers_hybrid",
 }
 _DIFFUSERS = {"FluxTransformer2DModel": "diffusers_flux.from_diffusers"}
+_TO_DIFFUSERS = {"Flux": "diffusers_flux.to_diffusers"}
 # Vermeil models have no special tokens; transformers' defaults (Llama's bos 1, eos 2) would be made up.
 _NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
@@ -97,4 +98,9 @@ def from_diffusers(transformer: nn.Module) -> nn.Module:
     return _convert("from_diffusers", _DIFFUSERS, transformer)
 
 
-__all__ = ["from_diffusers", "from_transformers", "to_transformers"]
+def to_diffusers(model: nn.Module) -> Any:
+    """The inverse of `from_diffusers`: a Vermeil `Flux` as a diffusers FluxTransformer2DModel."""
+    return _convert("to_diffusers", _TO_DIFFUSERS, model)
+
+
+__all__ = ["from_diffusers", "from_transformers", "to_diffusers", "to_transformers"]
