@@ -249,3 +249,30 @@ def test_split_dtensor_groups_splits_the_parameter_names_too(monkeypatch: pytest
     assert split == [(["1.weight"], 0.1), (["0.weight"], 0.1), (["0.bias"], 0.0), (["1.bias"], 0.0)]
     for group in opt.param_groups:
         assert [named[n] for n in group["param_names"]] == group["params"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_parameters_saved_without_optimizer_state_load_without_it(tmp_path: Path) -> None:
+    # AdamW creates a parameter's state at its first gradient: a layer never used (an idle vision tower, say)
+    # has none in the checkpoint, and the load called the checkpoint damaged ('Missing key ... step').
+    torch.manual_seed(0)
+    model = _stack(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model[0](torch.randn(3, 8)).sum().backward()  # layer 1 gets no gradient
+    opt.step()
+    with pytest.warns(UserWarning, match="single process"):
+        save_checkpoint(tmp_path / "ckpt", model, opt)
+    torch.manual_seed(1)
+    fresh = _stack(2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="single process"):
+        load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt)
+    assert [q.shape for q in fresh_opt.state] == [p.shape for p in opt.state]  # layer 0's, as saved
+    # the next step (now through both layers) is the same in both
+    x = torch.randn(3, 8)
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)

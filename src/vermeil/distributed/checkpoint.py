@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -209,6 +210,14 @@ def _check_model_keys(path: str | os.PathLike, metadata: Metadata, model_state: 
         )
 
 
+def _saved_state_only(metadata: Metadata, optim_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `optim_state["state"]` (a fresh optimizer's, one per parameter) the checkpoint holds: a
+    parameter that never had a gradient had no state when saved (AdamW creates it lazily), and gets none now."""
+    prefix = "optimizer.state."
+    saved = {key.rpartition(".")[0] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    return {fqn: v for fqn, v in optim_state["state"].items() if prefix + fqn in saved}
+
+
 def _saved_param_groups(path: str | os.PathLike, metadata: Metadata) -> list[dict[str, Any]]:
     """Placeholders for the checkpoint's optimizer param groups, for DCP to fill: the file's own groups, whose
     number may differ from ours (`split_dtensor_groups` splits the groups of a TP model, not of FSDP2's)."""
@@ -285,6 +294,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
     file_state = _map(_to_file_layout, state)
     if optimizer is not None:  # read the file's param groups as they are, matched to ours after the load
         file_state["optimizer"]["param_groups"] = _saved_param_groups(path, metadata)
+        file_state["optimizer"]["state"] = _saved_state_only(metadata, file_state["optimizer"])
     reader = _SafeReader(os.fspath(path))
     load = partial(dcp.load, checkpoint_id=os.fspath(path), storage_reader=reader, planner=_SafeLoadPlanner())
     _check_errors(path, lambda: load(file_state))
@@ -295,7 +305,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        # not strict about the parameters `_saved_state_only` left without state (DCP checked the rest)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=False),
+        )  # fmt: skip
 
 
 def export_weights(
