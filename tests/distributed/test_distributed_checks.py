@@ -180,9 +180,9 @@ def _failed_overwrite(rank: int, out_dir: Path) -> dict:
         FileSystemWriter.write_data = disk_full  # type: ignore[method-assign]
     try:
         save_checkpoint(out_dir / "ckpt", model)
-        failed = False
-    except BaseException:  # DCP's CheckpointException is a BaseException
-        failed = True
+        failed = None
+    except BaseException as e:  # DCP's CheckpointException is a BaseException, save_checkpoint's an OSError
+        failed = f"{type(e).__name__}: {e}"
     finally:
         FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
     fresh = parallelize(_stack(2), "fsdp2").model
@@ -230,7 +230,10 @@ def test_expert_parallel_models_are_refused_by_dcp(two_ranks: list[dict]) -> Non
 def test_a_failed_save_over_a_checkpoint_is_never_loaded(two_ranks: list[dict]) -> None:
     # Rank 0 wrote its new shard, rank 1 failed: the old plan over new and old shards loaded as complete.
     for result in two_ranks:
-        assert result["overwrite"]["save_failed"]
+        # one line naming the folder, the rank and its error, as an OSError (DCP's is a BaseException)
+        failed = result["overwrite"]["save_failed"]
+        assert failed.startswith("OSError: saving DCP checkpoint ") and "failed on rank(s) [1]: " in failed
+        assert "No space left on device" in failed and "Traceback" not in failed
         assert "is not a DCP checkpoint folder (no .metadata file)" in result["overwrite"]["load"]
 
 

@@ -142,13 +142,20 @@ class _SafeEmptyLoadPlanner(_SafeLoadPlanner, _EmptyStateDictLoadPlanner):
     """`_SafeLoadPlanner` that rebuilds the whole state dict from the plan (as `dcp_to_torch_save` does)."""
 
 
-def _check_errors(path: str | os.PathLike, fn: Callable[[], Any]) -> Any:
-    """Run a DCP read; its `CheckpointException` (a BaseException) becomes one ValueError naming the folder."""
+def _check_errors(path: str | os.PathLike, fn: Callable[[], Any], saving: bool = False) -> Any:
+    """Run a DCP read (or write); its `CheckpointException` (a BaseException, which `except Exception` misses,
+    with a per-rank traceback as text) becomes one ValueError (OSError when saving) naming the folder and the
+    first rank's error."""
     try:
         return fn()
     except CheckpointException as e:
         errors = [err[0] if isinstance(err, tuple) else err for err in e.failures.values()]
         first = next((" ".join(str(err).split()) for err in errors if str(err).strip()), "")
+        if saving:
+            ranks = sorted(e.failures)
+            raise OSError(
+                f"saving DCP checkpoint {os.fspath(path)} failed on rank(s) {ranks}: {first}"
+            ) from None
         first = refusal_text(first, "a shard")
         raise ValueError(f"DCP checkpoint {os.fspath(path)} is damaged: {first or 'unreadable'}") from None
 
@@ -283,7 +290,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimi
     if is_main_process():  # DCP's coordinator; the other ranks write nothing before its first collective
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(os.fspath(path), METADATA))
-    dcp.save(state, checkpoint_id=os.fspath(path))
+    _check_errors(path, lambda: dcp.save(state, checkpoint_id=os.fspath(path)), saving=True)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer | None = None) -> None:
