@@ -10,6 +10,7 @@ avoids gloo's teardown abort.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from vermeil.distributed import (
     tensor_parallel_plan,
 )
 from vermeil.distributed.checkpoint import export_weights, load_checkpoint, save_checkpoint
+from vermeil.distributed.training import clip_grad_norm
 from vermeil.nn import MoE, RMSNorm, RotaryEmbedding, TransformerBlock
 
 WORLD = 2
@@ -193,7 +195,9 @@ def _ep_worker(rank: int, out_dir: str) -> None:
     out = moe(x).out
     (out * w).sum().backward()  # this rank's loss, on its own tokens only
     average_gradients(moe)  # -> gradients of the mean of the ranks' losses
+    grad_norm = clip_grad_norm(list(moe.parameters()), math.inf)  # every expert counted, on every rank
     result = {
+        "grad_norm": grad_norm,
         "out": out.detach(),
         "x_grad": x.grad,
         "grads": {n: p.grad for n, p in moe.named_parameters()},
@@ -429,6 +433,9 @@ def test_expert_parallel_matches_single_process_moe(tmp_path: Path, monkeypatch:
             got = ranks[0]["grads"][name]
             torch.testing.assert_close(ranks[1]["grads"][name], got, atol=0, rtol=0)  # replicated: identical
         torch.testing.assert_close(got, p.grad, **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in moe.parameters()], 2.0)
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["grad_norm"], norm, **TOL)
 
 
 def test_fsdp2_plus_tp_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,8 @@ are contiguous: `all_to_all_single_autograd` sends them (its backward is the rev
 
 An expert's gradient on its owner rank is already the sum over every rank's tokens, while replicated
 parameters hold only the local part: `average_gradients` gives both DDP's mean (DDP itself would all-reduce
-the expert shards too). `torch.distributed.checkpoint` cannot save the per-rank shards yet: gather them first.
+the expert shards too). Clip with `vermeil.distributed.clip_grad_norm`, which adds up the ranks' expert
+norms (torch's `clip_grad_norm_` would see this rank's experts only, and each rank would clip differently). `torch.distributed.checkpoint` cannot save the per-rank shards yet: gather them first.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class ExpertParallelExperts(nn.Module):
         with torch.no_grad():
             for name in ("w1", "w3", "w2"):
                 getattr(self.local, name).copy_(getattr(experts, name)[first : first + n_local])
+        for param in self.local.parameters():  # `clip_grad_norm` sums these norms over the group
+            param.expert_parallel_group = self.group
 
     def reset_parameters(self) -> None:
         """Re-initialise the local experts (each rank draws its own)."""

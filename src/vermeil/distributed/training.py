@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["ShardedBatches", "clip_grad_norm", "is_dtensor", "split_dtensor_groups"]
@@ -56,13 +57,18 @@ class ShardedBatches:
 
 
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
-    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both); returns
-    the global 2-norm, combined from one norm (one collective) per mesh and placements."""
+    """`clip_grad_norm_` for parameters that may be DTensors on different meshes (FSDP2, TP, both) or
+    expert-parallel shards (`apply_expert_parallel`); returns the global 2-norm, combined from one norm (one
+    collective) per mesh and placements, or per expert-parallel group."""
     from torch.distributed.tensor import DTensor
 
     groups: dict[Any, list[Tensor]] = {}
+    expert_groups: dict[Any, list[Tensor]] = {}
     for p in params:
-        if p.grad is not None:
+        ep_group = getattr(p, "expert_parallel_group", None)
+        if ep_group is not None:  # with or without a gradient: every rank joins the group's all-reduce
+            expert_groups.setdefault(ep_group, []).append(p)
+        elif p.grad is not None:
             g = p.grad
             key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
             groups.setdefault(key, []).append(p)
@@ -70,6 +76,12 @@ def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    for ep_group, group in expert_groups.items():  # each rank holds other experts: sum their squares
+        grads = [p.grad for p in group if p.grad is not None]
+        square = torch.nn.utils.get_total_norm(grads, 2.0).square() if grads else group[0].new_zeros(())
+        dist.all_reduce(square, group=ep_group)
+        norms.append(square.sqrt())
+    groups.update(expert_groups)  # clipped like the rest
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     for group in groups.values():  # one group at a time: a foreach op cannot mix DTensors and plain tensors
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
