@@ -265,3 +265,27 @@ def test_bad_inputs_raise_naming_the_argument():
         ssd_scan(*pos, dt_limit=(1.0, 0.5))
     with pytest.raises(ValueError, match=r"state.shape=\(2, 6, 3, 5\) must be \(B, H, P, N\)"):
         ssd_step(torch.randn(2, 6, 3, 5), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+
+
+def test_compiled_scan_runs_for_a_second_length():
+    """Under torch.compile (AOTAutograd's eager backend: Inductor's tracing, in seconds) a second length,
+    which Dynamo retraces with a symbolic length, runs forward and backward equal to eager. B and C come as
+    views of one projection, as Mamba2Block passes them: the gradient of the padded last chunk reached them
+    as a strided view that the symbolic trace took for contiguous (a failing view at run time)."""
+
+    def scan(x, dt, A, bc, D, dt_bias):  # bc (B, L, 2 * G * N) -> B, C (B, L, G, N) views
+        b, c = (t.unflatten(-1, (2, 4)) for t in bc.split(8, dim=-1))
+        return ssd_scan(x, dt, A, b, c, D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=4)
+
+    compiled = torch.compile(scan, fullgraph=True, backend="aot_eager")
+    for length in (3, 7):  # each ends in a padded chunk
+        inputs = make_inputs(length=length, groups=2)
+        bc = torch.cat([inputs["B"].flatten(2), inputs["C"].flatten(2)], dim=-1).requires_grad_(True)
+        x = inputs["x"].requires_grad_(True)
+        args = (x, inputs["dt"], inputs["A"], bc, inputs["D"], inputs["dt_bias"])
+        results = []
+        for fn in (compiled, scan):
+            y = fn(*args)
+            results.append((y, *torch.autograd.grad(y.square().sum(), [x, bc])))
+        for got, want in zip(*results):
+            assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -122,6 +122,13 @@ def _decay_mask(a_cum: Tensor) -> Tensor:
     return seg.mul_(_LOG2_E).exp2_() if seg.dtype == torch.float32 else seg.exp_()
 
 
+def _pad_steps(t: Tensor, pad: int) -> Tensor:
+    """t (B, L, ...) followed by `pad` zero steps -> (B, L + pad, ...)."""
+    # cat, not F.pad: F.pad's gradient (a negative pad) is a strided view in eager, but a new contiguous
+    # tensor to torch.compile's shape rule once L is dynamic (torch 2.13), so a view of it failed at run time
+    return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+
+
 class _IntraChunk(torch.autograd.Function):
     """The diagonal blocks of the chunked scan, `y = (decay_mask(a_cum) * CB) @ xdt` per chunk and head.
 
@@ -235,7 +242,7 @@ def ssd_scan(
     a = dt * A.to(cdt)  # (B, L, H), <= 0
     bf, cf = B.to(cdt), C.to(cdt)
     if pad:  # padded steps along L: dt = 0, so no decay and no input
-        xdt, a, bf, cf = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xdt, a, bf, cf))
+        xdt, a, bf, cf = (_pad_steps(t, pad) for t in (xdt, a, bf, cf))
     # Group-major chunked layout: (B, G, c, Q, hg, P); for G = 1 it is a view of x's own layout, and the
     # per-group matmuls below read all hg heads of a group as one (Q, hg*P) matrix.
     xdt = xdt.view(bsz, nc, q, groups, hg, p).permute(0, 3, 1, 2, 4, 5)
