@@ -340,6 +340,25 @@ def test_euler_matches_bfl_denoise_with_guidance_and_cond() -> None:
     assert len(seen) == 6 and all(g.shape == (B,) and (g == 4.0).all() for _, g in seen)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_euler_and_heun_match_bfl_denoise_bit_for_bit_in_low_and_high_precision(dtype: torch.dtype) -> None:
+    """BFL steps by Python floats t_prev - t_curr (float64): a 0-d float32 step would be cast to bfloat16 first."""
+    base = _flow_model(2)
+    model_fn = lambda x, t: (base(x.float(), t.float()) * 3).to(x.dtype)  # noqa: E731
+    noise = torch.randn(B, L, C, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grid = get_schedule(28, 4096)
+    timesteps = grid.tolist()
+    img = heun = noise.clone()
+    for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:]):
+        t_vec = torch.full((B,), t_curr, dtype=img.dtype)
+        img = img + (t_prev - t_curr) * model_fn(img, t_vec)
+        v = model_fn(heun, t_vec)
+        v2 = model_fn(heun + (t_prev - t_curr) * v, torch.full((B,), t_prev, dtype=img.dtype))
+        heun = heun + (t_prev - t_curr) * (v + v2) / 2
+    assert torch.equal(sample_euler(model_fn, noise, grid), img)
+    assert torch.equal(sample_heun(model_fn, noise, grid, last_step_euler=False), heun)
+
+
 # --- Heun: exactness and order ---------------------------------------------------------------------------------
 
 
