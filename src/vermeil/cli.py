@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     A non-finite loss or gradient stops the run with exit status 1 (train.on_nonfinite=skip skips the step).
     """
     from vermeil.recipes import load_run_config, read_run_dir_config
-    from vermeil.runs import CHECKPOINTS_DIR, latest_checkpoint, list_checkpoints, lock_run
+    from vermeil.runs import CHECKPOINTS_DIR, latest_checkpoint, lock_run, refuse_existing_run
     from vermeil.train import keep_freed_memory
 
     if not args.default_malloc:
@@ -88,10 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CommandError("a CONFIG file is required (or --resume RUN_DIR)")
         run = load_run_config(config, overrides)
         run_dir = Path(args.out or run.train.out_dir or Path("runs") / (run.name or Path(config).stem))
-        if list_checkpoints(run_dir) and not args.overwrite:
-            raise CommandError(
-                f"{os.fspath(run_dir)} already holds a run: continue it with `vermeil train --resume {run_dir}`, "
-                "or pass --out NEW_DIR, or --overwrite to start over there"
+        if not args.overwrite:
+            refuse_existing_run(
+                run_dir,
+                resume=f"`vermeil train --resume {os.fspath(run_dir)}`",
+                start_over="pass --out NEW_DIR, or --overwrite to start over there",
             )
     _check_device(run.train.device)
     with lock_run(run_dir) if main_rank else contextlib.nullcontext():  # before --overwrite clears anything

@@ -52,6 +52,7 @@ __all__ = [
     "TOKENIZER_KEY",
     "WEIGHTS",
     "DamagedCheckpointError",
+    "RunExistsError",
     "RunLockedError",
     "checkpoint_name",
     "checkpoint_step",
@@ -64,6 +65,7 @@ __all__ = [
     "prune_checkpoints",
     "read_manifest",
     "read_run_config",
+    "refuse_existing_run",
     "saved_distributed",
     "verify_checkpoint",
     "write_manifest",
@@ -85,6 +87,10 @@ TOKENIZER_KEY = "tokenizer"  # weights' metadata: "bytes" when a trainer wrote t
 
 class DamagedCheckpointError(ValueError):
     """A checkpoint file does not match its manifest (size or sha256), or cannot be read at all."""
+
+
+class RunExistsError(ValueError):
+    """A new run was pointed at a folder that holds another run's checkpoints (the two would mix)."""
 
 
 class RunLockedError(RuntimeError):
@@ -117,6 +123,18 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if _is_step_folder(p) and _complete(p)), key=checkpoint_step)
+
+
+def refuse_existing_run(run_dir: str | os.PathLike[str], *, resume: str, start_over: str) -> None:
+    """Raise `RunExistsError` when `run_dir` holds a complete checkpoint: a new run there would write its own
+    beside them, move `latest` and prune them. `resume` and `start_over` say how to continue that run or
+    begin afresh (the CLI's flags, or the Python calls)."""
+    found = list_checkpoints(run_dir)
+    if found:
+        raise RunExistsError(
+            f"{os.fspath(run_dir)} already holds a run (checkpoints up to {found[-1].name}): continue it with "
+            f"{resume}, or {start_over}"
+        )
 
 
 def _pointed(run: Path) -> Path | None:

@@ -367,3 +367,25 @@ def test_metrics_file_is_valid_jsonl(tmp_path: Path) -> None:
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["split"] for r in rows] == ["train", "train", "train", "val"]  # the end always evaluates
+
+
+def test_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path: Path) -> None:
+    """A fresh Trainer pointed at a folder with checkpoints neither mixes its own into them nor prunes them;
+    it says how to continue that run or start over, and does either when asked."""
+    from vermeil.runs import RunExistsError, clear_run
+
+    _trainer(tmp_path, steps=6, save_every=2, keep_checkpoints=5, eval_every=0).fit()
+    before = {p.name: (p / "model.safetensors").read_bytes() for p in list_checkpoints(tmp_path)}
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunExistsError, match="already holds a run") as e:
+        _trainer(tmp_path, steps=3, save_every=1, keep_checkpoints=2, eval_every=0).fit()
+    assert str(tmp_path) in str(e.value) and "load_checkpoint" in str(e.value) and "clear_run" in str(e.value)
+    after = {p.name: (p / "model.safetensors").read_bytes() for p in list_checkpoints(tmp_path)}
+    assert after == before and (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    # resuming it explicitly is fine; so is starting over after clear_run
+    resumed = _trainer(tmp_path, steps=8, save_every=2, keep_checkpoints=5, eval_every=0)
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.fit().step == 8
+    clear_run(tmp_path)
+    assert _trainer(tmp_path, steps=2, save_every=1, eval_every=0).fit().step == 2

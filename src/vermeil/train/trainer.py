@@ -640,6 +640,10 @@ class Trainer:
         Ctrl-C, `request_stop()` or a KeyboardInterrupt in a step or hook saves the last completed step and
         returns with `interrupted=True`. The run folder is locked meanwhile (`vermeil.runs.lock_run`). With
         `train.compile` the repeated blocks are compiled only meanwhile: the model leaves as it came in.
+
+        Raises:
+            vermeil.runs.RunExistsError: the run folder holds checkpoints this trainer did not resume from
+                (`load_checkpoint`): continue that run, or `vermeil.runs.clear_run` it, or pick another folder.
         """
         try:
             if self.out_dir is None or not self.is_main:
@@ -651,6 +655,8 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         cfg = self.config
+        if self.out_dir is not None:
+            self._refuse_another_run(self.out_dir)
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             clean_temp_files(self.out_dir)
@@ -749,6 +755,29 @@ class Trainer:
             shutdown()  # barrier, destroy_process_group: the group this trainer joined ends with its run
             self._owns_group = False
         return result
+
+    def _refuse_another_run(self, out_dir: Path) -> None:
+        """Unless this trainer continues a checkpoint of `out_dir` (`load_checkpoint`, or an earlier `fit`), the
+        folder must hold none: a new run would write its own beside them, move `latest` and prune them (what
+        `vermeil train` refuses without --resume or --overwrite)."""
+        own = self.last_checkpoint is not None and (
+            self.last_checkpoint.resolve().parent == (out_dir / runs.CHECKPOINTS_DIR).resolve()
+        )
+        found = not own and self.is_main and bool(runs.list_checkpoints(out_dir))
+        if self.world_size > 1:  # every rank stops, or none (rank 0 alone reads the folder)
+            flag = torch.tensor([1.0 if found else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            found = bool(flag.item())
+        if not found:
+            return
+        if self.is_main:
+            where = os.fspath(out_dir)
+            runs.refuse_existing_run(
+                out_dir,
+                resume=f"trainer.load_checkpoint({where!r}) before fit()",
+                start_over=f"pass another out_dir, or call vermeil.runs.clear_run({where!r}) to start over there",
+            )
+        raise runs.RunExistsError(f"{os.fspath(out_dir)} already holds a run (rank 0 found its checkpoints)")
 
     def _train_row(self, grad_norm: Tensor | None) -> dict[str, Any]:
         """The row of the steps since the last log row (means over the finite ones); empties the window.
