@@ -126,3 +126,29 @@ def test_tokenizer_file_lists_agree() -> None:
     from vermeil.runs import TOKENIZER_FILES as CLEARED
 
     assert CLEARED == TOKENIZER_FILES
+
+
+def test_a_hostile_tokenizer_config_neither_hangs_nor_crashes(tmp_path) -> None:  # noqa: ANN001
+    """A run folder's tokenizer_config.json that is a FIFO blocked load_tokenizer forever (read_text waits
+    for a writer), and one of nested brackets raised RecursionError; both now read as no EOS token."""
+    import os
+    import threading
+
+    from vermeil.data.tokenizer import load_tokenizer
+
+    _tiny_bpe(tmp_path, with_config=False)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text("[" * 100_000)
+    assert load_tokenizer(tmp_path).eos_id is None
+    config.unlink()
+    os.mkfifo(config)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(load_tokenizer(tmp_path).eos_id), daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    if worker.is_alive():
+        with open(config, "w"):  # let the blocked reader go
+            pass
+        worker.join()
+        pytest.fail("load_tokenizer blocked on a FIFO tokenizer_config.json")
+    assert result == [None]

@@ -148,9 +148,12 @@ class JSONTokenizer:
 
 def _eos_token(folder: Path) -> str | None:
     # transformers writes the EOS token's text into tokenizer_config.json (a string or an AddedToken dict).
-    try:  # no file is an OSError too
-        value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
-    except (OSError, ValueError, AttributeError):
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():  # absent, or a FIFO / device a run folder may hold: reading it would block forever
+        return None
+    try:  # RecursionError: a crafted file of nested brackets
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     if isinstance(value, dict):
         value = value.get("content")
