@@ -464,6 +464,24 @@ def test_cfg_model_fn_scale_one_is_cond_and_zero_is_uncond() -> None:
     assert_close(unbatched, guided, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_cfg_scale_one_and_zero_are_exactly_the_cond_and_uncond_predictions(batched: bool) -> None:
+    """u + 1 * (c - u) rounds (|u| >> |c|): the ends of the guidance line must be the predictions themselves."""
+    model_fn = lambda x, t, ctx: x * ctx + t[:, None]  # noqa: E731  rows independent: halves equal B calls
+    x, t = torch.randn(B, 8, generator=torch.Generator().manual_seed(0)), torch.rand(B)
+    cond = {"ctx": torch.randn(B, 8, generator=torch.Generator().manual_seed(1))}
+    uncond = {"ctx": 1000 * torch.randn(B, 8, generator=torch.Generator().manual_seed(2))}
+    assert torch.equal(
+        cfg_model_fn(model_fn, cond, uncond, 1.0, batched=batched)(x, t), model_fn(x, t, **cond)
+    )
+    assert torch.equal(
+        cfg_model_fn(model_fn, cond, uncond, 0.0, batched=batched)(x, t), model_fn(x, t, **uncond)
+    )
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"scale={bad}.*finite"):
+            cfg_model_fn(model_fn, cond, uncond, bad, batched=batched)
+
+
 def test_cfg_inside_samplers_with_guidance_passthrough() -> None:
     model_fn, _ = _cond_model()
     torch.manual_seed(1)

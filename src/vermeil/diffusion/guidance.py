@@ -7,6 +7,7 @@ Guidance-distilled Flux needs no wrapper: samplers pass `guidance=` straight to 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -54,6 +55,8 @@ def cfg_model_fn(
     Returns:
         guided(x (B, *), t (B,), **extra); `extra` (e.g. a sampler's `guidance=`) goes to both halves.
     """
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale={scale} must be a finite number")
     if set(cond) != set(uncond):
         raise ValueError(f"cond keys {sorted(cond)} must equal uncond keys {sorted(uncond)}")
     cond, uncond = dict(cond), dict(uncond)
@@ -73,7 +76,8 @@ def cfg_model_fn(
                 )
             t2 = torch.cat([t, t]) if t.dim() > 0 else t
             out_c, out_u = model_fn(torch.cat([x, x]), t2, **both).chunk(2, dim=0)
-        return out_u + scale * (out_c - out_u)
+        # lerp: exactly out_c at scale 1 and out_u at 0 (u + 1 * (c - u) rounds), one rounding per element.
+        return torch.lerp(out_u, out_c, scale)
 
     return guided
 
