@@ -124,3 +124,26 @@ def test_sequential_windows_cover_data_in_order() -> None:
     assert torch.equal(xs.flatten(), torch.arange(49)) and torch.equal(ys, xs + 1)
     assert [x.shape[0] for x, _ in batches] == [3, 3, 1]
     assert len(list(sequential_windows(data, 3, 7, max_batches=2))) == 2
+
+
+def test_a_file_reached_twice_is_read_once_and_same_names_are_refused(tmp_path) -> None:
+    """A folder and a file inside it both read the file, under two names that the hash could split into train and
+    validation (the same bytes on both sides); two folders holding the same relative name kept only the first's
+    file and dropped the other's silently."""
+    root = tmp_path / "c"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "m.py").write_text("y = 2\n" * 10)
+    (root / "n.py").write_text("z = 3\n")
+    assert [f.name for f in find_corpus_files([root, root / "sub" / "m.py"])] == ["n.py", "sub/m.py"]
+    assert [f.name for f in find_corpus_files([root / "sub" / "m.py", root])] == ["m.py", "n.py"]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "util.py").write_text(f"print({name!r})\n")
+    with pytest.raises(ValueError, match=r"a/util.py and .*b/util.py have the same name 'util.py'"):
+        find_corpus_files([tmp_path / "a", tmp_path / "b"])
+
+
+def test_suffixes_may_be_one_string(tree) -> None:
+    """suffixes=".txt" was taken character by character: every file ending in '.', 't' or 'x'."""
+    (tree / "script.rst").write_text("not text\n")
+    assert [f.name for f in find_corpus_files([tree], suffixes=".txt")] == ["notes.txt"]

@@ -72,28 +72,47 @@ def find_corpus_files(
     """Files of a corpus, sorted by name; raises FileNotFoundError for a missing path, ValueError if none found.
 
     `paths` (default: the standard library): a named file is always taken; a folder is searched recursively for
-    files ending in one of `suffixes`, skipping folders named in `exclude_dirs` (and symlinked folders).
+    files ending in one of `suffixes`, skipping folders named in `exclude_dirs` (and symlinked folders). A file
+    reached twice (a folder and a file in it) is taken once, under its first name; two different files with the
+    same name (the split's key) raise ValueError.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if isinstance(suffixes, str):  # one suffix, not its characters
+        suffixes = [suffixes]
     roots = [stdlib_dir()] if paths is None else [Path(p) for p in paths]
     found: dict[str, CorpusFile] = {}
+    seen: set[str] = set()  # real paths taken
+
+    def add(path: Path, name: str) -> None:
+        real = os.path.realpath(path)
+        if real in seen:
+            return
+        if name in found:
+            raise ValueError(
+                f"corpus files {os.fspath(found[name].path)} and {os.fspath(path)} have the same name {name!r} "
+                "(relative to the paths given), which decides the train/validation split: pass a common parent folder"
+            )
+        seen.add(real)
+        found[name] = CorpusFile(path, name, path.stat().st_size)
+
     for root in roots:
         if root.is_file():
-            found.setdefault(root.name, CorpusFile(root, root.name, root.stat().st_size))
+            add(root, root.name)
             continue
         if not root.is_dir():
             raise FileNotFoundError(f"corpus path {os.fspath(root)} does not exist")
         for folder, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if d not in exclude_dirs]  # prune: never descend into test/ (118 MB)
-            for fname in files:
+            dirs[:] = sorted(
+                d for d in dirs if d not in exclude_dirs
+            )  # prune: never descend into test/ (118 MB)
+            for fname in sorted(files):
                 if not fname.endswith(tuple(suffixes)):
                     continue
                 path = Path(folder, fname)
                 if not path.is_file():  # broken symlink
                     continue
-                name = path.relative_to(root).as_posix()
-                found.setdefault(name, CorpusFile(path, name, path.stat().st_size))
+                add(path, path.relative_to(root).as_posix())
     if not found:
         where = [os.fspath(r) for r in roots]
         raise ValueError(f"no corpus files with suffix {list(suffixes)} found under {where}")
