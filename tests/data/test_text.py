@@ -147,3 +147,23 @@ def test_suffixes_may_be_one_string(tree) -> None:
     """suffixes=".txt" was taken character by character: every file ending in '.', 't' or 'x'."""
     (tree / "script.rst").write_text("not text\n")
     assert [f.name for f in find_corpus_files([tree], suffixes=".txt")] == ["notes.txt"]
+
+
+def test_window_arguments_are_checked() -> None:
+    """A float batch_size or seq_len reached torch.randint (an unreadable TypeError), float data was truncated to
+    token ids silently, and a negative max_batches gave no validation batch at all (a NaN loss)."""
+    data = torch.arange(100)
+    for kwargs, match in (
+        ({"batch_size": 2.0, "seq_len": 5}, r"batch_size=2.0 must be a positive int"),
+        ({"batch_size": True, "seq_len": 5}, r"batch_size=True must be a positive int"),
+        ({"batch_size": 2, "seq_len": 5.0}, r"seq_len=5.0 must be a positive int"),
+        ({"batch_size": 2, "seq_len": 0}, r"seq_len=0 must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sample_windows(data, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            sequential_windows(data, **kwargs)  # at the call, not at the first batch
+    with pytest.raises(ValueError, match=r"integer token ids .* got dtype torch.float32"):
+        sample_windows(torch.rand(100), 2, 5)
+    with pytest.raises(ValueError, match=r"max_batches=-1 must be a positive int or None"):
+        sequential_windows(data, 2, 5, max_batches=-1)

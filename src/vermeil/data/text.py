@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from vermeil.data.sampler import SeededSampler
+from vermeil.nn.checks import check_optional_positive_int, check_positive_ints
 
 __all__ = [
     "EXCLUDED_DIRS",
@@ -197,10 +198,12 @@ def load_text_corpus(
 
 
 def _check_window(data: Tensor, batch_size: int, seq_len: int) -> None:
-    if data.dim() != 1:
-        raise ValueError(f"data must be a 1-D token tensor, got shape {tuple(data.shape)}")
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
+    if not isinstance(data, Tensor) or data.dim() != 1:
+        got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data must be a 1-D token tensor, got {got}")
+    if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        raise ValueError(f"data must hold integer token ids (uint8 bytes or int64), got dtype {data.dtype}")
+    check_positive_ints(batch_size=batch_size, seq_len=seq_len)
     if data.numel() < seq_len + 1:
         raise ValueError(f"data has {data.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
 
@@ -221,8 +224,16 @@ def sequential_windows(
     data: Tensor, batch_size: int, seq_len: int, max_batches: int | None = None
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Non-overlapping windows covering `data` in order (a deterministic validation loss): (inputs, targets) of
-    shape (b, T), b <= B (the last batch may be smaller); the tail shorter than one window is dropped."""
+    shape (b, T), b <= B (the last batch may be smaller); the tail shorter than one window is dropped.
+    The arguments are checked at the call, not at the first batch."""
     _check_window(data, batch_size, seq_len)
+    check_optional_positive_int("max_batches", max_batches)
+    return _sequential_windows(data, batch_size, seq_len, max_batches)
+
+
+def _sequential_windows(
+    data: Tensor, batch_size: int, seq_len: int, max_batches: int | None
+) -> Iterator[tuple[Tensor, Tensor]]:
     n_windows = (data.numel() - 1) // seq_len
     for i, start in enumerate(range(0, n_windows, batch_size)):
         if max_batches is not None and i >= max_batches:
