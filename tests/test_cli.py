@@ -626,3 +626,24 @@ def test_convert_from_transformers_hybrids(
     tokens = torch.randint(0, 259, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv", [["info", "configs/llm-tiny.yaml"], ["--help"]])
+def test_a_closed_pipe_ends_quietly(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """`vermeil info RUN | head -1`: the reader left; no 'Broken pipe' error, no traceback at exit."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    stdout = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    capsys.readouterr()
+    try:
+        code = main([*argv])
+    except SystemExit as e:  # pragma: no cover - what the old code did for --help
+        code = e.code
+    finally:
+        monkeypatch.undo()
+    print("after", file=stdout)  # stdout now points at devnull: the flush at exit stays quiet
+    stdout.close()
+    assert code == 141 and capsys.readouterr().err == ""

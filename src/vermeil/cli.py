@@ -23,6 +23,7 @@ __all__ = ["main"]
 EXIT_ERROR = 2
 EXIT_NONFINITE = 1  # the run diverged (a non-finite loss or gradient): not a usage error
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader left (`| head -1`)
 
 
 class CommandError(Exception):
@@ -562,7 +563,24 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `vermeil` command with `argv` (default `sys.argv[1:]`); returns the exit status."""
+    """Run the `vermeil` command with `argv` (default `sys.argv[1:]`); returns the exit status.
+
+    A reader that leaves early (`vermeil info RUN | head -1`) ends the command quietly with status 141."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # SystemExit (--help) too: flushed here, a closed pipe is met below, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice (the signal module's note on SIGPIPE): point stdout at devnull, so that the flush at
+        # exit stays quiet too, and leave without a word.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     # Overrides may follow options (`train CONFIG --out DIR key=value`), which plain parse_args refuses.
     args, extra = parser.parse_known_args(argv)
@@ -582,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _call(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
-    except (SystemExit, GeneratorExit):
+    except (SystemExit, GeneratorExit, BrokenPipeError):  # a closed stdout: main leaves quietly
         raise
     except BaseException as e:  # torch's CheckpointException derives from BaseException
         if args.debug:
