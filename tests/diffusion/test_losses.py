@@ -150,6 +150,21 @@ def test_masked_mse_ignores_padding() -> None:
     assert masked_mse(pred, target, torch.zeros(B, L, dtype=torch.bool)) == 0
 
 
+def test_masked_mse_ignores_non_finite_padding_in_value_and_gradient() -> None:
+    """Padding may hold anything (torch.empty, inf from a masked-out branch): loss and gradient stay finite."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(B, L, C), torch.randn(B, L, C)
+    mask = torch.arange(L)[None, :] < torch.tensor([7, 3, 5, 1, 6])[:, None]  # (B, L)
+    expected = masked_mse(pred, target, mask)
+    for bad in (float("nan"), float("inf")):
+        pred2 = torch.where(mask[..., None], pred, bad).requires_grad_()
+        target2 = torch.where(mask[..., None], target, -bad)
+        loss = masked_mse(pred2, target2, mask)
+        assert_close(loss, expected)
+        loss.backward()
+        assert torch.isfinite(pred2.grad).all() and (pred2.grad[~mask] == 0).all()
+
+
 def test_flow_matching_loss_is_zero_for_the_exact_velocity_and_respects_masks() -> None:
     torch.manual_seed(0)
     x0, noise = torch.randn(B, L, C), torch.randn(B, L, C)

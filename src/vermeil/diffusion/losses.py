@@ -186,17 +186,19 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tens
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} must equal target shape {tuple(target.shape)}")
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
-    err = (pred.to(dtype) - target.to(dtype)) ** 2
+    diff = pred.to(dtype) - target.to(dtype)
     if mask is None:
-        return err.mean()
-    if mask.dim() > err.dim() or tuple(mask.shape) != tuple(err.shape[: mask.dim()]):
+        return (diff**2).mean()
+    if mask.dim() > diff.dim() or tuple(mask.shape) != tuple(diff.shape[: mask.dim()]):
         raise ValueError(
-            f"mask shape {tuple(mask.shape)} must be a prefix of the data shape {tuple(err.shape)}"
+            f"mask shape {tuple(mask.shape)} must be a prefix of the data shape {tuple(diff.shape)}"
         )
-    m = mask.to(err.dtype).reshape(*mask.shape, *([1] * (err.dim() - mask.dim())))
-    per_element = err.numel() // max(mask.numel(), 1)  # elements per mask entry (e.g. C channels)
+    m = mask.to(dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim())))
+    per_element = diff.numel() // max(mask.numel(), 1)  # elements per mask entry (e.g. C channels)
+    # where, not only a product: padding may hold inf or NaN, and 0 * inf is NaN (in the loss and the gradient).
+    err = torch.where(m != 0, diff, 0) ** 2 * m
     # clamp: an all-padding batch gives 0 rather than NaN.
-    return (err * m).sum() / (m.sum() * per_element).clamp(min=1)
+    return err.sum() / (m.sum() * per_element).clamp(min=1)
 
 
 def diffusion_loss(
