@@ -44,6 +44,17 @@ def test_mqar_gaps_follow_power_law_and_seed() -> None:
     assert (xz[:, 8:] == 0).sum() == 2 * (24 - 4)  # only the queries are non-zero after the pairs
 
 
+@pytest.mark.parametrize("power_a", [200.0, 1e5])
+def test_mqar_takes_a_large_power_law_exponent(power_a: float) -> None:
+    """a * g^(a - 1) overflowed to inf for a = 200 (a RuntimeError from torch.multinomial); a large a favours the
+    longest gaps (for a = 1e5 all but the longest two have a weight of about 0: drawn uniformly)."""
+    _, y = mqar(4, vocab_size=1024, seq_len=512, num_kv_pairs=4, power_a=power_a, generator=_gen())
+    gaps = (((y != IGNORE_INDEX).nonzero()[:, 1] - 8) // 2).view(4, 4)  # in [0, 252)
+    if power_a == 200.0:
+        assert gaps.min() >= 150  # weight (150 / 252)^199 ~ e^-103
+    assert (gaps.max(dim=1).values == 251).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
@@ -55,6 +66,8 @@ def test_mqar_gaps_follow_power_law_and_seed() -> None:
         ),
         ({"seq_len": 32, "vocab_size": 64, "num_kv_pairs": 0}, r"num_kv_pairs=0 must be a positive int"),
         ({"seq_len": 32, "vocab_size": 64, "power_a": 0.0}, r"power_a=0.0 must be > 0"),
+        ({"seq_len": 32, "vocab_size": 64, "power_a": float("inf")}, r"power_a=inf must be > 0 and finite"),
+        ({"seq_len": 32, "vocab_size": 64, "power_a": "0.5"}, r"power_a='0.5' must be > 0"),
     ],
 )
 def test_mqar_constraints(kwargs: dict, pattern: str) -> None:

@@ -170,6 +170,10 @@ def test_preset_and_overrides_merge() -> None:
             r"num_kv_pairs=64 is too many",
         ),
         ({"model": {"family": "llm"}, "data": {"task": "flow"}}, r"does not fit model.family='llm'"),
+        (
+            {"model": {"family": "llm"}, "data": {"task": "mqar", "power_a": float("inf")}},
+            r"data: power_a=inf must be > 0 and finite",
+        ),
         ({"model": {"family": "llm"}, "train": {"steps": 0}}, r"train: steps=0 must be an int >= 1"),
     ],
 )

@@ -7,6 +7,8 @@ Axis legend: B batch, L sequence length, N key-value pairs, K tokens to copy, V 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -56,8 +58,8 @@ def mqar(
         raise ValueError(
             f"num_kv_pairs={num_kv_pairs} is too many for seq_len={seq_len}: 4 * num_kv_pairs must be <= seq_len"
         )
-    if not power_a > 0:
-        raise ValueError(f"power_a={power_a!r} must be > 0")
+    if isinstance(power_a, bool) or not isinstance(power_a, (int, float)) or not 0 < power_a < math.inf:
+        raise ValueError(f"power_a={power_a!r} must be > 0 and finite")
     B, N, L, V = batch_size, num_kv_pairs, seq_len, vocab_size
     half = V // 2
     keys = _distinct(B, half - 1, N, generator) + 1  # (B, N) in [1, V/2)
@@ -66,7 +68,8 @@ def mqar(
     context = 2 * N
     space = (L - context) // 2
     g = torch.arange(1, space + 1, dtype=torch.float64)
-    p = power_a * g ** (power_a - 1)
+    # ∝ a * g^(a - 1), scaled into (0, space] so that no finite a overflows; never 0, so N gaps can always be drawn
+    p = ((g / space) ** (power_a - 1)).clamp_min(torch.finfo(torch.float64).tiny)
     gaps = torch.multinomial(
         (p / p.sum()).expand(B, space).contiguous(), N, replacement=False, generator=generator
     )

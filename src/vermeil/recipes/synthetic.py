@@ -3,6 +3,7 @@ by accuracy on a fixed evaluation set."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,8 +66,8 @@ class MQARData(_SyntheticTask):
 
     def __post_init__(self) -> None:
         check_positive_ints(vocab_size=self.vocab_size, num_kv_pairs=self.num_kv_pairs)
-        if not self.power_a > 0:
-            raise ValueError(f"power_a={self.power_a!r} must be > 0")
+        if not 0 < self.power_a < math.inf:
+            raise ValueError(f"power_a={self.power_a!r} must be > 0 and finite")
 
     def check_fit(self, run: RunConfig) -> None:
         super().check_fit(run)
