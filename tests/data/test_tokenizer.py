@@ -152,3 +152,27 @@ def test_a_hostile_tokenizer_config_neither_hangs_nor_crashes(tmp_path) -> None:
         worker.join()
         pytest.fail("load_tokenizer blocked on a FIFO tokenizer_config.json")
     assert result == [None]
+
+
+def test_decode_refuses_ids_that_are_not_integers(tmp_path) -> None:  # noqa: ANN001
+    """decode truncated float ids (97.7 -> 'a', a float tensor too) and took True as byte 1; decode_batch of a
+    1-D tensor failed with "'int' object is not iterable"."""
+    import numpy as np
+
+    tok = ByteTokenizer()
+    for ids in ([97.7], torch.tensor([97.7, 98.2]), [True]):
+        with pytest.raises(TypeError, match="token ids must be integers, got"):
+            tok.decode(ids)
+    assert tok.decode([np.int64(97), torch.tensor(98)]) == "ab"  # integer types are ids
+    with pytest.raises(ValueError, match=r"decode_batch takes a \(B, L\) tensor of ids, got shape \(2,\)"):
+        tok.decode_batch(torch.tensor([97, 98]))
+    from vermeil.data.tokenizer import JSONTokenizer
+
+    _tiny_bpe(tmp_path, with_config=False)
+    json_tok = JSONTokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(TypeError, match="token ids must be integers, got 3.5"):
+        json_tok.decode([3.5])
+    with pytest.raises(ValueError, match="token id -1 must be >= 0"):
+        json_tok.decode([-1])
+    with pytest.raises(ValueError, match=r"decode takes a 1-D tensor of ids, got shape \(1, 2\)"):
+        json_tok.decode(torch.tensor([[1, 2]]))

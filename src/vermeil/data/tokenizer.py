@@ -6,6 +6,7 @@ Axis legend: B batch, L padded length.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,19 @@ __all__ = [
 TOKENIZER_FILE = "tokenizer.json"
 # What `vermeil convert` copies beside the weights: the tokenizer, and transformers' settings naming its EOS token.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
+
+
+def _int_ids(ids: Iterable[object]) -> list[int]:
+    """`ids` as Python ints; a float (a truncated id), a bool or a nested list raises TypeError naming it."""
+    out = []
+    for i in ids:
+        if isinstance(i, bool):
+            raise TypeError(f"token ids must be integers, got {i!r}")
+        try:
+            out.append(operator.index(i))  # ints, NumPy integers; not 97.7
+        except TypeError:
+            raise TypeError(f"token ids must be integers, got {i!r}") from None
+    return out
 
 
 class ByteTokenizer:
@@ -72,13 +86,17 @@ class ByteTokenizer:
                     f"decode takes a 1-D tensor of ids, got shape {tuple(ids.shape)}; use decode_batch"
                 )
             ids = ids.tolist()
-        ids = [int(i) for i in ids]
+        ids = _int_ids(ids)
         if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def decode_batch(self, ids: Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Decode each row of a (B, L) tensor or a list of id lists (padding is skipped with the specials)."""
+        if isinstance(ids, Tensor) and ids.dim() != 2:
+            raise ValueError(
+                f"decode_batch takes a (B, L) tensor of ids, got shape {tuple(ids.shape)}; use decode"
+            )
         rows = ids.tolist() if isinstance(ids, Tensor) else ids
         return [self.decode(row) for row in rows]
 
@@ -142,8 +160,13 @@ class JSONTokenizer:
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of `ids` (a list or a 1-D tensor); special tokens are skipped."""
         if isinstance(ids, Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode takes a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        ids = _int_ids(ids)
+        if bad := [i for i in ids if i < 0]:
+            raise ValueError(f"token id {bad[0]} must be >= 0")
+        return self._tok.decode(ids, skip_special_tokens=True)
 
 
 def _eos_token(folder: Path) -> str | None:
