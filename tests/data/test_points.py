@@ -80,3 +80,17 @@ def test_paired_sequences() -> None:
         paired_sequences(1, 4, target="ring")
     with pytest.raises(ValueError, match="length=0"):
         paired_sequences(1, 0)
+
+
+def test_points_refuse_an_integer_dtype_and_a_name_that_is_no_string() -> None:
+    """dtype=torch.long truncated every coordinate to an integer silently; a list as the name raised
+    "unhashable type: 'list'"."""
+    with pytest.raises(ValueError, match=r"dtype=torch.int64 must be a floating-point torch.dtype"):
+        sample_points("moons", 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"dtype=torch.int64 must be a floating-point torch.dtype"):
+        paired_sequences(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"distribution \['moons'\] must be one of"):
+        sample_points(["moons"], 3)
+    with pytest.raises(ValueError, match=r"source=\['moons'\] must be one of"):
+        paired_sequences(2, 3, source=["moons"])
+    assert sample_points("moons", 3, dtype=torch.bfloat16).dtype == torch.bfloat16

@@ -81,6 +81,11 @@ DISTRIBUTIONS: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
 }
 
 
+def _check_float_dtype(dtype: torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype (points are coordinates)")
+
+
 def sample_points(
     name: str,
     n: int,
@@ -90,10 +95,11 @@ def sample_points(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """(n, 2) points of the `DISTRIBUTIONS` entry `name`, computed in float64 on the CPU, then cast and moved."""
-    if name not in DISTRIBUTIONS:
+    if not isinstance(name, str) or name not in DISTRIBUTIONS:
         raise ValueError(f"distribution {name!r} must be one of {sorted(DISTRIBUTIONS)}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative int")
+    _check_float_dtype(dtype)
     return DISTRIBUTIONS[name](n, generator).to(device=device, dtype=dtype)
 
 
@@ -121,8 +127,9 @@ def paired_sequences(
     `data` is the target point whose angular rank matches source point i; a flow model learns p(data | cond).
     """
     check_positive_ints(batch=batch, length=length)
+    _check_float_dtype(dtype)
     for role, name in (("source", source), ("target", target)):
-        if name not in DISTRIBUTIONS:
+        if not isinstance(name, str) or name not in DISTRIBUTIONS:
             raise ValueError(f"{role}={name!r} must be one of {sorted(DISTRIBUTIONS)}")
     cond = DISTRIBUTIONS[source](batch * length, generator).view(batch, length, 2)
     data = DISTRIBUTIONS[target](batch * length, generator).view(batch, length, 2)
