@@ -42,3 +42,16 @@ def test_resume_continues_the_stream(make) -> None:  # noqa: ANN001
 def test_batch_size_is_checked() -> None:
     with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
         SeededSampler(mqar, 0)
+
+
+def test_seed_and_state_are_checked() -> None:
+    """A float seed raised torch's "manual_seed expected a long" (naming no argument); a state without a
+    generator tensor (a damaged state.pt) raised KeyError('generator') or set_state's own RuntimeError."""
+    with pytest.raises(ValueError, match=r"seed=1.5 must be an int"):
+        SeededSampler(mqar, 2, seed=1.5)
+    with pytest.raises(ValueError, match=r"seed=None must be an int"):
+        SeededSampler(mqar, 2, seed=None)
+    sampler = SeededSampler(mqar, 2, seed=-1, vocab_size=40, seq_len=16, num_kv_pairs=2)
+    for bad in ({}, {"generator": torch.zeros(3)}, [1, 2]):
+        with pytest.raises(ValueError, match=r"a sampler state must be \{'generator': a 1-D uint8 tensor\}"):
+            sampler.load_state_dict(bad)

@@ -25,6 +25,8 @@ class SeededSampler:
     def __init__(self, make: Callable[..., Any], batch_size: int, seed: int = 0, **kwargs: Any) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} must be an int")
         self.make, self.batch_size, self.kwargs = make, batch_size, kwargs
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -41,4 +43,8 @@ class SeededSampler:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        value = state.get("generator") if isinstance(state, Mapping) else None
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+            got = type(state).__name__ if not isinstance(state, Mapping) else f"generator={value!r:.60}"
+            raise ValueError(f"a sampler state must be {{'generator': a 1-D uint8 tensor}}, got {got}")
+        self.generator.set_state(value)
