@@ -167,3 +167,18 @@ def test_window_arguments_are_checked() -> None:
         sample_windows(torch.rand(100), 2, 5)
     with pytest.raises(ValueError, match=r"max_batches=-1 must be a positive int or None"):
         sequential_windows(data, 2, 5, max_batches=-1)
+
+
+def test_both_sides_keep_a_byte_at_an_extreme_val_fraction(tmp_path) -> None:
+    """val_fraction=0.97 of a 10-byte file, or of max_bytes=10, rounded validation up to all 10 bytes and left
+    train empty; a string val_fraction raised "'<' not supported"."""
+    f = tmp_path / "book.txt"
+    f.write_bytes(b"abcdefghij")
+    corpus = load_text_corpus([f], val_fraction=0.97)
+    assert corpus.train.tolist() == [ord("a")] and bytes(corpus.val.tolist()) == b"bcdefghij"
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_bytes(b"x" * 20)
+    capped = load_text_corpus([tmp_path], max_bytes=10, val_fraction=0.97)
+    assert (capped.train.numel(), capped.val.numel()) == (1, 9)
+    with pytest.raises(ValueError, match=r"val_fraction='0.1' must be a number in \(0, 1\)"):
+        load_text_corpus([f], val_fraction="0.1")

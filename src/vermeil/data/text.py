@@ -173,18 +173,24 @@ def load_text_corpus(
     files, when the hash puts every file on one side, the file with the lowest (highest) hash moves over so that
     both sides are non-empty.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1)")
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not 0 < val_fraction < 1
+    ):
+        raise ValueError(f"val_fraction={val_fraction!r} must be a number in (0, 1)")
     if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 2):
         raise ValueError(f"max_bytes={max_bytes!r} must be None or an int >= 2")
     files = find_corpus_files(paths, suffixes=suffixes)
     fingerprint = corpus_fingerprint(files)
-    val_cap = None if max_bytes is None else max(1, round(max_bytes * val_fraction))
+    # Each side keeps at least one byte: a val_fraction near 0 or 1 never rounds one side away.
+    val_cap = None if max_bytes is None else min(max_bytes - 1, max(1, round(max_bytes * val_fraction)))
     train_cap = None if max_bytes is None else max_bytes - val_cap
 
     if len(files) == 1:
         data, names = _read(files, None)
-        cut = len(data) - max(1, round(len(data) * val_fraction)) if len(data) > 1 else len(data)
+        n_val = min(len(data) - 1, max(1, round(len(data) * val_fraction)))
+        cut = len(data) - n_val if len(data) > 1 else len(data)
         train, val = data[:cut][:train_cap], data[cut:][:val_cap]  # a cap of None slices nothing off
         return TextCorpus(train.clone(), val.clone(), names, names, fingerprint)
 
