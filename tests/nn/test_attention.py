@@ -790,3 +790,29 @@ def test_property_invalid_configurations_rejected(dim: int, heads: int, kv_heads
         return
     with pytest.raises(ValueError, match=r"(dim|heads)=\d+ must be divisible by (heads|kv_heads)=\d+"):
         Attention(dim, heads, kv_heads)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_empty_batch_and_empty_context(backend: str) -> None:
+    # A batch of no rows (e.g. no images in a vision batch) and a cross-attention context of no tokens are
+    # legal: the head axis is known from head_dim, not inferred from zero elements.
+    m = Attention(16, 4, 2, causal=True, window=3, backend=backend)
+    assert m(torch.randn(0, 5, 16)).shape == (0, 5, 16)
+    cross = CrossAttention(16, 8, 4, backend=backend)
+    out = cross(torch.randn(2, 3, 16), torch.randn(2, 0, 8))
+    assert out.shape == (2, 3, 16)
+    assert torch.equal(out, torch.zeros_like(out))  # no key to attend: zero outputs, no bias
+
+
+def test_per_row_positions_and_q_scale_must_match_the_batch() -> None:
+    m = Attention(16, 4, 2, causal=True, window=3)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(
+        ValueError, match=r"input_pos must have shape \(T=5,\) or \(B, T\) with B=2, got \(3, 5\)"
+    ):
+        m(x, input_pos=torch.arange(5).expand(3, 5))
+    with pytest.raises(
+        ValueError, match=r"q_scale must have shape \(T=5,\) or \(B, T\) with B=2, got \(3, 5\)"
+    ):
+        m(x, q_scale=torch.ones(3, 5))
+    assert m(x, input_pos=torch.arange(5).expand(2, 5), q_scale=torch.ones(2, 5)).shape == (2, 5, 16)

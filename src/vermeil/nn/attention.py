@@ -436,9 +436,14 @@ class Attention(nn.Module):
                 "rope tables given to a module that has an injected rotary or is cross-attention; "
                 "pass tables only to self-attention built with rotary=None"
             )
-        for name, t in (("q_scale", q_scale), ("input_pos", input_pos)):
-            if t is not None and (t.ndim not in (1, 2) or t.shape[-1] != x.shape[1]):
-                raise ValueError(f"{name} must have shape (T={x.shape[1]},) or (B, T), got {tuple(t.shape)}")
+        b, t = x.shape[:2]
+        for name, p in (("q_scale", q_scale), ("input_pos", input_pos)):
+            if p is not None and (p.ndim not in (1, 2) or p.shape[-1] != t):
+                raise ValueError(f"{name} must have shape (T={t},) or (B, T), got {tuple(p.shape)}")
+            if p is not None and p.ndim == 2 and p.shape[0] != b:
+                raise ValueError(
+                    f"{name} must have shape (T={t},) or (B, T) with B={b}, got {tuple(p.shape)}"
+                )
         if input_pos is not None and self.kv_cache is not None and x.shape[1] > self.kv_cache.max_seq_len:
             raise ValueError(
                 f"input_pos of {x.shape[1]} positions exceeds max_seq_len={self.kv_cache.max_seq_len}"
@@ -546,10 +551,12 @@ class Attention(nn.Module):
             # The mask first, before the projections: its transient buffers never coexist with q, k, v.
             full, causal = self._mask(user, input_pos, t, s_in)
 
-        # Head counts come from the projections (-1): under tensor parallelism a rank holds a shard of them.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(src).view(b, s_in, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
-        v = self.wv(src).view(b, s_in, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        # Head counts come from the projections' widths: under tensor parallelism a rank holds a shard of them
+        # (not view(..., -1, Dh), which cannot infer the axis of an empty batch or context).
+        def heads(y: Tensor) -> Tensor:  # (B, L, h*Dh) -> (B, h, L, Dh)
+            return y.unflatten(-1, (y.shape[-1] // self.head_dim, self.head_dim)).transpose(1, 2)
+
+        q, k, v = heads(self.wq(x)), heads(self.wk(src)), heads(self.wv(src))  # (B, H|Hkv, T|S, Dh)
         if self.qk_norm is not None and not self.qk_norm_after_rope:
             q, k = self.qk_norm(q, k)
         if self.rotary is not None:
@@ -583,7 +590,7 @@ class Attention(nn.Module):
             out = attention(
                 q, k, v, full, causal=causal, scale=self.scale, dropout_p=dropout_p, backend=backend
             )  # (B, H, T, Dh)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, H*Dh) -> (B, T, D)
 
     def extra_repr(self) -> str:
         always = ("dim", "heads", "kv_heads", "head_dim", "causal", "backend")
