@@ -176,3 +176,23 @@ def test_decode_refuses_ids_that_are_not_integers(tmp_path) -> None:  # noqa: AN
         json_tok.decode([-1])
     with pytest.raises(ValueError, match=r"decode takes a 1-D tensor of ids, got shape \(1, 2\)"):
         json_tok.decode(torch.tensor([[1, 2]]))
+
+
+def test_a_crafted_tokenizer_json_fails_in_one_value_error(tmp_path) -> None:  # noqa: ANN001
+    """A tokenizer.json whose unknown-token rule its vocabulary breaks made encode raise tokenizers' bare
+    Exception, and one with a backtracking pre-tokenizer regex a Rust panic (pyo3's PanicException, a
+    BaseException that `except Exception` misses): `vermeil generate` called either an internal error."""
+    import json
+
+    pytest.importorskip("tokenizers")
+    from vermeil.data.tokenizer import JSONTokenizer
+
+    bpe = {"type": "BPE", "unk_token": "zz", "vocab": {"a": 0, "b": 1}, "merges": []}
+    (tmp_path / "unk.json").write_text(json.dumps({"version": "1.0", "model": bpe}))
+    with pytest.raises(ValueError, match=r"unk.json fails to encode the text: Unk token `zz` not found"):
+        JSONTokenizer(tmp_path / "unk.json").encode("ab c")
+    split = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    evil = {"version": "1.0", "pre_tokenizer": split, "model": {**bpe, "unk_token": None}}
+    (tmp_path / "evil.json").write_text(json.dumps(evil))
+    with pytest.raises(ValueError, match=r"evil.json fails to encode the text: .*retry-limit"):
+        JSONTokenizer(tmp_path / "evil.json").encode("a" * 30 + "b")

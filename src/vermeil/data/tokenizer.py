@@ -9,9 +9,9 @@ import json
 import operator
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +26,8 @@ __all__ = [
     "load_tokenizer",
     "tokenizer_path",
 ]
+
+_T = TypeVar("_T")
 
 TOKENIZER_FILE = "tokenizer.json"
 # What `vermeil convert` copies beside the weights: the tokenizer, and transformers' settings naming its EOS token.
@@ -140,12 +142,20 @@ class JSONTokenizer:
                 f"{os.fspath(path)} needs the tokenizers library: pip install 'vermeil[tokenizers]'"
             ) from None
         self.path = Path(path)
-        try:
-            self._tok = Tokenizer.from_file(os.fspath(path))
-        except Exception as e:  # tokenizers raises its own Exception subclass for any malformed file
-            first = " ".join(str(e).split())
-            raise ValueError(f"{os.fspath(path)} is not a readable tokenizer.json: {first}") from None
+        self._tok = self._call("is not a readable tokenizer.json", Tokenizer.from_file, os.fspath(path))
         self.eos_id: int | None = self._tok.token_to_id(eos_token) if eos_token else None
+
+    def _call(self, failure: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """fn(*args, **kwargs); what the file makes the tokenizers library raise is one ValueError naming it: a
+        plain Exception (an unknown-token rule the vocabulary breaks) or a Rust panic (pyo3's PanicException, a
+        BaseException: a pre-tokenizer regex past its backtracking limit)."""
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise  # KeyboardInterrupt, SystemExit
+            first = " ".join(str(e).split())
+            raise ValueError(f"{os.fspath(self.path)} {failure}: {first}") from None
 
     @property
     def vocab_size(self) -> int:  # added tokens included
@@ -155,7 +165,9 @@ class JSONTokenizer:
         """Token ids of `text` (without the special tokens a post-processor would add)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(
+            self._call("fails to encode the text", self._tok.encode, text, add_special_tokens=False).ids
+        )
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of `ids` (a list or a 1-D tensor); special tokens are skipped."""
@@ -166,7 +178,7 @@ class JSONTokenizer:
         ids = _int_ids(ids)
         if bad := [i for i in ids if i < 0]:
             raise ValueError(f"token id {bad[0]} must be >= 0")
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._call("fails to decode the ids", self._tok.decode, ids, skip_special_tokens=True)
 
 
 def _eos_token(folder: Path) -> str | None:
