@@ -7,6 +7,7 @@ Shapes: N images, C channels, H x W pixels, B batch, T tokens, Ti tokens per ima
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -137,3 +138,25 @@ def test_image_embeddings_compile_without_graph_breaks() -> None:
         results.append((out, *torch.autograd.grad(out.square().mean(), params)))
     for got, want in zip(*results):
         assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_without_images() -> None:
+    # No images (N=0) and a mask marking no position: zeros, as any other image-free rows.
+    emb = VisionEmbeddings(VisionArgs(**VISION))
+    out = emb(torch.empty(0, 3, 28, 28), torch.zeros(2, 9, dtype=torch.bool))
+    assert out.shape == (2, 9, 20) and not out.any()
+    assert pixel_shuffle(torch.empty(0, 16, 8), 0.5).shape == (0, 4, 32)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("image_size", (28, 28, 28)), ("image_size", 28.0), ("patch_size", (7,)), ("patch_size", "7")],
+)
+def test_vision_args_size_fields_are_ints_or_pairs(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} must be a positive int or a pair")):
+        VisionArgs(**{**VISION, field: value})
+
+
+def test_vision_args_pixel_shuffle_ratio_must_be_a_number() -> None:
+    with pytest.raises(ValueError, match=r"pixel_shuffle_ratio='0.5' must be in \(0, 1\]"):
+        VisionArgs(**{**VISION, "pixel_shuffle_ratio": "0.5"})

@@ -54,9 +54,13 @@ class VisionArgs:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size"):
+            size = getattr(self, name)
+            if not isinstance(size, int) and not (isinstance(size, (tuple, list)) and len(size) == 2):
+                raise ValueError(f"{name}={size!r} must be a positive int or a pair (height, width) of them")
+            for side in (size,) if isinstance(size, int) else size:
+                check_positive_int(name, side)
         (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
-        for name, value in (("image_size", ih), ("image_size", iw), ("patch_size", ph), ("patch_size", pw)):
-            check_positive_int(name, value)
         if ih % ph or iw % pw:
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}"
@@ -65,9 +69,15 @@ class VisionArgs:
         if gh != gw:
             raise ValueError(f"the patch grid must be square for pixel shuffle, got {gh} x {gw}")
         r = self.pixel_shuffle_ratio
-        if not 0 < r <= 1 or abs(gh * r - round(gh * r)) > 1e-9 or abs(1 / r**2 - round(1 / r**2)) > 1e-9:
+        if (
+            isinstance(r, bool)
+            or not isinstance(r, (int, float))
+            or not 0 < r <= 1
+            or abs(gh * r - round(gh * r)) > 1e-9
+            or abs(1 / r**2 - round(1 / r**2)) > 1e-9
+        ):
             raise ValueError(
-                f"pixel_shuffle_ratio={r} must be in (0, 1] with grid side {gh} * r and 1 / r^2 integers"
+                f"pixel_shuffle_ratio={r!r} must be in (0, 1] with grid side {gh} * r and 1 / r^2 integers"
             )
         check_fields(self, positive=("mlp_ratio",))
         if self.dim % self.n_heads:
@@ -93,7 +103,7 @@ def pixel_shuffle(x: Tensor, ratio: float) -> Tensor:
     x = x.permute(0, 2, 1, 3).contiguous()
     x = x.view(n, round(side * ratio), round(side * ratio), round(c / (ratio * ratio)))
     x = x.permute(0, 2, 1, 3).contiguous()
-    return x.view(n, -1, x.shape[-1])
+    return x.flatten(1, 2)  # (N, P * r^2, Dvit / r^2); not view(n, -1, ...), undefined for N = 0
 
 
 class _Conv2dPatch(nn.Module):
