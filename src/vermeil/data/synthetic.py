@@ -37,8 +37,9 @@ def mqar(
     """Multi-query associative recall, as `zoology/data/multiquery_ar.py` (Arora, Eyuboglu et al. 2023).
 
     The sequence starts with N distinct pairs `k1 v1 ... kN vN` (keys from [1, V/2), values from [V/2, V), both
-    distinct within a row). Each key is then queried once, at position `2N + 2 * gap`, with the N gaps drawn
-    without replacement from a power law `p(g) ∝ a * g^(a - 1)` over g = 1..(L - 2N) / 2 (short gaps are likely).
+    distinct within a row). Each key is then queried once, at position `2N + 2 * (g - 1)` (from 2N to L - 2), with
+    the N values of g drawn without replacement from a power law `p(g) ∝ a * g^(a - 1)` over g = 1..(L - 2N) / 2
+    (short gaps are likely).
     The target at a query position is the value paired with its key; every other target is -100. Every other
     input position holds a random token from [0, V) (or 0 with `random_non_queries=False`).
 
