@@ -89,3 +89,11 @@ def test_meta_device_construction():
     assert norm.weight.is_meta
     norm.to_empty(device="cpu").reset_parameters()
     assert torch.equal(norm.weight, torch.ones(8))
+
+
+@pytest.mark.parametrize("eps", [-1e-6, float("nan"), float("inf"), None, "1e-6", True])
+@pytest.mark.parametrize("make", [RMSNorm, LayerNorm, QKNorm], ids=["rms", "layer", "qk"])
+def test_eps_must_be_a_finite_number_at_least_zero(make, eps) -> None:
+    # A negative eps made RMSNorm return NaN for small inputs, None failed in forward ('+ NoneType').
+    with pytest.raises(ValueError, match=rf"eps={eps!r} must be a finite number >= 0".replace("(", r"\(")):
+        make(8, eps=eps)

@@ -8,6 +8,7 @@ Axis legend: B batch, T length, D model dim, H heads, Dh head dim.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -34,6 +35,13 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     return out if weight is None else out * weight
 
 
+def _check_eps(eps: Any) -> float:
+    """`eps` if it is a finite number >= 0 (a negative one makes rsqrt of a small mean square NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps={eps!r} must be a finite number >= 0")
+    return eps
+
+
 def _check_last_dim(x: Tensor, dim: int, module: str) -> None:
     if x.shape[-1] != dim:
         raise ValueError(f"{module}: input of shape {tuple(x.shape)} must have last dim={dim}")
@@ -55,7 +63,7 @@ class RMSNorm(nn.RMSNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(check_positive_int("dim", dim), eps, elementwise_affine, device, dtype)
+        super().__init__(check_positive_int("dim", dim), _check_eps(eps), elementwise_affine, device, dtype)
         self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -78,7 +86,9 @@ class LayerNorm(nn.LayerNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(check_positive_int("dim", dim), eps, elementwise_affine, bias, device, dtype)
+        super().__init__(
+            check_positive_int("dim", dim), _check_eps(eps), elementwise_affine, bias, device, dtype
+        )
         self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -122,6 +132,7 @@ class QKNorm(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("head_dim", head_dim)
+        _check_eps(eps)
         if kind not in ("rms", "l2"):
             raise ValueError(f"kind={kind!r} must be 'rms' or 'l2'")
         self.head_dim, self.kind = head_dim, kind
