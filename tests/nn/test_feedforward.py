@@ -71,3 +71,16 @@ def test_meta_device_and_compile():
     compiled = torch.compile(ff, fullgraph=True, backend="eager")
     x = torch.randn(2, 3, 8)
     assert_close(compiled(x), ff(x))
+
+
+def test_llama_hidden_dim_rejects_what_gives_no_width():
+    # A bad hidden_dim or multiplier gave a negative or zero width (or "cannot convert float NaN to integer").
+    with pytest.raises(ValueError, match="hidden_dim=-8 must be a positive int or None"):
+        llama_hidden_dim(8, 4, hidden_dim=-8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"ffn_dim_multiplier={bad} must be > 0 and finite"):
+            llama_hidden_dim(8, 4, ffn_dim_multiplier=bad)
+    with pytest.raises(ValueError, match=r"gives a hidden size of 0 \(dim=8, hidden_dim=1,"):
+        llama_hidden_dim(8, 4, hidden_dim=1)
+    with pytest.raises(ValueError, match=r"gives a hidden size of 0 \(dim=1, .*ffn_dim_multiplier=0.1\)"):
+        llama_hidden_dim(1, 1, ffn_dim_multiplier=0.1)

@@ -417,3 +417,15 @@ def test_cuda_grouped_path_has_no_sync_and_equals_the_loop() -> None:
     ref = _twin(model.float().cpu(), "loop")
     other = _twin(model.float().cpu(), "grouped").cuda()
     assert_close(other(x).out.cpu(), ref(x.cpu()).out, atol=1e-4, rtol=1e-4)  # float32: padded path on CUDA
+
+
+def test_moe_hidden_dim_rejects_what_gives_no_width() -> None:
+    for name in ("ffn_exp", "ffn_dim_multiplier"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name}={bad} must be > 0 and finite"):
+                moe_hidden_dim(64, **{name: bad})
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=f"capacity_factor={bad} must be >= 0 and finite"):
+            moe_hidden_dim(64, capacity_factor=bad, auto_scale_F=True)
+    with pytest.raises(ValueError, match=r"gives a hidden size of 0 \(dim=1, ffn_exp=0.1"):
+        moe_hidden_dim(1, ffn_exp=0.1, multiple_of=1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_ints, check_probability
+from vermeil.nn.checks import check_optional_positive_int, check_positive_ints, check_probability
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 
@@ -32,12 +32,18 @@ def llama_hidden_dim(
     MLP does), times `ffn_dim_multiplier`, rounded up to `multiple_of`. Llama 3 8B: (4096, 1024, 1.3) -> 14336.
     """
     check_positive_ints(dim=dim, multiple_of=multiple_of)
-    if ffn_dim_multiplier is not None and ffn_dim_multiplier <= 0:
-        raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier!r} must be > 0")
+    check_optional_positive_int("hidden_dim", hidden_dim)
+    if ffn_dim_multiplier is not None and not (ffn_dim_multiplier > 0 and math.isfinite(ffn_dim_multiplier)):
+        raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier!r} must be > 0 and finite")
     h = 4 * dim if hidden_dim is None else hidden_dim
     h = int(2 * h / 3)
     if ffn_dim_multiplier is not None:
         h = int(ffn_dim_multiplier * h)
+    if h <= 0:  # rounding up to multiple_of would keep 0
+        raise ValueError(
+            f"the Llama rule gives a hidden size of 0 (dim={dim}, hidden_dim={hidden_dim}, "
+            f"ffn_dim_multiplier={ffn_dim_multiplier}); give hidden_dim or a larger multiplier"
+        )
     return multiple_of * math.ceil(h / multiple_of)
 
 

@@ -47,18 +47,23 @@ def moe_hidden_dim(
     ffn_dim_multiplier=1.2, auto_scale_F=True) == 8192` (transformers' `intermediate_size`).
     """
     check_positive_ints(dim=dim, multiple_of=multiple_of)
-    if ffn_exp <= 0:
-        raise ValueError(f"ffn_exp={ffn_exp!r} must be > 0")
-    if ffn_dim_multiplier is not None and ffn_dim_multiplier <= 0:
-        raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier!r} must be > 0")
-    if capacity_factor < 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r} must be >= 0")
+    for name, value in (("ffn_exp", ffn_exp), ("ffn_dim_multiplier", ffn_dim_multiplier)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name}={value!r} must be > 0 and finite")
+    if not (capacity_factor >= 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor={capacity_factor!r} must be >= 0 and finite")
     h = int(ffn_exp * dim)
     h = int(2 * h / 3)
     if ffn_dim_multiplier is not None:
         h = int(ffn_dim_multiplier * h)
     if auto_scale_F:
         h = int(h / (capacity_factor + 1))
+    if h <= 0:  # rounding up to multiple_of would keep 0
+        raise ValueError(
+            f"the Llama 4 rule gives a hidden size of 0 (dim={dim}, ffn_exp={ffn_exp}, "
+            f"ffn_dim_multiplier={ffn_dim_multiplier}, auto_scale_F={auto_scale_F}, "
+            f"capacity_factor={capacity_factor})"
+        )
     return multiple_of * math.ceil(h / multiple_of)
 
 
