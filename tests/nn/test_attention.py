@@ -6,6 +6,8 @@ atol=rtol=1e-5 (SDPA's fused kernel sums in another order than the math path); f
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -816,3 +818,14 @@ def test_per_row_positions_and_q_scale_must_match_the_batch() -> None:
     ):
         m(x, q_scale=torch.ones(3, 5))
     assert m(x, input_pos=torch.arange(5).expand(2, 5), q_scale=torch.ones(2, 5)).shape == (2, 5, 16)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -0.5, "0.5", True])
+def test_scale_must_be_a_finite_positive_number(scale: object) -> None:
+    # scale=nan silently gave all-zero outputs; a string was kept until the first forward.
+    q, k, v = qkv()
+    rule = re.escape(f"scale={scale!r} must be None or a finite number > 0")
+    with pytest.raises(ValueError, match=rule):
+        attention(q, k, v, scale=scale)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rule):
+        Attention(16, 4, scale=scale)  # type: ignore[arg-type]

@@ -71,6 +71,14 @@ def _check_mask(mask: Tensor, b: int, h: int, t: int, s: int, *, padding: bool =
         raise ValueError(f"mask must have {rule}, got {tuple(mask.shape)}")
 
 
+def _check_scale(scale: Any) -> None:
+    """None or a finite number > 0 (SDPA turns a NaN scale into all-zero outputs without a word)."""
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf")
+    ):
+        raise ValueError(f"scale={scale!r} must be None or a finite number > 0")
+
+
 @functools.cache
 def _cpu_flash_combines_mask_and_causal() -> bool:
     """Whether this torch's fused CPU kernel applies `attn_mask` and `is_causal` together, exactly.
@@ -208,6 +216,7 @@ def attention(
     if mask is not None:
         _check_mask(mask, b, h, t, s)
     check_probability("dropout_p", dropout_p)
+    _check_scale(scale)
     if causal and t > s:
         raise ValueError(f"causal attention needs T <= S (bottom-right aligned), got T={t}, S={s}")
     scale = dh**-0.5 if scale is None else scale
@@ -342,6 +351,7 @@ class Attention(nn.Module):
         if qk_norm not in (None, "rms", "l2") and not isinstance(qk_norm, nn.Module):
             raise ValueError(f"qk_norm={qk_norm!r} must be None, 'rms' or 'l2' (or a module)")
         check_probability("dropout", dropout)
+        _check_scale(scale)
         check_optional_positive_int("window", window)
         check_optional_positive_int("chunk", chunk)
         if backend not in _MODULE_BACKENDS:
