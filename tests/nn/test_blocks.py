@@ -4,6 +4,7 @@ caches, cross-attention, LoRA hooks, gradcheck, compile, errors, meta constructi
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -546,3 +547,19 @@ def test_transformer_block_meta_device() -> None:
     block.reset_parameters()  # parameters and the injected rotary tables
     assert_close(rotary.cos_cached, RotaryEmbedding(6).cos_cached)
     assert torch.isfinite(block(torch.randn(B, T, 24), torch.randn(B, 3, 24))).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"qk_scale": float("nan")}, "qk_scale=nan must be > 0 and finite"),
+        ({"xpos_scale_base": float("inf")}, "xpos_scale_base=inf must be > 0 and finite"),
+        ({"ff_mult": float("nan")}, "ff_mult=nan must be > 0"),
+        ({"ff_mult": float("inf")}, "ff_mult=inf must be > 0"),
+        ({"ff_mult": True}, "ff_mult=True must be > 0"),
+    ],
+)
+def test_parallel_block_non_finite_numbers(kwargs: dict, message: str) -> None:
+    # NaN qk_scale was accepted (NaN outputs); NaN/inf ff_mult failed in int() with an error naming nothing.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ParallelTransformerBlock(**({"dim": PD, "dim_head": PDH, "qk_rmsnorm": True} | kwargs))

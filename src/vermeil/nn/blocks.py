@@ -7,6 +7,7 @@ Hkv kv heads, Dh head dim, F feed-forward hidden dim.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -87,11 +88,15 @@ class ParallelTransformerBlock(nn.Module):
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads)
         if dim_head % 2:
             raise ValueError(f"dim_head={dim_head} must be even (rotary pairs channels)")
-        if not isinstance(ff_mult, (int, float)) or ff_mult <= 0 or (ff_mult * dim) != int(ff_mult * dim):
+
+        def positive(value: object) -> bool:  # a finite number > 0 (NaN fails every comparison)
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+        if not positive(ff_mult) or (ff_mult * dim) != int(ff_mult * dim):
             raise ValueError(f"ff_mult={ff_mult!r} must be > 0 with ff_mult * dim={dim} an integer")
         for name, value in (("qk_scale", qk_scale), ("xpos_scale_base", xpos_scale_base)):
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be > 0")
+            if not positive(value):
+                raise ValueError(f"{name}={value!r} must be > 0 and finite")
         check_probability("attn_dropout", attn_dropout)
         check_probability("ff_dropout", ff_dropout)
         factory = {"device": device, "dtype": dtype}
