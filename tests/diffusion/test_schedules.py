@@ -112,6 +112,16 @@ def test_snr_helpers() -> None:
     assert_close(min_snr_weight(s, g, "x0"), torch.clamp(s, max=g))
 
 
+def test_min_snr_epsilon_weight_is_one_at_zero_terminal_snr() -> None:
+    """Zero-terminal-SNR schedules end at snr = 0, where min(snr, g) / snr is 0 / 0; its limit (and diffusers'
+    training scripts' `mse_loss_weights[snr == 0] = 1.0`) is 1, not NaN."""
+    s = snr(alphas_cumprod(rescale_zero_terminal_snr(ddpm_betas(1000, "scaled_linear", 0.00085, 0.012))))
+    assert s[-1] == 0
+    w = min_snr_weight(s, 5.0, "epsilon")
+    assert torch.isfinite(w).all() and w[-1] == 1
+    assert_close(w[:-1], torch.clamp(s[:-1], max=5.0) / s[:-1], rtol=0, atol=0)
+
+
 def test_snr_matches_diffusers_compute_snr() -> None:
     diffusers = pytest.importorskip("diffusers")
     from diffusers.training_utils import compute_snr

@@ -124,7 +124,7 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 
 
 def min_snr_weight(snr: Tensor, gamma: float = 5.0, prediction_type: PredictionType = "epsilon") -> Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023), snr: (B,) -> (B,). epsilon: min(snr, gamma) / snr;
+    """Min-SNR-gamma loss weight (Hang et al. 2023), snr: (B,) -> (B,). epsilon: min(snr, gamma) / snr (1 at snr 0);
     v_prediction: min(snr, gamma) / (snr + 1); sample/x0: min(snr, gamma)."""
     if gamma <= 0:
         raise ValueError(f"gamma={gamma} must be > 0")
@@ -132,7 +132,9 @@ def min_snr_weight(snr: Tensor, gamma: float = 5.0, prediction_type: PredictionT
     clipped = torch.clamp(snr, max=gamma)
     match prediction_type:
         case "epsilon":
-            return clipped / snr
+            # snr = 0 (zero terminal SNR): the limit of min(snr, gamma) / snr is 1, not 0 / 0 (diffusers' scripts
+            # set it to 1 too).
+            return torch.where(snr == 0, torch.ones_like(clipped), clipped / snr)
         case "v_prediction":
             return clipped / (snr + 1)
         case _:
