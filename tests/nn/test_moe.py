@@ -429,3 +429,14 @@ def test_moe_hidden_dim_rejects_what_gives_no_width() -> None:
             moe_hidden_dim(64, capacity_factor=bad, auto_scale_F=True)
     with pytest.raises(ValueError, match=r"gives a hidden size of 0 \(dim=1, ffn_exp=0.1"):
         moe_hidden_dim(1, ffn_exp=0.1, multiple_of=1)
+
+
+def test_route_checks_top_k() -> None:
+    # top_k=0 returned empty scores (every token routed to no expert) and top_k > E a bare torch error.
+    logits = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="top_k=0 must be a positive int"):
+        route(logits, 0)
+    with pytest.raises(ValueError, match=r"top_k=5 must be <= num_experts=4 \(logits_TE.shape\[-1\]\)"):
+        route(logits, 5)
+    with pytest.raises(ValueError, match=r"logits_TE must have shape \(T, E\), got \(2, 3, 4\)"):
+        route(torch.randn(2, 3, 4), 1)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vermeil.nn.checks import check_positive_ints, tracing
+from vermeil.nn.checks import check_positive_int, check_positive_ints, tracing
 from vermeil.nn.feedforward import SwiGLU
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -79,6 +79,11 @@ def route(
     "sigmoid" (Llama 4): sigmoid of the top-k logits. "softmax" (Mixtral): the top-k of softmax over all E.
     `renormalize` divides the k scores by their sum (Mixtral does).
     """
+    if logits_TE.ndim != 2:
+        raise ValueError(f"logits_TE must have shape (T, E), got {tuple(logits_TE.shape)}")
+    check_positive_int("top_k", top_k)
+    if top_k > logits_TE.shape[-1]:
+        raise ValueError(f"top_k={top_k} must be <= num_experts={logits_TE.shape[-1]} (logits_TE.shape[-1])")
     logits_TE = _fp32(logits_TE)
     match score_func:
         case "sigmoid":
