@@ -283,6 +283,10 @@ def test_invalid_arguments_raise_naming_the_value() -> None:
         sample_flow_timesteps(0)
     with pytest.raises(ValueError, match="logit_std=0"):
         sample_flow_timesteps(4, "logit_normal", logit_std=0.0)
+    with pytest.raises(ValueError, match=r"mode_scale=2.0 must be in \[-1, 2 / \(pi - 2\)"):
+        sample_flow_timesteps(4, "mode", mode_scale=2.0)  # t would leave [0, 1]
+    with pytest.raises(ValueError, match="seq_len=0"):
+        sample_flow_timesteps(4, seq_len=0, shift=False)
     with pytest.raises(ValueError, match="mu=1.0 or seq_len=256"):
         sample_flow_timesteps(4, mu=1.0, seq_len=256)
     with pytest.raises(ValueError, match="prediction_type='noise'"):

@@ -6,6 +6,7 @@ flow (BFL Flux, SD3). `model_fn(x, t, **cond) -> prediction` everywhere: the cal
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -165,14 +166,20 @@ def sample_flow_timesteps(
             u = torch.normal(logit_mean, logit_std, (batch,), generator=generator, device=gen_device)
             u = torch.sigmoid(u)
         case "mode":
+            # Outside this range the map u -> t is not monotone and t leaves [0, 1] (Esser et al. 2024).
+            if not -1.0 <= mode_scale <= 2 / (math.pi - 2):
+                raise ValueError(
+                    f"mode_scale={mode_scale} must be in [-1, 2 / (pi - 2) = {2 / (math.pi - 2):.4f}]"
+                )
             u = torch.rand(batch, device=gen_device, generator=generator)
             u = 1 - u - mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
         case _:
             raise ValueError(f"kind={kind!r} must be 'uniform', 'logit_normal' or 'mode'")
     if mu is not None and seq_len is not None:
         raise ValueError(f"give mu={mu} or seq_len={seq_len}, not both")
-    if mu is None and seq_len is not None and shift:
+    if seq_len is not None:
         check_positive_int("seq_len", seq_len)
+    if mu is None and seq_len is not None and shift:
         mu = get_lin_function(y1=base_shift, y2=max_shift)(seq_len)
     if mu is not None:
         u = time_shift(mu, 1.0, u)
