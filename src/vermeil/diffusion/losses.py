@@ -166,7 +166,8 @@ def sample_flow_timesteps(
             u = torch.normal(logit_mean, logit_std, (batch,), generator=generator, device=gen_device)
             u = torch.sigmoid(u)
         case "mode":
-            # Outside this range the map u -> t is not monotone and t leaves [0, 1] (Esser et al. 2024).
+            # SD3 (Esser et al. 2024) requires this range, where u -> t is a bijection of [0, 1] (a monotone
+            # map); below -1, t leaves [0, 1].
             if not -1.0 <= mode_scale <= 2 / (math.pi - 2):
                 raise ValueError(
                     f"mode_scale={mode_scale} must be in [-1, 2 / (pi - 2) = {2 / (math.pi - 2):.4f}]"
