@@ -127,3 +127,12 @@ def test_document_mask_against_brute_force() -> None:
         document_mask(ids.float(), ids)
     with pytest.raises(ValueError, match="batch"):
         document_mask(ids[:1], ids)
+
+
+def test_window_and_chunk_are_required_by_their_own_masks() -> None:
+    # None passed the check (it allowed None) and failed in the arithmetic: "- NoneType" / div() arguments.
+    pos = torch.arange(4)
+    with pytest.raises(ValueError, match="window=None must be a positive int"):
+        sliding_window_mask(pos, pos, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk=None must be a positive int"):
+        chunked_mask(pos, pos, None)  # type: ignore[arg-type]

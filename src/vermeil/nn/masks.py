@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vermeil.nn.checks import check_bool_mask, check_optional_positive_int
+from vermeil.nn.checks import check_bool_mask, check_positive_int
 
 __all__ = [
     "attention_mask",
@@ -59,7 +59,7 @@ def sliding_window_mask(q_pos: Tensor, kv_pos: Tensor, window: int, *, causal: b
 
     Causal: `0 <= q - k < W`; not causal: `|q - k| < W` (a symmetric band).
     """
-    check_optional_positive_int("window", window)
+    check_positive_int("window", window)
     q, k = _pairs(q_pos, kv_pos)
     # Comparisons of the broadcast (T, 1) and (1, S) positions yield bool (T, S) directly; an int64
     # difference q - k would cost 8 bytes per pair (128 MiB at T = S = 4096).
@@ -69,7 +69,7 @@ def sliding_window_mask(q_pos: Tensor, kv_pos: Tensor, window: int, *, causal: b
 
 def chunked_mask(q_pos: Tensor, kv_pos: Tensor, chunk: int, *, causal: bool = True) -> Tensor:
     """(B|1, T, S) bool, Llama 4's chunks: `q // C == k // C` (and `k <= q` when causal), C = `chunk`."""
-    check_optional_positive_int("chunk", chunk)
+    check_positive_int("chunk", chunk)
     q, k = _pairs(q_pos, kv_pos)
     same = torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
     return same & (k <= q) if causal else same
