@@ -104,3 +104,49 @@ def test_reading_a_run_imports_no_training() -> None:
     code = "import sys, vermeil.runs; print(sorted(m for m in sys.modules if m.startswith('vermeil.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "vermeil.runs" in out and "vermeil.train" not in out and "vermeil.recipes" not in out, out
+
+
+def _trained_run(run: Path) -> tuple[object, Path]:
+    from vermeil.train import TrainConfig, Trainer
+
+    tokens = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    batches = iter(lambda: (tokens[:, :-1], tokens[:, 1:]), None)
+    config = TrainConfig(steps=1, warmup=0, eval_every=0, progress=False, plot=False, threads=1)
+    Trainer(_model(0), batches, config=config, out_dir=run).fit()
+    return lambda: Trainer(_model(1), batches, config=config, out_dir=run), latest_checkpoint(run)
+
+
+@pytest.mark.parametrize(
+    "craft, why",
+    [
+        (lambda s: [1, 2], "holds a list"),
+        (lambda s: {**s, "step": "x"}, "step"),
+        (lambda s: {**s, "config": "abc"}, "config"),
+        (lambda s: {k: v for k, v in s.items() if k != "config"}, "config"),
+        (lambda s: {k: v for k, v in s.items() if k != "rng"}, "rng"),
+        (lambda s: {**s, "optimizer": 5}, "optimizer"),
+        (lambda s: {**s, "scheduler": [1]}, "scheduler"),
+        (lambda s: {**s, "scheduler": {**s["scheduler"], "optimizer": {}}}, "scheduler"),
+        (lambda s: {**s, "rng": {"torch": 1, "python": 2}}, "rng"),
+        (lambda s: {**s, "window": {"loss": 1.0}}, "window"),
+        (lambda s: {**s, "nonfinite": torch.zeros(2)}, "nonfinite"),
+    ],
+)
+def test_a_crafted_state_file_is_named_not_a_crash(tmp_path: Path, craft, why: str) -> None:
+    """state.pt holds only tensors and plain containers (weights_only), but of any shape: a run folder from
+    elsewhere gives an error naming the file and what is wrong, never a KeyError or AttributeError."""
+    from vermeil.checkpoint import load_torch, save_torch
+    from vermeil.runs import DamagedCheckpointError, write_manifest
+
+    make_trainer, folder = _trained_run(tmp_path / "run")
+    save_torch(craft(load_torch(folder / "state.pt")), folder / "state.pt")
+    write_manifest(folder)  # an intact file: its content is the problem
+    (tmp_path / "run" / "config.yaml").unlink()  # the checkpoint's copy of the config is read then
+    if why != "config":  # a trainer reads no config from the checkpoint
+        with pytest.raises(DamagedCheckpointError, match=why) as e:
+            make_trainer().load_checkpoint(tmp_path / "run")
+        assert "state.pt" in str(e.value)
+    if why not in ("rng", "optimizer", "scheduler", "window", "nonfinite"):  # what a trainer alone reads
+        with pytest.raises(DamagedCheckpointError, match=why) as e:
+            read_run_config(tmp_path / "run")
+        assert "state.pt" in str(e.value)

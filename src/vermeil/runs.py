@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from vermeil.checkpoint import (
     atomic_write,
@@ -65,6 +65,7 @@ __all__ = [
     "prune_checkpoints",
     "read_manifest",
     "read_run_config",
+    "read_state",
     "refuse_existing_run",
     "saved_distributed",
     "verify_checkpoint",
@@ -285,6 +286,78 @@ def load_model_weights(model: nn.Module, run_dir: str | os.PathLike[str]) -> Pat
     return folder
 
 
+def _check(path: Path, ok: bool, why: str) -> None:
+    if not ok:
+        raise DamagedCheckpointError(f"checkpoint file {os.fspath(path)} is damaged: {why}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _entry(state: Mapping[str, Any], key: str) -> str:
+    return f"it has no {key}" if key not in state else f"its {key} is a {_kind(state[key])}"
+
+
+def read_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's state.pt (`weights_only`), checked for the layout a trainer or `write_run` gives it: any
+    tensors and containers unpickle safely, so the shape is checked here, and a DamagedCheckpointError names
+    the file and the entry instead of a KeyError deep in a load."""
+    path = Path(folder) / STATE
+    state = load_torch(path)
+    _check(path, isinstance(state, dict), f"it holds a {_kind(state)}, not a dict of training state")
+    step = state.get("step")
+    _check(path, type(step) is int and step >= 0, f"its step is {step!r}, not an int >= 0")
+    config = state.get("config", {})
+    _check(path, isinstance(config, dict), f"its config is a {_kind(config)}, not a mapping")
+    if "optimizer" not in state:  # write_run's: the step and the config alone
+        return state
+    maybe = (dict, type(None))
+    for key, types in {
+        "optimizer": maybe,
+        "scheduler": dict,
+        "rng": dict,
+        "data": maybe,
+        "scaler": maybe,
+    }.items():
+        _check(path, isinstance(state.get(key), types), _entry(state, key))
+    sched = state["scheduler"]
+    _check(
+        path,
+        type(sched.get("last_epoch")) is int
+        and isinstance(sched.get("lr_lambdas"), list)
+        and all(isinstance(f, (dict, type(None))) for f in sched["lr_lambdas"])
+        and "optimizer" not in sched,  # LambdaLR.load_state_dict sets every entry as an attribute
+        "its scheduler is not a saved LambdaLR",
+    )
+    rng = state["rng"]
+    _check(
+        path,
+        isinstance(rng.get("torch"), Tensor) and isinstance(rng.get("python"), (list, tuple)),
+        "its rng holds no torch and python generator states",
+    )
+    window = state.get("window")
+    if window is not None:
+        _check(
+            path,
+            isinstance(window, dict)
+            and all(isinstance(window.get(k), Tensor) for k in ("loss", "skipped"))
+            and isinstance(window.get("metrics"), dict)
+            and all(isinstance(v, Tensor) for v in window["metrics"].values())
+            and all(isinstance(window.get(k), (int, float)) for k in ("steps", "tokens", "seconds")),
+            "its metrics window is not a saved MetricsWindow",
+        )
+    nonfinite = state.get("nonfinite")
+    _check(
+        path,
+        nonfinite is None or (isinstance(nonfinite, Tensor) and nonfinite.shape == (6,)),
+        "its nonfinite counters are not 6 numbers",
+    )
+    for key in ("tokens", "elapsed_s"):
+        _check(path, isinstance(state.get(key, 0), (int, float)), _entry(state, key))
+    return state
+
+
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The run config of a run folder as a plain dict: its config.yaml, else the newest checkpoint's copy."""
     run = Path(run_dir)
@@ -292,7 +365,12 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"run folder {os.fspath(run)} does not exist")
     if (run / CONFIG).is_file():
         return load_yaml(run / CONFIG)
-    return dict(load_torch(latest_checkpoint(run) / STATE)["config"])
+    folder = latest_checkpoint(run)
+    state = read_state(folder)
+    _check(
+        folder / STATE, "config" in state, f"it holds no config (and {os.fspath(run / CONFIG)} is missing)"
+    )
+    return dict(state["config"])
 
 
 def point_latest(run_dir: str | os.PathLike[str], folder: Path) -> None:

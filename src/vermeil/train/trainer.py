@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vermeil import runs
-from vermeil.checkpoint import clean_temp_files, load_torch, load_weights, save_torch, save_weights
+from vermeil.checkpoint import clean_temp_files, load_weights, save_torch, save_weights
 from vermeil.config import from_dict, save_yaml, to_dict
 from vermeil.distributed.config import DistributedConfig
 from vermeil.distributed.training import ShardedBatches, clip_grad_norm, is_dtensor, split_dtensor_groups
@@ -388,7 +388,7 @@ class Trainer:
                 clean_temp_files(folder)
                 clean_temp_files(folder.parent)
         self._sync()
-        state = load_torch(folder / runs.STATE)
+        state = runs.read_state(folder)
         if "optimizer" not in state and self.world_size == 1:
             # Weights only (`vermeil.runs.write_run`): fine-tune with a fresh optimizer, schedule and data.
             load_weights(self.model, folder / runs.WEIGHTS)
