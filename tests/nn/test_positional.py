@@ -508,3 +508,18 @@ def test_reserve_rejects_a_bad_row_count() -> None:
         rope.reserve(0)
     rope.reserve(8)  # already covered: no change
     assert rope.max_seq_len == 16
+
+
+def test_embednd_axes_and_timestep_period_are_checked() -> None:
+    # axes_dim=[2, 2.5] was truncated to [2, 2] by int() and accepted; max_period <= 0 failed in math.log.
+    with pytest.raises(
+        ValueError, match=r"axes_dim=\[2, 2.5\] must be a non-empty list of positive even int"
+    ):
+        EmbedND(4, 10000.0, [2, 2.5])
+    with pytest.raises(
+        ValueError, match=r"axes_dim=\['2', 2\] must be a non-empty list of positive even int"
+    ):
+        EmbedND(4, 10000.0, ["2", 2])
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"max_period={bad} must be > 0"):
+            timestep_embedding(torch.rand(2), 8, max_period=bad)

@@ -16,6 +16,7 @@ and gives wrong scores):
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
@@ -230,6 +231,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
     if t.ndim != 1:
         raise ValueError(f"t.ndim={t.ndim} must be 1 (one timestep per batch row); shape {tuple(t.shape)}")
     check_positive_int("dim", dim)
+    if not max_period > 0:
+        raise ValueError(f"max_period={max_period} must be > 0")
     t = time_factor * t
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -419,9 +422,13 @@ class EmbedND(nn.Module):
 
     def __init__(self, dim: int, theta: float, axes_dim: list[int] | tuple[int, ...]) -> None:
         super().__init__()
-        axes_dim = [int(a) for a in axes_dim]
+        given = list(axes_dim)
+        try:  # ints (numpy's too), not floats: int(2.5) would silently truncate
+            axes_dim = [operator.index(a) for a in given]
+        except TypeError:
+            axes_dim = []
         if not axes_dim or any(a <= 0 or a % 2 for a in axes_dim):
-            raise ValueError(f"axes_dim={axes_dim} must be a non-empty list of positive even integers")
+            raise ValueError(f"axes_dim={given} must be a non-empty list of positive even integers")
         if sum(axes_dim) != dim:
             raise ValueError(f"sum(axes_dim)={sum(axes_dim)} (axes_dim={axes_dim}) must equal dim={dim}")
         if not theta > 0:
