@@ -242,3 +242,9 @@ def test_invalid_arguments_raise_naming_the_value() -> None:
         AdaLayerNorm(4, cond_dim=0)
     with pytest.raises(ValueError, match=r"vec must be \(B, D\), got shape \(3, 1, 37\)"):
         Modulation(D, True)(torch.randn(B, 1, D))
+    with pytest.raises(ValueError, match=r"vec must be \(B, D\), got shape \(3, 36\): D=37"):
+        Modulation(D, True)(torch.randn(B, D - 1))
+    with pytest.raises(ValueError, match=r"vec must be \(B, Dc\), got shape \(3, 4\): Dc=5"):
+        AdaLayerNorm(D, 5)(torch.randn(B, 2, D), torch.randn(B, 4))
+    with pytest.raises(ValueError, match=r"x must be \(B, T, D\), got shape \(3, 2, 36\): D=37"):
+        AdaLayerNorm(D, 5)(torch.randn(B, 2, D - 1), torch.randn(B, 5))

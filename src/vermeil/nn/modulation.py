@@ -83,7 +83,7 @@ class Modulation(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_ints(dim=dim)
-        self.is_double, self.multiplier, self.zero_init = double, 6 if double else 3, zero_init
+        self.dim, self.is_double, self.multiplier, self.zero_init = dim, double, 6 if double else 3, zero_init
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True, device=device, dtype=dtype)
         if zero_init:
             self.reset_parameters()
@@ -93,8 +93,8 @@ class Modulation(nn.Module):
 
     def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
         """vec: (B, D) -> (ModulationOut, ModulationOut or None), fields (B, 1, D)."""
-        if vec.dim() != 2:
-            raise ValueError(f"vec must be (B, D), got shape {tuple(vec.shape)}")
+        if vec.dim() != 2 or vec.shape[1] != self.dim:
+            raise ValueError(f"vec must be (B, D), got shape {tuple(vec.shape)}: D={self.dim}")
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)  # multiplier x (B, 1, D)
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
 
@@ -116,7 +116,7 @@ class AdaLayerNorm(nn.Module):
         super().__init__()
         cond_dim = dim if cond_dim is None else cond_dim
         check_positive_ints(dim=dim, cond_dim=cond_dim)
-        self.dim, self.zero_init = dim, zero_init
+        self.dim, self.cond_dim, self.zero_init = dim, cond_dim, zero_init
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(
             nn.SiLU(), nn.Linear(cond_dim, 2 * dim, bias=True, device=device, dtype=dtype)
@@ -129,7 +129,9 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         """x: (B, T, D), vec: (B, Dc) -> (B, T, D)."""
-        if vec.dim() != 2:
-            raise ValueError(f"vec must be (B, Dc), got shape {tuple(vec.shape)}")
+        if vec.dim() != 2 or vec.shape[1] != self.cond_dim:
+            raise ValueError(f"vec must be (B, Dc), got shape {tuple(vec.shape)}: Dc={self.cond_dim}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}: D={self.dim}")
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # 2 x (B, D)
         return modulate(self.norm(x), shift[:, None, :], scale[:, None, :])
