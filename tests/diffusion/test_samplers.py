@@ -531,6 +531,13 @@ def test_invalid_arguments_raise() -> None:
         sample_ddpm(model_fn, x, ddpm_timesteps(4), alphas_cumprod=ac, variance="learned")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eta=-0.1"):
         sample_ddim(model_fn, x, ddpm_timesteps(4), alphas_cumprod=ac, eta=-0.1)
+    with pytest.raises(ValueError, match="eta=nan"):
+        sample_ddim(model_fn, x, ddpm_timesteps(4), alphas_cumprod=ac, eta=float("nan"))
+    for fn in (sample_ddpm, sample_ddim):  # clamp(1, -1) would silently set every x_0 to -1
+        with pytest.raises(ValueError, match="clip_sample=-1.0 must be > 0"):
+            fn(model_fn, x, ddpm_timesteps(4), alphas_cumprod=ac, clip_sample=-1.0)
+    with pytest.raises(ValueError, match=r"alphas_cumprod must be 1-D \(N,\), got shape \(1, 1000\)"):
+        sample_ddim(model_fn, x, ddpm_timesteps(4), alphas_cumprod=ac[None])
     with pytest.raises(ValueError, match="strictly descending"):
         sample_ddim(model_fn, x, torch.tensor([0, 500]), alphas_cumprod=ac)
     with pytest.raises(ValueError, match=r"must lie in \[0, 999\]"):

@@ -32,8 +32,16 @@ def _check_timesteps(timesteps: Tensor, min_len: int, what: str) -> None:
         )
 
 
-def _check_ddpm_args(timesteps: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> list[int]:
+def _check_ddpm_args(
+    timesteps: Tensor, alphas_cumprod: Tensor, prediction_type: str, clip_sample: float | None = None
+) -> list[int]:
     _check_timesteps(timesteps, 1, "K integer steps, descending")
+    if alphas_cumprod.dim() != 1:
+        raise ValueError(f"alphas_cumprod must be 1-D (N,), got shape {tuple(alphas_cumprod.shape)}")
+    if clip_sample is not None and not clip_sample > 0:
+        raise ValueError(
+            f"clip_sample={clip_sample} must be > 0 (x_0 is clamped to [-clip_sample, clip_sample])"
+        )
     if timesteps.is_floating_point():
         raise ValueError(
             f"timesteps must be integer indices into alphas_cumprod, got dtype {timesteps.dtype}"
@@ -76,7 +84,7 @@ def sample_ddpm(
         clip_sample: clamp predicted x_0 to [-clip_sample, clip_sample] (diffusers clip_sample_range) or None.
         generator: the same seed as a diffusers run gives the same samples.
     """
-    steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type)
+    steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type, clip_sample)
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance={variance!r} must be 'fixed_small' or 'fixed_large'")
     ac = alphas_cumprod.to(noise.device)
@@ -132,8 +140,8 @@ def sample_ddim(
     `set_alpha_to_one=True`; None: alphas_cumprod[0]). With "leading" spacing this is diffusers'
     `prev = t - N // K`.
     """
-    steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type)
-    if eta < 0:
+    steps = _check_ddpm_args(timesteps, alphas_cumprod, prediction_type, clip_sample)
+    if not eta >= 0:
         raise ValueError(f"eta={eta} must be >= 0")
     ac = alphas_cumprod.to(noise.device)
     final = ac[0] if final_alpha_cumprod is None else ac.new_tensor(final_alpha_cumprod)
