@@ -554,3 +554,9 @@ def test_invalid_arguments_raise() -> None:
         cfg_model_fn(model_fn, {"a": x}, {"b": x}, 2.0)
     with pytest.raises(ValueError, match="p=1.5"):
         drop_condition(x, 1.5, torch.zeros(C))
+    with pytest.raises(
+        ValueError, match=r"keep must be a bool \(B,\) = \(3,\) tensor, got torch.int64 \(3,\)"
+    ):
+        drop_condition(x, 0.5, torch.zeros(C), keep=torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match=r"null\[''\] of shape \(4,\) must broadcast to one sample of cond"):
+        drop_condition(x, 0.5, torch.zeros(4))

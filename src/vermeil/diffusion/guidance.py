@@ -104,11 +104,18 @@ def drop_condition(
     if keep is None:
         device = generator.device if generator is not None else first.device
         keep = torch.rand(b, generator=generator, device=device).to(first.device) >= p
-    elif keep.shape != (b,):
-        raise ValueError(f"keep must have shape (B,) = ({b},), got {tuple(keep.shape)}")
+    elif keep.dtype != torch.bool or keep.shape != (b,):
+        raise ValueError(f"keep must be a bool (B,) = ({b},) tensor, got {keep.dtype} {tuple(keep.shape)}")
     out: dict[str, Tensor] = {}
     for k, c in tensors.items():
         if c.shape[0] != b:
             raise ValueError(f"cond[{k!r}] has batch {c.shape[0]}, expected {b}")
+        try:
+            torch.broadcast_shapes(nulls[k].shape, c.shape[1:])
+        except RuntimeError:
+            raise ValueError(
+                f"null[{k!r}] of shape {tuple(nulls[k].shape)} must broadcast to one sample of cond, "
+                f"{tuple(c.shape[1:])}"
+            ) from None
         out[k] = torch.where(_per_sample(keep, c), c, nulls[k].to(dtype=c.dtype, device=c.device))
     return out[""] if not isinstance(cond, Mapping) else out  # type: ignore[return-value]
