@@ -185,6 +185,15 @@ def test_invalid_arguments_raise_naming_the_value() -> None:
         ddpm_betas(10, "cosine_v3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_steps=0"):
         ddpm_betas(0)
+    for kind in (
+        "linear",
+        "scaled_linear",
+        "sigmoid",
+    ):  # beta >= 1 makes alpha_bar <= 0: NaN square roots later
+        with pytest.raises(ValueError, match=r"beta_end=1.5 must be in \[0, 1\)"):
+            ddpm_betas(10, kind, 1e-4, 1.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"beta_start=-0.1 must be in \[0, 1\)"):
+            ddpm_betas(10, kind, -0.1, 0.02)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_steps=0"):
         get_schedule(0, 256)
     with pytest.raises(ValueError, match="seq_len=0"):

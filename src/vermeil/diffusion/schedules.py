@@ -64,6 +64,10 @@ def ddpm_betas(
         max_beta: cap of the cosine schedule's betas.
     """
     check_positive_int("num_steps", num_steps)
+    if kind != "cosine":  # the cosine schedule ignores them
+        for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name}={beta} must be in [0, 1) (a variance fraction; 1 - beta > 0)")
     match kind:
         case "linear":
             return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
