@@ -117,3 +117,28 @@ def test_lm_loss_fn_per_config() -> None:
     loss, metrics = causal_lm_loss(model, (x, targets))
     assert_close(loss, F.cross_entropy(model(x).reshape(-1, 101), targets.reshape(-1)))
     assert set(metrics) == {"ce"}
+
+
+def test_a_batch_with_every_target_ignored_is_a_zero_loss() -> None:
+    """A micro-batch that scores nothing (every target -100: a prompt-only window, an MQAR batch without
+    queries) gives loss 0 and zero gradients, as the chunked cross-entropy does (train.loss_chunk_size), not
+    F.cross_entropy's nan mean, which the trainer takes for divergence (NonFiniteError)."""
+    model = tiny().train()
+    x = tokens()
+    none = torch.full_like(x, -100)
+    for loss in (
+        causal_lm_loss(model, (x, none))[0],
+        head_loss(model, CrossEntropyLoss(z_loss=1e-3), x, none),
+    ):
+        assert loss.item() == 0.0
+        model.zero_grad()
+        loss.backward()
+        assert all(p.grad is None or not p.grad.abs().max() for p in model.parameters())
+    # scored batches are unchanged, to the bit
+    y = tokens(seed=2)
+    y[0, :3] = -100
+    model.eval()  # the same logits twice
+    logits = model(x)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+    assert torch.equal(causal_lm_loss(model, (x, y))[0], ce)
+    assert torch.equal(CrossEntropyLoss()(logits, y), ce)

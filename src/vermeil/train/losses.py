@@ -56,10 +56,18 @@ def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tens
     """
     inputs, targets = batch
     logits, aux = split_output(model(inputs))
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    ce = _mean_cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), -100)
     # Vocab-sharded logits (loss parallelism) give a replicated DTensor: plain before it meets the plain aux
     # loss, whose backward would otherwise receive a DTensor gradient.
     return _with_aux(plain(ce), aux)
+
+
+def _mean_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """F.cross_entropy's mean over the kept targets, but 0 (and zero gradients) when none is kept, as the
+    chunked cross-entropy: a batch that scores nothing is no divergence (its nan mean stopped the trainer).
+    The same float32 sum and division as F.cross_entropy's mean, so scored batches give the same bits."""
+    total = plain(F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum"))
+    return total / (targets != ignore_index).sum().clamp(min=1).to(total.dtype)
 
 
 def _with_aux(ce: Tensor, aux: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -84,7 +92,7 @@ class CrossEntropyLoss:
         """logits: (B, T, V), targets: (B, T) -> scalar."""
         flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
         tgt = targets.reshape(-1)
-        loss = F.cross_entropy(flat, tgt, ignore_index=self.ignore_index)
+        loss = _mean_cross_entropy(flat, tgt, self.ignore_index)
         if self.z_loss:
             keep = (tgt != self.ignore_index).to(flat.dtype)
             z = torch.logsumexp(flat, dim=-1)
