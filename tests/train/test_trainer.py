@@ -389,3 +389,17 @@ def test_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path: Pat
     assert resumed.fit().step == 8
     clear_run(tmp_path)
     assert _trainer(tmp_path, steps=2, save_every=1, eval_every=0).fit().step == 2
+
+
+def test_metrics_rows_that_are_not_objects_are_skipped(tmp_path: Path) -> None:
+    """A metrics.jsonl line that parses but is no JSON object (a list, a number: a foreign or edited file) is
+    skipped like a damaged line, not an AttributeError in `vermeil compare` or a resume's truncation."""
+    from vermeil.train.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "split": "train", "loss": 2.0}\n[1, 2]\n5\n"x"\nnull\n{"step": 2, "loss": 1.0}\n'
+    )
+    assert read_metrics(path) == [{"step": 1, "split": "train", "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    assert truncate_metrics(path, 1) == 1
+    assert read_metrics(path) == [{"step": 1, "split": "train", "loss": 2.0}]

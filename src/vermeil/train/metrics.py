@@ -63,16 +63,19 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a metrics file; a last line cut short by a crash is skipped. A missing file gives []."""
+    """Rows of a metrics file; a last line cut short by a crash, or a line that is no JSON object, is skipped.
+    A missing file gives []."""
     p = Path(path)
     if not p.is_file():
         return []
     rows = []
     for line in p.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a partial line from a killed run (or an empty one)
+        if isinstance(row, dict):  # every reader asks rows for keys
+            rows.append(row)
     return rows
 
 
