@@ -511,8 +511,9 @@ def sample_flow_job(
     was_training = model.training
     model.eval()
     with _threads(threads):
-        # Drawn on the CPU (the same numbers on any device), sampled on the model's, measured on the CPU.
-        generated = run(flux_model_fn(model, cond.to(device)), noise.to(device), timesteps.to(device)).cpu()
+        # Drawn on the CPU (the same numbers on any device), sampled on the model's, measured on the CPU. The
+        # time grid stays on the CPU: the sampler reads it to the host once (its steps are Python floats).
+        generated = run(flux_model_fn(model, cond.to(device)), noise.to(device), timesteps).cpu()
     model.train(was_training)
     if task == "curves":
         distance = (generated - target).norm(dim=-1).mean().item()
